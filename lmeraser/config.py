@@ -1,0 +1,136 @@
+"""Typed, validated configuration read from params.yaml.
+
+`params.yaml` is the single source of truth: DVC tracks its sections as stage params, and
+every stage reads it through `load_params`, so a typo or an out-of-range value stops the run
+with one sentence naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmeraser.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: str = "digits"
+    # Fraction of the training pool that is public (trains the backbone and the prototypes);
+    # the rest is private (clustered, prompt-tuned, erasable).
+    public_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    # Only used when the source ships no test split (digits): carved out before the pool split.
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    n_subjects: int = Field(100, ge=1)
+    # Cap on the training pool (stratified, seeded); null = everything.
+    subset: int | None = Field(None, ge=10)
+
+
+class BackboneParams(_Section):
+    checkpoint: str | None = None
+    img_size: int = Field(16, ge=4, le=512)
+    patch_size: int = Field(4, ge=1)
+    embed_dim: int = Field(64, ge=8)
+    depth: int = Field(4, ge=1, le=48)
+    num_heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(2.0, gt=0.0)
+    epochs: int = Field(30, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+
+    @model_validator(mode="after")
+    def _shapes(self) -> BackboneParams:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"backbone.img_size ({self.img_size}) must be a multiple of backbone.patch_size ({self.patch_size})")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"backbone.embed_dim ({self.embed_dim}) must be a multiple of backbone.num_heads ({self.num_heads})")
+        return self
+
+
+class ClusteringParams(_Section):
+    # K = clamp(round(n_private / target_cluster_size), min_clusters, max_clusters).
+    target_cluster_size: int = Field(60, ge=1)
+    min_clusters: int = Field(2, ge=1)
+    max_clusters: int = Field(64, ge=1)
+    niter: int = Field(25, ge=1)
+    # "public" keeps invariant 1 (a deletion never moves a prototype); "private" is allowed but
+    # then every deletion rebuilds every cluster.
+    fit_on: Literal["public", "private"] = "public"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ClusteringParams:
+        if self.min_clusters > self.max_clusters:
+            raise ValueError(f"clustering.min_clusters ({self.min_clusters}) must not exceed clustering.max_clusters ({self.max_clusters})")
+        return self
+
+
+class PromptParams(_Section):
+    kind: Literal["pad", "vpt"] = "pad"
+    pad_width: int = Field(2, ge=1)
+    num_tokens: int = Field(4, ge=1)
+    deep: bool = False
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+
+
+class EvaluateParams(_Section):
+    baselines: bool = True
+    batch_size: int = Field(256, ge=1)
+
+
+class RuntimeParams(_Section):
+    # Intra-op threads per training: part of every artifact key, because it changes the bits.
+    threads: int = Field(1, ge=1, le=256)
+    # Clusters trained concurrently (Prefect mapped tasks).
+    workers: int = Field(2, ge=1, le=256)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0, lt=2**31)
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    clustering: ClusteringParams = ClusteringParams()
+    prompt: PromptParams = PromptParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    runtime: RuntimeParams = RuntimeParams()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'."
+    if "input" in first and first["type"] != "value_error":
+        return f"{source}: key '{key}' {message.lower()} (got {first['input']!r})."
+    return f"{source}: {message.removeprefix('Value error, ')}."
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found; run from the repository root or pass --params.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}).") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections.")
+    return parse_params(raw, str(path))

@@ -1,0 +1,1 @@
+"""Data: sources, deterministic splits with stable ids, and the Great Expectations suite."""

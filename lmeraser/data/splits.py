@@ -1,0 +1,163 @@
+"""Deterministic public / private / test splits with stable sample ids.
+
+Layout written under `data/` (tracked by data.dvc):
+
+    data/<split>/manifest.csv   sample_id, subject_id, label, split, content_hash (sorted by sample_id)
+    data/<split>/images.npy     uint8 (N, H, W), row i belongs to manifest row i
+    data/tombstones.csv         sample_id, content_hash of every forgotten sample
+    data/source.json            where the data came from and how it was split
+
+Everything is a pure function of (source, params), written with byte-deterministic encoders,
+so the committed data.dvc matches what `lmeraser data init` writes on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lmeraser.config import DataParams
+from lmeraser.data.sources import RawDataset, load_source
+from lmeraser.errors import DataError
+from lmeraser.io import atomic_directory, sha256_bytes
+
+SPLITS = ("public", "private", "test")
+MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
+TOMBSTONE_COLUMNS = ["sample_id", "content_hash"]
+
+
+@dataclass
+class Split:
+    name: str
+    manifest: pd.DataFrame
+    images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest["label"].to_numpy(dtype=np.int64)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.manifest["sample_id"].tolist()
+
+
+def content_hash(image: np.ndarray) -> str:
+    """sha256 of a sample's pixel bytes: what the audit scan searches for."""
+    return sha256_bytes(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+
+
+def make_sample_id(chash: str, origin: str, index: int) -> str:
+    # Content hash plus the position in the source separates exact duplicates.
+    return sha256_bytes(f"{chash}:{origin}:{index}".encode())[:20]
+
+
+def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask selecting round(fraction * n_c) of every class c, at random."""
+    mask = np.zeros(len(labels), dtype=bool)
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        mask[idx[: int(round(fraction * len(idx)))]] = True
+    return mask
+
+
+def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    images, labels = raw.train_images, raw.train_labels
+    origin = np.array(["train"] * len(labels), dtype=object)
+    index = np.arange(len(labels))
+    if raw.test_images is None:
+        test_mask = _stratified_take(labels, params.test_fraction, rng)
+        test = (images[test_mask], labels[test_mask], origin[test_mask], index[test_mask])
+        images, labels, origin, index = images[~test_mask], labels[~test_mask], origin[~test_mask], index[~test_mask]
+    else:
+        n_test = len(raw.test_labels)
+        test = (raw.test_images, raw.test_labels, np.array(["test"] * n_test, dtype=object), np.arange(n_test))
+    if params.subset is not None and params.subset < len(labels):
+        keep = _stratified_take(labels, params.subset / len(labels), rng)
+        images, labels, origin, index = images[keep], labels[keep], origin[keep], index[keep]
+    public_mask = _stratified_take(labels, params.public_fraction, rng)
+    parts = {
+        "public": (images[public_mask], labels[public_mask], origin[public_mask], index[public_mask]),
+        "private": (images[~public_mask], labels[~public_mask], origin[~public_mask], index[~public_mask]),
+        "test": test,
+    }
+    out = {}
+    for split, (imgs, labs, orig, idx) in parts.items():
+        if len(labs) == 0:
+            raise DataError(f"data split '{split}' would be empty; check data.public_fraction, data.test_fraction and data.subset in params.yaml.")
+        hashes = [content_hash(img) for img in imgs]
+        ids = [make_sample_id(h, o, int(i)) for h, o, i in zip(hashes, orig, idx)]
+        if split == "private":
+            subjects = [f"s{int(s):05d}" for s in rng.integers(0, params.n_subjects, size=len(labs))]
+        else:
+            subjects = [split] * len(labs)
+        manifest = pd.DataFrame(
+            {"sample_id": ids, "subject_id": subjects, "label": labs.astype(np.int64), "split": split, "content_hash": hashes}
+        )
+        order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
+        out[split] = (manifest.iloc[order].reset_index(drop=True), np.ascontiguousarray(imgs[order]))
+    return out
+
+
+def write_split(directory: Path, manifest: pd.DataFrame, images: np.ndarray) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest[MANIFEST_COLUMNS].to_csv(directory / "manifest.csv", index=False, lineterminator="\n")
+    with open(directory / "images.npy", "wb") as handle:
+        np.save(handle, images, allow_pickle=False)
+
+
+def init_data(params: DataParams, seed: int, data_dir: str | Path = "data") -> dict:
+    """Materialise the splits of `params.source` into `data_dir`, atomically."""
+    raw = load_source(params.source)
+    splits = build_splits(raw, params, seed)
+    summary = {
+        "source": raw.name,
+        "seed": seed,
+        "image_shape": list(raw.train_images.shape[1:]),
+        "num_classes": int(max(raw.train_labels.max(), -1 if raw.test_labels is None else raw.test_labels.max()) + 1),
+        "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
+    }
+    with atomic_directory(data_dir) as staging:
+        for split, (manifest, images) in splits.items():
+            write_split(staging / split, manifest, images)
+        pd.DataFrame(columns=TOMBSTONE_COLUMNS).to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
+        (staging / "source.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def read_source_info(data_dir: str | Path = "data") -> dict:
+    path = Path(data_dir) / "source.json"
+    if not path.exists():
+        raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+    return json.loads(path.read_text())
+
+
+def load_split(name: str, data_dir: str | Path = "data") -> Split:
+    directory = Path(data_dir) / name
+    manifest_path, images_path = directory / "manifest.csv", directory / "images.npy"
+    for path in (manifest_path, images_path):
+        if not path.exists():
+            raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+    manifest = pd.read_csv(manifest_path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+    try:
+        images = np.load(images_path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{images_path}: unreadable ({error}).") from None
+    if len(images) != len(manifest):
+        raise DataError(f"{images_path}: {len(images)} images but {manifest_path} lists {len(manifest)} samples.")
+    return Split(name, manifest, images)
+
+
+def load_tombstones(data_dir: str | Path = "data") -> pd.DataFrame:
+    path = Path(data_dir) / "tombstones.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
+    return pd.read_csv(path, dtype=str)

@@ -1,0 +1,142 @@
+"""The Great Expectations 1.x suite that guards the splits (the first pipeline stage).
+
+One table row per sample (all splits together) with its manifest fields and facts about its
+image, so every check is a standard expectation: schema and dtypes, image shape and pixel
+range, label domain, unique ids (hence no id in two splits), every class in every split, pixel
+bytes matching the recorded content hash, and no tombstoned sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lmeraser.data.splits import MANIFEST_COLUMNS, SPLITS, content_hash, load_split, load_tombstones, read_source_info
+
+SUITE_NAME = "lmeraser_splits"
+TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "image_dtype", "pixel_min", "pixel_max", "hash_matches"]
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    failures: list[str]
+    docs_index: Path | None
+    statistics: dict
+
+    def reason(self) -> str:
+        head = self.failures[0] if self.failures else "unknown failure"
+        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        return f"data validation failed: {head}{more}; data docs: {self.docs_index}"
+
+
+def build_table(data_dir: str | Path = "data") -> pd.DataFrame:
+    frames = []
+    for split in SPLITS:
+        part = load_split(split, data_dir)
+        images = part.images
+        frame = part.manifest.copy()
+        frame["height"] = images.shape[1] if images.ndim == 3 else -1
+        frame["width"] = images.shape[2] if images.ndim == 3 else -1
+        frame["image_dtype"] = str(images.dtype)
+        flat = images.reshape(len(images), -1)
+        frame["pixel_min"] = flat.min(1).astype(np.int64) if flat.size else []
+        frame["pixel_max"] = flat.max(1).astype(np.int64) if flat.size else []
+        frame["hash_matches"] = [content_hash(img) == h for img, h in zip(images, frame["content_hash"])]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_suite(info: dict, tombstones: pd.DataFrame):
+    import great_expectations as gx
+
+    E = gx.expectations
+    height, width = info["image_shape"]
+    classes = list(range(info["num_classes"]))
+    expectations = [
+        E.ExpectTableColumnsToMatchSet(column_set=TABLE_COLUMNS, exact_match=True),
+        E.ExpectColumnValuesToBeOfType(column="label", type_="int64"),
+        E.ExpectColumnValuesToNotBeNull(column="sample_id"),
+        E.ExpectColumnValuesToMatchRegex(column="sample_id", regex=r"^[0-9a-f]{20}$"),
+        E.ExpectColumnValuesToMatchRegex(column="content_hash", regex=r"^[0-9a-f]{64}$"),
+        E.ExpectColumnValuesToNotBeNull(column="subject_id"),
+        E.ExpectColumnValuesToBeUnique(column="sample_id"),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        E.ExpectColumnValuesToBeInSet(column="height", value_set=[height]),
+        E.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
+        E.ExpectColumnValuesToBeInSet(column="image_dtype", value_set=["uint8"]),
+        E.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0, max_value=255),
+        E.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=0, max_value=255),
+        E.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=len(classes) - 1),
+        E.ExpectColumnValuesToBeInSet(column="hash_matches", value_set=[True]),
+    ]
+    for split in SPLITS:
+        expectations.append(
+            E.ExpectColumnDistinctValuesToContainSet(
+                column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas"
+            )
+        )
+    if len(tombstones):
+        expectations.append(E.ExpectColumnValuesToNotBeInSet(column="sample_id", value_set=tombstones["sample_id"].tolist()))
+        expectations.append(E.ExpectColumnValuesToNotBeInSet(column="content_hash", value_set=tombstones["content_hash"].tolist()))
+    suite = gx.ExpectationSuite(name=SUITE_NAME)
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    return suite
+
+
+def _describe_failure(result) -> str:
+    config = result.expectation_config
+    kwargs = {k: v for k, v in config.kwargs.items() if k in ("column", "row_condition") and v}
+    where = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    detail = result.result or {}
+    count = detail.get("unexpected_count")
+    sample = detail.get("partial_unexpected_list") or detail.get("details", {}).get("mismatched")
+    text = f"{config.type}({where})"
+    if count:
+        text += f" failed on {count} row(s)"
+    if sample:
+        text += f", e.g. {str(sample[:3]) if isinstance(sample, list) else str(sample)[:120]}"
+    return text
+
+
+def validate_splits(data_dir: str | Path = "data", docs_dir: str | Path = "reports/data_docs") -> ValidationReport:
+    """Run the suite with a Checkpoint that also writes HTML data docs to `docs_dir`."""
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    info = read_source_info(data_dir)
+    table = build_table(data_dir)
+    docs_dir = Path(docs_dir).resolve()
+    context = gx.get_context(mode="ephemeral")
+    context.add_data_docs_site(
+        site_name="lmeraser",
+        site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    batch = context.data_sources.add_pandas("lmeraser").add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all")
+    suite = context.suites.add(build_suite(info, load_tombstones(data_dir)))
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="splits", data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="lmeraser_splits", validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lmeraser"])],
+            result_format={"result_format": "SUMMARY"},
+        )
+    )
+    outcome = checkpoint.run(batch_parameters={"dataframe": table})
+    results = [r for run in outcome.run_results.values() for r in run.results]
+    failures = [_describe_failure(r) for r in results if not r.success]
+    return ValidationReport(
+        success=bool(outcome.success),
+        failures=failures,
+        docs_index=docs_dir / "index.html",
+        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table)},
+    )

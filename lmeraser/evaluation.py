@@ -1,0 +1,58 @@
+"""Accuracy, per-cluster metrics and the two baselines every evaluation reports:
+a linear probe on frozen features and a single prompt + head on all private data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from lmeraser.config import PromptParams
+from lmeraser.models.backbone import extract_features, preprocess
+from lmeraser.training import cluster_seed, load_prompt, train_prompt
+
+SINGLE_PROMPT_ID = "all"  # seed namespace of the no-clusters baseline
+
+
+def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
+    return float((labels == predictions).mean()) if len(labels) else float("nan")
+
+
+def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def per_cluster_accuracy(labels: np.ndarray, predictions: np.ndarray, routes: np.ndarray) -> dict[int, dict]:
+    out = {}
+    for cluster in np.unique(routes):
+        rows = routes == cluster
+        out[int(cluster)] = {"n_test": int(rows.sum()), "accuracy": accuracy(labels[rows], predictions[rows])}
+    return out
+
+
+def linear_probe(backbone, train_images, train_labels, test_images, img_size: int, seed: int) -> np.ndarray:
+    """Logistic regression on frozen CLS features; returns test predictions."""
+    train_features = extract_features(backbone, preprocess(train_images, img_size))
+    test_features = extract_features(backbone, preprocess(test_images, img_size))
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    probe.fit((train_features - mean) / std, train_labels)
+    return probe.predict((test_features - mean) / std)
+
+
+@torch.no_grad()
+def _predict(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    return np.concatenate([model(x[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(x), batch_size)])
+
+
+def single_prompt(
+    backbone, train_images, train_labels, test_images, img_size: int, params: PromptParams,
+    num_classes: int, seed: int, threads: int, batch_size: int = 256,
+) -> np.ndarray:
+    """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
+    x = preprocess(train_images, img_size)
+    state = train_prompt(backbone, x, torch.from_numpy(train_labels), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads)
+    model = load_prompt(backbone, params, num_classes, state)
+    return _predict(model, preprocess(test_images, img_size), batch_size)

@@ -1,0 +1,60 @@
+"""Serving: route each sample to its nearest non-empty prototype, then apply that cluster's
+prompt and head, in batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmeraser.clustering import nearest
+from lmeraser.config import PromptParams
+from lmeraser.io import read_json
+from lmeraser.models.backbone import extract_features, load_backbone, preprocess
+from lmeraser.training import ArtifactStore, load_prompt
+
+
+@dataclass
+class ServingModel:
+    backbone: torch.nn.Module
+    backbone_meta: dict
+    prototypes: np.ndarray
+    index: dict
+    store: ArtifactStore
+
+    @classmethod
+    def load(cls, artifacts: str | Path = "artifacts") -> ServingModel:
+        artifacts = Path(artifacts)
+        backbone, meta = load_backbone(artifacts / "backbone")
+        prototypes = np.load(artifacts / "clusters" / "prototypes.npy", allow_pickle=False)
+        index = read_json(artifacts / "prompts" / "index.json")
+        return cls(backbone, meta, prototypes, index, ArtifactStore(artifacts / "prompts" / "store"))
+
+    @property
+    def prompt_params(self) -> PromptParams:
+        return PromptParams(**self.index["prompt"])
+
+    @property
+    def active_clusters(self) -> list[int]:
+        """Clusters with a trained prompt; empty or retired clusters are skipped by routing."""
+        return sorted(int(c) for c in self.index["clusters"])
+
+    def route(self, features: np.ndarray) -> np.ndarray:
+        return nearest(features, self.prototypes, np.asarray(self.active_clusters))
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted labels and the cluster each sample was routed to."""
+        x = preprocess(images, self.backbone_meta["params"]["img_size"])
+        routes = self.route(extract_features(self.backbone, x, batch_size))
+        predictions = np.zeros(len(x), dtype=np.int64)
+        for cluster in np.unique(routes):
+            entry = self.index["clusters"][str(int(cluster))]
+            model = load_prompt(self.backbone, self.prompt_params, self.index["num_classes"], self.store.load(entry["key"]))
+            rows = np.flatnonzero(routes == cluster)
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                predictions[batch] = model(x[batch]).argmax(1).numpy()
+        return predictions, routes

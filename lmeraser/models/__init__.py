@@ -1,0 +1,1 @@
+"""Models: the frozen timm ViT backbone and the per-cluster PEFT modules."""
