@@ -53,6 +53,6 @@ def single_prompt(
 ) -> np.ndarray:
     """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
     x = preprocess(train_images, img_size)
-    state = train_prompt(backbone, x, torch.from_numpy(train_labels), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads)
+    state = train_prompt(backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads)
     model = load_prompt(backbone, params, num_classes, state)
     return _predict(model, preprocess(test_images, img_size), batch_size)

@@ -206,7 +206,7 @@ def plan_training(params: Params, paths: Paths) -> tuple[TrainContext, list[Clus
         extra["prototypes"] = prototypes_meta["sha256"]
     ctx = TrainContext(
         params, paths, backbone, meta["sha256"], meta["num_classes"],
-        preprocess(private.images, meta["params"]["img_size"]), torch.from_numpy(private.labels), private.manifest,
+        preprocess(private.images, meta["params"]["img_size"]), torch.from_numpy(private.labels.copy()), private.manifest,
     )
     jobs = []
     clusters = assignments["cluster"].to_numpy()

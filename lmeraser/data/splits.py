@@ -41,7 +41,7 @@ class Split:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.manifest["label"].to_numpy(dtype=np.int64)
+        return self.manifest["label"].to_numpy(dtype=np.int64, copy=True)
 
     @property
     def sample_ids(self) -> list[str]:
@@ -59,12 +59,19 @@ def make_sample_id(chash: str, origin: str, index: int) -> str:
 
 
 def _stratified_take(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask selecting round(fraction * n_c) of every class c, at random."""
+    """Boolean mask selecting exactly round(fraction * n) samples, spread over classes in
+    proportion (largest remainder), chosen at random within each class."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = fraction * counts
+    take = np.floor(quotas).astype(int)
+    short = int(round(fraction * len(labels))) - int(take.sum())
+    for i in np.argsort(-(quotas - take), kind="stable")[: max(0, short)]:
+        take[i] += 1
     mask = np.zeros(len(labels), dtype=bool)
-    for cls in np.unique(labels):
+    for cls, n in zip(classes, take):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
-        mask[idx[: int(round(fraction * len(idx)))]] = True
+        mask[idx[:n]] = True
     return mask
 
 
@@ -161,3 +168,20 @@ def load_tombstones(data_dir: str | Path = "data") -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
     return pd.read_csv(path, dtype=str)
+
+
+def remove_samples(sample_ids: list[str] | set[str], split: str = "private", data_dir: str | Path = "data") -> pd.DataFrame:
+    """Delete samples from a split (manifest rows and pixel bytes), atomically; returns the removed rows.
+
+    The split directory is rebuilt beside the old one and swapped in, so a crash leaves either
+    the old split or the new one.
+    """
+    wanted = set(sample_ids)
+    part = load_split(split, data_dir)
+    hit = part.manifest["sample_id"].isin(wanted).to_numpy()
+    unknown = wanted - set(part.manifest.loc[hit, "sample_id"])
+    if unknown:
+        raise DataError(f"sample id {sorted(unknown)[0]} is not in data/{split}.")
+    with atomic_directory(Path(data_dir) / split) as staging:
+        write_split(staging, part.manifest.loc[~hit].reset_index(drop=True), np.ascontiguousarray(part.images[~hit]))
+    return part.manifest.loc[hit].reset_index(drop=True)

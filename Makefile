@@ -1,0 +1,47 @@
+# The two commands: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# dvc.yaml stage commands call `lmeraser`; keep the venv first on PATH for every recipe.
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+
+.PHONY: install demo test repro bench-digits bench-fashion lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock > $(VENV)/pip.log 2>&1 \
+	  || { grep -v "^WARNING: Location" $(VENV)/pip.log; exit 1; }
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . > $(VENV)/pip-self.log 2>&1 \
+	  || { grep -v "^WARNING: Location" $(VENV)/pip-self.log; exit 1; }
+	$(BIN)/python -c "import lmeraser, timm, faiss, prefect, mlflow, great_expectations, dvc"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	lmeraser data init
+	dvc repro
+	lmeraser metrics
+
+test: install
+	$(BIN)/python -m pytest -q
+
+repro: install
+	dvc repro
+
+bench-digits: install
+	$(BIN)/python bench/pipeline.py --source digits
+
+bench-fashion: install
+	$(BIN)/python bench/pipeline.py --source fashion-mnist
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock
+
+clean:
+	rm -rf data artifacts reports metrics.json mlflow.db mlartifacts mlruns

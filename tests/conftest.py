@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny, fast parameters and workspaces built with the real components."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmeraser import pipeline
+from lmeraser.config import parse_params
+from lmeraser.data.splits import init_data
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough for seconds on 2 CPU cores, big enough that training does something.
+TINY = {
+    "seed": 0,
+    "data": {"source": "digits", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 20, "subset": 400},
+    "backbone": {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "epochs": 3, "batch_size": 64},
+    "clustering": {"target_cluster_size": 40, "min_clusters": 2, "max_clusters": 8, "niter": 10},
+    "prompt": {"kind": "pad", "pad_width": 1, "epochs": 2, "batch_size": 16, "lr": 0.02},
+    "evaluate": {"baselines": True, "batch_size": 128},
+    "runtime": {"threads": 1, "workers": 2},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_services(tmp_path_factory):
+    """Keep Prefect's database and every analytics call inside the test run."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "GX_ANALYTICS_ENABLED": "false",
+            "TQDM_DISABLE": "1",
+        }
+    )
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    yield
+
+
+@pytest.fixture
+def tiny_params():
+    return parse_params(TINY)
+
+
+def build_workspace(root: Path, params: dict) -> pipeline.Paths:
+    """Materialise data for `params` into `root` and return its Paths (no DVC, no Prefect)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    parsed = parse_params(params)
+    init_data(parsed.data, parsed.seed, root / "data")
+    return pipeline.Paths(root)
+
+
+def run_stages(params, paths: pipeline.Paths, stages=("validate", "backbone", "prototypes", "assign", "train", "evaluate")) -> dict:
+    quiet = lambda message: None  # noqa: E731
+    return {stage: getattr(pipeline, f"run_{stage}")(params, paths, quiet) for stage in stages}
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory):
+    """A workspace where every stage has run once with TINY params (library calls, no Prefect)."""
+    root = tmp_path_factory.mktemp("trained")
+    paths = build_workspace(root, TINY)
+    results = run_stages(parse_params(TINY), paths)
+    return paths, results
+
+
+def copy_repo(dest: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC checkout of this repository's tracked pipeline files in `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "pyproject.toml"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("lmeraser", "flows", ".dvc"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest
+
+
+def lmeraser_cli(*args: str, cwd: Path, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"lmeraser {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done

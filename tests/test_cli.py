@@ -1,0 +1,80 @@
+"""Bad input through the real CLI: one sentence naming the culprit, non-zero exit, nothing half-written."""
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from conftest import TINY, build_workspace, lmeraser_cli
+from test_sources import make_idx_dir
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted((root / "data").rglob("*")) if p.is_file()}
+
+
+def _one_sentence(done, *needles):
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_source_writes_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    done = lmeraser_cli("data", "init", "--source", "imagenet", "--no-dvc", cwd=tmp_path)
+    _one_sentence(done, "'imagenet'")
+    assert not (tmp_path / "data").exists()
+
+
+def test_truncated_idx_keeps_the_previous_data(tmp_path):
+    build_workspace(tmp_path, TINY)
+    before = _snapshot(tmp_path)
+    directory = make_idx_dir(tmp_path / "idx", gz=False)
+    target = directory / "train-labels-idx1-ubyte"
+    target.write_bytes(target.read_bytes()[:-3])
+    done = lmeraser_cli("data", "init", "--source", f"idx:{directory}", "--no-dvc", cwd=tmp_path)
+    _one_sentence(done, str(target), "truncated")
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_wrong_shapes_in_npz(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    np.savez(tmp_path / "flat.npz", x_train=np.zeros((10, 64), np.uint8), y_train=np.zeros(10, int))
+    done = lmeraser_cli("data", "init", "--source", f"npz:{tmp_path / 'flat.npz'}", "--no-dvc", cwd=tmp_path)
+    _one_sentence(done, "flat.npz:x_train", "(N, H, W)")
+
+
+def test_missing_debian_package_names_it(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    monkeypatch.setenv("LMERASER_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    done = lmeraser_cli("data", "init", "--source", "fashion-mnist", "--no-dvc", cwd=tmp_path)
+    _one_sentence(done, "apt-get install dataset-fashion-mnist")
+
+
+def test_out_of_range_param_is_refused_before_any_work(tmp_path):
+    build_workspace(tmp_path, TINY)
+    bad = {**TINY, "prompt": {**TINY["prompt"], "epochs": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    done = lmeraser_cli("stage", "train", cwd=tmp_path)
+    _one_sentence(done, "params.yaml", "prompt.epochs")
+    done = lmeraser_cli("data", "init", "--no-dvc", cwd=tmp_path)
+    _one_sentence(done, "prompt.epochs")
+
+
+def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):
+    build_workspace(tmp_path, TINY)
+    victim = pd.read_csv(tmp_path / "data" / "private" / "manifest.csv", dtype=str).iloc[0]
+    pd.DataFrame([{"sample_id": victim.sample_id, "content_hash": victim.content_hash}]).to_csv(tmp_path / "data" / "tombstones.csv", index=False)
+    done = lmeraser_cli("stage", "validate", cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data validation failed") and "data_docs/index.html" in last
+    assert not (tmp_path / "artifacts" / "validation" / "private.json").exists()
+
+
+def test_unknown_stage_and_missing_metrics(tmp_path):
+    _one_sentence(lmeraser_cli("stage", "deploy", cwd=tmp_path), "unknown stage 'deploy'")
+    _one_sentence(lmeraser_cli("metrics", cwd=tmp_path), "metrics.json")
