@@ -33,7 +33,8 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _quiet_env() -> None:
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -68,15 +69,13 @@ def data_init(
         console.print("data version recorded in data.dvc")
 
 
-def _stop_prefect_server() -> None:
-    """Stop Prefect's temporary server now, so its exit message does not follow our error line."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
+def _quiet_prefect_server() -> None:
+    """Silence the temporary server's start/stop lines, so an error is the last thing printed."""
+    import logging
 
-        for server in list(SubprocessASGIServer._instances.values()):
-            server.stop()
-    except Exception:  # noqa: BLE001 - best effort; Prefect stops it at exit anyway
-        pass
+    from prefect.server.api.server import subprocess_server_logger
+
+    subprocess_server_logger.setLevel(logging.WARNING)
 
 
 def _run_stage(stage: str, root: Path, params_file: str) -> None:
@@ -89,9 +88,9 @@ def _run_stage(stage: str, root: Path, params_file: str) -> None:
         _fail(str(error))
     from flows.stages import run_stage
 
+    _quiet_prefect_server()
     state = run_stage(stage, str(root), params_file)
     if state.is_failed():
-        _stop_prefect_server()
         _fail(state.message or f"stage {stage} failed")
 
 
@@ -113,9 +112,9 @@ def pipeline_cmd(root: Path = typer.Option(Path(".")), params_file: str = typer.
     _quiet_env()
     from flows.stages import train_pipeline
 
+    _quiet_prefect_server()
     state = train_pipeline(root=str(root), params_file=params_file, return_state=True)
     if state.is_failed():
-        _stop_prefect_server()
         _fail(state.message or "train_pipeline failed")
 
 

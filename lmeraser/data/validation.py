@@ -112,7 +112,10 @@ def validate_splits(data_dir: str | Path = "data", docs_dir: str | Path = "repor
     info = read_source_info(data_dir)
     table = build_table(data_dir)
     docs_dir = Path(docs_dir).resolve()
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     context.add_data_docs_site(
         site_name="lmeraser",
         site_config={
