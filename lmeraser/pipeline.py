@@ -6,6 +6,7 @@ Each stage returns a small summary dict (what it did, its metrics) for logging.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,9 +109,11 @@ def run_backbone(params: Params, paths: Paths, log: Log = print) -> dict:
         origin = {"origin": "checkpoint", "checkpoint_sha256": sha256_file(cfg.checkpoint)}
         log(f"backbone loaded from {cfg.checkpoint}")
     else:
-        torch.set_num_threads(params.runtime.threads if params.runtime.threads > 1 else torch.get_num_threads())
+        # One model, trained once: use every core (recorded, since it changes the float order).
+        threads = os.cpu_count() or 1
+        torch.set_num_threads(threads)
         model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log)
-        origin = {"origin": "trained on public split", "n_public": len(public)}
+        origin = {"origin": "trained on public split", "n_public": len(public), "threads": threads}
     seconds = time.perf_counter() - start
     meta = save_backbone(model, cfg, info["num_classes"], paths.backbone, {**origin, "seed": params.seed})
     log(f"backbone saved: sha256 {meta['sha256'][:16]}…")

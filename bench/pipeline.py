@@ -1,0 +1,187 @@
+"""Pipeline benchmark: wall-clock per stage, peak memory, cluster sizes, clustered vs baselines.
+
+    python bench/pipeline.py --source digits
+    python bench/pipeline.py --source fashion-mnist [--subset N]
+
+Runs the same stage functions that the Prefect flows wrap (without Prefect's per-stage process
+start-up, reported separately in the README), in a scratch workspace under bench/results/work-*.
+Prints a table and saves JSON, Markdown and a PNG figure to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmeraser import pipeline  # noqa: E402
+from lmeraser.config import parse_params  # noqa: E402
+from lmeraser.data.splits import init_data  # noqa: E402
+
+# Per-source settings on top of params.yaml; Fashion-MNIST is 28x28, 60k train / 10k test,
+# split 30k public / 30k private by public_fraction 0.5.
+PRESETS = {
+    "digits": {},
+    "fashion-mnist": {
+        "data": {"source": "fashion-mnist", "public_fraction": 0.5, "n_subjects": 3000},
+        "backbone": {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 6, "num_heads": 4, "epochs": 20, "batch_size": 128, "lr": 0.002},
+        "clustering": {"target_cluster_size": 500, "min_clusters": 2, "max_clusters": 128},
+        "prompt": {"pad_width": 2, "epochs": 10, "batch_size": 64, "lr": 0.01},
+    },
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(source: str, subset: int | None) -> dict:
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), PRESETS[source])
+    if subset:
+        raw = merge(raw, {"data": {"subset": subset}})
+    params = parse_params(raw)
+    work = ROOT / "bench" / "results" / f"work-{source}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    paths = pipeline.Paths(work)
+    log = lambda message: print(f"  {message}", flush=True)  # noqa: E731
+
+    timings, memory = {}, {}
+    start = time.perf_counter()
+    summary = init_data(params.data, params.seed, paths.data)
+    timings["data init"] = time.perf_counter() - start
+    memory["data init"] = peak_rss_mb()
+    results = {}
+    for stage in ("validate", "backbone", "prototypes", "assign", "train", "evaluate"):
+        print(f"[{stage}]", flush=True)
+        start = time.perf_counter()
+        results[stage] = getattr(pipeline, f"run_{stage}")(params, paths, log)
+        timings[stage] = time.perf_counter() - start
+        memory[stage] = peak_rss_mb()
+    metrics = json.loads(paths.metrics.read_text())
+    sizes = json.loads((paths.reports / "clusters.json").read_text())["sizes"]
+    return {
+        "source": source,
+        "subset": subset,
+        "counts": summary["counts"],
+        "params": raw,
+        "seconds": timings,
+        "seconds_total": sum(timings.values()),
+        "evaluate_breakdown": {k: metrics[k] for k in ("baseline_linear_probe_seconds", "baseline_single_prompt_seconds", "inference_seconds") if k in metrics},
+        "peak_rss_mb": memory,
+        "cluster_sizes": sizes,
+        "accuracy": {
+            "clustered_prompts": metrics["accuracy"],
+            "single_prompt": metrics.get("baseline_single_prompt_accuracy"),
+            "linear_probe": metrics.get("baseline_linear_probe_accuracy"),
+        },
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": __import__("torch").__version__},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def markdown(result: dict) -> str:
+    acc = result["accuracy"]
+    sizes = sorted(s for s in result["cluster_sizes"] if s)
+    lines = [
+        f"### {result['source']}" + (f" (subset {result['subset']})" if result["subset"] else ""),
+        "",
+        f"{result['counts']['public']} public / {result['counts']['private']} private / {result['counts']['test']} test; "
+        f"{result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, {result['date']}.",
+        "",
+        "| stage | wall-clock (s) | peak RSS so far (MB) |",
+        "|---|---:|---:|",
+        *[f"| {stage} | {sec:.1f} | {result['peak_rss_mb'][stage]:.0f} |" for stage, sec in result["seconds"].items()],
+        f"| **total** | **{result['seconds_total']:.1f}** | |",
+        "",
+        f"Clusters: {len(result['cluster_sizes'])} ({len(result['cluster_sizes']) - len(sizes)} empty); sizes min {sizes[0]}, "
+        f"median {sizes[len(sizes) // 2]}, max {sizes[-1]}.",
+        "",
+        "| model | test accuracy |",
+        "|---|---:|",
+        f"| clustered prompts (LMEraser) | {acc['clustered_prompts']:.4f} |",
+        f"| single prompt + head on all private data | {acc['single_prompt']:.4f} |",
+        f"| linear probe on frozen features | {acc['linear_probe']:.4f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def figure(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    stages = list(result["seconds"])
+    axes[0].barh(stages, [result["seconds"][s] for s in stages], color="#4c72b0")
+    axes[0].set_xlabel("seconds")
+    axes[0].set_title("wall-clock per stage")
+    axes[0].invert_yaxis()
+    axes[1].bar(range(len(result["cluster_sizes"])), result["cluster_sizes"], color="#55a868")
+    axes[1].set_xlabel("cluster")
+    axes[1].set_ylabel("private samples")
+    axes[1].set_title("cluster sizes")
+    names = ["clustered\nprompts", "single\nprompt", "linear\nprobe"]
+    values = [result["accuracy"][k] for k in ("clustered_prompts", "single_prompt", "linear_probe")]
+    axes[2].bar(names, values, color=["#c44e52", "#8172b2", "#937860"])
+    axes[2].set_ylim(min(values) - 0.05, 1.0)
+    for i, v in enumerate(values):
+        axes[2].text(i, v + 0.003, f"{v:.3f}", ha="center")
+    axes[2].set_title("test accuracy")
+    fig.suptitle(f"lmeraser pipeline: {result['source']} ({result['machine']['cores']} CPU cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--subset", type=int, default=None, help="cap the training pool (public + private)")
+    parser.add_argument("--keep-workspace", action="store_true", help="keep bench/results/work-<source>")
+    args = parser.parse_args()
+    result = run(args.source, args.subset)
+    out = ROOT / "bench" / "results"
+    stem = f"pipeline-{args.source}" + (f"-{args.subset}" if args.subset else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    figure(result, out / f"{stem}.png")
+    if not args.keep_workspace:
+        shutil.rmtree(out / f"work-{args.source}", ignore_errors=True)
+    print(markdown(result))
+    print(f"saved {out / stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
