@@ -18,6 +18,7 @@ import resource
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -84,7 +85,12 @@ def run(source: str, subset: int | None) -> dict:
     for stage in ("validate", "backbone", "prototypes", "assign", "train", "evaluate"):
         print(f"[{stage}]", flush=True)
         start = time.perf_counter()
-        results[stage] = getattr(pipeline, f"run_{stage}")(params, paths, log)
+        if stage == "train":
+            # Same concurrency as the Prefect flow's task runner: runtime.workers threads.
+            with ThreadPoolExecutor(max_workers=params.runtime.workers) as pool:
+                results[stage] = pipeline.run_train(params, paths, log, map_fn=pool.map)
+        else:
+            results[stage] = getattr(pipeline, f"run_{stage}")(params, paths, log)
         timings[stage] = time.perf_counter() - start
         memory[stage] = peak_rss_mb()
     metrics = json.loads(paths.metrics.read_text())

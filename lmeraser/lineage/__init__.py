@@ -1,0 +1,2 @@
+"""Lineage: signed, hash-chained records of every unlearning batch (in-toto Statements in DSSE
+envelopes, Ed25519), and their verification."""

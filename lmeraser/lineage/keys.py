@@ -1,0 +1,77 @@
+"""The Ed25519 signing key: created on first use with 0600 permissions, or read from the
+environment. Its id is the fingerprint (sha256) of the raw public key. Never logged."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from lmeraser.errors import LmeraserError
+from lmeraser.io import atomic_write_bytes
+
+KEY_ENV = "LMERASER_SIGNING_KEY"  # PEM (PKCS#8) text of the private key, for CI / secret stores
+DEFAULT_KEY_PATH = Path(os.environ.get("LMERASER_SIGNING_KEY_FILE", "audit/keys/signing-key.pem"))
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()
+
+
+def load_or_create_key(path: str | Path | None = None) -> Ed25519PrivateKey:
+    """The signing key from $LMERASER_SIGNING_KEY, else from `path`, created (0600) if absent."""
+    pem = os.environ.get(KEY_ENV)
+    if pem:
+        return _parse_private(pem.encode(), f"${KEY_ENV}")
+    path = Path(path or DEFAULT_KEY_PATH)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise LmeraserError(f"{path}: signing key is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
+        return _parse_private(path.read_bytes(), str(path))
+    key = Ed25519PrivateKey.generate()
+    pem_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write_bytes(path, pem_bytes, mode=0o600)
+    return key
+
+
+def _parse_private(pem: bytes, origin: str) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise LmeraserError(f"{origin}: not a PEM private key.") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise LmeraserError(f"{origin}: the signing key must be Ed25519.")
+    return key
+
+
+def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    path = Path(path)
+    if not path.exists():
+        raise LmeraserError(f"{path}: public key file not found.")
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except ValueError:
+        raise LmeraserError(f"{path}: not a PEM public key.") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise LmeraserError(f"{path}: not an Ed25519 public key.")
+    return key
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode(), validate=True)

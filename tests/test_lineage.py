@@ -1,0 +1,136 @@
+"""Signing, chaining and every tamper case of the lineage log."""
+
+import base64
+import json
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from lmeraser.errors import LmeraserError
+from lmeraser.lineage import keys
+from lmeraser.lineage.dsse import IN_TOTO_PAYLOAD_TYPE, open_envelope, pae, sign, statement
+from lmeraser.lineage.log import GENESIS, LineageLog
+
+
+@pytest.fixture
+def key():
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def log(tmp_path, key):
+    log = LineageLog(tmp_path / "lineage.jsonl")
+    for i in range(4):
+        log.append({"artifacts/prompts/index.json": f"{i:064x}"}, {"request_ids": [f"r{i}"], "clusters_rebuilt": [i]}, key)
+    return log
+
+
+def test_pae_matches_the_dsse_spec():
+    assert pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_envelope_round_trip_and_wrong_key(key):
+    stmt = statement({"model": "ab" * 32}, {"x": 1})
+    envelope = sign(stmt, key)
+    assert envelope["payloadType"] == IN_TOTO_PAYLOAD_TYPE
+    assert envelope["signatures"][0]["keyid"] == keys.key_id(key.public_key())
+    assert open_envelope(envelope, key.public_key()) == stmt
+    with pytest.raises(ValueError, match="no signature by key"):
+        open_envelope(envelope, Ed25519PrivateKey.generate().public_key())
+
+
+def test_chain_verifies(log, key):
+    records = log.verify(key.public_key())
+    assert [r.number for r in records] == [1, 2, 3, 4]
+    assert records[0].predicate["previous_record_sha256"] == GENESIS
+    assert records[2].predicate["previous_record_sha256"] == records[1].line_sha256
+    assert records[3].subjects == {"artifacts/prompts/index.json": f"{3:064x}"}
+
+
+def _lines(log):
+    return log.path.read_bytes().split(b"\n")[:-1]
+
+
+def _write(log, lines):
+    log.path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def test_any_changed_byte_is_caught_and_named(log, key):
+    original = log.path.read_bytes()
+    lines = _lines(log)
+    for number in (1, 3):
+        for position in (5, len(lines[number - 1]) // 2, len(lines[number - 1]) - 3):
+            mutated = bytearray(lines[number - 1])
+            mutated[position] = ord("A") if mutated[position] != ord("A") else ord("B")
+            _write(log, [*lines[: number - 1], bytes(mutated), *lines[number:]])
+            with pytest.raises(LmeraserError, match=f"record {number}"):
+                log.verify(key.public_key())
+    log.path.write_bytes(original)
+    log.verify(key.public_key())
+
+
+def test_altered_payload_with_valid_json_is_caught(log, key):
+    lines = _lines(log)
+    envelope = json.loads(lines[1])
+    stmt = json.loads(base64.b64decode(envelope["payload"]))
+    stmt["predicate"]["clusters_rebuilt"] = [99]
+    envelope["payload"] = base64.b64encode(json.dumps(stmt).encode()).decode()
+    _write(log, [lines[0], json.dumps(envelope).encode(), *lines[2:]])
+    with pytest.raises(LmeraserError, match="record 2: signature does not verify"):
+        log.verify(key.public_key())
+
+
+def test_removed_record_is_caught(log, key):
+    lines = _lines(log)
+    _write(log, [lines[0], *lines[2:]])
+    with pytest.raises(LmeraserError, match="record 2: sequence number is 3"):
+        log.verify(key.public_key())
+    _write(log, lines[1:])
+    with pytest.raises(LmeraserError, match="record 1"):
+        log.verify(key.public_key())
+
+
+def test_reordered_records_are_caught(log, key):
+    lines = _lines(log)
+    _write(log, [lines[0], lines[2], lines[1], lines[3]])
+    with pytest.raises(LmeraserError, match="record 2"):
+        log.verify(key.public_key())
+
+
+def test_record_re_signed_by_another_key_is_caught(log, key):
+    lines = _lines(log)
+    envelope = json.loads(lines[1])
+    stmt = json.loads(base64.b64decode(envelope["payload"]))
+    forged = sign(stmt, Ed25519PrivateKey.generate())
+    _write(log, [lines[0], json.dumps(forged).encode(), *lines[2:]])
+    with pytest.raises(LmeraserError, match="record 2: no signature by key"):
+        log.verify(key.public_key())
+
+
+def test_key_is_created_0600_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    path = tmp_path / "keys" / "signing.pem"
+    first = keys.load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    second = keys.load_or_create_key(path)
+    assert keys.key_id(first.public_key()) == keys.key_id(second.public_key())
+    os.chmod(path, 0o644)
+    with pytest.raises(LmeraserError, match="readable by others"):
+        keys.load_or_create_key(path)
+
+
+def test_key_from_environment_and_public_export(tmp_path, monkeypatch, key):
+    from cryptography.hazmat.primitives import serialization
+
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    monkeypatch.setenv(keys.KEY_ENV, pem.decode())
+    loaded = keys.load_or_create_key(tmp_path / "unused.pem")
+    assert keys.key_id(loaded.public_key()) == keys.key_id(key.public_key())
+    assert not (tmp_path / "unused.pem").exists()
+    (tmp_path / "pub.pem").write_bytes(keys.public_pem(key))
+    assert keys.key_id(keys.load_public_key(tmp_path / "pub.pem")) == keys.key_id(key.public_key())
+    monkeypatch.setenv(keys.KEY_ENV, "not a key")
+    with pytest.raises(LmeraserError, match="not a PEM private key"):
+        keys.load_or_create_key()
