@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -63,10 +62,13 @@ def data_init(
     )
     root = params_file.parent
     if dvc and (root / ".dvc").is_dir():
-        done = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=root, capture_output=True, text=True)
-        if done.returncode != 0:
-            _fail(f"`dvc add data` failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-        console.print("data version recorded in data.dvc")
+        from lmeraser.versioning import data_md5, dvc as run_dvc
+
+        try:
+            run_dvc(root, "add", "data")
+        except LmeraserError as error:
+            _fail(str(error))
+        console.print(f"data version recorded in data.dvc (md5 {data_md5(root)})")
 
 
 def _quiet_prefect_server() -> None:
@@ -141,6 +143,194 @@ def metrics_cmd(root: Path = typer.Option(Path(".")), as_json: bool = typer.Opti
         f"min {metrics['cluster_size_min']}, median {metrics['cluster_size_median']:.0f}, max {metrics['cluster_size_max']}, "
         f"empty {metrics['cluster_n_empty']}"
     )
+
+
+# -- unlearning ---------------------------------------------------------------------------------
+
+audit_app = typer.Typer(no_args_is_help=True, help="Verify, inspect and replay the signed lineage log.")
+app.add_typer(audit_app, name="audit")
+
+
+def _submit(specs, root: Path) -> list:
+    from lmeraser.unlearning.requests import Journal, resolve
+
+    journal = Journal(root)
+    with journal.lock(".submit.lock"):
+        resolved = [resolve(spec, root) for spec in specs]  # all validated before anything is written
+        journal.submit(resolved)
+    for request in resolved:
+        noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
+        console.print(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
+    return resolved
+
+
+def _process(root: Path) -> None:
+    _quiet_env()
+    from flows.unlearn import unlearn
+
+    _quiet_prefect_server()
+    state = unlearn(root=str(root.resolve()), return_state=True)
+    if state.is_failed():
+        _fail(state.message or "unlearn failed")
+    result = state.result()
+    if result is None:
+        console.print("no pending requests")
+        return
+    verification = result["verification"]
+    console.print(
+        f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
+        + (f", retired {result['retired']}" if result["retired"] else "")
+        + f"; scan hits {verification['scan']['hits']}; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
+    )
+
+
+@app.command("forget")
+def forget(
+    sample_id: list[str] = typer.Option([], "--sample-id", help="private sample id (repeatable)"),
+    subject: list[str] = typer.Option([], "--subject", help="forget every private sample of this data subject (repeatable)"),
+    file: Path = typer.Option(None, "--file", help="JSONL requests file; one bad line refuses the whole file"),
+    allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
+    method: str = typer.Option("exact", help="exact (rebuild affected clusters)"),
+    process: bool = typer.Option(True, help="process the request now (otherwise it waits in the journal for `lmeraser unlearn`)"),
+    root: Path = typer.Option(Path("."), help="workspace root"),
+) -> None:
+    """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
+    from lmeraser.unlearning.requests import RequestSpec, parse_requests_file
+
+    if method != "exact":
+        _fail(f"--method {method} is not available; the influence-function method is not built yet (use exact).")
+    try:
+        specs = parse_requests_file(file) if file else []
+        if sample_id or subject:
+            specs.append(RequestSpec(kind="forget", sample_ids=sample_id, subjects=subject, allow_backbone_rebuild=allow_backbone_rebuild))
+        if not specs:
+            _fail("name what to forget: --sample-id, --subject or --file.")
+        specs = [s.model_copy(update={"allow_backbone_rebuild": s.allow_backbone_rebuild or allow_backbone_rebuild}) for s in specs]
+        _submit(specs, root)
+    except LmeraserError as error:
+        _fail(str(error))
+    if process:
+        _process(root)
+
+
+@app.command("rectify")
+def rectify(
+    sample_id: str = typer.Option(..., "--sample-id"),
+    label: int = typer.Option(None, "--label", help="the corrected label"),
+    input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
+    process: bool = typer.Option(True),
+    root: Path = typer.Option(Path(".")),
+) -> None:
+    """Correct a private sample's label or image (GDPR Art. 16); the affected prompts are rebuilt exactly."""
+    from pydantic import ValidationError
+
+    from lmeraser.unlearning.requests import RequestSpec
+
+    try:
+        spec = RequestSpec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)
+    except ValidationError as error:
+        _fail(error.errors()[0]["msg"].removeprefix("Value error, ") + ".")
+    try:
+        _submit([spec], root)
+    except LmeraserError as error:
+        _fail(str(error))
+    if process:
+        _process(root)
+
+
+@app.command("unlearn")
+def unlearn_cmd(root: Path = typer.Option(Path("."))) -> None:
+    """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
+    _process(root)
+
+
+def _lineage(root: Path):
+    from lmeraser.lineage.log import LineageLog
+
+    return LineageLog(root / "audit" / "lineage.jsonl")
+
+
+def _public_key(root: Path, pubkey: Path | None):
+    from lmeraser.lineage import keys
+
+    if pubkey is not None:
+        return keys.load_public_key(pubkey)
+    path = root / "audit" / "keys" / "signing-key.pem"
+    if not path.exists() and not os.environ.get(keys.KEY_ENV):
+        _fail(f"{path}: no signing key here; pass --pubkey with the exported public key.")
+    return keys.load_or_create_key(path).public_key()
+
+
+@audit_app.command("verify")
+def audit_verify(pubkey: Path = typer.Option(None, help="exported public key (default: this workspace's key)"), root: Path = typer.Option(Path("."))) -> None:
+    """Check every signature, the hash chain, and that the deployed artifacts match the latest record."""
+    from lmeraser.unlearning.exact import deployed_subjects
+
+    try:
+        log = _lineage(root)
+        records = log.verify(_public_key(root, pubkey))
+        if not records:
+            _fail(f"{log.path}: no lineage records.")
+        latest = records[-1]
+        deployed = deployed_subjects(root)
+        if deployed != latest.subjects:
+            differing = sorted(set(deployed.items()) ^ set(latest.subjects.items()))
+            _fail(f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs.")
+    except LmeraserError as error:
+        _fail(str(error))
+    console.print(f"OK: {len(records)} record(s), signatures and chain valid; deployed artifacts match record {latest.number}")
+
+
+@audit_app.command("show")
+def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = typer.Option(Path("."))) -> None:
+    """A readable summary of the lineage records."""
+    records = _lineage(root).read_unverified()
+    if not records:
+        _fail("no lineage records.")
+    if number is None:
+        table = Table(title="lineage records")
+        for column in ("#", "batch", "requests", "rebuilt", "untouched", "acc before", "acc after", "scan hits"):
+            table.add_column(column)
+        for r in records:
+            p = r.predicate
+            table.add_row(str(r.number), p["batch_id"], str(len(p["requests"])), ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
+                          str(p["clusters_untouched"]), f"{p['accuracy']['before']:.4f}", f"{p['accuracy']['after']:.4f}", str(p["verification"]["scan"]["hits"]))
+        console.print(table)
+        return
+    if not 1 <= number <= len(records):
+        _fail(f"record {number} does not exist (the log has {len(records)}).")
+    console.print_json(data=records[number - 1].statement)
+
+
+@audit_app.command("scan")
+def audit_scan(root: Path = typer.Option(Path("."))) -> None:
+    """Search data/, the DVC cache and remote, the artifact store and MLflow artifacts for forgotten data."""
+    from lmeraser.data.splits import load_tombstones
+    from lmeraser.unlearning.purge import scan
+
+    records = _lineage(root).read_unverified()
+    superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate["clusters_rebuilt"] if c["prompt_sha256_before"]}
+    current = {e["sha256"] for e in json.loads((root / "artifacts" / "prompts" / "index.json").read_text())["clusters"].values()} if (root / "artifacts" / "prompts" / "index.json").exists() else set()
+    superseded -= current
+    hashes = set(load_tombstones(root / "data")["content_hash"])
+    hits, counts = scan(root, hashes, superseded)
+    console.print(f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for {len(hashes)} tombstoned sample(s) and {len(superseded)} superseded artifact(s)")
+    for hit in hits:
+        err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)
+    if hits:
+        _fail(f"{len(hits)} hit(s): forgotten data survives.")
+    console.print("0 hits")
+
+
+@audit_app.command("export-key")
+def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem"), "--out"), root: Path = typer.Option(Path("."))) -> None:
+    """Write the signing key's public half (PEM) for auditors."""
+    from lmeraser.io import atomic_write_bytes
+    from lmeraser.lineage import keys
+
+    key = keys.load_or_create_key(root / "audit" / "keys" / "signing-key.pem")
+    atomic_write_bytes(out, keys.public_pem(key))
+    console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 
 
 def _stage_command(stage_name: str):

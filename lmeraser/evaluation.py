@@ -56,3 +56,24 @@ def single_prompt(
     state = train_prompt(backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads)
     model = load_prompt(backbone, params, num_classes, state)
     return _predict(model, preprocess(test_images, img_size), batch_size)
+
+
+def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
+    """Loss-threshold attack (Yeom et al.): lower loss => "member".
+
+    AUC is the probability that a random member scores above a random non-member (ties count
+    half); TPR at 1% FPR uses the threshold that 1% of non-members exceed. An AUC near 0.5 on
+    forgotten samples means the model treats them like data it never saw.
+    """
+    members, others = -np.asarray(member_losses, float), -np.asarray(nonmember_losses, float)
+    if len(members) == 0 or len(others) == 0:
+        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_members": len(members), "n_nonmembers": len(others)}
+    greater = (members[:, None] > others[None, :]).mean()
+    ties = (members[:, None] == others[None, :]).mean()
+    threshold = np.quantile(others, 0.99)
+    return {
+        "auc": float(greater + 0.5 * ties),
+        "tpr_at_1pct_fpr": float((members > threshold).mean()),
+        "n_members": int(len(members)),
+        "n_nonmembers": int(len(others)),
+    }

@@ -45,16 +45,26 @@ class ServingModel:
         return nearest(features, self.prototypes, np.asarray(self.active_clusters))
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted labels and the cluster each sample was routed to."""
+    def logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Class logits and the cluster each sample was routed to."""
         x = preprocess(images, self.backbone_meta["params"]["img_size"])
         routes = self.route(extract_features(self.backbone, x, batch_size))
-        predictions = np.zeros(len(x), dtype=np.int64)
+        out = np.zeros((len(x), self.index["num_classes"]), dtype=np.float32)
         for cluster in np.unique(routes):
             entry = self.index["clusters"][str(int(cluster))]
             model = load_prompt(self.backbone, self.prompt_params, self.index["num_classes"], self.store.load(entry["key"]))
             rows = np.flatnonzero(routes == cluster)
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]
-                predictions[batch] = model(x[batch]).argmax(1).numpy()
-        return predictions, routes
+                out[batch] = model(x[batch]).numpy()
+        return out, routes
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted labels and the cluster each sample was routed to."""
+        logits, routes = self.logits(images, batch_size)
+        return logits.argmax(1), routes
+
+    def losses(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Per-sample cross-entropy under the routed cluster's prompt (the MIA signal)."""
+        logits, _ = self.logits(images, batch_size)
+        return torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(np.asarray(labels, dtype=np.int64)), reduction="none").numpy()

@@ -63,7 +63,7 @@ def tiny_params():
 def build_workspace(root: Path, params: dict) -> pipeline.Paths:
     """Materialise data for `params` into `root` and return its Paths (no DVC, no Prefect)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(), sort_keys=False))
     parsed = parse_params(params)
     init_data(parsed.data, parsed.seed, root / "data")
     return pipeline.Paths(root)
@@ -91,7 +91,8 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     for name in ("lmeraser", "flows", ".dvc"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
     if params is not None:
-        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        # Every key spelled out: dvc.yaml interpolates some of them (e.g. clustering.fit_on).
+        (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(), sort_keys=False))
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)

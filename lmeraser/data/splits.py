@@ -27,7 +27,7 @@ from lmeraser.io import atomic_directory, sha256_bytes
 
 SPLITS = ("public", "private", "test")
 MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
-TOMBSTONE_COLUMNS = ["sample_id", "content_hash"]
+TOMBSTONE_COLUMNS = ["sample_id", "content_hash", "reason"]  # reason: forget | rectify-input
 
 
 @dataclass
@@ -167,7 +167,43 @@ def load_tombstones(data_dir: str | Path = "data") -> pd.DataFrame:
     path = Path(data_dir) / "tombstones.csv"
     if not path.exists():
         return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
-    return pd.read_csv(path, dtype=str)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "reason" not in frame:
+        frame["reason"] = "forget"
+    return frame[TOMBSTONE_COLUMNS]
+
+
+def add_tombstones(rows: list[dict], data_dir: str | Path = "data") -> None:
+    """Append (sample_id, content_hash, reason) rows, skipping ones already present; atomic."""
+    from lmeraser.io import atomic_path
+
+    current = load_tombstones(data_dir)
+    seen = set(zip(current["sample_id"], current["content_hash"]))
+    new = [r for r in rows if (r["sample_id"], r["content_hash"]) not in seen]
+    if not new:
+        return
+    frame = pd.concat([current, pd.DataFrame(new, columns=TOMBSTONE_COLUMNS)], ignore_index=True)
+    with atomic_path(Path(data_dir) / "tombstones.csv") as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+
+
+def update_sample(sample_id: str, split: str = "private", data_dir: str | Path = "data", label: int | None = None, image: np.ndarray | None = None) -> dict:
+    """Correct one sample's label or pixels in place (atomic split rewrite); returns the old row."""
+    part = load_split(split, data_dir)
+    rows = np.flatnonzero(part.manifest["sample_id"].to_numpy() == sample_id)
+    if len(rows) != 1:
+        raise DataError(f"sample id {sample_id} is not in data/{split}.")
+    row = int(rows[0])
+    old = part.manifest.iloc[row].to_dict()
+    manifest, images = part.manifest.copy(), part.images.copy()
+    if label is not None:
+        manifest.loc[row, "label"] = int(label)
+    if image is not None:
+        images[row] = image
+        manifest.loc[row, "content_hash"] = content_hash(image)
+    with atomic_directory(Path(data_dir) / split) as staging:
+        write_split(staging, manifest, images)
+    return old
 
 
 def remove_samples(sample_ids: list[str] | set[str], split: str = "private", data_dir: str | Path = "data") -> pd.DataFrame:

@@ -80,8 +80,11 @@ def build_suite(info: dict, tombstones: pd.DataFrame):
                 column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas"
             )
         )
+    forgotten_ids = tombstones.loc[tombstones["reason"] == "forget", "sample_id"].tolist()
+    if forgotten_ids:
+        expectations.append(E.ExpectColumnValuesToNotBeInSet(column="sample_id", value_set=forgotten_ids))
     if len(tombstones):
-        expectations.append(E.ExpectColumnValuesToNotBeInSet(column="sample_id", value_set=tombstones["sample_id"].tolist()))
+        # Forgotten samples and the replaced pixels of rectified inputs must not come back.
         expectations.append(E.ExpectColumnValuesToNotBeInSet(column="content_hash", value_set=tombstones["content_hash"].tolist()))
     suite = gx.ExpectationSuite(name=SUITE_NAME)
     for expectation in expectations:

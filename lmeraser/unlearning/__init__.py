@@ -1,0 +1,1 @@
+"""Unlearning: requests and their journal, the exact rebuild, purge and scan."""
