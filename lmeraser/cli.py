@@ -20,7 +20,7 @@ from lmeraser.errors import LmeraserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact, auditable unlearning for prompt-tuned vision transformers.")
 data_app = typer.Typer(no_args_is_help=True, help="Materialise and inspect the data splits.")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 STAGE_NAMES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate")

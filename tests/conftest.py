@@ -37,9 +37,22 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_services(tmp_path_factory):
-    """Keep Prefect's database and every analytics call inside the test run."""
+    """Keep Prefect's database and every analytics call inside the test run, and run one real
+    Prefect server on loopback for the session (as production would), instead of a temporary
+    server per CLI process."""
+    import time
+    import urllib.request
+
     home = tmp_path_factory.mktemp("prefect-home")
     os.environ.update(
         {
@@ -51,8 +64,30 @@ def _isolated_services(tmp_path_factory):
         }
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("PREFECT_API_URL", None)
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    port = _free_port()
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}") from None
+            time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = url
     yield
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+    log.close()
+    os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture

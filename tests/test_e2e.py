@@ -90,3 +90,112 @@ def test_deleting_a_sample_reruns_only_private_stages_and_one_cluster(repo):
     from mlflow import MlflowClient
 
     assert sorted(int(v.version) for v in MlflowClient().search_model_versions("name='lmeraser'")) == [1, 2]
+
+
+# -- audited unlearning on the same workspace ---------------------------------------------------
+
+
+def _cli_ok(*args, cwd):
+    done = lmeraser_cli(*args, cwd=cwd)
+    assert done.returncode == 0, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp_path):
+    root, _ = repo
+    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
+    victim = assignments.iloc[len(assignments) // 2]
+    done = _cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
+    assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
+    index = read_json(root / "artifacts" / "prompts" / "index.json")
+    assert index["last_run"]["trained"] == [int(victim.cluster)]
+
+    # The rebuilt prompt is bit-for-bit what training from scratch on the reduced data gives.
+    from conftest import run_stages
+    from lmeraser import pipeline
+    from lmeraser.config import load_params
+    import shutil
+
+    scratch = pipeline.Paths(tmp_path / "scratch")
+    for part in ("data", "artifacts/backbone", "artifacts/clusters"):
+        shutil.copytree(root / part, scratch.root / part)
+    run_stages(load_params(root / "params.yaml"), scratch, ("assign", "train"))
+    fresh = read_json(scratch.prompts / "index.json")["clusters"]
+    assert fresh == index["clusters"]
+
+    _cli_ok("audit", "verify", cwd=root)
+    scan = _cli_ok("audit", "scan", cwd=root)
+    assert "0 hits" in scan.stdout
+    record = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
+    predicate = record["predicate"]
+    assert predicate["clusters_rebuilt"][0]["cluster"] == int(victim.cluster)
+    assert predicate["verification"]["scan"]["hits"] == 0 and predicate["verification"]["clusters_as_planned"]
+    assert predicate["verification"]["membership_inference"]["before"]["n_members"] == 1
+    assert victim.sample_id not in json.dumps(record)  # content hashes only, never ids or pixels
+    assert (root / "audit" / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    assert dvc("status", cwd=root).stdout.strip().endswith("up to date.")
+
+
+def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
+    root, _ = repo
+    private = pd.read_csv(root / "data" / "private" / "manifest.csv", dtype=str)
+    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
+    subject = private["subject_id"].value_counts().index[0]
+    members = private.loc[private.subject_id == subject, "sample_id"]
+    expected = sorted(set(assignments.set_index("sample_id").loc[members, "cluster"].astype(int)))
+    forgotten = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
+    already = pd.read_csv(root / "data" / "tombstones.csv", dtype=str)["sample_id"].iloc[0]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"subjects": [subject]}) + "\n" + json.dumps({"sample_ids": [already]}) + "\n")
+    done = _cli_ok("forget", "--file", str(requests), cwd=root)
+    assert "already forgotten" in done.stdout and "lineage record 2" in done.stdout
+    predicate = json.loads(_cli_ok("audit", "show", "2", cwd=root).stdout)["predicate"]
+    assert [c["cluster"] for c in predicate["clusters_rebuilt"]] == expected
+    assert len(predicate["requests"]) == 2 and predicate["requests"][1]["already_forgotten"] == [already]
+    assert subject not in json.dumps(predicate)
+    assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
+    _cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+
+
+def test_refusals_change_nothing(repo, tmp_path):
+    root, _ = repo
+    journal = (root / "audit" / "journal.jsonl").read_bytes()
+    public_id = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"][0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sample_ids": ["' + public_id + '"], "allow_backbone_rebuild": true}\n{"sample_ids": 7}\n')
+    for args, needle in [
+        (("forget", "--sample-id", "0" * 20), f"sample id {'0' * 20} is unknown"),
+        (("forget", "--sample-id", public_id), "--allow-backbone-rebuild"),
+        (("forget", "--file", str(bad)), "line 2"),
+    ]:
+        done = lmeraser_cli(*args, cwd=root)
+        assert done.returncode != 0 and needle in done.stderr, done.stderr
+    assert (root / "audit" / "journal.jsonl").read_bytes() == journal
+
+
+def test_tampering_is_caught(repo):
+    root, _ = repo
+    path = root / "audit" / "lineage.jsonl"
+    original = path.read_bytes()
+    try:
+        lines = original.split(b"\n")
+        lines[0] = lines[0].replace(b'"payload":"', b'"payload":"A', 1)
+        path.write_bytes(b"\n".join(lines))
+        done = lmeraser_cli("audit", "verify", cwd=root)
+        assert done.returncode != 0 and "record 1" in done.stderr
+        path.write_bytes(b"\n".join(original.split(b"\n")[1:]))
+        done = lmeraser_cli("audit", "verify", cwd=root)
+        assert done.returncode != 0 and "record 1" in done.stderr
+    finally:
+        path.write_bytes(original)
+    _cli_ok("audit", "verify", cwd=root)
+    # A deployed prompt that no record vouches for is caught too.
+    index = root / "artifacts" / "prompts" / "index.json"
+    saved = index.read_bytes()
+    try:
+        index.write_bytes(saved.replace(b'"num_classes"', b'"num_classes" ', 1))
+        done = lmeraser_cli("audit", "verify", cwd=root)
+        assert done.returncode != 0 and "do not match lineage record 2" in done.stderr
+    finally:
+        index.write_bytes(saved)

@@ -37,6 +37,12 @@ STEPS = ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
 FAILPOINT_ENV = "LMERASER_KILL_AFTER_STEP"  # crash testing: SIGKILL this process after the named step
 
 
+def failpoint(name: str) -> None:
+    """Crash testing: SIGKILL ourselves at the named point if $LMERASER_KILL_AFTER_STEP says so."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def environment() -> dict:
     import faiss
     import timm
@@ -117,8 +123,7 @@ class UnlearnBatch:
         self.done[step] = result
         if step != "record":
             self.save()
-        if os.environ.get(FAILPOINT_ENV) == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        failpoint(step)
         return result
 
     # -- helpers ---------------------------------------------------------------------------
@@ -271,6 +276,7 @@ class UnlearnBatch:
         else:
             key = load_or_create_key(self.root / AUDIT_DIR / "keys" / "signing-key.pem")
             record = log.append(deployed_subjects(self.root), self.predicate(key_id(key.public_key())), key)
+            failpoint("record:appended")
         self.journal.append([{"request_id": r["request_id"], "state": "verified", "time": time.time(), "record": record.number} for r in self.state["requests"]])
         self.path.unlink(missing_ok=True)
         self.log(f"lineage record {record.number} ({record.line_sha256[:16]}…) appended to {log.path}")
