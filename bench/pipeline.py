@@ -82,7 +82,7 @@ def run(source: str, subset: int | None) -> dict:
     timings["data init"] = time.perf_counter() - start
     memory["data init"] = peak_rss_mb()
     results = {}
-    for stage in ("validate", "backbone", "prototypes", "assign", "train", "evaluate"):
+    for stage in ("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"):
         print(f"[{stage}]", flush=True)
         start = time.perf_counter()
         if stage == "train":
@@ -94,6 +94,7 @@ def run(source: str, subset: int | None) -> dict:
         timings[stage] = time.perf_counter() - start
         memory[stage] = peak_rss_mb()
     metrics = json.loads(paths.metrics.read_text())
+    metrics.update({f"baseline_{k}": v for k, v in json.loads((paths.reports / "baselines.json").read_text()).items()})
     sizes = json.loads((paths.reports / "clusters.json").read_text())["sizes"]
     return {
         "source": source,

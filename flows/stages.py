@@ -17,7 +17,7 @@ from lmeraser import pipeline, tracking
 from lmeraser.config import Params, load_params
 from lmeraser.errors import LmeraserError
 
-STAGES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate")
+STAGES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines")
 # What each stage logs to MLflow besides its metrics.
 _STAGE_PARAMS = {
     "validate": ("data",),
@@ -26,6 +26,7 @@ _STAGE_PARAMS = {
     "assign": ("clustering",),
     "train": ("seed", "prompt", "runtime"),
     "evaluate": ("seed", "prompt", "evaluate"),
+    "baselines": ("seed", "prompt", "evaluate"),
 }
 
 
@@ -100,6 +101,7 @@ _ARTIFACTS = {
     "assign": lambda p: [p.reports / "clusters.json"],
     "train": lambda p: [p.prompts / "index.json"],
     "evaluate": lambda p: [p.metrics, p.reports / "plots"],
+    "baselines": lambda p: [p.reports / "baselines.json"],
 }
 
 STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}

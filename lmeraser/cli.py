@@ -23,7 +23,7 @@ app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
-STAGE_NAMES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate")
+STAGE_NAMES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -127,6 +127,9 @@ def metrics_cmd(root: Path = typer.Option(Path(".")), as_json: bool = typer.Opti
     if not path.exists():
         _fail(f"{path}: not found; run `dvc repro` first.")
     metrics = json.loads(path.read_text())
+    baselines_path = root / "reports" / "baselines.json"
+    baselines = json.loads(baselines_path.read_text()) if baselines_path.exists() else {}
+    metrics.update({f"baseline_{k}": v for k, v in baselines.items() if k != "enabled"})
     if as_json:
         console.print_json(data=metrics)
         return
@@ -320,6 +323,44 @@ def audit_scan(root: Path = typer.Option(Path("."))) -> None:
     if hits:
         _fail(f"{len(hits)} hit(s): forgotten data survives.")
     console.print("0 hits")
+
+
+@audit_app.command("replay")
+def audit_replay(
+    record: int = typer.Option(..., "--record", help="record number"),
+    pubkey: Path = typer.Option(None),
+    root: Path = typer.Option(Path(".")),
+) -> None:
+    """Retrain the clusters record N rebuilt, from the recorded inputs, and compare artifact hashes."""
+    from lmeraser.lineage.replay import replay
+
+    try:
+        records = _lineage(root).verify(_public_key(root, pubkey))
+        if not 1 <= record <= len(records):
+            _fail(f"record {record} does not exist (the log has {len(records)}).")
+        result = replay(root, records[record - 1], lambda m: console.print(m))
+    except LmeraserError as error:
+        _fail(str(error))
+    if result["environment_differences"]:
+        console.print(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
+    if not result["ok"]:
+        bad = [c["cluster"] for c in result["clusters"] if c["match"] is False]
+        _fail(f"replay of record {record} does not reproduce cluster(s) {bad}.")
+    console.print(f"OK: record {record} replayed; every rebuilt prompt that is still deployed reproduces")
+
+
+@audit_app.command("report")
+def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = typer.Option(Path("."))) -> None:
+    """Write an HTML report: cluster sizes, rebuilt clusters over time, accuracy, membership inference."""
+    from lmeraser.lineage.report import build_report
+
+    try:
+        records = _lineage(root).verify(_public_key(root, pubkey))
+    except LmeraserError as error:
+        _fail(str(error))
+    if not records:
+        _fail("no lineage records.")
+    console.print(f"report written to {build_report(root, records, out)}")
 
 
 @audit_app.command("export-key")

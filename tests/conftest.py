@@ -104,7 +104,7 @@ def build_workspace(root: Path, params: dict) -> pipeline.Paths:
     return pipeline.Paths(root)
 
 
-def run_stages(params, paths: pipeline.Paths, stages=("validate", "backbone", "prototypes", "assign", "train", "evaluate")) -> dict:
+def run_stages(params, paths: pipeline.Paths, stages=("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines")) -> dict:
     quiet = lambda message: None  # noqa: E731
     return {stage: getattr(pipeline, f"run_{stage}")(params, paths, quiet) for stage in stages}
 
