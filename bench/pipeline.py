@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmeraser import pipeline  # noqa: E402
-from lmeraser.config import parse_params  # noqa: E402
+from lmeraser.config import deep_merge as merge, parse_params  # noqa: E402
 from lmeraser.data.splits import init_data  # noqa: E402
 
 # Per-source settings on top of params.yaml; Fashion-MNIST is 28x28, 60k train / 10k test,
@@ -43,11 +43,6 @@ PRESETS = {
 }
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def peak_rss_mb() -> float:

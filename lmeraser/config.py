@@ -134,3 +134,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections.")
     return parse_params(raw, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`base` with `override` laid over it, section by section (for per-source presets)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = deep_merge(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return out

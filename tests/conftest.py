@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lmeraser import pipeline
-from lmeraser.config import parse_params
+from lmeraser.config import deep_merge as merge, parse_params
 from lmeraser.data.splits import init_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +30,6 @@ TINY = {
 }
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def _free_port() -> int:
