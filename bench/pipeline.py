@@ -98,7 +98,7 @@ def run(source: str, subset: int | None) -> dict:
         "params": raw,
         "seconds": timings,
         "seconds_total": sum(timings.values()),
-        "evaluate_breakdown": {k: metrics[k] for k in ("baseline_linear_probe_seconds", "baseline_single_prompt_seconds", "inference_seconds") if k in metrics},
+        "stage_breakdown": {k: v for stage in ("evaluate", "baselines") for k, v in results[stage]["metrics"].items() if k.endswith("_seconds")},
         "peak_rss_mb": memory,
         "cluster_sizes": sizes,
         "accuracy": {

@@ -273,3 +273,20 @@ def test_rectify_label_and_input_then_replay_and_report(repo, tmp_path):
     assert report.returncode == 0
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and record.predicate["batch_id"] in page
+
+
+def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
+    root, _ = repo
+    public = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)
+    victim = public["sample_id"].iloc[3]
+    backbone_before = read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"]
+    done = _cli_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
+    assert "lineage record" in done.stdout
+    record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
+    assert record["backbone_rebuild"] is True
+    assert {"backbone", "prototypes", "assign", "train", "evaluate"} <= set(record["stages_run"])
+    assert read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"] != backbone_before
+    assert victim not in set(pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"])
+    assert record["clusters_untouched"] == 0 and record["clusters_rebuilt"]  # a new backbone changes every prompt
+    _cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout

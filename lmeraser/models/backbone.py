@@ -76,7 +76,7 @@ def train_backbone(
             loss.backward()
             optimizer.step()
             schedule.step()
-            running += float(loss) * len(idx)
+            running += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
         if epoch == params.epochs - 1 or epoch % 10 == 0:
             log(f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, train acc {correct / len(y):.4f}")
