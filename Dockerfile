@@ -7,7 +7,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.lock pyproject.toml Makefile ./
+COPY requirements.lock pyproject.toml Makefile README.md ./
 COPY lmeraser ./lmeraser
 COPY flows ./flows
 RUN make install

@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test repro bench-digits bench-fashion lock clean
+.PHONY: install demo test repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench-digits: install
 
 bench-fashion: install
 	$(BIN)/python bench/pipeline.py --source fashion-mnist
+
+bench-unlearn-digits: install
+	$(BIN)/python bench/unlearn.py --source digits
+
+bench-unlearn-fashion: install
+	$(BIN)/python bench/unlearn.py --source fashion-mnist
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock

@@ -16,13 +16,20 @@ from pathlib import Path
 from flows.stages import train_pipeline
 
 
+def build_deployment(cron: str, name: str = "lmeraser-nightly", root: str = "."):
+    """The `train_pipeline` deployment with its cron schedule (not yet served)."""
+    return train_pipeline.to_deployment(name=name, cron=cron, parameters={"root": str(Path(root).resolve())})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
     parser.add_argument("--name", default="lmeraser-nightly")
     parser.add_argument("--root", default=".", help="workspace root holding params.yaml and data/")
     args = parser.parse_args(argv)
-    train_pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(Path(args.root).resolve())})
+    from prefect import serve
+
+    serve(build_deployment(args.cron, args.name, args.root))
 
 
 if __name__ == "__main__":
