@@ -258,7 +258,7 @@ def _public_key(root: Path, pubkey: Path | None):
 
     if pubkey is not None:
         return keys.load_public_key(pubkey)
-    path = root / "audit" / "keys" / "signing-key.pem"
+    path = keys.key_path(root)
     if not path.exists() and not os.environ.get(keys.KEY_ENV):
         _fail(f"{path}: no signing key here; pass --pubkey with the exported public key.")
     return keys.load_or_create_key(path).public_key()
@@ -369,7 +369,7 @@ def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem
     from lmeraser.io import atomic_write_bytes
     from lmeraser.lineage import keys
 
-    key = keys.load_or_create_key(root / "audit" / "keys" / "signing-key.pem")
+    key = keys.load_or_create_key(keys.key_path(root))
     atomic_write_bytes(out, keys.public_pem(key))
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 

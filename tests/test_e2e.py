@@ -118,6 +118,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     record = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
     predicate = record["predicate"]
     assert predicate["clusters_rebuilt"][0]["cluster"] == int(victim.cluster)
+    assert predicate["clusters_rebuilt"][0]["seed"] == index["clusters"][str(int(victim.cluster))]["seed"]
     assert predicate["verification"]["scan"]["hits"] == 0 and predicate["verification"]["clusters_as_planned"]
     assert predicate["verification"]["membership_inference"]["before"]["n_members"] == 1
     assert victim.sample_id not in json.dumps(record)  # content hashes only, never ids or pixels

@@ -134,3 +134,13 @@ def test_key_from_environment_and_public_export(tmp_path, monkeypatch, key):
     monkeypatch.setenv(keys.KEY_ENV, "not a key")
     with pytest.raises(LmeraserError, match="not a PEM private key"):
         keys.load_or_create_key()
+
+
+def test_key_file_location_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    monkeypatch.setenv(keys.KEY_FILE_ENV, str(tmp_path / "vault" / "lmeraser.pem"))
+    assert keys.key_path(tmp_path / "ws") == tmp_path / "vault" / "lmeraser.pem"
+    keys.load_or_create_key()
+    assert stat.S_IMODE((tmp_path / "vault" / "lmeraser.pem").stat().st_mode) == 0o600
+    monkeypatch.delenv(keys.KEY_FILE_ENV)
+    assert keys.key_path(tmp_path / "ws") == tmp_path / "ws" / "audit" / "keys" / "signing-key.pem"

@@ -15,7 +15,13 @@ from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
 
 KEY_ENV = "LMERASER_SIGNING_KEY"  # PEM (PKCS#8) text of the private key, for CI / secret stores
-DEFAULT_KEY_PATH = Path(os.environ.get("LMERASER_SIGNING_KEY_FILE", "audit/keys/signing-key.pem"))
+KEY_FILE_ENV = "LMERASER_SIGNING_KEY_FILE"  # where the key file lives (default: <root>/audit/keys/signing-key.pem)
+
+
+def key_path(root: str | Path = ".") -> Path:
+    """The signing key's file: $LMERASER_SIGNING_KEY_FILE, else audit/keys/signing-key.pem in the workspace."""
+    configured = os.environ.get(KEY_FILE_ENV)
+    return Path(configured) if configured else Path(root) / "audit" / "keys" / "signing-key.pem"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -28,7 +34,7 @@ def load_or_create_key(path: str | Path | None = None) -> Ed25519PrivateKey:
     pem = os.environ.get(KEY_ENV)
     if pem:
         return _parse_private(pem.encode(), f"${KEY_ENV}")
-    path = Path(path or DEFAULT_KEY_PATH)
+    path = Path(path) if path is not None else key_path()
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:

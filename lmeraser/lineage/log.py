@@ -7,6 +7,7 @@ breaks verification at a named record.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -85,7 +86,5 @@ class LineageLog:
         out = []
         for number, line in enumerate(self._lines(), start=1):
             envelope = json.loads(line)
-            import base64
-
             out.append(Record(number, hashlib.sha256(line).hexdigest(), json.loads(base64.b64decode(envelope["payload"]))))
         return out

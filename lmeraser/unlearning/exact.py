@@ -233,10 +233,11 @@ class UnlearnBatch:
         before = self.done["capture"]["prompts"]
         rebuilt = [int(c) for c in last.get("trained", [])] if "train" in stages else []
         after = {c: e["sha256"] for c, e in index["clusters"].items()}
+        seeds = {c: e["seed"] for c, e in index["clusters"].items()}
         self.log(f"rebuilt clusters {rebuilt} ({len(after) - len(rebuilt)} untouched); stages run: {', '.join(stages)}")
         return {
             "stages": stages, "rebuilt": rebuilt, "retired": [int(c) for c in last.get("retired", [])] if "train" in stages else [],
-            "prompts": after, "accuracy": metrics.get("accuracy"), "dvc_lock_sha256": file_sha256(self.root / "dvc.lock"),
+            "prompts": after, "seeds": seeds, "accuracy": metrics.get("accuracy"), "dvc_lock_sha256": file_sha256(self.root / "dvc.lock"),
             "superseded": sorted({h for c, h in before.items() if after.get(c) != h}),
         }
 
@@ -268,7 +269,7 @@ class UnlearnBatch:
         return result
 
     def _record(self) -> dict:
-        from lmeraser.lineage.keys import key_id, load_or_create_key
+        from lmeraser.lineage.keys import key_id, key_path, load_or_create_key
         from lmeraser.lineage.log import LineageLog
 
         log = LineageLog(self.root / AUDIT_DIR / "lineage.jsonl")
@@ -276,7 +277,7 @@ class UnlearnBatch:
         if existing:
             record = existing[0]
         else:
-            key = load_or_create_key(self.root / AUDIT_DIR / "keys" / "signing-key.pem")
+            key = load_or_create_key(key_path(self.root))
             record = log.append(deployed_subjects(self.root), self.predicate(key_id(key.public_key())), key)
             failpoint("record:appended")
         self.journal.append([{"request_id": r["request_id"], "state": "verified", "time": time.time(), "record": record.number} for r in self.state["requests"]])
@@ -302,7 +303,8 @@ class UnlearnBatch:
             "samples_affected": len(capture["samples"]),
             "backbone_rebuild": capture["backbone_rebuild"],
             "clusters_rebuilt": [
-                {"cluster": c, "prompt_sha256_before": before.get(str(c)), "prompt_sha256_after": after.get(str(c))}
+                {"cluster": c, "prompt_sha256_before": before.get(str(c)), "prompt_sha256_after": after.get(str(c)),
+                 "seed": rebuild["seeds"].get(str(c))}
                 for c in sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
             ],
             "clusters_untouched": sum(1 for c, h in after.items() if before.get(c) == h),
