@@ -1,7 +1,5 @@
 """The stages as library calls on tiny data: outputs, routing, incremental retraining."""
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest

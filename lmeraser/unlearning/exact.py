@@ -27,8 +27,7 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.config import load_params
-from lmeraser.data.splits import SPLITS, add_tombstones, load_split, load_tombstones, remove_samples, update_sample
-from lmeraser.errors import LmeraserError
+from lmeraser.data.splits import add_tombstones, load_split, remove_samples, update_sample
 from lmeraser.io import atomic_write_json, read_json, sha256_file, sha256_json
 from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
 from lmeraser.versioning import data_md5, dvc, file_sha256, git_commit
