@@ -209,7 +209,7 @@ def plan_training(params: Params, paths: Paths) -> tuple[TrainContext, list[Clus
         extra["prototypes"] = prototypes_meta["sha256"]
     ctx = TrainContext(
         params, paths, backbone, meta["sha256"], meta["num_classes"],
-        preprocess(private.images, meta["params"]["img_size"]), torch.from_numpy(private.labels.copy()), private.manifest,
+        preprocess(private.images, meta["params"]["img_size"]), torch.from_numpy(private.labels), private.manifest,
     )
     jobs = []
     clusters = assignments["cluster"].to_numpy()
@@ -268,7 +268,6 @@ def run_train(params: Params, paths: Paths, log: Log = print, map_fn: Callable[[
 def run_evaluate(params: Params, paths: Paths, log: Log = print) -> dict:
     model = ServingModel.load(paths.artifacts)
     test = load_split("test", paths.data)
-    private = load_split("private", paths.data)
     labels = test.labels
     start = time.perf_counter()
     predictions, routes = model.predict(test.images, params.evaluate.batch_size)
@@ -279,7 +278,7 @@ def run_evaluate(params: Params, paths: Paths, log: Log = print) -> dict:
     metrics = {
         "accuracy": accuracy(labels, predictions),
         "n_test": len(labels),
-        "n_private": len(private),
+        "n_private": sum(entry["n_members"] for entry in model.index["clusters"].values()),
         "n_clusters_active": len(index),
     }
     sizes = read_json(paths.reports / "clusters.json")

@@ -18,8 +18,12 @@ EXPERIMENT = "lmeraser"
 REGISTERED_MODEL = "lmeraser"
 
 
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,11 +40,11 @@ def _mlflow(root: Path):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
-    # Read before set_tracking_uri, which exports MLFLOW_TRACKING_URI itself.
-    user_server = bool(os.environ.get("MLFLOW_TRACKING_URI")) and not os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:///" + str(root.resolve()))
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)  # (this also exports MLFLOW_TRACKING_URI)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        location = None if user_server else (root / "mlartifacts").resolve().as_uri()
+        # Our default store keeps artifacts beside it; any other server chooses its own root.
+        location = (root / "mlartifacts").resolve().as_uri() if uri == default_tracking_uri(root) else None
         mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow

@@ -147,13 +147,20 @@ def read_source_info(data_dir: str | Path = "data") -> dict:
     return json.loads(path.read_text())
 
 
+def load_manifest(name: str, data_dir: str | Path = "data") -> pd.DataFrame:
+    """A split's manifest alone, without reading its pixels."""
+    path = Path(data_dir) / name / "manifest.csv"
+    if not path.exists():
+        raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+    return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+
+
 def load_split(name: str, data_dir: str | Path = "data") -> Split:
     directory = Path(data_dir) / name
     manifest_path, images_path = directory / "manifest.csv", directory / "images.npy"
-    for path in (manifest_path, images_path):
-        if not path.exists():
-            raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
-    manifest = pd.read_csv(manifest_path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+    manifest = load_manifest(name, data_dir)
+    if not images_path.exists():
+        raise DataError(f"{images_path}: not found; run 'lmeraser data init' first.")
     try:
         images = np.load(images_path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.config import load_params
-from lmeraser.data.splits import add_tombstones, load_split, remove_samples, update_sample
+from lmeraser.data.splits import add_tombstones, load_split, read_source_info, remove_samples, update_sample
 from lmeraser.io import atomic_write_json, read_json, sha256_file, sha256_json
 from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
 from lmeraser.versioning import data_md5, dvc, file_sha256, git_commit
@@ -128,18 +128,9 @@ class UnlearnBatch:
     # -- helpers ---------------------------------------------------------------------------
 
     def _targets(self, kind: str | None = None) -> list[str]:
-        out = []
-        for request in self.state["requests"]:
-            if kind is None or request["kind"] == kind:
-                out.extend(s for s in request["sample_ids"] if s not in out)
-        return out
-
-    def _split_of(self) -> dict[str, str]:
-        where = {}
-        for split in ("public", "private"):
-            for sid in load_split(split, self.root / "data").sample_ids:
-                where[sid] = split
-        return where
+        """Target sample ids in request order, without repeats."""
+        ids = (s for r in self.state["requests"] if kind is None or r["kind"] == kind for s in r["sample_ids"])
+        return list(dict.fromkeys(ids))
 
     def _mia(self, images: np.ndarray, labels: np.ndarray) -> dict:
         from lmeraser.evaluation import membership_inference
@@ -153,22 +144,22 @@ class UnlearnBatch:
 
     def _capture(self) -> dict:
         root = self.root
-        where = self._split_of()
         assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
         cluster_of = dict(zip(assignments["sample_id"], assignments["cluster"].astype(int)))
         targets = self._targets()
-        public = [s for s in targets if where.get(s) == "public"]
+        wanted, to_forget = set(targets), set(self._targets("forget"))
         index = _index(root)
         planned = sorted({int(cluster_of[s]) for s in targets if s in cluster_of})
-        forget = [s for s in self._targets("forget") if s in where]
         samples = {}
         for split in ("public", "private"):
             part = load_split(split, root / "data")
             for row, sid in enumerate(part.sample_ids):
-                if sid in targets:
+                if sid in wanted:
                     samples[sid] = {"split": split, "content_hash": part.manifest["content_hash"][row], "label": int(part.labels[row])}
-                    if sid in forget:
+                    if sid in to_forget:
                         self._images[sid] = part.images[row]
+        public = [s for s in targets if samples.get(s, {}).get("split") == "public"]
+        forget = [s for s in self._targets("forget") if s in samples]
         mia = None
         if forget:
             images = np.stack([self._images[s] for s in forget])
@@ -198,7 +189,7 @@ class UnlearnBatch:
                 update_sample(request["sample_ids"][0], samples[request["sample_ids"][0]]["split"], data, label=request["label"])
             else:
                 sid = request["sample_ids"][0]
-                image = load_corrected_image(Path(request["input_path"]), load_split("private", data).images.shape[1:])
+                image = load_corrected_image(Path(request["input_path"]), tuple(read_source_info(data)["image_shape"]))
                 old = update_sample(sid, samples[sid]["split"], data, image=image)
                 if old["content_hash"] != samples[sid]["content_hash"]:
                     continue  # already applied before an interruption

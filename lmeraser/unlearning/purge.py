@@ -85,16 +85,22 @@ def scan(root: Path, sample_hashes: set[str], artifact_hashes: set[str]) -> tupl
 
 
 def purge(root: Path, superseded_artifacts: set[str], log=print) -> dict:
-    """Delete superseded artifacts wherever they are, then garbage-collect DVC cache and remote."""
+    """Delete superseded artifacts from the MLflow roots, then garbage-collect DVC cache and remote.
+
+    The artifact store needs nothing here: the train stage already pruned every superseded key
+    (and `scan` checks that it did).
+    """
+    roots = scan_roots(root)
     removed = []
-    for location in ("artifact store", "mlflow artifacts", "mlflow (default root)"):
-        for path in _files(scan_roots(root)[location]):
-            if superseded_artifacts and sha256_file(path) in superseded_artifacts:
-                path.unlink()
-                removed.append(str(path))
+    if superseded_artifacts:
+        for location in ("mlflow artifacts", "mlflow (default root)"):
+            for path in _files(roots[location]):
+                if sha256_file(path) in superseded_artifacts:
+                    path.unlink()
+                    removed.append(str(path))
     # Push the current version first so the remote keeps what the workspace needs, then drop
     # every cache and remote object that only older data versions reference.
-    remote = remote_path(root)
+    remote = roots.get("dvc remote")
     if remote is not None:
         dvc(root, "push", "-q")
     dvc(root, "gc", "--workspace", "--force", "-q")

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from lmeraser.data.splits import SPLITS, load_split, load_tombstones
+from lmeraser.data.splits import SPLITS, load_manifest, load_tombstones, read_source_info
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
 
@@ -120,7 +120,7 @@ class ResolvedRequest:
 def resolve(spec: RequestSpec, root: Path) -> ResolvedRequest:
     """Check every target against the data; refuse unknown ids and public samples."""
     data = root / "data"
-    manifests = {split: load_split(split, data).manifest for split in SPLITS}
+    manifests = {split: load_manifest(split, data) for split in SPLITS}
     tomb = load_tombstones(data)
     forgotten = set(tomb["sample_id"].dropna()) if "sample_id" in tomb else set()
     where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
@@ -155,7 +155,7 @@ def resolve(spec: RequestSpec, root: Path) -> ResolvedRequest:
             if not 0 <= spec.label < classes:
                 raise LmeraserError(f"label {spec.label} is outside the label domain 0..{classes - 1}.")
         if spec.input is not None:
-            load_corrected_image(Path(spec.input), load_split("private", data).images.shape[1:])
+            load_corrected_image(Path(spec.input), tuple(read_source_info(data)["image_shape"]))
     is_public = any(where.get(sid) == "public" for sid in live)
     return ResolvedRequest(
         request_id=f"req-{uuid.uuid4().hex[:12]}", kind=spec.kind, sample_ids=live, already_forgotten=gone,
