@@ -72,14 +72,34 @@ class ClusteringParams(_Section):
 
 
 class PromptParams(_Section):
-    kind: Literal["pad", "vpt"] = "pad"
+    kind: Literal["pad", "vpt", "lora"] = "pad"
     pad_width: int = Field(2, ge=1)
     num_tokens: int = Field(4, ge=1)
     deep: bool = False
+    # LoRA (through `peft`) on the frozen backbone's linear layers named by lora_targets.
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(8.0, gt=0.0)
+    lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
+
+
+class InfluenceParams(_Section):
+    """Influence-function unlearning of a cluster's PEFT parameters (lmeraser/unlearning/influence.py)."""
+
+    # gauss_newton: J^T H_out J, positive semi-definite, its Jacobian formed once per request;
+    # exact: the true Hessian, matrix-free (forward-over-reverse), may be indefinite.
+    hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
+    damping: float | None = Field(None, ge=0.0)  # None: chosen from power iterations
+    damping_ratio: float = Field(1e-3, ge=0.0)  # lambda = ratio * lambda_max (+ |lambda_min| if negative)
+    power_iterations: int = Field(8, ge=1)
+    cg_tol: float = Field(1e-6, gt=0.0)  # stop on ||r|| / ||b||
+    cg_max_iter: int = Field(200, ge=1)
+    newton_steps: int = Field(0, ge=0, le=3)  # damped Newton refinement on the edited objective
+    dtype: Literal["float32", "float64"] = "float64"
+    hessian_samples: int = Field(1024, ge=1)  # fixed Hessian sample (first of a seeded permutation)
 
 
 class EvaluateParams(_Section):
@@ -101,6 +121,7 @@ class Params(_Section):
     backbone: BackboneParams = BackboneParams()
     clustering: ClusteringParams = ClusteringParams()
     prompt: PromptParams = PromptParams()
+    influence: InfluenceParams = InfluenceParams()
     evaluate: EvaluateParams = EvaluateParams()
     runtime: RuntimeParams = RuntimeParams()
 

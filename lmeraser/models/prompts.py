@@ -3,12 +3,16 @@
 - `pad`: a learnable pixel border added to the image (visual prompting, as in LMEraser).
 - `vpt`: learnable tokens inserted after the class token (Visual Prompt Tuning), at the first
   block only (shallow) or re-inserted at every block (deep).
+- `lora`: low-rank adapters (the `peft` library) on the backbone's linear layers; the cluster
+  gets its own copy of the frozen backbone with the adapters injected.
 
 Only the PEFT parameters (and head) are trainable and saved; the backbone is shared and frozen,
 held by reference so it never enters a cluster's state dict.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -38,6 +42,37 @@ class PromptTokens(nn.Module):
         self.tokens = nn.Parameter(torch.zeros(layers, num_tokens, dim))
 
 
+class LoraAdapters(nn.Module):
+    """LoRA adapters injected by `peft` into a private copy of the backbone.
+
+    Only the adapters' A and B matrices are registered here, so the state dict holds the
+    adapters and never the (shared, frozen) base weights.
+    """
+
+    def __init__(self, backbone: nn.Module, params: PromptParams):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        adapted = copy.deepcopy(backbone)
+        # Full names of the linear layers inside the transformer blocks (never the patch embedding,
+        # whose conv is also called `proj`): peft matches a target by name suffix.
+        targets = [
+            name for name, m in adapted.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in params.lora_targets
+        ]
+        if not targets:
+            raise ValueError(f"prompt.lora_targets {list(params.lora_targets)} match no linear layer of the backbone's blocks")
+        config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        inject_adapter_in_model(config, adapted)
+        for name, parameter in adapted.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+        layers = {name: m for name, m in adapted.named_modules() if isinstance(m, LoraLayer)}
+        self.a = nn.ModuleDict({name.replace(".", "_"): m.lora_A["default"] for name, m in layers.items()})
+        self.b = nn.ModuleDict({name.replace(".", "_"): m.lora_B["default"] for name, m in layers.items()})
+        object.__setattr__(self, "model", adapted)
+
+
 class PromptedClassifier(nn.Module):
     """Frozen backbone + one cluster's prompt + linear head."""
 
@@ -52,6 +87,8 @@ class PromptedClassifier(nn.Module):
         elif params.kind == "vpt":
             self.deep = params.deep
             self.vpt = PromptTokens(params.num_tokens, dim, len(backbone.blocks) if params.deep else 1)
+        elif params.kind == "lora":
+            self.lora = LoraAdapters(backbone, params)
         else:  # pragma: no cover - config validation rejects other kinds
             raise ValueError(params.kind)
         self.head = nn.Linear(dim, num_classes)
@@ -60,6 +97,9 @@ class PromptedClassifier(nn.Module):
         bb = self.backbone
         if self.kind == "pad":
             return bb.forward_head(bb.forward_features(self.pad(x)), pre_logits=True)
+        if self.kind == "lora":
+            adapted = self.lora.model
+            return adapted.forward_head(adapted.forward_features(x), pre_logits=True)
         x = bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(x))))
         prefix, batch = bb.num_prefix_tokens, x.shape[0]
         tokens = self.vpt.tokens
@@ -81,6 +121,13 @@ def init_peft(model: PromptedClassifier, generator: torch.Generator) -> None:
     """(Re)initialise the trainable parameters from `generator` only, never the global RNG."""
     if model.kind == "pad":
         model.pad.prompt.zero_()
+    elif model.kind == "lora":
+        # peft's default: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so training starts at the backbone.
+        for name in model.lora.a:
+            a = model.lora.a[name].weight
+            bound = 1.0 / a.shape[1] ** 0.5
+            a.uniform_(-bound, bound, generator=generator)
+            model.lora.b[name].weight.zero_()
     else:
         tokens = model.vpt.tokens
         bound = (6.0 / (tokens.shape[1] + tokens.shape[2])) ** 0.5

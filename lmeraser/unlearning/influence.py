@@ -1,0 +1,334 @@
+"""Influence-function unlearning of one cluster's PEFT parameters (LLMEraser, ICLR 2025).
+
+A cluster's prompt (or LoRA adapters) and head, θ, were trained on n samples D to minimise
+
+    L(θ) = (1/n) Σ_D ℓ(z; θ) + (w/2) ‖θ‖²,   ℓ = cross-entropy, w = prompt.weight_decay.
+
+An edit turns the samples z in S into z′ (removed: no z′), leaving n′ samples. One Newton step
+from θ on the edited objective gives the paper's update
+
+    Δθ = (H + λI)⁻¹ ( (1/n′) Σ_S [∇ℓ(z; θ) − ∇ℓ(z′; θ)] + (n/n′ − 1) w θ ),
+
+which is the paper's (1/n) H⁻¹ Σ_S [...] when w = 0 and |S| ≪ n,
+with H the Hessian of L at θ (or its Gauss–Newton approximation), λ a small damping chosen by
+power iterations, and the system solved by conjugate gradient. Optional damped Newton steps
+then refine θ on the edited objective itself. The loss, the eval-mode model and the input
+normalisation are exactly the trainer's; the result is approximate by nature, which is why the
+product records it as such and still queues the exact rebuild.
+
+Everything here is plain torch (torch.func), with no I/O: `influence_edit` takes tensors and a
+state dict and returns a state dict and a report.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, jvp, linearize, vjp, vmap
+
+from lmeraser.config import InfluenceParams, PromptParams
+from lmeraser.errors import LmeraserError
+from lmeraser.models.prompts import PromptedClassifier
+from lmeraser.training import deterministic_torch
+
+MatVec = Callable[[torch.Tensor], torch.Tensor]
+
+# Above this many Jacobian entries (n · classes · params) the Gauss–Newton product is computed
+# matrix-free instead of from a stored Jacobian.
+_JACOBIAN_BUDGET = 20_000_000
+
+
+def prepare_model(backbone: torch.nn.Module, params: PromptParams, num_classes: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PromptedClassifier:
+    """The cluster's model in eval mode and `dtype`, on a private copy of the backbone.
+
+    Attention uses timm's unfused path: the same function as the fused CPU kernel used in
+    training, but one that forward-mode AD (needed for Hessian-vector products) can differentiate.
+    """
+    backbone = copy.deepcopy(backbone).to(dtype).eval()
+    for module in backbone.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    model = PromptedClassifier(backbone, params, num_classes).to(dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model.eval()
+
+
+class Objective:
+    """L(θ) = mean cross-entropy + (w/2)‖θ‖² as a function of a flat parameter vector θ."""
+
+    def __init__(self, model: torch.nn.Module, weight_decay: float):
+        self.model = model
+        self.weight_decay = weight_decay
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        tensors = dict(model.named_parameters())
+        self.shapes = [tensors[n].shape for n in self.names]
+        self.sizes = [tensors[n].numel() for n in self.names]
+        self.theta0 = torch.cat([tensors[n].detach().reshape(-1) for n in self.names])
+
+    @property
+    def dim(self) -> int:
+        return self.theta0.numel()
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
+
+    def state(self, theta: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """A state dict for `load_prompt` / the artifact store, in the storage dtype."""
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state.update({n: t.detach().to(dtype).contiguous().clone() for n, t in self.unflatten(theta).items()})
+        return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.unflatten(theta), (x,))
+
+    def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(theta, x), y) + 0.5 * self.weight_decay * theta.dot(theta)
+
+    def gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return grad(self.loss)(theta, x, y)
+
+    def per_example_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+        """∇ℓ(z_i; θ) for each sample (no regulariser), shape (n, dim)."""
+
+        def one(theta: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.logits(theta, xi[None]), yi[None])
+
+        if len(y) == 0:
+            return theta.new_zeros(0, self.dim)
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+        return torch.cat([per_sample(theta, x[i : i + chunk], y[i : i + chunk]) for i in range(0, len(y), chunk)])
+
+    def hvp(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> MatVec:
+        """v ↦ ∇²L(θ) v, forward-over-reverse."""
+        gradient = grad(self.loss)
+        return lambda v: jvp(lambda t: gradient(t, x, y), (theta,), (v,))[1]
+
+    def gauss_newton(self, theta: torch.Tensor, x: torch.Tensor) -> MatVec:
+        """v ↦ (Jᵀ H_out J / n + w I) v: positive semi-definite by construction.
+
+        J is the Jacobian of the logits and H_out = diag(p) − p pᵀ the Hessian of the
+        cross-entropy in the logits. J is formed once (per sample, vectorised) when it fits the
+        budget, else the product is matrix-free (a linearised jvp and a vjp per call).
+        """
+        n = x.shape[0]
+        logits = self.logits(theta, x).detach()
+        classes = logits.shape[1]
+        probs = logits.softmax(-1)
+
+        def h_out(u: torch.Tensor) -> torch.Tensor:  # u: (n, C)
+            return probs * u - probs * (probs * u).sum(-1, keepdim=True)
+
+        if n * classes * self.dim <= _JACOBIAN_BUDGET:
+            one = lambda t, xi: self.logits(t, xi[None])[0]  # noqa: E731
+            jac = torch.cat([vmap(jacrev(one), in_dims=(None, 0))(theta, x[i : i + 64]) for i in range(0, n, 64)])  # (n, C, P)
+            flat = jac.reshape(n * classes, self.dim)
+            return lambda v: flat.T @ h_out((flat @ v).view(n, classes)).reshape(-1) / n + self.weight_decay * v
+        _, jvp_fn = linearize(lambda t: self.logits(t, x), theta)
+        _, vjp_fn = vjp(lambda t: self.logits(t, x), theta)
+        return lambda v: vjp_fn(h_out(jvp_fn(v)))[0] / n + self.weight_decay * v
+
+
+# -- solvers -------------------------------------------------------------------------------------
+
+
+def power_iteration(matvec: MatVec, dim: int, iterations: int, generator: torch.Generator, dtype: torch.dtype) -> float:
+    """The eigenvalue of largest magnitude (Rayleigh quotient after `iterations` steps)."""
+    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype)
+    v /= v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = matvec(v)
+        value = float(v.dot(w))
+        norm = w.norm()
+        if norm == 0:
+            return 0.0
+        v = w / norm
+    return value
+
+
+@dataclass
+class CGResult:
+    x: torch.Tensor
+    iterations: int
+    relative_residual: float
+    negative_curvature: bool = False
+
+
+def conjugate_gradient(matvec: MatVec, b: torch.Tensor, damping: float, tol: float, max_iter: int) -> CGResult:
+    """Solve (A + damping·I) x = b; stops when ‖r‖/‖b‖ ≤ tol, or at negative curvature."""
+    x = torch.zeros_like(b)
+    b_norm = float(b.norm())
+    if b_norm == 0:
+        return CGResult(x, 0, 0.0)
+    r = b.clone()
+    p = r.clone()
+    rr = r.dot(r)
+    for iteration in range(1, max_iter + 1):
+        ap = matvec(p) + damping * p
+        curvature = p.dot(ap)
+        if curvature <= 0:
+            return CGResult(x, iteration, float(r.norm()) / b_norm, negative_curvature=True)
+        alpha = rr / curvature
+        x = x + alpha * p
+        r = r - alpha * ap
+        rr_new = r.dot(r)
+        if float(rr_new.sqrt()) / b_norm <= tol:
+            return CGResult(x, iteration, float(rr_new.sqrt()) / b_norm)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    # The recurrence's residual drifts from the true one; report the true residual.
+    true = float((b - matvec(x) - damping * x).norm()) / b_norm
+    return CGResult(x, max_iter, true)
+
+
+@dataclass
+class Solve:
+    x: torch.Tensor
+    damping: float
+    lambda_max: float
+    lambda_min: float | None
+    cg: CGResult
+    restarts: int = 0
+
+
+def damped_solve(matvec: MatVec, b: torch.Tensor, dim: int, params: InfluenceParams, indefinite: bool, generator: torch.Generator) -> Solve:
+    """(H + λI)⁻¹ b with λ from power iterations (or fixed), raising λ if CG meets negative curvature."""
+    lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype)
+    lambda_min = None
+    if indefinite:
+        # The spectrum's other end: the top eigenvalue of (λ_max I − H) is λ_max − λ_min.
+        shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype)
+        lambda_min = lambda_max - shifted
+    if params.damping is not None:
+        damping = params.damping
+    else:
+        damping = params.damping_ratio * abs(lambda_max) + max(0.0, -(lambda_min or 0.0))
+    restarts = 0
+    while True:
+        result = conjugate_gradient(matvec, b, damping, params.cg_tol, params.cg_max_iter)
+        if not result.negative_curvature or restarts == 8:
+            break
+        # The few power iterations under-estimated the negative end: damp more and solve again.
+        damping = max(10 * damping, 1e-8 * max(abs(lambda_max), 1.0))
+        restarts += 1
+    if result.negative_curvature:
+        raise LmeraserError(f"the Hessian stays indefinite at damping {damping:.3g}; use influence.hessian: gauss_newton or the exact method.")
+    return Solve(result.x, damping, lambda_max, lambda_min, result, restarts)
+
+
+# -- the edit ------------------------------------------------------------------------------------
+
+
+@dataclass
+class InfluenceReport:
+    hessian: str
+    dtype: str
+    parameters: int
+    n_before: int
+    n_after: int
+    n_changed: int
+    hessian_samples: int
+    damping: float
+    damping_source: str
+    lambda_max: float
+    lambda_min: float | None
+    cg_iterations: int
+    cg_relative_residual: float
+    cg_restarts: int
+    update_norm: float
+    newton: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def influence_edit(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_new: torch.Tensor,
+    y_new: torch.Tensor,
+    present: torch.Tensor,
+    params: InfluenceParams,
+    weight_decay: float,
+    seed: int,
+    threads: int = 1,
+) -> tuple[torch.Tensor, Objective, InfluenceReport]:
+    """Apply the edit D → D′ to `model`'s PEFT parameters by influence.
+
+    Rows align: sample i was (x[i], y[i]); after the edit it is (x_new[i], y_new[i]) if
+    present[i], or gone. Returns θ_new (flat, in the model's dtype), the objective (for
+    `Objective.state`) and the report. Deterministic for fixed inputs, seed and threads.
+    """
+    start = time.perf_counter()
+    n = len(y)
+    dtype = next(model.parameters()).dtype
+    x, x_new = x.to(dtype), x_new.to(dtype)
+    changed = ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
+    if not bool(changed.any()):
+        raise LmeraserError("the edit changes no sample of the cluster.")
+    if not bool(present.any()):
+        raise LmeraserError("the edit removes every sample of the cluster; the influence method needs at least one to remain (use the exact method).")
+    with deterministic_torch(threads), torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        objective = Objective(model, weight_decay)
+        theta = objective.theta0.clone()
+        # A fixed Hessian sample of the cluster as trained (before the edit).
+        rows = torch.randperm(n, generator=generator)[: params.hessian_samples].sort().values if n > params.hessian_samples else torch.arange(n)
+        matvec = _curvature(objective, theta, x[rows], y[rows], params.hessian)
+        # The Newton step from θ (a stationary point of L) on the edited objective, whose mean is
+        # over n′ samples: b = (1/n′) Σ_S [∇ℓ(z) − ∇ℓ(z′)] + (n/n′ − 1) w θ. Without a regulariser
+        # and for |S| ≪ n this is the paper's (1/n) Σ_S [...]; with one, the second term is what
+        # keeps a removal consistent with retraining on the n′ remaining samples.
+        n_after = int(present.sum())
+        removed = objective.per_example_grads(theta, x[changed], y[changed]).sum(0)
+        added_rows = changed & present
+        added = objective.per_example_grads(theta, x_new[added_rows], y_new[added_rows]).sum(0)
+        b = (removed - added) / n_after + (n / n_after - 1) * weight_decay * theta
+        solve = damped_solve(matvec, b, objective.dim, params, params.hessian == "exact", generator)
+        theta = theta + solve.x
+        report = InfluenceReport(
+            hessian=params.hessian, dtype=str(dtype).removeprefix("torch."), parameters=objective.dim, n_before=n,
+            n_after=n_after, n_changed=int(changed.sum()), hessian_samples=len(rows), damping=solve.damping,
+            damping_source="fixed" if params.damping is not None else "power_iteration", lambda_max=solve.lambda_max,
+            lambda_min=solve.lambda_min, cg_iterations=solve.cg.iterations, cg_relative_residual=solve.cg.relative_residual,
+            cg_restarts=solve.restarts, update_norm=float(solve.x.norm()),
+        )
+        x_edit, y_edit = x_new[present], y_new[present]
+        for _ in range(params.newton_steps):
+            report.newton.append(_newton_step(objective, theta, x_edit, y_edit, params, generator))
+            theta = report.newton[-1].pop("theta")
+    report.seconds = time.perf_counter() - start
+    return theta, objective, report
+
+
+def _curvature(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, kind: str) -> MatVec:
+    if kind == "exact":
+        return objective.hvp(theta, x, y)
+    return objective.gauss_newton(theta, x)
+
+
+def _newton_step(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, params: InfluenceParams, generator: torch.Generator) -> dict:
+    """One damped Newton step on the edited objective, with a backtracking line search."""
+    gradient = objective.gradient(theta, x, y)
+    loss = float(objective.loss(theta, x, y))
+    solve = damped_solve(_curvature(objective, theta, x, y, params.hessian), gradient, objective.dim, params, params.hessian == "exact", generator)
+    step = 1.0
+    for _ in range(10):
+        candidate = theta - step * solve.x
+        new_loss = float(objective.loss(candidate, x, y))
+        if new_loss <= loss:
+            break
+        step /= 2
+    else:
+        candidate, new_loss, step = theta, loss, 0.0
+    return {"theta": candidate, "step": step, "loss_before": loss, "loss_after": new_loss, "grad_norm": float(gradient.norm()),
+            "damping": solve.damping, "cg_iterations": solve.cg.iterations, "cg_relative_residual": solve.cg.relative_residual}
