@@ -154,13 +154,25 @@ audit_app = typer.Typer(no_args_is_help=True, help="Verify, inspect and replay t
 app.add_typer(audit_app, name="audit")
 
 
-def _submit(specs, root: Path) -> list:
+METHODS = ("exact", "influence")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        _fail(f"--method {method} is unknown; expected one of {', '.join(METHODS)}.")
+
+
+def _submit(specs, root: Path, method: str = "exact") -> list:
     from lmeraser.unlearning.requests import Journal, resolve
 
     journal = Journal(root)
     with journal.lock(".submit.lock"):
         resolved = [resolve(spec, root) for spec in specs]  # all validated before anything is written
-        journal.submit(resolved)
+        if method == "influence":
+            from lmeraser.unlearning.approximate import check_influence
+
+            check_influence([r.to_json() for r in resolved], root)
+        journal.submit(resolved, method)
     for request in resolved:
         noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
         console.print(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
@@ -187,21 +199,39 @@ def _process(root: Path) -> None:
     )
 
 
+def _approximate(root: Path) -> None:
+    """The influence update, in this process: it answers in about a second, where a Prefect run
+    would add its start-up (the `influence_unlearn` flow wraps the same function for schedules)."""
+    _quiet_env()
+    from lmeraser.unlearning.approximate import approximate_pending
+
+    try:
+        result = approximate_pending(root.resolve(), lambda m: console.print(m, highlight=False))
+    except LmeraserError as error:
+        _fail(str(error))
+    if result is None:
+        console.print("nothing to edit by influence (every target was already forgotten)")
+        return
+    console.print(
+        f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; served as APPROXIMATE; "
+        f"lineage record {result['record']}; the exact rebuild is queued: run `lmeraser unlearn`"
+    )
+
+
 @app.command("forget")
 def forget(
     sample_id: list[str] = typer.Option([], "--sample-id", help="private sample id (repeatable)"),
     subject: list[str] = typer.Option([], "--subject", help="forget every private sample of this data subject (repeatable)"),
     file: Path = typer.Option(None, "--file", help="JSONL requests file; one bad line refuses the whole file"),
     allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
-    method: str = typer.Option("exact", help="exact (rebuild affected clusters)"),
-    process: bool = typer.Option(True, help="process the request now (otherwise it waits in the journal for `lmeraser unlearn`)"),
+    method: str = typer.Option("exact", help="exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"),
+    process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = typer.Option(Path("."), help="workspace root"),
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
     from lmeraser.unlearning.requests import RequestSpec, parse_requests_file
 
-    if method != "exact":
-        _fail(f"--method {method} is not available; the influence-function method is not built yet (use exact).")
+    _check_method(method)
     try:
         specs = parse_requests_file(file) if file else []
         if sample_id or subject:
@@ -209,10 +239,16 @@ def forget(
         if not specs:
             _fail("name what to forget: --sample-id, --subject or --file.")
         specs = [s.model_copy(update={"allow_backbone_rebuild": s.allow_backbone_rebuild or allow_backbone_rebuild}) for s in specs]
-        _submit(specs, root)
+        _submit(specs, root, method)
     except LmeraserError as error:
         _fail(str(error))
-    if process:
+    _answer(method, process, root)
+
+
+def _answer(method: str, process: bool | None, root: Path) -> None:
+    if method == "influence":
+        _approximate(root)
+    if process if process is not None else method == "exact":
         _process(root)
 
 
@@ -221,24 +257,25 @@ def rectify(
     sample_id: str = typer.Option(..., "--sample-id"),
     label: int = typer.Option(None, "--label", help="the corrected label"),
     input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
-    process: bool = typer.Option(True),
+    method: str = typer.Option("exact", help="exact: rebuild the affected cluster; influence: approximate update now, exact rebuild queued"),
+    process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = typer.Option(Path(".")),
 ) -> None:
-    """Correct a private sample's label or image (GDPR Art. 16); the affected prompts are rebuilt exactly."""
+    """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
     from pydantic import ValidationError
 
     from lmeraser.unlearning.requests import RequestSpec
 
+    _check_method(method)
     try:
         spec = RequestSpec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)
     except ValidationError as error:
         _fail(error.errors()[0]["msg"].removeprefix("Value error, ") + ".")
     try:
-        _submit([spec], root)
+        _submit([spec], root, method)
     except LmeraserError as error:
         _fail(str(error))
-    if process:
-        _process(root)
+    _answer(method, process, root)
 
 
 @app.command("unlearn")
@@ -292,12 +329,17 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
         _fail("no lineage records.")
     if number is None:
         table = Table(title="lineage records")
-        for column in ("#", "batch", "requests", "rebuilt", "untouched", "acc before", "acc after", "scan hits"):
+        for column in ("#", "method", "batch", "requests", "clusters changed", "untouched", "acc before", "acc after", "scan hits", "supersedes"):
             table.add_column(column)
         for r in records:
             p = r.predicate
-            table.add_row(str(r.number), p["batch_id"], str(len(p["requests"])), ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
-                          str(p["clusters_untouched"]), f"{p['accuracy']['before']:.4f}", f"{p['accuracy']['after']:.4f}", str(p["verification"]["scan"]["hits"]))
+            if p.get("method") == "influence":
+                edited = ",".join(str(c["cluster"]) for c in p["clusters_edited"]) or "-"
+                table.add_row(str(r.number), "influence (approximate)", p["batch_id"], str(len(p["requests"])), edited, "-", "-", "-", "-", "-")
+                continue
+            table.add_row(str(r.number), "exact", p["batch_id"], str(len(p["requests"])), ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
+                          str(p["clusters_untouched"]), f"{p['accuracy']['before']:.4f}", f"{p['accuracy']['after']:.4f}", str(p["verification"]["scan"]["hits"]),
+                          ",".join(str(n) for n in p.get("supersedes", [])) or "-")
         console.print(table)
         return
     if not 1 <= number <= len(records):
@@ -312,7 +354,7 @@ def audit_scan(root: Path = typer.Option(Path("."))) -> None:
     from lmeraser.unlearning.purge import scan
 
     records = _lineage(root).read_unverified()
-    superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate["clusters_rebuilt"] if c["prompt_sha256_before"]}
+    superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
     current = {e["sha256"] for e in json.loads((root / "artifacts" / "prompts" / "index.json").read_text())["clusters"].values()} if (root / "artifacts" / "prompts" / "index.json").exists() else set()
     superseded -= current
     hashes = set(load_tombstones(root / "data")["content_hash"])

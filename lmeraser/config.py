@@ -98,8 +98,9 @@ class InfluenceParams(_Section):
     cg_tol: float = Field(1e-6, gt=0.0)  # stop on ||r|| / ||b||
     cg_max_iter: int = Field(200, ge=1)
     newton_steps: int = Field(0, ge=0, le=3)  # damped Newton refinement on the edited objective
-    dtype: Literal["float32", "float64"] = "float64"
-    hessian_samples: int = Field(1024, ge=1)  # fixed Hessian sample (first of a seeded permutation)
+    # float32 answers about twice as fast; float64 for small parameter sets and tight tolerances.
+    dtype: Literal["float32", "float64"] = "float32"
+    hessian_samples: int = Field(256, ge=1)  # fixed Hessian sample (first of a seeded permutation)
 
 
 class EvaluateParams(_Section):

@@ -1,9 +1,13 @@
 """Serving: route each sample to its nearest non-empty prototype, then apply that cluster's
-prompt and head, in batches."""
+prompt and head, in batches.
+
+What a cluster serves is its exact prompt from the train stage, unless an influence update
+overlays it (lmeraser/overlay.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,7 @@ from lmeraser.clustering import nearest
 from lmeraser.config import PromptParams
 from lmeraser.io import read_json
 from lmeraser.models.backbone import extract_features, load_backbone, preprocess
+from lmeraser.overlay import Overlay
 from lmeraser.training import ArtifactStore, load_prompt
 
 
@@ -21,8 +26,10 @@ class ServingModel:
     backbone: torch.nn.Module
     backbone_meta: dict
     prototypes: np.ndarray
-    index: dict
+    index: dict  # the exact prompts (train stage output)
     store: ArtifactStore
+    overlay: dict = field(default_factory=dict)  # cluster -> active influence entry
+    overlay_store: ArtifactStore | None = None
 
     @classmethod
     def load(cls, artifacts: str | Path = "artifacts") -> ServingModel:
@@ -30,7 +37,22 @@ class ServingModel:
         backbone, meta = load_backbone(artifacts / "backbone")
         prototypes = np.load(artifacts / "clusters" / "prototypes.npy", allow_pickle=False)
         index = read_json(artifacts / "prompts" / "index.json")
-        return cls(backbone, meta, prototypes, index, ArtifactStore(artifacts / "prompts" / "store"))
+        overlay = Overlay(artifacts)
+        return cls(backbone, meta, prototypes, index, ArtifactStore(artifacts / "prompts" / "store"), overlay.active(index), overlay.store)
+
+    def served(self, cluster: int | str) -> dict:
+        """The entry a cluster serves: its influence overlay if active, else its exact prompt."""
+        cluster = str(int(cluster))
+        return self.overlay.get(cluster) or self.index["clusters"][cluster]
+
+    def state(self, cluster: int | str) -> dict[str, torch.Tensor]:
+        cluster = str(int(cluster))
+        if cluster in self.overlay:
+            return self.overlay_store.load(self.overlay[cluster]["key"])
+        return self.store.load(self.index["clusters"][cluster]["key"])
+
+    def cluster_model(self, cluster: int | str) -> torch.nn.Module:
+        return load_prompt(self.backbone, self.prompt_params, self.index["num_classes"], self.state(cluster))
 
     @property
     def prompt_params(self) -> PromptParams:
@@ -51,8 +73,7 @@ class ServingModel:
         routes = self.route(extract_features(self.backbone, x, batch_size))
         out = np.zeros((len(x), self.index["num_classes"]), dtype=np.float32)
         for cluster in np.unique(routes):
-            entry = self.index["clusters"][str(int(cluster))]
-            model = load_prompt(self.backbone, self.prompt_params, self.index["num_classes"], self.store.load(entry["key"]))
+            model = self.cluster_model(cluster)
             rows = np.flatnonzero(routes == cluster)
             for start in range(0, len(rows), batch_size):
                 batch = rows[start : start + batch_size]

@@ -160,6 +160,8 @@ def test_refusals_change_nothing(repo, tmp_path):
         (("forget", "--sample-id", "0" * 20), f"sample id {'0' * 20} is unknown"),
         (("forget", "--sample-id", public_id), "--allow-backbone-rebuild"),
         (("forget", "--file", str(bad)), "line 2"),
+        (("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"), "edits only private clusters"),
+        (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "--method sideways is unknown"),
     ]:
         done = lmeraser_cli(*args, cwd=root)
         assert done.returncode != 0 and needle in done.stderr, done.stderr
@@ -239,41 +241,64 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     assert lmeraser_cli("unlearn", cwd=root).stdout.strip().endswith("no pending requests")
 
 
-def test_rectify_label_and_input_then_replay_and_report(repo, tmp_path):
+def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_path):
+    """All three edit kinds by influence (served as approximate, recorded), then the queued exact
+    batch changes the data, rebuilds, retires the overlays and supersedes the influence records."""
     import numpy as np
+
+    from lmeraser.inference import ServingModel
 
     root, _ = repo
     private = load_split("private", root / "data")
     assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str}).set_index("sample_id")
-    label_id, input_id = private.sample_ids[10], private.sample_ids[20]
+    forget_id, label_id, input_id = private.sample_ids[30], private.sample_ids[10], private.sample_ids[20]
     new_label = (int(private.labels[10]) + 1) % 10
     corrected = np.ascontiguousarray(private.images[20][::-1])  # a visibly different image
     np.save(tmp_path / "fixed.npy", corrected)
     old_hash = private.manifest["content_hash"][20]
-    assert lmeraser_cli("rectify", "--sample-id", label_id, "--label", str(new_label), "--no-process", cwd=root).returncode == 0
-    assert lmeraser_cli("rectify", "--sample-id", input_id, "--input", str(tmp_path / "fixed.npy"), "--no-process", cwd=root).returncode == 0
-    done = lmeraser_cli("unlearn", cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"sample_ids": [forget_id]}) + "\n" + json.dumps({"kind": "rectify", "sample_ids": [input_id], "input": str(tmp_path / "fixed.npy")}) + "\n")
+    assert "served as APPROXIMATE" in _cli_ok("forget", "--file", str(requests), "--method", "influence", cwd=root).stdout
+    assert "served as APPROXIMATE" in _cli_ok("rectify", "--sample-id", label_id, "--label", str(new_label), "--method", "influence", cwd=root).stdout
 
+    log = LineageLog(root / "audit" / "lineage.jsonl")
+    influence = log.read_unverified()[-2:]
+    expected = {int(assignments.loc[s, "cluster"]) for s in (forget_id, label_id, input_id)}
+    assert all(r.predicate["method"] == "influence" and r.predicate["approximate"] for r in influence)
+    edits = [c for r in influence for c in r.predicate["clusters_edited"]]
+    assert {c["cluster"] for c in edits} == expected
+    for c in edits:
+        assert c["damping"] > 0 and c["cg_iterations"] >= 1 and c["cg_relative_residual"] <= 1e-6
+        assert c["prompt_sha256_after"] != c["prompt_sha256_before"]
+    assert [k["kind"] for r in influence for k in r.predicate["requests"]] == ["forget", "rectify", "rectify"]
+    # Served as approximate; the data is untouched and the requests wait for the exact rebuild.
+    assert set(ServingModel.load(root / "artifacts").overlay) == {str(c) for c in expected}
+    assert forget_id in load_split("private", root / "data").sample_ids
+    assert len(Journal(root).pending()) == 3
+    _cli_ok("audit", "verify", cwd=root)
+    refused = lmeraser_cli("audit", "replay", "--record", str(influence[0].number), cwd=root)
+    assert refused.returncode == 1 and "approximate influence update" in refused.stderr
+
+    done = _cli_ok("unlearn", cwd=root)
+    record = log.read_unverified()[-1]
+    assert record.predicate["method"] == "exact" and record.predicate["supersedes"] == [r.number for r in influence]
+    assert expected <= {c["cluster"] for c in record.predicate["clusters_rebuilt"]}, done.stdout
+    assert ServingModel.load(root / "artifacts").overlay == {}
+    assert not list((root / "artifacts" / "prompts" / "approximate").glob("*.safetensors"))
+    assert not Journal(root).pending()
     after = load_split("private", root / "data").manifest.set_index("sample_id")
-    assert int(after.loc[label_id, "label"]) == new_label
+    assert int(after.loc[label_id, "label"]) == new_label and forget_id not in after.index
     from lmeraser.data.splits import content_hash
 
     assert after.loc[input_id, "content_hash"] == content_hash(corrected) != old_hash
     assert old_hash in set(load_tombstones(root / "data")["content_hash"])
-    record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1]
-    rebuilt = {c["cluster"] for c in record.predicate["clusters_rebuilt"]}
-    assert {int(assignments.loc[label_id, "cluster"]), int(assignments.loc[input_id, "cluster"])} <= rebuilt
-    assert [r["kind"] for r in record.predicate["requests"]] == ["rectify", "rectify"]
-    assert lmeraser_cli("audit", "verify", cwd=root).returncode == 0
-    scan = lmeraser_cli("audit", "scan", cwd=root)
-    assert scan.returncode == 0 and "0 hits" in scan.stdout  # the replaced pixels are gone too
+    _cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
     replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)
     assert replay.returncode == 0 and "sha256 matches" in replay.stdout, replay.stdout + replay.stderr
-    report = lmeraser_cli("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
-    assert report.returncode == 0
+    _cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and record.predicate["batch_id"] in page
+    assert page.count("data:image/png;base64,") == 4 and record.predicate["batch_id"] in page and "influence (approximate)" in page
 
 
 def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):

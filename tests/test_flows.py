@@ -26,3 +26,43 @@ def test_cron_deployment_carries_the_schedule(tmp_path):
     assert deployment.name == "weekly"
     assert deployment.schedules[0].schedule.cron == "15 2 * * 1"
     assert deployment.parameters == {"root": str(tmp_path.resolve())}
+
+
+def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained_workspace, tmp_path):
+    """`influence-unlearn` on a trained workspace: a removal then a relabel in the same cluster."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from flows.unlearn import influence_unlearn
+    from lmeraser.inference import ServingModel
+    from lmeraser.lineage.keys import key_path, load_or_create_key
+    from lmeraser.lineage.log import LineageLog
+    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+
+    paths, _ = trained_workspace
+    root = tmp_path / "ws"
+    shutil.copytree(paths.root, root)
+    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
+    cluster = int(assignments["cluster"].value_counts().index[0])
+    first, second = assignments.loc[assignments.cluster == cluster, "sample_id"].iloc[:2]
+    journal = Journal(root)
+    exact = ServingModel.load(root / "artifacts")
+    for spec in (RequestSpec(sample_ids=[first]), RequestSpec(kind="rectify", sample_ids=[second], label=0)):
+        journal.submit([resolve(spec, root)], "influence")
+        result = influence_unlearn(root=str(root))
+        assert result["clusters"] == [cluster]
+    assert journal.awaiting_influence() == [] and len(journal.pending()) == 2  # still queued for the exact batch
+    records = LineageLog(root / "audit" / "lineage.jsonl").verify(load_or_create_key(key_path(root)).public_key())
+    assert [r.predicate["method"] for r in records] == ["influence", "influence"]
+    edited = records[1].predicate["clusters_edited"][0]
+    assert edited["stacked_on_earlier_influence"] and edited["prompt_sha256_before"] == records[0].predicate["clusters_edited"][0]["prompt_sha256_after"]
+    served = ServingModel.load(root / "artifacts")
+    assert list(served.overlay) == [str(cluster)] and len(served.overlay[str(cluster)]["edits"]) == 2
+    assert served.overlay[str(cluster)]["n_members"] == int((assignments.cluster == cluster).sum()) - 1
+    # The overlay changes what the cluster serves, and only that cluster.
+    x = np.load(root / "data" / "private" / "images.npy")[:40]
+    assert not np.array_equal(served.logits(x)[0], exact.logits(x)[0])
+    other = next(c for c in exact.active_clusters if c != cluster)
+    assert served.state(other)["head.weight"].equal(exact.state(other)["head.weight"])

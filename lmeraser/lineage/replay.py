@@ -26,6 +26,11 @@ ENV_KEYS = ("python", "torch", "timm", "faiss", "numpy", "cpu", "training_code",
 def replay(root: Path, record, log=print) -> dict:
     from lmeraser.unlearning.exact import environment
 
+    if record.predicate.get("method") == "influence":
+        raise LmeraserError(
+            f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
+            "supersedes it (`lmeraser audit show` lists them)."
+        )
     params = load_params(root / "params.yaml")
     now = {**environment(), "threads": params.runtime.threads}
     then = record.predicate["environment"]

@@ -28,6 +28,7 @@ import pandas as pd
 
 from lmeraser.config import load_params
 from lmeraser.data.splits import add_tombstones, load_split, read_source_info, remove_samples, update_sample
+from lmeraser.overlay import Overlay
 from lmeraser.io import atomic_write_json, read_json, sha256_file, sha256_json
 from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
 from lmeraser.versioning import data_md5, dvc, file_sha256, git_commit
@@ -61,6 +62,19 @@ def environment() -> dict:
     }
 
 
+def request_summary(request: dict) -> dict:
+    """A request as a lineage record states it: ids, kind and keyed subject hashes, never raw subjects."""
+    return {
+        "request_id": request["request_id"], "kind": request["kind"], "subject_hashes": request["subject_hashes"],
+        "already_forgotten": request["already_forgotten"], **({"label": request["label"]} if request["label"] is not None else {}),
+        **({"input": "corrected image"} if request["input_path"] else {}),
+    }
+
+
+def code_info(root: Path, params) -> dict:
+    return {"git_commit": git_commit(root), "params_sha256": sha256_json(params.model_dump()), "seed": params.seed}
+
+
 def _index(root: Path) -> dict:
     path = root / "artifacts" / "prompts" / "index.json"
     return read_json(path) if path.exists() else {"clusters": {}}
@@ -74,9 +88,24 @@ def deployed_subjects(root: Path) -> dict[str, str]:
         "artifacts/clusters/prototypes.npy": sha256_file(artifacts / "clusters" / "prototypes.npy"),
         "artifacts/prompts/index.json": sha256_file(artifacts / "prompts" / "index.json"),
     }
-    for cluster, entry in _index(root)["clusters"].items():
-        subjects[f"artifacts/prompts/store/{entry['key']}.safetensors"] = entry["sha256"]
+    index = _index(root)
+    overlay = Overlay(artifacts)
+    active = overlay.active(index)
+    for cluster, entry in index["clusters"].items():
+        if cluster in active:
+            subjects[f"artifacts/prompts/approximate/{active[cluster]['key']}.safetensors"] = active[cluster]["sha256"]
+        else:
+            subjects[f"artifacts/prompts/store/{entry['key']}.safetensors"] = entry["sha256"]
+    if overlay.path.exists():
+        subjects["artifacts/prompts/approximate/overlay.json"] = sha256_file(overlay.path)
     return subjects
+
+
+def served_prompts(root: Path) -> dict[str, str]:
+    """cluster -> sha256 of the prompt it serves (its influence overlay, if any, else exact)."""
+    index = _index(root)
+    active = Overlay(root / "artifacts").active(index)
+    return {c: (active.get(c) or e)["sha256"] for c, e in index["clusters"].items()}
 
 
 class UnlearnBatch:
@@ -149,6 +178,11 @@ class UnlearnBatch:
         targets = self._targets()
         wanted, to_forget = set(targets), set(self._targets("forget"))
         index = _index(root)
+        overlay = Overlay(root / "artifacts").active(index)
+        ids = {r["request_id"] for r in self.state["requests"]}
+        # Influence records these requests already produced: this exact batch supersedes them.
+        supersedes = sorted({e["record"] for rid, entry in self.journal.requests().items() if rid in ids
+                             for e in entry.get("history", []) if e["state"] == "approximated"})
         planned = sorted({int(cluster_of[s]) for s in targets if s in cluster_of})
         samples = {}
         for split in ("public", "private"):
@@ -168,7 +202,8 @@ class UnlearnBatch:
         self.log(f"batch {self.state['batch_id']}: {len(self.state['requests'])} request(s), {len(targets)} sample(s), planned clusters {planned}")
         return {
             "data_md5": data_md5(root), "dvc_lock_sha256": file_sha256(root / "dvc.lock"),
-            "prompts": {c: e["sha256"] for c, e in index["clusters"].items()},
+            "prompts": served_prompts(root), "exact_prompts": {c: e["sha256"] for c, e in index["clusters"].items()},
+            "approximate_clusters": sorted(int(c) for c in overlay), "supersedes": supersedes,
             "accuracy": metrics.get("accuracy"), "planned_clusters": planned, "backbone_rebuild": bool(public),
             "samples": samples, "membership_inference": mia, "n_clusters": len(index["clusters"]),
         }
@@ -216,20 +251,34 @@ class UnlearnBatch:
         # The serving path only (evaluate and its upstream); the baselines stage is re-measured
         # by the next full `dvc repro`.
         done = dvc(self.root, "repro", "evaluate")
+        self._retire_overlay()
         index = _index(self.root)
         last = index.get("last_run", {})
         metrics = read_json(self.root / "metrics.json")
         stages = [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
         before = self.done["capture"]["prompts"]
         rebuilt = [int(c) for c in last.get("trained", [])] if "train" in stages else []
-        after = {c: e["sha256"] for c, e in index["clusters"].items()}
+        after = served_prompts(self.root)
         seeds = {c: e["seed"] for c, e in index["clusters"].items()}
         self.log(f"rebuilt clusters {rebuilt} ({len(after) - len(rebuilt)} untouched); stages run: {', '.join(stages)}")
         return {
             "stages": stages, "rebuilt": rebuilt, "retired": [int(c) for c in last.get("retired", [])] if "train" in stages else [],
             "prompts": after, "seeds": seeds, "accuracy": metrics.get("accuracy"), "dvc_lock_sha256": file_sha256(self.root / "dvc.lock"),
-            "superseded": sorted({h for c, h in before.items() if after.get(c) != h}),
+            # Served prompts that changed, and the exact prompts that influence overlays stood in for.
+            "superseded": sorted((set(before.values()) | set(self.done["capture"].get("exact_prompts", {}).values())) - set(after.values())),
         }
+
+    def _retire_overlay(self) -> None:
+        """Drop the influence overlays this batch makes exact (and any gone stale), with their files."""
+        overlay = Overlay(self.root / "artifacts")
+        ids = {r["request_id"] for r in self.state["requests"]}
+        active = overlay.active(_index(self.root))
+        keep = {c: e for c, e in active.items() if not {edit["request_id"] for edit in e["edits"]} <= ids}
+        if overlay.path.exists():
+            overlay.write(keep)
+        removed = overlay.store.prune({e["key"] for e in keep.values()})
+        if removed:
+            self.log(f"retired {len(removed)} influence overlay(s): their clusters are now exact")
 
     def _purge(self) -> dict:
         from lmeraser.unlearning.purge import purge
@@ -282,13 +331,9 @@ class UnlearnBatch:
         return {
             "batch_id": self.state["batch_id"],
             "method": "exact",
+            "supersedes": capture.get("supersedes", []),
             "signer": signer,
-            "requests": [
-                {"request_id": r["request_id"], "kind": r["kind"], "subject_hashes": r["subject_hashes"],
-                 "already_forgotten": r["already_forgotten"], **({"label": r["label"]} if r["label"] is not None else {}),
-                 **({"input": "corrected image"} if r["input_path"] else {})}
-                for r in self.state["requests"]
-            ],
+            "requests": [request_summary(r) for r in self.state["requests"]],
             "removed_content_hashes": sorted(t["content_hash"] for t in self.done["apply"]["tombstones"]),
             "samples_affected": len(capture["samples"]),
             "backbone_rebuild": capture["backbone_rebuild"],
@@ -300,7 +345,7 @@ class UnlearnBatch:
             "clusters_untouched": sum(1 for c, h in after.items() if before.get(c) == h),
             "data": {"data_dvc_md5_before": capture["data_md5"], "data_dvc_md5_after": self.done["version"]["data_md5"],
                      "dvc_lock_sha256_before": capture["dvc_lock_sha256"], "dvc_lock_sha256_after": rebuild["dvc_lock_sha256"]},
-            "code": {"git_commit": git_commit(self.root), "params_sha256": sha256_json(params.model_dump()), "seed": params.seed},
+            "code": code_info(self.root, params),
             "environment": {**environment(), "threads": params.runtime.threads},
             "seconds": dict(self.state["seconds"]),
             "accuracy": {"before": capture["accuracy"], "after": rebuild["accuracy"]},

@@ -198,18 +198,26 @@ class Solve:
     restarts: int = 0
 
 
-def damped_solve(matvec: MatVec, b: torch.Tensor, dim: int, params: InfluenceParams, indefinite: bool, generator: torch.Generator) -> Solve:
-    """(H + λI)⁻¹ b with λ from power iterations (or fixed), raising λ if CG meets negative curvature."""
-    lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype)
-    lambda_min = None
-    if indefinite:
-        # The spectrum's other end: the top eigenvalue of (λ_max I − H) is λ_max − λ_min.
-        shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype)
-        lambda_min = lambda_max - shifted
-    if params.damping is not None:
-        damping = params.damping
+def damped_solve(
+    matvec: MatVec, b: torch.Tensor, dim: int, params: InfluenceParams, indefinite: bool, generator: torch.Generator,
+    damping: float | None = None, spectrum: tuple[float, float | None] | None = None,
+) -> Solve:
+    """(H + λI)⁻¹ b with λ from power iterations (or fixed), raising λ if CG meets negative curvature.
+
+    `damping` and `spectrum` (λ_max, λ_min) let a caller re-solve at a larger λ without
+    repeating the power iterations.
+    """
+    if spectrum is None:
+        lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype)
+        lambda_min = None
+        if indefinite:
+            # The spectrum's other end: the top eigenvalue of (λ_max I − H) is λ_max − λ_min.
+            shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype)
+            lambda_min = lambda_max - shifted
     else:
-        damping = params.damping_ratio * abs(lambda_max) + max(0.0, -(lambda_min or 0.0))
+        lambda_max, lambda_min = spectrum
+    if damping is None:
+        damping = params.damping if params.damping is not None else params.damping_ratio * abs(lambda_max) + max(0.0, -(lambda_min or 0.0))
     restarts = 0
     while True:
         result = conjugate_gradient(matvec, b, damping, params.cg_tol, params.cg_max_iter)
@@ -243,6 +251,9 @@ class InfluenceReport:
     cg_relative_residual: float
     cg_restarts: int
     update_norm: float
+    damping_increases: int = 0  # Levenberg–Marquardt increases of λ (see influence_edit)
+    edited_objective: dict = field(default_factory=dict)  # the tilted edited objective at θ and θ + Δθ
+    residual_gradient_norm: float = 0.0  # ‖∇L(θ)‖: how far training stopped from the minimum
     newton: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -294,15 +305,35 @@ def influence_edit(
         added = objective.per_example_grads(theta, x_new[added_rows], y_new[added_rows]).sum(0)
         b = (removed - added) / n_after + (n / n_after - 1) * weight_decay * theta
         solve = damped_solve(matvec, b, objective.dim, params, params.hessian == "exact", generator)
+        # Levenberg–Marquardt safeguard. The update is a Newton step that assumes θ minimises L;
+        # a trained θ is only near a minimum (residual gradient r = ∇L(θ) ≠ 0), so θ is taken as
+        # the exact minimiser of the tilted L − rᵀθ, and the step must not increase the tilted
+        # edited objective. Where the curvature is nearly flat (a confidently fit cluster) the
+        # step can overshoot; then λ grows tenfold and the system is solved again.
+        residual = objective.gradient(theta, x, y)
+        x_edit, y_edit = x_new[present], y_new[present]
+
+        start_theta = theta
+
+        def tilted(t: torch.Tensor) -> float:
+            return float(objective.loss(t, x_edit, y_edit) - residual.dot(t - start_theta))
+
+        edited_before = tilted(theta)
+        tolerance = 64 * torch.finfo(dtype).eps * max(1.0, abs(edited_before))  # rounding, not a real increase
+        increases = 0
+        while tilted(theta + solve.x) > edited_before + tolerance and increases < 12:
+            increases += 1
+            damping = max(10 * solve.damping, 1e-8 * max(abs(solve.lambda_max), 1.0))
+            solve = damped_solve(matvec, b, objective.dim, params, params.hessian == "exact", generator, damping, (solve.lambda_max, solve.lambda_min))
         theta = theta + solve.x
         report = InfluenceReport(
             hessian=params.hessian, dtype=str(dtype).removeprefix("torch."), parameters=objective.dim, n_before=n,
             n_after=n_after, n_changed=int(changed.sum()), hessian_samples=len(rows), damping=solve.damping,
             damping_source="fixed" if params.damping is not None else "power_iteration", lambda_max=solve.lambda_max,
             lambda_min=solve.lambda_min, cg_iterations=solve.cg.iterations, cg_relative_residual=solve.cg.relative_residual,
-            cg_restarts=solve.restarts, update_norm=float(solve.x.norm()),
+            cg_restarts=solve.restarts, update_norm=float(solve.x.norm()), damping_increases=increases,
+            edited_objective={"before": edited_before, "after": tilted(theta)}, residual_gradient_norm=float(residual.norm()),
         )
-        x_edit, y_edit = x_new[present], y_new[present]
         for _ in range(params.newton_steps):
             report.newton.append(_newton_step(objective, theta, x_edit, y_edit, params, generator))
             theta = report.newton[-1].pop("theta")

@@ -250,5 +250,10 @@ class Journal:
         """Received but not yet verified, in arrival order."""
         return [e["request"] for e in self.requests().values() if e["state"] != "verified" and "request" in e]
 
-    def submit(self, resolved: list[ResolvedRequest]) -> None:
-        self.append([r.event("received", request=r.to_json()) for r in resolved])
+    def submit(self, resolved: list[ResolvedRequest], method: str = "exact") -> None:
+        self.append([r.event("received", request=r.to_json(), method=method) for r in resolved])
+
+    def awaiting_influence(self) -> list[dict]:
+        """Requests submitted with `--method influence` whose influence update is not applied yet."""
+        return [e["request"] for e in self.requests().values()
+                if e["state"] == "received" and "request" in e and e["history"][0].get("method") == "influence"]

@@ -1,0 +1,207 @@
+"""`--method influence`: answer forget and rectify requests in about a second, honestly approximate.
+
+For every cluster a batch of requests touches, the influence update (influence.py) edits the
+PEFT parameters the cluster serves now; the result is stored in the serving overlay
+(`artifacts/prompts/approximate/`), marked approximate, and a signed lineage record states the
+method, the damping λ, the CG residual and iterations. data/ is not touched here: the request stays
+pending in the journal, and the next exact batch (`lmeraser unlearn`) changes the data, rebuilds
+the clusters exactly, retires the overlays and writes a record that supersedes this one.
+
+Requests stack: a cluster that already serves an overlay is edited again from that overlay, on
+its members as the earlier edits left them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmeraser.config import Params, load_params
+from lmeraser.data.splits import load_split, read_source_info
+from lmeraser.errors import LmeraserError
+from lmeraser.inference import ServingModel
+from lmeraser.overlay import Overlay
+from lmeraser.io import sha256_json
+from lmeraser.models.backbone import preprocess
+from lmeraser.pipeline import Paths, load_assignments
+from lmeraser.training import cluster_seed, code_version
+from lmeraser.unlearning.exact import code_info, deployed_subjects, environment, request_summary
+from lmeraser.unlearning.influence import influence_edit, prepare_model
+from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
+from lmeraser.versioning import data_md5
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_influence(requests: list[dict], root: Path) -> None:
+    """Refuse, before anything is written, what the influence method cannot do."""
+    for request in requests:
+        if request["public"]:
+            raise LmeraserError(
+                f"request {request['request_id']} names public samples: the influence method edits only private clusters' "
+                "prompts, not the backbone; use --method exact --allow-backbone-rebuild."
+            )
+    if not (root / "artifacts" / "prompts" / "index.json").exists():
+        raise LmeraserError(f"{root / 'artifacts' / 'prompts' / 'index.json'}: no trained prompts to edit; run `dvc repro` first.")
+
+
+class _ClusterData:
+    """A cluster's members as the serving prompt was trained on them: exact members with the
+    edits of earlier influence requests applied."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sample_ids: list[str], img_size: int, image_shape: tuple[int, ...]):
+        self.x, self.y = x.clone(), y.clone()
+        self.present = torch.ones(len(y), dtype=torch.bool)
+        self.row = {sid: i for i, sid in enumerate(sample_ids)}
+        self.img_size, self.image_shape = img_size, image_shape
+
+    def apply(self, request: dict) -> int:
+        """Apply one request's edits to the rows it names in this cluster; returns how many."""
+        rows = [self.row[s] for s in request["sample_ids"] if s in self.row]
+        for row in rows:
+            if request["kind"] == "forget":
+                self.present[row] = False
+            elif request["label"] is not None:
+                self.y[row] = request["label"]
+            else:
+                image = load_corrected_image(Path(request["input_path"]), self.image_shape)
+                self.x[row] = preprocess(image[None], self.img_size)[0]
+        return len(rows)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x.clone(), self.y.clone(), self.present.clone()
+
+
+def approximate_pending(root: Path, log=print) -> dict | None:
+    """Apply the influence update for every request submitted with `--method influence` and not
+    yet applied; sign one record. None when there is nothing to do."""
+    journal = Journal(root)
+    with journal.lock(".unlearn.lock"):
+        requests = journal.awaiting_influence()
+        if not requests:
+            log("no requests awaiting an influence update")
+            return None
+        return _approximate(root, requests, journal, log)
+
+
+def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dict:
+    start = time.perf_counter()
+    params = load_params(root / "params.yaml")
+    check_influence(requests, root)
+    paths = Paths(root)
+    model = ServingModel.load(paths.artifacts)
+    overlay = Overlay(paths.artifacts)
+    entries = overlay.active(model.index)
+    private = load_split("private", paths.data)
+    assignments = load_assignments(paths)
+    if assignments["sample_id"].tolist() != private.sample_ids:
+        raise LmeraserError(f"{paths.clusters / 'assignments.csv'} is out of date with data/private; run `dvc repro` first.")
+    cluster_of = dict(zip(private.sample_ids, assignments["cluster"].astype(int)))
+    targets = {s for r in requests for s in r["sample_ids"]}
+    missing = sorted(targets - set(cluster_of))
+    if missing:
+        raise LmeraserError(f"sample id {missing[0]} is not in data/private; it cannot be edited by influence.")
+    clusters = sorted({cluster_of[s] for s in targets})
+    img_size = model.backbone_meta["params"]["img_size"]
+    image_shape = tuple(read_source_info(paths.data)["image_shape"])
+    ip = params.influence
+    dtype = _DTYPES[ip.dtype]
+    load_seconds = time.perf_counter() - start
+
+    edited, reports = dict(entries), []
+    for cluster in clusters:
+        c = str(cluster)
+        if c not in model.index["clusters"]:
+            raise LmeraserError(f"cluster {cluster} has no trained prompt; run `dvc repro` first.")
+        t0 = time.perf_counter()
+        rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
+        data = _ClusterData(
+            preprocess(private.images[rows], img_size), torch.from_numpy(private.labels[rows]),
+            [private.sample_ids[i] for i in rows], img_size, image_shape,
+        )
+        previous = entries.get(c)
+        for edit in (previous or {}).get("edits", []):
+            data.apply(edit)
+        x, y, present = data.snapshot()
+        new_edits = [{**r, "sample_ids": [s for s in r["sample_ids"] if cluster_of.get(s) == cluster]} for r in requests]
+        new_edits = [e for e in new_edits if e["sample_ids"]]
+        for edit in new_edits:
+            data.apply(edit)
+        keep = present  # train on what the serving prompt saw; edit towards what remains
+        base = model.index["clusters"][c]
+        served = previous or base
+        cluster_model = prepare_model(model.backbone, model.prompt_params, model.index["num_classes"], model.state(c), dtype)
+        theta, objective, report = influence_edit(
+            cluster_model, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep], ip,
+            model.prompt_params.weight_decay, cluster_seed(params.seed, cluster), params.runtime.threads,
+        )
+        state = objective.state(theta)
+        losses = _edited_losses(objective, theta, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep])
+        edits = [*(previous or {}).get("edits", []), *new_edits]
+        key = sha256_json({"base": base["key"], "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version()})
+        stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base["key"], "method": "influence"})
+        edited[c] = {
+            "key": key, "sha256": stored.sha256, "base_key": base["key"], "base_sha256": base["sha256"],
+            "n_members": int(data.present.sum()), "seed": base["seed"], "approximate": True, "edits": edits,
+        }
+        reports.append({
+            "cluster": cluster, "prompt_sha256_before": served["sha256"], "prompt_sha256_after": stored.sha256,
+            "exact_prompt_sha256": base["sha256"], "stacked_on_earlier_influence": previous is not None,
+            "edited_sample_loss": losses, **report.to_json(), "seconds_total": time.perf_counter() - t0,
+        })
+        log(f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
+            f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
+            f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g}"
+            + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else ""))
+    overlay.write(edited)
+    record = _record(root, params, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
+    journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
+    log(f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`")
+    return {"record": record.number, "sha256": record.line_sha256, "clusters": clusters, "reports": reports,
+            "requests": [r["request_id"] for r in requests], "seconds": time.perf_counter() - start}
+
+
+def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
+    """Mean cross-entropy, under the prompt before and after the update, of the edited samples as
+    they were (should rise: the model lets go of them) and as corrected (should fall)."""
+    dtype = objective.theta0.dtype
+    x, x_new = x.to(dtype), x_new.to(dtype)
+    changed = ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
+    corrected = changed & present
+
+    def mean_loss(theta, xs, ys):
+        with torch.no_grad():
+            return float(F.cross_entropy(objective.logits(theta, xs), ys)) if len(ys) else None
+
+    return {
+        "original": {"before": mean_loss(objective.theta0, x[changed], y[changed]), "after": mean_loss(theta, x[changed], y[changed])},
+        "corrected": {"before": mean_loss(objective.theta0, x_new[corrected], y_new[corrected]), "after": mean_loss(theta, x_new[corrected], y_new[corrected])},
+    }
+
+
+def _record(root: Path, params: Params, requests: list[dict], reports: list[dict], seconds: dict):
+    from lmeraser.lineage.keys import key_id, key_path, load_or_create_key
+    from lmeraser.lineage.log import LineageLog
+
+    key = load_or_create_key(key_path(root))
+    ids = [r["request_id"] for r in requests]
+    predicate = {
+        "batch_id": "influence-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
+        "method": "influence",
+        "approximate": True,
+        "exact_rebuild": "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record",
+        "signer": key_id(key.public_key()),
+        "requests": [request_summary(r) for r in requests],
+        "clusters_edited": reports,
+        "influence": params.influence.model_dump(),
+        "data": {"data_dvc_md5": data_md5(root)},
+        "code": code_info(root, params),
+        "environment": {**environment(), "threads": params.runtime.threads},
+        "seconds": seconds,
+    }
+    return LineageLog(root / AUDIT_DIR / "lineage.jsonl").append(deployed_subjects(root), predicate, key)
