@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion lock clean
+.PHONY: install demo test repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-unlearn-digits: install
 
 bench-unlearn-fashion: install
 	$(BIN)/python bench/unlearn.py --source fashion-mnist
+
+bench-influence-digits: install
+	$(BIN)/python bench/influence.py --source digits
+
+bench-influence-fashion: install
+	$(BIN)/python bench/influence.py --source fashion-mnist --requests 2
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock

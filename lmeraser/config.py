@@ -100,7 +100,10 @@ class InfluenceParams(_Section):
     newton_steps: int = Field(0, ge=0, le=3)  # damped Newton refinement on the edited objective
     # float32 answers about twice as fast; float64 for small parameter sets and tight tolerances.
     dtype: Literal["float32", "float64"] = "float32"
-    hessian_samples: int = Field(256, ge=1)  # fixed Hessian sample (first of a seeded permutation)
+    hessian_samples: int = Field(128, ge=1)  # fixed Hessian sample (first of a seeded permutation)
+    # Torch threads for the update (a latency path; the result is deterministic for a fixed count,
+    # which the record states).
+    threads: int = Field(2, ge=1, le=256)
 
 
 class EvaluateParams(_Section):

@@ -89,7 +89,7 @@ def approximate_pending(root: Path, log=print) -> dict | None:
         return _approximate(root, requests, journal, log)
 
 
-def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dict:
+def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dict | None:
     start = time.perf_counter()
     params = load_params(root / "params.yaml")
     check_influence(requests, root)
@@ -107,6 +107,9 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
     if missing:
         raise LmeraserError(f"sample id {missing[0]} is not in data/private; it cannot be edited by influence.")
     clusters = sorted({cluster_of[s] for s in targets})
+    if not clusters:
+        log("nothing to edit: every target was already forgotten (the exact batch records the no-op)")
+        return None
     img_size = model.backbone_meta["params"]["img_size"]
     image_shape = tuple(read_source_info(paths.data)["image_shape"])
     ip = params.influence
@@ -138,7 +141,7 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
         cluster_model = prepare_model(model.backbone, model.prompt_params, model.index["num_classes"], model.state(c), dtype)
         theta, objective, report = influence_edit(
             cluster_model, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep], ip,
-            model.prompt_params.weight_decay, cluster_seed(params.seed, cluster), params.runtime.threads,
+            model.prompt_params.weight_decay, cluster_seed(params.seed, cluster), params.influence.threads,
         )
         state = objective.state(theta)
         losses = _edited_losses(objective, theta, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep])
@@ -201,7 +204,7 @@ def _record(root: Path, params: Params, requests: list[dict], reports: list[dict
         "influence": params.influence.model_dump(),
         "data": {"data_dvc_md5": data_md5(root)},
         "code": code_info(root, params),
-        "environment": {**environment(), "threads": params.runtime.threads},
+        "environment": {**environment(), "threads": params.influence.threads},
         "seconds": seconds,
     }
     return LineageLog(root / AUDIT_DIR / "lineage.jsonl").append(deployed_subjects(root), predicate, key)
