@@ -287,7 +287,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"### {result['source']}",
         "",
-        f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), torch {m['torch']}, {result['date']}. "
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {result['date']}; exact rebuild on {m['threads']} thread(s) "
+        f"(`runtime.threads`), influence on {m.get('influence_threads', m['threads'])} (`influence.threads`). "
         f"Clusters (members): {', '.join(f'{c} ({n})' for c, n in result['clusters'].items())}; {result['requests_per_cluster_and_edit']} "
         f"single-sample requests per cluster and edit kind. Influence: {result['params']['influence']['hessian']}, "
         f"{result['params']['influence']['dtype']}, damping ratio {result['params']['influence']['damping_ratio']}, "
