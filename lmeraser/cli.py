@@ -329,17 +329,11 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
         _fail("no lineage records.")
     if number is None:
         table = Table(title="lineage records")
-        for column in ("#", "method", "batch", "requests", "clusters changed", "untouched", "acc before", "acc after", "scan hits", "supersedes"):
+        rows = [r.summary() for r in records]
+        for column in rows[0]:
             table.add_column(column)
-        for r in records:
-            p = r.predicate
-            if p.get("method") == "influence":
-                edited = ",".join(str(c["cluster"]) for c in p["clusters_edited"]) or "-"
-                table.add_row(str(r.number), "influence (approximate)", p["batch_id"], str(len(p["requests"])), edited, "-", "-", "-", "-", "-")
-                continue
-            table.add_row(str(r.number), "exact", p["batch_id"], str(len(p["requests"])), ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
-                          str(p["clusters_untouched"]), f"{p['accuracy']['before']:.4f}", f"{p['accuracy']['after']:.4f}", str(p["verification"]["scan"]["hits"]),
-                          ",".join(str(n) for n in p.get("supersedes", [])) or "-")
+        for row in rows:
+            table.add_row(*row.values())
         console.print(table)
         return
     if not 1 <= number <= len(records):

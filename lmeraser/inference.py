@@ -40,12 +40,8 @@ class ServingModel:
         overlay = Overlay(artifacts)
         return cls(backbone, meta, prototypes, index, ArtifactStore(artifacts / "prompts" / "store"), overlay.active(index), overlay.store)
 
-    def served(self, cluster: int | str) -> dict:
-        """The entry a cluster serves: its influence overlay if active, else its exact prompt."""
-        cluster = str(int(cluster))
-        return self.overlay.get(cluster) or self.index["clusters"][cluster]
-
     def state(self, cluster: int | str) -> dict[str, torch.Tensor]:
+        """The prompt a cluster serves: its influence overlay if active, else its exact prompt."""
         cluster = str(int(cluster))
         if cluster in self.overlay:
             return self.overlay_store.load(self.overlay[cluster]["key"])

@@ -37,3 +37,11 @@ class Overlay:
         """Entries whose exact base is still the deployed exact prompt."""
         exact = index["clusters"]
         return {c: e for c, e in self.read().items() if c in exact and exact[c]["key"] == e["base_key"]}
+
+    def served(self, index: dict) -> dict[str, tuple[str, dict]]:
+        """cluster -> (its artifact's path under artifacts/prompts/, its entry): what each cluster serves."""
+        active = self.active(index)
+        return {
+            c: (f"approximate/{active[c]['key']}.safetensors", active[c]) if c in active else (f"store/{e['key']}.safetensors", e)
+            for c, e in index["clusters"].items()
+        }

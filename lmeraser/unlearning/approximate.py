@@ -31,12 +31,9 @@ from lmeraser.models.backbone import preprocess
 from lmeraser.pipeline import Paths, load_assignments
 from lmeraser.training import cluster_seed, code_version
 from lmeraser.unlearning.exact import code_info, deployed_subjects, environment, request_summary
-from lmeraser.unlearning.influence import influence_edit, prepare_model
+from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model
 from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
 from lmeraser.versioning import data_md5
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def check_influence(requests: list[dict], root: Path) -> None:
     """Refuse, before anything is written, what the influence method cannot do."""
@@ -60,10 +57,9 @@ class _ClusterData:
         self.row = {sid: i for i, sid in enumerate(sample_ids)}
         self.img_size, self.image_shape = img_size, image_shape
 
-    def apply(self, request: dict) -> int:
-        """Apply one request's edits to the rows it names in this cluster; returns how many."""
-        rows = [self.row[s] for s in request["sample_ids"] if s in self.row]
-        for row in rows:
+    def apply(self, request: dict) -> None:
+        """Apply one request's edits to the rows it names in this cluster."""
+        for row in (self.row[s] for s in request["sample_ids"] if s in self.row):
             if request["kind"] == "forget":
                 self.present[row] = False
             elif request["label"] is not None:
@@ -71,7 +67,6 @@ class _ClusterData:
             else:
                 image = load_corrected_image(Path(request["input_path"]), self.image_shape)
                 self.x[row] = preprocess(image[None], self.img_size)[0]
-        return len(rows)
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x.clone(), self.y.clone(), self.present.clone()
@@ -95,8 +90,7 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
     check_influence(requests, root)
     paths = Paths(root)
     model = ServingModel.load(paths.artifacts)
-    overlay = Overlay(paths.artifacts)
-    entries = overlay.active(model.index)
+    overlay, entries = Overlay(paths.artifacts), model.overlay  # the active overlay entries, read once
     private = load_split("private", paths.data)
     assignments = load_assignments(paths)
     if assignments["sample_id"].tolist() != private.sample_ids:
@@ -113,7 +107,7 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
     img_size = model.backbone_meta["params"]["img_size"]
     image_shape = tuple(read_source_info(paths.data)["image_shape"])
     ip = params.influence
-    dtype = _DTYPES[ip.dtype]
+    dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
 
     edited, reports = dict(entries), []
@@ -130,21 +124,23 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
         previous = entries.get(c)
         for edit in (previous or {}).get("edits", []):
             data.apply(edit)
+        # What the serving prompt was fitted on (rows earlier edits removed are dropped), and the
+        # same rows after this batch's edits.
         x, y, present = data.snapshot()
         new_edits = [{**r, "sample_ids": [s for s in r["sample_ids"] if cluster_of.get(s) == cluster]} for r in requests]
         new_edits = [e for e in new_edits if e["sample_ids"]]
         for edit in new_edits:
             data.apply(edit)
-        keep = present  # train on what the serving prompt saw; edit towards what remains
+        x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
         base = model.index["clusters"][c]
         served = previous or base
         cluster_model = prepare_model(model.backbone, model.prompt_params, model.index["num_classes"], model.state(c), dtype)
         theta, objective, report = influence_edit(
-            cluster_model, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep], ip,
+            cluster_model, x, y, x_new, y_new, present_new, ip,
             model.prompt_params.weight_decay, cluster_seed(params.seed, cluster), params.influence.threads,
         )
         state = objective.state(theta)
-        losses = _edited_losses(objective, theta, x[keep], y[keep], data.x[keep], data.y[keep], data.present[keep])
+        losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
         edits = [*(previous or {}).get("edits", []), *new_edits]
         key = sha256_json({"base": base["key"], "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version()})
         stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base["key"], "method": "influence"})
@@ -174,7 +170,7 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
     they were (should rise: the model lets go of them) and as corrected (should fall)."""
     dtype = objective.theta0.dtype
     x, x_new = x.to(dtype), x_new.to(dtype)
-    changed = ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
+    changed = edited_rows(x, y, x_new, y_new, present)
     corrected = changed & present
 
     def mean_loss(theta, xs, ys):

@@ -88,14 +88,9 @@ def deployed_subjects(root: Path) -> dict[str, str]:
         "artifacts/clusters/prototypes.npy": sha256_file(artifacts / "clusters" / "prototypes.npy"),
         "artifacts/prompts/index.json": sha256_file(artifacts / "prompts" / "index.json"),
     }
-    index = _index(root)
     overlay = Overlay(artifacts)
-    active = overlay.active(index)
-    for cluster, entry in index["clusters"].items():
-        if cluster in active:
-            subjects[f"artifacts/prompts/approximate/{active[cluster]['key']}.safetensors"] = active[cluster]["sha256"]
-        else:
-            subjects[f"artifacts/prompts/store/{entry['key']}.safetensors"] = entry["sha256"]
+    for path, entry in overlay.served(_index(root)).values():
+        subjects[f"artifacts/prompts/{path}"] = entry["sha256"]
     if overlay.path.exists():
         subjects["artifacts/prompts/approximate/overlay.json"] = sha256_file(overlay.path)
     return subjects
@@ -103,9 +98,7 @@ def deployed_subjects(root: Path) -> dict[str, str]:
 
 def served_prompts(root: Path) -> dict[str, str]:
     """cluster -> sha256 of the prompt it serves (its influence overlay, if any, else exact)."""
-    index = _index(root)
-    active = Overlay(root / "artifacts").active(index)
-    return {c: (active.get(c) or e)["sha256"] for c, e in index["clusters"].items()}
+    return {c: entry["sha256"] for c, (_, entry) in Overlay(root / "artifacts").served(_index(root)).items()}
 
 
 class UnlearnBatch:
@@ -178,7 +171,6 @@ class UnlearnBatch:
         targets = self._targets()
         wanted, to_forget = set(targets), set(self._targets("forget"))
         index = _index(root)
-        overlay = Overlay(root / "artifacts").active(index)
         ids = {r["request_id"] for r in self.state["requests"]}
         # Influence records these requests already produced: this exact batch supersedes them.
         supersedes = sorted({e["record"] for rid, entry in self.journal.requests().items() if rid in ids
@@ -203,7 +195,7 @@ class UnlearnBatch:
         return {
             "data_md5": data_md5(root), "dvc_lock_sha256": file_sha256(root / "dvc.lock"),
             "prompts": served_prompts(root), "exact_prompts": {c: e["sha256"] for c, e in index["clusters"].items()},
-            "approximate_clusters": sorted(int(c) for c in overlay), "supersedes": supersedes,
+            "supersedes": supersedes,
             "accuracy": metrics.get("accuracy"), "planned_clusters": planned, "backbone_rebuild": bool(public),
             "samples": samples, "membership_inference": mia, "n_clusters": len(index["clusters"]),
         }

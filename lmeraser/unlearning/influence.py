@@ -262,6 +262,11 @@ class InfluenceReport:
         return dict(self.__dict__)
 
 
+def edited_rows(x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The rows an edit touches: removed, relabelled or with a changed input."""
+    return ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
+
+
 def influence_edit(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -284,7 +289,7 @@ def influence_edit(
     n = len(y)
     dtype = next(model.parameters()).dtype
     x, x_new = x.to(dtype), x_new.to(dtype)
-    changed = ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
+    changed = edited_rows(x, y, x_new, y_new, present)
     if not bool(changed.any()):
         raise LmeraserError("the edit changes no sample of the cluster.")
     if not bool(present.any()):
