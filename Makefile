@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion lock clean
+.PHONY: install demo test lint format repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 repro: install
 	dvc repro

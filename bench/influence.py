@@ -3,8 +3,8 @@
     python bench/influence.py --source digits|fashion-mnist [--clusters 2] [--requests 3]
 
 In one run (library calls; no DVC or Prefect, whose fixed costs bench/unlearn.py measures):
-  1. data, the public backbone, the prototypes and the assignment, once (the params.yaml values
-     with the source's preset from bench/pipeline.py);
+  1. data, the public backbone, the prototypes and the assignment, once (the params file of the
+     source: params.yaml or configs/fashion-mnist.yaml);
   2. for each PEFT kind (pad, vpt, lora): the prompts of `--clusters` clusters (the most mixed
      ones by label entropy, and the largest), then for each edit kind (removal, query modification, response correction)
      `--requests` single-sample requests per cluster, each answered both ways:
@@ -36,30 +36,26 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import PRESETS, cpu_model, merge  # noqa: E402
-
-from lmeraser import pipeline  # noqa: E402
 from lmeraser.clustering import nearest  # noqa: E402
-from lmeraser.config import parse_params  # noqa: E402
-from lmeraser.data.splits import init_data, load_split  # noqa: E402
+from lmeraser.config import PromptParams, parse_params  # noqa: E402
+from lmeraser.data.splits import init_data  # noqa: E402
 from lmeraser.evaluation import membership_inference  # noqa: E402
 from lmeraser.models.backbone import extract_features, load_backbone, preprocess  # noqa: E402
+from lmeraser.stages import stage  # noqa: E402
 from lmeraser.training import cluster_seed, load_prompt, train_prompt  # noqa: E402
 from lmeraser.unlearning.influence import influence_edit, prepare_model  # noqa: E402
+from lmeraser.workspace import Workspace  # noqa: E402
+
+from pipeline import CONFIGS, cpu_model, preset  # noqa: E402
 
 KINDS = ("pad", "vpt", "lora")
 EDITS = ("removal", "query", "response")
 FLIP_RATES = (0.1, 0.2, 0.4)
-# LoRA at params.yaml's prompt.lr (0.02) is seed-sensitive: five seeds on digits' largest cluster
-# gave 0.958-0.986 test accuracy; at 0.005 all five gave 0.986. Retrain-to-retrain noise would
-# otherwise swamp the comparison with the exact rebuild.
-KIND_OVERRIDES = {"lora": {"lr": 0.005}}
 
 
 class PeakMemory:
@@ -108,27 +104,26 @@ def edit_request(kind: str, x: torch.Tensor, y: torch.Tensor, row: int, rng: np.
 
 
 def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -> dict:
-    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), PRESETS[source])
-    params = parse_params(raw)
+    params = parse_params(preset(source))
     work = ROOT / "bench" / "results" / f"work-influence-{source}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    paths = pipeline.Paths(work)
+    ws = Workspace(work)
     quiet = lambda m: None  # noqa: E731
     torch.set_num_threads(params.runtime.threads)
     print("[setup] data, backbone, prototypes, assign", flush=True)
     start = time.perf_counter()
-    init_data(params.data, params.seed, paths.data)
-    for stage in ("backbone", "prototypes", "assign"):
-        getattr(pipeline, f"run_{stage}")(params, paths, quiet)
+    init_data(params.data, params.seed, ws)
+    for name in ("backbone", "prototypes", "assign"):
+        stage(name).function(params, ws, quiet)
     setup_seconds = time.perf_counter() - start
-    backbone, meta = load_backbone(paths.backbone)
-    num_classes, img_size = meta["num_classes"], meta["params"]["img_size"]
-    private, test = load_split("private", paths.data), load_split("test", paths.data)
-    clusters_of = pipeline.load_assignments(paths)["cluster"].to_numpy()
+    backbone, meta = load_backbone(ws)
+    num_classes, img_size = meta.num_classes, meta.img_size
+    private, test = ws.split("private"), ws.split("test")
+    clusters_of = ws.assignments()["cluster"].to_numpy()
     x_all, y_all = preprocess(private.images, img_size), torch.from_numpy(private.labels)
     x_test, y_test = preprocess(test.images, img_size), torch.from_numpy(test.labels)
-    prototypes = np.load(paths.clusters / "prototypes.npy")
+    prototypes = ws.prototypes()
     routes = nearest(extract_features(backbone, x_test, 256), prototypes, np.unique(clusters_of))
     sizes = np.bincount(clusters_of)
     chosen = choose_clusters(clusters_of, private.labels, n_clusters)
@@ -137,7 +132,7 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
 
     results = {"kinds": {}}
     for kind in kinds:
-        prompt = params.prompt.model_copy(update={"kind": kind, **KIND_OVERRIDES.get(kind, {})})
+        prompt = PromptParams(**{**params.prompt.model_dump(), "kind": kind})  # each kind with its own settings (LoRA's lr too)
         print(f"[{kind}] training {len(chosen)} cluster prompts", flush=True)
         per_edit = {edit: [] for edit in EDITS}
         for cluster in chosen:
@@ -158,22 +153,35 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                     with PeakMemory() as memory:
                         t0 = time.perf_counter()
                         model = prepare_model(backbone, prompt, num_classes, original, dtype)
-                        theta, objective, report = influence_edit(model, x, y, x_new, y_new, present, params.influence, prompt.weight_decay, seed, params.influence.threads)
+                        theta, objective, report = influence_edit(
+                            model, x, y, x_new, y_new, present, params.influence, prompt.adapter.weight_decay, seed, params.influence.threads
+                        )
                         influenced = objective.state(theta)
                         influence_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     exact = train_prompt(backbone, x_new[present], y_new[present], prompt, num_classes, seed, params.runtime.threads)
                     exact_seconds = time.perf_counter() - t0
                     # Each state's model built once (a LoRA model copies the backbone).
-                    models = {name: load_prompt(backbone, prompt, num_classes, s) for name, s in (("original", original), ("influence", influenced), ("exact", exact))}
+                    models = {
+                        name: load_prompt(backbone, prompt, num_classes, s) for name, s in (("original", original), ("influence", influenced), ("exact", exact))
+                    }
                     preds = {name: predict(m, xt) for name, m in models.items()}
                     keep = present.clone()
                     keep[row] = False  # retained = members the request did not touch
                     entry = {
-                        "cluster": cluster, "row": row, "n_members": len(y), "n_test": len(test_rows),
-                        "influence_seconds": influence_seconds, "exact_seconds": exact_seconds, "train_seconds": train_seconds,
-                        "influence_peak_mb": memory.mb, "report": report.to_json(),
-                        "agreement": {"influence": float((preds["influence"] == preds["exact"]).mean()), "original": float((preds["original"] == preds["exact"]).mean())},
+                        "cluster": cluster,
+                        "row": row,
+                        "n_members": len(y),
+                        "n_test": len(test_rows),
+                        "influence_seconds": influence_seconds,
+                        "exact_seconds": exact_seconds,
+                        "train_seconds": train_seconds,
+                        "influence_peak_mb": memory.mb,
+                        "report": report.to_json(),
+                        "agreement": {
+                            "influence": float((preds["influence"] == preds["exact"]).mean()),
+                            "original": float((preds["original"] == preds["exact"]).mean()),
+                        },
                         "test_accuracy": {k: float((v == yt.numpy()).mean()) for k, v in preds.items()},
                         "retained_accuracy": {name: float((predict(m, x_new[keep]) == y_new[keep].numpy()).mean()) for name, m in models.items()},
                     }
@@ -182,17 +190,37 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                         entry["forgotten_correct"] = {name: bool(predict(m, x[row : row + 1])[0] == int(y[row])) for name, m in models.items()}
                         entry["heldout_losses"] = {name: losses(m, xt, yt).tolist() for name, m in models.items()}
                     per_edit[edit].append(entry)
-                    print(f"  {kind} {edit} cluster {cluster} row {row}: influence {influence_seconds:.2f}s, exact {exact_seconds:.2f}s, "
-                          f"agreement {entry['agreement']['influence']:.4f} (unchanged model {entry['agreement']['original']:.4f})", flush=True)
-        results["kinds"][kind] = {"edits": {edit: summarise(edit, entries) for edit, entries in per_edit.items()},
-                                  "parameters": per_edit["removal"][0]["report"]["parameters"], "lr": prompt.lr}
-        results["kinds"][kind]["correction"] = correction(backbone, prompt, params, x_all, y_all, clusters_of, chosen[0], x_test, y_test, routes, num_classes, dtype)
-    results.update({
-        "source": source, "params": {"prompt": params.prompt.model_dump(), "influence": params.influence.model_dump()},
-        "clusters": {str(c): int(sizes[c]) for c in chosen}, "requests_per_cluster_and_edit": n_requests, "setup_seconds": setup_seconds,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": params.runtime.threads, "influence_threads": params.influence.threads, "python": platform.python_version(), "torch": torch.__version__},
-        "date": time.strftime("%Y-%m-%d"),
-    })
+                    print(
+                        f"  {kind} {edit} cluster {cluster} row {row}: influence {influence_seconds:.2f}s, exact {exact_seconds:.2f}s, "
+                        f"agreement {entry['agreement']['influence']:.4f} (unchanged model {entry['agreement']['original']:.4f})",
+                        flush=True,
+                    )
+        results["kinds"][kind] = {
+            "edits": {edit: summarise(edit, entries) for edit, entries in per_edit.items()},
+            "parameters": per_edit["removal"][0]["report"]["parameters"],
+            "lr": prompt.adapter.lr,
+        }
+        results["kinds"][kind]["correction"] = correction(
+            backbone, prompt, params, x_all, y_all, clusters_of, chosen[0], x_test, y_test, routes, num_classes, dtype
+        )
+    results.update(
+        {
+            "source": source,
+            "params": {"prompt": params.prompt.model_dump(), "influence": params.influence.model_dump()},
+            "clusters": {str(c): int(sizes[c]) for c in chosen},
+            "requests_per_cluster_and_edit": n_requests,
+            "setup_seconds": setup_seconds,
+            "machine": {
+                "cpu": cpu_model(),
+                "cores": os.cpu_count(),
+                "threads": params.runtime.threads,
+                "influence_threads": params.influence.threads,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    )
     shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -226,8 +254,11 @@ def summarise(edit: str, entries: list[dict]) -> dict:
         "damping_increases_max": int(np.max([e["report"]["damping_increases"] for e in entries])),
         "cg_iterations_median": float(np.median([e["report"]["cg_iterations"] for e in entries])),
         "cg_residual_max": float(np.max([e["report"]["cg_relative_residual"] for e in entries])),
-        **{f"{split}_accuracy_{name}": float(np.mean([e[f"{split}_accuracy"][name] for e in entries]))
-           for split in ("test", "retained") for name in ("original", "influence", "exact")},
+        **{
+            f"{split}_accuracy_{name}": float(np.mean([e[f"{split}_accuracy"][name] for e in entries]))
+            for split in ("test", "retained")
+            for name in ("original", "influence", "exact")
+        },
         "entries": entries,
     }
     if edit == "removal":
@@ -258,13 +289,21 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
         noisy = clean.clone()
         noisy[flipped] = torch.from_numpy((clean.numpy()[flipped] + rng.integers(1, num_classes, len(flipped))) % num_classes)
         noisy_state = train_prompt(backbone, x, noisy, prompt, num_classes, seed, params.runtime.threads)
-        row = {"flip_rate": rate, "n_flipped": len(flipped), "n_members": len(clean), "n_test": len(test_rows), "clean_retrain": clean_accuracy,
-               "noisy": float((predict(load_prompt(backbone, prompt, num_classes, noisy_state), xt) == yt).mean())}
+        row = {
+            "flip_rate": rate,
+            "n_flipped": len(flipped),
+            "n_members": len(clean),
+            "n_test": len(test_rows),
+            "clean_retrain": clean_accuracy,
+            "noisy": float((predict(load_prompt(backbone, prompt, num_classes, noisy_state), xt) == yt).mean()),
+        }
         for steps in (0, 2):
             ip = params.influence.model_copy(update={"newton_steps": steps})
             t0 = time.perf_counter()
             model = prepare_model(backbone, prompt, num_classes, noisy_state, dtype)
-            theta, objective, report = influence_edit(model, x, noisy, x, clean, torch.ones(len(clean), dtype=torch.bool), ip, prompt.weight_decay, seed, params.influence.threads)
+            theta, objective, report = influence_edit(
+                model, x, noisy, x, clean, torch.ones(len(clean), dtype=torch.bool), ip, prompt.adapter.weight_decay, seed, params.influence.threads
+            )
             accuracy = float((predict(load_prompt(backbone, prompt, num_classes, objective.state(theta)), xt) == yt).mean())
             name = "influence" if steps == 0 else f"influence_newton{steps}"
             row[name] = accuracy
@@ -274,8 +313,11 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
         for name in ("influence", "influence_newton2"):
             row[f"{name}_recovery"] = (row[name] - row["noisy"]) / gap if gap > 0 else None
         out.append(row)
-        print(f"  {prompt.kind} correction {rate:.0%}: noisy {row['noisy']:.4f}, influence {row['influence']:.4f}, "
-              f"+2 Newton {row['influence_newton2']:.4f}, clean retrain {clean_accuracy:.4f}", flush=True)
+        print(
+            f"  {prompt.kind} correction {rate:.0%}: noisy {row['noisy']:.4f}, influence {row['influence']:.4f}, "
+            f"+2 Newton {row['influence_newton2']:.4f}, clean retrain {clean_accuracy:.4f}",
+            flush=True,
+        )
     return out
 
 
@@ -302,26 +344,42 @@ def markdown(result: dict) -> str:
                 f"{e['test_accuracy_original']:.4f} / {e['test_accuracy_influence']:.4f} / {e['test_accuracy_exact']:.4f} | "
                 f"{e['retained_accuracy_influence']:.4f} / {e['retained_accuracy_exact']:.4f} | {e['peak_mb_max']:.0f} |"
             )
-    lines += ["", "Removal: forgotten samples (pooled over the requests), membership-inference AUC against held-out test samples routed to the same clusters.", "",
-              "| PEFT | MIA AUC orig / infl / exact | forgotten acc. orig / infl / exact | forgotten loss (median) orig / infl / exact |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "Removal: forgotten samples (pooled over the requests), membership-inference AUC against held-out test samples routed to the same clusters.",
+        "",
+        "| PEFT | MIA AUC orig / infl / exact | forgotten acc. orig / infl / exact | forgotten loss (median) orig / infl / exact |",
+        "|---|---:|---:|---:|",
+    ]
     for kind, k in result["kinds"].items():
         e = k["edits"]["removal"]
-        lines.append(f"| {kind} | {e['mia_auc_original']:.3f} / {e['mia_auc_influence']:.3f} / {e['mia_auc_exact']:.3f} | "
-                     f"{e['forgotten_accuracy_original']:.2f} / {e['forgotten_accuracy_influence']:.2f} / {e['forgotten_accuracy_exact']:.2f} | "
-                     f"{e['forgotten_loss_median_original']:.3g} / {e['forgotten_loss_median_influence']:.3g} / {e['forgotten_loss_median_exact']:.3g} |")
-    lines += ["", "Response correction (cluster " + next(iter(result["clusters"])) + "; test samples routed to it): recovery = (corrected − noisy) / (clean retrain − noisy).", "",
-              "| PEFT | flipped | noisy | influence | recovery | influence + 2 Newton | recovery | clean retrain | influence s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {kind} | {e['mia_auc_original']:.3f} / {e['mia_auc_influence']:.3f} / {e['mia_auc_exact']:.3f} | "
+            f"{e['forgotten_accuracy_original']:.2f} / {e['forgotten_accuracy_influence']:.2f} / {e['forgotten_accuracy_exact']:.2f} | "
+            f"{e['forgotten_loss_median_original']:.3g} / {e['forgotten_loss_median_influence']:.3g} / {e['forgotten_loss_median_exact']:.3g} |"
+        )
+    lines += [
+        "",
+        "Response correction (cluster "
+        + next(iter(result["clusters"]))
+        + "; test samples routed to it): recovery = (corrected − noisy) / (clean retrain − noisy).",
+        "",
+        "| PEFT | flipped | noisy | influence | recovery | influence + 2 Newton | recovery | clean retrain | influence s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for kind, k in result["kinds"].items():
         for r in k["correction"]:
             rec = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-            lines.append(f"| {kind} | {r['flip_rate']:.0%} ({r['n_flipped']}) | {r['noisy']:.4f} | {r['influence']:.4f} | {rec(r['influence_recovery'])} | "
-                         f"{r['influence_newton2']:.4f} | {rec(r['influence_newton2_recovery'])} | {r['clean_retrain']:.4f} | {r['influence_seconds']:.2f} |")
+            lines.append(
+                f"| {kind} | {r['flip_rate']:.0%} ({r['n_flipped']}) | {r['noisy']:.4f} | {r['influence']:.4f} | {rec(r['influence_recovery'])} | "
+                f"{r['influence_newton2']:.4f} | {rec(r['influence_newton2_recovery'])} | {r['clean_retrain']:.4f} | {r['influence_seconds']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
     parser.add_argument("--clusters", type=int, default=2, help="how many clusters to edit (most mixed, then the largest)")
     parser.add_argument("--requests", type=int, default=3, help="single-sample requests per cluster and edit kind")
     parser.add_argument("--kinds", default=",".join(KINDS), help="PEFT kinds, comma-separated")

@@ -18,7 +18,6 @@ import resource
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -26,23 +25,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmeraser import pipeline  # noqa: E402
-from lmeraser.config import deep_merge as merge, parse_params  # noqa: E402
+from lmeraser.config import deep_merge as merge  # noqa: E402
+from lmeraser.config import load_params, parse_params  # noqa: E402
 from lmeraser.data.splits import init_data  # noqa: E402
+from lmeraser.pipeline.train import train_in_threads  # noqa: E402
+from lmeraser.stages import STAGES  # noqa: E402
+from lmeraser.workspace import Workspace  # noqa: E402
 
-# Per-source settings on top of params.yaml; Fashion-MNIST is 28x28, 60k train / 10k test,
-# split 30k public / 30k private by public_fraction 0.5.
-PRESETS = {
-    "digits": {},
-    "fashion-mnist": {
-        "data": {"source": "fashion-mnist", "public_fraction": 0.5, "n_subjects": 3000},
-        "backbone": {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 6, "num_heads": 4, "epochs": 20, "batch_size": 128, "lr": 0.002},
-        "clustering": {"target_cluster_size": 500, "min_clusters": 2, "max_clusters": 128},
-        "prompt": {"pad_width": 2, "epochs": 10, "batch_size": 64, "lr": 0.01},
-    },
-}
+# Each source's params file: the repository's own for digits, a preset under configs/ otherwise.
+CONFIGS = {"digits": ROOT / "params.yaml", "fashion-mnist": ROOT / "configs" / "fashion-mnist.yaml"}
 
 
+def preset(source: str) -> dict:
+    """The params of `source` as a plain dict (every key spelled out)."""
+    return load_params(CONFIGS[source]).model_dump(mode="json")
 
 
 def peak_rss_mb() -> float:
@@ -60,7 +56,7 @@ def cpu_model() -> str:
 
 
 def run(source: str, subset: int | None) -> dict:
-    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), PRESETS[source])
+    raw = preset(source)
     if subset:
         raw = merge(raw, {"data": {"subset": subset}})
     params = parse_params(raw)
@@ -68,29 +64,27 @@ def run(source: str, subset: int | None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    paths = pipeline.Paths(work)
+    ws = Workspace(work)
     log = lambda message: print(f"  {message}", flush=True)  # noqa: E731
 
     timings, memory = {}, {}
     start = time.perf_counter()
-    summary = init_data(params.data, params.seed, paths.data)
+    summary = init_data(params.data, params.seed, ws)
     timings["data init"] = time.perf_counter() - start
     memory["data init"] = peak_rss_mb()
     results = {}
-    for stage in ("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"):
+    for definition in STAGES:
+        stage = definition.name
         print(f"[{stage}]", flush=True)
         start = time.perf_counter()
-        if stage == "train":
-            # Same concurrency as the Prefect flow's task runner: runtime.workers threads.
-            with ThreadPoolExecutor(max_workers=params.runtime.workers) as pool:
-                results[stage] = pipeline.run_train(params, paths, log, map_fn=pool.map)
-        else:
-            results[stage] = getattr(pipeline, f"run_{stage}")(params, paths, log)
+        # Same concurrency as the Prefect flow's task runner: runtime.workers threads.
+        options = {"map_jobs": train_in_threads(params.runtime.workers)} if stage == "train" else {}
+        results[stage] = definition.function(params, ws, log, **options)
         timings[stage] = time.perf_counter() - start
         memory[stage] = peak_rss_mb()
-    metrics = json.loads(paths.metrics.read_text())
-    metrics.update({f"baseline_{k}": v for k, v in json.loads((paths.reports / "baselines.json").read_text()).items()})
-    sizes = json.loads((paths.reports / "clusters.json").read_text())["sizes"]
+    metrics = ws.metrics()
+    metrics.update({f"baseline_{k}": v for k, v in json.loads(ws.baselines_report.read_text()).items()})
+    sizes = json.loads(ws.cluster_report.read_text())["sizes"]
     return {
         "source": source,
         "subset": subset,
@@ -169,7 +163,7 @@ def figure(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
     parser.add_argument("--subset", type=int, default=None, help="cap the training pool (public + private)")
     parser.add_argument("--keep-workspace", action="store_true", help="keep bench/results/work-<source>")
     args = parser.parse_args()

@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import PRESETS, cpu_model, merge  # noqa: E402
 
-from lmeraser.config import parse_params  # noqa: E402
+from pipeline import CONFIGS, cpu_model, preset  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -57,8 +56,7 @@ def workspace(source: str) -> Path:
         shutil.copy2(ROOT / name, work / name)
     for name in ("lmeraser", "flows", ".dvc"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
-    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), PRESETS[source])
-    (work / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(preset(source), sort_keys=False))
     git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=work, check=True, env={**os.environ, **git})
@@ -70,8 +68,13 @@ def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/api"
     for _ in range(240):
         try:
@@ -100,8 +103,14 @@ def last_record(work: Path) -> dict:
 def run(source: str, batch: int) -> dict:
     work = workspace(source)
     server, url = prefect_server(work / ".prefect-home")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": url,
-           "PREFECT_HOME": str(work / ".prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": url,
+        "PREFECT_HOME": str(work / ".prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
     try:
         print("[data init]", flush=True)
         sh([str(BIN / "lmeraser"), "data", "init", "--source", source], work, env)
@@ -112,18 +121,17 @@ def run(source: str, batch: int) -> dict:
         accuracy_before = read(work, "metrics.json")["accuracy"]
 
         print("[all prompts from scratch]", flush=True)
-        from concurrent.futures import ThreadPoolExecutor
-
-        from lmeraser import pipeline
         from lmeraser.config import load_params
+        from lmeraser.pipeline.train import train_in_threads
+        from lmeraser.stages import stage
+        from lmeraser.workspace import Workspace
 
         params = load_params(work / "params.yaml")
-        scratch = pipeline.Paths(work / "bench-scratch")
+        scratch = Workspace(work / "bench-scratch")
         for part in ("data", "artifacts/backbone", "artifacts/clusters"):
             shutil.copytree(work / part, scratch.root / part)
         start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=params.runtime.workers) as pool:
-            pipeline.run_train(params, scratch, lambda m: None, map_fn=pool.map)
+        stage("train").function(params, scratch, lambda m: None, map_jobs=train_in_threads(params.runtime.workers))
         all_prompts_seconds = time.perf_counter() - start
         shutil.rmtree(scratch.root)
 
@@ -140,7 +148,6 @@ def run(source: str, batch: int) -> dict:
         chosen = [remaining[i] for i in rng.choice(len(remaining), size=min(batch, len(remaining)), replace=False)]
         requests = work / "requests.jsonl"
         requests.write_text("".join(json.dumps({"sample_ids": [sid]}) + "\n" for sid in chosen))
-        sizes_before_batch = members(work)
         batch_seconds, _ = sh([str(BIN / "lmeraser"), "forget", "--file", str(requests)], work, env)
         many = last_record(work)
         after = members(work)
@@ -158,14 +165,25 @@ def run(source: str, batch: int) -> dict:
         "full_pipeline_seconds": full_seconds,
         "all_prompts_seconds": all_prompts_seconds,
         "one_request": {
-            "seconds": one_seconds, "steps": train_seconds_one, "clusters_rebuilt": [c["cluster"] for c in one["clusters_rebuilt"]],
-            "samples_retrained": one_retrained, "accuracy_before": one["accuracy"]["before"], "accuracy_after": one["accuracy"]["after"],
-            "scan_hits": one["verification"]["scan"]["hits"], "mia": one["verification"]["membership_inference"],
+            "seconds": one_seconds,
+            "steps": train_seconds_one,
+            "clusters_rebuilt": [c["cluster"] for c in one["clusters_rebuilt"]],
+            "samples_retrained": one_retrained,
+            "accuracy_before": one["accuracy"]["before"],
+            "accuracy_after": one["accuracy"]["after"],
+            "scan_hits": one["verification"]["scan"]["hits"],
+            "mia": one["verification"]["membership_inference"],
         },
         "batch": {
-            "requests": len(chosen), "seconds": batch_seconds, "steps": many["seconds"], "clusters_rebuilt": len(many["clusters_rebuilt"]),
-            "samples_retrained": batch_retrained, "accuracy_before": many["accuracy"]["before"], "accuracy_after": many["accuracy"]["after"],
-            "scan_hits": many["verification"]["scan"]["hits"], "mia": many["verification"]["membership_inference"],
+            "requests": len(chosen),
+            "seconds": batch_seconds,
+            "steps": many["seconds"],
+            "clusters_rebuilt": len(many["clusters_rebuilt"]),
+            "samples_retrained": batch_retrained,
+            "accuracy_before": many["accuracy"]["before"],
+            "accuracy_after": many["accuracy"]["after"],
+            "scan_hits": many["verification"]["scan"]["hits"],
+            "mia": many["verification"]["membership_inference"],
         },
         "accuracy_full_pipeline": accuracy_before,
         "audit_verify_seconds": verify_seconds,
@@ -177,7 +195,6 @@ def run(source: str, batch: int) -> dict:
 def markdown(r: dict) -> str:
     one, many = r["one_request"], r["batch"]
     steps = one["steps"]
-    retrain = steps.get("rebuild", float("nan"))
     lines = [
         f"### unlearning: {r['source']}",
         "",
@@ -201,14 +218,16 @@ def markdown(r: dict) -> str:
     ]
     mia = one["mia"]
     if mia.get("before") and isinstance(mia.get("after"), dict) and "auc" in mia["after"]:
-        lines.append(f"Membership inference on the forgotten sample(s) vs test (loss threshold), batch: AUC {many['mia']['before']['auc']:.3f} before → {many['mia']['after']['auc']:.3f} after.")
+        lines.append(
+            f"Membership inference on the forgotten sample(s) vs test (loss threshold), batch: AUC {many['mia']['before']['auc']:.3f} before → {many['mia']['after']['auc']:.3f} after."
+        )
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--keep-workspace", action="store_true")
     args = parser.parse_args()

@@ -15,7 +15,8 @@ from prefect.states import Failed
 
 from lmeraser import tracking
 from lmeraser.errors import LmeraserError
-from lmeraser.unlearning.exact import STEPS, UnlearnBatch, process_pending
+from lmeraser.unlearning.exact import UnlearnBatch, process_pending
+from lmeraser.workspace import Workspace
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{step}")
@@ -24,34 +25,32 @@ def unlearn_step(batch: UnlearnBatch, step: str) -> dict:
 
 
 @flow(name="unlearn", log_prints=True)
-def unlearn(root: str = ".") -> dict | None:
-    log = get_run_logger().info
+def unlearn(root: str = ".", params_file: str = "params.yaml") -> dict | None:
+    ws = Workspace(Path(root), Path(root) / params_file)
     try:
-        result = process_pending(Path(root), log, run_step=lambda batch, step: unlearn_step(batch, step))
+        result = process_pending(ws, get_run_logger().info, run_step=lambda batch, step: unlearn_step(batch, step))
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        with tracking.stage_run(Path(root), "unlearn", {"batch_id": result["batch_id"], "method": "exact"}, tags={"lmeraser.record": str(result["record"])}):
+        with tracking.stage_run(ws, "unlearn", {"batch_id": result["batch_id"], "method": "exact"}, tags={"lmeraser.record": str(result["record"])}):
             tracking.log_metrics({"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]})
     return result
 
 
 @flow(name="influence-unlearn", log_prints=True)
-def influence_unlearn(root: str = ".") -> dict | None:
+def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict | None:
     """The influence update for every request submitted with `--method influence` (approximate;
     the exact rebuild stays queued for `unlearn`)."""
     from lmeraser.unlearning.approximate import approximate_pending  # torch: only this flow needs it
 
-    log = get_run_logger().info
+    ws = Workspace(Path(root), Path(root) / params_file)
     try:
-        result = approximate_pending(Path(root), log)
+        result = approximate_pending(ws, get_run_logger().info)
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        with tracking.stage_run(Path(root), "unlearn", {"batch_id": f"record-{result['record']}", "method": "influence"}, tags={"lmeraser.record": str(result["record"])}):
-            tracking.log_metrics({"clusters_edited": len(result["clusters"]), "influence_seconds": result["seconds"],
-                                  "cg_relative_residual_max": max(r["cg_relative_residual"] for r in result["reports"])})
+        tags = {"lmeraser.record": str(result["record"])}
+        with tracking.stage_run(ws, "unlearn", {"batch_id": f"record-{result['record']}", "method": "influence"}, tags=tags):
+            residual = max(r["cg_relative_residual"] for r in result["reports"])
+            tracking.log_metrics({"clusters_edited": len(result["clusters"]), "influence_seconds": result["seconds"], "cg_relative_residual_max": residual})
     return result
-
-
-__all__ = ["unlearn", "influence_unlearn", "STEPS"]

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from lmeraser.errors import LmeraserError
+from lmeraser.stages import STAGE_NAMES
+from lmeraser.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact, auditable unlearning for prompt-tuned vision transformers.")
 data_app = typer.Typer(no_args_is_help=True, help="Materialise and inspect the data splits.")
@@ -23,12 +25,17 @@ app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
-STAGE_NAMES = ("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines")
+ROOT = typer.Option(Path("."), "--root", help="workspace root (holds data/, artifacts/, audit/)")
+PARAMS = typer.Option(None, "--params", help="params file (default: <root>/params.yaml); configs/ holds presets")
 
 
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _workspace(root: Path, params_file: Path | None) -> Workspace:
+    return Workspace(root, params_file.resolve() if params_file is not None else None)
 
 
 def _quiet_env() -> None:
@@ -39,20 +46,42 @@ def _quiet_env() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _quiet_prefect_server() -> None:
+    """Silence only the temporary server's own start/stop lines, so an error is the last thing printed.
+
+    That logger is Prefect's root logger (`prefect`) itself, so its level cannot be raised without
+    silencing every flow and task log below it. A filter on a logger applies only to records
+    logged directly to it, never to those its children propagate: flow-run INFO lines still show.
+    """
+    from prefect.server.api.server import subprocess_server_logger
+
+    if not any(isinstance(f, _OwnRecordsBelowWarning) for f in subprocess_server_logger.filters):
+        subprocess_server_logger.addFilter(_OwnRecordsBelowWarning())
+
+
+class _OwnRecordsBelowWarning:
+    def filter(self, record) -> bool:
+        import logging
+
+        return record.levelno >= logging.WARNING
+
+
 @data_app.command("init")
 def data_init(
     source: str = typer.Option(None, help="digits (default), fashion-mnist, idx:DIR or npz:FILE; overrides data.source"),
-    params_file: Path = typer.Option(Path("params.yaml"), "--params", help="params file"),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
     dvc: bool = typer.Option(True, help="record the new data version with `dvc add data` (when in a DVC repo)"),
 ) -> None:
     """Write deterministic public / private / test splits under data/."""
     from lmeraser.config import load_params
     from lmeraser.data.splits import init_data
 
+    ws = _workspace(root, params_file)
     try:
-        params = load_params(params_file)
+        params = load_params(ws.params_file)
         data_params = params.data if source is None else params.data.model_copy(update={"source": source})
-        summary = init_data(data_params, params.seed, params_file.parent / "data")
+        summary = init_data(data_params, params.seed, ws)
     except LmeraserError as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -60,75 +89,74 @@ def data_init(
         f"data: {summary['source']} {tuple(summary['image_shape'])}, {summary['num_classes']} classes -> "
         f"public {counts['public']}, private {counts['private']}, test {counts['test']}"
     )
-    root = params_file.parent
-    if dvc and (root / ".dvc").is_dir():
-        from lmeraser.versioning import data_md5, dvc as run_dvc
+    if dvc and ws.dvc_dir.is_dir():
+        from lmeraser.versioning import data_md5
+        from lmeraser.versioning import dvc as run_dvc
 
         try:
-            run_dvc(root, "add", "data")
+            run_dvc(ws.root, "add", "data")
         except LmeraserError as error:
             _fail(str(error))
-        console.print(f"data version recorded in data.dvc (md5 {data_md5(root)})")
+        console.print(f"data version recorded in data.dvc (md5 {data_md5(ws.root)})")
 
 
-def _quiet_prefect_server() -> None:
-    """Silence the temporary server's start/stop lines, so an error is the last thing printed."""
-    import logging
-
-    from prefect.server.api.server import subprocess_server_logger
-
-    subprocess_server_logger.setLevel(logging.WARNING)
+def _params_arg(ws: Workspace) -> str:
+    """The params file as the flows take it: absolute, so it means the same from any directory."""
+    return str(ws.params_file.resolve())
 
 
-def _run_stage(stage: str, root: Path, params_file: str) -> None:
-    _quiet_env()
+def _check_params(ws: Workspace) -> None:
     from lmeraser.config import load_params
 
     try:
-        load_params(root / params_file)  # refuse a bad params file before starting any flow
+        load_params(ws.params_file)  # refuse a bad params file before starting any flow
     except LmeraserError as error:
         _fail(str(error))
-    from flows.stages import run_stage
-
-    _quiet_prefect_server()
-    state = run_stage(stage, str(root), params_file)
-    if state.is_failed():
-        _fail(state.message or f"stage {stage} failed")
 
 
 @app.command("stage")
-def stage(
-    name: str = typer.Argument(..., help=f"one of: {', '.join(STAGE_NAMES)}"),
-    root: Path = typer.Option(Path("."), help="workspace root"),
-    params_file: str = typer.Option("params.yaml", "--params"),
+def stage_cmd(
+    name: str = typer.Argument(..., help="a stage of lmeraser/stages.py: " + ", ".join(STAGE_NAMES)),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
 ) -> None:
     """Run one pipeline stage as a Prefect flow (what dvc.yaml calls)."""
     if name not in STAGE_NAMES:
         _fail(f"unknown stage '{name}'; expected one of {', '.join(STAGE_NAMES)}.")
-    _run_stage(name, root, params_file)
+    ws = _workspace(root, params_file)
+    _quiet_env()
+    _check_params(ws)
+    from flows.stages import run_stage
+
+    _quiet_prefect_server()
+    state = run_stage(name, str(ws.root), _params_arg(ws))
+    if state.is_failed():
+        _fail(state.message or f"stage {name} failed")
 
 
 @app.command("pipeline")
-def pipeline_cmd(root: Path = typer.Option(Path(".")), params_file: str = typer.Option("params.yaml", "--params")) -> None:
+def pipeline_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
     """Run every stage in order through the `train_pipeline` flow (without DVC's skipping)."""
+    ws = _workspace(root, params_file)
     _quiet_env()
+    _check_params(ws)
     from flows.stages import train_pipeline
 
     _quiet_prefect_server()
-    state = train_pipeline(root=str(root), params_file=params_file, return_state=True)
+    state = train_pipeline(root=str(ws.root), params_file=_params_arg(ws), return_state=True)
     if state.is_failed():
         _fail(state.message or "train_pipeline failed")
 
 
 @app.command("metrics")
-def metrics_cmd(root: Path = typer.Option(Path(".")), as_json: bool = typer.Option(False, "--json")) -> None:
+def metrics_cmd(root: Path = ROOT, as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the latest evaluation metrics as a table."""
-    path = root / "metrics.json"
-    if not path.exists():
-        _fail(f"{path}: not found; run `dvc repro` first.")
-    metrics = json.loads(path.read_text())
-    baselines_path = root / "reports" / "baselines.json"
-    baselines = json.loads(baselines_path.read_text()) if baselines_path.exists() else {}
+    ws = Workspace(root)
+    try:
+        metrics = ws.metrics()
+    except LmeraserError as error:
+        _fail(str(error))
+    baselines = json.loads(ws.baselines_report.read_text()) if ws.baselines_report.exists() else {}
     metrics.update({f"baseline_{k}": v for k, v in baselines.items() if k != "enabled"})
     if as_json:
         console.print_json(data=metrics)
@@ -162,16 +190,20 @@ def _check_method(method: str) -> None:
         _fail(f"--method {method} is unknown; expected one of {', '.join(METHODS)}.")
 
 
-def _submit(specs, root: Path, method: str = "exact") -> list:
+def _submit(specs, ws: Workspace, method: str = "exact") -> list:
     from lmeraser.unlearning.requests import Journal, resolve
 
-    journal = Journal(root)
-    with journal.lock(".submit.lock"):
-        resolved = [resolve(spec, root) for spec in specs]  # all validated before anything is written
+    journal = Journal(ws)
+    with ws.lock("submit"):
+        resolved = [resolve(spec, ws) for spec in specs]  # all validated before anything is written
         if method == "influence":
             from lmeraser.unlearning.approximate import check_influence
 
-            check_influence([r.to_json() for r in resolved], root)
+            check_influence([r.to_json() for r in resolved], ws)
+        else:
+            from lmeraser.unlearning.exact import rebuild_params
+
+            rebuild_params(ws)  # an exact batch must be able to run with these params
         journal.submit(resolved, method)
     for request in resolved:
         noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
@@ -179,12 +211,12 @@ def _submit(specs, root: Path, method: str = "exact") -> list:
     return resolved
 
 
-def _process(root: Path) -> None:
+def _process(ws: Workspace) -> None:
     _quiet_env()
     from flows.unlearn import unlearn
 
     _quiet_prefect_server()
-    state = unlearn(root=str(root.resolve()), return_state=True)
+    state = unlearn(root=str(ws.root.resolve()), params_file=_params_arg(ws), return_state=True)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
     result = state.result()
@@ -199,14 +231,14 @@ def _process(root: Path) -> None:
     )
 
 
-def _approximate(root: Path) -> None:
+def _approximate(ws: Workspace) -> None:
     """The influence update, in this process: it answers in about a second, where a Prefect run
     would add its start-up (the `influence_unlearn` flow wraps the same function for schedules)."""
     _quiet_env()
     from lmeraser.unlearning.approximate import approximate_pending
 
     try:
-        result = approximate_pending(root.resolve(), lambda m: console.print(m, highlight=False))
+        result = approximate_pending(ws, lambda m: console.print(m, highlight=False))
     except LmeraserError as error:
         _fail(str(error))
     if result is None:
@@ -226,12 +258,14 @@ def forget(
     allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
     method: str = typer.Option("exact", help="exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
-    root: Path = typer.Option(Path("."), help="workspace root"),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
     from lmeraser.unlearning.requests import RequestSpec, parse_requests_file
 
     _check_method(method)
+    ws = _workspace(root, params_file)
     try:
         specs = parse_requests_file(file) if file else []
         if sample_id or subject:
@@ -239,17 +273,17 @@ def forget(
         if not specs:
             _fail("name what to forget: --sample-id, --subject or --file.")
         specs = [s.model_copy(update={"allow_backbone_rebuild": s.allow_backbone_rebuild or allow_backbone_rebuild}) for s in specs]
-        _submit(specs, root, method)
+        _submit(specs, ws, method)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, root)
+    _answer(method, process, ws)
 
 
-def _answer(method: str, process: bool | None, root: Path) -> None:
+def _answer(method: str, process: bool | None, ws: Workspace) -> None:
     if method == "influence":
-        _approximate(root)
+        _approximate(ws)
     if process if process is not None else method == "exact":
-        _process(root)
+        _process(ws)
 
 
 @app.command("rectify")
@@ -259,7 +293,8 @@ def rectify(
     input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
     method: str = typer.Option("exact", help="exact: rebuild the affected cluster; influence: approximate update now, exact rebuild queued"),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
-    root: Path = typer.Option(Path(".")),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
     from pydantic import ValidationError
@@ -267,69 +302,48 @@ def rectify(
     from lmeraser.unlearning.requests import RequestSpec
 
     _check_method(method)
+    ws = _workspace(root, params_file)
     try:
         spec = RequestSpec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)
     except ValidationError as error:
         _fail(error.errors()[0]["msg"].removeprefix("Value error, ") + ".")
     try:
-        _submit([spec], root, method)
+        _submit([spec], ws, method)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, root)
+    _answer(method, process, ws)
 
 
 @app.command("unlearn")
-def unlearn_cmd(root: Path = typer.Option(Path("."))) -> None:
+def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
-    _process(root)
-
-
-def _lineage(root: Path):
-    from lmeraser.lineage.log import LineageLog
-
-    return LineageLog(root / "audit" / "lineage.jsonl")
-
-
-def _public_key(root: Path, pubkey: Path | None):
-    from lmeraser.lineage import keys
-
-    if pubkey is not None:
-        return keys.load_public_key(pubkey)
-    path = keys.key_path(root)
-    if not path.exists() and not os.environ.get(keys.KEY_ENV):
-        _fail(f"{path}: no signing key here; pass --pubkey with the exported public key.")
-    return keys.load_or_create_key(path).public_key()
+    _process(_workspace(root, params_file))
 
 
 @audit_app.command("verify")
-def audit_verify(pubkey: Path = typer.Option(None, help="exported public key (default: this workspace's key)"), root: Path = typer.Option(Path("."))) -> None:
+def audit_verify(pubkey: Path = typer.Option(None, help="exported public key (default: this workspace's key)"), root: Path = ROOT) -> None:
     """Check every signature, the hash chain, and that the deployed artifacts match the latest record."""
-    from lmeraser.unlearning.exact import deployed_subjects
+    from lmeraser.audit.verify import public_key, verify
 
+    ws = Workspace(root)
     try:
-        log = _lineage(root)
-        records = log.verify(_public_key(root, pubkey))
-        if not records:
-            _fail(f"{log.path}: no lineage records.")
-        latest = records[-1]
-        deployed = deployed_subjects(root)
-        if deployed != latest.subjects:
-            differing = sorted(set(deployed.items()) ^ set(latest.subjects.items()))
-            _fail(f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs.")
+        records = verify(ws, public_key(ws, pubkey))
     except LmeraserError as error:
         _fail(str(error))
-    console.print(f"OK: {len(records)} record(s), signatures and chain valid; deployed artifacts match record {latest.number}")
+    console.print(f"OK: {len(records)} record(s), signatures and chain valid; deployed artifacts match record {records[-1].number}")
 
 
 @audit_app.command("show")
-def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = typer.Option(Path("."))) -> None:
+def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = ROOT) -> None:
     """A readable summary of the lineage records."""
-    records = _lineage(root).read_unverified()
+    from lmeraser.lineage.records import lineage_log, summary_row
+
+    records = lineage_log(Workspace(root)).read_unverified()
     if not records:
         _fail("no lineage records.")
     if number is None:
         table = Table(title="lineage records")
-        rows = [r.summary() for r in records]
+        rows = [summary_row(r) for r in records]
         for column in rows[0]:
             table.add_column(column)
         for row in rows:
@@ -342,18 +356,17 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
 
 
 @audit_app.command("scan")
-def audit_scan(root: Path = typer.Option(Path("."))) -> None:
+def audit_scan(root: Path = ROOT) -> None:
     """Search data/, the DVC cache and remote, the artifact store and MLflow artifacts for forgotten data."""
-    from lmeraser.data.splits import load_tombstones
-    from lmeraser.unlearning.purge import scan
+    from lmeraser.audit.scan import scan, scan_targets
 
-    records = _lineage(root).read_unverified()
-    superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
-    current = {e["sha256"] for e in json.loads((root / "artifacts" / "prompts" / "index.json").read_text())["clusters"].values()} if (root / "artifacts" / "prompts" / "index.json").exists() else set()
-    superseded -= current
-    hashes = set(load_tombstones(root / "data")["content_hash"])
-    hits, counts = scan(root, hashes, superseded)
-    console.print(f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for {len(hashes)} tombstoned sample(s) and {len(superseded)} superseded artifact(s)")
+    ws = Workspace(root)
+    targets = scan_targets(ws)
+    hits, counts = scan(ws, targets.sample_hashes, targets.artifact_hashes)
+    console.print(
+        f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
+        f"{len(targets.sample_hashes)} tombstoned sample(s) and {len(targets.artifact_hashes)} superseded artifact(s)"
+    )
     for hit in hits:
         err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)
     if hits:
@@ -363,18 +376,19 @@ def audit_scan(root: Path = typer.Option(Path("."))) -> None:
 
 @audit_app.command("replay")
 def audit_replay(
-    record: int = typer.Option(..., "--record", help="record number"),
-    pubkey: Path = typer.Option(None),
-    root: Path = typer.Option(Path(".")),
+    record: int = typer.Option(..., "--record", help="record number"), pubkey: Path = typer.Option(None), root: Path = ROOT, params_file: Path = PARAMS
 ) -> None:
     """Retrain the clusters record N rebuilt, from the recorded inputs, and compare artifact hashes."""
-    from lmeraser.lineage.replay import replay
+    from lmeraser.audit.replay import replay
+    from lmeraser.audit.verify import public_key, verified_records
+    from lmeraser.config import load_params
 
+    ws = _workspace(root, params_file)
     try:
-        records = _lineage(root).verify(_public_key(root, pubkey))
+        records = verified_records(ws, public_key(ws, pubkey))
         if not 1 <= record <= len(records):
             _fail(f"record {record} does not exist (the log has {len(records)}).")
-        result = replay(root, records[record - 1], lambda m: console.print(m))
+        result = replay(ws, load_params(ws.params_file), records[record - 1], lambda m: console.print(m))
     except LmeraserError as error:
         _fail(str(error))
     if result["environment_differences"]:
@@ -386,40 +400,28 @@ def audit_replay(
 
 
 @audit_app.command("report")
-def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = typer.Option(Path("."))) -> None:
+def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = ROOT) -> None:
     """Write an HTML report: cluster sizes, rebuilt clusters over time, accuracy, membership inference."""
-    from lmeraser.lineage.report import build_report
+    from lmeraser.audit.report import build_report
+    from lmeraser.audit.verify import public_key, verified_records
 
+    ws = Workspace(root)
     try:
-        records = _lineage(root).verify(_public_key(root, pubkey))
+        records = verified_records(ws, public_key(ws, pubkey))
     except LmeraserError as error:
         _fail(str(error))
-    if not records:
-        _fail("no lineage records.")
-    console.print(f"report written to {build_report(root, records, out)}")
+    console.print(f"report written to {build_report(ws, records, out)}")
 
 
 @audit_app.command("export-key")
-def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem"), "--out"), root: Path = typer.Option(Path("."))) -> None:
+def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem"), "--out"), root: Path = ROOT) -> None:
     """Write the signing key's public half (PEM) for auditors."""
     from lmeraser.io import atomic_write_bytes
     from lmeraser.lineage import keys
 
-    key = keys.load_or_create_key(keys.key_path(root))
+    key = keys.load_or_create_key(Workspace(root).signing_key_file)
     atomic_write_bytes(out, keys.public_pem(key))
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
-
-
-def _stage_command(stage_name: str):
-    def command(root: Path = typer.Option(Path(".")), params_file: str = typer.Option("params.yaml", "--params")) -> None:
-        _run_stage(stage_name, root, params_file)
-
-    command.__doc__ = f"Run the {stage_name} stage."
-    return command
-
-
-for _name in STAGE_NAMES:
-    app.command(_name)(_stage_command(_name))
 
 
 def main() -> None:

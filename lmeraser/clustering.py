@@ -27,9 +27,14 @@ def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed:
         raise LmeraserError(f"k-means needs at least {k} points to fit {k} prototypes, got {len(features)}.")
     faiss.omp_set_num_threads(threads)
     kmeans = faiss.Kmeans(
-        features.shape[1], k, niter=params.niter, seed=seed, verbose=False,
+        features.shape[1],
+        k,
+        niter=params.niter,
+        seed=seed,
+        verbose=False,
         # faiss subsamples above max_points_per_centroid * k; keep every point for exactness.
-        max_points_per_centroid=max(256, len(features) // k + 1), min_points_per_centroid=1,
+        max_points_per_centroid=max(256, len(features) // k + 1),
+        min_points_per_centroid=1,
     )
     kmeans.train(np.ascontiguousarray(features, dtype=np.float32))
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)

@@ -48,12 +48,22 @@ def _predict(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
 
 
 def single_prompt(
-    backbone, train_images, train_labels, test_images, img_size: int, params: PromptParams,
-    num_classes: int, seed: int, threads: int, batch_size: int = 256,
+    backbone,
+    train_images,
+    train_labels,
+    test_images,
+    img_size: int,
+    params: PromptParams,
+    num_classes: int,
+    seed: int,
+    threads: int,
+    batch_size: int = 256,
 ) -> np.ndarray:
     """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
     x = preprocess(train_images, img_size)
-    state = train_prompt(backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads)
+    state = train_prompt(
+        backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads
+    )
     model = load_prompt(backbone, params, num_classes, state)
     return _predict(model, preprocess(test_images, img_size), batch_size)
 

@@ -122,3 +122,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def atomic_write_csv(path: str | Path, frame) -> None:
+    """A pandas DataFrame as CSV with '\\n' line ends (byte-identical across platforms)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, lineterminator="\n")

@@ -9,39 +9,39 @@ lives outside the train stage's outputs, so DVC never sees it and `dvc repro` ne
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lmeraser.io import atomic_write_json, read_json
+from lmeraser.io import atomic_write_json
+from lmeraser.workspace import PromptIndex, Workspace
 
 
 class Overlay:
-    """Influence-updated prompts that serve in place of exact ones until the exact rebuild."""
-
-    def __init__(self, artifacts: str | Path = "artifacts"):
-        self.root = Path(artifacts) / "prompts" / "approximate"
-        self.path = self.root / "overlay.json"
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.path = ws.overlay_file
 
     @property
     def store(self):
-        from lmeraser.training import ArtifactStore  # torch: only when prompts are read or written
+        from lmeraser.store import ArtifactStore  # torch: only when prompts are read or written
 
-        return ArtifactStore(self.root)
+        return ArtifactStore(self.ws.overlay_dir)
 
     def read(self) -> dict[str, dict]:
-        return read_json(self.path)["clusters"] if self.path.exists() else {}
+        return self.ws.overlay_entries()
 
     def write(self, entries: dict[str, dict]) -> None:
         atomic_write_json(self.path, {"clusters": dict(sorted(entries.items(), key=lambda kv: int(kv[0])))})
 
-    def active(self, index: dict) -> dict[str, dict]:
+    def active(self, index: PromptIndex) -> dict[str, dict]:
         """Entries whose exact base is still the deployed exact prompt."""
-        exact = index["clusters"]
-        return {c: e for c, e in self.read().items() if c in exact and exact[c]["key"] == e["base_key"]}
+        exact = index.clusters
+        return {c: e for c, e in self.read().items() if c in exact and exact[c].key == e["base_key"]}
 
-    def served(self, index: dict) -> dict[str, tuple[str, dict]]:
-        """cluster -> (its artifact's path under artifacts/prompts/, its entry): what each cluster serves."""
+    def served(self, index: PromptIndex) -> dict[str, tuple[str, str]]:
+        """cluster -> (its artifact's path relative to the workspace, sha256): what each cluster serves."""
         active = self.active(index)
-        return {
-            c: (f"approximate/{active[c]['key']}.safetensors", active[c]) if c in active else (f"store/{e['key']}.safetensors", e)
-            for c, e in index["clusters"].items()
-        }
+        out = {}
+        for c, entry in index.clusters.items():
+            if c in active:
+                out[c] = (self.ws.relative(self.ws.overlay_dir / f"{active[c]['key']}.safetensors"), active[c]["sha256"])
+            else:
+                out[c] = (self.ws.relative(self.ws.store_dir / f"{entry.key}.safetensors"), entry.sha256)
+        return out

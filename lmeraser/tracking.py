@@ -14,16 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmeraser.workspace import Workspace
+
 EXPERIMENT = "lmeraser"
 REGISTERED_MODEL = "lmeraser"
 
 
-def default_tracking_uri(root: Path) -> str:
-    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+def default_tracking_uri(ws: Workspace) -> str:
+    return f"sqlite:///{ws.mlflow_db.resolve()}"
 
 
-def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+def tracking_uri(ws: Workspace) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(ws)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -35,25 +37,27 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
-def _mlflow(root: Path):
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def _mlflow(ws: Workspace):
     import mlflow
 
-    uri = tracking_uri(root)
+    # After the import: mlflow sets its own logger to INFO when it is first imported.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    uri = tracking_uri(ws)
     mlflow.set_tracking_uri(uri)  # (this also exports MLFLOW_TRACKING_URI)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # Our default store keeps artifacts beside it; any other server chooses its own root.
-        location = (root / "mlartifacts").resolve().as_uri() if uri == default_tracking_uri(root) else None
+        location = ws.mlflow_artifacts.resolve().as_uri() if uri == default_tracking_uri(ws) else None
         mlflow.create_experiment(EXPERIMENT, artifact_location=location)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
 
 @contextlib.contextmanager
-def stage_run(root: Path, stage: str, params: dict, tags: dict | None = None) -> Iterator[Any]:
+def stage_run(ws: Workspace, stage: str, params: dict, tags: dict | None = None) -> Iterator[Any]:
     """An MLflow run for one stage; params are flattened (`backbone.epochs`, ...)."""
-    mlflow = _mlflow(root)
+    mlflow = _mlflow(ws)
     with mlflow.start_run(run_name=stage, tags={"lmeraser.stage": stage, **(tags or {})}) as run:
         flat = {k: ("null" if v is None else v) for k, v in _flatten(params).items()}
         mlflow.log_params(flat)
@@ -86,7 +90,5 @@ def register_model(run_id: str, artifact_path: str, description: str) -> int:
     except Exception:  # noqa: BLE001 - MLflow raises a generic RestException when absent
         client.create_registered_model(REGISTERED_MODEL, description="Clustered prompts on a frozen public backbone (LMEraser).")
     run = client.get_run(run_id)
-    version = client.create_model_version(
-        REGISTERED_MODEL, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description
-    )
+    version = client.create_model_version(REGISTERED_MODEL, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, description=description)
     return int(version.version)

@@ -20,7 +20,10 @@ def _bin_path() -> str:
 
 def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
         env={**os.environ, "PATH": _bin_path()},
     )
     if check and done.returncode != 0:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmeraser import pipeline
-from lmeraser.config import deep_merge as merge, parse_params
+from lmeraser.config import parse_params
 from lmeraser.data.splits import init_data
+from lmeraser.stages import STAGE_NAMES, stage
+from lmeraser.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,14 +23,12 @@ BIN = Path(sys.executable).parent
 TINY = {
     "seed": 0,
     "data": {"source": "digits", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 20, "subset": 400},
-    "backbone": {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "epochs": 3, "batch_size": 64},
+    "backbone": {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "epochs": 3, "batch_size": 64, "threads": 1},
     "clustering": {"target_cluster_size": 40, "min_clusters": 2, "max_clusters": 8, "niter": 10},
-    "prompt": {"kind": "pad", "pad_width": 1, "epochs": 2, "batch_size": 16, "lr": 0.02},
+    "prompt": {"kind": "pad", "pad": {"width": 1, "epochs": 2, "batch_size": 16, "lr": 0.02}},
     "evaluate": {"baselines": True, "batch_size": 128},
     "runtime": {"threads": 1, "workers": 2},
 }
-
-
 
 
 def _free_port() -> int:
@@ -65,7 +64,9 @@ def _isolated_services(tmp_path_factory):
     log = open(home / "server.log", "w")
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
@@ -79,6 +80,9 @@ def _isolated_services(tmp_path_factory):
             time.sleep(0.5)
     os.environ["PREFECT_API_URL"] = url
     yield
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # flows run in this process send their logs to the server: deliver them first
     os.killpg(server.pid, 15)
     server.wait(timeout=30)
     log.close()
@@ -90,27 +94,28 @@ def tiny_params():
     return parse_params(TINY)
 
 
-def build_workspace(root: Path, params: dict) -> pipeline.Paths:
-    """Materialise data for `params` into `root` and return its Paths (no DVC, no Prefect)."""
+def build_workspace(root: Path, params: dict) -> Workspace:
+    """Materialise data for `params` into `root` and return its Workspace (no DVC, no Prefect)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(), sort_keys=False))
     parsed = parse_params(params)
-    init_data(parsed.data, parsed.seed, root / "data")
-    return pipeline.Paths(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(parsed.model_dump(mode="json"), sort_keys=False))
+    ws = Workspace(root)
+    init_data(parsed.data, parsed.seed, ws)
+    return ws
 
 
-def run_stages(params, paths: pipeline.Paths, stages=("validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines")) -> dict:
-    quiet = lambda message: None  # noqa: E731
-    return {stage: getattr(pipeline, f"run_{stage}")(params, paths, quiet) for stage in stages}
+def run_stages(params, ws: Workspace, stages=STAGE_NAMES, log=lambda message: None) -> dict:
+    """The stages' library functions in order, through the registry (no Prefect, no MLflow)."""
+    return {name: stage(name).function(params, ws, log) for name in stages}
 
 
 @pytest.fixture(scope="session")
 def trained_workspace(tmp_path_factory):
     """A workspace where every stage has run once with TINY params (library calls, no Prefect)."""
     root = tmp_path_factory.mktemp("trained")
-    paths = build_workspace(root, TINY)
-    results = run_stages(parse_params(TINY), paths)
-    return paths, results
+    ws = build_workspace(root, TINY)
+    results = run_stages(parse_params(TINY), ws)
+    return ws, results
 
 
 def copy_repo(dest: Path, params: dict | None = None) -> Path:
@@ -118,11 +123,12 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "pyproject.toml"):
         shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "configs", dest / "configs")
     for name in ("lmeraser", "flows", ".dvc"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
     if params is not None:
         # Every key spelled out: dvc.yaml interpolates some of them (e.g. clustering.fit_on).
-        (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(), sort_keys=False))
+        (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json"), sort_keys=False))
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)

@@ -56,12 +56,16 @@ def test_missing_debian_package_names_it(tmp_path, monkeypatch):
 
 def test_out_of_range_param_is_refused_before_any_work(tmp_path):
     build_workspace(tmp_path, TINY)
-    bad = {**TINY, "prompt": {**TINY["prompt"], "epochs": 0}}
+    bad = {**TINY, "prompt": {"kind": "pad", "pad": {"epochs": 0}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     done = lmeraser_cli("stage", "train", cwd=tmp_path)
-    _one_sentence(done, "params.yaml", "prompt.epochs")
+    _one_sentence(done, "params.yaml", "prompt.pad.epochs")
     done = lmeraser_cli("data", "init", "--no-dvc", cwd=tmp_path)
-    _one_sentence(done, "prompt.epochs")
+    _one_sentence(done, "prompt.pad.epochs")
+    # --params names another file: that one is read (and refused), wherever the workspace is.
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**TINY, "backbone": {"depht": 2}}))
+    done = lmeraser_cli("stage", "train", "--root", str(tmp_path), "--params", str(tmp_path / "other.yaml"), cwd=tmp_path.parent)
+    _one_sentence(done, "other.yaml", "backbone.depht")
 
 
 def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):

@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lmeraser.config import load_params, parse_params
+from lmeraser.config import Params, load_params, parse_params
 from lmeraser.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,10 +15,33 @@ def test_repository_params_file_is_valid():
     assert params.clustering.fit_on == "public"
 
 
+def test_params_yaml_spells_out_exactly_the_defaults():
+    """One source of defaults: deleting a line of params.yaml must not change a value, and every
+    key is spelled out (DVC tracks the file's values and dvc.yaml interpolates some of them)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw == Params().model_dump(mode="json")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_is_valid_and_complete(preset):
+    raw = yaml.safe_load((REPO / "configs" / preset).read_text())
+    params = load_params(REPO / "configs" / preset)
+    assert raw == params.model_dump(mode="json")  # complete, so `cp configs/X params.yaml && dvc repro` works
+    assert params != Params()
+
+
+def test_presets_carry_what_the_benchmarks_used_to_hard_code():
+    fashion = load_params(REPO / "configs" / "fashion-mnist.yaml")
+    assert fashion.data.source == "fashion-mnist" and fashion.backbone.img_size == 28 and fashion.prompt.pad.epochs == 10
+    assert Params().prompt.lora.lr == 0.005  # LoRA's working learning rate is its own default now
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"prompt": {"epochs": 0}}, "prompt.epochs"),
+        ({"prompt": {"pad": {"epochs": 0}}}, "prompt.pad.epochs"),
+        ({"prompt": {"lora_rank": 4}}, "prompt.lora_rank"),
+        ({"prompt": {"lora": {"rank": 0}}}, "prompt.lora.rank"),
         ({"data": {"public_fraction": 1.5}}, "data.public_fraction"),
         ({"backbone": {"depht": 3}}, "backbone.depht"),
         ({"prompt": {"kind": "adapter"}}, "prompt.kind"),

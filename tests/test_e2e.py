@@ -8,11 +8,12 @@ import subprocess
 import pandas as pd
 import pytest
 
-from conftest import BIN, REPO, copy_repo, lmeraser_cli
-from lmeraser.data.splits import load_split, load_tombstones
+from lmeraser.io import read_json
 from lmeraser.lineage.log import LineageLog
 from lmeraser.unlearning.requests import Journal
-from lmeraser.io import read_json
+from lmeraser.workspace import Workspace
+
+from conftest import BIN, REPO, copy_repo, lmeraser_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +77,9 @@ def test_every_stage_is_tracked_and_the_model_registered(repo):
     assert {r.data.tags["lmeraser.stage"] for r in runs} >= {"validate", "backbone", "prototypes", "assign", "train", "evaluate", "register"}
     evaluate = next(r for r in runs if r.data.tags["lmeraser.stage"] == "evaluate")
     assert abs(evaluate.data.metrics["accuracy"] - read_json(root / "metrics.json")["accuracy"]) < 1e-9
-    assert evaluate.data.params["prompt.kind"] == "pad"
+    assert evaluate.data.params == {"evaluate.batch_size": "256"}  # exactly the params the stage reads
+    train = next(r for r in runs if r.data.tags["lmeraser.stage"] == "train")
+    assert train.data.params["prompt.kind"] == "pad" and "prompt.pad.width" in train.data.params and "prompt.lora.rank" not in train.data.params
     versions = client.search_model_versions("name='lmeraser'")
     assert [int(v.version) for v in versions] == [1]
 
@@ -97,19 +100,20 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     done = _cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
     index = read_json(root / "artifacts" / "prompts" / "index.json")
-    assert index["last_run"]["trained"] == [int(victim.cluster)]
+    assert read_json(root / "artifacts" / "prompts" / "last_run.json")["trained"] == [int(victim.cluster)]
 
     # The rebuilt prompt is bit-for-bit what training from scratch on the reduced data gives.
-    from conftest import run_stages
-    from lmeraser import pipeline
-    from lmeraser.config import load_params
     import shutil
 
-    scratch = pipeline.Paths(tmp_path / "scratch")
+    from lmeraser.config import load_params
+
+    from conftest import run_stages
+
+    scratch = Workspace(tmp_path / "scratch")
     for part in ("data", "artifacts/backbone", "artifacts/clusters"):
         shutil.copytree(root / part, scratch.root / part)
     run_stages(load_params(root / "params.yaml"), scratch, ("assign", "train"))
-    fresh = read_json(scratch.prompts / "index.json")["clusters"]
+    fresh = read_json(scratch.prompt_index_file)["clusters"]
     assert fresh == index["clusters"]
 
     _cli_ok("audit", "verify", cwd=root)
@@ -154,6 +158,7 @@ def test_refusals_change_nothing(repo, tmp_path):
     root, _ = repo
     journal = (root / "audit" / "journal.jsonl").read_bytes()
     public_id = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"][0]
+    victim_id = pd.read_csv(root / "data" / "private" / "manifest.csv", dtype=str)["sample_id"][0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sample_ids": ["' + public_id + '"], "allow_backbone_rebuild": true}\n{"sample_ids": 7}\n')
     for args, needle in [
@@ -162,6 +167,9 @@ def test_refusals_change_nothing(repo, tmp_path):
         (("forget", "--file", str(bad)), "line 2"),
         (("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"), "edits only private clusters"),
         (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "--method sideways is unknown"),
+        # --params is honoured: an exact rebuild runs `dvc repro`, which reads params.yaml, so other params are refused.
+        (("forget", "--sample-id", victim_id, "--params", "configs/digits-vpt.yaml"), "differs from"),
+        (("unlearn", "--params", "configs/digits-vpt.yaml"), "differs from"),
     ]:
         done = lmeraser_cli(*args, cwd=root)
         assert done.returncode != 0 and needle in done.stderr, done.stderr
@@ -202,8 +210,8 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     """SIGKILL the `unlearn` flow at several points; re-running finishes every request exactly once."""
     root, _ = repo
     records_before = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
-    verified_before = len([e for e in Journal(root).events() if e["state"] == "verified"])
-    victims = load_split("private", root / "data").sample_ids[:2]
+    verified_before = len([e for e in Journal(Workspace(root)).events() if e["state"] == "verified"])
+    victims = Workspace(root).split("private").sample_ids[:2]
     for victim in victims:  # two requests, one batch
         assert lmeraser_cli("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
 
@@ -211,8 +219,12 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
         # The process SIGKILLs itself at `point`; then the rest of its tree (Prefect's temporary
         # server) is killed too, as a machine or container crash would.
         proc = subprocess.Popen(
-            [str(BIN / "lmeraser"), "unlearn"], cwd=root, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LMERASER_KILL_AFTER_STEP": point},
+            [str(BIN / "lmeraser"), "unlearn"],
+            cwd=root,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "LMERASER_KILL_AFTER_STEP": point},
         )
         assert proc.wait(timeout=600) == -signal.SIGKILL, point
         try:
@@ -228,12 +240,12 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
 
     records = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
     assert len(records) == records_before + 1  # the record appended before the last kill is not duplicated
-    journal = Journal(root)
+    journal = Journal(Workspace(root))
     assert {entry["state"] for entry in journal.requests().values()} == {"verified"}
     verified = [e for e in journal.events() if e["state"] == "verified"]
     assert len(verified) == verified_before + 2
-    assert not set(victims) & set(load_split("private", root / "data").sample_ids)
-    assert set(victims) <= set(load_tombstones(root / "data")["sample_id"])
+    assert not set(victims) & set(Workspace(root).split("private").sample_ids)
+    assert set(victims) <= set(Workspace(root).tombstones()["sample_id"])
     assert lmeraser_cli("audit", "verify", cwd=root).returncode == 0
     scan = lmeraser_cli("audit", "scan", cwd=root)
     assert scan.returncode == 0 and "0 hits" in scan.stdout
@@ -249,7 +261,7 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     from lmeraser.inference import ServingModel
 
     root, _ = repo
-    private = load_split("private", root / "data")
+    private = Workspace(root).split("private")
     assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str}).set_index("sample_id")
     forget_id, label_id, input_id = private.sample_ids[30], private.sample_ids[10], private.sample_ids[20]
     new_label = (int(private.labels[10]) + 1) % 10
@@ -257,7 +269,9 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     np.save(tmp_path / "fixed.npy", corrected)
     old_hash = private.manifest["content_hash"][20]
     requests = tmp_path / "requests.jsonl"
-    requests.write_text(json.dumps({"sample_ids": [forget_id]}) + "\n" + json.dumps({"kind": "rectify", "sample_ids": [input_id], "input": str(tmp_path / "fixed.npy")}) + "\n")
+    requests.write_text(
+        json.dumps({"sample_ids": [forget_id]}) + "\n" + json.dumps({"kind": "rectify", "sample_ids": [input_id], "input": str(tmp_path / "fixed.npy")}) + "\n"
+    )
     assert "served as APPROXIMATE" in _cli_ok("forget", "--file", str(requests), "--method", "influence", cwd=root).stdout
     assert "served as APPROXIMATE" in _cli_ok("rectify", "--sample-id", label_id, "--label", str(new_label), "--method", "influence", cwd=root).stdout
 
@@ -272,9 +286,9 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
         assert c["prompt_sha256_after"] != c["prompt_sha256_before"]
     assert [k["kind"] for r in influence for k in r.predicate["requests"]] == ["forget", "rectify", "rectify"]
     # Served as approximate; the data is untouched and the requests wait for the exact rebuild.
-    assert set(ServingModel.load(root / "artifacts").overlay) == {str(c) for c in expected}
-    assert forget_id in load_split("private", root / "data").sample_ids
-    assert len(Journal(root).pending()) == 3
+    assert set(ServingModel.load(Workspace(root)).overlay) == {str(c) for c in expected}
+    assert forget_id in Workspace(root).split("private").sample_ids
+    assert len(Journal(Workspace(root)).pending()) == 3
     _cli_ok("audit", "verify", cwd=root)
     refused = lmeraser_cli("audit", "replay", "--record", str(influence[0].number), cwd=root)
     assert refused.returncode == 1 and "approximate influence update" in refused.stderr
@@ -283,15 +297,15 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     record = log.read_unverified()[-1]
     assert record.predicate["method"] == "exact" and record.predicate["supersedes"] == [r.number for r in influence]
     assert expected <= {c["cluster"] for c in record.predicate["clusters_rebuilt"]}, done.stdout
-    assert ServingModel.load(root / "artifacts").overlay == {}
+    assert ServingModel.load(Workspace(root)).overlay == {}
     assert not list((root / "artifacts" / "prompts" / "approximate").glob("*.safetensors"))
-    assert not Journal(root).pending()
-    after = load_split("private", root / "data").manifest.set_index("sample_id")
+    assert not Journal(Workspace(root)).pending()
+    after = Workspace(root).split("private").manifest.set_index("sample_id")
     assert int(after.loc[label_id, "label"]) == new_label and forget_id not in after.index
     from lmeraser.data.splits import content_hash
 
     assert after.loc[input_id, "content_hash"] == content_hash(corrected) != old_hash
-    assert old_hash in set(load_tombstones(root / "data")["content_hash"])
+    assert old_hash in set(Workspace(root).tombstones()["content_hash"])
     _cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
     replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)

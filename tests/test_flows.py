@@ -1,22 +1,32 @@
 """The Prefect flows themselves: train_pipeline end to end, and the cron deployment."""
 
-from conftest import TINY, build_workspace, lmeraser_cli
 from lmeraser.io import read_json
+
+from conftest import TINY, build_workspace, lmeraser_cli
 
 
 def test_train_pipeline_runs_every_stage_in_order(tmp_path):
     build_workspace(tmp_path, TINY)
     done = lmeraser_cli("pipeline", "--root", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    for path in ("artifacts/validation/private.json", "artifacts/backbone/backbone.json", "artifacts/clusters/prototypes.npy",
-                 "artifacts/clusters/assignments.csv", "artifacts/prompts/index.json", "metrics.json", "reports/baselines.json"):
+    for path in (
+        "artifacts/validation/private.json",
+        "artifacts/backbone/backbone.json",
+        "artifacts/clusters/prototypes.npy",
+        "artifacts/clusters/assignments.csv",
+        "artifacts/prompts/index.json",
+        "metrics.json",
+        "reports/baselines.json",
+    ):
         assert (tmp_path / path).exists(), path
     first = read_json(tmp_path / "artifacts" / "prompts" / "index.json")
-    assert first["last_run"]["reused"] == []
+    assert read_json(tmp_path / "artifacts" / "prompts" / "last_run.json")["reused"] == []
+    # Flow and task logs reach the terminal (only the temporary server's chatter is quiet).
+    assert "trained" in done.stderr and "| INFO" in done.stderr and "Flow run" in done.stderr
     # A second scheduled run retrains nothing: every prompt's content key is unchanged.
     assert lmeraser_cli("pipeline", "--root", str(tmp_path), cwd=tmp_path).returncode == 0
     second = read_json(tmp_path / "artifacts" / "prompts" / "index.json")
-    assert second["last_run"]["trained"] == [] and second["clusters"] == first["clusters"]
+    assert read_json(tmp_path / "artifacts" / "prompts" / "last_run.json")["trained"] == [] and second == first
 
 
 def test_cron_deployment_carries_the_schedule(tmp_path):
@@ -33,32 +43,33 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
     import shutil
 
     import numpy as np
-    import pandas as pd
 
     from flows.unlearn import influence_unlearn
     from lmeraser.inference import ServingModel
-    from lmeraser.lineage.keys import key_path, load_or_create_key
-    from lmeraser.lineage.log import LineageLog
+    from lmeraser.lineage.keys import load_or_create_key
+    from lmeraser.lineage.records import lineage_log
     from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.workspace import Workspace
 
-    paths, _ = trained_workspace
+    trained, _ = trained_workspace
     root = tmp_path / "ws"
-    shutil.copytree(paths.root, root)
-    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
+    shutil.copytree(trained.root, root)
+    ws = Workspace(root)
+    assignments = ws.assignments()
     cluster = int(assignments["cluster"].value_counts().index[0])
     first, second = assignments.loc[assignments.cluster == cluster, "sample_id"].iloc[:2]
-    journal = Journal(root)
-    exact = ServingModel.load(root / "artifacts")
+    journal = Journal(ws)
+    exact = ServingModel.load(ws)
     for spec in (RequestSpec(sample_ids=[first]), RequestSpec(kind="rectify", sample_ids=[second], label=0)):
-        journal.submit([resolve(spec, root)], "influence")
+        journal.submit([resolve(spec, ws)], "influence")
         result = influence_unlearn(root=str(root))
         assert result["clusters"] == [cluster]
     assert journal.awaiting_influence() == [] and len(journal.pending()) == 2  # still queued for the exact batch
-    records = LineageLog(root / "audit" / "lineage.jsonl").verify(load_or_create_key(key_path(root)).public_key())
+    records = lineage_log(ws).verify(load_or_create_key(ws.signing_key_file).public_key())
     assert [r.predicate["method"] for r in records] == ["influence", "influence"]
     edited = records[1].predicate["clusters_edited"][0]
     assert edited["stacked_on_earlier_influence"] and edited["prompt_sha256_before"] == records[0].predicate["clusters_edited"][0]["prompt_sha256_after"]
-    served = ServingModel.load(root / "artifacts")
+    served = ServingModel.load(ws)
     assert list(served.overlay) == [str(cluster)] and len(served.overlay[str(cluster)]["edits"]) == 2
     assert served.overlay[str(cluster)]["n_members"] == int((assignments.cluster == cluster).sum()) - 1
     # The overlay changes what the cluster serves, and only that cluster.

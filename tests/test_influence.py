@@ -9,7 +9,8 @@ from torch.autograd.functional import hessian
 from lmeraser.config import BackboneParams, InfluenceParams, PromptParams
 from lmeraser.errors import LmeraserError
 from lmeraser.models.backbone import build_vit, freeze
-from lmeraser.training import ArtifactStore, train_prompt
+from lmeraser.store import ArtifactStore
+from lmeraser.training import train_prompt
 from lmeraser.unlearning.influence import Objective, conjugate_gradient, damped_solve, influence_edit, power_iteration, prepare_model
 
 WD = 1e-2  # the convex case's L2 weight
@@ -28,7 +29,8 @@ def data():
 
 
 def _prompt_model(backbone, data, kind="pad"):
-    params = PromptParams(kind=kind, pad_width=1, num_tokens=2, lora_rank=2, epochs=2, batch_size=8, lr=0.05)
+    schedule = {"epochs": 2, "batch_size": 8, "lr": 0.05}
+    params = PromptParams(kind=kind, pad={"width": 1, **schedule}, vpt={"num_tokens": 2, **schedule}, lora={"rank": 2, **schedule})
     state = train_prompt(backbone, *data, params, 4, 3)
     return prepare_model(backbone, params, 4, state, torch.float64), params
 
@@ -44,7 +46,7 @@ def _flat_loss(objective, x, y):
 def test_hvp_matches_central_finite_differences(backbone, data, kind):
     model, params = _prompt_model(backbone, data, kind)
     x, y = data[0].double(), data[1]
-    objective = Objective(model, params.weight_decay)
+    objective = Objective(model, params.adapter.weight_decay)
     theta = objective.theta0
     v = torch.randn(objective.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     v /= v.norm()
@@ -69,7 +71,9 @@ def _fit(x, y, init=None) -> torch.nn.Linear:
     head = torch.nn.Linear(x.shape[1], int(y.max()) + 1).double()
     if init is not None:
         head.load_state_dict(init)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -190,7 +194,7 @@ def test_removing_a_sample_raises_its_loss_and_is_deterministic(backbone, data):
     x, y = data[0].double(), data[1]
     present = torch.ones(len(y), dtype=torch.bool)
     present[:3] = False
-    runs = [influence_edit(model, x, y, x, y, present, InfluenceParams(), params.weight_decay, seed=5) for _ in range(2)]
+    runs = [influence_edit(model, x, y, x, y, present, InfluenceParams(), params.adapter.weight_decay, seed=5) for _ in range(2)]
     (theta, objective, report), (theta2, *_) = runs
     assert torch.equal(theta, theta2)
     before = F.cross_entropy(objective.logits(objective.theta0, x[:3]), y[:3])
@@ -213,7 +217,7 @@ def test_edits_that_change_nothing_or_remove_everything_are_refused(backbone, da
 
 # -- LoRA --------------------------------------------------------------------------------------
 
-LORA = PromptParams(kind="lora", lora_rank=2, epochs=2, batch_size=8, lr=0.05)
+LORA = PromptParams.of("lora", rank=2, epochs=2, batch_size=8, lr=0.05)
 
 
 def test_lora_training_is_byte_identical_and_stores_only_adapters_and_head(tmp_path, backbone, data):
@@ -234,5 +238,5 @@ def test_lora_starts_at_the_frozen_backbone_and_rejects_unknown_targets(backbone
     x = data[0][:4]
     with torch.no_grad():
         assert torch.equal(model.features(x), backbone.forward_head(backbone.forward_features(x), pre_logits=True))
-    with pytest.raises(ValueError, match="lora_targets"):
-        PromptedClassifier(backbone, LORA.model_copy(update={"lora_targets": ("nope",)}), 4)
+    with pytest.raises(ValueError, match="prompt.lora.targets"):
+        PromptedClassifier(backbone, PromptParams.of("lora", rank=2, targets=("nope",)), 4)

@@ -133,14 +133,17 @@ def test_key_from_environment_and_public_export(tmp_path, monkeypatch, key):
     assert keys.key_id(keys.load_public_key(tmp_path / "pub.pem")) == keys.key_id(key.public_key())
     monkeypatch.setenv(keys.KEY_ENV, "not a key")
     with pytest.raises(LmeraserError, match="not a PEM private key"):
-        keys.load_or_create_key()
+        keys.load_or_create_key(tmp_path / "unused.pem")
 
 
 def test_key_file_location_is_configurable(tmp_path, monkeypatch):
     monkeypatch.delenv(keys.KEY_ENV, raising=False)
-    monkeypatch.setenv(keys.KEY_FILE_ENV, str(tmp_path / "vault" / "lmeraser.pem"))
-    assert keys.key_path(tmp_path / "ws") == tmp_path / "vault" / "lmeraser.pem"
-    keys.load_or_create_key()
+    from lmeraser.workspace import KEY_FILE_ENV, Workspace
+
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "vault" / "lmeraser.pem"))
+    ws = Workspace(tmp_path / "ws")
+    assert ws.signing_key_file == tmp_path / "vault" / "lmeraser.pem"
+    keys.load_or_create_key(ws.signing_key_file)
     assert stat.S_IMODE((tmp_path / "vault" / "lmeraser.pem").stat().st_mode) == 0o600
-    monkeypatch.delenv(keys.KEY_FILE_ENV)
-    assert keys.key_path(tmp_path / "ws") == tmp_path / "ws" / "audit" / "keys" / "signing-key.pem"
+    monkeypatch.delenv(KEY_FILE_ENV)
+    assert ws.signing_key_file == tmp_path / "ws" / "audit" / "keys" / "signing-key.pem"

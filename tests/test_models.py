@@ -3,10 +3,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lmeraser.config import BackboneParams, PromptParams
+from lmeraser.config import BackboneParams, PadParams, PromptParams, VptParams
 from lmeraser.errors import ConfigError
 from lmeraser.models.backbone import build_vit, extract_features, freeze, load_backbone, load_checkpoint, preprocess, save_backbone
-from lmeraser.models.prompts import PadPrompt, PromptedClassifier, init_peft
+from lmeraser.models.peft.pad import PadPrompt
+from lmeraser.models.prompts import PromptedClassifier, init_peft
+from lmeraser.workspace import Workspace
 
 SMALL = BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, epochs=1)
 
@@ -22,20 +24,20 @@ def test_preprocess_resizes_and_normalises():
     assert x.shape == (2, 1, 8, 8) and torch.allclose(x, torch.ones_like(x))
 
 
-def test_pad_prompt_only_touches_the_border():
-    pad = PadPrompt(8, 2)
+def test_pad_prompt_only_touches_the_border(backbone):
+    pad = PadPrompt(backbone, PadParams(width=2))
     with torch.no_grad():
         pad.prompt.fill_(1.0)
     out = pad(torch.zeros(1, 1, 8, 8))
     assert out[0, 0, 2:6, 2:6].abs().sum() == 0
     assert out[0, 0, :2].min() == 1 and out[0, 0, :, :2].min() == 1
-    with pytest.raises(ValueError):
-        PadPrompt(8, 4)
+    with pytest.raises(ValueError, match="prompt.pad.width"):
+        PadPrompt(backbone, PadParams(width=4))
 
 
 @pytest.mark.parametrize("kind,deep", [("pad", False), ("vpt", False), ("vpt", True)])
 def test_prompted_classifier_trains_only_peft_params(backbone, kind, deep):
-    model = PromptedClassifier(backbone, PromptParams(kind=kind, pad_width=1, num_tokens=3, deep=deep), 10)
+    model = PromptedClassifier(backbone, PromptParams(kind=kind, pad=PadParams(width=1), vpt=VptParams(num_tokens=3, deep=deep)), 10)
     init_peft(model, torch.Generator().manual_seed(0))
     names = set(model.state_dict())
     assert not any(name.startswith("backbone") for name in names)
@@ -52,7 +54,7 @@ def test_prompted_classifier_trains_only_peft_params(backbone, kind, deep):
 
 
 def test_vpt_changes_features(backbone):
-    model = PromptedClassifier(backbone, PromptParams(kind="vpt", num_tokens=2), 10)
+    model = PromptedClassifier(backbone, PromptParams.of("vpt", num_tokens=2), 10)
     init_peft(model, torch.Generator().manual_seed(0))
     x = torch.randn(3, 1, 8, 8)
     plain = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
@@ -60,15 +62,16 @@ def test_vpt_changes_features(backbone):
 
 
 def test_save_and_load_backbone_checks_sha(tmp_path, backbone):
-    meta = save_backbone(backbone, SMALL, 10, tmp_path / "bb", {"seed": 0})
-    loaded, loaded_meta = load_backbone(tmp_path / "bb")
-    assert loaded_meta["sha256"] == meta["sha256"]
+    ws = Workspace(tmp_path)
+    meta = save_backbone(backbone, SMALL, 10, ws, {"seed": 0})
+    loaded, loaded_meta = load_backbone(ws)
+    assert loaded_meta == meta and meta.threads == SMALL.threads
     x = torch.randn(2, 1, 8, 8)
     assert np.array_equal(extract_features(loaded, x), extract_features(backbone, x))
-    weights = tmp_path / "bb" / "backbone.safetensors"
+    weights = ws.backbone_weights
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
     with pytest.raises(ConfigError, match="does not match"):
-        load_backbone(tmp_path / "bb")
+        load_backbone(ws)
 
 
 def test_local_checkpoints_load_safely(tmp_path, backbone):

@@ -3,10 +3,11 @@ and superseded artifacts by sha256; membership-inference scores behave as define
 
 import numpy as np
 
+from lmeraser.audit.scan import scan
 from lmeraser.data.splits import content_hash
 from lmeraser.evaluation import membership_inference
 from lmeraser.io import sha256_file
-from lmeraser.unlearning.purge import scan
+from lmeraser.workspace import Workspace
 
 
 def test_scan_finds_forgotten_images_and_superseded_artifacts(tmp_path):
@@ -22,13 +23,13 @@ def test_scan_finds_forgotten_images_and_superseded_artifacts(tmp_path):
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(b"old prompt weights")
     forgotten = {content_hash(images[0])}
-    hits, counts = scan(tmp_path, forgotten, {sha256_file(artifact)})
+    hits, counts = scan(Workspace(tmp_path), forgotten, {sha256_file(artifact)})
     kinds = sorted((h.kind, h.location) for h in hits)
     assert kinds == [("forgotten sample", "dvc cache"), ("superseded artifact", "mlflow artifacts")]
     assert counts["data"] == 1
     (cache / "cdef0123").unlink()
     artifact.unlink()
-    assert scan(tmp_path, forgotten, set())[0] == []
+    assert scan(Workspace(tmp_path), forgotten, set())[0] == []
 
 
 def test_membership_inference_scores():

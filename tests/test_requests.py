@@ -6,57 +6,58 @@ import sys
 
 import pytest
 
-from conftest import TINY, build_workspace
-from lmeraser.data.splits import add_tombstones, load_split
+from lmeraser.data.splits import add_tombstones
 from lmeraser.errors import LmeraserError
 from lmeraser.unlearning.requests import Journal, RequestSpec, hash_subject, parse_requests_file, resolve
+from lmeraser.workspace import Workspace
+
+from conftest import TINY, build_workspace
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    root = tmp_path_factory.mktemp("requests")
-    build_workspace(root, TINY)
-    return root
+    return build_workspace(tmp_path_factory.mktemp("requests"), TINY)
 
 
 def test_resolve_subject_and_ids(ws):
-    private = load_split("private", ws / "data").manifest
+    private = ws.split("private").manifest
     subject = private["subject_id"].value_counts().index[0]
     members = private.loc[private.subject_id == subject, "sample_id"].tolist()
     resolved = resolve(RequestSpec(subjects=[subject]), ws)
     assert resolved.sample_ids == members and len(members) >= 2
     assert resolved.subject_hashes == [hash_subject(ws, subject)] and subject not in json.dumps(resolved.to_json())
-    assert (ws / "audit" / "keys" / "subject-salt").stat().st_mode & 0o777 == 0o600
+    assert ws.subject_salt_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_unknown_public_and_test_ids_are_refused(ws):
     with pytest.raises(LmeraserError, match="sample id ffffffffffffffffffff is unknown"):
         resolve(RequestSpec(sample_ids=["ffffffffffffffffffff"]), ws)
-    public_id = load_split("public", ws / "data").sample_ids[0]
+    public_id = ws.split("public").sample_ids[0]
     with pytest.raises(LmeraserError, match="is public.*--allow-backbone-rebuild"):
         resolve(RequestSpec(sample_ids=[public_id]), ws)
     assert resolve(RequestSpec(sample_ids=[public_id], allow_backbone_rebuild=True), ws).public
     with pytest.raises(LmeraserError, match="test split"):
-        resolve(RequestSpec(sample_ids=[load_split("test", ws / "data").sample_ids[0]]), ws)
+        resolve(RequestSpec(sample_ids=[ws.split("test").sample_ids[0]]), ws)
     with pytest.raises(LmeraserError, match="subject s99999 has no private samples"):
         resolve(RequestSpec(subjects=["s99999"]), ws)
 
 
 def test_already_forgotten_is_a_recorded_noop(ws, tmp_path):
-    victim = load_split("private", ws / "data").manifest.iloc[0]
+    victim = ws.split("private").manifest.iloc[0]
     import shutil
 
-    shutil.copytree(ws / "data", tmp_path / "data")
-    add_tombstones([{"sample_id": victim.sample_id, "content_hash": victim.content_hash, "reason": "forget"}], tmp_path / "data")
+    copy = Workspace(tmp_path)
+    shutil.copytree(ws.data, copy.data)
+    add_tombstones([{"sample_id": victim.sample_id, "content_hash": victim.content_hash, "reason": "forget"}], copy)
     from lmeraser.data.splits import remove_samples
 
-    remove_samples([victim.sample_id], "private", tmp_path / "data")
-    resolved = resolve(RequestSpec(sample_ids=[victim.sample_id]), tmp_path)
+    remove_samples([victim.sample_id], "private", copy)
+    resolved = resolve(RequestSpec(sample_ids=[victim.sample_id]), copy)
     assert resolved.sample_ids == [] and resolved.already_forgotten == [victim.sample_id]
 
 
 def test_rectify_validation(ws, tmp_path):
-    sid = load_split("private", ws / "data").sample_ids[0]
+    sid = ws.split("private").sample_ids[0]
     with pytest.raises(LmeraserError, match="label 10 is outside the label domain 0..9"):
         resolve(RequestSpec(kind="rectify", sample_ids=[sid], label=10), ws)
     import numpy as np
@@ -82,7 +83,7 @@ def test_malformed_request_file_names_the_line(tmp_path):
 
 
 def test_journal_states_and_torn_last_line(tmp_path):
-    journal = Journal(tmp_path)
+    journal = Journal(Workspace(tmp_path))
     journal.append([{"request_id": "r1", "state": "received", "request": {"request_id": "r1"}}])
     journal.append([{"request_id": "r2", "state": "received", "request": {"request_id": "r2"}}])
     journal.append([{"request_id": "r1", "state": "verified"}])
@@ -96,10 +97,10 @@ def test_journal_states_and_torn_last_line(tmp_path):
 
 
 def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
-    journal = Journal(tmp_path)
+    journal = Journal(Workspace(tmp_path))
     code = (
-        "import sys; from pathlib import Path; from lmeraser.unlearning.requests import Journal\n"
-        "j = Journal(Path(sys.argv[1]))\n"
+        "import sys; from lmeraser.unlearning.requests import Journal; from lmeraser.workspace import Workspace\n"
+        "j = Journal(Workspace(sys.argv[1]))\n"
         "for i in range(50): j.append([{'request_id': f'{sys.argv[2]}-{i}', 'state': 'received', 'request': {'request_id': f'{sys.argv[2]}-{i}'}}])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]

@@ -86,8 +86,13 @@ def test_idx_missing_files(tmp_path):
 def test_npz_sources(tmp_path):
     rng = np.random.default_rng(1)
     good = tmp_path / "good.npz"
-    np.savez(good, x_train=rng.integers(0, 256, (20, 5, 5), dtype=np.uint8), y_train=np.arange(20) % 2,
-             x_test=rng.integers(0, 256, (4, 5, 5), dtype=np.uint8), y_test=np.arange(4) % 2)
+    np.savez(
+        good,
+        x_train=rng.integers(0, 256, (20, 5, 5), dtype=np.uint8),
+        y_train=np.arange(20) % 2,
+        x_test=rng.integers(0, 256, (4, 5, 5), dtype=np.uint8),
+        y_test=np.arange(4) % 2,
+    )
     data = load_source(f"npz:{good}")
     assert data.train_images.shape == (20, 5, 5) and data.test_labels.tolist() == [0, 1, 0, 1]
     channel = tmp_path / "channel.npz"

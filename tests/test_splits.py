@@ -3,8 +3,9 @@ import pytest
 
 from lmeraser.config import DataParams
 from lmeraser.data import splits as splits_module
-from lmeraser.data.splits import SPLITS, content_hash, init_data, load_split, remove_samples
+from lmeraser.data.splits import content_hash, init_data, remove_samples
 from lmeraser.errors import DataError
+from lmeraser.workspace import SPLITS, Workspace
 
 
 def _files(root):
@@ -12,18 +13,18 @@ def _files(root):
 
 
 def test_init_is_byte_deterministic(tmp_path):
-    init_data(DataParams(), 0, tmp_path / "a")
-    init_data(DataParams(), 0, tmp_path / "b")
+    init_data(DataParams(), 0, Workspace(tmp_path / "a"))
+    init_data(DataParams(), 0, Workspace(tmp_path / "b"))
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    init_data(DataParams(), 1, tmp_path / "c")
+    init_data(DataParams(), 1, Workspace(tmp_path / "c"))
     assert _files(tmp_path / "a") != _files(tmp_path / "c")
 
 
 def test_splits_are_disjoint_stratified_and_sorted(tmp_path):
-    summary = init_data(DataParams(n_subjects=7), 0, tmp_path / "data")
+    summary = init_data(DataParams(n_subjects=7), 0, Workspace(tmp_path))
     seen = set()
     for split in SPLITS:
-        part = load_split(split, tmp_path / "data")
+        part = Workspace(tmp_path).split(split)
         ids = part.sample_ids
         assert ids == sorted(ids)
         assert not seen & set(ids)
@@ -31,25 +32,25 @@ def test_splits_are_disjoint_stratified_and_sorted(tmp_path):
         assert set(part.labels) == set(range(10)), split
         assert [content_hash(img) for img in part.images[:20]] == part.manifest["content_hash"][:20].tolist()
     assert len(seen) == 1797 == sum(summary["counts"].values())
-    private = load_split("private", tmp_path / "data").manifest
+    private = Workspace(tmp_path).split("private").manifest
     assert private["subject_id"].str.fullmatch(r"s\d{5}").all()
     assert private["subject_id"].nunique() == 7
 
 
 def test_subset_and_official_test_split(tmp_path):
-    summary = init_data(DataParams(subset=300), 0, tmp_path / "data")
+    summary = init_data(DataParams(subset=300), 0, Workspace(tmp_path))
     assert summary["counts"]["public"] + summary["counts"]["private"] == 300
     assert summary["counts"]["public"] == 150
     # A source with an official test split keeps it whole as the test split.
     from test_sources import make_idx_dir
 
     idx = make_idx_dir(tmp_path / "idx", n=60)
-    summary = init_data(DataParams(source=f"idx:{idx}", public_fraction=0.5), 0, tmp_path / "idx-data")
+    summary = init_data(DataParams(source=f"idx:{idx}", public_fraction=0.5), 0, Workspace(tmp_path / "idx-ws"))
     assert summary["counts"] == {"public": 30, "private": 30, "test": 9}
 
 
 def test_failed_init_leaves_previous_data_intact(tmp_path, monkeypatch):
-    init_data(DataParams(), 0, tmp_path / "data")
+    init_data(DataParams(), 0, Workspace(tmp_path))
     before = _files(tmp_path / "data")
     calls = {"n": 0}
     real = splits_module.write_split
@@ -62,26 +63,26 @@ def test_failed_init_leaves_previous_data_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(splits_module, "write_split", crash_on_second)
     with pytest.raises(OSError):
-        init_data(DataParams(), 5, tmp_path / "data")
+        init_data(DataParams(), 5, Workspace(tmp_path))
     assert _files(tmp_path / "data") == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data")]
 
 
 def test_bad_source_writes_nothing(tmp_path):
     with pytest.raises(DataError):
-        init_data(DataParams(source="nope"), 0, tmp_path / "data")
+        init_data(DataParams(source="nope"), 0, Workspace(tmp_path))
     assert not (tmp_path / "data").exists()
 
 
 def test_remove_samples(tmp_path):
-    init_data(DataParams(), 0, tmp_path / "data")
-    private = load_split("private", tmp_path / "data")
+    init_data(DataParams(), 0, Workspace(tmp_path))
+    private = Workspace(tmp_path).split("private")
     victims = private.sample_ids[3:5]
-    removed = remove_samples(victims, "private", tmp_path / "data")
+    removed = remove_samples(victims, "private", Workspace(tmp_path))
     assert removed["sample_id"].tolist() == victims
-    after = load_split("private", tmp_path / "data")
+    after = Workspace(tmp_path).split("private")
     assert len(after) == len(private) - 2 and not set(victims) & set(after.sample_ids)
     keep = ~private.manifest["sample_id"].isin(victims).to_numpy()
     assert np.array_equal(after.images, private.images[keep])
     with pytest.raises(DataError, match="not in data/private"):
-        remove_samples(["deadbeef"], "private", tmp_path / "data")
+        remove_samples(["deadbeef"], "private", Workspace(tmp_path))

@@ -5,16 +5,17 @@ import pytest
 from lmeraser.config import DataParams
 from lmeraser.data.splits import init_data
 from lmeraser.data.validation import validate_splits
+from lmeraser.workspace import Workspace
 
 
 @pytest.fixture
 def data_dir(tmp_path):
-    init_data(DataParams(subset=300), 0, tmp_path / "data")
+    init_data(DataParams(subset=300), 0, Workspace(tmp_path))
     return tmp_path / "data"
 
 
 def _validate(data_dir):
-    return validate_splits(data_dir, data_dir.parent / "docs")
+    return validate_splits(Workspace(data_dir.parent))
 
 
 def test_clean_splits_pass_and_write_data_docs(data_dir):

@@ -93,8 +93,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(
-            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} "
-            f"for shape {shape}; the file is truncated or corrupt."
+            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} for shape {shape}; the file is truncated or corrupt."
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
@@ -131,10 +130,7 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
     directory = directory or FASHION_MNIST_DIR
     missing = [name for name in FASHION_MNIST_MD5 if not (directory / name).exists()]
     if missing:
-        raise DataError(
-            f"Fashion-MNIST not found in {directory} (missing {missing[0]}); install it with "
-            "'apt-get install dataset-fashion-mnist'."
-        )
+        raise DataError(f"Fashion-MNIST not found in {directory} (missing {missing[0]}); install it with 'apt-get install dataset-fashion-mnist'.")
     for name, expected in FASHION_MNIST_MD5.items():
         raw = (directory / name).read_bytes()
         if hashlib.md5(raw).hexdigest() == expected:

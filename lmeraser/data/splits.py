@@ -14,7 +14,6 @@ so the committed data.dvc matches what `lmeraser data init` writes on any machin
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +22,8 @@ import pandas as pd
 from lmeraser.config import DataParams
 from lmeraser.data.sources import RawDataset, load_source
 from lmeraser.errors import DataError
-from lmeraser.io import atomic_directory, sha256_bytes
-
-SPLITS = ("public", "private", "test")
-MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
-TOMBSTONE_COLUMNS = ["sample_id", "content_hash", "reason"]  # reason: forget | rectify-input
-
-
-@dataclass
-class Split:
-    name: str
-    manifest: pd.DataFrame
-    images: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.manifest)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.manifest["label"].to_numpy(dtype=np.int64, copy=True)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return self.manifest["sample_id"].tolist()
+from lmeraser.io import atomic_directory, atomic_path, sha256_bytes
+from lmeraser.workspace import MANIFEST_COLUMNS, TOMBSTONE_COLUMNS, Workspace
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -106,9 +84,7 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
             subjects = [f"s{int(s):05d}" for s in rng.integers(0, params.n_subjects, size=len(labs))]
         else:
             subjects = [split] * len(labs)
-        manifest = pd.DataFrame(
-            {"sample_id": ids, "subject_id": subjects, "label": labs.astype(np.int64), "split": split, "content_hash": hashes}
-        )
+        manifest = pd.DataFrame({"sample_id": ids, "subject_id": subjects, "label": labs.astype(np.int64), "split": split, "content_hash": hashes})
         order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
         out[split] = (manifest.iloc[order].reset_index(drop=True), np.ascontiguousarray(imgs[order]))
     return out
@@ -121,8 +97,8 @@ def write_split(directory: Path, manifest: pd.DataFrame, images: np.ndarray) -> 
         np.save(handle, images, allow_pickle=False)
 
 
-def init_data(params: DataParams, seed: int, data_dir: str | Path = "data") -> dict:
-    """Materialise the splits of `params.source` into `data_dir`, atomically."""
+def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
+    """Materialise the splits of `params.source` into the workspace's data/, atomically."""
     raw = load_source(params.source)
     splits = build_splits(raw, params, seed)
     summary = {
@@ -132,7 +108,7 @@ def init_data(params: DataParams, seed: int, data_dir: str | Path = "data") -> d
         "num_classes": int(max(raw.train_labels.max(), -1 if raw.test_labels is None else raw.test_labels.max()) + 1),
         "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
     }
-    with atomic_directory(data_dir) as staging:
+    with atomic_directory(ws.data) as staging:
         for split, (manifest, images) in splits.items():
             write_split(staging / split, manifest, images)
         pd.DataFrame(columns=TOMBSTONE_COLUMNS).to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
@@ -140,63 +116,21 @@ def init_data(params: DataParams, seed: int, data_dir: str | Path = "data") -> d
     return summary
 
 
-def read_source_info(data_dir: str | Path = "data") -> dict:
-    path = Path(data_dir) / "source.json"
-    if not path.exists():
-        raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
-    return json.loads(path.read_text())
-
-
-def load_manifest(name: str, data_dir: str | Path = "data") -> pd.DataFrame:
-    """A split's manifest alone, without reading its pixels."""
-    path = Path(data_dir) / name / "manifest.csv"
-    if not path.exists():
-        raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
-    return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
-
-
-def load_split(name: str, data_dir: str | Path = "data") -> Split:
-    directory = Path(data_dir) / name
-    manifest_path, images_path = directory / "manifest.csv", directory / "images.npy"
-    manifest = load_manifest(name, data_dir)
-    if not images_path.exists():
-        raise DataError(f"{images_path}: not found; run 'lmeraser data init' first.")
-    try:
-        images = np.load(images_path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise DataError(f"{images_path}: unreadable ({error}).") from None
-    if len(images) != len(manifest):
-        raise DataError(f"{images_path}: {len(images)} images but {manifest_path} lists {len(manifest)} samples.")
-    return Split(name, manifest, images)
-
-
-def load_tombstones(data_dir: str | Path = "data") -> pd.DataFrame:
-    path = Path(data_dir) / "tombstones.csv"
-    if not path.exists():
-        return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "reason" not in frame:
-        frame["reason"] = "forget"
-    return frame[TOMBSTONE_COLUMNS]
-
-
-def add_tombstones(rows: list[dict], data_dir: str | Path = "data") -> None:
+def add_tombstones(rows: list[dict], ws: Workspace) -> None:
     """Append (sample_id, content_hash, reason) rows, skipping ones already present; atomic."""
-    from lmeraser.io import atomic_path
-
-    current = load_tombstones(data_dir)
+    current = ws.tombstones()
     seen = set(zip(current["sample_id"], current["content_hash"]))
     new = [r for r in rows if (r["sample_id"], r["content_hash"]) not in seen]
     if not new:
         return
     frame = pd.concat([current, pd.DataFrame(new, columns=TOMBSTONE_COLUMNS)], ignore_index=True)
-    with atomic_path(Path(data_dir) / "tombstones.csv") as tmp:
+    with atomic_path(ws.tombstones_file) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def update_sample(sample_id: str, split: str = "private", data_dir: str | Path = "data", label: int | None = None, image: np.ndarray | None = None) -> dict:
+def update_sample(sample_id: str, split: str, ws: Workspace, label: int | None = None, image: np.ndarray | None = None) -> dict:
     """Correct one sample's label or pixels in place (atomic split rewrite); returns the old row."""
-    part = load_split(split, data_dir)
+    part = ws.split(split)
     rows = np.flatnonzero(part.manifest["sample_id"].to_numpy() == sample_id)
     if len(rows) != 1:
         raise DataError(f"sample id {sample_id} is not in data/{split}.")
@@ -208,23 +142,23 @@ def update_sample(sample_id: str, split: str = "private", data_dir: str | Path =
     if image is not None:
         images[row] = image
         manifest.loc[row, "content_hash"] = content_hash(image)
-    with atomic_directory(Path(data_dir) / split) as staging:
+    with atomic_directory(ws.split_dir(split)) as staging:
         write_split(staging, manifest, images)
     return old
 
 
-def remove_samples(sample_ids: list[str] | set[str], split: str = "private", data_dir: str | Path = "data") -> pd.DataFrame:
+def remove_samples(sample_ids: list[str] | set[str], split: str, ws: Workspace) -> pd.DataFrame:
     """Delete samples from a split (manifest rows and pixel bytes), atomically; returns the removed rows.
 
     The split directory is rebuilt beside the old one and swapped in, so a crash leaves either
     the old split or the new one.
     """
     wanted = set(sample_ids)
-    part = load_split(split, data_dir)
+    part = ws.split(split)
     hit = part.manifest["sample_id"].isin(wanted).to_numpy()
     unknown = wanted - set(part.manifest.loc[hit, "sample_id"])
     if unknown:
         raise DataError(f"sample id {sorted(unknown)[0]} is not in data/{split}.")
-    with atomic_directory(Path(data_dir) / split) as staging:
+    with atomic_directory(ws.split_dir(split)) as staging:
         write_split(staging, part.manifest.loc[~hit].reset_index(drop=True), np.ascontiguousarray(part.images[~hit]))
     return part.manifest.loc[hit].reset_index(drop=True)

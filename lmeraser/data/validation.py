@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmeraser.data.splits import MANIFEST_COLUMNS, SPLITS, content_hash, load_split, load_tombstones, read_source_info
+from lmeraser.data.splits import content_hash
+from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace
 
 SUITE_NAME = "lmeraser_splits"
 TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "image_dtype", "pixel_min", "pixel_max", "hash_matches"]
@@ -34,10 +35,10 @@ class ValidationReport:
         return f"data validation failed: {head}{more}; data docs: {self.docs_index}"
 
 
-def build_table(data_dir: str | Path = "data") -> pd.DataFrame:
+def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
     frames = []
-    for split in SPLITS:
-        part = load_split(split, data_dir)
+    for split in splits:
+        part = ws.split(split)
         images = part.images
         frame = part.manifest.copy()
         frame["height"] = images.shape[1] if images.ndim == 3 else -1
@@ -76,9 +77,7 @@ def build_suite(info: dict, tombstones: pd.DataFrame):
     ]
     for split in SPLITS:
         expectations.append(
-            E.ExpectColumnDistinctValuesToContainSet(
-                column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas"
-            )
+            E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas")
         )
     forgotten_ids = tombstones.loc[tombstones["reason"] == "forget", "sample_id"].tolist()
     if forgotten_ids:
@@ -107,14 +106,16 @@ def _describe_failure(result) -> str:
     return text
 
 
-def validate_splits(data_dir: str | Path = "data", docs_dir: str | Path = "reports/data_docs") -> ValidationReport:
-    """Run the suite with a Checkpoint that also writes HTML data docs to `docs_dir`."""
+def validate_splits(ws: Workspace) -> ValidationReport:
+    """Run the suite with a Checkpoint that also writes HTML data docs to reports/data_docs."""
     import great_expectations as gx
 
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    info = read_source_info(data_dir)
-    table = build_table(data_dir)
-    docs_dir = Path(docs_dir).resolve()
+    # GX sets some of its loggers to INFO itself (e.g. the ephemeral docs site's temporary directory).
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    info = ws.source_info()
+    table = build_table(ws)
+    docs_dir = ws.data_docs.resolve()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
@@ -128,11 +129,12 @@ def validate_splits(data_dir: str | Path = "data", docs_dir: str | Path = "repor
         },
     )
     batch = context.data_sources.add_pandas("lmeraser").add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all")
-    suite = context.suites.add(build_suite(info, load_tombstones(data_dir)))
+    suite = context.suites.add(build_suite(info, ws.tombstones()))
     definition = context.validation_definitions.add(gx.ValidationDefinition(name="splits", data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
-            name="lmeraser_splits", validation_definitions=[definition],
+            name="lmeraser_splits",
+            validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lmeraser"])],
             result_format={"result_format": "SUMMARY"},
         )

@@ -15,13 +15,7 @@ from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
 
 KEY_ENV = "LMERASER_SIGNING_KEY"  # PEM (PKCS#8) text of the private key, for CI / secret stores
-KEY_FILE_ENV = "LMERASER_SIGNING_KEY_FILE"  # where the key file lives (default: <root>/audit/keys/signing-key.pem)
-
-
-def key_path(root: str | Path = ".") -> Path:
-    """The signing key's file: $LMERASER_SIGNING_KEY_FILE, else audit/keys/signing-key.pem in the workspace."""
-    configured = os.environ.get(KEY_FILE_ENV)
-    return Path(configured) if configured else Path(root) / "audit" / "keys" / "signing-key.pem"
+# Where the key file lives: Workspace.signing_key_file ($LMERASER_SIGNING_KEY_FILE, else audit/keys/).
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -29,12 +23,12 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()
 
 
-def load_or_create_key(path: str | Path | None = None) -> Ed25519PrivateKey:
+def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
     """The signing key from $LMERASER_SIGNING_KEY, else from `path`, created (0600) if absent."""
     pem = os.environ.get(KEY_ENV)
     if pem:
         return _parse_private(pem.encode(), f"${KEY_ENV}")
-    path = Path(path) if path is not None else key_path()
+    path = Path(path)
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:

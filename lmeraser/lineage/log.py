@@ -36,31 +36,15 @@ class Record:
     def subjects(self) -> dict[str, str]:
         return {s["name"]: s["digest"]["sha256"] for s in self.statement["subject"]}
 
-    def summary(self) -> dict[str, str]:
-        """One row of `audit show` and of the report's table; influence records leave the exact
-        batch's columns empty ("-")."""
-        p = self.predicate
-        if p.get("method") == "influence":
-            return {"#": str(self.number), "method": "influence (approximate)", "batch": p["batch_id"], "requests": str(len(p["requests"])),
-                    "clusters changed": ",".join(str(c["cluster"]) for c in p["clusters_edited"]) or "-",
-                    "untouched": "-", "acc before": "-", "acc after": "-", "scan hits": "-", "supersedes": "-"}
-        return {"#": str(self.number), "method": "exact", "batch": p["batch_id"], "requests": str(len(p["requests"])),
-                "clusters changed": ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
-                "untouched": str(p["clusters_untouched"]), "acc before": f"{p['accuracy']['before']:.4f}", "acc after": f"{p['accuracy']['after']:.4f}",
-                "scan hits": str(p["verification"]["scan"]["hits"]), "supersedes": ",".join(str(n) for n in p.get("supersedes", [])) or "-"}
-
 
 class LineageLog:
-    def __init__(self, path: str | Path = "audit/lineage.jsonl"):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def _lines(self) -> list[bytes]:
         if not self.path.exists():
             return []
         return [line for line in self.path.read_bytes().split(b"\n") if line.strip()]
-
-    def __len__(self) -> int:
-        return len(self._lines())
 
     def append(self, subjects: dict[str, str], predicate: dict, key: Ed25519PrivateKey) -> Record:
         """Sign and append a record chained to the current last line (atomic rewrite)."""

@@ -13,10 +13,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from lmeraser.config import BackboneParams
 from lmeraser.errors import ConfigError
-from lmeraser.io import atomic_path, atomic_write_json, read_json, sha256_file
-
-WEIGHTS_FILE = "backbone.safetensors"
-META_FILE = "backbone.json"
+from lmeraser.io import atomic_path, atomic_write_json, sha256_file
+from lmeraser.progress import track
+from lmeraser.workspace import BackboneMeta, Workspace
 
 
 def build_vit(params: BackboneParams, num_classes: int) -> VisionTransformer:
@@ -49,10 +48,10 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 
     return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
 
-def train_backbone(
-    params: BackboneParams, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, log=print
-) -> VisionTransformer:
-    """Supervised training on the public split; returns the model in eval mode, frozen."""
+def train_backbone(params: BackboneParams, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, log=print) -> VisionTransformer:
+    """Supervised training on the public split; returns the model in eval mode, frozen.
+
+    The caller fixes the thread count (lmeraser.determinism), since it changes the float order."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_vit(params, num_classes)
@@ -65,7 +64,7 @@ def train_backbone(
         optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
     model.train()
-    for epoch in range(params.epochs):
+    for epoch in track(range(params.epochs), "backbone epochs"):
         order = torch.randperm(len(y), generator=generator)
         running, correct = 0.0, 0
         for start in range(0, len(y), params.batch_size):
@@ -109,38 +108,27 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int) 
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
         raise ConfigError(
-            f"backbone.checkpoint: {path} does not match the backbone shape in params.yaml "
-            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
+            f"backbone.checkpoint: {path} does not match the backbone shape in params.yaml (missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
         )
     return freeze(model)
 
 
-def save_backbone(model: VisionTransformer, params: BackboneParams, num_classes: int, directory: str | Path, extra: dict) -> dict:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+def save_backbone(model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict) -> BackboneMeta:
+    with atomic_path(ws.backbone_weights) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    meta = {
-        "sha256": sha256_file(directory / WEIGHTS_FILE),
-        "params": params.model_dump(),
-        "num_classes": num_classes,
-        **extra,
-    }
-    atomic_write_json(directory / META_FILE, meta)
+    meta = BackboneMeta(sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin)
+    atomic_write_json(ws.backbone_meta_file, meta.to_json())
     return meta
 
 
-def load_backbone(directory: str | Path = "artifacts/backbone") -> tuple[VisionTransformer, dict]:
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.exists():
-        raise ConfigError(f"{meta_path}: not found; run the backbone stage first.")
-    meta = read_json(meta_path)
-    actual = sha256_file(directory / WEIGHTS_FILE)
-    if actual != meta["sha256"]:
-        raise ConfigError(f"{directory / WEIGHTS_FILE}: sha256 {actual} does not match {meta_path}; the backbone was modified.")
-    model = build_vit(BackboneParams(**meta["params"]), meta["num_classes"])
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+def load_backbone(ws: Workspace) -> tuple[VisionTransformer, BackboneMeta]:
+    """The frozen backbone, after checking its weights are the ones its metadata names."""
+    meta = ws.backbone_meta()
+    actual = sha256_file(ws.backbone_weights)
+    if actual != meta.sha256:
+        raise ConfigError(f"{ws.backbone_weights}: sha256 {actual} does not match {ws.backbone_meta_file}; the backbone was modified.")
+    model = build_vit(BackboneParams(**meta.params), meta.num_classes)
+    model.load_state_dict(load_file(str(ws.backbone_weights)))
     return freeze(model), meta
 
 
@@ -150,3 +138,11 @@ def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int 
     model.eval()
     out = [model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True) for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndarray) -> np.ndarray:
+    """Features of uint8 images on the deterministic view, with the backbone's recorded threads."""
+    from lmeraser.determinism import deterministic
+
+    with deterministic(meta.threads):
+        return extract_features(model, preprocess(images, meta.img_size))

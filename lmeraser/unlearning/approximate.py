@@ -22,20 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from lmeraser.config import Params, load_params
-from lmeraser.data.splits import load_split, read_source_info
 from lmeraser.errors import LmeraserError
 from lmeraser.inference import ServingModel
-from lmeraser.overlay import Overlay
 from lmeraser.io import sha256_json
+from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append
 from lmeraser.models.backbone import preprocess
-from lmeraser.pipeline import Paths, load_assignments
+from lmeraser.overlay import Overlay
 from lmeraser.training import cluster_seed, code_version
-from lmeraser.unlearning.exact import code_info, deployed_subjects, environment, request_summary
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model
-from lmeraser.unlearning.requests import AUDIT_DIR, Journal, load_corrected_image
+from lmeraser.unlearning.requests import Journal, load_corrected_image
 from lmeraser.versioning import data_md5
+from lmeraser.workspace import Workspace
 
-def check_influence(requests: list[dict], root: Path) -> None:
+
+def check_influence(requests: list[dict], ws: Workspace) -> None:
     """Refuse, before anything is written, what the influence method cannot do."""
     for request in requests:
         if request["public"]:
@@ -43,8 +43,8 @@ def check_influence(requests: list[dict], root: Path) -> None:
                 f"request {request['request_id']} names public samples: the influence method edits only private clusters' "
                 "prompts, not the backbone; use --method exact --allow-backbone-rebuild."
             )
-    if not (root / "artifacts" / "prompts" / "index.json").exists():
-        raise LmeraserError(f"{root / 'artifacts' / 'prompts' / 'index.json'}: no trained prompts to edit; run `dvc repro` first.")
+    if not ws.prompt_index_file.exists():
+        raise LmeraserError(f"{ws.prompt_index_file}: no trained prompts to edit; run `dvc repro` first.")
 
 
 class _ClusterData:
@@ -72,29 +72,27 @@ class _ClusterData:
         return self.x.clone(), self.y.clone(), self.present.clone()
 
 
-def approximate_pending(root: Path, log=print) -> dict | None:
+def approximate_pending(ws: Workspace, log=print) -> dict | None:
     """Apply the influence update for every request submitted with `--method influence` and not
     yet applied; sign one record. None when there is nothing to do."""
-    journal = Journal(root)
-    with journal.lock(".unlearn.lock"):
+    journal = Journal(ws)
+    with ws.lock("unlearn"):
         requests = journal.awaiting_influence()
         if not requests:
             log("no requests awaiting an influence update")
             return None
-        return _approximate(root, requests, journal, log)
+        return _approximate(ws, load_params(ws.params_file), requests, journal, log)
 
 
-def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dict | None:
+def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: Journal, log) -> dict | None:
     start = time.perf_counter()
-    params = load_params(root / "params.yaml")
-    check_influence(requests, root)
-    paths = Paths(root)
-    model = ServingModel.load(paths.artifacts)
-    overlay, entries = Overlay(paths.artifacts), model.overlay  # the active overlay entries, read once
-    private = load_split("private", paths.data)
-    assignments = load_assignments(paths)
+    check_influence(requests, ws)
+    model = ServingModel.load(ws)
+    overlay, entries = Overlay(ws), model.overlay  # the active overlay entries, read once
+    private = ws.split("private")
+    assignments = ws.assignments()
     if assignments["sample_id"].tolist() != private.sample_ids:
-        raise LmeraserError(f"{paths.clusters / 'assignments.csv'} is out of date with data/private; run `dvc repro` first.")
+        raise LmeraserError(f"{ws.assignments_file} is out of date with data/private; run `dvc repro` first.")
     cluster_of = dict(zip(private.sample_ids, assignments["cluster"].astype(int)))
     targets = {s for r in requests for s in r["sample_ids"]}
     missing = sorted(targets - set(cluster_of))
@@ -104,8 +102,8 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
     if not clusters:
         log("nothing to edit: every target was already forgotten (the exact batch records the no-op)")
         return None
-    img_size = model.backbone_meta["params"]["img_size"]
-    image_shape = tuple(read_source_info(paths.data)["image_shape"])
+    img_size = model.img_size
+    image_shape = tuple(ws.source_info()["image_shape"])
     ip = params.influence
     dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
@@ -113,13 +111,16 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
     edited, reports = dict(entries), []
     for cluster in clusters:
         c = str(cluster)
-        if c not in model.index["clusters"]:
+        if c not in model.index.clusters:
             raise LmeraserError(f"cluster {cluster} has no trained prompt; run `dvc repro` first.")
         t0 = time.perf_counter()
         rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
         data = _ClusterData(
-            preprocess(private.images[rows], img_size), torch.from_numpy(private.labels[rows]),
-            [private.sample_ids[i] for i in rows], img_size, image_shape,
+            preprocess(private.images[rows], img_size),
+            torch.from_numpy(private.labels[rows]),
+            [private.sample_ids[i] for i in rows],
+            img_size,
+            image_shape,
         )
         previous = entries.get(c)
         for edit in (previous or {}).get("edits", []):
@@ -132,37 +133,68 @@ def _approximate(root: Path, requests: list[dict], journal: Journal, log) -> dic
         for edit in new_edits:
             data.apply(edit)
         x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
-        base = model.index["clusters"][c]
-        served = previous or base
-        cluster_model = prepare_model(model.backbone, model.prompt_params, model.index["num_classes"], model.state(c), dtype)
+        base = model.index.clusters[c]
+        served_sha256 = previous["sha256"] if previous else base.sha256
+        cluster_model = prepare_model(model.backbone, model.prompt_params, model.index.num_classes, model.state(c), dtype)
         theta, objective, report = influence_edit(
-            cluster_model, x, y, x_new, y_new, present_new, ip,
-            model.prompt_params.weight_decay, cluster_seed(params.seed, cluster), params.influence.threads,
+            cluster_model,
+            x,
+            y,
+            x_new,
+            y_new,
+            present_new,
+            ip,
+            model.prompt_params.adapter.weight_decay,
+            cluster_seed(params.seed, cluster),
+            params.influence.threads,
         )
         state = objective.state(theta)
         losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
         edits = [*(previous or {}).get("edits", []), *new_edits]
-        key = sha256_json({"base": base["key"], "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version()})
-        stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base["key"], "method": "influence"})
+        key = sha256_json(
+            {"base": base.key, "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
+        )
+        stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base.key, "method": "influence"})
         edited[c] = {
-            "key": key, "sha256": stored.sha256, "base_key": base["key"], "base_sha256": base["sha256"],
-            "n_members": int(data.present.sum()), "seed": base["seed"], "approximate": True, "edits": edits,
+            "key": key,
+            "sha256": stored.sha256,
+            "base_key": base.key,
+            "base_sha256": base.sha256,
+            "n_members": int(data.present.sum()),
+            "seed": base.seed,
+            "approximate": True,
+            "edits": edits,
         }
-        reports.append({
-            "cluster": cluster, "prompt_sha256_before": served["sha256"], "prompt_sha256_after": stored.sha256,
-            "exact_prompt_sha256": base["sha256"], "stacked_on_earlier_influence": previous is not None,
-            "edited_sample_loss": losses, **report.to_json(), "seconds_total": time.perf_counter() - t0,
-        })
-        log(f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
+        reports.append(
+            {
+                "cluster": cluster,
+                "prompt_sha256_before": served_sha256,
+                "prompt_sha256_after": stored.sha256,
+                "exact_prompt_sha256": base.sha256,
+                "stacked_on_earlier_influence": previous is not None,
+                "edited_sample_loss": losses,
+                **report.to_json(),
+                "seconds_total": time.perf_counter() - t0,
+            }
+        )
+        log(
+            f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
             f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
             f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g}"
-            + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else ""))
+            + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else "")
+        )
     overlay.write(edited)
-    record = _record(root, params, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
+    record = _record(ws, params, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
     journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
     log(f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`")
-    return {"record": record.number, "sha256": record.line_sha256, "clusters": clusters, "reports": reports,
-            "requests": [r["request_id"] for r in requests], "seconds": time.perf_counter() - start}
+    return {
+        "record": record.number,
+        "sha256": record.line_sha256,
+        "clusters": clusters,
+        "reports": reports,
+        "requests": [r["request_id"] for r in requests],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
@@ -183,24 +215,16 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
     }
 
 
-def _record(root: Path, params: Params, requests: list[dict], reports: list[dict], seconds: dict):
-    from lmeraser.lineage.keys import key_id, key_path, load_or_create_key
-    from lmeraser.lineage.log import LineageLog
-
-    key = load_or_create_key(key_path(root))
+def _record(ws: Workspace, params: Params, requests: list[dict], reports: list[dict], seconds: dict):
     ids = [r["request_id"] for r in requests]
-    predicate = {
-        "batch_id": "influence-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
-        "method": "influence",
-        "approximate": True,
-        "exact_rebuild": "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record",
-        "signer": key_id(key.public_key()),
-        "requests": [request_summary(r) for r in requests],
-        "clusters_edited": reports,
-        "influence": params.influence.model_dump(),
-        "data": {"data_dvc_md5": data_md5(root)},
-        "code": code_info(root, params),
-        "environment": {**environment(), "threads": params.influence.threads},
-        "seconds": seconds,
-    }
-    return LineageLog(root / AUDIT_DIR / "lineage.jsonl").append(deployed_subjects(root), predicate, key)
+    predicate = InfluencePredicate(
+        batch_id="influence-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
+        requests=[RequestSummary.of(r) for r in requests],
+        clusters_edited=reports,
+        influence=params.influence.model_dump(mode="json"),
+        data={"data_dvc_md5": data_md5(ws.root)},
+        code=code_info(ws, params),
+        environment=environment(params.prompt.kind, params.influence.threads),
+        seconds=seconds,
+    )
+    return sign_and_append(ws, predicate)

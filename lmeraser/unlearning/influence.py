@@ -2,7 +2,7 @@
 
 A cluster's prompt (or LoRA adapters) and head, θ, were trained on n samples D to minimise
 
-    L(θ) = (1/n) Σ_D ℓ(z; θ) + (w/2) ‖θ‖²,   ℓ = cross-entropy, w = prompt.weight_decay.
+    L(θ) = (1/n) Σ_D ℓ(z; θ) + (w/2) ‖θ‖²,   ℓ = cross-entropy, w = the PEFT kind's weight_decay.
 
 An edit turns the samples z in S into z′ (removed: no z′), leaving n′ samples. One Newton step
 from θ (taken as the minimiser of L) on the edited objective gives
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, jvp, linearize, vjp, vmap
 
 from lmeraser.config import InfluenceParams, PromptParams
+from lmeraser.determinism import deterministic
 from lmeraser.errors import LmeraserError
 from lmeraser.models.prompts import PromptedClassifier
-from lmeraser.training import deterministic_torch
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -200,8 +200,14 @@ class Solve:
 
 
 def damped_solve(
-    matvec: MatVec, b: torch.Tensor, dim: int, params: InfluenceParams, indefinite: bool, generator: torch.Generator,
-    damping: float | None = None, spectrum: tuple[float, float | None] | None = None,
+    matvec: MatVec,
+    b: torch.Tensor,
+    dim: int,
+    params: InfluenceParams,
+    indefinite: bool,
+    generator: torch.Generator,
+    damping: float | None = None,
+    spectrum: tuple[float, float | None] | None = None,
 ) -> Solve:
     """(H + λI)⁻¹ b with λ from power iterations (or fixed), raising λ if CG meets negative curvature.
 
@@ -294,7 +300,7 @@ def influence_edit(
         raise LmeraserError("the edit changes no sample of the cluster.")
     if not bool(present.any()):
         raise LmeraserError("the edit removes every sample of the cluster; the influence method needs at least one to remain (use the exact method).")
-    with deterministic_torch(threads), torch.no_grad():
+    with deterministic(threads), torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
         objective = Objective(model, weight_decay)
         theta = objective.theta0.clone()
@@ -335,12 +341,24 @@ def influence_edit(
             solve = damped_solve(matvec, b, objective.dim, params, params.hessian == "exact", generator, damping, (solve.lambda_max, solve.lambda_min))
         theta = theta + solve.x
         report = InfluenceReport(
-            hessian=params.hessian, dtype=str(dtype).removeprefix("torch."), parameters=objective.dim, n_before=n,
-            n_after=n_after, n_changed=int(changed.sum()), hessian_samples=len(rows), damping=solve.damping,
-            damping_source="fixed" if params.damping is not None else "power_iteration", lambda_max=solve.lambda_max,
-            lambda_min=solve.lambda_min, cg_iterations=solve.cg.iterations, cg_relative_residual=solve.cg.relative_residual,
-            cg_restarts=solve.restarts, update_norm=float(solve.x.norm()), damping_increases=increases,
-            edited_objective={"before": edited_before, "after": tilted(theta)}, residual_gradient_norm=float(residual.norm()),
+            hessian=params.hessian,
+            dtype=str(dtype).removeprefix("torch."),
+            parameters=objective.dim,
+            n_before=n,
+            n_after=n_after,
+            n_changed=int(changed.sum()),
+            hessian_samples=len(rows),
+            damping=solve.damping,
+            damping_source="fixed" if params.damping is not None else "power_iteration",
+            lambda_max=solve.lambda_max,
+            lambda_min=solve.lambda_min,
+            cg_iterations=solve.cg.iterations,
+            cg_relative_residual=solve.cg.relative_residual,
+            cg_restarts=solve.restarts,
+            update_norm=float(solve.x.norm()),
+            damping_increases=increases,
+            edited_objective={"before": edited_before, "after": tilted(theta)},
+            residual_gradient_norm=float(residual.norm()),
         )
         x_edit, y_edit = x_new[present], y_new[present]
         for _ in range(params.newton_steps):
@@ -370,5 +388,13 @@ def _newton_step(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: 
         step /= 2
     else:
         candidate, new_loss, step = theta, loss, 0.0
-    return {"theta": candidate, "step": step, "loss_before": loss, "loss_after": new_loss, "grad_norm": float(gradient.norm()),
-            "damping": solve.damping, "cg_iterations": solve.cg.iterations, "cg_relative_residual": solve.cg.relative_residual}
+    return {
+        "theta": candidate,
+        "step": step,
+        "loss_before": loss,
+        "loss_after": new_loss,
+        "grad_norm": float(gradient.norm()),
+        "damping": solve.damping,
+        "cg_iterations": solve.cg.iterations,
+        "cg_relative_residual": solve.cg.relative_residual,
+    }

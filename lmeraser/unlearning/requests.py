@@ -8,8 +8,6 @@ request is lost; a torn last line (a crash mid-append) is ignored and repaired.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -17,7 +15,6 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,11 +22,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from lmeraser.data.splits import SPLITS, load_manifest, load_tombstones, read_source_info
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
-
-AUDIT_DIR = "audit"
+from lmeraser.workspace import SPLITS, Workspace
 
 
 class RequestSpec(BaseModel):
@@ -73,23 +68,25 @@ def parse_requests_file(path: Path) -> list[RequestSpec]:
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise LmeraserError(f"{path} line {number}: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied.") from None
+            raise LmeraserError(
+                f"{path} line {number}: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied."
+            ) from None
     if not specs:
         raise LmeraserError(f"{path}: no requests in the file.")
     return specs
 
 
-def subject_salt(root: Path) -> bytes:
+def subject_salt(ws: Workspace) -> bytes:
     """A secret salt (0600) so subject ids enter records only as keyed hashes."""
-    path = root / AUDIT_DIR / "keys" / "subject-salt"
+    path = ws.subject_salt_file
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
     return path.read_bytes()
 
 
-def hash_subject(root: Path, subject: str) -> str:
-    return hmac.new(subject_salt(root), subject.encode(), hashlib.sha256).hexdigest()
+def hash_subject(ws: Workspace, subject: str) -> str:
+    return hmac.new(subject_salt(ws), subject.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -111,17 +108,22 @@ class ResolvedRequest:
 
     def to_json(self) -> dict:
         return {
-            "request_id": self.request_id, "kind": self.kind, "sample_ids": self.sample_ids,
-            "already_forgotten": self.already_forgotten, "subject_hashes": self.subject_hashes,
-            "public": self.public, "label": self.label, "input_path": self.input_path, "received_at": self.received_at,
+            "request_id": self.request_id,
+            "kind": self.kind,
+            "sample_ids": self.sample_ids,
+            "already_forgotten": self.already_forgotten,
+            "subject_hashes": self.subject_hashes,
+            "public": self.public,
+            "label": self.label,
+            "input_path": self.input_path,
+            "received_at": self.received_at,
         }
 
 
-def resolve(spec: RequestSpec, root: Path) -> ResolvedRequest:
+def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
     """Check every target against the data; refuse unknown ids and public samples."""
-    data = root / "data"
-    manifests = {split: load_manifest(split, data) for split in SPLITS}
-    tomb = load_tombstones(data)
+    manifests = {split: ws.manifest(split) for split in SPLITS}
+    tomb = ws.tombstones()
     forgotten = set(tomb["sample_id"].dropna()) if "sample_id" in tomb else set()
     where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
     targets = list(dict.fromkeys(spec.sample_ids))
@@ -155,12 +157,17 @@ def resolve(spec: RequestSpec, root: Path) -> ResolvedRequest:
             if not 0 <= spec.label < classes:
                 raise LmeraserError(f"label {spec.label} is outside the label domain 0..{classes - 1}.")
         if spec.input is not None:
-            load_corrected_image(Path(spec.input), tuple(read_source_info(data)["image_shape"]))
+            load_corrected_image(Path(spec.input), tuple(ws.source_info()["image_shape"]))
     is_public = any(where.get(sid) == "public" for sid in live)
     return ResolvedRequest(
-        request_id=f"req-{uuid.uuid4().hex[:12]}", kind=spec.kind, sample_ids=live, already_forgotten=gone,
-        subject_hashes=[hash_subject(root, s) for s in spec.subjects], public=is_public,
-        label=spec.label, input_path=str(Path(spec.input).resolve()) if spec.input else None,
+        request_id=f"req-{uuid.uuid4().hex[:12]}",
+        kind=spec.kind,
+        sample_ids=live,
+        already_forgotten=gone,
+        subject_hashes=[hash_subject(ws, s) for s in spec.subjects],
+        public=is_public,
+        label=spec.label,
+        input_path=str(Path(spec.input).resolve()) if spec.input else None,
     )
 
 
@@ -189,22 +196,9 @@ def load_corrected_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 class Journal:
     """`audit/journal.jsonl`: one JSON event per line (`received`, `applied`, `verified`)."""
 
-    def __init__(self, root: Path):
-        self.root = root
-        self.path = root / AUDIT_DIR / "journal.jsonl"
-        self.lock_path = root / AUDIT_DIR / ".journal.lock"
-
-    @contextlib.contextmanager
-    def lock(self, name: str = ".journal.lock") -> Iterator[None]:
-        """An exclusive advisory lock; a second process waits for the first."""
-        path = self.root / AUDIT_DIR / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.path = ws.journal_file
 
     def _repair(self) -> None:
         # A crash mid-append can leave a last line without its newline: drop it (it was never
@@ -215,7 +209,7 @@ class Journal:
                 atomic_write_bytes(self.path, raw[: raw.rfind(b"\n") + 1])
 
     def append(self, events: list[dict]) -> None:
-        with self.lock():
+        with self.ws.lock("journal"):
             self._repair()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as handle:
@@ -255,5 +249,4 @@ class Journal:
 
     def awaiting_influence(self) -> list[dict]:
         """Requests submitted with `--method influence` whose influence update is not applied yet."""
-        return [e["request"] for e in self.requests().values()
-                if e["state"] == "received" and "request" in e and e["history"][0].get("method") == "influence"]
+        return [e["request"] for e in self.requests().values() if e["state"] == "received" and "request" in e and e["history"][0].get("method") == "influence"]

@@ -3,71 +3,70 @@ compare with the recorded artifact hashes (invariant 3: same machine and version
 
 Content addressing makes the inputs checkable: a cluster's current artifact key is the hash of
 its members, config, seed and code, so if the deployed artifact still has the hash the record
-states, the workspace still holds exactly the inputs that produced it.
+states, the workspace still holds exactly the inputs that produced it. The retraining is the
+train stage's own per-cluster function (`ClusterTrainer.state`), not a copy of it.
 """
 
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 
 import torch
 
-from lmeraser.config import load_params
-from lmeraser.data.splits import load_split
+from lmeraser.config import Params
 from lmeraser.errors import LmeraserError
 from lmeraser.inference import ServingModel
-from lmeraser.pipeline import Paths, plan_training
-from lmeraser.training import ArtifactStore, load_prompt, train_prompt
+from lmeraser.lineage.log import Record
+from lmeraser.lineage.records import environment
+from lmeraser.models.backbone import preprocess
+from lmeraser.pipeline.train import plan
+from lmeraser.store import ArtifactStore
+from lmeraser.training import load_prompt
+from lmeraser.workspace import Workspace
 
-ENV_KEYS = ("python", "torch", "timm", "faiss", "numpy", "cpu", "training_code", "threads")
+ENV_KEYS = ("python", "torch", "timm", "peft", "faiss", "numpy", "cpu", "training_code", "threads")
 
 
-def replay(root: Path, record, log=print) -> dict:
-    from lmeraser.unlearning.exact import environment
-
+def replay(ws: Workspace, params: Params, record: Record, log=print) -> dict:
     if record.predicate.get("method") == "influence":
         raise LmeraserError(
             f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
             "supersedes it (`lmeraser audit show` lists them)."
         )
-    params = load_params(root / "params.yaml")
-    now = {**environment(), "threads": params.runtime.threads}
+    now = environment(params.prompt.kind, params.runtime.threads)
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
-    ctx, jobs = plan_training(params, Paths(root))
-    jobs = {job.cluster: job for job in jobs}
-    current = ServingModel.load(root / "artifacts")
+    training = plan(params, ws)
+    trainer, jobs = training.trainer, {job.cluster: job for job in training.jobs}
+    current = ServingModel.load(ws)
     results = []
     for entry in record.predicate["clusters_rebuilt"]:
         cluster, expected = entry["cluster"], entry["prompt_sha256_after"]
-        deployed = current.index["clusters"].get(str(cluster))
+        deployed = current.index.clusters.get(str(cluster))
         if expected is None:
             results.append({"cluster": cluster, "status": "retired" if deployed is None else "re-created later", "match": deployed is None})
             continue
-        if deployed is None or deployed["sha256"] != expected:
+        if deployed is None or deployed.sha256 != expected:
             results.append({"cluster": cluster, "status": "superseded by a later record; replay that one", "match": None})
             continue
         job = jobs[cluster]
-        if job.key != deployed["key"]:
-            raise LmeraserError(f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; data or params changed since record {record.number}.")
-        state = train_prompt(ctx.backbone, ctx.x[torch.from_numpy(job.rows)], ctx.y[torch.from_numpy(job.rows)], params.prompt, ctx.num_classes, job.seed, params.runtime.threads)
+        if job.key != deployed.key:
+            raise LmeraserError(
+                f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; data or params changed since record {record.number}."
+            )
+        state = trainer.state(job)
         with tempfile.TemporaryDirectory() as tmp:
             stored = ArtifactStore(tmp).save(job.key, state, {"cluster": cluster, "n_members": len(job.rows), "seed": job.seed})
         result = {"cluster": cluster, "status": "replayed", "sha256": stored.sha256, "match": stored.sha256 == expected}
         if differences:
             # Another machine or versions: bits may differ legitimately; compare behaviour instead.
-            test = load_split("test", root / "data")
-            recorded = load_prompt(ctx.backbone, params.prompt, ctx.num_classes, current.store.load(deployed["key"]))
-            replayed = load_prompt(ctx.backbone, params.prompt, ctx.num_classes, state)
-            from lmeraser.models.backbone import preprocess
-
-            x = preprocess(test.images, current.backbone_meta["params"]["img_size"])
+            x = preprocess(ws.split("test").images, current.img_size)
+            recorded = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, current.store.load(deployed.key))
+            replayed = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, state)
             with torch.no_grad():
                 agreement = float((recorded(x).argmax(1) == replayed(x).argmax(1)).float().mean())
             result["prediction_agreement"] = agreement
             result["match"] = result["match"] or agreement >= 0.99
         log(f"cluster {cluster}: {result['status']}" + (f", sha256 {'matches' if result['sha256'] == expected else 'differs'}" if "sha256" in result else ""))
         results.append(result)
-    return {"record": record.number, "environment_differences": differences, "clusters": results,
-            "ok": all(r["match"] is not False for r in results)}
+    return {"record": record.number, "environment_differences": differences, "clusters": results, "ok": all(r["match"] is not False for r in results)}

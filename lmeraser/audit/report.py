@@ -9,6 +9,9 @@ import json
 from pathlib import Path
 
 from lmeraser.io import atomic_write_text
+from lmeraser.lineage.log import Record
+from lmeraser.lineage.records import summary_row
+from lmeraser.workspace import Workspace
 
 
 def _png(fig) -> str:
@@ -17,16 +20,15 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def build_report(root: Path, records: list, out: Path) -> Path:
+def build_report(ws: Workspace, records: list[Record], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figures = []
-    sizes_path = root / "reports" / "clusters.json"
-    if sizes_path.exists():
-        sizes = json.loads(sizes_path.read_text())["sizes"]
+    if ws.cluster_report.exists():
+        sizes = json.loads(ws.cluster_report.read_text())["sizes"]
         fig, ax = plt.subplots(figsize=(8, 3))
         ax.bar(range(len(sizes)), sizes, color="#55a868")
         ax.set(xlabel="cluster", ylabel="private samples", title="current cluster sizes")
@@ -67,14 +69,15 @@ def build_report(root: Path, records: list, out: Path) -> Path:
     figures.append(("Membership inference", _png(fig)))
     plt.close(fig)
 
-    rows = [{**r.summary(), "record sha256": r.line_sha256[:16]} for r in records]
+    rows = [{**summary_row(r), "record sha256": r.line_sha256[:16]} for r in records]
     header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) if rows else ""
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmeraser audit report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
 <body><h1>lmeraser audit report</h1><p>{len(records)} lineage record(s); signatures and hash chain verified before this report was written.</p>
 <table><tr>{header}</tr>{cells}</table>
-{''.join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">' for t, b in figures)}
+{"".join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">' for t, b in figures)}
 </body></html>"""
     atomic_write_text(out, body)
     return out

@@ -1,0 +1,208 @@
+"""The lineage record schema, and the one way a record is signed and appended.
+
+A record is an in-toto v1 Statement in a DSSE envelope (dsse.py), one per line of the
+hash-chained log (log.py). Its subjects are the deployed artifacts by sha256; its predicate is
+one of the two typed shapes below: an exact batch (data changed, clusters rebuilt, stores
+purged, checks run) or an influence update (approximate, superseded by a later exact batch).
+The log adds `sequence` and `previous_record_sha256` to every predicate when it appends.
+
+Records hold content hashes and keyed hashes, never raw sample ids of subjects, pixels or keys.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from lmeraser.io import sha256_file, sha256_json
+from lmeraser.lineage.keys import key_id, load_or_create_key
+from lmeraser.lineage.log import LineageLog, Record
+from lmeraser.overlay import Overlay
+from lmeraser.versioning import git_commit
+from lmeraser.workspace import Workspace
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestSummary(_Schema):
+    """A request as a record states it: ids, kind and keyed subject hashes, never raw subjects."""
+
+    request_id: str
+    kind: Literal["forget", "rectify"]
+    subject_hashes: list[str]
+    already_forgotten: list[str]
+    label: int | None = None
+    input: Literal["corrected image"] | None = None
+
+    @classmethod
+    def of(cls, request: dict) -> RequestSummary:
+        return cls(
+            request_id=request["request_id"],
+            kind=request["kind"],
+            subject_hashes=request["subject_hashes"],
+            already_forgotten=request["already_forgotten"],
+            label=request["label"],
+            input="corrected image" if request["input_path"] else None,
+        )
+
+
+class CodeInfo(_Schema):
+    git_commit: str
+    params_sha256: str
+    seed: int
+
+
+class ClusterRebuilt(_Schema):
+    cluster: int
+    prompt_sha256_before: str | None  # None: the cluster is new
+    prompt_sha256_after: str | None  # None: the cluster was retired (emptied)
+    seed: int | None
+
+
+class DataVersions(_Schema):
+    data_dvc_md5_before: str | None
+    data_dvc_md5_after: str | None
+    dvc_lock_sha256_before: str | None
+    dvc_lock_sha256_after: str | None
+
+
+class BeforeAfter(_Schema):
+    before: float | None
+    after: float | None
+
+
+class ExactPredicate(_Schema):
+    """An exact batch: the data changed, the affected clusters were rebuilt from it."""
+
+    batch_id: str
+    method: Literal["exact"] = "exact"
+    supersedes: list[int]  # influence records whose requests this batch made exact
+    signer: str = ""  # filled by sign_and_append
+    requests: list[RequestSummary]
+    removed_content_hashes: list[str]
+    samples_affected: int
+    backbone_rebuild: bool
+    clusters_rebuilt: list[ClusterRebuilt]
+    clusters_untouched: int
+    data: DataVersions
+    code: CodeInfo
+    environment: dict
+    seconds: dict[str, float]
+    accuracy: BeforeAfter
+    stages_run: list[str]
+    purge: dict
+    verification: dict
+
+
+class InfluencePredicate(_Schema):
+    """An influence update: approximate, served at once; the exact batch stays queued."""
+
+    batch_id: str
+    method: Literal["influence"] = "influence"
+    approximate: Literal[True] = True
+    exact_rebuild: str = "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record"
+    signer: str = ""
+    requests: list[RequestSummary]
+    clusters_edited: list[dict]  # per cluster: prompt hashes, damping, CG residual, losses, timings
+    influence: dict  # the influence settings used
+    data: dict[str, str | None]  # data.dvc md5 (unchanged by an influence update)
+    code: CodeInfo
+    environment: dict
+    seconds: dict[str, float]
+
+
+def environment(kind: str, threads: int) -> dict:
+    """The software and machine a record's computation ran on (what replay compares)."""
+    import faiss
+    import numpy as np
+
+    from lmeraser.training import code_version, library_versions
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "python": platform.python_version(),
+        **library_versions(),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "training_code": code_version(kind),
+        "threads": threads,
+    }
+
+
+def code_info(ws: Workspace, params) -> CodeInfo:
+    return CodeInfo(git_commit=git_commit(ws.root), params_sha256=sha256_json(params.model_dump(mode="json")), seed=params.seed)
+
+
+def served_prompts(ws: Workspace) -> dict[str, str]:
+    """cluster -> sha256 of the prompt it serves (its influence overlay, if any, else exact)."""
+    return {c: sha256 for c, (_, sha256) in Overlay(ws).served(ws.prompt_index_or_empty()).items()}
+
+
+def deployed_subjects(ws: Workspace) -> dict[str, str]:
+    """The serving artifacts a record vouches for (in-toto subjects): name -> sha256."""
+    subjects = {ws.relative(path): sha256_file(path) for path in (ws.backbone_weights, ws.prototypes_file, ws.prompt_index_file)}
+    overlay = Overlay(ws)
+    subjects.update(dict(overlay.served(ws.prompt_index_or_empty()).values()))
+    if overlay.path.exists():
+        subjects[ws.relative(overlay.path)] = sha256_file(overlay.path)
+    return subjects
+
+
+def lineage_log(ws: Workspace) -> LineageLog:
+    return LineageLog(ws.lineage_file)
+
+
+def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicate) -> Record:
+    """Sign the predicate over the deployed artifacts with the workspace's key and append it."""
+    key = load_or_create_key(ws.signing_key_file)
+    signed = predicate.model_copy(update={"signer": key_id(key.public_key())})
+    return lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
+
+
+def summary_row(record: Record) -> dict[str, str]:
+    """One row of `audit show` and of the report's table; influence records leave the exact
+    batch's columns empty ("-")."""
+    p = record.predicate
+    if p.get("method") == "influence":
+        return {
+            "#": str(record.number),
+            "method": "influence (approximate)",
+            "batch": p["batch_id"],
+            "requests": str(len(p["requests"])),
+            "clusters changed": ",".join(str(c["cluster"]) for c in p["clusters_edited"]) or "-",
+            "untouched": "-",
+            "acc before": "-",
+            "acc after": "-",
+            "scan hits": "-",
+            "supersedes": "-",
+        }
+    accuracy = p["accuracy"]
+    return {
+        "#": str(record.number),
+        "method": "exact",
+        "batch": p["batch_id"],
+        "requests": str(len(p["requests"])),
+        "clusters changed": ",".join(str(c["cluster"]) for c in p["clusters_rebuilt"]) or "-",
+        "untouched": str(p["clusters_untouched"]),
+        "acc before": _fmt(accuracy["before"]),
+        "acc after": _fmt(accuracy["after"]),
+        "scan hits": str(p["verification"]["scan"]["hits"]),
+        "supersedes": ",".join(str(n) for n in p.get("supersedes", [])) or "-",
+    }
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

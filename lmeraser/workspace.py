@@ -1,0 +1,417 @@
+"""Every location in a workspace, and typed readers for what lives there.
+
+The bottom layer: every other module asks a `Workspace` where things are instead of spelling
+out paths, and reads the files below through the readers here, so the on-disk layout has one
+owner. Readers move bytes into typed structures; they compute nothing (which is why the stage
+registry does not count this module as code a stage's outputs depend on).
+
+    params.yaml                       the pipeline's parameters (or any file --params names)
+    data/<split>/{manifest.csv,images.npy}, data/source.json, data/tombstones.csv
+    artifacts/validation/<split>.json one fingerprint ticket per validated split
+    artifacts/backbone/{backbone.safetensors,backbone.json}
+    artifacts/clusters/{prototypes.npy,prototypes.json,assignments.csv}
+    artifacts/prompts/index.json      the exact prompts (signed: nothing volatile in it)
+    artifacts/prompts/last_run.json   what the last train run trained, reused and retired
+    artifacts/prompts/store/          content-addressed prompt artifacts (<key>.safetensors)
+    artifacts/prompts/approximate/    the influence overlay (overlay.json + its artifacts)
+    reports/, metrics.json            evaluation outputs (DVC metrics and plots)
+    audit/                            journal, lineage log, batch state, keys
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmeraser.errors import DataError, LmeraserError
+
+SPLITS = ("public", "private", "test")
+MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
+TOMBSTONE_COLUMNS = ["sample_id", "content_hash", "reason"]  # reason: forget | rectify-input
+KEY_FILE_ENV = "LMERASER_SIGNING_KEY_FILE"  # where the signing key lives, if not in audit/keys/
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """One workspace: the repository root a pipeline runs in, and the params file it uses."""
+
+    root: Path = Path(".")
+    params_file: Path | None = None  # default: <root>/params.yaml
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        params = Path(self.params_file) if self.params_file is not None else self.root / "params.yaml"
+        object.__setattr__(self, "params_file", params)
+
+    @property
+    def pipeline_params_file(self) -> Path:
+        """The params file dvc.yaml's stages read (whatever --params a command was given)."""
+        return self.root / "params.yaml"
+
+    def relative(self, path: Path) -> str:
+        """A path as the records name it: relative to the root, with forward slashes."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    # -- data ----------------------------------------------------------------------------------
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def split_dir(self, split: str) -> Path:
+        return self.data / split
+
+    @property
+    def source_info_file(self) -> Path:
+        return self.data / "source.json"
+
+    @property
+    def tombstones_file(self) -> Path:
+        return self.data / "tombstones.csv"
+
+    @property
+    def data_dvc(self) -> Path:
+        return self.root / "data.dvc"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
+
+    @property
+    def dvc_dir(self) -> Path:
+        return self.root / ".dvc"
+
+    # -- artifacts -----------------------------------------------------------------------------
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def validation(self) -> Path:
+        return self.artifacts / "validation"
+
+    def validation_ticket(self, split: str) -> Path:
+        return self.validation / f"{split}.json"
+
+    @property
+    def backbone_dir(self) -> Path:
+        return self.artifacts / "backbone"
+
+    @property
+    def backbone_weights(self) -> Path:
+        return self.backbone_dir / "backbone.safetensors"
+
+    @property
+    def backbone_meta_file(self) -> Path:
+        return self.backbone_dir / "backbone.json"
+
+    @property
+    def clusters(self) -> Path:
+        return self.artifacts / "clusters"
+
+    @property
+    def prototypes_file(self) -> Path:
+        return self.clusters / "prototypes.npy"
+
+    @property
+    def prototypes_meta_file(self) -> Path:
+        return self.clusters / "prototypes.json"
+
+    @property
+    def assignments_file(self) -> Path:
+        return self.clusters / "assignments.csv"
+
+    @property
+    def prompts(self) -> Path:
+        return self.artifacts / "prompts"
+
+    @property
+    def prompt_index_file(self) -> Path:
+        return self.prompts / "index.json"
+
+    @property
+    def last_run_file(self) -> Path:
+        return self.prompts / "last_run.json"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.prompts / "store"
+
+    @property
+    def overlay_dir(self) -> Path:
+        return self.prompts / "approximate"
+
+    @property
+    def overlay_file(self) -> Path:
+        return self.overlay_dir / "overlay.json"
+
+    # -- reports -------------------------------------------------------------------------------
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def data_docs(self) -> Path:
+        return self.reports / "data_docs"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def cluster_report(self) -> Path:
+        return self.reports / "clusters.json"
+
+    @property
+    def baselines_report(self) -> Path:
+        return self.reports / "baselines.json"
+
+    @property
+    def confusion_report(self) -> Path:
+        return self.reports / "confusion_matrix.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.json"
+
+    # -- MLflow defaults (a tracking server, if configured, keeps its own) ----------------------
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def mlflow_default_root(self) -> Path:
+        return self.root / "mlruns"
+
+    # -- audit ---------------------------------------------------------------------------------
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def journal_file(self) -> Path:
+        return self.audit / "journal.jsonl"
+
+    @property
+    def lineage_file(self) -> Path:
+        return self.audit / "lineage.jsonl"
+
+    @property
+    def batches(self) -> Path:
+        return self.audit / "batches"
+
+    def batch_file(self, batch_id: str) -> Path:
+        return self.batches / f"{batch_id}.json"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.audit / "keys"
+
+    @property
+    def signing_key_file(self) -> Path:
+        """$LMERASER_SIGNING_KEY_FILE, else audit/keys/signing-key.pem."""
+        import os
+
+        configured = os.environ.get(KEY_FILE_ENV)
+        return Path(configured) if configured else self.keys_dir / "signing-key.pem"
+
+    @property
+    def subject_salt_file(self) -> Path:
+        return self.keys_dir / "subject-salt"
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive advisory lock `audit/.<name>.lock`; a second process waits for the first."""
+        path = self.audit / f".{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- typed readers -------------------------------------------------------------------------
+
+    def source_info(self) -> dict:
+        return _read_json(self.source_info_file, "run 'lmeraser data init' first")
+
+    def manifest(self, split: str) -> pd.DataFrame:
+        """A split's manifest alone, without reading its pixels."""
+        path = self.split_dir(split) / "manifest.csv"
+        if not path.exists():
+            raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+        return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+
+    def split(self, name: str) -> Split:
+        """A split's manifest and pixels, checked against each other."""
+        manifest = self.manifest(name)
+        images_path = self.split_dir(name) / "images.npy"
+        if not images_path.exists():
+            raise DataError(f"{images_path}: not found; run 'lmeraser data init' first.")
+        try:
+            images = np.load(images_path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"{images_path}: unreadable ({error}).") from None
+        if len(images) != len(manifest):
+            raise DataError(f"{images_path}: {len(images)} images but its manifest lists {len(manifest)} samples.")
+        return Split(name, manifest, images)
+
+    def tombstones(self) -> pd.DataFrame:
+        path = self.tombstones_file
+        if not path.exists():
+            return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "reason" not in frame:
+            frame["reason"] = "forget"
+        return frame[TOMBSTONE_COLUMNS]
+
+    def backbone_meta(self) -> BackboneMeta:
+        return BackboneMeta.from_json(_read_json(self.backbone_meta_file, "run the backbone stage first"))
+
+    def prototypes_meta(self) -> dict:
+        return _read_json(self.prototypes_meta_file, "run the prototypes stage first")
+
+    def prototypes(self) -> np.ndarray:
+        if not self.prototypes_file.exists():
+            raise LmeraserError(f"{self.prototypes_file}: not found; run the prototypes stage first.")
+        return np.load(self.prototypes_file, allow_pickle=False)
+
+    def assignments(self) -> pd.DataFrame:
+        """sample_id -> cluster for every private sample (sorted by sample id)."""
+        if not self.assignments_file.exists():
+            raise LmeraserError(f"{self.assignments_file}: not found; run the assign stage first.")
+        return pd.read_csv(self.assignments_file, dtype={"sample_id": str})
+
+    def cluster_of(self) -> dict[str, int]:
+        frame = self.assignments()
+        return dict(zip(frame["sample_id"], frame["cluster"].astype(int)))
+
+    def prompt_index(self) -> PromptIndex:
+        return PromptIndex.from_json(_read_json(self.prompt_index_file, "run the train stage first"))
+
+    def prompt_index_or_empty(self) -> PromptIndex:
+        return self.prompt_index() if self.prompt_index_file.exists() else PromptIndex()
+
+    def last_run(self) -> dict:
+        return _read_json(self.last_run_file, "run the train stage first")
+
+    def overlay_entries(self) -> dict[str, dict]:
+        """cluster -> influence overlay entry, as written (active or stale)."""
+        return _read_json(self.overlay_file, "")["clusters"] if self.overlay_file.exists() else {}
+
+    def metrics(self) -> dict:
+        return _read_json(self.metrics_file, "run `dvc repro` first")
+
+
+@dataclass
+class Split:
+    name: str
+    manifest: pd.DataFrame
+    images: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.manifest["label"].to_numpy(dtype=np.int64, copy=True)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return self.manifest["sample_id"].tolist()
+
+
+@dataclass(frozen=True)
+class BackboneMeta:
+    """`artifacts/backbone/backbone.json`: what the frozen backbone is and how it was made."""
+
+    sha256: str
+    params: dict  # the backbone section it was built with
+    num_classes: int
+    threads: int  # torch threads every whole-split pass over this backbone uses
+    origin: dict = field(default_factory=dict)  # trained on the public split, or a checkpoint
+
+    @property
+    def img_size(self) -> int:
+        return int(self.params["img_size"])
+
+    @classmethod
+    def from_json(cls, raw: dict) -> BackboneMeta:
+        return cls(raw["sha256"], raw["params"], int(raw["num_classes"]), int(raw.get("threads", 1)), raw.get("origin", {}))
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "params": self.params, "num_classes": self.num_classes, "threads": self.threads, "origin": self.origin}
+
+
+@dataclass(frozen=True)
+class PromptEntry:
+    key: str  # content address in the store
+    sha256: str  # of the stored file
+    n_members: int
+    seed: int
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "sha256": self.sha256, "n_members": self.n_members, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class PromptIndex:
+    """`artifacts/prompts/index.json`: the exact prompt each cluster serves, and what every
+    cluster's artifact key shares (backbone, PEFT kind and settings, code and library versions).
+
+    Signed in every lineage record, so it holds only what determines the served model: nothing
+    about when or how fast it was made (that is `last_run.json`).
+    """
+
+    clusters: dict[str, PromptEntry] = field(default_factory=dict)
+    key_inputs: dict = field(default_factory=dict)
+
+    @property
+    def backbone_sha256(self) -> str | None:
+        return self.key_inputs.get("backbone")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.key_inputs.get("num_classes", 0))
+
+    @property
+    def prompt(self) -> dict:
+        """{"kind": K, K: settings}: the chosen PEFT kind only."""
+        return self.key_inputs.get("prompt", {})
+
+    @classmethod
+    def from_json(cls, raw: dict) -> PromptIndex:
+        clusters = {c: PromptEntry(e["key"], e["sha256"], int(e["n_members"]), int(e["seed"])) for c, e in raw["clusters"].items()}
+        return cls(clusters, raw.get("key_inputs", {}))
+
+    def to_json(self) -> dict:
+        return {"clusters": {c: self.clusters[c].to_json() for c in sorted(self.clusters, key=int)}, "key_inputs": self.key_inputs}
+
+    def hashes(self) -> dict[str, str]:
+        return {c: e.sha256 for c, e in self.clusters.items()}
+
+
+def _read_json(path: Path, hint: str) -> Any:
+    if not path.exists():
+        raise LmeraserError(f"{path}: not found" + (f"; {hint}." if hint else "."))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LmeraserError(f"{path}: not valid JSON ({error.__class__.__name__}).") from None
