@@ -52,7 +52,7 @@ def workspace(source: str) -> Path:
     work = ROOT / "bench" / "results" / f"work-unlearn-{source}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for name in ("dvc.yaml", "data.dvc", ".dvcignore", "pyproject.toml"):
+    for name in ("dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(ROOT / name, work / name)
     for name in ("lmeraser", "flows", ".dvc"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))

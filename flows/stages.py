@@ -32,15 +32,23 @@ def _workspace(root: str, params_file: str) -> tuple[Params, Workspace]:
 def _run(name: str, root: str, params_file: str, **options) -> dict | State:
     """Run one stage with the run logger; a user-facing error fails the flow with its one sentence."""
     params, ws = _workspace(root, params_file)
-    definition = stage(name)
     try:
-        result = definition.function(params, ws, get_run_logger().info, **options)
+        result = stage(name).function(params, ws, get_run_logger().info, **options)
     except LmeraserError as error:
         return Failed(message=str(error))
+    track_stage(name, params, ws, result)
+    return result
+
+
+def track_stage(name: str, params: Params, ws: Workspace, result: dict) -> None:
+    """One MLflow run for a stage that ran (here or in an unlearning batch's rebuild): the params
+    it reads, its metrics and small outputs; after evaluate, the served model's registration."""
+    definition = stage(name)
     with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json"))):
         tracking.log_metrics(result.get("metrics", {}))
         tracking.log_artifacts([ws.root / path for path in definition.logged])
-    return result
+    if name == "evaluate":
+        result["model_version"] = _register(params, ws, result)
 
 
 @task(cache_policy=NO_CACHE, retries=0, task_run_name="train-cluster-{job.cluster}")
@@ -86,12 +94,8 @@ def train(root: str = ".", params_file: str = "params.yaml") -> dict:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(root: str = ".", params_file: str = "params.yaml") -> dict:
-    """Test accuracy of the served model; the serving bundle is registered in MLflow."""
-    result = _run("evaluate", root, params_file)
-    if isinstance(result, dict):
-        params, ws = _workspace(root, params_file)
-        result["model_version"] = _register(params, ws, result)
-    return result
+    """Test accuracy of the served model; the served model is registered in MLflow."""
+    return _run("evaluate", root, params_file)
 
 
 @flow(name="baselines", log_prints=True)
@@ -112,13 +116,13 @@ STAGE_FLOWS = {
 
 
 def _register(params: Params, ws: Workspace, result: dict) -> int:
-    """Log the serving bundle (backbone, prototypes, prompt index and artifacts) and register it."""
+    """Log the served model as an MLflow pyfunc and register it as `lmeraser@production`, when it
+    changed (a version per served bundle, never per run)."""
+    example = ws.split("test").images[:8]
     with tracking.stage_run(ws, "register", {"seed": params.seed, **stage("train").param_values(params.model_dump(mode="json"))}) as run:
         tracking.log_metrics(result["metrics"])
-        tracking.log_artifacts([ws.backbone_dir, ws.prototypes_file, ws.prototypes_meta_file, ws.prompts], "model")
-        version = tracking.register_model(run.info.run_id, "model", f"test accuracy {result['metrics']['accuracy']:.4f}")
-    get_run_logger().info(f"registered model 'lmeraser' version {version}")
-    return version
+        description = f"test accuracy {result['metrics']['accuracy']:.4f}"
+        return tracking.register_serving_model(ws, run.info.run_id, example, description, get_run_logger().info)
 
 
 def run_stage(name: str, root: str = ".", params_file: str = "params.yaml") -> State:

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from lmeraser import tracking
+from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
 from lmeraser.unlearning.exact import UnlearnBatch, process_pending
 from lmeraser.workspace import Workspace
@@ -25,10 +26,20 @@ def unlearn_step(batch: UnlearnBatch, step: str) -> dict:
 
 
 @flow(name="unlearn", log_prints=True)
-def unlearn(root: str = ".", params_file: str = "params.yaml") -> dict | None:
+def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True) -> dict | None:
+    """Every pending request as one batch; the stages its rebuild runs are tracked like the pipeline's."""
+    from flows.stages import track_stage
+
     ws = Workspace(Path(root), Path(root) / params_file)
     try:
-        result = process_pending(ws, get_run_logger().info, run_step=lambda batch, step: unlearn_step(batch, step))
+        params = load_params(ws.params_file)
+        result = process_pending(
+            ws,
+            get_run_logger().info,
+            run_step=lambda batch, step: unlearn_step(batch, step),
+            git_commit=git_commit,
+            after_stage=lambda name, summary: track_stage(name, params, ws, summary),
+        )
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:

@@ -89,6 +89,10 @@ def data_init(
         f"data: {summary['source']} {tuple(summary['image_shape'])}, {summary['num_classes']} classes -> "
         f"public {counts['public']}, private {counts['private']}, test {counts['test']}"
     )
+    console.print(
+        f"suppression list ({ws.relative(ws.suppression_file)}): {summary['suppressed']} sample(s) kept out, "
+        f"{summary['labels_corrected']} label correction(s) re-applied"
+    )
     if dvc and ws.dvc_dir.is_dir():
         from lmeraser.versioning import data_md5
         from lmeraser.versioning import dvc as run_dvc
@@ -207,16 +211,21 @@ def _submit(specs, ws: Workspace, method: str = "exact") -> list:
         journal.submit(resolved, method)
     for request in resolved:
         noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
+        if request.subjects_already_forgotten:
+            noop += f", {len(request.subjects_already_forgotten)} subject(s) already forgotten (no-op, still recorded)"
         console.print(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
     return resolved
 
 
-def _process(ws: Workspace) -> None:
+GIT_COMMIT = typer.Option(True, "--git-commit/--no-git-commit", help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace)")
+
+
+def _process(ws: Workspace, git_commit: bool = True) -> None:
     _quiet_env()
     from flows.unlearn import unlearn
 
     _quiet_prefect_server()
-    state = unlearn(root=str(ws.root.resolve()), params_file=_params_arg(ws), return_state=True)
+    state = unlearn(root=str(ws.root.resolve()), params_file=_params_arg(ws), git_commit=git_commit, return_state=True)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
     result = state.result()
@@ -228,6 +237,7 @@ def _process(ws: Workspace) -> None:
         f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
         + (f", retired {result['retired']}" if result["retired"] else "")
         + f"; scan hits {verification['scan']['hits']}; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
+        + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
 
 
@@ -260,6 +270,7 @@ def forget(
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
+    git_commit: bool = GIT_COMMIT,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
     from lmeraser.unlearning.requests import RequestSpec, parse_requests_file
@@ -276,14 +287,14 @@ def forget(
         _submit(specs, ws, method)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, ws)
+    _answer(method, process, ws, git_commit)
 
 
-def _answer(method: str, process: bool | None, ws: Workspace) -> None:
+def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool) -> None:
     if method == "influence":
         _approximate(ws)
     if process if process is not None else method == "exact":
-        _process(ws)
+        _process(ws, git_commit)
 
 
 @app.command("rectify")
@@ -295,6 +306,7 @@ def rectify(
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
+    git_commit: bool = GIT_COMMIT,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
     from pydantic import ValidationError
@@ -311,13 +323,13 @@ def rectify(
         _submit([spec], ws, method)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, ws)
+    _answer(method, process, ws, git_commit)
 
 
 @app.command("unlearn")
-def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
+def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
-    _process(_workspace(root, params_file))
+    _process(_workspace(root, params_file), git_commit)
 
 
 @audit_app.command("verify")
@@ -356,22 +368,30 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
 
 
 @audit_app.command("scan")
-def audit_scan(root: Path = ROOT) -> None:
-    """Search data/, the DVC cache and remote, the artifact store and MLflow artifacts for forgotten data."""
+def audit_scan(root: Path = ROOT, strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched")) -> None:
+    """Search data/, the DVC cache and every remote, the artifact store and every MLflow artifact
+    location for forgotten data; list what could not be searched."""
     from lmeraser.audit.scan import scan, scan_targets
 
     ws = Workspace(root)
     targets = scan_targets(ws)
-    hits, counts = scan(ws, targets.sample_hashes, targets.artifact_hashes)
+    try:
+        hits, counts, not_searched = scan(ws, targets.sample_keys, targets.artifact_hashes)
+    except LmeraserError as error:
+        _fail(str(error))
     console.print(
         f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
-        f"{len(targets.sample_hashes)} tombstoned sample(s) and {len(targets.artifact_hashes)} superseded artifact(s)"
+        f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
     )
     for hit in hits:
         err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)
+    for gap in not_searched:
+        err.print(f"not searched: {gap}", highlight=False)
     if hits:
         _fail(f"{len(hits)} hit(s): forgotten data survives.")
-    console.print("0 hits")
+    if not_searched and strict:
+        _fail(f"0 hits where it searched, but {len(not_searched)} location(s) could not be searched (--strict).")
+    console.print("0 hits" + (f" where it searched; {len(not_searched)} location(s) not searched (listed above)" if not_searched else ""))
 
 
 @audit_app.command("replay")
@@ -388,29 +408,50 @@ def audit_replay(
         records = verified_records(ws, public_key(ws, pubkey))
         if not 1 <= record <= len(records):
             _fail(f"record {record} does not exist (the log has {len(records)}).")
-        result = replay(ws, load_params(ws.params_file), records[record - 1], lambda m: console.print(m))
+        result = replay(ws, load_params(ws.params_file), records[record - 1], records, lambda m: console.print(m, highlight=False))
     except LmeraserError as error:
         _fail(str(error))
     if result["environment_differences"]:
         console.print(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
+    summary = f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"
+    if not result["clusters"]:
+        _fail(f"record {record} rebuilt no cluster: nothing to replay.")
+    bad = [c["cluster"] for c in result["clusters"] if c["match"] is False]
+    if bad:
+        _fail(f"{summary}; cluster(s) {bad} do not reproduce.")
     if not result["ok"]:
-        bad = [c["cluster"] for c in result["clusters"] if c["match"] is False]
-        _fail(f"replay of record {record} does not reproduce cluster(s) {bad}.")
-    console.print(f"OK: record {record} replayed; every rebuilt prompt that is still deployed reproduces")
+        _fail(f"{summary}: no cluster it rebuilt could be checked; replay the later records that superseded them.")
+    console.print(f"OK: {summary}; every checked cluster reproduces")
 
 
 @audit_app.command("report")
 def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = ROOT) -> None:
-    """Write an HTML report: cluster sizes, rebuilt clusters over time, accuracy, membership inference."""
+    """Write an HTML report: one line per request, cluster sizes, rebuilt clusters over time,
+    accuracy, membership inference. It verifies the log first and says so; a failed verification
+    is shown at the top of the report and exits non-zero."""
     from lmeraser.audit.report import build_report
-    from lmeraser.audit.verify import public_key, verified_records
+    from lmeraser.audit.verify import public_key, verify
+    from lmeraser.lineage import keys
+    from lmeraser.lineage.records import lineage_log
 
     ws = Workspace(root)
+    failure = None
     try:
-        records = verified_records(ws, public_key(ws, pubkey))
+        key = public_key(ws, pubkey)
+        signer = keys.key_id(key)
+        records = verify(ws, key)
     except LmeraserError as error:
-        _fail(str(error))
-    console.print(f"report written to {build_report(ws, records, out)}")
+        failure, signer = str(error), None
+        try:
+            records = lineage_log(ws).read_unverified()
+        except (ValueError, KeyError):
+            records = []
+        if not records:
+            _fail(failure)
+    path = build_report(ws, records, out, signer, failure)
+    if failure:
+        _fail(f"report written to {path}, but verification FAILED: {failure}")
+    console.print(f"report written to {path} (verified with key {signer})")
 
 
 @audit_app.command("export-key")

@@ -99,7 +99,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "validate",
         deps=("data",),
-        code=("lmeraser/pipeline/validate.py", "lmeraser/data"),
+        code=("lmeraser/pipeline/validate.py", "lmeraser/data", "lmeraser/salt.py", "lmeraser/suppression.py"),
         params=("data",),
         outs=(Out("artifacts/validation", cache=False),),
         logged=("artifacts/validation",),
@@ -159,6 +159,7 @@ STAGES: tuple[Stage, ...] = (
             Out("metrics.json", "metrics", cache=False),
             Out("reports/plots/confusion.csv", "plots", cache=False, plot={"template": "confusion", "x": "predicted", "y": "actual"}),
             Out("reports/plots/per_cluster_accuracy.csv", "plots", cache=False, plot={**_BAR, "x": "accuracy", "y": "cluster"}),
+            Out("reports/confusion_matrix.json", cache=False),
         ),
         logged=("metrics.json", "reports/plots"),
     ),
@@ -175,7 +176,15 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+# DVC's cache: false outputs are meant to be committed to git, except the local working state
+# under artifacts/ (ignored): the metrics, plots and reports a run is compared by.
+GIT_TRACKED_OUTPUTS: tuple[str, ...] = tuple(o.path for s in STAGES for o in s.outs if not o.cache and not o.path.startswith("artifacts/"))
 SERVING_TARGET = "evaluate"  # what an unlearning batch reproduces: the serving path, not the baselines
+
+
+def upstream(target: str) -> tuple[Stage, ...]:
+    """The stages `dvc repro TARGET` may run, in pipeline order (the registry is topologically sorted)."""
+    return STAGES[: STAGE_NAMES.index(target) + 1]
 
 
 def stage(name: str) -> Stage:

@@ -46,20 +46,67 @@ def file_sha256(path: Path) -> str | None:
 def git_commit(root: Path) -> str:
     done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     commit = done.stdout.strip() if done.returncode == 0 else "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    # Changes to tracked files, except the audit trail itself (the journal receives each request
+    # before its batch starts; the records extend the log): they are not the code or data version.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)audit"], cwd=root, capture_output=True, text=True)
     return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
-def remote_path(root: Path) -> Path | None:
-    """The default DVC remote when it is a local directory (what the purge can reach)."""
-    done = dvc(root, "remote", "default", check=False)
-    name = done.stdout.strip()
-    if done.returncode != 0 or not name:
+def remotes(root: Path) -> dict[str, str]:
+    """Every DVC remote of the project, from every config level DVC reads: name -> URL."""
+    # `dvc config --list` prints one `remote.NAME.url=URL` per line (`dvc remote list` wraps long URLs).
+    done = dvc(root, "config", "--list", check=False)
+    out = {}
+    for line in done.stdout.splitlines() if done.returncode == 0 else []:
+        key, _, value = line.partition("=")
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "remote" and parts[2] == "url":
+            out[parts[1]] = value.strip()
+    return out
+
+
+def local_path(root: Path, url: str) -> Path | None:
+    """A remote or artifact URL as a local directory, or None when it is not on this machine."""
+    from urllib.parse import unquote, urlparse
+
+    if url.startswith("file://"):
+        return Path(unquote(urlparse(url).path))
+    if "://" in url:
         return None
-    url = dvc(root, "remote", "list", check=False).stdout
-    for line in url.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == name and "://" not in parts[1]:
-            path = Path(parts[1])
-            return path if path.is_absolute() else (root / ".dvc" / path).resolve()
-    return None
+    path = Path(url)
+    return path if path.is_absolute() else (root / ".dvc" / path).resolve()
+
+
+def cache_dir(root: Path) -> Path:
+    done = dvc(root, "cache", "dir", check=False)
+    return Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else root / ".dvc" / "cache"
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+
+def commit_paths(root: Path, paths: list[Path], message: str) -> str | None:
+    """Commit exactly `paths` (those that exist) in the git repository at `root`; the new commit
+    id, or None when `root` is no git work tree or nothing in `paths` changed. Other staged or
+    unstaged changes are left as they are."""
+    if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
+        return None
+    names = [str(p.relative_to(root)) for p in paths if p.exists()]
+    # The .gitignore entries DVC wrote for the outputs it recorded (with core.autostage they are
+    # already staged): part of the same version, and leaving them out would leave the tree dirty.
+    staged = _git(root, "diff", "--cached", "--name-only").stdout.split()
+    names += [name for name in staged if Path(name).name == ".gitignore" and name not in names]
+    if not names:
+        return None
+    added = _git(root, "add", "--", *names)
+    if added.returncode != 0:
+        raise LmeraserError(f"`git add` failed in {root}: {(added.stderr.strip().splitlines() or ['?'])[-1]}")
+    if _git(root, "diff", "--cached", "--quiet", "--", *names).returncode == 0:
+        return None
+    # The repository's own identity if it has one; else name the tool as the author.
+    identity = [] if _git(root, "config", "user.email").stdout.strip() else ["-c", "user.name=lmeraser", "-c", "user.email=lmeraser@localhost"]
+    done = _git(root, *identity, "commit", "-q", "-m", message, "--", *names)
+    if done.returncode != 0:
+        raise LmeraserError(f"`git commit` failed in {root}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return _git(root, "rev-parse", "HEAD").stdout.strip()

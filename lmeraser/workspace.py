@@ -35,7 +35,9 @@ from lmeraser.errors import DataError, LmeraserError
 
 SPLITS = ("public", "private", "test")
 MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
-TOMBSTONE_COLUMNS = ["sample_id", "content_hash", "reason"]  # reason: forget | rectify-input
+# Tombstones and the suppression list: content_key is an HMAC of the content hash (lmeraser/salt.py);
+# reason: forget | rectify-input | rectify-label (label: the corrected label).
+TOMBSTONE_COLUMNS = ["sample_id", "content_key", "reason", "label"]
 KEY_FILE_ENV = "LMERASER_SIGNING_KEY_FILE"  # where the signing key lives, if not in audit/keys/
 
 
@@ -143,6 +145,11 @@ class Workspace:
         return self.prompts / "last_run.json"
 
     @property
+    def pins_file(self) -> Path:
+        """The exact prompts the latest lineage record signed: kept by every train run's prune."""
+        return self.prompts / "pinned.json"
+
+    @property
     def store_dir(self) -> Path:
         return self.prompts / "store"
 
@@ -232,6 +239,10 @@ class Workspace:
         return Path(configured) if configured else self.keys_dir / "signing-key.pem"
 
     @property
+    def suppression_file(self) -> Path:
+        return self.audit / "suppression.csv"
+
+    @property
     def subject_salt_file(self) -> Path:
         return self.keys_dir / "subject-salt"
 
@@ -278,8 +289,9 @@ class Workspace:
         if not path.exists():
             return pd.DataFrame(columns=TOMBSTONE_COLUMNS)
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        if "reason" not in frame:
-            frame["reason"] = "forget"
+        missing = [c for c in TOMBSTONE_COLUMNS if c not in frame]
+        if missing:
+            raise DataError(f"{path}: columns {missing} missing (written before tombstones were keyed); re-create data/ with `lmeraser data init`.")
         return frame[TOMBSTONE_COLUMNS]
 
     def backbone_meta(self) -> BackboneMeta:
@@ -308,6 +320,9 @@ class Workspace:
 
     def prompt_index_or_empty(self) -> PromptIndex:
         return self.prompt_index() if self.prompt_index_file.exists() else PromptIndex()
+
+    def pinned_keys(self) -> set[str]:
+        return set(_read_json(self.pins_file, "")["keys"]) if self.pins_file.exists() else set()
 
     def last_run(self) -> dict:
         return _read_json(self.last_run_file, "run the train stage first")

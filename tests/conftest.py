@@ -121,7 +121,7 @@ def trained_workspace(tmp_path_factory):
 def copy_repo(dest: Path, params: dict | None = None) -> Path:
     """A fresh git + DVC checkout of this repository's tracked pipeline files in `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "pyproject.toml"):
+    for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "configs", dest / "configs")
     for name in ("lmeraser", "flows", ".dvc"):
@@ -139,4 +139,33 @@ def lmeraser_cli(*args: str, cwd: Path, check: bool = False, timeout: int = 600)
     done = subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"lmeraser {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+# -- the end-to-end repository (one per test module that asks for it) ---------------------------
+
+
+def dvc(*args, cwd, check=True):
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def ran_stages(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of this repository after `lmeraser data init` and a full `dvc repro`."""
+    root = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    lmeraser_cli("data", "init", cwd=root, check=True)
+    first = dvc("repro", cwd=root)
+    return root, first.stdout
+
+
+def _cli_ok(*args, cwd):
+    done = lmeraser_cli(*args, cwd=cwd)
+    assert done.returncode == 0, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done

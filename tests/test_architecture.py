@@ -116,9 +116,16 @@ def test_layers_import_only_downwards(package):
     assert bad == [], f"{package} reaches {bad}"
 
 
+# The pyfunc model file MLflow loads ("models from code"): importing mlflow is its purpose, and
+# nothing in the library imports it (tracking hands MLflow its path).
+MLFLOW_MODEL_FILE = "lmeraser/serving_pyfunc.py"
+
+
 def test_the_library_core_never_imports_prefect_or_mlflow_at_module_level():
     offenders = []
     for path in sorted((REPO / "lmeraser").rglob("*.py")):
+        if path.relative_to(REPO).as_posix() == MLFLOW_MODEL_FILE:
+            continue
         for node in ast.parse(path.read_text()).body:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n.split(".")[0] in ("prefect", "mlflow") for n in names):

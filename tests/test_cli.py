@@ -71,7 +71,8 @@ def test_out_of_range_param_is_refused_before_any_work(tmp_path):
 def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):
     build_workspace(tmp_path, TINY)
     victim = pd.read_csv(tmp_path / "data" / "private" / "manifest.csv", dtype=str).iloc[0]
-    pd.DataFrame([{"sample_id": victim.sample_id, "content_hash": victim.content_hash}]).to_csv(tmp_path / "data" / "tombstones.csv", index=False)
+    tombstone = {"sample_id": victim.sample_id, "content_key": "", "reason": "forget", "label": ""}
+    pd.DataFrame([tombstone]).to_csv(tmp_path / "data" / "tombstones.csv", index=False)
     done = lmeraser_cli("stage", "validate", cwd=tmp_path)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
-"""`dvc repro` of the real pipeline (Prefect flows, MLflow, GX, FAISS, timm) on the digits default."""
+"""`dvc repro` of the real pipeline (Prefect flows, MLflow, GX, FAISS, timm) on the digits default,
+then audited exact unlearning, refusals, tampering and crashes on that workspace."""
 
 import json
 import os
@@ -13,28 +14,9 @@ from lmeraser.lineage.log import LineageLog
 from lmeraser.unlearning.requests import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import BIN, REPO, copy_repo, lmeraser_cli
+from conftest import BIN, REPO, _cli_ok, dvc, lmeraser_cli, ran_stages
 
 pytestmark = pytest.mark.e2e
-
-
-def dvc(*args, cwd, check=True):
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, timeout=900)
-    if check and done.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    return done
-
-
-def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
-    lmeraser_cli("data", "init", cwd=root, check=True)
-    first = dvc("repro", cwd=root)
-    return root, first.stdout
 
 
 def test_repro_on_a_fresh_clone_runs_every_stage_and_meets_the_target(repo):
@@ -82,21 +64,20 @@ def test_every_stage_is_tracked_and_the_model_registered(repo):
     assert train.data.params["prompt.kind"] == "pad" and "prompt.pad.width" in train.data.params and "prompt.lora.rank" not in train.data.params
     versions = client.search_model_versions("name='lmeraser'")
     assert [int(v.version) for v in versions] == [1]
+    mlflow.set_tracking_uri("")  # leave no process-wide store behind for later tests
 
 
 # -- audited unlearning on the same workspace ---------------------------------------------------
-
-
-def _cli_ok(*args, cwd):
-    done = lmeraser_cli(*args, cwd=cwd)
-    assert done.returncode == 0, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp_path):
     root, _ = repo
     assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
     victim = assignments.iloc[len(assignments) // 2]
+    # As the README says: commit dvc.lock, the metrics and DVC's .gitignore entries after `dvc repro`.
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline run"]):
+        subprocess.run(cmd, cwd=root, check=True)
+    victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
     done = _cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
     index = read_json(root / "artifacts" / "prompts" / "index.json")
@@ -125,8 +106,36 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     assert predicate["clusters_rebuilt"][0]["seed"] == index["clusters"][str(int(victim.cluster))]["seed"]
     assert predicate["verification"]["scan"]["hits"] == 0 and predicate["verification"]["clusters_as_planned"]
     assert predicate["verification"]["membership_inference"]["before"]["n_members"] == 1
-    assert victim.sample_id not in json.dumps(record)  # content hashes only, never ids or pixels
+    assert victim.sample_id not in json.dumps(record)  # keyed hashes only, never ids or pixels
+    # A published plain hash would be a membership oracle: records and tombstones hold keyed ones.
+    assert len(predicate["removed_content_keys"]) == 1 and victim_hash not in json.dumps(record)
+    assert victim_hash not in (root / "data" / "tombstones.csv").read_text() and victim_hash not in (root / "audit" / "suppression.csv").read_text()
     assert (root / "audit" / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    # Dates, legal basis, the plan: what an auditor asks first.
+    request = predicate["requests"][0]
+    assert request["legal_basis"] == "GDPR Art. 17 (erasure)" and request["samples"] == 1
+    assert request["received_at"] <= request["applied_at"] <= request["completed_at"] == predicate["recorded_at"]
+    assert predicate["recorded_at"].endswith("Z") and predicate["planned_clusters"] == [int(victim.cluster)]
+    # The batch started on a clean checkout says so, and commits the versions it made.
+    assert not predicate["code"]["git_commit"].endswith("+dirty")
+    assert "lineage record 1" in subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
+    assert subprocess.run(["git", "status", "--porcelain", "data.dvc", "dvc.lock", "audit"], cwd=root, capture_output=True, text=True).stdout == ""
+    # The registry holds a real model: `production` loads as a pyfunc (nothing unpickled) and
+    # predicts what is served; the version that served the superseded prompt is gone, not broken.
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from lmeraser.inference import ServingModel
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    images = Workspace(root).split("test").images[:64]
+    served = mlflow.pyfunc.load_model("models:/lmeraser@production").predict(images)
+    assert np.array_equal(served, ServingModel.load(Workspace(root)).predict(images)[0])
+    versions = {int(v.version) for v in MlflowClient().search_model_versions("name='lmeraser'")}
+    production = int(MlflowClient().get_model_version_by_alias("lmeraser", "production").version)
+    assert 1 not in versions and production in versions and predicate["purge"]["registry"]["versions_deleted"] == [1]
+    mlflow.set_tracking_uri("")
     # Only the baselines stage waits for the next full repro (it is not on the serving path).
     status = dvc("status", cwd=root).stdout
     assert status.startswith("baselines:") and "evaluate:" not in status and "data.dvc" not in status, status
@@ -150,8 +159,17 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert len(predicate["requests"]) == 2 and predicate["requests"][1]["already_forgotten"] == [already]
     assert subject not in json.dumps(predicate)
     assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
+    assert not predicate["code"]["git_commit"].endswith("+dirty")  # record 1's batch committed its versions
     _cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+    # Forgetting the same subject again is a recorded no-op (like an id), and its record, which
+    # rebuilt nothing, cannot be "replayed OK".
+    again = _cli_ok("forget", "--subject", subject, cwd=root)
+    assert "1 subject(s) already forgotten" in again.stdout and "lineage record 3" in again.stdout
+    noop = json.loads(_cli_ok("audit", "show", "3", cwd=root).stdout)["predicate"]
+    assert noop["clusters_rebuilt"] == [] and noop["requests"][0]["subjects_already_forgotten"]
+    done = lmeraser_cli("audit", "replay", "--record", "3", cwd=root)
+    assert done.returncode == 1 and "rebuilt no cluster: nothing to replay" in done.stderr
 
 
 def test_refusals_change_nothing(repo, tmp_path):
@@ -195,10 +213,15 @@ def test_tampering_is_caught(repo):
     # A deployed prompt that no record vouches for is caught too.
     index = root / "artifacts" / "prompts" / "index.json"
     saved = index.read_bytes()
+    latest = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
     try:
         index.write_bytes(saved.replace(b'"num_classes"', b'"num_classes" ', 1))
         done = lmeraser_cli("audit", "verify", cwd=root)
-        assert done.returncode != 0 and "do not match lineage record 2" in done.stderr
+        assert done.returncode != 0 and f"do not match lineage record {latest}" in done.stderr
+        # The report verifies too: it is written, says so at the top, and exits non-zero.
+        report = lmeraser_cli("audit", "report", "--out", str(root / "failed.html"), cwd=root)
+        assert report.returncode != 0 and "verification FAILED" in report.stderr
+        assert "VERIFICATION FAILED" in (root / "failed.html").read_text()
     finally:
         index.write_bytes(saved)
 
@@ -305,14 +328,20 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     from lmeraser.data.splits import content_hash
 
     assert after.loc[input_id, "content_hash"] == content_hash(corrected) != old_hash
-    assert old_hash in set(Workspace(root).tombstones()["content_hash"])
+    from lmeraser.salt import Keyer
+
+    assert Keyer(Workspace(root)).content(old_hash) in set(Workspace(root).tombstones()["content_key"])
     _cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
     replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)
-    assert replay.returncode == 0 and "sha256 matches" in replay.stdout, replay.stdout + replay.stderr
+    assert replay.returncode == 0 and "sha256 matches" in replay.stdout and "sha256 differs" not in replay.stdout, replay.stdout + replay.stderr
+    rebuilt = len(record.predicate["clusters_rebuilt"])
+    assert f"record {record.number}: replayed {rebuilt}, matched {rebuilt}, skipped 0" in replay.stdout
     _cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and record.predicate["batch_id"] in page and "influence (approximate)" in page
+    assert "GDPR Art. 16 (rectification)" in page and "VERIFICATION FAILED" not in page and record.predicate["signer"] in page
+    assert all(r["request_id"] in page for r in record.predicate["requests"])  # one line per request
 
 
 def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
@@ -330,3 +359,43 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     assert record["clusters_untouched"] == 0 and record["clusters_rebuilt"]  # a new backbone changes every prompt
     _cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+
+
+def test_an_experiment_does_not_delete_the_signed_prompts(repo):
+    """`dvc exp run -S ...` style: other params retrain every cluster, but the prompts the latest
+    record signed stay in the store; with the params back, they are reused and verify passes."""
+    import yaml
+
+    root, _ = repo
+    signed = [name for name in LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].subjects if "/store/" in name]
+    params = root / "params.yaml"
+    saved = params.read_text()
+    try:
+        changed = yaml.safe_load(saved)
+        changed["prompt"]["pad"]["epochs"] = 5
+        params.write_text(yaml.safe_dump(changed, sort_keys=False))
+        dvc("repro", "train", cwd=root)
+        assert signed and all((root / name).exists() for name in signed)
+    finally:
+        params.write_text(saved)
+    dvc("repro", "evaluate", cwd=root)
+    _cli_ok("audit", "verify", cwd=root)
+
+
+def test_re_ingestion_keeps_forgotten_data_out(repo):
+    """`lmeraser data init` from the source that still holds everything: the suppression list keeps
+    every forgotten sample out, and the scan, which reads the signed records, finds nothing."""
+    root, _ = repo
+    tombstones = Workspace(root).tombstones()
+    forgotten = set(tombstones.query("reason == 'forget'")["sample_id"])
+    replaced = int((tombstones["reason"] == "rectify-input").sum())  # old pixels of corrected images
+    done = _cli_ok("data", "init", cwd=root)
+    assert f"{len(forgotten) + replaced} sample(s) kept out" in done.stdout, done.stdout
+    present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
+    assert forgotten and not forgotten & present
+    assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
+    scan = _cli_ok("audit", "scan", cwd=root)
+    import re
+
+    named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
+    assert "0 hits" in scan.stdout and named == len(forgotten) + replaced

@@ -147,3 +147,17 @@ def test_key_file_location_is_configurable(tmp_path, monkeypatch):
     assert stat.S_IMODE((tmp_path / "vault" / "lmeraser.pem").stat().st_mode) == 0o600
     monkeypatch.delenv(KEY_FILE_ENV)
     assert ws.signing_key_file == tmp_path / "ws" / "audit" / "keys" / "signing-key.pem"
+
+
+def test_replay_names_the_record_that_superseded_a_cluster():
+    from lmeraser.audit.replay import superseded_by
+    from lmeraser.lineage.log import Record
+
+    def record(number, rebuilt=(), edited=()):
+        predicate = {"clusters_rebuilt": [{"cluster": c} for c in rebuilt], "clusters_edited": [{"cluster": c} for c in edited]}
+        return Record(number, "0" * 64, {"predicate": predicate})
+
+    first = record(1, rebuilt=[3, 5])
+    later = [first, record(2, rebuilt=[7]), record(3, edited=[5]), record(4, rebuilt=[3])]
+    assert superseded_by(first, later, 3) == 4 and superseded_by(first, later, 5) == 3
+    assert superseded_by(first, later, 9) is None and superseded_by(later[3], later, 3) is None

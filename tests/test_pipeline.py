@@ -116,7 +116,7 @@ def test_validation_failure_stops_the_stage(tmp_path):
     params = parse_params(TINY)
     ws = build_workspace(tmp_path / "ws", TINY)
     victim = ws.split("private").manifest.iloc[0]
-    pd.DataFrame([{"sample_id": victim.sample_id, "content_hash": victim.content_hash}]).to_csv(ws.tombstones_file, index=False)
+    pd.DataFrame([{"sample_id": victim.sample_id, "content_key": "", "reason": "forget", "label": ""}]).to_csv(ws.tombstones_file, index=False)
     with pytest.raises(ValidationFailed, match="data docs: .*index.html"):
         run_stages(params, ws, ("validate",))
     assert not ws.validation_ticket("private").exists()

@@ -7,6 +7,7 @@ from lmeraser.audit.scan import scan
 from lmeraser.data.splits import content_hash
 from lmeraser.evaluation import membership_inference
 from lmeraser.io import sha256_file
+from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
 
@@ -22,14 +23,15 @@ def test_scan_finds_forgotten_images_and_superseded_artifacts(tmp_path):
     artifact = tmp_path / "mlartifacts" / "1" / "run" / "prompt.safetensors"
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(b"old prompt weights")
-    forgotten = {content_hash(images[0])}
-    hits, counts = scan(Workspace(tmp_path), forgotten, {sha256_file(artifact)})
+    ws = Workspace(tmp_path)
+    forgotten = {Keyer(ws).content(content_hash(images[0]))}  # records name erased images by keyed hash only
+    hits, counts, not_searched = scan(ws, forgotten, {sha256_file(artifact)})
     kinds = sorted((h.kind, h.location) for h in hits)
     assert kinds == [("forgotten sample", "dvc cache"), ("superseded artifact", "mlflow artifacts")]
     assert counts["data"] == 1
     (cache / "cdef0123").unlink()
     artifact.unlink()
-    assert scan(Workspace(tmp_path), forgotten, set())[0] == []
+    assert scan(Workspace(tmp_path), forgotten, set())[0] == [] and not_searched == []
 
 
 def test_membership_inference_scores():
@@ -40,3 +42,44 @@ def test_membership_inference_scores():
     inverted = membership_inference(np.array([5.0]), np.array([0.1, 0.2]))
     assert inverted["auc"] == 0.0
     assert np.isnan(membership_inference(np.array([]), np.ones(3))["auc"])
+
+
+def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_reach(tmp_path, monkeypatch):
+    """An MLflow artifact root outside the workspace and a second DVC remote are found through the
+    stores themselves; a cloud remote is listed as not searched, and --strict makes that fatal."""
+    import subprocess
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from conftest import BIN, lmeraser_cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this workspace's own store, whatever ran before
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+        subprocess.run(cmd, cwd=ws.root, check=True)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    forgotten = {Keyer(ws).content(content_hash(images[0]))}
+    # MLflow: the default SQLite store, its experiment's artifacts somewhere else entirely.
+    elsewhere = tmp_path / "artifact-server"
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws.mlflow_db}")
+    experiment = client.create_experiment("lmeraser", artifact_location=elsewhere.as_uri())
+    run = client.create_run(experiment)
+    np.save(tmp_path / "old.npy", images)
+    client.log_artifact(run.info.run_id, str(tmp_path / "old.npy"))
+    # DVC: a second, local remote holding an old object, and a cloud remote.
+    second = tmp_path / "second-remote" / "files" / "md5" / "ab"
+    second.mkdir(parents=True)
+    np.save(second / "cdef", images)
+    for args in (["remote", "add", "second", str(tmp_path / "second-remote")], ["remote", "add", "cloud", "s3://bucket/lmeraser"]):
+        subprocess.run([str(BIN / "dvc"), *args], cwd=ws.root, check=True, capture_output=True)
+    hits, counts, not_searched = scan(ws, forgotten, set())
+    assert sorted(h.location for h in hits) == ["dvc remote 'second'", "mlflow experiment 'lmeraser'"]
+    assert counts["mlflow experiment 'lmeraser'"] == 1 and len(not_searched) == 1 and "dvc remote 'cloud' (s3)" in not_searched[0]
+    mlflow.set_tracking_uri("")  # leave no global state behind
+    done = lmeraser_cli("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
+    assert done.returncode == 0 and "not searched: dvc remote 'cloud'" in done.stderr and "1 location(s) not searched" in done.stdout
+    strict = lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
+    assert strict.returncode == 1 and "could not be searched (--strict)" in strict.stderr

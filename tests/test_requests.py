@@ -48,7 +48,7 @@ def test_already_forgotten_is_a_recorded_noop(ws, tmp_path):
 
     copy = Workspace(tmp_path)
     shutil.copytree(ws.data, copy.data)
-    add_tombstones([{"sample_id": victim.sample_id, "content_hash": victim.content_hash, "reason": "forget"}], copy)
+    add_tombstones([{"sample_id": victim.sample_id, "content_key": "k", "reason": "forget"}], copy)
     from lmeraser.data.splits import remove_samples
 
     remove_samples([victim.sample_id], "private", copy)
@@ -106,3 +106,25 @@ def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert len(journal.pending()) == 150
+
+
+def test_re_forgetting_a_subject_is_a_recorded_noop(ws, tmp_path):
+    """Once a batch has forgotten subject S, a new request for S is accepted and recorded as a
+    no-op (like an id forgotten before); a subject never seen is still refused."""
+    import shutil
+
+    from lmeraser.data.splits import remove_samples
+
+    copy = Workspace(tmp_path)
+    shutil.copytree(ws.data, copy.data)
+    private = copy.manifest("private")
+    subject = private["subject_id"].value_counts().index[0]
+    first = resolve(RequestSpec(subjects=[subject]), copy)
+    journal = Journal(copy)
+    journal.submit([first])
+    journal.append([{"request_id": first.request_id, "state": "verified", "time": 0.0, "record": 1}])
+    remove_samples(first.sample_ids, "private", copy)
+    again = resolve(RequestSpec(subjects=[subject]), copy)
+    assert again.sample_ids == [] and again.subjects_already_forgotten == [hash_subject(copy, subject)]
+    with pytest.raises(LmeraserError, match="never forgotten"):
+        resolve(RequestSpec(subjects=["s99998"]), copy)

@@ -153,3 +153,35 @@ def test_fashion_mnist_from_the_debian_package():
     data = load_source("fashion-mnist")
     assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
     assert set(np.unique(data.train_labels)) == set(range(10))
+
+
+def test_sources_carry_real_subject_ids(tmp_path):
+    """A source that knows its data subjects keeps them (npz `subject_ids`, `subjects.csv` beside
+    IDX files); synthetic subjects only when it does not."""
+    from lmeraser.config import DataParams
+    from lmeraser.data.splits import init_data
+    from lmeraser.workspace import Workspace
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 6, 6), dtype=np.uint8), np.arange(40) % 4
+    subjects = np.array([f"customer-{i // 3}" for i in range(40)])
+    np.savez(tmp_path / "with.npz", x_train=images, y_train=labels, subject_ids=subjects)
+    ws = Workspace(tmp_path / "npz")
+    init_data(DataParams(source=f"npz:{tmp_path / 'with.npz'}", test_fraction=0.25), 0, ws)
+    private = ws.manifest("private")
+    assert private["subject_id"].str.startswith("customer-").all()
+    from lmeraser.data.splits import content_hash
+
+    source = load_source(f"npz:{tmp_path / 'with.npz'}")
+    by_content = dict(zip([content_hash(i) for i in source.train_images], subjects))
+    assert all(by_content[h] == s for h, s in zip(private["content_hash"], private["subject_id"]))
+
+    idx = make_idx_dir(tmp_path / "idx", n=30)
+    (idx / "subjects.csv").write_text("subject_id\n" + "".join(f"p{i % 7}\n" for i in range(30)))
+    assert list(load_source(f"idx:{idx}").train_subjects[:3]) == ["p0", "p1", "p2"]
+    (idx / "subjects.csv").write_text("subject_id\n" + "p1\n" * 29)
+    with pytest.raises(DataError, match=r"subjects.csv: expected one subject id per training sample \(30\)"):
+        load_source(f"idx:{idx}")
+    np.savez(tmp_path / "bad.npz", x_train=images, y_train=labels, subject_ids=np.array(["ok"] * 39 + ["bad\x1b[31m"]))
+    with pytest.raises(DataError, match="row 39 must be 1..256 printable characters"):
+        load_source(f"npz:{tmp_path / 'bad.npz'}")

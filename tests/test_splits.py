@@ -86,3 +86,44 @@ def test_remove_samples(tmp_path):
     assert np.array_equal(after.images, private.images[keep])
     with pytest.raises(DataError, match="not in data/private"):
         remove_samples(["deadbeef"], "private", Workspace(tmp_path))
+
+
+def test_re_ingestion_keeps_erased_samples_out_and_corrections_in(tmp_path):
+    """The suppression list survives `data init`: what was forgotten stays out, a corrected label
+    stays corrected, a replaced image's old pixels stay out; tombstones are its copy."""
+    from lmeraser import suppression
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(), 0, ws)
+    private = ws.split("private").manifest
+    forgotten, relabelled, replaced = private.iloc[0], private.iloc[1], private.iloc[2]
+    keyer = Keyer(ws)
+    new_label = (int(relabelled.label) + 1) % 10
+    rows = [
+        {"sample_id": forgotten.sample_id, "content_key": keyer.content(forgotten.content_hash), "reason": "forget"},
+        {"sample_id": relabelled.sample_id, "content_key": "", "reason": "rectify-label", "label": new_label},
+        {"sample_id": "", "content_key": keyer.content(replaced.content_hash), "reason": "rectify-input"},
+    ]
+    assert suppression.add(ws, rows) == 3 and suppression.add(ws, rows) == 0  # idempotent
+    summary = init_data(DataParams(), 0, ws)  # the source still holds all three
+    assert summary["suppressed"] == 2 and summary["labels_corrected"] == 1
+    after = ws.split("private").manifest.set_index("sample_id")
+    assert forgotten.sample_id not in after.index and replaced.sample_id not in after.index
+    assert int(after.loc[relabelled.sample_id, "label"]) == new_label
+    assert len(ws.tombstones()) == 3 and forgotten.content_hash not in ws.tombstones_file.read_text()
+
+
+def test_re_ingestion_without_the_salt_is_refused_and_writes_nothing(tmp_path):
+    from lmeraser import suppression
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(), 0, ws)
+    victim = ws.split("private").manifest.iloc[0]
+    suppression.add(ws, [{"sample_id": victim.sample_id, "content_key": Keyer(ws).content(victim.content_hash), "reason": "forget"}])
+    before = _files(tmp_path / "data")
+    ws.subject_salt_file.unlink()
+    with pytest.raises(DataError, match="secret salt is missing"):
+        init_data(DataParams(), 0, ws)
+    assert _files(tmp_path / "data") == before

@@ -40,12 +40,25 @@ def test_id_in_two_splits_fails(data_dir):
     assert str(report.docs_index) in report.reason()
 
 
-def test_tombstoned_id_fails(data_dir):
-    victim = pd.read_csv(data_dir / "private" / "manifest.csv", dtype=str).iloc[0]
-    pd.DataFrame([{"sample_id": victim.sample_id, "content_hash": victim.content_hash}]).to_csv(data_dir / "tombstones.csv", index=False)
+def test_tombstoned_samples_fail_without_the_data_docs_naming_them(data_dir):
+    """A forgotten id and a replaced image's content, both back in the data: the suite fails, and
+    neither its message nor the published data docs name the id or hash (a membership oracle)."""
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(data_dir.parent)
+    private = pd.read_csv(data_dir / "private" / "manifest.csv", dtype=str)
+    victim, replaced = private.iloc[0], private.iloc[1]
+    rows = [
+        {"sample_id": victim.sample_id, "content_key": Keyer(ws).content(victim.content_hash), "reason": "forget", "label": ""},
+        {"sample_id": "", "content_key": Keyer(ws).content(replaced.content_hash), "reason": "rectify-input", "label": ""},
+    ]
+    pd.DataFrame(rows).to_csv(data_dir / "tombstones.csv", index=False)
     report = _validate(data_dir)
     assert not report.success
-    assert any("not_be_in_set(column=sample_id)" in f for f in report.failures)
+    assert any("column=suppressed" in f and "failed on 2 row(s)" in f for f in report.failures), report.failures
+    published = report.reason() + "".join(p.read_text(errors="ignore") for p in ws.data_docs.rglob("*") if p.is_file())
+    for secret in (victim.sample_id, victim.content_hash, replaced.sample_id, replaced.content_hash):
+        assert secret not in published
 
 
 def test_missing_class_in_a_split_fails(data_dir):

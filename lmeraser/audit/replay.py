@@ -27,7 +27,18 @@ from lmeraser.workspace import Workspace
 ENV_KEYS = ("python", "torch", "timm", "peft", "faiss", "numpy", "cpu", "training_code", "threads")
 
 
-def replay(ws: Workspace, params: Params, record: Record, log=print) -> dict:
+def superseded_by(record: Record, later: list[Record], cluster: int) -> int | None:
+    """The first later record that changed `cluster` again (its inputs were then erased or changed)."""
+    for other in later:
+        changed = other.predicate.get("clusters_rebuilt", []) + other.predicate.get("clusters_edited", [])
+        if other.number > record.number and any(c["cluster"] == cluster for c in changed):
+            return other.number
+    return None
+
+
+def replay(ws: Workspace, params: Params, record: Record, later: list[Record], log=print) -> dict:
+    """Per cluster the record rebuilt: replayed (and whether the bits match), or skipped with the
+    reason. `ok` only when nothing mismatched and at least one cluster was actually checked."""
     if record.predicate.get("method") == "influence":
         raise LmeraserError(
             f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
@@ -36,18 +47,25 @@ def replay(ws: Workspace, params: Params, record: Record, log=print) -> dict:
     now = environment(params.prompt.kind, params.runtime.threads)
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
+    asked = record.predicate["clusters_rebuilt"]
+    if not asked:
+        return {"record": record.number, "environment_differences": differences, "clusters": [], "replayed": 0, "matched": 0, "skipped": 0, "ok": False}
     training = plan(params, ws)
     trainer, jobs = training.trainer, {job.cluster: job for job in training.jobs}
     current = ServingModel.load(ws)
     results = []
-    for entry in record.predicate["clusters_rebuilt"]:
+    for entry in asked:
         cluster, expected = entry["cluster"], entry["prompt_sha256_after"]
         deployed = current.index.clusters.get(str(cluster))
-        if expected is None:
-            results.append({"cluster": cluster, "status": "retired" if deployed is None else "re-created later", "match": deployed is None})
+        if expected is None and deployed is None:
+            results.append({"cluster": cluster, "status": "checked: still retired, as recorded", "match": True})
+            log(f"cluster {cluster}: still retired, as recorded")
             continue
         if deployed is None or deployed.sha256 != expected:
-            results.append({"cluster": cluster, "status": "superseded by a later record; replay that one", "match": None})
+            later_number = superseded_by(record, later, cluster)
+            reason = f"superseded by record {later_number}, whose inputs were later changed or erased" if later_number else "no longer deployed"
+            results.append({"cluster": cluster, "status": f"skipped ({reason})", "match": None})
+            log(f"cluster {cluster}: skipped ({reason})")
             continue
         job = jobs[cluster]
         if job.key != deployed.key:
@@ -67,6 +85,15 @@ def replay(ws: Workspace, params: Params, record: Record, log=print) -> dict:
                 agreement = float((recorded(x).argmax(1) == replayed(x).argmax(1)).float().mean())
             result["prediction_agreement"] = agreement
             result["match"] = result["match"] or agreement >= 0.99
-        log(f"cluster {cluster}: {result['status']}" + (f", sha256 {'matches' if result['sha256'] == expected else 'differs'}" if "sha256" in result else ""))
+        log(f"cluster {cluster}: replayed, sha256 {'matches' if result['sha256'] == expected else 'differs'}")
         results.append(result)
-    return {"record": record.number, "environment_differences": differences, "clusters": results, "ok": all(r["match"] is not False for r in results)}
+    matched = sum(1 for r in results if r["match"] is True)
+    return {
+        "record": record.number,
+        "environment_differences": differences,
+        "clusters": results,
+        "replayed": sum(1 for r in results if r["status"] == "replayed"),
+        "matched": matched,
+        "skipped": sum(1 for r in results if r["match"] is None),
+        "ok": matched > 0 and all(r["match"] is not False for r in results),
+    }

@@ -20,7 +20,50 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def build_report(ws: Workspace, records: list[Record], out: Path) -> Path:
+def request_rows(records: list[Record]) -> list[dict[str, str]]:
+    """One line per request: what was asked, on what legal basis, when it was received and
+    completed, by which record, which clusters changed, which stores were purged, what the scan
+    covered. A request answered by influence first appears twice: approximate, then exact."""
+    rows = []
+    for record in records:
+        p = record.predicate
+        exact = p.get("method") != "influence"
+        clusters = p["clusters_rebuilt"] if exact else p["clusters_edited"]
+        purge = p.get("purge", {}) if exact else {}
+        stores = ", ".join(
+            name
+            for name, done in (("MLflow", "artifact_files_removed" in purge), ("DVC cache", purge.get("dvc_gc")), ("DVC remote", purge.get("remote_gc")))
+            if done
+        )
+        scanned = (p.get("verification", {}).get("scan", {}) or {}).get("files_scanned", {}) if exact else {}
+        for request in p["requests"]:
+            rows.append(
+                {
+                    "request": request["request_id"],
+                    "kind": request["kind"],
+                    "legal basis": request.get("legal_basis", "-"),
+                    "samples": str(request.get("samples", "-")),
+                    "received": request.get("received_at") or "-",
+                    "completed": (request.get("completed_at") or "-") if exact else "queued (approximate served)",
+                    "record": f"{record.number} ({'exact' if exact else 'influence'})",
+                    "clusters": ",".join(str(c["cluster"]) for c in clusters) or "-",
+                    "stores purged": stores or "-",
+                    "scan coverage": ", ".join(f"{k} {v}" for k, v in scanned.items()) or "-",
+                }
+            )
+    return rows
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+    return f"<table><tr>{header}</tr>{cells}</table>"
+
+
+def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | None, failure: str | None) -> Path:
+    """The report over `records`; `failure` (a verification error) is shown first, in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,13 +113,21 @@ def build_report(ws: Workspace, records: list[Record], out: Path) -> Path:
     plt.close(fig)
 
     rows = [{**summary_row(r), "record sha256": r.line_sha256[:16]} for r in records]
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) if rows else ""
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+    if failure:
+        status = f'<p class="fail">VERIFICATION FAILED: {html.escape(failure)}<br>Nothing below is vouched for by a valid signature.</p>'
+    else:
+        status = (
+            f'<p class="ok">Verified before this report was written: every signature (key {html.escape(signer or "")}), '
+            "the hash chain, and the deployed artifacts against the latest record.</p>"
+        )
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmeraser audit report</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
-<body><h1>lmeraser audit report</h1><p>{len(records)} lineage record(s); signatures and hash chain verified before this report was written.</p>
-<table><tr>{header}</tr>{cells}</table>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}.fail{{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold}}
+.ok{{background:#dfd;padding:.5em}}</style></head>
+<body><h1>lmeraser audit report</h1>{status}
+<p>{len(records)} lineage record(s); signing key fingerprint: {html.escape(signer or "unverified")}.</p>
+<h2>Requests</h2>{_table(request_rows(records))}
+<h2>Records</h2>{_table(rows)}
 {"".join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">' for t, b in figures)}
 </body></html>"""
     atomic_write_text(out, body)

@@ -3,7 +3,9 @@ artifacts that were trained on them (invariant 5).
 
 The locations are data/, the DVC cache and the default local remote, artifacts/ and the MLflow
 artifact roots. Every `.npy`-format file (whatever its name, e.g. in a cache) is read and each
-image hashed; every file's sha256 is compared with the superseded artifacts.
+image's content hash keyed with the workspace's salt (records hold keyed hashes only); every
+file's sha256 is compared with the superseded artifacts. What to look for comes from the signed
+records, never from data/, which a re-ingestion could have rewritten.
 """
 
 from __future__ import annotations
@@ -19,24 +21,49 @@ from lmeraser.data.splits import content_hash
 from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
 from lmeraser.progress import track
-from lmeraser.versioning import remote_path
+from lmeraser.salt import Keyer
+from lmeraser.versioning import cache_dir, local_path, remotes
 from lmeraser.workspace import Workspace
 
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def storage_roots(ws: Workspace) -> dict[str, Path]:
-    roots = {
-        "data": ws.data,
-        "dvc cache": ws.dvc_dir / "cache",
-        "artifact store": ws.artifacts,
-        "mlflow artifacts": ws.mlflow_artifacts,
-        "mlflow (default root)": ws.mlflow_default_root,
-    }
-    remote = remote_path(ws.root)
-    if remote is not None:
-        roots["dvc remote"] = remote
-    return roots
+@dataclass
+class Locations:
+    roots: dict[str, Path]  # searched (and purged) on this machine
+    not_searched: list[str]  # where copies may be that this machine cannot read, with why
+
+
+def storage_locations(ws: Workspace) -> Locations:
+    """Every place the stores keep bytes, asked of the stores themselves: data/, the DVC cache
+    (`dvc cache dir`) and every DVC remote (`dvc remote list`), the prompt store, and every MLflow
+    experiment's artifact location (MlflowClient), wherever they are."""
+    from lmeraser import tracking
+
+    roots: dict[str, Path] = {"data": ws.data, "dvc cache": cache_dir(ws.root), "artifact store": ws.artifacts}
+    not_searched = []
+    for name, url in remotes(ws.root).items():
+        path = local_path(ws.root, url)
+        if path is None:
+            not_searched.append(f"dvc remote '{name}' ({url.split('://')[0]}): not on this machine; `dvc gc --cloud -r {name}` still purges it")
+        else:
+            roots[f"dvc remote '{name}'"] = path
+    try:
+        locations = tracking.artifact_locations(ws)
+    except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
+        locations, _ = {}, not_searched.append(f"MLflow tracking store ({error.__class__.__name__}): unreachable")
+    for label, uri in locations.items():
+        path = local_path(ws.root, uri)
+        if path is None:
+            not_searched.append(f"{label} ({uri.split('://')[0]}): remote artifact store")
+        else:
+            roots[label] = path
+    for label, path in (("mlflow artifacts", ws.mlflow_artifacts), ("mlflow (default root)", ws.mlflow_default_root)):
+        roots.setdefault(label, path)
+    # A location inside another is searched once.
+    resolved = {label: path.resolve() for label, path in roots.items()}
+    nested = {a for a, p in resolved.items() for b, q in resolved.items() if a != b and p != q and q in p.parents}
+    return Locations({label: path for label, path in roots.items() if label not in nested}, not_searched)
 
 
 def files(directory: Path) -> Iterable[Path]:
@@ -48,7 +75,7 @@ def files(directory: Path) -> Iterable[Path]:
                     yield path
 
 
-def _image_hashes(path: Path) -> set[str]:
+def _image_keys(path: Path, keyer: Keyer) -> set[str]:
     with open(path, "rb") as handle:
         if handle.read(6) != NPY_MAGIC:
             return set()
@@ -58,7 +85,7 @@ def _image_hashes(path: Path) -> set[str]:
         return set()
     if array.dtype != np.uint8 or array.ndim != 3:
         return set()
-    return {content_hash(image) for image in array}
+    return {keyer.content(content_hash(image)) for image in array}
 
 
 @dataclass
@@ -69,31 +96,35 @@ class Hit:
     digest: str
 
 
-def scan(ws: Workspace, sample_hashes: set[str], artifact_hashes: set[str]) -> tuple[list[Hit], dict[str, int]]:
-    """Search every storage location for the given sample content hashes and artifact sha256s."""
+def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str]) -> tuple[list[Hit], dict[str, int], list[str]]:
+    """Search every storage location for the given keyed content hashes and artifact sha256s;
+    (hits, files read per location, locations that could not be searched)."""
+    keyer = Keyer(ws, create=False) if sample_keys else None
     hits, counts = [], {}
-    for location, directory in storage_roots(ws).items():
+    locations = storage_locations(ws)
+    for location, directory in locations.roots.items():
         n = 0
         for path in track(files(directory), f"scanning {location}"):
             n += 1
-            if sample_hashes:
-                for digest in _image_hashes(path) & sample_hashes:
+            if keyer is not None:
+                for digest in _image_keys(path, keyer) & sample_keys:
                     hits.append(Hit(location, str(path), "forgotten sample", digest))
             if artifact_hashes and (digest := sha256_file(path)) in artifact_hashes:
                 hits.append(Hit(location, str(path), "superseded artifact", digest))
         counts[location] = n
-    return hits, counts
+    return hits, counts, locations.not_searched
 
 
 @dataclass
 class ScanTargets:
-    sample_hashes: set[str]  # content hashes of forgotten or replaced samples
+    sample_keys: set[str]  # keyed content hashes of forgotten or replaced samples
     artifact_hashes: set[str]  # prompts trained on them, superseded and not deployed again
 
 
 def scan_targets(ws: Workspace) -> ScanTargets:
-    """What must be gone: every tombstoned sample, and every prompt a record says was superseded."""
+    """What must be gone, from the signed records: every erased content, every superseded prompt."""
     records = lineage_log(ws).read_unverified()
+    erased = {key for r in records for key in r.predicate.get("removed_content_keys", [])}
     superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
     superseded -= set(ws.prompt_index_or_empty().hashes().values())
-    return ScanTargets(set(ws.tombstones()["content_hash"]), superseded)
+    return ScanTargets(erased, superseded)

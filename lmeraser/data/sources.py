@@ -45,6 +45,9 @@ class RawDataset:
     train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray | None = None
     test_labels: np.ndarray | None = None
+    # The data subject of each training sample, when the source knows it (npz `subject_ids`,
+    # `subjects.csv` beside IDX files); None: synthetic subjects are drawn at split time.
+    train_subjects: np.ndarray | None = None
 
 
 def load_source(spec: str) -> RawDataset:
@@ -123,7 +126,37 @@ def load_idx_dir(directory: Path) -> RawDataset:
     train = _idx_pair(directory, "train", required=True)
     test = _idx_pair(directory, "t10k", required=False)
     assert train is not None
-    return RawDataset(f"idx:{directory}", *train, *(test or (None, None)))
+    subjects = _subjects_csv(directory / "subjects.csv", len(train[1])) if (directory / "subjects.csv").exists() else None
+    return RawDataset(f"idx:{directory}", *train, *(test or (None, None)), subjects)
+
+
+MAX_SUBJECT_ID = 256
+
+
+def check_subjects(subjects: np.ndarray, n: int, name: str) -> np.ndarray:
+    """One printable, non-empty subject id (at most 256 characters) per training sample."""
+    if subjects.ndim != 1 or len(subjects) != n:
+        raise DataError(f"{name}: expected one subject id per training sample ({n}), got shape {subjects.shape}.")
+    if not (np.issubdtype(subjects.dtype, np.str_) or np.issubdtype(subjects.dtype, np.integer)):
+        raise DataError(f"{name}: subject ids must be strings or integers (dtype {subjects.dtype}).")
+    out = subjects.astype(str)
+    for i, subject in enumerate(out):
+        if not subject or len(subject) > MAX_SUBJECT_ID or not subject.isprintable():
+            raise DataError(f"{name}: subject id of row {i} must be 1..{MAX_SUBJECT_ID} printable characters.")
+    return out
+
+
+def _subjects_csv(path: Path, n: int) -> np.ndarray:
+    """`subjects.csv`: a `subject_id` column, one row per training sample, in file order."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable CSV ({error.__class__.__name__}).") from None
+    if "subject_id" not in frame:
+        raise DataError(f"{path}: no 'subject_id' column (found {list(frame.columns)[:5]}).")
+    return check_subjects(frame["subject_id"].to_numpy(dtype=str), n, str(path))
 
 
 def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
@@ -173,7 +206,8 @@ def load_npz(path: Path) -> RawDataset:
                 test = _check_arrays(arrays["x_test"], arrays["y_test"], f"{path}:x_test", f"{path}:y_test")
                 if test[0].shape[1:] != train[0].shape[1:]:
                     raise DataError(f"{path}: x_test images are {test[0].shape[1:]} but training images are {train[0].shape[1:]}.")
-            return RawDataset(f"npz:{path}", *train, *(test or (None, None)))
+            subjects = check_subjects(arrays["subject_ids"], len(train[1]), f"{path}:subject_ids") if "subject_ids" in arrays else None
+            return RawDataset(f"npz:{path}", *train, *(test or (None, None)), subjects)
     raise DataError(f"{path}: expected keys 'x_train'/'y_train' or 'images'/'labels', found {sorted(arrays)}.")
 
 

@@ -80,7 +80,10 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
             raise DataError(f"data split '{split}' would be empty; check data.public_fraction, data.test_fraction and data.subset in params.yaml.")
         hashes = [content_hash(img) for img in imgs]
         ids = [make_sample_id(h, o, int(i)) for h, o, i in zip(hashes, orig, idx)]
-        if split == "private":
+        if split == "private" and raw.train_subjects is not None:
+            subjects = raw.train_subjects[idx].tolist()  # the source's own subject ids
+        elif split == "private":
+            # No subject ids in the source: synthetic ones, data.n_subjects of them (README says so).
             subjects = [f"s{int(s):05d}" for s in rng.integers(0, params.n_subjects, size=len(labs))]
         else:
             subjects = [split] * len(labs)
@@ -98,32 +101,49 @@ def write_split(directory: Path, manifest: pd.DataFrame, images: np.ndarray) -> 
 
 
 def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
-    """Materialise the splits of `params.source` into the workspace's data/, atomically."""
+    """Materialise the splits of `params.source` into the workspace's data/, atomically.
+
+    The suppression list (audit/suppression.csv) is applied first: a sample erased before stays
+    out, a corrected label stays corrected, whatever the source still holds; data/tombstones.csv
+    is its copy.
+    """
+    from lmeraser import suppression
+
     raw = load_source(params.source)
     splits = build_splits(raw, params, seed)
+    listed = suppression.read(ws)
+    suppressed, corrected = 0, 0
+    for split, (manifest, images) in list(splits.items()):
+        drop, relabelled = suppression.apply(ws, manifest, listed)
+        corrected += int((relabelled["label"] != manifest["label"]).sum())
+        suppressed += int(drop.sum())
+        splits[split] = (relabelled.loc[~drop].reset_index(drop=True), np.ascontiguousarray(images[~drop]))
     summary = {
         "source": raw.name,
         "seed": seed,
         "image_shape": list(raw.train_images.shape[1:]),
         "num_classes": int(max(raw.train_labels.max(), -1 if raw.test_labels is None else raw.test_labels.max()) + 1),
         "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
+        "suppressed": suppressed,
+        "labels_corrected": corrected,
     }
     with atomic_directory(ws.data) as staging:
         for split, (manifest, images) in splits.items():
             write_split(staging / split, manifest, images)
-        pd.DataFrame(columns=TOMBSTONE_COLUMNS).to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
-        (staging / "source.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        listed.to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
+        info = {k: v for k, v in summary.items() if k not in ("suppressed", "labels_corrected")}
+        (staging / "source.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 def add_tombstones(rows: list[dict], ws: Workspace) -> None:
-    """Append (sample_id, content_hash, reason) rows, skipping ones already present; atomic."""
+    """Append (sample_id, content_key, reason, label) rows, skipping ones already present; atomic."""
     current = ws.tombstones()
-    seen = set(zip(current["sample_id"], current["content_hash"]))
-    new = [r for r in rows if (r["sample_id"], r["content_hash"]) not in seen]
+    seen = set(zip(current["sample_id"], current["content_key"], current["reason"]))
+    new = [r for r in rows if (r["sample_id"], r["content_key"], r["reason"]) not in seen]
     if not new:
         return
-    frame = pd.concat([current, pd.DataFrame(new, columns=TOMBSTONE_COLUMNS)], ignore_index=True)
+    frame = pd.concat([current, pd.DataFrame([{c: str(r.get(c, "")) for c in TOMBSTONE_COLUMNS} for r in new], columns=TOMBSTONE_COLUMNS)], ignore_index=True)
     with atomic_path(ws.tombstones_file) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import platform
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from lmeraser.io import sha256_file, sha256_json
+from lmeraser.io import atomic_write_json, sha256_file, sha256_json
 from lmeraser.lineage.keys import key_id, load_or_create_key
 from lmeraser.lineage.log import LineageLog, Record
 from lmeraser.overlay import Overlay
@@ -30,25 +31,47 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LEGAL_BASIS = {"forget": "GDPR Art. 17 (erasure)", "rectify": "GDPR Art. 16 (rectification)"}
+
+
+def utc(timestamp: float | None = None) -> str:
+    """A moment as records state it: UTC, ISO 8601, to the second."""
+    moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 class RequestSummary(_Schema):
-    """A request as a record states it: ids, kind and keyed subject hashes, never raw subjects."""
+    """A request as a record states it: ids, kind, legal basis, dates and keyed subject hashes,
+    never raw subjects."""
 
     request_id: str
     kind: Literal["forget", "rectify"]
+    legal_basis: str
+    samples: int  # targets acted on (ids already forgotten are listed apart)
     subject_hashes: list[str]
     already_forgotten: list[str]
+    subjects_already_forgotten: list[str] = []  # keyed hashes of subjects forgotten before (no-ops)
     label: int | None = None
     input: Literal["corrected image"] | None = None
+    received_at: str
+    applied_at: str | None  # when data/ (exact) or the served prompt (influence) changed
+    completed_at: str | None  # when the exact erasure was verified and recorded; None: still queued
 
     @classmethod
-    def of(cls, request: dict) -> RequestSummary:
+    def of(cls, request: dict, applied_at: float | None, completed_at: str | None) -> RequestSummary:
         return cls(
             request_id=request["request_id"],
             kind=request["kind"],
+            legal_basis=LEGAL_BASIS[request["kind"]],
+            samples=len(request["sample_ids"]),
             subject_hashes=request["subject_hashes"],
             already_forgotten=request["already_forgotten"],
+            subjects_already_forgotten=request.get("subjects_already_forgotten", []),
             label=request["label"],
             input="corrected image" if request["input_path"] else None,
+            received_at=utc(request["received_at"]),
+            applied_at=None if applied_at is None else utc(applied_at),
+            completed_at=completed_at,
         )
 
 
@@ -82,12 +105,14 @@ class ExactPredicate(_Schema):
 
     batch_id: str
     method: Literal["exact"] = "exact"
+    recorded_at: str  # UTC, ISO 8601
     supersedes: list[int]  # influence records whose requests this batch made exact
     signer: str = ""  # filled by sign_and_append
     requests: list[RequestSummary]
-    removed_content_hashes: list[str]
+    removed_content_keys: list[str]  # keyed (HMAC) content hashes of erased and replaced samples
     samples_affected: int
     backbone_rebuild: bool
+    planned_clusters: list[int]  # decided before any change: the targets' and corrected images' clusters
     clusters_rebuilt: list[ClusterRebuilt]
     clusters_untouched: int
     data: DataVersions
@@ -105,6 +130,7 @@ class InfluencePredicate(_Schema):
 
     batch_id: str
     method: Literal["influence"] = "influence"
+    recorded_at: str
     approximate: Literal[True] = True
     exact_rebuild: str = "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record"
     signer: str = ""
@@ -156,8 +182,10 @@ def deployed_subjects(ws: Workspace) -> dict[str, str]:
     subjects = {ws.relative(path): sha256_file(path) for path in (ws.backbone_weights, ws.prototypes_file, ws.prompt_index_file)}
     overlay = Overlay(ws)
     subjects.update(dict(overlay.served(ws.prompt_index_or_empty()).values()))
-    if overlay.path.exists():
-        subjects[ws.relative(overlay.path)] = sha256_file(overlay.path)
+    # The influence overlay and the suppression list: the hash chain covers them too.
+    for path in (overlay.path, ws.suppression_file):
+        if path.exists():
+            subjects[ws.relative(path)] = sha256_file(path)
     return subjects
 
 
@@ -169,7 +197,10 @@ def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicat
     """Sign the predicate over the deployed artifacts with the workspace's key and append it."""
     key = load_or_create_key(ws.signing_key_file)
     signed = predicate.model_copy(update={"signer": key_id(key.public_key())})
-    return lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
+    record = lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
+    # The exact prompts this record vouches for stay in the store whatever later train runs do.
+    atomic_write_json(ws.pins_file, {"record": record.number, "keys": sorted(e.key for e in ws.prompt_index_or_empty().clusters.values())})
+    return record
 
 
 def summary_row(record: Record) -> dict[str, str]:

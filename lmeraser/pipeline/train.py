@@ -121,7 +121,10 @@ def run(params: Params, ws: Workspace, log: Log = print, map_jobs: Callable[[Clu
     atomic_write_json(ws.prompt_index_file, PromptIndex(entries, training.key_inputs).to_json())
     last_run = {"trained": sorted(trained), "reused": sorted(j.cluster for j in reused), "retired": retired, "rekeyed": rekeyed}
     atomic_write_json(ws.last_run_file, last_run)
-    pruned = store.prune({entry.key for entry in entries.values()})
+    # Superseded artifacts go, except the ones the latest lineage record signed: an experiment
+    # (`dvc exp run -S ...`) must not delete the deployed, attested prompts. An unlearning batch
+    # purges the ones it supersedes itself.
+    pruned = store.prune({entry.key for entry in entries.values()} | ws.pinned_keys())
     log(f"trained {len(trained)} / reused {len(reused)} clusters in {seconds:.1f}s; retired {len(retired)}, pruned {len(pruned)} superseded artifacts")
     return {
         "metrics": {"clusters_trained": len(trained), "clusters_reused": len(reused), "clusters_retired": len(retired), "train_seconds": seconds},

@@ -25,7 +25,7 @@ from lmeraser.config import Params, load_params
 from lmeraser.errors import LmeraserError
 from lmeraser.inference import ServingModel
 from lmeraser.io import sha256_json
-from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append
+from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append, utc
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.training import cluster_seed, code_version
@@ -217,9 +217,12 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
 
 def _record(ws: Workspace, params: Params, requests: list[dict], reports: list[dict], seconds: dict):
     ids = [r["request_id"] for r in requests]
+    now = utc()
     predicate = InfluencePredicate(
         batch_id="influence-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
-        requests=[RequestSummary.of(r) for r in requests],
+        recorded_at=now,
+        # Applied (served) now; completed only when the exact batch supersedes this record.
+        requests=[RequestSummary.of(r, time.time(), None) for r in requests],
         clusters_edited=reports,
         influence=params.influence.model_dump(mode="json"),
         data={"data_dvc_md5": data_md5(ws.root)},

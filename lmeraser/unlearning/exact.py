@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmeraser import suppression
 from lmeraser.config import Params, load_params
 from lmeraser.data.splits import add_tombstones, remove_samples, update_sample
 from lmeraser.errors import LmeraserError
@@ -31,6 +32,7 @@ from lmeraser.io import atomic_write_json, read_json
 from lmeraser.lineage.records import (
     BeforeAfter,
     ClusterRebuilt,
+    CodeInfo,
     DataVersions,
     ExactPredicate,
     RequestSummary,
@@ -39,11 +41,13 @@ from lmeraser.lineage.records import (
     lineage_log,
     served_prompts,
     sign_and_append,
+    utc,
 )
 from lmeraser.overlay import Overlay
+from lmeraser.salt import Keyer
 from lmeraser.stages import SERVING_TARGET
 from lmeraser.unlearning.requests import Journal, load_corrected_image
-from lmeraser.versioning import data_md5, dvc, file_sha256
+from lmeraser.versioning import commit_paths, data_md5, dvc, file_sha256
 from lmeraser.workspace import Workspace
 
 STEPS = ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
@@ -81,9 +85,10 @@ class UnlearnBatch:
         self.path = ws.batch_file(state["batch_id"])
         self.journal = Journal(ws)
         self._images: dict[str, np.ndarray] = {}  # forgotten pixels, in memory only, never written
+        self.after_stage = None  # called with (stage, summary) after each rebuilt stage (tracking)
 
     @classmethod
-    def open(cls, ws: Workspace, params: Params, log=print) -> UnlearnBatch | None:
+    def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True) -> UnlearnBatch | None:
         """Resume an interrupted batch, or start one over every pending request; None if idle."""
         batches = sorted(ws.batches.glob("*.json"))
         if batches:
@@ -98,6 +103,7 @@ class UnlearnBatch:
             "done": {},
             "seconds": {},
             "started_at": time.time(),
+            "git_commit": git_commit,
         }
         batch = cls(ws, params, state, log)
         batch.save()
@@ -150,7 +156,9 @@ class UnlearnBatch:
         supersedes = sorted(
             {e["record"] for rid, entry in self.journal.requests().items() if rid in ids for e in entry.get("history", []) if e["state"] == "approximated"}
         )
-        planned = sorted({int(cluster_of[s]) for s in targets if s in cluster_of})
+        # The plan: every cluster that holds a target, and every cluster a corrected image will be
+        # assigned to (an image correction can move a sample to another cluster).
+        planned = sorted({int(cluster_of[s]) for s in targets if s in cluster_of} | self._corrected_image_clusters(cluster_of))
         samples = {}
         for split in ("public", "private"):
             part = ws.split(split)
@@ -168,6 +176,9 @@ class UnlearnBatch:
         metrics = ws.metrics() if ws.metrics_file.exists() else {}
         self.log(f"batch {self.state['batch_id']}: {len(self.state['requests'])} request(s), {len(targets)} sample(s), planned clusters {planned}")
         return {
+            # The code version as the batch found it: a batch started on a clean checkout says so,
+            # though its own data.dvc and dvc.lock changes make the tree dirty until they are committed.
+            "code": code_info(ws, self.params).model_dump(),
             "data_md5": data_md5(ws.root),
             "dvc_lock_sha256": file_sha256(ws.dvc_lock),
             "prompts": served_prompts(ws),
@@ -181,10 +192,27 @@ class UnlearnBatch:
             "n_clusters": len(index.clusters),
         }
 
+    def _corrected_image_clusters(self, cluster_of: dict[str, int]) -> set[int]:
+        """Clusters the corrected images of this batch will be assigned to (assignment is a pure
+        function of backbone, prototypes and image: invariant 2)."""
+        requests = [r for r in self.state["requests"] if r["kind"] == "rectify" and r["input_path"] and r["sample_ids"][0] in cluster_of]
+        if not requests:
+            return set()
+        from lmeraser.clustering import nearest
+        from lmeraser.models.backbone import image_features, load_backbone
+
+        backbone, meta = load_backbone(self.ws)
+        shape = tuple(self.ws.source_info()["image_shape"])
+        images = np.stack([load_corrected_image(Path(r["input_path"]), shape) for r in requests])
+        return {int(c) for c in nearest(image_features(backbone, meta, images), self.ws.prototypes())}
+
     def _apply(self) -> dict:
         ws = self.ws
         samples = self.done["capture"]["samples"]
-        tombstones, removed = [], {"public": [], "private": []}
+        keyer = Keyer(ws)
+        # What must stay erased or corrected, decided from the state captured before any change,
+        # so a re-run after an interruption writes the same rows.
+        rows, removed, edits = [], {"public": [], "private": []}, []
         for request in self.state["requests"]:
             if request["kind"] == "forget":
                 for sid in request["sample_ids"]:
@@ -192,27 +220,31 @@ class UnlearnBatch:
                     if info is None:
                         continue
                     removed[info["split"]].append(sid)
-                    tombstones.append({"sample_id": sid, "content_hash": info["content_hash"], "reason": "forget"})
+                    rows.append({"sample_id": sid, "content_key": keyer.content(info["content_hash"]), "reason": "forget"})
             elif request["label"] is not None:
-                update_sample(request["sample_ids"][0], samples[request["sample_ids"][0]]["split"], ws, label=request["label"])
+                sid = request["sample_ids"][0]
+                rows.append({"sample_id": sid, "content_key": "", "reason": "rectify-label", "label": request["label"]})
+                edits.append((sid, {"label": request["label"]}))
             else:
                 sid = request["sample_ids"][0]
-                image = load_corrected_image(Path(request["input_path"]), tuple(ws.source_info()["image_shape"]))
-                old = update_sample(sid, samples[sid]["split"], ws, image=image)
-                if old["content_hash"] != samples[sid]["content_hash"]:
-                    continue  # already applied before an interruption
-                tombstones.append({"sample_id": "", "content_hash": old["content_hash"], "reason": "rectify-input"})
-        # Tombstones first: if we are killed between the two, re-running finds the ids tombstoned
-        # and still present, and removes them (remove_samples below skips nothing it needs).
-        add_tombstones(tombstones, ws)
+                rows.append({"sample_id": "", "content_key": keyer.content(samples[sid]["content_hash"]), "reason": "rectify-input"})
+                edits.append((sid, {"image": load_corrected_image(Path(request["input_path"]), tuple(ws.source_info()["image_shape"]))}))
+        # The durable list first, then its copy in data/, then the data: if we are killed in
+        # between, re-running finds the rows listed and finishes the edits (each is idempotent).
+        suppression.add(ws, rows)
+        add_tombstones(rows, ws)
+        for sid, change in edits:
+            update_sample(sid, samples[sid]["split"], ws, **change)
         for split, ids in removed.items():
             present = set(ws.manifest(split)["sample_id"])
             todo = [s for s in ids if s in present]
             if todo:
                 remove_samples(todo, split, ws)
-        self.journal.append([{"request_id": r["request_id"], "state": "applied", "time": time.time()} for r in self.state["requests"]])
-        self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(tombstones)} tombstone(s)")
-        return {"removed": removed, "tombstones": tombstones}
+        applied_at = time.time()
+        self.journal.append([{"request_id": r["request_id"], "state": "applied", "time": applied_at} for r in self.state["requests"]])
+        self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)")
+        erased = sorted({r["content_key"] for r in rows if r["content_key"]})
+        return {"removed": removed, "erased_content_keys": erased, "suppression_rows": len(rows), "applied_at": applied_at}
 
     def _version(self) -> dict:
         dvc(self.ws.root, "add", "-q", "data")
@@ -221,13 +253,14 @@ class UnlearnBatch:
         return {"data_md5": md5}
 
     def _rebuild(self) -> dict:
-        # The serving path only (evaluate and its upstream); the baselines stage is re-measured
-        # by the next full `dvc repro`.
+        # The serving path only (evaluate and its upstream), in this process and recorded in
+        # dvc.lock; the baselines stage is re-measured by the next full `dvc repro`.
+        from lmeraser.unlearning.rebuild import reproduce
+
         ws = self.ws
-        done = dvc(ws.root, "repro", SERVING_TARGET)
+        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, self.after_stage)
         self._retire_overlay()
         index = ws.prompt_index()
-        stages = [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
         last = ws.last_run() if "train" in stages else {}
         before = self.done["capture"]["prompts"]
         rebuilt = [int(c) for c in last.get("trained", [])]
@@ -266,8 +299,8 @@ class UnlearnBatch:
     def _verify(self) -> dict:
         from lmeraser.audit.scan import scan
 
-        hashes = {t["content_hash"] for t in self.done["apply"]["tombstones"]}
-        hits, counts = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]))
+        hashes = set(self.done["apply"]["erased_content_keys"])
+        hits, counts, not_searched = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]))
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         changed = sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
         forget = [s for s in self._targets("forget") if s in capture["samples"]]
@@ -278,8 +311,11 @@ class UnlearnBatch:
         else:
             mia_after = None
         result = {
-            "scan": {"hits": len(hits), "files_scanned": counts, "examples": [h.__dict__ for h in hits[:5]]},
-            "clusters_as_planned": capture["backbone_rebuild"] or changed == capture["planned_clusters"] or not forget,
+            "scan": {"hits": len(hits), "files_scanned": counts, "not_searched": not_searched, "examples": [h.__dict__ for h in hits[:5]]},
+            # Exactly the planned clusters changed (a backbone rebuild changes every one).
+            "clusters_as_planned": capture["backbone_rebuild"] or changed == capture["planned_clusters"],
+            "planned_clusters": capture["planned_clusters"],
+            "changed_clusters": changed,
             "membership_inference": {"before": capture["membership_inference"], "after": mia_after},
         }
         self.log(f"verification: scan hits {len(hits)}, clusters as planned {result['clusters_as_planned']}")
@@ -296,21 +332,43 @@ class UnlearnBatch:
         self.journal.append(
             [{"request_id": r["request_id"], "state": "verified", "time": time.time(), "record": record.number} for r in self.state["requests"]]
         )
-        self.path.unlink(missing_ok=True)
         self.log(f"lineage record {record.number} ({record.line_sha256[:16]}…) appended to {log.path}")
-        return {"record": record.number, "sha256": record.line_sha256}
+        commit = self._commit(record.number) if self.state.get("git_commit", True) else None
+        self.path.unlink(missing_ok=True)
+        return {"record": record.number, "sha256": record.line_sha256, "commit": commit}
+
+    def _commit(self, number: int) -> str | None:
+        """Commit the versions this batch made (data.dvc, dvc.lock, DVC's metrics and plots, the
+        params, the journal, the lineage log and the suppression list), so the next record starts
+        from a clean tree and the repository names the data version each record vouches for."""
+        from lmeraser.stages import GIT_TRACKED_OUTPUTS
+
+        ws = self.ws
+        tracked = [ws.root / path for path in GIT_TRACKED_OUTPUTS]
+        paths = [ws.data_dvc, ws.dvc_lock, ws.pipeline_params_file, *tracked, ws.journal_file, ws.lineage_file, ws.suppression_file]
+        try:
+            commit = commit_paths(ws.root, paths, f"lmeraser: lineage record {number} ({self.state['batch_id']})")
+        except LmeraserError as error:
+            self.log(f"{error} Commit data.dvc, dvc.lock and audit/ yourself.")
+            return None
+        if commit:
+            self.log(f"committed the new data version and record {number} as {commit[:12]}")
+        return commit
 
     def predicate(self) -> ExactPredicate:
         params = self.params
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         before, after = capture["prompts"], rebuild["prompts"]
+        now = utc()
         return ExactPredicate(
             batch_id=self.state["batch_id"],
+            recorded_at=now,
             supersedes=capture.get("supersedes", []),
-            requests=[RequestSummary.of(r) for r in self.state["requests"]],
-            removed_content_hashes=sorted(t["content_hash"] for t in self.done["apply"]["tombstones"]),
+            requests=[RequestSummary.of(r, self.done["apply"]["applied_at"], now) for r in self.state["requests"]],
+            removed_content_keys=self.done["apply"]["erased_content_keys"],
             samples_affected=len(capture["samples"]),
             backbone_rebuild=capture["backbone_rebuild"],
+            planned_clusters=capture["planned_clusters"],
             clusters_rebuilt=[
                 ClusterRebuilt(cluster=c, prompt_sha256_before=before.get(str(c)), prompt_sha256_after=after.get(str(c)), seed=rebuild["seeds"].get(str(c)))
                 for c in sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
@@ -322,7 +380,7 @@ class UnlearnBatch:
                 dvc_lock_sha256_before=capture["dvc_lock_sha256"],
                 dvc_lock_sha256_after=rebuild["dvc_lock_sha256"],
             ),
-            code=code_info(self.ws, params),
+            code=CodeInfo(**capture["code"]),
             environment=environment(params.prompt.kind, params.runtime.threads),
             seconds=dict(self.state["seconds"]),
             accuracy=BeforeAfter(before=capture["accuracy"], after=rebuild["accuracy"]),
@@ -332,14 +390,17 @@ class UnlearnBatch:
         )
 
 
-def process_pending(ws: Workspace, log=print, run_step=None) -> dict | None:
-    """Process every pending request as one batch (or finish an interrupted one)."""
+def process_pending(ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None) -> dict | None:
+    """Process every pending request as one batch (or finish an interrupted one); with
+    `git_commit`, commit the versions it made in the workspace's git repository; `after_stage`
+    is called with (stage, summary) after each stage the rebuild ran."""
     with ws.lock("unlearn"):
         params = rebuild_params(ws)
-        batch = UnlearnBatch.open(ws, params, log)
+        batch = UnlearnBatch.open(ws, params, log, git_commit)
         if batch is None:
             log("no pending requests")
             return None
+        batch.after_stage = after_stage
         run = run_step or (lambda b, step: b.run(step))
         for step in STEPS:
             run(batch, step)

@@ -3,33 +3,59 @@
 
 from __future__ import annotations
 
-from lmeraser.audit.scan import files, storage_roots
-from lmeraser.io import sha256_file
-from lmeraser.versioning import dvc
+from lmeraser.audit.scan import files, storage_locations
+from lmeraser.errors import LmeraserError
+from lmeraser.io import atomic_write_json, read_json, sha256_file
+from lmeraser.store import ArtifactStore
+from lmeraser.versioning import dvc, remotes
 from lmeraser.workspace import Workspace
 
 
 def purge(ws: Workspace, superseded_artifacts: set[str], log=print) -> dict:
-    """Delete superseded artifacts from the MLflow roots, then garbage-collect DVC cache and remote.
+    """Delete superseded artifacts from the prompt store and the MLflow roots, then
+    garbage-collect the DVC cache and remote.
 
-    The artifact store needs nothing here: the train stage already pruned every superseded key
-    (and the scan checks that it did).
+    The train stage pruned every superseded key except the ones the previous record pinned (the
+    prompts that were deployed and signed); those go here, and leave the pins.
     """
-    roots = storage_roots(ws)
+    from lmeraser import tracking
+
+    locations = storage_locations(ws)
     removed = []
+    # Registered versions that served a superseded prompt go first, through MLflow's own APIs.
+    registry = tracking.purge_registry(ws, superseded_artifacts, log) if superseded_artifacts else {"versions_deleted": [], "not_searched": []}
     if superseded_artifacts:
-        for location in ("mlflow artifacts", "mlflow (default root)"):
-            for path in files(roots[location]):
-                if sha256_file(path) in superseded_artifacts:
-                    path.unlink()
-                    removed.append(str(path))
-    # Push the current version first so the remote keeps what the workspace needs, then drop
-    # every cache and remote object that only older data versions reference.
-    remote = roots.get("dvc remote")
-    if remote is not None:
-        dvc(ws.root, "push", "-q")
+        store, deployed = ArtifactStore(ws.store_dir), {e.key for e in ws.prompt_index_or_empty().clusters.values()}
+        stale = [key for key in store.keys() - deployed if sha256_file(store.path(key)) in superseded_artifacts]
+        for key in stale:
+            store.path(key).unlink()
+            removed.append(str(store.path(key)))
+        if stale and ws.pins_file.exists():
+            pins = read_json(ws.pins_file)
+            atomic_write_json(ws.pins_file, {**pins, "keys": sorted(set(pins["keys"]) - set(stale))})
+        for location, root in locations.roots.items():
+            if location.startswith("mlflow"):
+                for path in files(root):
+                    if sha256_file(path) in superseded_artifacts:
+                        path.unlink()
+                        removed.append(str(path))
+    # Every DVC remote, whatever its type, through DVC itself: push the current version first so
+    # the remote keeps what the workspace needs, then drop every object only older versions use.
     dvc(ws.root, "gc", "--workspace", "--force", "-q")
-    if remote is not None and remote.exists():
-        dvc(ws.root, "gc", "--workspace", "--cloud", "--force", "-q")
-    log(f"purged {len(removed)} superseded artifact file(s); DVC cache{' and remote' if remote else ''} garbage-collected")
-    return {"artifact_files_removed": len(removed), "dvc_gc": True, "remote_gc": remote is not None}
+    collected, failed = [], []
+    for name in remotes(ws.root):
+        try:
+            dvc(ws.root, "push", "-q", "-r", name)
+            dvc(ws.root, "gc", "--workspace", "--cloud", "--force", "-q", "-r", name)
+            collected.append(name)
+        except LmeraserError as error:
+            failed.append(f"{name}: {error}")
+    log(f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected")
+    return {
+        "artifact_files_removed": len(removed),
+        "registry": registry,
+        "dvc_gc": True,
+        "remotes_gc": collected,
+        "remotes_failed": failed,
+        "remote_gc": bool(collected),
+    }

@@ -8,11 +8,8 @@ request is lost; a torn last line (a crash mid-append) is ignored and repaired.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
+from lmeraser.salt import Keyer
 from lmeraser.workspace import SPLITS, Workspace
 
 
@@ -76,17 +74,9 @@ def parse_requests_file(path: Path) -> list[RequestSpec]:
     return specs
 
 
-def subject_salt(ws: Workspace) -> bytes:
-    """A secret salt (0600) so subject ids enter records only as keyed hashes."""
-    path = ws.subject_salt_file
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
-    return path.read_bytes()
-
-
 def hash_subject(ws: Workspace, subject: str) -> str:
-    return hmac.new(subject_salt(ws), subject.encode(), hashlib.sha256).hexdigest()
+    """A subject id as records state it: keyed with the workspace's secret salt."""
+    return Keyer(ws).subject(subject)
 
 
 @dataclass
@@ -99,6 +89,7 @@ class ResolvedRequest:
     already_forgotten: list[str]  # targets that were forgotten before: idempotent no-ops
     subject_hashes: list[str]
     public: bool = False
+    subjects_already_forgotten: list[str] = field(default_factory=list)  # keyed hashes: no-ops too
     label: int | None = None
     input_path: str | None = None
     received_at: float = field(default_factory=time.time)
@@ -112,12 +103,29 @@ class ResolvedRequest:
             "kind": self.kind,
             "sample_ids": self.sample_ids,
             "already_forgotten": self.already_forgotten,
+            "subjects_already_forgotten": self.subjects_already_forgotten,
             "subject_hashes": self.subject_hashes,
             "public": self.public,
             "label": self.label,
             "input_path": self.input_path,
             "received_at": self.received_at,
         }
+
+
+def forgotten_subjects(ws: Workspace) -> set[str]:
+    """Keyed hashes of the subjects of every forget request an exact batch completed."""
+    return {
+        h
+        for entry in Journal(ws).requests().values()
+        if entry["state"] == "verified" and entry.get("request", {}).get("kind") == "forget"
+        for h in entry["request"]["subject_hashes"]
+    }
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """User text as an error may echo it: printable and short."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
@@ -128,10 +136,16 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
     where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
     targets = list(dict.fromkeys(spec.sample_ids))
     private = manifests["private"]
+    keyer = Keyer(ws)
+    erased_subjects = forgotten_subjects(ws)
+    subjects_gone = []
     for subject in spec.subjects:
         members = private.loc[private["subject_id"] == subject, "sample_id"].tolist()
         if not members:
-            raise LmeraserError(f"subject {subject} has no private samples (unknown subject, or already forgotten).")
+            if keyer.subject(subject) in erased_subjects:
+                subjects_gone.append(keyer.subject(subject))  # forgotten before: a recorded no-op, like an id
+                continue
+            raise LmeraserError(f"subject {_shown(subject)} has no private samples and was never forgotten.")
         targets.extend(m for m in members if m not in targets)
     live, gone = [], []
     for sid in targets:
@@ -165,6 +179,7 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
         sample_ids=live,
         already_forgotten=gone,
         subject_hashes=[hash_subject(ws, s) for s in spec.subjects],
+        subjects_already_forgotten=subjects_gone,
         public=is_public,
         label=spec.label,
         input_path=str(Path(spec.input).resolve()) if spec.input else None,
