@@ -77,3 +77,32 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
     assert not np.array_equal(served.logits(x)[0], exact.logits(x)[0])
     other = next(c for c in exact.active_clusters if c != cluster)
     assert served.state(other)["head.weight"].equal(exact.state(other)["head.weight"])
+
+
+def test_evaluate_registers_a_version_only_when_the_served_model_changed(trained_workspace, tmp_path, monkeypatch):
+    """Each evaluation that changes the served bundle is a new pyfunc version under the alias
+    `production`; one that serves the same bundle keeps the version it has."""
+    import shutil
+
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from flows.stages import evaluate
+    from lmeraser.inference import ServingModel
+    from lmeraser.workspace import Workspace
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trained, _ = trained_workspace
+    root = tmp_path / "ws"
+    shutil.copytree(trained.root, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    first = evaluate(root=str(root))["model_version"]
+    second = evaluate(root=str(root))["model_version"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert first == second == int(client.get_model_version_by_alias("lmeraser", "production").version)
+    assert [int(v.version) for v in client.search_model_versions("name='lmeraser'")] == [first]
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    images = Workspace(root).split("test").images[:32]
+    predicted = mlflow.pyfunc.load_model("models:/lmeraser@production").predict(images)
+    mlflow.set_tracking_uri("")
+    assert np.array_equal(predicted, ServingModel.load(Workspace(root)).predict(images)[0])
