@@ -51,7 +51,8 @@ def storage_locations(ws: Workspace) -> Locations:
     try:
         locations = tracking.artifact_locations(ws)
     except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
-        locations, _ = {}, not_searched.append(f"MLflow tracking store ({error.__class__.__name__}): unreachable")
+        locations = {}
+        not_searched.append(f"MLflow tracking store ({error.__class__.__name__}): unreachable")
     for label, uri in locations.items():
         path = local_path(ws.root, uri)
         if path is None:
