@@ -80,6 +80,8 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
     done = _cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
+    # Each step shows as it finishes, with its seconds, in the terminal (Prefect's run logger).
+    assert all(f"step {step} done in " in done.stderr for step in ("capture", "apply", "version", "rebuild", "purge", "verify", "record"))
     index = read_json(root / "artifacts" / "prompts" / "index.json")
     assert read_json(root / "artifacts" / "prompts" / "last_run.json")["trained"] == [int(victim.cluster)]
 

@@ -122,6 +122,7 @@ class UnlearnBatch:
         start = time.perf_counter()
         result = getattr(self, f"_{step}")()
         self.state["seconds"][step] = time.perf_counter() - start
+        self.log(f"step {step} done in {self.state['seconds'][step]:.1f}s")
         self.done[step] = result
         if step != "record":
             self.save()
