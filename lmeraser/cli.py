@@ -460,7 +460,11 @@ def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem
     from lmeraser.io import atomic_write_bytes
     from lmeraser.lineage import keys
 
-    key = keys.load_or_create_key(Workspace(root).signing_key_file)
+    ws = Workspace(root)
+    try:
+        key = keys.load_or_create_key(ws.signing_key_file, create=not ws.lineage_file.exists())
+    except LmeraserError as error:
+        _fail(str(error))
     atomic_write_bytes(out, keys.public_pem(key))
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 

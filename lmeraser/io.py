@@ -50,17 +50,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    `mode` (for secrets: 0o600) is the file's mode from its first byte on."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; ordinary outputs get the usual umask-derived mode (secrets set 0600 explicitly).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    # mkstemp creates 0600; ordinary outputs get the usual umask-derived mode, secrets theirs.
+    if mode is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -73,10 +76,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
-        if mode is not None:
-            os.chmod(tmp, mode)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

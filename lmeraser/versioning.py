@@ -12,6 +12,14 @@ import yaml
 from lmeraser.errors import LmeraserError
 from lmeraser.io import sha256_file
 
+# Secrets this process may hold; a child (dvc, git, a stage) never needs them.
+SECRET_ENV = ("LMERASER_SIGNING_KEY", "LMERASER_API_TOKEN")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process, without secrets."""
+    return {**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, **extra}
+
 
 def _bin_path() -> str:
     # Stage commands call `lmeraser`; make sure the interpreter's bin directory comes first.
@@ -24,7 +32,7 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
         cwd=root,
         capture_output=True,
         text=True,
-        env={**os.environ, "PATH": _bin_path()},
+        env=child_env(PATH=_bin_path()),
     )
     if check and done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
@@ -44,11 +52,11 @@ def file_sha256(path: Path) -> str | None:
 
 
 def git_commit(root: Path) -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    done = _git(root, "rev-parse", "HEAD")
     commit = done.stdout.strip() if done.returncode == 0 else "unknown"
     # Changes to tracked files, except the audit trail itself (the journal receives each request
     # before its batch starts; the records extend the log): they are not the code or data version.
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)audit"], cwd=root, capture_output=True, text=True)
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)audit")
     return commit + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
@@ -83,7 +91,7 @@ def cache_dir(root: Path) -> Path:
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=child_env())
 
 
 def commit_paths(root: Path, paths: list[Path], message: str) -> str | None:

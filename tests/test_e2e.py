@@ -278,6 +278,28 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     assert lmeraser_cli("unlearn", cwd=root).stdout.strip().endswith("no pending requests")
 
 
+def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
+    """A copy of the forgotten image survives somewhere the scan looks: the batch stops before its
+    record, exits non-zero, and the request stays pending; once the copy is gone it completes."""
+    import numpy as np
+
+    root, _ = repo
+    ws = Workspace(root)
+    private = ws.split("private")
+    victim, image = private.sample_ids[3], private.images[3]
+    leak = root / "mlartifacts" / "leak" / "copy.npy"
+    leak.parent.mkdir(parents=True, exist_ok=True)
+    np.save(leak, image[None])
+    records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
+    done = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+    assert done.returncode == 1 and "verification failed: 1 scan hit(s)" in done.stderr and "Nothing was signed" in done.stderr
+    assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
+    assert [r["sample_ids"] for r in Journal(ws).pending()] == [[victim]]
+    leak.unlink()
+    finished = _cli_ok("unlearn", cwd=root)
+    assert f"lineage record {records + 1}" in finished.stdout and not Journal(ws).pending()
+
+
 def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_path):
     """All three edit kinds by influence (served as approximate, recorded), then the queued exact
     batch changes the data, rebuilds, retires the overlays and supersedes the influence records."""

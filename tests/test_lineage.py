@@ -161,3 +161,59 @@ def test_replay_names_the_record_that_superseded_a_cluster():
     later = [first, record(2, rebuilt=[7]), record(3, edited=[5]), record(4, rebuilt=[3])]
     assert superseded_by(first, later, 3) == 4 and superseded_by(first, later, 5) == 3
     assert superseded_by(first, later, 9) is None and superseded_by(later[3], later, 3) is None
+
+
+def test_keys_are_0600_from_the_first_byte_and_never_replaced_silently(tmp_path, monkeypatch):
+    import os as _os
+
+    from lmeraser import io
+
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    modes = []
+    real = io.atomic_path
+
+    def spy(path, mode=None):
+        manager = real(path, mode)
+        tmp = manager.__enter__()
+        modes.append(stat.S_IMODE(_os.stat(tmp).st_mode))  # before a byte is written
+        return _Wrapped(manager, tmp)
+
+    class _Wrapped:
+        def __init__(self, manager, tmp):
+            self.manager, self.tmp = manager, tmp
+
+        def __enter__(self):
+            return self.tmp
+
+        def __exit__(self, *exc):
+            return self.manager.__exit__(*exc)
+
+    monkeypatch.setattr(io, "atomic_path", spy)
+    keys.load_or_create_key(tmp_path / "k.pem")
+    assert modes == [0o600]
+    with pytest.raises(LmeraserError, match="no new key is made"):
+        keys.load_or_create_key(tmp_path / "absent.pem", create=False)
+    assert not (tmp_path / "absent.pem").exists()
+
+
+def test_a_missing_key_is_not_replaced_once_records_exist(tmp_path, monkeypatch):
+    """forget/unlearn (sign_and_append) and export-key make a key only for the first record."""
+    from lmeraser.workspace import Workspace
+
+    from conftest import lmeraser_cli
+
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    ws = Workspace(tmp_path)
+    ws.lineage_file.parent.mkdir(parents=True)
+    ws.lineage_file.write_text("{}\n")  # a log with a record, its key gone
+    done = lmeraser_cli("audit", "export-key", "--root", str(tmp_path), "--out", str(tmp_path / "pub.pem"), cwd=tmp_path)
+    assert done.returncode == 1 and "no new key is made" in done.stderr
+    assert not ws.signing_key_file.exists() and not (tmp_path / "pub.pem").exists()
+
+
+def test_child_processes_never_see_the_signing_key(monkeypatch):
+    from lmeraser.versioning import child_env
+
+    monkeypatch.setenv(keys.KEY_ENV, "-----BEGIN PRIVATE KEY-----secret")
+    env = child_env(PATH="/bin")
+    assert keys.KEY_ENV not in env and env["PATH"] == "/bin"

@@ -61,10 +61,13 @@ def storage_locations(ws: Workspace) -> Locations:
             roots[label] = path
     for label, path in (("mlflow artifacts", ws.mlflow_artifacts), ("mlflow (default root)", ws.mlflow_default_root)):
         roots.setdefault(label, path)
-    # A location inside another is searched once.
-    resolved = {label: path.resolve() for label, path in roots.items()}
-    nested = {a for a, p in resolved.items() for b, q in resolved.items() if a != b and p != q and q in p.parents}
-    return Locations({label: path for label, path in roots.items() if label not in nested}, not_searched)
+    # Each directory is searched once: under its first name, and not again inside another.
+    resolved: dict[str, Path] = {}
+    for label, path in roots.items():
+        if path.resolve() not in resolved.values():
+            resolved[label] = path.resolve()
+    nested = {a for a, p in resolved.items() for q in resolved.values() if q in p.parents}
+    return Locations({label: roots[label] for label in resolved if label not in nested}, not_searched)
 
 
 def files(directory: Path) -> Iterable[Path]:

@@ -23,12 +23,16 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return "ed25519:" + hashlib.sha256(raw).hexdigest()
 
 
-def load_or_create_key(path: str | Path) -> Ed25519PrivateKey:
-    """The signing key from $LMERASER_SIGNING_KEY, else from `path`, created (0600) if absent."""
+def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateKey:
+    """The signing key from $LMERASER_SIGNING_KEY, else from `path`, created (0600 from its first
+    byte) if absent and `create` allows it. Callers forbid creation once records exist: a new key
+    in place of a missing one would leave a log that verifies with neither."""
     pem = os.environ.get(KEY_ENV)
     if pem:
         return _parse_private(pem.encode(), f"${KEY_ENV}")
     path = Path(path)
+    if not path.exists() and not create:
+        raise LmeraserError(f"{path}: no signing key, and records signed by one exist; restore the key (no new key is made in its place).")
     if path.exists():
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:

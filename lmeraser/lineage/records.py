@@ -195,7 +195,8 @@ def lineage_log(ws: Workspace) -> LineageLog:
 
 def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicate) -> Record:
     """Sign the predicate over the deployed artifacts with the workspace's key and append it."""
-    key = load_or_create_key(ws.signing_key_file)
+    # A new key only for the first record: once records exist, their key must be the one that signs.
+    key = load_or_create_key(ws.signing_key_file, create=not lineage_log(ws).path.exists())
     signed = predicate.model_copy(update={"signer": key_id(key.public_key())})
     record = lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
     # The exact prompts this record vouches for stay in the store whatever later train runs do.

@@ -26,7 +26,7 @@ import numpy as np
 
 from lmeraser import suppression
 from lmeraser.config import Params, load_params
-from lmeraser.data.splits import add_tombstones, remove_samples, update_sample
+from lmeraser.data.splits import add_tombstones, content_hash, remove_samples, update_sample
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_json, read_json
 from lmeraser.lineage.records import (
@@ -157,9 +157,6 @@ class UnlearnBatch:
         supersedes = sorted(
             {e["record"] for rid, entry in self.journal.requests().items() if rid in ids for e in entry.get("history", []) if e["state"] == "approximated"}
         )
-        # The plan: every cluster that holds a target, and every cluster a corrected image will be
-        # assigned to (an image correction can move a sample to another cluster).
-        planned = sorted({int(cluster_of[s]) for s in targets if s in cluster_of} | self._corrected_image_clusters(cluster_of))
         samples = {}
         for split in ("public", "private"):
             part = ws.split(split)
@@ -168,6 +165,19 @@ class UnlearnBatch:
                     samples[sid] = {"split": split, "content_hash": part.manifest["content_hash"][row], "label": int(part.labels[row])}
                     if sid in to_forget:
                         self._images[sid] = part.images[row]
+        # The plan: every cluster whose members this batch changes (a label or image "correction"
+        # equal to what is there changes nothing), and every cluster a corrected image will be
+        # assigned to (an image correction can move a sample to another cluster).
+        changing = set(self._targets("forget"))
+        for request in self.state["requests"]:
+            sid = request["sample_ids"][0] if request["kind"] == "rectify" and request["sample_ids"] else None
+            if sid in samples and request["label"] is not None and request["label"] != samples[sid]["label"]:
+                changing.add(sid)
+            elif sid in samples and request["input_path"]:
+                image = load_corrected_image(Path(request["input_path"]), tuple(ws.source_info()["image_shape"]))
+                if content_hash(image) != samples[sid]["content_hash"]:
+                    changing.add(sid)
+        planned = sorted({int(cluster_of[s]) for s in changing if s in cluster_of} | self._corrected_image_clusters(cluster_of))
         public = [s for s in targets if samples.get(s, {}).get("split") == "public"]
         forget = [s for s in self._targets("forget") if s in samples]
         mia = None
@@ -320,6 +330,20 @@ class UnlearnBatch:
             "membership_inference": {"before": capture["membership_inference"], "after": mia_after},
         }
         self.log(f"verification: scan hits {len(hits)}, clusters as planned {result['clusters_as_planned']}")
+        # An erasure record must never vouch for an erasure a check contradicts: stop here, sign
+        # nothing, keep the requests pending; `lmeraser unlearn` resumes at this step.
+        problems = []
+        if hits:
+            problems.append(f"{len(hits)} scan hit(s): forgotten data survives in {', '.join(sorted({h.location for h in hits}))}")
+        if not result["clusters_as_planned"]:
+            problems.append(f"the changed clusters {changed} are not the planned {capture['planned_clusters']}")
+        if self.done["purge"].get("remotes_failed"):
+            problems.append(f"the purge failed for DVC remote(s) {self.done['purge']['remotes_failed']}")
+        if problems:
+            raise LmeraserError(
+                f"verification failed: {'; '.join(problems)}. Nothing was signed and the requests stay pending "
+                f"(batch {self.state['batch_id']}); fix it and run `lmeraser unlearn` again."
+            )
         return result
 
     def _record(self) -> dict:
