@@ -7,6 +7,7 @@ non-zero; nothing is half-written (all writes are atomic).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -61,8 +62,6 @@ def _quiet_prefect_server() -> None:
 
 class _OwnRecordsBelowWarning:
     def filter(self, record) -> bool:
-        import logging
-
         return record.levelno >= logging.WARNING
 
 

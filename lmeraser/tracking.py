@@ -43,10 +43,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _mlflow(ws: Workspace):
     import mlflow
 
-    # After the import: mlflow sets its own logger to INFO when it is first imported.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
+    _quiet_mlflow()
     uri = tracking_uri(ws)
     # set_tracking_uri also exports MLFLOW_TRACKING_URI, which would make every later workspace of
     # this process use this one's store: keep the user's own setting (or none) in the environment.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,8 +234,6 @@ class Workspace:
     @property
     def signing_key_file(self) -> Path:
         """$LMERASER_SIGNING_KEY_FILE, else audit/keys/signing-key.pem."""
-        import os
-
         configured = os.environ.get(KEY_FILE_ENV)
         return Path(configured) if configured else self.keys_dir / "signing-key.pem"
 

@@ -168,16 +168,20 @@ class UnlearnBatch:
         # The plan: every cluster whose members this batch changes (a label or image "correction"
         # equal to what is there changes nothing), and every cluster a corrected image will be
         # assigned to (an image correction can move a sample to another cluster).
+        shape = tuple(ws.source_info()["image_shape"])
+        corrected = {  # each corrected image read once
+            r["sample_ids"][0]: load_corrected_image(Path(r["input_path"]), shape)
+            for r in self.state["requests"]
+            if r["kind"] == "rectify" and r["input_path"] and r["sample_ids"] and r["sample_ids"][0] in samples
+        }
         changing = set(self._targets("forget"))
+        changing |= {sid for sid, image in corrected.items() if content_hash(image) != samples[sid]["content_hash"]}
         for request in self.state["requests"]:
             sid = request["sample_ids"][0] if request["kind"] == "rectify" and request["sample_ids"] else None
             if sid in samples and request["label"] is not None and request["label"] != samples[sid]["label"]:
                 changing.add(sid)
-            elif sid in samples and request["input_path"]:
-                image = load_corrected_image(Path(request["input_path"]), tuple(ws.source_info()["image_shape"]))
-                if content_hash(image) != samples[sid]["content_hash"]:
-                    changing.add(sid)
-        planned = sorted({int(cluster_of[s]) for s in changing if s in cluster_of} | self._corrected_image_clusters(cluster_of))
+        moved_to = self._assigned_clusters([image for sid, image in corrected.items() if sid in cluster_of])
+        planned = sorted({int(cluster_of[s]) for s in changing if s in cluster_of} | moved_to)
         public = [s for s in targets if samples.get(s, {}).get("split") == "public"]
         forget = [s for s in self._targets("forget") if s in samples]
         mia = None
@@ -203,19 +207,16 @@ class UnlearnBatch:
             "n_clusters": len(index.clusters),
         }
 
-    def _corrected_image_clusters(self, cluster_of: dict[str, int]) -> set[int]:
-        """Clusters the corrected images of this batch will be assigned to (assignment is a pure
-        function of backbone, prototypes and image: invariant 2)."""
-        requests = [r for r in self.state["requests"] if r["kind"] == "rectify" and r["input_path"] and r["sample_ids"][0] in cluster_of]
-        if not requests:
+    def _assigned_clusters(self, images: list[np.ndarray]) -> set[int]:
+        """Clusters these (corrected) images will be assigned to (assignment is a pure function of
+        backbone, prototypes and image: invariant 2)."""
+        if not images:
             return set()
         from lmeraser.clustering import nearest
         from lmeraser.models.backbone import image_features, load_backbone
 
         backbone, meta = load_backbone(self.ws)
-        shape = tuple(self.ws.source_info()["image_shape"])
-        images = np.stack([load_corrected_image(Path(r["input_path"]), shape) for r in requests])
-        return {int(c) for c in nearest(image_features(backbone, meta, images), self.ws.prototypes())}
+        return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes())}
 
     def _apply(self) -> dict:
         ws = self.ws
