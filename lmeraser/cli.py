@@ -332,16 +332,23 @@ def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool 
 
 
 @audit_app.command("verify")
-def audit_verify(pubkey: Path = typer.Option(None, help="exported public key (default: this workspace's key)"), root: Path = ROOT) -> None:
-    """Check every signature, the hash chain, and that the deployed artifacts match the latest record."""
+def audit_verify(
+    pubkey: Path = typer.Option(None, help="the public key you were given (default: the pinned signer, audit/lineage-public-key.pem)"), root: Path = ROOT
+) -> None:
+    """Check every signature, the hash chain, the signed head, the signer, and that the deployed artifacts match the latest record."""
     from lmeraser.audit.verify import public_key, verify
+    from lmeraser.lineage.keys import key_id
 
     ws = Workspace(root)
     try:
-        records = verify(ws, public_key(ws, pubkey))
+        key = public_key(ws, pubkey)
+        records = verify(ws, key)
     except LmeraserError as error:
         _fail(str(error))
-    console.print(f"OK: {len(records)} record(s), signatures and chain valid; deployed artifacts match record {records[-1].number}")
+    console.print(
+        f"OK: {len(records)} record(s), signatures, chain and signed head valid, all signed by {key_id(key)}; "
+        f"deployed artifacts match record {records[-1].number}"
+    )
 
 
 @audit_app.command("show")
@@ -454,17 +461,23 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
 
 
 @audit_app.command("export-key")
-def audit_export_key(out: Path = typer.Option(Path("audit/lineage-public-key.pem"), "--out"), root: Path = ROOT) -> None:
-    """Write the signing key's public half (PEM) for auditors."""
+def audit_export_key(out: Path = typer.Option(None, "--out", help="where to write it (default: the pinned signer file)"), root: Path = ROOT) -> None:
+    """Write the signing key's public half (PEM) for auditors; before the first record this makes
+    and pins the key, after it the key must be the pinned one."""
     from lmeraser.io import atomic_write_bytes
     from lmeraser.lineage import keys
+    from lmeraser.lineage.records import signing_key
 
     ws = Workspace(root)
+    out = out or ws.signer_file
+    if out.is_dir():
+        _fail(f"{out}: is a directory; --out takes a file path.")
     try:
-        key = keys.load_or_create_key(ws.signing_key_file, create=not ws.lineage_file.exists())
+        key = signing_key(ws)
     except LmeraserError as error:
         _fail(str(error))
-    atomic_write_bytes(out, keys.public_pem(key))
+    if out.resolve() != ws.signer_file.resolve():
+        atomic_write_bytes(out, keys.public_pem(key))
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 
 

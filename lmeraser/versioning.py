@@ -94,6 +94,17 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=child_env())
 
 
+def committed_bytes(root: Path, path: Path) -> bytes | None:
+    """The bytes of `path` as committed at HEAD in the git repository at `root`; None when there
+    is no repository or the file is not committed."""
+    try:
+        name = path.resolve().relative_to(Path(root).resolve())
+    except ValueError:
+        return None
+    done = subprocess.run(["git", "show", f"HEAD:./{name}"], cwd=root, capture_output=True, env=child_env())
+    return done.stdout if done.returncode == 0 else None
+
+
 def commit_paths(root: Path, paths: list[Path], message: str) -> str | None:
     """Commit exactly `paths` (those that exist) in the git repository at `root`; the new commit
     id, or None when `root` is no git work tree or nothing in `paths` changed. Other staged or

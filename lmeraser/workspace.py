@@ -238,6 +238,17 @@ class Workspace:
         return Path(configured) if configured else self.keys_dir / "signing-key.pem"
 
     @property
+    def signing_key_configured(self) -> bool:
+        """Whether $LMERASER_SIGNING_KEY_FILE names the key: a configured key is never created here."""
+        return bool(os.environ.get(KEY_FILE_ENV))
+
+    @property
+    def signer_file(self) -> Path:
+        """The pinned signer: the public key every record must verify with, written with the first
+        record and committed (or handed to auditors); `audit verify` trusts it, not the private key."""
+        return self.audit / "lineage-public-key.pem"
+
+    @property
     def suppression_file(self) -> Path:
         return self.audit / "suppression.csv"
 

@@ -217,3 +217,108 @@ def test_child_processes_never_see_the_signing_key(monkeypatch):
     monkeypatch.setenv(keys.KEY_ENV, "-----BEGIN PRIVATE KEY-----secret")
     env = child_env(PATH="/bin")
     assert keys.KEY_ENV not in env and env["PATH"] == "/bin"
+
+
+def test_removed_trailing_records_are_caught_and_numbers_never_reused(log, key):
+    """The chain alone cannot see a shortened log; the signed head can, and append refuses it."""
+    lines = _lines(log)
+    _write(log, lines[:3])
+    with pytest.raises(LmeraserError, match="1 trailing record\\(s\\) were removed: the signed head lists 4"):
+        log.verify(key.public_key())
+    with pytest.raises(LmeraserError, match="trailing record"):
+        log.append({"a": "0" * 64}, {"next": True}, key)  # would have reused number 4
+    assert _lines(log) == lines[:3]
+    log.head_path.unlink()
+    with pytest.raises(LmeraserError, match="signed head is missing, though record 1 was anchored"):
+        log.verify(key.public_key())
+
+
+def test_an_interrupted_append_verifies_and_the_next_append_re_anchors(log, key):
+    head = log.head_path.read_bytes()
+    log.append({"a": "1" * 64}, {"r": 5}, key)
+    log.head_path.write_bytes(head)  # killed after the log was written, before the head
+    assert len(log.verify(key.public_key())) == 5
+    log.append({"a": "2" * 64}, {"r": 6}, key)
+    assert log.head(key.public_key()).records == 6
+
+
+def test_any_byte_level_damage_is_named_never_a_traceback(log, key):
+    """Flips (including bytes that are not UTF-8), deletions and insertions at every 7th byte."""
+    original = log.path.read_bytes()
+    for position in range(0, len(original), 7):
+        for mutated in (
+            original[:position] + bytes([original[position] ^ 0x80]) + original[position + 1 :],
+            original[:position] + original[position + 1 :],
+            original[:position] + b"\xff" + original[position:],
+        ):
+            log.path.write_bytes(mutated)
+            with pytest.raises(LmeraserError, match="record \\d+|lineage.jsonl"):
+                log.verify(key.public_key())
+    log.path.write_bytes(original)
+    assert len(log.verify(key.public_key())) == 4
+
+
+def _workspace_with_records(tmp_path, monkeypatch, n=2):
+    from lmeraser.lineage.records import signing_key
+    from lmeraser.workspace import Workspace
+
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    monkeypatch.delenv("LMERASER_SIGNING_KEY_FILE", raising=False)
+    ws = Workspace(tmp_path)
+    log = LineageLog(ws.lineage_file)
+    for i in range(n):
+        log.append({"x": f"{i:064x}"}, {"i": i}, signing_key(ws))
+    return ws, log
+
+
+def test_the_signer_is_pinned_and_verify_trusts_the_pin_not_the_key_beside_the_log(tmp_path, monkeypatch):
+    from lmeraser.audit.verify import public_key, verified_records
+    from lmeraser.lineage.records import signing_key
+
+    ws, log = _workspace_with_records(tmp_path, monkeypatch)
+    pinned = keys.load_public_key(ws.signer_file)
+    assert keys.key_id(pinned) == keys.key_id(keys.load_or_create_key(ws.signing_key_file).public_key())
+    assert len(verified_records(ws, public_key(ws))) == 2
+    # Whoever can write audit/ replaces the private key and re-signs the whole log and head.
+    intruder = Ed25519PrivateKey.generate()
+    ws.signing_key_file.unlink()
+    ws.signing_key_file.write_bytes(
+        intruder.private_bytes(keys.serialization.Encoding.PEM, keys.serialization.PrivateFormat.PKCS8, keys.serialization.NoEncryption())
+    )
+    os.chmod(ws.signing_key_file, 0o600)
+    with pytest.raises(LmeraserError, match="is not the pinned signer"):
+        signing_key(ws)  # no record is signed with a key other than the pinned one
+    forged = LineageLog(tmp_path / "forged.jsonl")
+    for record in log.verify(pinned):
+        forged.append(record.subjects, {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")}, intruder)
+    os.replace(forged.path, log.path)
+    os.replace(forged.head_path, log.head_path)
+    with pytest.raises(LmeraserError, match="record 1: no signature by key"):
+        verified_records(ws, public_key(ws))
+
+
+def test_a_replaced_pin_is_caught_against_the_committed_one(tmp_path, monkeypatch):
+    import subprocess
+
+    from lmeraser.audit.verify import public_key
+
+    ws, _ = _workspace_with_records(tmp_path, monkeypatch, n=1)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "audit/lineage-public-key.pem"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "pin"], cwd=tmp_path, check=True)
+    public_key(ws)
+    ws.signer_file.write_bytes(keys.public_pem(Ed25519PrivateKey.generate()))
+    with pytest.raises(LmeraserError, match="differs from the committed version"):
+        public_key(ws)
+
+
+def test_a_configured_key_file_that_is_missing_is_never_created(tmp_path, monkeypatch):
+    from lmeraser.lineage.records import signing_key
+    from lmeraser.workspace import KEY_FILE_ENV, Workspace
+
+    monkeypatch.delenv(keys.KEY_ENV, raising=False)
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "vault" / "key.pem"))
+    with pytest.raises(LmeraserError, match="no new key is made"):
+        signing_key(Workspace(tmp_path / "ws"))
+    assert not (tmp_path / "vault").exists() and not (tmp_path / "ws" / "audit" / "lineage-public-key.pem").exists()

@@ -6,7 +6,6 @@ envelopes verify with any DSSE/in-toto tool given the exported public key.
 
 from __future__ import annotations
 
-import binascii
 import json
 
 from cryptography.exceptions import InvalidSignature
@@ -26,12 +25,12 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
 
 
-def statement(subjects: dict[str, str], predicate: dict) -> dict:
+def statement(subjects: dict[str, str], predicate: dict, predicate_type: str = PREDICATE_TYPE) -> dict:
     """An in-toto v1 Statement; `subjects` maps artifact name -> sha256 hex digest."""
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": name, "digest": {"sha256": digest}} for name, digest in sorted(subjects.items())],
-        "predicateType": PREDICATE_TYPE,
+        "predicateType": predicate_type,
         "predicate": predicate,
     }
 
@@ -54,24 +53,26 @@ def open_envelope(envelope: dict, public_key: Ed25519PublicKey) -> dict:
     try:
         payload_type, payload = envelope["payloadType"], unb64(envelope["payload"])
         signatures = envelope["signatures"]
-    except (KeyError, TypeError, binascii.Error) as error:
+    except (KeyError, TypeError, AttributeError, ValueError) as error:  # binascii.Error is a ValueError
         raise ValueError(f"malformed envelope ({error.__class__.__name__})") from None
     if payload_type != IN_TOTO_PAYLOAD_TYPE:
-        raise ValueError(f"unexpected payloadType {payload_type!r}")
+        raise ValueError(f"unexpected payloadType {str(payload_type)[:80]!r}")
+    if not isinstance(signatures, list):
+        raise ValueError("malformed envelope (signatures is not a list)")
     wanted = key_id(public_key)
     message = pae(payload_type, payload)
     for entry in signatures:
-        if entry.get("keyid") != wanted:
+        if not isinstance(entry, dict) or entry.get("keyid") != wanted:
             continue
         try:
             public_key.verify(unb64(entry["sig"]), message)
-        except (InvalidSignature, binascii.Error, KeyError):
+        except (InvalidSignature, KeyError, TypeError, AttributeError, ValueError):
             raise ValueError("signature does not verify") from None
         try:
             stmt = json.loads(payload)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError("payload is not JSON") from None
-        if stmt.get("_type") != STATEMENT_TYPE:
+        if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE or not isinstance(stmt.get("predicate"), dict):
             raise ValueError("payload is not an in-toto v1 Statement")
         return stmt
     raise ValueError(f"no signature by key {wanted}")

@@ -32,8 +32,13 @@ def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateK
         return _parse_private(pem.encode(), f"${KEY_ENV}")
     path = Path(path)
     if not path.exists() and not create:
-        raise LmeraserError(f"{path}: no signing key, and records signed by one exist; restore the key (no new key is made in its place).")
+        raise LmeraserError(
+            f"{path}: signing key not found, and records, a pinned signer or $LMERASER_SIGNING_KEY_FILE say one exists; "
+            "restore it (no new key is made in its place)."
+        )
     if path.exists():
+        if not path.is_file():
+            raise LmeraserError(f"{path}: the signing key is not a regular file.")
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise LmeraserError(f"{path}: signing key is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
@@ -64,9 +69,11 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     path = Path(path)
     if not path.exists():
         raise LmeraserError(f"{path}: public key file not found.")
+    if not path.is_file() or path.stat().st_size > 64 * 1024:
+        raise LmeraserError(f"{path}: not a PEM public key (not a regular file of at most 64 KiB).")
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
-    except ValueError:
+    except (ValueError, TypeError):
         raise LmeraserError(f"{path}: not a PEM public key.") from None
     if not isinstance(key, Ed25519PublicKey):
         raise LmeraserError(f"{path}: not an Ed25519 public key.")

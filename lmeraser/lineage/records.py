@@ -17,10 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
-from lmeraser.io import atomic_write_json, sha256_file, sha256_json
-from lmeraser.lineage.keys import key_id, load_or_create_key
+from lmeraser.errors import LmeraserError
+from lmeraser.io import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from lmeraser.lineage.keys import key_id, load_or_create_key, load_public_key, public_pem
 from lmeraser.lineage.log import LineageLog, Record
 from lmeraser.overlay import Overlay
 from lmeraser.versioning import git_commit
@@ -193,10 +195,30 @@ def lineage_log(ws: Workspace) -> LineageLog:
     return LineageLog(ws.lineage_file)
 
 
+def signing_key(ws: Workspace) -> Ed25519PrivateKey:
+    """The key that signs this workspace's records, checked against the pinned signer (and pinned
+    if it is the first). A key is created only for a workspace's first record, and never where
+    $LMERASER_SIGNING_KEY_FILE names one: a new key in place of a lost one would leave a log that
+    verifies with neither."""
+    log, pinned = lineage_log(ws), ws.signer_file
+    create = not (log.path.exists() or pinned.exists() or ws.signing_key_configured)
+    key = load_or_create_key(ws.signing_key_file, create=create)
+    if pinned.exists():
+        expected = key_id(load_public_key(pinned))
+        if key_id(key.public_key()) != expected:
+            raise LmeraserError(
+                f"the signing key ({key_id(key.public_key())}) is not the pinned signer {expected} ({pinned}); "
+                "restore that key: records signed by another would not verify."
+            )
+    else:
+        log.verify(key.public_key())  # an unpinned log (written before pinning) must be this key's
+        atomic_write_bytes(pinned, public_pem(key))
+    return key
+
+
 def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicate) -> Record:
     """Sign the predicate over the deployed artifacts with the workspace's key and append it."""
-    # A new key only for the first record: once records exist, their key must be the one that signs.
-    key = load_or_create_key(ws.signing_key_file, create=not lineage_log(ws).path.exists())
+    key = signing_key(ws)
     signed = predicate.model_copy(update={"signer": key_id(key.public_key())})
     record = lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
     # The exact prompts this record vouches for stay in the store whatever later train runs do.

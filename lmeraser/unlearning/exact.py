@@ -371,7 +371,8 @@ class UnlearnBatch:
 
         ws = self.ws
         tracked = [ws.root / path for path in GIT_TRACKED_OUTPUTS]
-        paths = [ws.data_dvc, ws.dvc_lock, ws.pipeline_params_file, *tracked, ws.journal_file, ws.lineage_file, ws.suppression_file]
+        log = lineage_log(ws)
+        paths = [ws.data_dvc, ws.dvc_lock, ws.pipeline_params_file, *tracked, ws.journal_file, log.path, log.head_path, ws.signer_file, ws.suppression_file]
         try:
             commit = commit_paths(ws.root, paths, f"lmeraser: lineage record {number} ({self.state['batch_id']})")
         except LmeraserError as error:
