@@ -31,8 +31,17 @@ PARAMS = typer.Option(None, "--params", help="params file (default: <root>/param
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(code)
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr; no markup is interpreted and no control character reaches the terminal."""
+    from rich.markup import escape
+
+    from lmeraser.errors import shown
+
+    err.print(f"[bold red]error:[/] {escape(shown(message, 2000))}", highlight=False, soft_wrap=True)
 
 
 def _workspace(root: Path, params_file: Path | None) -> Workspace:
@@ -194,11 +203,13 @@ def _check_method(method: str) -> None:
 
 
 def _submit(specs, ws: Workspace, method: str = "exact") -> list:
+    from lmeraser.config import load_params
     from lmeraser.unlearning.requests import Journal, resolve
 
     journal = Journal(ws)
     with ws.lock("submit"):
-        resolved = [resolve(spec, ws) for spec in specs]  # all validated before anything is written
+        load_params(ws.params_file)  # params, data and every request validated before anything is written
+        resolved = [resolve(spec, ws) for spec in specs]
         if method == "influence":
             from lmeraser.unlearning.approximate import check_influence
 
@@ -263,7 +274,7 @@ def _approximate(ws: Workspace) -> None:
 def forget(
     sample_id: list[str] = typer.Option([], "--sample-id", help="private sample id (repeatable)"),
     subject: list[str] = typer.Option([], "--subject", help="forget every private sample of this data subject (repeatable)"),
-    file: Path = typer.Option(None, "--file", help="JSONL requests file; one bad line refuses the whole file"),
+    file: Path = typer.Option(None, "--file", help="JSONL file of forget requests; one bad line refuses the whole file"),
     allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
     method: str = typer.Option("exact", help="exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
@@ -272,17 +283,18 @@ def forget(
     git_commit: bool = GIT_COMMIT,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
-    from lmeraser.unlearning.requests import RequestSpec, parse_requests_file
+    from lmeraser.unlearning.requests import parse_requests_file
 
     _check_method(method)
     ws = _workspace(root, params_file)
     try:
-        specs = parse_requests_file(file) if file else []
+        specs = parse_requests_file(file, "forget") if file else []
         if sample_id or subject:
-            specs.append(RequestSpec(kind="forget", sample_ids=sample_id, subjects=subject, allow_backbone_rebuild=allow_backbone_rebuild))
+            specs.append(_spec(kind="forget", sample_ids=sample_id, subjects=subject))
         if not specs:
             _fail("name what to forget: --sample-id, --subject or --file.")
-        specs = [s.model_copy(update={"allow_backbone_rebuild": s.allow_backbone_rebuild or allow_backbone_rebuild}) for s in specs]
+        # The privilege comes from the command line only (a requests file cannot grant it).
+        specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
         _submit(specs, ws, method)
     except LmeraserError as error:
         _fail(str(error))
@@ -298,9 +310,10 @@ def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool) 
 
 @app.command("rectify")
 def rectify(
-    sample_id: str = typer.Option(..., "--sample-id"),
+    sample_id: str = typer.Option(None, "--sample-id"),
     label: int = typer.Option(None, "--label", help="the corrected label"),
     input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
+    file: Path = typer.Option(None, "--file", help="JSONL file of rectify requests; one bad line refuses the whole file"),
     method: str = typer.Option("exact", help="exact: rebuild the affected cluster; influence: approximate update now, exact rebuild queued"),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = ROOT,
@@ -308,21 +321,38 @@ def rectify(
     git_commit: bool = GIT_COMMIT,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
-    from pydantic import ValidationError
-
-    from lmeraser.unlearning.requests import RequestSpec
+    from lmeraser.unlearning.requests import parse_requests_file
 
     _check_method(method)
     ws = _workspace(root, params_file)
     try:
-        spec = RequestSpec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)
-    except ValidationError as error:
-        _fail(error.errors()[0]["msg"].removeprefix("Value error, ") + ".")
-    try:
-        _submit([spec], ws, method)
+        if file is not None:
+            if sample_id is not None or label is not None or input_file is not None:
+                _fail("--file takes the requests from the file: leave out --sample-id, --label and --input.")
+            specs = parse_requests_file(file, "rectify")
+        elif sample_id is None:
+            _fail("name what to rectify: --sample-id with --label or --input, or --file.")
+        else:
+            specs = [_spec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)]
+        _submit(specs, ws, method)
     except LmeraserError as error:
         _fail(str(error))
     _answer(method, process, ws, git_commit)
+
+
+def _spec(**fields):
+    """A request from command-line options, validated as a requests file's line is."""
+    from pydantic import ValidationError
+
+    from lmeraser.unlearning.requests import RequestSpec
+
+    try:
+        return RequestSpec(**fields)
+    except ValidationError as error:
+        first = error.errors()[0]
+        options = {"sample_ids": "--sample-id", "subjects": "--subject", "label": "--label", "input": "--input"}
+        option = options.get(str(first["loc"][0]) if first["loc"] else "", "")
+        _fail(f"{option + ': ' if option else ''}{first['msg'].removeprefix('Value error, ')}.")
 
 
 @app.command("unlearn")
@@ -441,6 +471,8 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
     from lmeraser.lineage.records import lineage_log
 
     ws = Workspace(root)
+    if out.is_dir():
+        _fail(f"{out}: is a directory; --out takes a file path.")
     failure = None
     try:
         key = public_key(ws, pubkey)
@@ -450,7 +482,7 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
         failure, signer = str(error), None
         try:
             records = lineage_log(ws).read_unverified()
-        except (ValueError, KeyError):
+        except LmeraserError:
             records = []
         if not records:
             _fail(failure)
@@ -485,7 +517,7 @@ def main() -> None:
     try:
         app()
     except LmeraserError as error:  # anything not caught closer to its source
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        _print_error(str(error))
         sys.exit(1)
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmeraser.errors import ConfigError
+from lmeraser.errors import ConfigError, LmeraserError
 
 
 class _Section(BaseModel):
@@ -200,12 +200,16 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    from lmeraser.io import read_input_text
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found; run from the repository root or pass --params.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        raw = yaml.safe_load(read_input_text(path, "params file", 1 << 20))
+    except LmeraserError as error:
+        raise ConfigError(str(error)) from None
+    except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}).") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections.")

@@ -15,3 +15,11 @@ class DataError(LmeraserError):
 
 class ValidationFailed(LmeraserError):
     """The Great Expectations suite rejected the splits."""
+
+
+def shown(text: object, limit: int = 80) -> str:
+    """User text as a message may echo it: control characters escaped (no terminal escape
+    sequence reaches the terminal) and at most `limit` characters."""
+    text = str(text)
+    clipped = text if len(text) <= limit else text[:limit] + "…"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in clipped)

@@ -1,7 +1,10 @@
-"""Atomic writes and content hashing.
+"""Atomic writes, their crash recovery, and content hashing.
 
-Every file the pipeline produces goes through here, so a crash leaves either the old
-file or the new one, never a torn one.
+Every file the pipeline produces goes through here, so a crash leaves either the old file or
+the new one, never a torn one. Temporary names carry the writer's PID (`.NAME.<pid>.*.tmp`,
+`.NAME.<pid>.*.staging`, `.NAME.<pid>.new`, `.NAME.<pid>.old`), so whatever a killed writer
+left behind can be told from a live writer's work and finished or removed on the next run
+(`recover_directory`, `remove_stale_temp_files`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lmeraser.errors import LmeraserError, shown
+from lmeraser.failpoints import failpoint
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -55,7 +61,7 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     `mode` (for secrets: 0o600) is the file's mode from its first byte on."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; ordinary outputs get the usual umask-derived mode, secrets theirs.
@@ -68,6 +74,7 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        failpoint(f"atomic:{target.name}")
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
@@ -88,11 +95,36 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+def atomic_save_npy(path: str | Path, array: np.ndarray, mode: int | None = None) -> None:
     # np.save is byte-deterministic (unlike np.savez, whose zip entries carry timestamps).
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
+
+
+def read_input_bytes(path: str | Path, what: str, limit: int) -> bytes:
+    """A user-supplied file, read once and refused unless it is a regular file of at most `limit`
+    bytes: a directory, FIFO or device (which could block forever) is named and refused."""
+    path = Path(path)
+    if not path.exists():
+        raise LmeraserError(f"{shown(path, 200)}: {what} not found.")
+    if not path.is_file():
+        raise LmeraserError(f"{shown(path, 200)}: {what} is not a regular file (a directory, FIFO or device).")
+    size = path.stat().st_size
+    if size > limit:
+        raise LmeraserError(f"{shown(path, 200)}: {what} is {size} bytes, over the limit of {limit}.")
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise LmeraserError(f"{shown(path, 200)}: {what} is over the limit of {limit} bytes.")
+    return data
+
+
+def read_input_text(path: str | Path, what: str, limit: int) -> str:
+    try:
+        return read_input_bytes(path, what, limit).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise LmeraserError(f"{shown(path, 200)}: {what} is not UTF-8 text (byte {error.start}).") from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -103,26 +135,114 @@ def read_json(path: str | Path) -> Any:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a directory in a temporary sibling and swap it in only if the block succeeds.
 
-    The previous directory is kept until the new one is in place, so a failure at any point
-    leaves the old contents intact.
+    Once the block succeeds the new directory is renamed complete (`.NAME.<pid>.new`), then the
+    old one is moved aside (`.NAME.<pid>.old`), the new one into place, and the old one deleted.
+    Killed at any point, `recover_directory` rolls forward (a complete new directory exists) or
+    back (only the old one does): the directory is never lost.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    pid = os.getpid()
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{pid}.", suffix=".staging", dir=target.parent))
     try:
         yield staging
-        backup = target.with_name(f".{target.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        if target.exists():
-            os.replace(target, backup)
-        os.replace(staging, target)
+        _fsync_tree(staging)
+        new, old = _aside(target, pid, "new"), _aside(target, pid, "old")
+        os.replace(staging, new)
         _fsync_dir(target.parent)
-        if backup.exists():
-            shutil.rmtree(backup)
+        failpoint("directory:staged")
+        _swap_in(target, new, old)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _aside(target: Path, pid: int, kind: str) -> Path:
+    return target.with_name(f".{target.name}.{pid}.{kind}")
+
+
+def _swap_in(target: Path, new: Path, old: Path) -> None:
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    failpoint("directory:swapped-out")
+    os.replace(new, target)
+    _fsync_dir(target.parent)
+    failpoint("directory:swapped-in")
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _writer_gone(pid: str) -> bool:
+    """Whether the PID written into a temporary name is no running process (or is us: a PID reused
+    after a restart, as in containers, where we have written nothing yet)."""
+    if not pid.isdigit():
+        return False  # not a name of ours
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def recover_directory(path: str | Path) -> list[str]:
+    """Finish or undo what killed writers of `path` (an atomic_directory) left; what was done.
+
+    A complete new directory rolls forward; a moved-aside old one with no new one rolls back (or
+    is deleted once the new one is in place); an unfinished staging directory is deleted."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}."
+    done = []
+    leftovers = sorted(p for p in target.parent.glob(f"{glob_escape(prefix)}*") if _writer_gone(p.name[len(prefix) :].split(".", 1)[0]))
+    for path in [p for p in leftovers if p.name.endswith(".staging")]:
+        shutil.rmtree(path)
+        done.append(f"removed unfinished {path.name}")
+    for new in [p for p in leftovers if p.name.endswith(".new")]:
+        _swap_in(target, new, new.with_name(new.name.removesuffix(".new") + ".old"))
+        done.append(f"rolled {target.name} forward to the complete {new.name}")
+    for old in [p for p in leftovers if p.name.endswith(".old") and p.exists()]:
+        if target.exists():
+            shutil.rmtree(old)
+            done.append(f"removed the replaced {old.name}")
+        else:
+            os.replace(old, target)
+            done.append(f"rolled {target.name} back from {old.name}")
+    return done
+
+
+def remove_stale_temp_files(directory: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of atomic writes whose writer is gone; the paths removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.rglob(".*.tmp") if recursive else directory.glob(".*.tmp"):
+        parts = path.name.split(".")  # "", NAME..., PID, RANDOM, "tmp"
+        if len(parts) >= 5 and _writer_gone(parts[-3]) and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def atomic_write_csv(path: str | Path, frame) -> None:

@@ -228,6 +228,16 @@ class Workspace:
         return self.batches / f"{batch_id}.json"
 
     @property
+    def inputs_dir(self) -> Path:
+        """Copies of corrected images, taken at submission (personal data: never committed)."""
+        return self.audit / "inputs"
+
+    @property
+    def influence_intent_file(self) -> Path:
+        """Written before an influence update changes the overlay, removed once its record is journaled."""
+        return self.batches / "influence.intent.json"
+
+    @property
     def keys_dir(self) -> Path:
         return self.audit / "keys"
 
@@ -277,7 +287,9 @@ class Workspace:
         """A split's manifest alone, without reading its pixels."""
         path = self.split_dir(split) / "manifest.csv"
         if not path.exists():
-            raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+            interrupted = list(self.data.glob(f".{split}.*")) + list(self.root.glob(".data.*"))
+            advice = "run `lmeraser unlearn`: it finishes the interrupted write" if interrupted else "run 'lmeraser data init' first"
+            raise DataError(f"{path}: not found; {advice}.")
         return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
 
     def split(self, name: str) -> Split:

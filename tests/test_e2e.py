@@ -184,7 +184,7 @@ def test_refusals_change_nothing(repo, tmp_path):
     for args, needle in [
         (("forget", "--sample-id", "0" * 20), f"sample id {'0' * 20} is unknown"),
         (("forget", "--sample-id", public_id), "--allow-backbone-rebuild"),
-        (("forget", "--file", str(bad)), "line 2"),
+        (("forget", "--file", str(bad)), "line 1: a requests file cannot grant allow_backbone_rebuild"),
         (("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"), "edits only private clusters"),
         (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "--method sideways is unknown"),
         # --params is honoured: an exact rebuild runs `dvc repro`, which reads params.yaml, so other params are refused.
@@ -240,7 +240,10 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     for victim in victims:  # two requests, one batch
         assert lmeraser_cli("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
 
-    for point in ["capture", "apply", "version", "record:appended"]:
+    # In batch order, each run resuming the last: between the two renames of a split (W2), the
+    # journal told `applied` before the step was saved, after a saved step, the record appended
+    # before the journal was told, and the journal told `verified` before the batch file went (W1).
+    for point in ["directory:swapped-out", "apply:journaled", "after:version", "record:appended", "record:journaled"]:
         # The process SIGKILLs itself at `point`; then the rest of its tree (Prefect's temporary
         # server) is killed too, as a machine or container crash would.
         proc = subprocess.Popen(
@@ -249,19 +252,20 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "LMERASER_KILL_AFTER_STEP": point},
+            env={**os.environ, "LMERASER_FAILPOINT": point},
         )
         assert proc.wait(timeout=600) == -signal.SIGKILL, point
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        # Nothing half-written: no temporary files left beside the data or the log.
-        assert not list(root.glob("data/**/.*.tmp")) and not list((root / "audit").glob(".*.tmp"))
+        assert not list((root / "audit").glob(".*.tmp"))
 
     finished = lmeraser_cli("unlearn", cwd=root)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"lineage record {records_before + 1}" in finished.stdout
+    # Nothing half-written or left over, and nothing of the kind was versioned.
+    assert not [p for p in (root / "data").rglob(".*") if p.name.endswith((".tmp", ".staging", ".new", ".old"))]
 
     records = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
     assert len(records) == records_before + 1  # the record appended before the last kill is not duplicated
@@ -315,12 +319,18 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     corrected = np.ascontiguousarray(private.images[20][::-1])  # a visibly different image
     np.save(tmp_path / "fixed.npy", corrected)
     old_hash = private.manifest["content_hash"][20]
-    requests = tmp_path / "requests.jsonl"
+    requests = tmp_path / "rectify.jsonl"
     requests.write_text(
-        json.dumps({"sample_ids": [forget_id]}) + "\n" + json.dumps({"kind": "rectify", "sample_ids": [input_id], "input": str(tmp_path / "fixed.npy")}) + "\n"
+        json.dumps({"kind": "rectify", "sample_ids": [input_id], "input": str(tmp_path / "fixed.npy")})
+        + "\n"
+        + json.dumps({"kind": "rectify", "sample_ids": [label_id], "label": new_label})
+        + "\n"
     )
-    assert "served as APPROXIMATE" in _cli_ok("forget", "--file", str(requests), "--method", "influence", cwd=root).stdout
-    assert "served as APPROXIMATE" in _cli_ok("rectify", "--sample-id", label_id, "--label", str(new_label), "--method", "influence", cwd=root).stdout
+    assert "served as APPROXIMATE" in _cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
+    assert "served as APPROXIMATE" in _cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
+    # The corrected image was copied into the workspace at submission: the original may go.
+    (tmp_path / "fixed.npy").unlink()
+    assert len(list((root / "audit" / "inputs").glob("*.npy"))) == 1
 
     log = LineageLog(root / "audit" / "lineage.jsonl")
     influence = log.read_unverified()[-2:]
@@ -347,6 +357,7 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     assert ServingModel.load(Workspace(root)).overlay == {}
     assert not list((root / "artifacts" / "prompts" / "approximate").glob("*.safetensors"))
     assert not Journal(Workspace(root)).pending()
+    assert not list((root / "audit" / "inputs").glob("*"))  # the copy went with its request
     after = Workspace(root).split("private").manifest.set_index("sample_id")
     assert int(after.loc[label_id, "label"]) == new_label and forget_id not in after.index
     from lmeraser.data.splits import content_hash

@@ -1,6 +1,5 @@
 """Request validation and the journal: refusals name what is wrong and write nothing."""
 
-import json
 import subprocess
 import sys
 
@@ -8,7 +7,8 @@ import pytest
 
 from lmeraser.data.splits import add_tombstones
 from lmeraser.errors import LmeraserError
-from lmeraser.unlearning.requests import Journal, RequestSpec, hash_subject, parse_requests_file, resolve
+from lmeraser.salt import Keyer
+from lmeraser.unlearning.requests import Journal, RequestSpec, parse_requests_file, resolve
 from lmeraser.workspace import Workspace
 
 from conftest import TINY, build_workspace
@@ -25,7 +25,9 @@ def test_resolve_subject_and_ids(ws):
     members = private.loc[private.subject_id == subject, "sample_id"].tolist()
     resolved = resolve(RequestSpec(subjects=[subject]), ws)
     assert resolved.sample_ids == members and len(members) >= 2
-    assert resolved.subject_hashes == [hash_subject(ws, subject)] and subject not in json.dumps(resolved.to_json())
+    assert not ws.subject_salt_file.exists()  # validation writes nothing, not even the salt
+    Journal(ws).submit([resolved])
+    assert resolved.subject_hashes == [Keyer(ws).subject(subject)] and subject not in ws.journal_file.read_text()
     assert ws.subject_salt_file.stat().st_mode & 0o777 == 0o600
 
 
@@ -73,13 +75,13 @@ def test_malformed_request_file_names_the_line(tmp_path):
     path = tmp_path / "requests.jsonl"
     path.write_text('{"sample_ids": ["a"]}\n{"sample_ids": ["b"], "colour": 1}\n')
     with pytest.raises(LmeraserError, match="line 2: colour: Extra inputs are not permitted; nothing was applied"):
-        parse_requests_file(path)
+        parse_requests_file(path, "forget")
     path.write_text('{"sample_ids": ["a"]}\n\n{"sample_ids": [\n')
     with pytest.raises(LmeraserError, match="line 3: not valid JSON"):
-        parse_requests_file(path)
+        parse_requests_file(path, "forget")
     path.write_text('{"kind": "forget"}\n')
     with pytest.raises(LmeraserError, match="line 1: a forget request needs sample_ids or subjects"):
-        parse_requests_file(path)
+        parse_requests_file(path, "forget")
 
 
 def test_journal_states_and_torn_last_line(tmp_path):
@@ -125,6 +127,6 @@ def test_re_forgetting_a_subject_is_a_recorded_noop(ws, tmp_path):
     journal.append([{"request_id": first.request_id, "state": "verified", "time": 0.0, "record": 1}])
     remove_samples(first.sample_ids, "private", copy)
     again = resolve(RequestSpec(subjects=[subject]), copy)
-    assert again.sample_ids == [] and again.subjects_already_forgotten == [hash_subject(copy, subject)]
+    assert again.sample_ids == [] and again.subjects_already_forgotten == [Keyer(copy).subject(subject)]
     with pytest.raises(LmeraserError, match="never forgotten"):
         resolve(RequestSpec(subjects=["s99998"]), copy)

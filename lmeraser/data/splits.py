@@ -22,8 +22,8 @@ import pandas as pd
 from lmeraser.config import DataParams
 from lmeraser.data.sources import RawDataset, load_source
 from lmeraser.errors import DataError
-from lmeraser.io import atomic_directory, atomic_path, sha256_bytes
-from lmeraser.workspace import MANIFEST_COLUMNS, TOMBSTONE_COLUMNS, Workspace
+from lmeraser.io import atomic_directory, atomic_path, recover_directory, remove_stale_temp_files, sha256_bytes
+from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, TOMBSTONE_COLUMNS, Workspace
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -100,6 +100,15 @@ def write_split(directory: Path, manifest: pd.DataFrame, images: np.ndarray) -> 
         np.save(handle, images, allow_pickle=False)
 
 
+def recover_data(ws: Workspace) -> list[str]:
+    """Finish or undo what a killed writer left in data/ (see io.atomic_directory); what was done."""
+    done = recover_directory(ws.data)
+    for split in SPLITS:
+        done += recover_directory(ws.split_dir(split))
+    done += [f"removed the temporary file {ws.relative(p)}" for p in remove_stale_temp_files(ws.data, recursive=True)]
+    return done
+
+
 def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     """Materialise the splits of `params.source` into the workspace's data/, atomically.
 
@@ -109,6 +118,7 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     """
     from lmeraser import suppression
 
+    recover_data(ws)
     raw = load_source(params.source)
     splits = build_splits(raw, params, seed)
     listed = suppression.read(ws)

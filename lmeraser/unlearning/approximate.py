@@ -15,28 +15,29 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmeraser.config import Params, load_params
-from lmeraser.errors import LmeraserError
+from lmeraser.errors import LmeraserError, shown
+from lmeraser.failpoints import failpoint
 from lmeraser.inference import ServingModel
-from lmeraser.io import sha256_json
+from lmeraser.io import atomic_write_json, sha256_json
 from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append, utc
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.training import cluster_seed, code_version
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model
-from lmeraser.unlearning.requests import Journal, load_corrected_image
+from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import data_md5
 from lmeraser.workspace import Workspace
 
 
-def check_influence(requests: list[dict], ws: Workspace) -> None:
-    """Refuse, before anything is written, what the influence method cannot do."""
+def check_influence(requests: list[dict], ws: Workspace) -> dict[str, int]:
+    """Refuse, before anything is written, what the influence method cannot do; the cluster of
+    every private sample."""
     for request in requests:
         if request["public"]:
             raise LmeraserError(
@@ -45,17 +46,31 @@ def check_influence(requests: list[dict], ws: Workspace) -> None:
             )
     if not ws.prompt_index_file.exists():
         raise LmeraserError(f"{ws.prompt_index_file}: no trained prompts to edit; run `dvc repro` first.")
+    private_ids = ws.manifest("private")["sample_id"].tolist()
+    assignments = ws.assignments()
+    if assignments["sample_id"].tolist() != private_ids:
+        raise LmeraserError(f"{ws.assignments_file} is out of date with data/private; run `dvc repro` first.")
+    cluster_of = dict(zip(private_ids, assignments["cluster"].astype(int)))
+    targets = {s for r in requests for s in r["sample_ids"]}
+    missing = sorted(targets - set(cluster_of))
+    if missing:
+        raise LmeraserError(f"sample id {shown(missing[0])} is not in data/private; it cannot be edited by influence.")
+    trained = ws.prompt_index().clusters
+    untrained = sorted({cluster_of[s] for s in targets} - {int(c) for c in trained})
+    if untrained:
+        raise LmeraserError(f"cluster {untrained[0]} has no trained prompt; run `dvc repro` first.")
+    return cluster_of
 
 
 class _ClusterData:
     """A cluster's members as the serving prompt was trained on them: exact members with the
     edits of earlier influence requests applied."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, sample_ids: list[str], img_size: int, image_shape: tuple[int, ...]):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sample_ids: list[str], img_size: int, ws: Workspace):
         self.x, self.y = x.clone(), y.clone()
         self.present = torch.ones(len(y), dtype=torch.bool)
         self.row = {sid: i for i, sid in enumerate(sample_ids)}
-        self.img_size, self.image_shape = img_size, image_shape
+        self.img_size, self.ws = img_size, ws
 
     def apply(self, request: dict) -> None:
         """Apply one request's edits to the rows it names in this cluster."""
@@ -65,7 +80,7 @@ class _ClusterData:
             elif request["label"] is not None:
                 self.y[row] = request["label"]
             else:
-                image = load_corrected_image(Path(request["input_path"]), self.image_shape)
+                image = corrected_image(self.ws, request)
                 self.x[row] = preprocess(image[None], self.img_size)[0]
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,8 +90,11 @@ class _ClusterData:
 def approximate_pending(ws: Workspace, log=print) -> dict | None:
     """Apply the influence update for every request submitted with `--method influence` and not
     yet applied; sign one record. None when there is nothing to do."""
+    from lmeraser.unlearning.recovery import recover
+
     journal = Journal(ws)
     with ws.lock("unlearn"):
+        recover(ws, log)
         requests = journal.awaiting_influence()
         if not requests:
             log("no requests awaiting an influence update")
@@ -86,24 +104,16 @@ def approximate_pending(ws: Workspace, log=print) -> dict | None:
 
 def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: Journal, log) -> dict | None:
     start = time.perf_counter()
-    check_influence(requests, ws)
+    cluster_of = check_influence(requests, ws)
     model = ServingModel.load(ws)
     overlay, entries = Overlay(ws), model.overlay  # the active overlay entries, read once
     private = ws.split("private")
     assignments = ws.assignments()
-    if assignments["sample_id"].tolist() != private.sample_ids:
-        raise LmeraserError(f"{ws.assignments_file} is out of date with data/private; run `dvc repro` first.")
-    cluster_of = dict(zip(private.sample_ids, assignments["cluster"].astype(int)))
-    targets = {s for r in requests for s in r["sample_ids"]}
-    missing = sorted(targets - set(cluster_of))
-    if missing:
-        raise LmeraserError(f"sample id {missing[0]} is not in data/private; it cannot be edited by influence.")
-    clusters = sorted({cluster_of[s] for s in targets})
+    clusters = sorted({cluster_of[s] for r in requests for s in r["sample_ids"]})
     if not clusters:
         log("nothing to edit: every target was already forgotten (the exact batch records the no-op)")
         return None
     img_size = model.img_size
-    image_shape = tuple(ws.source_info()["image_shape"])
     ip = params.influence
     dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
@@ -111,8 +121,6 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
     edited, reports = dict(entries), []
     for cluster in clusters:
         c = str(cluster)
-        if c not in model.index.clusters:
-            raise LmeraserError(f"cluster {cluster} has no trained prompt; run `dvc repro` first.")
         t0 = time.perf_counter()
         rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
         data = _ClusterData(
@@ -120,7 +128,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
             torch.from_numpy(private.labels[rows]),
             [private.sample_ids[i] for i in rows],
             img_size,
-            image_shape,
+            ws,
         )
         previous = entries.get(c)
         for edit in (previous or {}).get("edits", []):
@@ -183,9 +191,16 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
             f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g}"
             + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else "")
         )
+    # The intent first, so a crash from here on is finished or undone by recovery.recover_influence.
+    batch_id = influence_batch_id(requests)
+    intent = {"batch_id": batch_id, "request_ids": [r["request_id"] for r in requests], "overlay_before": overlay.read() if overlay.path.exists() else None}
+    atomic_write_json(ws.influence_intent_file, intent)
     overlay.write(edited)
-    record = _record(ws, params, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
+    failpoint("influence:overlay-written")
+    record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
+    failpoint("influence:record-appended")
     journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
+    ws.influence_intent_file.unlink()
     log(f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`")
     return {
         "record": record.number,
@@ -215,11 +230,14 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
     }
 
 
-def _record(ws: Workspace, params: Params, requests: list[dict], reports: list[dict], seconds: dict):
-    ids = [r["request_id"] for r in requests]
+def influence_batch_id(requests: list[dict]) -> str:
+    return "influence-" + hashlib.sha256(",".join(r["request_id"] for r in requests).encode()).hexdigest()[:16]
+
+
+def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], reports: list[dict], seconds: dict):
     now = utc()
     predicate = InfluencePredicate(
-        batch_id="influence-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
+        batch_id=batch_id,
         recorded_at=now,
         # Applied (served) now; completed only when the exact batch supersedes this record.
         requests=[RequestSummary.of(r, time.time(), None) for r in requests],

@@ -17,10 +17,8 @@ resumes where it stopped, and every request is finished exactly once:
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
+import json
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +26,8 @@ from lmeraser import suppression
 from lmeraser.config import Params, load_params
 from lmeraser.data.splits import add_tombstones, content_hash, remove_samples, update_sample
 from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_write_json, read_json
+from lmeraser.failpoints import failpoint
+from lmeraser.io import atomic_write_json
 from lmeraser.lineage.records import (
     BeforeAfter,
     ClusterRebuilt,
@@ -46,18 +45,11 @@ from lmeraser.lineage.records import (
 from lmeraser.overlay import Overlay
 from lmeraser.salt import Keyer
 from lmeraser.stages import SERVING_TARGET
-from lmeraser.unlearning.requests import Journal, load_corrected_image
+from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import commit_paths, data_md5, dvc, file_sha256
 from lmeraser.workspace import Workspace
 
 STEPS = ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
-FAILPOINT_ENV = "LMERASER_KILL_AFTER_STEP"  # crash testing: SIGKILL this process after the named step
-
-
-def failpoint(name: str) -> None:
-    """Crash testing: SIGKILL ourselves at the named point if $LMERASER_KILL_AFTER_STEP says so."""
-    if os.environ.get(FAILPOINT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rebuild_params(ws: Workspace) -> Params:
@@ -90,9 +82,15 @@ class UnlearnBatch:
     @classmethod
     def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True) -> UnlearnBatch | None:
         """Resume an interrupted batch, or start one over every pending request; None if idle."""
-        batches = sorted(ws.batches.glob("*.json"))
+        batches = sorted(ws.batches.glob("batch-*.json"))
         if batches:
-            return cls(ws, params, read_json(batches[0]), log)
+            try:
+                state = json.loads(batches[0].read_bytes())
+                if not isinstance(state, dict) or not {"batch_id", "requests", "done", "seconds"} <= state.keys():
+                    raise ValueError
+            except (ValueError, RecursionError):
+                raise LmeraserError(f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored.") from None
+            return cls(ws, params, state, log)
         pending = Journal(ws).pending()
         if not pending:
             return None
@@ -126,7 +124,7 @@ class UnlearnBatch:
         self.done[step] = result
         if step != "record":
             self.save()
-        failpoint(step)
+            failpoint(f"after:{step}")
         return result
 
     # -- helpers ---------------------------------------------------------------------------
@@ -168,9 +166,8 @@ class UnlearnBatch:
         # The plan: every cluster whose members this batch changes (a label or image "correction"
         # equal to what is there changes nothing), and every cluster a corrected image will be
         # assigned to (an image correction can move a sample to another cluster).
-        shape = tuple(ws.source_info()["image_shape"])
         corrected = {  # each corrected image read once
-            r["sample_ids"][0]: load_corrected_image(Path(r["input_path"]), shape)
+            r["sample_ids"][0]: corrected_image(ws, r)
             for r in self.state["requests"]
             if r["kind"] == "rectify" and r["input_path"] and r["sample_ids"] and r["sample_ids"][0] in samples
         }
@@ -240,7 +237,7 @@ class UnlearnBatch:
             else:
                 sid = request["sample_ids"][0]
                 rows.append({"sample_id": "", "content_key": keyer.content(samples[sid]["content_hash"]), "reason": "rectify-input"})
-                edits.append((sid, {"image": load_corrected_image(Path(request["input_path"]), tuple(ws.source_info()["image_shape"]))}))
+                edits.append((sid, {"image": corrected_image(ws, request)}))
         # The durable list first, then its copy in data/, then the data: if we are killed in
         # between, re-running finds the rows listed and finishes the edits (each is idempotent).
         suppression.add(ws, rows)
@@ -254,6 +251,7 @@ class UnlearnBatch:
                 remove_samples(todo, split, ws)
         applied_at = time.time()
         self.journal.append([{"request_id": r["request_id"], "state": "applied", "time": applied_at} for r in self.state["requests"]])
+        failpoint("apply:journaled")
         self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)")
         erased = sorted({r["content_key"] for r in rows if r["content_key"]})
         return {"removed": removed, "erased_content_keys": erased, "suppression_rows": len(rows), "applied_at": applied_at}
@@ -355,9 +353,15 @@ class UnlearnBatch:
         else:
             record = sign_and_append(self.ws, self.predicate())
             failpoint("record:appended")
+        # Resumed after the journal was told (and before the batch file went), this appends nothing.
         self.journal.append(
             [{"request_id": r["request_id"], "state": "verified", "time": time.time(), "record": record.number} for r in self.state["requests"]]
         )
+        failpoint("record:journaled")
+        # The copies of corrected images go with their requests: the data now holds them.
+        for request in self.state["requests"]:
+            if request.get("input_path"):
+                (self.ws.root / request["input_path"]).unlink(missing_ok=True)
         self.log(f"lineage record {record.number} ({record.line_sha256[:16]}…) appended to {log.path}")
         commit = self._commit(record.number) if self.state.get("git_commit", True) else None
         self.path.unlink(missing_ok=True)
@@ -421,8 +425,11 @@ def process_pending(ws: Workspace, log=print, run_step=None, git_commit: bool = 
     """Process every pending request as one batch (or finish an interrupted one); with
     `git_commit`, commit the versions it made in the workspace's git repository; `after_stage`
     is called with (stage, summary) after each stage the rebuild ran."""
+    from lmeraser.unlearning.recovery import recover
+
     with ws.lock("unlearn"):
         params = rebuild_params(ws)
+        recover(ws, log)
         batch = UnlearnBatch.open(ws, params, log, git_commit)
         if batch is None:
             log("no pending requests")

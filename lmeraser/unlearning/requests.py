@@ -14,15 +14,32 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_write_bytes
+from lmeraser.errors import LmeraserError, shown
+from lmeraser.io import atomic_save_npy, atomic_write_bytes, read_input_bytes, read_input_text
 from lmeraser.salt import Keyer
 from lmeraser.workspace import SPLITS, Workspace
+
+# Limits on what a request may carry: far above any real request, far below what could exhaust
+# memory or flood a terminal.
+MAX_REQUESTS_FILE = 16 << 20
+MAX_LINE = 64 << 10
+MAX_ID = 256
+MAX_IDS = 100_000
+MAX_IMAGE_FILE = 16 << 20
+
+
+def _plain_id(value: str) -> str:
+    if any(not c.isprintable() for c in value):
+        raise ValueError(f"id {shown(value)} holds a control character")
+    return value
+
+
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID), AfterValidator(_plain_id)]
 
 
 class RequestSpec(BaseModel):
@@ -30,11 +47,11 @@ class RequestSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["forget", "rectify"] = "forget"
-    sample_ids: list[str] = []
-    subjects: list[str] = []
-    label: int | None = None
-    input: str | None = None  # path of a corrected image (.npy or .png), rectify only
-    allow_backbone_rebuild: bool = False
+    sample_ids: list[Identifier] = Field(default=[], max_length=MAX_IDS)
+    subjects: list[Identifier] = Field(default=[], max_length=MAX_IDS)
+    label: int | None = Field(default=None, ge=0, lt=1 << 31)
+    input: str | None = Field(default=None, max_length=4096)  # path of a corrected image (.npy or .png), rectify only
+    allow_backbone_rebuild: bool = False  # from the command line only: a requests file cannot grant it
 
     @model_validator(mode="after")
     def _shape(self) -> RequestSpec:
@@ -51,32 +68,36 @@ class RequestSpec(BaseModel):
         return self
 
 
-def parse_requests_file(path: Path) -> list[RequestSpec]:
-    """Parse a JSONL file; any bad line refuses the whole file, naming the line."""
-    if not path.exists():
-        raise LmeraserError(f"{path}: requests file not found.")
+def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
+    """Parse a JSONL file of `kind` requests; any bad line refuses the whole file, naming the line."""
+    text = read_input_text(path, "requests file", MAX_REQUESTS_FILE)
     specs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{shown(path, 200)} line {number}"
+        if len(line) > MAX_LINE:
+            raise LmeraserError(f"{where}: longer than {MAX_LINE} characters; nothing was applied.")
         try:
-            specs.append(RequestSpec.model_validate(json.loads(line)))
+            obj = json.loads(line)
         except json.JSONDecodeError as error:
-            raise LmeraserError(f"{path} line {number}: not valid JSON ({error.msg}); nothing was applied.") from None
+            raise LmeraserError(f"{where}: not valid JSON ({error.msg}); nothing was applied.") from None
+        except (ValueError, RecursionError):
+            raise LmeraserError(f"{where}: not valid JSON (a number too long or nesting too deep); nothing was applied.") from None
+        if isinstance(obj, dict) and "allow_backbone_rebuild" in obj:
+            raise LmeraserError(f"{where}: a requests file cannot grant allow_backbone_rebuild; pass --allow-backbone-rebuild; nothing was applied.")
+        try:
+            spec = RequestSpec.model_validate(obj)
         except ValidationError as error:
             first = error.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise LmeraserError(
-                f"{path} line {number}: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied."
-            ) from None
+            field = ".".join(str(p) for p in first["loc"])
+            raise LmeraserError(f"{where}: {shown(field) + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied.") from None
+        if spec.kind != kind:
+            raise LmeraserError(f"{where}: a {spec.kind} request, but `lmeraser {kind} --file` takes {kind} requests only; nothing was applied.")
+        specs.append(spec)
     if not specs:
-        raise LmeraserError(f"{path}: no requests in the file.")
+        raise LmeraserError(f"{shown(path, 200)}: no requests in the file.")
     return specs
-
-
-def hash_subject(ws: Workspace, subject: str) -> str:
-    """A subject id as records state it: keyed with the workspace's secret salt."""
-    return Keyer(ws).subject(subject)
 
 
 @dataclass
@@ -87,12 +108,14 @@ class ResolvedRequest:
     kind: str
     sample_ids: list[str]  # targets that still exist (to act on)
     already_forgotten: list[str]  # targets that were forgotten before: idempotent no-ops
-    subject_hashes: list[str]
+    subjects: list[str]  # raw, in memory only: keyed when journaled (Journal.submit)
     public: bool = False
     subjects_already_forgotten: list[str] = field(default_factory=list)  # keyed hashes: no-ops too
     label: int | None = None
-    input_path: str | None = None
+    input_path: str | None = None  # the corrected image's copy in the workspace, relative to its root
     received_at: float = field(default_factory=time.time)
+    image: np.ndarray | None = None  # the corrected image, validated; copied at submission
+    subject_hashes: list[str] = field(default_factory=list)  # the subjects keyed with the salt, at submission
 
     def event(self, state: str, **extra) -> dict:
         return {"request_id": self.request_id, "state": state, "time": time.time(), **extra}
@@ -122,12 +145,6 @@ def forgotten_subjects(ws: Workspace) -> set[str]:
     }
 
 
-def _shown(text: str, limit: int = 80) -> str:
-    """User text as an error may echo it: printable and short."""
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
     """Check every target against the data; refuse unknown ids and public samples."""
     manifests = {split: ws.manifest(split) for split in SPLITS}
@@ -136,16 +153,16 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
     where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
     targets = list(dict.fromkeys(spec.sample_ids))
     private = manifests["private"]
-    keyer = Keyer(ws)
     erased_subjects = forgotten_subjects(ws)
+    keyer = Keyer(ws, create=False) if erased_subjects else None  # a salt exists once anything was forgotten
     subjects_gone = []
     for subject in spec.subjects:
         members = private.loc[private["subject_id"] == subject, "sample_id"].tolist()
         if not members:
-            if keyer.subject(subject) in erased_subjects:
+            if keyer and keyer.subject(subject) in erased_subjects:
                 subjects_gone.append(keyer.subject(subject))  # forgotten before: a recorded no-op, like an id
                 continue
-            raise LmeraserError(f"subject {_shown(subject)} has no private samples and was never forgotten.")
+            raise LmeraserError(f"subject {shown(subject)} has no private samples and was never forgotten.")
         targets.extend(m for m in members if m not in targets)
     live, gone = [], []
     for sid in targets:
@@ -154,58 +171,84 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
             continue
         split = where.get(sid)
         if split is None:
-            raise LmeraserError(f"sample id {sid} is unknown: not in data/ and never forgotten.")
+            raise LmeraserError(f"sample id {shown(sid)} is unknown: not in data/ and never forgotten.")
         if split == "test":
-            raise LmeraserError(f"sample id {sid} is in the test split, which trains nothing; remove it from the evaluation data instead.")
+            raise LmeraserError(f"sample id {shown(sid)} is in the test split, which trains nothing; remove it from the evaluation data instead.")
         if split == "public" and not spec.allow_backbone_rebuild:
             raise LmeraserError(
-                f"sample id {sid} is public: the backbone and the prototypes were trained on it, so removing it means "
+                f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, so removing it means "
                 "rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
             )
         live.append(sid)
     if spec.kind == "rectify":
         if gone:
-            raise LmeraserError(f"sample id {gone[0]} was forgotten and cannot be rectified.")
+            raise LmeraserError(f"sample id {shown(gone[0])} was forgotten and cannot be rectified.")
         if spec.label is not None:
             classes = int(max(frame["label"].max() for frame in manifests.values())) + 1
             if not 0 <= spec.label < classes:
                 raise LmeraserError(f"label {spec.label} is outside the label domain 0..{classes - 1}.")
-        if spec.input is not None:
-            load_corrected_image(Path(spec.input), tuple(ws.source_info()["image_shape"]))
+    image = load_corrected_image(Path(spec.input), tuple(ws.source_info()["image_shape"])) if spec.input is not None else None
     is_public = any(where.get(sid) == "public" for sid in live)
+    request_id = f"req-{uuid.uuid4().hex[:12]}"
     return ResolvedRequest(
-        request_id=f"req-{uuid.uuid4().hex[:12]}",
+        request_id=request_id,
         kind=spec.kind,
         sample_ids=live,
         already_forgotten=gone,
-        subject_hashes=[hash_subject(ws, s) for s in spec.subjects],
+        subjects=list(spec.subjects),
         subjects_already_forgotten=subjects_gone,
         public=is_public,
         label=spec.label,
-        input_path=str(Path(spec.input).resolve()) if spec.input else None,
+        input_path=ws.relative(ws.inputs_dir / f"{request_id}.npy") if image is not None else None,
+        image=image,
     )
 
 
 def load_corrected_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.exists():
-        raise LmeraserError(f"{path}: corrected input not found.")
+    """A corrected image (.npy or .png), read once from a regular file of bounded size; its shape
+    and dtype are checked from the header before any pixel is decoded."""
+    import io
+
+    raw = read_input_bytes(path, "corrected input", MAX_IMAGE_FILE)
+    where = shown(path, 200)
     if path.suffix == ".npy":
         try:
-            image = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as error:
-            raise LmeraserError(f"{path}: unreadable .npy ({error}).") from None
+            buffer = io.BytesIO(raw)
+            version = np.lib.format.read_magic(buffer)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            found, _, dtype = header(buffer)
+        except (ValueError, EOFError, SyntaxError, TypeError):
+            raise LmeraserError(f"{where}: not a .npy array file (save it with numpy.save).") from None
+        if tuple(found) != tuple(shape):
+            raise LmeraserError(f"{where}: corrected input has shape {shown(found)}, expected {tuple(shape)}.")
+        if dtype.kind not in "iu":
+            raise LmeraserError(f"{where}: pixels must be integers in 0..255 (the array holds {shown(dtype)}).")
+        try:
+            image = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, EOFError, OSError):
+            raise LmeraserError(f"{where}: a truncated .npy array file.") from None
     else:
         from PIL import Image
 
         try:
-            image = np.asarray(Image.open(path).convert("L"))
-        except OSError as error:
-            raise LmeraserError(f"{path}: unreadable image ({error}).") from None
+            with Image.open(io.BytesIO(raw)) as picture:
+                if (picture.height, picture.width) != tuple(shape[:2]) or len(shape) != 2:
+                    raise LmeraserError(f"{where}: corrected input is {picture.height}x{picture.width}, expected {tuple(shape)}.")
+                image = np.asarray(picture.convert("L"))
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
+            raise LmeraserError(f"{where}: not a readable PNG or other image file.") from None
     if image.shape != tuple(shape):
-        raise LmeraserError(f"{path}: corrected input has shape {image.shape}, expected {tuple(shape)}.")
-    if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
-        raise LmeraserError(f"{path}: pixels must be integers in 0..255.")
+        raise LmeraserError(f"{where}: corrected input has shape {image.shape}, expected {tuple(shape)}.")
+    if image.min() < 0 or image.max() > 255:
+        raise LmeraserError(f"{where}: pixels must be integers in 0..255.")
     return image.astype(np.uint8)
+
+
+def corrected_image(ws: Workspace, request: dict) -> np.ndarray:
+    """A rectify request's corrected image, from its copy in the workspace."""
+    return load_corrected_image(ws.root / request["input_path"], tuple(ws.source_info()["image_shape"]))
 
 
 class Journal:
@@ -224,8 +267,14 @@ class Journal:
                 atomic_write_bytes(self.path, raw[: raw.rfind(b"\n") + 1])
 
     def append(self, events: list[dict]) -> None:
+        """Append events, skipping any that would repeat a request's current state: a step
+        re-run after a crash (between its journal write and its own completion) changes nothing."""
         with self.ws.lock("journal"):
             self._repair()
+            current = {rid: entry["state"] for rid, entry in self.requests().items()}
+            events = [e for e in events if current.get(e["request_id"]) != e["state"]]
+            if not events:
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as handle:
                 handle.write(b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in events))
@@ -235,13 +284,18 @@ class Journal:
     def events(self) -> list[dict]:
         if not self.path.exists():
             return []
+        *lines, tail = self.path.read_bytes().split(b"\n")  # an unterminated tail is a torn append: ignored
         out = []
-        for line in self.path.read_bytes().split(b"\n"):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # torn last line
+        for number, line in enumerate(lines, start=1):
+            try:
+                event = json.loads(line)
+                if not (isinstance(event, dict) and isinstance(event.get("request_id"), str) and isinstance(event.get("state"), str)):
+                    raise ValueError
+                if event["state"] == "received" and not isinstance(event.get("request"), dict):
+                    raise ValueError
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+                raise LmeraserError(f"{self.path} line {number}: not a journal event (the journal was altered); restore it from git.") from None
+            out.append(event)
         return out
 
     def requests(self) -> dict[str, dict]:
@@ -260,6 +314,14 @@ class Journal:
         return [e["request"] for e in self.requests().values() if e["state"] != "verified" and "request" in e]
 
     def submit(self, resolved: list[ResolvedRequest], method: str = "exact") -> None:
+        """Journal the requests as `received`, after copying each corrected image into the
+        workspace (0600; deleted when its exact batch is recorded), so nothing outside the
+        workspace is read again."""
+        keyer = Keyer(self.ws) if any(r.subjects for r in resolved) else None  # the salt is made with the first need
+        for request in resolved:
+            request.subject_hashes = [keyer.subject(s) for s in request.subjects] if keyer else []
+            if request.image is not None:
+                atomic_save_npy(self.ws.root / request.input_path, request.image, mode=0o600)
         self.append([r.event("received", request=r.to_json(), method=method) for r in resolved])
 
     def awaiting_influence(self) -> list[dict]:

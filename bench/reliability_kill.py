@@ -1,0 +1,204 @@
+"""SIGKILL `lmeraser unlearn` at random moments and at every named failpoint, then resume.
+
+    python bench/reliability_kill.py [--kills 100] [--seed 0] [--params configs/...]
+
+In a scratch git + DVC copy of this repository (bench/results/work-kill/), on the digits demo
+(`lmeraser data init` + `dvc repro`), each trial submits one forget request for a random private
+sample, starts `lmeraser unlearn`, SIGKILLs its whole process group (the CLI and Prefect's
+temporary server, as a machine crash would) at a random moment within one clean run's duration,
+runs `lmeraser unlearn` again to completion, and checks:
+  - every request submitted so far is `verified` exactly once in the journal, none pending;
+  - no leftover: no `.tmp`, `.staging`, `.new` or `.old` under data/, no `.tmp` in audit/, no
+    batch state or influence intent file;
+  - the lineage log verifies against the pinned signer and the deployed artifacts match it.
+Then the same for every named failpoint (lmeraser/failpoints.py), the influence ones through
+`forget --method influence`. At the end `audit verify` and `audit scan` must pass.
+Saves bench/results/reliability-kill.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from lmeraser.failpoints import FAILPOINT_ENV, NAMED  # noqa: E402
+
+from pipeline import cpu_model  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=1800)
+    if check and done.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done
+
+
+def killed_run(work: Path, args: list[str], env: dict, after: float | None) -> int:
+    """Start `lmeraser ARGS` in its own process group; SIGKILL the group `after` seconds in (or
+    let a failpoint kill it). Returns the exit status of the CLI process."""
+    proc = subprocess.Popen([str(BIN / "lmeraser"), *args], cwd=work, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        code = proc.wait(timeout=after) if after is not None else proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever it started (Prefect's server) dies with it
+    except ProcessLookupError:
+        pass
+    return code
+
+
+def problems(work: Path, submitted: list[str]) -> list[str]:
+    from lmeraser.unlearning.requests import Journal
+    from lmeraser.workspace import Workspace
+
+    ws = Workspace(work)
+    found = []
+    verified = Counter(e["request_id"] for e in Journal(ws).events() if e["state"] == "verified")
+    found += [f"{rid} verified {verified[rid]} times" for rid in submitted if verified[rid] != 1]
+    found += [f"{r['request_id']} still pending" for r in Journal(ws).pending()]
+    found += [f"leftover {p.relative_to(work)}" for p in (work / "data").rglob(".*") if p.name.endswith((".tmp", ".staging", ".new", ".old"))]
+    found += [f"leftover {p.relative_to(work)}" for p in [*(work / "audit").glob(".*.tmp"), *(work / "audit" / "batches").glob("*")]]
+    return found
+
+
+def submit(work: Path, rng: random.Random) -> str:
+    """One forget request for a random private sample, submitted as `lmeraser forget --no-process` does."""
+    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.workspace import Workspace
+
+    ws = Workspace(work)
+    with ws.lock("submit"):
+        request = resolve(RequestSpec(sample_ids=[rng.choice(ws.manifest("private")["sample_id"].tolist())]), ws)
+        Journal(ws).submit([request])
+    return request.request_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=100, help="random-moment kills")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", type=Path, default=None, help="params preset for the demo (default: params.yaml, digits)")
+    parser.add_argument("--skip-failpoints", action="store_true")
+    args = parser.parse_args()
+    from conftest import copy_repo
+
+    rng = random.Random(args.seed)
+    work = ROOT / "bench" / "results" / "work-kill" / "repo"
+    shutil.rmtree(work.parent, ignore_errors=True)
+    copy_repo(work)
+    if args.params:
+        shutil.copy2(args.params, work / "params.yaml")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop(FAILPOINT_ENV, None)
+    run([str(BIN / "lmeraser"), "data", "init"], work, env)
+    t0 = time.perf_counter()
+    run([str(BIN / "dvc"), "repro"], work, env)
+    print(f"demo built (dvc repro {time.perf_counter() - t0:.0f}s)", flush=True)
+
+    submitted = [submit(work, rng)]
+    t0 = time.perf_counter()
+    run([str(BIN / "lmeraser"), "unlearn"], work, env)
+    clean = time.perf_counter() - t0
+    print(f"one clean unlearn: {clean:.1f}s", flush=True)
+
+    trials, started = [], time.perf_counter()
+    plan = ([] if args.skip_failpoints else [("failpoint", p) for p in NAMED]) + [("random", None)] * args.kills
+    for n, (kind, point) in enumerate(plan, start=1):
+        request = None
+        influence = point is not None and point.startswith("influence:")
+        if not influence:
+            request = submit(work, rng)
+            submitted.append(request)
+        if kind == "random":
+            at = rng.uniform(0, clean)
+            code = killed_run(work, ["unlearn"], env, at)
+        else:
+            at = None
+            if influence:
+                from lmeraser.workspace import Workspace
+
+                sample = rng.choice(Workspace(work).manifest("private")["sample_id"].tolist())
+                code = killed_run(work, ["forget", "--sample-id", sample, "--method", "influence"], {**env, FAILPOINT_ENV: point}, None)
+                submitted.append(next(r["request_id"] for r in reversed(_journal(work)) if r["state"] == "received"))
+            else:
+                code = killed_run(work, ["unlearn"], {**env, FAILPOINT_ENV: point}, None)
+        resumed = run([str(BIN / "lmeraser"), "unlearn"], work, env, check=False)
+        found = problems(work, submitted)
+        if resumed.returncode != 0:
+            found.append(f"resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
+        trials.append({"trial": n, "kind": kind, "point": point, "killed_at_s": at, "killed": code == -signal.SIGKILL, "exit": code, "problems": found})
+        print(f"{n}/{len(plan)} {point or f'random {at:.1f}s'}: {'killed' if code == -signal.SIGKILL else f'exit {code}'}; {found or 'ok'}", flush=True)
+        write_report(args, trials, submitted, clean, started, None, None)
+
+    verify = run([str(BIN / "lmeraser"), "audit", "verify"], work, env, check=False)
+    scan = run([str(BIN / "lmeraser"), "audit", "scan"], work, env, check=False)
+    ok = write_report(args, trials, submitted, clean, started, verify.returncode == 0, scan.returncode == 0 and "0 hits" in scan.stdout)
+    if not ok:
+        sys.exit(1)
+
+
+def write_report(args, trials: list[dict], submitted: list[str], clean: float, started: float, verify_ok: bool | None, scan_ok: bool | None) -> bool:
+    """Write the figures so far (verify_ok None: the run is still going)."""
+    bad = [t for t in trials if t["problems"]]
+    result = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "complete": verify_ok is not None,
+        "clean_unlearn_seconds": round(clean, 1),
+        "random_kills": sum(t["kind"] == "random" for t in trials),
+        "failpoints": [t["point"] for t in trials if t["kind"] == "failpoint"],
+        "killed": sum(t["killed"] for t in trials),
+        "requests": len(submitted),
+        "trials_with_problems": len(bad),
+        "audit_verify_ok": verify_ok,
+        "audit_scan_ok": scan_ok,
+        "seconds": round(time.perf_counter() - started),
+        "trials": trials,
+    }
+    out = ROOT / "bench" / "results" / "reliability-kill"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    verdict = {True: "pass", False: "FAIL", None: "(running)"}
+    lines = [
+        f"SIGKILL of `lmeraser unlearn` on the digits demo; {result['machine']}, {result['date']}; one clean unlearn {result['clean_unlearn_seconds']} s.",
+        "",
+        "| trials | of which killed | requests | lost or verified twice | leftover files | resume failed | audit verify | audit scan |",
+        "|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| {len(trials)} ({result['random_kills']} random moments + {len(result['failpoints'])} failpoints) | {result['killed']} | {len(submitted)} | "
+        f"{sum(any('verified' in p or 'pending' in p for p in t['problems']) for t in trials)} | "
+        f"{sum(any('leftover' in p for p in t['problems']) for t in trials)} | {sum(any('resume' in p for p in t['problems']) for t in trials)} | "
+        f"{verdict[verify_ok]} | {verdict[scan_ok]} |",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if verify_ok is not None:
+        print("\n".join(lines))
+    return not bad and bool(verify_ok) and bool(scan_ok)
+
+
+def _journal(work: Path) -> list[dict]:
+    from lmeraser.unlearning.requests import Journal
+    from lmeraser.workspace import Workspace
+
+    return Journal(Workspace(work)).events()
+
+
+if __name__ == "__main__":
+    main()
