@@ -107,7 +107,7 @@ def main() -> None:
     copy_repo(work)
     if args.params:
         shutil.copy2(args.params, work / "params.yaml")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     env.pop(FAILPOINT_ENV, None)
     run([str(BIN / "lmeraser"), "data", "init"], work, env)
     t0 = time.perf_counter()
