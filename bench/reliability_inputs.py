@@ -17,6 +17,7 @@ import signal
 import struct
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pipeline import cpu_model  # noqa: E402
 
 MAX_OUTPUT = 1500  # characters: one sentence, not a traceback or an echoed 10 MB id
 
@@ -427,9 +431,10 @@ def main() -> None:
     for outcome in outcomes:
         counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1
     rows = ["| case | exit | verdict | message |", "|---|---:|---|---|"]
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     rows += [f"| {o.case} | {o.exit_code} | {o.verdict} | {o.message[:140].replace('|', '/')} |" for o in outcomes]
     out = ROOT / "bench" / "results" / "reliability-inputs"
-    out.with_suffix(".md").write_text("\n".join(rows) + "\n")
+    out.with_suffix(".md").write_text(f"{machine}\n\n" + "\n".join(rows) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"cases": len(outcomes), "verdicts": counts, "outcomes": [o.__dict__ for o in outcomes]}, indent=2) + "\n")
     print("\n".join(rows))
     print(f"{len(outcomes)} cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))

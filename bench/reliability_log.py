@@ -19,12 +19,14 @@ import os
 import random
 import sys
 import tempfile
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
@@ -34,6 +36,8 @@ from lmeraser.lineage.keys import key_id  # noqa: E402
 from lmeraser.lineage.log import LineageLog  # noqa: E402
 from lmeraser.lineage.records import signing_key  # noqa: E402
 from lmeraser.workspace import Workspace  # noqa: E402
+
+from pipeline import cpu_model  # noqa: E402
 
 KINDS = ("flip", "delete-byte", "insert-byte", "swap", "duplicate", "delete-record", "truncate", "remove-trailing", "re-sign")
 
@@ -136,12 +140,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = ["| mutation | tried | detected | missed | tracebacks |", "|---|---:|---:|---:|---:|"]
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"
     for kind, c in outcomes.items():
         tried = c["detected"] + c["missed"] + c["traceback"]
         rows.append(f"| {kind} | {tried} | {c['detected']} | {c['missed']} | {c['traceback']} |")
     rows.append(f"| **all** | {counted} | {total['detected']} | {total['missed']} | {total['traceback']} |")
     table = "\n".join(rows)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    args.out.with_suffix(".md").write_text(f"{machine}\n\n{table}\n")
     print(table)
     print(f"{total['detected']}/{counted} detected ({100 * total['detected'] / max(counted, 1):.1f}%), {total['traceback']} traceback(s)")
     if total["missed"] or total["traceback"]:

@@ -231,6 +231,15 @@ GIT_COMMIT = typer.Option(True, "--git-commit/--no-git-commit", help="commit dat
 
 
 def _process(ws: Workspace, git_commit: bool = True) -> None:
+    from lmeraser.unlearning.requests import Journal
+
+    try:
+        idle = not Journal(ws).pending() and not (ws.batches.is_dir() and any(ws.batches.iterdir()))
+    except LmeraserError as error:
+        _fail(str(error))
+    if idle:  # nothing pending, no interrupted batch or influence update to finish: no flow to start
+        console.print("no pending requests")
+        return
     _quiet_env()
     from flows.unlearn import unlearn
 
@@ -514,6 +523,9 @@ def audit_export_key(out: Path = typer.Option(None, "--out", help="where to writ
 
 
 def main() -> None:
+    from lmeraser.lineage.keys import take_key_from_environment
+
+    take_key_from_environment()  # no child process (Prefect's server, dvc, git) inherits the key
     try:
         app()
     except LmeraserError as error:  # anything not caught closer to its source

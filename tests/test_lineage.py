@@ -322,3 +322,21 @@ def test_a_configured_key_file_that_is_missing_is_never_created(tmp_path, monkey
     with pytest.raises(LmeraserError, match="no new key is made"):
         signing_key(Workspace(tmp_path / "ws"))
     assert not (tmp_path / "vault").exists() and not (tmp_path / "ws" / "audit" / "lineage-public-key.pem").exists()
+
+
+def test_the_key_from_the_environment_never_reaches_a_child_process(tmp_path, monkeypatch, key):
+    """`lmeraser` moves $LMERASER_SIGNING_KEY into memory first: Prefect's server, dvc and git are
+    started from a process whose environment no longer holds it."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    monkeypatch.setenv(keys.KEY_ENV, pem)
+    monkeypatch.setattr(keys, "_taken", None)
+    keys.take_key_from_environment()
+    assert keys.KEY_ENV not in os.environ
+    assert keys.key_id(keys.load_or_create_key(tmp_path / "unused.pem").public_key()) == keys.key_id(key.public_key())
+    seen = subprocess.run([sys.executable, "-c", f"import os; print(os.environ.get('{keys.KEY_ENV}'))"], capture_output=True, text=True).stdout
+    assert seen.strip() == "None" and not (tmp_path / "unused.pem").exists()

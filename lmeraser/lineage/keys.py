@@ -15,6 +15,18 @@ from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_bytes
 
 KEY_ENV = "LMERASER_SIGNING_KEY"  # PEM (PKCS#8) text of the private key, for CI / secret stores
+_taken: str | None = None  # the key's PEM once take_key_from_environment() removed it from os.environ
+
+
+def take_key_from_environment() -> None:
+    """Move $LMERASER_SIGNING_KEY out of os.environ into this process's memory, so that no child
+    process (Prefect's server, dvc, git, anything a library starts) ever inherits it."""
+    global _taken
+    pem = os.environ.pop(KEY_ENV, None)
+    if pem:
+        _taken = pem
+
+
 # Where the key file lives: Workspace.signing_key_file ($LMERASER_SIGNING_KEY_FILE, else audit/keys/).
 
 
@@ -27,7 +39,7 @@ def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateK
     """The signing key from $LMERASER_SIGNING_KEY, else from `path`, created (0600 from its first
     byte) if absent and `create` allows it. Callers forbid creation once records exist: a new key
     in place of a missing one would leave a log that verifies with neither."""
-    pem = os.environ.get(KEY_ENV)
+    pem = os.environ.get(KEY_ENV) or _taken
     if pem:
         return _parse_private(pem.encode(), f"${KEY_ENV}")
     path = Path(path)
