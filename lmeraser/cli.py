@@ -21,6 +21,24 @@ from lmeraser.stages import STAGE_NAMES
 from lmeraser.workspace import Workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact, auditable unlearning for prompt-tuned vision transformers.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"lmeraser {version('lmeraser')}")
+        except PackageNotFoundError:
+            console.print("lmeraser (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
+    """Exact, auditable unlearning for prompt-tuned vision transformers."""
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Materialise and inspect the data splits.")
 app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
@@ -362,6 +380,38 @@ def _spec(**fields):
         options = {"sample_ids": "--sample-id", "subjects": "--subject", "label": "--label", "input": "--input"}
         option = options.get(str(first["loc"][0]) if first["loc"] else "", "")
         _fail(f"{option + ': ' if option else ''}{first['msg'].removeprefix('Value error, ')}.")
+
+
+@app.command("requests")
+def requests_cmd(
+    pending: bool = typer.Option(False, "--pending", help="only requests not yet verified by an exact batch"),
+    overdue: bool = typer.Option(False, "--overdue", help="only requests past their deadline and not done"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON list (with each request's state history)"),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
+) -> None:
+    """Every request: kind, method, state, received, deadline (GDPR Art. 12(3): one month), covering records."""
+    from lmeraser.config import load_params
+    from lmeraser.unlearning.status import request_statuses
+
+    ws = _workspace(root, params_file)
+    try:
+        statuses = request_statuses(ws, load_params(ws.params_file).requests)
+    except LmeraserError as error:
+        _fail(str(error))
+    statuses = [s for s in statuses if (not pending or s.state != "verified") and (not overdue or s.flag == "overdue")]
+    if as_json:
+        console.print_json(data=[s.to_json() for s in statuses])
+        return
+    table = Table(title=f"requests ({len(statuses)})")
+    for column in ("request", "kind", "method", "state", "received", "deadline", "records", "flag"):
+        table.add_column(column)
+    for s in statuses:
+        table.add_row(s.request_id, s.kind, s.method, s.state, s.received_at, s.deadline, ",".join(map(str, s.records)) or "-", s.flag or "-")
+    console.print(table)
+    flagged = sum(s.flag in ("overdue", "due soon") for s in statuses)
+    if flagged:
+        err.print(f"{flagged} request(s) overdue or due soon", highlight=False)
 
 
 @app.command("unlearn")

@@ -170,6 +170,13 @@ class RuntimeParams(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
 
 
+class RequestsParams(_Section):
+    # GDPR Art. 12(3): answer a request "without undue delay and in any event within one month of
+    # receipt"; `lmeraser requests` flags requests due within `warn_days` and overdue ones.
+    deadline_months: int = Field(1, ge=1, le=3)
+    warn_days: int = Field(7, ge=0, le=90)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
@@ -179,6 +186,7 @@ class Params(_Section):
     influence: InfluenceParams = InfluenceParams()
     evaluate: EvaluateParams = EvaluateParams()
     runtime: RuntimeParams = RuntimeParams()
+    requests: RequestsParams = RequestsParams()
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -1,5 +1,6 @@
 """Request validation and the journal: refusals name what is wrong and write nothing."""
 
+import json
 import subprocess
 import sys
 
@@ -130,3 +131,61 @@ def test_re_forgetting_a_subject_is_a_recorded_noop(ws, tmp_path):
     assert again.sample_ids == [] and again.subjects_already_forgotten == [Keyer(copy).subject(subject)]
     with pytest.raises(LmeraserError, match="never forgotten"):
         resolve(RequestSpec(subjects=["s99998"]), copy)
+
+
+def test_request_status_deadlines_and_flags(tmp_path):
+    """`lmeraser requests`: deadline = receipt + one calendar month (GDPR Art. 12(3)); flags for
+    due soon (7 days), overdue, and done late; --pending, --overdue and --json."""
+    import time as _time
+    from datetime import UTC, datetime
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from lmeraser.cli import app
+    from lmeraser.config import RequestsParams
+    from lmeraser.unlearning.status import add_months, request_statuses
+
+    assert add_months(datetime(2027, 1, 31, tzinfo=UTC), 1) == datetime(2027, 2, 28, tzinfo=UTC)
+    assert add_months(datetime(2028, 1, 31, tzinfo=UTC), 1) == datetime(2028, 2, 29, tzinfo=UTC)
+    assert add_months(datetime(2027, 12, 15, tzinfo=UTC), 1) == datetime(2028, 1, 15, tzinfo=UTC)
+    day, now = 86400.0, _time.time()
+    journal = Journal(Workspace(tmp_path))
+
+    def received(rid, days_ago, method="exact"):
+        at = now - days_ago * day
+        return {"request_id": rid, "state": "received", "time": at, "method": method, "request": {"request_id": rid, "kind": "forget", "received_at": at}}
+
+    journal.append([received("old", 40), received("soon", 27), received("done", 40), received("late", 70, "influence"), received("new", 0)])
+    journal.append([{"request_id": "late", "state": "approximated", "time": now - 69 * day, "record": 1}])
+    journal.append([{"request_id": "done", "state": "verified", "time": now - 35 * day, "record": 2}])
+    journal.append([{"request_id": "late", "state": "verified", "time": now - 20 * day, "record": 3}])
+    statuses = {s.request_id: s for s in request_statuses(Workspace(tmp_path), RequestsParams())}
+    assert {rid: s.flag for rid, s in statuses.items()} == {"old": "overdue", "soon": "due soon", "done": "", "late": "late", "new": ""}
+    assert statuses["late"].records == [1, 3] and statuses["late"].method == "influence" and statuses["late"].state == "verified"
+    assert [h["state"] for h in statuses["late"].history] == ["received", "approximated", "verified"]
+    assert request_statuses(Workspace(tmp_path), RequestsParams(warn_days=0))[-2].flag == ""  # "soon" is no longer flagged
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"requests": {"deadline_months": 2}}))
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["requests", "--root", str(tmp_path), "--json"]).stdout)
+    flags = {r["request_id"]: r["flag"] for r in listed}
+    assert flags["old"] == "" and flags["late"] == ""  # two months from receipt: neither is late
+    (tmp_path / "params.yaml").write_text("")
+    overdue = runner.invoke(app, ["requests", "--root", str(tmp_path), "--overdue", "--json"])
+    assert [r["request_id"] for r in json.loads(overdue.stdout)] == ["old"]
+    pending = json.loads(runner.invoke(app, ["requests", "--root", str(tmp_path), "--pending", "--json"]).stdout)
+    assert sorted(r["request_id"] for r in pending) == ["new", "old", "soon"]
+    table = runner.invoke(app, ["requests", "--root", str(tmp_path)])
+    assert table.exit_code == 0 and "overdue" in table.stdout and "2 request(s) overdue or due soon" in table.stderr
+
+
+def test_version():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from lmeraser.cli import app
+
+    done = CliRunner().invoke(app, ["--version"])
+    assert done.exit_code == 0 and done.stdout.strip() == f"lmeraser {version('lmeraser')}"
