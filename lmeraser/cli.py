@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -212,15 +213,26 @@ audit_app = typer.Typer(no_args_is_help=True, help="Verify, inspect and replay t
 app.add_typer(audit_app, name="audit")
 
 
-METHODS = ("exact", "influence")
+class Method(StrEnum):
+    exact = "exact"
+    influence = "influence"
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        _fail(f"--method {method} is unknown; expected one of {', '.join(METHODS)}.")
+METHOD_HELP = "exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"
+JSON = typer.Option(False, "--json", help="machine-readable: one JSON document on stdout (errors stay one line on stderr, non-zero exit)")
 
 
-def _submit(specs, ws: Workspace, method: str = "exact") -> list:
+def _emit(data) -> None:
+    """A JSON document on stdout, alone (logs and progress go to stderr)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _say(quiet: bool):
+    """Where a command's progress lines go: stdout for people, stderr under --json."""
+    return (lambda m: err.print(m, highlight=False)) if quiet else (lambda m: console.print(m, highlight=False))
+
+
+def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) -> list:
     from lmeraser.config import load_params
     from lmeraser.unlearning.requests import Journal, resolve
 
@@ -241,23 +253,24 @@ def _submit(specs, ws: Workspace, method: str = "exact") -> list:
         noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
         if request.subjects_already_forgotten:
             noop += f", {len(request.subjects_already_forgotten)} subject(s) already forgotten (no-op, still recorded)"
-        console.print(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
+        _say(quiet)(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
     return resolved
 
 
 GIT_COMMIT = typer.Option(True, "--git-commit/--no-git-commit", help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace)")
 
 
-def _process(ws: Workspace, git_commit: bool = True) -> None:
+def _process(ws: Workspace, git_commit: bool = True, quiet: bool = False) -> dict | None:
     from lmeraser.unlearning.requests import Journal
 
+    say = _say(quiet)
     try:
         idle = not Journal(ws).pending() and not (ws.batches.is_dir() and any(ws.batches.iterdir()))
     except LmeraserError as error:
         _fail(str(error))
     if idle:  # nothing pending, no interrupted batch or influence update to finish: no flow to start
-        console.print("no pending requests")
-        return
+        say("no pending requests")
+        return None
     _quiet_env()
     from flows.unlearn import unlearn
 
@@ -267,34 +280,37 @@ def _process(ws: Workspace, git_commit: bool = True) -> None:
         _fail(state.message or "unlearn failed")
     result = state.result()
     if result is None:
-        console.print("no pending requests")
-        return
+        say("no pending requests")
+        return None
     verification = result["verification"]
-    console.print(
+    say(
         f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
         + (f", retired {result['retired']}" if result["retired"] else "")
         + f"; scan hits {verification['scan']['hits']}; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
         + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
+    return result
 
 
-def _approximate(ws: Workspace) -> None:
+def _approximate(ws: Workspace, quiet: bool = False) -> dict | None:
     """The influence update, in this process: it answers in about a second, where a Prefect run
     would add its start-up (the `influence_unlearn` flow wraps the same function for schedules)."""
     _quiet_env()
     from lmeraser.unlearning.approximate import approximate_pending
 
+    say = _say(quiet)
     try:
-        result = approximate_pending(ws, lambda m: console.print(m, highlight=False))
+        result = approximate_pending(ws, say)
     except LmeraserError as error:
         _fail(str(error))
     if result is None:
-        console.print("nothing to edit by influence (every target was already forgotten)")
-        return
-    console.print(
+        say("nothing to edit by influence (every target was already forgotten)")
+        return None
+    say(
         f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; served as APPROXIMATE; "
         f"lineage record {result['record']}; the exact rebuild is queued: run `lmeraser unlearn`"
     )
+    return result
 
 
 @app.command("forget")
@@ -303,16 +319,16 @@ def forget(
     subject: list[str] = typer.Option([], "--subject", help="forget every private sample of this data subject (repeatable)"),
     file: Path = typer.Option(None, "--file", help="JSONL file of forget requests; one bad line refuses the whole file"),
     allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
-    method: str = typer.Option("exact", help="exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"),
+    method: Method = typer.Option(Method.exact, help=METHOD_HELP),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
+    as_json: bool = JSON,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
     from lmeraser.unlearning.requests import parse_requests_file
 
-    _check_method(method)
     ws = _workspace(root, params_file)
     try:
         specs = parse_requests_file(file, "forget") if file else []
@@ -322,17 +338,18 @@ def forget(
             _fail("name what to forget: --sample-id, --subject or --file.")
         # The privilege comes from the command line only (a requests file cannot grant it).
         specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
-        _submit(specs, ws, method)
+        resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, ws, git_commit)
+    _answer(method.value, process, ws, git_commit, resolved, as_json)
 
 
-def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool) -> None:
-    if method == "influence":
-        _approximate(ws)
-    if process if process is not None else method == "exact":
-        _process(ws, git_commit)
+def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool, resolved: list, as_json: bool) -> None:
+    influence = _approximate(ws, as_json) if method == "influence" else None
+    batch = _process(ws, git_commit, as_json) if (process if process is not None else method == "exact") else None
+    if as_json:
+        accepted = [{k: v for k, v in r.to_json().items() if k != "input_path"} for r in resolved]
+        _emit({"accepted": accepted, "method": method, "influence": influence, "batch": batch})
 
 
 @app.command("rectify")
@@ -341,16 +358,16 @@ def rectify(
     label: int = typer.Option(None, "--label", help="the corrected label"),
     input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
     file: Path = typer.Option(None, "--file", help="JSONL file of rectify requests; one bad line refuses the whole file"),
-    method: str = typer.Option("exact", help="exact: rebuild the affected cluster; influence: approximate update now, exact rebuild queued"),
+    method: Method = typer.Option(Method.exact, help=METHOD_HELP),
     process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
+    as_json: bool = JSON,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
     from lmeraser.unlearning.requests import parse_requests_file
 
-    _check_method(method)
     ws = _workspace(root, params_file)
     try:
         if file is not None:
@@ -361,10 +378,10 @@ def rectify(
             _fail("name what to rectify: --sample-id with --label or --input, or --file.")
         else:
             specs = [_spec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)]
-        _submit(specs, ws, method)
+        resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
-    _answer(method, process, ws, git_commit)
+    _answer(method.value, process, ws, git_commit, resolved, as_json)
 
 
 def _spec(**fields):
@@ -415,14 +432,18 @@ def requests_cmd(
 
 
 @app.command("unlearn")
-def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT) -> None:
+def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT, as_json: bool = JSON) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
-    _process(_workspace(root, params_file), git_commit)
+    result = _process(_workspace(root, params_file), git_commit, as_json)
+    if as_json:
+        _emit({"batch": result})
 
 
 @audit_app.command("verify")
 def audit_verify(
-    pubkey: Path = typer.Option(None, help="the public key you were given (default: the pinned signer, audit/lineage-public-key.pem)"), root: Path = ROOT
+    pubkey: Path = typer.Option(None, help="the public key you were given (default: the pinned signer, audit/lineage-public-key.pem)"),
+    root: Path = ROOT,
+    as_json: bool = JSON,
 ) -> None:
     """Check every signature, the hash chain, the signed head, the signer, and that the deployed artifacts match the latest record."""
     from lmeraser.audit.verify import public_key, verify
@@ -434,6 +455,9 @@ def audit_verify(
         records = verify(ws, key)
     except LmeraserError as error:
         _fail(str(error))
+    if as_json:
+        _emit({"ok": True, "records": len(records), "signer": key_id(key), "deployed_match_record": records[-1].number})
+        return
     console.print(
         f"OK: {len(records)} record(s), signatures, chain and signed head valid, all signed by {key_id(key)}; "
         f"deployed artifacts match record {records[-1].number}"
@@ -441,13 +465,22 @@ def audit_verify(
 
 
 @audit_app.command("show")
-def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = ROOT) -> None:
-    """A readable summary of the lineage records."""
+def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = ROOT, as_json: bool = JSON) -> None:
+    """A readable summary of the lineage records (not verified: `audit verify` checks them)."""
     from lmeraser.lineage.records import lineage_log, summary_row
 
-    records = lineage_log(Workspace(root)).read_unverified()
+    try:
+        records = lineage_log(Workspace(root)).read_unverified()
+    except LmeraserError as error:
+        _fail(str(error))
     if not records:
         _fail("no lineage records.")
+    if number is not None and not 1 <= number <= len(records):
+        _fail(f"record {number} does not exist (the log has {len(records)}).")
+    if as_json:
+        chosen = records if number is None else [records[number - 1]]
+        _emit([{"number": r.number, "line_sha256": r.line_sha256, "statement": r.statement} for r in chosen])
+        return
     if number is None:
         table = Table(title="lineage records")
         rows = [summary_row(r) for r in records]
@@ -457,13 +490,13 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
             table.add_row(*row.values())
         console.print(table)
         return
-    if not 1 <= number <= len(records):
-        _fail(f"record {number} does not exist (the log has {len(records)}).")
     console.print_json(data=records[number - 1].statement)
 
 
 @audit_app.command("scan")
-def audit_scan(root: Path = ROOT, strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched")) -> None:
+def audit_scan(
+    root: Path = ROOT, strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched"), as_json: bool = JSON
+) -> None:
     """Search data/, the DVC cache and every remote, the artifact store and every MLflow artifact
     location for forgotten data; list what could not be searched."""
     from lmeraser.audit.scan import scan, scan_targets
@@ -474,7 +507,18 @@ def audit_scan(root: Path = ROOT, strict: bool = typer.Option(False, "--strict",
         hits, counts, not_searched = scan(ws, targets.sample_keys, targets.artifact_hashes)
     except LmeraserError as error:
         _fail(str(error))
-    console.print(
+    if as_json:
+        _emit(
+            {
+                "hits": [hit.__dict__ for hit in hits],
+                "files_scanned": counts,
+                "not_searched": not_searched,
+                "erased_samples": len(targets.sample_keys),
+                "superseded_artifacts": len(targets.artifact_hashes),
+            }
+        )
+    say = _say(as_json)
+    say(
         f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
         f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
     )
@@ -486,12 +530,16 @@ def audit_scan(root: Path = ROOT, strict: bool = typer.Option(False, "--strict",
         _fail(f"{len(hits)} hit(s): forgotten data survives.")
     if not_searched and strict:
         _fail(f"0 hits where it searched, but {len(not_searched)} location(s) could not be searched (--strict).")
-    console.print("0 hits" + (f" where it searched; {len(not_searched)} location(s) not searched (listed above)" if not_searched else ""))
+    say("0 hits" + (f" where it searched; {len(not_searched)} location(s) not searched (listed above)" if not_searched else ""))
 
 
 @audit_app.command("replay")
 def audit_replay(
-    record: int = typer.Option(..., "--record", help="record number"), pubkey: Path = typer.Option(None), root: Path = ROOT, params_file: Path = PARAMS
+    record: int = typer.Option(..., "--record", help="record number"),
+    pubkey: Path = typer.Option(None),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
+    as_json: bool = JSON,
 ) -> None:
     """Retrain the clusters record N rebuilt, from the recorded inputs, and compare artifact hashes."""
     from lmeraser.audit.replay import replay
@@ -503,11 +551,13 @@ def audit_replay(
         records = verified_records(ws, public_key(ws, pubkey))
         if not 1 <= record <= len(records):
             _fail(f"record {record} does not exist (the log has {len(records)}).")
-        result = replay(ws, load_params(ws.params_file), records[record - 1], records, lambda m: console.print(m, highlight=False))
+        result = replay(ws, load_params(ws.params_file), records[record - 1], records, _say(as_json))
     except LmeraserError as error:
         _fail(str(error))
+    if as_json:
+        _emit(result)  # the exit status below says the same as the text would
     if result["environment_differences"]:
-        console.print(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
+        _say(as_json)(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
     summary = f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"
     if not result["clusters"]:
         _fail(f"record {record} rebuilt no cluster: nothing to replay.")
@@ -516,7 +566,7 @@ def audit_replay(
         _fail(f"{summary}; cluster(s) {bad} do not reproduce.")
     if not result["ok"]:
         _fail(f"{summary}: no cluster it rebuilt could be checked; replay the later records that superseded them.")
-    console.print(f"OK: {summary}; every checked cluster reproduces")
+    _say(as_json)(f"OK: {summary}; every checked cluster reproduces")
 
 
 @audit_app.command("report")

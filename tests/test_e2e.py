@@ -170,8 +170,9 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert "1 subject(s) already forgotten" in again.stdout and "lineage record 3" in again.stdout
     noop = json.loads(_cli_ok("audit", "show", "3", cwd=root).stdout)["predicate"]
     assert noop["clusters_rebuilt"] == [] and noop["requests"][0]["subjects_already_forgotten"]
-    done = lmeraser_cli("audit", "replay", "--record", "3", cwd=root)
+    done = lmeraser_cli("audit", "replay", "--record", "3", "--json", cwd=root)
     assert done.returncode == 1 and "rebuilt no cluster: nothing to replay" in done.stderr
+    assert json.loads(done.stdout)["clusters"] == []  # --json: the document, then the same exit status
 
 
 def test_refusals_change_nothing(repo, tmp_path):
@@ -186,7 +187,7 @@ def test_refusals_change_nothing(repo, tmp_path):
         (("forget", "--sample-id", public_id), "--allow-backbone-rebuild"),
         (("forget", "--file", str(bad)), "line 1: a requests file cannot grant allow_backbone_rebuild"),
         (("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"), "edits only private clusters"),
-        (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "--method sideways is unknown"),
+        (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "sideways"),  # a usage error (exit 2)
         # --params is honoured: an exact rebuild runs `dvc repro`, which reads params.yaml, so other params are refused.
         (("forget", "--sample-id", victim_id, "--params", "configs/digits-vpt.yaml"), "differs from"),
         (("unlearn", "--params", "configs/digits-vpt.yaml"), "differs from"),
