@@ -38,6 +38,22 @@ def test_cron_deployment_carries_the_schedule(tmp_path):
     assert deployment.parameters == {"root": str(tmp_path.resolve())}
 
 
+def test_unlearn_deployment_runs_on_an_interval_or_a_cron(tmp_path):
+    from flows.serve import build_unlearn_deployment
+
+    every = build_unlearn_deployment(120, root=str(tmp_path))
+    assert every.name == "lmeraser-unlearn" and every.schedules[0].schedule.interval.total_seconds() == 120
+    assert every.parameters == {"root": str(tmp_path.resolve())} and "unlearn" in every.tags
+    assert build_unlearn_deployment(cron="*/10 * * * *", root=str(tmp_path)).schedules[0].schedule.cron == "*/10 * * * *"
+    import pytest
+
+    from flows.serve import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--unlearn-every", "0"])
+    assert refused.value.code == 2
+
+
 def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained_workspace, tmp_path):
     """`influence-unlearn` on a trained workspace: a removal then a relabel in the same cluster."""
     import shutil
