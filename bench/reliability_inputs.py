@@ -78,6 +78,16 @@ def _png(width: int, height: int, body: bytes | None = None) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 
 
+def _rgb_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _private_id(root: Path) -> str:
     return (root / "data" / "private" / "manifest.csv").read_text().splitlines()[1].split(",")[0]
 
@@ -224,6 +234,7 @@ CASES: list[Case] = [
     Case("--input over 16 MiB", _rectify_input(lambda s: _sparse(s / "huge.npy", (16 << 20) + 1))),
     Case("--input PNG decompression bomb", _rectify_input(lambda s: _write(s / "bomb.png", _png(60_000, 60_000, body=b"")))),
     Case("--input PNG wrong size", _rectify_input(lambda s: _write(s / "wrong.png", _png(9, 9)))),
+    Case("--input RGB PNG for grey data", _rectify_input(lambda s: _write(s / "rgb.png", _rgb_png(8, 8)))),
     Case("--input PNG truncated", _rectify_input(lambda s: _write(s / "cut.png", _png(8, 8)[:40]))),
     Case("--input not an image", _rectify_input(lambda s: _write(s / "noise.png", os.urandom(300)))),
     # audit

@@ -167,7 +167,9 @@ class RuntimeParams(_Section):
     threads: int = Field(1, ge=1, le=256)
     # Clusters trained concurrently (Prefect mapped tasks).
     workers: int = Field(2, ge=1, le=256)
-    device: Literal["cpu", "cuda"] = "cpu"
+    # Only the CPU for now: every stage, the influence path and replay run there, and a setting
+    # that would be accepted and silently ignored is refused instead (GPU: issue 12).
+    device: Literal["cpu"] = "cpu"
 
 
 class RequestsParams(_Section):

@@ -68,3 +68,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_params(bad)
+
+
+def test_a_device_that_would_be_ignored_is_refused():
+    """runtime.device: cuda was accepted and silently ran on the CPU; until the GPU path exists it is refused."""
+    with pytest.raises(ConfigError, match="runtime.device"):
+        parse_params({"runtime": {"device": "cuda"}})

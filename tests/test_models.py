@@ -94,6 +94,18 @@ def test_mismatched_checkpoint_is_refused(tmp_path, backbone):
         load_checkpoint(tmp_path / "short.safetensors", SMALL, 10)
     with pytest.raises(ConfigError, match="not found"):
         load_checkpoint(tmp_path / "absent.pth", SMALL, 10)
+    # A standard 3-channel checkpoint for a grey backbone: one sentence naming the key and shapes.
+    rgb = build_vit(SMALL.model_copy(), 10).state_dict()
+    rgb["patch_embed.proj.weight"] = torch.zeros(rgb["patch_embed.proj.weight"].shape[0], 3, *rgb["patch_embed.proj.weight"].shape[2:])
+    save_file(rgb, str(tmp_path / "rgb.safetensors"))
+    with pytest.raises(ConfigError, match=r"has patch_embed.proj.weight of shape \(16, 3, 4, 4\), the backbone in params.yaml needs \(16, 1, 4, 4\)"):
+        load_checkpoint(tmp_path / "rgb.safetensors", SMALL, 10)
+    (tmp_path / "noise.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable weights file"):
+        load_checkpoint(tmp_path / "noise.pth", SMALL, 10)
+    torch.save({"model": {"a": [1, 2]}}, tmp_path / "lists.pth")
+    with pytest.raises(ConfigError, match="no state dict of tensors"):
+        load_checkpoint(tmp_path / "lists.pth", SMALL, 10)
 
 
 def test_pickled_checkpoints_are_not_executed(tmp_path):
@@ -104,6 +116,6 @@ def test_pickled_checkpoints_are_not_executed(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(ConfigError, match="not a readable weights file .*read weights-only, never unpickled"):
         load_checkpoint(tmp_path / "evil.pth", SMALL, 10)
     assert not marker.exists()

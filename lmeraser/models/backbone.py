@@ -94,16 +94,30 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int) 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"backbone.checkpoint: file {path} not found.")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one sentence, never a traceback
+        raise ConfigError(
+            f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; a torch file is read weights-only, never unpickled)."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"backbone.checkpoint: {path} holds no state dict of tensors.")
     model = build_vit(params, num_classes)
     head_keys = {"head.weight", "head.bias"}
     # A checkpoint trained for other classes still gives features; its classifier is not used.
     if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
         state = {k: v for k, v in state.items() if k not in head_keys}
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ConfigError(
+                f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, the backbone in params.yaml needs "
+                f"{tuple(expected[key].shape)} (check backbone.img_size, patch_size, embed_dim and the image channels)."
+            )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:

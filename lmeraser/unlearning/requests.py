@@ -234,6 +234,8 @@ def load_corrected_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
         try:
             with Image.open(io.BytesIO(raw)) as picture:
+                if picture.mode not in ("L", "1"):
+                    raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, it is never converted.")
                 if (picture.height, picture.width) != tuple(shape[:2]) or len(shape) != 2:
                     raise LmeraserError(f"{where}: corrected input is {picture.height}x{picture.width}, expected {tuple(shape)}.")
                 image = np.asarray(picture.convert("L"))
