@@ -133,13 +133,43 @@ def run_stage(name: str, root: str = ".", params_file: str = "params.yaml") -> S
     return STAGE_FLOWS[name].with_options(task_runner=runner)(root=root, params_file=params_file, return_state=True)
 
 
+def _before_retraining(root: str, params_file: str) -> State | None:
+    from lmeraser import suppression
+    from lmeraser.unlearning.requests import Journal
+
+    _, ws = _workspace(root, params_file)
+    try:
+        pending = Journal(ws).pending() or (ws.batches.is_dir() and any(ws.batches.iterdir()))
+        if pending:
+            from flows.unlearn import unlearn
+
+            get_run_logger().info("finishing the pending requests before retraining")
+            state = unlearn(root=root, params_file=params_file, return_state=True)
+            if state.is_failed():
+                return Failed(message=f"the pending requests must be finished before retraining, and their batch failed: {state.message}")
+        bad = suppression.violations(ws)
+    except LmeraserError as error:
+        return Failed(message=str(error))
+    if bad:
+        return Failed(
+            message=f"data/ holds {len(bad)} sample(s) the suppression list erased or corrected ({', '.join(bad[:3])}); "
+            "run `lmeraser data init`, which applies it, before retraining."
+        )
+    return None
+
+
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Every stage in order, for scheduled production retraining (see flows/serve.py).
 
     Unlike `dvc repro` it does not skip unchanged stages, but per-cluster training still reuses
-    every prompt whose content-addressed key is unchanged.
+    every prompt whose content-addressed key is unchanged. A scheduled retrain never leaves an
+    erasure behind or brings one back: pending requests are finished first (the `unlearn` flow),
+    and data/ must honour the suppression list.
     """
+    refusal = _before_retraining(root, params_file)
+    if refusal is not None:
+        return refusal
     results = {}
     for definition in STAGES:
         state = run_stage(definition.name, root, params_file)

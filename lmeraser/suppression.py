@@ -18,7 +18,7 @@ import pandas as pd
 
 from lmeraser.io import atomic_write_csv
 from lmeraser.salt import Keyer
-from lmeraser.workspace import TOMBSTONE_COLUMNS, Workspace
+from lmeraser.workspace import SPLITS, TOMBSTONE_COLUMNS, Workspace
 
 
 def read(ws: Workspace) -> pd.DataFrame:
@@ -59,3 +59,19 @@ def apply(ws: Workspace, manifest: pd.DataFrame, listed: pd.DataFrame | None = N
             corrected = manifest.copy()
             corrected.loc[hit, "label"] = [latest[s] for s in manifest.loc[hit, "sample_id"]]
     return drop, corrected
+
+
+def violations(ws: Workspace) -> list[str]:
+    """Samples in data/ that the list says were erased, or whose label it corrected: `split:id
+    (why)`. Empty when data/ honours the list (a restored old data version would not)."""
+    listed = read(ws)
+    if listed.empty:
+        return []
+    out = []
+    for split in SPLITS:
+        manifest = ws.manifest(split)
+        drop, corrected = apply(ws, manifest, listed)
+        relabelled = (corrected["label"].to_numpy() != manifest["label"].to_numpy()) & ~drop
+        out += [f"{split}:{sid} (erased)" for sid in manifest.loc[drop, "sample_id"]]
+        out += [f"{split}:{sid} (label corrected)" for sid in manifest.loc[relabelled, "sample_id"]]
+    return out

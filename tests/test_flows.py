@@ -122,3 +122,40 @@ def test_evaluate_registers_a_version_only_when_the_served_model_changed(trained
     predicted = mlflow.pyfunc.load_model("models:/lmeraser@production").predict(images)
     mlflow.set_tracking_uri("")
     assert np.array_equal(predicted, ServingModel.load(Workspace(root)).predict(images)[0])
+
+
+def test_a_scheduled_retrain_never_brings_back_erased_data(tmp_path):
+    """train_pipeline refuses data/ that holds a sample the suppression list erased (an old data
+    version restored, say) or whose label it corrected, before any stage runs."""
+    from flows.stages import train_pipeline
+    from lmeraser import suppression
+    from lmeraser.salt import Keyer
+
+    ws = build_workspace(tmp_path, TINY)
+    private = ws.manifest("private")
+    keyer = Keyer(ws)
+    assert suppression.violations(ws) == []
+    suppression.add(
+        ws,
+        [
+            {"sample_id": private.sample_id[0], "content_key": keyer.content(private.content_hash[0]), "reason": "forget"},
+            {"sample_id": private.sample_id[1], "content_key": "", "reason": "rectify-label", "label": (int(private.label[1]) + 1) % 10},
+        ],
+    )
+    assert suppression.violations(ws) == [f"private:{private.sample_id[0]} (erased)", f"private:{private.sample_id[1]} (label corrected)"]
+    state = train_pipeline(root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "data/ holds 2 sample(s) the suppression list erased or corrected" in state.message
+    assert not (tmp_path / "artifacts" / "backbone").exists()
+
+
+def test_a_scheduled_retrain_finishes_pending_requests_first(tmp_path):
+    """With a request pending, train_pipeline runs the unlearn batch first and retrains nothing if
+    it cannot finish it (here: nothing is trained yet to unlearn from)."""
+    from flows.stages import train_pipeline
+    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+
+    ws = build_workspace(tmp_path, TINY)
+    Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
+    state = train_pipeline(root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "pending requests must be finished before retraining" in state.message
+    assert not (tmp_path / "artifacts" / "backbone").exists() and Journal(ws).pending()
