@@ -5,6 +5,7 @@ process SIGKILLs itself when it reaches a named point, as a power cut or an OOM 
 The points (bench/reliability_kill.py and the tests kill at every one):
   after:<step>              an exact batch step finished and was saved (capture ... verify)
   apply:journaled           the batch's `applied` events are in the journal, the step not yet saved
+  rebuild:reproduced        the stages ran and dvc.lock records them, the rebuild step not yet saved
   record:appended           the record is in the lineage log, the journal not yet told
   record:journaled          the journal says `verified`, the batch file not yet removed
   atomic:<file name>        an atomic write's temporary file is complete, not yet renamed
@@ -30,6 +31,7 @@ NAMED = (
     "after:purge",
     "after:verify",
     "apply:journaled",
+    "rebuild:reproduced",
     "record:appended",
     "record:journaled",
     "atomic:tombstones.csv",

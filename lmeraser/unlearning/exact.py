@@ -195,6 +195,7 @@ class UnlearnBatch:
             "dvc_lock_sha256": file_sha256(ws.dvc_lock),
             "prompts": served_prompts(ws),
             "exact_prompts": index.hashes(),
+            "exact_keys": {c: e.key for c, e in index.clusters.items()},
             "supersedes": supersedes,
             "accuracy": metrics.get("accuracy"),
             "planned_clusters": planned,
@@ -269,18 +270,27 @@ class UnlearnBatch:
 
         ws = self.ws
         stages = reproduce(ws, self.params, SERVING_TARGET, self.log, self.after_stage)
+        failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
-        last = ws.last_run() if "train" in stages else {}
         before = self.done["capture"]["prompts"]
-        rebuilt = [int(c) for c in last.get("trained", [])]
+        # What changed, from the content-addressed keys before and after: right even when this
+        # step resumes after a crash that came once the stages had run and been recorded (then
+        # nothing is left to run, and this process trained nothing).
+        before_keys = self.done["capture"].get("exact_keys")
+        if before_keys is None:  # a batch captured before keys were kept
+            last = ws.last_run() if "train" in stages else {}
+            rebuilt, retired = [int(c) for c in last.get("trained", [])], [int(c) for c in last.get("retired", [])]
+        else:
+            rebuilt = sorted(int(c) for c, e in index.clusters.items() if before_keys.get(c) != e.key)
+            retired = sorted(int(c) for c in before_keys if c not in index.clusters)
         after = served_prompts(ws)
         seeds = {c: e.seed for c, e in index.clusters.items()}
         self.log(f"rebuilt clusters {rebuilt} ({len(after) - len(rebuilt)} untouched); stages run: {', '.join(stages)}")
         return {
             "stages": stages,
             "rebuilt": rebuilt,
-            "retired": [int(c) for c in last.get("retired", [])],
+            "retired": retired,
             "prompts": after,
             "seeds": seeds,
             "accuracy": ws.metrics().get("accuracy"),
