@@ -242,11 +242,11 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
         assert lmeraser_cli("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
 
     # In batch order, each run resuming the last: between the two renames of a split (W2), the
-    # journal told `applied` before the step was saved, the stages rebuilt and recorded in dvc.lock
-    # before the rebuild step was saved (found by bench/reliability_kill.py: the resumed step ran
-    # nothing and the batch failed its check for good), the record appended before the journal was
-    # told, and the journal told `verified` before the batch file went (W1).
-    for point in ["directory:swapped-out", "apply:journaled", "rebuild:reproduced", "record:appended", "record:journaled"]:
+    # stages rebuilt and recorded in dvc.lock before the rebuild step was saved (found by
+    # bench/reliability_kill.py: the resumed step ran nothing and the batch failed its check for
+    # good), the record appended before the journal was told, and the journal told `verified`
+    # before the batch file went (W1). (Every other named point: tests/test_recovery.py and the bench.)
+    for point in ["directory:swapped-out", "rebuild:reproduced", "record:appended", "record:journaled"]:
         # The process SIGKILLs itself at `point`; then the rest of its tree (Prefect's temporary
         # server) is killed too, as a machine or container crash would.
         proc = subprocess.Popen(
