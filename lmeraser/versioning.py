@@ -94,6 +94,37 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, env=child_env())
 
 
+def repair_dvc_rwlock(root: Path) -> list[str]:
+    """Remove DVC's `.dvc/tmp/rwlock` if a killed dvc process left it torn; what was done.
+
+    DVC rewrites that file in place (truncate, then write), so a SIGKILL in between leaves it empty
+    or cut, and every later DVC command fails with RWLockFileCorruptedError. DVC drops the entries of
+    dead processes itself; a torn file it cannot read, so it goes (DVC recreates it). The check
+    holds DVC's own guard (`rwlock.lock`, an flock), so a live dvc process is never interfered with.
+    """
+    import fcntl
+    import json
+
+    tmp = Path(root) / ".dvc" / "tmp"
+    path = tmp / "rwlock"
+    if not path.is_file():
+        return []
+    with open(tmp / "rwlock.lock", "a") as guard:
+        try:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return []  # a live dvc process is editing it
+        try:
+            try:
+                json.loads(path.read_bytes())
+                return []
+            except ValueError:  # empty, torn, not UTF-8
+                path.unlink()
+                return [f"removed DVC's torn lock file {path.relative_to(root)} (a killed dvc process was writing it)"]
+        finally:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_UN)
+
+
 def committed_bytes(root: Path, path: Path) -> bytes | None:
     """The bytes of `path` as committed at HEAD in the git repository at `root`; None when there
     is no repository or the file is not committed."""

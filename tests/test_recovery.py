@@ -199,3 +199,25 @@ def test_an_influence_update_killed_after_its_record_is_journaled(tmp_path, monk
     assert journal.requests()["req-1"]["state"] == "approximated" and journal.requests()["req-1"]["history"][-1]["record"] == 1
     assert not journal.awaiting_influence() and not ws.influence_intent_file.exists()
     assert (ws.overlay_dir / "k-new.safetensors").exists()  # the recorded update stands
+
+
+def test_a_torn_dvc_rwlock_is_removed_and_a_sound_one_kept(tmp_path):
+    """Found by bench/reliability_kill.py: a dvc process killed while rewriting `.dvc/tmp/rwlock`
+    left it empty, and every later batch failed with DVC's RWLockFileCorruptedError."""
+    from lmeraser.unlearning.recovery import recover
+    from lmeraser.versioning import repair_dvc_rwlock
+
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True)
+    rwlock.write_text('{"read": {}, "write": {}}')
+    assert repair_dvc_rwlock(tmp_path) == [] and rwlock.exists()
+    rwlock.write_bytes(b"")
+    assert any("torn lock file" in line for line in recover(Workspace(tmp_path), log=lambda m: None))
+    assert not rwlock.exists()
+    rwlock.write_bytes(b'{"read": {"data": [{"pid"')
+    import fcntl
+
+    with open(rwlock.parent / "rwlock.lock", "a") as guard:  # a live dvc process editing it
+        fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+        assert repair_dvc_rwlock(tmp_path) == [] and rwlock.exists()
+    assert repair_dvc_rwlock(tmp_path) and not rwlock.exists()

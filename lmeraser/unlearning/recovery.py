@@ -4,6 +4,7 @@ Run under the `unlearn` lock at the start of every exact batch and influence upd
   - data/: an interrupted directory swap rolls forward or back; temporary files of dead writers go
     (io.recover_directory), so nothing stale is ever versioned or pushed;
   - audit/: temporary files of dead writers go;
+  - DVC's own lock-info file, if a killed dvc process left it torn (DVC writes it in place);
   - the influence update: its intent file (written before the overlay changes) says what to do.
     If its record was appended, the journal is told (the record then stands, and the next exact
     batch supersedes it); if not, the overlay is restored as it was and the files the update
@@ -21,11 +22,13 @@ from lmeraser.io import remove_stale_temp_files
 from lmeraser.lineage.records import lineage_log
 from lmeraser.overlay import Overlay
 from lmeraser.unlearning.requests import Journal
+from lmeraser.versioning import repair_dvc_rwlock
 from lmeraser.workspace import Workspace
 
 
 def recover(ws: Workspace, log=print) -> list[str]:
     done = recover_data(ws)
+    done += repair_dvc_rwlock(ws.root)
     for directory in (ws.audit, ws.batches):
         done += [f"removed the temporary file {ws.relative(p)}" for p in remove_stale_temp_files(directory)]
     done += recover_influence(ws)
