@@ -261,10 +261,12 @@ GIT_COMMIT = typer.Option(True, "--git-commit/--no-git-commit", help="commit dat
 
 
 def _process(ws: Workspace, git_commit: bool = True, quiet: bool = False) -> dict | None:
+    from lmeraser.unlearning.exact import rebuild_params
     from lmeraser.unlearning.requests import Journal
 
     say = _say(quiet)
     try:
+        rebuild_params(ws)  # the params are checked even when there is nothing to do
         idle = not Journal(ws).pending() and not (ws.batches.is_dir() and any(ws.batches.iterdir()))
     except LmeraserError as error:
         _fail(str(error))
