@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from lmeraser.errors import LmeraserError
-from lmeraser.io import sha256_file
+from lmeraser.io import atomic_write_bytes, sha256_file
 
 # Secrets this process may hold; a child (dvc, git, a stage) never needs them.
 SECRET_ENV = ("LMERASER_SIGNING_KEY", "LMERASER_API_TOKEN")
@@ -123,6 +123,29 @@ def repair_dvc_rwlock(root: Path) -> list[str]:
                 return [f"removed DVC's torn lock file {path.relative_to(root)} (a killed dvc process was writing it)"]
         finally:
             fcntl.flock(guard.fileno(), fcntl.LOCK_UN)
+
+
+def repair_dvc_lock(root: Path) -> list[str]:
+    """Restore `dvc.lock` from git HEAD if a killed process left it torn; what was done.
+
+    DVC rewrites dvc.lock in place, so a SIGKILL while it writes leaves a file no DVC command can
+    read. The committed version is the last consistent one; with it back, the next rebuild re-runs
+    whatever changed since and records it again."""
+    import yaml
+
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return []
+    try:
+        if isinstance(yaml.safe_load(path.read_bytes()), dict):
+            return []
+    except (yaml.YAMLError, ValueError):
+        pass
+    committed = committed_bytes(Path(root), path)
+    if committed is None:
+        return []  # nothing to restore from: DVC's own error will name the file
+    atomic_write_bytes(path, committed)
+    return ["restored the torn dvc.lock from git HEAD (a killed process was writing it)"]
 
 
 def committed_bytes(root: Path, path: Path) -> bytes | None:

@@ -221,3 +221,22 @@ def test_a_torn_dvc_rwlock_is_removed_and_a_sound_one_kept(tmp_path):
         fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
         assert repair_dvc_rwlock(tmp_path) == [] and rwlock.exists()
     assert repair_dvc_rwlock(tmp_path) and not rwlock.exists()
+
+
+def test_a_torn_dvc_lock_is_restored_from_git(tmp_path):
+    """Found by bench/reliability_kill.py: killed while DVC rewrote dvc.lock, every later batch
+    failed with DVC's YAMLValidationError."""
+    from lmeraser.versioning import repair_dvc_lock
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: x\n")
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "dvc.lock"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "lock"], cwd=tmp_path, check=True)
+    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: y\n")
+    assert repair_dvc_lock(tmp_path) == [] and "cmd: y" in lock.read_text()  # a sound lock is kept
+    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: [unclosed\n")
+    assert repair_dvc_lock(tmp_path) and "cmd: x" in lock.read_text()
+    lock.write_bytes(b"")
+    assert repair_dvc_lock(tmp_path) and "cmd: x" in lock.read_text()

@@ -22,13 +22,14 @@ from lmeraser.io import remove_stale_temp_files
 from lmeraser.lineage.records import lineage_log
 from lmeraser.overlay import Overlay
 from lmeraser.unlearning.requests import Journal
-from lmeraser.versioning import repair_dvc_rwlock
+from lmeraser.versioning import repair_dvc_lock, repair_dvc_rwlock
 from lmeraser.workspace import Workspace
 
 
 def recover(ws: Workspace, log=print) -> list[str]:
     done = recover_data(ws)
     done += repair_dvc_rwlock(ws.root)
+    done += repair_dvc_lock(ws.root)
     for directory in (ws.audit, ws.batches):
         done += [f"removed the temporary file {ws.relative(p)}" for p in remove_stale_temp_files(directory)]
     done += recover_influence(ws)
