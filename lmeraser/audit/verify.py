@@ -22,8 +22,9 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
     pinned = ws.signer_file
     if pubkey is not None:
         given = keys.load_public_key(pubkey)
-        if pinned.exists() and keys.key_id(keys.load_public_key(pinned)) != keys.key_id(given):
-            raise LmeraserError(f"{pinned}: the pinned signer is {keys.key_id(keys.load_public_key(pinned))}, not the key in {pubkey} ({keys.key_id(given)}).")
+        expected = keys.key_id(keys.load_public_key(pinned)) if pinned.exists() else keys.key_id(given)
+        if expected != keys.key_id(given):
+            raise LmeraserError(f"{pinned}: the pinned signer is {expected}, not the key in {pubkey} ({keys.key_id(given)}).")
         return given
     if not pinned.exists():
         raise LmeraserError(f"{pinned}: no pinned signer; pass --pubkey with the public key you were given.")
