@@ -125,27 +125,32 @@ def repair_dvc_rwlock(root: Path) -> list[str]:
             fcntl.flock(guard.fileno(), fcntl.LOCK_UN)
 
 
-def repair_dvc_lock(root: Path) -> list[str]:
-    """Restore `dvc.lock` from git HEAD if a killed process left it torn; what was done.
+def repair_dvc_files(root: Path) -> list[str]:
+    """Restore `dvc.lock` and the `*.dvc` files beside it from git HEAD where a killed process left
+    them torn; what was done.
 
-    DVC rewrites dvc.lock in place, so a SIGKILL while it writes leaves a file no DVC command can
-    read. The committed version is the last consistent one; with it back, the next rebuild re-runs
-    whatever changed since and records it again."""
+    DVC rewrites these YAML files in place (`dvc repro`/`dvc commit` the lock, `dvc add` the .dvc
+    file), so a SIGKILL while it writes leaves a file no DVC command can read. The committed version
+    is the last consistent one; with it back, the resumed step re-runs what changed since (`dvc add`,
+    `dvc repro`) and records it again."""
     import yaml
 
-    path = Path(root) / "dvc.lock"
-    if not path.is_file():
-        return []
-    try:
-        if isinstance(yaml.safe_load(path.read_bytes()), dict):
-            return []
-    except (yaml.YAMLError, ValueError):
-        pass
-    committed = committed_bytes(Path(root), path)
-    if committed is None:
-        return []  # nothing to restore from: DVC's own error will name the file
-    atomic_write_bytes(path, committed)
-    return ["restored the torn dvc.lock from git HEAD (a killed process was writing it)"]
+    root = Path(root)
+    done = []
+    for path in [root / "dvc.lock", *sorted(root.glob("*.dvc"))]:
+        if not path.is_file():
+            continue
+        try:
+            if isinstance(yaml.safe_load(path.read_bytes()), dict):
+                continue
+        except (yaml.YAMLError, ValueError):
+            pass
+        committed = committed_bytes(root, path)
+        if committed is None:
+            continue  # nothing to restore from: DVC's own error will name the file
+        atomic_write_bytes(path, committed)
+        done.append(f"restored the torn {path.name} from git HEAD (a killed dvc process was writing it)")
+    return done
 
 
 def committed_bytes(root: Path, path: Path) -> bytes | None:

@@ -223,20 +223,22 @@ def test_a_torn_dvc_rwlock_is_removed_and_a_sound_one_kept(tmp_path):
     assert repair_dvc_rwlock(tmp_path) and not rwlock.exists()
 
 
-def test_a_torn_dvc_lock_is_restored_from_git(tmp_path):
-    """Found by bench/reliability_kill.py: killed while DVC rewrote dvc.lock, every later batch
-    failed with DVC's YAMLValidationError."""
-    from lmeraser.versioning import repair_dvc_lock
+@pytest.mark.parametrize("name, sound", [("dvc.lock", "schema: '2.0'\nstages:\n  train:\n    cmd: {}\n"), ("data.dvc", "outs:\n- md5: {}.dir\n  path: data\n")])
+def test_a_torn_dvc_file_is_restored_from_git(tmp_path, name, sound):
+    """Found by bench/reliability_kill.py: killed while DVC rewrote dvc.lock (`dvc repro`) or
+    data.dvc (`dvc add`) in place, every later batch failed with DVC's YAMLValidationError."""
+    from lmeraser.versioning import repair_dvc_files
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    lock = tmp_path / "dvc.lock"
-    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: x\n")
+    path = tmp_path / name
+    path.write_text(sound.format("x"))
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "add", "dvc.lock"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-qm", "lock"], cwd=tmp_path, check=True)
-    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: y\n")
-    assert repair_dvc_lock(tmp_path) == [] and "cmd: y" in lock.read_text()  # a sound lock is kept
-    lock.write_text("schema: '2.0'\nstages:\n  train:\n    cmd: [unclosed\n")
-    assert repair_dvc_lock(tmp_path) and "cmd: x" in lock.read_text()
-    lock.write_bytes(b"")
-    assert repair_dvc_lock(tmp_path) and "cmd: x" in lock.read_text()
+    subprocess.run([*git, "add", name], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", name], cwd=tmp_path, check=True)
+    path.write_text(sound.format("y"))
+    assert repair_dvc_files(tmp_path) == [] and "y" in path.read_text()  # a sound file is kept
+    path.write_text(sound.format("y")[:-12] + ": [unclosed\n")
+    assert repair_dvc_files(tmp_path) == [f"restored the torn {name} from git HEAD (a killed dvc process was writing it)"]
+    assert path.read_text() == sound.format("x")
+    path.write_bytes(b"")
+    assert repair_dvc_files(tmp_path) and path.read_text() == sound.format("x")

@@ -4,7 +4,8 @@ Run under the `unlearn` lock at the start of every exact batch and influence upd
   - data/: an interrupted directory swap rolls forward or back; temporary files of dead writers go
     (io.recover_directory), so nothing stale is ever versioned or pushed;
   - audit/: temporary files of dead writers go;
-  - DVC's own lock-info file, if a killed dvc process left it torn (DVC writes it in place);
+  - DVC's own lock-info file, `dvc.lock` and `*.dvc`, if a killed dvc process left one torn (DVC
+    writes them in place): the lock-info file goes, the others come back from git HEAD;
   - the influence update: its intent file (written before the overlay changes) says what to do.
     If its record was appended, the journal is told (the record then stands, and the next exact
     batch supersedes it); if not, the overlay is restored as it was and the files the update
@@ -22,14 +23,14 @@ from lmeraser.io import remove_stale_temp_files
 from lmeraser.lineage.records import lineage_log
 from lmeraser.overlay import Overlay
 from lmeraser.unlearning.requests import Journal
-from lmeraser.versioning import repair_dvc_lock, repair_dvc_rwlock
+from lmeraser.versioning import repair_dvc_files, repair_dvc_rwlock
 from lmeraser.workspace import Workspace
 
 
 def recover(ws: Workspace, log=print) -> list[str]:
     done = recover_data(ws)
     done += repair_dvc_rwlock(ws.root)
-    done += repair_dvc_lock(ws.root)
+    done += repair_dvc_files(ws.root)
     for directory in (ws.audit, ws.batches):
         done += [f"removed the temporary file {ws.relative(p)}" for p in remove_stale_temp_files(directory)]
     done += recover_influence(ws)
