@@ -36,7 +36,7 @@ def _run(name: str, root: str, params_file: str, **options) -> dict | State:
         result = stage(name).function(params, ws, get_run_logger().info, **options)
     except LmeraserError as error:
         return Failed(message=str(error))
-    track_stage(name, params, ws, result)
+    track_stage_task(name, params, ws, result)
     return result
 
 
@@ -51,6 +51,20 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict) -> None:
         result["model_version"] = _register(params, ws, result)
 
 
+# MLflow calls go over the network when the tracking server is remote: retried (a retry may
+# leave one extra failed MLflow run, never a missing one).
+track_stage_task = task(track_stage, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], task_run_name="track-{name}")
+
+
+def timestamped_run_name() -> str:
+    """`<stage>-<UTC time>`: readable in the Prefect UI (Prefect's default is two random words)."""
+    from datetime import UTC, datetime
+
+    from prefect.runtime import flow_run
+
+    return f"{flow_run.flow_name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
 @task(cache_policy=NO_CACHE, retries=0, task_run_name="train-cluster-{job.cluster}")
 def train_cluster(trainer: ClusterTrainer, job: ClusterJob) -> dict:
     return trainer.train(job)
@@ -62,43 +76,43 @@ def _train_in_tasks(trainer: ClusterTrainer, jobs: list[ClusterJob]) -> list[dic
     return [future.result() for future in track(futures, "training clusters")]
 
 
-@flow(name="validate", log_prints=True)
+@flow(name="validate", log_prints=True, flow_run_name=timestamped_run_name)
 def validate(root: str = ".", params_file: str = "params.yaml") -> dict:
     """The Great Expectations suite over every split."""
     return _run("validate", root, params_file)
 
 
-@flow(name="backbone", log_prints=True)
+@flow(name="backbone", log_prints=True, flow_run_name=timestamped_run_name)
 def backbone(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Train the ViT on the public split (or load a local checkpoint) and freeze it."""
     return _run("backbone", root, params_file)
 
 
-@flow(name="prototypes", log_prints=True)
+@flow(name="prototypes", log_prints=True, flow_run_name=timestamped_run_name)
 def prototypes(root: str = ".", params_file: str = "params.yaml") -> dict:
     """FAISS k-means prototypes on public features."""
     return _run("prototypes", root, params_file)
 
 
-@flow(name="assign", log_prints=True)
+@flow(name="assign", log_prints=True, flow_run_name=timestamped_run_name)
 def assign(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Every private sample to its nearest prototype."""
     return _run("assign", root, params_file)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, flow_run_name=timestamped_run_name)
 def train(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Per-cluster prompts: reuse every unchanged key, train the rest as mapped tasks."""
     return _run("train", root, params_file, map_jobs=_train_in_tasks)
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, flow_run_name=timestamped_run_name)
 def evaluate(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Test accuracy of the served model; the served model is registered in MLflow."""
     return _run("evaluate", root, params_file)
 
 
-@flow(name="baselines", log_prints=True)
+@flow(name="baselines", log_prints=True, flow_run_name=timestamped_run_name)
 def baselines(root: str = ".", params_file: str = "params.yaml") -> dict:
     """The linear probe and the single-prompt reference models."""
     return _run("baselines", root, params_file)
@@ -129,8 +143,11 @@ def run_stage(name: str, root: str = ".", params_file: str = "params.yaml") -> S
     """Run one stage's flow and return its final state (the CLI turns a failure into exit 1);
     clusters train concurrently on `runtime.workers` threads."""
     params, _ = _workspace(root, params_file)
+    from prefect import tags
+
     runner = ThreadPoolTaskRunner(max_workers=params.runtime.workers)
-    return STAGE_FLOWS[name].with_options(task_runner=runner)(root=root, params_file=params_file, return_state=True)
+    with tags("lmeraser", f"stage:{name}"):
+        return STAGE_FLOWS[name].with_options(task_runner=runner)(root=root, params_file=params_file, return_state=True)
 
 
 def _before_retraining(root: str, params_file: str) -> State | None:
@@ -141,10 +158,10 @@ def _before_retraining(root: str, params_file: str) -> State | None:
     try:
         pending = Journal(ws).pending() or (ws.batches.is_dir() and any(ws.batches.iterdir()))
         if pending:
-            from flows.unlearn import unlearn
+            from flows.unlearn import run_unlearn
 
             get_run_logger().info("finishing the pending requests before retraining")
-            state = unlearn(root=root, params_file=params_file, return_state=True)
+            state = run_unlearn(root, params_file)
             if state.is_failed():
                 return Failed(message=f"the pending requests must be finished before retraining, and their batch failed: {state.message}")
         bad = suppression.violations(ws)
@@ -158,7 +175,7 @@ def _before_retraining(root: str, params_file: str) -> State | None:
     return None
 
 
-@flow(name="train_pipeline", log_prints=True)
+@flow(name="train_pipeline", log_prints=True, flow_run_name=timestamped_run_name)
 def train_pipeline(root: str = ".", params_file: str = "params.yaml") -> dict:
     """Every stage in order, for scheduled production retraining (see flows/serve.py).
 

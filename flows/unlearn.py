@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from flows.stages import timestamped_run_name, track_stage_task
 from lmeraser import tracking
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
@@ -25,20 +26,52 @@ def unlearn_step(batch: UnlearnBatch, step: str) -> dict:
     return batch.run(step)
 
 
-@flow(name="unlearn", log_prints=True)
-def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True) -> dict | None:
-    """Every pending request as one batch; the stages its rebuild runs are tracked like the pipeline's."""
-    from flows.stages import track_stage
+# Steps that talk to the network (purge: `dvc push` and `dvc gc --cloud` against every remote) are
+# retried: each step is idempotent (a step finishes or redoes its work), so a retry is safe.
+NETWORK_STEPS = {"purge"}
 
+
+def step_task(step: str):
+    return unlearn_step.with_options(retries=2, retry_delay_seconds=[5, 30]) if step in NETWORK_STEPS else unlearn_step
+
+
+def _unlearn_run_name() -> str:
+    """`unlearn-<batch id>` (a resumed batch keeps its name), `unlearn-idle` when nothing is pending."""
+    from prefect.runtime import flow_run
+
+    from lmeraser.unlearning.exact import next_batch_id
+
+    parameters = flow_run.parameters
+    root = Path(parameters.get("root", "."))
+    try:
+        batch = next_batch_id(Workspace(root, root / parameters.get("params_file", "params.yaml")), parameters.get("max_requests"))
+    except LmeraserError:
+        batch = None
+    return f"unlearn-{batch or 'idle'}"
+
+
+def run_unlearn(root: str, params_file: str, git_commit: bool = True, max_requests: int | None = None):
+    """The `unlearn` flow's final state, the run tagged `lmeraser` and `unlearn` (CLI, service worker, retraining)."""
+    from prefect import tags
+
+    with tags("lmeraser", "unlearn"):
+        return unlearn(root=root, params_file=params_file, git_commit=git_commit, max_requests=max_requests, return_state=True)
+
+
+@flow(name="unlearn", log_prints=True, flow_run_name=_unlearn_run_name)
+def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True, max_requests: int | None = None) -> dict | None:
+    """The pending requests as one batch (the oldest `max_requests`, or all); the stages its
+    rebuild runs are tracked like the pipeline's."""
     ws = Workspace(Path(root), Path(root) / params_file)
     try:
         params = load_params(ws.params_file)
         result = process_pending(
             ws,
             get_run_logger().info,
-            run_step=lambda batch, step: unlearn_step(batch, step),
+            run_step=lambda batch, step: step_task(step)(batch, step),
             git_commit=git_commit,
-            after_stage=lambda name, summary: track_stage(name, params, ws, summary),
+            after_stage=lambda name, summary: track_stage_task(name, params, ws, summary),
+            max_requests=max_requests,
         )
     except LmeraserError as error:
         return Failed(message=str(error))
@@ -48,7 +81,7 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
     return result
 
 
-@flow(name="influence-unlearn", log_prints=True)
+@flow(name="influence-unlearn", log_prints=True, flow_run_name=timestamped_run_name)
 def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict | None:
     """The influence update for every request submitted with `--method influence` (approximate;
     the exact rebuild stays queued for `unlearn`)."""

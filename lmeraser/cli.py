@@ -233,22 +233,9 @@ def _say(quiet: bool):
 
 
 def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) -> list:
-    from lmeraser.config import load_params
-    from lmeraser.unlearning.requests import Journal, resolve
+    from lmeraser.unlearning.requests import submit
 
-    journal = Journal(ws)
-    with ws.lock("submit"):
-        load_params(ws.params_file)  # params, data and every request validated before anything is written
-        resolved = [resolve(spec, ws) for spec in specs]
-        if method == "influence":
-            from lmeraser.unlearning.approximate import check_influence
-
-            check_influence([r.to_json() for r in resolved], ws)
-        else:
-            from lmeraser.unlearning.exact import rebuild_params
-
-            rebuild_params(ws)  # an exact batch must be able to run with these params
-        journal.submit(resolved, method)
+    resolved = submit(specs, ws, method)
     for request in resolved:
         noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
         if request.subjects_already_forgotten:
@@ -257,10 +244,15 @@ def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) ->
     return resolved
 
 
-GIT_COMMIT = typer.Option(True, "--git-commit/--no-git-commit", help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace)")
+GIT_COMMIT = typer.Option(
+    None, "--git-commit/--no-git-commit", help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace; default: yes)"
+)
+SERVER = typer.Option(
+    None, "--server", envvar="LMERASER_SERVER", help="submit to a running `lmeraser serve` at this URL (token: $LMERASER_API_TOKEN or the workspace's)"
+)
 
 
-def _process(ws: Workspace, git_commit: bool = True, quiet: bool = False) -> dict | None:
+def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False) -> dict | None:
     from lmeraser.unlearning.exact import rebuild_params
     from lmeraser.unlearning.requests import Journal
 
@@ -274,10 +266,10 @@ def _process(ws: Workspace, git_commit: bool = True, quiet: bool = False) -> dic
         say("no pending requests")
         return None
     _quiet_env()
-    from flows.unlearn import unlearn
+    from flows.unlearn import run_unlearn
 
     _quiet_prefect_server()
-    state = unlearn(root=str(ws.root.resolve()), params_file=_params_arg(ws), git_commit=git_commit, return_state=True)
+    state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
     result = state.result()
@@ -327,6 +319,7 @@ def forget(
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
     as_json: bool = JSON,
+    server: str = SERVER,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
     from lmeraser.unlearning.requests import parse_requests_file
@@ -338,12 +331,42 @@ def forget(
             specs.append(_spec(kind="forget", sample_ids=sample_id, subjects=subject))
         if not specs:
             _fail("name what to forget: --sample-id, --subject or --file.")
+        if server:
+            if allow_backbone_rebuild:
+                _fail("--allow-backbone-rebuild is not accepted over HTTP; run `lmeraser forget` in the workspace.")
+            return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json)
         # The privilege comes from the command line only (a requests file cannot grant it).
         specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
     _answer(method.value, process, ws, git_commit, resolved, as_json)
+
+
+def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_commit, params_file, as_json: bool, image: Path | None = None) -> None:
+    """Submit through a running service: its worker runs the exact batches with its own params."""
+    from lmeraser.service.auth import api_token
+    from lmeraser.service.client import Client
+
+    given = [
+        name
+        for name, value in (("--process/--no-process", process), ("--git-commit/--no-git-commit", git_commit), ("--params", params_file))
+        if value is not None
+    ]
+    if given:
+        _fail(f"{given[0]} belongs to the service when --server is given (its worker runs the batches with its own params).")
+    requests = [s.model_dump(exclude={"input", "allow_backbone_rebuild"}) for s in specs]
+    answer = Client(server, api_token(ws, create=False)).submit(requests, method, image)
+    if as_json:
+        _emit(answer)
+        return
+    for r in answer["requests"]:
+        console.print(f"accepted {r['request_id']}: {r['kind']} ({r['method']}), state {r['state']}, deadline {r['deadline']}", highlight=False)
+    if answer.get("influence"):
+        console.print(
+            f"influence update applied to cluster(s) {answer['influence']['clusters']}; lineage record {answer['influence']['record']}", highlight=False
+        )
+    console.print(f"the service at {server} runs the exact batch; follow it with `lmeraser requests --server {server}`", highlight=False)
 
 
 def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool, resolved: list, as_json: bool) -> None:
@@ -366,6 +389,7 @@ def rectify(
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
     as_json: bool = JSON,
+    server: str = SERVER,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
     from lmeraser.unlearning.requests import parse_requests_file
@@ -380,6 +404,11 @@ def rectify(
             _fail("name what to rectify: --sample-id with --label or --input, or --file.")
         else:
             specs = [_spec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)]
+        if server:
+            if any(s.input is not None for s in specs) and len(specs) > 1:
+                _fail("over HTTP, a corrected image is sent with a single request: use --sample-id with --input.")
+            image = Path(specs[0].input) if specs[0].input is not None else None
+            return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json, image)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
@@ -408,19 +437,30 @@ def requests_cmd(
     as_json: bool = typer.Option(False, "--json", help="one JSON list (with each request's state history)"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
+    server: str = SERVER,
 ) -> None:
     """Every request: kind, method, state, received, deadline (GDPR Art. 12(3): one month), covering records."""
+    from types import SimpleNamespace
+
     from lmeraser.config import load_params
     from lmeraser.unlearning.status import request_statuses
 
     ws = _workspace(root, params_file)
     try:
-        statuses = request_statuses(ws, load_params(ws.params_file).requests)
+        if server:
+            if params_file is not None:
+                _fail("--params belongs to the service when --server is given (its requests.deadline_months sets the deadlines).")
+            from lmeraser.service.auth import api_token
+            from lmeraser.service.client import Client
+
+            statuses = [SimpleNamespace(**s) for s in Client(server, api_token(ws, create=False)).requests(pending, overdue)]
+        else:
+            statuses = request_statuses(ws, load_params(ws.params_file).requests)
     except LmeraserError as error:
         _fail(str(error))
     statuses = [s for s in statuses if (not pending or s.state != "verified") and (not overdue or s.flag == "overdue")]
     if as_json:
-        console.print_json(data=[s.to_json() for s in statuses])
+        console.print_json(data=[vars(s) if isinstance(s, SimpleNamespace) else s.to_json() for s in statuses])
         return
     table = Table(title=f"requests ({len(statuses)})")
     for column in ("request", "kind", "method", "state", "received", "deadline", "records", "flag"):
@@ -624,10 +664,40 @@ def audit_export_key(out: Path = typer.Option(None, "--out", help="where to writ
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 
 
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback unless told otherwise)"),
+    port: int = typer.Option(8765, "--port", min=1, max=65535),
+    worker: bool = typer.Option(True, "--worker/--no-worker", help="run exact batches inside the service (service.batch_window_s, service.max_batch)"),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
+    git_commit: bool = GIT_COMMIT,
+) -> None:
+    """The HTTP API (/v1, bearer token) for requests, status, records and predictions, with a batch worker."""
+    from lmeraser.service.auth import api_token, token_source
+    from lmeraser.unlearning.exact import rebuild_params
+
+    ws = _workspace(root, params_file)
+    try:
+        rebuild_params(ws)  # the worker's batches must be able to run with these params
+        token = api_token(ws)
+    except LmeraserError as error:
+        _fail(str(error))
+    _quiet_env()
+    if worker:
+        _quiet_prefect_server()
+    from lmeraser.service.app import serve
+
+    err.print(f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}", highlight=False)
+    serve(ws, host, port, token, git_commit=git_commit is not False, worker=worker, log=lambda m: err.print(m, highlight=False))
+
+
 def main() -> None:
     from lmeraser.lineage.keys import take_key_from_environment
+    from lmeraser.service.auth import take_token_from_environment
 
     take_key_from_environment()  # no child process (Prefect's server, dvc, git) inherits the key
+    take_token_from_environment()  # nor the API token
     try:
         app()
     except LmeraserError as error:  # anything not caught closer to its source

@@ -179,6 +179,16 @@ class RequestsParams(_Section):
     warn_days: int = Field(7, ge=0, le=90)
 
 
+class ServiceParams(_Section):
+    # `lmeraser serve`: its worker starts an exact batch once the oldest pending request has waited
+    # `batch_window_s` (so requests arriving together share one rebuild) or `max_batch` are pending;
+    # a batch takes at most `max_batch` requests, the rest wait for the next.
+    batch_window_s: float = Field(10.0, ge=0, le=86400)
+    max_batch: int = Field(100, ge=1, le=100_000)
+    # The largest request body accepted (a corrected image upload included), in MiB.
+    max_body_mib: int = Field(16, ge=1, le=1024)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
@@ -189,6 +199,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     runtime: RuntimeParams = RuntimeParams()
     requests: RequestsParams = RequestsParams()
+    service: ServiceParams = ServiceParams()
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -263,6 +263,11 @@ class Workspace:
         return self.audit / "suppression.csv"
 
     @property
+    def api_token_file(self) -> Path:
+        """The HTTP service's bearer token (0600), when $LMERASER_API_TOKEN does not give one."""
+        return self.keys_dir / "api-token"
+
+    @property
     def subject_salt_file(self) -> Path:
         return self.keys_dir / "subject-salt"
 

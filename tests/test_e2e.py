@@ -437,3 +437,91 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
 
     named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
     assert "0 hits" in scan.stdout and named == len(forgotten) + replaced
+
+
+def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(repo, monkeypatch):
+    """`lmeraser serve` on the repository: requests over HTTP and through the CLI's --server share
+    one exact batch run by the service's worker; a service SIGKILLed during a batch resumes it when
+    restarted, and nothing is lost or applied twice."""
+    import time
+
+    import httpx
+
+    from conftest import _free_port
+
+    root, _ = repo
+    private = Workspace(root).split("private").sample_ids
+    token = "e2e-token-" + "0" * 30
+    monkeypatch.setenv("LMERASER_API_TOKEN", token)  # the service and the CLI calls below
+    env = {**os.environ}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [str(BIN / "lmeraser"), "serve", "--port", str(port)],
+            cwd=root,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "lmeraser serve did not start"
+                time.sleep(0.3)
+
+    def wait_verified(client, request_ids: list[str], timeout: float = 420) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            statuses = [client.get(f"/v1/requests/{rid}").json() for rid in request_ids]
+            if all(s["state"] == "verified" for s in statuses):
+                return statuses
+            time.sleep(1)
+        raise AssertionError(f"not verified in time: {statuses}; health {client.get('/v1/health').json()}")
+
+    records_before = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
+    service = start()
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    try:
+        over_cli = lmeraser_cli("forget", "--server", url, "--sample-id", private[-1], "--json", cwd=root)
+        assert over_cli.returncode == 0, over_cli.stderr
+        first = json.loads(over_cli.stdout)["requests"][0]["request_id"]
+        answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [private[-2]]})
+        assert answer.status_code == 201, answer.text
+        second = answer.json()["requests"][0]["request_id"]
+        statuses = wait_verified(client, [first, second])
+        assert statuses[0]["records"] == statuses[1]["records"] == [records_before + 1]  # one batch for both
+        verified = client.get("/v1/verify").json()
+        assert verified["ok"] and verified["records"] == records_before + 1
+        listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
+        assert {first: "verified", second: "verified"}.items() <= {r["request_id"]: r["state"] for r in json.loads(listed.stdout)}.items()
+
+        # Killed during its next batch, then restarted: the batch resumes and finishes once.
+        third = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [private[-3]]}).json()["requests"][0]["request_id"]
+        deadline = time.time() + 120
+        while not client.get("/v1/health").json()["worker"]["busy"]:
+            assert time.time() < deadline, "the worker never started the batch"
+            time.sleep(0.2)
+        time.sleep(3)  # into the batch
+        os.killpg(service.pid, signal.SIGKILL)
+        service.wait(timeout=30)
+        assert list((root / "audit" / "batches").glob("batch-*.json")), "the kill should have left the batch half-done"
+        service = start()
+        wait_verified(client, [third])
+        events = [e for e in Journal(Workspace(root)).events() if e["request_id"] in (first, second, third)]
+        assert sorted(e["request_id"] for e in events if e["state"] == "verified") == sorted([first, second, third])
+        assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records_before + 2
+        assert client.get("/v1/verify").json()["ok"]
+    finally:
+        client.close()
+        try:
+            os.killpg(service.pid, signal.SIGTERM)
+            service.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+    _cli_ok("audit", "scan", cwd=root)

@@ -159,3 +159,34 @@ def test_a_scheduled_retrain_finishes_pending_requests_first(tmp_path):
     state = train_pipeline(root=str(tmp_path), return_state=True)
     assert state.is_failed() and "pending requests must be finished before retraining" in state.message
     assert not (tmp_path / "artifacts" / "backbone").exists() and Journal(ws).pending()
+
+
+def _flow_run(state):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id)
+
+
+def test_flow_runs_carry_readable_names_and_tags(tmp_path):
+    """A stage's run is `<stage>-<UTC time>` tagged `stage:<name>`; an unlearn run is
+    `unlearn-<batch id>` (the id the batch gets, so a resumed batch keeps it) tagged `unlearn`."""
+    import re
+
+    from flows.stages import run_stage
+    from flows.unlearn import NETWORK_STEPS, run_unlearn, step_task
+    from lmeraser.unlearning.exact import next_batch_id
+    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+
+    ws = build_workspace(tmp_path, TINY)
+    state = run_stage("validate", str(tmp_path), "params.yaml")
+    run = _flow_run(state)
+    assert state.is_completed() and re.fullmatch(r"validate-\d{8}T\d{6}Z", run.name) and {"lmeraser", "stage:validate"} <= set(run.tags)
+    Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
+    expected = next_batch_id(ws)
+    assert expected and expected.startswith("batch-")
+    state = run_unlearn(str(tmp_path), "params.yaml")  # fails: nothing is trained yet to unlearn from
+    run = _flow_run(state)
+    assert run.name == f"unlearn-{expected}" and {"lmeraser", "unlearn"} <= set(run.tags)
+    # Only the steps that talk to remotes retry (each step is idempotent).
+    assert NETWORK_STEPS == {"purge"} and step_task("purge").retries == 2 and step_task("apply").retries == 0

@@ -68,6 +68,13 @@ class LineageLog:
                 raise LmeraserError(f"{self.path} record {number}: an empty line (the file was altered).")
         return lines
 
+    def envelope(self, number: int) -> bytes:
+        """Record `number`'s DSSE envelope exactly as stored (one JSON line, not verified)."""
+        lines = self._lines()
+        if not 1 <= number <= len(lines):
+            raise LmeraserError(f"record {number} does not exist (the log has {len(lines)}).")
+        return lines[number - 1]
+
     def append(self, subjects: dict[str, str], predicate: dict, key: Ed25519PrivateKey) -> Record:
         """Sign and append a record chained to the current last line, then re-sign the head.
 

@@ -80,8 +80,9 @@ class UnlearnBatch:
         self.after_stage = None  # called with (stage, summary) after each rebuilt stage (tracking)
 
     @classmethod
-    def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True) -> UnlearnBatch | None:
-        """Resume an interrupted batch, or start one over every pending request; None if idle."""
+    def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None) -> UnlearnBatch | None:
+        """Resume an interrupted batch, or start one over the pending requests (the oldest
+        `max_requests` of them, or all); None if idle."""
         batches = sorted(ws.batches.glob("batch-*.json"))
         if batches:
             try:
@@ -91,12 +92,11 @@ class UnlearnBatch:
             except (ValueError, RecursionError):
                 raise LmeraserError(f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored.") from None
             return cls(ws, params, state, log)
-        pending = Journal(ws).pending()
+        pending = Journal(ws).pending()[:max_requests]
         if not pending:
             return None
-        ids = [r["request_id"] for r in pending]
         state = {
-            "batch_id": "batch-" + hashlib.sha256(",".join(ids).encode()).hexdigest()[:16],
+            "batch_id": batch_id(pending),
             "requests": pending,
             "done": {},
             "seconds": {},
@@ -431,16 +431,30 @@ class UnlearnBatch:
         )
 
 
-def process_pending(ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None) -> dict | None:
-    """Process every pending request as one batch (or finish an interrupted one); with
-    `git_commit`, commit the versions it made in the workspace's git repository; `after_stage`
-    is called with (stage, summary) after each stage the rebuild ran."""
+def batch_id(requests: list[dict]) -> str:
+    """A batch's id: a digest of its request ids, so a resumed batch keeps its name."""
+    return "batch-" + hashlib.sha256(",".join(r["request_id"] for r in requests).encode()).hexdigest()[:16]
+
+
+def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
+    """The id of the batch `process_pending` would run now (an interrupted one first); None if idle."""
+    batches = sorted(ws.batches.glob("batch-*.json"))
+    if batches:
+        return batches[0].stem
+    pending = Journal(ws).pending()[:max_requests]
+    return batch_id(pending) if pending else None
+
+
+def process_pending(ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None) -> dict | None:
+    """Process the pending requests as one batch (the oldest `max_requests`, or all), or finish an
+    interrupted one; with `git_commit`, commit the versions it made in the workspace's git
+    repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran."""
     from lmeraser.unlearning.recovery import recover
 
     with ws.lock("unlearn"):
         params = rebuild_params(ws)
         recover(ws, log)
-        batch = UnlearnBatch.open(ws, params, log, git_commit)
+        batch = UnlearnBatch.open(ws, params, log, git_commit, max_requests)
         if batch is None:
             log("no pending requests")
             return None

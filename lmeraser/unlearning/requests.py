@@ -145,8 +145,9 @@ def forgotten_subjects(ws: Workspace) -> set[str]:
     }
 
 
-def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
-    """Check every target against the data; refuse unknown ids and public samples."""
+def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> ResolvedRequest:
+    """Check every target against the data; refuse unknown ids and public samples. `upload` is a
+    corrected image's bytes sent over HTTP (then `spec.input` only names it)."""
     manifests = {split: ws.manifest(split) for split in SPLITS}
     tomb = ws.tombstones()
     forgotten = set(tomb["sample_id"].dropna()) if "sample_id" in tomb else set()
@@ -187,7 +188,11 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
             classes = int(max(frame["label"].max() for frame in manifests.values())) + 1
             if not 0 <= spec.label < classes:
                 raise LmeraserError(f"label {spec.label} is outside the label domain 0..{classes - 1}.")
-    image = load_corrected_image(Path(spec.input), tuple(ws.source_info()["image_shape"])) if spec.input is not None else None
+    shape = tuple(ws.source_info()["image_shape"])
+    if upload is not None:
+        image = decode_corrected_image(upload, "the uploaded image", upload[:6] == b"\x93NUMPY", shape)
+    else:
+        image = load_corrected_image(Path(spec.input), shape) if spec.input is not None else None
     is_public = any(where.get(sid) == "public" for sid in live)
     request_id = f"req-{uuid.uuid4().hex[:12]}"
     return ResolvedRequest(
@@ -204,14 +209,43 @@ def resolve(spec: RequestSpec, ws: Workspace) -> ResolvedRequest:
     )
 
 
+def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploads: list[bytes | None] | None = None) -> list[ResolvedRequest]:
+    """Validate every request against the params and the data, then journal them all as `received`
+    (all or none). An influence request is checked for an update that can be applied; an exact one
+    for params an exact batch can run with. `uploads[i]` is request i's corrected image sent over
+    HTTP. The CLI and the HTTP service both submit through here."""
+    from lmeraser.config import load_params
+
+    with ws.lock("submit"):
+        load_params(ws.params_file)  # params, data and every request validated before anything is written
+        uploads = uploads or [None] * len(specs)
+        resolved = [resolve(spec, ws, upload) for spec, upload in zip(specs, uploads, strict=True)]
+        if method == "influence":
+            from lmeraser.unlearning.approximate import check_influence
+
+            check_influence([r.to_json() for r in resolved], ws)
+        else:
+            from lmeraser.unlearning.exact import rebuild_params
+
+            rebuild_params(ws)  # an exact batch must be able to run with these params
+        Journal(ws).submit(resolved, method)
+    return resolved
+
+
 def load_corrected_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    """A corrected image (.npy or .png), read once from a regular file of bounded size; its shape
-    and dtype are checked from the header before any pixel is decoded."""
+    """A corrected image (.npy or .png), read once from a regular file of bounded size."""
+    raw = read_input_bytes(path, "corrected input", MAX_IMAGE_FILE)
+    return decode_corrected_image(raw, shown(path, 200), path.suffix == ".npy", shape)
+
+
+def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[int, ...]) -> np.ndarray:
+    """A corrected image from its bytes (.npy, or PNG and other Pillow formats); its shape and
+    dtype are checked from the header before any pixel is decoded; `where` names it in errors."""
     import io
 
-    raw = read_input_bytes(path, "corrected input", MAX_IMAGE_FILE)
-    where = shown(path, 200)
-    if path.suffix == ".npy":
+    if len(raw) > MAX_IMAGE_FILE:
+        raise LmeraserError(f"{where}: larger than {MAX_IMAGE_FILE >> 20} MiB.")
+    if is_npy:
         try:
             buffer = io.BytesIO(raw)
             version = np.lib.format.read_magic(buffer)

@@ -1,0 +1,116 @@
+"""Exact batches inside the service: one at a time, under the same `unlearn` lock as the CLI.
+
+A batch starts once the oldest pending request has waited `service.batch_window_s` (requests that
+arrive together share one rebuild) or `service.max_batch` requests are pending, and takes at most
+`max_batch` of them. An interrupted batch (the service was killed mid-batch) is finished first, at
+start-up, exactly as `lmeraser unlearn` would finish it. A failed batch is logged, shown by
+`/v1/health`, and tried again after the window: the requests stay pending, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from lmeraser.config import ServiceParams
+from lmeraser.errors import shown
+from lmeraser.unlearning.requests import Journal
+from lmeraser.workspace import Workspace
+
+RETRY_AFTER_S = 5.0  # the least wait before a failed batch is tried again
+RunBatch = Callable[[int], dict | None]  # max_requests -> the batch summary, or None when idle
+
+
+def run_unlearn_flow(ws: Workspace, git_commit: bool = True) -> RunBatch:
+    """A batch through the `unlearn` Prefect flow, as `lmeraser unlearn` runs it (tracked, retried steps)."""
+
+    def run(max_requests: int) -> dict | None:
+        from flows.unlearn import run_unlearn
+        from lmeraser.errors import LmeraserError
+
+        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests)
+        if state.is_failed():
+            raise LmeraserError(state.message or "the unlearn flow failed")
+        return state.result()
+
+    return run
+
+
+class BatchWorker:
+    def __init__(self, ws: Workspace, params: ServiceParams, run_batch: RunBatch, log: Callable[[str], None] = print, poll_s: float = 0.5):
+        self.ws, self.params, self.run_batch, self.log, self.poll_s = ws, params, run_batch, log, poll_s
+        self.batches = 0  # batches this worker completed
+        self.busy = False
+        self.last_batch: dict | None = None
+        self.last_error: str | None = None
+        self._failed_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def interrupted(self) -> bool:
+        """A batch (or influence update) a killed process left half-done."""
+        return any(self.ws.batches.glob("batch-*.json")) or self.ws.influence_intent_file.exists()
+
+    def due(self, now: float) -> bool:
+        """Whether a batch should start now."""
+        if now - self._failed_at < max(self.params.batch_window_s, RETRY_AFTER_S):
+            return False  # after a failure, wait before trying again
+        if self.interrupted():
+            return True
+        pending = Journal(self.ws).pending()
+        if not pending:
+            return False
+        oldest = min(float(r.get("received_at", now)) for r in pending)
+        return len(pending) >= self.params.max_batch or now - oldest >= self.params.batch_window_s
+
+    def run_once(self) -> dict | None:
+        """One batch now (at most `max_batch` requests); its summary, or None when idle."""
+        self.busy = True
+        try:
+            result = self.run_batch(self.params.max_batch)
+        except Exception as error:  # the service stays up; the requests stay pending
+            self.last_error = shown(str(error), 500)
+            self._failed_at = time.time()
+            self.log(f"worker: batch failed: {self.last_error}")
+            return None
+        finally:
+            self.busy = False
+        self.last_error = None
+        if result is not None:
+            self.batches += 1
+            self.last_batch = {"batch_id": result.get("batch_id"), "record": result.get("record"), "rebuilt": result.get("rebuilt"), "finished_at": time.time()}
+            self.log(f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, rebuilt clusters {result.get('rebuilt')}")
+        return result
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.due(time.time()):
+                    self.run_once()
+                    continue  # more may be pending (max_batch): look again at once
+            except Exception as error:  # a journal it cannot read: shown, retried
+                self.last_error = shown(str(error), 500)
+                self._failed_at = time.time()
+            self._stop.wait(self.poll_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lmeraser-batch-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the batch in progress (a batch is never abandoned half-way by a clean stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict:
+        return {
+            "running": bool(self._thread and self._thread.is_alive()),
+            "busy": self.busy,
+            "batches": self.batches,
+            "last_batch": self.last_batch,
+            "last_error": self.last_error,
+            "batch_window_s": self.params.batch_window_s,
+            "max_batch": self.params.max_batch,
+        }

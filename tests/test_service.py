@@ -1,0 +1,283 @@
+"""`lmeraser serve`: the HTTP API on a real uvicorn on loopback, over a copy of a trained workspace.
+
+The exact batch through the service's worker (a real `unlearn` flow in a DVC repository) and the
+CLI's `--server` are tested end to end in test_e2e.py, which has that repository.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+import yaml
+
+from lmeraser.config import parse_params
+from lmeraser.errors import LmeraserError
+from lmeraser.service.app import create_app
+from lmeraser.service.auth import TOKEN_ENV, api_token, authorized
+from lmeraser.service.worker import BatchWorker
+from lmeraser.unlearning.requests import Journal
+from lmeraser.workspace import Workspace
+
+from conftest import _free_port
+
+
+class Served:
+    """A real uvicorn serving `app` on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture
+def service(trained_workspace, tmp_path, monkeypatch):
+    """The API (no batch worker) over a private copy of the trained workspace."""
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    source, _ = trained_workspace
+    shutil.copytree(source.root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    token = api_token(ws)
+    served = Served(create_app(ws, token, log=lambda m: None))
+    client = httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    yield ws, client, served
+    client.close()
+    served.stop()
+
+
+def _private_ids(ws: Workspace, n: int = 2) -> list[str]:
+    return ws.manifest("private")["sample_id"].tolist()[:n]
+
+
+def test_the_token_is_made_0600_once_and_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    ws = Workspace(tmp_path)
+    with pytest.raises(LmeraserError, match="no API token"):
+        api_token(ws, create=False)
+    token = api_token(ws)
+    assert ws.api_token_file.stat().st_mode & 0o777 == 0o600 and len(token) >= 32
+    assert api_token(ws) == token == api_token(ws, create=False)
+    ws.api_token_file.chmod(0o644)
+    with pytest.raises(LmeraserError, match="readable by others"):
+        api_token(ws)
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(LmeraserError, match="at least 16"):
+        api_token(ws)
+    monkeypatch.setenv(TOKEN_ENV, "x" * 40)
+    assert api_token(ws) == "x" * 40
+    assert authorized("Bearer " + "x" * 40, "x" * 40) and authorized("bearer " + "x" * 40, "x" * 40)
+    assert not authorized("Bearer " + "x" * 39, "x" * 40) and not authorized(None, "x" * 40) and not authorized("x" * 40, "x" * 40)
+
+
+def test_every_endpoint_but_health_needs_the_token(service):
+    ws, client, served = service
+    bare = httpx.Client(base_url=served.url, timeout=60)
+    health = bare.get("/v1/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["worker"] is None
+    for method, path in [
+        ("GET", "/v1/requests"),
+        ("GET", "/v1/requests/req-x"),
+        ("GET", "/v1/records"),
+        ("GET", "/v1/records/1"),
+        ("GET", "/v1/verify"),
+        ("POST", "/v1/requests"),
+        ("POST", "/v1/predict"),
+        ("GET", "/v1/openapi.json"),
+        ("GET", "/nowhere"),
+    ]:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": "Basic abc"}):
+            answer = bare.request(method, path, headers=headers, json={})
+            assert answer.status_code == 401, (method, path, headers)
+            assert answer.headers["www-authenticate"] == "Bearer" and "bearer token" in answer.json()["error"]
+    schema = client.get("/v1/openapi.json")
+    assert schema.status_code == 200 and {"/v1/requests", "/v1/requests/{request_id}", "/v1/predict", "/v1/verify"} <= set(schema.json()["paths"])
+    assert not Journal(ws).events()  # nothing an unauthorised call sent was journaled
+
+
+def test_a_forget_request_is_journaled_and_its_status_served(service):
+    ws, client, _ = service
+    ids = _private_ids(ws)
+    answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": ids})
+    assert answer.status_code == 201, answer.text
+    [request] = answer.json()["requests"]
+    assert request["state"] == "received" and request["kind"] == "forget" and request["method"] == "exact"
+    assert [r["request_id"] for r in Journal(ws).pending()] == [request["request_id"]]
+    assert Journal(ws).pending()[0]["sample_ids"] == ids
+    status = client.get(f"/v1/requests/{request['request_id']}").json()
+    assert status["history"][0]["state"] == "received" and status["deadline"] > status["received_at"]
+    assert [r["request_id"] for r in client.get("/v1/requests", params={"pending": True}).json()] == [request["request_id"]]
+    assert client.get("/v1/requests", params={"overdue": True}).json() == []
+    missing = client.get("/v1/requests/req-000000000000")
+    assert missing.status_code == 404 and "unknown" in missing.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body, status, names",
+    [
+        ({"kind": "forget", "sample_ids": ["no-such-id"]}, 422, "no-such-id"),
+        ({"kind": "forget", "sample_ids": ["x"], "label": "seven"}, 422, "label"),
+        ({"kind": "rectify", "sample_ids": ["x"], "input": "/etc/passwd"}, 422, "input: unknown field"),
+        ({"kind": "erase", "sample_ids": ["x"]}, 422, "kind"),
+        ({"sample_ids": ["x"], "allow_backbone_rebuild": True}, 422, "allow_backbone_rebuild: unknown field"),
+        ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"]}, {"kind": "forget"}]}, 422, "requests[1]"),
+        ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"], "input": "/etc/passwd"}]}, 422, "requests[0].input"),
+        ([1, 2], 422, "JSON object"),
+    ],
+)
+def test_a_bad_request_gets_one_error_naming_the_field_and_nothing_is_journaled(service, body, status, names):
+    ws, client, _ = service
+    text = json.dumps(body).replace("PRIVATE", _private_ids(ws, 1)[0])
+    answer = client.post("/v1/requests", content=text, headers={"Content-Type": "application/json"})
+    assert answer.status_code == status and names in answer.json()["error"], answer.text
+    assert not Journal(ws).events()
+
+
+def test_malformed_oversized_and_unframed_bodies_are_refused(service):
+    ws, client, served = service
+    assert client.post("/v1/requests", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
+    assert client.post("/v1/requests", content=b"a=b", headers={"Content-Type": "text/plain"}).status_code == 415
+    big = client.post("/v1/requests", content=b"x" * ((16 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert big.status_code == 413 and "service.max_body_mib" in big.json()["error"]
+    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)  # chunked: no Content-Length
+    connection.request(
+        "POST",
+        "/v1/requests",
+        body=iter([b'{"kind": "forget"}']),
+        headers={"Authorization": client.headers["authorization"], "Content-Type": "application/json"},
+    )
+    assert connection.getresponse().status == 411
+    assert not Journal(ws).events()
+
+
+def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    params = yaml.safe_load(ws.params_file.read_text())
+    params["service"] = {**params.get("service", {}), "max_body_mib": 1}
+    ws.params_file.write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json")))
+    token = api_token(ws)
+    served = Served(create_app(ws, token, log=lambda m: None))
+    try:
+        answer = httpx.post(served.url + "/v1/predict", content=b"x" * ((1 << 20) + 10), headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 413 and "(1 MiB)" in answer.json()["error"]
+    finally:
+        served.stop()
+
+
+def test_a_rectify_request_takes_its_image_as_an_upload_copied_into_the_workspace(service):
+    ws, client, _ = service
+    sid = _private_ids(ws, 1)[0]
+    shape = tuple(ws.source_info()["image_shape"])
+    image = np.full(shape, 7, dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.save(buffer, image)
+    answer = client.post("/v1/requests", data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})}, files={"image": ("x.npy", buffer.getvalue())})
+    assert answer.status_code == 201, answer.text
+    [pending] = Journal(ws).pending()
+    copy = ws.root / pending["input_path"]
+    assert np.array_equal(np.load(copy), image) and copy.stat().st_mode & 0o777 == 0o600
+    from PIL import Image
+
+    rgb = io.BytesIO()
+    Image.new("RGB", shape[::-1]).save(rgb, format="PNG")
+    refused = client.post("/v1/requests", data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})}, files={"image": ("x.png", rgb.getvalue())})
+    assert refused.status_code == 422 and "grey" in refused.json()["error"]
+    wrong = client.post("/v1/requests", data={"request": json.dumps({"kind": "forget", "sample_ids": [sid]})}, files={"image": ("x.npy", buffer.getvalue())})
+    assert wrong.status_code == 422 and "single rectify request" in wrong.json()["error"]
+    assert len(Journal(ws).pending()) == 1
+
+
+def test_predict_serves_the_model_and_says_which_cluster_answered(service):
+    from lmeraser.inference import ServingModel
+
+    ws, client, _ = service
+    images = ws.split("test").images[:20]
+    expected_labels, expected_routes = ServingModel.load(ws).predict(images)
+    for answer in (
+        client.post("/v1/predict", json={"images": images.tolist()}),
+        client.post("/v1/predict", content=_npy(images), headers={"Content-Type": "application/x-npy"}),
+    ):
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["labels"] == expected_labels.tolist() and body["clusters"] == expected_routes.tolist()
+        assert set(body["served"].values()) == {"exact"} and set(map(int, body["served"])) == set(expected_routes.tolist())
+    wrong = client.post("/v1/predict", json={"images": images[:, :-1].tolist()})
+    assert wrong.status_code == 422 and "shape" in wrong.json()["error"]
+    assert client.post("/v1/predict", json={"images": [[[300] * images.shape[2]] * images.shape[1]]}).status_code == 422
+    assert client.post("/v1/predict", content=_npy(images.astype(np.float32)), headers={"Content-Type": "application/x-npy"}).status_code == 422
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_an_influence_request_is_answered_after_its_update_is_served_and_signed(service):
+    ws, client, _ = service
+    sid = _private_ids(ws, 1)[0]
+    assert client.get("/v1/records").json() == []
+    unverifiable = client.get("/v1/verify")
+    assert unverifiable.status_code == 409 and unverifiable.json()["ok"] is False
+    answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid], "method": "influence"})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert body["influence"]["record"] == 1 and body["requests"][0]["state"] == "approximated"
+    [record] = client.get("/v1/records").json()
+    assert record["number"] == 1 and record["summary"]["method"] == "influence (approximate)"
+    envelope = client.get("/v1/records/1")
+    assert envelope.content == ws.lineage_file.read_bytes().rstrip(b"\n") and "payload" in envelope.json()
+    assert client.get("/v1/records/2").status_code == 404
+    verified = client.get("/v1/verify").json()
+    assert verified["ok"] is True and verified["records"] == 1
+    served = client.post("/v1/predict", json={"images": ws.split("test").images[:50].tolist()}).json()
+    assert "approximate" in served["served"].values()  # the overlay is what the edited cluster serves now
+
+
+def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(tmp_path):
+    """The worker's schedule, with a batch runner that records its calls (the real batch through
+    the `unlearn` flow is tested end to end in test_e2e.py)."""
+    from lmeraser.config import ServiceParams
+
+    ws = Workspace(tmp_path)
+    calls = []
+    worker = BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=3), lambda n: calls.append(n) or {"batch_id": "b", "record": 1, "rebuilt": []})
+    assert not worker.due(time.time())
+    journal = Journal(ws)
+    now = time.time()
+
+    def receive(request_id: str, at: float) -> None:
+        journal.append([{"request_id": request_id, "state": "received", "time": at, "request": {"request_id": request_id, "received_at": at}}])
+
+    receive("req-a", now)
+    assert not worker.due(now + 1) and worker.due(now + 61)  # the window
+    receive("req-b", now)
+    receive("req-c", now)
+    assert worker.due(now + 1)  # a full batch does not wait
+    assert worker.run_once() is not None and calls == [3] and worker.status()["batches"] == 1
+    failing = BatchWorker(ws, ServiceParams(batch_window_s=0, max_batch=3), lambda n: (_ for _ in ()).throw(LmeraserError("disk full")))
+    assert failing.run_once() is None and failing.status()["last_error"] == "disk full"
+    assert not failing.due(time.time()) and failing.due(time.time() + 6)  # tried again after a pause, not in a tight loop
+    ws.batches.mkdir(parents=True, exist_ok=True)
+    (ws.batches / "batch-0123.json").write_text("{}")
+    assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(now)  # an interrupted batch: at once
