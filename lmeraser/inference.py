@@ -65,6 +65,22 @@ class ServingModel:
     def route(self, features: np.ndarray) -> np.ndarray:
         return nearest(features, self.prototypes, np.asarray(self.active_clusters))
 
+    def served_keys(self) -> dict[str, str]:
+        """cluster -> the artifact it serves (`overlay:<key>` or `exact:<key>`)."""
+        return {c: (f"overlay:{self.overlay[c]['key']}" if c in self.overlay else f"exact:{e.key}") for c, e in self.index.clusters.items()}
+
+    @torch.no_grad()
+    def cluster_logits(self, x: torch.Tensor, routes: np.ndarray, cluster: int, batch_size: int) -> np.ndarray:
+        """Logits of the rows of `x` routed to `cluster`, in a fixed batching (a cluster scored
+        alone gives the same bits as in a full pass). The caller holds `deterministic`."""
+        model = self.cluster_model(cluster)
+        rows = np.flatnonzero(routes == cluster)
+        return (
+            np.concatenate([model(x[rows[s : s + batch_size]]).numpy() for s in range(0, len(rows), batch_size)])
+            if len(rows)
+            else np.zeros((0, self.index.num_classes), np.float32)
+        )
+
     @torch.no_grad()
     def logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Class logits and the cluster each sample was routed to."""
@@ -73,11 +89,7 @@ class ServingModel:
             routes = self.route(extract_features(self.backbone, x, batch_size))
             out = np.zeros((len(x), self.index.num_classes), dtype=np.float32)
             for cluster in np.unique(routes):
-                model = self.cluster_model(cluster)
-                rows = np.flatnonzero(routes == cluster)
-                for start in range(0, len(rows), batch_size):
-                    batch = rows[start : start + batch_size]
-                    out[batch] = model(x[batch]).numpy()
+                out[routes == cluster] = self.cluster_logits(x, routes, cluster, batch_size)
         return out, routes
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -154,6 +154,7 @@ STAGES: tuple[Stage, ...] = (
         code=(
             "lmeraser/pipeline/evaluate.py",
             "lmeraser/inference.py",
+            "lmeraser/score_cache.py",
             "lmeraser/evaluation.py",
             "lmeraser/overlay.py",
             "lmeraser/clustering.py",

@@ -134,6 +134,11 @@ class Workspace:
         return self.clusters / "assignments.csv"
 
     @property
+    def score_cache_file(self) -> Path:
+        """The test split's features, routes and logits (lmeraser/score_cache.py); not versioned."""
+        return self.artifacts / "cache" / "test-scores.safetensors"
+
+    @property
     def prompts(self) -> Path:
         return self.artifacts / "prompts"
 

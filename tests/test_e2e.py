@@ -504,6 +504,8 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         # Killed during its next batch, then restarted: the batch resumes and finishes once.
         third = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [private[-3]]}).json()["requests"][0]["request_id"]
         deadline = time.time() + 120
+        assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {"running", "busy"}  # no token: no details
+        assert client.get("/v1/health").json()["worker"]["batches"] == 1
         while not client.get("/v1/health").json()["worker"]["busy"]:
             assert time.time() < deadline, "the worker never started the batch"
             time.sleep(0.2)

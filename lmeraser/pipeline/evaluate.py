@@ -11,16 +11,23 @@ from lmeraser.config import Params
 from lmeraser.evaluation import accuracy, confusion, per_cluster_accuracy
 from lmeraser.inference import ServingModel
 from lmeraser.io import atomic_write_csv, atomic_write_json, read_json
+from lmeraser.score_cache import score_test_split
 from lmeraser.workspace import Workspace
 
 
 def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
     model = ServingModel.load(ws)
-    test = ws.split("test")
-    labels = test.labels
+    labels = ws.split("test").labels
     start = time.perf_counter()
-    predictions, routes = model.predict(test.images, params.evaluate.batch_size)
+    # Only the clusters whose prompt or routed rows changed are scored again (bit-identical to a full pass).
+    logits, routes, scored = score_test_split(ws, model, params.evaluate.batch_size)
+    predictions = logits.argmax(1)
     infer_seconds = time.perf_counter() - start
+    log(
+        f"scored the test split: {len(scored['rescored'])} of {scored['clusters']} cluster(s) re-scored"
+        + ("" if scored["features_cached"] else ", features computed")
+        + f" ({infer_seconds:.1f}s)"
+    )
     clusters = per_cluster_accuracy(labels, predictions, routes)
     index = model.index.clusters
     # Only deterministic values go into metrics.json (it is hashed into dvc.lock); timings go to MLflow.

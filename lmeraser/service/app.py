@@ -260,9 +260,13 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         return app.openapi()
 
     @app.get("/v1/health")
-    def health() -> dict:
-        """Liveness, the version, and the batch worker's state (no token needed)."""
-        return {"status": "ok", "version": _version(), "worker": worker.status() if worker else None}
+    def health(request: Request) -> dict:
+        """Liveness, the version and whether the worker runs (no token needed); with the token, the
+        worker's full state (batches, the last batch, the last error, which may name a sample)."""
+        status = worker.status() if worker else None
+        if status is not None and not authorized(request.headers.get("authorization"), token):
+            status = {"running": status["running"], "busy": status["busy"]}
+        return {"status": "ok", "version": _version(), "worker": status}
 
     @app.post("/v1/requests", status_code=201)
     async def post_requests(request: Request) -> dict:

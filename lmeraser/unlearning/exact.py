@@ -137,10 +137,11 @@ class UnlearnBatch:
     def _mia(self, images: np.ndarray, labels: np.ndarray) -> dict:
         from lmeraser.evaluation import membership_inference
         from lmeraser.inference import ServingModel
+        from lmeraser.score_cache import nonmember_losses
 
         model = ServingModel.load(self.ws)
-        test = self.ws.split("test")
-        return membership_inference(model.losses(images, labels), model.losses(test.images, test.labels))
+        batch_size = self.params.evaluate.batch_size  # the evaluate stage's: they share the cached test scores
+        return membership_inference(model.losses(images, labels, batch_size), nonmember_losses(self.ws, model, batch_size))
 
     # -- steps -----------------------------------------------------------------------------
 
