@@ -281,3 +281,47 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
     ws.batches.mkdir(parents=True, exist_ok=True)
     (ws.batches / "batch-0123.json").write_text("{}")
     assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(now)  # an interrupted batch: at once
+
+
+def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_workspace, tmp_path, monkeypatch):
+    """`lmeraser serve --no-worker --host 127.0.0.1` as a real process; `--server` refuses options
+    that belong to the service, and an unreachable service is one sentence."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import BIN, lmeraser_cli
+
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    root = tmp_path / "ws"
+    monkeypatch.setenv(TOKEN_ENV, "t" * 32)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "lmeraser"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
+                time.sleep(0.3)
+        assert health.json()["worker"] is None
+        sid = Workspace(root).manifest("private")["sample_id"][0]
+        done = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, cwd=root)
+        assert done.returncode == 0 and "accepted req-" in done.stdout and "state received" in done.stdout, done.stderr
+        assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[sid]]
+        refused = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, "--no-process", cwd=root)
+        assert refused.returncode == 1 and "--process/--no-process belongs to the service" in refused.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert "t" * 32 not in proc.stderr.read()  # the token is never logged
+    gone = lmeraser_cli("requests", "--server", f"http://127.0.0.1:{port}", cwd=root)
+    assert gone.returncode == 1 and "cannot be reached" in gone.stderr and len(gone.stderr.strip().splitlines()) == 1
