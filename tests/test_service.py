@@ -317,6 +317,14 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
         done = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, cwd=root)
         assert done.returncode == 0 and "accepted req-" in done.stdout and "state received" in done.stdout, done.stderr
         assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[sid]]
+        other = Workspace(root).manifest("private")["sample_id"][1]
+        image = np.zeros(tuple(Workspace(root).source_info()["image_shape"]), dtype=np.uint8)
+        np.save(tmp_path / "fixed.npy", image)
+        done = lmeraser_cli("rectify", "--server", f"http://127.0.0.1:{port}", "--sample-id", other, "--input", str(tmp_path / "fixed.npy"), "--json", cwd=root)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["requests"][0]["kind"] == "rectify"
+        copy = root / Journal(Workspace(root)).pending()[1]["input_path"]
+        assert np.array_equal(np.load(copy), image)  # the image travelled as bytes and was copied in
         refused = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, "--no-process", cwd=root)
         assert refused.returncode == 1 and "--process/--no-process belongs to the service" in refused.stderr
     finally:
