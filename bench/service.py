@@ -108,12 +108,13 @@ def wait_verified(work: Path, ids: set[str], timeout: float) -> float:
         time.sleep(0.5)
 
 
-def exactly_once(work: Path, ids: set[str]) -> list[str]:
+def exactly_once(work: Path, ids: set[str], complete: bool = False) -> list[str]:
+    """Each of `ids` received and verified exactly once; with `complete`, no other request in the journal."""
     events = journal(work)
     received = Counter(e["request_id"] for e in events if e["state"] == "received")
     verified = Counter(e["request_id"] for e in events if e["state"] == "verified")
     problems = [f"{i}: received {received[i]}x, verified {verified[i]}x" for i in sorted(ids) if received[i] != 1 or verified[i] != 1]
-    return problems + [f"{e}: unknown request in the journal" for e in set(received) - ids]
+    return problems + ([f"{e}: a request nobody submitted is in the journal" for e in set(received) - ids] if complete else [])
 
 
 def exact_records(work: Path) -> int:
@@ -209,7 +210,7 @@ def main() -> None:
     print(f"service up in {result['start_seconds']}s", flush=True)
     private = Workspace(work).manifest("private")["sample_id"].tolist()
     rng.shuffle(private)
-    reserve = private[-(args.influence + 20 * args.kills) :] if args.influence or args.kills else []
+    reserve = private[-(args.influence + 1 + 20 * args.kills) :] if args.influence or args.kills else []
     pool = private[: min(args.distinct, len(private) - len(reserve))]
     all_ids: set[str] = set()
     problems: list[str] = []
@@ -249,14 +250,36 @@ def main() -> None:
                     problems.append(f"influence {sid}: {answer.status_code} {answer.text[:200]}")
                 else:
                     ids.append(answer.json()["requests"][0]["request_id"])
+        # The same through the CLI as a fresh process (`lmeraser forget --server URL --method influence`).
+        cli_sid = reserve[args.influence] if len(reserve) > args.influence else None
+        cli_s = None
+        if cli_sid is not None:
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [str(BIN / "lmeraser"), "forget", "--server", service.url, "--sample-id", cli_sid, "--method", "influence", "--json"],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            cli_s = time.perf_counter() - t0
+            if done.returncode != 0:
+                problems.append(f"CLI influence: {done.stderr.strip()[-200:]}")
+            else:
+                ids.append(json.loads(done.stdout)["requests"][0]["request_id"])
         wait_verified(work, set(ids), timeout=1800)  # their exact batch, by the worker
         all_ids |= set(ids)
-        result["influence"] = {"updates": len(times), "round_trip_p50_s": round(statistics.median(times), 3), "round_trip_max_s": round(max(times), 3)}
+        result["influence"] = {
+            "updates": len(times),
+            "round_trip_p50_s": round(statistics.median(times), 3),
+            "round_trip_max_s": round(max(times), 3),
+            "cli_round_trip_s": round(cli_s, 2) if cli_s is not None else None,
+        }
         print(f"influence: {json.dumps(result['influence'])}", flush=True)
 
     kills = []
     for k in range(args.kills):
-        batch = reserve[args.influence + 20 * k : args.influence + 20 * (k + 1)]
+        batch = reserve[args.influence + 1 + 20 * k : args.influence + 1 + 20 * (k + 1)]
         with service.client() as client:
             ids = {client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid]}).json()["requests"][0]["request_id"] for sid in batch}
             deadline = time.time() + 600
@@ -264,7 +287,7 @@ def main() -> None:
                 if time.time() > deadline:
                     raise SystemExit("the worker never started the batch")
                 time.sleep(0.1)
-        at = rng.uniform(0.5, 15)
+        at = rng.uniform(0.5, 8)  # a digits batch takes about 25 s: the kill lands inside it
         time.sleep(at)
         half_done = bool(list((work / "audit" / "batches").glob("batch-*.json")))
         service.kill()
@@ -291,7 +314,7 @@ def main() -> None:
     result.update(
         {
             "requests_total": len(all_ids),
-            "problems": problems + exactly_once(work, all_ids),
+            "problems": problems + exactly_once(work, all_ids, complete=True),
             "audit_verify_ok": verify.returncode == 0,
             "audit_scan_ok": scan.returncode == 0 and "0 hits" in scan.stdout,
         }
@@ -313,8 +336,10 @@ def main() -> None:
             "",
         ]
     if "influence" in result:
+        inf = result["influence"]
+        cli = f"; through the CLI (`forget --server`, a fresh process) {inf['cli_round_trip_s']} s" if inf["cli_round_trip_s"] is not None else ""
         lines += [
-            f"Influence forget through the service ({result['prompt_kind']}): round trip p50 {result['influence']['round_trip_p50_s']} s, max {result['influence']['round_trip_max_s']} s over {result['influence']['updates']}.",
+            f"Influence forget through the service ({result['prompt_kind']}): round trip p50 {inf['round_trip_p50_s']} s, max {inf['round_trip_max_s']} s over {inf['updates']}{cli}.",
             "",
         ]
     if kills:
