@@ -323,7 +323,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / stem
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"`lmeraser serve` on the digits demo ({result['prompt_kind']} prompts); {result['machine']}, {result['date']}; service up in {result['start_seconds']} s.",
+        f"`lmeraser serve` on the digits demo ({result['params']}, {result['prompt_kind']} prompts); {result['machine']}, {result['date']}; service up in {result['start_seconds']} s.",
         "",
     ]
     if "load" in result:
