@@ -111,6 +111,10 @@ def test_every_endpoint_but_health_needs_the_token(service):
     schema = client.get("/v1/openapi.json")
     assert schema.status_code == 200 and {"/v1/requests", "/v1/requests/{request_id}", "/v1/predict", "/v1/verify"} <= set(schema.json()["paths"])
     assert not Journal(ws).events()  # nothing an unauthorised call sent was journaled
+    assert client.get("/nowhere").json() == {"error": "no such endpoint: GET /nowhere"}
+    assert client.delete("/v1/requests").status_code == 405 and "not allowed" in client.delete("/v1/requests").json()["error"]
+    extra = client.post("/v1/requests", data={"request": "{}", "other": "x"}, files={"image": ("x", b"x")})
+    assert extra.status_code == 400 and "error" in extra.json()
 
 
 def test_a_forget_request_is_journaled_and_its_status_served(service):

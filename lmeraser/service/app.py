@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
@@ -249,6 +250,14 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
     @app.exception_handler(LmeraserError)
     async def _on_refused(request: Request, error: LmeraserError):
         return _error(422, str(error))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, error: StarletteHTTPException):
+        # Starlette's own refusals (no such path or method, a malformed multipart body) in the same shape.
+        message = {404: f"no such endpoint: {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            error.status_code
+        )
+        return _error(error.status_code, message or f"{error.detail}.")
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, error: Exception):
