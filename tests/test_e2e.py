@@ -527,3 +527,33 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         except ProcessLookupError:
             pass
     _cli_ok("audit", "scan", cwd=root)
+
+
+def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_path):
+    """After every batch above (forgets, rectifications, influence superseded, service batches),
+    the served state equals rebuilding the serving path from scratch in a copy: no stored prompt
+    reused, every cluster trained again; the prompts, assignments and metrics are byte-identical."""
+    import shutil
+
+    from lmeraser.config import load_params
+
+    from conftest import run_stages
+
+    root, _ = repo
+    assert not Journal(Workspace(root)).pending()
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "mlartifacts", "mlflow.db", "audit"))
+    for path in ("artifacts/prompts", "artifacts/cache", "artifacts/clusters/assignments.csv", "metrics.json", "reports"):
+        target = copy / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    ws = Workspace(copy)
+    run_stages(load_params(ws.params_file), ws, stages=("validate", "assign", "train", "evaluate"))
+    assert json.loads((copy / "artifacts/prompts/last_run.json").read_text())["reused"] == []  # all trained again
+    for path in (
+        "artifacts/prompts/index.json",
+        "artifacts/clusters/assignments.csv",
+        "metrics.json",
+        "reports/confusion_matrix.json",
+        "reports/clusters.json",
+    ):
+        assert (copy / path).read_bytes() == (root / path).read_bytes(), path
