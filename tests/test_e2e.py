@@ -484,6 +484,11 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
             time.sleep(1)
         raise AssertionError(f"not verified in time: {statuses}; health {client.get('/v1/health').json()}")
 
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["service"]["batch_window_s"] = 3  # requests 1 and 2 arrive well within it; the test waits less
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     records_before = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
     service = start()
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
