@@ -420,29 +420,11 @@ def test_an_experiment_does_not_delete_the_signed_prompts(repo):
     _cli_ok("audit", "verify", cwd=root)
 
 
-def test_re_ingestion_keeps_forgotten_data_out(repo):
-    """`lmeraser data init` from the source that still holds everything: the suppression list keeps
-    every forgotten sample out, and the scan, which reads the signed records, finds nothing."""
-    root, _ = repo
-    tombstones = Workspace(root).tombstones()
-    forgotten = set(tombstones.query("reason == 'forget'")["sample_id"])
-    replaced = int((tombstones["reason"] == "rectify-input").sum())  # old pixels of corrected images
-    done = _cli_ok("data", "init", cwd=root)
-    assert f"{len(forgotten) + replaced} sample(s) kept out" in done.stdout, done.stdout
-    present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
-    assert forgotten and not forgotten & present
-    assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
-    scan = _cli_ok("audit", "scan", cwd=root)
-    import re
-
-    named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
-    assert "0 hits" in scan.stdout and named == len(forgotten) + replaced
-
-
 def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(repo, monkeypatch):
     """`lmeraser serve` on the repository: requests over HTTP and through the CLI's --server share
-    one exact batch run by the service's worker; a service SIGKILLed during a batch resumes it when
-    restarted, and nothing is lost or applied twice."""
+    one exact batch run by the service's worker, each verified exactly once. (A service SIGKILLed
+    mid-batch and restarted resumes it: bench/service.py kills it during batches; the worker's
+    start on an interrupted batch is tested in test_service.py.)"""
     import time
 
     import httpx
@@ -475,7 +457,7 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
                 assert proc.poll() is None and time.time() < deadline, "lmeraser serve did not start"
                 time.sleep(0.3)
 
-    def wait_verified(client, request_ids: list[str], timeout: float = 420) -> list[dict]:
+    def wait_verified(client, request_ids: list[str], timeout: float = 240) -> list[dict]:
         deadline = time.time() + timeout
         while time.time() < deadline:
             statuses = [client.get(f"/v1/requests/{rid}").json() for rid in request_ids]
@@ -506,24 +488,10 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
         assert {first: "verified", second: "verified"}.items() <= {r["request_id"]: r["state"] for r in json.loads(listed.stdout)}.items()
 
-        # Killed during its next batch, then restarted: the batch resumes and finishes once.
-        third = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [private[-3]]}).json()["requests"][0]["request_id"]
-        deadline = time.time() + 120
         assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {"running", "busy"}  # no token: no details
         assert client.get("/v1/health").json()["worker"]["batches"] == 1
-        while not client.get("/v1/health").json()["worker"]["busy"]:
-            assert time.time() < deadline, "the worker never started the batch"
-            time.sleep(0.2)
-        time.sleep(3)  # into the batch
-        os.killpg(service.pid, signal.SIGKILL)
-        service.wait(timeout=30)
-        assert list((root / "audit" / "batches").glob("batch-*.json")), "the kill should have left the batch half-done"
-        service = start()
-        wait_verified(client, [third])
-        events = [e for e in Journal(Workspace(root)).events() if e["request_id"] in (first, second, third)]
-        assert sorted(e["request_id"] for e in events if e["state"] == "verified") == sorted([first, second, third])
-        assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records_before + 2
-        assert client.get("/v1/verify").json()["ok"]
+        events = [e for e in Journal(Workspace(root)).events() if e["request_id"] in (first, second)]
+        assert sorted(e["request_id"] for e in events if e["state"] == "verified") == sorted([first, second])
     finally:
         client.close()
         try:
@@ -562,3 +530,32 @@ def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_p
         "reports/clusters.json",
     ):
         assert (copy / path).read_bytes() == (root / path).read_bytes(), path
+
+
+def test_re_ingestion_keeps_forgotten_data_out(repo):
+    """`lmeraser data init` from the source that still holds everything: the suppression list keeps
+    every forgotten sample out, and the scan, which reads the signed records, finds nothing."""
+    root, _ = repo
+    tombstones = Workspace(root).tombstones()
+    forgotten = set(tombstones.query("reason == 'forget'")["sample_id"])
+    replaced = int((tombstones["reason"] == "rectify-input").sum())  # old pixels of corrected images
+    done = _cli_ok("data", "init", cwd=root)
+    assert f"{len(forgotten) + replaced} sample(s) kept out" in done.stdout, done.stdout
+    present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
+    assert forgotten and not forgotten & present
+    assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
+    scan = _cli_ok("audit", "scan", cwd=root)
+    import re
+
+    named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
+    assert "0 hits" in scan.stdout and named == len(forgotten) + replaced
+    # Re-ingestion dropped the samples whose image was corrected (the source holds only their old
+    # pixels), so the pipeline is out of date: a batch now would rebuild more than its requests
+    # change. It is refused before anything changes, with what to do.
+    journal, data_dvc = (root / "audit" / "journal.jsonl").read_bytes(), (root / "data.dvc").read_bytes()
+    victim = Workspace(root).manifest("private")["sample_id"][0]
+    refused = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+    assert refused.returncode == 1 and "the pipeline is not up to date" in refused.stderr and "run `dvc repro` first" in refused.stderr
+    assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(Workspace(root).manifest("private")["sample_id"])
+    assert (root / "audit" / "journal.jsonl").read_bytes().startswith(journal)  # only the request was journaled
+    assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`

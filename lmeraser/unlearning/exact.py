@@ -147,6 +147,17 @@ class UnlearnBatch:
 
     def _capture(self) -> dict:
         ws = self.ws
+        # The batch must change only what its requests change: a pipeline already out of date with
+        # data/, params.yaml or the code (a re-ingestion, an upgrade) would rebuild more than planned
+        # and fail the verification after the data changed. Refused here, before anything changes.
+        from lmeraser.unlearning.rebuild import stale_stages
+
+        stale = stale_stages(ws, SERVING_TARGET)
+        if stale:
+            raise LmeraserError(
+                f"the pipeline is not up to date with data/, params.yaml or the code (`dvc status` lists {', '.join(stale)}): "
+                "run `dvc repro` first, then `lmeraser unlearn`; this batch changed nothing and its requests stay pending."
+            )
         cluster_of = ws.cluster_of()
         targets = self._targets()
         wanted, to_forget = set(targets), set(self._targets("forget"))

@@ -17,6 +17,20 @@ from lmeraser.stages import upstream
 from lmeraser.workspace import Workspace
 
 
+def stale_stages(ws: Workspace, target: str) -> list[str]:
+    """The stages up to `target` whose inputs changed since DVC last recorded them (`dvc status`)."""
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    repo = Repo(str(ws.root))
+    try:
+        return [definition.name for definition in upstream(target) if repo.status(targets=[definition.name])]
+    finally:
+        repo.close()
+
+
 def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran."""
     import logging
