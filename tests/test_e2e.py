@@ -164,6 +164,10 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert not predicate["code"]["git_commit"].endswith("+dirty")  # record 1's batch committed its versions
     _cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+    # The purge deleted the prompts record 1 had pinned from the train stage's persisted store and
+    # recorded the store again: the serving path stays up to date for the next batch.
+    status = dvc("status", cwd=root).stdout
+    assert status.startswith("baselines:") and "train:" not in status, status
     # Forgetting the same subject again is a recorded no-op (like an id), and its record, which
     # rebuilt nothing, cannot be "replayed OK".
     again = _cli_ok("forget", "--subject", subject, cwd=root)

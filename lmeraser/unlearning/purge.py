@@ -39,6 +39,12 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print) -> dict:
                     if sha256_file(path) in superseded_artifacts:
                         path.unlink()
                         removed.append(str(path))
+    if any(path.startswith(str(ws.store_dir)) for path in removed):
+        # The store is the train stage's persisted output: record it as it is now, so that
+        # `dvc status` stays clean and `dvc repro` a no-op after the batch.
+        from lmeraser.unlearning.rebuild import record_stage
+
+        record_stage(ws, "train")
     # Every DVC remote, whatever its type, through DVC itself: push the current version first so
     # the remote keeps what the workspace needs, then drop every object only older versions use.
     dvc(ws.root, "gc", "--workspace", "--force", "-q")

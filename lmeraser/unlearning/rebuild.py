@@ -18,7 +18,9 @@ from lmeraser.workspace import Workspace
 
 
 def stale_stages(ws: Workspace, target: str) -> list[str]:
-    """The stages up to `target` whose inputs changed since DVC last recorded them (`dvc status`)."""
+    """The stages up to `target` whose inputs (deps, params, command) changed since DVC last
+    recorded them (`dvc status`); a changed output alone does not count (the purge edits the
+    persisted prompt store, and the train stage repairs a damaged one by content key)."""
     import logging
 
     from dvc.repo import Repo
@@ -26,7 +28,26 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
     logging.getLogger("dvc").setLevel(logging.WARNING)
     repo = Repo(str(ws.root))
     try:
-        return [definition.name for definition in upstream(target) if repo.status(targets=[definition.name])]
+        stale = []
+        for definition in upstream(target):
+            entries = repo.status(targets=[definition.name]).get(definition.name, [])
+            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in entries):
+                stale.append(definition.name)
+        return stale
+    finally:
+        repo.close()
+
+
+def record_stage(ws: Workspace, name: str) -> None:
+    """Record stage `name`'s current outputs in dvc.lock (`dvc commit NAME`), after a step edited them."""
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    repo = Repo(str(ws.root))
+    try:
+        repo.commit(name, force=True)
     finally:
         repo.close()
 
