@@ -23,10 +23,8 @@ def test_train_pipeline_runs_every_stage_in_order(tmp_path):
     assert read_json(tmp_path / "artifacts" / "prompts" / "last_run.json")["reused"] == []
     # Flow and task logs reach the terminal (only the temporary server's chatter is quiet).
     assert "trained" in done.stderr and "| INFO" in done.stderr and "Flow run" in done.stderr
-    # A second scheduled run retrains nothing: every prompt's content key is unchanged.
-    assert lmeraser_cli("pipeline", "--root", str(tmp_path), cwd=tmp_path).returncode == 0
-    second = read_json(tmp_path / "artifacts" / "prompts" / "index.json")
-    assert read_json(tmp_path / "artifacts" / "prompts" / "last_run.json")["trained"] == [] and second == first
+    # (A second run reusing every prompt by content key: tests/test_pipeline.py, in process.)
+    assert first["clusters"]
 
 
 def test_cron_deployment_carries_the_schedule(tmp_path):
