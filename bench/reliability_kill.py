@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,18 +35,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from scratch import BIN, bench_env, build_demo, run  # noqa: E402
+
 from lmeraser.failpoints import FAILPOINT_ENV, NAMED  # noqa: E402
 
 from pipeline import cpu_model  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-def run(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=1800)
-    if check and done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done
 
 
 def killed_run(work: Path, args: list[str], env: dict, after: float | None) -> int:
@@ -99,20 +91,10 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=None, help="params preset for the demo (default: params.yaml, digits)")
     parser.add_argument("--skip-failpoints", action="store_true")
     args = parser.parse_args()
-    from conftest import copy_repo
-
     rng = random.Random(args.seed)
-    work = ROOT / "bench" / "results" / "work-kill" / "repo"
-    shutil.rmtree(work.parent, ignore_errors=True)
-    copy_repo(work)
-    if args.params:
-        shutil.copy2(args.params, work / "params.yaml")
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env = bench_env()
     env.pop(FAILPOINT_ENV, None)
-    run([str(BIN / "lmeraser"), "data", "init"], work, env)
-    t0 = time.perf_counter()
-    run([str(BIN / "dvc"), "repro"], work, env)
-    print(f"demo built (dvc repro {time.perf_counter() - t0:.0f}s)", flush=True)
+    work = build_demo("kill", env, args.params)
 
     submitted = [submit(work, rng)]
     t0 = time.perf_counter()

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -41,17 +40,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from scratch import BIN, bench_env, build_demo  # noqa: E402
+
 from pipeline import cpu_model  # noqa: E402
 
-BIN = Path(sys.executable).parent
 TOKEN = "bench-" + "s" * 40
-
-
-def run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=3600)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done
 
 
 class Service:
@@ -171,32 +164,19 @@ def main() -> None:
 
     from lmeraser.workspace import Workspace
 
-    from conftest import _free_port, copy_repo
+    from conftest import _free_port
+
+    def service_params(values: dict) -> None:
+        values.setdefault("service", {})
+        if args.max_batch is not None:
+            values["service"]["max_batch"] = args.max_batch
+        if args.window is not None:
+            values["service"]["batch_window_s"] = args.window
 
     rng = random.Random(args.seed)
-    work = ROOT / "bench" / "results" / "work-service" / "repo"
-    shutil.rmtree(work.parent, ignore_errors=True)
-    copy_repo(work)
-    if args.params:
-        shutil.copy2(args.params, work / "params.yaml")
+    env = bench_env(LMERASER_API_TOKEN=TOKEN)
+    work = build_demo("service", env, args.params, service_params)
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params.setdefault("service", {})
-    if args.max_batch is not None:
-        params["service"]["max_batch"] = args.max_batch
-    if args.window is not None:
-        params["service"]["batch_window_s"] = args.window
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "LMERASER_API_TOKEN": TOKEN,
-    }
-    run([str(BIN / "lmeraser"), "data", "init"], work, env)
-    t0 = time.perf_counter()
-    run([str(BIN / "dvc"), "repro"], work, env)
-    print(f"demo built (dvc repro {time.perf_counter() - t0:.0f}s)", flush=True)
 
     result = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}",

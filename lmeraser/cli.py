@@ -343,11 +343,16 @@ def forget(
     _answer(method.value, process, ws, git_commit, resolved, as_json)
 
 
-def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_commit, params_file, as_json: bool, image: Path | None = None) -> None:
-    """Submit through a running service: its worker runs the exact batches with its own params."""
+def _client(server: str, ws: Workspace):
+    """The running service at `server`, with the token from $LMERASER_API_TOKEN or the workspace."""
     from lmeraser.service.auth import api_token
     from lmeraser.service.client import Client
 
+    return Client(server, api_token(ws, create=False))
+
+
+def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_commit, params_file, as_json: bool, image: Path | None = None) -> None:
+    """Submit through a running service: its worker runs the exact batches with its own params."""
     given = [
         name
         for name, value in (("--process/--no-process", process), ("--git-commit/--no-git-commit", git_commit), ("--params", params_file))
@@ -356,7 +361,7 @@ def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_c
     if given:
         _fail(f"{given[0]} belongs to the service when --server is given (its worker runs the batches with its own params).")
     requests = [s.model_dump(exclude={"input", "allow_backbone_rebuild"}) for s in specs]
-    answer = Client(server, api_token(ws, create=False)).submit(requests, method, image)
+    answer = _client(server, ws).submit(requests, method, image)
     if as_json:
         _emit(answer)
         return
@@ -440,27 +445,22 @@ def requests_cmd(
     server: str = SERVER,
 ) -> None:
     """Every request: kind, method, state, received, deadline (GDPR Art. 12(3): one month), covering records."""
-    from types import SimpleNamespace
-
     from lmeraser.config import load_params
-    from lmeraser.unlearning.status import request_statuses
+    from lmeraser.unlearning.status import RequestStatus, request_statuses
 
     ws = _workspace(root, params_file)
     try:
         if server:
             if params_file is not None:
                 _fail("--params belongs to the service when --server is given (its requests.deadline_months sets the deadlines).")
-            from lmeraser.service.auth import api_token
-            from lmeraser.service.client import Client
-
-            statuses = [SimpleNamespace(**s) for s in Client(server, api_token(ws, create=False)).requests(pending, overdue)]
+            statuses = [RequestStatus(**s) for s in _client(server, ws).requests(pending, overdue)]
         else:
             statuses = request_statuses(ws, load_params(ws.params_file).requests)
     except LmeraserError as error:
         _fail(str(error))
     statuses = [s for s in statuses if (not pending or s.state != "verified") and (not overdue or s.flag == "overdue")]
     if as_json:
-        console.print_json(data=[vars(s) if isinstance(s, SimpleNamespace) else s.to_json() for s in statuses])
+        console.print_json(data=[s.to_json() for s in statuses])
         return
     table = Table(title=f"requests ({len(statuses)})")
     for column in ("request", "kind", "method", "state", "received", "deadline", "records", "flag"):

@@ -100,5 +100,10 @@ class ServingModel:
     def losses(self, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Per-sample cross-entropy under the routed cluster's prompt (the MIA signal)."""
         logits, _ = self.logits(images, batch_size)
-        labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        return torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels, reduction="none").numpy()
+        return per_sample_losses(logits, labels)
+
+
+def per_sample_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy of each row of `logits` against its label (the membership-inference signal)."""
+    labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels, reduction="none").numpy()

@@ -82,6 +82,33 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
             tmp.unlink()
 
 
+def npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy file's header declares, read without decoding any data;
+    ValueError when the bytes are no .npy file (versions 1.0 and 2.0)."""
+    import io
+
+    buffer = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(buffer)
+    except (ValueError, EOFError, SyntaxError, TypeError):
+        raise ValueError("not a .npy file") from None
+    return tuple(shape), dtype
+
+
+def read_secret(path: Path, what: str) -> bytes:
+    """A secret file's bytes, refused unless it is a regular file no one but its owner can read."""
+    if not path.is_file():
+        raise LmeraserError(f"{path}: the {what} is not a regular file.")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise LmeraserError(f"{path}: the {what} is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
+    return path.read_bytes()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
     with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)

@@ -26,15 +26,14 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from lmeraser.determinism import deterministic
-from lmeraser.inference import ServingModel
+from lmeraser.inference import ServingModel, per_sample_losses
 from lmeraser.io import atomic_path
 from lmeraser.models.backbone import extract_features, preprocess
-from lmeraser.workspace import Workspace
+from lmeraser.workspace import Split, Workspace
 
 
-def _identity(ws: Workspace, model: ServingModel, batch_size: int) -> dict:
-    test = ws.manifest("test")
-    contents = hashlib.sha256("\n".join(test["content_hash"].astype(str)).encode()).hexdigest()
+def _identity(test: Split, model: ServingModel, batch_size: int) -> dict:
+    contents = hashlib.sha256("\n".join(test.manifest["content_hash"].astype(str)).encode()).hexdigest()
     meta = model.backbone_meta
     return {"backbone": meta.sha256, "threads": meta.threads, "test": contents, "batch_size": batch_size, "num_classes": model.index.num_classes}
 
@@ -53,11 +52,13 @@ def _load(ws: Workspace, identity: dict) -> tuple[dict[str, np.ndarray], dict[st
         return None
 
 
-def score_test_split(ws: Workspace, model: ServingModel, batch_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Logits and routes of the whole test split under what `model` serves now, and what was
-    re-scored: {"features_cached": bool, "rescored": [clusters], "clusters": n}."""
-    test = ws.split("test")
-    identity = _identity(ws, model, batch_size)
+def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: Split | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Logits and routes of the whole test split (`test`, if the caller read it already) under
+    what `model` serves now, and what was re-scored: {"features_cached": bool, "rescored":
+    [clusters], "clusters": n}."""
+    if test is None:
+        test = ws.split("test")
+    identity = _identity(test, model, batch_size)
     cached = _load(ws, identity)
     served = model.served_keys()
     with deterministic(model.backbone_meta.threads), torch.no_grad():
@@ -84,6 +85,6 @@ def score_test_split(ws: Workspace, model: ServingModel, batch_size: int) -> tup
 
 def nonmember_losses(ws: Workspace, model: ServingModel, batch_size: int) -> np.ndarray:
     """Per-sample cross-entropy of the test split (the non-members of membership inference)."""
-    logits, _, _ = score_test_split(ws, model, batch_size)
-    labels = torch.from_numpy(np.asarray(ws.split("test").labels, dtype=np.int64))
-    return torch.nn.functional.cross_entropy(torch.from_numpy(logits), labels, reduction="none").numpy()
+    test = ws.split("test")
+    logits, _, _ = score_test_split(ws, model, batch_size, test)
+    return per_sample_losses(logits, test.labels)

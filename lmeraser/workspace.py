@@ -232,6 +232,10 @@ class Workspace:
     def batch_file(self, batch_id: str) -> Path:
         return self.batches / f"{batch_id}.json"
 
+    def batch_files(self) -> list[Path]:
+        """State files of exact batches not finished (oldest id first; normally none or one)."""
+        return sorted(self.batches.glob("batch-*.json"))
+
     @property
     def inputs_dir(self) -> Path:
         """Copies of corrected images, taken at submission (personal data: never committed)."""

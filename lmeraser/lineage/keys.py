@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_write_bytes
+from lmeraser.io import atomic_write_bytes, read_secret
 
 KEY_ENV = "LMERASER_SIGNING_KEY"  # PEM (PKCS#8) text of the private key, for CI / secret stores
 _taken: str | None = None  # the key's PEM once take_key_from_environment() removed it from os.environ
@@ -49,12 +49,7 @@ def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateK
             "restore it (no new key is made in its place)."
         )
     if path.exists():
-        if not path.is_file():
-            raise LmeraserError(f"{path}: the signing key is not a regular file.")
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise LmeraserError(f"{path}: signing key is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
-        return _parse_private(path.read_bytes(), str(path))
+        return _parse_private(read_secret(path, "signing key"), str(path))
     key = Ed25519PrivateKey.generate()
     pem_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -17,10 +17,11 @@ from lmeraser.workspace import Workspace
 
 def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
     model = ServingModel.load(ws)
-    labels = ws.split("test").labels
+    test = ws.split("test")
+    labels = test.labels
     start = time.perf_counter()
     # Only the clusters whose prompt or routed rows changed are scored again (bit-identical to a full pass).
-    logits, routes, scored = score_test_split(ws, model, params.evaluate.batch_size)
+    logits, routes, scored = score_test_split(ws, model, params.evaluate.batch_size, test)
     predictions = logits.argmax(1)
     infer_seconds = time.perf_counter() - start
     log(

@@ -30,8 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmeraser import __version__
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
+from lmeraser.io import npy_header
 from lmeraser.service.auth import authorized
 from lmeraser.service.worker import BatchWorker
 from lmeraser.unlearning.requests import MAX_IDS, RequestSpec
@@ -83,6 +85,10 @@ def _field_error(error: ValidationError, prefix: str = "") -> _Fail:
     return _Fail(422, f"{shown(field) or 'body'}: {message}.", field=shown(field))
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def _json(raw: bytes, what: str):
     try:
         return json.loads(raw)
@@ -108,8 +114,9 @@ def _specs(body, has_image: bool) -> tuple[list[RequestSpec], str]:
     specs = []
     for number, item in enumerate(items):
         where = f"{prefix}[{number}]." if prefix else ""
-        if isinstance(item, dict) and ({"input", "allow_backbone_rebuild", "method"} & item.keys()) and prefix:
-            bad = sorted({"input", "allow_backbone_rebuild", "method"} & item.keys())[0]
+        forbidden = sorted({"input", "allow_backbone_rebuild", "method"} & item.keys()) if isinstance(item, dict) and prefix else []
+        if forbidden:
+            bad = forbidden[0]
             raise _Fail(
                 422,
                 f"{where}{bad}: unknown field (one method for the whole body; images as a multipart upload; no backbone rebuilds over HTTP).",
@@ -179,16 +186,13 @@ class _ServedModel:
 def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray:
     """Images for /v1/predict: a .npy array (application/x-npy) or JSON {"images": [...]}."""
     if content_type == "application/x-npy" or raw[:6] == b"\x93NUMPY":
-        buffer = io.BytesIO(raw)
         try:
-            version = np.lib.format.read_magic(buffer)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            found, _, dtype = read(buffer)
+            found, dtype = npy_header(raw)
             if dtype.kind not in "iu" or len(found) != len(shape) + 1 or tuple(found[1:]) != shape or not 0 < found[0] <= MAX_PREDICT:
                 expected = f"an integer array of shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT}"
                 raise _Fail(422, f"images: {expected} is expected, not {shown(found)} {shown(dtype)}.", field="images")
             images = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, EOFError, SyntaxError, TypeError, OSError):
+        except (ValueError, EOFError, OSError):
             raise _Fail(422, "images: not a .npy array file (save it with numpy.save).", field="images") from None
     else:
         body = _json(raw, "request body")
@@ -203,15 +207,6 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
     if images.min() < 0 or images.max() > 255:
         raise _Fail(422, "images: pixels must be integers in 0..255.", field="images")
     return images.astype(np.uint8)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lmeraser")
-    except PackageNotFoundError:
-        return "0+source"
 
 
 def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log=print) -> FastAPI:
@@ -229,7 +224,7 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         if worker is not None:
             await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="lmeraser", version=_version(), lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="lmeraser", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -275,13 +270,13 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         status = worker.status() if worker else None
         if status is not None and not authorized(request.headers.get("authorization"), token):
             status = {"running": status["running"], "busy": status["busy"]}
-        return {"status": "ok", "version": _version(), "worker": status}
+        return {"status": "ok", "version": __version__, "worker": status}
 
     @app.post("/v1/requests", status_code=201)
     async def post_requests(request: Request) -> dict:
         """Submit forget or rectify requests: JSON, or multipart with a `request` JSON field and an
         `image` file (the corrected image of a rectify request, .npy or PNG)."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = _content_type(request)
         upload = None
         if content_type == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=1)
@@ -373,7 +368,7 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
     async def predict(request: Request) -> dict:
         """Labels for images (JSON {"images": [...]} or a .npy body), with the cluster that served
         each and whether that cluster serves its exact prompt or an influence overlay."""
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = _content_type(request)
         raw = await request.body()
         shape = tuple(ws.source_info()["image_shape"])
         images = _images(raw, content_type, shape)

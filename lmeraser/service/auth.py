@@ -8,7 +8,7 @@ import os
 import secrets
 
 from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_write_bytes
+from lmeraser.io import atomic_write_bytes, read_secret
 from lmeraser.workspace import Workspace
 
 TOKEN_ENV = "LMERASER_API_TOKEN"
@@ -25,27 +25,26 @@ def take_token_from_environment() -> None:
         _taken = token
 
 
+def _from_environment() -> str | None:
+    return os.environ.get(TOKEN_ENV) or _taken
+
+
 def token_source(ws: Workspace) -> str:
     """Where the token comes from, for messages (never the token itself)."""
-    return f"${TOKEN_ENV}" if (os.environ.get(TOKEN_ENV) or _taken) else ws.relative(ws.api_token_file)
+    return f"${TOKEN_ENV}" if _from_environment() else ws.relative(ws.api_token_file)
 
 
 def api_token(ws: Workspace, create: bool = True) -> str:
     """The token clients must present; made (random, 0600) when none exists and `create` allows."""
-    token = os.environ.get(TOKEN_ENV) or _taken
+    token = _from_environment()
     if token:
         if len(token) < MIN_LENGTH or not token.isprintable() or " " in token:
             raise LmeraserError(f"${TOKEN_ENV}: a token needs at least {MIN_LENGTH} printable characters and no spaces (e.g. `openssl rand -hex 32`).")
         return token
     path = ws.api_token_file
     if path.exists():
-        if not path.is_file():
-            raise LmeraserError(f"{path}: the API token is not a regular file.")
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise LmeraserError(f"{path}: the API token is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
         try:
-            token = path.read_text().strip()
+            token = read_secret(path, "API token").decode().strip()
         except UnicodeDecodeError:
             token = ""
         if len(token) < MIN_LENGTH or not token.isprintable():

@@ -45,12 +45,14 @@ class BatchWorker:
         self.last_batch: dict | None = None
         self.last_error: str | None = None
         self._failed_at = 0.0
+        self._journal_key: tuple | None = None
+        self._pending_summary = (0, 0.0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def interrupted(self) -> bool:
         """A batch (or influence update) a killed process left half-done."""
-        return any(self.ws.batches.glob("batch-*.json")) or self.ws.influence_intent_file.exists()
+        return bool(self.ws.batch_files()) or self.ws.influence_intent_file.exists()
 
     def due(self, now: float) -> bool:
         """Whether a batch should start now."""
@@ -58,11 +60,21 @@ class BatchWorker:
             return False  # after a failure, wait before trying again
         if self.interrupted():
             return True
-        pending = Journal(self.ws).pending()
-        if not pending:
-            return False
-        oldest = min(float(r.get("received_at", now)) for r in pending)
-        return len(pending) >= self.params.max_batch or now - oldest >= self.params.batch_window_s
+        count, oldest = self._pending()
+        return count > 0 and (count >= self.params.max_batch or now - oldest >= self.params.batch_window_s)
+
+    def _pending(self) -> tuple[int, float]:
+        """How many requests are pending and when the oldest arrived; the journal is parsed again
+        only when it changed (this runs every `poll_s`)."""
+        try:
+            st = self.ws.journal_file.stat()
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            return 0, 0.0
+        if key != self._journal_key:
+            pending = Journal(self.ws).pending()
+            self._journal_key, self._pending_summary = key, (len(pending), min((float(r.get("received_at", 0.0)) for r in pending), default=0.0))
+        return self._pending_summary
 
     def run_once(self) -> dict | None:
         """One batch now (at most `max_batch` requests); its summary, or None when idle."""

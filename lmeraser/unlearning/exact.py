@@ -83,7 +83,7 @@ class UnlearnBatch:
     def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None) -> UnlearnBatch | None:
         """Resume an interrupted batch, or start one over the pending requests (the oldest
         `max_requests` of them, or all); None if idle."""
-        batches = sorted(ws.batches.glob("batch-*.json"))
+        batches = ws.batch_files()
         if batches:
             try:
                 state = json.loads(batches[0].read_bytes())
@@ -450,7 +450,7 @@ def batch_id(requests: list[dict]) -> str:
 
 def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
     """The id of the batch `process_pending` would run now (an interrupted one first); None if idle."""
-    batches = sorted(ws.batches.glob("batch-*.json"))
+    batches = ws.batch_files()
     if batches:
         return batches[0].stem
     pending = Journal(ws).pending()[:max_requests]

@@ -30,21 +30,21 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print) -> dict:
         for key in stale:
             store.path(key).unlink()
             removed.append(str(store.path(key)))
-        if stale and ws.pins_file.exists():
-            pins = read_json(ws.pins_file)
-            atomic_write_json(ws.pins_file, {**pins, "keys": sorted(set(pins["keys"]) - set(stale))})
+        if stale:
+            if ws.pins_file.exists():
+                pins = read_json(ws.pins_file)
+                atomic_write_json(ws.pins_file, {**pins, "keys": sorted(set(pins["keys"]) - set(stale))})
+            # The store is the train stage's persisted output: record it as it is now, so that
+            # `dvc status` stays clean after the batch.
+            from lmeraser.unlearning.rebuild import record_stage
+
+            record_stage(ws, "train")
         for location, root in locations.roots.items():
             if location.startswith("mlflow"):
                 for path in files(root):
                     if sha256_file(path) in superseded_artifacts:
                         path.unlink()
                         removed.append(str(path))
-    if any(path.startswith(str(ws.store_dir)) for path in removed):
-        # The store is the train stage's persisted output: record it as it is now, so that
-        # `dvc status` stays clean and `dvc repro` a no-op after the batch.
-        from lmeraser.unlearning.rebuild import record_stage
-
-        record_stage(ws, "train")
     # Every DVC remote, whatever its type, through DVC itself: push the current version first so
     # the remote keeps what the workspace needs, then drop every object only older versions use.
     dvc(ws.root, "gc", "--workspace", "--force", "-q")

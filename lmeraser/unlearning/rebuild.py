@@ -9,7 +9,8 @@ which on the digits demo cost more than the training itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from lmeraser.config import Params
 from lmeraser.pipeline.train import train_in_threads
@@ -17,51 +18,43 @@ from lmeraser.stages import upstream
 from lmeraser.workspace import Workspace
 
 
+@contextmanager
+def _dvc_repo(ws: Workspace) -> Iterator:
+    """DVC's Python API on the workspace, quiet (its "Updating lock file" lines; our log says what ran)."""
+    import logging
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    repo = Repo(str(ws.root))
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
 def stale_stages(ws: Workspace, target: str) -> list[str]:
     """The stages up to `target` whose inputs (deps, params, command) changed since DVC last
     recorded them (`dvc status`); a changed output alone does not count (the purge edits the
     persisted prompt store, and the train stage repairs a damaged one by content key)."""
-    import logging
-
-    from dvc.repo import Repo
-
-    logging.getLogger("dvc").setLevel(logging.WARNING)
-    repo = Repo(str(ws.root))
-    try:
-        stale = []
-        for definition in upstream(target):
-            entries = repo.status(targets=[definition.name]).get(definition.name, [])
-            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in entries):
-                stale.append(definition.name)
-        return stale
-    finally:
-        repo.close()
+    with _dvc_repo(ws) as repo:
+        return [
+            definition.name
+            for definition in upstream(target)
+            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in repo.status(targets=[definition.name]).get(definition.name, []))
+        ]
 
 
 def record_stage(ws: Workspace, name: str) -> None:
     """Record stage `name`'s current outputs in dvc.lock (`dvc commit NAME`), after a step edited them."""
-    import logging
-
-    from dvc.repo import Repo
-
-    logging.getLogger("dvc").setLevel(logging.WARNING)
-    repo = Repo(str(ws.root))
-    try:
+    with _dvc_repo(ws) as repo:
         repo.commit(name, force=True)
-    finally:
-        repo.close()
 
 
 def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran."""
-    import logging
-
-    from dvc.repo import Repo
-
-    logging.getLogger("dvc").setLevel(logging.WARNING)  # its "Updating lock file" lines; our log says what ran
     ran = []
-    repo = Repo(str(ws.root))
-    try:
+    with _dvc_repo(ws) as repo:
         for definition in upstream(target):
             if not repo.status(targets=[definition.name]):
                 continue
@@ -73,6 +66,4 @@ def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage
             ran.append(definition.name)
             if after_stage is not None:
                 after_stage(definition.name, result)
-    finally:
-        repo.close()
     return ran

@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmeraser.errors import LmeraserError, shown
-from lmeraser.io import atomic_save_npy, atomic_write_bytes, read_input_bytes, read_input_text
+from lmeraser.io import atomic_save_npy, atomic_write_bytes, npy_header, read_input_bytes, read_input_text
 from lmeraser.salt import Keyer
 from lmeraser.workspace import SPLITS, Workspace
 
@@ -247,13 +247,8 @@ def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[in
         raise LmeraserError(f"{where}: larger than {MAX_IMAGE_FILE >> 20} MiB.")
     if is_npy:
         try:
-            buffer = io.BytesIO(raw)
-            version = np.lib.format.read_magic(buffer)
-            if version not in ((1, 0), (2, 0)):
-                raise ValueError
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            found, _, dtype = header(buffer)
-        except (ValueError, EOFError, SyntaxError, TypeError):
+            found, dtype = npy_header(raw)
+        except ValueError:
             raise LmeraserError(f"{where}: not a .npy array file (save it with numpy.save).") from None
         if tuple(found) != tuple(shape):
             raise LmeraserError(f"{where}: corrected input has shape {shown(found)}, expected {tuple(shape)}.")
