@@ -677,7 +677,9 @@ def serve_cmd(
     from lmeraser.service.auth import api_token, token_source
     from lmeraser.unlearning.exact import rebuild_params
 
-    ws = _workspace(root, params_file)
+    # Absolute: the worker runs DVC from the workspace root (a process-wide cwd change) while
+    # other threads answer requests.
+    ws = _workspace(root.resolve(), params_file)
     try:
         rebuild_params(ws)  # the worker's batches must be able to run with these params
         token = api_token(ws)

@@ -131,7 +131,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "assign",
         deps=("artifacts/backbone", "artifacts/clusters/prototypes.npy", "artifacts/validation/private.json", "data/private"),
-        code=("lmeraser/pipeline/assign.py", "lmeraser/clustering.py", "lmeraser/models/backbone.py", "lmeraser/determinism.py"),
+        code=("lmeraser/pipeline/assign.py", "lmeraser/feature_cache.py", "lmeraser/clustering.py", "lmeraser/models/backbone.py", "lmeraser/determinism.py"),
         params=(),
         outs=(
             Out("artifacts/clusters/assignments.csv"),

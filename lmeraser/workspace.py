@@ -139,6 +139,11 @@ class Workspace:
         return self.artifacts / "cache" / "test-scores.safetensors"
 
     @property
+    def feature_cache_file(self) -> Path:
+        """The private split's backbone features by content (lmeraser/feature_cache.py); not versioned."""
+        return self.artifacts / "cache" / "private-features.safetensors"
+
+    @property
     def prompts(self) -> Path:
         return self.artifacts / "prompts"
 

@@ -84,3 +84,31 @@ def test_label_out_of_domain_fails(data_dir):
     _edit_manifest(data_dir, "public", lambda f: f.__setitem__("label", ["12"] + f["label"].tolist()[1:]))
     report = _validate(data_dir)
     assert any("column=label" in f and "between" in f for f in report.failures)
+
+
+def test_only_splits_whose_files_changed_have_their_images_checked_again(data_dir):
+    """Incremental validation: the image facts of an unchanged split come from the cache, every
+    row of every split is still checked by the suite, and a changed file is never masked."""
+    ws = Workspace(data_dir.parent)
+    first = validate_splits(ws)
+    assert first.success and first.statistics["facts_reused"] == []
+    again = validate_splits(ws)
+    assert again.success and again.statistics["facts_reused"] == ["public", "private", "test"]
+    assert again.statistics["rows"] == first.statistics["rows"] and again.statistics["evaluated"] == first.statistics["evaluated"]
+    from lmeraser.data.splits import remove_samples
+
+    remove_samples([ws.split("private").sample_ids[0]], "private", ws)
+    after_forget = validate_splits(ws)
+    assert after_forget.success and after_forget.statistics["facts_reused"] == ["public", "test"]
+    # Flipped pixels in a split checked before: its files changed, so it is checked again and fails.
+    images = np.load(data_dir / "test" / "images.npy")
+    images[0, 0, 0] ^= 0xFF
+    np.save(data_dir / "test" / "images.npy", images)
+    tampered = validate_splits(ws)
+    assert not tampered.success and any("hash_matches" in f for f in tampered.failures)
+    assert tampered.statistics["facts_reused"] == ["public", "private"]
+    # A tombstone is checked against every row, reused facts or not.
+    from lmeraser.data.splits import add_tombstones
+
+    add_tombstones([{"sample_id": ws.split("public").sample_ids[0], "content_key": "", "reason": "forget"}], ws)
+    assert any("suppressed" in f for f in validate_splits(ws).failures)

@@ -3,7 +3,8 @@ artifacts that were trained on them (invariant 5).
 
 The locations are data/, the DVC cache and the default local remote, artifacts/ and the MLflow
 artifact roots. Every `.npy`-format file (whatever its name, e.g. in a cache) is read and each
-image's content hash keyed with the workspace's salt (records hold keyed hashes only); every
+image's content hash keyed with the workspace's salt (records hold keyed hashes only), and so are
+the content hashes a feature cache holds rows for (whatever its name); every
 file's sha256 is compared with the superseded artifacts. What to look for comes from the signed
 records, never from data/, which a re-ingestion could have rewritten.
 """
@@ -79,17 +80,25 @@ def files(directory: Path) -> Iterable[Path]:
                     yield path
 
 
-def _image_keys(path: Path, keyer: Keyer) -> set[str]:
+def _content_keys(path: Path, keyer: Keyer) -> set[str]:
+    """Keyed content hashes of what a file holds of people's samples: the images of an
+    `.npy`-format file, or the contents a feature cache (lmeraser/feature_cache.py) has rows for."""
     with open(path, "rb") as handle:
-        if handle.read(6) != NPY_MAGIC:
+        head = handle.read(9)
+    if head[:6] == NPY_MAGIC:
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError):
             return set()
-    try:
-        array = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError):
-        return set()
-    if array.dtype != np.uint8 or array.ndim != 3:
-        return set()
-    return {keyer.content(content_hash(image)) for image in array}
+        if array.dtype != np.uint8 or array.ndim != 3:
+            return set()
+        return {keyer.content(content_hash(image)) for image in array}
+    if head[8:9] == b"{":  # a safetensors header
+        from lmeraser.feature_cache import read
+
+        cached = read(path)
+        return {keyer.content(h) for h in cached[1]} if cached else set()
+    return set()
 
 
 @dataclass
@@ -111,7 +120,7 @@ def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str]) -> tup
         for path in track(files(directory), f"scanning {location}"):
             n += 1
             if keyer is not None:
-                for digest in _image_keys(path, keyer) & sample_keys:
+                for digest in _content_keys(path, keyer) & sample_keys:
                     hits.append(Hit(location, str(path), "forgotten sample", digest))
             if artifact_hashes and (digest := sha256_file(path)) in artifact_hashes:
                 hits.append(Hit(location, str(path), "superseded artifact", digest))

@@ -8,6 +8,8 @@ bytes matching the recorded content hash, and no tombstoned sample.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.data.splits import content_hash
+from lmeraser.io import atomic_path, sha256_file
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace
 
 SUITE_NAME = "lmeraser_splits"
@@ -35,7 +38,58 @@ class ValidationReport:
         return f"data validation failed: {head}{more}; data docs: {self.docs_index}"
 
 
-def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
+IMAGE_FACTS = ("height", "width", "image_dtype", "pixel_min", "pixel_max", "hash_matches")
+
+
+def image_facts(images: np.ndarray, content_hashes: pd.Series) -> dict:
+    """The per-image columns of the table: shape, dtype, pixel range and whether the pixels still
+    hash to the recorded content hash (the expensive part of the table)."""
+    flat = images.reshape(len(images), -1)
+    return {
+        "height": images.shape[1] if images.ndim == 3 else -1,
+        "width": images.shape[2] if images.ndim == 3 else -1,
+        "image_dtype": str(images.dtype),
+        "pixel_min": flat.min(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
+        "pixel_max": flat.max(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
+        "hash_matches": np.array([content_hash(img) == h for img, h in zip(images, content_hashes)], dtype=bool),
+    }
+
+
+class FactsCache:
+    """Image facts of each split, kept in `artifacts/cache/` under the sha256 of the split's files
+    and of this module's code: a split whose bytes did not change since it was last checked is
+    not hashed again (the suite still checks every row of every split). Not versioned; any
+    mismatch or damage means the facts are computed again."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    def _path(self, split: str) -> Path:
+        return self.ws.artifacts / "cache" / f"validation-{split}.npz"
+
+    def _key(self, split: str) -> str:
+        files = [sha256_file(self.ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")]
+        return hashlib.sha256(json.dumps([self.code, *files]).encode()).hexdigest()
+
+    def get(self, split: str) -> dict | None:
+        try:
+            with np.load(self._path(split), allow_pickle=False) as stored:
+                if str(stored["key"]) != self._key(split):
+                    return None
+                return {name: (stored[name].item() if stored[name].ndim == 0 else stored[name]) for name in IMAGE_FACTS}
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put(self, split: str, facts: dict) -> None:
+        path = self._path(split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, key=np.array(self._key(split)), **{name: np.asarray(facts[name]) for name in IMAGE_FACTS})
+
+
+def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS, cache: FactsCache | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The table the suite checks, and the splits whose image facts came from `cache`."""
     tombstones = ws.tombstones()
     erased = tombstones[tombstones["reason"] != "rectify-label"]
     forgotten_ids = set(erased.loc[erased["reason"] == "forget", "sample_id"]) - {""}
@@ -45,25 +99,26 @@ def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame
         from lmeraser.salt import Keyer
 
         keyer = Keyer(ws, create=False)
-    frames = []
+    frames, reused = [], []
     for split in splits:
         part = ws.split(split)
-        images = part.images
         frame = part.manifest.copy()
-        frame["height"] = images.shape[1] if images.ndim == 3 else -1
-        frame["width"] = images.shape[2] if images.ndim == 3 else -1
-        frame["image_dtype"] = str(images.dtype)
-        flat = images.reshape(len(images), -1)
-        frame["pixel_min"] = flat.min(1).astype(np.int64) if flat.size else []
-        frame["pixel_max"] = flat.max(1).astype(np.int64) if flat.size else []
-        frame["hash_matches"] = [content_hash(img) == h for img, h in zip(images, frame["content_hash"])]
+        facts = cache.get(split) if cache else None
+        if facts is None:
+            facts = image_facts(part.images, frame["content_hash"])
+            if cache:
+                cache.put(split, facts)
+        else:
+            reused.append(split)
+        for name in IMAGE_FACTS:
+            frame[name] = facts[name]
         # Erased ids and contents, compared by keyed hash: the suite (and its data docs) names no
         # forgotten id or hash, only that no row is one.
         frame["suppressed"] = frame["sample_id"].isin(forgotten_ids).to_numpy() | np.array(
             [keyer is not None and keyer.content(h) in keys for h in frame["content_hash"]], dtype=bool
         )
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True), reused
 
 
 def build_suite(info: dict):
@@ -116,15 +171,16 @@ def _describe_failure(result) -> str:
     return text
 
 
-def validate_splits(ws: Workspace) -> ValidationReport:
-    """Run the suite with a Checkpoint that also writes HTML data docs to reports/data_docs."""
+def validate_splits(ws: Workspace, reuse_facts: bool = True) -> ValidationReport:
+    """Run the suite with a Checkpoint that also writes HTML data docs to reports/data_docs; with
+    `reuse_facts`, the image facts of splits whose files did not change come from the cache."""
     import great_expectations as gx
 
     # GX sets some of its loggers to INFO itself (e.g. the ephemeral docs site's temporary directory).
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
         logging.getLogger(name).setLevel(logging.ERROR)
     info = ws.source_info()
-    table = build_table(ws)
+    table, reused = build_table(ws, cache=FactsCache(ws) if reuse_facts else None)
     docs_dir = ws.data_docs.resolve()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -156,5 +212,5 @@ def validate_splits(ws: Workspace) -> ValidationReport:
         success=bool(outcome.success),
         failures=failures,
         docs_index=docs_dir / "index.html",
-        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table)},
+        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table), "facts_reused": reused},
     )

@@ -9,8 +9,9 @@ import pandas as pd
 
 from lmeraser.clustering import cluster_sizes, nearest, size_summary
 from lmeraser.config import Params
+from lmeraser.feature_cache import private_features
 from lmeraser.io import atomic_write_csv, atomic_write_json
-from lmeraser.models.backbone import image_features, load_backbone
+from lmeraser.models.backbone import load_backbone
 from lmeraser.workspace import Workspace
 
 
@@ -18,11 +19,16 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     model, meta = load_backbone(ws)
     prototypes = ws.prototypes()
     private = ws.split("private")
-    clusters = nearest(image_features(model, meta, private.images), prototypes)
+    # Features of contents seen before come from the cache (bit-identical; only new ones are computed).
+    features, computed = private_features(ws, model, meta, private.images, private.manifest["content_hash"].astype(str).tolist())
+    clusters = nearest(features, prototypes)
     atomic_write_csv(ws.assignments_file, pd.DataFrame({"sample_id": private.manifest["sample_id"], "cluster": clusters}))
     sizes = cluster_sizes(clusters, len(prototypes))
     summary = size_summary(sizes)
     atomic_write_json(ws.cluster_report, {**summary, "sizes": sizes.tolist()})
     atomic_write_csv(ws.plots / "cluster_sizes.csv", pd.DataFrame({"cluster": np.arange(len(sizes)), "size": sizes}))
-    log(f"assigned {len(private)} private samples to {summary['n_clusters'] - summary['n_empty']} non-empty clusters")
-    return {"metrics": summary}
+    log(
+        f"assigned {len(private)} private samples to {summary['n_clusters'] - summary['n_empty']} non-empty clusters"
+        f" (features computed for {computed}, {len(private) - computed} from the cache)"
+    )
+    return {"metrics": summary, "features_computed": computed}

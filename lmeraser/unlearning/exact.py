@@ -326,7 +326,7 @@ class UnlearnBatch:
     def _purge(self) -> dict:
         from lmeraser.unlearning.purge import purge
 
-        return purge(self.ws, set(self.done["rebuild"]["superseded"]), self.log)
+        return purge(self.ws, set(self.done["rebuild"]["superseded"]), self.log, set(self.done["apply"]["erased_content_keys"]))
 
     def _verify(self) -> dict:
         from lmeraser.audit.scan import scan

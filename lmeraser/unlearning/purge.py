@@ -11,17 +11,25 @@ from lmeraser.versioning import dvc, remotes
 from lmeraser.workspace import Workspace
 
 
-def purge(ws: Workspace, superseded_artifacts: set[str], log=print) -> dict:
-    """Delete superseded artifacts from the prompt store and the MLflow roots, then
-    garbage-collect the DVC cache and remote.
+def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_content_keys: set[str] = frozenset()) -> dict:
+    """Delete superseded artifacts from the prompt store and the MLflow roots and the feature-cache
+    rows of erased contents (keyed hashes), then garbage-collect the DVC cache and remote.
 
     The train stage pruned every superseded key except the ones the previous record pinned (the
     prompts that were deployed and signed); those go here, and leave the pins.
     """
     from lmeraser import tracking
+    from lmeraser.feature_cache import drop_contents
 
     locations = storage_locations(ws)
     removed = []
+    # The rebuild's assign rewrote the cache without them already; a batch resumed after a crash
+    # between the two, or a cache written by another process meanwhile, is covered here.
+    features_dropped = 0
+    if erased_content_keys:
+        from lmeraser.salt import Keyer
+
+        features_dropped = drop_contents(ws, set(erased_content_keys), Keyer(ws, create=False).content)
     # Registered versions that served a superseded prompt go first, through MLflow's own APIs.
     registry = tracking.purge_registry(ws, superseded_artifacts, log) if superseded_artifacts else {"versions_deleted": [], "not_searched": []}
     if superseded_artifacts:
@@ -59,6 +67,7 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print) -> dict:
     log(f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected")
     return {
         "artifact_files_removed": len(removed),
+        "feature_cache_rows_removed": features_dropped,
         "registry": registry,
         "dvc_gc": True,
         "remotes_gc": collected,

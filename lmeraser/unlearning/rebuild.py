@@ -20,17 +20,27 @@ from lmeraser.workspace import Workspace
 
 @contextmanager
 def _dvc_repo(ws: Workspace) -> Iterator:
-    """DVC's Python API on the workspace, quiet (its "Updating lock file" lines; our log says what ran)."""
+    """DVC's Python API on the workspace, quiet (its "Updating lock file" lines; our log says what
+    ran), run from the workspace's root: DVC resolves stage names and its stage cache's paths
+    against the current directory, which need not be the workspace (a benchmark, a service
+    started elsewhere), so it is changed for the duration and restored."""
     import logging
+    from contextlib import chdir
 
     from dvc.repo import Repo
 
     logging.getLogger("dvc").setLevel(logging.WARNING)
-    repo = Repo(str(ws.root))
-    try:
-        yield repo
-    finally:
-        repo.close()
+    with chdir(ws.root.resolve()):
+        repo = Repo(".")
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+def _changes(repo, name: str) -> list:
+    """What `dvc status` says changed in stage `name` (empty: up to date)."""
+    return [entry for entries in repo.status(targets=[name]).values() for entry in entries]
 
 
 def stale_stages(ws: Workspace, target: str) -> list[str]:
@@ -41,7 +51,7 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
         return [
             definition.name
             for definition in upstream(target)
-            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in repo.status(targets=[definition.name]).get(definition.name, []))
+            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in _changes(repo, definition.name))
         ]
 
 
@@ -54,9 +64,11 @@ def record_stage(ws: Workspace, name: str) -> None:
 def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran."""
     ran = []
+    # Absolute paths: the stages run while _dvc_repo has the workspace as current directory.
+    ws = Workspace(ws.root.resolve(), ws.params_file.resolve())
     with _dvc_repo(ws) as repo:
         for definition in upstream(target):
-            if not repo.status(targets=[definition.name]):
+            if not _changes(repo, definition.name):
                 continue
             log(f"rebuild: stage {definition.name}")
             # Clusters train concurrently on runtime.workers threads, as the flow's task runner does.

@@ -1,0 +1,89 @@
+"""The private split's feature cache (lmeraser/feature_cache.py): assignments from it are
+byte-identical to a pass from scratch, only new contents are featurised, erased contents leave
+it, and `audit scan` finds what it holds."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import torch
+
+from lmeraser.audit.scan import scan
+from lmeraser.config import load_params
+from lmeraser.data.splits import content_hash, remove_samples, update_sample
+from lmeraser.determinism import deterministic
+from lmeraser.feature_cache import drop_contents, read
+from lmeraser.models.backbone import extract_features, load_backbone, preprocess
+from lmeraser.pipeline import assign
+from lmeraser.salt import Keyer
+from lmeraser.workspace import Workspace
+
+
+def test_a_rows_features_do_not_depend_on_its_batch(trained_workspace):
+    """What makes a per-content cache exact: the same bits whatever else is in the batch."""
+    ws = trained_workspace[0]
+    backbone, meta = load_backbone(ws)
+    images = ws.split("private").images
+    with deterministic(meta.threads), torch.no_grad():
+        x = preprocess(images, meta.img_size)
+        full = extract_features(backbone, x)
+        assert extract_features(backbone, x[3:]).tobytes() == full[3:].tobytes()
+        assert extract_features(backbone, x.flip(0)).tobytes() == full[::-1].tobytes()
+        assert extract_features(backbone, x[:5], batch_size=1).tobytes() == full[:5].tobytes()
+
+
+def _assign(ws: Workspace) -> tuple[bytes, int]:
+    result = assign.run(load_params(ws.params_file), ws, lambda message: None)
+    return ws.assignments_file.read_bytes(), result["features_computed"]
+
+
+def test_assignments_from_the_cache_equal_a_pass_from_scratch(trained_workspace, tmp_path):
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    private = ws.split("private")
+    assert read(ws.feature_cache_file)[1] == private.manifest["content_hash"].tolist()  # the stages wrote it
+    assert _assign(ws)[1] == 0
+
+    # A forget and an input correction: the removed and the replaced contents leave the cache,
+    # only the new content is featurised, and the result equals a pass with no cache at all.
+    gone, corrected = private.sample_ids[0], private.sample_ids[1]
+    old_content = private.manifest["content_hash"][1]
+    remove_samples([gone], "private", ws)
+    update_sample(corrected, "private", ws, image=255 - private.images[1])
+    cached, computed = _assign(ws)
+    assert computed == 1
+    contents = read(ws.feature_cache_file)[1]
+    assert contents == ws.split("private").manifest["content_hash"].tolist() and old_content not in contents
+    ws.feature_cache_file.unlink()
+    scratch, computed = _assign(ws)
+    assert computed == len(private) - 1 and scratch == cached
+
+    # A cache for another backbone, or a damaged one, is ignored and rewritten.
+    ws.feature_cache_file.write_bytes(b"not a cache")
+    assert _assign(ws) == (cached, len(private) - 1)
+    meta = ws.backbone_meta_file.read_text()
+    ws.backbone_meta_file.write_text(meta.replace('"threads": 1', '"threads": 2'))
+    assert _assign(ws)[1] == len(private) - 1
+
+
+def test_the_purge_drops_erased_contents_and_the_scan_finds_them_in_the_cache(trained_workspace, tmp_path):
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    images = ws.split("private").images
+    erased = {Keyer(ws).content(content_hash(images[4]))}
+    # Take the sample out of data/ so that the cache is the only place left that knows it.
+    remove_samples([ws.split("private").sample_ids[4]], "private", ws)
+    hits, _, _ = scan(ws, erased, set())
+    assert [(h.kind, h.path) for h in hits] == [("forgotten sample", str(ws.feature_cache_file.resolve()))]
+    # Renamed, it is still found (scan reads what a file holds, not its name).
+    moved = ws.artifacts / "elsewhere.bin"
+    shutil.copy2(ws.feature_cache_file, moved)
+    assert len(scan(ws, erased, set())[0]) == 2
+    moved.unlink()
+    before = len(read(ws.feature_cache_file)[1])
+    key = Keyer(ws).content
+    assert drop_contents(ws, erased, key) == 1 and drop_contents(ws, erased, key) == 0
+    assert len(read(ws.feature_cache_file)[1]) == before - 1
+    assert scan(ws, erased, set())[0] == []
+    assert not np.isin(content_hash(images[4]), read(ws.feature_cache_file)[1])
