@@ -118,11 +118,11 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
         stage(name).function(params, ws, quiet)
     setup_seconds = time.perf_counter() - start
     backbone, meta = load_backbone(ws)
-    num_classes, img_size = meta.num_classes, meta.img_size
+    num_classes, spec = meta.num_classes, meta.input
     private, test = ws.split("private"), ws.split("test")
     clusters_of = ws.assignments()["cluster"].to_numpy()
-    x_all, y_all = preprocess(private.images, img_size), torch.from_numpy(private.labels)
-    x_test, y_test = preprocess(test.images, img_size), torch.from_numpy(test.labels)
+    x_all, y_all = preprocess(private.images, spec), torch.from_numpy(private.labels)
+    x_test, y_test = preprocess(test.images, spec), torch.from_numpy(test.labels)
     prototypes = ws.prototypes()
     routes = nearest(extract_features(backbone, x_test, 256), prototypes, np.unique(clusters_of))
     sizes = np.bincount(clusters_of)

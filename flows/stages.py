@@ -76,6 +76,45 @@ def _train_in_tasks(trainer: ClusterTrainer, jobs: list[ClusterJob]) -> list[dic
     return [future.result() for future in track(futures, "training clusters")]
 
 
+@task(cache_policy=NO_CACHE, retries=0, task_run_name="train-cluster-{cluster}")
+def train_cluster_on_worker(root: str, params_file: str, cluster: int, key: str) -> dict:
+    from lmeraser.pipeline.train import train_from_workspace
+
+    return train_from_workspace(root, params_file, cluster, key)
+
+
+@flow(name="train-clusters", log_prints=True, flow_run_name=timestamped_run_name)
+def train_clusters(root: str, params_file: str, clusters: list[int], keys: list[str]) -> list[dict]:
+    """Clusters train as mapped tasks on this flow's task runner (Dask), each worker loading what
+    it needs from the workspace."""
+    futures = train_cluster_on_worker.map(unmapped(root), unmapped(params_file), clusters, keys)
+    return [future.result() for future in track(futures, "training clusters")]
+
+
+def dask_runner(params: Params):
+    """prefect-dask's DaskTaskRunner: the cluster at runtime.dask_address, or a local one of
+    runtime.workers single-threaded processes (torch threads: runtime.threads, as in threads mode)."""
+    from prefect_dask import DaskTaskRunner
+
+    if params.runtime.dask_address:
+        return DaskTaskRunner(address=params.runtime.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": params.runtime.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+def map_jobs_for(params: Params, root: str, params_file: str):
+    """How a stage's clusters train under runtime.executor: mapped tasks in threads of this flow,
+    or the `train-clusters` subflow on Dask."""
+    if params.runtime.executor == "threads":
+        return _train_in_tasks
+
+    def on_dask(trainer: ClusterTrainer, jobs: list[ClusterJob]) -> list[dict]:
+        absolute = str(Path(root).resolve() / params_file)
+        flow_with_dask = train_clusters.with_options(task_runner=dask_runner(params))
+        return flow_with_dask(str(Path(root).resolve()), absolute, [job.cluster for job in jobs], [job.key for job in jobs])
+
+    return on_dask
+
+
 @flow(name="validate", log_prints=True, flow_run_name=timestamped_run_name)
 def validate(root: str = ".", params_file: str = "params.yaml") -> dict:
     """The Great Expectations suite over every split."""
@@ -102,8 +141,9 @@ def assign(root: str = ".", params_file: str = "params.yaml") -> dict:
 
 @flow(name="train", log_prints=True, flow_run_name=timestamped_run_name)
 def train(root: str = ".", params_file: str = "params.yaml") -> dict:
-    """Per-cluster prompts: reuse every unchanged key, train the rest as mapped tasks."""
-    return _run("train", root, params_file, map_jobs=_train_in_tasks)
+    """Per-cluster prompts: reuse every unchanged key, train the rest as mapped tasks (threads or Dask)."""
+    params, _ = _workspace(root, params_file)
+    return _run("train", root, params_file, map_jobs=map_jobs_for(params, root, params_file))
 
 
 @flow(name="evaluate", log_prints=True, flow_run_name=timestamped_run_name)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flows.stages import timestamped_run_name, track_stage_task
+from flows.stages import map_jobs_for, timestamped_run_name, track_stage_task
 from lmeraser import tracking
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
@@ -72,6 +72,7 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
             git_commit=git_commit,
             after_stage=lambda name, summary: track_stage_task(name, params, ws, summary),
             max_requests=max_requests,
+            map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
         )
     except LmeraserError as error:
         return Failed(message=str(error))

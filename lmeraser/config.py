@@ -30,30 +30,61 @@ class DataParams(_Section):
     n_subjects: int = Field(100, ge=1)
     # Cap on the training pool (stratified, seeded); null = everything.
     subset: int | None = Field(None, ge=10)
+    # Resize every image to image_size x image_size at ingestion (Pillow, bilinear); null = keep
+    # the source's size (a folder of differently sized images needs it).
+    image_size: int | None = Field(None, ge=4, le=1024)
+
+
+# The built-in small ViT's architecture (what the digits and Fashion-MNIST demos train from
+# scratch); a timm model named by `backbone.model` has its own and takes none of these.
+BUILTIN_ARCHITECTURE = {"patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
 
 
 class BackboneParams(_Section):
-    checkpoint: str | None = None
-    img_size: int = Field(16, ge=4, le=512)
-    patch_size: int = Field(4, ge=1)
-    embed_dim: int = Field(64, ge=8)
-    depth: int = Field(4, ge=1, le=48)
-    num_heads: int = Field(4, ge=1)
-    mlp_ratio: float = Field(2.0, gt=0.0)
-    epochs: int = Field(100, ge=0)
-    batch_size: int = Field(64, ge=1)
+    # A timm ViT-family architecture (e.g. vit_tiny_patch16_224, vit_base_patch16_224,
+    # deit_small_patch16_224), built with pretrained=False: its weights come from `checkpoint` or
+    # from training. null: the built-in small ViT described by patch_size..mlp_ratio.
+    model: str | None = Field(None, min_length=1, max_length=200)
+    checkpoint: str | None = None  # a local weights file (safetensors, or torch read weights-only)
+    # scratch: train on the public split from random weights; finetune: load `checkpoint`, then
+    # train on the public split; frozen: use `checkpoint` as is (LMEraser's setting).
+    train: Literal["scratch", "finetune", "frozen"] = "scratch"
+    img_size: int = Field(16, ge=4, le=1024)
+    patch_size: int | None = Field(None, ge=1)
+    embed_dim: int | None = Field(None, ge=8)
+    depth: int | None = Field(None, ge=1, le=48)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float | None = Field(None, gt=0.0)
+    epochs: int = Field(100, ge=0)  # scratch and finetune
+    batch_size: int = Field(64, ge=1)  # training, and every whole-split pass over the backbone
     lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.05, ge=0.0)
     # Torch threads for training the backbone and for every whole-split pass over it (features,
     # evaluation, membership inference). Recorded in backbone.json: it changes the float order.
     threads: int = Field(2, ge=1, le=256)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin_defaults(cls, raw):
+        if isinstance(raw, dict) and raw.get("model") is None:
+            raw = {**raw, **{key: value for key, value in BUILTIN_ARCHITECTURE.items() if raw.get(key) is None}}
+        return raw
+
     @model_validator(mode="after")
     def _shapes(self) -> BackboneParams:
-        if self.img_size % self.patch_size:
-            raise ValueError(f"backbone.img_size ({self.img_size}) must be a multiple of backbone.patch_size ({self.patch_size})")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"backbone.embed_dim ({self.embed_dim}) must be a multiple of backbone.num_heads ({self.num_heads})")
+        if self.model is not None:
+            given = [key for key in BUILTIN_ARCHITECTURE if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"backbone.{given[0]} describes the built-in ViT; backbone.model {self.model} has its own architecture: remove it")
+        else:
+            if self.img_size % self.patch_size:
+                raise ValueError(f"backbone.img_size ({self.img_size}) must be a multiple of backbone.patch_size ({self.patch_size})")
+            if self.embed_dim % self.num_heads:
+                raise ValueError(f"backbone.embed_dim ({self.embed_dim}) must be a multiple of backbone.num_heads ({self.num_heads})")
+        if self.train == "scratch" and self.checkpoint:
+            raise ValueError("backbone.checkpoint is set but backbone.train is scratch; set train to frozen (use it as is) or finetune")
+        if self.train != "scratch" and not self.checkpoint:
+            raise ValueError(f"backbone.train {self.train} needs backbone.checkpoint (a local weights file); nothing is downloaded")
         return self
 
 
@@ -165,11 +196,23 @@ class EvaluateParams(_Section):
 class RuntimeParams(_Section):
     # Intra-op threads per training: part of every artifact key, because it changes the bits.
     threads: int = Field(1, ge=1, le=256)
-    # Clusters trained concurrently (Prefect mapped tasks).
+    # Clusters trained concurrently (Prefect mapped tasks): threads, or Dask worker processes.
     workers: int = Field(2, ge=1, le=256)
+    # threads: clusters train in threads of the stage's process. dask: through prefect-dask's
+    # DaskTaskRunner, on a local cluster of `workers` processes or on the cluster at
+    # `dask_address`; workers read the backbone and their members from the workspace (a
+    # filesystem every worker shares).
+    executor: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = Field(None, min_length=1, max_length=500)  # e.g. tcp://scheduler:8786
     # Only the CPU for now: every stage, the influence path and replay run there, and a setting
     # that would be accepted and silently ignored is refused instead (GPU: issue 12).
     device: Literal["cpu"] = "cpu"
+
+    @model_validator(mode="after")
+    def _dask(self) -> RuntimeParams:
+        if self.dask_address and self.executor != "dask":
+            raise ValueError("runtime.dask_address is set but runtime.executor is threads; set executor to dask or remove the address")
+        return self
 
 
 class RequestsParams(_Section):

@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from lmeraser.config import PromptParams
 from lmeraser.models.backbone import extract_features, preprocess
 from lmeraser.training import cluster_seed, load_prompt, train_prompt
+from lmeraser.workspace import InputSpec
 
 SINGLE_PROMPT_ID = "all"  # seed namespace of the no-clusters baseline
 
@@ -32,10 +33,10 @@ def per_cluster_accuracy(labels: np.ndarray, predictions: np.ndarray, routes: np
     return out
 
 
-def linear_probe(backbone, train_images, train_labels, test_images, img_size: int, seed: int) -> np.ndarray:
+def linear_probe(backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int) -> np.ndarray:
     """Logistic regression on frozen CLS features; returns test predictions."""
-    train_features = extract_features(backbone, preprocess(train_images, img_size))
-    test_features = extract_features(backbone, preprocess(test_images, img_size))
+    train_features = extract_features(backbone, preprocess(train_images, spec))
+    test_features = extract_features(backbone, preprocess(test_images, spec))
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     probe.fit((train_features - mean) / std, train_labels)
@@ -52,7 +53,7 @@ def single_prompt(
     train_images,
     train_labels,
     test_images,
-    img_size: int,
+    spec: InputSpec,
     params: PromptParams,
     num_classes: int,
     seed: int,
@@ -60,12 +61,12 @@ def single_prompt(
     batch_size: int = 256,
 ) -> np.ndarray:
     """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
-    x = preprocess(train_images, img_size)
+    x = preprocess(train_images, spec)
     state = train_prompt(
         backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads
     )
     model = load_prompt(backbone, params, num_classes, state)
-    return _predict(model, preprocess(test_images, img_size), batch_size)
+    return _predict(model, preprocess(test_images, spec), batch_size)
 
 
 def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:

@@ -3,7 +3,7 @@ has not seen.
 
 A sample's feature vector is a function of the frozen backbone, its thread count, the input size
 and the sample's pixels, nothing else, so the cache is keyed by (backbone sha256, threads,
-img_size) for the whole file and by each sample's content hash for each row. Features are
+input size and normalisation) for the whole file and by each sample's content hash for each row. Features are
 computed in the same batching whatever the cache holds, and a row's features do not depend on the
 other rows of its batch (tests/test_feature_cache.py checks both on the machine it runs on), so
 assignments from cached features are bit-identical to a pass from scratch.
@@ -36,7 +36,7 @@ KIND = "lmeraser-feature-cache"  # in the file's metadata: how `audit scan` reco
 
 
 def _identity(meta: BackboneMeta) -> dict:
-    return {"backbone": meta.sha256, "threads": meta.threads, "img_size": meta.img_size}
+    return {"backbone": meta.sha256, "threads": meta.threads, "img_size": meta.img_size, **meta.input.to_json()}
 
 
 def _digests(content_hashes: list[str]) -> np.ndarray:
@@ -79,7 +79,7 @@ def private_features(ws: Workspace, backbone: torch.nn.Module, meta: BackboneMet
     computed = np.zeros((0, width or 0), np.float32)
     if missing:
         with deterministic(meta.threads):
-            computed = extract_features(backbone, preprocess(images[missing], meta.img_size))
+            computed = extract_features(backbone, preprocess(images[missing], meta.input))
         width = computed.shape[1]
     features = np.zeros((len(content_hashes), width or 0), np.float32)
     if missing:

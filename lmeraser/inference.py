@@ -19,7 +19,7 @@ from lmeraser.models.backbone import extract_features, load_backbone, preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.store import ArtifactStore
 from lmeraser.training import load_prompt
-from lmeraser.workspace import BackboneMeta, PromptIndex, Workspace
+from lmeraser.workspace import BackboneMeta, InputSpec, PromptIndex, Workspace
 
 
 @dataclass
@@ -54,8 +54,8 @@ class ServingModel:
         return PromptParams.from_identity(self.index.prompt)
 
     @property
-    def img_size(self) -> int:
-        return self.backbone_meta.img_size
+    def input_spec(self) -> InputSpec:
+        return self.backbone_meta.input
 
     @property
     def active_clusters(self) -> list[int]:
@@ -85,7 +85,7 @@ class ServingModel:
     def logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Class logits and the cluster each sample was routed to."""
         with deterministic(self.backbone_meta.threads):
-            x = preprocess(images, self.img_size)
+            x = preprocess(images, self.input_spec)
             routes = self.route(extract_features(self.backbone, x, batch_size))
             out = np.zeros((len(x), self.index.num_classes), dtype=np.float32)
             for cluster in np.unique(routes):

@@ -62,7 +62,7 @@ def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: 
     cached = _load(ws, identity)
     served = model.served_keys()
     with deterministic(model.backbone_meta.threads), torch.no_grad():
-        x = preprocess(test.images, model.img_size)
+        x = preprocess(test.images, model.input_spec)
         features = cached[0]["features"] if cached else extract_features(model.backbone, x, batch_size)
         routes = model.route(features)
         logits = np.zeros((len(x), model.index.num_classes), dtype=np.float32)

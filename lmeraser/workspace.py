@@ -395,6 +395,20 @@ class Split:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """How images enter the backbone: resized to img_size, in_chans channels, normalised per
+    channel with the backbone's mean and std."""
+
+    img_size: int
+    in_chans: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+    def to_json(self) -> dict:
+        return {"in_chans": self.in_chans, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
 class BackboneMeta:
     """`artifacts/backbone/backbone.json`: what the frozen backbone is and how it was made."""
 
@@ -403,17 +417,30 @@ class BackboneMeta:
     num_classes: int
     threads: int  # torch threads every whole-split pass over this backbone uses
     origin: dict = field(default_factory=dict)  # trained on the public split, or a checkpoint
+    input_json: dict = field(default_factory=dict)  # InputSpec without img_size (older files: grey, 0.5/0.5)
 
     @property
     def img_size(self) -> int:
         return int(self.params["img_size"])
 
+    @property
+    def input(self) -> InputSpec:
+        raw = self.input_json
+        return InputSpec(self.img_size, int(raw.get("in_chans", 1)), tuple(raw.get("mean", (0.5,))), tuple(raw.get("std", (0.5,))))
+
     @classmethod
     def from_json(cls, raw: dict) -> BackboneMeta:
-        return cls(raw["sha256"], raw["params"], int(raw["num_classes"]), int(raw.get("threads", 1)), raw.get("origin", {}))
+        return cls(raw["sha256"], raw["params"], int(raw["num_classes"]), int(raw.get("threads", 1)), raw.get("origin", {}), raw.get("input", {}))
 
     def to_json(self) -> dict:
-        return {"sha256": self.sha256, "params": self.params, "num_classes": self.num_classes, "threads": self.threads, "origin": self.origin}
+        return {
+            "sha256": self.sha256,
+            "params": self.params,
+            "num_classes": self.num_classes,
+            "threads": self.threads,
+            "origin": self.origin,
+            "input": self.input_json,
+        }
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ def test_presets_carry_what_the_benchmarks_used_to_hard_code():
         ({"backbone": {"img_size": 10, "patch_size": 4}}, "backbone.img_size"),
         ({"clustering": {"min_clusters": 9, "max_clusters": 3}}, "clustering.min_clusters"),
         ({"runtime": {"threads": 0}}, "runtime.threads"),
+        ({"backbone": {"model": "vit_tiny_patch16_224", "embed_dim": 64}}, "backbone.embed_dim describes the built-in ViT"),
+        ({"backbone": {"checkpoint": "w.safetensors"}}, "backbone.checkpoint is set but backbone.train is scratch"),
+        ({"backbone": {"train": "frozen"}}, "backbone.train frozen needs backbone.checkpoint"),
+        ({"backbone": {"train": "finetune"}}, "backbone.train finetune needs backbone.checkpoint"),
+        ({"data": {"image_size": 2}}, "data.image_size"),
     ],
 )
 def test_bad_values_name_the_key(raw, needle):
@@ -74,3 +79,15 @@ def test_a_device_that_would_be_ignored_is_refused():
     """runtime.device: cuda was accepted and silently ran on the CPU; until the GPU path exists it is refused."""
     with pytest.raises(ConfigError, match="runtime.device"):
         parse_params({"runtime": {"device": "cuda"}})
+
+
+def test_a_timm_model_takes_none_of_the_built_in_architecture_keys():
+    named = parse_params({"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32}})
+    assert named.backbone.patch_size is None and named.backbone.embed_dim is None
+    built_in = parse_params({"backbone": {"img_size": 8, "patch_size": 4}})
+    assert built_in.backbone.model is None and built_in.backbone.embed_dim == 64 and built_in.backbone.train == "scratch"
+    # The spelled-out preset form (every key, null where a timm model fixes it) is the same params.
+    spelled = parse_params(
+        {"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32, "patch_size": None}}
+    )
+    assert spelled == named

@@ -26,7 +26,7 @@ def test_a_rows_features_do_not_depend_on_its_batch(trained_workspace):
     backbone, meta = load_backbone(ws)
     images = ws.split("private").images
     with deterministic(meta.threads), torch.no_grad():
-        x = preprocess(images, meta.img_size)
+        x = preprocess(images, meta.input)
         full = extract_features(backbone, x)
         assert extract_features(backbone, x[3:]).tobytes() == full[3:].tobytes()
         assert extract_features(backbone, x.flip(0)).tobytes() == full[::-1].tobytes()

@@ -188,3 +188,38 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
     assert run.name == f"unlearn-{expected}" and {"lmeraser", "unlearn"} <= set(run.tags)
     # Only the steps that talk to remotes retry (each step is idempotent).
     assert NETWORK_STEPS == {"purge"} and step_task("purge").retries == 2 and step_task("apply").retries == 0
+
+
+def test_clusters_trained_on_a_local_dask_cluster_are_byte_identical_to_threads(trained_workspace, tmp_path):
+    """runtime.executor dask: the train stage's clusters go through prefect-dask's DaskTaskRunner
+    on a 2-worker local cluster (separate processes that load the workspace themselves), and give
+    the same bytes as the thread runner; a library call without the flow refuses it."""
+    import shutil
+
+    import pytest
+    import yaml
+
+    from flows.stages import run_stage
+    from lmeraser.config import load_params
+    from lmeraser.errors import ConfigError
+    from lmeraser.store import ArtifactStore
+    from lmeraser.unlearning.exact import process_pending
+    from lmeraser.workspace import Workspace
+
+    trained, results = trained_workspace
+    root = tmp_path / "ws"
+    shutil.copytree(trained.root, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "store"))
+    values = yaml.safe_load((root / "params.yaml").read_text())
+    values["runtime"].update({"executor": "dask", "workers": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    state = run_stage("train", str(root), "params.yaml")
+    assert state.is_completed(), state.message
+    ws = Workspace(root)
+    assert read_json(ws.last_run_file)["trained"] == sorted(int(c) for c in trained.prompt_index().clusters)
+    threads, dask = trained.prompt_index().clusters, ws.prompt_index().clusters
+    assert {c: e.sha256 for c, e in dask.items()} == {c: e.sha256 for c, e in threads.items()}
+    for entry in dask.values():
+        assert ArtifactStore(ws.store_dir).path(entry.key).read_bytes() == ArtifactStore(trained.store_dir).path(entry.key).read_bytes()
+    assert load_params(ws.params_file).runtime.executor == "dask"
+    with pytest.raises(ConfigError, match="runtime.executor dask trains through Prefect's Dask task runner"):
+        process_pending(ws, lambda message: None)

@@ -32,6 +32,11 @@ def test_scan_finds_forgotten_images_and_superseded_artifacts(tmp_path):
     (cache / "cdef0123").unlink()
     artifact.unlink()
     assert scan(Workspace(tmp_path), forgotten, set())[0] == [] and not_searched == []
+    # RGB images (N, H, W, 3) are hashed the same way.
+    rgb = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "data" / "rgb.npy", rgb)
+    hits = scan(ws, {Keyer(ws).content(content_hash(rgb[2]))}, set())[0]
+    assert [(h.location, h.kind) for h in hits] == [("data", "forgotten sample")]
 
 
 def test_membership_inference_scores():

@@ -189,3 +189,33 @@ def test_version():
 
     done = CliRunner().invoke(app, ["--version"])
     assert done.exit_code == 0 and done.stdout.strip() == f"lmeraser {version('lmeraser')}"
+
+
+def test_a_corrected_image_must_have_the_datas_channels_and_is_never_converted():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lmeraser.unlearning.requests import decode_corrected_image
+
+    def png(mode: str, size=(6, 5)) -> bytes:
+        buffer = io.BytesIO()
+        Image.new(mode, size, 200 if mode == "L" else (10, 20, 30)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rgb = decode_corrected_image(png("RGB"), "x.png", False, (5, 6, 3))
+    assert rgb.shape == (5, 6, 3) and rgb[0, 0].tolist() == [10, 20, 30]
+    assert decode_corrected_image(png("L"), "x.png", False, (5, 6)).shape == (5, 6)
+    with pytest.raises(LmeraserError, match="a L image, but the data is RGB; give an RGB image, it is never converted"):
+        decode_corrected_image(png("L"), "x.png", False, (5, 6, 3))
+    with pytest.raises(LmeraserError, match="a RGBA image, but the data is RGB"):
+        decode_corrected_image(png("RGBA"), "x.png", False, (5, 6, 3))
+    with pytest.raises(LmeraserError, match="a RGB image, but the data is grey"):
+        decode_corrected_image(png("RGB"), "x.png", False, (5, 6))
+    with pytest.raises(LmeraserError, match="corrected input is 5x6, expected \\(6, 6, 3\\)"):
+        decode_corrected_image(png("RGB"), "x.png", False, (6, 6, 3))
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((5, 6), np.uint8))
+    with pytest.raises(LmeraserError, match="has shape \\(5, 6\\), expected \\(5, 6, 3\\)"):
+        decode_corrected_image(buffer.getvalue(), "x.npy", True, (5, 6, 3))

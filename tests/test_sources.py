@@ -98,12 +98,17 @@ def test_npz_sources(tmp_path):
     channel = tmp_path / "channel.npz"
     np.savez(channel, images=rng.integers(0, 256, (6, 5, 5, 1)), labels=np.zeros(6, dtype=int))
     assert load_source(f"npz:{channel}").train_images.shape == (6, 5, 5)
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, images=rng.integers(0, 256, (6, 5, 5, 3), dtype=np.uint8), labels=np.zeros(6, dtype=int))
+    assert load_source(f"npz:{rgb}").train_images.shape == (6, 5, 5, 3)
+    assert load_source(f"npz:{rgb}", image_size=8).train_images.shape == (6, 8, 8, 3)  # data.image_size
 
 
 @pytest.mark.parametrize(
     ("arrays", "needle"),
     [
         ({"x_train": np.zeros((4, 5)), "y_train": np.zeros(4, int)}, "shape (N, H, W)"),
+        ({"x_train": np.zeros((4, 5, 5, 4), np.uint8), "y_train": np.zeros(4, int)}, "(N, H, W, 3) (RGB), got (4, 5, 5, 4)"),
         ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(3, int)}, "4 images but"),
         ({"x_train": np.full((4, 5, 5), 300), "y_train": np.zeros(4, int)}, "0..255"),
         ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.full(4, -1)}, "non-negative"),
@@ -185,3 +190,89 @@ def test_sources_carry_real_subject_ids(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=images, y_train=labels, subject_ids=np.array(["ok"] * 39 + ["bad\x1b[31m"]))
     with pytest.raises(DataError, match="row 39 must be 1..256 printable characters"):
         load_source(f"npz:{tmp_path / 'bad.npz'}")
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+
+
+def test_an_image_folder_with_a_test_split_and_subjects(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8)
+    for i, image in enumerate(images[:4]):
+        _png(tmp_path / "train" / ("cat" if i % 2 else "ant") / f"{i}.png", image)
+    _png(tmp_path / "train" / "cat" / "grey.png", images[4, ..., 0])  # a grey one among RGB: repeated over the channels
+    _png(tmp_path / "test" / "ant" / "t.png", images[5])
+    (tmp_path / "subjects.csv").write_text(
+        "file,subject_id\n"
+        + "".join(f"train/{c}/{n},s{n}\n" for c, n in [("ant", "0.png"), ("ant", "2.png"), ("cat", "1.png"), ("cat", "3.png"), ("cat", "grey.png")])
+    )
+    data = load_source(f"folder:{tmp_path}")
+    assert data.train_images.shape == (5, 10, 12, 3) and data.train_labels.tolist() == [0, 0, 1, 1, 1]
+    assert np.array_equal(data.train_images[0], images[0]) and np.array_equal(data.test_images[0], images[5])
+    assert np.array_equal(data.train_images[4], np.repeat(images[4, ..., :1], 3, axis=2))
+    assert data.train_subjects.tolist() == ["s0.png", "s2.png", "s1.png", "s3.png", "sgrey.png"]
+    assert load_source(f"folder:{tmp_path}", image_size=8).train_images.shape == (5, 8, 8, 3)
+    # Refusals, one sentence each.
+    (tmp_path / "subjects.csv").write_text("file,subject_id\ntrain/ant/0.png,a\n")
+    with pytest.raises(DataError, match="no subject for training image train/ant/2.png"):
+        load_source(f"folder:{tmp_path}")
+    (tmp_path / "subjects.csv").unlink()
+    _png(tmp_path / "train" / "ant" / "big.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="big.png: image is 20x20, the others 12x10; set data.image_size"):
+        load_source(f"folder:{tmp_path}")
+    (tmp_path / "train" / "ant" / "big.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="big.png: not a readable PNG or JPEG"):
+        load_source(f"folder:{tmp_path}")
+    _png(tmp_path / "test" / "bee" / "x.png", images[0])
+    (tmp_path / "train" / "ant" / "big.png").unlink()
+    with pytest.raises(DataError, match="bee: class folder not in the training classes"):
+        load_source(f"folder:{tmp_path}")
+
+
+def test_an_all_grey_folder_gives_grey_data(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        _png(tmp_path / str(i % 2) / f"{i}.png", rng.integers(0, 256, (7, 7), dtype=np.uint8))
+    data = load_source(f"folder:{tmp_path}")
+    assert data.train_images.shape == (4, 7, 7) and data.test_images is None
+    with pytest.raises(DataError, match="no .png/.jpg/.jpeg images"):
+        (tmp_path / "empty" / "a").mkdir(parents=True)
+        load_source(f"folder:{tmp_path / 'empty'}")
+
+
+def _cifar_file(path: Path, labels: list[int], label_bytes: int, rng) -> np.ndarray:
+    pixels = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
+    rows = [bytes([0] * (label_bytes - 1) + [label]) + image.tobytes() for label, image in zip(labels, pixels)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(rows))
+    return pixels.transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_binary_distribution(tmp_path, classes):
+    rng = np.random.default_rng(classes)
+    folder = tmp_path / ("cifar-10-batches-bin" if classes == 10 else "cifar-100-binary")
+    label_bytes = 1 if classes == 10 else 2
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] if classes == 10 else ["train.bin"]
+    first = [_cifar_file(folder / name, [i % classes, (i + 7) % classes], label_bytes, rng) for i, name in enumerate(names)][0]
+    test = _cifar_file(folder / ("test_batch.bin" if classes == 10 else "test.bin"), [classes - 1], label_bytes, rng)
+    data = load_source(f"cifar{classes}:{tmp_path}")  # the parent of the extracted folder also works
+    assert data.train_images.shape == (2 * len(names), 32, 32, 3) and data.train_labels[:2].tolist() == [0, 7 % classes]
+    assert np.array_equal(data.train_images[:2], first) and np.array_equal(data.test_images, test) and data.test_labels.tolist() == [classes - 1]
+    with open(folder / names[0], "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(DataError, match="not a whole number of .*-byte CIFAR records"):
+        load_source(f"cifar{classes}:{folder}")
+
+
+def test_the_pickled_cifar_distribution_is_refused(tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(b"\x80\x04 pickled")
+    with pytest.raises(DataError, match="Python \\(pickled\\) distribution, which lmeraser never unpickles"):
+        load_source(f"cifar10:{tmp_path}")
+    (tmp_path / "bin").mkdir()
+    with pytest.raises(DataError, match="missing data_batch_1.bin"):
+        load_source(f"cifar10:{tmp_path / 'bin'}")

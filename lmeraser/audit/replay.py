@@ -78,7 +78,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
         result = {"cluster": cluster, "status": "replayed", "sha256": stored.sha256, "match": stored.sha256 == expected}
         if differences:
             # Another machine or versions: bits may differ legitimately; compare behaviour instead.
-            x = preprocess(ws.split("test").images, current.img_size)
+            x = preprocess(ws.split("test").images, current.input_spec)
             recorded = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, current.store.load(deployed.key))
             replayed = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, state)
             with torch.no_grad():

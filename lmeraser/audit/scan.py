@@ -90,7 +90,7 @@ def _content_keys(path: Path, keyer: Keyer) -> set[str]:
             array = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError):
             return set()
-        if array.dtype != np.uint8 or array.ndim != 3:
+        if array.dtype != np.uint8 or array.ndim not in (3, 4):  # grey (N, H, W) or RGB (N, H, W, C)
             return set()
         return {keyer.content(content_hash(image)) for image in array}
     if head[8:9] == b"{":  # a safetensors header

@@ -1,7 +1,7 @@
 """Readers for every supported data source.
 
-A source yields uint8 grey-scale images (N, H, W) and integer labels, with an optional
-official test split. Nothing is ever downloaded: sources are bundled (scikit-learn digits),
+A source yields uint8 images, grey (N, H, W) or RGB (N, H, W, 3), and integer labels, with an
+optional official test split. Nothing is ever downloaded: sources are bundled (scikit-learn digits),
 installed by the system package manager (Fashion-MNIST) or the user's own files.
 """
 
@@ -35,13 +35,13 @@ FASHION_MNIST_PAYLOAD_MD5 = {
     "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
     "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
 }
-SOURCE_HELP = "digits, fashion-mnist, idx:DIR or npz:FILE"
+SOURCE_HELP = "digits, fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR"
 
 
 @dataclass(frozen=True)
 class RawDataset:
     name: str
-    train_images: np.ndarray  # uint8 (N, H, W)
+    train_images: np.ndarray  # uint8 (N, H, W) grey or (N, H, W, 3) RGB
     train_labels: np.ndarray  # int64 (N,)
     test_images: np.ndarray | None = None
     test_labels: np.ndarray | None = None
@@ -50,17 +50,39 @@ class RawDataset:
     train_subjects: np.ndarray | None = None
 
 
-def load_source(spec: str) -> RawDataset:
-    """Read the data source named by `spec` (see SOURCE_HELP)."""
+def load_source(spec: str, image_size: int | None = None) -> RawDataset:
+    """Read the data source named by `spec` (see SOURCE_HELP); with `image_size`, every image is
+    resized to image_size x image_size (a folder of differently sized images needs it)."""
     if spec == "digits":
-        return load_digits()
-    if spec == "fashion-mnist":
-        return load_fashion_mnist()
-    if spec.startswith("idx:"):
-        return load_idx_dir(Path(spec[4:]))
-    if spec.startswith("npz:"):
-        return load_npz(Path(spec[4:]))
-    raise DataError(f"Unknown data source '{spec}'; expected one of {SOURCE_HELP}.")
+        raw = load_digits()
+    elif spec == "fashion-mnist":
+        raw = load_fashion_mnist()
+    elif spec.startswith("idx:"):
+        raw = load_idx_dir(Path(spec[4:]))
+    elif spec.startswith("npz:"):
+        raw = load_npz(Path(spec[4:]))
+    elif spec.startswith("folder:"):
+        return load_folder(Path(spec[7:]), image_size)
+    elif spec.startswith("cifar10:"):
+        raw = load_cifar(Path(spec[8:]), 10)
+    elif spec.startswith("cifar100:"):
+        raw = load_cifar(Path(spec[9:]), 100)
+    else:
+        raise DataError(f"Unknown data source '{spec}'; expected one of {SOURCE_HELP}.")
+    if image_size is None:
+        return raw
+    test = None if raw.test_images is None else resize(raw.test_images, image_size)
+    return RawDataset(raw.name, resize(raw.train_images, image_size), raw.train_labels, test, raw.test_labels, raw.train_subjects)
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images resized to size x size with Pillow's bilinear filter (deterministic)."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    mode = "L" if images.ndim == 3 else "RGB"
+    return np.stack([np.asarray(Image.fromarray(image, mode).resize((size, size), Image.Resampling.BILINEAR)) for image in images])
 
 
 def load_digits() -> RawDataset:
@@ -181,6 +203,146 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
     return RawDataset("fashion-mnist", data.train_images, data.train_labels, data.test_images, data.test_labels)
 
 
+# -- an image folder -----------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return np.asarray(picture.convert("L") if picture.mode in ("L", "1") else picture.convert("RGB")), picture.mode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: not a readable PNG or JPEG image ({error.__class__.__name__}).") from None
+
+
+def _class_tree(directory: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    """Image files under directory/<class>/, classes in sorted order; (files, labels, classes)."""
+    found = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{directory / unknown[0]}: class folder not in the training classes {classes[:5]}.")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = directory / name
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                    files.append(path)
+                    labels.append(label)
+    if not files:
+        raise DataError(f"{directory}: no .png/.jpg/.jpeg images in class subfolders (expected {directory}/<class>/<image>).")
+    return files, labels, classes
+
+
+def _folder_images(files: list[Path], image_size: int | None, rgb: bool) -> np.ndarray:
+    images = []
+    for path in files:
+        image, _ = _read_image(path)
+        if rgb and image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image_size is not None:
+            image = resize(image[None], image_size)[0]
+        elif images and image.shape != images[0].shape:
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, the others {images[0].shape[1]}x{images[0].shape[0]}; set data.image_size.")
+        images.append(image)
+    return np.stack(images)
+
+
+def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
+    """`folder:DIR`: one subfolder per class (labels in sorted folder-name order), PNG or JPEG,
+    or `DIR/train/<class>` and `DIR/test/<class>` for an official test split. All-grey images
+    give grey data; otherwise every image is read as RGB (a grey one repeated over the channels,
+    alpha dropped). Optional `DIR/subjects.csv` with columns `file` (relative to DIR) and
+    `subject_id`, a row for every training image."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: image folder not found.")
+    train_dir = directory / "train" if (directory / "train").is_dir() else directory
+    files, labels, classes = _class_tree(train_dir, None)
+    test_files, test_labels = [], []
+    if train_dir != directory and (directory / "test").is_dir():
+        test_files, test_labels, _ = _class_tree(directory / "test", classes)
+    modes = {_read_image(path)[1] for path in files + test_files}
+    rgb = not modes <= {"L", "1"}
+    train = _folder_images(files, image_size, rgb)
+    test = _folder_images(test_files, image_size, rgb) if test_files else None
+    if test is not None and test.shape[1:] != train.shape[1:]:
+        raise DataError(f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; set data.image_size.")
+    subjects = None
+    if (directory / "subjects.csv").exists():
+        subjects = _folder_subjects(directory / "subjects.csv", [path.relative_to(directory).as_posix() for path in files])
+    return RawDataset(
+        f"folder:{directory}",
+        train,
+        np.asarray(labels, dtype=np.int64),
+        test,
+        None if test is None else np.asarray(test_labels, dtype=np.int64),
+        subjects,
+    )
+
+
+def _folder_subjects(path: Path, files: list[str]) -> np.ndarray:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable CSV ({error.__class__.__name__}).") from None
+    if not {"file", "subject_id"} <= set(frame.columns):
+        raise DataError(f"{path}: needs columns 'file' and 'subject_id' (found {list(frame.columns)[:5]}).")
+    by_file = dict(zip(frame["file"], frame["subject_id"], strict=True))
+    missing = [name for name in files if name not in by_file]
+    if missing:
+        raise DataError(f"{path}: no subject for training image {missing[0]}.")
+    return check_subjects(np.asarray([by_file[name] for name in files], dtype=str), len(files), str(path))
+
+
+# -- CIFAR-10 / CIFAR-100, binary distribution -------------------------------------------------
+
+_CIFAR = {
+    10: {"folder": "cifar-10-batches-bin", "train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": "test_batch.bin", "label_bytes": 1},
+    100: {"folder": "cifar-100-binary", "train": ["train.bin"], "test": "test.bin", "label_bytes": 2},
+}
+
+
+def _cifar_records(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    record = label_bytes + 3072
+    raw = path.read_bytes()
+    if len(raw) == 0 or len(raw) % record:
+        raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated or not CIFAR binary.")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
+    labels = rows[:, label_bytes - 1].astype(np.int64)  # CIFAR-100: the fine label (the second byte)
+    images = rows[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def load_cifar(directory: Path, classes: int) -> RawDataset:
+    """`cifar10:DIR` / `cifar100:DIR`: the official *binary* distribution (DIR is the extracted
+    folder or its parent), never the pickled Python one, which is refused."""
+    spec = _CIFAR[classes]
+    if (directory / spec["folder"]).is_dir():
+        directory = directory / spec["folder"]
+    if not directory.is_dir():
+        raise DataError(f"{directory}: CIFAR-{classes} folder not found.")
+    if (directory / "data_batch_1").exists() or (directory / "train").is_file() and not (directory / "train.bin").exists():
+        raise DataError(
+            f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; use the binary version ({spec['folder']})."
+        )
+    missing = [name for name in [*spec["train"], spec["test"]] if not (directory / name).is_file()]
+    if missing:
+        raise DataError(f"{directory}: missing {missing[0]} (the CIFAR-{classes} binary distribution).")
+    parts = [_cifar_records(directory / name, spec["label_bytes"]) for name in spec["train"]]
+    test_images, test_labels = _cifar_records(directory / spec["test"], spec["label_bytes"])
+    train_labels = np.concatenate([p[1] for p in parts])
+    if train_labels.max() >= classes or test_labels.max() >= classes:
+        raise DataError(f"{directory}: labels above {classes - 1}; is this CIFAR-{classes}?")
+    return RawDataset(f"cifar{classes}:{directory}", np.concatenate([p[0] for p in parts]), train_labels, test_images, test_labels)
+
+
 # -- npz ---------------------------------------------------------------------------------------
 
 _NPZ_KEYS = (("x_train", "y_train"), ("images", "labels"))
@@ -214,8 +376,8 @@ def load_npz(path: Path) -> RawDataset:
 def _check_arrays(images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if images.ndim != 3:
-        raise DataError(f"{images_name}: images must have shape (N, H, W) or (N, H, W, 1), got {images.shape}.")
+    if images.ndim != 3 and not (images.ndim == 4 and images.shape[-1] == 3):
+        raise DataError(f"{images_name}: images must have shape (N, H, W) (grey), (N, H, W, 1) or (N, H, W, 3) (RGB), got {images.shape}.")
     if labels.ndim != 1:
         raise DataError(f"{labels_name}: labels must be one-dimensional, got shape {labels.shape}.")
     if len(images) != len(labels):

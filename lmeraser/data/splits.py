@@ -119,7 +119,7 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     from lmeraser import suppression
 
     recover_data(ws)
-    raw = load_source(params.source)
+    raw = load_source(params.source, params.image_size)
     splits = build_splits(raw, params, seed)
     listed = suppression.read(ws)
     suppressed, corrected = 0, 0

@@ -22,7 +22,7 @@ from lmeraser.io import atomic_path, sha256_file
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace
 
 SUITE_NAME = "lmeraser_splits"
-TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "image_dtype", "pixel_min", "pixel_max", "hash_matches", "suppressed"]
+TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "channels", "image_dtype", "pixel_min", "pixel_max", "hash_matches", "suppressed"]
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ValidationReport:
         return f"data validation failed: {head}{more}; data docs: {self.docs_index}"
 
 
-IMAGE_FACTS = ("height", "width", "image_dtype", "pixel_min", "pixel_max", "hash_matches")
+IMAGE_FACTS = ("height", "width", "channels", "image_dtype", "pixel_min", "pixel_max", "hash_matches")
 
 
 def image_facts(images: np.ndarray, content_hashes: pd.Series) -> dict:
@@ -46,8 +46,9 @@ def image_facts(images: np.ndarray, content_hashes: pd.Series) -> dict:
     hash to the recorded content hash (the expensive part of the table)."""
     flat = images.reshape(len(images), -1)
     return {
-        "height": images.shape[1] if images.ndim == 3 else -1,
-        "width": images.shape[2] if images.ndim == 3 else -1,
+        "height": images.shape[1] if images.ndim in (3, 4) else -1,
+        "width": images.shape[2] if images.ndim in (3, 4) else -1,
+        "channels": 1 if images.ndim == 3 else images.shape[3] if images.ndim == 4 else -1,
         "image_dtype": str(images.dtype),
         "pixel_min": flat.min(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
         "pixel_max": flat.max(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
@@ -125,7 +126,8 @@ def build_suite(info: dict):
     import great_expectations as gx
 
     E = gx.expectations
-    height, width = info["image_shape"]
+    height, width, *rest = info["image_shape"]
+    channels = rest[0] if rest else 1
     classes = list(range(info["num_classes"]))
     expectations = [
         E.ExpectTableColumnsToMatchSet(column_set=TABLE_COLUMNS, exact_match=True),
@@ -138,6 +140,7 @@ def build_suite(info: dict):
         E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         E.ExpectColumnValuesToBeInSet(column="height", value_set=[height]),
         E.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
+        E.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
         E.ExpectColumnValuesToBeInSet(column="image_dtype", value_set=["uint8"]),
         E.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0, max_value=255),
         E.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=0, max_value=255),

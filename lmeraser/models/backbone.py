@@ -1,4 +1,5 @@
-"""The public backbone: a timm VisionTransformer trained on public data only, then frozen."""
+"""The public backbone: a timm VisionTransformer (any ViT-family model by name, or the built-in
+small one), trained on public data only or loaded from a local checkpoint, then frozen."""
 
 from __future__ import annotations
 
@@ -12,50 +13,101 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from lmeraser.config import BackboneParams
-from lmeraser.errors import ConfigError
+from lmeraser.errors import ConfigError, DataError
 from lmeraser.io import atomic_path, atomic_write_json, sha256_file
 from lmeraser.progress import track
-from lmeraser.workspace import BackboneMeta, Workspace
+from lmeraser.workspace import BackboneMeta, InputSpec, Workspace
 
 
-def build_vit(params: BackboneParams, num_classes: int) -> VisionTransformer:
-    return VisionTransformer(
-        img_size=params.img_size,
-        patch_size=params.patch_size,
-        in_chans=1,
-        num_classes=num_classes,
-        embed_dim=params.embed_dim,
-        depth=params.depth,
-        num_heads=params.num_heads,
-        mlp_ratio=params.mlp_ratio,
-        global_pool="token",
-        class_token=True,
-    )
+def build_vit(params: BackboneParams, num_classes: int, in_chans: int = 1) -> VisionTransformer:
+    """The backbone's architecture with fresh weights: the timm model `backbone.model` names
+    (pretrained=False: nothing is downloaded), or the built-in small ViT."""
+    if params.model is None:
+        return VisionTransformer(
+            img_size=params.img_size,
+            patch_size=params.patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=params.embed_dim,
+            depth=params.depth,
+            num_heads=params.num_heads,
+            mlp_ratio=params.mlp_ratio,
+            global_pool="token",
+            class_token=True,
+        )
+    import timm
+
+    if not timm.is_model(params.model):
+        raise ConfigError(f"backbone.model: '{params.model}' is not a timm model name (e.g. vit_tiny_patch16_224, deit_small_patch16_224).")
+    try:
+        model = timm.create_model(params.model, pretrained=False, num_classes=num_classes, img_size=params.img_size, in_chans=in_chans)
+    except TypeError:  # a model family that takes no img_size: not a ViT
+        raise ConfigError(f"backbone.model: {params.model} is not a timm VisionTransformer (what lmeraser's prompts need).") from None
+    except (ValueError, AssertionError) as error:
+        raise ConfigError(f"backbone.model: {params.model} cannot be built at img_size {params.img_size} ({error}).") from None
+    if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
+        raise ConfigError(
+            f"backbone.model: {params.model} is a {type(model).__name__}, not a timm VisionTransformer with a class token (what lmeraser's prompts need)."
+        )
+    return model
 
 
-def preprocess(images: np.ndarray, img_size: int) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 1, img_size, img_size) in [-1, 1]; deterministic, no augmentation."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=False)
-    return x.sub_(0.5).div_(0.5)
+def input_spec(model: VisionTransformer, params: BackboneParams, in_chans: int) -> InputSpec:
+    """How images enter the backbone: its size and channels, and the normalisation of its
+    pretrained config (the built-in ViT: mean 0.5, std 0.5); a grey input takes the mean of an
+    RGB config's values."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(cfg.get("mean", (0.5,))) if params.model else (0.5,)
+    std = tuple(cfg.get("std", (0.5,))) if params.model else (0.5,)
+
+    def fit(values: tuple[float, ...]) -> tuple[float, ...]:
+        if len(values) == in_chans:
+            return tuple(float(v) for v in values)
+        return (float(sum(values) / len(values)),) * in_chans
+
+    return InputSpec(params.img_size, in_chans, fit(mean), fit(std))
 
 
-def _random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Seeded translation by up to `max_shift` pixels: cheap augmentation for the public backbone."""
-    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+def preprocess(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, img_size, img_size), normalised with the
+    backbone's mean and std; deterministic, no augmentation."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+    if x.shape[1] != spec.in_chans:
+        raise DataError(f"images have {x.shape[1]} channel(s), the backbone takes {spec.in_chans}.")
+    if x.shape[-1] != spec.img_size or x.shape[-2] != spec.img_size:
+        x = F.interpolate(x, size=(spec.img_size, spec.img_size), mode="bilinear", align_corners=False, antialias=False)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _random_shift(x: torch.Tensor, generator: torch.Generator, spec: InputSpec, max_shift: int = 1) -> torch.Tensor:
+    """Seeded translation by up to `max_shift` pixels, filling with black: cheap augmentation for
+    the public backbone."""
+    black = -torch.tensor(spec.mean, dtype=torch.float32) / torch.tensor(spec.std, dtype=torch.float32)
+    n, c, h, w = x.shape
+    padded = black.view(1, c, 1, 1).expand(n, c, h + 2 * max_shift, w + 2 * max_shift).clone()
+    padded[..., max_shift : max_shift + h, max_shift : max_shift + w] = x
     dx, dy = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator))
     return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
 
 
-def train_backbone(params: BackboneParams, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, log=print) -> VisionTransformer:
-    """Supervised training on the public split; returns the model in eval mode, frozen.
+def train_backbone(
+    params: BackboneParams, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, log=print, start: VisionTransformer | None = None
+) -> VisionTransformer:
+    """Supervised training on the public split, from fresh weights or from `start` (fine-tuning a
+    checkpoint); returns the model in eval mode, frozen.
 
     The caller fixes the thread count (lmeraser.determinism), since it changes the float order."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_vit(params, num_classes)
-    x, y = preprocess(images, params.img_size), torch.from_numpy(labels)
+    in_chans = 1 if images.ndim == 3 else images.shape[-1]
+    model = start if start is not None else build_vit(params, num_classes, in_chans)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    spec = input_spec(model, params, in_chans)
+    x, y = preprocess(images, spec), torch.from_numpy(labels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(y) / params.batch_size)
     total = max(1, params.epochs * steps_per_epoch)
@@ -69,7 +121,7 @@ def train_backbone(params: BackboneParams, images: np.ndarray, labels: np.ndarra
         running, correct = 0.0, 0
         for start in range(0, len(y), params.batch_size):
             idx = order[start : start + params.batch_size]
-            logits = model(_random_shift(x[idx], generator))
+            logits = model(_random_shift(x[idx], generator, spec))
             loss = F.cross_entropy(logits, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,48 +141,62 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int) -> VisionTransformer:
-    """Load a local timm checkpoint (safetensors, or a torch file read with weights_only=True)."""
+def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, in_chans: int = 1) -> tuple[VisionTransformer, dict]:
+    """The backbone with a local checkpoint's weights, loaded through timm's own path: its
+    `load_state_dict` (safetensors, or a torch file read with weights_only=True, never unpickled;
+    `state_dict`/`model` wrappers and `module.` prefixes handled) and the ViT checkpoint filter
+    (position embeddings resampled to this img_size, patch embedding to this patch size). An RGB
+    checkpoint for grey data has its input convolution summed over channels as timm does for
+    pretrained weights; a classifier for another class count is dropped (only features are used).
+    Returns the model, frozen, and what was adapted."""
+    from timm.models import load_state_dict
+    from timm.models._manipulate import adapt_input_conv
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"backbone.checkpoint: file {path} not found.")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one sentence, never a traceback
         raise ConfigError(
             f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; a torch file is read weights-only, never unpickled)."
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"backbone.checkpoint: {path} holds no state dict of tensors.")
-    model = build_vit(params, num_classes)
+    model = build_vit(params, num_classes, in_chans)
+    adapted = {}
+    conv = state.get("patch_embed.proj.weight")
+    if conv is not None and conv.ndim == 4 and conv.shape[1] != in_chans:
+        state = {**state, "patch_embed.proj.weight": adapt_input_conv(in_chans, conv)}
+        adapted["input_channels"] = f"{conv.shape[1]} -> {in_chans}"
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as error:  # noqa: BLE001 - timm's filter on a foreign layout: one sentence
+        raise ConfigError(f"backbone.checkpoint: {path} cannot be adapted to the backbone in params.yaml ({error.__class__.__name__}: {error}).") from None
     head_keys = {"head.weight", "head.bias"}
-    # A checkpoint trained for other classes still gives features; its classifier is not used.
     if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
         state = {k: v for k, v in state.items() if k not in head_keys}
+        adapted["classifier"] = "dropped (another class count)"
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
             raise ConfigError(
                 f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, the backbone in params.yaml needs "
-                f"{tuple(expected[key].shape)} (check backbone.img_size, patch_size, embed_dim and the image channels)."
+                f"{tuple(expected[key].shape)} (check backbone.model, img_size, patch_size and embed_dim)."
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
-        raise ConfigError(
-            f"backbone.checkpoint: {path} does not match the backbone shape in params.yaml (missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
-        )
-    return freeze(model)
+        raise ConfigError(f"backbone.checkpoint: {path} does not match the backbone in params.yaml (missing {missing[:3]}, unexpected {list(unexpected)[:3]}).")
+    return freeze(model), adapted
 
 
-def save_backbone(model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict) -> BackboneMeta:
+def save_backbone(model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict, in_chans: int = 1) -> BackboneMeta:
     with atomic_path(ws.backbone_weights) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    meta = BackboneMeta(sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin)
+    spec = input_spec(model, params, in_chans)
+    meta = BackboneMeta(sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin, spec.to_json())
     atomic_write_json(ws.backbone_meta_file, meta.to_json())
     return meta
 
@@ -141,7 +207,7 @@ def load_backbone(ws: Workspace) -> tuple[VisionTransformer, BackboneMeta]:
     actual = sha256_file(ws.backbone_weights)
     if actual != meta.sha256:
         raise ConfigError(f"{ws.backbone_weights}: sha256 {actual} does not match {ws.backbone_meta_file}; the backbone was modified.")
-    model = build_vit(BackboneParams(**meta.params), meta.num_classes)
+    model = build_vit(BackboneParams(**meta.params), meta.num_classes, meta.input.in_chans)
     model.load_state_dict(load_file(str(ws.backbone_weights)))
     return freeze(model), meta
 
@@ -159,4 +225,4 @@ def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndar
     from lmeraser.determinism import deterministic
 
     with deterministic(meta.threads):
-        return extract_features(model, preprocess(images, meta.img_size))
+        return extract_features(model, preprocess(images, meta.input))

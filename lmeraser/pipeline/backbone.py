@@ -1,9 +1,12 @@
-"""backbone: train the ViT on the public split (or load a local checkpoint), then freeze it."""
+"""backbone: the ViT the whole pipeline shares, then frozen: trained on the public split from
+scratch, a local checkpoint fine-tuned on it, or a local checkpoint used as is (`backbone.train`)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+import torch
 
 from lmeraser.config import Params
 from lmeraser.determinism import deterministic
@@ -15,18 +18,25 @@ from lmeraser.workspace import Workspace
 def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
     info = ws.source_info()
     cfg = params.backbone
+    shape = info["image_shape"]
+    in_chans = 1 if len(shape) == 2 else int(shape[2])
+    architecture = cfg.model or "built-in ViT"
     start = time.perf_counter()
-    if cfg.checkpoint:
-        model = load_checkpoint(cfg.checkpoint, cfg, info["num_classes"])
-        origin = {"origin": "checkpoint", "checkpoint_sha256": sha256_file(cfg.checkpoint)}
-        log(f"backbone loaded from {cfg.checkpoint}")
-    else:
-        public = ws.split("public")
-        log(f"training the backbone on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s)")
-        with deterministic(cfg.threads):
-            model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log)
-        origin = {"origin": "trained on public split", "n_public": len(public)}
+    with deterministic(cfg.threads):
+        origin: dict = {"architecture": architecture, "train": cfg.train}
+        model = None
+        if cfg.checkpoint:
+            torch.manual_seed(params.seed)  # a dropped classifier is re-initialised: seeded
+            model, adapted = load_checkpoint(cfg.checkpoint, cfg, info["num_classes"], in_chans)
+            origin.update({"checkpoint_sha256": sha256_file(cfg.checkpoint), **({"adapted": adapted} if adapted else {})})
+            log(f"backbone {architecture} loaded from {cfg.checkpoint}" + (f" (adapted: {adapted})" if adapted else ""))
+        if cfg.train in ("scratch", "finetune"):
+            public = ws.split("public")
+            verb = "fine-tuning" if model is not None else "training"
+            log(f"{verb} the backbone ({architecture}) on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s)")
+            model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model)
+            origin["n_public"] = len(public)
     seconds = time.perf_counter() - start
-    meta = save_backbone(model, cfg, info["num_classes"], ws, {**origin, "seed": params.seed})
+    meta = save_backbone(model, cfg, info["num_classes"], ws, {**origin, "seed": params.seed}, in_chans)
     log(f"backbone saved: sha256 {meta.sha256[:16]}…")
     return {"metrics": {"backbone_seconds": seconds}, "sha256": meta.sha256}

@@ -26,7 +26,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         private, test = ws.split("private"), ws.split("test")
         start = time.perf_counter()
         with deterministic(meta.threads):
-            probe = linear_probe(backbone, private.images, private.labels, test.images, meta.img_size, params.seed)
+            probe = linear_probe(backbone, private.images, private.labels, test.images, meta.input, params.seed)
         out["linear_probe_accuracy"] = accuracy(test.labels, probe)
         seconds["linear_probe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -36,7 +36,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
                 private.images,
                 private.labels,
                 test.images,
-                meta.img_size,
+                meta.input,
                 params.prompt,
                 meta.num_classes,
                 params.seed,

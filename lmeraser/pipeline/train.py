@@ -7,9 +7,11 @@ which the Prefect flow replaces with mapped tasks). The index names what each cl
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +86,7 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
         ArtifactStore(ws.store_dir),
         backbone,
         meta.num_classes,
-        preprocess(private.images, meta.img_size),
+        preprocess(private.images, meta.input),
         torch.from_numpy(private.labels),
     )
     jobs = []
@@ -156,6 +158,28 @@ def _change(name: str, old, new) -> str:
     if isinstance(old, str) and len(old) > 20:
         return f"{name} changed"
     return f"{name} {old} -> {new}"
+
+
+def train_from_workspace(root: str, params_file: str, cluster: int, key: str) -> dict:
+    """Train one cluster in a process that holds nothing yet (a Dask worker), from the workspace:
+    the plan (backbone, private split, jobs) is loaded once per process and version of its
+    inputs, so every worker must see the workspace's files (a shared filesystem). `key` is the
+    artifact key the caller planned: a workspace that changed since is refused, not trained."""
+    ws = Workspace(Path(root), Path(params_file))
+    inputs = tuple(path.stat().st_mtime_ns for path in (ws.params_file, ws.backbone_weights, ws.assignments_file, ws.split_dir("private") / "images.npy"))
+    training = _plan(str(ws.root), str(ws.params_file), inputs)
+    job = next((job for job in training.jobs if job.cluster == cluster), None)
+    if job is None or job.key != key:
+        raise LmeraserError(f"cluster {cluster}: the workspace at {root} changed since the training was planned (another key); run the stage again.")
+    return training.trainer.train(job)
+
+
+@functools.lru_cache(maxsize=2)
+def _plan(root: str, params_file: str, inputs: tuple) -> TrainingPlan:
+    from lmeraser.config import load_params
+
+    ws = Workspace(Path(root), Path(params_file))
+    return plan(load_params(ws.params_file), ws)
 
 
 def train_in_threads(workers: int) -> Callable[[ClusterTrainer, list[ClusterJob]], list[dict]]:

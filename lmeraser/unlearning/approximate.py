@@ -32,7 +32,7 @@ from lmeraser.training import cluster_seed, code_version
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model
 from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import data_md5
-from lmeraser.workspace import Workspace
+from lmeraser.workspace import InputSpec, Workspace
 
 
 def check_influence(requests: list[dict], ws: Workspace) -> dict[str, int]:
@@ -66,11 +66,11 @@ class _ClusterData:
     """A cluster's members as the serving prompt was trained on them: exact members with the
     edits of earlier influence requests applied."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, sample_ids: list[str], img_size: int, ws: Workspace):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sample_ids: list[str], spec: InputSpec, ws: Workspace):
         self.x, self.y = x.clone(), y.clone()
         self.present = torch.ones(len(y), dtype=torch.bool)
         self.row = {sid: i for i, sid in enumerate(sample_ids)}
-        self.img_size, self.ws = img_size, ws
+        self.spec, self.ws = spec, ws
 
     def apply(self, request: dict) -> None:
         """Apply one request's edits to the rows it names in this cluster."""
@@ -81,7 +81,7 @@ class _ClusterData:
                 self.y[row] = request["label"]
             else:
                 image = corrected_image(self.ws, request)
-                self.x[row] = preprocess(image[None], self.img_size)[0]
+                self.x[row] = preprocess(image[None], self.spec)[0]
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.x.clone(), self.y.clone(), self.present.clone()
@@ -113,7 +113,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
     if not clusters:
         log("nothing to edit: every target was already forgotten (the exact batch records the no-op)")
         return None
-    img_size = model.img_size
+    spec = model.input_spec
     ip = params.influence
     dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
@@ -124,10 +124,10 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
         t0 = time.perf_counter()
         rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
         data = _ClusterData(
-            preprocess(private.images[rows], img_size),
+            preprocess(private.images[rows], spec),
             torch.from_numpy(private.labels[rows]),
             [private.sample_ids[i] for i in rows],
-            img_size,
+            spec,
             ws,
         )
         previous = entries.get(c)

@@ -78,6 +78,7 @@ class UnlearnBatch:
         self.journal = Journal(ws)
         self._images: dict[str, np.ndarray] = {}  # forgotten pixels, in memory only, never written
         self.after_stage = None  # called with (stage, summary) after each rebuilt stage (tracking)
+        self.map_jobs = None  # how the rebuild's clusters train (default: runtime.workers threads)
 
     @classmethod
     def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None) -> UnlearnBatch | None:
@@ -281,7 +282,7 @@ class UnlearnBatch:
         from lmeraser.unlearning.rebuild import reproduce
 
         ws = self.ws
-        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, self.after_stage)
+        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, self.after_stage, self.map_jobs)
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
@@ -457,20 +458,26 @@ def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
     return batch_id(pending) if pending else None
 
 
-def process_pending(ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None) -> dict | None:
+def process_pending(
+    ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None, map_jobs=None
+) -> dict | None:
     """Process the pending requests as one batch (the oldest `max_requests`, or all), or finish an
     interrupted one; with `git_commit`, commit the versions it made in the workspace's git
-    repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran."""
+    repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran;
+    `map_jobs` trains the rebuilt clusters (the flow passes Dask's when runtime.executor is dask)."""
+    from lmeraser.unlearning.rebuild import check_executor
     from lmeraser.unlearning.recovery import recover
 
     with ws.lock("unlearn"):
         params = rebuild_params(ws)
+        check_executor(params, map_jobs)
         recover(ws, log)
         batch = UnlearnBatch.open(ws, params, log, git_commit, max_requests)
         if batch is None:
             log("no pending requests")
             return None
         batch.after_stage = after_stage
+        batch.map_jobs = map_jobs
         run = run_step or (lambda b, step: b.run(step))
         for step in STEPS:
             run(batch, step)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from lmeraser.config import Params
+from lmeraser.errors import ConfigError
 from lmeraser.pipeline.train import train_in_threads
 from lmeraser.stages import upstream
 from lmeraser.workspace import Workspace
@@ -61,8 +62,19 @@ def record_stage(ws: Workspace, name: str) -> None:
         repo.commit(name, force=True)
 
 
-def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None) -> list[str]:
-    """Run and record every changed stage up to `target`; the names of those that ran."""
+def check_executor(params: Params, map_jobs: Callable | None) -> None:
+    """runtime.executor dask trains through Prefect's Dask task runner, which only the flows hold."""
+    if map_jobs is None and params.runtime.executor != "threads":
+        raise ConfigError("runtime.executor dask trains through Prefect's Dask task runner: run the batch with `lmeraser unlearn` (the unlearn flow).")
+
+
+def reproduce(
+    ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None, map_jobs: Callable | None = None
+) -> list[str]:
+    """Run and record every changed stage up to `target`; the names of those that ran. Clusters
+    train with `map_jobs`, by default on runtime.workers threads (as the flow's task runner
+    does); runtime.executor dask needs the flow's (Prefect's Dask task runner)."""
+    check_executor(params, map_jobs)
     ran = []
     # Absolute paths: the stages run while _dvc_repo has the workspace as current directory.
     ws = Workspace(ws.root.resolve(), ws.params_file.resolve())
@@ -71,8 +83,7 @@ def reproduce(ws: Workspace, params: Params, target: str, log=print, after_stage
             if not _changes(repo, definition.name):
                 continue
             log(f"rebuild: stage {definition.name}")
-            # Clusters train concurrently on runtime.workers threads, as the flow's task runner does.
-            options = {"map_jobs": train_in_threads(params.runtime.workers)} if definition.name == "train" else {}
+            options = {"map_jobs": map_jobs or train_in_threads(params.runtime.workers)} if definition.name == "train" else {}
             result = definition.function(params, ws, log, **options)
             repo.commit(definition.name, force=True)
             ran.append(definition.name)

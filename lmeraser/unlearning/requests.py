@@ -263,11 +263,14 @@ def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[in
 
         try:
             with Image.open(io.BytesIO(raw)) as picture:
-                if picture.mode not in ("L", "1"):
+                rgb = len(shape) == 3
+                if rgb and picture.mode != "RGB":
+                    raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, it is never converted.")
+                if not rgb and picture.mode not in ("L", "1"):
                     raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, it is never converted.")
-                if (picture.height, picture.width) != tuple(shape[:2]) or len(shape) != 2:
+                if (picture.height, picture.width) != tuple(shape[:2]):
                     raise LmeraserError(f"{where}: corrected input is {picture.height}x{picture.width}, expected {tuple(shape)}.")
-                image = np.asarray(picture.convert("L"))
+                image = np.asarray(picture if rgb else picture.convert("L"))
         except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
             raise LmeraserError(f"{where}: not a readable PNG or other image file.") from None
     if image.shape != tuple(shape):

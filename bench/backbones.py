@@ -1,0 +1,230 @@
+"""A timm ViT on RGB images against the built-in grey ViT, on the same images.
+
+    python bench/backbones.py [--pool 3000] [--test 1000] [--img-size 32]
+
+There is no real RGB data set on these machines, so the RGB data is **3-channel Fashion-MNIST**:
+a stratified pool of Fashion-MNIST training images and the first test images, each grey image
+repeated over three channels, saved as an npz (`npz:` source). The grey configuration reads the
+same images as they are. Both train their backbone from scratch on the public half (no pretrained
+weights can be downloaded here):
+
+  grey-builtin   the demo's built-in ViT (configs/fashion-mnist.yaml's backbone), grey 28x28
+  rgb-vit-tiny   timm's vit_tiny_patch16_224 architecture at --img-size, RGB
+
+For each, in a scratch git + DVC workspace (bench/results/work-backbones-NAME): every stage in
+this process through the registry, each timed and then recorded in dvc.lock (`dvc commit`, as the
+rebuild does), the per-cluster training times, one exact forget end to end in this process (the
+library's submit + process_pending: capture .. record), one influence update (pad prompt), peak
+RSS after each step, and the test accuracy of the clustered prompts against the single-prompt and
+linear-probe baselines. Saves bench/results/backbones.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pipeline import cpu_model, preset  # noqa: E402
+
+BIN = Path(sys.executable).parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fashion_npz(pool: int, test: int) -> tuple[Path, Path]:
+    """The same images as grey (N, 28, 28) and as 3-channel RGB (N, 28, 28, 3) npz files."""
+    from lmeraser.data.sources import load_fashion_mnist
+
+    raw = load_fashion_mnist()
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(raw.train_labels == c))[: pool // 10] for c in range(10)]))
+    x, y = raw.train_images[keep], raw.train_labels[keep]
+    xt, yt = raw.test_images[:test], raw.test_labels[:test]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    grey, rgb = RESULTS / "fashion-grey.npz", RESULTS / "fashion-rgb.npz"
+    np.savez(grey, x_train=x, y_train=y, x_test=xt, y_test=yt)
+    np.savez(rgb, x_train=np.repeat(x[..., None], 3, axis=3), y_train=y, x_test=np.repeat(xt[..., None], 3, axis=3), y_test=yt)
+    return grey, rgb
+
+
+def configurations(grey: Path, rgb: Path, img_size: int) -> dict[str, dict]:
+    base = preset("fashion-mnist")
+    base["data"].update({"n_subjects": 300})
+    base["clustering"].update({"target_cluster_size": 150})
+    base["prompt"]["pad"].update({"epochs": 5})
+    base["evaluate"].update({"batch_size": 128})
+    grey_cfg = json.loads(json.dumps(base))
+    grey_cfg["data"]["source"] = f"npz:{grey}"
+    grey_cfg["backbone"]["epochs"] = 10
+    tiny = json.loads(json.dumps(base))
+    tiny["data"]["source"] = f"npz:{rgb}"
+    tiny["backbone"] = {
+        **{k: None for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "checkpoint")},
+        **{k: base["backbone"][k] for k in ("batch_size", "lr", "weight_decay", "threads")},
+        "model": "vit_tiny_patch16_224",
+        "train": "scratch",
+        "img_size": img_size,
+        "epochs": 10,
+    }
+    tiny["prompt"]["pad"]["width"] = max(2, img_size // 16)
+    return {"grey-builtin": grey_cfg, "rgb-vit-tiny": tiny}
+
+
+def run_one(name: str, raw: dict) -> dict:
+    from lmeraser.config import load_params
+    from lmeraser.pipeline.train import train_in_threads
+    from lmeraser.stages import STAGES
+    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.exact import process_pending
+    from lmeraser.unlearning.rebuild import record_stage
+    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.workspace import Workspace
+
+    from conftest import copy_repo
+
+    work = RESULTS / f"work-backbones-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    root = copy_repo(work, raw)
+    ws = Workspace(root)
+    params = load_params(ws.params_file)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([str(BIN / "lmeraser"), "data", "init"], cwd=root, env=env, check=True, capture_output=True)
+    seconds, memory, cluster_seconds = {}, {}, []
+    for definition in STAGES:
+        print(f"[{name}: {definition.name}]", flush=True)
+        options = {}
+        if definition.name == "train":
+            threads = train_in_threads(params.runtime.workers)
+
+            def timed_jobs(trainer, jobs, threads=threads):
+                results = threads(trainer, jobs)
+                cluster_seconds.extend(r["seconds"] for r in results)
+                return results
+
+            options = {"map_jobs": timed_jobs}
+        start = time.perf_counter()
+        definition.function(params, ws, lambda message: None, **options)
+        seconds[definition.name] = time.perf_counter() - start
+        memory[definition.name] = peak_mb()
+        record_stage(ws, definition.name)
+    metrics, baselines = ws.metrics(), json.loads(ws.baselines_report.read_text())
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline"]):
+        subprocess.run(
+            cmd, cwd=root, check=True, env={**env, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+        )
+
+    private = ws.split("private").sample_ids
+    print(f"[{name}: one exact forget]", flush=True)
+    start = time.perf_counter()
+    submit([RequestSpec(sample_ids=[private[0]])], ws)
+    done = process_pending(ws, lambda message: None, git_commit=True)
+    forget_seconds = time.perf_counter() - start
+    memory["forget"] = peak_mb()
+    print(f"[{name}: one influence update]", flush=True)
+    start = time.perf_counter()
+    submit([RequestSpec(sample_ids=[private[1]])], ws, method="influence")
+    approximate_pending(ws, lambda message: None)
+    influence_seconds = time.perf_counter() - start
+    memory["influence"] = peak_mb()
+    info = ws.source_info()
+    return {
+        "name": name,
+        "image_shape": info["image_shape"],
+        "counts": info["counts"],
+        "backbone": raw["backbone"],
+        "seconds": seconds,
+        "peak_rss_mb": memory,
+        "clusters": len(cluster_seconds),
+        "cluster_train_seconds": {"median": float(np.median(cluster_seconds)), "max": float(np.max(cluster_seconds))},
+        "forget_seconds": forget_seconds,
+        "forget_steps": json.loads(subprocess.run([str(BIN / "lmeraser"), "audit", "show", "1"], cwd=root, env=env, capture_output=True, text=True).stdout)[
+            "predicate"
+        ]["seconds"],
+        "forget_rebuilt": done["rebuilt"],
+        "influence_seconds": influence_seconds,
+        "accuracy": {
+            "clustered_prompts": metrics["accuracy"],
+            "single_prompt": baselines.get("single_prompt_accuracy"),
+            "linear_probe": baselines.get("linear_probe_accuracy"),
+        },
+    }
+
+
+def markdown(result: dict) -> str:
+    runs = result["runs"]
+    names = list(runs)
+    head = "| | " + " | ".join(f"`{n}`" for n in names) + " |"
+    lines = [
+        "### Backbones: a timm ViT on RGB images vs the built-in grey ViT",
+        "",
+        f"{result['data']}; {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, {result['date']}. "
+        "Backbones trained from scratch on the public half (no pretrained weights here); one process, library calls.",
+        "",
+        head,
+        "|---|" + "---:|" * len(names),
+        "| backbone | " + " | ".join(f"{r['backbone'].get('model') or 'built-in'} @ {r['backbone']['img_size']} px" for r in runs.values()) + " |",
+        "| images | " + " | ".join("×".join(map(str, r["image_shape"])) for r in runs.values()) + " |",
+        *[f"| stage `{s}` (s) | " + " | ".join(f"{r['seconds'][s]:.1f}" for r in runs.values()) + " |" for s in runs[names[0]]["seconds"]],
+        "| clusters | " + " | ".join(str(r["clusters"]) for r in runs.values()) + " |",
+        "| per-cluster training, median / max (s) | "
+        + " | ".join(f"{r['cluster_train_seconds']['median']:.2f} / {r['cluster_train_seconds']['max']:.2f}" for r in runs.values())
+        + " |",
+        "| one exact forget, end to end in process (s) | " + " | ".join(f"{r['forget_seconds']:.1f}" for r in runs.values()) + " |",
+        "| one influence update (pad), submit to signed record (s) | " + " | ".join(f"{r['influence_seconds']:.2f}" for r in runs.values()) + " |",
+        "| peak RSS (MB) | " + " | ".join(f"{max(r['peak_rss_mb'].values()):.0f}" for r in runs.values()) + " |",
+        "| test accuracy: clustered prompts | " + " | ".join(f"{r['accuracy']['clustered_prompts']:.4f}" for r in runs.values()) + " |",
+        "| test accuracy: single prompt (baseline) | " + " | ".join(f"{r['accuracy']['single_prompt']:.4f}" for r in runs.values()) + " |",
+        "| test accuracy: linear probe (baseline) | " + " | ".join(f"{r['accuracy']['linear_probe']:.4f}" for r in runs.values()) + " |",
+        "",
+        "Forget steps (s): " + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["forget_steps"].items()) for n, r in runs.items()) + ".",
+        "Not measured here (no accelerator): `vit_base_patch16_224` at 224×224, and the thread runner against Dask on the same clusters at scale.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", type=int, default=3000, help="Fashion-MNIST training images (half public, half private)")
+    parser.add_argument("--test", type=int, default=1000, help="Fashion-MNIST test images")
+    parser.add_argument("--img-size", type=int, default=32, help="the timm ViT's input size (a multiple of 16)")
+    parser.add_argument("--keep-workspace", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    grey, rgb = fashion_npz(args.pool, args.test)
+    runs = {name: run_one(name, raw) for name, raw in configurations(grey, rgb, args.img_size).items()}
+    result = {
+        "data": f"Fashion-MNIST, {args.pool} training images (stratified) and the first {args.test} test images; RGB = each grey image repeated over 3 channels",
+        "runs": runs,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (RESULTS / "backbones.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "backbones.md").write_text(markdown(result))
+    if not args.keep_workspace:
+        for name in runs:
+            shutil.rmtree(RESULTS / f"work-backbones-{name}", ignore_errors=True)
+        grey.unlink(), rgb.unlink()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

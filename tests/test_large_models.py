@@ -1,0 +1,109 @@
+"""A user with a timm ViT weights file and a folder of RGB images runs the whole product: data
+init, dvc repro, a forget and an RGB rectification, audit verify/replay/scan (issue 12)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from lmeraser.workspace import Workspace
+
+from conftest import _cli_ok, copy_repo, dvc
+
+CLASSES = ("red", "green", "blue")
+
+
+def _image_folder(root: Path, per_class: int = 45, size: int = 16) -> Path:
+    """RGB PNGs whose dominant channel is the class, with noise; subjects.csv names an owner."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            image[..., label] += rng.integers(120, 166, dtype=np.uint8)
+            Image.fromarray(image, "RGB").save(root / name / f"{i:03d}.png")
+            rows.append({"file": f"{name}/{i:03d}.png", "subject_id": f"person-{i % 15}"})
+    pd.DataFrame(rows).to_csv(root / "subjects.csv", index=False)
+    return root
+
+
+def _timm_weights(path: Path) -> Path:
+    """A weights file as a user would bring it: timm's `test_vit` architecture at its 160 px with an
+    ImageNet-sized classifier (random weights: nothing can be downloaded here)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb_repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rgb")
+    folder = _image_folder(base / "images")
+    weights = _timm_weights(base / "test_vit.safetensors")
+    params = {
+        "seed": 0,
+        "data": {"source": f"folder:{folder}", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 15},
+        "backbone": {"model": "test_vit", "checkpoint": str(weights), "train": "frozen", "img_size": 32, "batch_size": 64, "threads": 1},
+        "clustering": {"target_cluster_size": 25, "min_clusters": 2, "max_clusters": 3, "niter": 10},
+        "prompt": {"kind": "pad", "pad": {"width": 2, "epochs": 3, "batch_size": 16, "lr": 0.05}},
+        "evaluate": {"baselines": False, "batch_size": 64},
+        "runtime": {"threads": 1, "workers": 2},
+    }
+    root = copy_repo(base / "repo", params)
+    _cli_ok("data", "init", cwd=root)
+    dvc("repro", cwd=root)
+    return root, weights
+
+
+def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
+    root, weights = rgb_repo
+    ws = Workspace(root)
+    info = ws.source_info()
+    assert info["image_shape"] == [16, 16, 3] and info["num_classes"] == 3
+    backbone = json.loads(ws.backbone_meta_file.read_text())
+    assert backbone["origin"]["architecture"] == "test_vit" and backbone["origin"]["train"] == "frozen"
+    assert backbone["origin"]["adapted"] == {"classifier": "dropped (another class count)"}
+    assert backbone["input"] == {"in_chans": 3, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    # Used as is: the frozen backbone's blocks are the checkpoint's, resampled to 32 px.
+    from safetensors.torch import load_file
+
+    saved, given = load_file(str(ws.backbone_weights)), load_file(str(weights))
+    assert torch.equal(saved["blocks.0.attn.qkv.weight"], given["blocks.0.attn.qkv.weight"])
+    assert saved["pos_embed"].shape[1] == 1 + (32 // 16) ** 2 and given["pos_embed"].shape[1] == 1 + (160 // 16) ** 2  # test_vit is 160 px
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.6, metrics  # three colours, a frozen random ViT, pad prompts: well above chance
+
+    # One batch: forget a sample and correct another's pixels with an RGB PNG.
+    private = ws.split("private")
+    gone, fixed = private.sample_ids[0], private.sample_ids[1]
+    corrected = tmp_path / "fixed.png"
+    Image.fromarray(255 - private.images[1], "RGB").save(corrected)
+    grey = tmp_path / "grey.png"
+    Image.fromarray(private.images[1, ..., 0], "L").save(grey)
+    from conftest import lmeraser_cli
+
+    refused = lmeraser_cli("rectify", "--sample-id", fixed, "--input", str(grey), "--no-process", cwd=root)
+    assert refused.returncode != 0 and "the data is RGB" in refused.stderr
+    _cli_ok("forget", "--sample-id", gone, "--no-process", cwd=root)
+    done = _cli_ok("rectify", "--sample-id", fixed, "--input", str(corrected), cwd=root)  # one batch: both requests
+    assert "lineage record 1" in done.stdout
+    after = ws.split("private")
+    assert gone not in after.sample_ids
+    assert np.array_equal(after.images[after.sample_ids.index(fixed)], 255 - private.images[1])
+    _cli_ok("audit", "verify", cwd=root)
+    replay = json.loads(_cli_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
+    assert replay["clusters"] and all(c["match"] for c in replay["clusters"]), replay
+    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+    status = dvc("status", "evaluate", cwd=root).stdout
+    assert "up to date" in status, status
