@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint format repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion lock clean
+.PHONY: install demo test lint format repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion bench-backbones lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-influence-digits: install
 
 bench-influence-fashion: install
 	$(BIN)/python bench/influence.py --source fashion-mnist --requests 2
+
+bench-backbones: install
+	$(BIN)/python bench/backbones.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock

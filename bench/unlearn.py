@@ -6,9 +6,14 @@ In one run, in a scratch git + DVC copy of this repository (bench/results/work-u
 one standing Prefect server on loopback (as in production):
   1. the full pipeline from scratch (`dvc repro`: backbone + prototypes + every prompt + evaluation)
   2. retraining all prompts from scratch (the train stage with an empty artifact store)
-  3. one forget request end to end (`lmeraser forget --sample-id`), with its step breakdown
-  4. a batch of N random forget requests (`lmeraser forget --file`)
-and reports wall-clock, samples retrained, ratios and accuracy before/after.
+  3. one forget end to end in this process (the library: submit + process_pending)
+  4. one forget through the CLI as a fresh process (`lmeraser forget --sample-id`), with the
+     standing Prefect server and without one (as on a fresh clone after `make demo`)
+  5. `lmeraser unlearn` with nothing pending
+  6. a batch of N random forget requests (`lmeraser forget --file`)
+and for each forget the affected clusters retrained alone (the physical limit of an exact forget),
+the overhead ratio (end to end / that), samples retrained, accuracy before/after, peak RSS, the
+cache sizes and whether `dvc status` is clean afterwards.
 Saves JSON and Markdown to bench/results/unlearn-<source>.*.
 """
 
@@ -100,22 +105,96 @@ def last_record(work: Path) -> dict:
     return json.loads(base64.b64decode(json.loads(line)["payload"]))["predicate"]
 
 
+IN_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from lmeraser.unlearning.exact import process_pending
+from lmeraser.unlearning.requests import RequestSpec, submit
+from lmeraser.workspace import Workspace
+import lmeraser.pipeline.assign, lmeraser.pipeline.evaluate, lmeraser.pipeline.train, lmeraser.pipeline.validate  # imports first
+ws = Workspace(Path(sys.argv[1]))
+start = time.perf_counter()
+submit([RequestSpec(sample_ids=[sys.argv[2]])], ws)
+process_pending(ws, lambda message: None, git_commit=True)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+
+
+def timed_child(args: list[str], cwd: Path, env: dict) -> tuple[float, float, str]:
+    """Run a command to completion: (wall seconds, the peak RSS in MB of it and the processes it
+    waited for, stdout). Its own rusage comes from wait4 (output goes to files, not pipes)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, stdout
+
+
+def retrain_alone(work: Path, clusters: list[int]) -> float:
+    """Seconds to train `clusters` (their current members) into a scratch store, on runtime.workers
+    threads as the pipeline does: the physical limit of an exact forget that rebuilds them."""
+    from lmeraser.config import load_params
+    from lmeraser.pipeline.train import plan, train_in_threads
+    from lmeraser.store import ArtifactStore
+    from lmeraser.workspace import Workspace
+
+    params = load_params(work / "params.yaml")
+    training = plan(params, Workspace(work))
+    scratch = work / "bench-retrain-store"
+    shutil.rmtree(scratch, ignore_errors=True)
+    training.trainer.store = ArtifactStore(scratch)
+    jobs = [job for job in training.jobs if job.cluster in set(clusters)]
+    start = time.perf_counter()
+    train_in_threads(params.runtime.workers)(training.trainer, jobs)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch)
+    return seconds
+
+
+def outcome(work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | None = None) -> dict:
+    """One forget (or batch) from its lineage record, with its affected clusters retrained alone."""
+    record = last_record(work)
+    after = members(work)
+    rebuilt = [c["cluster"] for c in record["clusters_rebuilt"] if c["prompt_sha256_after"]]
+    alone = retrain_alone(work, rebuilt) if rebuilt else 0.0
+    return {
+        "seconds": seconds,
+        "steps": record["seconds"],
+        "clusters_rebuilt": [c["cluster"] for c in record["clusters_rebuilt"]],
+        "samples_retrained": sum(after.get(c, 0) for c in rebuilt),
+        "retrain_alone_seconds": alone,
+        "overhead_ratio": seconds / alone if alone else None,
+        "accuracy_before": record["accuracy"]["before"],
+        "accuracy_after": record["accuracy"]["after"],
+        "scan_hits": record["verification"]["scan"]["hits"],
+        "mia": record["verification"]["membership_inference"],
+        "peak_rss_mb": peak_mb,
+    }
+
+
 def run(source: str, batch: int) -> dict:
     work = workspace(source)
     server, url = prefect_server(work / ".prefect-home")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_API_URL": url,
-        "PREFECT_HOME": str(work / ".prefect-home"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-    }
+    git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
+    base = {**os.environ, **git, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    base.pop("PREFECT_API_URL", None)
+    env = {**base, "PREFECT_API_URL": url, "PREFECT_HOME": str(work / ".prefect-home")}
+    lmeraser = str(BIN / "lmeraser")
     try:
         print("[data init]", flush=True)
-        sh([str(BIN / "lmeraser"), "data", "init", "--source", source], work, env)
+        sh([lmeraser, "data", "init", "--source", source], work, env)
         print("[full pipeline from scratch: dvc repro]", flush=True)
         full_seconds, _ = sh([str(BIN / "dvc"), "repro"], work, env)
+        sh(["git", "add", "-A"], work, env)
+        sh(["git", "commit", "-qm", "pipeline"], work, env)
         sizes = members(work)
         n_private = sum(sizes.values())
         accuracy_before = read(work, "metrics.json")["accuracy"]
@@ -137,89 +216,100 @@ def run(source: str, batch: int) -> dict:
 
         rng = np.random.default_rng(0)
         private = [line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]]
-        victim = private[int(rng.integers(len(private)))]
-        print(f"[one forget request: {victim}]", flush=True)
-        one_seconds, out = sh([str(BIN / "lmeraser"), "forget", "--sample-id", victim], work, env)
-        one = last_record(work)
-        one_retrained = sum(sizes[c["cluster"]] - 1 for c in one["clusters_rebuilt"] if c["prompt_sha256_after"])
+        victims = [private[i] for i in rng.choice(len(private), size=3, replace=False)]
+
+        print(f"[one forget in process: {victims[0]}]", flush=True)
+        # A fresh Python process that imports the library first, then times submit + the batch
+        # (no subprocess per stage): its wall time excludes the imports, its peak RSS is its own.
+        _, peak, out = timed_child([sys.executable, "-c", IN_PROCESS, str(work), victims[0]], work, env)
+        in_process = outcome(work, json.loads(out.strip().splitlines()[-1])["seconds"], sizes, peak)
+
+        print(f"[one forget through the CLI, standing Prefect server: {victims[1]}]", flush=True)
+        seconds, peak, _ = timed_child([lmeraser, "forget", "--sample-id", victims[1]], work, env)
+        cli = outcome(work, seconds, sizes, peak)
+
+        print(f"[one forget through the CLI, no Prefect server (as after `make demo`): {victims[2]}]", flush=True)
+        seconds, peak, _ = timed_child([lmeraser, "forget", "--sample-id", victims[2]], work, base)
+        cli_cold = outcome(work, seconds, sizes, peak)
+        idle_seconds, _, _ = timed_child([lmeraser, "unlearn"], work, base)
 
         print(f"[batch of {batch} forget requests]", flush=True)
-        remaining = [p for p in private if p != victim]
+        remaining = [p for p in private if p not in victims]
         chosen = [remaining[i] for i in rng.choice(len(remaining), size=min(batch, len(remaining)), replace=False)]
         requests = work / "requests.jsonl"
         requests.write_text("".join(json.dumps({"sample_ids": [sid]}) + "\n" for sid in chosen))
-        batch_seconds, _ = sh([str(BIN / "lmeraser"), "forget", "--file", str(requests)], work, env)
-        many = last_record(work)
-        after = members(work)
-        batch_retrained = sum(after.get(c["cluster"], 0) for c in many["clusters_rebuilt"])
-        verify_seconds, _ = sh([str(BIN / "lmeraser"), "audit", "verify"], work, env)
+        seconds, peak, _ = timed_child([lmeraser, "forget", "--file", str(requests)], work, env)
+        many = {**outcome(work, seconds, sizes, peak), "requests": len(chosen)}
+        verify_seconds, _ = sh([lmeraser, "audit", "verify"], work, env)
+        status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True).stdout.strip()
+        cache = {p.name: p.stat().st_size for p in (work / "artifacts" / "cache").iterdir()}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
-    train_seconds_one = one["seconds"]
     return {
         "source": source,
         "n_private": n_private,
         "n_clusters": len(sizes),
         "full_pipeline_seconds": full_seconds,
         "all_prompts_seconds": all_prompts_seconds,
-        "one_request": {
-            "seconds": one_seconds,
-            "steps": train_seconds_one,
-            "clusters_rebuilt": [c["cluster"] for c in one["clusters_rebuilt"]],
-            "samples_retrained": one_retrained,
-            "accuracy_before": one["accuracy"]["before"],
-            "accuracy_after": one["accuracy"]["after"],
-            "scan_hits": one["verification"]["scan"]["hits"],
-            "mia": one["verification"]["membership_inference"],
-        },
-        "batch": {
-            "requests": len(chosen),
-            "seconds": batch_seconds,
-            "steps": many["seconds"],
-            "clusters_rebuilt": len(many["clusters_rebuilt"]),
-            "samples_retrained": batch_retrained,
-            "accuracy_before": many["accuracy"]["before"],
-            "accuracy_after": many["accuracy"]["after"],
-            "scan_hits": many["verification"]["scan"]["hits"],
-            "mia": many["verification"]["membership_inference"],
-        },
+        "one_in_process": in_process,
+        "one_cli": cli,
+        "one_cli_no_server": cli_cold,
+        "idle_unlearn_seconds": idle_seconds,
+        "batch": many,
         "accuracy_full_pipeline": accuracy_before,
         "audit_verify_seconds": verify_seconds,
+        "dvc_status_serving_path": status,
+        "cache_bytes": cache,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
 def markdown(r: dict) -> str:
-    one, many = r["one_request"], r["batch"]
-    steps = one["steps"]
+    one, cli, cold, many = r["one_in_process"], r["one_cli"], r["one_cli_no_server"], r["batch"]
+
+    def row(name: str, o: dict) -> str:
+        ratio = f"{o['overhead_ratio']:.1f}×" if o["overhead_ratio"] else "–"
+        peak = f"{o['peak_rss_mb']:.0f}" if o["peak_rss_mb"] else "–"
+        return (
+            f"| {name} | {o['seconds']:.1f} | {o['retrain_alone_seconds']:.1f} | {ratio} | {o['samples_retrained']} ({len(o['clusters_rebuilt'])} clusters) "
+            f"| {o['accuracy_before']:.4f} → {o['accuracy_after']:.4f} | {peak} |"
+        )
+
+    cache_mb = sum(r["cache_bytes"].values()) / 2**20
     lines = [
         f"### unlearning: {r['source']}",
         "",
         f"{r['n_private']} private samples in {r['n_clusters']} clusters; {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['date']}.",
         "",
-        "| operation | wall-clock (s) | samples retrained | accuracy before → after |",
-        "|---|---:|---:|---|",
-        f"| full pipeline from scratch (`dvc repro`) | {r['full_pipeline_seconds']:.1f} | {r['n_private']} (+ backbone) | – → {r['accuracy_full_pipeline']:.4f} |",
-        f"| all prompts from scratch (train stage) | {r['all_prompts_seconds']:.1f} | {r['n_private']} | |",
-        f"| one forget request, end to end | {one['seconds']:.1f} | {one['samples_retrained']} | {one['accuracy_before']:.4f} → {one['accuracy_after']:.4f} |",
-        f"| batch of {many['requests']} forget requests, end to end | {many['seconds']:.1f} | {many['samples_retrained']} ({many['clusters_rebuilt']} clusters) | {many['accuracy_before']:.4f} → {many['accuracy_after']:.4f} |",
+        "| operation | wall-clock (s) | its clusters retrained alone (s) | overhead ratio | samples retrained | accuracy before → after | peak RSS (MB) |",
+        "|---|---:|---:|---:|---|---|---:|",
+        f"| full pipeline from scratch (`dvc repro`) | {r['full_pipeline_seconds']:.1f} | | | {r['n_private']} (+ backbone) | – → {r['accuracy_full_pipeline']:.4f} | |",
+        f"| all prompts from scratch (train stage) | {r['all_prompts_seconds']:.1f} | | | {r['n_private']} | | |",
+        row("one forget, in process (library)", one),
+        row("one forget, `lmeraser forget` (standing Prefect server)", cli),
+        row("one forget, `lmeraser forget` (no Prefect server)", cold),
+        row(f"batch of {many['requests']} forgets, `lmeraser forget --file`", many),
+        f"| `lmeraser unlearn` with nothing pending | {r['idle_unlearn_seconds']:.1f} | | | | | |",
         "",
-        "One request, by step (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()) + ".",
-        "`rebuild` is `dvc repro evaluate`: validate, assign, train (one cluster), evaluate, each a CLI process running a Prefect flow.",
+        "Steps (s): in process "
+        + ", ".join(f"{k} {v:.1f}" for k, v in one["steps"].items())
+        + "; CLI "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cli["steps"].items())
+        + ".",
+        "The rebuild runs in the batch's process (validate, assign, train, evaluate through the stage registry, then `dvc commit`).",
         "",
-        f"Ratios for one request: full pipeline / end to end = {r['full_pipeline_seconds'] / one['seconds']:.1f}×; "
-        f"all prompts / end to end = {r['all_prompts_seconds'] / one['seconds']:.1f}×; "
-        f"samples retrained, all prompts / one request = {r['n_private'] / max(1, one['samples_retrained']):.0f}×. "
-        f"Scan hits after: {one['scan_hits']} (one), {many['scan_hits']} (batch).",
+        f"Ratios: full pipeline / one forget in process = {r['full_pipeline_seconds'] / one['seconds']:.0f}×, through the CLI = {r['full_pipeline_seconds'] / cli['seconds']:.0f}×; "
+        f"all prompts / one forget in process = {r['all_prompts_seconds'] / one['seconds']:.1f}×. "
+        f"Feature and score caches: {cache_mb:.1f} MB. Scan hits after: {one['scan_hits']}, {cli['scan_hits']}, {cold['scan_hits']}, {many['scan_hits']} (batch). "
+        f"`dvc status evaluate` after: {'clean' if 'up to date' in r['dvc_status_serving_path'] else r['dvc_status_serving_path']}.",
         "",
     ]
-    mia = one["mia"]
-    if mia.get("before") and isinstance(mia.get("after"), dict) and "auc" in mia["after"]:
+    if isinstance(many["mia"].get("after"), dict) and "auc" in many["mia"]["after"]:
         lines.append(
-            f"Membership inference on the forgotten sample(s) vs test (loss threshold), batch: AUC {many['mia']['before']['auc']:.3f} before → {many['mia']['after']['auc']:.3f} after."
+            f"Membership inference on the forgotten samples vs test (loss threshold), batch: AUC {many['mia']['before']['auc']:.3f} before → {many['mia']['after']['auc']:.3f} after."
         )
         lines.append("")
     return "\n".join(lines)

@@ -95,7 +95,7 @@ class _OwnRecordsBelowWarning:
 
 @data_app.command("init")
 def data_init(
-    source: str = typer.Option(None, help="digits (default), fashion-mnist, idx:DIR or npz:FILE; overrides data.source"),
+    source: str = typer.Option(None, help="digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; overrides data.source"),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     dvc: bool = typer.Option(True, help="record the new data version with `dvc add data` (when in a DVC repo)"),
