@@ -23,13 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from lmeraser.determinism import deterministic
 from lmeraser.io import atomic_path
-from lmeraser.models.backbone import extract_features, preprocess
 from lmeraser.workspace import BackboneMeta, Workspace
 
 KIND = "lmeraser-feature-cache"  # in the file's metadata: how `audit scan` recognises one
@@ -66,9 +63,14 @@ def _write(path: Path, identity: dict, content_hashes: list[str], features: np.n
         save_file(tensors, str(tmp), metadata={"kind": KIND, "identity": json.dumps(identity, sort_keys=True)})
 
 
-def private_features(ws: Workspace, backbone: torch.nn.Module, meta: BackboneMeta, images: np.ndarray, content_hashes: list[str]) -> tuple[np.ndarray, int]:
-    """Features of the private split (rows of `images`), and how many were computed rather than
-    read from the cache. Leaves the cache holding exactly these contents."""
+def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.ndarray, content_hashes: list[str]) -> tuple[np.ndarray, int]:
+    """Features of the private split (rows of `images`) under `backbone` (a torch module), and how
+    many were computed rather than read from the cache. Leaves the cache holding exactly these
+    contents."""
+    # torch and timm only here: `audit scan` reads caches through `read` without them.
+    from lmeraser.determinism import deterministic
+    from lmeraser.models.backbone import extract_features, preprocess
+
     identity = _identity(meta)
     cached = read(ws.feature_cache_file)
     known = {}

@@ -87,3 +87,20 @@ def test_the_purge_drops_erased_contents_and_the_scan_finds_them_in_the_cache(tr
     assert len(read(ws.feature_cache_file)[1]) == before - 1
     assert scan(ws, erased, set())[0] == []
     assert not np.isin(content_hash(images[4]), read(ws.feature_cache_file)[1])
+
+
+def test_the_scan_reads_the_cache_without_importing_torch(trained_workspace, tmp_path):
+    """`audit scan` runs for an auditor on any machine: reading a feature cache must not pull in
+    torch and timm (they cost seconds per scan)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from lmeraser.audit.scan import _content_keys; from lmeraser.salt import Keyer; "
+        "from lmeraser.workspace import Workspace; ws = Workspace(Path(sys.argv[1])); "
+        "keys = _content_keys(ws.feature_cache_file, Keyer(ws)); print(len(keys), 'torch' in sys.modules)"
+    )
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True)
+    count, torch_imported = done.stdout.split()
+    assert int(count) == len(read(trained_workspace[0].feature_cache_file)[1]) > 0 and torch_imported == "False"

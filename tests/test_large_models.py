@@ -20,7 +20,7 @@ from conftest import _cli_ok, copy_repo, dvc
 CLASSES = ("red", "green", "blue")
 
 
-def _image_folder(root: Path, per_class: int = 45, size: int = 16) -> Path:
+def _image_folder(root: Path, per_class: int = 36, size: int = 16) -> Path:
     """RGB PNGs whose dominant channel is the class, with noise; subjects.csv names an owner."""
     rng = np.random.default_rng(0)
     rows = []
@@ -62,7 +62,7 @@ def rgb_repo(tmp_path_factory):
     }
     root = copy_repo(base / "repo", params)
     _cli_ok("data", "init", cwd=root)
-    dvc("repro", cwd=root)
+    dvc("repro", "evaluate", cwd=root)  # the serving path (the baselines are off here)
     return root, weights
 
 
@@ -89,12 +89,6 @@ def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
     gone, fixed = private.sample_ids[0], private.sample_ids[1]
     corrected = tmp_path / "fixed.png"
     Image.fromarray(255 - private.images[1], "RGB").save(corrected)
-    grey = tmp_path / "grey.png"
-    Image.fromarray(private.images[1, ..., 0], "L").save(grey)
-    from conftest import lmeraser_cli
-
-    refused = lmeraser_cli("rectify", "--sample-id", fixed, "--input", str(grey), "--no-process", cwd=root)
-    assert refused.returncode != 0 and "the data is RGB" in refused.stderr
     _cli_ok("forget", "--sample-id", gone, "--no-process", cwd=root)
     done = _cli_ok("rectify", "--sample-id", fixed, "--input", str(corrected), cwd=root)  # one batch: both requests
     assert "lineage record 1" in done.stdout
