@@ -83,3 +83,17 @@ def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):
 def test_unknown_stage_and_missing_metrics(tmp_path):
     _one_sentence(lmeraser_cli("stage", "deploy", cwd=tmp_path), "unknown stage 'deploy'")
     _one_sentence(lmeraser_cli("metrics", cwd=tmp_path), "metrics.json")
+
+
+def test_the_fast_exit_stops_idle_executor_threads_and_keeps_the_exit_code():
+    """The CLI skips the interpreter's module teardown; it must still shut threads down as a normal
+    exit does (an idle ThreadPoolExecutor's workers once made it wait forever) and keep the code."""
+    import subprocess
+    import sys
+
+    code = (
+        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); pool.submit(print, 'worked').result(); "
+        "import atexit; atexit.register(print, 'atexit ran'); from lmeraser.cli import _exit; _exit(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stdout.split() == ["worked", "atexit", "ran"]
