@@ -73,20 +73,13 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.nda
 
     identity = _identity(meta)
     cached = read(ws.feature_cache_file)
-    known = {}
-    if cached is not None and cached[0] == identity:
-        known = {h: row for row, h in enumerate(cached[1])}
-    missing = [i for i, h in enumerate(content_hashes) if h not in known]
-    width = cached[2].shape[1] if known else None
-    computed = np.zeros((0, width or 0), np.float32)
-    if missing:
-        with deterministic(meta.threads):
-            computed = extract_features(backbone, preprocess(images[missing], meta.input))
-        width = computed.shape[1]
-    features = np.zeros((len(content_hashes), width or 0), np.float32)
-    if missing:
-        features[missing] = computed
+    known = {h: row for row, h in enumerate(cached[1])} if cached is not None and cached[0] == identity else {}
     hits = [i for i, h in enumerate(content_hashes) if h in known]
+    missing = [i for i, h in enumerate(content_hashes) if h not in known]
+    with deterministic(meta.threads):
+        computed = extract_features(backbone, preprocess(images[missing], meta.input))  # (0, D) when nothing is missing
+    features = np.zeros((len(content_hashes), computed.shape[1]), np.float32)
+    features[missing] = computed
     if hits:
         features[hits] = cached[2][[known[content_hashes[i]] for i in hits]]
     _write(ws.feature_cache_file, identity, content_hashes, features)

@@ -42,6 +42,11 @@ TOMBSTONE_COLUMNS = ["sample_id", "content_key", "reason", "label"]
 KEY_FILE_ENV = "LMERASER_SIGNING_KEY_FILE"  # where the signing key lives, if not in audit/keys/
 
 
+def image_channels(image_shape) -> int:
+    """Channels of an image of shape (H, W) (grey: 1) or (H, W, C)."""
+    return 1 if len(image_shape) == 2 else int(image_shape[2])
+
+
 @dataclass(frozen=True)
 class Workspace:
     """One workspace: the repository root a pipeline runs in, and the params file it uses."""

@@ -168,17 +168,23 @@ def check_subjects(subjects: np.ndarray, n: int, name: str) -> np.ndarray:
     return out
 
 
-def _subjects_csv(path: Path, n: int) -> np.ndarray:
-    """`subjects.csv`: a `subject_id` column, one row per training sample, in file order."""
+def _subjects_table(path: Path, columns: tuple[str, ...]):
+    """A `subjects.csv` as strings, refused in one sentence when unreadable or missing a column."""
     import pandas as pd
 
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: unreadable CSV ({error.__class__.__name__}).") from None
-    if "subject_id" not in frame:
-        raise DataError(f"{path}: no 'subject_id' column (found {list(frame.columns)[:5]}).")
-    return check_subjects(frame["subject_id"].to_numpy(dtype=str), n, str(path))
+    for column in columns:
+        if column not in frame:
+            raise DataError(f"{path}: no '{column}' column (found {list(frame.columns)[:5]}).")
+    return frame
+
+
+def _subjects_csv(path: Path, n: int) -> np.ndarray:
+    """`subjects.csv`: a `subject_id` column, one row per training sample, in file order."""
+    return check_subjects(_subjects_table(path, ("subject_id",))["subject_id"].to_numpy(dtype=str), n, str(path))
 
 
 def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
@@ -239,10 +245,9 @@ def _class_tree(directory: Path, classes: list[str] | None) -> tuple[list[Path],
     return files, labels, classes
 
 
-def _folder_images(files: list[Path], image_size: int | None, rgb: bool) -> np.ndarray:
+def _folder_images(files: list[Path], decoded: list[np.ndarray], image_size: int | None, rgb: bool) -> np.ndarray:
     images = []
-    for path in files:
-        image, _ = _read_image(path)
+    for path, image in zip(files, decoded, strict=True):
         if rgb and image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         if image_size is not None:
@@ -266,10 +271,11 @@ def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
     test_files, test_labels = [], []
     if train_dir != directory and (directory / "test").is_dir():
         test_files, test_labels, _ = _class_tree(directory / "test", classes)
-    modes = {_read_image(path)[1] for path in files + test_files}
-    rgb = not modes <= {"L", "1"}
-    train = _folder_images(files, image_size, rgb)
-    test = _folder_images(test_files, image_size, rgb) if test_files else None
+    decoded = [_read_image(path) for path in files + test_files]  # each image decoded once
+    rgb = not {mode for _, mode in decoded} <= {"L", "1"}
+    pixels = [image for image, _ in decoded]
+    train = _folder_images(files, pixels[: len(files)], image_size, rgb)
+    test = _folder_images(test_files, pixels[len(files) :], image_size, rgb) if test_files else None
     if test is not None and test.shape[1:] != train.shape[1:]:
         raise DataError(f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; set data.image_size.")
     subjects = None
@@ -286,14 +292,8 @@ def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
 
 
 def _folder_subjects(path: Path, files: list[str]) -> np.ndarray:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: unreadable CSV ({error.__class__.__name__}).") from None
-    if not {"file", "subject_id"} <= set(frame.columns):
-        raise DataError(f"{path}: needs columns 'file' and 'subject_id' (found {list(frame.columns)[:5]}).")
+    """A folder's `subjects.csv`: `file` (relative to the folder) and `subject_id` columns."""
+    frame = _subjects_table(path, ("file", "subject_id"))
     by_file = dict(zip(frame["file"], frame["subject_id"], strict=True))
     missing = [name for name in files if name not in by_file]
     if missing:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from lmeraser.data.splits import content_hash
 from lmeraser.io import atomic_path, sha256_file
-from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace
+from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace, image_channels
 
 SUITE_NAME = "lmeraser_splits"
 TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "channels", "image_dtype", "pixel_min", "pixel_max", "hash_matches", "suppressed"]
@@ -31,6 +31,7 @@ class ValidationReport:
     failures: list[str]
     docs_index: Path | None
     statistics: dict
+    fingerprints: dict[str, dict[str, str]]  # split -> sha256 of its files, as validated
 
     def reason(self) -> str:
         head = self.failures[0] if self.failures else "unknown failure"
@@ -48,7 +49,7 @@ def image_facts(images: np.ndarray, content_hashes: pd.Series) -> dict:
     return {
         "height": images.shape[1] if images.ndim in (3, 4) else -1,
         "width": images.shape[2] if images.ndim in (3, 4) else -1,
-        "channels": 1 if images.ndim == 3 else images.shape[3] if images.ndim == 4 else -1,
+        "channels": image_channels(images.shape[1:]) if images.ndim in (3, 4) else -1,
         "image_dtype": str(images.dtype),
         "pixel_min": flat.min(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
         "pixel_max": flat.max(1).astype(np.int64) if flat.size else np.zeros(0, np.int64),
@@ -62,21 +63,18 @@ class FactsCache:
     not hashed again (the suite still checks every row of every split). Not versioned; any
     mismatch or damage means the facts are computed again."""
 
-    def __init__(self, ws: Workspace):
+    def __init__(self, ws: Workspace, fingerprints: dict[str, dict[str, str]]):
         self.ws = ws
-        self.code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+        self.keys = {split: hashlib.sha256(json.dumps([code, files], sort_keys=True).encode()).hexdigest() for split, files in fingerprints.items()}
 
     def _path(self, split: str) -> Path:
         return self.ws.artifacts / "cache" / f"validation-{split}.npz"
 
-    def _key(self, split: str) -> str:
-        files = [sha256_file(self.ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")]
-        return hashlib.sha256(json.dumps([self.code, *files]).encode()).hexdigest()
-
     def get(self, split: str) -> dict | None:
         try:
             with np.load(self._path(split), allow_pickle=False) as stored:
-                if str(stored["key"]) != self._key(split):
+                if str(stored["key"]) != self.keys[split]:
                     return None
                 return {name: (stored[name].item() if stored[name].ndim == 0 else stored[name]) for name in IMAGE_FACTS}
         except (OSError, ValueError, KeyError):
@@ -86,7 +84,13 @@ class FactsCache:
         path = self._path(split)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, key=np.array(self._key(split)), **{name: np.asarray(facts[name]) for name in IMAGE_FACTS})
+            np.savez(handle, key=np.array(self.keys[split]), **{name: np.asarray(facts[name]) for name in IMAGE_FACTS})
+
+
+def split_fingerprints(ws: Workspace) -> dict[str, dict[str, str]]:
+    """split -> sha256 of its manifest.csv and images.npy: what the validation tickets record and
+    the facts cache is keyed by (each file hashed once per validation)."""
+    return {split: {name: sha256_file(ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")} for split in SPLITS}
 
 
 def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS, cache: FactsCache | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -126,8 +130,8 @@ def build_suite(info: dict):
     import great_expectations as gx
 
     E = gx.expectations
-    height, width, *rest = info["image_shape"]
-    channels = rest[0] if rest else 1
+    height, width = info["image_shape"][:2]
+    channels = image_channels(info["image_shape"])
     classes = list(range(info["num_classes"]))
     expectations = [
         E.ExpectTableColumnsToMatchSet(column_set=TABLE_COLUMNS, exact_match=True),
@@ -176,14 +180,16 @@ def _describe_failure(result) -> str:
 
 def validate_splits(ws: Workspace, reuse_facts: bool = True) -> ValidationReport:
     """Run the suite with a Checkpoint that also writes HTML data docs to reports/data_docs; with
-    `reuse_facts`, the image facts of splits whose files did not change come from the cache."""
+    `reuse_facts`, the image facts of splits whose files did not change come from the cache. The
+    report carries the splits' fingerprints (`split_fingerprints`)."""
     import great_expectations as gx
 
     # GX sets some of its loggers to INFO itself (e.g. the ephemeral docs site's temporary directory).
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
         logging.getLogger(name).setLevel(logging.ERROR)
     info = ws.source_info()
-    table, reused = build_table(ws, cache=FactsCache(ws) if reuse_facts else None)
+    fingerprints = split_fingerprints(ws)
+    table, reused = build_table(ws, cache=FactsCache(ws, fingerprints) if reuse_facts else None)
     docs_dir = ws.data_docs.resolve()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -216,4 +222,5 @@ def validate_splits(ws: Workspace, reuse_facts: bool = True) -> ValidationReport
         failures=failures,
         docs_index=docs_dir / "index.html",
         statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table), "facts_reused": reused},
+        fingerprints=fingerprints,
     )

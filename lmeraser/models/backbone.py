@@ -16,7 +16,7 @@ from lmeraser.config import BackboneParams
 from lmeraser.errors import ConfigError, DataError
 from lmeraser.io import atomic_path, atomic_write_json, sha256_file
 from lmeraser.progress import track
-from lmeraser.workspace import BackboneMeta, InputSpec, Workspace
+from lmeraser.workspace import BackboneMeta, InputSpec, Workspace, image_channels
 
 
 def build_vit(params: BackboneParams, num_classes: int, in_chans: int = 1) -> VisionTransformer:
@@ -82,10 +82,14 @@ def preprocess(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def _random_shift(x: torch.Tensor, generator: torch.Generator, spec: InputSpec, max_shift: int = 1) -> torch.Tensor:
-    """Seeded translation by up to `max_shift` pixels, filling with black: cheap augmentation for
-    the public backbone."""
-    black = -torch.tensor(spec.mean, dtype=torch.float32) / torch.tensor(spec.std, dtype=torch.float32)
+def _black(spec: InputSpec) -> torch.Tensor:
+    """A black pixel after normalisation, per channel."""
+    return -torch.tensor(spec.mean, dtype=torch.float32) / torch.tensor(spec.std, dtype=torch.float32)
+
+
+def _random_shift(x: torch.Tensor, generator: torch.Generator, black: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
+    """Seeded translation by up to `max_shift` pixels, filling with `black` (per channel): cheap
+    augmentation for the public backbone."""
     n, c, h, w = x.shape
     padded = black.view(1, c, 1, 1).expand(n, c, h + 2 * max_shift, w + 2 * max_shift).clone()
     padded[..., max_shift : max_shift + h, max_shift : max_shift + w] = x
@@ -102,12 +106,12 @@ def train_backbone(
     The caller fixes the thread count (lmeraser.determinism), since it changes the float order."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    in_chans = 1 if images.ndim == 3 else images.shape[-1]
+    in_chans = image_channels(images.shape[1:])
     model = start if start is not None else build_vit(params, num_classes, in_chans)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     spec = input_spec(model, params, in_chans)
-    x, y = preprocess(images, spec), torch.from_numpy(labels)
+    x, y, black = preprocess(images, spec), torch.from_numpy(labels), _black(spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(y) / params.batch_size)
     total = max(1, params.epochs * steps_per_epoch)
@@ -121,7 +125,7 @@ def train_backbone(
         running, correct = 0.0, 0
         for start in range(0, len(y), params.batch_size):
             idx = order[start : start + params.batch_size]
-            logits = model(_random_shift(x[idx], generator, spec))
+            logits = model(_random_shift(x[idx], generator, black))
             loss = F.cross_entropy(logits, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,14 +12,13 @@ from lmeraser.config import Params
 from lmeraser.determinism import deterministic
 from lmeraser.io import sha256_file
 from lmeraser.models.backbone import load_checkpoint, save_backbone, train_backbone
-from lmeraser.workspace import Workspace
+from lmeraser.workspace import Workspace, image_channels
 
 
 def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
     info = ws.source_info()
     cfg = params.backbone
-    shape = info["image_shape"]
-    in_chans = 1 if len(shape) == 2 else int(shape[2])
+    in_chans = image_channels(info["image_shape"])
     architecture = cfg.model or "built-in ViT"
     start = time.perf_counter()
     with deterministic(cfg.threads):

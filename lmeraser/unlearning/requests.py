@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import atomic_save_npy, atomic_write_bytes, npy_header, read_input_bytes, read_input_text
 from lmeraser.salt import Keyer
-from lmeraser.workspace import SPLITS, Workspace
+from lmeraser.workspace import SPLITS, Workspace, image_channels
 
 # Limits on what a request may carry: far above any real request, far below what could exhaust
 # memory or flood a terminal.
@@ -263,7 +263,7 @@ def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[in
 
         try:
             with Image.open(io.BytesIO(raw)) as picture:
-                rgb = len(shape) == 3
+                rgb = image_channels(shape) == 3
                 if rgb and picture.mode != "RGB":
                     raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, it is never converted.")
                 if not rgb and picture.mode not in ("L", "1"):
