@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from lmeraser.clustering import nearest  # noqa: E402
+from lmeraser.compute import Compute  # noqa: E402
 from lmeraser.config import PromptParams, parse_params  # noqa: E402
 from lmeraser.data.splits import init_data  # noqa: E402
 from lmeraser.evaluation import membership_inference  # noqa: E402
@@ -124,7 +125,8 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
     x_all, y_all = preprocess(private.images, spec), torch.from_numpy(private.labels)
     x_test, y_test = preprocess(test.images, spec), torch.from_numpy(test.labels)
     prototypes = ws.prototypes()
-    routes = nearest(extract_features(backbone, x_test, 256), prototypes, np.unique(clusters_of))
+    compute = Compute.of(meta).with_threads(params.runtime.threads)
+    routes = nearest(extract_features(backbone, x_test, 256, Compute.of(meta)), prototypes, np.unique(clusters_of))
     sizes = np.bincount(clusters_of)
     chosen = choose_clusters(clusters_of, private.labels, n_clusters)
     dtype = getattr(torch, params.influence.dtype)
@@ -140,7 +142,7 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
             x, y = x_all[rows], y_all[rows]
             seed = cluster_seed(params.seed, cluster)
             t0 = time.perf_counter()
-            original = train_prompt(backbone, x, y, prompt, num_classes, seed, params.runtime.threads)
+            original = train_prompt(backbone, x, y, prompt, num_classes, seed, compute)
             train_seconds = time.perf_counter() - t0
             test_rows = np.flatnonzero(routes == cluster)
             xt, yt = x_test[test_rows], y_test[test_rows]
@@ -159,7 +161,7 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                         influenced = objective.state(theta)
                         influence_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    exact = train_prompt(backbone, x_new[present], y_new[present], prompt, num_classes, seed, params.runtime.threads)
+                    exact = train_prompt(backbone, x_new[present], y_new[present], prompt, num_classes, seed, compute)
                     exact_seconds = time.perf_counter() - t0
                     # Each state's model built once (a LoRA model copies the backbone).
                     models = {
@@ -280,7 +282,7 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
     test_rows = np.flatnonzero(routes == cluster)
     xt, yt = x_test[test_rows], y_test[test_rows].numpy()
     seed = cluster_seed(params.seed, cluster)
-    clean_state = train_prompt(backbone, x, clean, prompt, num_classes, seed, params.runtime.threads)
+    clean_state = train_prompt(backbone, x, clean, prompt, num_classes, seed, Compute(threads=params.runtime.threads))
     clean_accuracy = float((predict(load_prompt(backbone, prompt, num_classes, clean_state), xt) == yt).mean())
     out = []
     for rate in FLIP_RATES:
@@ -288,7 +290,7 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
         flipped = rng.choice(len(clean), size=int(round(rate * len(clean))), replace=False)
         noisy = clean.clone()
         noisy[flipped] = torch.from_numpy((clean.numpy()[flipped] + rng.integers(1, num_classes, len(flipped))) % num_classes)
-        noisy_state = train_prompt(backbone, x, noisy, prompt, num_classes, seed, params.runtime.threads)
+        noisy_state = train_prompt(backbone, x, noisy, prompt, num_classes, seed, Compute(threads=params.runtime.threads))
         row = {
             "flip_rate": rate,
             "n_flipped": len(flipped),

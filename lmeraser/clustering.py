@@ -3,6 +3,10 @@
 Prototypes are fitted on *public* features by default (invariant 1): deleting a private sample
 never moves a prototype, so only the cluster that held it changes. Assignment is a pure function
 of (backbone, prototypes, sample) on the un-augmented view, computed once and persisted.
+
+Both run on the workspace's GPU when it has one and the faiss installed is a GPU build
+(`gpu`: the device index, from `Compute.faiss_gpu`), else on the CPU; which one is recorded with
+the prototypes, since the float order, and so a borderline assignment, can differ.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def choose_k(n_private: int, n_fit: int, params: ClusteringParams) -> int:
     return max(1, min(k, n_fit))
 
 
-def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed: int, threads: int = 1) -> np.ndarray:
+def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed: int, threads: int = 1, gpu: int | None = None) -> np.ndarray:
     if len(features) < k:
         raise LmeraserError(f"k-means needs at least {k} points to fit {k} prototypes, got {len(features)}.")
     faiss.omp_set_num_threads(threads)
@@ -35,17 +39,22 @@ def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed:
         # faiss subsamples above max_points_per_centroid * k; keep every point for exactness.
         max_points_per_centroid=max(256, len(features) // k + 1),
         min_points_per_centroid=1,
+        # faiss's Kmeans takes a number of GPUs and uses the first ones: one, for the same result
+        # on machines with more.
+        **({"gpu": 1} if gpu is not None else {}),
     )
     kmeans.train(np.ascontiguousarray(features, dtype=np.float32))
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def nearest(features: np.ndarray, prototypes: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+def nearest(features: np.ndarray, prototypes: np.ndarray, allowed: np.ndarray | None = None, gpu: int | None = None) -> np.ndarray:
     """Index of the nearest prototype for each row; restricted to `allowed` cluster ids if given."""
     ids = np.arange(len(prototypes)) if allowed is None else np.asarray(sorted(allowed), dtype=np.int64)
     if len(ids) == 0:
         raise LmeraserError("no non-empty cluster to route to; train at least one cluster first.")
     index = faiss.IndexFlatL2(prototypes.shape[1])
+    if gpu is not None:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
     index.add(np.ascontiguousarray(prototypes[ids], dtype=np.float32))
     _, found = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
     return ids[found[:, 0]]

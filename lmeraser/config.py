@@ -204,9 +204,11 @@ class RuntimeParams(_Section):
     # filesystem every worker shares).
     executor: Literal["threads", "dask"] = "threads"
     dask_address: str | None = Field(None, min_length=1, max_length=500)  # e.g. tcp://scheduler:8786
-    # Only the CPU for now: every stage, the influence path and replay run there, and a setting
-    # that would be accepted and silently ignored is refused instead (GPU: issue 12).
-    device: Literal["cpu"] = "cpu"
+    # Where every pass over the backbone runs (lmeraser/compute.py): cpu, cuda or cuda:N. Fixed
+    # when the backbone stage runs and recorded with it; part of every artifact key and record.
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")
+    # bf16: the backbone's passes under bf16 autocast (big backbones); parameters stay float32.
+    precision: Literal["float32", "bf16"] = "float32"
 
     @model_validator(mode="after")
     def _dask(self) -> RuntimeParams:

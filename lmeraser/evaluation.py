@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from lmeraser.compute import Compute
 from lmeraser.config import PromptParams
 from lmeraser.models.backbone import extract_features, preprocess
 from lmeraser.training import cluster_seed, load_prompt, train_prompt
@@ -33,10 +34,10 @@ def per_cluster_accuracy(labels: np.ndarray, predictions: np.ndarray, routes: np
     return out
 
 
-def linear_probe(backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int) -> np.ndarray:
+def linear_probe(backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int, compute: Compute) -> np.ndarray:
     """Logistic regression on frozen CLS features; returns test predictions."""
-    train_features = extract_features(backbone, preprocess(train_images, spec))
-    test_features = extract_features(backbone, preprocess(test_images, spec))
+    train_features = extract_features(backbone, preprocess(train_images, spec), compute=compute)
+    test_features = extract_features(backbone, preprocess(test_images, spec), compute=compute)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     probe.fit((train_features - mean) / std, train_labels)
@@ -44,8 +45,12 @@ def linear_probe(backbone, train_images, train_labels, test_images, spec: InputS
 
 
 @torch.no_grad()
-def _predict(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    return np.concatenate([model(x[i : i + batch_size]).argmax(1).numpy() for i in range(0, len(x), batch_size)])
+def _predict(model, x: torch.Tensor, batch_size: int, compute: Compute) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch_size):
+        with compute.autocast():
+            out.append(model(compute.put(x[i : i + batch_size])).argmax(1).cpu().numpy())
+    return np.concatenate(out)
 
 
 def single_prompt(
@@ -57,16 +62,16 @@ def single_prompt(
     params: PromptParams,
     num_classes: int,
     seed: int,
-    threads: int,
+    compute: Compute,
     batch_size: int = 256,
 ) -> np.ndarray:
     """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
     x = preprocess(train_images, spec)
     state = train_prompt(
-        backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), threads
+        backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), compute
     )
     model = load_prompt(backbone, params, num_classes, state)
-    return _predict(model, preprocess(test_images, spec), batch_size)
+    return _predict(model, preprocess(test_images, spec), batch_size, compute)
 
 
 def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:

@@ -33,7 +33,9 @@ KIND = "lmeraser-feature-cache"  # in the file's metadata: how `audit scan` reco
 
 
 def _identity(meta: BackboneMeta) -> dict:
-    return {"backbone": meta.sha256, "threads": meta.threads, "img_size": meta.img_size, **meta.input.to_json()}
+    from lmeraser.compute import Compute
+
+    return {"backbone": meta.sha256, "threads": meta.threads, "compute": Compute.of(meta).identity(), "img_size": meta.img_size, **meta.input.to_json()}
 
 
 def _digests(content_hashes: list[str]) -> np.ndarray:
@@ -68,7 +70,7 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.nda
     many were computed rather than read from the cache. Leaves the cache holding exactly these
     contents."""
     # torch and timm only here: `audit scan` reads caches through `read` without them.
-    from lmeraser.determinism import deterministic
+    from lmeraser.compute import Compute
     from lmeraser.models.backbone import extract_features, preprocess
 
     identity = _identity(meta)
@@ -76,8 +78,8 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.nda
     known = {h: row for row, h in enumerate(cached[1])} if cached is not None and cached[0] == identity else {}
     hits = [i for i, h in enumerate(content_hashes) if h in known]
     missing = [i for i, h in enumerate(content_hashes) if h not in known]
-    with deterministic(meta.threads):
-        computed = extract_features(backbone, preprocess(images[missing], meta.input))  # (0, D) when nothing is missing
+    with Compute.of(meta).scope() as compute:
+        computed = extract_features(backbone, preprocess(images[missing], meta.input), compute=compute)  # (0, D) when nothing is missing
     features = np.zeros((len(content_hashes), computed.shape[1]), np.float32)
     features[missing] = computed
     if hits:

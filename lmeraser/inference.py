@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from lmeraser.clustering import nearest
+from lmeraser.compute import Compute
 from lmeraser.config import PromptParams
-from lmeraser.determinism import deterministic
 from lmeraser.models.backbone import extract_features, load_backbone, preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.store import ArtifactStore
@@ -63,7 +63,7 @@ class ServingModel:
         return sorted(int(c) for c in self.index.clusters)
 
     def route(self, features: np.ndarray) -> np.ndarray:
-        return nearest(features, self.prototypes, np.asarray(self.active_clusters))
+        return nearest(features, self.prototypes, np.asarray(self.active_clusters), Compute.of(self.backbone_meta).faiss_gpu)
 
     def served_keys(self) -> dict[str, str]:
         """cluster -> the artifact it serves (`overlay:<key>` or `exact:<key>`)."""
@@ -72,21 +72,22 @@ class ServingModel:
     @torch.no_grad()
     def cluster_logits(self, x: torch.Tensor, routes: np.ndarray, cluster: int, batch_size: int) -> np.ndarray:
         """Logits of the rows of `x` routed to `cluster`, in a fixed batching (a cluster scored
-        alone gives the same bits as in a full pass). The caller holds `deterministic`."""
-        model = self.cluster_model(cluster)
+        alone gives the same bits as in a full pass), on the backbone's device and precision. The
+        caller holds the compute's scope."""
+        model, compute = self.cluster_model(cluster), Compute.of(self.backbone_meta)
         rows = np.flatnonzero(routes == cluster)
-        return (
-            np.concatenate([model(x[rows[s : s + batch_size]]).numpy() for s in range(0, len(rows), batch_size)])
-            if len(rows)
-            else np.zeros((0, self.index.num_classes), np.float32)
-        )
+        out = []
+        for s in range(0, len(rows), batch_size):
+            with compute.autocast():
+                out.append(model(compute.put(x[rows[s : s + batch_size]])).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.index.num_classes), np.float32)
 
     @torch.no_grad()
     def logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Class logits and the cluster each sample was routed to."""
-        with deterministic(self.backbone_meta.threads):
+        with Compute.of(self.backbone_meta).scope() as compute:
             x = preprocess(images, self.input_spec)
-            routes = self.route(extract_features(self.backbone, x, batch_size))
+            routes = self.route(extract_features(self.backbone, x, batch_size, compute))
             out = np.zeros((len(x), self.index.num_classes), dtype=np.float32)
             for cluster in np.unique(routes):
                 out[routes == cluster] = self.cluster_logits(x, routes, cluster, batch_size)

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lmeraser.determinism import deterministic
+from lmeraser.compute import Compute
 from lmeraser.inference import ServingModel, per_sample_losses
 from lmeraser.io import atomic_path
 from lmeraser.models.backbone import extract_features, preprocess
@@ -35,7 +35,14 @@ from lmeraser.workspace import Split, Workspace
 def _identity(test: Split, model: ServingModel, batch_size: int) -> dict:
     contents = hashlib.sha256("\n".join(test.manifest["content_hash"].astype(str)).encode()).hexdigest()
     meta = model.backbone_meta
-    return {"backbone": meta.sha256, "threads": meta.threads, "test": contents, "batch_size": batch_size, "num_classes": model.index.num_classes}
+    return {
+        "backbone": meta.sha256,
+        "threads": meta.threads,
+        "compute": Compute.of(meta).identity(),
+        "test": contents,
+        "batch_size": batch_size,
+        "num_classes": model.index.num_classes,
+    }
 
 
 def _load(ws: Workspace, identity: dict) -> tuple[dict[str, np.ndarray], dict[str, str]] | None:
@@ -61,9 +68,9 @@ def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: 
     identity = _identity(test, model, batch_size)
     cached = _load(ws, identity)
     served = model.served_keys()
-    with deterministic(model.backbone_meta.threads), torch.no_grad():
+    with Compute.of(model.backbone_meta).scope() as compute, torch.no_grad():
         x = preprocess(test.images, model.input_spec)
-        features = cached[0]["features"] if cached else extract_features(model.backbone, x, batch_size)
+        features = cached[0]["features"] if cached else extract_features(model.backbone, x, batch_size, compute)
         routes = model.route(features)
         logits = np.zeros((len(x), model.index.num_classes), dtype=np.float32)
         rescored = []

@@ -115,15 +115,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "backbone",
         deps=("artifacts/validation/public.json", "data/public"),
-        code=("lmeraser/pipeline/backbone.py", "lmeraser/models/backbone.py", "lmeraser/determinism.py"),
-        params=("seed", "backbone"),
+        code=("lmeraser/pipeline/backbone.py", "lmeraser/models/backbone.py", "lmeraser/compute.py", "lmeraser/determinism.py"),
+        # The device and precision change the backbone's bits, and every pass over it runs there.
+        params=("seed", "backbone", "runtime.device", "runtime.precision"),
         outs=(Out("artifacts/backbone"),),
         logged=("artifacts/backbone/backbone.json",),
     ),
     Stage(
         "prototypes",
         deps=("artifacts/backbone", f"artifacts/validation/{_ON}.json", f"data/{_ON}"),
-        code=("lmeraser/pipeline/prototypes.py", "lmeraser/clustering.py", "lmeraser/models/backbone.py", "lmeraser/determinism.py"),
+        code=("lmeraser/pipeline/prototypes.py", "lmeraser/clustering.py", "lmeraser/models/backbone.py", "lmeraser/compute.py", "lmeraser/determinism.py"),
         params=("seed", "clustering", "runtime.threads"),
         outs=(Out("artifacts/clusters/prototypes.npy"), Out("artifacts/clusters/prototypes.json")),
         logged=("artifacts/clusters/prototypes.json",),
@@ -131,7 +132,14 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "assign",
         deps=("artifacts/backbone", "artifacts/clusters/prototypes.npy", "artifacts/validation/private.json", "data/private"),
-        code=("lmeraser/pipeline/assign.py", "lmeraser/feature_cache.py", "lmeraser/clustering.py", "lmeraser/models/backbone.py", "lmeraser/determinism.py"),
+        code=(
+            "lmeraser/pipeline/assign.py",
+            "lmeraser/feature_cache.py",
+            "lmeraser/clustering.py",
+            "lmeraser/models/backbone.py",
+            "lmeraser/compute.py",
+            "lmeraser/determinism.py",
+        ),
         params=(),
         outs=(
             Out("artifacts/clusters/assignments.csv"),
@@ -143,7 +151,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "train",
         deps=("artifacts/backbone", "artifacts/clusters/assignments.csv", "artifacts/clusters/prototypes.json", "data/private"),
-        code=("lmeraser/pipeline/train.py", "lmeraser/training.py", "lmeraser/store.py", "lmeraser/models", "lmeraser/determinism.py"),
+        code=("lmeraser/pipeline/train.py", "lmeraser/training.py", "lmeraser/store.py", "lmeraser/models", "lmeraser/compute.py", "lmeraser/determinism.py"),
         params=("seed", *_PEFT, "runtime.threads"),
         outs=(Out("artifacts/prompts/store", cache=False, persist=True), Out("artifacts/prompts/index.json", cache=False)),
         logged=("artifacts/prompts/index.json",),
@@ -161,6 +169,7 @@ STAGES: tuple[Stage, ...] = (
             "lmeraser/training.py",
             "lmeraser/store.py",
             "lmeraser/models",
+            "lmeraser/compute.py",
             "lmeraser/determinism.py",
         ),
         params=("evaluate.batch_size",),
@@ -177,7 +186,14 @@ STAGES: tuple[Stage, ...] = (
         # request does not re-run it (until the next full `dvc repro`, `dvc status` lists it).
         "baselines",
         deps=("artifacts/backbone", "artifacts/validation/private.json", "data/private", "data/test"),
-        code=("lmeraser/pipeline/baselines.py", "lmeraser/evaluation.py", "lmeraser/training.py", "lmeraser/models", "lmeraser/determinism.py"),
+        code=(
+            "lmeraser/pipeline/baselines.py",
+            "lmeraser/evaluation.py",
+            "lmeraser/training.py",
+            "lmeraser/models",
+            "lmeraser/compute.py",
+            "lmeraser/determinism.py",
+        ),
         params=("seed", *_PEFT, "evaluate", "runtime.threads"),
         outs=(Out("reports/baselines.json", "metrics", cache=False),),
         logged=("reports/baselines.json",),

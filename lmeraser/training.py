@@ -18,19 +18,19 @@ import torch
 import torch.nn.functional as F
 
 import lmeraser
+from lmeraser.compute import CPU, Compute
 from lmeraser.config import PromptParams
-from lmeraser.determinism import deterministic
 from lmeraser.errors import LmeraserError
 from lmeraser.io import sha256_json
 from lmeraser.models.prompts import PromptedClassifier, init_peft
 
 # Bumped when the structure of the key changes; the train stage says how many artifacts a
 # change re-keyed, and why.
-KEY_FORMAT = 2
+KEY_FORMAT = 3  # 3: the compute (device, its name, precision) joined the key
 
 # The modules whose source determines a trained artifact of a PEFT kind: a change to any of them
 # re-keys that kind's prompts; a change elsewhere (CLI, flows, another kind's module) does not.
-_TRAINING_CODE = ("training.py", "determinism.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
+_TRAINING_CODE = ("training.py", "determinism.py", "compute.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
 
 
 def code_version(kind: str) -> str:
@@ -58,7 +58,7 @@ def members_digest(sample_ids: Sequence[str], content_hashes: Sequence[str], lab
     return digest.hexdigest()
 
 
-def key_inputs(*, backbone_sha256: str, prompt: PromptParams, num_classes: int, threads: int, extra: dict | None = None) -> dict:
+def key_inputs(*, backbone_sha256: str, prompt: PromptParams, num_classes: int, compute: Compute, extra: dict | None = None) -> dict:
     """What every cluster's key shares: recorded in the prompt index, so that a later run can say
     which of them changed when it re-keys artifacts."""
     return {
@@ -66,7 +66,8 @@ def key_inputs(*, backbone_sha256: str, prompt: PromptParams, num_classes: int, 
         "backbone": backbone_sha256,
         "prompt": prompt.identity(),
         "num_classes": num_classes,
-        "threads": threads,
+        "threads": compute.threads,
+        "compute": compute.identity(),
         "code": code_version(prompt.kind),
         "versions": library_versions(),
         "extra": extra or {},
@@ -85,20 +86,23 @@ def train_prompt(
     prompt: PromptParams,
     num_classes: int,
     seed: int,
-    threads: int = 1,
+    compute: Compute = CPU,
 ) -> dict[str, torch.Tensor]:
-    """Train one PEFT module + head on (x, y), which must already be ordered by sample id.
+    """Train one PEFT module + head on (x, y), which must already be ordered by sample id, on
+    `compute` (the backbone already on its device); returns the state in host memory.
 
-    All randomness comes from a private generator seeded with `seed` (never the global RNG),
-    so concurrent trainings in threads cannot disturb each other.
+    All randomness comes from a private CPU generator seeded with `seed` (never the global RNG),
+    so concurrent trainings in threads cannot disturb each other and every device draws the same.
     """
     if len(y) == 0:
         raise LmeraserError("cannot train a prompt on an empty cluster.")
     cfg = prompt.adapter
-    with deterministic(threads):
+    with compute.scope():
         generator = torch.Generator().manual_seed(seed)
         model = PromptedClassifier(backbone, prompt, num_classes)
         init_peft(model, generator)
+        model = model.to(compute.torch_device)
+        x, y = compute.put(x), compute.put(y)  # one cluster's members: small next to the model
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
@@ -106,17 +110,19 @@ def train_prompt(
         for _ in range(cfg.epochs):
             order = torch.randperm(len(y), generator=generator)
             for start in range(0, len(y), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                idx = compute.put(order[start : start + cfg.batch_size])
+                with compute.autocast():
+                    loss = F.cross_entropy(model(x[idx]).float(), y[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-        return {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
+        return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()}
 
 
 def load_prompt(backbone: torch.nn.Module, prompt: PromptParams, num_classes: int, state: dict[str, torch.Tensor]) -> PromptedClassifier:
+    """A cluster's model in eval mode, on the backbone's device."""
     model = PromptedClassifier(backbone, prompt, num_classes)
     model.load_state_dict(state)
     model.eval()
-    return model
+    return model.to(next(backbone.parameters()).device)

@@ -423,6 +423,8 @@ class BackboneMeta:
     threads: int  # torch threads every whole-split pass over this backbone uses
     origin: dict = field(default_factory=dict)  # trained on the public split, or a checkpoint
     input_json: dict = field(default_factory=dict)  # InputSpec without img_size (older files: grey, 0.5/0.5)
+    device: str = "cpu"  # where it was made and every pass over it runs (lmeraser/compute.py)
+    precision: str = "float32"
 
     @property
     def img_size(self) -> int:
@@ -435,7 +437,16 @@ class BackboneMeta:
 
     @classmethod
     def from_json(cls, raw: dict) -> BackboneMeta:
-        return cls(raw["sha256"], raw["params"], int(raw["num_classes"]), int(raw.get("threads", 1)), raw.get("origin", {}), raw.get("input", {}))
+        return cls(
+            raw["sha256"],
+            raw["params"],
+            int(raw["num_classes"]),
+            int(raw.get("threads", 1)),
+            raw.get("origin", {}),
+            raw.get("input", {}),
+            str(raw.get("device", "cpu")),
+            str(raw.get("precision", "float32")),
+        )
 
     def to_json(self) -> dict:
         return {
@@ -445,6 +456,8 @@ class BackboneMeta:
             "threads": self.threads,
             "origin": self.origin,
             "input": self.input_json,
+            "device": self.device,
+            "precision": self.precision,
         }
 
 

@@ -75,12 +75,6 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
-def test_a_device_that_would_be_ignored_is_refused():
-    """runtime.device: cuda was accepted and silently ran on the CPU; until the GPU path exists it is refused."""
-    with pytest.raises(ConfigError, match="runtime.device"):
-        parse_params({"runtime": {"device": "cuda"}})
-
-
 def test_a_timm_model_takes_none_of_the_built_in_architecture_keys():
     named = parse_params({"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32}})
     assert named.backbone.patch_size is None and named.backbone.embed_dim is None

@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 
+from lmeraser.compute import Compute
 from lmeraser.config import BackboneParams, PromptParams
 from lmeraser.errors import LmeraserError
 from lmeraser.models.backbone import build_vit, freeze
@@ -24,7 +25,7 @@ def setup():
 
 def _train_and_store(store, key, setup, params=PROMPT, seed=7, threads=1):
     backbone, x, y = setup
-    state = train_prompt(backbone, x, y, params, 4, seed, threads)
+    state = train_prompt(backbone, x, y, params, 4, seed, Compute(threads=threads))
     return store.save(key, state, {"cluster": 0, "seed": seed})
 
 
@@ -71,7 +72,8 @@ def test_empty_cluster_is_refused(setup):
 
 
 def _key(members=("a", "b"), hashes=("h1", "h2"), labels=(0, 1), seed=1, **shared):
-    shared = {"backbone_sha256": "bb", "prompt": PROMPT, "num_classes": 4, "threads": 1, **shared}
+    compute = Compute(threads=shared.pop("threads", 1), precision=shared.pop("precision", "float32"))
+    shared = {"backbone_sha256": "bb", "prompt": PROMPT, "num_classes": 4, "compute": compute, **shared}
     return artifact_key(key_inputs(**shared), members_digest(members, hashes, labels), seed)
 
 
@@ -86,6 +88,7 @@ def test_key_covers_every_input():
         _key(prompt=PromptParams.of("pad", width=1, epochs=4, batch_size=8, lr=0.05)),
         _key(seed=2),
         _key(threads=2),
+        _key(precision="bf16"),
         _key(extra={"prototypes": "p"}),
     ]
     assert len(set(variants) | {key}) == len(variants) + 1
@@ -112,7 +115,7 @@ def test_training_restores_the_thread_count_and_deterministic_flag(setup):
     backbone, x, y = setup
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(False)
-    train_prompt(backbone, x, y, PROMPT, 4, 7, threads=1)
+    train_prompt(backbone, x, y, PROMPT, 4, 7, Compute(threads=1))
     assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
 
 

@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 
+from lmeraser.compute import Compute
 from lmeraser.config import Params
 from lmeraser.errors import LmeraserError
 from lmeraser.inference import ServingModel
@@ -24,7 +25,7 @@ from lmeraser.store import ArtifactStore
 from lmeraser.training import load_prompt
 from lmeraser.workspace import Workspace
 
-ENV_KEYS = ("python", "torch", "timm", "peft", "faiss", "numpy", "cpu", "training_code", "threads")
+ENV_KEYS = ("python", "torch", "timm", "peft", "faiss", "numpy", "cpu", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
 
 
 def superseded_by(record: Record, later: list[Record], cluster: int) -> int | None:
@@ -44,7 +45,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
             "supersedes it (`lmeraser audit show` lists them)."
         )
-    now = environment(params.prompt.kind, params.runtime.threads)
+    now = environment(params.prompt.kind, Compute.of(ws.backbone_meta()).with_threads(params.runtime.threads))
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
     asked = record.predicate["clusters_rebuilt"]
@@ -69,9 +70,11 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             continue
         job = jobs[cluster]
         if job.key != deployed.key:
-            raise LmeraserError(
-                f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; data or params changed since record {record.number}."
-            )
+            keyed = [
+                k for k in differences if k in ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
+            ]
+            cause = f"this machine differs in {', '.join(keyed)}, which the key includes" if keyed else f"data or params changed since record {record.number}"
+            raise LmeraserError(f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; {cause}.")
         state = trainer.state(job)
         with tempfile.TemporaryDirectory() as tmp:
             stored = ArtifactStore(tmp).save(job.key, state, {"cluster": cluster, "n_members": len(job.rows), "seed": job.seed})
@@ -81,8 +84,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             x = preprocess(ws.split("test").images, current.input_spec)
             recorded = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, current.store.load(deployed.key))
             replayed = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, state)
-            with torch.no_grad():
-                agreement = float((recorded(x).argmax(1) == replayed(x).argmax(1)).float().mean())
+            agreement = _agreement(recorded, replayed, x, trainer.compute)
             result["prediction_agreement"] = agreement
             result["match"] = result["match"] or agreement >= 0.99
         log(f"cluster {cluster}: replayed, sha256 {'matches' if result['sha256'] == expected else 'differs'}")
@@ -97,3 +99,15 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
         "skipped": sum(1 for r in results if r["match"] is None),
         "ok": matched > 0 and all(r["match"] is not False for r in results),
     }
+
+
+@torch.no_grad()
+def _agreement(recorded: torch.nn.Module, replayed: torch.nn.Module, x: torch.Tensor, compute, batch_size: int = 256) -> float:
+    """The share of `x` (preprocessed, in host memory) both models predict alike, batch by batch
+    on the compute's device."""
+    same = 0
+    for start in range(0, len(x), batch_size):
+        batch = compute.put(x[start : start + batch_size])
+        with compute.autocast():
+            same += int((recorded(batch).argmax(1) == replayed(batch).argmax(1)).sum())
+    return same / max(1, len(x))

@@ -145,8 +145,9 @@ class InfluencePredicate(_Schema):
     seconds: dict[str, float]
 
 
-def environment(kind: str, threads: int) -> dict:
-    """The software and machine a record's computation ran on (what replay compares)."""
+def environment(kind: str, compute) -> dict:
+    """The software and machine a record's computation ran on (what replay compares): `compute`
+    (lmeraser.compute.Compute) gives the threads, the device, its name and the precision."""
     import faiss
     import numpy as np
 
@@ -166,7 +167,8 @@ def environment(kind: str, threads: int) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "training_code": code_version(kind),
-        "threads": threads,
+        "threads": compute.threads,
+        **compute.identity(),
     }
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from lmeraser.compute import CPU, Compute
 from lmeraser.config import BackboneParams
 from lmeraser.errors import ConfigError, DataError
 from lmeraser.io import atomic_path, atomic_write_json, sha256_file
@@ -98,20 +99,30 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, black: torch.Tens
 
 
 def train_backbone(
-    params: BackboneParams, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int, log=print, start: VisionTransformer | None = None
+    params: BackboneParams,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    log=print,
+    start: VisionTransformer | None = None,
+    compute: Compute = CPU,
 ) -> VisionTransformer:
     """Supervised training on the public split, from fresh weights or from `start` (fine-tuning a
-    checkpoint); returns the model in eval mode, frozen.
+    checkpoint), on `compute`'s device and precision; returns the model in eval mode, frozen.
 
-    The caller fixes the thread count (lmeraser.determinism), since it changes the float order."""
+    The caller holds `compute.scope()` (the thread count changes the float order). Randomness is
+    drawn on the CPU from seeded generators, so it is the same on every device."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     in_chans = image_channels(images.shape[1:])
     model = start if start is not None else build_vit(params, num_classes, in_chans)
+    model = model.to(compute.torch_device)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     spec = input_spec(model, params, in_chans)
-    x, y, black = preprocess(images, spec), torch.from_numpy(labels), _black(spec)
+    # The split stays in host memory; each batch goes to the device.
+    x, y, black = preprocess(images, spec), torch.from_numpy(labels), compute.put(_black(spec))
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(y) / params.batch_size)
     total = max(1, params.epochs * steps_per_epoch)
@@ -125,14 +136,16 @@ def train_backbone(
         running, correct = 0.0, 0
         for start in range(0, len(y), params.batch_size):
             idx = order[start : start + params.batch_size]
-            logits = model(_random_shift(x[idx], generator, black))
-            loss = F.cross_entropy(logits, y[idx])
+            targets = compute.put(y[idx])
+            with compute.autocast():
+                logits = model(_random_shift(compute.put(x[idx]), generator, black))
+                loss = F.cross_entropy(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             running += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
+            correct += int((logits.argmax(1) == targets).sum())
         if epoch == params.epochs - 1 or epoch % 10 == 0:
             log(f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, train acc {correct / len(y):.4f}")
     return freeze(model)
@@ -196,37 +209,50 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, 
     return freeze(model), adapted
 
 
-def save_backbone(model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict, in_chans: int = 1) -> BackboneMeta:
+def save_backbone(
+    model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict, in_chans: int = 1, compute: Compute = CPU
+) -> BackboneMeta:
     with atomic_path(ws.backbone_weights) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     spec = input_spec(model, params, in_chans)
-    meta = BackboneMeta(sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin, spec.to_json())
+    meta = BackboneMeta(
+        sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin, spec.to_json(), compute.device, compute.precision
+    )
     atomic_write_json(ws.backbone_meta_file, meta.to_json())
     return meta
 
 
 def load_backbone(ws: Workspace) -> tuple[VisionTransformer, BackboneMeta]:
-    """The frozen backbone, after checking its weights are the ones its metadata names."""
+    """The frozen backbone on its recorded device, after checking its weights are the ones its
+    metadata names and that this machine has that device."""
     meta = ws.backbone_meta()
+    compute = Compute.of(meta).check(f"{ws.backbone_meta_file}: the backbone's device")
     actual = sha256_file(ws.backbone_weights)
     if actual != meta.sha256:
         raise ConfigError(f"{ws.backbone_weights}: sha256 {actual} does not match {ws.backbone_meta_file}; the backbone was modified.")
     model = build_vit(BackboneParams(**meta.params), meta.num_classes, meta.input.in_chans)
     model.load_state_dict(load_file(str(ws.backbone_weights)))
-    return freeze(model), meta
+    return freeze(model.to(compute.torch_device)), meta
 
 
 @torch.no_grad()
-def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    """CLS features (pre-logits) of preprocessed images, float32 (N, D)."""
+def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int = 512, compute: Compute = CPU) -> np.ndarray:
+    """CLS features (pre-logits) of preprocessed images (in host memory), float32 (N, D): batch by
+    batch on the device, under its precision."""
     model.eval()
-    out = [model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True) for i in range(0, len(x), batch_size)]
+    out = []
+    for i in range(0, len(x), batch_size):
+        batch = x[i : i + batch_size]
+        rows = len(batch)
+        if compute.is_cuda and rows < batch_size:  # one shape, one kernel: a row's bits do not depend on its batch
+            batch = torch.cat([batch, batch.new_zeros((batch_size - rows, *batch.shape[1:]))])
+        with compute.autocast():
+            features = model.forward_head(model.forward_features(compute.put(batch)), pre_logits=True)
+        out.append(features[:rows].float().cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndarray) -> np.ndarray:
-    """Features of uint8 images on the deterministic view, with the backbone's recorded threads."""
-    from lmeraser.determinism import deterministic
-
-    with deterministic(meta.threads):
-        return extract_features(model, preprocess(images, meta.input))
+    """Features of uint8 images on the deterministic view, with the backbone's recorded compute."""
+    with Compute.of(meta).scope() as compute:
+        return extract_features(model, preprocess(images, meta.input), compute=compute)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmeraser.compute import seeded_uniform_
 from lmeraser.config import PromptParams
 from lmeraser.models.peft import ADAPTERS
 
@@ -39,5 +40,5 @@ def init_peft(model: PromptedClassifier, generator: torch.Generator) -> None:
     """(Re)initialise the trainable parameters from `generator` only, never the global RNG."""
     model.adapter.reset_parameters(generator)
     bound = 1.0 / model.head.in_features**0.5
-    model.head.weight.uniform_(-bound, bound, generator=generator)
-    model.head.bias.uniform_(-bound, bound, generator=generator)
+    seeded_uniform_(model.head.weight, bound, generator)
+    seeded_uniform_(model.head.bias, bound, generator)

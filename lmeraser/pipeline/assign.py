@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.clustering import cluster_sizes, nearest, size_summary
+from lmeraser.compute import Compute
 from lmeraser.config import Params
 from lmeraser.feature_cache import private_features
 from lmeraser.io import atomic_write_csv, atomic_write_json
@@ -21,7 +22,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     private = ws.split("private")
     # Features of contents seen before come from the cache (bit-identical; only new ones are computed).
     features, computed = private_features(ws, model, meta, private.images, private.manifest["content_hash"].astype(str).tolist())
-    clusters = nearest(features, prototypes)
+    clusters = nearest(features, prototypes, gpu=Compute.of(meta).faiss_gpu)
     atomic_write_csv(ws.assignments_file, pd.DataFrame({"sample_id": private.manifest["sample_id"], "cluster": clusters}))
     sizes = cluster_sizes(clusters, len(prototypes))
     summary = size_summary(sizes)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+from lmeraser.compute import Compute
 from lmeraser.config import Params
-from lmeraser.determinism import deterministic
 from lmeraser.io import sha256_file
 from lmeraser.models.backbone import load_checkpoint, save_backbone, train_backbone
 from lmeraser.workspace import Workspace, image_channels
@@ -20,8 +20,9 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     cfg = params.backbone
     in_chans = image_channels(info["image_shape"])
     architecture = cfg.model or "built-in ViT"
+    compute = Compute(params.runtime.device, cfg.threads, params.runtime.precision).check()
     start = time.perf_counter()
-    with deterministic(cfg.threads):
+    with compute.scope():
         origin: dict = {"architecture": architecture, "train": cfg.train}
         model = None
         if cfg.checkpoint:
@@ -32,10 +33,14 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         if cfg.train in ("scratch", "finetune"):
             public = ws.split("public")
             verb = "fine-tuning" if model is not None else "training"
-            log(f"{verb} the backbone ({architecture}) on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s)")
-            model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model)
+            log(
+                f"{verb} the backbone ({architecture}) on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s),"
+                f" on {compute.device} ({compute.precision})"
+            )
+            model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model, compute=compute)
             origin["n_public"] = len(public)
     seconds = time.perf_counter() - start
-    meta = save_backbone(model, cfg, info["num_classes"], ws, {**origin, "seed": params.seed}, in_chans)
+    origin["compute"] = compute.identity()  # the device's name and versions, with the backbone's lineage
+    meta = save_backbone(model, cfg, info["num_classes"], ws, {**origin, "seed": params.seed}, in_chans, compute)
     log(f"backbone saved: sha256 {meta.sha256[:16]}…")
     return {"metrics": {"backbone_seconds": seconds}, "sha256": meta.sha256}

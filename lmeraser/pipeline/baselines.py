@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from lmeraser.compute import Compute
 from lmeraser.config import Params
-from lmeraser.determinism import deterministic
 from lmeraser.evaluation import accuracy, linear_probe, single_prompt
 from lmeraser.io import atomic_write_json
 from lmeraser.models.backbone import load_backbone
@@ -25,12 +25,12 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         backbone, meta = load_backbone(ws)
         private, test = ws.split("private"), ws.split("test")
         start = time.perf_counter()
-        with deterministic(meta.threads):
-            probe = linear_probe(backbone, private.images, private.labels, test.images, meta.input, params.seed)
+        with Compute.of(meta).scope() as compute:
+            probe = linear_probe(backbone, private.images, private.labels, test.images, meta.input, params.seed, compute)
         out["linear_probe_accuracy"] = accuracy(test.labels, probe)
         seconds["linear_probe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        with deterministic(params.runtime.threads):  # the cluster trainer's count: it trains a prompt like one
+        with Compute.of(meta).with_threads(params.runtime.threads).scope() as compute:  # the cluster trainer's: it trains a prompt like one
             single = single_prompt(
                 backbone,
                 private.images,
@@ -40,7 +40,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
                 params.prompt,
                 meta.num_classes,
                 params.seed,
-                params.runtime.threads,
+                compute,
                 params.evaluate.batch_size,
             )
         out["single_prompt_accuracy"] = accuracy(test.labels, single)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmeraser.compute import Compute
 from lmeraser.config import Params, PromptParams
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_json, sha256_file
@@ -41,7 +42,7 @@ class ClusterTrainer:
     """What every cluster's training shares: the frozen backbone and the private split's tensors."""
 
     prompt: PromptParams
-    threads: int
+    compute: Compute  # the backbone's device and precision, runtime.threads
     store: ArtifactStore
     backbone: torch.nn.Module
     num_classes: int
@@ -51,7 +52,7 @@ class ClusterTrainer:
     def state(self, job: ClusterJob) -> dict[str, torch.Tensor]:
         """The trained prompt of one cluster: pure in (members, config, seed); replay calls this."""
         rows = torch.from_numpy(job.rows)
-        return train_prompt(self.backbone, self.x[rows], self.y[rows], self.prompt, self.num_classes, job.seed, self.threads)
+        return train_prompt(self.backbone, self.x[rows], self.y[rows], self.prompt, self.num_classes, job.seed, self.compute)
 
     def train(self, job: ClusterJob) -> dict:
         """Train one cluster and store its artifact."""
@@ -79,10 +80,11 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
     if prototypes_meta["fit_on"] == "private":
         # Prototypes then depend on private data: any deletion must rebuild every cluster.
         extra["prototypes"] = prototypes_meta["sha256"]
-    shared = key_inputs(backbone_sha256=meta.sha256, prompt=params.prompt, num_classes=meta.num_classes, threads=params.runtime.threads, extra=extra)
+    compute = Compute.of(meta).with_threads(params.runtime.threads)
+    shared = key_inputs(backbone_sha256=meta.sha256, prompt=params.prompt, num_classes=meta.num_classes, compute=compute, extra=extra)
     trainer = ClusterTrainer(
         params.prompt,
-        params.runtime.threads,
+        compute,
         ArtifactStore(ws.store_dir),
         backbone,
         meta.num_classes,

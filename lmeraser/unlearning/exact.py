@@ -224,10 +224,11 @@ class UnlearnBatch:
         if not images:
             return set()
         from lmeraser.clustering import nearest
+        from lmeraser.compute import Compute
         from lmeraser.models.backbone import image_features, load_backbone
 
         backbone, meta = load_backbone(self.ws)
-        return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes())}
+        return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes(), gpu=Compute.of(meta).faiss_gpu)}
 
     def _apply(self) -> dict:
         ws = self.ws
@@ -410,6 +411,8 @@ class UnlearnBatch:
         return commit
 
     def predicate(self) -> ExactPredicate:
+        from lmeraser.compute import Compute
+
         params = self.params
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         before, after = capture["prompts"], rebuild["prompts"]
@@ -435,7 +438,7 @@ class UnlearnBatch:
                 dvc_lock_sha256_after=rebuild["dvc_lock_sha256"],
             ),
             code=CodeInfo(**capture["code"]),
-            environment=environment(params.prompt.kind, params.runtime.threads),
+            environment=environment(params.prompt.kind, Compute.of(self.ws.backbone_meta()).with_threads(params.runtime.threads)),
             seconds=dict(self.state["seconds"]),
             accuracy=BeforeAfter(before=capture["accuracy"], after=rebuild["accuracy"]),
             stages_run=rebuild["stages"],

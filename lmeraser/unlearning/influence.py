@@ -45,7 +45,8 @@ _JACOBIAN_BUDGET = 100_000_000
 
 
 def prepare_model(backbone: torch.nn.Module, params: PromptParams, num_classes: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PromptedClassifier:
-    """The cluster's model in eval mode and `dtype`, on a private copy of the backbone.
+    """The cluster's model in eval mode and `dtype`, on a private copy of the backbone, on the
+    backbone's device.
 
     Attention uses timm's unfused path: the same function as the fused CPU kernel used in
     training, but one that forward-mode AD (needed for Hessian-vector products) can differentiate.
@@ -56,7 +57,7 @@ def prepare_model(backbone: torch.nn.Module, params: PromptParams, num_classes: 
             module.fused_attn = False
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
-    model = PromptedClassifier(backbone, params, num_classes).to(dtype)
+    model = PromptedClassifier(backbone, params, num_classes).to(device=next(backbone.parameters()).device, dtype=dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     return model.eval()
 
@@ -81,9 +82,9 @@ class Objective:
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
 
     def state(self, theta: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """A state dict for `load_prompt` / the artifact store, in the storage dtype."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        state.update({n: t.detach().to(dtype).contiguous().clone() for n, t in self.unflatten(theta).items()})
+        """A state dict for `load_prompt` / the artifact store, in the storage dtype, in host memory."""
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state.update({n: t.detach().to("cpu", dtype).contiguous().clone() for n, t in self.unflatten(theta).items()})
         return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -139,9 +140,10 @@ class Objective:
 # -- solvers -------------------------------------------------------------------------------------
 
 
-def power_iteration(matvec: MatVec, dim: int, iterations: int, generator: torch.Generator, dtype: torch.dtype) -> float:
-    """The eigenvalue of largest magnitude (Rayleigh quotient after `iterations` steps)."""
-    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype)
+def power_iteration(matvec: MatVec, dim: int, iterations: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+    """The eigenvalue of largest magnitude (Rayleigh quotient after `iterations` steps); the start
+    vector is drawn on the CPU (`generator`), the same on every device."""
+    v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     v /= v.norm()
     value = 0.0
     for _ in range(iterations):
@@ -215,11 +217,11 @@ def damped_solve(
     repeating the power iterations.
     """
     if spectrum is None:
-        lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype)
+        lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype, b.device)
         lambda_min = None
         if indefinite:
             # The spectrum's other end: the top eigenvalue of (λ_max I − H) is λ_max − λ_min.
-            shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype)
+            shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype, b.device)
             lambda_min = lambda_max - shifted
     else:
         lambda_max, lambda_min = spectrum
@@ -289,12 +291,14 @@ def influence_edit(
 
     Rows align: sample i was (x[i], y[i]); after the edit it is (x_new[i], y_new[i]) if
     present[i], or gone. Returns θ_new (flat, in the model's dtype), the objective (for
-    `Objective.state`) and the report. Deterministic for fixed inputs, seed and threads.
+    `Objective.state`) and the report. Deterministic for fixed inputs, seed and threads. Runs on
+    the model's device (the rows move there); random draws are made on the CPU.
     """
     start = time.perf_counter()
     n = len(y)
-    dtype = next(model.parameters()).dtype
-    x, x_new = x.to(dtype), x_new.to(dtype)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    x, x_new = x.to(device, dtype), x_new.to(device, dtype)
+    y, y_new, present = y.to(device), y_new.to(device), present.to(device)
     changed = edited_rows(x, y, x_new, y_new, present)
     if not bool(changed.any()):
         raise LmeraserError("the edit changes no sample of the cluster.")
@@ -306,6 +310,7 @@ def influence_edit(
         theta = objective.theta0.clone()
         # A fixed Hessian sample of the cluster as trained (before the edit).
         rows = torch.randperm(n, generator=generator)[: params.hessian_samples].sort().values if n > params.hessian_samples else torch.arange(n)
+        rows = rows.to(device)
         matvec = _curvature(objective, theta, x[rows], y[rows], params.hessian)
         # The Newton step from θ (a stationary point of L) on the edited objective, whose mean is
         # over n′ samples: b = (1/n′) Σ_S [∇ℓ(z) − ∇ℓ(z′)] + (n/n′ − 1) w θ. Without a regulariser

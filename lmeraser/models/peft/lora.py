@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from lmeraser.compute import seeded_uniform_
 from lmeraser.config import LoraParams
 
 
@@ -44,7 +45,7 @@ class LoraAdapters(nn.Module):
         for name in self.a:
             a = self.a[name].weight
             bound = 1.0 / a.shape[1] ** 0.5
-            a.uniform_(-bound, bound, generator=generator)
+            seeded_uniform_(a, bound, generator)
             self.b[name].weight.zero_()
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:

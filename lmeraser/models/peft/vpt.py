@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmeraser.compute import seeded_uniform_
 from lmeraser.config import VptParams
 
 
@@ -19,7 +20,7 @@ class PromptTokens(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
         bound = (6.0 / (self.tokens.shape[1] + self.tokens.shape[2])) ** 0.5
-        self.tokens.uniform_(-bound, bound, generator=generator)
+        seeded_uniform_(self.tokens, bound, generator)
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         bb = backbone

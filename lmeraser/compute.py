@@ -1,0 +1,124 @@
+"""Where a computation runs: the device, the torch thread count and the precision, and what each
+needs to be deterministic.
+
+A workspace computes on one device (`runtime.device`), fixed when the backbone stage runs and
+recorded with the backbone (artifacts/backbone/backbone.json): every pass over the backbone
+(features, prompt training, serving, the influence path, replay) runs there, so a change of
+device re-runs the pipeline (DVC tracks it as a param of the backbone stage), and a workspace made
+on a GPU is refused, in one sentence, on a machine without one. The device's identity (its name,
+CUDA's and cuDNN's versions) and the precision are part of every artifact key, cache key and
+lineage record, because they change the bits.
+
+On CUDA, determinism also needs cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when
+cuBLAS starts, so set before the first CUDA call), cuDNN's deterministic kernels, TF32 off and
+attention's plain kernel; lmeraser.determinism sets the latter with torch's deterministic
+algorithms. And a row's result must not depend on the rows batched with it (the feature cache
+and the assignment of a sample rely on it): cuBLAS picks its kernel by the matrix's shape, so on
+CUDA every feature batch is padded to the full batch size (`extract_features`).
+
+`precision: bf16` runs the backbone's passes (backbone training, features, prompt training and
+serving) under bf16 autocast, for big backbones; trainable parameters, optimiser state and
+outputs stay float32. The influence path computes in its own `influence.dtype`, without autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from lmeraser.errors import ConfigError
+
+CUBLAS_WORKSPACE = ":4096:8"  # one of the two settings cuBLAS documents as deterministic
+
+
+@dataclass(frozen=True)
+class Compute:
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    threads: int = 1  # intra-op CPU threads (also what feeds a GPU)
+    precision: str = "float32"  # float32 | bf16 (autocast of the backbone's passes)
+
+    @classmethod
+    def of(cls, meta) -> Compute:
+        """Where passes over a backbone run (its `BackboneMeta`): its device, precision and threads."""
+        return cls(meta.device, meta.threads, meta.precision)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def cuda_index(self) -> int:
+        return self.torch_device.index or 0
+
+    def check(self, source: str = "runtime.device") -> Compute:
+        """Refuse, in one sentence naming `source`, a device this machine does not have; on CUDA,
+        fix cuBLAS's workspace before anything starts it."""
+        if self.is_cuda:
+            if not torch.cuda.is_available():
+                built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+                hint = "set runtime.device: cpu to run on the CPU" if source == "runtime.device" else "run it on a machine with that device"
+                raise ConfigError(f"{source} is {self.device}, but torch sees no CUDA device on this machine ({built}); {hint}.")
+            if self.cuda_index >= torch.cuda.device_count():
+                raise ConfigError(f"{source} is {self.device}, but this machine has {torch.cuda.device_count()} CUDA device(s).")
+            # Kept for the process: cuBLAS reads it once, when its first handle is created.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        return self
+
+    def identity(self) -> dict:
+        """What of the computation's place changes its bits (artifact keys, records, caches)."""
+        out = {"device": self.device, "precision": self.precision}
+        if self.is_cuda:
+            out.update(
+                device_name=torch.cuda.get_device_name(self.cuda_index),
+                cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(),
+            )
+        return out
+
+    def with_threads(self, threads: int) -> Compute:
+        return replace(self, threads=threads)
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.torch_device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast of a forward pass when the precision asks for it, else nothing."""
+        return torch.autocast("cuda" if self.is_cuda else "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[Compute]:
+        """The block runs with this thread count and deterministic kernels (lmeraser.determinism)."""
+        from lmeraser.determinism import deterministic
+
+        with deterministic(self.threads, cuda=self.is_cuda):
+            yield self
+
+    @property
+    def faiss_gpu(self) -> int | None:
+        """The GPU FAISS runs k-means and routing on: this device when it is CUDA and the faiss
+        installed is a GPU build that sees it (faiss-gpu), else None (faiss-cpu)."""
+        if not self.is_cuda:
+            return None
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() <= self.cuda_index:
+            return None
+        return self.cuda_index
+
+
+CPU = Compute()  # the default: the CPU, one thread, float32
+
+
+@torch.no_grad()
+def seeded_uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
+    """Fill `tensor` with U(-bound, bound) drawn from a CPU `generator`, whatever the tensor's
+    device: the draw, and so a prompt's initial value, is the same on every device."""
+    tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).uniform_(-bound, bound, generator=generator))

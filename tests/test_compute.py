@@ -1,0 +1,167 @@
+"""Where computation runs (lmeraser/compute.py): the device is validated, refused in one sentence
+where the machine lacks it, recorded and keyed; bf16 autocast is deterministic and keyed; the
+random draws are the same on every device; the deterministic block fixes CUDA's flags too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmeraser.compute import Compute, seeded_uniform_
+from lmeraser.config import PromptParams, parse_params
+from lmeraser.config import deep_merge as merge
+from lmeraser.determinism import deterministic
+from lmeraser.errors import ConfigError
+from lmeraser.feature_cache import read as read_feature_cache
+from lmeraser.inference import ServingModel
+from lmeraser.io import read_json
+from lmeraser.models.backbone import build_vit, extract_features, freeze, image_features, load_backbone, preprocess
+from lmeraser.stages import stage
+from lmeraser.training import train_prompt
+from lmeraser.workspace import Workspace
+
+from conftest import TINY, build_workspace, run_stages
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA; this one has a GPU")
+
+
+def test_the_device_and_precision_are_validated_where_they_are_written():
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert parse_params({"runtime": {"device": device}}).runtime.device == device
+    for device in ("gpu", "cuda:x", "CUDA", "mps", "cuda:"):
+        with pytest.raises(ConfigError, match="runtime.device"):
+            parse_params({"runtime": {"device": device}})
+    assert parse_params({"runtime": {"precision": "bf16"}}).runtime.precision == "bf16"
+    with pytest.raises(ConfigError, match="runtime.precision"):
+        parse_params({"runtime": {"precision": "fp16"}})
+
+
+@NO_CUDA
+def test_cuda_on_a_machine_without_one_is_one_sentence_and_the_backbone_stage_writes_nothing(tmp_path):
+    config = merge(TINY, {"runtime": {"device": "cuda"}})
+    ws = build_workspace(tmp_path / "ws", config)
+    params = parse_params(config)
+    run_stages(params, ws, ("validate",))
+    with pytest.raises(ConfigError, match=r"^runtime\.device is cuda, but torch sees no CUDA device on this machine .*set runtime\.device: cpu") as refused:
+        stage("backbone").function(params, ws, lambda message: None)
+    assert "\n" not in str(refused.value)
+    assert not ws.backbone_weights.exists() and not ws.backbone_meta_file.exists()
+
+
+@NO_CUDA
+def test_a_workspace_made_on_a_gpu_is_refused_in_one_sentence_where_there_is_none(trained_workspace, tmp_path):
+    """Serving, the feature passes and replay of a GPU-made workspace need its device: a CPU
+    machine says so instead of computing other bits."""
+    source, _ = trained_workspace
+    ws = Workspace(tmp_path / "copy")
+    shutil.copytree(source.root, ws.root)
+    meta = read_json(ws.backbone_meta_file)
+    ws.backbone_meta_file.write_text(json.dumps({**meta, "device": "cuda:0"}))
+    for load in (lambda: load_backbone(ws), lambda: ServingModel.load(ws)):
+        with pytest.raises(
+            ConfigError, match=r"backbone\.json: the backbone's device is cuda:0, but torch sees no CUDA device .*run it on a machine with that device"
+        ):
+            load()
+
+
+def test_a_workspace_records_its_compute_and_keys_its_artifacts_by_it(trained_workspace):
+    ws, _ = trained_workspace
+    meta = read_json(ws.backbone_meta_file)
+    assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["origin"]["compute"] == {"device": "cpu", "precision": "float32"}
+    assert read_json(ws.prompt_index_file)["key_inputs"]["compute"] == {"device": "cpu", "precision": "float32"}
+    assert read_feature_cache(ws.feature_cache_file)[0]["compute"] == {"device": "cpu", "precision": "float32"}
+    assert ws.prototypes_meta()["faiss"] == "cpu"  # faiss-cpu here: no GPU build, no GPU
+
+
+def _tiny_backbone():
+    torch.manual_seed(0)
+    from lmeraser.config import BackboneParams
+
+    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), 4))
+
+
+def test_bf16_is_deterministic_changes_the_bits_and_stays_close():
+    backbone = _tiny_backbone()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 4, (48,), generator=g)
+    f32, bf16 = Compute(threads=1), Compute(threads=1, precision="bf16")
+    with deterministic(1):
+        full = extract_features(backbone, x, compute=f32)
+        half = [extract_features(backbone, x, compute=bf16) for _ in range(2)]
+    assert half[0].dtype == np.float32 and half[0].tobytes() == half[1].tobytes()
+    assert half[0].tobytes() != full.tobytes()
+    cosine = (half[0] * full).sum(1) / (np.linalg.norm(half[0], axis=1) * np.linalg.norm(full, axis=1))
+    assert cosine.min() > 0.98, cosine.min()
+    prompt = PromptParams.of("pad", width=1, epochs=2, batch_size=8, lr=0.05)
+    trained = [train_prompt(backbone, x, y, prompt, 4, 7, bf16) for _ in range(2)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) and trained[0][k].dtype == torch.float32 for k in trained[0])
+    assert not torch.equal(trained[0]["pad.prompt"], train_prompt(backbone, x, y, prompt, 4, 7, f32)["pad.prompt"])
+
+
+def test_a_bf16_workspace_computes_every_pass_in_bf16(tmp_path, trained_workspace):
+    """The precision is recorded with the backbone and every later pass reads it from there."""
+    float32, _ = trained_workspace
+    config = merge(TINY, {"runtime": {"precision": "bf16"}, "evaluate": {"baselines": False}})
+    ws = build_workspace(tmp_path / "ws", config)
+    run_stages(parse_params(config), ws, ("validate", "backbone", "prototypes", "assign", "train", "evaluate"))
+    meta = ws.backbone_meta()
+    assert meta.precision == "bf16" and Compute.of(meta).precision == "bf16"
+    assert read_json(ws.prompt_index_file)["key_inputs"]["compute"]["precision"] == "bf16"
+    backbone, _ = load_backbone(ws)
+    private = ws.split("private")
+    identity, contents, cached = read_feature_cache(ws.feature_cache_file)
+    assert identity["compute"]["precision"] == "bf16"
+    assert cached.tobytes() == image_features(backbone, meta, private.images).tobytes()
+    with deterministic(1):
+        assert cached.tobytes() != extract_features(backbone, preprocess(private.images, meta.input)).tobytes()  # float32 differs
+    # The tiny pipeline's float32 accuracy (0.23 on digits, a 3-epoch backbone) within a few points.
+    assert abs(ws.metrics()["accuracy"] - float32.metrics()["accuracy"]) < 0.05
+
+
+def test_seeded_draws_are_the_cpu_generators_whatever_the_tensor():
+    """Initial prompts draw on the CPU and copy to the device: on the CPU that is exactly the
+    in-place draw (so moving the draw changed no CPU bits), and every device gets those values."""
+    first, second = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    filled = torch.empty(5, 7)
+    seeded_uniform_(filled, 0.5, first)
+    assert torch.equal(filled, torch.empty(5, 7).uniform_(-0.5, 0.5, generator=second))
+    as_double = torch.empty(5, 7, dtype=torch.float64)
+    seeded_uniform_(as_double, 0.5, torch.Generator().manual_seed(3))
+    assert as_double.dtype == torch.float64 and as_double.abs().max() <= 0.5
+
+
+def test_the_deterministic_block_fixes_cudas_flags_and_restores_them():
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with deterministic(1):
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_cuda_block_leaves_attention_to_its_plain_kernel_and_a_cpu_block_keeps_the_fused_one():
+    """The fused attention kernels' backward is not deterministic on CUDA; the CPU honours the
+    same switches, so a CPU block must not flip them (it would change the CPU's bits)."""
+    cuda = torch.backends.cuda
+    fused = lambda: (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.cudnn_sdp_enabled())  # noqa: E731
+    before = fused()
+    assert any(before)
+    with deterministic(1):
+        assert fused() == before
+    with deterministic(1, cuda=True):
+        assert fused() == (False, False, False) and cuda.math_sdp_enabled()
+    assert fused() == before
+
+
+def test_the_cpu_is_never_a_faiss_gpu_and_has_no_cuda_identity():
+    cpu = Compute("cpu", 2, "bf16")
+    assert cpu.faiss_gpu is None and cpu.identity() == {"device": "cpu", "precision": "bf16"} and cpu.check() is cpu
