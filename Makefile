@@ -61,7 +61,7 @@ bench-influence-fashion: install
 	$(BIN)/python bench/influence.py --source fashion-mnist --requests 2
 
 bench-backbones: install
-	$(BIN)/python bench/backbones.py
+	$(BIN)/python bench/backbones.py --dask
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable > requirements.lock

@@ -1,6 +1,7 @@
 """A timm ViT on RGB images against the built-in grey ViT, on the same images.
 
-    python bench/backbones.py [--pool 3000] [--test 1000] [--img-size 32]
+    python bench/backbones.py [--pool 3000] [--test 1000] [--img-size 32] [--dask]
+        [--device cuda] [--precision bf16] [--base [--base-img-size 224]]
 
 There is no real RGB data set on these machines, so the RGB data is **3-channel Fashion-MNIST**:
 a stratified pool of Fashion-MNIST training images and the first test images, each grey image
@@ -17,6 +18,14 @@ rebuild does), the per-cluster training times, one exact forget end to end in th
 library's submit + process_pending: capture .. record), one influence update (pad prompt), peak
 RSS after each step, and the test accuracy of the clustered prompts against the single-prompt and
 linear-probe baselines. Saves bench/results/backbones.json and .md.
+
+`--dask` also retrains every cluster of each configuration twice after the pipeline, on the thread
+runner and on a local Dask cluster of `runtime.workers` processes (prefect-dask, through the
+`train-clusters` flow, the cluster's start included), into empty stores, and checks the two give
+byte-identical artifacts. `--device`/`--precision` set `runtime.device`/`runtime.precision` for
+every configuration (an accelerator run). `--base` adds timm's `vit_base_patch16_224` at
+`--base-img-size` with **random weights** (a seeded, untrained checkpoint used frozen: no
+pretrained weights can be downloaded here), the issue's accelerator setting.
 """
 
 from __future__ import annotations
@@ -64,8 +73,20 @@ def fashion_npz(pool: int, test: int) -> tuple[Path, Path]:
     return grey, rgb
 
 
-def configurations(grey: Path, rgb: Path, img_size: int) -> dict[str, dict]:
+def random_checkpoint(model: str, path: Path) -> Path:
+    """A seeded, untrained timm checkpoint (ImageNet-sized classifier), as a user's weights file would be."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model(model, pretrained=False, num_classes=1000).state_dict().items()}, str(path))
+    return path
+
+
+def configurations(grey: Path, rgb: Path, img_size: int, base_img_size: int | None, runtime: dict) -> dict[str, dict]:
     base = preset("fashion-mnist")
+    base["runtime"].update(runtime)
     base["data"].update({"n_subjects": 300})
     base["clustering"].update({"target_cluster_size": 150})
     base["prompt"]["pad"].update({"epochs": 5})
@@ -84,10 +105,56 @@ def configurations(grey: Path, rgb: Path, img_size: int) -> dict[str, dict]:
         "epochs": 10,
     }
     tiny["prompt"]["pad"]["width"] = max(2, img_size // 16)
-    return {"grey-builtin": grey_cfg, "rgb-vit-tiny": tiny}
+    out = {"grey-builtin": grey_cfg, "rgb-vit-tiny": tiny}
+    if base_img_size:
+        vit_base = json.loads(json.dumps(tiny))
+        weights = random_checkpoint("vit_base_patch16_224", RESULTS / "vit_base_random.safetensors")
+        vit_base["backbone"].update({"model": "vit_base_patch16_224", "checkpoint": str(weights), "train": "frozen", "img_size": base_img_size})
+        vit_base["prompt"]["pad"]["width"] = max(2, round(30 * base_img_size / 224))  # the paper's 30 px at 224
+        out["rgb-vit-base-random"] = vit_base
+    return out
 
 
-def run_one(name: str, raw: dict) -> dict:
+def threads_against_dask(ws, params) -> dict:
+    """Every cluster retrained on the thread runner and on a local Dask cluster, into empty stores;
+    wall-clock of each and whether the artifacts are byte-identical."""
+    import dataclasses
+    import tempfile
+
+    from prefect import flow
+
+    from flows.stages import map_jobs_for
+    from lmeraser.pipeline.train import plan, train_in_threads
+    from lmeraser.store import ArtifactStore
+
+    @flow(name="warm-up")
+    def warm_up() -> None:
+        """Prefect's temporary server starts here, not inside the timing."""
+
+    warm_up()
+    training = plan(params, ws)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = dataclasses.replace(training.trainer, store=ArtifactStore(Path(scratch) / "threads"))
+        start = time.perf_counter()
+        threads = {r["cluster"]: r["entry"].sha256 for r in train_in_threads(params.runtime.workers)(trainer, training.jobs)}
+        threads_seconds = time.perf_counter() - start
+        # Dask workers load the plan from the workspace and write to its store: train into an
+        # empty one, then put the pipeline's back.
+        kept = ws.store_dir.with_name("store.kept")
+        ws.store_dir.rename(kept)
+        try:
+            ws.store_dir.mkdir()
+            on_dask = map_jobs_for(params.model_copy(update={"runtime": params.runtime.model_copy(update={"executor": "dask"})}), str(ws.root), "params.yaml")
+            start = time.perf_counter()
+            dask = {r["cluster"]: r["entry"].sha256 for r in on_dask(training.trainer, training.jobs)}
+            dask_seconds = time.perf_counter() - start
+        finally:
+            shutil.rmtree(ws.store_dir, ignore_errors=True)
+            kept.rename(ws.store_dir)
+    return {"threads_seconds": threads_seconds, "dask_seconds": dask_seconds, "clusters": len(threads), "byte_identical": threads == dask}
+
+
+def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     from lmeraser.config import load_params
     from lmeraser.pipeline.train import train_in_threads
     from lmeraser.stages import STAGES
@@ -143,6 +210,10 @@ def run_one(name: str, raw: dict) -> dict:
     approximate_pending(ws, lambda message: None)
     influence_seconds = time.perf_counter() - start
     memory["influence"] = peak_mb()
+    executors = None
+    if dask:
+        print(f"[{name}: every cluster on threads, then on Dask]", flush=True)
+        executors = threads_against_dask(ws, load_params(ws.params_file))
     info = ws.source_info()
     return {
         "name": name,
@@ -159,6 +230,7 @@ def run_one(name: str, raw: dict) -> dict:
         ]["seconds"],
         "forget_rebuilt": done["rebuilt"],
         "influence_seconds": influence_seconds,
+        "executors": executors,
         "accuracy": {
             "clustered_prompts": metrics["accuracy"],
             "single_prompt": baselines.get("single_prompt_accuracy"),
@@ -174,8 +246,11 @@ def markdown(result: dict) -> str:
     lines = [
         "### Backbones: a timm ViT on RGB images vs the built-in grey ViT",
         "",
-        f"{result['data']}; {result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, {result['date']}. "
-        "Backbones trained from scratch on the public half (no pretrained weights here); one process, library calls.",
+        f"{result['data']}; {result['machine']['cpu']}, {result['machine']['cores']} cores"
+        + (f", {result['machine']['gpu']}" if result["machine"].get("gpu") else ", no GPU")
+        + f"; runtime.device {result['runtime']['device']}, precision {result['runtime']['precision']}; torch {result['machine']['torch']}, {result['date']}. "
+        "Backbones trained from scratch on the public half (no pretrained weights here), except `rgb-vit-base-random`: a seeded, untrained "
+        "checkpoint used frozen; one process, library calls.",
         "",
         head,
         "|---|" + "---:|" * len(names),
@@ -189,12 +264,25 @@ def markdown(result: dict) -> str:
         "| one exact forget, end to end in process (s) | " + " | ".join(f"{r['forget_seconds']:.1f}" for r in runs.values()) + " |",
         "| one influence update (pad), submit to signed record (s) | " + " | ".join(f"{r['influence_seconds']:.2f}" for r in runs.values()) + " |",
         "| peak RSS (MB) | " + " | ".join(f"{max(r['peak_rss_mb'].values()):.0f}" for r in runs.values()) + " |",
+        *(
+            [
+                "| every cluster retrained: thread runner (s) | " + " | ".join(f"{r['executors']['threads_seconds']:.1f}" for r in runs.values()) + " |",
+                "| every cluster retrained: local Dask cluster, its start included (s) | "
+                + " | ".join(f"{r['executors']['dask_seconds']:.1f}" for r in runs.values())
+                + " |",
+                "| Dask artifacts byte-identical to threads | "
+                + " | ".join("yes" if r["executors"]["byte_identical"] else "**no**" for r in runs.values())
+                + " |",
+            ]
+            if all(r.get("executors") for r in runs.values())
+            else []
+        ),
         "| test accuracy: clustered prompts | " + " | ".join(f"{r['accuracy']['clustered_prompts']:.4f}" for r in runs.values()) + " |",
         "| test accuracy: single prompt (baseline) | " + " | ".join(f"{r['accuracy']['single_prompt']:.4f}" for r in runs.values()) + " |",
         "| test accuracy: linear probe (baseline) | " + " | ".join(f"{r['accuracy']['linear_probe']:.4f}" for r in runs.values()) + " |",
         "",
         "Forget steps (s): " + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["forget_steps"].items()) for n, r in runs.items()) + ".",
-        "Not measured here (no accelerator): `vit_base_patch16_224` at 224×224, and the thread runner against Dask on the same clusters at scale.",
+        *([] if result["machine"].get("gpu") else ["Not measured on this machine (no GPU): the GPU path, and `vit_base_patch16_224` at 224×224 on it."]),
         "",
     ]
     return "\n".join(lines)
@@ -205,16 +293,25 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=3000, help="Fashion-MNIST training images (half public, half private)")
     parser.add_argument("--test", type=int, default=1000, help="Fashion-MNIST test images")
     parser.add_argument("--img-size", type=int, default=32, help="the timm ViT's input size (a multiple of 16)")
+    parser.add_argument("--dask", action="store_true", help="also retrain every cluster on threads and on a local Dask cluster")
+    parser.add_argument("--device", default="cpu", help="runtime.device for every configuration (cpu, cuda, cuda:N)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bf16"), help="runtime.precision for every configuration")
+    parser.add_argument("--base", action="store_true", help="add vit_base_patch16_224 (random weights, frozen) at --base-img-size")
+    parser.add_argument("--base-img-size", type=int, default=224)
     parser.add_argument("--keep-workspace", action="store_true")
     args = parser.parse_args()
     import torch
 
+    runtime = {"device": args.device, "precision": args.precision}
     grey, rgb = fashion_npz(args.pool, args.test)
-    runs = {name: run_one(name, raw) for name, raw in configurations(grey, rgb, args.img_size).items()}
+    configs = configurations(grey, rgb, args.img_size, args.base_img_size if args.base else None, runtime)
+    runs = {name: run_one(name, raw, args.dask) for name, raw in configs.items()}
+    gpu = torch.cuda.get_device_name(torch.device(args.device).index or 0) if args.device.startswith("cuda") else None
     result = {
         "data": f"Fashion-MNIST, {args.pool} training images (stratified) and the first {args.test} test images; RGB = each grey image repeated over 3 channels",
         "runs": runs,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "runtime": runtime,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu},
         "date": time.strftime("%Y-%m-%d"),
     }
     (RESULTS / "backbones.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -223,6 +320,7 @@ def main() -> None:
         for name in runs:
             shutil.rmtree(RESULTS / f"work-backbones-{name}", ignore_errors=True)
         grey.unlink(), rgb.unlink()
+        (RESULTS / "vit_base_random.safetensors").unlink(missing_ok=True)
     print(markdown(result))
 
 

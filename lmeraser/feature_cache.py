@@ -70,16 +70,14 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.nda
     many were computed rather than read from the cache. Leaves the cache holding exactly these
     contents."""
     # torch and timm only here: `audit scan` reads caches through `read` without them.
-    from lmeraser.compute import Compute
-    from lmeraser.models.backbone import extract_features, preprocess
+    from lmeraser.models.backbone import image_features
 
     identity = _identity(meta)
     cached = read(ws.feature_cache_file)
     known = {h: row for row, h in enumerate(cached[1])} if cached is not None and cached[0] == identity else {}
     hits = [i for i, h in enumerate(content_hashes) if h in known]
     missing = [i for i, h in enumerate(content_hashes) if h not in known]
-    with Compute.of(meta).scope() as compute:
-        computed = extract_features(backbone, preprocess(images[missing], meta.input), compute=compute)  # (0, D) when nothing is missing
+    computed = image_features(backbone, meta, images[missing])  # (0, D) when nothing is missing
     features = np.zeros((len(content_hashes), computed.shape[1]), np.float32)
     features[missing] = computed
     if hits:

@@ -14,7 +14,7 @@ from lmeraser.config import load_params
 from lmeraser.data.splits import content_hash, remove_samples, update_sample
 from lmeraser.determinism import deterministic
 from lmeraser.feature_cache import drop_contents, read
-from lmeraser.models.backbone import extract_features, load_backbone, preprocess
+from lmeraser.models.backbone import extract_features, image_features, load_backbone, preprocess
 from lmeraser.pipeline import assign
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
@@ -31,6 +31,10 @@ def test_a_rows_features_do_not_depend_on_its_batch(trained_workspace):
         assert extract_features(backbone, x[3:]).tobytes() == full[3:].tobytes()
         assert extract_features(backbone, x.flip(0)).tobytes() == full[::-1].tobytes()
         assert extract_features(backbone, x[:5], batch_size=1).tobytes() == full[:5].tobytes()
+    # Preprocessing a batch at a time (what the feature passes and cluster training do, so a
+    # 224 px split is never held whole as floats) gives the same bits: it is per image.
+    assert image_features(backbone, meta, images, batch_size=7).tobytes() == full.tobytes()
+    assert torch.equal(preprocess(images[5:12], meta.input), x[5:12])
 
 
 def _assign(ws: Workspace) -> tuple[bytes, int]:

@@ -24,7 +24,7 @@ from lmeraser.models.backbone import load_backbone, preprocess
 from lmeraser.progress import track
 from lmeraser.store import ArtifactStore
 from lmeraser.training import artifact_key, cluster_seed, key_inputs, members_digest, train_prompt
-from lmeraser.workspace import PromptEntry, PromptIndex, Workspace
+from lmeraser.workspace import InputSpec, PromptEntry, PromptIndex, Workspace
 
 Log = Callable[[str], None]
 
@@ -39,20 +39,23 @@ class ClusterJob:
 
 @dataclass
 class ClusterTrainer:
-    """What every cluster's training shares: the frozen backbone and the private split's tensors."""
+    """What every cluster's training shares: the frozen backbone and the private split (its uint8
+    images: a cluster's are preprocessed when it trains, so a 224 px backbone does not hold the
+    whole split as float tensors; preprocessing is per image, so the bits are the same)."""
 
     prompt: PromptParams
     compute: Compute  # the backbone's device and precision, runtime.threads
     store: ArtifactStore
     backbone: torch.nn.Module
     num_classes: int
-    x: torch.Tensor
+    images: np.ndarray
     y: torch.Tensor
+    spec: InputSpec
 
     def state(self, job: ClusterJob) -> dict[str, torch.Tensor]:
         """The trained prompt of one cluster: pure in (members, config, seed); replay calls this."""
-        rows = torch.from_numpy(job.rows)
-        return train_prompt(self.backbone, self.x[rows], self.y[rows], self.prompt, self.num_classes, job.seed, self.compute)
+        x = preprocess(self.images[job.rows], self.spec)
+        return train_prompt(self.backbone, x, self.y[torch.from_numpy(job.rows)], self.prompt, self.num_classes, job.seed, self.compute)
 
     def train(self, job: ClusterJob) -> dict:
         """Train one cluster and store its artifact."""
@@ -88,8 +91,9 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
         ArtifactStore(ws.store_dir),
         backbone,
         meta.num_classes,
-        preprocess(private.images, meta.input),
+        private.images,
         torch.from_numpy(private.labels),
+        meta.input,
     )
     jobs = []
     clusters = assignments["cluster"].to_numpy()
