@@ -151,7 +151,19 @@ def threads_against_dask(ws, params) -> dict:
         finally:
             shutil.rmtree(ws.store_dir, ignore_errors=True)
             kept.rename(ws.store_dir)
-    return {"threads_seconds": threads_seconds, "dask_seconds": dask_seconds, "clusters": len(threads), "byte_identical": threads == dask}
+    # What part of that is the local cluster itself: start and stop one with nothing to do.
+    from distributed import LocalCluster
+
+    start = time.perf_counter()
+    with LocalCluster(n_workers=params.runtime.workers, threads_per_worker=1, processes=True, dashboard_address=None):
+        pass
+    return {
+        "threads_seconds": threads_seconds,
+        "dask_seconds": dask_seconds,
+        "dask_cluster_alone_seconds": time.perf_counter() - start,
+        "clusters": len(threads),
+        "byte_identical": threads == dask,
+    }
 
 
 def run_one(name: str, raw: dict, dask: bool = False) -> dict:
@@ -269,6 +281,9 @@ def markdown(result: dict) -> str:
                 "| every cluster retrained: thread runner (s) | " + " | ".join(f"{r['executors']['threads_seconds']:.1f}" for r in runs.values()) + " |",
                 "| every cluster retrained: local Dask cluster, its start included (s) | "
                 + " | ".join(f"{r['executors']['dask_seconds']:.1f}" for r in runs.values())
+                + " |",
+                "| starting and stopping that Dask cluster alone (s) | "
+                + " | ".join(f"{r['executors']['dask_cluster_alone_seconds']:.1f}" for r in runs.values())
                 + " |",
                 "| Dask artifacts byte-identical to threads | "
                 + " | ".join("yes" if r["executors"]["byte_identical"] else "**no**" for r in runs.values())
