@@ -21,8 +21,8 @@ linear-probe baselines. Saves bench/results/backbones.json and .md.
 
 `--dask` also retrains every cluster of each configuration twice after the pipeline, on the thread
 runner and on a local Dask cluster of `runtime.workers` processes (prefect-dask, through the
-`train-clusters` flow, the cluster's start included), into empty stores, and checks the two give
-byte-identical artifacts. `--device`/`--precision` set `runtime.device`/`runtime.precision` for
+`train-clusters` flow against a standing Prefect server, the cluster's start included), into
+empty stores, and checks the two give byte-identical artifacts. `--device`/`--precision` set `runtime.device`/`runtime.precision` for
 every configuration (an accelerator run). `--base` adds timm's `vit_base_patch16_224` at
 `--base-img-size` with **random weights** (a seeded, untrained checkpoint used frozen: no
 pretrained weights can be downloaded here), the issue's accelerator setting.
@@ -117,21 +117,36 @@ def configurations(grey: Path, rgb: Path, img_size: int, base_img_size: int | No
 
 def threads_against_dask(ws, params) -> dict:
     """Every cluster retrained on the thread runner and on a local Dask cluster, into empty stores;
-    wall-clock of each and whether the artifacts are byte-identical."""
+    wall-clock of each and whether the artifacts are byte-identical. Dask runs against a standing
+    Prefect server, as in production: without one, every Dask worker process starts its own
+    temporary server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from unlearn import prefect_server
+
+    server, url = prefect_server(RESULTS / "prefect-home-backbones")
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url  # the Dask workers inherit it
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            return _threads_against_dask(ws, params)
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL")
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        shutil.rmtree(RESULTS / "prefect-home-backbones", ignore_errors=True)
+
+
+def _threads_against_dask(ws, params) -> dict:
     import dataclasses
     import tempfile
-
-    from prefect import flow
 
     from flows.stages import map_jobs_for
     from lmeraser.pipeline.train import plan, train_in_threads
     from lmeraser.store import ArtifactStore
 
-    @flow(name="warm-up")
-    def warm_up() -> None:
-        """Prefect's temporary server starts here, not inside the timing."""
-
-    warm_up()
     training = plan(params, ws)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = dataclasses.replace(training.trainer, store=ArtifactStore(Path(scratch) / "threads"))
@@ -279,7 +294,7 @@ def markdown(result: dict) -> str:
         *(
             [
                 "| every cluster retrained: thread runner (s) | " + " | ".join(f"{r['executors']['threads_seconds']:.1f}" for r in runs.values()) + " |",
-                "| every cluster retrained: local Dask cluster, its start included (s) | "
+                "| every cluster retrained: local Dask cluster, its start included, standing Prefect server (s) | "
                 + " | ".join(f"{r['executors']['dask_seconds']:.1f}" for r in runs.values())
                 + " |",
                 "| starting and stopping that Dask cluster alone (s) | "
