@@ -276,8 +276,9 @@ def markdown(result: dict) -> str:
         f"{result['data']}; {result['machine']['cpu']}, {result['machine']['cores']} cores"
         + (f", {result['machine']['gpu']}" if result["machine"].get("gpu") else ", no GPU")
         + f"; runtime.device {result['runtime']['device']}, precision {result['runtime']['precision']}; torch {result['machine']['torch']}, {result['date']}. "
-        "Backbones trained from scratch on the public half (no pretrained weights here), except `rgb-vit-base-random`: a seeded, untrained "
-        "checkpoint used frozen; one process, library calls.",
+        "Backbones trained from scratch on the public half (no pretrained weights here)"
+        + (", except `rgb-vit-base-random`: a seeded, untrained checkpoint used frozen" if "rgb-vit-base-random" in runs else "")
+        + "; one process, library calls.",
         "",
         head,
         "|---|" + "---:|" * len(names),
