@@ -119,6 +119,10 @@ def test_a_cuda_workspace_runs_end_to_end_and_replays_bit_for_bit(tmp_path):
     key_inputs = json.loads(ws.prompt_index_file.read_text())["key_inputs"]
     assert key_inputs["compute"]["device"] == "cuda" and key_inputs["compute"]["device_name"] == name
     assert json.loads((root / "metrics.json").read_text())["accuracy"] > 0.6
+    import faiss
+
+    faiss_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    assert ws.prototypes_meta()["faiss"] == ("gpu" if faiss_gpu else "cpu")  # faiss-gpu when installed
     # A second repro from scratch on the same GPU gives the same prompts, bit for bit.
     index = json.loads(ws.prompt_index_file.read_text())["clusters"]
     dvc("repro", "--force", "evaluate", cwd=root)

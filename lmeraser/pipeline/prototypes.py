@@ -22,7 +22,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     gpu = Compute.of(meta).faiss_gpu
     prototypes = fit_prototypes(image_features(model, meta, fit_split.images), k, params.clustering, params.seed, params.runtime.threads, gpu)
     atomic_save_npy(ws.prototypes_file, prototypes)
-    faiss_on = "cpu" if gpu is None else f"cuda:{gpu}"
+    faiss_on = "cpu" if gpu is None else "gpu"  # faiss-gpu (its k-means takes the first GPU)
     atomic_write_json(
         ws.prototypes_meta_file, {"k": k, "fit_on": fit_on, "backbone_sha256": meta.sha256, "sha256": sha256_file(ws.prototypes_file), "faiss": faiss_on}
     )
