@@ -333,6 +333,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    for name, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "false")):
+        os.environ.setdefault(name, value)  # as the CLI does: no telemetry attempts (no network here)
+
     runtime = {"device": args.device, "precision": args.precision}
     grey, rgb = fashion_npz(args.pool, args.test)
     configs = configurations(grey, rgb, args.img_size, args.base_img_size if args.base else None, runtime)

@@ -94,8 +94,13 @@ def train_clusters(root: str, params_file: str, clusters: list[int], keys: list[
 def dask_runner(params: Params):
     """prefect-dask's DaskTaskRunner: the cluster at runtime.dask_address, or a local one of
     runtime.workers single-threaded processes (torch threads: runtime.threads, as in threads mode)."""
+    import logging
+
     from prefect_dask import DaskTaskRunner
 
+    # distributed logs each worker's start and stop at INFO, and a closed connection's traceback
+    # when the local cluster shuts down: keep the flow's output to the clusters it trains.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if params.runtime.dask_address:
         return DaskTaskRunner(address=params.runtime.dask_address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": params.runtime.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
