@@ -165,3 +165,44 @@ def test_a_cuda_block_leaves_attention_to_its_plain_kernel_and_a_cpu_block_keeps
 def test_the_cpu_is_never_a_faiss_gpu_and_has_no_cuda_identity():
     cpu = Compute("cpu", 2, "bf16")
     assert cpu.faiss_gpu is None and cpu.identity() == {"device": "cpu", "precision": "bf16"} and cpu.check() is cpu
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # meta parameters take no values
+@pytest.mark.parametrize("kind", ["pad", "vpt", "lora"])
+def test_every_pass_keeps_its_tensors_on_the_compute_device(kind):
+    """The GPU path's commonest bug, a host tensor meeting a device tensor, found without a GPU:
+    torch's meta device holds shapes and no data, so each pass runs on it to its first copy back
+    to host memory (which meta cannot do) and any tensor left on the CPU stops it sooner, with
+    another error."""
+    from lmeraser.config import BackboneParams
+    from lmeraser.models.backbone import train_backbone
+    from lmeraser.training import load_prompt
+    from lmeraser.unlearning.influence import Objective, prepare_model
+
+    meta = Compute("meta", 1)
+    prompt = {
+        "pad": PromptParams.of("pad", width=1, epochs=1, batch_size=8, lr=0.05),
+        "vpt": PromptParams.of("vpt", deep=True, epochs=1, batch_size=8, lr=0.05),
+        "lora": PromptParams.of("lora", rank=2, epochs=1, batch_size=8, lr=0.01),
+    }[kind]
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g)
+    state = train_prompt(_tiny_backbone(), x, y, prompt, 4, 3)
+    on_meta = _tiny_backbone().to("meta")
+    no_host_copy = pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor")
+    with no_host_copy:  # the whole training loop ran on the device
+        train_prompt(on_meta, x, y, prompt, 4, 3, meta)
+    with no_host_copy:
+        extract_features(on_meta, x, 16, meta)
+    with torch.no_grad():
+        assert load_prompt(on_meta, prompt, 4, state)(meta.put(x)).device.type == "meta"
+    objective = Objective(prepare_model(on_meta, prompt, 4, state, torch.float64), 1e-4)
+    xs, ys, theta = x.to("meta", torch.float64), y.to("meta"), objective.theta0
+    assert theta.device.type == "meta"
+    for result in (objective.per_example_grads(theta, xs[:3], ys[:3]), objective.gauss_newton(theta, xs)(theta), objective.hvp(theta, xs, ys)(theta)):
+        assert result.device.type == "meta" and result.shape[-1] == theta.numel()
+    if kind == "pad":  # the backbone's own training: one step's forward, backward and update, then the first loss read back
+        images = np.random.default_rng(0).integers(0, 256, (32, 8, 8), dtype=np.uint8)
+        params = BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, epochs=1, batch_size=16)
+        with pytest.raises(RuntimeError, match="item\\(\\) cannot be called on meta tensors"):
+            train_backbone(params, images, np.arange(32) % 4, 4, 0, lambda message: None, compute=meta)
