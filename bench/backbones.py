@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import random_timm_checkpoint  # noqa: E402
 from pipeline import cpu_model, preset  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -73,17 +74,6 @@ def fashion_npz(pool: int, test: int) -> tuple[Path, Path]:
     return grey, rgb
 
 
-def random_checkpoint(model: str, path: Path) -> Path:
-    """A seeded, untrained timm checkpoint (ImageNet-sized classifier), as a user's weights file would be."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in timm.create_model(model, pretrained=False, num_classes=1000).state_dict().items()}, str(path))
-    return path
-
-
 def configurations(grey: Path, rgb: Path, img_size: int, base_img_size: int | None, runtime: dict) -> dict[str, dict]:
     base = preset("fashion-mnist")
     base["runtime"].update(runtime)
@@ -108,7 +98,7 @@ def configurations(grey: Path, rgb: Path, img_size: int, base_img_size: int | No
     out = {"grey-builtin": grey_cfg, "rgb-vit-tiny": tiny}
     if base_img_size:
         vit_base = json.loads(json.dumps(tiny))
-        weights = random_checkpoint("vit_base_patch16_224", RESULTS / "vit_base_random.safetensors")
+        weights = random_timm_checkpoint(RESULTS / "vit_base_random.safetensors", "vit_base_patch16_224")
         vit_base["backbone"].update({"model": "vit_base_patch16_224", "checkpoint": str(weights), "train": "frozen", "img_size": base_img_size})
         vit_base["prompt"]["pad"]["width"] = max(2, round(30 * base_img_size / 224))  # the paper's 30 px at 224
         out["rgb-vit-base-random"] = vit_base
@@ -140,32 +130,26 @@ def threads_against_dask(ws, params) -> dict:
 
 
 def _threads_against_dask(ws, params) -> dict:
-    import dataclasses
-    import tempfile
+    from unlearn import retrain_alone
 
     from flows.stages import map_jobs_for
-    from lmeraser.pipeline.train import plan, train_in_threads
-    from lmeraser.store import ArtifactStore
+    from lmeraser.pipeline.train import plan
 
+    threads_seconds, threads = retrain_alone(ws.root)
     training = plan(params, ws)
-    with tempfile.TemporaryDirectory() as scratch:
-        trainer = dataclasses.replace(training.trainer, store=ArtifactStore(Path(scratch) / "threads"))
+    # Dask workers load the plan from the workspace and write to its store: train into an empty
+    # one, then put the pipeline's back.
+    kept = ws.store_dir.with_name("store.kept")
+    ws.store_dir.rename(kept)
+    try:
+        ws.store_dir.mkdir()
+        on_dask = map_jobs_for(params.model_copy(update={"runtime": params.runtime.model_copy(update={"executor": "dask"})}), str(ws.root), "params.yaml")
         start = time.perf_counter()
-        threads = {r["cluster"]: r["entry"].sha256 for r in train_in_threads(params.runtime.workers)(trainer, training.jobs)}
-        threads_seconds = time.perf_counter() - start
-        # Dask workers load the plan from the workspace and write to its store: train into an
-        # empty one, then put the pipeline's back.
-        kept = ws.store_dir.with_name("store.kept")
-        ws.store_dir.rename(kept)
-        try:
-            ws.store_dir.mkdir()
-            on_dask = map_jobs_for(params.model_copy(update={"runtime": params.runtime.model_copy(update={"executor": "dask"})}), str(ws.root), "params.yaml")
-            start = time.perf_counter()
-            dask = {r["cluster"]: r["entry"].sha256 for r in on_dask(training.trainer, training.jobs)}
-            dask_seconds = time.perf_counter() - start
-        finally:
-            shutil.rmtree(ws.store_dir, ignore_errors=True)
-            kept.rename(ws.store_dir)
+        dask = {r["cluster"]: r["entry"].sha256 for r in on_dask(training.trainer, training.jobs)}
+        dask_seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(ws.store_dir, ignore_errors=True)
+        kept.rename(ws.store_dir)
     # What part of that is the local cluster itself: start and stop one with nothing to do.
     from distributed import LocalCluster
 

@@ -138,9 +138,10 @@ def timed_child(args: list[str], cwd: Path, env: dict) -> tuple[float, float, st
     return seconds, usage.ru_maxrss / 1024, stdout
 
 
-def retrain_alone(work: Path, clusters: list[int]) -> float:
-    """Seconds to train `clusters` (their current members) into a scratch store, on runtime.workers
-    threads as the pipeline does: the physical limit of an exact forget that rebuilds them."""
+def retrain_alone(work: Path, clusters: list[int] | None = None) -> tuple[float, dict[int, str]]:
+    """Seconds to train `clusters` (their current members; None: every cluster) into a scratch
+    store, on runtime.workers threads as the pipeline does: the physical limit of an exact forget
+    that rebuilds them; and the sha256 of each artifact trained."""
     from lmeraser.config import load_params
     from lmeraser.pipeline.train import plan, train_in_threads
     from lmeraser.store import ArtifactStore
@@ -151,12 +152,12 @@ def retrain_alone(work: Path, clusters: list[int]) -> float:
     scratch = work / "bench-retrain-store"
     shutil.rmtree(scratch, ignore_errors=True)
     training.trainer.store = ArtifactStore(scratch)
-    jobs = [job for job in training.jobs if job.cluster in set(clusters)]
+    jobs = [job for job in training.jobs if clusters is None or job.cluster in set(clusters)]
     start = time.perf_counter()
-    train_in_threads(params.runtime.workers)(training.trainer, jobs)
+    results = train_in_threads(params.runtime.workers)(training.trainer, jobs)
     seconds = time.perf_counter() - start
     shutil.rmtree(scratch)
-    return seconds
+    return seconds, {r["cluster"]: r["entry"].sha256 for r in results}
 
 
 def outcome(work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | None = None) -> dict:
@@ -164,7 +165,7 @@ def outcome(work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | 
     record = last_record(work)
     after = members(work)
     rebuilt = [c["cluster"] for c in record["clusters_rebuilt"] if c["prompt_sha256_after"]]
-    alone = retrain_alone(work, rebuilt) if rebuilt else 0.0
+    alone = retrain_alone(work, rebuilt)[0] if rebuilt else 0.0
     return {
         "seconds": seconds,
         "steps": record["seconds"],

@@ -11,6 +11,8 @@ the prototypes, since the float order, and so a borderline assignment, can diffe
 
 from __future__ import annotations
 
+import threading
+
 import faiss
 import numpy as np
 
@@ -54,10 +56,22 @@ def nearest(features: np.ndarray, prototypes: np.ndarray, allowed: np.ndarray | 
         raise LmeraserError("no non-empty cluster to route to; train at least one cluster first.")
     index = faiss.IndexFlatL2(prototypes.shape[1])
     if gpu is not None:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
+        index = faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index)
     index.add(np.ascontiguousarray(prototypes[ids], dtype=np.float32))
     _, found = index.search(np.ascontiguousarray(features, dtype=np.float32), 1)
     return ids[found[:, 0]]
+
+
+_local = threading.local()
+
+
+def _gpu_resources(gpu: int):
+    """faiss's GPU scratch memory and streams: made once per device and thread (they are not
+    thread-safe), not per routing call (serving routes every request)."""
+    made = _local.__dict__.setdefault("gpu_resources", {})
+    if gpu not in made:
+        made[gpu] = faiss.StandardGpuResources()
+    return made[gpu]
 
 
 def cluster_sizes(assignments: np.ndarray, k: int) -> np.ndarray:

@@ -37,9 +37,10 @@ def deterministic(threads: int, cuda: bool = False) -> Iterator[None]:
         while _active["depth"] and _active["mode"] != mode:
             _state.wait()
         if not _active["depth"]:
-            _active["saved"] = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), _cuda_flags())
+            saved_cuda = _cuda_flags()
+            _active["saved"] = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), saved_cuda)
             torch.use_deterministic_algorithms(True)
-            _set_cuda_flags((True, False, False, False, *((False, False, False) if cuda else _cuda_flags()[4:])))
+            _set_cuda_flags((True, False, False, False, *((False, False, False) if cuda else saved_cuda[4:])))
             _active["mode"] = mode
         torch.set_num_threads(threads)
         _active["depth"] += 1

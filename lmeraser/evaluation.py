@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 
 from lmeraser.compute import Compute
 from lmeraser.config import PromptParams
-from lmeraser.models.backbone import extract_features, preprocess
+from lmeraser.models.backbone import features_of, preprocess
 from lmeraser.training import cluster_seed, load_prompt, train_prompt
 from lmeraser.workspace import InputSpec
 
@@ -36,8 +36,8 @@ def per_cluster_accuracy(labels: np.ndarray, predictions: np.ndarray, routes: np
 
 def linear_probe(backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int, compute: Compute) -> np.ndarray:
     """Logistic regression on frozen CLS features; returns test predictions."""
-    train_features = extract_features(backbone, preprocess(train_images, spec), compute=compute)
-    test_features = extract_features(backbone, preprocess(test_images, spec), compute=compute)
+    train_features = features_of(backbone, train_images, spec, compute)
+    test_features = features_of(backbone, test_images, spec, compute)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     probe = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     probe.fit((train_features - mean) / std, train_labels)

@@ -89,6 +89,37 @@ def _isolated_services(tmp_path_factory):
     os.environ.pop("PREFECT_API_URL", None)
 
 
+def tiny_backbone(depth: int = 1, device: str = "cpu"):
+    """A seeded, frozen 8 px built-in ViT for 4 classes, for unit tests of prompts and influence."""
+    import torch
+
+    from lmeraser.config import BackboneParams
+    from lmeraser.models.backbone import build_vit, freeze
+
+    torch.manual_seed(0)
+    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=depth, num_heads=2), 4).to(device))
+
+
+def tiny_data(n: int):
+    """`n` seeded grey 8 px inputs (already preprocessed) and labels of 4 classes, for tiny_backbone."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def random_timm_checkpoint(path: Path, model: str = "test_vit") -> Path:
+    """A weights file as a user would bring one: a timm architecture with an ImageNet-sized
+    classifier and seeded random weights (nothing can be downloaded here)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model(model, pretrained=False, num_classes=1000).state_dict().items()}, str(path))
+    return path
+
+
 @pytest.fixture
 def tiny_params():
     return parse_params(TINY)

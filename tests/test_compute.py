@@ -19,12 +19,12 @@ from lmeraser.errors import ConfigError
 from lmeraser.feature_cache import read as read_feature_cache
 from lmeraser.inference import ServingModel
 from lmeraser.io import read_json
-from lmeraser.models.backbone import build_vit, extract_features, freeze, image_features, load_backbone, preprocess
+from lmeraser.models.backbone import extract_features, image_features, load_backbone, preprocess
 from lmeraser.stages import stage
 from lmeraser.training import train_prompt
 from lmeraser.workspace import Workspace
 
-from conftest import TINY, build_workspace, run_stages
+from conftest import TINY, build_workspace, run_stages, tiny_backbone, tiny_data
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA; this one has a GPU")
 
@@ -77,17 +77,8 @@ def test_a_workspace_records_its_compute_and_keys_its_artifacts_by_it(trained_wo
     assert ws.prototypes_meta()["faiss"] == "cpu"  # faiss-cpu here: no GPU build, no GPU
 
 
-def _tiny_backbone():
-    torch.manual_seed(0)
-    from lmeraser.config import BackboneParams
-
-    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), 4))
-
-
 def test_bf16_is_deterministic_changes_the_bits_and_stays_close():
-    backbone = _tiny_backbone()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(48, 1, 8, 8, generator=g), torch.randint(0, 4, (48,), generator=g)
+    backbone, (x, y) = tiny_backbone(), tiny_data(48)
     f32, bf16 = Compute(threads=1), Compute(threads=1, precision="bf16")
     with deterministic(1):
         full = extract_features(backbone, x, compute=f32)
@@ -185,10 +176,9 @@ def test_every_pass_keeps_its_tensors_on_the_compute_device(kind):
         "vpt": PromptParams.of("vpt", deep=True, epochs=1, batch_size=8, lr=0.05),
         "lora": PromptParams.of("lora", rank=2, epochs=1, batch_size=8, lr=0.01),
     }[kind]
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 4, (20,), generator=g)
-    state = train_prompt(_tiny_backbone(), x, y, prompt, 4, 3)
-    on_meta = _tiny_backbone().to("meta")
+    x, y = tiny_data(20)
+    state = train_prompt(tiny_backbone(), x, y, prompt, 4, 3)
+    on_meta = tiny_backbone(device="meta")
     no_host_copy = pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor")
     with no_host_copy:  # the whole training loop ran on the device
         train_prompt(on_meta, x, y, prompt, 4, 3, meta)

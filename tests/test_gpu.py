@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from lmeraser.compute import Compute
-from lmeraser.config import BackboneParams, PromptParams
+from lmeraser.config import PromptParams
 from lmeraser.determinism import deterministic
-from lmeraser.models.backbone import build_vit, extract_features, freeze
+from lmeraser.models.backbone import extract_features
 from lmeraser.training import load_prompt, train_prompt
 from lmeraser.unlearning.influence import influence_edit, prepare_model
 from lmeraser.workspace import Workspace
 
-from conftest import _cli_ok, copy_repo, dvc
+from conftest import _cli_ok, dvc, tiny_backbone, tiny_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none (CI never has one)")
 
@@ -31,30 +31,20 @@ PROMPTS = {
 }
 
 
-def _backbone(device: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2), 4).to(device))
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
-
-
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 @pytest.mark.parametrize("kind", sorted(PROMPTS))
 def test_prompt_training_on_cuda_is_bit_for_bit_reproducible(kind, precision):
     compute = Compute("cuda", 1, precision).check()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"]  # set before cuBLAS starts
-    backbone, (x, y) = _backbone("cuda"), _data()
+    backbone, (x, y) = tiny_backbone(2, "cuda"), tiny_data(40)
     runs = [train_prompt(backbone, x, y, PROMPTS[kind], 4, 7, compute) for _ in range(2)]
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
         assert runs[0][name].device.type == "cpu" and torch.equal(runs[0][name], runs[1][name]), name
     # The same draws start it as on the CPU: trained there, it fits its data about as well.
-    on_cpu = train_prompt(_backbone("cpu"), x, y, PROMPTS[kind], 4, 7, Compute("cpu", 1, precision))
+    on_cpu = train_prompt(tiny_backbone(2), x, y, PROMPTS[kind], 4, 7, Compute("cpu", 1, precision))
     gpu_model = load_prompt(backbone, PROMPTS[kind], 4, runs[0])
-    cpu_model = load_prompt(_backbone("cpu"), PROMPTS[kind], 4, on_cpu)
+    cpu_model = load_prompt(tiny_backbone(2), PROMPTS[kind], 4, on_cpu)
     with torch.no_grad():
         gpu_fit = float((gpu_model(x.cuda()).argmax(1).cpu() == y).float().mean())
         cpu_fit = float((cpu_model(x).argmax(1) == y).float().mean())
@@ -62,7 +52,7 @@ def test_prompt_training_on_cuda_is_bit_for_bit_reproducible(kind, precision):
 
 
 def test_features_on_cuda_are_deterministic_batch_independent_and_close_to_the_cpu():
-    backbone, (x, _) = _backbone("cuda"), _data()
+    backbone, (x, _) = tiny_backbone(2, "cuda"), tiny_data(40)
     CUDA.check()
     with deterministic(1, cuda=True):
         full = extract_features(backbone, x, 16, CUDA)
@@ -71,23 +61,23 @@ def test_features_on_cuda_are_deterministic_batch_independent_and_close_to_the_c
         # bits do not depend on the rows batched with it (a short batch is padded to one shape).
         assert extract_features(backbone, x[3:], 16, CUDA).tobytes() == full[3:].tobytes()
         assert extract_features(backbone, x.flip(0), 16, CUDA).tobytes() == full[::-1].tobytes()
-        on_cpu = extract_features(_backbone("cpu"), x)
+        on_cpu = extract_features(tiny_backbone(2), x)
     assert np.allclose(full, on_cpu, atol=1e-4), np.abs(full - on_cpu).max()
 
 
 def test_an_influence_update_on_cuda_is_deterministic_and_agrees_with_the_cpu():
     from lmeraser.config import InfluenceParams
 
-    x, y = _data()
+    x, y = tiny_data(40)
     prompt = PROMPTS["pad"]
-    state = train_prompt(_backbone("cpu"), x, y, prompt, 4, 3)
+    state = train_prompt(tiny_backbone(2), x, y, prompt, 4, 3)
     present = torch.ones(len(y), dtype=torch.bool)
     present[0] = False
     params = InfluenceParams(dtype="float64")
     CUDA.check()
 
     def edit(device: str) -> dict:
-        model = prepare_model(_backbone(device), prompt, 4, state, torch.float64)
+        model = prepare_model(tiny_backbone(2, device), prompt, 4, state, torch.float64)
         theta, objective, report = influence_edit(model, x, y, x, y, present, params, prompt.adapter.weight_decay, seed=5, threads=1)
         return objective.state(theta)
 
@@ -99,21 +89,9 @@ def test_an_influence_update_on_cuda_is_deterministic_and_agrees_with_the_cpu():
 
 def test_a_cuda_workspace_runs_end_to_end_and_replays_bit_for_bit(tmp_path):
     """The issue's e2e (a timm checkpoint, an RGB folder) on runtime.device: cuda."""
-    from test_large_models import _image_folder, _timm_weights
+    from test_large_models import build_rgb_repo
 
-    folder, weights = _image_folder(tmp_path / "images"), _timm_weights(tmp_path / "test_vit.safetensors")
-    params = {
-        "seed": 0,
-        "data": {"source": f"folder:{folder}", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 15},
-        "backbone": {"model": "test_vit", "checkpoint": str(weights), "train": "frozen", "img_size": 32, "batch_size": 64, "threads": 1},
-        "clustering": {"target_cluster_size": 25, "min_clusters": 2, "max_clusters": 3, "niter": 10},
-        "prompt": {"kind": "pad", "pad": {"width": 2, "epochs": 3, "batch_size": 16, "lr": 0.05}},
-        "evaluate": {"baselines": False, "batch_size": 64},
-        "runtime": {"threads": 1, "workers": 2, "device": "cuda"},
-    }
-    root = copy_repo(tmp_path / "repo", params)
-    _cli_ok("data", "init", cwd=root)
-    dvc("repro", "evaluate", cwd=root)
+    root, _ = build_rgb_repo(tmp_path, device="cuda")
     ws = Workspace(root)
     name = torch.cuda.get_device_name(0)
     assert json.loads(ws.backbone_meta_file.read_text())["device"] == "cuda"

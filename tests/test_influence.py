@@ -6,26 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hessian
 
-from lmeraser.config import BackboneParams, InfluenceParams, PromptParams
+from lmeraser.config import InfluenceParams, PromptParams
 from lmeraser.errors import LmeraserError
-from lmeraser.models.backbone import build_vit, freeze
 from lmeraser.store import ArtifactStore
 from lmeraser.training import train_prompt
 from lmeraser.unlearning.influence import Objective, conjugate_gradient, damped_solve, influence_edit, power_iteration, prepare_model
+
+from conftest import tiny_backbone, tiny_data
 
 WD = 1e-2  # the convex case's L2 weight
 
 
 @pytest.fixture(scope="module")
 def backbone():
-    torch.manual_seed(0)
-    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), 4))
+    return tiny_backbone()
 
 
 @pytest.fixture(scope="module")
 def data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(24, 1, 8, 8, generator=g), torch.randint(0, 4, (24,), generator=g)
+    return tiny_data(24)
 
 
 def _prompt_model(backbone, data, kind="pad"):

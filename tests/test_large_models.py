@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from lmeraser.workspace import Workspace
 
-from conftest import _cli_ok, copy_repo, dvc
+from conftest import _cli_ok, copy_repo, dvc, random_timm_checkpoint
 
 CLASSES = ("red", "green", "blue")
 
@@ -35,22 +34,13 @@ def _image_folder(root: Path, per_class: int = 36, size: int = 16) -> Path:
     return root
 
 
-def _timm_weights(path: Path) -> Path:
-    """A weights file as a user would bring it: timm's `test_vit` architecture at its 160 px with an
-    ImageNet-sized classifier (random weights: nothing can be downloaded here)."""
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_vit", pretrained=False, num_classes=1000)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def rgb_repo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("rgb")
+def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
+    """A git + DVC copy of this repository on a generated RGB image folder and a timm `test_vit`
+    weights file (the architecture at its 160 px, used frozen at 32 px), after `data init` and
+    `dvc repro evaluate` (the serving path; the baselines are off); `runtime` overrides settings
+    of the runtime section. Returns the root and the weights file."""
     folder = _image_folder(base / "images")
-    weights = _timm_weights(base / "test_vit.safetensors")
+    weights = random_timm_checkpoint(base / "test_vit.safetensors")
     params = {
         "seed": 0,
         "data": {"source": f"folder:{folder}", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 15},
@@ -58,12 +48,17 @@ def rgb_repo(tmp_path_factory):
         "clustering": {"target_cluster_size": 25, "min_clusters": 2, "max_clusters": 3, "niter": 10},
         "prompt": {"kind": "pad", "pad": {"width": 2, "epochs": 3, "batch_size": 16, "lr": 0.05}},
         "evaluate": {"baselines": False, "batch_size": 64},
-        "runtime": {"threads": 1, "workers": 2},
+        "runtime": {"threads": 1, "workers": 2, **runtime},
     }
     root = copy_repo(base / "repo", params)
     _cli_ok("data", "init", cwd=root)
-    dvc("repro", "evaluate", cwd=root)  # the serving path (the baselines are off here)
+    dvc("repro", "evaluate", cwd=root)
     return root, weights
+
+
+@pytest.fixture(scope="module")
+def rgb_repo(tmp_path_factory):
+    return build_rgb_repo(tmp_path_factory.mktemp("rgb"))
 
 
 def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):

@@ -4,23 +4,19 @@ import pytest
 import torch
 
 from lmeraser.compute import Compute
-from lmeraser.config import BackboneParams, PromptParams
+from lmeraser.config import PromptParams
 from lmeraser.errors import LmeraserError
-from lmeraser.models.backbone import build_vit, freeze
 from lmeraser.store import ArtifactStore
 from lmeraser.training import artifact_key, cluster_seed, key_inputs, members_digest, train_prompt
+
+from conftest import tiny_backbone, tiny_data
 
 PROMPT = PromptParams.of("pad", width=1, epochs=3, batch_size=8, lr=0.05)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    backbone = freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), 4))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 1, 8, 8, generator=g)
-    y = torch.randint(0, 4, (40,), generator=g)
-    return backbone, x, y
+    return tiny_backbone(), *tiny_data(40)
 
 
 def _train_and_store(store, key, setup, params=PROMPT, seed=7, threads=1):

@@ -13,7 +13,6 @@ import tempfile
 
 import torch
 
-from lmeraser.compute import Compute
 from lmeraser.config import Params
 from lmeraser.errors import LmeraserError
 from lmeraser.inference import ServingModel
@@ -25,7 +24,10 @@ from lmeraser.store import ArtifactStore
 from lmeraser.training import load_prompt
 from lmeraser.workspace import Workspace
 
-ENV_KEYS = ("python", "torch", "timm", "peft", "faiss", "numpy", "cpu", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
+# What of a record's environment the artifact keys include (lmeraser/training.py: key_inputs), and
+# what replay compares besides.
+KEYED_ENV_KEYS = ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
+ENV_KEYS = ("python", "faiss", "numpy", "cpu", *KEYED_ENV_KEYS)
 
 
 def superseded_by(record: Record, later: list[Record], cluster: int) -> int | None:
@@ -45,7 +47,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
             "supersedes it (`lmeraser audit show` lists them)."
         )
-    now = environment(params.prompt.kind, Compute.of(ws.backbone_meta()).with_threads(params.runtime.threads))
+    now = environment(params.prompt.kind, ws, params.runtime.threads)
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
     asked = record.predicate["clusters_rebuilt"]
@@ -70,9 +72,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             continue
         job = jobs[cluster]
         if job.key != deployed.key:
-            keyed = [
-                k for k in differences if k in ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
-            ]
+            keyed = [k for k in differences if k in KEYED_ENV_KEYS]
             cause = f"this machine differs in {', '.join(keyed)}, which the key includes" if keyed else f"data or params changed since record {record.number}"
             raise LmeraserError(f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; {cause}.")
         state = trainer.state(job)

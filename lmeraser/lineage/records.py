@@ -145,12 +145,13 @@ class InfluencePredicate(_Schema):
     seconds: dict[str, float]
 
 
-def environment(kind: str, compute) -> dict:
-    """The software and machine a record's computation ran on (what replay compares): `compute`
-    (lmeraser.compute.Compute) gives the threads, the device, its name and the precision."""
+def environment(kind: str, ws: Workspace, threads: int) -> dict:
+    """The software and machine a record's computation ran on (what replay compares): `threads`,
+    and the device, its name and the precision the workspace's backbone records."""
     import faiss
     import numpy as np
 
+    from lmeraser.compute import Compute
     from lmeraser.training import code_version, library_versions
 
     cpu = "unknown"
@@ -167,8 +168,8 @@ def environment(kind: str, compute) -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "training_code": code_version(kind),
-        "threads": compute.threads,
-        **compute.identity(),
+        "threads": threads,
+        **Compute.of(ws.backbone_meta()).identity(),
     }
 
 

@@ -252,10 +252,15 @@ def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int 
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
-def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Features of uint8 images on the deterministic view, with the backbone's recorded compute;
-    preprocessed a batch at a time (a whole split at 224 px would be tens of GB as floats), which
-    gives the same bits: preprocessing is per image."""
-    with Compute.of(meta).scope() as compute:
-        out = [extract_features(model, preprocess(images[i : i + batch_size], meta.input), batch_size, compute) for i in range(0, len(images), batch_size)]
+def features_of(model: VisionTransformer, images: np.ndarray, spec: InputSpec, compute: Compute, batch_size: int = 512) -> np.ndarray:
+    """Features of uint8 images, preprocessed a batch at a time (a whole split at 224 px would be
+    tens of GB as floats); the same bits as preprocessing them all first: preprocessing is per
+    image. The caller holds the compute's scope."""
+    out = [extract_features(model, preprocess(images[i : i + batch_size], spec), batch_size, compute) for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Features of uint8 images on the deterministic view, with the backbone's recorded compute."""
+    with Compute.of(meta).scope() as compute:
+        return features_of(model, images, meta.input, compute, batch_size)

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmeraser.compute import Compute
 from lmeraser.config import Params, load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.failpoints import failpoint
@@ -30,7 +29,7 @@ from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_in
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.training import cluster_seed, code_version
-from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model
+from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model, rows_like
 from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import data_md5
 from lmeraser.workspace import InputSpec, Workspace
@@ -216,9 +215,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
 def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
     """Mean cross-entropy, under the prompt before and after the update, of the edited samples as
     they were (should rise: the model lets go of them) and as corrected (should fall)."""
-    dtype, device = objective.theta0.dtype, objective.theta0.device
-    x, x_new = x.to(device, dtype), x_new.to(device, dtype)
-    y, y_new, present = y.to(device), y_new.to(device), present.to(device)
+    x, y, x_new, y_new, present = rows_like(objective.theta0, x, y, x_new, y_new, present)
     changed = edited_rows(x, y, x_new, y_new, present)
     corrected = changed & present
 
@@ -247,7 +244,7 @@ def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], 
         influence=params.influence.model_dump(mode="json"),
         data={"data_dvc_md5": data_md5(ws.root)},
         code=code_info(ws, params),
-        environment=environment(params.prompt.kind, Compute.of(ws.backbone_meta()).with_threads(params.influence.threads)),
+        environment=environment(params.prompt.kind, ws, params.influence.threads),
         seconds=seconds,
     )
     return sign_and_append(ws, predicate)

@@ -411,8 +411,6 @@ class UnlearnBatch:
         return commit
 
     def predicate(self) -> ExactPredicate:
-        from lmeraser.compute import Compute
-
         params = self.params
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         before, after = capture["prompts"], rebuild["prompts"]
@@ -438,7 +436,7 @@ class UnlearnBatch:
                 dvc_lock_sha256_after=rebuild["dvc_lock_sha256"],
             ),
             code=CodeInfo(**capture["code"]),
-            environment=environment(params.prompt.kind, Compute.of(self.ws.backbone_meta()).with_threads(params.runtime.threads)),
+            environment=environment(params.prompt.kind, self.ws, params.runtime.threads),
             seconds=dict(self.state["seconds"]),
             accuracy=BeforeAfter(before=capture["accuracy"], after=rebuild["accuracy"]),
             stages_run=rebuild["stages"],

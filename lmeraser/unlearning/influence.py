@@ -270,6 +270,12 @@ class InfluenceReport:
         return dict(self.__dict__)
 
 
+def rows_like(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> tuple:
+    """An edit's rows on `theta`'s device, the inputs in its dtype."""
+    device, dtype = theta.device, theta.dtype
+    return x.to(device, dtype), y.to(device), x_new.to(device, dtype), y_new.to(device), present.to(device)
+
+
 def edited_rows(x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """The rows an edit touches: removed, relabelled or with a changed input."""
     return ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
@@ -296,9 +302,9 @@ def influence_edit(
     """
     start = time.perf_counter()
     n = len(y)
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    x, x_new = x.to(device, dtype), x_new.to(device, dtype)
-    y, y_new, present = y.to(device), y_new.to(device), present.to(device)
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    x, y, x_new, y_new, present = rows_like(parameter, x, y, x_new, y_new, present)
     changed = edited_rows(x, y, x_new, y_new, present)
     if not bool(changed.any()):
         raise LmeraserError("the edit changes no sample of the cluster.")
