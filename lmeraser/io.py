@@ -10,10 +10,12 @@ left behind can be told from a live writer's work and finished or removed on the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,14 +101,84 @@ def npy_header(raw: bytes) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), dtype
 
 
-def read_secret(path: Path, what: str) -> bytes:
-    """A secret file's bytes, refused unless it is a regular file no one but its owner can read."""
-    if not path.is_file():
-        raise LmeraserError(f"{path}: the {what} is not a regular file.")
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise LmeraserError(f"{path}: the {what} is readable by others (mode {mode:o}); run `chmod 600 {path}`.")
-    return path.read_bytes()
+class MissingFile(LmeraserError):
+    """A file read by `read_trusted` does not exist (callers decide whether that is an error)."""
+
+
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISCHR, "device"),
+    (stat.S_ISBLK, "device"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISLNK, "symbolic link"),
+)
+_LINK = "is a symbolic link, and a trust anchor is read only as a regular file (replace the link with the file itself)"
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def read_trusted(path: str | Path, what: str, limit: int, *, secret: bool = False, follow_links: bool = False) -> bytes:
+    """The bytes of a file the product trusts (the pinned signer, the signed head, the salt, the
+    signing key, the lineage log), refused in one sentence unless it is a regular file of at most
+    `limit` bytes. It is never read through a symbolic link (unless `follow_links`, for a path the
+    user named), opened without blocking (a FIFO cannot hang the reader, a device is never read)
+    and checked on the open descriptor, so it cannot be swapped between the check and the read.
+    With `secret`, a file that its group or others can read is refused too. A missing file raises
+    MissingFile."""
+    path = Path(path)
+    where = shown(path, 200)
+    try:
+        before = os.stat(path, follow_symlinks=follow_links)
+    except FileNotFoundError:
+        raise MissingFile(f"{where}: the {what} is missing.") from None
+    except OSError as error:
+        raise LmeraserError(f"{where}: the {what} cannot be read ({error.strerror}).") from None
+    if stat.S_ISLNK(before.st_mode):
+        raise LmeraserError(f"{where}: the {what} {_LINK}.")
+    if not stat.S_ISREG(before.st_mode):
+        raise LmeraserError(f"{where}: the {what} is not a regular file (a {_kind(before.st_mode)}).")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise MissingFile(f"{where}: the {what} is missing.") from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LmeraserError(f"{where}: the {what} {_LINK}.") from None
+        raise LmeraserError(f"{where}: the {what} cannot be read ({error.strerror}).") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+            raise LmeraserError(f"{where}: the {what} was replaced while it was read; run the command again.")
+        if secret and opened.st_mode & 0o077:
+            mode = stat.S_IMODE(opened.st_mode)
+            raise LmeraserError(f"{where}: the {what} is readable by others (mode {mode:o}); run `chmod 600 {where}`.")
+        if opened.st_size > limit:
+            raise LmeraserError(f"{where}: the {what} is {opened.st_size} bytes, over the limit of {limit}.")
+        chunks, size = [], 0
+        while size <= limit:
+            block = os.read(fd, limit + 1 - size)
+            if not block:
+                break
+            chunks.append(block)
+            size += len(block)
+    except BlockingIOError:
+        raise LmeraserError(f"{where}: the {what} could not be read without blocking (not a regular file).") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise LmeraserError(f"{where}: the {what} is over the limit of {limit} bytes.")
+    return b"".join(chunks)
+
+
+def read_secret(path: Path, what: str, limit: int = 64 << 10) -> bytes:
+    """A secret file's bytes (an API token), refused unless it is a regular file of at most
+    `limit` bytes no one but its owner can read; a link is followed (secret mounts use them), a
+    FIFO or device never blocks or is read. Trust anchors use read_trusted, which follows none."""
+    return read_trusted(path, what, limit, secret=True, follow_links=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:

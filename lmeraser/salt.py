@@ -4,31 +4,153 @@ Published hashes of forgotten images would be a membership oracle: anyone holdin
 image could check whether it was in the training data. Everything that outlives an erasure
 (tombstones, the suppression list, lineage records, data docs) therefore holds HMAC-SHA256 keys
 of content hashes and subject ids: the controller, and an auditor given the salt, can check
-them; the public cannot. The salt is created once (0600) and never enters a log or a record.
+them; the public cannot. The salt is created once (0600, 32 bytes) and never enters a log or a
+record. It is a trust anchor: read only as a regular file of exactly 32 bytes that no one but
+its owner can read, never through a link, never blocking; and once anything was keyed with it (a
+lineage record, the suppression list, a tombstone, a journaled subject) a missing salt is an
+error, never silently replaced: a new salt would void every keyed hash, so `audit scan` would
+miss forgotten data and re-ingestion would bring it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
+import tempfile
 
-from lmeraser.errors import DataError
-from lmeraser.io import atomic_write_bytes
+from lmeraser.errors import DataError, LmeraserError
+from lmeraser.io import MissingFile, read_trusted
 from lmeraser.workspace import Workspace
+
+SALT_BYTES = 32
+_SUBJECT_MARK = b'"subject_hashes": ["'  # a journaled request that keyed a subject (json.dumps, sort_keys)
+
+
+def keyed_evidence(ws: Workspace) -> str | None:
+    """What in the workspace was keyed with its salt (so the salt must exist), or None."""
+    if _nonempty(ws.lineage_file):
+        return "lineage records"
+    if os.path.lexists(ws.suppression_file):
+        return "the suppression list"
+    if _lines(ws.tombstones_file, 2):
+        return "tombstones"
+    if _contains(ws.journal_file, _SUBJECT_MARK):
+        return "journaled subjects"
+    return None
+
+
+def _nonempty(path) -> bool:
+    try:
+        return os.lstat(path).st_size > 0 or not os.path.isfile(path)
+    except FileNotFoundError:
+        return False
+
+
+def _lines(path, wanted: int) -> bool:
+    """Whether `path` holds at least `wanted` lines (a header and a row); anything there that is
+    not a readable regular file counts as holding them."""
+    if not os.path.lexists(path):
+        return False
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as handle:
+            if not os.path.isfile(path):
+                return True
+            return handle.read(1 << 20).count(b"\n") >= wanted
+    except OSError:
+        return True
+
+
+def _contains(path, mark: bytes) -> bool:
+    if not os.path.lexists(path):
+        return False
+    try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as handle:
+            if not os.path.isfile(path):
+                return True
+            tail = b""
+            while block := handle.read(1 << 20):
+                if mark in tail + block:
+                    return True
+                tail = block[-len(mark) :]
+    except OSError:
+        return True
+    return False
+
+
+def _restore(ws: Workspace, evidence: str) -> DataError:
+    return DataError(
+        f"{ws.subject_salt_file}: the workspace's secret salt is missing, though {evidence} are keyed with it; "
+        "restore it from your secret store (it is never committed, and a new salt would void every keyed hash of erased data)."
+    )
+
+
+def _read(ws: Workspace) -> bytes:
+    """The salt's bytes, checked: a regular 0600 file of exactly SALT_BYTES bytes."""
+    path = ws.subject_salt_file
+    try:
+        data = read_trusted(path, "secret salt", 4096, secret=True)
+    except MissingFile:
+        raise
+    except LmeraserError as error:
+        raise DataError(str(error)) from None
+    if len(data) != SALT_BYTES:
+        raise DataError(f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); restore it from your secret store.")
+    return data
+
+
+def check_salt(ws: Workspace) -> bool:
+    """For a batch's capture step, before any data changes: True when the salt exists and is
+    sound (a regular 0600 file of 32 bytes, not a link); False when it is absent and nothing was
+    ever keyed with it (the first keyed hash creates it); otherwise DataError, one sentence."""
+    try:
+        _read(ws)
+    except MissingFile:
+        evidence = keyed_evidence(ws)
+        if evidence:
+            raise _restore(ws, evidence) from None
+        return False
+    return True
 
 
 def salt(ws: Workspace, create: bool = True) -> bytes:
+    """The workspace's salt; created (0600 from its first byte) only if `create` allows it and
+    nothing in the workspace was keyed with a salt before."""
+    try:
+        return _read(ws)
+    except MissingFile:
+        pass
+    evidence = keyed_evidence(ws)
+    if evidence:
+        raise _restore(ws, evidence)
+    if not create:
+        raise DataError(
+            f"{ws.subject_salt_file}: the workspace's secret salt is missing, and the keyed hashes of erased data (suppression list, "
+            "tombstones, records) mean nothing without it; restore it from your secret store (it is never committed)."
+        )
+    _create(ws)
+    return _read(ws)
+
+
+def _create(ws: Workspace) -> None:
+    """A new salt, 0600 from its first byte, linked into place only if none is there: two
+    processes making the first salt at once end with one (the second reads the first's)."""
     path = ws.subject_salt_file
-    if not path.exists():
-        if not create:
-            raise DataError(
-                f"{path}: the workspace's secret salt is missing, and the keyed hashes of erased data (suppression list, "
-                "tombstones, records) mean nothing without it; restore it from your secret store (it is never committed)."
-            )
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(path, secrets.token_bytes(32), mode=0o600)
-    return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)  # 0600
+    try:
+        os.write(fd, secrets.token_bytes(SALT_BYTES))
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
 
 
 class Keyer:

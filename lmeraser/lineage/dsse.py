@@ -35,13 +35,15 @@ def statement(subjects: dict[str, str], predicate: dict, predicate_type: str = P
     }
 
 
-def sign(stmt: dict, key: Ed25519PrivateKey) -> dict:
+def sign(stmt: dict, key: Ed25519PrivateKey, *more: Ed25519PrivateKey) -> dict:
+    """The DSSE envelope of `stmt` signed by `key` (and by each of `more`: a key rotation carries
+    the old key's signature and the new key's countersignature over the same payload)."""
     payload = canonical_json(stmt)
-    signature = key.sign(pae(IN_TOTO_PAYLOAD_TYPE, payload))
+    message = pae(IN_TOTO_PAYLOAD_TYPE, payload)
     return {
         "payloadType": IN_TOTO_PAYLOAD_TYPE,
         "payload": b64(payload),
-        "signatures": [{"keyid": key_id(key.public_key()), "sig": b64(signature)}],
+        "signatures": [{"keyid": key_id(k.public_key()), "sig": b64(k.sign(message))} for k in (key, *more)],
     }
 
 

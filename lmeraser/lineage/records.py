@@ -20,8 +20,9 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
-from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from lmeraser.errors import LmeraserError, shown
+from lmeraser.io import MissingFile, atomic_write_bytes, atomic_write_json, read_trusted, sha256_file, sha256_json
+from lmeraser.lineage import keys
 from lmeraser.lineage.keys import key_id, load_or_create_key, load_public_key, public_pem
 from lmeraser.lineage.log import LineageLog, Record
 from lmeraser.overlay import Overlay
@@ -102,6 +103,15 @@ class BeforeAfter(_Schema):
     after: float | None
 
 
+class OutsideChange(_Schema):
+    """What changed in the serving path between the previous record and this batch's start, with
+    no record of its own (a re-ingestion and `dvc repro`, an upgrade): this record names it."""
+
+    since_record: int
+    subjects_changed: list[str]  # deployed artifacts whose sha256 differs from the previous record's
+    clusters_changed: list[ClusterRebuilt]  # served prompts that differ (before: the previous record's)
+
+
 class ExactPredicate(_Schema):
     """An exact batch: the data changed, the affected clusters were rebuilt from it."""
 
@@ -125,6 +135,8 @@ class ExactPredicate(_Schema):
     stages_run: list[str]
     purge: dict
     verification: dict
+    served_prompts: dict[str, str] = {}  # cluster -> sha256 of the prompt it serves after this batch
+    outside_change: OutsideChange | None = None  # the serving path changed since the previous record
 
 
 class InfluencePredicate(_Schema):
@@ -204,9 +216,9 @@ def signing_key(ws: Workspace) -> Ed25519PrivateKey:
     $LMERASER_SIGNING_KEY_FILE names one: a new key in place of a lost one would leave a log that
     verifies with neither."""
     log, pinned = lineage_log(ws), ws.signer_file
-    create = not (log.path.exists() or pinned.exists() or ws.signing_key_configured)
+    create = not (os.path.lexists(log.path) or os.path.lexists(pinned) or ws.signing_key_configured)
     key = load_or_create_key(ws.signing_key_file, create=create)
-    if pinned.exists():
+    if os.path.lexists(pinned):
         expected = key_id(load_public_key(pinned))
         if key_id(key.public_key()) != expected:
             raise LmeraserError(
@@ -217,6 +229,51 @@ def signing_key(ws: Workspace) -> Ed25519PrivateKey:
         log.verify(key.public_key())  # an unpinned log (written before pinning) must be this key's
         atomic_write_bytes(pinned, public_pem(key))
     return key
+
+
+def rotate_key(ws: Workspace, new_key: Ed25519PrivateKey | None = None, reason: str = "") -> Record:
+    """Hand the signing of this workspace's log over to `new_key` (a fresh one if None) by a signed
+    key rotation, the only way the signer may change: a record of the log, signed by the current
+    (pinned) key and countersigned by the new one, naming both public keys; then the head is
+    signed by the new key, the pinned signer becomes the new public key and (unless the key comes
+    from $LMERASER_SIGNING_KEY, which you then update yourself, passing `new_key`) the new private
+    key replaces the old one in the key file. Commit audit/ afterwards, as after every record.
+
+    Crash-safe and idempotent: the new private key is staged beside the key file (0600) before
+    the log changes, and a call after an interruption finishes the hand-over the log already
+    records (and makes no second rotation). Returns the rotation record."""
+    log, pinned = lineage_log(ws), ws.signer_file
+    staged = ws.signing_key_file.with_name(ws.signing_key_file.name + ".next")
+    from_environment = keys.key_from_environment() is not None
+    if not os.path.lexists(pinned):
+        raise LmeraserError(f"{pinned}: no pinned signer, so nothing to rotate (the first record pins the first key).")
+    chain = log.chain(load_public_key(pinned))
+    if key_id(chain.current) == key_id(load_public_key(pinned)):
+        old = signing_key(ws)
+        if new_key is None:
+            if from_environment:
+                raise LmeraserError(f"the signing key comes from ${keys.KEY_ENV}: pass the new key to rotate to (and put it there afterwards).")
+            new_key = Ed25519PrivateKey.generate()
+        if not from_environment:
+            keys.write_private_key(staged, new_key)  # before the log names it: a crash never loses it
+        log.rotate(old, new_key, {"recorded_at": utc(), "reason": shown(reason, 500)})
+        chain = log.chain(new_key.public_key())
+    record = next(r for r in reversed(chain.records) if r.is_rotation)
+    # The log hands over to chain.current: the pin and the key file follow.
+    if not from_environment:
+        try:
+            pending = keys.parse_private_key(read_trusted(staged, "staged signing key", keys.MAX_KEY_FILE, secret=True), str(staged))
+        except MissingFile:
+            pending = None
+        if pending is not None and key_id(pending.public_key()) == key_id(chain.current):
+            os.replace(staged, ws.signing_key_file)
+        elif key_id(load_or_create_key(ws.signing_key_file, create=False).public_key()) != key_id(chain.current):
+            raise LmeraserError(
+                f"{log.path} record {record.number} rotated the signer to {key_id(chain.current)}, but neither {ws.signing_key_file} "
+                f"nor {staged} holds that key; restore it."
+            )
+    atomic_write_bytes(pinned, public_pem(chain.current))
+    return record
 
 
 def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicate) -> Record:
@@ -233,6 +290,19 @@ def summary_row(record: Record) -> dict[str, str]:
     """One row of `audit show` and of the report's table; influence records leave the exact
     batch's columns empty ("-")."""
     p = record.predicate
+    if record.is_rotation:
+        return {
+            "#": str(record.number),
+            "method": "key rotation",
+            "batch": "-",
+            "requests": "0",
+            "clusters changed": "-",
+            "untouched": "-",
+            "acc before": "-",
+            "acc after": "-",
+            "scan hits": "-",
+            "supersedes": "-",
+        }
     if p.get("method") == "influence":
         return {
             "#": str(record.number),
