@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -36,14 +37,33 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit")) -> None:
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    debug: bool = typer.Option(
+        False, "--debug", envvar="LMERASER_DEBUG", help="show the tracebacks of expected errors inside flows (always in the Prefect run's log)"
+    ),
+) -> None:
     """Exact, auditable unlearning for prompt-tuned vision transformers."""
+    _settings["debug"] = debug
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Materialise and inspect the data splits.")
 app.add_typer(data_app, name="data")
-console = Console(soft_wrap=True)
-err = Console(stderr=True)
+_settings: dict[str, bool] = {"debug": False}
+
+
+def _width(stream) -> int | None:
+    """A terminal's own width; piped or redirected output is never cut (Rich's default is 80
+    columns), unless $COLUMNS says otherwise."""
+    try:
+        terminal = stream.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return None if terminal or os.environ.get("COLUMNS") else 100_000
+
+
+console = Console(soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 ROOT = typer.Option(Path("."), "--root", help="workspace root (holds data/, artifacts/, audit/)")
 PARAMS = typer.Option(None, "--params", help="params file (default: <root>/params.yaml); configs/ holds presets")
@@ -75,6 +95,29 @@ def _quiet_env() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _prefect(ws: Workspace) -> None:
+    """Before a flow runs (and before Prefect is imported): point this process and its children at
+    the workspace's standing Prefect server (lmeraser/prefect_server.py), starting it if needed,
+    and keep expected errors to the one sentence the command prints."""
+    from lmeraser import prefect_server
+
+    try:
+        standing = prefect_server.ensure(ws.root, lambda m: err.print(m, highlight=False))
+    except LmeraserError as error:
+        _fail(str(error))
+    import prefect.main  # noqa: F401 (configures Prefect's logging: the filters below go on its handlers)
+
+    _quiet_prefect_server()
+    if standing:  # it serves the API only: Prefect's "View at <UI link>" would lead nowhere
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoUiLinks) for f in handler.filters):
+                handler.addFilter(_NoUiLinks())
+    if not _settings["debug"]:
+        _one_sentence_on_console()
+
+
 def _quiet_prefect_server() -> None:
     """Silence only the temporary server's own start/stop lines, so an error is the last thing printed.
 
@@ -93,6 +136,34 @@ class _OwnRecordsBelowWarning:
         return record.levelno >= logging.WARNING
 
 
+def _one_sentence_on_console() -> None:
+    """On the terminal, an expected error (LmeraserError) inside a flow is the command's one `error:`
+    line: the task's traceback and every "Finished in state Failed(...)" repeat of it are left out.
+    They still reach the Prefect run's log (its API handler sees them first); `--debug` shows them."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _ExpectedErrorsOnce) for f in handler.filters):
+            handler.addFilter(_ExpectedErrorsOnce())
+
+
+class _NoUiLinks:
+    def filter(self, record) -> bool:
+        return not (record.name.startswith("prefect") and str(record.msg).startswith("View at "))
+
+
+class _ExpectedErrorsOnce:
+    def filter(self, record) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, LmeraserError):
+            if "Retry" not in record.getMessage():
+                return False
+            record.exc_info, record.exc_text = None, None  # a retry is news; its traceback is not
+        return "Finished in state Failed(" not in record.getMessage()
+
+
 @data_app.command("init")
 def data_init(
     source: str = typer.Option(None, help="digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; overrides data.source"),
@@ -108,9 +179,18 @@ def data_init(
     try:
         params = load_params(ws.params_file)
         data_params = params.data if source is None else params.data.model_copy(update={"source": source})
+        # --source is recorded in the params file, where the next `data init` (and dvc.lock) read
+        # it: a later plain `data init` must not silently switch back to the file's old source.
+        recorded = _with_source(ws.params_file, source) if source is not None and source != params.data.source else None
         summary = init_data(data_params, params.seed, ws)
+        if recorded is not None:
+            from lmeraser.io import atomic_write_text
+
+            atomic_write_text(ws.params_file, recorded)
     except LmeraserError as error:
         _fail(str(error))
+    if recorded is not None:
+        console.print(f"data.source set to {source} in {ws.relative(ws.params_file)} (the next `lmeraser data init` reads it)", highlight=False)
     counts = summary["counts"]
     console.print(
         f"data: {summary['source']} {tuple(summary['image_shape'])}, {summary['num_classes']} classes -> "
@@ -118,7 +198,7 @@ def data_init(
     )
     console.print(
         f"suppression list ({ws.relative(ws.suppression_file)}): {summary['suppressed']} sample(s) kept out, "
-        f"{summary['labels_corrected']} label correction(s) re-applied"
+        f"{summary['labels_corrected']} label correction(s) and {summary['images_corrected']} image correction(s) re-applied"
     )
     if dvc and ws.dvc_dir.is_dir():
         from lmeraser.versioning import data_md5
@@ -129,6 +209,37 @@ def data_init(
         except LmeraserError as error:
             _fail(str(error))
         console.print(f"data version recorded in data.dvc (md5 {data_md5(ws.root)})")
+
+
+def _with_source(params_file: Path, source: str) -> str:
+    """The params file's text with `data.source` set to `source`, every other line (and comment)
+    as it was; refused before anything changes when the file has no such line to edit."""
+    import re
+
+    import yaml
+
+    text = params_file.read_text()
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if re.match(r"data:\s*(#.*)?$", line.rstrip("\n"))), None)
+    for i in range(start + 1 if start is not None else len(lines), len(lines)):
+        line = lines[i]
+        if line.strip() and not line[0].isspace() and not line.startswith("#"):
+            break  # the next top-level key: the data section has no source line
+        match = re.match(r"(\s+source:)\s*(?:\"[^\"]*\"|'[^']*'|[^#\s]*)(\s*#.*)?(\n?)$", line)
+        if match:
+            lines[i] = f"{match.group(1)} {json.dumps(source)}{match.group(2) or ''}{match.group(3)}"
+            edited = "".join(lines)
+            try:
+                before, after = yaml.safe_load(text), yaml.safe_load(edited)
+                before["data"]["source"] = source
+            except (yaml.YAMLError, TypeError, KeyError):
+                break
+            if before == after:
+                return edited
+            break
+    raise LmeraserError(
+        f"{params_file}: no `source:` line under `data:` to record --source in; set data.source to {source} there, then run `lmeraser data init`."
+    )
 
 
 def _params_arg(ws: Workspace) -> str:
@@ -157,9 +268,9 @@ def stage_cmd(
     ws = _workspace(root, params_file)
     _quiet_env()
     _check_params(ws)
+    _prefect(ws)
     from flows.stages import run_stage
 
-    _quiet_prefect_server()
     state = run_stage(name, str(ws.root), _params_arg(ws))
     if state.is_failed():
         _fail(state.message or f"stage {name} failed")
@@ -171,9 +282,9 @@ def pipeline_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
     ws = _workspace(root, params_file)
     _quiet_env()
     _check_params(ws)
+    _prefect(ws)
     from flows.stages import train_pipeline
 
-    _quiet_prefect_server()
     state = train_pipeline(root=str(ws.root), params_file=_params_arg(ws), return_state=True)
     if state.is_failed():
         _fail(state.message or "train_pipeline failed")
@@ -266,9 +377,9 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
         say("no pending requests")
         return None
     _quiet_env()
+    _prefect(ws)
     from flows.unlearn import run_unlearn
 
-    _quiet_prefect_server()
     state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
@@ -687,11 +798,53 @@ def serve_cmd(
         _fail(str(error))
     _quiet_env()
     if worker:
-        _quiet_prefect_server()
+        from lmeraser import prefect_server
+
+        _prefect(ws)
+        prefect_server.release_on_exit()  # the server this service started stops with it
+    # SIGTERM: uvicorn shuts down gracefully, then raises the signal again; here that is a normal
+    # exit (atexit handlers run: the Prefect server it started stops), not a kill that orphans it.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from lmeraser.service.app import serve
 
     err.print(f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}", highlight=False)
     serve(ws, host, port, token, git_commit=git_commit is not False, worker=worker, log=lambda m: err.print(m, highlight=False))
+
+
+prefect_app = typer.Typer(no_args_is_help=True, help="The workspace's standing Prefect server (started on demand by the commands that run flows).")
+app.add_typer(prefect_app, name="prefect")
+
+
+@prefect_app.command("status")
+def prefect_status(root: Path = ROOT, as_json: bool = JSON) -> None:
+    """Whether the workspace's Prefect server runs, its URL and PID."""
+    from lmeraser import prefect_server
+
+    state = prefect_server.status(root)
+    if as_json:
+        _emit(state)
+        return
+    if state["running"]:
+        health = "answering" if state["healthy"] else "NOT answering"
+        console.print(f"running at {state['url']} (PID {state['pid']}, {health}); stop it with `lmeraser prefect stop`", highlight=False)
+    else:
+        console.print("not running (the next command that runs a flow starts it)", highlight=False)
+
+
+@prefect_app.command("stop")
+def prefect_stop(root: Path = ROOT) -> None:
+    """Stop the workspace's Prefect server (it also stops by itself when idle)."""
+    from lmeraser import prefect_server
+
+    try:
+        pid = prefect_server.stop(root)
+    except LmeraserError as error:
+        _fail(str(error))
+    console.print(f"stopped the workspace's Prefect server (PID {pid})" if pid else "no Prefect server was running for this workspace", highlight=False)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main() -> None:
