@@ -7,13 +7,20 @@ with one sentence naming the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
-from lmeraser.errors import ConfigError, LmeraserError
+from lmeraser.errors import ConfigError, LmeraserError, shown
+
+# Numbers as written, never coerced: an integer key refuses `true`, `2.5` and "3"; a real-valued key
+# takes an integer or a float but refuses a bool, a string and anything not finite (`.inf`, `1e400`).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+Bool = Annotated[bool, Strict()]
 
 
 class _Section(BaseModel):
@@ -24,15 +31,15 @@ class DataParams(_Section):
     source: str = "digits"
     # Fraction of the training pool that is public (trains the backbone and the prototypes);
     # the rest is private (clustered, prompt-tuned, erasable).
-    public_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    public_fraction: Float = Field(0.5, gt=0.0, lt=1.0)
     # Only used when the source ships no test split (digits): carved out before the pool split.
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    n_subjects: int = Field(100, ge=1)
+    test_fraction: Float = Field(0.2, gt=0.0, lt=1.0)
+    n_subjects: Int = Field(100, ge=1)
     # Cap on the training pool (stratified, seeded); null = everything.
-    subset: int | None = Field(None, ge=10)
+    subset: Int | None = Field(None, ge=10)
     # Resize every image to image_size x image_size at ingestion (Pillow, bilinear); null = keep
     # the source's size (a folder of differently sized images needs it).
-    image_size: int | None = Field(None, ge=4, le=1024)
+    image_size: Int | None = Field(None, ge=4, le=1024)
 
 
 # The built-in small ViT's architecture (what the digits and Fashion-MNIST demos train from
@@ -49,19 +56,19 @@ class BackboneParams(_Section):
     # scratch: train on the public split from random weights; finetune: load `checkpoint`, then
     # train on the public split; frozen: use `checkpoint` as is (LMEraser's setting).
     train: Literal["scratch", "finetune", "frozen"] = "scratch"
-    img_size: int = Field(16, ge=4, le=1024)
-    patch_size: int | None = Field(None, ge=1)
-    embed_dim: int | None = Field(None, ge=8)
-    depth: int | None = Field(None, ge=1, le=48)
-    num_heads: int | None = Field(None, ge=1)
-    mlp_ratio: float | None = Field(None, gt=0.0)
-    epochs: int = Field(100, ge=0)  # scratch and finetune
-    batch_size: int = Field(64, ge=1)  # training, and every whole-split pass over the backbone
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(0.05, ge=0.0)
+    img_size: Int = Field(16, ge=4, le=1024)
+    patch_size: Int | None = Field(None, ge=1)
+    embed_dim: Int | None = Field(None, ge=8)
+    depth: Int | None = Field(None, ge=1, le=48)
+    num_heads: Int | None = Field(None, ge=1)
+    mlp_ratio: Float | None = Field(None, gt=0.0)
+    epochs: Int = Field(100, ge=0)  # scratch and finetune
+    batch_size: Int = Field(64, ge=1)  # training, and every whole-split pass over the backbone
+    lr: Float = Field(2e-3, gt=0.0)
+    weight_decay: Float = Field(0.05, ge=0.0)
     # Torch threads for training the backbone and for every whole-split pass over it (features,
     # evaluation, membership inference). Recorded in backbone.json: it changes the float order.
-    threads: int = Field(2, ge=1, le=256)
+    threads: Int = Field(2, ge=1, le=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -90,10 +97,10 @@ class BackboneParams(_Section):
 
 class ClusteringParams(_Section):
     # K = clamp(round(n_private / target_cluster_size), min_clusters, max_clusters).
-    target_cluster_size: int = Field(60, ge=1)
-    min_clusters: int = Field(2, ge=1)
-    max_clusters: int = Field(64, ge=1)
-    niter: int = Field(25, ge=1)
+    target_cluster_size: Int = Field(60, ge=1)
+    min_clusters: Int = Field(2, ge=1)
+    max_clusters: Int = Field(64, ge=1)
+    niter: Int = Field(25, ge=1)
     # "public" keeps invariant 1 (a deletion never moves a prototype); "private" is allowed but
     # then every deletion rebuilds every cluster.
     fit_on: Literal["public", "private"] = "public"
@@ -108,33 +115,33 @@ class ClusteringParams(_Section):
 class _AdapterParams(_Section):
     """What every PEFT kind trains with; each kind has its own values, since what works differs."""
 
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.02, gt=0.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    epochs: Int = Field(30, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    lr: Float = Field(0.02, gt=0.0)
+    weight_decay: Float = Field(1e-4, ge=0.0)
 
 
 class PadParams(_AdapterParams):
     """A learnable pixel border added to the image (visual prompting, as in LMEraser)."""
 
-    width: int = Field(2, ge=1)
+    width: Int = Field(2, ge=1)
 
 
 class VptParams(_AdapterParams):
     """Learnable tokens after the class token (Visual Prompt Tuning), shallow or deep."""
 
-    num_tokens: int = Field(4, ge=1)
-    deep: bool = False
+    num_tokens: Int = Field(4, ge=1)
+    deep: Bool = False
 
 
 class LoraParams(_AdapterParams):
     """LoRA adapters (through `peft`) on the frozen backbone's linear layers named by `targets`."""
 
-    rank: int = Field(4, ge=1)
-    alpha: float = Field(8.0, gt=0.0)
+    rank: Int = Field(4, ge=1)
+    alpha: Float = Field(8.0, gt=0.0)
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     # At 0.02 LoRA on digits was seed-sensitive (0.958-0.986 test accuracy over five seeds).
-    lr: float = Field(0.005, gt=0.0)
+    lr: Float = Field(0.005, gt=0.0)
 
 
 AdapterParams = PadParams | VptParams | LoraParams
@@ -174,30 +181,30 @@ class InfluenceParams(_Section):
     # gauss_newton: J^T H_out J, positive semi-definite, its Jacobian formed once per request;
     # exact: the true Hessian, matrix-free (forward-over-reverse), may be indefinite.
     hessian: Literal["gauss_newton", "exact"] = "gauss_newton"
-    damping: float | None = Field(None, ge=0.0)  # None: chosen from power iterations
-    damping_ratio: float = Field(1e-3, ge=0.0)  # lambda = ratio * lambda_max (+ |lambda_min| if negative)
-    power_iterations: int = Field(8, ge=1)
-    cg_tol: float = Field(1e-6, gt=0.0)  # stop on ||r|| / ||b||
-    cg_max_iter: int = Field(200, ge=1)
-    newton_steps: int = Field(0, ge=0, le=3)  # damped Newton refinement on the edited objective
+    damping: Float | None = Field(None, ge=0.0)  # None: chosen from power iterations
+    damping_ratio: Float = Field(1e-3, ge=0.0)  # lambda = ratio * lambda_max (+ |lambda_min| if negative)
+    power_iterations: Int = Field(8, ge=1)
+    cg_tol: Float = Field(1e-6, gt=0.0)  # stop on ||r|| / ||b||
+    cg_max_iter: Int = Field(200, ge=1)
+    newton_steps: Int = Field(0, ge=0, le=3)  # damped Newton refinement on the edited objective
     # float32 answers about twice as fast; float64 for small parameter sets and tight tolerances.
     dtype: Literal["float32", "float64"] = "float32"
-    hessian_samples: int = Field(128, ge=1)  # fixed Hessian sample (first of a seeded permutation)
+    hessian_samples: Int = Field(128, ge=1)  # fixed Hessian sample (first of a seeded permutation)
     # Torch threads for the update (a latency path; the result is deterministic for a fixed count,
     # which the record states).
-    threads: int = Field(2, ge=1, le=256)
+    threads: Int = Field(2, ge=1, le=256)
 
 
 class EvaluateParams(_Section):
-    baselines: bool = True
-    batch_size: int = Field(256, ge=1)
+    baselines: Bool = True
+    batch_size: Int = Field(256, ge=1)
 
 
 class RuntimeParams(_Section):
     # Intra-op threads per training: part of every artifact key, because it changes the bits.
-    threads: int = Field(1, ge=1, le=256)
+    threads: Int = Field(1, ge=1, le=256)
     # Clusters trained concurrently (Prefect mapped tasks): threads, or Dask worker processes.
-    workers: int = Field(2, ge=1, le=256)
+    workers: Int = Field(2, ge=1, le=256)
     # threads: clusters train in threads of the stage's process. dask: through prefect-dask's
     # DaskTaskRunner, on a local cluster of `workers` processes or on the cluster at
     # `dask_address`; workers read the backbone and their members from the workspace (a
@@ -220,22 +227,22 @@ class RuntimeParams(_Section):
 class RequestsParams(_Section):
     # GDPR Art. 12(3): answer a request "without undue delay and in any event within one month of
     # receipt"; `lmeraser requests` flags requests due within `warn_days` and overdue ones.
-    deadline_months: int = Field(1, ge=1, le=3)
-    warn_days: int = Field(7, ge=0, le=90)
+    deadline_months: Int = Field(1, ge=1, le=3)
+    warn_days: Int = Field(7, ge=0, le=90)
 
 
 class ServiceParams(_Section):
     # `lmeraser serve`: its worker starts an exact batch once the oldest pending request has waited
     # `batch_window_s` (so requests arriving together share one rebuild) or `max_batch` are pending;
     # a batch takes at most `max_batch` requests, the rest wait for the next.
-    batch_window_s: float = Field(10.0, ge=0, le=86400)
-    max_batch: int = Field(100, ge=1, le=100_000)
+    batch_window_s: Float = Field(10.0, ge=0, le=86400)
+    max_batch: Int = Field(100, ge=1, le=100_000)
     # The largest request body accepted (a corrected image upload included), in MiB.
-    max_body_mib: int = Field(16, ge=1, le=1024)
+    max_body_mib: Int = Field(16, ge=1, le=1024)
 
 
 class Params(_Section):
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: Int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
     clustering: ClusteringParams = ClusteringParams()
@@ -249,12 +256,12 @@ class Params(_Section):
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    key = shown(".".join(str(part) for part in first["loc"]) or "(top level)")
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'."
     if "input" in first and first["type"] != "value_error":
-        return f"{source}: key '{key}' {message.lower()} (got {first['input']!r})."
+        return f"{source}: key '{key}' {message.lower()} (got {shown(repr(first['input']))})."
     return f"{source}: {message.removeprefix('Value error, ')}."
 
 
@@ -265,18 +272,50 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise ConfigError(_describe(error, source)) from None
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: no anchors or aliases (a few lines of them expand to
+    billions of nodes), no key given twice (the second would silently win), and `1e-3` read as the
+    number it is (YAML 1.2; PyYAML's 1.1 rules make it a string)."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not allowed; write every value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _Refused(f"line {key_node.start_mark.line + 1}: key {shown(repr(key))} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+class _Refused(Exception):
+    """A params file construct we refuse; the message is the sentence's tail."""
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     from lmeraser.io import read_input_text
 
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found; run from the repository root or pass --params.")
     try:
-        raw = yaml.safe_load(read_input_text(path, "params file", 1 << 20))
+        if not path.exists():
+            raise ConfigError(f"{shown(path, 200)}: file not found; run from the repository root or pass --params.")
+        raw = yaml.load(read_input_text(path, "params file", 1 << 20), Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader
     except LmeraserError as error:
         raise ConfigError(str(error)) from None
+    except _Refused as error:
+        raise ConfigError(f"{path}: {error}.") from None
     except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}).") from None
+    except OSError as error:  # a name too long, a /proc file that refuses reads, ...
+        raise ConfigError(f"{shown(path, 200)}: the params file cannot be read ({error.strerror or error.__class__.__name__}).") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections.")
     return parse_params(raw, str(path))

@@ -53,6 +53,14 @@ def test_presets_carry_what_the_benchmarks_used_to_hard_code():
         ({"backbone": {"train": "frozen"}}, "backbone.train frozen needs backbone.checkpoint"),
         ({"backbone": {"train": "finetune"}}, "backbone.train finetune needs backbone.checkpoint"),
         ({"data": {"image_size": 2}}, "data.image_size"),
+        # Strict numbers (issue 21): no bool for an int, no float for an int, nothing infinite.
+        ({"backbone": {"epochs": True}}, "backbone.epochs"),
+        ({"seed": 1.0}, "seed"),
+        ({"backbone": {"lr": float("inf")}}, "backbone.lr"),
+        ({"prompt": {"pad": {"lr": float("nan")}}}, "prompt.pad.lr"),
+        ({"influence": {"damping": True}}, "influence.damping"),
+        ({"prompt": {"pad": {"lr": "0.1"}}}, "prompt.pad.lr"),
+        ({"evaluate": {"baselines": 1}}, "evaluate.baselines"),
     ],
 )
 def test_bad_values_name_the_key(raw, needle):
@@ -85,3 +93,24 @@ def test_a_timm_model_takes_none_of_the_built_in_architecture_keys():
         {"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32, "patch_size": None}}
     )
     assert spelled == named
+
+
+def test_yaml_numbers_read_as_written_and_nothing_else(tmp_path):
+    """`1e-3` is a number (YAML 1.2; PyYAML alone reads it as a string), `1e400` is infinite and
+    refused, an integer is a valid real; aliases and repeated keys are refused in one sentence."""
+    path = tmp_path / "params.yaml"
+    path.write_text("backbone:\n  lr: 1e-3\n  weight_decay: 0\nprompt:\n  pad:\n    lr: 2E-2\n")
+    params = load_params(path)
+    assert params.backbone.lr == 0.001 and params.prompt.pad.lr == 0.02 and params.backbone.weight_decay == 0.0
+    for text, needle in [
+        ("backbone:\n  lr: 1e400\n", "key 'backbone.lr' input should be a finite number (got inf)"),
+        ("backbone:\n  lr: .inf\n", "backbone.lr"),
+        ("backbone:\n  epochs: true\n", "key 'backbone.epochs' input should be a valid integer (got True)"),
+        ("seed: 1\nseed: 2\n", "line 2: key 'seed' is given twice"),
+        ("seed: &s 3\nbackbone:\n  epochs: *s\n", "line 1: YAML anchors and aliases (&, *) are not allowed"),
+        ("backbone: &b {epochs: 3}\n", "anchors and aliases"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as refused:
+            load_params(path)
+        assert needle in str(refused.value) and str(refused.value).startswith(str(path)), refused.value
