@@ -276,3 +276,67 @@ def test_the_pickled_cifar_distribution_is_refused(tmp_path):
     (tmp_path / "bin").mkdir()
     with pytest.raises(DataError, match="missing data_batch_1.bin"):
         load_source(f"cifar10:{tmp_path / 'bin'}")
+
+
+# -- issue 21: every source file regular and bounded, labels bounded ---------------------------
+
+
+def _within(seconds: int, call):
+    """`call()`, failing the test instead of hanging when it blocks (a FIFO nobody writes to)."""
+    import signal
+
+    def hung(*_):
+        raise AssertionError(f"no answer in {seconds} s: the reader blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        return call()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_an_idx_file_that_is_no_regular_file_is_refused_without_reading(tmp_path, kind):
+    import os
+
+    directory = make_idx_dir(tmp_path / "idx", gz=False)
+    images = directory / "train-images-idx3-ubyte"
+    images.unlink()
+    if kind == "fifo":
+        os.mkfifo(images)
+    elif kind == "dev-zero":
+        images.symlink_to("/dev/zero")
+    else:
+        images.mkdir()
+    with pytest.raises(DataError) as refused:
+        _within(20, lambda: load_source(f"idx:{directory}"))
+    assert str(refused.value) == f"{images}: IDX file is not a regular file (a directory, FIFO or device)."
+
+
+def test_a_subjects_file_that_is_a_fifo_is_refused(tmp_path):
+    import os
+
+    directory = make_idx_dir(tmp_path / "idx")
+    os.mkfifo(directory / "subjects.csv")
+    with pytest.raises(DataError, match="subjects.csv: subjects file is not a regular file"):
+        _within(20, lambda: load_source(f"idx:{directory}"))
+
+
+def test_labels_are_bounded_class_indices(tmp_path):
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.savez(tmp_path / "huge.npz", x_train=images, y_train=np.array([0, 1, 2**40]))
+    with pytest.raises(DataError) as refused:
+        load_source(f"npz:{tmp_path / 'huge.npz'}")
+    assert str(refused.value) == f"{tmp_path / 'huge.npz'}:y_train: label {2**40} is too large; labels are class indices below {sources.MAX_CLASSES}."
+    np.savez(tmp_path / "fine.npz", x_train=images, y_train=np.array([0, 1, sources.MAX_CLASSES - 1]))
+    assert load_source(f"npz:{tmp_path / 'fine.npz'}").train_labels.max() == sources.MAX_CLASSES - 1
+
+
+@pytest.mark.parametrize("spec", ["npz:", "idx:", "folder:", "cifar10:"])
+def test_a_source_path_too_long_for_the_system_is_one_sentence(spec):
+    with pytest.raises(DataError) as refused:
+        load_source(spec + "/" + "a" * 5000)
+    message = str(refused.value)
+    assert "\n" not in message and len(message) < 300 and "not found" in message

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import zipfile
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmeraser.errors import DataError
+from lmeraser.errors import DataError, LmeraserError, shown
 
 FASHION_MNIST_DIR = Path(os.environ.get("LMERASER_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # md5 of each .gz as published in the Fashion-MNIST README (the upstream download files).
@@ -36,6 +37,40 @@ FASHION_MNIST_PAYLOAD_MD5 = {
     "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
 }
 SOURCE_HELP = "digits, fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR"
+# Every source file is read whole, so each is bounded: a data file (IDX, npz, CIFAR batch) and what
+# it decompresses to at most MAX_DATA_FILE bytes, an image or a subjects.csv at most MAX_SMALL_FILE.
+MAX_DATA_FILE = 4 << 30
+MAX_SMALL_FILE = 64 << 20
+# Labels are class indices below MAX_CLASSES (a classifier head has one output per class).
+MAX_CLASSES = 100_000
+
+
+def read_source_file(path: Path, what: str, limit: int = MAX_DATA_FILE) -> bytes:
+    """A source file's bytes: a regular file of at most `limit` bytes (a FIFO, device, directory,
+    a name the system refuses or an unreadable file is one sentence naming it)."""
+    from lmeraser.io import read_input_bytes
+
+    try:
+        return read_input_bytes(path, what, limit)
+    except LmeraserError as error:
+        raise DataError(str(error)) from None
+    except OSError as error:
+        raise DataError(f"{shown(path, 200)}: {what} cannot be read ({error.strerror or error.__class__.__name__}).") from None
+
+
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, False for a name the system refuses (too long, ...) instead of an OSError."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -101,12 +136,15 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (optionally gzipped), refusing bad magic numbers and truncation."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise DataError(f"{path}: unreadable or truncated gzip stream ({error}).") from None
+    raw = read_source_file(path, "IDX file")
+    if path.suffix == ".gz":
+        try:
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+                raw = stream.read(MAX_DATA_FILE + 1)
+        except (OSError, EOFError, gzip.BadGzipFile) as error:
+            raise DataError(f"{path}: unreadable or truncated gzip stream ({error}).") from None
+        if len(raw) > MAX_DATA_FILE:
+            raise DataError(f"{path}: decompresses to more than {MAX_DATA_FILE} bytes, the limit for a data file.")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number).")
     ndim = raw[3]
@@ -125,7 +163,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _find(directory: Path, stem: str) -> Path | None:
     for name in (f"{stem}.gz", stem):
-        if (directory / name).exists():
+        if _exists(directory / name):
             return directory / name
     return None
 
@@ -143,8 +181,8 @@ def _idx_pair(directory: Path, prefix: str, required: bool) -> tuple[np.ndarray,
 
 
 def load_idx_dir(directory: Path) -> RawDataset:
-    if not directory.is_dir():
-        raise DataError(f"{directory}: IDX source directory not found.")
+    if not _is_dir(directory):
+        raise DataError(f"{shown(directory, 200)}: IDX source directory not found.")
     train = _idx_pair(directory, "train", required=True)
     test = _idx_pair(directory, "t10k", required=False)
     assert train is not None
@@ -172,8 +210,9 @@ def _subjects_table(path: Path, columns: tuple[str, ...]):
     """A `subjects.csv` as strings, refused in one sentence when unreadable or missing a column."""
     import pandas as pd
 
+    raw = read_source_file(path, "subjects file", MAX_SMALL_FILE)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: unreadable CSV ({error.__class__.__name__}).") from None
     for column in columns:
@@ -193,7 +232,7 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
     if missing:
         raise DataError(f"Fashion-MNIST not found in {directory} (missing {missing[0]}); install it with 'apt-get install dataset-fashion-mnist'.")
     for name, expected in FASHION_MNIST_MD5.items():
-        raw = (directory / name).read_bytes()
+        raw = read_source_file(directory / name, "Fashion-MNIST file")
         if hashlib.md5(raw).hexdigest() == expected:
             continue
         try:
@@ -217,8 +256,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 def _read_image(path: Path) -> tuple[np.ndarray, str]:
     from PIL import Image
 
+    raw = read_source_file(path, "image", MAX_SMALL_FILE)
     try:
-        with Image.open(path) as picture:
+        with Image.open(io.BytesIO(raw)) as picture:
             picture.load()
             return np.asarray(picture.convert("L") if picture.mode in ("L", "1") else picture.convert("RGB")), picture.mode
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -264,8 +304,8 @@ def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
     give grey data; otherwise every image is read as RGB (a grey one repeated over the channels,
     alpha dropped). Optional `DIR/subjects.csv` with columns `file` (relative to DIR) and
     `subject_id`, a row for every training image."""
-    if not directory.is_dir():
-        raise DataError(f"{directory}: image folder not found.")
+    if not _is_dir(directory):
+        raise DataError(f"{shown(directory, 200)}: image folder not found.")
     train_dir = directory / "train" if (directory / "train").is_dir() else directory
     files, labels, classes = _class_tree(train_dir, None)
     test_files, test_labels = [], []
@@ -311,7 +351,7 @@ _CIFAR = {
 
 def _cifar_records(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     record = label_bytes + 3072
-    raw = path.read_bytes()
+    raw = read_source_file(path, "CIFAR batch file")
     if len(raw) == 0 or len(raw) % record:
         raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated or not CIFAR binary.")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
@@ -324,10 +364,10 @@ def load_cifar(directory: Path, classes: int) -> RawDataset:
     """`cifar10:DIR` / `cifar100:DIR`: the official *binary* distribution (DIR is the extracted
     folder or its parent), never the pickled Python one, which is refused."""
     spec = _CIFAR[classes]
-    if (directory / spec["folder"]).is_dir():
+    if _is_dir(directory / spec["folder"]):
         directory = directory / spec["folder"]
-    if not directory.is_dir():
-        raise DataError(f"{directory}: CIFAR-{classes} folder not found.")
+    if not _is_dir(directory):
+        raise DataError(f"{shown(directory, 200)}: CIFAR-{classes} folder not found.")
     if (directory / "data_batch_1").exists() or (directory / "train").is_file() and not (directory / "train.bin").exists():
         raise DataError(
             f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; use the binary version ({spec['folder']})."
@@ -349,13 +389,18 @@ _NPZ_KEYS = (("x_train", "y_train"), ("images", "labels"))
 
 
 def load_npz(path: Path) -> RawDataset:
-    if not path.is_file():
-        raise DataError(f"{path}: npz file not found.")
+    if not _exists(path):
+        raise DataError(f"{shown(path, 200)}: npz file not found.")
+    raw = read_source_file(path, "npz file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            # A zip member's declared size bounds what reading it allocates (a zip bomb is refused).
+            unpacked = sum(info.file_size for info in archive.zip.infolist())
+            if unpacked > MAX_DATA_FILE:
+                raise DataError(f"{shown(path, 200)}: its arrays unpack to {unpacked} bytes, over the limit of {MAX_DATA_FILE} for a data file.")
             arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        raise DataError(f"{path}: unreadable or truncated npz ({error}).") from None
+        raise DataError(f"{shown(path, 200)}: unreadable or truncated npz ({shown(error, 200)}).") from None
     for image_key, label_key in _NPZ_KEYS:
         if image_key in arrays:
             if label_key not in arrays:
@@ -390,4 +435,6 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, images_name: str, labe
         images = images.astype(np.uint8)
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"{labels_name}: labels must be non-negative integers (dtype {labels.dtype}).")
+    if labels.max() >= MAX_CLASSES:
+        raise DataError(f"{labels_name}: label {int(labels.max())} is too large; labels are class indices below {MAX_CLASSES}.")
     return np.ascontiguousarray(images), labels.astype(np.int64)
