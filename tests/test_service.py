@@ -145,6 +145,11 @@ def test_a_forget_request_is_journaled_and_its_status_served(service):
         ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"]}, {"kind": "forget"}]}, 422, "requests[1]"),
         ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"], "input": "/etc/passwd"}]}, 422, "requests[0].input"),
         ([1, 2], 422, "JSON object"),
+        # Strict types (issue 21): a label is an integer, never a bool or a float.
+        ({"kind": "rectify", "sample_ids": ["PRIVATE"], "label": True}, 422, "label: Input should be a valid integer"),
+        ({"kind": "rectify", "sample_ids": ["PRIVATE"], "label": 1.0}, 422, "label: Input should be a valid integer"),
+        ({"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": True}]}, 422, "requests[0].label: an integer is expected, not true"),
+        ({"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": 2.0}]}, 422, "requests[0].label: an integer is expected, not 2.0"),
     ],
 )
 def test_a_bad_request_gets_one_error_naming_the_field_and_nothing_is_journaled(service, body, status, names):
@@ -186,6 +191,61 @@ def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypat
         assert answer.status_code == 413 and "(1 MiB)" in answer.json()["error"]
     finally:
         served.stop()
+
+
+def test_a_chunked_body_is_held_to_the_limit_whatever_content_length_says(trained_workspace, tmp_path, monkeypatch):
+    """`Content-Length: 10` with `Transfer-Encoding: chunked`: the body actually read is counted,
+    and the service answers 413 once it passes the limit, without waiting for (or reading) the rest."""
+    import socket
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    params = yaml.safe_load(ws.params_file.read_text())
+    params["service"] = {**params.get("service", {}), "max_body_mib": 1}
+    ws.params_file.write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json")))
+    token = api_token(ws)
+    served = Served(create_app(ws, token, log=lambda m: None))
+    answer = bytearray()
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+            head = (
+                "POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            sock.sendall(head.encode())
+            chunk = b"%x\r\n" % (64 << 10) + b" " * (64 << 10) + b"\r\n"
+            try:
+                for _ in range(20):  # 1.25 MiB, and the body is never finished (no last chunk)
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # the service closed the connection after answering: the rest was never read
+            try:
+                while block := sock.recv(65536):
+                    answer += block
+            except OSError:
+                pass
+    finally:
+        served.stop()
+    status = answer.split(b"\r\n", 1)[0]
+    assert status == b"HTTP/1.1 413 Request Entity Too Large", bytes(answer[:300])
+    assert b"service.max_body_mib (1 MiB)" in answer
+
+
+def test_predict_refuses_pixels_that_are_not_integers(service):
+    ws, client, _ = service
+    shape = tuple(ws.source_info()["image_shape"])
+    image = np.full(shape, 7, dtype=np.int64).tolist()
+    assert client.post("/v1/predict", json={"images": [image]}).status_code == 200
+    for bad, shown_as in [(7.9, "7.9"), (True, "true"), ("7", '"7"'), (256, "256")]:
+        broken = np.full(shape, 7, dtype=np.int64).tolist()
+        broken[1][2] = bad
+        answer = client.post("/v1/predict", json={"images": [image, broken]})
+        assert answer.status_code == 422, (bad, answer.text)
+        assert answer.json()["error"] == f"images[1][1][2]: pixels must be integers in 0..255, not {shown_as}.", answer.text
+    answer = client.post("/v1/predict", json={"images": [[1, 2, 3]]})
+    assert answer.status_code == 422 and "a list is expected here" in answer.json()["error"], answer.text
 
 
 def test_a_rectify_request_takes_its_image_as_an_upload_copied_into_the_workspace(service):
@@ -304,6 +364,7 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
         [str(BIN / "lmeraser"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
         cwd=root,
         start_new_session=True,
+        stdout=subprocess.PIPE,  # uvicorn's access log
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -317,6 +378,8 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
                 assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
                 time.sleep(0.3)
         assert health.json()["worker"] is None
+        # A token in the query string is refused and never written to the access log (issue 21).
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/requests?token=QUERYSECRET0123&sample=s42", timeout=30).status_code == 401
         sid = Workspace(root).manifest("private")["sample_id"][0]
         done = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, cwd=root)
         assert done.returncode == 0 and "accepted req-" in done.stdout and "state received" in done.stdout, done.stderr
@@ -334,6 +397,8 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-    assert "t" * 32 not in proc.stderr.read()  # the token is never logged
+    log = proc.stderr.read() + proc.stdout.read()
+    assert "t" * 32 not in log  # the token is never logged
+    assert '"GET /v1/requests HTTP/1.1" 401' in log and "QUERYSECRET0123" not in log and "s42" not in log, log[-2000:]
     gone = lmeraser_cli("requests", "--server", f"http://127.0.0.1:{port}", cwd=root)
     assert gone.returncode == 1 and "cannot be reached" in gone.stderr and len(gone.stderr.strip().splitlines()) == 1

@@ -2,7 +2,10 @@
 
 Every endpoint but `/v1/health` needs the bearer token (401 otherwise, before anything else is
 looked at, so unknown paths cannot be probed). A POST needs a Content-Length no larger than
-`service.max_body_mib`. Requests go through the same validation and journal as the CLI
+`service.max_body_mib`, and the body actually read is held to that limit too (413 as soon as it
+is passed, whatever the headers said, chunked or not). Fields are typed strictly: a label is an
+integer (not `true`, not 3.0), pixels are integers 0..255 (a float is refused, never truncated).
+The access log names the path only: a query string (which may carry a secret) is never logged. Requests go through the same validation and journal as the CLI
 (`unlearning.requests.submit`); a corrected image comes as a multipart upload (bytes, checked and
 copied into the workspace), never as a path, so no request reads or writes outside the workspace.
 
@@ -19,14 +22,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -58,7 +62,7 @@ class RequestBody(BaseModel):
     kind: Literal["forget", "rectify"] = "forget"
     sample_ids: list[str] = Field(default=[], max_length=MAX_IDS)
     subjects: list[str] = Field(default=[], max_length=MAX_IDS)
-    label: int | None = None
+    label: Annotated[int, Strict()] | None = None
     method: Literal["exact", "influence"] = "exact"
 
 
@@ -123,6 +127,8 @@ def _specs(body, has_image: bool) -> tuple[list[RequestSpec], str]:
                 field=f"{where}{bad}",
             )
         fields = dict(item) if isinstance(item, dict) else item
+        if isinstance(fields, dict) and fields.get("label") is not None and type(fields["label"]) is not int:
+            raise _Fail(422, f"{where}label: an integer is expected, not {shown(json.dumps(fields['label']))}.", field=f"{where}label")
         if has_image and isinstance(fields, dict):
             fields["input"] = UPLOAD_NAME
         try:
@@ -199,7 +205,17 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
         if not isinstance(body, dict) or set(body) != {"images"}:
             raise _Fail(422, 'body: {"images": [[...], ...]} is expected (or a .npy file as application/x-npy).')
         try:
-            images = np.asarray(body["images"], dtype=np.int64)
+            pixels = _pixel_lists(len(shape) + 1).validate_python(body["images"])
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = "".join(f"[{p}]" for p in first["loc"])
+            if first["type"] == "list_type":
+                expected = f"shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected"
+                raise _Fail(422, f"images{where}: a list is expected here (images of {expected}).", field=f"images{where}") from None
+            found = shown(json.dumps(first["input"]), 40)
+            raise _Fail(422, f"images{where}: pixels must be integers in 0..255, not {found}.", field=f"images{where}") from None
+        try:
+            images = np.asarray(pixels, dtype=np.int64)
         except (ValueError, TypeError, OverflowError):
             raise _Fail(422, "images: a list of equally shaped arrays of integers is expected.", field="images") from None
         if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape or not 0 < len(images) <= MAX_PREDICT:
@@ -207,6 +223,67 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
     if images.min() < 0 or images.max() > 255:
         raise _Fail(422, "images: pixels must be integers in 0..255.", field="images")
     return images.astype(np.uint8)
+
+
+_PIXEL = Annotated[int, Strict(), Field(ge=0, le=255)]
+_PIXEL_LISTS: dict[int, TypeAdapter] = {}
+
+
+def _pixel_lists(depth: int) -> TypeAdapter:
+    """Nested lists `depth` deep of pixels: strict integers 0..255 (no float, bool or string)."""
+    if depth not in _PIXEL_LISTS:
+        kind = _PIXEL
+        for _ in range(depth):
+            kind = list[kind]
+        _PIXEL_LISTS[depth] = TypeAdapter(kind)
+    return _PIXEL_LISTS[depth]
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body is counted as it is read, and reading it past `limit` bytes
+    answers 413 at once, whatever Content-Length or Transfer-Encoding claimed."""
+
+    def __init__(self, app, limit: int, mib: int):
+        self.app, self.limit, self.mib = app, limit, mib
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        read = 0
+
+        async def counted():
+            nonlocal read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                if read > self.limit:
+                    raise _Fail(413, f"request body larger than service.max_body_mib ({self.mib} MiB).")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class _PathOnly(logging.Filter):
+    """uvicorn's access log with the path only: the query string is dropped (a client may have put
+    a token or an id in it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def access_log_config() -> dict:
+    """uvicorn's logging configuration with the query string kept out of its access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["path_only"] = {"()": _PathOnly}
+    config["handlers"]["access"]["filters"] = ["path_only"]
+    return config
 
 
 def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log=print) -> FastAPI:
@@ -225,6 +302,7 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="lmeraser", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(_BodyLimit, limit=limit, mib=params.service.max_body_mib)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -235,12 +313,13 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             if length is None:
                 return _error(411, "a request body needs a Content-Length header.")
             if not length.isdigit() or int(length) > limit:
-                return _error(413, f"request body larger than service.max_body_mib ({params.service.max_body_mib} MiB).")
+                return _error(413, f"request body larger than service.max_body_mib ({params.service.max_body_mib} MiB).", headers={"Connection": "close"})
         return await call_next(request)
 
     @app.exception_handler(_Fail)
     async def _on_fail(request: Request, error: _Fail):
-        return _error(error.status, error.message, **error.extra)
+        # A body over the limit is not read further: the connection closes after the answer.
+        return _error(error.status, error.message, headers={"Connection": "close"} if error.status == 413 else None, **error.extra)
 
     @app.exception_handler(LmeraserError)
     async def _on_refused(request: Request, error: LmeraserError):
@@ -386,4 +465,4 @@ def serve(ws: Workspace, host: str, port: int, token: str, git_commit: bool = Tr
     params = load_params(ws.params_file)
     batch_worker = BatchWorker(ws, params.service, run_unlearn_flow(ws, git_commit), log) if worker else None
     app = create_app(ws, token, batch_worker, log)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=True, log_config=access_log_config())
