@@ -47,6 +47,28 @@ def image_channels(image_shape) -> int:
     return 1 if len(image_shape) == 2 else int(image_shape[2])
 
 
+SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def check_root(root: Path) -> None:
+    """A workspace root is a directory (or not yet made) outside the kernel's trees (/proc, /sys,
+    /dev); anything else is one sentence."""
+    from lmeraser.errors import shown
+
+    try:
+        resolved = root.resolve()
+        is_file = root.exists() and not root.is_dir()
+    except (OSError, RuntimeError) as error:  # a name too long, a symlink loop, ...
+        raise LmeraserError(
+            f"{shown(root, 200)}: cannot be used as the workspace root ({getattr(error, 'strerror', None) or error.__class__.__name__})."
+        ) from None
+    for tree in SYSTEM_TREES:
+        if resolved == tree or tree in resolved.parents:
+            raise LmeraserError(f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); pass a directory with --root.")
+    if is_file:
+        raise LmeraserError(f"{shown(root, 200)}: the workspace root is not a directory; pass a directory with --root.")
+
+
 @dataclass(frozen=True)
 class Workspace:
     """One workspace: the repository root a pipeline runs in, and the params file it uses."""
@@ -56,6 +78,7 @@ class Workspace:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        check_root(self.root)
         params = Path(self.params_file) if self.params_file is not None else self.root / "params.yaml"
         object.__setattr__(self, "params_file", params)
 
