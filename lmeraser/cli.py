@@ -53,13 +53,13 @@ _settings: dict[str, bool] = {"debug": False}
 
 
 def _width(stream) -> int | None:
-    """A terminal's own width; piped or redirected output is never cut (Rich's default is 80
-    columns), unless $COLUMNS says otherwise."""
+    """A terminal's own width (or $COLUMNS); piped or redirected output is never cut (Rich's
+    default there is 80 columns, or $COLUMNS, which shells and test runners often leave at 80)."""
     try:
         terminal = stream.isatty()
     except (AttributeError, ValueError):
         terminal = False
-    return None if terminal or os.environ.get("COLUMNS") else 100_000
+    return None if terminal else 100_000
 
 
 console = Console(soft_wrap=True, width=_width(sys.stdout))
@@ -788,6 +788,10 @@ def serve_cmd(
     from lmeraser.service.auth import api_token, token_source
     from lmeraser.unlearning.exact import rebuild_params
 
+    # SIGTERM: uvicorn shuts down gracefully, then raises the signal again; here that (or a SIGTERM
+    # before uvicorn runs) is a normal exit: atexit handlers run, and the Prefect server this
+    # service started stops with it, instead of a kill that leaves it orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # Absolute: the worker runs DVC from the workspace root (a process-wide cwd change) while
     # other threads answer requests.
     ws = _workspace(root.resolve(), params_file)
@@ -802,9 +806,6 @@ def serve_cmd(
 
         _prefect(ws)
         prefect_server.release_on_exit()  # the server this service started stops with it
-    # SIGTERM: uvicorn shuts down gracefully, then raises the signal again; here that is a normal
-    # exit (atexit handlers run: the Prefect server it started stops), not a kill that orphans it.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from lmeraser.service.app import serve
 
     err.print(f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}", highlight=False)

@@ -290,6 +290,16 @@ def _start(root: Path, timeout: float, say) -> str:
     _started.append(proc)  # never reaped here: it outlives this process
     _write_state(root, {"url": url, "pid": proc.pid, "started_at": time.time(), "root": str(root)})
     say(f"started the workspace's Prefect server at {url} (PID {proc.pid}; stops after {idle_timeout():.0f} s idle, or `lmeraser prefect stop`)")
+    try:
+        return _wait_until_healthy(root, proc, url, timeout)
+    except BaseException:  # a failed start, or this process interrupted (SIGTERM, Ctrl-C): none left behind
+        _terminate(proc.pid)
+        _remove_state(root, proc.pid)
+        raise
+
+
+def _wait_until_healthy(root: Path, proc: subprocess.Popen, url: str, timeout: float) -> str:
+    directory = state_dir(root)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -301,10 +311,8 @@ def _start(root: Path, timeout: float, say) -> str:
         if healthy(url, timeout=min(15.0, max(1.0, deadline - time.monotonic()))):
             return url
         time.sleep(0.2)
-    _terminate(proc.pid)
-    _remove_state(root, proc.pid)
     raise PrefectServerError(
-        f"the workspace's Prefect server did not answer within {timeout:.0f} s (the machine may be overloaded): "
+        f"the workspace's Prefect server did not answer within {timeout:g} s (the machine may be overloaded): "
         f"run the command again with a longer ${START_TIMEOUT_ENV} (seconds), or start one yourself (`prefect server start`) and set PREFECT_API_URL."
     )
 
