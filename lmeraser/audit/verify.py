@@ -66,6 +66,9 @@ def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
     chain = log.chain(key)
     if not chain.records:
         raise LmeraserError(f"{log.path}: no lineage records.")
+    for record, signer in zip(chain.records, chain.signed_by, strict=True):
+        if record.predicate.get("signer", signer) != signer:
+            raise LmeraserError(f"{log.path} record {record.number}: states signer {shown(record.predicate['signer'])}, not {signer}.")
     _check_pin(ws, chain)
     _check_git_history(ws, chain)
     _check_journal(ws, chain.records)

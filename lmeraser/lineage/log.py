@@ -73,6 +73,7 @@ class Chain:
     signers: list[str]
     current: Ed25519PublicKey
     head: Head | None
+    signed_by: list[str]  # per record, the key id whose signature verified it
 
 
 class LineageLog:
@@ -203,10 +204,11 @@ class LineageLog:
         lines = self._lines()
         signer = self._first_signer(lines, trusted)
         signers, after = [key_id(signer)], [signer]  # after[n]: the signer once record n is in
-        records, previous = [], GENESIS
+        records, previous, signed_by = [], GENESIS, []
         for number, line in enumerate(lines, start=1):
             where = f"{self.path} record {number}"
             stmt = _open(line, signer, where)
+            signed_by.append(key_id(signer))
             predicate = stmt["predicate"]
             if predicate.get("sequence") != number:
                 raise LmeraserError(
@@ -216,8 +218,6 @@ class LineageLog:
                 raise LmeraserError(f"{where}: previous-record hash does not match record {number - 1} (records were removed, reordered or altered).")
             if not isinstance(stmt.get("subject"), list) or not all(_is_subject(s) for s in stmt["subject"]):
                 raise LmeraserError(f"{where}: malformed subjects (the record was altered).")
-            if predicate.get("signer", key_id(signer)) != key_id(signer):
-                raise LmeraserError(f"{where}: states signer {str(predicate['signer'])[:80]}, not {key_id(signer)}, the log's signer at that record.")
             previous = hashlib.sha256(line).hexdigest()
             record = Record(number, previous, stmt)
             if record.is_rotation:
@@ -230,7 +230,7 @@ class LineageLog:
                 f"{self.path}: the trusted key {key_id(trusted)} is none of the log's signers ({', '.join(signers)}): the log was re-signed by another key."
             )
         head = self._checked_head(records, after, signers)
-        return Chain(records, signers, signer, head)
+        return Chain(records, signers, signer, head, signed_by)
 
     def _first_signer(self, lines: list[bytes], trusted: Ed25519PublicKey) -> Ed25519PublicKey:
         """The key that signed record 1: the old key the first rotation names, else `trusted`. Taken
