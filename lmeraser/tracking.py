@@ -3,20 +3,37 @@
 Defaults to a SQLite backend (`mlflow.db`) and a local artifact root (`mlartifacts/`) in the
 workspace; `MLFLOW_TRACKING_URI` points it at any tracking server instead. MLflow is imported
 lazily so the core library never depends on it.
+
+The default store belongs to its workspace (`ensure_store`):
+- it is created and migrated in a temporary file beside `mlflow.db` and linked into place only
+  once complete, so a process killed while MLflow creates it leaves no half-made store (the
+  temporary file of a dead creator is removed by the next one); a half-made store left by an
+  earlier version (schema not at MLflow's head, nothing logged in it) is rebuilt;
+- the absolute artifact locations MLflow records (experiments, runs, logged models, model
+  versions) are checked against the workspace: in a copied or moved workspace, those pointing into
+  the old workspace's `mlartifacts/` are rewritten to this one's, so the copy never logs into, nor
+  purges from, the original. A store elsewhere is used only when `MLFLOW_TRACKING_URI` says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import sqlite3
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from lmeraser.errors import LmeraserError, shown
+from lmeraser.failpoints import failpoint
 from lmeraser.workspace import Workspace
 
 EXPERIMENT = "lmeraser"
@@ -40,10 +57,177 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+# Every column where MLflow records an artifact location (absolute: a file:// URI or a path).
+LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+# Rows that mean a store holds something (the Default experiment, id 0, is made with the store).
+_CONTENT_QUERIES = (
+    "SELECT 1 FROM runs LIMIT 1",
+    "SELECT 1 FROM registered_models LIMIT 1",
+    "SELECT 1 FROM model_versions LIMIT 1",
+    "SELECT 1 FROM logged_models LIMIT 1",
+    "SELECT 1 FROM experiments WHERE experiment_id != 0 LIMIT 1",
+)
+
+
+def ensure_store(ws: Workspace, create: bool = True) -> None:
+    """Make the workspace's default store usable before MLflow opens it: remove what a killed
+    creator left, rebuild a half-made store, create a missing one (when `create`) atomically,
+    and point artifact locations recorded for a copied workspace's original at this workspace.
+    Nothing to do when `MLFLOW_TRACKING_URI` names another store."""
+    if tracking_uri(ws) != default_tracking_uri(ws):
+        return
+    db = ws.mlflow_db
+    _remove_unfinished_stores(db)
+    if db.exists() and not _complete(db):
+        for path in _sqlite_files(db):
+            path.unlink(missing_ok=True)
+    if not db.exists():
+        if not create:
+            return
+        _create_store(ws)
+    _relocate(ws)
+
+
+def _sqlite_files(db: Path) -> list[Path]:
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-journal", "-wal", "-shm"))]
+
+
+def _remove_unfinished_stores(db: Path) -> None:
+    """Delete the temporary stores (`.mlflow.db.<pid>.<random>.tmp`, and their SQLite journals)
+    of creators that are no longer running."""
+    for tmp in db.parent.glob(f".{db.name}.*.tmp"):
+        pid = tmp.name[len(db.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            for path in _sqlite_files(tmp):
+                path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@functools.cache
+def _head_revision() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _complete(db: Path) -> bool:
+    """Whether `db` is a complete store (schema at MLflow's head). A store not at the head that
+    holds nothing is half-made (False); one that holds runs or models is refused in one sentence:
+    it needs MLflow's own upgrade, never a rebuild."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+            version = version[0] if version else None
+            if version == _head_revision():
+                return True
+            holds = False
+            for query in _CONTENT_QUERIES:
+                if query.split()[3] in tables and con.execute(query).fetchone():
+                    holds = True
+    except sqlite3.DatabaseError as error:
+        raise LmeraserError(f"{db}: not a readable MLflow SQLite store ({shown(error, 120)}); restore it or move it aside.") from None
+    if holds:
+        raise LmeraserError(
+            f"{db}: the MLflow store's schema is at revision {version or 'none'}, not at this MLflow's {_head_revision()}; "
+            f"back it up, then run `mlflow db upgrade sqlite:///{db.resolve()}`."
+        )
+    return False
+
+
+def _create_store(ws: Workspace) -> None:
+    """Create and migrate a new store in a temporary file beside `mlflow.db`, make the experiment,
+    then link it into place (never over a store another process made meanwhile)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    _quiet_mlflow()
+    db = ws.mlflow_db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{db.name}.{os.getpid()}.", suffix=".tmp", dir=db.parent)
+    os.close(fd)
+    tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    uri = f"sqlite:///{tmp}"
+    location = ws.mlflow_artifacts.resolve().as_uri()
+    try:
+        store = SqlAlchemyStore(uri, location)
+        try:
+            failpoint("mlflow:store-initialized")
+            store.create_experiment(EXPERIMENT, artifact_location=location)
+        finally:
+            store.engine.dispose()
+            SqlAlchemyStore._engine_map.pop(uri, None)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        failpoint("mlflow:store-complete")
+        with contextlib.suppress(FileExistsError):  # another process made it first: use that one
+            os.link(tmp, db)
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(db.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    finally:
+        for path in _sqlite_files(tmp):
+            path.unlink(missing_ok=True)
+
+
+def _relocate(ws: Workspace) -> None:
+    """Point the locations a copied or moved workspace's store recorded in its original's
+    `mlartifacts/` at this workspace's. A location configured elsewhere is left as it is."""
+    expected = ws.mlflow_artifacts.resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(ws.mlflow_db, timeout=30, isolation_level=None)) as con:
+        row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+        if row is None or row[0] == expected:
+            return
+        found = str(row[0])
+        suffix = "/" + ws.mlflow_artifacts.name
+        if not found.startswith("file://") or not found.endswith(suffix):
+            return
+        old_uri, new_uri = found[: -len(suffix)] + "/", expected[: -len(suffix)] + "/"
+        prefixes = [(old_uri, new_uri), (unquote(urlparse(old_uri).path), unquote(urlparse(new_uri).path))]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column in LOCATION_COLUMNS:
+                if table not in tables:
+                    continue
+                for old, new in prefixes:
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",  # noqa: S608 - fixed names
+                        (new, len(old) + 1, len(old), old),
+                    )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
 def _mlflow(ws: Workspace):
     import mlflow
 
     _quiet_mlflow()
+    ensure_store(ws)
     uri = tracking_uri(ws)
     # set_tracking_uri also exports MLFLOW_TRACKING_URI, which would make every later workspace of
     # this process use this one's store: keep the user's own setting (or none) in the environment.
@@ -90,11 +274,12 @@ def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
 def artifact_locations(ws: Workspace) -> dict[str, str]:
     """Where this tracking store keeps artifacts, as MLflow itself reports it: every experiment's
     artifact location (runs and logged models live below it). Nothing is created."""
+    _quiet_mlflow()
+    ensure_store(ws, create=False)
     if tracking_uri(ws) == default_tracking_uri(ws) and not ws.mlflow_db.exists():
         return {}
     from mlflow import MlflowClient
 
-    _quiet_mlflow()
     client = MlflowClient(tracking_uri=tracking_uri(ws))
     return {f"mlflow experiment '{e.name}'": e.artifact_location for e in client.search_experiments()}
 
@@ -143,8 +328,10 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from lmeraser import serving_pyfunc
     from lmeraser.io import sha256_json
+
+    with _no_type_hint_warning():
+        from lmeraser import serving_pyfunc
 
     client = MlflowClient()
     try:
@@ -161,20 +348,42 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
         from lmeraser.inference import ServingModel
 
         predictions, _ = ServingModel.load(Workspace(Path(tmp) / "bundle")).predict(example)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=serving_pyfunc.__file__,
-            artifacts={"bundle": str(Path(tmp) / "bundle")},
-            signature=infer_signature(example, predictions),
-            # Explicit: inferring them would load the model in a subprocess.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "faiss-cpu", "safetensors", "numpy", "mlflow"],
-        )
+        with _no_type_hint_warning():
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=serving_pyfunc.__file__,
+                artifacts={"bundle": str(Path(tmp) / "bundle")},
+                signature=infer_signature(example, predictions),
+                input_example=example,
+                # Explicit: inferring them would load the model in a subprocess.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "faiss-cpu", "safetensors", "numpy", "mlflow"],
+            )
     prompts = sorted({sha for path, sha in files.items() if path.endswith(".safetensors") and "/prompts/" in path})
     mlflow.log_dict({"prompt_sha256": prompts}, PROMPTS_ARTIFACT)
     version = client.create_model_version(REGISTERED_MODEL, source=info.model_uri, run_id=run_id, description=description, tags={SERVED_TAG: fingerprint})
     client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
     log(f"registered model '{REGISTERED_MODEL}' version {version.version} as '{ALIAS}'")
     return int(version.version)
+
+
+TYPE_HINT_WARNING = "Add type hints to the `predict` method"
+
+
+@contextlib.contextmanager
+def _no_type_hint_warning() -> Iterator[None]:
+    """Drop MLflow's (ANSI-coloured) request for type hints on a PythonModel's `predict`, which
+    it makes each time it executes the model's code (import, logging, the input example's check);
+    every other warning passes. MLflow resets the warning filters around that check
+    (`simplefilter("once")`), so the message is dropped where warnings are shown."""
+    shown_before = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not (issubclass(category, UserWarning) and TYPE_HINT_WARNING in str(message)):
+            shown_before(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _production(client):
