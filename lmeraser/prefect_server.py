@@ -250,9 +250,11 @@ def _start_locked(root: Path, timeout: float, say) -> tuple[str, bool]:
     with _locked(state_dir(root) / "start.lock", fcntl.LOCK_EX, timeout + 60, "another process has been starting the Prefect server"):
         state = read_state(root)  # someone may have started it while we waited for the lock
         if state is not None and is_ours(state["pid"]):
-            deadline = time.monotonic() + min(60.0, timeout)
+            # Alive but slow to answer (a loaded machine) is not dead: it gets the whole start-up
+            # time before it is replaced, since others may be using it.
+            deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if healthy(state["url"], timeout=15.0):
+                if healthy(state["url"], timeout=30.0):
                     return state["url"], False
                 time.sleep(1.0)
             say(f"the workspace's Prefect server (PID {state['pid']}) does not answer: restarting it")
