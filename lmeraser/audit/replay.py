@@ -42,6 +42,8 @@ def superseded_by(record: Record, later: list[Record], cluster: int) -> int | No
 def replay(ws: Workspace, params: Params, record: Record, later: list[Record], log=print) -> dict:
     """Per cluster the record rebuilt: replayed (and whether the bits match), or skipped with the
     reason. `ok` only when nothing mismatched and at least one cluster was actually checked."""
+    if record.is_rotation:
+        raise LmeraserError(f"record {record.number} is a key rotation, not a training run: nothing to replay.")
     if record.predicate.get("method") == "influence":
         raise LmeraserError(
             f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "

@@ -26,6 +26,8 @@ def request_rows(records: list[Record]) -> list[dict[str, str]]:
     covered. A request answered by influence first appears twice: approximate, then exact."""
     rows = []
     for record in records:
+        if record.is_rotation:  # a change of signer, not a request: the verification line names it
+            continue
         p = record.predicate
         exact = p.get("method") != "influence"
         clusters = p["clusters_rebuilt"] if exact else p["clusters_edited"]
@@ -79,7 +81,7 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
         plt.close(fig)
     # Accuracy and membership inference come from exact batches; influence records only edit.
     approximate = [r for r in records if r.predicate.get("method") == "influence"]
-    exact = [r for r in records if r.predicate.get("method") != "influence"]
+    exact = [r for r in records if r.predicate.get("method") != "influence" and not r.is_rotation]
     numbers = [r.number for r in exact]
     fig, ax = plt.subplots(figsize=(8, 3))
     for r in exact:

@@ -12,6 +12,7 @@ records, never from data/, which a re-ingestion could have rewritten.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,18 +106,45 @@ def _content_keys(path: Path, keyer: Keyer) -> set[str]:
 class Hit:
     location: str
     path: str
-    kind: str  # "forgotten sample" | "superseded artifact"
-    digest: str
+    kind: str  # "forgotten sample" | "superseded artifact" | "erased sample id"
+    digest: str  # the keyed content hash, the artifact's sha256, or the id keyed with the salt
 
 
-def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str]) -> tuple[list[Hit], dict[str, int], list[str]]:
-    """Search every storage location for the given keyed content hashes and artifact sha256s;
-    (hits, files read per location, locations that could not be searched)."""
+# Sample ids are 20 hex digits (data/splits.make_sample_id): found as tokens in any text a file holds.
+_ID_TOKEN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{20}(?![0-9a-f])")
+MAX_ID_SEARCH_FILE = 64 << 20  # a bundle's JSON and YAML are small; larger files are weights
+
+
+def erased_sample_ids(ws: Workspace) -> set[str]:
+    """The ids of every erased sample, from the suppression list (a signed subject of every record)."""
+    from lmeraser import suppression
+
+    listed = suppression.read(ws)
+    return set(listed.loc[listed["reason"] == "forget", "sample_id"]) - {""}
+
+
+def _ids_in(path: Path, ids: set[str]) -> set[str]:
+    if path.stat().st_size > MAX_ID_SEARCH_FILE:
+        return set()
+    with open(path, "rb") as handle:
+        return {token.decode() for token in _ID_TOKEN.findall(handle.read())} & ids
+
+
+def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample_ids: set[str] | None = None) -> tuple[list[Hit], dict[str, int], list[str]]:
+    """Search every storage location for the given keyed content hashes and artifact sha256s, and
+    the MLflow stores (runs, registered bundles) also for the ids of erased samples (`sample_ids`;
+    default: every erased id of the suppression list); (hits, files read per location, locations
+    that could not be searched)."""
     keyer = Keyer(ws, create=False) if sample_keys else None
+    ids = erased_sample_ids(ws) if sample_ids is None else sample_ids
+    id_keyer = Keyer(ws, create=False) if ids else None
     hits, counts = [], {}
     locations = storage_locations(ws)
     for location, directory in locations.roots.items():
         n = 0
+        # data/ and the DVC cache keep the tombstones (erased ids, by design); a registered model or
+        # a run's artifacts must name none.
+        look_for_ids = bool(ids) and location.startswith("mlflow")
         for path in track(files(directory), f"scanning {location}"):
             n += 1
             if keyer is not None:
@@ -124,6 +152,9 @@ def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str]) -> tup
                     hits.append(Hit(location, str(path), "forgotten sample", digest))
             if artifact_hashes and (digest := sha256_file(path)) in artifact_hashes:
                 hits.append(Hit(location, str(path), "superseded artifact", digest))
+            if look_for_ids:
+                for sid in _ids_in(path, ids):
+                    hits.append(Hit(location, str(path), "erased sample id", id_keyer.subject("sample:" + sid)))
         counts[location] = n
     return hits, counts, locations.not_searched
 

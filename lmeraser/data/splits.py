@@ -22,7 +22,7 @@ import pandas as pd
 from lmeraser.config import DataParams
 from lmeraser.data.sources import RawDataset, load_source
 from lmeraser.errors import DataError
-from lmeraser.io import atomic_directory, atomic_path, recover_directory, remove_stale_temp_files, sha256_bytes
+from lmeraser.io import atomic_directory, atomic_path, atomic_write_text, recover_directory, remove_stale_temp_files, sha256_bytes
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, TOMBSTONE_COLUMNS, Workspace
 
 
@@ -122,12 +122,14 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     raw = load_source(params.source, params.image_size)
     splits = build_splits(raw, params, seed)
     listed = suppression.read(ws)
-    suppressed, corrected = 0, 0
+    corrections = suppression.Corrections.of(ws, listed)  # from data/ as it is, before it is replaced
+    suppressed, corrected, replaced = 0, 0, 0
     for split, (manifest, images) in list(splits.items()):
-        drop, relabelled = suppression.apply(ws, manifest, listed)
-        corrected += int((relabelled["label"] != manifest["label"]).sum())
+        drop, fixed, pixels = suppression.apply(ws, manifest, listed, images, corrections)
+        corrected += int(((fixed["label"] != manifest["label"]).to_numpy() & ~drop).sum())
+        replaced += int(((fixed["content_hash"] != manifest["content_hash"]).to_numpy() & ~drop).sum())
         suppressed += int(drop.sum())
-        splits[split] = (relabelled.loc[~drop].reset_index(drop=True), np.ascontiguousarray(images[~drop]))
+        splits[split] = (fixed.loc[~drop].reset_index(drop=True), np.ascontiguousarray(pixels[~drop]))
     summary = {
         "source": raw.name,
         "seed": seed,
@@ -136,14 +138,28 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
         "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
         "suppressed": suppressed,
         "labels_corrected": corrected,
+        "images_corrected": replaced,
     }
     with atomic_directory(ws.data) as staging:
         for split, (manifest, images) in splits.items():
             write_split(staging / split, manifest, images)
         listed.to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
-        info = {k: v for k, v in summary.items() if k not in ("suppressed", "labels_corrected")}
-        (staging / "source.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        info = {k: v for k, v in summary.items() if k not in ("suppressed", "labels_corrected", "images_corrected")}
+        (staging / "source.json").write_text(source_json(info))
     return summary
+
+
+def source_json(info: dict) -> str:
+    return json.dumps(info, indent=2, sort_keys=True) + "\n"
+
+
+def refresh_counts(ws: Workspace) -> None:
+    """Make data/source.json's per-split counts those of the splits as they are (after samples were
+    removed), so a re-ingestion that yields the same splits yields the same data version."""
+    info = ws.source_info()
+    counts = {split: len(ws.manifest(split)) for split in SPLITS}
+    if info.get("counts") != counts:
+        atomic_write_text(ws.source_info_file, source_json({**info, "counts": counts}))
 
 
 def add_tombstones(rows: list[dict], ws: Workspace) -> None:

@@ -103,8 +103,12 @@ def approximate_pending(ws: Workspace, log=print) -> dict | None:
 
 
 def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: Journal, log) -> dict | None:
+    from lmeraser.unlearning.preflight import check_signer
+
     start = time.perf_counter()
     cluster_of = check_influence(requests, ws)
+    # The update is served only with its signed record: a key that cannot sign refuses it now.
+    check_signer(ws)
     model = ServingModel.load(ws)
     overlay, entries = Overlay(ws), model.overlay  # the active overlay entries, read once
     private = ws.split("private")

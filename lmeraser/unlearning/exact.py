@@ -24,7 +24,7 @@ import numpy as np
 
 from lmeraser import suppression
 from lmeraser.config import Params, load_params
-from lmeraser.data.splits import add_tombstones, content_hash, remove_samples, update_sample
+from lmeraser.data.splits import add_tombstones, content_hash, refresh_counts, remove_samples, update_sample
 from lmeraser.errors import LmeraserError
 from lmeraser.failpoints import failpoint
 from lmeraser.io import atomic_write_json
@@ -199,6 +199,12 @@ class UnlearnBatch:
             images = np.stack([self._images[s] for s in forget])
             mia = self._mia(images, np.array([samples[s]["label"] for s in forget]))
         metrics = ws.metrics() if ws.metrics_file.exists() else {}
+        outside = outside_change(ws)
+        if outside:
+            self.log(
+                f"the serving path changed since lineage record {outside['since_record']} with no record of its own "
+                f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); this batch's record names the change"
+            )
         self.log(f"batch {self.state['batch_id']}: {len(self.state['requests'])} request(s), {len(targets)} sample(s), planned clusters {planned}")
         return {
             # The code version as the batch found it: a batch started on a clean checkout says so,
@@ -216,6 +222,7 @@ class UnlearnBatch:
             "samples": samples,
             "membership_inference": mia,
             "n_clusters": len(index.clusters),
+            "outside_change": outside,
         }
 
     def _assigned_clusters(self, images: list[np.ndarray]) -> set[int]:
@@ -251,7 +258,7 @@ class UnlearnBatch:
                 edits.append((sid, {"label": request["label"]}))
             else:
                 sid = request["sample_ids"][0]
-                rows.append({"sample_id": "", "content_key": keyer.content(samples[sid]["content_hash"]), "reason": "rectify-input"})
+                rows.append({"sample_id": sid, "content_key": keyer.content(samples[sid]["content_hash"]), "reason": "rectify-input"})
                 edits.append((sid, {"image": corrected_image(ws, request)}))
         # The durable list first, then its copy in data/, then the data: if we are killed in
         # between, re-running finds the rows listed and finishes the edits (each is idempotent).
@@ -264,6 +271,7 @@ class UnlearnBatch:
             todo = [s for s in ids if s in present]
             if todo:
                 remove_samples(todo, split, ws)
+        refresh_counts(ws)  # idempotent: right after a resume too
         applied_at = time.time()
         self.journal.append([{"request_id": r["request_id"], "state": "applied", "time": applied_at} for r in self.state["requests"]])
         failpoint("apply:journaled")
@@ -283,7 +291,16 @@ class UnlearnBatch:
         from lmeraser.unlearning.rebuild import reproduce
 
         ws = self.ws
-        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, self.after_stage, self.map_jobs)
+
+        def after_stage(stage: str, summary: dict) -> None:
+            # The overlays this batch makes exact go before the evaluate stage registers the served
+            # model: a registered bundle must not carry an influence edit (ids, request details).
+            if stage == "train":
+                self._retire_overlay()
+            if self.after_stage is not None:
+                self.after_stage(stage, summary)
+
+        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, after_stage, self.map_jobs)
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
@@ -362,12 +379,69 @@ class UnlearnBatch:
             problems.append(f"the changed clusters {changed} are not the planned {capture['planned_clusters']}")
         if self.done["purge"].get("remotes_failed"):
             problems.append(f"the purge failed for DVC remote(s) {self.done['purge']['remotes_failed']}")
+        problems += self._check_state()
         if problems:
             raise LmeraserError(
                 f"verification failed: {'; '.join(problems)}. Nothing was signed and the requests stay pending "
                 f"(batch {self.state['batch_id']}); fix it and run `lmeraser unlearn` again."
             )
         return result
+
+    def _check_state(self) -> list[str]:
+        """Every claim the record will make, checked against the data and the served bits, not
+        against this batch's bookkeeping: a bookkeeping bug fails the batch instead of signing a
+        false record. Returns what does not hold."""
+        ws, capture, rebuild = self.ws, self.done["capture"], self.done["rebuild"]
+        problems = []
+        manifests = {split: ws.manifest(split) for split in ("public", "private", "test")}
+        rows = {sid: (split, i) for split, frame in manifests.items() for i, sid in enumerate(frame["sample_id"])}
+        keyer = Keyer(ws, create=False)
+        present_keys = {keyer.content(h) for frame in manifests.values() for h in frame["content_hash"]}
+        listed = suppression.read(ws)
+        erased_key = dict(zip(listed.loc[listed["reason"] == "forget", "sample_id"], listed.loc[listed["reason"] == "forget", "content_key"]))
+        forgotten_now = set(self._targets("forget"))  # a sample rectified and forgotten in one batch is gone
+        for request in self.state["requests"]:
+            rid = request["request_id"]
+            if request["kind"] == "forget":
+                for sid in request["sample_ids"]:
+                    if sid in rows:
+                        problems.append(f"request {rid}: sample {sid} is still in data/{rows[sid][0]}")
+                    elif erased_key.get(sid) in present_keys:
+                        problems.append(f"request {rid}: the content of sample {sid} is still in data/ under another id")
+                for sid in request["already_forgotten"]:
+                    # "Already forgotten" is a claim about the data: no split holds the id or its content.
+                    if sid in rows:
+                        problems.append(f"request {rid}: sample {sid}, said to be forgotten already, is in data/{rows[sid][0]}")
+                    elif sid not in erased_key:
+                        problems.append(f"request {rid}: sample {sid}, said to be forgotten already, has no erasure in {ws.suppression_file.name}")
+                    elif erased_key[sid] in present_keys:
+                        problems.append(f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/")
+            elif request["sample_ids"] and request["sample_ids"][0] not in forgotten_now:
+                sid = request["sample_ids"][0]
+                if sid not in rows:
+                    problems.append(f"request {rid}: rectified sample {sid} is not in data/")
+                    continue
+                split, i = rows[sid]
+                row = manifests[split].iloc[i]
+                if request["label"] is not None and int(row["label"]) != int(request["label"]):
+                    problems.append(f"request {rid}: sample {sid} has label {int(row['label'])} in data/{split}, not the corrected {request['label']}")
+                if request["input_path"]:
+                    image = ws.split(split).images[i]
+                    if content_hash(image) != row["content_hash"] or row["content_hash"] != content_hash(corrected_image(ws, request)):
+                        problems.append(f"request {rid}: sample {sid} in data/{split} does not hold the corrected image")
+        # The served bits: every served prompt's file hashes to what the record will say, and the
+        # clusters the record calls untouched serve exactly what they served before.
+        from lmeraser.io import sha256_file
+        from lmeraser.overlay import Overlay
+
+        for cluster, (path, sha) in Overlay(ws).served(ws.prompt_index_or_empty()).items():
+            if not (ws.root / path).is_file() or sha256_file(ws.root / path) != sha:
+                problems.append(f"cluster {cluster}'s served prompt {path} does not hash to its index entry")
+        changed = set(rebuild["rebuilt"]) | set(rebuild["retired"])
+        for cluster, sha in rebuild["prompts"].items():
+            if int(cluster) not in changed and capture["prompts"].get(cluster) != sha:
+                problems.append(f"cluster {cluster} is counted untouched but its served prompt changed")
+        return problems
 
     def _record(self) -> dict:
         log = lineage_log(self.ws)
@@ -442,7 +516,43 @@ class UnlearnBatch:
             stages_run=rebuild["stages"],
             purge=self.done["purge"],
             verification=self.done["verify"],
+            served_prompts=after,
+            outside_change=capture.get("outside_change"),
         )
+
+
+def outside_change(ws: Workspace) -> dict | None:
+    """What the serving path serves now that the last record did not vouch for (a re-ingestion
+    followed by `dvc repro`, an upgrade): its changed subjects and clusters; None when the
+    deployed artifacts are the last record's."""
+    from lmeraser.lineage.records import deployed_subjects
+
+    records = lineage_log(ws).read_unverified()
+    if not records:
+        return None
+    last = records[-1]
+    now, then = deployed_subjects(ws), last.subjects
+    changed_subjects = sorted(name for name in set(now) | set(then) if now.get(name) != then.get(name))
+    if not changed_subjects:
+        return None
+    served = served_prompts(ws)
+    # A key rotation repeats its predecessor's subjects and names no prompts: look past it.
+    described = next((r for r in reversed(records) if not r.is_rotation), last)
+    recorded = described.predicate.get("served_prompts") or {}
+    if recorded:
+        clusters = sorted({int(c) for c in set(served) | set(recorded) if served.get(c) != recorded.get(c)})
+        before = recorded
+    else:  # a record from before records named each cluster's prompt: compare with its subjects
+        hashes = set(then.values())
+        clusters = sorted(int(c) for c, sha in served.items() if sha not in hashes)
+        before = {}
+    return {
+        "since_record": last.number,
+        "subjects_changed": changed_subjects,
+        "clusters_changed": [
+            {"cluster": c, "prompt_sha256_before": before.get(str(c)), "prompt_sha256_after": served.get(str(c)), "seed": None} for c in clusters
+        ],
+    }
 
 
 def batch_id(requests: list[dict]) -> str:
@@ -466,6 +576,7 @@ def process_pending(
     interrupted one; with `git_commit`, commit the versions it made in the workspace's git
     repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran;
     `map_jobs` trains the rebuilt clusters (the flow passes Dask's when runtime.executor is dask)."""
+    from lmeraser.unlearning.preflight import check_before_change
     from lmeraser.unlearning.rebuild import check_executor
     from lmeraser.unlearning.recovery import recover
 
@@ -473,10 +584,13 @@ def process_pending(
         params = rebuild_params(ws)
         check_executor(params, map_jobs)
         recover(ws, log)
-        batch = UnlearnBatch.open(ws, params, log, git_commit, max_requests)
-        if batch is None:
+        if next_batch_id(ws, max_requests) is None:
             log("no pending requests")
             return None
+        # Everything the batch needs to finish (key, signer, salt, MLflow store, writable
+        # directories), checked before it changes anything; checked again on resume.
+        check_before_change(ws)
+        batch = UnlearnBatch.open(ws, params, log, git_commit, max_requests)
         batch.after_stage = after_stage
         batch.map_jobs = map_jobs
         run = run_step or (lambda b, step: b.run(step))

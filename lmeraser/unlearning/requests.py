@@ -145,68 +145,95 @@ def forgotten_subjects(ws: Workspace) -> set[str]:
     }
 
 
-def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> ResolvedRequest:
-    """Check every target against the data; refuse unknown ids and public samples. `upload` is a
-    corrected image's bytes sent over HTTP (then `spec.input` only names it)."""
-    manifests = {split: ws.manifest(split) for split in SPLITS}
-    tomb = ws.tombstones()
-    forgotten = set(tomb["sample_id"].dropna()) if "sample_id" in tomb else set()
-    where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
-    targets = list(dict.fromkeys(spec.sample_ids))
-    private = manifests["private"]
-    erased_subjects = forgotten_subjects(ws)
-    keyer = Keyer(ws, create=False) if erased_subjects else None  # a salt exists once anything was forgotten
-    subjects_gone = []
-    for subject in spec.subjects:
-        members = private.loc[private["subject_id"] == subject, "sample_id"].tolist()
-        if not members:
-            if keyer and keyer.subject(subject) in erased_subjects:
-                subjects_gone.append(keyer.subject(subject))  # forgotten before: a recorded no-op, like an id
+def erased_ids(tombstones) -> set[str]:
+    """Sample ids the tombstones say were erased: forget rows only. A corrected label or image is
+    listed too, but a rectified sample is still in the data and can be forgotten later."""
+    if tombstones.empty:
+        return set()
+    return set(tombstones.loc[tombstones["reason"] == "forget", "sample_id"]) - {""}
+
+
+class Resolver:
+    """What resolving requests needs from the data, read once: the manifests, where each id lives,
+    each subject's private samples, the erased ids and subjects. A requests file of any length
+    costs one pass over the manifests, not one per line."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        manifests = {split: ws.manifest(split) for split in SPLITS}
+        self.where = {sid: split for split, frame in manifests.items() for sid in frame["sample_id"]}
+        private = manifests["private"]
+        self.members: dict[str, list[str]] = {}
+        for sid, subject in zip(private["sample_id"], private["subject_id"]):
+            self.members.setdefault(subject, []).append(sid)
+        self.forgotten = erased_ids(ws.tombstones())
+        self.erased_subjects = forgotten_subjects(ws)
+        # A salt exists once anything was forgotten; it is read (never made) here.
+        self.keyer = Keyer(ws, create=False) if self.erased_subjects else None
+        self.classes = int(max(frame["label"].max() for frame in manifests.values() if len(frame)) + 1)
+        self.shape = tuple(ws.source_info()["image_shape"])
+
+    def resolve(self, spec: RequestSpec, upload: bytes | None = None) -> ResolvedRequest:
+        """Check every target against the data; refuse unknown ids and public samples. A sample
+        still in the data is acted on, whatever the tombstones say; "already forgotten" is said
+        only of an id that the tombstones list as erased and that no split holds."""
+        ws = self.ws
+        targets = list(dict.fromkeys(spec.sample_ids))
+        subjects_gone = []
+        for subject in spec.subjects:
+            members = self.members.get(subject, [])
+            if not members:
+                if self.keyer and self.keyer.subject(subject) in self.erased_subjects:
+                    subjects_gone.append(self.keyer.subject(subject))  # forgotten before: a recorded no-op, like an id
+                    continue
+                raise LmeraserError(f"subject {shown(subject)} has no private samples and was never forgotten.")
+            seen = set(targets)
+            targets.extend(m for m in members if m not in seen)
+        live, gone = [], []
+        for sid in targets:
+            split = self.where.get(sid)
+            if split is None and sid in self.forgotten:
+                gone.append(sid)
                 continue
-            raise LmeraserError(f"subject {shown(subject)} has no private samples and was never forgotten.")
-        targets.extend(m for m in members if m not in targets)
-    live, gone = [], []
-    for sid in targets:
-        if sid in forgotten:
-            gone.append(sid)
-            continue
-        split = where.get(sid)
-        if split is None:
-            raise LmeraserError(f"sample id {shown(sid)} is unknown: not in data/ and never forgotten.")
-        if split == "test":
-            raise LmeraserError(f"sample id {shown(sid)} is in the test split, which trains nothing; remove it from the evaluation data instead.")
-        if split == "public" and not spec.allow_backbone_rebuild:
-            raise LmeraserError(
-                f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, so removing it means "
-                "rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
-            )
-        live.append(sid)
-    if spec.kind == "rectify":
-        if gone:
-            raise LmeraserError(f"sample id {shown(gone[0])} was forgotten and cannot be rectified.")
-        if spec.label is not None:
-            classes = int(max(frame["label"].max() for frame in manifests.values())) + 1
-            if not 0 <= spec.label < classes:
-                raise LmeraserError(f"label {spec.label} is outside the label domain 0..{classes - 1}.")
-    shape = tuple(ws.source_info()["image_shape"])
-    if upload is not None:
-        image = decode_corrected_image(upload, "the uploaded image", upload[:6] == b"\x93NUMPY", shape)
-    else:
-        image = load_corrected_image(Path(spec.input), shape) if spec.input is not None else None
-    is_public = any(where.get(sid) == "public" for sid in live)
-    request_id = f"req-{uuid.uuid4().hex[:12]}"
-    return ResolvedRequest(
-        request_id=request_id,
-        kind=spec.kind,
-        sample_ids=live,
-        already_forgotten=gone,
-        subjects=list(spec.subjects),
-        subjects_already_forgotten=subjects_gone,
-        public=is_public,
-        label=spec.label,
-        input_path=ws.relative(ws.inputs_dir / f"{request_id}.npy") if image is not None else None,
-        image=image,
-    )
+            if split is None:
+                raise LmeraserError(f"sample id {shown(sid)} is unknown: not in data/ and never forgotten.")
+            if split == "test":
+                raise LmeraserError(f"sample id {shown(sid)} is in the test split, which trains nothing; remove it from the evaluation data instead.")
+            if split == "public" and not spec.allow_backbone_rebuild:
+                raise LmeraserError(
+                    f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, so removing it means "
+                    "rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
+                )
+            live.append(sid)
+        if spec.kind == "rectify":
+            if gone:
+                raise LmeraserError(f"sample id {shown(gone[0])} was forgotten and cannot be rectified.")
+            if spec.label is not None and not 0 <= spec.label < self.classes:
+                raise LmeraserError(f"label {spec.label} is outside the label domain 0..{self.classes - 1}.")
+        if upload is not None:
+            image = decode_corrected_image(upload, "the uploaded image", upload[:6] == b"\x93NUMPY", self.shape)
+        else:
+            image = load_corrected_image(Path(spec.input), self.shape) if spec.input is not None else None
+        is_public = any(self.where.get(sid) == "public" for sid in live)
+        request_id = f"req-{uuid.uuid4().hex[:12]}"
+        return ResolvedRequest(
+            request_id=request_id,
+            kind=spec.kind,
+            sample_ids=live,
+            already_forgotten=gone,
+            subjects=list(spec.subjects),
+            subjects_already_forgotten=subjects_gone,
+            public=is_public,
+            label=spec.label,
+            input_path=ws.relative(ws.inputs_dir / f"{request_id}.npy") if image is not None else None,
+            image=image,
+        )
+
+
+def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> ResolvedRequest:
+    """Resolve one request (see Resolver.resolve); `upload` is a corrected image's bytes sent
+    over HTTP (then `spec.input` only names it)."""
+    return Resolver(ws).resolve(spec, upload)
 
 
 def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploads: list[bytes | None] | None = None) -> list[ResolvedRequest]:
@@ -219,11 +246,14 @@ def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploa
     with ws.lock("submit"):
         load_params(ws.params_file)  # params, data and every request validated before anything is written
         uploads = uploads or [None] * len(specs)
-        resolved = [resolve(spec, ws, upload) for spec, upload in zip(specs, uploads, strict=True)]
+        resolver = Resolver(ws)
+        resolved = [resolver.resolve(spec, upload) for spec, upload in zip(specs, uploads, strict=True)]
         if method == "influence":
             from lmeraser.unlearning.approximate import check_influence
+            from lmeraser.unlearning.preflight import check_signer
 
             check_influence([r.to_json() for r in resolved], ws)
+            check_signer(ws)  # an update is served only with its signed record
         else:
             from lmeraser.unlearning.exact import rebuild_params
 

@@ -1,0 +1,122 @@
+"""Check before you change (invariant 8): everything an unlearning batch needs to finish, checked
+before any data changes.
+
+An exact batch that fails at its last step has already removed the samples, re-versioned the
+data, rebuilt and purged; an influence update that cannot sign has already served its update. So
+the signing key and the pinned signer, the subject salt, the MLflow store and the workspace's
+writable directories are all checked first, and a failure here leaves everything as it was: this
+module reads, and writes only probe files it removes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from lmeraser.errors import LmeraserError
+from lmeraser.workspace import Workspace
+
+
+def check_signer(ws: Workspace) -> None:
+    """The key that will sign can be had, is the pinned signer and is the log's current signer (not
+    one a key rotation retired); nothing is created or pinned here (the first record does that)."""
+    from lmeraser.lineage.keys import key_from_environment, key_id, load_or_create_key, load_public_key
+    from lmeraser.lineage.records import lineage_log
+
+    pinned = ws.signer_file
+    log = lineage_log(ws)
+    exists = key_from_environment() is not None or os.path.lexists(ws.signing_key_file)
+    if not exists:
+        if os.path.lexists(log.path) or os.path.lexists(pinned) or ws.signing_key_configured:
+            # load_or_create_key(create=False) says it in its one sentence.
+            load_or_create_key(ws.signing_key_file, create=False)
+        _writable(ws.signing_key_file.parent, "the signing key's directory")  # the first record creates it
+        return
+    key = load_or_create_key(ws.signing_key_file, create=False)
+    signer = key_id(key.public_key())
+    if os.path.lexists(pinned):
+        expected = key_id(load_public_key(pinned))
+        if signer != expected:
+            raise LmeraserError(
+                f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); "
+                "restore that key before unlearning: records signed by another would not verify."
+            )
+    if os.path.lexists(log.path):
+        current = key_id(log.chain(key.public_key()).current)
+        if current != signer:
+            raise LmeraserError(
+                f"the signing key {signer} was retired by a key rotation; the log's signer is {current} "
+                "(finish an interrupted rotation with `lmeraser audit rotate-key`)."
+            )
+
+
+def check_salt(ws: Workspace) -> None:
+    """The subject salt is there and sound, or may be made: it is made only for a workspace that
+    has never keyed anything with it (a new salt would void every keyed hash already written)."""
+    from lmeraser import salt
+
+    if not salt.check_salt(ws):
+        _writable(ws.subject_salt_file.parent, "the salt's directory")
+
+
+def check_tracking_store(ws: Workspace) -> None:
+    """The MLflow store the rebuild registers the served model in opens and answers (a half-made or
+    unreachable store fails here, not after the data changed)."""
+    from lmeraser import tracking
+
+    try:
+        tracking.artifact_locations(ws)
+        if ws.mlflow_db.exists() or tracking.tracking_uri(ws) != tracking.default_tracking_uri(ws):
+            from mlflow import MlflowClient
+
+            MlflowClient(tracking_uri=tracking.tracking_uri(ws)).search_registered_models(max_results=1)
+    except LmeraserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
+        raise LmeraserError(
+            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it before unlearning: nothing was changed."
+        ) from None
+
+
+def writable_locations(ws: Workspace) -> dict[str, Path]:
+    """The directories a batch writes to, by what they are."""
+    from lmeraser.versioning import cache_dir
+
+    return {
+        "the workspace root (data.dvc, dvc.lock)": ws.root,
+        "data/": ws.data,
+        "audit/": ws.audit,
+        "the batch state directory": ws.batches,
+        "artifacts/": ws.artifacts,
+        "the DVC cache": cache_dir(ws.root),
+    }
+
+
+def _writable(directory: Path, what: str) -> None:
+    """`directory` (or its nearest existing parent) takes a new file: probed by making one."""
+    probe_dir = directory
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise LmeraserError(f"{probe_dir}: {what} is not a directory; nothing was changed.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".lmeraser-probe-"):
+            pass
+    except OSError as error:
+        raise LmeraserError(f"{probe_dir}: {what} is not writable ({error.strerror}); nothing was changed.") from None
+
+
+def check_writable(ws: Workspace) -> None:
+    for what, directory in writable_locations(ws).items():
+        _writable(directory, what)
+
+
+def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
+    """Everything a batch needs to finish; raises one sentence naming the first thing missing."""
+    check_writable(ws)
+    check_signer(ws)
+    check_salt(ws)
+    if tracking_store:
+        check_tracking_store(ws)

@@ -1,0 +1,243 @@
+"""No false records: what a signed record says is checked against the data and the served bits,
+and everything a batch needs is checked before the data changes.
+
+One small DVC repository (TINY params) runs the real pipeline; the tests run in file order and
+each leaves the workspace clean for the next (every batch finishes, or its refusal changed nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from lmeraser.lineage.log import LineageLog
+from lmeraser.unlearning.requests import Journal
+from lmeraser.workspace import SPLITS, Workspace
+
+from conftest import TINY, _cli_ok, copy_repo, dvc, lmeraser_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = copy_repo(tmp_path_factory.mktemp("honest") / "repo", TINY)
+    _cli_ok("data", "init", cwd=root)
+    dvc("repro", cwd=root)
+    _commit(root, "pipeline run")
+    return root
+
+
+def _commit(root, message):
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+
+
+def _records(root):
+    return LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
+
+
+def _present(root) -> set[str]:
+    return {sid for split in SPLITS for sid in Workspace(root).manifest(split)["sample_id"]}
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    """The bytes a refused batch must leave as they were: data/, data.dvc, dvc.lock, the log."""
+    paths = [root / "data.dvc", root / "dvc.lock", root / "audit" / "suppression.csv", root / "audit" / "lineage.jsonl"]
+    paths += sorted((root / "data").rglob("*"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in paths if p.is_file()}
+
+
+def _private(root, i):
+    return Workspace(root).manifest("private")["sample_id"][i]
+
+
+def test_forget_after_a_rectification_erases_the_sample(root):
+    """Finding 0a: a label correction is not an erasure. Forgetting a rectified sample removes it
+    (the record counts it, nothing calls it 'already forgotten'); only then is it forgotten."""
+    victim = _private(root, 5)
+    _cli_ok("rectify", "--sample-id", victim, "--label", "4", cwd=root)
+    assert victim in _present(root)
+    done = _cli_ok("forget", "--sample-id", victim, cwd=root)
+    assert "already forgotten" not in done.stdout
+    assert victim not in _present(root)
+    request = _records(root)[-1].predicate["requests"][0]
+    assert request["kind"] == "forget" and request["samples"] == 1 and request["already_forgotten"] == []
+    # Now it is forgotten: a rectification is refused, a second forget is a recorded no-op.
+    refused = lmeraser_cli("rectify", "--sample-id", victim, "--label", "3", cwd=root)
+    assert refused.returncode == 1 and "was forgotten and cannot be rectified" in refused.stderr
+    again = _cli_ok("forget", "--sample-id", victim, cwd=root)
+    assert "1 already forgotten" in again.stdout
+    assert _records(root)[-1].predicate["requests"][0]["already_forgotten"] == [victim]
+
+
+def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):
+    """Finding 0b: `data init` after an image correction keeps the sample, with its corrected
+    pixels and label, byte for byte as the batch left it; without data/ it refuses to guess."""
+    ws = Workspace(root)
+    private = ws.split("private")
+    target, row = private.sample_ids[7], 7
+    fixed = (255 - private.images[row]).astype(np.uint8)
+    np.save(tmp_path / "fixed.npy", fixed)
+    _cli_ok("rectify", "--sample-id", target, "--input", str(tmp_path / "fixed.npy"), cwd=root)
+    label = (int(private.labels[row]) + 1) % 10
+    _cli_ok("rectify", "--sample-id", target, "--label", str(label), cwd=root)
+    before = _snapshot(root)
+    done = _cli_ok("data", "init", cwd=root)
+    assert "1 image correction(s) re-applied" in done.stdout and "1 label correction(s)" in done.stdout
+    assert _snapshot(root) == before  # the same data version: nothing to rebuild, nothing to record
+    after = Workspace(root).split("private")
+    i = after.sample_ids.index(target)
+    assert np.array_equal(after.images[i], fixed) and int(after.labels[i]) == label
+    status = dvc("status", cwd=root).stdout
+    assert "data.dvc" not in status and "evaluate:" not in status, status
+    # data/ gone: the corrected pixels are nowhere else, so re-ingesting would bring back the old ones.
+    shutil.move(root / "data", tmp_path / "data-aside")
+    refused = lmeraser_cli("data", "init", cwd=root)
+    assert refused.returncode == 1 and f"no longer holds sample {target}" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (root / "data").exists()
+    shutil.move(tmp_path / "data-aside", root / "data")
+    _commit(root, "after re-ingestion")
+
+
+def test_a_change_outside_any_batch_is_named_by_the_next_record(root):
+    """Finding 0b, second half: what changed in the serving path since the last record (here a
+    params change and `dvc repro`) is named, cluster by cluster, by the next batch's record."""
+    params = (root / "params.yaml").read_text()
+    assert "lr: 0.02" in params
+    (root / "params.yaml").write_text(params.replace("lr: 0.02", "lr: 0.021", 1))
+    served = {c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()}
+    dvc("repro", cwd=root)
+    now = {c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()}
+    assert now != served
+    _commit(root, "new learning rate")
+    previous = _records(root)[-1].number
+    _cli_ok("forget", "--sample-id", _private(root, 11), cwd=root)
+    outside = _records(root)[-1].predicate["outside_change"]
+    assert outside["since_record"] == previous
+    assert {c["cluster"] for c in outside["clusters_changed"]} == {int(c) for c in now if now[c] != served[c]}
+    assert all(c["prompt_sha256_before"] == served[str(c["cluster"])] for c in outside["clusters_changed"])
+    assert "artifacts/prompts/index.json" in outside["subjects_changed"]
+    # The record after it finds nothing new to explain.
+    _cli_ok("forget", "--sample-id", _private(root, 12), cwd=root)
+    assert _records(root)[-1].predicate["outside_change"] is None
+
+
+def test_the_registered_bundle_never_names_an_erased_sample(root):
+    """Finding 0c: after an influence forget made exact, no file of the MLflow stores (registered
+    bundles included) names the erased sample or its request."""
+    victim = _private(root, 13)
+    _cli_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
+    request_id = Journal(Workspace(root)).pending()[0]["request_id"]
+    _cli_ok("unlearn", cwd=root)
+    leaks = [
+        str(path)
+        for path in (root / "mlartifacts").rglob("*")
+        if path.is_file() and path.stat().st_size < 1 << 20 and (victim.encode() in path.read_bytes() or request_id.encode() in path.read_bytes())
+    ]
+    assert leaks == []
+    overlay = root / "artifacts" / "prompts" / "approximate" / "overlay.json"
+    assert not overlay.exists() or victim not in overlay.read_text()
+
+
+def _refused_before_any_change(root, expect: str) -> None:
+    """A forget is submitted and its batch refused at the preflight (in process: the CLI's one
+    sentence is tested elsewhere): the sample still there, no batch state left, the request
+    pending for the next `unlearn`."""
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.exact import process_pending
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    ws = Workspace(root)
+    victim = _private(root, 17)
+    submit([RequestSpec(sample_ids=[victim])], ws)
+    with pytest.raises(LmeraserError, match=expect):
+        process_pending(ws, log=lambda message: None, git_commit=False)
+    assert victim in _present(root) and not list((root / "audit" / "batches").glob("*.json"))
+    assert victim in {s for r in Journal(ws).pending() for s in r["sample_ids"]}
+
+
+def _finish(root) -> None:
+    from lmeraser.unlearning.exact import process_pending
+
+    process_pending(Workspace(root), log=lambda message: None)
+    assert not Journal(Workspace(root)).pending()
+
+
+def test_a_missing_signing_key_stops_the_batch_before_any_change(root, tmp_path):
+    """Check before you change: without the signing key the batch refuses at once; data, data.dvc,
+    dvc.lock, the suppression list and the log stay as they were; with the key back it finishes."""
+    if not _records(root):  # run alone: the first record makes the key
+        from lmeraser.unlearning.requests import RequestSpec, submit
+
+        submit([RequestSpec(sample_ids=[_private(root, 29)])], Workspace(root))
+        _finish(root)
+    key = root / "audit" / "keys" / "signing-key.pem"
+    shutil.move(key, tmp_path / "key.pem")
+    before = _snapshot(root)
+    _refused_before_any_change(root, "signing key not found")
+    assert _snapshot(root) == before
+    shutil.move(tmp_path / "key.pem", key)
+    _finish(root)
+
+
+def test_another_signer_or_a_lost_salt_or_a_broken_registry_changes_nothing(root, tmp_path, monkeypatch):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    before = _snapshot(root)
+    with monkeypatch.context() as env:
+        env.setenv("LMERASER_SIGNING_KEY", other.decode())
+        _refused_before_any_change(root, "is not the pinned signer")
+    assert _snapshot(root) == before
+    # The salt: never made again once keyed hashes exist.
+    salt = root / "audit" / "keys" / "subject-salt"
+    shutil.move(salt, tmp_path / "salt")
+    _refused_before_any_change(root, "salt")
+    assert _snapshot(root) == before and not salt.exists()
+    shutil.move(tmp_path / "salt", salt)
+    # The registry store: a damaged mlflow.db fails the batch before the data changes.
+    db = root / "mlflow.db"
+    shutil.copy2(db, tmp_path / "mlflow.db")
+    db.write_bytes(b"not a database" * 100)
+    _refused_before_any_change(root, "mlflow.db")
+    assert _snapshot(root) == before
+    shutil.copy2(tmp_path / "mlflow.db", db)
+    _finish(root)
+
+
+def test_an_influence_update_without_its_signing_key_is_refused_not_served(root, tmp_path):
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    key = root / "audit" / "keys" / "signing-key.pem"
+    overlay = root / "artifacts" / "prompts" / "approximate" / "overlay.json"
+    served = overlay.read_bytes() if overlay.exists() else None
+    shutil.move(key, tmp_path / "key.pem")
+    try:
+        with pytest.raises(LmeraserError, match="signing key not found"):
+            submit([RequestSpec(sample_ids=[_private(root, 19)])], Workspace(root), method="influence")
+    finally:
+        shutil.move(tmp_path / "key.pem", key)
+    assert (overlay.read_bytes() if overlay.exists() else None) == served and not Journal(Workspace(root)).pending()
+
+
+def test_a_record_that_would_contradict_the_data_is_not_signed(root):
+    """A bookkeeping bug (here a request that calls a live sample 'already forgotten', as the
+    tombstone bug of finding 0a did) fails the batch at its state check; nothing is signed."""
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.exact import process_pending
+    from lmeraser.unlearning.requests import ResolvedRequest
+
+    ws = Workspace(root)
+    live = _private(root, 23)
+    records = len(_records(root))
+    Journal(ws).submit([ResolvedRequest(request_id="req-bookkeeping", kind="forget", sample_ids=[], already_forgotten=[live], subjects=[])])
+    with pytest.raises(LmeraserError, match=f"sample {live}, said to be forgotten already, is in data/private"):
+        process_pending(ws, log=lambda message: None)
+    assert len(_records(root)) == records and live in _present(root)
