@@ -775,6 +775,30 @@ def audit_export_key(out: Path = typer.Option(None, "--out", help="where to writ
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 
 
+@audit_app.command("rotate-key")
+def audit_rotate_key(
+    new_key: Path = typer.Option(None, "--new-key", help="the new Ed25519 private key (PEM, 0600); default: a fresh one"),
+    reason: str = typer.Option("", "--reason", help="why the key changes (signed into the rotation record)"),
+    root: Path = ROOT,
+) -> None:
+    """Hand the signing of the log to a new key: a key-rotation record signed by the current key
+    and countersigned by the new one (the only way the signer may change); re-run after an
+    interruption to finish it."""
+    from lmeraser.io import read_trusted
+    from lmeraser.lineage import keys
+    from lmeraser.lineage.records import rotate_key
+
+    ws = Workspace(root)
+    try:
+        key = keys.parse_private_key(read_trusted(new_key, "new signing key", 64 << 10, secret=True, follow_links=True), str(new_key)) if new_key else None
+        with ws.lock("unlearn"):  # never beside a batch that is signing
+            record = rotate_key(ws, key, reason)
+    except LmeraserError as error:
+        _fail(str(error))
+    p = record.predicate
+    console.print(f"lineage record {record.number}: key rotation {p.get('old_signer')} -> {p.get('new_signer')}; commit audit/ (the pinned signer changed)")
+
+
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback unless told otherwise)"),

@@ -40,6 +40,8 @@ NAMED = (
     "directory:swapped-in",
     "influence:overlay-written",
     "influence:record-appended",
+    "mlflow:store-initialized",  # the workspace's MLflow store is created only once (tracking.ensure_store)
+    "mlflow:store-complete",
 )
 
 

@@ -201,21 +201,32 @@ def atomic_save_npy(path: str | Path, array: np.ndarray, mode: int | None = None
             np.save(handle, array, allow_pickle=False)
 
 
+KERNEL_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
 def read_input_bytes(path: str | Path, what: str, limit: int) -> bytes:
     """A user-supplied file, read once and refused unless it is a regular file of at most `limit`
-    bytes: a directory, FIFO or device (which could block forever) is named and refused."""
+    bytes: a directory, FIFO or device (which could block forever), or a kernel file under /proc,
+    /sys or /dev (which may claim size 0 and fail or never end), is named and refused."""
     path = Path(path)
-    if not path.exists():
-        raise LmeraserError(f"{shown(path, 200)}: {what} not found.")
-    if not path.is_file():
-        raise LmeraserError(f"{shown(path, 200)}: {what} is not a regular file (a directory, FIFO or device).")
-    size = path.stat().st_size
-    if size > limit:
-        raise LmeraserError(f"{shown(path, 200)}: {what} is {size} bytes, over the limit of {limit}.")
-    with open(path, "rb") as handle:
-        data = handle.read(limit + 1)
+    where = shown(path, 200)
+    try:
+        if not path.exists():
+            raise LmeraserError(f"{where}: {what} not found.")
+        if not path.is_file():
+            raise LmeraserError(f"{where}: {what} is not a regular file (a directory, FIFO or device).")
+        resolved = path.resolve()
+        if any(resolved == tree or tree in resolved.parents for tree in KERNEL_TREES):
+            raise LmeraserError(f"{where}: {what} is a kernel file (under /proc, /sys or /dev), not a regular file.")
+        size = path.stat().st_size
+        if size > limit:
+            raise LmeraserError(f"{where}: {what} is {size} bytes, over the limit of {limit}.")
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise LmeraserError(f"{where}: {what} cannot be read ({error.strerror or error.__class__.__name__}).") from None
     if len(data) > limit:
-        raise LmeraserError(f"{shown(path, 200)}: {what} is over the limit of {limit} bytes.")
+        raise LmeraserError(f"{where}: {what} is over the limit of {limit} bytes.")
     return data
 
 

@@ -23,7 +23,7 @@ class LmeraserModel(PythonModel):
 
         self.model = ServingModel.load(Workspace(Path(context.artifacts["bundle"])))
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         images = np.asarray(model_input)
         if images.dtype != np.uint8:
             images = np.clip(np.rint(images), 0, 255).astype(np.uint8)

@@ -24,7 +24,6 @@ import logging
 import os
 import sqlite3
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,21 +299,27 @@ def serving_bundle(ws: Workspace, into: Path) -> dict[str, str]:
     """Copy what serving reads (a miniature workspace) into `into`; its files' sha256 by path."""
     import shutil
 
-    from lmeraser.io import sha256_file
+    from lmeraser.io import atomic_write_json, sha256_file
     from lmeraser.overlay import Overlay
 
     index = ws.prompt_index()
     bundle = Workspace(into)
     files = [ws.backbone_weights, ws.backbone_meta_file, ws.prototypes_file, ws.prompt_index_file]
     files += [ws.root / path for path, _ in Overlay(ws).served(index).values()]
-    if ws.overlay_file.exists():
-        files.append(ws.overlay_file)
     out = {}
     for path in files:
         target = bundle.root / ws.relative(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
         out[ws.relative(path)] = sha256_file(target)
+    # The overlay as serving reads it: the active entries' artifacts only. The edits an entry
+    # records (sample ids, request ids, times) stay in the workspace, where the exact batch that
+    # makes them exact deletes them; a registered model outlives that batch and must name none.
+    active = Overlay(ws).active(index)
+    if active:
+        served_fields = ("key", "sha256", "base_key", "base_sha256", "approximate")
+        atomic_write_json(bundle.overlay_file, {"clusters": {c: {k: e[k] for k in served_fields if k in e} for c, e in sorted(active.items())}})
+        out[ws.relative(ws.overlay_file)] = sha256_file(bundle.overlay_file)
     return out
 
 
@@ -328,10 +333,8 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
+    from lmeraser import serving_pyfunc  # its predict has type hints: MLflow asks for none
     from lmeraser.io import sha256_json
-
-    with _no_type_hint_warning():
-        from lmeraser import serving_pyfunc
 
     client = MlflowClient()
     try:
@@ -348,42 +351,21 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
         from lmeraser.inference import ServingModel
 
         predictions, _ = ServingModel.load(Workspace(Path(tmp) / "bundle")).predict(example)
-        with _no_type_hint_warning():
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=serving_pyfunc.__file__,
-                artifacts={"bundle": str(Path(tmp) / "bundle")},
-                signature=infer_signature(example, predictions),
-                input_example=example,
-                # Explicit: inferring them would load the model in a subprocess.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "faiss-cpu", "safetensors", "numpy", "mlflow"],
-            )
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving_pyfunc.__file__,
+            artifacts={"bundle": str(Path(tmp) / "bundle")},
+            signature=infer_signature(example, predictions),
+            input_example=example,
+            # Explicit: inferring them would load the model in a subprocess.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "faiss-cpu", "safetensors", "numpy", "mlflow"],
+        )
     prompts = sorted({sha for path, sha in files.items() if path.endswith(".safetensors") and "/prompts/" in path})
     mlflow.log_dict({"prompt_sha256": prompts}, PROMPTS_ARTIFACT)
     version = client.create_model_version(REGISTERED_MODEL, source=info.model_uri, run_id=run_id, description=description, tags={SERVED_TAG: fingerprint})
     client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
     log(f"registered model '{REGISTERED_MODEL}' version {version.version} as '{ALIAS}'")
     return int(version.version)
-
-
-TYPE_HINT_WARNING = "Add type hints to the `predict` method"
-
-
-@contextlib.contextmanager
-def _no_type_hint_warning() -> Iterator[None]:
-    """Drop MLflow's (ANSI-coloured) request for type hints on a PythonModel's `predict`, which
-    it makes each time it executes the model's code (import, logging, the input example's check);
-    every other warning passes. MLflow resets the warning filters around that check
-    (`simplefilter("once")`), so the message is dropped where warnings are shown."""
-    shown_before = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not (issubclass(category, UserWarning) and TYPE_HINT_WARNING in str(message)):
-            shown_before(message, category, filename, lineno, file, line)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
 
 
 def _production(client):

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.errors import DataError, LmeraserError
+from lmeraser.io import KERNEL_TREES
 
 SPLITS = ("public", "private", "test")
 MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]
@@ -47,9 +48,6 @@ def image_channels(image_shape) -> int:
     return 1 if len(image_shape) == 2 else int(image_shape[2])
 
 
-SYSTEM_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
-
-
 def check_root(root: Path) -> None:
     """A workspace root is a directory (or not yet made) outside the kernel's trees (/proc, /sys,
     /dev); anything else is one sentence."""
@@ -62,7 +60,7 @@ def check_root(root: Path) -> None:
         raise LmeraserError(
             f"{shown(root, 200)}: cannot be used as the workspace root ({getattr(error, 'strerror', None) or error.__class__.__name__})."
         ) from None
-    for tree in SYSTEM_TREES:
+    for tree in KERNEL_TREES:
         if resolved == tree or tree in resolved.parents:
             raise LmeraserError(f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); pass a directory with --root.")
     if is_file:

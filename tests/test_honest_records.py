@@ -227,6 +227,35 @@ def test_an_influence_update_without_its_signing_key_is_refused_not_served(root,
     assert (overlay.read_bytes() if overlay.exists() else None) == served and not Journal(Workspace(root)).pending()
 
 
+def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(root):
+    """`lmeraser audit rotate-key` hands the log over by a signed rotation: verify and report accept
+    it, and the next batch is signed by the new key (and the retired key is refused)."""
+    from lmeraser.lineage.keys import key_id, load_public_key
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    if not _records(root):  # run alone: the first record makes the key
+        submit([RequestSpec(sample_ids=[_private(root, 29)])], Workspace(root))
+        _finish(root)
+    old = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
+    retired = (root / "audit" / "keys" / "signing-key.pem").read_bytes()
+    done = _cli_ok("audit", "rotate-key", "--reason", "yearly", cwd=root)
+    new = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
+    assert f"key rotation {old} -> {new}" in done.stdout and new != old
+    _cli_ok("audit", "verify", cwd=root)
+    _cli_ok("audit", "report", "--out", str(root / "audit" / "report.html"), cwd=root)
+    submit([RequestSpec(sample_ids=[_private(root, 31)])], Workspace(root))
+    _finish(root)
+    assert _records(root)[-1].predicate["signer"] == new
+    key = root / "audit" / "keys" / "signing-key.pem"
+    current = key.read_bytes()
+    key.write_bytes(retired)
+    try:
+        _refused_before_any_change(root, "is not the pinned signer")
+    finally:
+        key.write_bytes(current)
+    _commit(root, "rotation")
+
+
 def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     """A bookkeeping bug (here a request that calls a live sample 'already forgotten', as the
     tombstone bug of finding 0a did) fails the batch at its state check; nothing is signed."""
@@ -241,3 +270,31 @@ def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     with pytest.raises(LmeraserError, match=f"sample {live}, said to be forgotten already, is in data/private"):
         process_pending(ws, log=lambda message: None)
     assert len(_records(root)) == records and live in _present(root)
+
+
+def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace, tmp_path):
+    """Finding 0c at its source: the serving bundle a registered model holds has each active
+    influence overlay's artifact and key, never the edits (sample ids, request ids, times) that the
+    workspace keeps until the exact batch; it still serves the overlay."""
+    from lmeraser.inference import ServingModel
+    from lmeraser.overlay import Overlay
+    from lmeraser.tracking import serving_bundle
+
+    source, _ = trained_workspace
+    shutil.copytree(source.root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    index = ws.prompt_index()
+    cluster, entry = next(iter(index.clusters.items()))
+    victim = ws.manifest("private")["sample_id"][0]
+    overlay = Overlay(ws)
+    stored = overlay.store.save("edited", ServingModel.load(ws).state(cluster), {"cluster": int(cluster), "method": "influence"})
+    edits = [{"request_id": "req-0123456789ab", "kind": "forget", "sample_ids": [victim], "received_at": 1.0}]
+    overlay.write(
+        {cluster: {"key": "edited", "sha256": stored.sha256, "base_key": entry.key, "base_sha256": entry.sha256, "approximate": True, "edits": edits}}
+    )
+    files = serving_bundle(ws, tmp_path / "bundle")
+    written = b"".join(path.read_bytes() for path in (tmp_path / "bundle").rglob("*") if path.is_file())
+    assert victim.encode() not in written and b"req-0123456789ab" not in written
+    bundle = Workspace(tmp_path / "bundle")
+    assert ServingModel.load(bundle).served_keys()[cluster] == "overlay:edited"
+    assert files[ws.relative(ws.overlay_file)] and json.loads(bundle.overlay_file.read_text())["clusters"][cluster]["sha256"] == stored.sha256

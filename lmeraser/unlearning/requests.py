@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmeraser.errors import LmeraserError, shown
-from lmeraser.io import atomic_save_npy, atomic_write_bytes, npy_header, read_input_bytes, read_input_text
+from lmeraser.io import MissingFile, atomic_save_npy, atomic_write_bytes, npy_header, read_input_bytes, read_input_text, read_trusted
 from lmeraser.salt import Keyer
 from lmeraser.workspace import SPLITS, Workspace, image_channels
 
@@ -31,6 +31,7 @@ MAX_LINE = 64 << 10
 MAX_ID = 256
 MAX_IDS = 100_000
 MAX_IMAGE_FILE = 16 << 20
+MAX_JOURNAL = 1 << 30  # about two million requests
 
 
 def _plain_id(value: str) -> str:
@@ -325,8 +326,8 @@ class Journal:
     def _repair(self) -> None:
         # A crash mid-append can leave a last line without its newline: drop it (it was never
         # acknowledged to the caller, who sees a failure and may resubmit).
-        if self.path.exists():
-            raw = self.path.read_bytes()
+        if os.path.lexists(self.path):
+            raw = read_trusted(self.path, "request journal", MAX_JOURNAL)
             if raw and not raw.endswith(b"\n"):
                 atomic_write_bytes(self.path, raw[: raw.rfind(b"\n") + 1])
 
@@ -346,9 +347,12 @@ class Journal:
                 os.fsync(handle.fileno())
 
     def events(self) -> list[dict]:
-        if not self.path.exists():
+        try:
+            # A regular file, never through a link, bounded: a FIFO or device cannot hang a command.
+            raw = read_trusted(self.path, "request journal", MAX_JOURNAL)
+        except MissingFile:
             return []
-        *lines, tail = self.path.read_bytes().split(b"\n")  # an unterminated tail is a torn append: ignored
+        *lines, tail = raw.split(b"\n")  # an unterminated tail is a torn append: ignored
         out = []
         for number, line in enumerate(lines, start=1):
             try:
