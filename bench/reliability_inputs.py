@@ -291,6 +291,116 @@ CASES: list[Case] = [
 ]
 
 
+# -- issue 21: bounded everything. Our own variants of each class the product now refuses (the
+# test suite's cases for it are in tests/test_hostile_inputs.py; these run in the bench only).
+
+
+def _laughs(depth: int, key: str) -> str:
+    """A YAML 'billion laughs': `depth` levels of ten aliases each, the last bound to `key`."""
+    names = [f"l{i}" for i in range(depth + 1)]
+    text = f"{names[0]}: &{names[0]} [lol,lol,lol,lol,lol,lol,lol,lol,lol,lol]\n"
+    text += "".join(f"{c}: &{c} [{','.join(['*' + p] * 10)}]\n" for p, c in zip(names, names[1:], strict=False))
+    return text + f"{key}: *{names[-1]}\n"
+
+
+def _npz_labels(path: Path, labels: list) -> Path:
+    with open(path, "wb") as handle:
+        np.savez(handle, x_train=np.zeros((len(labels), 8, 8), np.uint8), y_train=np.asarray(labels, np.int64))
+    return path
+
+
+def _idx_source(scratch: Path, name: str, images: str = "ok", labels: str = "ok") -> str:
+    """An IDX directory whose images or labels file is "fifo", "urandom" (a link to /dev/urandom)
+    or "ok" (a valid 2-image file)."""
+    folder = scratch / f"idx-{name}"
+    folder.mkdir(exist_ok=True)
+    for file, how, valid in (
+        ("train-images-idx3-ubyte", images, b"\x00\x00\x08\x03" + struct.pack(">III", 2, 8, 8) + bytes(128)),
+        ("train-labels-idx1-ubyte", labels, b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"\x00\x01"),
+    ):
+        path = folder / file
+        if path.exists() or path.is_symlink():
+            continue
+        if how == "fifo":
+            os.mkfifo(path)
+        elif how == "urandom":
+            path.symlink_to("/dev/urandom")
+        else:
+            _write(path, valid)
+    return f"idx:{folder}"
+
+
+def _init(source: Callable[[Path], str] | str) -> Callable:
+    return lambda root, s: ["data", "init", "--root", str(root), "--source", source(s) if callable(source) else source, "--no-dvc"]
+
+
+def _fifo_journal(root: Path, scratch: Path) -> None:
+    journal = root / "audit" / "journal.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.unlink(missing_ok=True)
+    os.mkfifo(journal)
+
+
+def _signed_log_and_fifo_journal(root: Path, scratch: Path) -> None:
+    """A genuine signed record and pinned signer (so `audit verify` gets as far as the journal), then
+    the journal a FIFO."""
+    from lmeraser.lineage.records import lineage_log, signing_key
+    from lmeraser.workspace import Workspace
+
+    ws = Workspace(root)
+    lineage_log(ws).append({"artifacts/prompts/index.json": "0" * 64}, {"requests": [{"request_id": "r1"}]}, signing_key(ws))
+    _fifo_journal(root, scratch)
+
+
+ISSUE_21: list[Case] = [
+    # params: aliases, bombs, repeated keys, non-finite and wrongly typed numbers
+    Case("params: 12-level billion laughs under prompt", _params(lambda s: _write(s / "laughs.yaml", _laughs(12, "prompt")))),
+    Case("params: merge key <<: *alias", _params(lambda s: _write(s / "merge.yaml", "base: &b {epochs: 2}\nbackbone:\n  <<: *b\n"))),
+    Case("params: alias of a scalar in a list", _params(lambda s: _write(s / "alias-list.yaml", "seed: &n 4\nclustering:\n  min_clusters: *n\n"))),
+    Case(
+        "params.yaml a billion laughs (forget, no --params)",
+        lambda root, s: _forget("--sample-id", _private_id(root))(root, s),
+        _break_params(_laughs(9, "seed").encode()),
+    ),
+    Case("params: a section given twice", _params(lambda s: _write(s / "dup-section.yaml", "backbone:\n  epochs: 2\nseed: 0\nbackbone:\n  lr: 0.1\n"))),
+    Case("params: a nested key given twice", _params(lambda s: _write(s / "dup-nested.yaml", "backbone:\n  lr: 0.1\n  lr: 0.2\n"))),
+    Case("params: lr -.inf", _params(lambda s: _write(s / "ninf.yaml", "backbone:\n  lr: -.inf\n"))),
+    Case("params: lr .nan", _params(lambda s: _write(s / "nan.yaml", "backbone:\n  lr: .NaN\n"))),
+    Case("params: lr -1e999", _params(lambda s: _write(s / "nhuge.yaml", "backbone:\n  lr: -1e999\n"))),
+    Case("params: seed a bool (yes)", _params(lambda s: _write(s / "yes.yaml", "seed: true\n"))),
+    Case("params: epochs false", _params(lambda s: _write(s / "false.yaml", "backbone:\n  epochs: false\n"))),
+    Case("params: --params /proc/self/mem", _params(lambda s: Path("/proc/self/mem"))),
+    # data sources: IDX files that block or never end, huge labels, over-long paths
+    Case("IDX labels file is a FIFO", _init(lambda s: _idx_source(s, "labels-fifo", labels="fifo"))),
+    Case("IDX images file links to /dev/urandom", _init(lambda s: _idx_source(s, "images-urandom", images="urandom"))),
+    Case("IDX labels file links to /dev/urandom", _init(lambda s: _idx_source(s, "labels-urandom", labels="urandom"))),
+    Case("npz label 2^33", _init(lambda s: "npz:" + str(_npz_labels(s / "label-2-33.npz", [0, 1, 2**33])))),
+    Case("npz label 2^62", _init(lambda s: "npz:" + str(_npz_labels(s / "label-2-62.npz", [0, 2**62])))),
+    Case("npz label just over the class limit (100,000)", _init(lambda s: "npz:" + str(_npz_labels(s / "label-100000.npz", [0, 100_000])))),
+    Case("npz path with a 300-character name", _init(lambda s: f"npz:{s}/{'n' * 300}.npz")),
+    Case("npz path of 20,000 characters", _init("npz:" + "/d" * 10_000)),
+    Case("idx path of 5,000 characters", _init("idx:/" + "i" * 5000)),
+    # roots and user files inside the kernel's trees
+    Case("--root a file (audit verify)", lambda root, s: ["audit", "verify", "--root", str(_write(s / "root-file", "x"))]),
+    Case("--root a file (unlearn)", lambda root, s: ["unlearn", "--root", str(_write(s / "root-file2", "x"))]),
+    Case("--root /proc/1", lambda root, s: ["audit", "verify", "--root", "/proc/1"]),
+    Case("--root /sys", lambda root, s: ["forget", "--root", "/sys", "--no-process", "--sample-id", "a"]),
+    Case("--root /dev/shm", lambda root, s: ["audit", "show", "--root", "/dev/shm"]),
+    Case("rectify --file /proc/self/mem", lambda root, s: ["rectify", "--root", str(root), "--no-process", "--file", "/proc/self/mem"]),
+    Case("forget --file /proc/self/environ", _forget("--file", "/proc/self/environ")),
+    Case("rectify --input /proc/self/fd/0", _rectify_input(lambda s: Path("/proc/self/fd/0"))),
+    Case("verify --pubkey /proc/self/mem", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", "/proc/self/mem"]),
+    # a journal that is a FIFO: forget, verify and a batch must not block on it
+    Case("forget with a FIFO journal", _forget("--sample-id", "a"), _fifo_journal),
+    Case("forget a real sample with a FIFO journal", lambda root, s: _forget("--sample-id", _private_id(root))(root, s), _fifo_journal),
+    Case("audit verify with a FIFO journal", lambda root, s: ["audit", "verify", "--root", str(root)], _signed_log_and_fifo_journal),
+    Case("unlearn with a FIFO journal", lambda root, s: ["unlearn", "--root", str(root)], _fifo_journal, True),
+]
+for _case in ISSUE_21:
+    _case.bench_only = True
+CASES += ISSUE_21
+
+
 def _pinned_garbage(root: Path) -> None:
     from lmeraser.lineage.records import signing_key
     from lmeraser.workspace import Workspace
@@ -438,7 +548,12 @@ def main() -> None:
         build_workspace(tmp / "pristine")
         shutil.copytree(tmp / "pristine", tmp / "ws")
         (tmp / "scratch").mkdir()
-        outcomes = run_all(tmp / "ws", tmp / "scratch", tmp / "pristine")
+        try:
+            outcomes = run_all(tmp / "ws", tmp / "scratch", tmp / "pristine")
+        finally:
+            from lmeraser import prefect_server
+
+            prefect_server.stop(tmp / "ws")  # the standing server the `unlearn` cases started
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1

@@ -4,15 +4,23 @@
 
 In a scratch git + DVC copy of this repository (bench/results/work-kill/), on the digits demo
 (`lmeraser data init` + `dvc repro`), each trial submits one forget request for a random private
-sample, starts `lmeraser unlearn`, SIGKILLs its whole process group (the CLI and Prefect's
-temporary server, as a machine crash would) at a random moment within one clean run's duration,
-runs `lmeraser unlearn` again to completion, and checks:
+sample, starts `lmeraser unlearn`, SIGKILLs its whole process group (the CLI and every child it
+started; the workspace's standing Prefect server runs detached in its own session and survives,
+as it would a crash of the CLI) at a random moment within one clean run's duration, runs
+`lmeraser unlearn` again to completion, and checks:
   - every request submitted so far is `verified` exactly once in the journal, none pending;
   - no leftover: no `.tmp`, `.staging`, `.new` or `.old` under data/, no `.tmp` in audit/, no
     batch state or influence intent file;
-  - the lineage log verifies against the pinned signer and the deployed artifacts match it.
+  - no half-made MLflow store: no `.mlflow.db.*` temporary beside `mlflow.db`, which exists.
 Then the same for every named failpoint (lmeraser/failpoints.py), the influence ones through
-`forget --method influence`. At the end `audit verify` and `audit scan` must pass.
+`forget --method influence`. The two `mlflow:store-*` points are reached only while a workspace's
+MLflow store is created: their trials first move `mlflow.db` out of the workspace (to
+bench/results/work-kill/mlflow-before-<trial>.db), so the batch creates a new store and is killed
+inside that creation, by whichever process creates it (a `dvc repro` stage dies, and the batch
+with it); such a trial counts as killed at the point only when the creator's temporary store is
+found afterwards. At the end the lineage log must pass `audit verify` (signatures, chain, head,
+pinned signer, deployed artifacts) and `audit scan` must find nothing; the standing Prefect
+server is then stopped.
 Saves bench/results/reliability-kill.{json,md}.
 """
 
@@ -69,7 +77,26 @@ def problems(work: Path, submitted: list[str]) -> list[str]:
     found += [f"{r['request_id']} still pending" for r in Journal(ws).pending()]
     found += [f"leftover {p.relative_to(work)}" for p in (work / "data").rglob(".*") if p.name.endswith((".tmp", ".staging", ".new", ".old"))]
     found += [f"leftover {p.relative_to(work)}" for p in [*(work / "audit").glob(".*.tmp"), *(work / "audit" / "batches").glob("*")]]
+    found += [f"leftover {p.relative_to(work)}" for p in _half_made_stores(work)]
+    if not (work / "mlflow.db").is_file():
+        found.append("no mlflow.db after the resume")
     return found
+
+
+def _half_made_stores(work: Path) -> list[Path]:
+    """What a process killed while creating the workspace's MLflow store leaves (tracking._create_store)."""
+    return sorted(work.glob(".mlflow.db.*"))
+
+
+def move_store_aside(work: Path, n: int) -> Path:
+    """Move the workspace's MLflow store (and its SQLite side files) out of the workspace, so the
+    next run creates a new one; where it went."""
+    saved = work.parent / f"mlflow-before-{n}.db"
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        path = work / f"mlflow.db{suffix}"
+        if path.exists():
+            os.replace(path, saved.with_name(saved.name + suffix))
+    return saved
 
 
 def submit(work: Path, rng: random.Random) -> str:
@@ -122,17 +149,26 @@ def main() -> None:
                 code = killed_run(work, ["forget", "--sample-id", sample, "--method", "influence"], {**env, FAILPOINT_ENV: point}, None)
                 submitted.append(next(r["request_id"] for r in reversed(_journal(work)) if r["state"] == "received"))
             else:
+                if point.startswith("mlflow:"):
+                    move_store_aside(work, n)
                 code = killed_run(work, ["unlearn"], {**env, FAILPOINT_ENV: point}, None)
+        # A failpoint reached in a child (a `dvc repro` stage creating the MLflow store) kills that
+        # child; the creator's temporary store left behind shows the kill happened inside creation.
+        hit = code == -signal.SIGKILL or (point is not None and point.startswith("mlflow:") and bool(_half_made_stores(work)))
         resumed = run([str(BIN / "lmeraser"), "unlearn"], work, env, check=False)
         found = problems(work, submitted)
         if resumed.returncode != 0:
             found.append(f"resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
-        trials.append({"trial": n, "kind": kind, "point": point, "killed_at_s": at, "killed": code == -signal.SIGKILL, "exit": code, "problems": found})
-        print(f"{n}/{len(plan)} {point or f'random {at:.1f}s'}: {'killed' if code == -signal.SIGKILL else f'exit {code}'}; {found or 'ok'}", flush=True)
+        if point is not None and point.startswith("mlflow:") and not hit:
+            found.append(f"failpoint {point} not reached (exit {code}, no temporary store left)")
+        trials.append({"trial": n, "kind": kind, "point": point, "killed_at_s": at, "killed": hit, "exit": code, "problems": found})
+        how = "killed" if code == -signal.SIGKILL else ("killed in a child" if hit else f"exit {code}")
+        print(f"{n}/{len(plan)} {point or f'random {at:.1f}s'}: {how}; {found or 'ok'}", flush=True)
         write_report(args, trials, submitted, clean, started, None, None)
 
     verify = run([str(BIN / "lmeraser"), "audit", "verify"], work, env, check=False)
     scan = run([str(BIN / "lmeraser"), "audit", "scan"], work, env, check=False)
+    run([str(BIN / "lmeraser"), "prefect", "stop", "--root", str(work)], work, env, check=False)
     ok = write_report(args, trials, submitted, clean, started, verify.returncode == 0, scan.returncode == 0 and "0 hits" in scan.stdout)
     if not ok:
         sys.exit(1)
@@ -145,6 +181,7 @@ def write_report(args, trials: list[dict], submitted: list[str], clean: float, s
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}",
         "date": time.strftime("%Y-%m-%d"),
         "complete": verify_ok is not None,
+        "seed": args.seed,
         "clean_unlearn_seconds": round(clean, 1),
         "random_kills": sum(t["kind"] == "random" for t in trials),
         "failpoints": [t["point"] for t in trials if t["kind"] == "failpoint"],
@@ -160,7 +197,7 @@ def write_report(args, trials: list[dict], submitted: list[str], clean: float, s
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     verdict = {True: "pass", False: "FAIL", None: "(running)"}
     lines = [
-        f"SIGKILL of `lmeraser unlearn` on the digits demo; {result['machine']}, {result['date']}; one clean unlearn {result['clean_unlearn_seconds']} s.",
+        f"SIGKILL of `lmeraser unlearn` on the digits demo; {result['machine']}, {result['date']}; one clean unlearn {result['clean_unlearn_seconds']} s; seed {args.seed}.",
         "",
         "| trials | of which killed | requests | lost or verified twice | leftover files | resume failed | audit verify | audit scan |",
         "|---:|---:|---:|---:|---:|---:|---|---|",
