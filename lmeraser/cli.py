@@ -608,13 +608,13 @@ def audit_verify(
         records = verify(ws, key)
     except LmeraserError as error:
         _fail(str(error))
+    # Who signed: one key, or a chain of keys handed over by signed rotations.
+    signers = list(dict.fromkeys(r.predicate.get("signer") for r in records if r.predicate.get("signer")))
     if as_json:
-        _emit({"ok": True, "records": len(records), "signer": key_id(key), "deployed_match_record": records[-1].number})
+        _emit({"ok": True, "records": len(records), "signer": key_id(key), "signers": signers, "deployed_match_record": records[-1].number})
         return
-    console.print(
-        f"OK: {len(records)} record(s), signatures, chain and signed head valid, all signed by {key_id(key)}; "
-        f"deployed artifacts match record {records[-1].number}"
-    )
+    signed = f"all signed by {signers[0]}" if len(signers) <= 1 else f"signed by {len(signers)} keys in turn (signed rotations), now {signers[-1]}"
+    console.print(f"OK: {len(records)} record(s), signatures, chain and signed head valid, {signed}; deployed artifacts match record {records[-1].number}")
 
 
 @audit_app.command("show")

@@ -1,5 +1,10 @@
 """User-facing errors: each carries one sentence that names what is wrong."""
 
+from pathlib import Path
+
+# The kernel's file systems: no user file, workspace or trusted file is read from them.
+KERNEL_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
 
 class LmeraserError(Exception):
     """A problem with the user's input or environment; the CLI prints it and exits non-zero."""

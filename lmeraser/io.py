@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from lmeraser.errors import LmeraserError, shown
+from lmeraser.errors import KERNEL_TREES, LmeraserError, shown
 from lmeraser.failpoints import failpoint
 
 
@@ -131,6 +131,12 @@ def read_trusted(path: str | Path, what: str, limit: int, *, secret: bool = Fals
     path = Path(path)
     where = shown(path, 200)
     try:
+        resolved = path.resolve() if follow_links else path.absolute()
+    except (OSError, RuntimeError):
+        resolved = path
+    if any(resolved == tree or tree in resolved.parents for tree in KERNEL_TREES):
+        raise LmeraserError(f"{where}: the {what} is a kernel file (under /proc, /sys or /dev), not a regular file.")
+    try:
         before = os.stat(path, follow_symlinks=follow_links)
     except FileNotFoundError:
         raise MissingFile(f"{where}: the {what} is missing.") from None
@@ -167,6 +173,8 @@ def read_trusted(path: str | Path, what: str, limit: int, *, secret: bool = Fals
             size += len(block)
     except BlockingIOError:
         raise LmeraserError(f"{where}: the {what} could not be read without blocking (not a regular file).") from None
+    except OSError as error:
+        raise LmeraserError(f"{where}: the {what} cannot be read ({error.strerror or error.__class__.__name__}).") from None
     finally:
         os.close(fd)
     if size > limit:
@@ -199,9 +207,6 @@ def atomic_save_npy(path: str | Path, array: np.ndarray, mode: int | None = None
     with atomic_path(path, mode) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array, allow_pickle=False)
-
-
-KERNEL_TREES = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 def read_input_bytes(path: str | Path, what: str, limit: int) -> bytes:

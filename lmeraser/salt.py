@@ -14,9 +14,11 @@ miss forgotten data and re-ingestion would bring it back.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import tempfile
@@ -98,7 +100,43 @@ def _read(ws: Workspace) -> bytes:
         raise DataError(str(error)) from None
     if len(data) != SALT_BYTES:
         raise DataError(f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); restore it from your secret store.")
+    recorded = recorded_fingerprint(ws)
+    if recorded is not None and fingerprint(data) != recorded[1]:
+        raise DataError(
+            f"{path}: not the secret salt lineage record {recorded[0]} was keyed with (its fingerprint differs): every keyed hash "
+            "would be wrong and `audit scan` blind; restore the original from your secret store."
+        )
     return data
+
+
+FINGERPRINT_MESSAGE = b"lmeraser salt fingerprint v1"
+
+
+def fingerprint(value: bytes) -> str:
+    """A public fingerprint of a salt: HMAC of a fixed message, which reveals nothing of the salt
+    but tells a replaced salt from the one the records were keyed with."""
+    return hmac.new(value, FINGERPRINT_MESSAGE, hashlib.sha256).hexdigest()
+
+
+def recorded_fingerprint(ws: Workspace) -> tuple[int, str] | None:
+    """(record number, salt fingerprint) of the latest lineage record that states one, or None.
+    Read unverified, from the envelopes' payloads (verifying the log is `audit verify`'s job; the
+    data layers that key hashes must not depend on the lineage package), and a line that cannot
+    be read names no fingerprint here."""
+    if not _nonempty(ws.lineage_file):
+        return None
+    try:
+        lines = read_trusted(ws.lineage_file, "lineage log", 1 << 30).splitlines()
+    except LmeraserError:
+        return None
+    for number in range(len(lines), 0, -1):
+        try:
+            predicate = json.loads(base64.b64decode(json.loads(lines[number - 1])["payload"]))["predicate"]
+        except (ValueError, RecursionError, KeyError, TypeError):
+            continue
+        if isinstance(predicate, dict) and predicate.get("salt_fingerprint"):
+            return number, str(predicate["salt_fingerprint"])
+    return None
 
 
 def check_salt(ws: Workspace) -> bool:
@@ -161,6 +199,9 @@ class Keyer:
 
     def subject(self, subject_id: str) -> str:
         return hmac.new(self._salt, subject_id.encode(), hashlib.sha256).hexdigest()
+
+    def fingerprint(self) -> str:
+        return fingerprint(self._salt)
 
     def content(self, content_hash: str) -> str:
         # Domain-separated from subject keys: a content key never equals a subject key.

@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmeraser.errors import DataError, LmeraserError
-from lmeraser.io import KERNEL_TREES
+from lmeraser.errors import KERNEL_TREES, DataError, LmeraserError
 
 SPLITS = ("public", "private", "test")
 MANIFEST_COLUMNS = ["sample_id", "subject_id", "label", "split", "content_hash"]

@@ -547,28 +547,40 @@ def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_p
 
 def test_re_ingestion_keeps_forgotten_data_out(repo):
     """`lmeraser data init` from the source that still holds everything: the suppression list keeps
-    every forgotten sample out, and the scan, which reads the signed records, finds nothing."""
+    every forgotten sample out and every correction in (labels and the corrected images' pixels),
+    so the re-ingested data is the data version the last record vouched for; the scan, which reads
+    the signed records, finds nothing."""
     root, _ = repo
     tombstones = Workspace(root).tombstones()
     forgotten = set(tombstones.query("reason == 'forget'")["sample_id"])
     replaced = int((tombstones["reason"] == "rectify-input").sum())  # old pixels of corrected images
+    corrected = set(tombstones.query("reason == 'rectify-input'")["sample_id"]) - forgotten
+    before = {sid: h for split in ("public", "private") for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values}
+    data_dvc = (root / "data.dvc").read_bytes()
     done = _cli_ok("data", "init", cwd=root)
-    assert f"{len(forgotten) + replaced} sample(s) kept out" in done.stdout, done.stdout
+    assert f"{len(forgotten)} sample(s) kept out" in done.stdout and f"{len(corrected)} image correction(s) re-applied" in done.stdout, done.stdout
     present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
-    assert forgotten and not forgotten & present
+    assert forgotten and not forgotten & present and corrected and corrected <= present
+    after = {sid: h for split in ("public", "private") for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values}
+    assert all(after[sid] == before[sid] for sid in corrected)  # the corrected pixels, not the source's
+    assert (root / "data.dvc").read_bytes() == data_dvc  # the same data version: nothing to rebuild
     assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
     scan = _cli_ok("audit", "scan", cwd=root)
     import re
 
     named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
     assert "0 hits" in scan.stdout and named == len(forgotten) + replaced
-    # Re-ingestion dropped the samples whose image was corrected (the source holds only their old
-    # pixels), so the pipeline is out of date: a batch now would rebuild more than its requests
-    # change. It is refused before anything changes, with what to do.
-    journal, data_dvc = (root / "audit" / "journal.jsonl").read_bytes(), (root / "data.dvc").read_bytes()
-    victim = Workspace(root).manifest("private")["sample_id"][0]
-    refused = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
-    assert refused.returncode == 1 and "the pipeline is not up to date" in refused.stderr and "run `dvc repro` first" in refused.stderr
-    assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(Workspace(root).manifest("private")["sample_id"])
-    assert (root / "audit" / "journal.jsonl").read_bytes().startswith(journal)  # only the request was journaled
-    assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`
+    # A batch refuses to start on a pipeline out of date with params.yaml (it would rebuild more
+    # than its requests change), before anything changes, saying what to do.
+    params = (root / "params.yaml").read_bytes()
+    (root / "params.yaml").write_bytes(params.replace(b"lr: 0.02", b"lr: 0.021", 1))
+    try:
+        journal = (root / "audit" / "journal.jsonl").read_bytes()
+        victim = Workspace(root).manifest("private")["sample_id"][0]
+        refused = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+        assert refused.returncode == 1 and "the pipeline is not up to date" in refused.stderr and "run `dvc repro` first" in refused.stderr
+        assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(Workspace(root).manifest("private")["sample_id"])
+        assert (root / "audit" / "journal.jsonl").read_bytes().startswith(journal)  # only the request was journaled
+        assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`
+    finally:
+        (root / "params.yaml").write_bytes(params)

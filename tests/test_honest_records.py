@@ -8,6 +8,7 @@ each leaves the workspace clean for the next (every batch finishes, or its refus
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -185,7 +186,7 @@ def test_a_missing_signing_key_stops_the_batch_before_any_change(root, tmp_path)
     _finish(root)
 
 
-def test_another_signer_or_a_lost_salt_or_a_broken_registry_changes_nothing(root, tmp_path, monkeypatch):
+def test_another_signer_a_lost_salt_a_broken_registry_or_an_unwritable_directory_changes_nothing(root, tmp_path, monkeypatch):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -208,6 +209,18 @@ def test_another_signer_or_a_lost_salt_or_a_broken_registry_changes_nothing(root
     _refused_before_any_change(root, "mlflow.db")
     assert _snapshot(root) == before
     shutil.copy2(tmp_path / "mlflow.db", db)
+    # A directory the batch writes to that cannot take a file (here: not a directory at all).
+    batches = root / "audit" / "batches"
+    if batches.exists():
+        shutil.move(batches, tmp_path / "batches")
+    batches.write_text("in the way")
+    try:
+        _refused_before_any_change(root, "the batch state directory is not a directory")
+    finally:
+        batches.unlink()
+        if (tmp_path / "batches").exists():
+            shutil.move(tmp_path / "batches", batches)
+    assert _snapshot(root) == before
     _finish(root)
 
 
@@ -256,6 +269,102 @@ def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(r
     _commit(root, "rotation")
 
 
+def _submit(root, *specs) -> None:
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    submit([RequestSpec(**spec) for spec in specs], Workspace(root))
+
+
+def test_forget_and_corrections_of_one_sample_in_one_batch(root, tmp_path):
+    """A stranger's cases: a forget with a label and an image correction of the same sample in one
+    batch erases it (the corrections change nothing, no cluster is planned for the corrected image);
+    two label corrections of one sample end with the last, even when it restores the original."""
+    ws = Workspace(root)
+    private = ws.split("private")
+    gone, relabelled = private.sample_ids[37], private.sample_ids[41]
+    original = int(private.labels[41])
+    np.save(tmp_path / "fix.npy", (255 - private.images[37]).astype(np.uint8))
+    _submit(
+        root,
+        {"sample_ids": [gone]},
+        {"kind": "rectify", "sample_ids": [gone], "label": (int(private.labels[37]) + 1) % 10},
+        {"kind": "rectify", "sample_ids": [gone], "input": str(tmp_path / "fix.npy")},
+        {"kind": "rectify", "sample_ids": [relabelled], "label": (original + 1) % 10},
+        {"kind": "rectify", "sample_ids": [relabelled], "label": original},
+    )
+    _finish(root)
+    record = _records(root)[-1].predicate
+    assert gone not in _present(root) and record["verification"]["clusters_as_planned"]
+    after = Workspace(root).split("private")
+    assert int(after.labels[after.sample_ids.index(relabelled)]) == original
+    suppression = (root / "audit" / "suppression.csv").read_text()
+    assert suppression.count(gone) == 1  # one erasure row; no correction of an erased sample
+
+
+def test_an_erased_image_cannot_come_back_as_a_correction(root, tmp_path):
+    from lmeraser.errors import LmeraserError
+
+    ws = Workspace(root)
+    private = ws.split("private")
+    victim, other = private.sample_ids[43], private.sample_ids[47]
+    np.save(tmp_path / "erased.npy", private.images[43])
+    _submit(root, {"sample_ids": [victim]})
+    _finish(root)
+    journal = (root / "audit" / "journal.jsonl").read_bytes()
+    with pytest.raises(LmeraserError, match="is the image of an erased sample"):
+        _submit(root, {"kind": "rectify", "sample_ids": [other], "input": str(tmp_path / "erased.npy")})
+    assert (root / "audit" / "journal.jsonl").read_bytes() == journal
+
+
+def test_a_replaced_salt_or_a_rolled_back_log_stops_the_batch_and_the_scan(root, tmp_path):
+    """A salt of the right size but other bytes is named (records carry the salt's fingerprint), and
+    so is a log rolled back under the journal: no batch extends it, no scan says '0 hits' with it."""
+    from lmeraser.audit.scan import scan, scan_targets
+    from lmeraser.errors import LmeraserError
+
+    assert _records(root)[-1].predicate["salt_fingerprint"]
+    salt = root / "audit" / "keys" / "subject-salt"
+    original = salt.read_bytes()
+    from lmeraser.unlearning.exact import process_pending
+
+    _submit(root, {"sample_ids": [_private(root, 53)]})  # pending, then the salt is swapped
+    salt.write_bytes(os.urandom(32))
+    try:
+        before = _snapshot(root)
+        with pytest.raises(LmeraserError, match="not the secret salt lineage record"):
+            process_pending(Workspace(root), log=lambda message: None)
+        assert _snapshot(root) == before
+        with pytest.raises(LmeraserError, match="not the secret salt"):  # a submission keys nothing with it either
+            _submit(root, {"sample_ids": [_private(root, 59)]})
+        with pytest.raises(LmeraserError, match="not the secret salt"):
+            targets = scan_targets(Workspace(root))
+            scan(Workspace(root), targets.sample_keys, targets.artifact_hashes)
+    finally:
+        salt.write_bytes(original)
+    # Roll the log and its head back one record: the journal still names the last one.
+    log, head = root / "audit" / "lineage.jsonl", root / "audit" / "lineage.head.json"
+    saved = log.read_bytes(), head.read_bytes()
+    lines = saved[0].splitlines(keepends=True)
+    from lmeraser.lineage.log import LineageLog
+
+    shutil.copy2(log, tmp_path / "log")
+    (tmp_path / "short.jsonl").write_bytes(b"".join(lines[:-1]))
+    try:
+        # A head signed for the shorter log, as the earlier committed version had.
+        history = subprocess.run(["git", "log", "--format=%H", "--", "audit/lineage.head.json"], cwd=root, capture_output=True, text=True).stdout.split()
+        older = next(
+            c for c in history if subprocess.run(["git", "show", f"{c}:audit/lineage.jsonl"], cwd=root, capture_output=True).stdout.count(b"\n") < len(lines)
+        )
+        for name, path in (("audit/lineage.jsonl", log), ("audit/lineage.head.json", head)):
+            path.write_bytes(subprocess.run(["git", "show", f"{older}:{name}"], cwd=root, capture_output=True, check=True).stdout)
+        assert len(LineageLog(log).read_unverified()) < len(lines)
+        _refused_before_any_change(root, "the lineage log does not verify")
+    finally:
+        log.write_bytes(saved[0])
+        head.write_bytes(saved[1])
+    _finish(root)
+
+
 def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     """A bookkeeping bug (here a request that calls a live sample 'already forgotten', as the
     tombstone bug of finding 0a did) fails the batch at its state check; nothing is signed."""
@@ -270,6 +379,13 @@ def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     with pytest.raises(LmeraserError, match=f"sample {live}, said to be forgotten already, is in data/private"):
         process_pending(ws, log=lambda message: None)
     assert len(_records(root)) == records and live in _present(root)
+    # While that batch waits, a re-ingestion is refused: its record would describe data it did not make.
+    from lmeraser.config import load_params
+    from lmeraser.data.splits import init_data
+
+    params = load_params(root / "params.yaml")
+    with pytest.raises(LmeraserError, match="an unlearning batch is in progress"):
+        init_data(params.data, params.seed, ws)
 
 
 def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace, tmp_path):

@@ -177,7 +177,8 @@ def test_malformed_oversized_and_unframed_bodies_are_refused(service):
     assert not Journal(ws).events()
 
 
-def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypatch):
+def _served_with_a_1_mib_limit(trained_workspace, tmp_path, monkeypatch):
+    """A copy of the trained workspace served with `service.max_body_mib: 1`; (token, server)."""
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
     ws = Workspace(tmp_path / "ws")
@@ -185,7 +186,11 @@ def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypat
     params["service"] = {**params.get("service", {}), "max_body_mib": 1}
     ws.params_file.write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json")))
     token = api_token(ws)
-    served = Served(create_app(ws, token, log=lambda m: None))
+    return token, Served(create_app(ws, token, log=lambda m: None))
+
+
+def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypatch):
+    token, served = _served_with_a_1_mib_limit(trained_workspace, tmp_path, monkeypatch)
     try:
         answer = httpx.post(served.url + "/v1/predict", content=b"x" * ((1 << 20) + 10), headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 413 and "(1 MiB)" in answer.json()["error"]
@@ -198,14 +203,7 @@ def test_a_chunked_body_is_held_to_the_limit_whatever_content_length_says(traine
     and the service answers 413 once it passes the limit, without waiting for (or reading) the rest."""
     import socket
 
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
-    ws = Workspace(tmp_path / "ws")
-    params = yaml.safe_load(ws.params_file.read_text())
-    params["service"] = {**params.get("service", {}), "max_body_mib": 1}
-    ws.params_file.write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json")))
-    token = api_token(ws)
-    served = Served(create_app(ws, token, log=lambda m: None))
+    token, served = _served_with_a_1_mib_limit(trained_workspace, tmp_path, monkeypatch)
     answer = bytearray()
     try:
         with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:

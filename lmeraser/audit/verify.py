@@ -76,8 +76,13 @@ def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
 
 
 def verify(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
-    """Verified records whose latest vouches for exactly the artifacts deployed now."""
+    """Verified records whose latest vouches for exactly the artifacts deployed now; where this
+    machine holds the salt, it is the one the records' keyed hashes were made with."""
     records = verified_records(ws, key)
+    if os.path.lexists(ws.subject_salt_file):
+        from lmeraser.salt import salt
+
+        salt(ws, create=False)  # a replaced salt is one sentence, naming the record it differs from
     batches = [r for r in records if not r.is_rotation]
     if not batches:
         raise LmeraserError(f"{lineage_log(ws).path}: no lineage records of a batch (only key rotations).")

@@ -118,6 +118,11 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     """
     from lmeraser import suppression
 
+    if ws.batch_files():
+        raise DataError(
+            f"an unlearning batch is in progress ({ws.relative(ws.batch_files()[0])}); finish it with `lmeraser unlearn` before "
+            "re-ingesting, or its record would describe data it did not make."
+        )
     recover_data(ws)
     raw = load_source(params.source, params.image_size)
     splits = build_splits(raw, params, seed)

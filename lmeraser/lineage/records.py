@@ -137,6 +137,7 @@ class ExactPredicate(_Schema):
     verification: dict
     served_prompts: dict[str, str] = {}  # cluster -> sha256 of the prompt it serves after this batch
     outside_change: OutsideChange | None = None  # the serving path changed since the previous record
+    salt_fingerprint: str | None = None  # of the salt every keyed hash here was made with (lmeraser/salt.py)
 
 
 class InfluencePredicate(_Schema):

@@ -179,17 +179,12 @@ class UnlearnBatch:
         # The plan: every cluster whose members this batch changes (a label or image "correction"
         # equal to what is there changes nothing), and every cluster a corrected image will be
         # assigned to (an image correction can move a sample to another cluster).
-        corrected = {  # each corrected image read once
-            r["sample_ids"][0]: corrected_image(ws, r)
-            for r in self.state["requests"]
-            if r["kind"] == "rectify" and r["input_path"] and r["sample_ids"] and r["sample_ids"][0] in samples
-        }
-        changing = set(self._targets("forget"))
+        # A sample forgotten in this batch is not corrected (its rectify requests change nothing);
+        # of several corrections of one sample in a batch, the last of each kind stands.
+        final_label, corrected = self._final_corrections(samples, to_forget)
+        changing = set(to_forget)
         changing |= {sid for sid, image in corrected.items() if content_hash(image) != samples[sid]["content_hash"]}
-        for request in self.state["requests"]:
-            sid = request["sample_ids"][0] if request["kind"] == "rectify" and request["sample_ids"] else None
-            if sid in samples and request["label"] is not None and request["label"] != samples[sid]["label"]:
-                changing.add(sid)
+        changing |= {sid for sid, label in final_label.items() if label != samples[sid]["label"]}
         moved_to = self._assigned_clusters([image for sid, image in corrected.items() if sid in cluster_of])
         planned = sorted({int(cluster_of[s]) for s in changing if s in cluster_of} | moved_to)
         public = [s for s in targets if samples.get(s, {}).get("split") == "public"]
@@ -225,6 +220,21 @@ class UnlearnBatch:
             "outside_change": outside,
         }
 
+    def _final_corrections(self, samples: dict, forgotten: set[str]) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """The label and the image each rectified sample ends the batch with (the last request of
+        each kind wins, as the data edits apply them in order); samples this batch forgets and
+        samples no longer in the data are left out."""
+        labels, images = {}, {}
+        for request in self.state["requests"]:
+            sid = request["sample_ids"][0] if request["kind"] == "rectify" and request["sample_ids"] else None
+            if sid not in samples or sid in forgotten:
+                continue
+            if request["label"] is not None:
+                labels[sid] = int(request["label"])
+            elif request["input_path"]:
+                images[sid] = request
+        return labels, {sid: corrected_image(self.ws, request) for sid, request in images.items()}  # each image read once
+
     def _assigned_clusters(self, images: list[np.ndarray]) -> set[int]:
         """Clusters these (corrected) images will be assigned to (assignment is a pure function of
         backbone, prototypes and image: invariant 2)."""
@@ -244,12 +254,17 @@ class UnlearnBatch:
         # What must stay erased or corrected, decided from the state captured before any change,
         # so a re-run after an interruption writes the same rows.
         rows, removed, edits = [], {"public": [], "private": []}, []
+        forgotten = set(self._targets("forget"))
         for request in self.state["requests"]:
+            if request["kind"] == "rectify" and request["sample_ids"][0] in forgotten:
+                continue  # erased in this batch: nothing is left to correct
             if request["kind"] == "forget":
                 for sid in request["sample_ids"]:
                     info = samples.get(sid)
                     if info is None:
                         continue
+                    if sid in removed[info["split"]]:
+                        continue  # named by an earlier request of this batch too: one erasure, one row
                     removed[info["split"]].append(sid)
                     rows.append({"sample_id": sid, "content_key": keyer.content(info["content_hash"]), "reason": "forget"})
             elif request["label"] is not None:
@@ -416,19 +431,21 @@ class UnlearnBatch:
                         problems.append(f"request {rid}: sample {sid}, said to be forgotten already, has no erasure in {ws.suppression_file.name}")
                     elif erased_key[sid] in present_keys:
                         problems.append(f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/")
-            elif request["sample_ids"] and request["sample_ids"][0] not in forgotten_now:
-                sid = request["sample_ids"][0]
-                if sid not in rows:
-                    problems.append(f"request {rid}: rectified sample {sid} is not in data/")
-                    continue
+            elif request["sample_ids"] and request["sample_ids"][0] not in forgotten_now and request["sample_ids"][0] not in rows:
+                problems.append(f"request {rid}: rectified sample {request['sample_ids'][0]} is not in data/")
+        # Each rectified sample holds the label and image its last correction of each kind gave.
+        final_label, final_image = self._final_corrections(capture["samples"], forgotten_now)
+        for sid, label in final_label.items():
+            if sid in rows and int(manifests[rows[sid][0]].iloc[rows[sid][1]]["label"]) != label:
+                problems.append(
+                    f"sample {sid} has label {int(manifests[rows[sid][0]].iloc[rows[sid][1]]['label'])} in data/{rows[sid][0]}, not the corrected {label}"
+                )
+        for sid, image in final_image.items():
+            if sid in rows:
                 split, i = rows[sid]
-                row = manifests[split].iloc[i]
-                if request["label"] is not None and int(row["label"]) != int(request["label"]):
-                    problems.append(f"request {rid}: sample {sid} has label {int(row['label'])} in data/{split}, not the corrected {request['label']}")
-                if request["input_path"]:
-                    image = ws.split(split).images[i]
-                    if content_hash(image) != row["content_hash"] or row["content_hash"] != content_hash(corrected_image(ws, request)):
-                        problems.append(f"request {rid}: sample {sid} in data/{split} does not hold the corrected image")
+                held = content_hash(ws.split(split).images[i])
+                if held != manifests[split].iloc[i]["content_hash"] or held != content_hash(image):
+                    problems.append(f"sample {sid} in data/{split} does not hold its corrected image")
         # The served bits: every served prompt's file hashes to what the record will say, and the
         # clusters the record calls untouched serve exactly what they served before.
         from lmeraser.io import sha256_file
@@ -518,6 +535,7 @@ class UnlearnBatch:
             verification=self.done["verify"],
             served_prompts=after,
             outside_change=capture.get("outside_change"),
+            salt_fingerprint=Keyer(self.ws, create=False).fingerprint(),
         )
 
 

@@ -40,9 +40,22 @@ def check_signer(ws: Workspace) -> None:
         if signer != expected:
             raise LmeraserError(
                 f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); "
-                "restore that key before unlearning: records signed by another would not verify."
+                "restore that key: records signed by another would not verify."
             )
     if os.path.lexists(log.path):
+        # A log that does not verify is never extended (a rolled-back log would reuse record
+        # numbers and drop what later records erased from the scan's targets).
+        from lmeraser.audit.verify import public_key, verified_records
+
+        if not os.path.lexists(pinned):
+            raise LmeraserError(
+                f"{pinned}: the pinned signer is missing while {log.path} holds records; restore it from git "
+                "(or pin the current key with `lmeraser audit export-key`) before unlearning."
+            )
+        try:
+            verified_records(ws, public_key(ws))
+        except LmeraserError as error:
+            raise LmeraserError(f"the lineage log does not verify, so no batch may extend it: {error}") from None
         current = key_id(log.chain(key.public_key()).current)
         if current != signer:
             raise LmeraserError(
@@ -76,7 +89,7 @@ def check_tracking_store(ws: Workspace) -> None:
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
         raise LmeraserError(
-            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it before unlearning: nothing was changed."
+            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it."
         ) from None
 
 
@@ -100,12 +113,12 @@ def _writable(directory: Path, what: str) -> None:
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise LmeraserError(f"{probe_dir}: {what} is not a directory; nothing was changed.")
+        raise LmeraserError(f"{probe_dir}: {what} is not a directory.")
     try:
         with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".lmeraser-probe-"):
             pass
     except OSError as error:
-        raise LmeraserError(f"{probe_dir}: {what} is not writable ({error.strerror}); nothing was changed.") from None
+        raise LmeraserError(f"{probe_dir}: {what} is not writable ({error.strerror}).") from None
 
 
 def check_writable(ws: Workspace) -> None:
@@ -114,9 +127,13 @@ def check_writable(ws: Workspace) -> None:
 
 
 def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
-    """Everything a batch needs to finish; raises one sentence naming the first thing missing."""
-    check_writable(ws)
-    check_signer(ws)
-    check_salt(ws)
-    if tracking_store:
-        check_tracking_store(ws)
+    """Everything a batch needs to finish; raises one sentence naming the first thing missing,
+    and that nothing changed."""
+    try:
+        check_writable(ws)
+        check_signer(ws)
+        check_salt(ws)
+        if tracking_store:
+            check_tracking_store(ws)
+    except LmeraserError as error:
+        raise LmeraserError(f"{str(error).rstrip()} Nothing was changed; the pending requests stay queued for the next `lmeraser unlearn`.") from None

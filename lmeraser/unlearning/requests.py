@@ -167,10 +167,13 @@ class Resolver:
         self.members: dict[str, list[str]] = {}
         for sid, subject in zip(private["sample_id"], private["subject_id"]):
             self.members.setdefault(subject, []).append(sid)
-        self.forgotten = erased_ids(ws.tombstones())
+        tombstones = ws.tombstones()
+        self.forgotten = erased_ids(tombstones)
+        # Contents that must never come back: a corrected image equal to one is refused.
+        self.erased_contents = set(tombstones.loc[tombstones["reason"] == "forget", "content_key"]) - {""}
         self.erased_subjects = forgotten_subjects(ws)
         # A salt exists once anything was forgotten; it is read (never made) here.
-        self.keyer = Keyer(ws, create=False) if self.erased_subjects else None
+        self.keyer = Keyer(ws, create=False) if self.erased_subjects or self.erased_contents else None
         self.classes = int(max(frame["label"].max() for frame in manifests.values() if len(frame)) + 1)
         self.shape = tuple(ws.source_info()["image_shape"])
 
@@ -215,6 +218,14 @@ class Resolver:
             image = decode_corrected_image(upload, "the uploaded image", upload[:6] == b"\x93NUMPY", self.shape)
         else:
             image = load_corrected_image(Path(spec.input), self.shape) if spec.input is not None else None
+        if image is not None and self.erased_contents:
+            from lmeraser.data.splits import content_hash
+
+            if self.keyer.content(content_hash(image)) in self.erased_contents:
+                raise LmeraserError(
+                    f"the corrected image for sample {shown(live[0] if live else '')} is the image of an erased sample "
+                    "(on the suppression list): it can never enter the data; nothing was applied."
+                )
         is_public = any(self.where.get(sid) == "public" for sid in live)
         request_id = f"req-{uuid.uuid4().hex[:12]}"
         return ResolvedRequest(
