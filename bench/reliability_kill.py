@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", type=Path, default=None, help="params preset for the demo (default: params.yaml, digits)")
     parser.add_argument("--skip-failpoints", action="store_true")
+    parser.add_argument("--out", default="reliability-kill", help="results name under bench/results/ (.json and .md)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     env = bench_env()
@@ -193,7 +194,7 @@ def write_report(args, trials: list[dict], submitted: list[str], clean: float, s
         "seconds": round(time.perf_counter() - started),
         "trials": trials,
     }
-    out = ROOT / "bench" / "results" / "reliability-kill"
+    out = ROOT / "bench" / "results" / args.out
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     verdict = {True: "pass", False: "FAIL", None: "(running)"}
     lines = [

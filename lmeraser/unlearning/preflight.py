@@ -39,8 +39,7 @@ def check_signer(ws: Workspace) -> None:
         expected = key_id(load_public_key(pinned))
         if signer != expected:
             raise LmeraserError(
-                f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); "
-                "restore that key: records signed by another would not verify."
+                f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); restore that key: records signed by another would not verify."
             )
     if os.path.lexists(log.path):
         # A log that does not verify is never extended (a rolled-back log would reuse record
@@ -88,9 +87,7 @@ def check_tracking_store(ws: Workspace) -> None:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
-        raise LmeraserError(
-            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it."
-        ) from None
+        raise LmeraserError(f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it.") from None
 
 
 def writable_locations(ws: Workspace) -> dict[str, Path]:
