@@ -300,6 +300,15 @@ class _Refused(Exception):
     """A params file construct we refuse; the message is the sentence's tail."""
 
 
+def _safe_params(text: str):
+    """The YAML document in `text`, through _ParamsLoader (a SafeLoader: no Python objects)."""
+    loader = _ParamsLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     from lmeraser.io import read_input_text
 
@@ -307,7 +316,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         if not path.exists():
             raise ConfigError(f"{shown(path, 200)}: file not found; run from the repository root or pass --params.")
-        raw = yaml.load(read_input_text(path, "params file", 1 << 20), Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader
+        raw = _safe_params(read_input_text(path, "params file", 1 << 20))
     except LmeraserError as error:
         raise ConfigError(str(error)) from None
     except _Refused as error:

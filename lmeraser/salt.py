@@ -54,32 +54,32 @@ def _nonempty(path) -> bool:
 def _lines(path, wanted: int) -> bool:
     """Whether `path` holds at least `wanted` lines (a header and a row); anything there that is
     not a readable regular file counts as holding them."""
-    if not os.path.lexists(path):
-        return False
-    try:
-        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as handle:
-            if not os.path.isfile(path):
-                return True
-            return handle.read(1 << 20).count(b"\n") >= wanted
-    except OSError:
-        return True
+    return _evidence_in(path, lambda handle: handle.read(1 << 20).count(b"\n") >= wanted)
 
 
 def _contains(path, mark: bytes) -> bool:
+    def search(handle) -> bool:
+        tail = b""
+        while block := handle.read(1 << 20):
+            if mark in tail + block:
+                return True
+            tail = block[-len(mark) :]
+        return False
+
+    return _evidence_in(path, search)
+
+
+def _evidence_in(path, test) -> bool:
+    """`test(handle)` on the file at `path`, opened without following a link or blocking; False
+    when there is no file, True when something there is not a readable regular file (it may hide
+    keyed hashes: the salt must then not be made anew)."""
     if not os.path.lexists(path):
         return False
     try:
         with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW | os.O_NONBLOCK)) as handle:
-            if not os.path.isfile(path):
-                return True
-            tail = b""
-            while block := handle.read(1 << 20):
-                if mark in tail + block:
-                    return True
-                tail = block[-len(mark) :]
+            return True if not os.path.isfile(path) else test(handle)
     except OSError:
         return True
-    return False
 
 
 def _restore(ws: Workspace, evidence: str) -> DataError:
