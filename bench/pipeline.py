@@ -4,7 +4,7 @@
     python bench/pipeline.py --source fashion-mnist [--subset N]
 
 Runs the same stage functions that the Prefect flows wrap (without Prefect's per-stage process
-start-up, reported separately in the README), in a scratch workspace under bench/results/work-*.
+start-up, reported separately in docs/benchmarks.md), in a scratch workspace under bench/results/work-*.
 Prints a table and saves JSON, Markdown and a PNG figure to bench/results/.
 """
 
