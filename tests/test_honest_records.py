@@ -335,14 +335,15 @@ def test_a_replaced_salt_or_a_rolled_back_log_stops_the_batch_and_the_scan(root,
     from lmeraser.unlearning.exact import process_pending
 
     _submit(root, {"sample_ids": [_private(root, 53)]})  # pending, then the salt is swapped
+    np.save(tmp_path / "any.npy", Workspace(root).split("private").images[59])
     salt.write_bytes(os.urandom(32))
     try:
         before = _snapshot(root)
         with pytest.raises(LmeraserError, match="not the secret salt lineage record"):
             process_pending(Workspace(root), log=lambda message: None)
         assert _snapshot(root) == before
-        with pytest.raises(LmeraserError, match="not the secret salt"):  # a submission keys nothing with it either
-            _submit(root, {"sample_ids": [_private(root, 59)]})
+        with pytest.raises(LmeraserError, match="not the secret salt"):  # a submission that keys with it is refused
+            _submit(root, {"kind": "rectify", "sample_ids": [_private(root, 59)], "input": str(tmp_path / "any.npy")})
         with pytest.raises(LmeraserError, match="not the secret salt"):
             targets = scan_targets(Workspace(root))
             scan(Workspace(root), targets.sample_keys, targets.artifact_hashes)

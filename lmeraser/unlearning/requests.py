@@ -172,10 +172,17 @@ class Resolver:
         # Contents that must never come back: a corrected image equal to one is refused.
         self.erased_contents = set(tombstones.loc[tombstones["reason"] == "forget", "content_key"]) - {""}
         self.erased_subjects = forgotten_subjects(ws)
-        # A salt exists once anything was forgotten; it is read (never made) here.
-        self.keyer = Keyer(ws, create=False) if self.erased_subjects or self.erased_contents else None
+        self._keyer: Keyer | None = None
         self.classes = int(max(frame["label"].max() for frame in manifests.values() if len(frame)) + 1)
         self.shape = tuple(ws.source_info()["image_shape"])
+
+    @property
+    def keyer(self) -> Keyer:
+        """The salt's keyed hashes, read (never made) when a check needs them: a salt exists once
+        anything was erased, and a plain forget by id needs none."""
+        if self._keyer is None:
+            self._keyer = Keyer(self.ws, create=False)
+        return self._keyer
 
     def resolve(self, spec: RequestSpec, upload: bytes | None = None) -> ResolvedRequest:
         """Check every target against the data; refuse unknown ids and public samples. A sample
@@ -187,7 +194,7 @@ class Resolver:
         for subject in spec.subjects:
             members = self.members.get(subject, [])
             if not members:
-                if self.keyer and self.keyer.subject(subject) in self.erased_subjects:
+                if self.erased_subjects and self.keyer.subject(subject) in self.erased_subjects:
                     subjects_gone.append(self.keyer.subject(subject))  # forgotten before: a recorded no-op, like an id
                     continue
                 raise LmeraserError(f"subject {shown(subject)} has no private samples and was never forgotten.")
