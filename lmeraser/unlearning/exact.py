@@ -436,14 +436,18 @@ class UnlearnBatch:
         # Each rectified sample holds the label and image its last correction of each kind gave.
         final_label, final_image = self._final_corrections(capture["samples"], forgotten_now)
         for sid, label in final_label.items():
-            if sid in rows and int(manifests[rows[sid][0]].iloc[rows[sid][1]]["label"]) != label:
-                problems.append(
-                    f"sample {sid} has label {int(manifests[rows[sid][0]].iloc[rows[sid][1]]['label'])} in data/{rows[sid][0]}, not the corrected {label}"
-                )
+            if sid in rows:
+                split, i = rows[sid]
+                held_label = int(manifests[split].iloc[i]["label"])
+                if held_label != label:
+                    problems.append(f"sample {sid} has label {held_label} in data/{split}, not the corrected {label}")
+        pixels: dict[str, np.ndarray] = {}  # each split's images read once
         for sid, image in final_image.items():
             if sid in rows:
                 split, i = rows[sid]
-                held = content_hash(ws.split(split).images[i])
+                if split not in pixels:
+                    pixels[split] = ws.split(split).images
+                held = content_hash(pixels[split][i])
                 if held != manifests[split].iloc[i]["content_hash"] or held != content_hash(image):
                     problems.append(f"sample {sid} in data/{split} does not hold its corrected image")
         # The served bits: every served prompt's file hashes to what the record will say, and the
