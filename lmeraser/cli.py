@@ -418,6 +418,66 @@ def _approximate(ws: Workspace, quiet: bool = False) -> dict | None:
     return result
 
 
+@app.command("doctor")
+def doctor(
+    env: bool = typer.Option(False, "--env", help="print shell lines that set the portable pins (for a process lmeraser does not start)"),
+    root: Path = ROOT,
+    params_file: Path = PARAMS,
+    as_json: bool = JSON,
+) -> None:
+    """This machine's numerics: the CPU, the numerics the workspace asks for and what took effect
+    (each pin, checked in this process and in a probe), the library versions and the numeric
+    fingerprint records and artifact keys carry. Exits non-zero where portable numerics were asked
+    for and did not take effect."""
+    from lmeraser import numerics
+
+    if env:
+        console.print(numerics.doctor_env(), highlight=False)
+        return
+    from lmeraser.config import load_params
+
+    ws = _workspace(root, params_file)
+    try:
+        mode = load_params(ws.params_file).runtime.numerics if ws.params_file.exists() else numerics.state().mode
+    except LmeraserError as error:
+        _fail(str(error))
+    from lmeraser.fingerprint import fingerprint, software
+
+    boot = numerics.state()
+    problem = None
+    try:
+        numerics.require(mode)
+    except LmeraserError as error:
+        problem = str(error)
+    effects = numerics.effects()
+    report = {
+        "cpu": numerics.cpu_name(),
+        "numerics": mode,
+        "process_started_with": {"mode": boot.mode, "from": boot.source},
+        "pins": numerics.pins_in_effect(),
+        "effects": effects,
+        "versions": software(),
+        "fingerprint": fingerprint(),
+        "ok": problem is None,
+        "problem": problem,
+    }
+    if as_json:
+        _emit(report)
+    else:
+        say = _say(False)
+        say(f"CPU: {report['cpu']}")
+        say(f"numerics: {mode} (this process started with {boot.mode}, from {boot.source})")
+        for row in effects:
+            status = "" if mode != "portable" else ("  ok" if row["value"] == row["portable"] else f"  NOT {row['portable']}")
+            say(f"  {row['what']}: {row['value']}{status}")
+        say("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+        say(f"fingerprint: {report['fingerprint']['sha256']}")
+        for family, digest in report["fingerprint"]["families"].items():
+            say(f"  {family}: {digest}")
+    if problem:
+        _fail(problem)
+
+
 @app.command("forget")
 def forget(
     sample_id: list[str] = typer.Option([], "--sample-id", help="private sample id (repeatable)"),
@@ -694,8 +754,11 @@ def audit_replay(
     params_file: Path = PARAMS,
     as_json: bool = JSON,
 ) -> None:
-    """Retrain the clusters record N rebuilt, from the recorded inputs, and compare artifact hashes."""
-    from lmeraser.audit.replay import replay
+    """Retrain the clusters record N rebuilt, from the recorded inputs, and compare artifact hashes.
+    Exit 0: every checked cluster reproduces; 1: a cluster does not (or nothing could be checked);
+    3: this machine's numeric fingerprint or device differs from the record's, so its bits cannot
+    be compared here."""
+    from lmeraser.audit.replay import CANNOT_COMPARE, replay
     from lmeraser.audit.verify import public_key, verified_records
     from lmeraser.config import load_params
 
@@ -709,6 +772,11 @@ def audit_replay(
         _fail(str(error))
     if as_json:
         _emit(result)  # the exit status below says the same as the text would
+    if not result["comparable"]:
+        _fail(
+            f"record {record}: cannot compare bits on this machine: {result['reason']}; replay it where the fingerprint matches (`lmeraser doctor`).",
+            CANNOT_COMPARE,
+        )
     if result["environment_differences"]:
         _say(as_json)(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
     summary = f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lmeraser import numerics
 from lmeraser.errors import ConfigError
 
 CUBLAS_WORKSPACE = ":4096:8"  # one of the two settings cuBLAS documents as deterministic
@@ -40,11 +41,13 @@ class Compute:
     device: str = "cpu"  # cpu, cuda or cuda:N
     threads: int = 1  # intra-op CPU threads (also what feeds a GPU)
     precision: str = "float32"  # float32 | bf16 (autocast of the backbone's passes)
+    numerics: str = "native"  # portable | native (lmeraser/numerics.py): checked before computing
 
     @classmethod
     def of(cls, meta) -> Compute:
-        """Where passes over a backbone run (its `BackboneMeta`): its device, precision and threads."""
-        return cls(meta.device, meta.threads, meta.precision)
+        """Where passes over a backbone run (its `BackboneMeta`): its device, precision, numerics
+        and threads."""
+        return cls(meta.device, meta.threads, meta.precision, meta.numerics)
 
     @property
     def is_cuda(self) -> bool:
@@ -59,8 +62,10 @@ class Compute:
         return self.torch_device.index or 0
 
     def check(self, source: str = "runtime.device") -> Compute:
-        """Refuse, in one sentence naming `source`, a device this machine does not have; on CUDA,
-        fix cuBLAS's workspace before anything starts it."""
+        """Refuse, in one sentence naming `source`, a device this machine does not have, or
+        numerics this process does not run; on CUDA, fix cuBLAS's workspace before anything
+        starts it."""
+        numerics.require(self.numerics)
         if self.is_cuda:
             if not torch.cuda.is_available():
                 built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
@@ -73,8 +78,19 @@ class Compute:
         return self
 
     def identity(self) -> dict:
-        """What of the computation's place changes its bits (artifact keys, records, caches)."""
-        out = {"device": self.device, "precision": self.precision}
+        """What of the computation's place changes its bits (artifact keys, records, caches): the
+        device, the precision, the numerics asked for, the pins in effect and the numeric
+        fingerprint this process computes (lmeraser/fingerprint.py)."""
+        from lmeraser.fingerprint import fingerprint
+
+        numerics.require(self.numerics)
+        out = {
+            "device": self.device,
+            "precision": self.precision,
+            "numerics": self.numerics,
+            "pins": numerics.pins_in_effect(),
+            "fingerprint": fingerprint(self.device)["sha256"],
+        }
         if self.is_cuda:
             out.update(
                 device_name=torch.cuda.get_device_name(self.cuda_index),
@@ -98,6 +114,7 @@ class Compute:
         """The block runs with this thread count and deterministic kernels (lmeraser.determinism)."""
         from lmeraser.determinism import deterministic
 
+        numerics.require(self.numerics)
         with deterministic(self.threads, cuda=self.is_cuda):
             yield self
 

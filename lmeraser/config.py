@@ -216,6 +216,9 @@ class RuntimeParams(_Section):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]{1,2})?)$")
     # bf16: the backbone's passes under bf16 autocast (big backbones); parameters stay float32.
     precision: Literal["float32", "bf16"] = "float32"
+    # portable: every library pinned to the kernels all x86-64 CPUs share, so every machine
+    # computes the same bits; native: each CPU's fastest kernels (lmeraser/numerics.py).
+    numerics: Literal["portable", "native"] = "portable"
 
     @model_validator(mode="after")
     def _dask(self) -> RuntimeParams:

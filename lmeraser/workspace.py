@@ -445,6 +445,8 @@ class BackboneMeta:
     input_json: dict = field(default_factory=dict)  # InputSpec without img_size (older files: grey, 0.5/0.5)
     device: str = "cpu"  # where it was made and every pass over it runs (lmeraser/compute.py)
     precision: str = "float32"
+    numerics: str = "native"  # portable | native (lmeraser/numerics.py); older files: native
+    fingerprint: str = ""  # the numeric fingerprint of the machine that made it (lmeraser/fingerprint.py)
 
     @property
     def img_size(self) -> int:
@@ -466,6 +468,8 @@ class BackboneMeta:
             raw.get("input", {}),
             str(raw.get("device", "cpu")),
             str(raw.get("precision", "float32")),
+            str(raw.get("numerics", "native")),
+            str(raw.get("fingerprint", "")),
         )
 
     def to_json(self) -> dict:
@@ -478,6 +482,8 @@ class BackboneMeta:
             "input": self.input_json,
             "device": self.device,
             "precision": self.precision,
+            "numerics": self.numerics,
+            "fingerprint": self.fingerprint,
         }
 
 

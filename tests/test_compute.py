@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from lmeraser import numerics
 from lmeraser.compute import Compute, seeded_uniform_
 from lmeraser.config import PromptParams, parse_params
 from lmeraser.config import deep_merge as merge
 from lmeraser.determinism import deterministic
 from lmeraser.errors import ConfigError
 from lmeraser.feature_cache import read as read_feature_cache
+from lmeraser.fingerprint import fingerprint
 from lmeraser.inference import ServingModel
 from lmeraser.io import read_json
 from lmeraser.models.backbone import extract_features, image_features, load_backbone, preprocess
@@ -71,9 +73,13 @@ def test_a_workspace_made_on_a_gpu_is_refused_in_one_sentence_where_there_is_non
 def test_a_workspace_records_its_compute_and_keys_its_artifacts_by_it(trained_workspace):
     ws, _ = trained_workspace
     meta = read_json(ws.backbone_meta_file)
-    assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["origin"]["compute"] == {"device": "cpu", "precision": "float32"}
-    assert read_json(ws.prompt_index_file)["key_inputs"]["compute"] == {"device": "cpu", "precision": "float32"}
-    assert read_feature_cache(ws.feature_cache_file)[0]["compute"] == {"device": "cpu", "precision": "float32"}
+    # The numerics the workspace asks for (portable, the default), the pins in effect and this
+    # machine's numeric fingerprint are part of the compute's identity.
+    identity = {"device": "cpu", "precision": "float32", "numerics": "portable", "pins": numerics.PINS, "fingerprint": fingerprint()["sha256"]}
+    assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["origin"]["compute"] == identity
+    assert meta["numerics"] == "portable" and meta["fingerprint"] == identity["fingerprint"]
+    assert read_json(ws.prompt_index_file)["key_inputs"]["compute"] == identity
+    assert read_feature_cache(ws.feature_cache_file)[0]["compute"] == identity
     assert ws.prototypes_meta()["faiss"] == "cpu"  # faiss-cpu here: no GPU build, no GPU
 
 
@@ -155,7 +161,9 @@ def test_a_cuda_block_leaves_attention_to_its_plain_kernel_and_a_cpu_block_keeps
 
 def test_the_cpu_is_never_a_faiss_gpu_and_has_no_cuda_identity():
     cpu = Compute("cpu", 2, "bf16")
-    assert cpu.faiss_gpu is None and cpu.identity() == {"device": "cpu", "precision": "bf16"} and cpu.check() is cpu
+    identity = cpu.identity()
+    assert cpu.faiss_gpu is None and cpu.check() is cpu
+    assert identity == {"device": "cpu", "precision": "bf16", "numerics": "native", "pins": numerics.pins_in_effect(), "fingerprint": fingerprint()["sha256"]}
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")  # meta parameters take no values

@@ -1,5 +1,7 @@
 """`audit replay`: retrain the clusters a record says were rebuilt, from the recorded inputs, and
-compare with the recorded artifact hashes (invariant 3: same machine and versions => same bits).
+compare with the recorded artifact hashes (invariant 3: same numeric fingerprint => same bits).
+On a machine whose numeric fingerprint or device differs from the record's, the bits cannot be
+compared: replay says so and why, with its own exit status, never "mismatch" nor "verified".
 
 Content addressing makes the inputs checkable: a cluster's current artifact key is the hash of
 its members, config, seed and code, so if the deployed artifact still has the hash the record
@@ -26,8 +28,27 @@ from lmeraser.workspace import Workspace
 
 # What of a record's environment the artifact keys include (lmeraser/training.py: key_inputs), and
 # what replay compares besides.
-KEYED_ENV_KEYS = ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn")
+KEYED_ENV_KEYS = ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn", "numerics", "pins", "fingerprint")
 ENV_KEYS = ("python", "faiss", "numpy", "cpu", *KEYED_ENV_KEYS)
+# Replay's exit status when the bits cannot be compared on this machine (1: they differ).
+CANNOT_COMPARE = 3
+
+
+def incomparable(then: dict, now: dict) -> str | None:
+    """Why this machine cannot reproduce a record's bits, or None: another numeric fingerprint
+    (other CPU kernels, numerics, library versions: lmeraser/fingerprint.py) or another device.
+    Records made before fingerprints existed compare as before."""
+    if "fingerprint" not in then:
+        return None
+    if (then.get("device"), then.get("device_name")) != (now.get("device"), now.get("device_name")):
+        recorded, here = then.get("device_name") or then.get("device"), now.get("device_name") or now.get("device")
+        return f"the record was computed on {recorded}, this machine computes on {here}"
+    if then["fingerprint"] != now.get("fingerprint"):
+        return (
+            f"its numeric fingerprint {str(then['fingerprint'])[:12]} ({then.get('numerics')} numerics on {then.get('cpu')}) differs from this machine's "
+            f"{str(now.get('fingerprint'))[:12]} ({now.get('numerics')} numerics on {now.get('cpu')}), so the same training gives other bits here"
+        )
+    return None
 
 
 def superseded_by(record: Record, later: list[Record], cluster: int) -> int | None:
@@ -52,9 +73,21 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
     now = environment(params.prompt.kind, ws, params.runtime.threads)
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
+    reason = incomparable(then, now)
+    if reason:
+        return {"record": record.number, "environment_differences": differences, "comparable": False, "reason": reason, "clusters": [], "ok": False}
     asked = record.predicate["clusters_rebuilt"]
     if not asked:
-        return {"record": record.number, "environment_differences": differences, "clusters": [], "replayed": 0, "matched": 0, "skipped": 0, "ok": False}
+        return {
+            "record": record.number,
+            "environment_differences": differences,
+            "comparable": True,
+            "clusters": [],
+            "replayed": 0,
+            "matched": 0,
+            "skipped": 0,
+            "ok": False,
+        }
     training = plan(params, ws)
     trainer, jobs = training.trainer, {job.cluster: job for job in training.jobs}
     current = ServingModel.load(ws)
@@ -95,6 +128,7 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
     return {
         "record": record.number,
         "environment_differences": differences,
+        "comparable": True,
         "clusters": results,
         "replayed": sum(1 for r in results if r["status"] == "replayed"),
         "matched": matched,

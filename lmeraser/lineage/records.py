@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import platform
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -160,25 +159,17 @@ class InfluencePredicate(_Schema):
 
 def environment(kind: str, ws: Workspace, threads: int) -> dict:
     """The software and machine a record's computation ran on (what replay compares): `threads`,
-    and the device, its name and the precision the workspace's backbone records."""
-    import faiss
-    import numpy as np
-
+    the device, its name and the precision the workspace's backbone records, and the numerics
+    this process runs (the numerics asked for, the pins in effect, the numeric fingerprint)."""
     from lmeraser.compute import Compute
-    from lmeraser.training import code_version, library_versions
+    from lmeraser.fingerprint import software
+    from lmeraser.numerics import cpu_name
+    from lmeraser.training import code_version
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "python": platform.python_version(),
-        **library_versions(),
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
+        **software(),
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "training_code": code_version(kind),
         "threads": threads,

@@ -216,7 +216,16 @@ def save_backbone(
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     spec = input_spec(model, params, in_chans)
     meta = BackboneMeta(
-        sha256_file(ws.backbone_weights), params.model_dump(), num_classes, params.threads, origin, spec.to_json(), compute.device, compute.precision
+        sha256_file(ws.backbone_weights),
+        params.model_dump(),
+        num_classes,
+        params.threads,
+        origin,
+        spec.to_json(),
+        compute.device,
+        compute.precision,
+        compute.numerics,
+        compute.identity()["fingerprint"],
     )
     atomic_write_json(ws.backbone_meta_file, meta.to_json())
     return meta

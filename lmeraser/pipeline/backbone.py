@@ -20,7 +20,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     cfg = params.backbone
     in_chans = image_channels(info["image_shape"])
     architecture = cfg.model or "built-in ViT"
-    compute = Compute(params.runtime.device, cfg.threads, params.runtime.precision).check()
+    compute = Compute(params.runtime.device, cfg.threads, params.runtime.precision, params.runtime.numerics).check()
     start = time.perf_counter()
     with compute.scope():
         origin: dict = {"architecture": architecture, "train": cfg.train}
