@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test lint format repro bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion bench-backbones lock clean
+.PHONY: install demo test lint format repro reproduce bench-digits bench-fashion bench-unlearn-digits bench-unlearn-fashion bench-influence-digits bench-influence-fashion bench-backbones lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ format: install
 
 repro: install
 	dvc repro
+
+# CI: the demo rebuilt from scratch must give the committed dvc.lock and metrics.json, byte for byte.
+reproduce: install
+	.ci/reproduce
 
 bench-digits: install
 	$(BIN)/python bench/pipeline.py --source digits

@@ -40,6 +40,9 @@ import sys
 import time
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]

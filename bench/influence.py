@@ -33,6 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import numpy as np
 import psutil
 import torch

@@ -23,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -163,6 +164,8 @@ def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: t
     def loss(params):
         return F.cross_entropy(functional_call(backbone, params, (x,)), y)
 
-    hvp = jvp(grad(loss), (theta,), (direction,))[1]
+    with warnings.catch_warnings():  # torch's forward-mode decompositions load through a deprecated torch.jit.script
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        hvp = jvp(grad(loss), (theta,), (direction,))[1]
     jacobian = vmap(jacrev(lambda params, xi: functional_call(backbone, params, (xi[None],))[0]), in_dims=(None, 0))(theta, x)
     return [*(hvp[name] for name in sorted(hvp)), *(jacobian[name] for name in sorted(jacobian))]

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import pytest
 import yaml
 
