@@ -13,8 +13,9 @@ On CUDA, determinism also needs cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFI
 cuBLAS starts, so set before the first CUDA call), cuDNN's deterministic kernels, TF32 off and
 attention's plain kernel; lmeraser.determinism sets the latter with torch's deterministic
 algorithms. And a row's result must not depend on the rows batched with it (the feature cache
-and the assignment of a sample rely on it): cuBLAS picks its kernel by the matrix's shape, so on
-CUDA every feature batch is padded to the full batch size (`extract_features`).
+and the assignment of a sample rely on it), so every feature batch, on every device, is padded to
+the full batch size rounded up to 8 rows (`Compute.padded_rows`): cuBLAS picks its kernel by the
+matrix's shape, and so, by the row count, does MKL's COMPATIBLE branch, which portable numerics pin.
 
 `precision: bf16` runs the backbone's passes (backbone training, features, prompt training and
 serving) under bf16 autocast, for big backbones; trainable parameters, optimiser state and
@@ -34,6 +35,7 @@ from lmeraser import numerics
 from lmeraser.errors import ConfigError
 
 CUBLAS_WORKSPACE = ":4096:8"  # one of the two settings cuBLAS documents as deterministic
+ROW_MULTIPLE = 8  # every feature batch is padded to a multiple of this many rows (Compute.padded_rows)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,14 @@ class Compute:
                 cudnn=torch.backends.cudnn.version(),
             )
         return out
+
+    def padded_rows(self, rows: int, batch_size: int) -> int:
+        """How many rows a batch of `rows` (at most `batch_size`) is padded to, so that no row's
+        bits depend on the others: one shape, whatever the batch holds. cuBLAS picks its kernel by
+        the matrix's shape; MKL's COMPATIBLE branch (which portable numerics pin) computes rows
+        by another kernel when the row count is not a multiple of 8, and small matrices by
+        another again (measured): so every batch is the full batch size, rounded up to 8."""
+        return -(-max(rows, batch_size) // ROW_MULTIPLE) * ROW_MULTIPLE
 
     def with_threads(self, threads: int) -> Compute:
         return replace(self, threads=threads)

@@ -253,8 +253,9 @@ def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int 
     for i in range(0, len(x), batch_size):
         batch = x[i : i + batch_size]
         rows = len(batch)
-        if compute.is_cuda and rows < batch_size:  # one shape, one kernel: a row's bits do not depend on its batch
-            batch = torch.cat([batch, batch.new_zeros((batch_size - rows, *batch.shape[1:]))])
+        padded = compute.padded_rows(rows, batch_size)
+        if padded > rows:  # a row's bits must not depend on its batch (the feature cache, assignment)
+            batch = torch.cat([batch, batch.new_zeros((padded - rows, *batch.shape[1:]))])
         with compute.autocast():
             features = model.forward_head(model.forward_features(compute.put(batch)), pre_logits=True)
         out.append(features[:rows].float().cpu())
