@@ -450,6 +450,10 @@ def doctor(
     except LmeraserError as error:
         problem = str(error)
     effects = numerics.effects()
+    if problem is None and mode == "portable":
+        off = [row for row in effects if row["value"] != row["portable"]]
+        if off:  # what no in-process check sees (oneDNN's ISA): the probe's own word
+            problem = f"portable numerics did not take effect: {off[0]['what']} is {off[0]['value']}, not {off[0]['portable']}; {numerics.NATIVE_FIX}."
     report = {
         "cpu": numerics.cpu_name(),
         "numerics": mode,

@@ -89,7 +89,7 @@ def boot(argv: list[str] | None = None) -> BootState:
                 have = os.environ.get(var)
                 if have is None:
                     os.environ[var] = value
-                elif have.strip().lower() != value.lower():
+                elif have != value:  # exactly: torch and MKL read these case-sensitively, oneDNN rejects spaces
                     state.conflicts[var] = have
     _state = state
     return state
@@ -163,14 +163,20 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_name() -> str:
-    """The CPU's vendor and model as the OS names it (`model name` in /proc/cpuinfo)."""
+    """The CPU as the OS names it, with its vendor, family, model and stepping (a virtual
+    machine's model name is often only "AMD EPYC" or "Intel Xeon Processor")."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    detail = [fields[k] for k in ("vendor_id",) if k in fields] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    return f"{name} ({', '.join(detail)})" if detail else name
 
 
 def state() -> BootState:
@@ -222,7 +228,7 @@ def _require_portable(boot_state: BootState) -> None:
             f"torch was imported before lmeraser, so its kernels could not be pinned; import lmeraser first, "
             f"or set the pins yourself (`lmeraser doctor --env`), or {how}."
         )
-    changed = [var for var, value in PINS.items() if os.environ.get(var, "").strip().lower() != value.lower()]
+    changed = [var for var, value in PINS.items() if os.environ.get(var) != value]
     if changed:
         raise ConfigError(f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; the run would not be portable.")
     for check in (_torch_capability, _mkl_branch, _numpy_dispatch, _faiss_generic):

@@ -30,7 +30,7 @@ KEY_FORMAT = 4  # 3: the compute (device, its name, precision) joined the key; 4
 
 # The modules whose source determines a trained artifact of a PEFT kind: a change to any of them
 # re-keys that kind's prompts; a change elsewhere (CLI, flows, another kind's module) does not.
-_TRAINING_CODE = ("training.py", "determinism.py", "compute.py", "numerics.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
+_TRAINING_CODE = ("training.py", "determinism.py", "compute.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
 
 
 def code_version(kind: str) -> str:

@@ -266,6 +266,12 @@ def test_each_pin_set_otherwise_by_the_user_is_a_conflict_named_in_one_sentence(
     message = str(refused.value)
     assert message.startswith(f"{var} is set to 'user-value' in the environment, but portable numerics need '{numerics.PINS[var]}'")
     assert message.count(". ") == 0 and message.endswith(".")
+    # Another spelling is a conflict too: torch and MKL read these case-sensitively and oneDNN
+    # rejects spaces, so " avx2 " or "AVX2" would silently leave a library unpinned.
+    for spelling in (f" {numerics.PINS[var]} ", numerics.PINS[var].swapcase()):
+        monkeypatch.setenv(var, spelling)
+        numerics._state = None
+        assert numerics.boot(["pytest"]).conflicts == {var: spelling}
     monkeypatch.setenv(var, numerics.PINS[var])  # the user's own setting, the pinned value: no conflict
     numerics._state = None
     assert numerics.boot(["pytest"]).conflicts == {}
