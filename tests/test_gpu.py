@@ -14,6 +14,7 @@ import torch
 from lmeraser.compute import Compute
 from lmeraser.config import PromptParams
 from lmeraser.determinism import deterministic
+from lmeraser.fingerprint import fingerprint
 from lmeraser.models.backbone import extract_features
 from lmeraser.training import load_prompt, train_prompt
 from lmeraser.unlearning.influence import influence_edit, prepare_model
@@ -29,6 +30,18 @@ PROMPTS = {
     "vpt": PromptParams.of("vpt", deep=True, epochs=3, batch_size=8, lr=0.05),
     "lora": PromptParams.of("lora", rank=2, epochs=3, batch_size=8, lr=0.01),
 }
+
+
+def test_the_numeric_fingerprint_on_cuda_is_the_same_twice_and_names_the_device():
+    """Issue 20: two computations of the fingerprint on the same GPU agree (replay on that GPU
+    can compare bits); the compute's identity names the device, so replay elsewhere cannot."""
+    fingerprint.cache_clear()
+    first = fingerprint("cuda")
+    fingerprint.cache_clear()
+    second = fingerprint("cuda")
+    assert first == second, {f for f in first["families"] if first["families"][f] != second["families"][f]}
+    identity = CUDA.identity()
+    assert identity["fingerprint"] == first["sha256"] and identity["device_name"] == torch.cuda.get_device_name(0)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
