@@ -256,6 +256,27 @@ def _check_params(ws: Workspace) -> None:
         _fail(str(error))
 
 
+def _check_numerics(ws: Workspace, building: bool = False) -> None:
+    """Refuse, in one sentence, before a request is journaled or a flow starts, numerics this
+    process does not run (lmeraser/numerics.py): a build runs the params' numerics; anything else
+    the numerics the workspace's backbone was built under, which the params must still name."""
+    from lmeraser import numerics
+    from lmeraser.config import load_params
+
+    try:
+        wanted = load_params(ws.params_file).runtime.numerics
+        if not building and ws.backbone_meta_file.exists():
+            built = ws.backbone_meta().numerics
+            if built != wanted:
+                _fail(
+                    f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) was built under {built} numerics; "
+                    f"run `dvc repro` to rebuild under {wanted} first."
+                )
+        numerics.require(wanted)
+    except LmeraserError as error:
+        _fail(str(error))
+
+
 @app.command("stage")
 def stage_cmd(
     name: str = typer.Argument(..., help="a stage of lmeraser/stages.py: " + ", ".join(STAGE_NAMES)),
@@ -268,6 +289,7 @@ def stage_cmd(
     ws = _workspace(root, params_file)
     _quiet_env()
     _check_params(ws)
+    _check_numerics(ws, building=True)
     _prefect(ws)
     from flows.stages import run_stage
 
@@ -282,6 +304,7 @@ def pipeline_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
     ws = _workspace(root, params_file)
     _quiet_env()
     _check_params(ws)
+    _check_numerics(ws, building=True)
     _prefect(ws)
     from flows.stages import train_pipeline
 
@@ -512,6 +535,7 @@ def forget(
             return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json)
         # The privilege comes from the command line only (a requests file cannot grant it).
         specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
+        _check_numerics(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
@@ -589,6 +613,7 @@ def rectify(
                 _fail("over HTTP, a corrected image is sent with a single request: use --sample-id with --input.")
             image = Path(specs[0].input) if specs[0].input is not None else None
             return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json, image)
+        _check_numerics(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
@@ -651,7 +676,9 @@ def requests_cmd(
 @app.command("unlearn")
 def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT, as_json: bool = JSON) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
-    result = _process(_workspace(root, params_file), git_commit, as_json)
+    ws = _workspace(root, params_file)
+    _check_numerics(ws)
+    result = _process(ws, git_commit, as_json)
     if as_json:
         _emit({"batch": result})
 
@@ -767,6 +794,7 @@ def audit_replay(
     from lmeraser.config import load_params
 
     ws = _workspace(root, params_file)
+    _check_numerics(ws)
     try:
         records = verified_records(ws, public_key(ws, pubkey))
         if not 1 <= record <= len(records):
@@ -891,6 +919,7 @@ def serve_cmd(
     # Absolute: the worker runs DVC from the workspace root (a process-wide cwd change) while
     # other threads answer requests.
     ws = _workspace(root.resolve(), params_file)
+    _check_numerics(ws)  # a service that could not compute would answer every request with an error
     try:
         rebuild_params(ws)  # the worker's batches must be able to run with these params
         token = api_token(ws)

@@ -43,7 +43,9 @@ class Compute:
     device: str = "cpu"  # cpu, cuda or cuda:N
     threads: int = 1  # intra-op CPU threads (also what feeds a GPU)
     precision: str = "float32"  # float32 | bf16 (autocast of the backbone's passes)
-    numerics: str = "native"  # portable | native (lmeraser/numerics.py): checked before computing
+    # portable | native (lmeraser/numerics.py), checked before computing; None: whatever this
+    # process runs, unchecked (a library caller's own computation, the fingerprint)
+    numerics: str | None = None
 
     @classmethod
     def of(cls, meta) -> Compute:
@@ -67,7 +69,7 @@ class Compute:
         """Refuse, in one sentence naming `source`, a device this machine does not have, or
         numerics this process does not run; on CUDA, fix cuBLAS's workspace before anything
         starts it."""
-        numerics.require(self.numerics)
+        self._require_numerics()
         if self.is_cuda:
             if not torch.cuda.is_available():
                 built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
@@ -85,11 +87,11 @@ class Compute:
         fingerprint this process computes (lmeraser/fingerprint.py)."""
         from lmeraser.fingerprint import fingerprint
 
-        numerics.require(self.numerics)
+        self._require_numerics()
         out = {
             "device": self.device,
             "precision": self.precision,
-            "numerics": self.numerics,
+            "numerics": self.numerics or numerics.state().mode,
             "pins": numerics.pins_in_effect(),
             "fingerprint": fingerprint(self.device)["sha256"],
         }
@@ -100,6 +102,10 @@ class Compute:
                 cudnn=torch.backends.cudnn.version(),
             )
         return out
+
+    def _require_numerics(self) -> None:
+        if self.numerics is not None:
+            numerics.require(self.numerics)
 
     def padded_rows(self, rows: int, batch_size: int) -> int:
         """How many rows a batch of `rows` (at most `batch_size`) is padded to, so that no row's
@@ -124,7 +130,7 @@ class Compute:
         """The block runs with this thread count and deterministic kernels (lmeraser.determinism)."""
         from lmeraser.determinism import deterministic
 
-        numerics.require(self.numerics)
+        self._require_numerics()
         with deterministic(self.threads, cuda=self.is_cuda):
             yield self
 

@@ -55,6 +55,7 @@ PINS: dict[str, str] = {
     "FAISS_OPT_LEVEL": "generic",  # older faiss: the loader's generic library
 }
 _LIBRARIES = ("torch", "numpy", "faiss")
+_NUMPY_DISABLE = "NPY_DISABLE_CPU_FEATURES"  # numpy's other variable: it may not be set beside ours
 _REQUIRED_CPU_FLAGS = ("avx2", "fma")  # what the AVX2 kernels every pin selects need
 
 
@@ -85,9 +86,14 @@ def boot(argv: list[str] | None = None) -> BootState:
         if state.unsupported is None:
             missing = [var for var in PINS if var not in os.environ]
             state.late = [lib for lib in _LIBRARIES if lib in sys.modules] if missing else []
+            if os.environ.get(_NUMPY_DISABLE) is not None:
+                # numpy refuses to start with both its variables set: the user's is the conflict.
+                state.conflicts[_NUMPY_DISABLE] = os.environ[_NUMPY_DISABLE]
             for var, value in PINS.items():
                 have = os.environ.get(var)
                 if have is None:
+                    if var == "NPY_ENABLE_CPU_FEATURES" and _NUMPY_DISABLE in state.conflicts:
+                        continue
                     os.environ[var] = value
                 elif have != value:  # exactly: torch and MKL read these case-sensitively, oneDNN rejects spaces
                     state.conflicts[var] = have
@@ -112,13 +118,14 @@ def _params_file(argv: list[str]) -> Path:
     """The params file an `lmeraser` command line names (`--params`, else `--root`/params.yaml),
     else ./params.yaml."""
     options: dict[str, str] = {}
-    if argv and Path(argv[0]).name == "lmeraser":
+    program = Path(argv[0]) if argv else Path()
+    if program.name == "lmeraser" or program.parts[-2:] in (("lmeraser", "cli.py"), ("lmeraser", "__main__.py")):
         for i, arg in enumerate(argv[1:], start=1):
-            for name in ("--params", "--root"):
+            for name in ("--params", "--root"):  # the last one wins, as on the command line
                 if arg == name and i + 1 < len(argv):
-                    options.setdefault(name, argv[i + 1])
+                    options[name] = argv[i + 1]
                 elif arg.startswith(name + "="):
-                    options.setdefault(name, arg.split("=", 1)[1])
+                    options[name] = arg.split("=", 1)[1]
     if "--params" in options:
         return Path(options["--params"])
     return Path(options.get("--root", ".")) / "params.yaml"
@@ -197,11 +204,31 @@ def require(mode: str) -> None:
     `portable`, every pin set before its library loaded and each one in effect."""
     if mode not in MODES:
         raise ConfigError(f"runtime.numerics is '{mode}'; it must be portable or native.")
+    boot_state = state()
+    if boot_state.mode not in MODES:
+        raise ConfigError(f"{ENV_MODE} is '{boot_state.mode}'; it must be portable or native (or unset, to follow the workspace).")
     if mode in _verified:
         return
     if mode == "portable":
-        _require_portable(state())
+        _require_portable(boot_state)
+    else:
+        _require_native(boot_state)
     _verified.add(mode)
+
+
+def _require_native(boot_state: BootState) -> None:
+    """A native workspace computed by a process that runs the portable pins would get portable
+    bits under a native label, and rebuild every cluster it touches: refused."""
+    if boot_state.mode == "portable" and boot_state.unsupported is None:
+        raise ConfigError(
+            f"the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process started with portable numerics "
+            f"(from {boot_state.source}); unset {ENV_MODE}, or run it from the workspace, or run `dvc repro` to rebuild under portable."
+        )
+    if all(var in os.environ for var in PINS):
+        raise ConfigError(
+            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process's environment carries every portable pin "
+            f"({', '.join(PINS)}), so it would compute portable bits; unset them (`lmeraser doctor --env` lists them) or run `dvc repro` under portable."
+        )
 
 
 NATIVE_FIX = f"set runtime.numerics: native (or {ENV_MODE}=native) to run with this machine's own kernels"
@@ -211,16 +238,16 @@ def _require_portable(boot_state: BootState) -> None:
     how = NATIVE_FIX
     if boot_state.mode != "portable":
         raise ConfigError(
-            f"the workspace asks for portable numerics, but this process started with {boot_state.mode} numerics "
-            f"(from {boot_state.source}), so its libraries loaded unpinned; run it with {ENV_MODE}=portable or from the workspace."
+            f"the workspace runs portable numerics (runtime.numerics; its backbone.json once built), but this process started with {boot_state.mode} numerics "
+            f"(from {boot_state.source}), so its libraries loaded unpinned; unset {ENV_MODE} or run it from the workspace, "
+            "or, if you changed runtime.numerics, run `dvc repro` to rebuild under it."
         )
     if boot_state.unsupported:
         raise ConfigError(f"{boot_state.unsupported}; {how}.")
     if boot_state.conflicts:
         var, have = next(iter(boot_state.conflicts.items()))
-        raise ConfigError(
-            f"{var} is set to '{have}' in the environment, but portable numerics need '{PINS[var]}' (the run would not be portable); unset it or {how}."
-        )
+        needed = f"portable numerics need '{PINS[var]}'" if var in PINS else "portable numerics set NPY_ENABLE_CPU_FEATURES, which numpy refuses beside it"
+        raise ConfigError(f"{var} is set to '{have}' in the environment, but {needed} (the run would not be portable); unset it or {how}.")
     # torch's oneDNN reads its pin at its first primitive, which no API here can check: torch
     # loaded unpinned is refused; numpy's and faiss's own checks below say whether theirs held.
     if "torch" in boot_state.late:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel

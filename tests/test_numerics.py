@@ -298,6 +298,8 @@ def test_a_cpu_that_is_not_x86_64_is_refused_for_portable_and_accepted_for_nativ
     import platform
 
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    for var in numerics.PINS:  # a process started there from a user's shell: no pin set
+        monkeypatch.delenv(var, raising=False)
     assert numerics.unsupported_cpu() == "portable numerics cover x86-64 CPUs only, and this machine is aarch64"
     assert numerics.boot(["pytest"]).unsupported == numerics.unsupported_cpu()
     with pytest.raises(ConfigError, match=r"^portable numerics cover x86-64 CPUs only, and this machine is aarch64; set runtime.numerics: native"):
@@ -318,15 +320,21 @@ def test_native_numerics_accept_the_user_s_own_pin(tmp_path):
     seen = json.loads(done.stdout)
     assert seen["mode"] == "native" and seen["pins"] == {"ATEN_CPU_CAPABILITY": "default"} and seen["capability"] == "DEFAULT"
     # Its libraries loaded unpinned: it cannot compute for a portable workspace.
-    assert seen["portable"].startswith("the workspace asks for portable numerics, but this process started with native numerics (from $LMERASER_NUMERICS)")
+    assert seen["portable"].startswith(
+        "the workspace runs portable numerics (runtime.numerics; its backbone.json once built), "
+        "but this process started with native numerics (from $LMERASER_NUMERICS)"
+    )
 
 
 # -- 3. a prompt keyed under native is not reused under portable ----------------------------------
 
 
-def test_the_numerics_are_part_of_every_artifact_key(tiny_params):
+def test_the_numerics_are_part_of_every_artifact_key(tiny_params, monkeypatch):
     from lmeraser.training import artifact_key, key_inputs
 
+    # This process runs portable, so a native computation is refused here (tested below); the
+    # label alone must already change the key.
+    monkeypatch.setattr(numerics, "_verified", set(numerics.MODES))
     shared = {mode: key_inputs(backbone_sha256="ab" * 32, prompt=tiny_params.prompt, num_classes=10, compute=Compute(numerics=mode)) for mode in numerics.MODES}
     assert [name for name in shared["native"] if shared["native"][name] != shared["portable"][name]] == ["compute"]
     assert shared["native"]["compute"]["numerics"] == "native"
@@ -568,7 +576,7 @@ def test_a_mode_that_is_not_one_is_refused_in_a_sentence_naming_it(fresh_boot, m
     monkeypatch.setenv(numerics.ENV_MODE, "fast")
     state = numerics.boot(["pytest"])
     assert (state.mode, state.source) == ("fast", "$LMERASER_NUMERICS")
-    with pytest.raises(ConfigError, match=r"this process started with fast numerics \(from \$LMERASER_NUMERICS\)"):
+    with pytest.raises(ConfigError, match=r"^LMERASER_NUMERICS is 'fast'; it must be portable or native \(or unset, to follow the workspace\)\.$"):
         Compute(numerics="portable").check()
 
 
@@ -578,3 +586,97 @@ if __name__ == "__main__":  # python tests/test_numerics.py --write-reference
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE.write_text(json.dumps(reference_document(), indent=2) + "\n")
     print(f"wrote {REFERENCE}")
+
+
+# -- what a stranger found (kept as tests) ----------------------------------------------------------
+
+
+def _journal(ws: Workspace) -> bytes | None:
+    path = ws.root / "audit" / "requests.jsonl"
+    return path.read_bytes() if path.exists() else None
+
+
+def test_a_pinned_process_is_refused_on_a_native_workspace_before_anything_is_journaled(trained_workspace, tmp_path):
+    """A shell with LMERASER_NUMERICS=portable (or the pins of `doctor --env`) on a native
+    workspace would compute portable bits under a native label and rebuild every cluster."""
+    ws = _untrained_copy(trained_workspace[0], tmp_path / "ws", "native")
+    sample = str(ws.split("private").manifest["sample_id"].iloc[0])
+    before = _files(ws.root)
+    for env in (_env(LMERASER_NUMERICS="portable"), _env(LMERASER_NUMERICS="native", **numerics.PINS)):
+        refused = _lmeraser("forget", "--sample-id", sample, "--root", str(ws.root), cwd=tmp_path, env=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        sentence = _one_sentence(refused.stderr)
+        assert sentence.startswith("error: the workspace runs native numerics") and "portable" in sentence
+        assert _files(ws.root) == before and _journal(ws) is None  # nothing journaled, nothing written
+
+
+def test_params_switched_since_the_backbone_was_built_say_run_dvc_repro(trained_workspace, tmp_path):
+    source = trained_workspace[0]
+    shutil.copytree(source.root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    values = yaml.safe_load(ws.params_file.read_text())
+    values["runtime"]["numerics"] = "native"
+    ws.params_file.write_text(yaml.safe_dump(values, sort_keys=False))
+    journal = _journal(ws)
+    refused = _lmeraser(
+        "forget",
+        "--sample-id",
+        str(ws.split("private").manifest["sample_id"].iloc[0]),
+        "--root",
+        str(ws.root),
+        cwd=tmp_path,
+        env=_env(LMERASER_NUMERICS="native"),
+    )
+    assert refused.returncode == 1
+    assert re.fullmatch(
+        r"error: runtime\.numerics is native, but the backbone \(.*backbone\.json\) was built under portable numerics; run `dvc repro` .*",
+        _one_sentence(refused.stderr),
+    )
+    assert _journal(ws) == journal
+
+
+def test_numpy_s_own_variable_is_a_conflict_in_one_sentence_not_a_traceback(tmp_path):
+    env = _env(NPY_DISABLE_CPU_FEATURES="AVX512F")
+    version = _lmeraser("--version", cwd=tmp_path, env=env)
+    assert version.returncode == 0 and "Traceback" not in version.stderr  # numpy starts: only ours is left unset
+    refused = _lmeraser("doctor", cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert _one_sentence(refused.stderr).startswith("error: NPY_DISABLE_CPU_FEATURES is set to 'AVX512F' in the environment")
+
+
+def test_a_mode_variable_that_is_not_a_mode_is_refused_even_for_a_native_workspace(fresh_boot, monkeypatch):
+    monkeypatch.setenv(numerics.ENV_MODE, "garbage")
+    numerics.boot(["pytest"])
+    for mode in numerics.MODES:
+        with pytest.raises(ConfigError, match=r"^LMERASER_NUMERICS is 'garbage'; it must be portable or native"):
+            numerics.require(mode)
+
+
+def test_the_last_root_or_params_on_the_command_line_wins_as_for_the_cli(tmp_path, monkeypatch):
+    monkeypatch.delenv(numerics.ENV_MODE, raising=False)
+    for name, mode in (("a", "portable"), ("b", "native")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.yaml").write_text(yaml.safe_dump({"runtime": {"numerics": mode}}))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert numerics.requested_mode(["/venv/bin/lmeraser", "doctor", "--root", a, "--root", b])[0] == "native"
+    assert numerics.requested_mode(["/venv/bin/lmeraser", "doctor", f"--root={b}", "--root", a])[0] == "portable"
+    # `python -m lmeraser.cli` reads the same options.
+    assert numerics.requested_mode(["/src/lmeraser/cli.py", "doctor", "--root", b])[0] == "native"
+
+
+def test_an_exact_batch_is_refused_before_any_change_where_the_served_prompts_were_trained_under_other_bits(trained_workspace, tmp_path):
+    """Another CPU, numerics or pins: the batch would re-key and retrain every cluster and fail
+    its own check after the data had changed. The preflight says so first."""
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.preflight import check_before_change, check_compute
+
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    check_compute(ws)  # as trained: the same bits here
+    index = read_json(ws.prompt_index_file)
+    index["key_inputs"]["compute"]["fingerprint"] = "0" * 64
+    ws.prompt_index_file.write_text(json.dumps(index))
+    before = _files(ws.root)
+    with pytest.raises(LmeraserError, match=r"^the served prompts were trained under other numerics than this process computes \(fingerprint differ"):
+        check_before_change(ws)
+    assert _files(ws.root) == before

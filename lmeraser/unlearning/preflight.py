@@ -123,10 +123,34 @@ def check_writable(ws: Workspace) -> None:
         _writable(directory, what)
 
 
+def check_compute(ws: Workspace) -> None:
+    """The served prompts were trained with the bits this process computes: same device,
+    precision, numerics, pins and numeric fingerprint (lmeraser/fingerprint.py). Elsewhere an
+    exact rebuild would re-key and retrain every cluster, not the affected ones, and fail its own
+    check after the data had changed."""
+    if not ws.prompt_index_file.exists() or not ws.backbone_meta_file.exists():
+        return
+    from lmeraser.compute import Compute
+    from lmeraser.io import read_json
+
+    trained = read_json(ws.prompt_index_file).get("key_inputs", {}).get("compute")
+    if not isinstance(trained, dict) or "fingerprint" not in trained:
+        return  # trained before fingerprints existed: the train stage's re-key check says what changed
+    here = Compute.of(ws.backbone_meta()).identity()
+    differing = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
+    if differing:
+        raise LmeraserError(
+            f"the served prompts were trained under other numerics than this process computes ({', '.join(differing)} differ: fingerprint "
+            f"{str(trained.get('fingerprint'))[:12]} there, {str(here.get('fingerprint'))[:12]} here), so an exact rebuild would retrain every "
+            "cluster; run `dvc repro` here first to retrain them under this machine's numerics, or unlearn where `lmeraser doctor` shows that fingerprint."
+        )
+
+
 def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
     """Everything a batch needs to finish; raises one sentence naming the first thing missing,
     and that nothing changed."""
     try:
+        check_compute(ws)
         check_writable(ws)
         check_signer(ws)
         check_salt(ws)
