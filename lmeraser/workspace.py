@@ -445,7 +445,9 @@ class BackboneMeta:
     input_json: dict = field(default_factory=dict)  # InputSpec without img_size (older files: grey, 0.5/0.5)
     device: str = "cpu"  # where it was made and every pass over it runs (lmeraser/compute.py)
     precision: str = "float32"
-    numerics: str = "native"  # portable | native (lmeraser/numerics.py); older files: native
+    # portable | native (lmeraser/numerics.py); older files: native; null: made by a library
+    # caller's own Compute, whatever its process ran (unchecked)
+    numerics: str | None = "native"
     fingerprint: str = ""  # the numeric fingerprint of the machine that made it (lmeraser/fingerprint.py)
 
     @property
@@ -468,7 +470,7 @@ class BackboneMeta:
             raw.get("input", {}),
             str(raw.get("device", "cpu")),
             str(raw.get("precision", "float32")),
-            str(raw.get("numerics", "native")),
+            None if raw.get("numerics", "native") is None else str(raw.get("numerics", "native")),
             str(raw.get("fingerprint", "")),
         )
 
