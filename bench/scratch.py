@@ -28,24 +28,42 @@ def bench_env(**extra: str) -> dict:
     return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
 
 
-def build_demo(name: str, env: dict, params: Path | None = None, edit: Callable[[dict], None] | None = None) -> Path:
+def work_root(name: str) -> Path:
+    """Where `build_demo(name, ...)` builds its copy."""
+    return ROOT / "bench" / "results" / f"work-{name}" / "repo"
+
+
+def build_demo(
+    name: str,
+    env: dict,
+    params: Path | None = None,
+    edit: Callable[[dict], None] | None = None,
+    source: str | None = None,
+    code_from: Path | None = None,
+) -> Path:
     """A fresh copy at bench/results/work-NAME/repo with `params` (default: params.yaml), changed
-    by `edit` if given, after `lmeraser data init` and `dvc repro`; its root."""
+    by `edit` if given, after `lmeraser data init` (`--source` if given) and `dvc repro`; its root.
+    `code_from`: a folder whose lmeraser/ and flows/ replace the repository's in the copy (copies
+    that must run the same code while the repository is being edited)."""
     import yaml
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import copy_repo
 
-    work = ROOT / "bench" / "results" / f"work-{name}" / "repo"
+    work = work_root(name)
     shutil.rmtree(work.parent, ignore_errors=True)
     copy_repo(work)
+    if code_from is not None:
+        for package in ("lmeraser", "flows"):
+            shutil.rmtree(work / package)
+            shutil.copytree(code_from / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
     if params:
         shutil.copy2(params, work / "params.yaml")
     if edit is not None:
         values = yaml.safe_load((work / "params.yaml").read_text())
         edit(values)
         (work / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
-    run([str(BIN / "lmeraser"), "data", "init"], work, env)
+    run([str(BIN / "lmeraser"), "data", "init", *(["--source", source] if source else [])], work, env)
     t0 = time.perf_counter()
     run([str(BIN / "dvc"), "repro"], work, env)
     print(f"demo built (dvc repro {time.perf_counter() - t0:.0f}s)", flush=True)
