@@ -312,9 +312,19 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     assert done.returncode == 1 and "verification failed: 1 scan hit(s)" in done.stderr and "Nothing was signed" in done.stderr
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     assert [r["sample_ids"] for r in Journal(ws).pending()] == [[victim]]
+    # An influence update now would sign the failed batch's unverified prompts as served: refused,
+    # nothing signed, no overlay served; its request waits for an exact batch.
+    other = private.sample_ids[5]
+    refused = lmeraser_cli("forget", "--sample-id", other, "--method", "influence", cwd=root)
+    assert refused.returncode == 1 and "stopped before its record" in refused.stderr and "not verified" in refused.stderr
+    assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
+    assert not (root / "artifacts" / "prompts" / "approximate" / "overlay.json").exists()
     leak.unlink()
     finished = _cli_ok("unlearn", cwd=root)
-    assert f"lineage record {records + 1}" in finished.stdout and not Journal(ws).pending()
+    assert f"lineage record {records + 1}" in finished.stdout
+    assert [r["sample_ids"] for r in Journal(ws).pending()] == [[other]]
+    second = _cli_ok("unlearn", cwd=root)
+    assert f"lineage record {records + 2}" in second.stdout and not Journal(ws).pending()
 
 
 def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_path):

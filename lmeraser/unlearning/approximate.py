@@ -96,6 +96,15 @@ def approximate_pending(ws: Workspace, log=print) -> dict | None:
     with ws.lock("unlearn"):
         recover(ws, log)
         requests = journal.awaiting_influence()
+        open_batches = ws.batch_files()
+        if requests and open_batches:
+            # Under this lock no batch runs: this one stopped (killed, or a check failed), maybe
+            # after its rebuild. An influence record would sign its unverified prompts as served.
+            raise LmeraserError(
+                f"exact batch {open_batches[0].stem} stopped before its record ({ws.relative(open_batches[0])}); the served prompts "
+                "are not verified, so no influence update is signed over them: finish it with `lmeraser unlearn` first "
+                "(the influence request stays pending for the exact batch after it)."
+            )
         if not requests:
             log("no requests awaiting an influence update")
             return None
