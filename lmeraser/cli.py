@@ -748,7 +748,7 @@ def audit_scan(
     ws = Workspace(root)
     targets = scan_targets(ws)
     try:
-        hits, counts, not_searched = scan(ws, targets.sample_keys, targets.artifact_hashes)
+        hits, counts, not_searched = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests)
     except LmeraserError as error:
         _fail(str(error))
     if as_json:
@@ -759,12 +759,14 @@ def audit_scan(
                 "not_searched": not_searched,
                 "erased_samples": len(targets.sample_keys),
                 "superseded_artifacts": len(targets.artifact_hashes),
+                "audit_in_references": len(targets.reference_digests),
             }
         )
     say = _say(as_json)
     say(
         f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
         f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
+        + (f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)" if targets.reference_digests else "")
     )
     for hit in hits:
         err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)
@@ -852,6 +854,66 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
     if failure:
         _fail(f"report written to {path}, but verification FAILED: {failure}")
     console.print(f"report written to {path} (verified with key {signer})")
+
+
+@audit_app.command("forgetting")
+def audit_forgetting(
+    plot: Path = typer.Option(Path("audit/forgetting.png"), "--plot", help="where to write the p-value plot (PNG)"),
+    pubkey: Path = typer.Option(None),
+    root: Path = ROOT,
+    as_json: bool = JSON,
+) -> None:
+    """The forgetting audit across every record: verdict counts per method, the forget quality (a
+    Kolmogorov-Smirnov test of the post-forget p-values against the uniform) and a plot of them.
+    The log is verified first; on a failed verification the figures are printed and the exit is
+    non-zero."""
+    from lmeraser.audit.forgetting import fleet, plot_p_values
+    from lmeraser.audit.report import fleet_rows, png_bytes
+    from lmeraser.audit.verify import public_key, verify
+    from lmeraser.io import atomic_write_bytes
+    from lmeraser.lineage.records import lineage_log
+
+    ws = Workspace(root)
+    if plot.is_dir():
+        _fail(f"{plot}: is a directory; --plot takes a file path.")
+    failure = None
+    try:
+        records = verify(ws, public_key(ws, pubkey))
+    except LmeraserError as error:
+        failure = str(error)
+        try:
+            records = lineage_log(ws).read_unverified()
+        except LmeraserError:
+            _fail(failure)
+    summary = fleet(records)
+    wrote = None
+    if summary["records"]:
+        import matplotlib.pyplot as plt
+
+        fig = plot_p_values(summary)
+        atomic_write_bytes(plot, png_bytes(fig))
+        plt.close(fig)
+        wrote = str(plot)
+    if as_json:
+        _emit({**summary, "plot": wrote, "verified": failure is None})
+    elif not summary["records"]:
+        console.print(f"no record carries a reference audit ({summary['records_without_audit']} record(s) without one)")
+    else:
+        table = Table(title="forgetting audit across the lineage log")
+        rows = fleet_rows(summary)
+        for column in rows[0]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
+        console.print(
+            f"{summary['records']} audited record(s), {summary['records_without_audit']} without a reference audit; "
+            f"p-value plot written to {wrote}. Forget quality: a KS p-value near 1 means the post-forget p-values look "
+            "uniform (as for data never seen); near 0, that forgotten samples stay detectable.",
+            highlight=False,
+        )
+    if failure:
+        _fail(f"the lineage log did not verify: {failure}")
 
 
 @audit_app.command("export-key")

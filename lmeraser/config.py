@@ -244,6 +244,23 @@ class ServiceParams(_Section):
     max_body_mib: Int = Field(16, ge=1, le=1024)
 
 
+class AuditParams(_Section):
+    """The per-request forgetting audit (lmeraser/audit/forgetting.py, docs/forgetting.md): reference
+    prompts trained WITH and WITHOUT the forgotten samples score how detectable each sample is in
+    the served model before and after its request."""
+
+    # Fresh reference prompt+head pairs per side (IN: with the batch's samples, OUT: without) per
+    # affected cluster per batch; the pre-forget exact prompt and the rebuilt one are reused on top.
+    # 0 turns the audit off (records then say "no reference audit").
+    references: Int = Field(2, ge=0, le=64)
+    # Audited samples per request at most, drawn deterministically from its samples.
+    max_samples_per_request: Int = Field(16, ge=1, le=10_000)
+    # Family-wise level per batch: a score is "detectable" when its p-value under the OUT fit is at
+    # most alpha / (samples audited in the batch) (Bonferroni), so a correct exact batch of m
+    # samples fails the audit by chance at most alpha of the time.
+    alpha: Float = Field(0.01, gt=0.0, lt=0.5)
+
+
 class Params(_Section):
     seed: Int = Field(0, ge=0, lt=2**31)
     data: DataParams = DataParams()
@@ -255,6 +272,7 @@ class Params(_Section):
     runtime: RuntimeParams = RuntimeParams()
     requests: RequestsParams = RequestsParams()
     service: ServiceParams = ServiceParams()
+    audit: AuditParams = AuditParams()
 
 
 def _describe(error: ValidationError, source: str) -> str:

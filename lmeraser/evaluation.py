@@ -74,21 +74,26 @@ def single_prompt(
     return _predict(model, preprocess(test_images, spec), batch_size, compute)
 
 
+POPULATION_MIA = "population figure: loss-threshold attack over all forgotten samples vs the test split (per-sample evidence: forgetting_audit)"
+
+
 def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
     """Loss-threshold attack (Yeom et al.): lower loss => "member".
 
-    AUC is the probability that a random member scores above a random non-member (ties count
-    half); TPR at 1% FPR uses the threshold that 1% of non-members exceed. An AUC near 0.5 on
+    A population figure, not per-sample evidence (that is the forgetting audit's,
+    lmeraser/audit/forgetting.py). AUC (scikit-learn's) is the probability that a random member
+    scores above a random non-member (ties count half); TPR at 1% FPR uses the threshold that 1% of non-members exceed. An AUC near 0.5 on
     forgotten samples means the model treats them like data it never saw.
     """
+    from sklearn.metrics import roc_auc_score
+
     members, others = -np.asarray(member_losses, float), -np.asarray(nonmember_losses, float)
     if len(members) == 0 or len(others) == 0:
-        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_members": len(members), "n_nonmembers": len(others)}
-    greater = (members[:, None] > others[None, :]).mean()
-    ties = (members[:, None] == others[None, :]).mean()
+        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_members": len(members), "n_nonmembers": len(others), "scope": POPULATION_MIA}
     threshold = np.quantile(others, 0.99)
     return {
-        "auc": float(greater + 0.5 * ties),
+        "scope": POPULATION_MIA,
+        "auc": float(roc_auc_score(np.r_[np.ones(len(members)), np.zeros(len(others))], np.r_[members, others])),
         "tpr_at_1pct_fpr": float((members > threshold).mean()),
         "n_members": int(len(members)),
         "n_nonmembers": int(len(others)),

@@ -8,16 +8,21 @@ import io
 import json
 from pathlib import Path
 
+from lmeraser.audit.forgetting import fleet, plot_p_values, request_verdicts
 from lmeraser.io import atomic_write_text
 from lmeraser.lineage.log import Record
 from lmeraser.lineage.records import summary_row
 from lmeraser.workspace import Workspace
 
 
-def _png(fig) -> str:
+def png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
+
+
+def _png(fig) -> str:
+    return base64.b64encode(png_bytes(fig)).decode()
 
 
 def request_rows(records: list[Record]) -> list[dict[str, str]]:
@@ -51,6 +56,7 @@ def request_rows(records: list[Record]) -> list[dict[str, str]]:
                     "clusters": ",".join(str(c["cluster"]) for c in clusters) or "-",
                     "stores purged": stores or "-",
                     "scan coverage": ", ".join(f"{k} {v}" for k, v in scanned.items()) or "-",
+                    "forgetting audit": request_verdicts(p, request["request_id"]),
                 }
             )
     return rows
@@ -109,11 +115,16 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set(xlabel="lineage record", ylabel="AUC", title="membership inference (loss threshold) on forgotten samples vs test")
+    ax.set(xlabel="lineage record", ylabel="AUC", title="population membership inference (loss threshold): forgotten samples vs test")
     ax.legend()
     figures.append(("Membership inference", _png(fig)))
     plt.close(fig)
 
+    audits = fleet(records)
+    if audits["records"]:
+        fig = plot_p_values(audits)
+        figures.append(("Forgetting audit: post-forget p-values", _png(fig)))
+        plt.close(fig)
     rows = [{**summary_row(r), "record sha256": r.line_sha256[:16]} for r in records]
     if failure:
         status = f'<p class="fail">VERIFICATION FAILED: {html.escape(failure)}<br>Nothing below is vouched for by a valid signature.</p>'
@@ -129,8 +140,27 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}.fail{{background:#fdd;border:2px 
 <body><h1>lmeraser audit report</h1>{status}
 <p>{len(records)} lineage record(s); signing key fingerprint: {html.escape(signer or "unverified")}.</p>
 <h2>Requests</h2>{_table(request_rows(records))}
+<h2>Forgetting audit</h2>{_table(fleet_rows(audits))}
 <h2>Records</h2>{_table(rows)}
 {"".join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">' for t, b in figures)}
 </body></html>"""
     atomic_write_text(out, body)
     return out
+
+
+def fleet_rows(audits: dict) -> list[dict[str, str]]:
+    """The fleet view's table: per method, verdict counts and the forget quality."""
+    rows = []
+    for name, method in sorted(audits["methods"].items()):
+        quality = method["forget_quality"]
+        rows.append(
+            {
+                "method": name,
+                "records": str(len(method["records"])),
+                **{verdict: str(n) for verdict, n in method["verdicts"].items()},
+                "forget quality (KS p vs uniform)": "-"
+                if quality is None
+                else f"{quality['ks_p_value']:.3g} (D={quality['ks_statistic']:.3f}, n={quality['n']})",
+            }
+        )
+    return rows

@@ -102,11 +102,29 @@ def _content_keys(path: Path, keyer: Keyer) -> set[str]:
     return set()
 
 
+def _tensor_digest(path: Path) -> str | None:
+    """The tensor digest (lmeraser.audit.forgetting.tensor_digest) of a safetensors file, whatever
+    its name or metadata; None for any other file."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if head[8:9] != b"{":
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmeraser.audit.forgetting import tensor_digest
+
+    try:
+        return tensor_digest(load_file(str(path)))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 @dataclass
 class Hit:
     location: str
     path: str
-    kind: str  # "forgotten sample" | "superseded artifact" | "erased sample id"
+    kind: str  # "forgotten sample" | "superseded artifact" | "erased sample id" | "audit IN reference"
     digest: str  # the keyed content hash, the artifact's sha256, or the id keyed with the salt
 
 
@@ -130,11 +148,14 @@ def _ids_in(path: Path, ids: set[str]) -> set[str]:
         return {token.decode() for token in _ID_TOKEN.findall(handle.read())} & ids
 
 
-def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample_ids: set[str] | None = None) -> tuple[list[Hit], dict[str, int], list[str]]:
-    """Search every storage location for the given keyed content hashes and artifact sha256s, and
-    the MLflow stores (runs, registered bundles) also for the ids of erased samples (`sample_ids`;
-    default: every erased id of the suppression list); (hits, files read per location, locations
-    that could not be searched)."""
+def scan(
+    ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample_ids: set[str] | None = None, reference_digests: set[str] = frozenset()
+) -> tuple[list[Hit], dict[str, int], list[str]]:
+    """Search every storage location for the given keyed content hashes and artifact sha256s, for
+    the forgetting audit's IN references by tensor digest (`reference_digests`: prompts trained on
+    the subjects' data, which must never be written), and the MLflow stores (runs, registered
+    bundles) also for the ids of erased samples (`sample_ids`; default: every erased id of the
+    suppression list); (hits, files read per location, locations that could not be searched)."""
     keyer = Keyer(ws, create=False) if sample_keys else None
     ids = erased_sample_ids(ws) if sample_ids is None else sample_ids
     id_keyer = Keyer(ws, create=False) if ids else None
@@ -152,6 +173,8 @@ def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample
                     hits.append(Hit(location, str(path), "forgotten sample", digest))
             if artifact_hashes and (digest := sha256_file(path)) in artifact_hashes:
                 hits.append(Hit(location, str(path), "superseded artifact", digest))
+            if reference_digests and (digest := _tensor_digest(path)) in reference_digests:
+                hits.append(Hit(location, str(path), "audit IN reference", digest))
             if look_for_ids:
                 for sid in _ids_in(path, ids):
                     hits.append(Hit(location, str(path), "erased sample id", id_keyer.subject("sample:" + sid)))
@@ -163,6 +186,7 @@ def scan(ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample
 class ScanTargets:
     sample_keys: set[str]  # keyed content hashes of forgotten or replaced samples
     artifact_hashes: set[str]  # prompts trained on them, superseded and not deployed again
+    reference_digests: set[str] = frozenset()  # the forgetting audit's IN references (tensor digests)
 
 
 def scan_targets(ws: Workspace) -> ScanTargets:
@@ -171,4 +195,8 @@ def scan_targets(ws: Workspace) -> ScanTargets:
     erased = {key for r in records for key in r.predicate.get("removed_content_keys", [])}
     superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
     superseded -= set(ws.prompt_index_or_empty().hashes().values())
-    return ScanTargets(erased, superseded)
+    references = set()
+    for r in records:
+        held = (r.predicate.get("purge") or {}).get("audit_references") or ((r.predicate.get("forgetting_audit") or {}).get("references") or {})
+        references |= set(held.get("in_reference_digests", []))
+    return ScanTargets(erased, superseded, references)

@@ -137,6 +137,7 @@ class ExactPredicate(_Schema):
     served_prompts: dict[str, str] = {}  # cluster -> sha256 of the prompt it serves after this batch
     outside_change: OutsideChange | None = None  # the serving path changed since the previous record
     salt_fingerprint: str | None = None  # of the salt every keyed hash here was made with (lmeraser/salt.py)
+    forgetting_audit: dict | None = None  # the per-request reference audit (lmeraser/audit/forgetting.py)
 
 
 class InfluencePredicate(_Schema):
@@ -155,6 +156,7 @@ class InfluencePredicate(_Schema):
     code: CodeInfo
     environment: dict
     seconds: dict[str, float]
+    forgetting_audit: dict | None = None  # the update's measured residue (lmeraser/audit/forgetting.py)
 
 
 def environment(kind: str, ws: Workspace, threads: int) -> dict:

@@ -131,7 +131,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
     dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
 
-    edited, reports = dict(entries), []
+    edited, reports, states = dict(entries), [], {}
     for cluster in clusters:
         c = str(cluster)
         t0 = time.perf_counter()
@@ -170,7 +170,9 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
             params.influence.threads,
         )
         state = objective.state(theta)
+        states[c] = state
         losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
+        confidence = _edited_confidence(objective, theta, x, y, x_new, y_new, present_new)
         edits = [*(previous or {}).get("edits", []), *new_edits]
         key = sha256_json(
             {"base": base.key, "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
@@ -194,6 +196,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
                 "exact_prompt_sha256": base.sha256,
                 "stacked_on_earlier_influence": previous is not None,
                 "edited_sample_loss": losses,
+                "edited_sample_confidence": confidence,
                 **report.to_json(),
                 "seconds_total": time.perf_counter() - t0,
             }
@@ -201,16 +204,18 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
         log(
             f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
             f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
-            f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g}"
+            f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g} (logit confidence "
+            f"{confidence['original']['before']:.3g} -> {confidence['original']['after']:.3g})"
             + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else "")
         )
+    audit = _audit(ws, params, requests, model, states, log)
     # The intent first, so a crash from here on is finished or undone by recovery.recover_influence.
     batch_id = influence_batch_id(requests)
     intent = {"batch_id": batch_id, "request_ids": [r["request_id"] for r in requests], "overlay_before": overlay.read() if overlay.path.exists() else None}
     atomic_write_json(ws.influence_intent_file, intent)
     overlay.write(edited)
     failpoint("influence:overlay-written")
-    record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start})
+    record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit)
     failpoint("influence:record-appended")
     journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
     ws.influence_intent_file.unlink()
@@ -242,11 +247,79 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
     }
 
 
+def _edited_confidence(objective, theta, x, y, x_new, y_new, present) -> dict:
+    """Mean logit-scaled confidence, log p_y - log(1 - p_y), of the edited samples as they were
+    (should fall) and as corrected (should rise), before and after the update: unlike the
+    cross-entropy it does not saturate at 0 on confidently fit samples, so a record shows what an
+    update did even where the loss reads 0.0 before and after."""
+    from lmeraser.audit.forgetting import logit_confidence
+
+    x, y, x_new, y_new, present = rows_like(objective.theta0, x, y, x_new, y_new, present)
+    changed = edited_rows(x, y, x_new, y_new, present)
+    corrected = changed & present
+
+    def mean_confidence(theta, xs, ys):
+        with torch.no_grad():
+            return float(logit_confidence(objective.logits(theta, xs).cpu(), ys.cpu()).mean()) if len(ys) else None
+
+    return {
+        "original": {"before": mean_confidence(objective.theta0, x[changed], y[changed]), "after": mean_confidence(theta, x[changed], y[changed])},
+        "corrected": {
+            "before": mean_confidence(objective.theta0, x_new[corrected], y_new[corrected]),
+            "after": mean_confidence(theta, x_new[corrected], y_new[corrected]),
+        },
+    }
+
+
 def influence_batch_id(requests: list[dict]) -> str:
     return "influence-" + hashlib.sha256(",".join(r["request_id"] for r in requests).encode()).hexdigest()[:16]
 
 
-def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], reports: list[dict], seconds: dict):
+def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingModel, states: dict[str, dict], log) -> dict:
+    """The forgetting audit of the update (lmeraser/audit/forgetting.py): how detectable each
+    forgotten sample is in the served prompt before and in the edited one after. A FAIL here is the
+    approximate edit's measured residue, recorded; the exact rebuild stays queued either way."""
+    from lmeraser.audit import forgetting
+    from lmeraser.salt import Keyer
+    from lmeraser.score_cache import score_test_split
+
+    key = Keyer(ws).subject
+    if params.audit.references == 0:
+        return forgetting.section(None, None, params, key, {})
+    start = time.perf_counter()
+    batch_size = params.evaluate.batch_size
+    _, routes, _ = score_test_split(ws, model, batch_size)
+    state = forgetting.references_before(ws, params, requests, routes, log)
+    if state is None:
+        return forgetting.section(None, None, params, key, {})
+    private = ws.split("private")
+    row = {sid: i for i, sid in enumerate(private.sample_ids)}
+    audited = [s for ids in state["chosen"].values() for s in ids]
+    rows = [row[s] for s in audited]
+    before = {
+        "scores": forgetting.served_scores(model, private.images[rows], private.labels[rows], audited, batch_size),
+        "digests": forgetting.served_digests(model, state["clusters"]),
+    }
+    after = {"scores": {}, "digests": {}}
+    for cluster, info in state["clusters"].items():
+        targets = [row[s] for s in info["targets"]]
+        scored = forgetting.prompt_scores(model, "served after", states[cluster], private.images[targets], private.labels[targets], batch_size)
+        after["scores"].update(zip(info["targets"], scored.targets))
+        after["digests"][cluster] = scored.digest
+    result = forgetting.conclude(state, params, before, after)
+    section = forgetting.section(state, result, params, key, {"references": state["seconds"], "total": time.perf_counter() - start})
+    section["references"]["reused"] = ["pre-forget exact prompt (IN)"]
+    section["references"]["held"] = "in memory only; each dropped as soon as it was scored (never written)"
+    section["references"]["in_reference_digests"] = forgetting.in_digests(state)
+    counts = section["verdicts"]
+    log(
+        f"forgetting audit: {counts['forgotten']} forgotten, {counts['not-memorised']} not memorised, "
+        f"{counts['FAIL']} still detectable (FAIL: the edit's residue)"
+    )
+    return section
+
+
+def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], reports: list[dict], seconds: dict, audit: dict | None = None):
     now = utc()
     predicate = InfluencePredicate(
         batch_id=batch_id,
@@ -259,5 +332,6 @@ def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], 
         code=code_info(ws, params),
         environment=environment(params.prompt.kind, ws, params.influence.threads),
         seconds=seconds,
+        forgetting_audit=audit,
     )
     return sign_and_append(ws, predicate)

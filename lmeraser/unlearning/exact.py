@@ -193,6 +193,7 @@ class UnlearnBatch:
         if forget:
             images = np.stack([self._images[s] for s in forget])
             mia = self._mia(images, np.array([samples[s]["label"] for s in forget]))
+        audit = self._audit_before(samples, bool(public))
         metrics = ws.metrics() if ws.metrics_file.exists() else {}
         outside = outside_change(ws)
         if outside:
@@ -218,7 +219,79 @@ class UnlearnBatch:
             "membership_inference": mia,
             "n_clusters": len(index.clusters),
             "outside_change": outside,
+            "forgetting_audit": audit,
         }
+
+    def _audit_before(self, samples: dict, backbone_rebuild: bool) -> dict | None:
+        """The forgetting audit's references and the served model's scores before the batch
+        (lmeraser/audit/forgetting.py), while the samples are still in the data; None when off."""
+        from lmeraser.audit import forgetting
+        from lmeraser.inference import ServingModel
+        from lmeraser.score_cache import score_test_split
+
+        if self.params.audit.references == 0 or backbone_rebuild:
+            return None  # a new backbone: references on the old one would not describe the model served after
+        if not any(samples.get(s, {}).get("split") == "private" for s in self._targets("forget")):
+            return None
+        model = ServingModel.load(self.ws)
+        batch_size = self.params.evaluate.batch_size
+        _, routes, _ = score_test_split(self.ws, model, batch_size)
+        state = forgetting.references_before(self.ws, self.params, self.state["requests"], routes, self.log)
+        if state is None:
+            return None
+        audited = [s for ids in state["chosen"].values() for s in ids]
+        images, labels = np.stack([self._images[s] for s in audited]), np.array([samples[s]["label"] for s in audited])
+        state["before"] = {
+            "scores": forgetting.served_scores(model, images, labels, audited, batch_size),
+            "digests": forgetting.served_digests(model, state["clusters"]),
+        }
+        return state
+
+    def _audit_after(self) -> tuple[dict, list[str]]:
+        """The forgetting audit's verdicts (the section the record signs) and, for every sample
+        still detectable in the served model, one problem that stops the batch."""
+        from lmeraser.audit import forgetting
+        from lmeraser.inference import ServingModel
+
+        capture, params = self.done["capture"], self.params
+        state = capture.get("forgetting_audit")
+        key = Keyer(self.ws, create=False).subject
+        if state is None:
+            reason = "the batch rebuilds the backbone (public samples)" if capture["backbone_rebuild"] and params.audit.references else None
+            return forgetting.section(None, None, params, key, {}, reason), []
+        start = time.perf_counter()
+        audited = [s for ids in state["chosen"].values() for s in ids]
+        after = rebuilt = None
+        if all(s in self._images for s in audited):
+            model = ServingModel.load(self.ws)
+            batch_size = params.evaluate.batch_size
+            label = {s: capture["samples"][s]["label"] for s in audited}
+            images = np.stack([self._images[s] for s in audited])
+            after = {
+                "scores": forgetting.served_scores(model, images, np.array([label[s] for s in audited]), audited, batch_size),
+                "digests": forgetting.served_digests(model, state["clusters"]),
+            }
+            rebuilt = {}
+            for cluster, info in state["clusters"].items():
+                if int(cluster) in self.done["rebuild"]["rebuilt"]:
+                    targets = info["targets"]
+                    rebuilt[cluster] = forgetting.exact_scores(
+                        model, cluster, np.stack([self._images[s] for s in targets]), np.array([label[s] for s in targets]), batch_size
+                    )
+        result = forgetting.conclude(state, params, state["before"], after, rebuilt)
+        seconds = {"references": state["seconds"], "after": time.perf_counter() - start}
+        reason = None if after is not None else "interrupted after the erasure: the served model could not be scored on the erased pixels"
+        section = forgetting.section(state, result, params, key, seconds)
+        if reason:
+            section["not_audited_because"] = reason
+        request_of = {sid: rid for rid, ids in state["chosen"].items() for sid in ids}
+        problems = [
+            f"forgetting audit: sample {s['sample_id']} of request {request_of[s['sample_id']]} is still detectable in the served model after "
+            f"its forget (p = {s['after']['p_value']:.2g}, detectable at p <= {result['threshold']:.2g})"
+            for s in result["samples"]
+            if s["verdict"] == "FAIL"
+        ]
+        return section, problems
 
     def _final_corrections(self, samples: dict, forgotten: set[str]) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """The label and the image each rectified sample ends the batch with (the last request of
@@ -366,7 +439,10 @@ class UnlearnBatch:
         from lmeraser.audit.scan import scan
 
         hashes = set(self.done["apply"]["erased_content_keys"])
-        hits, counts, not_searched = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]))
+        from lmeraser.audit.forgetting import in_digests
+
+        references = set(in_digests(self.done["capture"].get("forgetting_audit")))
+        hits, counts, not_searched = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]), reference_digests=references)
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         changed = sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
         forget = [s for s in self._targets("forget") if s in capture["samples"]]
@@ -384,6 +460,7 @@ class UnlearnBatch:
             "changed_clusters": changed,
             "membership_inference": {"before": capture["membership_inference"], "after": mia_after},
         }
+        result["forgetting_audit"], audit_problems = self._audit_after()
         self.log(f"verification: scan hits {len(hits)}, clusters as planned {result['clusters_as_planned']}")
         # An erasure record must never vouch for an erasure a check contradicts: stop here, sign
         # nothing, keep the requests pending; `lmeraser unlearn` resumes at this step.
@@ -394,6 +471,7 @@ class UnlearnBatch:
             problems.append(f"the changed clusters {changed} are not the planned {capture['planned_clusters']}")
         if self.done["purge"].get("remotes_failed"):
             problems.append(f"the purge failed for DVC remote(s) {self.done['purge']['remotes_failed']}")
+        problems += audit_problems
         problems += self._check_state()
         if problems:
             raise LmeraserError(
@@ -505,6 +583,22 @@ class UnlearnBatch:
             self.log(f"committed the new data version and record {number} as {commit[:12]}")
         return commit
 
+    def _references_purged(self) -> dict:
+        """The audit's IN references are copies of the subjects' data in another form: held in
+        memory only and dropped once scored; their digests let `audit scan` find one written anywhere."""
+        from lmeraser.audit.forgetting import in_digests
+
+        state = self.done["capture"].get("forgetting_audit")
+        if not state:
+            return {}
+        return {
+            "audit_references": {
+                "trained": state["trained"],
+                "held": "in memory only; each dropped as soon as it was scored (never written)",
+                "in_reference_digests": in_digests(state),
+            }
+        }
+
     def predicate(self) -> ExactPredicate:
         params = self.params
         capture, rebuild = self.done["capture"], self.done["rebuild"]
@@ -535,8 +629,9 @@ class UnlearnBatch:
             seconds=dict(self.state["seconds"]),
             accuracy=BeforeAfter(before=capture["accuracy"], after=rebuild["accuracy"]),
             stages_run=rebuild["stages"],
-            purge=self.done["purge"],
-            verification=self.done["verify"],
+            purge={**self.done["purge"], **self._references_purged()},
+            verification={k: v for k, v in self.done["verify"].items() if k != "forgetting_audit"},
+            forgetting_audit=self.done["verify"].get("forgetting_audit"),
             served_prompts=after,
             outside_change=capture.get("outside_change"),
             salt_fingerprint=Keyer(self.ws, create=False).fingerprint(),

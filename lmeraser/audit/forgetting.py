@@ -1,0 +1,592 @@
+"""The per-request forgetting audit: is the forgotten sample still detectable in the served model?
+
+A loss threshold over the population cannot tell "forgotten" from "never memorised". This audit is
+a per-example likelihood-ratio test with reference models (LiRA, Carlini et al. 2022; U-LiRA,
+Hayes et al. 2024), affordable here because a reference is one cluster's prompt and head:
+
+  references  per affected cluster and batch, `audit.references` prompt+head pairs trained WITH the
+              batch's forgotten samples (IN: the cluster's members before the batch) and as many
+              WITHOUT them (OUT: after), by the product's own trainer with their own seeds. The
+              pre-forget exact prompt is one more IN reference and the rebuilt prompt one more OUT
+              reference (a model is never a reference for its own test).
+  score       a sample's logit-scaled confidence, log p_y - log(1 - p_y), from the logits in float64.
+  fit         Gaussians over the IN and OUT scores: per-sample means; a fixed (pooled) variance,
+              since a per-sample variance needs tens of references. The IN variance is pooled over
+              the cluster's other members across the fresh IN references, the OUT variance over the
+              test samples routed to it across the fresh OUT references, each scored under its
+              label and under a wrong one, and pooled over the entries whose mean is nearest the
+              sample's (a score's variance depends on its level); floored by the sample's own
+              spread when it has two scores or more on that side. A tested score is compared with the predictive
+              variance sigma^2 (1 + 1/n) of a new draw.
+  test        p = P(OUT score >= s), the one-sided p-value of a served model's score s; and the
+              likelihood ratio N(s; IN) / N(s; OUT), the power. A sample is detectable when p is
+              at most alpha / m, m the samples audited in the batch (Bonferroni: a correct exact
+              batch fails by chance at most alpha of the time).
+  verdict     FAIL (detectable after), forgotten (detectable before, not after), not-memorised
+              (not detectable before: the audit adds no evidence), not-audited (no score after).
+
+The references are copies of the subjects' data in another form: they live in memory only, are
+dropped as soon as they are scored, and their tensor digests are recorded so that `audit scan`
+finds one that was written anywhere. Everything here is plain Python, torch and numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lmeraser.config import AuditParams
+
+VERDICTS = ("forgotten", "not-memorised", "FAIL", "not-audited")
+POPULATION = 64  # population rows per side and cluster for the pooled variances
+_MIN_VARIANCE = 1e-4  # a floor: identical scores must not make every difference "significant"
+
+
+# -- scores --------------------------------------------------------------------------------------
+
+
+def logit_confidence(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """log p_y - log(1 - p_y) per row, computed stably in float64 as z_y - logsumexp(z_j, j != y):
+    unlike the cross-entropy, it does not saturate on confidently fit samples."""
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if len(y) == 0:
+        return np.zeros(0)
+    own = z.gather(1, y[:, None])[:, 0]
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return (own - torch.logsumexp(others, 1)).numpy()
+
+
+def tensor_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a state dict's tensors (names, dtypes, shapes, bytes), whatever file holds them."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def reference_seed(cluster_seed: int, side: str, index: int) -> int:
+    """Reference `index` of `side` (in/out) of a cluster: its own seed, never the cluster's."""
+    return int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def chosen_samples(requests: list[dict], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
+    """request id -> the forget request's samples to audit: at most `limit`, the first in a fixed
+    seeded order (the same on every run), among the `eligible` ones."""
+    chosen = {}
+    for request in requests:
+        if request["kind"] != "forget":
+            continue
+        ids = [s for s in dict.fromkeys(request["sample_ids"]) if eligible(s)]
+        ids.sort(key=lambda s: hashlib.sha256(f"{seed}:{request['request_id']}:{s}".encode()).hexdigest())
+        if ids:
+            chosen[request["request_id"]] = sorted(ids[:limit])
+    return chosen
+
+
+# -- references ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterCase:
+    """What one affected cluster's references need: rows of the private split (sorted by id) the
+    IN and OUT references train on, the audited targets' inputs and labels, and the population rows
+    for the pooled variances (members that stay: IN for every reference; test samples routed to the
+    cluster: OUT for every reference)."""
+
+    cluster: int
+    seed: int  # the cluster's own seed; references derive theirs from it
+    in_rows: np.ndarray
+    out_rows: np.ndarray
+    targets: list[str]
+    target_x: torch.Tensor
+    target_y: np.ndarray
+    members_x: torch.Tensor
+    members_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: np.ndarray
+
+
+@dataclass
+class Scored:
+    """A model's scores on one case: its targets, its member population and its test population."""
+
+    name: str  # "in:<seed>", "out:<seed>", "pre-forget exact", "rebuilt", "served before", "served after"
+    digest: str
+    targets: list[float]
+    members: list[float] = field(default_factory=list)
+    test: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Scorer:
+    """Trains references with a workspace's trainer (lmeraser.pipeline.train.ClusterTrainer: the
+    backbone, the private split, the prompt settings, the compute) and scores prompt states."""
+
+    def __init__(self, trainer, batch_size: int = 256):
+        self.trainer = trainer
+        self.batch_size = batch_size
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        from lmeraser.models.backbone import preprocess
+
+        return preprocess(images, self.trainer.spec)
+
+    def confidence(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: np.ndarray) -> list[float]:
+        """Scores of (x, y) under one prompt state."""
+        from lmeraser.training import load_prompt
+
+        t = self.trainer
+        with t.compute.scope():
+            return self._confidence(load_prompt(t.backbone, t.prompt, t.num_classes, state), x, y)
+
+    @torch.no_grad()
+    def _confidence(self, model, x: torch.Tensor, y: np.ndarray) -> list[float]:
+        compute = self.trainer.compute
+        out = []
+        for start in range(0, len(x), self.batch_size):
+            with compute.autocast():
+                out.append(model(compute.put(x[start : start + self.batch_size])).float().cpu().numpy())
+        logits = np.concatenate(out) if out else np.zeros((0, self.trainer.num_classes), np.float32)
+        return [float(v) for v in logit_confidence(logits, y)]
+
+    def _population(self, model, x: torch.Tensor, y: np.ndarray) -> list[float]:
+        """Scores of the population rows under their label and under a wrong one ((y + 1) mod C):
+        the variance of a score depends on its level (a confidently right sample's differs from a
+        mislabelled one's), so the population must span both levels."""
+        wrong = (np.asarray(y) + 1) % self.trainer.num_classes
+        return self._confidence(model, x, y) + self._confidence(model, x, wrong)
+
+    def score(self, name: str, state: dict[str, torch.Tensor], case: ClusterCase, population: bool = True) -> Scored:
+        from lmeraser.training import load_prompt
+
+        start = time.perf_counter()
+        t = self.trainer
+        with t.compute.scope():
+            model = load_prompt(t.backbone, t.prompt, t.num_classes, state)
+            targets = self._confidence(model, case.target_x, case.target_y)
+            members = self._population(model, case.members_x, case.members_y) if population else []
+            test = self._population(model, case.test_x, case.test_y) if population else []
+        return Scored(name, tensor_digest(state), targets, members, test, time.perf_counter() - start)
+
+    def reference(self, case: ClusterCase, side: str, index: int) -> Scored:
+        """Train one reference, score it, drop it: only its scores and digest leave this call."""
+        from lmeraser.pipeline.train import ClusterJob
+
+        start = time.perf_counter()
+        seed = reference_seed(case.seed, side, index)
+        rows = case.in_rows if side == "in" else case.out_rows
+        state = self.trainer.state(ClusterJob(case.cluster, rows, "", seed))
+        scored = self.score(f"{side}:{seed}", state, case)
+        del state
+        scored.seconds = time.perf_counter() - start
+        return scored
+
+
+def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, workers: int) -> dict[int, list[Scored]]:
+    """Every case's fresh IN and OUT references, `workers` at a time; cluster -> scored references.
+    A case with no OUT members (the batch empties the cluster) gets IN references only."""
+    jobs = [(case, side, i) for case in cases for side in ("in", "out") for i in range(references) if side == "in" or len(case.out_rows)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda job: scorer.reference(*job), jobs))
+    out: dict[int, list[Scored]] = {case.cluster: [] for case in cases}
+    for (case, _, _), scored in zip(jobs, results):
+        out[case.cluster].append(scored)
+    return out
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+
+NEAREST = 16  # population entries the variance at a score level is pooled over
+
+
+def _population(references: list[Scored], attribute: str) -> np.ndarray:
+    """(entries, 2): each population entry's mean and variance across these references."""
+    matrix = np.array([getattr(r, attribute) for r in references], float)
+    if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
+        return np.zeros((0, 2))
+    return np.stack([matrix.mean(0), matrix.var(0, ddof=1)], 1)
+
+
+def _fit(scores: list[float], population: np.ndarray) -> dict:
+    """A Gaussian over one side's scores: their mean; a fixed variance pooled over the NEAREST
+    population entries whose mean is closest to that mean (the variance depends on the level),
+    floored by the scores' own spread when there are two or more; and n."""
+    n = len(scores)
+    mean = float(np.mean(scores)) if n else None
+    variance = _MIN_VARIANCE
+    if n and len(population):
+        nearest = np.argsort(np.abs(population[:, 0] - mean), kind="stable")[:NEAREST]
+        variance = float(population[nearest, 1].mean())
+    if n >= 2:
+        variance = max(variance, float(np.var(scores, ddof=1)))
+    return {"mean": mean, "variance": max(variance, _MIN_VARIANCE), "n": n}
+
+
+def _test(score: float, fit_in: dict, fit_out: dict) -> dict:
+    """The p-value of `score` under the OUT fit (one-sided: members score higher) and the log10
+    likelihood ratio IN / OUT, both with the predictive variance of a new draw."""
+    from scipy.stats import norm
+
+    if not fit_out["n"]:
+        return {"score": score, "p_value": None, "log10_likelihood_ratio": None}
+    v_out = fit_out["variance"] * (1 + 1 / fit_out["n"])
+    p = float(norm.sf(score, loc=fit_out["mean"], scale=math.sqrt(v_out)))
+    lr = None
+    if fit_in["n"]:
+        v_in = fit_in["variance"] * (1 + 1 / fit_in["n"])
+        lr = float((norm.logpdf(score, fit_in["mean"], math.sqrt(v_in)) - norm.logpdf(score, fit_out["mean"], math.sqrt(v_out))) / math.log(10))
+    return {"score": score, "p_value": p, "log10_likelihood_ratio": lr}
+
+
+def judge(
+    targets: list[str],
+    fresh: list[Scored],
+    before: Scored,
+    after: Scored | None,
+    reused: dict[str, tuple[str, Scored]],
+    threshold: float,
+) -> list[dict]:
+    """Per target: the fits, the tests of the served model before and after, and the verdict.
+
+    `fresh` are the cluster's new references (names "in:..."/"out:..."); `reused` maps a name to
+    (side, scores) for the pre-forget exact and rebuilt prompts. A model is left out of the fits
+    it is tested against (matched by tensor digest), so a served model never vouches for itself.
+    """
+    # Within each side: IN and OUT references differ as whole models (the OUT ones lack the batch's
+    # samples), so a variance pooled across both would carry that difference as noise.
+    fresh_in = [r for r in fresh if r.name.startswith("in:")]
+    fresh_out = [r for r in fresh if r.name.startswith("out:")]
+    population_in = _population(fresh_in, "members")  # the cluster's other members: IN for every reference
+    population_out = _population(fresh_out, "test")  # test samples routed to it: OUT for every reference
+    in_digests = {r.digest for r in fresh if r.name.startswith("in:")} | {s.digest for side, s in reused.values() if side == "in"}
+    models = [(r.name.split(":")[0], r) for r in fresh] + [
+        (side, s)
+        for side, s in reused.values()
+        if not (side == "out" and s.digest in in_digests)  # a "rebuilt" prompt that is an IN model is no OUT reference
+    ]
+
+    def tested(model: Scored | None, i: int) -> dict | None:
+        if model is None:
+            return None
+        others = [(side, m) for side, m in models if m.digest != model.digest]
+        fit_in = _fit([m.targets[i] for side, m in others if side == "in"], population_in)
+        fit_out = _fit([m.targets[i] for side, m in others if side == "out"], population_out)
+        return {**_test(model.targets[i], fit_in, fit_out), "fit_in": fit_in, "fit_out": fit_out}
+
+    results = []
+    for i, sid in enumerate(targets):
+        pre, post = tested(before, i), tested(after, i)
+        detectable_before = pre is not None and pre["p_value"] is not None and pre["p_value"] <= threshold
+        if post is None or post["p_value"] is None:
+            verdict = "not-audited"
+        elif post["p_value"] <= threshold:
+            verdict = "FAIL"
+        elif detectable_before:
+            verdict = "forgotten"
+        else:
+            verdict = "not-memorised"
+        results.append({"sample_id": sid, "verdict": verdict, "before": pre, "after": post})
+    return results
+
+
+def summary(samples: list[dict], params: AuditParams, threshold: float, references: dict, seconds: dict) -> dict:
+    """The batch-level section a record signs: parameters, counts, the smallest p-value after."""
+    counts = {v: sum(1 for s in samples if s["verdict"] == v) for v in VERDICTS}
+    after = [s["after"]["p_value"] for s in samples if s.get("after") and s["after"]["p_value"] is not None]
+    return {
+        "statistic": "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)",
+        "fit": (
+            "per-sample means; fixed variance pooled over the population entries nearest in level "
+            "(members for IN, routed test samples for OUT), floored by the sample's own spread"
+        ),
+        "references_per_side": params.references,
+        "max_samples_per_request": params.max_samples_per_request,
+        "alpha": params.alpha,
+        "samples_audited": len(samples),
+        "threshold_p": threshold,
+        "verdicts": counts,
+        "min_p_value_after": min(after) if after else None,
+        "references": references,
+        "seconds": seconds,
+    }
+
+
+def keyed(samples: list[dict], key: Callable[[str], str], request_of: dict[str, str]) -> list[dict]:
+    """Per-sample results as a record holds them: keyed sample ids, the request, rounded numbers."""
+
+    def rounded(test: dict | None) -> dict | None:
+        if test is None:
+            return None
+        out = {k: (None if v is None else float(f"{v:.6g}")) for k, v in test.items() if k not in ("fit_in", "fit_out")}
+        for side in ("fit_in", "fit_out"):
+            fit = test[side]
+            out[side] = {"mean": None if fit["mean"] is None else float(f"{fit['mean']:.6g}"), "sd": float(f"{math.sqrt(fit['variance']):.6g}"), "n": fit["n"]}
+        return out
+
+    return [
+        {
+            "sample_key": key(s["sample_id"]),
+            "request_id": request_of[s["sample_id"]],
+            "verdict": s["verdict"],
+            "before": rounded(s["before"]),
+            "after": rounded(s["after"]),
+        }
+        for s in samples
+    ]
+
+
+# -- the fleet -----------------------------------------------------------------------------------
+
+
+def fleet(records: list) -> dict:
+    """Across every record's audit: verdict counts per method, and the forget quality: a
+    Kolmogorov-Smirnov test of the exact path's post-forget p-values against the uniform (as TOFU
+    reports it; a correct unlearning gives uniform p-values, a leaky one piles them near 0)."""
+    from scipy.stats import kstest
+
+    out: dict = {"records": 0, "records_without_audit": 0, "methods": {}}
+    for record in records:
+        p = record.predicate
+        if record.is_rotation:
+            continue
+        audit = p.get("forgetting_audit")
+        if not audit or not audit.get("samples"):
+            out["records_without_audit"] += 1
+            continue
+        out["records"] += 1
+        method = out["methods"].setdefault(p.get("method", "exact"), {"verdicts": dict.fromkeys(VERDICTS, 0), "p_values_after": [], "records": []})
+        method["records"].append(record.number)
+        for sample in audit["samples"]:
+            method["verdicts"][sample["verdict"]] = method["verdicts"].get(sample["verdict"], 0) + 1
+            if sample.get("after") and sample["after"].get("p_value") is not None:
+                method["p_values_after"].append(sample["after"]["p_value"])
+    for method in out["methods"].values():
+        values = method["p_values_after"]
+        if len(values) >= 2:
+            result = kstest(values, "uniform")
+            method["forget_quality"] = {"ks_statistic": float(result.statistic), "ks_p_value": float(result.pvalue), "n": len(values)}
+        else:
+            method["forget_quality"] = None
+    return out
+
+
+# -- the audit of a batch ------------------------------------------------------------------------
+
+
+def _subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most `limit` of `rows`, a fixed seeded choice, in order."""
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
+def references_before(ws, params, requests: list[dict], test_routes: np.ndarray, log=print) -> dict | None:
+    """The part of a batch's audit that needs the data before it changes: the audited samples,
+    each affected cluster's fresh references (trained, scored, dropped) and the pre-forget exact
+    prompts' scores. A JSON-able state (scores and digests, no pixels, no weights); None when the
+    audit is off or no forget request names a private sample."""
+    from lmeraser.pipeline.train import plan
+    from lmeraser.store import ArtifactStore
+
+    audit = params.audit
+    if audit.references == 0:
+        return None
+    start = time.perf_counter()
+    private = ws.split("private")
+    assignments = ws.assignments()
+    cluster_of = dict(zip(private.sample_ids, assignments["cluster"].astype(int)))
+    row_of = {sid: i for i, sid in enumerate(private.sample_ids)}
+    chosen = chosen_samples(requests, lambda s: s in cluster_of, audit.max_samples_per_request, params.seed)
+    if not chosen:
+        return None
+    forgotten = {s for r in requests if r["kind"] == "forget" for s in r["sample_ids"] if s in cluster_of}
+    request_of = {sid: rid for rid, ids in chosen.items() for sid in ids}
+    training = plan(params, ws)
+    scorer = Scorer(training.trainer, params.evaluate.batch_size)
+    test = ws.split("test")
+    clusters = assignments["cluster"].to_numpy()
+    index = ws.prompt_index()
+    cases = []
+    for cluster in sorted({cluster_of[s] for s in request_of}):
+        in_rows = np.flatnonzero(clusters == cluster)
+        gone = np.array([row_of[s] for s in forgotten if cluster_of[s] == cluster])
+        out_rows = np.setdiff1d(in_rows, gone)
+        targets = sorted(s for s in request_of if cluster_of[s] == cluster)
+        target_rows = np.array([row_of[s] for s in targets])
+        seed = index.clusters[str(cluster)].seed
+        members = _subset(out_rows, POPULATION, seed)
+        tests = _subset(np.flatnonzero(test_routes == cluster), POPULATION, seed)
+        cases.append(
+            ClusterCase(
+                cluster,
+                seed,
+                in_rows,
+                out_rows,
+                targets,
+                scorer.inputs(private.images[target_rows]),
+                private.labels[target_rows],
+                scorer.inputs(private.images[members]),
+                private.labels[members],
+                scorer.inputs(test.images[tests]),
+                test.labels[tests],
+            )
+        )
+    fresh = train_references(scorer, cases, audit.references, params.runtime.workers)
+    store = ArtifactStore(ws.store_dir)
+    served = {}
+    for case in cases:
+        # The pre-forget exact prompt: one more IN reference, at no training cost.
+        entry = index.clusters[str(case.cluster)]
+        served[case.cluster] = scorer.score("pre-forget exact", store.load(entry.key), case, population=False).to_json()
+    seconds = time.perf_counter() - start
+    log(
+        f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) in cluster(s) {[c.cluster for c in cases]}; "
+        f"{sum(len(v) for v in fresh.values())} reference(s) trained in {seconds:.1f}s"
+    )
+    return {
+        "chosen": chosen,
+        "clusters": {
+            str(case.cluster): {"targets": case.targets, "fresh": [r.to_json() for r in fresh[case.cluster]], "pre_forget_exact": served[case.cluster]}
+            for case in cases
+        },
+        "seconds": seconds,
+        "trained": sum(len(v) for v in fresh.values()),
+    }
+
+
+def served_scores(model, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], batch_size: int) -> dict[str, float]:
+    """sample id -> its score under what the service serves (routed as any query is)."""
+    if not sample_ids:
+        return {}
+    logits, _ = model.logits(images, batch_size)
+    return dict(zip(sample_ids, (float(v) for v in logit_confidence(logits, labels))))
+
+
+def served_digests(model, clusters) -> dict[str, str]:
+    """cluster -> tensor digest of the prompt it serves (a retired cluster: absent)."""
+    return {str(c): tensor_digest(model.state(c)) for c in clusters if str(c) in model.index.clusters}
+
+
+def prompt_scores(model, name: str, state: dict[str, torch.Tensor], images: np.ndarray, labels: np.ndarray, batch_size: int) -> Scored:
+    """One prompt state (on the served backbone) scored on these images, as the service would
+    compute its logits."""
+    from lmeraser.compute import Compute
+    from lmeraser.models.backbone import preprocess
+    from lmeraser.training import load_prompt
+
+    compute = Compute.of(model.backbone_meta)
+    x = preprocess(images, model.input_spec)
+    with compute.scope(), torch.no_grad():
+        prompt = load_prompt(model.backbone, model.prompt_params, model.index.num_classes, state)
+        chunks = []
+        for i in range(0, len(x), batch_size):
+            with compute.autocast():
+                chunks.append(prompt(compute.put(x[i : i + batch_size])).float().cpu().numpy())
+    return Scored(name, tensor_digest(state), [float(v) for v in logit_confidence(np.concatenate(chunks), labels)])
+
+
+def exact_scores(model, cluster: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> Scored | None:
+    """A cluster's exact prompt (the rebuilt one, after a batch) scored on these images; None when
+    the cluster has none."""
+    entry = model.index.clusters.get(cluster)
+    return None if entry is None else prompt_scores(model, "rebuilt", model.store.load(entry.key), images, labels, batch_size)
+
+
+def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dict[str, Scored] | None = None) -> dict:
+    """The verdicts, from the references of `references_before` and the served model's scores
+    before and after ({"scores": sample id -> score, "digests": cluster -> digest}; after None: not
+    measured); `rebuilt` maps a cluster to its rebuilt exact prompt's target scores (one more OUT
+    reference). Returns {"samples": [...], "threshold": t} with raw sample ids (the caller keys
+    them for the record)."""
+    audited = [s for ids in state["chosen"].values() for s in ids]
+    threshold = params.audit.alpha / max(1, len(audited))
+    samples = []
+    for cluster, info in state["clusters"].items():
+        fresh = [Scored(**r) for r in info["fresh"]]
+        targets = info["targets"]
+        reused = {"pre-forget exact": ("in", Scored(**info["pre_forget_exact"]))}
+        if rebuilt and rebuilt.get(cluster) is not None:
+            reused["rebuilt"] = ("out", rebuilt[cluster])
+        served_before = Scored("served before", before["digests"].get(cluster, "served before"), [before["scores"][s] for s in targets])
+        served_after = None
+        if after is not None and all(s in after["scores"] for s in targets):
+            served_after = Scored("served after", after["digests"].get(cluster, "served after"), [after["scores"][s] for s in targets])
+        samples += judge(targets, fresh, served_before, served_after, reused, threshold)
+    return {"samples": samples, "threshold": threshold}
+
+
+def section(state: dict | None, result: dict | None, params, key: Callable[[str], str], seconds: dict, reason: str | None = None) -> dict:
+    """What a record signs about the audit: the batch-level summary and the keyed per-sample
+    verdicts, or why there was none."""
+    if state is None or result is None:
+        why = reason or ("audit.references is 0" if params.audit.references == 0 else "no forget request names a private sample")
+        return {"status": "no reference audit", "reason": why}
+    request_of = {sid: rid for rid, ids in state["chosen"].items() for sid in ids}
+    references = {
+        "clusters": sorted(int(c) for c in state["clusters"]),
+        "fresh_trained": state["trained"],
+        "reused": ["pre-forget exact prompt (IN)", "rebuilt prompt (OUT)"],
+    }
+    return {
+        "status": "audited",
+        **summary(result["samples"], params.audit, result["threshold"], references, seconds),
+        "samples": keyed(result["samples"], key, request_of),
+    }
+
+
+def in_digests(state: dict | None) -> list[str]:
+    """Tensor digests of the IN references (trained on the subjects' data): what `audit scan`
+    looks for."""
+    if not state:
+        return []
+    return sorted(r["digest"] for info in state["clusters"].values() for r in info["fresh"] if r["name"].startswith("in:"))
+
+
+def request_verdicts(predicate: dict, request_id: str) -> str:
+    """One request's audit in a few words, for tables: its verdict counts, or why there is none."""
+    audit = predicate.get("forgetting_audit")
+    if not audit:
+        return "-"
+    if audit.get("status") != "audited":
+        return audit.get("status", "-")
+    counts: dict[str, int] = {}
+    for sample in audit.get("samples", []):
+        if sample["request_id"] == request_id:
+            counts[sample["verdict"]] = counts.get(sample["verdict"], 0) + 1
+    if not counts:
+        return "not audited (no private sample)"
+    return ", ".join(f"{n} {verdict}" for verdict, n in sorted(counts.items(), key=lambda kv: VERDICTS.index(kv[0])))
+
+
+def plot_p_values(summary: dict):
+    """A figure of the post-forget p-values per method against the uniform (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, method in sorted(summary["methods"].items()):
+        values = np.sort(method["p_values_after"])
+        if len(values):
+            ax.step(np.concatenate([[0], values]), np.arange(len(values) + 1) / len(values), where="post", label=f"{name} (n={len(values)})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="uniform (forgotten)")
+    ax.set(xlabel="post-forget p-value under the OUT references", ylabel="fraction of audited samples", title="forgetting audit: p-values after")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    return fig
