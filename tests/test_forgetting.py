@@ -10,12 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 
 from lmeraser.audit import forgetting
 from lmeraser.audit.forgetting import Scored, chosen_samples, judge, logit_confidence, tensor_digest
 from lmeraser.config import parse_params
 from lmeraser.errors import ConfigError
+
+from conftest import TINY
 
 
 def test_logit_confidence_is_the_log_odds_and_does_not_saturate():
@@ -107,7 +108,8 @@ def test_the_variance_follows_the_level_of_the_score():
 
 
 def test_bad_audit_params_are_one_sentence():
-    for section, key in (({"references": -1}, "audit.references"), ({"alpha": 0.7}, "audit.alpha"), ({"max_samples_per_request": 0}, "audit.max_samples_per_request")):
+    cases = (({"references": -1}, "audit.references"), ({"alpha": 0.7}, "audit.alpha"), ({"max_samples_per_request": 0}, "audit.max_samples_per_request"))
+    for section, key in cases:
         with pytest.raises(ConfigError) as error:
             parse_params({"audit": section})
         assert key in str(error.value) and "\n" not in str(error.value)
