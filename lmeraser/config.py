@@ -252,7 +252,7 @@ class AuditParams(_Section):
     # Fresh reference prompt+head pairs per side (IN: with the batch's samples, OUT: without) per
     # affected cluster per batch; the pre-forget exact prompt and the rebuilt one are reused on top.
     # 0 turns the audit off (records then say "no reference audit").
-    references: Int = Field(2, ge=0, le=64)
+    references: Int = Field(4, ge=0, le=64)
     # Audited samples per request at most, drawn deterministically from its samples.
     max_samples_per_request: Int = Field(16, ge=1, le=10_000)
     # Family-wise level per batch: a score is "detectable" when its p-value under the OUT fit is at

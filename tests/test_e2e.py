@@ -505,6 +505,10 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         assert statuses[0]["records"] == statuses[1]["records"] == [records_before + 1]  # one batch for both
         verified = client.get("/v1/verify").json()
         assert verified["ok"] and verified["records"] == records_before + 1
+        # The worker's batch signs the forgetting audit of both requests, one verdict per sample.
+        audit = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate["forgetting_audit"]
+        assert audit["status"] == "audited" and sorted(s["request_id"] for s in audit["samples"]) == sorted([first, second])
+        assert all(s["verdict"] in ("forgotten", "not-memorised") for s in audit["samples"])
         listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
         assert {first: "verified", second: "verified"}.items() <= {r["request_id"]: r["state"] for r in json.loads(listed.stdout)}.items()
 

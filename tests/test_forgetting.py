@@ -51,16 +51,20 @@ def test_the_audited_samples_are_a_fixed_bounded_draw_of_forget_requests():
     assert chosen != chosen_samples(requests, lambda s: s.startswith("s"), 16, seed=1)
 
 
-def _population(rng, n_models: int, level: float, sd: float) -> list[list[float]]:
-    return [list(level + sd * rng.standard_normal(40)) for _ in range(n_models)]
-
-
 def _case(rng, in_level: float, out_level: float, sd: float = 1.0, refs: int = 2) -> list[Scored]:
-    """Fresh references of one cluster with one target: IN scores near in_level, OUT near out_level."""
-    members = _population(rng, refs, in_level, sd)
-    test = _population(rng, refs, out_level, sd)
-    fresh = [Scored(f"in:{i}", f"in{i}", [in_level + sd * rng.standard_normal()], members[i], []) for i in range(refs)]
-    fresh += [Scored(f"out:{i}", f"out{i}", [out_level + sd * rng.standard_normal()], [], test[i]) for i in range(refs)]
+    """Fresh references of one cluster with one target: IN scores near in_level, OUT near
+    out_level; every model scores a population of members (IN) and test samples (OUT) at both
+    levels, with spread `sd` from model to model."""
+
+    def population(shift: float) -> tuple[list[float], list[float]]:
+        base = np.r_[np.full(20, in_level), np.full(20, out_level)] + shift
+        return list(base + sd * rng.standard_normal(40)), list(base + sd * rng.standard_normal(40))
+
+    fresh = []
+    for side, level, shift in (("in", in_level, 0.0), ("out", out_level, 3.0)):  # the sides differ as whole models
+        for i in range(refs):
+            members, test = population(shift)
+            fresh.append(Scored(f"{side}:{i}", f"{side}{i}", [level + sd * rng.standard_normal()], members, test))
     return fresh
 
 
@@ -74,7 +78,8 @@ def test_a_broken_build_fails_an_exact_rebuild_is_forgotten_and_an_unmemorised_s
     rebuilt = Scored("rebuilt", "rebuilt", [-17.5])
     exact = judge(["x"], fresh, before, Scored("served after", "rebuilt", [-17.5]), {**reused, "rebuilt": ("out", rebuilt)}, threshold)[0]
     assert exact["verdict"] == "forgotten"
-    assert exact["before"]["p_value"] < 1e-6 and exact["before"]["log10_likelihood_ratio"] > 2
+    assert exact["before"]["p_value"] < threshold / 4 and exact["before"]["log10_likelihood_ratio"] > 2
+    assert exact["before"]["dof"] == 2  # two fresh models a side: the variance is uncertain, the tail is t(2)
     # The served model is left out of the fits it is tested against: the pre-forget prompt is no
     # IN reference for the score of the model it is, the rebuilt prompt no OUT one for its own.
     assert exact["before"]["fit_in"]["n"] == 2 and exact["before"]["fit_out"]["n"] == 3
@@ -97,13 +102,17 @@ def test_a_broken_build_fails_an_exact_rebuild_is_forgotten_and_an_unmemorised_s
 
 def test_the_variance_follows_the_level_of_the_score():
     """A mislabelled sample's OUT scores sit far below the population's and vary more: the variance
-    pooled near its level (not over every row) keeps a genuine OUT score from looking detectable."""
+    pooled near its level (not over every entry) keeps a genuine OUT score from looking detectable;
+    and the shift between the IN and OUT models is not counted as spread."""
     rng = np.random.default_rng(1)
-    confident = [list(np.r_[15 + 0.3 * rng.standard_normal(40), -16 + 2.5 * rng.standard_normal(40)]) for _ in range(2)]
-    fresh = [Scored(f"out:{i}", f"o{i}", [-16.0 + i], [], confident[i]) for i in range(2)]
-    fresh += [Scored(f"in:{i}", f"i{i}", [1.0], [], []) for i in range(2)]
+
+    def population(shift):
+        return list(np.r_[15 + 0.3 * rng.standard_normal(40), -16 + 2.5 * rng.standard_normal(40)] + shift)
+
+    fresh = [Scored(f"out:{i}", f"o{i}", [-16.0 + i], population(8.0), population(8.0)) for i in range(2)]
+    fresh += [Scored(f"in:{i}", f"i{i}", [1.0], population(0.0), population(0.0)) for i in range(2)]
     result = judge(["c"], fresh, Scored("b", "b", [1.0]), Scored("a", "a", [-12.5]), {}, 0.01 / 16)[0]
-    assert result["after"]["fit_out"]["variance"] > 2.0  # pooled among the wrong-label entries, not the confident ones
+    assert 2.0 < result["after"]["fit_out"]["variance"] < 12  # the wrong-label entries' spread (2.5²), not the 8-point shift
     assert result["verdict"] != "FAIL"
 
 

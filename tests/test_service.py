@@ -314,6 +314,19 @@ def test_an_influence_request_is_answered_after_its_update_is_served_and_signed(
     assert verified["ok"] is True and verified["records"] == 1
     served = client.post("/v1/predict", json={"images": ws.split("test").images[:50].tolist()}).json()
     assert "approximate" in served["served"].values()  # the overlay is what the edited cluster serves now
+    # The record signs the forgetting audit of the update: the sample's verdict under a keyed id,
+    # and the edited sample's logit confidence (which does not saturate as the loss does).
+    from lmeraser.audit.forgetting import VERDICTS
+    from lmeraser.lineage.records import lineage_log
+
+    predicate = lineage_log(ws).read_unverified()[0].predicate
+    audit = predicate["forgetting_audit"]
+    assert audit["status"] == "audited" and audit["samples_audited"] == 1 and audit["references_per_side"] == 4
+    [sample] = audit["samples"]
+    assert sample["verdict"] in VERDICTS and sample["sample_key"] != sid and sid not in json.dumps(predicate)
+    assert sample["after"]["p_value"] is not None and sample["before"]["fit_in"]["n"] >= 2
+    confidence = predicate["clusters_edited"][0]["edited_sample_confidence"]["original"]
+    assert confidence["before"] != confidence["after"]
 
 
 def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(tmp_path):

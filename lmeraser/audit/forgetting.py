@@ -11,12 +11,13 @@ Hayes et al. 2024), affordable here because a reference is one cluster's prompt 
               reference (a model is never a reference for its own test).
   score       a sample's logit-scaled confidence, log p_y - log(1 - p_y), from the logits in float64.
   fit         Gaussians over the IN and OUT scores: per-sample means; a fixed (pooled) variance,
-              since a per-sample variance needs tens of references. The IN variance is pooled over
-              the cluster's other members across the fresh IN references, the OUT variance over the
-              test samples routed to it across the fresh OUT references, each scored under its
-              label and under a wrong one, and pooled over the entries whose mean is nearest the
-              sample's (a score's variance depends on its level); floored by the sample's own
-              spread when it has two scores or more on that side. A tested score is compared with the predictive
+              since a per-sample variance needs tens of references. The population is the
+              cluster's other members (IN for every model) and the test samples routed to it (OUT
+              for every model), each scored under its label and under a wrong one, by every
+              reference and the pre-forget exact prompt; its spread is pooled within the IN and
+              the OUT side (they differ as whole models), over the entries whose mean on the
+              fitted side is nearest the sample's (a score's variance depends on its level), and
+              floored by the sample's own spread when it has two scores or more on that side. A tested score is compared with the predictive
               variance sigma^2 (1 + 1/n) of a new draw.
   test        p = P(OUT score >= s), the one-sided p-value of a served model's score s; and the
               likelihood ratio N(s; IN) / N(s; OUT), the power. A sample is detectable when p is
@@ -213,43 +214,57 @@ def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, 
 NEAREST = 16  # population entries the variance at a score level is pooled over
 
 
-def _population(references: list[Scored], attribute: str) -> np.ndarray:
-    """(entries, 2): each population entry's mean and variance across these references."""
-    matrix = np.array([getattr(r, attribute) for r in references], float)
-    if matrix.ndim != 2 or matrix.shape[0] < 2 or matrix.shape[1] == 0:
-        return np.zeros((0, 2))
-    return np.stack([matrix.mean(0), matrix.var(0, ddof=1)], 1)
+def _population(in_models: list[Scored], out_models: list[Scored]) -> np.ndarray:
+    """(entries, 3): each population entry's (a member or a routed test sample, under its label or
+    a wrong one) mean over the IN-side models, mean over the OUT-side models, and variance pooled
+    within the two sides. Every model is IN for the members that stay and OUT for the test samples,
+    so all of them measure the seed-to-seed spread; the sides are centred apart because they differ
+    as whole models (the OUT ones lack the batch's samples)."""
+    groups = [np.array([r.members + r.test for r in models], float) for models in (in_models, out_models)]
+    groups = [g for g in groups if g.ndim == 2 and g.shape[1]]
+    dof = sum(len(g) - 1 for g in groups)
+    if not groups or dof <= 0:
+        return np.zeros((0, 3))
+    width = groups[0].shape[1]
+    squares = sum(((g - g.mean(0)) ** 2).sum(0) for g in groups)
+    means = [np.array([r.members + r.test for r in models], float).mean(0) if models else np.full(width, np.nan) for models in (in_models, out_models)]
+    return np.stack([means[0], means[1], squares / dof], 1)
 
 
-def _fit(scores: list[float], population: np.ndarray) -> dict:
-    """A Gaussian over one side's scores: their mean; a fixed variance pooled over the NEAREST
-    population entries whose mean is closest to that mean (the variance depends on the level),
-    floored by the scores' own spread when there are two or more; and n."""
+def _fit(scores: list[float], population: np.ndarray, side: int) -> dict:
+    """A Gaussian over one side's scores (side 0: IN, 1: OUT): their mean; a fixed variance pooled
+    over the NEAREST population entries whose mean on that side is closest to theirs (a score's
+    variance depends on its level), floored by the scores' own spread when there are two or more;
+    and n."""
     n = len(scores)
     mean = float(np.mean(scores)) if n else None
     variance = _MIN_VARIANCE
     if n and len(population):
-        nearest = np.argsort(np.abs(population[:, 0] - mean), kind="stable")[:NEAREST]
-        variance = float(population[nearest, 1].mean())
+        level = population[:, side] if not np.isnan(population[:, side]).all() else population[:, 1 - side]
+        nearest = np.argsort(np.abs(level - mean), kind="stable")[:NEAREST]
+        variance = float(population[nearest, 2].mean())
     if n >= 2:
         variance = max(variance, float(np.var(scores, ddof=1)))
     return {"mean": mean, "variance": max(variance, _MIN_VARIANCE), "n": n}
 
 
-def _test(score: float, fit_in: dict, fit_out: dict) -> dict:
+def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     """The p-value of `score` under the OUT fit (one-sided: members score higher) and the log10
-    likelihood ratio IN / OUT, both with the predictive variance of a new draw."""
-    from scipy.stats import norm
+    likelihood ratio IN / OUT, both with the predictive spread of a new draw, sigma^2 (1 + 1/n),
+    in Student's t with the variance's `dof` degrees of freedom (counted in models, the conservative
+    count: with a handful of references the variance itself is uncertain, and a normal tail would
+    call genuine OUT scores detectable)."""
+    from scipy.stats import t
 
     if not fit_out["n"]:
         return {"score": score, "p_value": None, "log10_likelihood_ratio": None}
-    v_out = fit_out["variance"] * (1 + 1 / fit_out["n"])
-    p = float(norm.sf(score, loc=fit_out["mean"], scale=math.sqrt(v_out)))
+    scale_out = math.sqrt(fit_out["variance"] * (1 + 1 / fit_out["n"]))
+    p = float(t.sf(score, dof, loc=fit_out["mean"], scale=scale_out))
     lr = None
     if fit_in["n"]:
-        v_in = fit_in["variance"] * (1 + 1 / fit_in["n"])
-        lr = float((norm.logpdf(score, fit_in["mean"], math.sqrt(v_in)) - norm.logpdf(score, fit_out["mean"], math.sqrt(v_out))) / math.log(10))
-    return {"score": score, "p_value": p, "log10_likelihood_ratio": lr}
+        scale_in = math.sqrt(fit_in["variance"] * (1 + 1 / fit_in["n"]))
+        lr = float((t.logpdf(score, dof, fit_in["mean"], scale_in) - t.logpdf(score, dof, fit_out["mean"], scale_out)) / math.log(10))
+    return {"score": score, "p_value": p, "log10_likelihood_ratio": lr, "dof": dof}
 
 
 def judge(
@@ -266,13 +281,12 @@ def judge(
     (side, scores) for the pre-forget exact and rebuilt prompts. A model is left out of the fits
     it is tested against (matched by tensor digest), so a served model never vouches for itself.
     """
-    # Within each side: IN and OUT references differ as whole models (the OUT ones lack the batch's
-    # samples), so a variance pooled across both would carry that difference as noise.
-    fresh_in = [r for r in fresh if r.name.startswith("in:")]
-    fresh_out = [r for r in fresh if r.name.startswith("out:")]
-    population_in = _population(fresh_in, "members")  # the cluster's other members: IN for every reference
-    population_out = _population(fresh_out, "test")  # test samples routed to it: OUT for every reference
     in_digests = {r.digest for r in fresh if r.name.startswith("in:")} | {s.digest for side, s in reused.values() if side == "in"}
+    with_population = [(r.name.split(":")[0], r) for r in fresh] + [(side, m) for side, m in reused.values() if m.members or m.test]
+    population_in = [m for side, m in with_population if side == "in"]
+    population_out = [m for side, m in with_population if side == "out" and m.digest not in in_digests]
+    population = _population(population_in, population_out)
+    dof = max(1, max(0, len(population_in) - 1) + max(0, len(population_out) - 1))
     models = [(r.name.split(":")[0], r) for r in fresh] + [
         (side, s)
         for side, s in reused.values()
@@ -283,9 +297,9 @@ def judge(
         if model is None:
             return None
         others = [(side, m) for side, m in models if m.digest != model.digest]
-        fit_in = _fit([m.targets[i] for side, m in others if side == "in"], population_in)
-        fit_out = _fit([m.targets[i] for side, m in others if side == "out"], population_out)
-        return {**_test(model.targets[i], fit_in, fit_out), "fit_in": fit_in, "fit_out": fit_out}
+        fit_in = _fit([m.targets[i] for side, m in others if side == "in"], population, 0)
+        fit_out = _fit([m.targets[i] for side, m in others if side == "out"], population, 1)
+        return {**_test(model.targets[i], fit_in, fit_out, dof), "fit_in": fit_in, "fit_out": fit_out}
 
     results = []
     for i, sid in enumerate(targets):
@@ -310,8 +324,8 @@ def summary(samples: list[dict], params: AuditParams, threshold: float, referenc
     return {
         "statistic": "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)",
         "fit": (
-            "per-sample means; fixed variance pooled over the population entries nearest in level "
-            "(members for IN, routed test samples for OUT), floored by the sample's own spread"
+            "per-sample means; fixed variance pooled within sides over the population entries nearest in level "
+            "(the cluster's members and routed test samples, each under its label and a wrong one), floored by the sample's own spread"
         ),
         "references_per_side": params.references,
         "max_samples_per_request": params.max_samples_per_request,
@@ -331,7 +345,8 @@ def keyed(samples: list[dict], key: Callable[[str], str], request_of: dict[str, 
     def rounded(test: dict | None) -> dict | None:
         if test is None:
             return None
-        out = {k: (None if v is None else float(f"{v:.6g}")) for k, v in test.items() if k not in ("fit_in", "fit_out")}
+        out = {k: (None if v is None else float(f"{v:.6g}")) for k, v in test.items() if k not in ("fit_in", "fit_out", "dof")}
+        out["dof"] = test.get("dof")
         for side in ("fit_in", "fit_out"):
             fit = test[side]
             out[side] = {"mean": None if fit["mean"] is None else float(f"{fit['mean']:.6g}"), "sd": float(f"{math.sqrt(fit['variance']):.6g}"), "n": fit["n"]}
@@ -420,7 +435,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     test = ws.split("test")
     clusters = assignments["cluster"].to_numpy()
     index = ws.prompt_index()
-    cases = []
+    cases, populations = [], {}
     for cluster in sorted({cluster_of[s] for s in request_of}):
         in_rows = np.flatnonzero(clusters == cluster)
         gone = np.array([row_of[s] for s in forgotten if cluster_of[s] == cluster])
@@ -430,6 +445,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
         seed = index.clusters[str(cluster)].seed
         members = _subset(out_rows, POPULATION, seed)
         tests = _subset(np.flatnonzero(test_routes == cluster), POPULATION, seed)
+        populations[cluster] = {"members": [private.sample_ids[i] for i in members], "test": [int(i) for i in tests]}
         cases.append(
             ClusterCase(
                 cluster,
@@ -451,7 +467,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     for case in cases:
         # The pre-forget exact prompt: one more IN reference, at no training cost.
         entry = index.clusters[str(case.cluster)]
-        served[case.cluster] = scorer.score("pre-forget exact", store.load(entry.key), case, population=False).to_json()
+        served[case.cluster] = scorer.score("pre-forget exact", store.load(entry.key), case).to_json()
     seconds = time.perf_counter() - start
     log(
         f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) in cluster(s) {[c.cluster for c in cases]}; "
@@ -460,7 +476,12 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     return {
         "chosen": chosen,
         "clusters": {
-            str(case.cluster): {"targets": case.targets, "fresh": [r.to_json() for r in fresh[case.cluster]], "pre_forget_exact": served[case.cluster]}
+            str(case.cluster): {
+                "targets": case.targets,
+                "fresh": [r.to_json() for r in fresh[case.cluster]],
+                "pre_forget_exact": served[case.cluster],
+                "population": populations[case.cluster],
+            }
             for case in cases
         },
         "seconds": seconds,
@@ -481,29 +502,55 @@ def served_digests(model, clusters) -> dict[str, str]:
     return {str(c): tensor_digest(model.state(c)) for c in clusters if str(c) in model.index.clusters}
 
 
-def prompt_scores(model, name: str, state: dict[str, torch.Tensor], images: np.ndarray, labels: np.ndarray, batch_size: int) -> Scored:
+def prompt_scores(
+    model, name: str, state: dict[str, torch.Tensor], images: np.ndarray, labels: np.ndarray, batch_size: int, population: tuple | None = None
+) -> Scored:
     """One prompt state (on the served backbone) scored on these images, as the service would
-    compute its logits."""
+    compute its logits; with `population` (member images, labels, test images, labels) also on the
+    population, under each label and a wrong one, as `Scorer.score` does."""
     from lmeraser.compute import Compute
     from lmeraser.models.backbone import preprocess
     from lmeraser.training import load_prompt
 
     compute = Compute.of(model.backbone_meta)
-    x = preprocess(images, model.input_spec)
-    with compute.scope(), torch.no_grad():
-        prompt = load_prompt(model.backbone, model.prompt_params, model.index.num_classes, state)
-        chunks = []
+    num_classes = model.index.num_classes
+
+    def logits_of(prompt, pixels: np.ndarray) -> np.ndarray:
+        x = preprocess(pixels, model.input_spec)
+        chunks = [np.zeros((0, num_classes), np.float32)]
         for i in range(0, len(x), batch_size):
             with compute.autocast():
                 chunks.append(prompt(compute.put(x[i : i + batch_size])).float().cpu().numpy())
-    return Scored(name, tensor_digest(state), [float(v) for v in logit_confidence(np.concatenate(chunks), labels)])
+        return np.concatenate(chunks)
+
+    def both_labels(logits: np.ndarray, y: np.ndarray) -> list[float]:
+        return [float(v) for v in logit_confidence(logits, y)] + [float(v) for v in logit_confidence(logits, (np.asarray(y) + 1) % num_classes)]
+
+    with compute.scope(), torch.no_grad():
+        prompt = load_prompt(model.backbone, model.prompt_params, num_classes, state)
+        targets = [float(v) for v in logit_confidence(logits_of(prompt, images), labels)]
+        members = test = []
+        if population is not None:
+            members = both_labels(logits_of(prompt, population[0]), population[1])
+            test = both_labels(logits_of(prompt, population[2]), population[3])
+    return Scored(name, tensor_digest(state), targets, members, test)
 
 
-def exact_scores(model, cluster: str, images: np.ndarray, labels: np.ndarray, batch_size: int) -> Scored | None:
-    """A cluster's exact prompt (the rebuilt one, after a batch) scored on these images; None when
-    the cluster has none."""
+def population_inputs(ws, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A cluster's population as `references_before` chose it (member ids, test rows), read from
+    the data now: the members stay in the data through the batch."""
+    private, test = ws.split("private"), ws.split("test")
+    row = {sid: i for i, sid in enumerate(private.sample_ids)}
+    members = [row[s] for s in info["population"]["members"] if s in row]
+    rows = info["population"]["test"]
+    return private.images[members], private.labels[members], test.images[rows], test.labels[rows]
+
+
+def exact_scores(model, cluster: str, images: np.ndarray, labels: np.ndarray, batch_size: int, population: tuple | None = None) -> Scored | None:
+    """A cluster's exact prompt (the rebuilt one, after a batch) scored on these images (and the
+    population); None when the cluster has none."""
     entry = model.index.clusters.get(cluster)
-    return None if entry is None else prompt_scores(model, "rebuilt", model.store.load(entry.key), images, labels, batch_size)
+    return None if entry is None else prompt_scores(model, "rebuilt", model.store.load(entry.key), images, labels, batch_size, population)
 
 
 def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dict[str, Scored] | None = None) -> dict:

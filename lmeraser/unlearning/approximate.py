@@ -226,6 +226,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
         "clusters": clusters,
         "reports": reports,
         "requests": [r["request_id"] for r in requests],
+        "forgetting_audit": audit,
         "seconds": time.perf_counter() - start,
     }
 

@@ -276,7 +276,12 @@ class UnlearnBatch:
                 if int(cluster) in self.done["rebuild"]["rebuilt"]:
                     targets = info["targets"]
                     rebuilt[cluster] = forgetting.exact_scores(
-                        model, cluster, np.stack([self._images[s] for s in targets]), np.array([label[s] for s in targets]), batch_size
+                        model,
+                        cluster,
+                        np.stack([self._images[s] for s in targets]),
+                        np.array([label[s] for s in targets]),
+                        batch_size,
+                        forgetting.population_inputs(self.ws, info),
                     )
         result = forgetting.conclude(state, params, state["before"], after, rebuilt)
         seconds = {"references": state["seconds"], "after": time.perf_counter() - start}
