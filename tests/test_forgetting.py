@@ -203,3 +203,12 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
         path.unlink()
     hits, _, _ = scan(ws, set(), set(), sample_ids=set(), reference_digests=digests)
     assert hits == []
+
+
+def test_no_spread_to_estimate_means_no_test_not_a_made_up_one():
+    """One model a side and no population spread: nothing says how far apart two seeds fall, so
+    no score is called detectable (a tiny default variance made genuine OUT scores FAIL)."""
+    fresh = [Scored("in:0", "i0", [1.0], [3.0, 4.0], [5.0, 6.0]), Scored("out:0", "o0", [-15.0], [3.5, 4.5], [5.5, 6.5])]
+    result = judge(["x"], fresh, Scored("b", "b", [1.0]), Scored("a", "a", [-14.0]), {}, 0.01)[0]
+    assert result["after"]["p_value"] is None and result["verdict"] == "not-audited"
+    assert result["before"]["p_value"] is None

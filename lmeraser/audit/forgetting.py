@@ -238,14 +238,14 @@ def _fit(scores: list[float], population: np.ndarray, side: int) -> dict:
     and n."""
     n = len(scores)
     mean = float(np.mean(scores)) if n else None
-    variance = _MIN_VARIANCE
+    variance = None  # nothing to estimate it from: no test (never a made-up spread)
     if n and len(population):
         level = population[:, side] if not np.isnan(population[:, side]).all() else population[:, 1 - side]
         nearest = np.argsort(np.abs(level - mean), kind="stable")[:NEAREST]
         variance = float(population[nearest, 2].mean())
     if n >= 2:
-        variance = max(variance, float(np.var(scores, ddof=1)))
-    return {"mean": mean, "variance": max(variance, _MIN_VARIANCE), "n": n}
+        variance = max(variance or 0.0, float(np.var(scores, ddof=1)))
+    return {"mean": mean, "variance": None if variance is None else max(variance, _MIN_VARIANCE), "n": n}
 
 
 def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
@@ -256,12 +256,12 @@ def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     call genuine OUT scores detectable)."""
     from scipy.stats import t
 
-    if not fit_out["n"]:
-        return {"score": score, "p_value": None, "log10_likelihood_ratio": None}
+    if not fit_out["n"] or fit_out["variance"] is None:
+        return {"score": score, "p_value": None, "log10_likelihood_ratio": None, "dof": dof}
     scale_out = math.sqrt(fit_out["variance"] * (1 + 1 / fit_out["n"]))
     p = float(t.sf(score, dof, loc=fit_out["mean"], scale=scale_out))
     lr = None
-    if fit_in["n"]:
+    if fit_in["n"] and fit_in["variance"] is not None:
         scale_in = math.sqrt(fit_in["variance"] * (1 + 1 / fit_in["n"]))
         lr = float((t.logpdf(score, dof, fit_in["mean"], scale_in) - t.logpdf(score, dof, fit_out["mean"], scale_out)) / math.log(10))
     return {"score": score, "p_value": p, "log10_likelihood_ratio": lr, "dof": dof}
@@ -349,7 +349,8 @@ def keyed(samples: list[dict], key: Callable[[str], str], request_of: dict[str, 
         out["dof"] = test.get("dof")
         for side in ("fit_in", "fit_out"):
             fit = test[side]
-            out[side] = {"mean": None if fit["mean"] is None else float(f"{fit['mean']:.6g}"), "sd": float(f"{math.sqrt(fit['variance']):.6g}"), "n": fit["n"]}
+            sd = None if fit["variance"] is None else float(f"{math.sqrt(fit['variance']):.6g}")
+            out[side] = {"mean": None if fit["mean"] is None else float(f"{fit['mean']:.6g}"), "sd": sd, "n": fit["n"]}
         return out
 
     return [
