@@ -846,8 +846,7 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
     from lmeraser.lineage.records import lineage_log
 
     ws = Workspace(root)
-    if out.is_dir():
-        _fail(f"{out}: is a directory; --out takes a file path.")
+    _check_output(out, (".html", ".htm"), "--out")
     failure = None
     try:
         key = public_key(ws, pubkey)
@@ -861,10 +860,23 @@ def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), p
             records = []
         if not records:
             _fail(failure)
-    path = build_report(ws, records, out, signer, failure)
+    try:
+        path = build_report(ws, records, out, signer, failure)
+    except OSError as error:
+        _fail(f"{out}: cannot write the report ({error.strerror or error}).")
     if failure:
         _fail(f"report written to {path}, but verification FAILED: {failure}")
     console.print(f"report written to {path} (verified with key {signer})")
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
+    """An output path a command may (re)write: a new or regular file with the output's suffix, so
+    `--plot /dev/null`, a FIFO or `audit/lineage.jsonl` is refused, never replaced."""
+    if path.suffix.lower() not in suffixes:
+        _fail(f"{path}: {option} takes a {' or '.join(suffixes)} file path (it would be replaced).")
+    if os.path.lexists(path) and not (path.is_file() and not path.is_symlink()):
+        kind = "a directory" if path.is_dir() else "a symbolic link" if path.is_symlink() else "not a regular file"
+        _fail(f"{path}: is {kind}; {option} writes a new or regular file only.")
 
 
 @audit_app.command("forgetting")
@@ -885,8 +897,13 @@ def audit_forgetting(
     from lmeraser.lineage.records import lineage_log
 
     ws = Workspace(root)
-    if plot.is_dir():
-        _fail(f"{plot}: is a directory; --plot takes a file path.")
+    _check_output(plot, (".png",), "--plot")
+    if not ws.lineage_file.exists():
+        if as_json:
+            _emit({"records": 0, "records_without_audit": 0, "methods": {}, "plot": None, "verified": None})
+        else:
+            console.print(f"no lineage records yet ({ws.lineage_file} does not exist): nothing was audited")
+        return
     failure = None
     try:
         records = verify(ws, public_key(ws, pubkey))
@@ -902,8 +919,12 @@ def audit_forgetting(
         import matplotlib.pyplot as plt
 
         fig = plot_p_values(summary)
-        atomic_write_bytes(plot, png_bytes(fig))
-        plt.close(fig)
+        try:
+            atomic_write_bytes(plot, png_bytes(fig))
+        except OSError as error:
+            _fail(f"{plot}: cannot write the plot ({error.strerror or error}).")
+        finally:
+            plt.close(fig)
         wrote = str(plot)
     if as_json:
         _emit({**summary, "plot": wrote, "verified": failure is None})
@@ -919,8 +940,8 @@ def audit_forgetting(
         console.print(table)
         console.print(
             f"{summary['records']} audited record(s), {summary['records_without_audit']} without a reference audit; "
-            f"p-value plot written to {wrote}. Forget quality: a KS p-value near 1 means the post-forget p-values look "
-            "uniform (as for data never seen); near 0, that forgotten samples stay detectable.",
+            f"p-value plot written to {wrote}. Forget quality: a KS p-value far from 0 means the post-forget p-values are "
+            "consistent with the uniform (as for data never seen); near 0, that forgotten samples stay detectable.",
             highlight=False,
         )
     if failure:

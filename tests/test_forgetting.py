@@ -132,7 +132,7 @@ def test_fleet_counts_verdicts_and_tests_the_p_values_against_the_uniform():
             self.number, self.predicate, self.is_rotation = number, predicate, rotation
 
     def audited(p_values, verdict="forgotten", method="exact"):
-        samples = [{"sample_key": "k", "request_id": "r", "verdict": verdict, "before": None, "after": {"p_value": p}} for p in p_values]
+        samples = [{"sample_key": "k", "request_ids": ["r"], "verdict": verdict, "before": None, "after": {"p_value": p}} for p in p_values]
         return {"method": method, "forgetting_audit": {"status": "audited", "samples": samples}}
 
     uniform = list(np.linspace(0.01, 0.99, 40))
@@ -179,9 +179,12 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
     assert listing() == files  # no reference (nor anything else) was written under the workspace
     json.dumps(first)
     assert len(first["chosen"]["r1"]) == 2
-    for info in first["clusters"].values():
+    for cluster, info in first["clusters"].items():
         sides = sorted(r["name"].split(":")[0] for r in info["fresh"])
-        assert sides == ["in", "out"] and all(len(r["targets"]) == len(info["targets"]) for r in info["fresh"])
+        assert sides == ["in", "out", "out"] and all(len(r["targets"]) == len(info["targets"]) for r in info["fresh"])
+        # OUT reference 0 is the expected rebuild: the cluster's own training without the targets.
+        twin = next(r for r in info["fresh"] if r["digest"] == info["rebuild_digest"])
+        assert twin["name"] == f"out:{ws.prompt_index().clusters[cluster].seed}"
     second = forgetting.references_before(ws, params, requests, routes, log=lambda m: None)
     strip = lambda state: {c: [{k: v for k, v in r.items() if k != "seconds"} for r in i["fresh"]] for c, i in state["clusters"].items()}  # noqa: E731
     assert strip(first) == strip(second)  # bit-for-bit: same digests, same scores
@@ -212,3 +215,46 @@ def test_no_spread_to_estimate_means_no_test_not_a_made_up_one():
     result = judge(["x"], fresh, Scored("b", "b", [1.0]), Scored("a", "a", [-14.0]), {}, 0.01)[0]
     assert result["after"]["p_value"] is None and result["verdict"] == "not-audited"
     assert result["before"]["p_value"] is None
+
+
+def test_a_sample_named_twice_is_one_test_and_the_rebuild_twin_has_the_cluster_seed():
+    requests = [
+        {"kind": "forget", "request_id": "r1", "sample_ids": ["a"]},
+        {"kind": "forget", "request_id": "r2", "sample_ids": ["a", "b"]},
+    ]
+    chosen = chosen_samples(requests, lambda s: True, 16, seed=0)
+    assert chosen == {"r1": ["a"], "r2": ["b"]}  # "a" once: the Bonferroni count is 2, not 3
+    assert forgetting.reference_seed(1234, "out", 0) == 1234  # the expected rebuild
+    assert len({forgetting.reference_seed(1234, side, i) for side in ("in", "out") for i in range(1, 4)} | {1234}) == 7
+
+
+def test_a_resumed_batch_is_audited_from_the_expected_rebuild_or_not_at_all():
+    state = {"clusters": {"3": {"targets": ["a"], "rebuild_digest": "twin", "fresh": [{"name": "out:7", "digest": "twin", "targets": [-9.5]}]}}}
+    scores, other = forgetting.expected_after(state, {"3": "twin"})
+    assert scores == {"a": -9.5} and other == []
+    scores, other = forgetting.expected_after(state, {"3": "something else"})
+    assert scores == {} and other == ["3"]
+
+
+def test_output_paths_that_are_not_new_or_regular_files_of_the_right_kind_are_refused(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import BIN
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    log = tmp_path / "audit" / "lineage.jsonl"
+    log.parent.mkdir()
+    log.write_text("precious\n")
+    for args, needle in (
+        (["audit", "forgetting", "--plot", str(fifo)], "not a regular file"),
+        (["audit", "forgetting", "--plot", str(log)], "takes a .png file path"),
+        (["audit", "forgetting", "--plot", "/dev/null"], "takes a .png file path"),
+        (["audit", "report", "--out", str(log)], "takes a .html or .htm file path"),
+    ):
+        done = subprocess.run([str(BIN / "lmeraser"), *args, "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+    assert log.read_text() == "precious\n" and fifo.is_fifo()
+    empty = subprocess.run([str(BIN / "lmeraser"), "audit", "forgetting", "--root", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 0 and "no lineage records yet" in empty.stdout

@@ -46,7 +46,7 @@ def _records(root):
 
 
 def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(canaries):
-    root, canary, _, _ = canaries
+    root, canary, _, cluster_of = canaries
     done = _cli_ok("forget", "--sample-id", canary, cwd=root)
     assert "forgetting audit: 1 forgotten;" in done.stdout
     record = _records(root)[-1]
@@ -58,7 +58,8 @@ def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(ca
     assert canary not in json.dumps(record.predicate)  # keyed ids only
     # The IN references were held in memory and dropped; the purge section says so and the scan looks for them.
     references = record.predicate["purge"]["audit_references"]
-    assert references["trained"] == 8 and len(references["in_reference_digests"]) == 4
+    assert references["trained"] == 9 and len(references["in_reference_digests"]) == 4  # 4 IN, 4 + the expected rebuild OUT
+    assert record.predicate["forgetting_audit"]["served_as_expected_rebuild"] == [cluster_of[canary]]
     scan = _cli_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout and "4 forgetting-audit IN reference(s)" in scan.stdout
     # The population figure stays, labelled as such.
@@ -126,3 +127,10 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     assert "Nothing was signed" in message
     assert len(_records(root)) == records
     assert [r["sample_ids"] for r in Journal(ws).pending()] == [[canary]]
+    # The references of the stopped batch are what `audit scan` looks for too (no record names them yet).
+    assert json.loads(_cli_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
+    # Run again as is, in a new process: the erased pixels are gone, but the served prompt is still
+    # not the retrain without the canary (its digest says so), so the batch stays stopped, unsigned.
+    again = lmeraser_cli("unlearn", cwd=root)
+    assert again.returncode == 1 and f"cluster {cluster} serves a prompt that is not its retrain" in again.stderr, again.stderr
+    assert len(_records(root)) == records

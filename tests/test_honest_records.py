@@ -74,7 +74,11 @@ def test_forget_after_a_rectification_erases_the_sample(root):
     assert refused.returncode == 1 and "was forgotten and cannot be rectified" in refused.stderr
     again = _cli_ok("forget", "--sample-id", victim, cwd=root)
     assert "1 already forgotten" in again.stdout
-    assert _records(root)[-1].predicate["requests"][0]["already_forgotten"] == [victim]
+    from lmeraser.salt import Keyer
+
+    predicate = _records(root)[-1].predicate
+    assert predicate["requests"][0]["already_forgotten"] == [Keyer(Workspace(root)).subject("sample:" + victim)]
+    assert victim not in json.dumps(predicate)  # a record names no raw id of a forgotten sample
 
 
 def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):

@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lmeraser.config import AuditParams
-
 VERDICTS = ("forgotten", "not-memorised", "FAIL", "not-audited")
 POPULATION = 64  # population rows per side and cluster for the pooled variances
 _MIN_VARIANCE = 1e-4  # a floor: identical scores must not make every difference "significant"
@@ -76,21 +74,27 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def reference_seed(cluster_seed: int, side: str, index: int) -> int:
-    """Reference `index` of `side` (in/out) of a cluster: its own seed, never the cluster's."""
+    """Reference `index` of `side` (in/out) of a cluster. OUT reference 0 is the cluster's own
+    seed: it is the retrain without the batch's samples, bit for bit what a correct rebuild serves
+    (invariant 3), so the served prompt after the batch can be checked against it by digest."""
+    if side == "out" and index == 0:
+        return cluster_seed
     return int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
 def chosen_samples(requests: list[dict], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
     """request id -> the forget request's samples to audit: at most `limit`, the first in a fixed
     seeded order (the same on every run), among the `eligible` ones."""
-    chosen = {}
+    chosen, taken = {}, set()
     for request in requests:
         if request["kind"] != "forget":
             continue
-        ids = [s for s in dict.fromkeys(request["sample_ids"]) if eligible(s)]
+        # A sample named by several requests is audited once, under the first (it is one test).
+        ids = [s for s in dict.fromkeys(request["sample_ids"]) if eligible(s) and s not in taken]
         ids.sort(key=lambda s: hashlib.sha256(f"{seed}:{request['request_id']}:{s}".encode()).hexdigest())
         if ids:
             chosen[request["request_id"]] = sorted(ids[:limit])
+            taken |= set(chosen[request["request_id"]])
     return chosen
 
 
@@ -197,9 +201,9 @@ class Scorer:
 
 
 def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, workers: int) -> dict[int, list[Scored]]:
-    """Every case's fresh IN and OUT references, `workers` at a time; cluster -> scored references.
-    A case with no OUT members (the batch empties the cluster) gets IN references only."""
-    jobs = [(case, side, i) for case in cases for side in ("in", "out") for i in range(references) if side == "in" or len(case.out_rows)]
+    """Every case's fresh references, `workers` at a time: `references` IN, and `references` + 1 OUT
+    (the first with the cluster's own seed: the expected rebuild); cluster -> scored references."""
+    jobs = [(case, side, i) for case in cases for side, count in (("in", references), ("out", references + 1)) for i in range(count)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda job: scorer.reference(*job), jobs))
     out: dict[int, list[Scored]] = {case.cluster: [] for case in cases}
@@ -317,7 +321,7 @@ def judge(
     return results
 
 
-def summary(samples: list[dict], params: AuditParams, threshold: float, references: dict, seconds: dict) -> dict:
+def summary(samples: list[dict], settings: dict, threshold: float, references: dict, seconds: dict) -> dict:
     """The batch-level section a record signs: parameters, counts, the smallest p-value after."""
     counts = {v: sum(1 for s in samples if s["verdict"] == v) for v in VERDICTS}
     after = [s["after"]["p_value"] for s in samples if s.get("after") and s["after"]["p_value"] is not None]
@@ -327,9 +331,9 @@ def summary(samples: list[dict], params: AuditParams, threshold: float, referenc
             "per-sample means; fixed variance pooled within sides over the population entries nearest in level "
             "(the cluster's members and routed test samples, each under its label and a wrong one), floored by the sample's own spread"
         ),
-        "references_per_side": params.references,
-        "max_samples_per_request": params.max_samples_per_request,
-        "alpha": params.alpha,
+        "references_per_side": settings["references"],
+        "max_samples_per_request": settings["max_samples_per_request"],
+        "alpha": settings["alpha"],
         "samples_audited": len(samples),
         "threshold_p": threshold,
         "verdicts": counts,
@@ -339,7 +343,7 @@ def summary(samples: list[dict], params: AuditParams, threshold: float, referenc
     }
 
 
-def keyed(samples: list[dict], key: Callable[[str], str], request_of: dict[str, str]) -> list[dict]:
+def keyed(samples: list[dict], key: Callable[[str], str], requests_of: dict[str, list[str]]) -> list[dict]:
     """Per-sample results as a record holds them: keyed sample ids, the request, rounded numbers."""
 
     def rounded(test: dict | None) -> dict | None:
@@ -355,9 +359,10 @@ def keyed(samples: list[dict], key: Callable[[str], str], request_of: dict[str, 
 
     return [
         {
-            "sample_key": key(s["sample_id"]),
-            "request_id": request_of[s["sample_id"]],
+            "sample_key": key("sample:" + s["sample_id"]),  # keyed as `audit scan` keys erased ids
+            "request_ids": requests_of[s["sample_id"]],  # every request of the batch that names it
             "verdict": s["verdict"],
+            **({"reason": s["reason"]} if s.get("reason") else {}),
             "before": rounded(s["before"]),
             "after": rounded(s["after"]),
         }
@@ -413,8 +418,9 @@ def _subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
 def references_before(ws, params, requests: list[dict], test_routes: np.ndarray, log=print) -> dict | None:
     """The part of a batch's audit that needs the data before it changes: the audited samples,
     each affected cluster's fresh references (trained, scored, dropped) and the pre-forget exact
-    prompts' scores. A JSON-able state (scores and digests, no pixels, no weights); None when the
-    audit is off or no forget request names a private sample."""
+    prompts' scores, with the audit settings they were made with. A JSON-able state (scores and
+    digests, no pixels, no weights); None when the audit is off or no forget request names a
+    private sample still in the data."""
     from lmeraser.pipeline.train import plan
     from lmeraser.store import ArtifactStore
 
@@ -436,12 +442,16 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     test = ws.split("test")
     clusters = assignments["cluster"].to_numpy()
     index = ws.prompt_index()
-    cases, populations = [], {}
+    cases, populations, emptied = [], {}, {}
     for cluster in sorted({cluster_of[s] for s in request_of}):
         in_rows = np.flatnonzero(clusters == cluster)
         gone = np.array([row_of[s] for s in forgotten if cluster_of[s] == cluster])
         out_rows = np.setdiff1d(in_rows, gone)
         targets = sorted(s for s in request_of if cluster_of[s] == cluster)
+        if not len(out_rows):
+            # No model can be trained without them: the cluster is retired and serves no one.
+            emptied[str(cluster)] = {"targets": targets, "reason": f"the batch empties cluster {cluster}: it is retired, no OUT reference exists"}
+            continue
         target_rows = np.array([row_of[s] for s in targets])
         seed = index.clusters[str(cluster)].seed
         members = _subset(out_rows, POPULATION, seed)
@@ -462,7 +472,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
                 test.labels[tests],
             )
         )
-    fresh = train_references(scorer, cases, audit.references, params.runtime.workers)
+    fresh = train_references(scorer, cases, audit.references, params.runtime.workers) if cases else {}
     store = ArtifactStore(ws.store_dir)
     served = {}
     for case in cases:
@@ -470,24 +480,43 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
         entry = index.clusters[str(case.cluster)]
         served[case.cluster] = scorer.score("pre-forget exact", store.load(entry.key), case).to_json()
     seconds = time.perf_counter() - start
+    trained = sum(len(v) for v in fresh.values())
     log(
         f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) in cluster(s) {[c.cluster for c in cases]}; "
-        f"{sum(len(v) for v in fresh.values())} reference(s) trained in {seconds:.1f}s"
+        f"{trained} reference(s) trained in {seconds:.1f}s"
     )
     return {
+        "audit": audit.model_dump(mode="json"),  # the settings the references were made with: a resumed batch uses them
         "chosen": chosen,
+        "requests_of": {sid: [r["request_id"] for r in requests if r["kind"] == "forget" and sid in r["sample_ids"]] for ids in chosen.values() for sid in ids},
         "clusters": {
             str(case.cluster): {
                 "targets": case.targets,
                 "fresh": [r.to_json() for r in fresh[case.cluster]],
+                "rebuild_digest": fresh[case.cluster][audit.references].digest,  # OUT reference 0: the cluster's own seed
                 "pre_forget_exact": served[case.cluster],
                 "population": populations[case.cluster],
             }
             for case in cases
         },
+        "emptied": emptied,
         "seconds": seconds,
-        "trained": sum(len(v) for v in fresh.values()),
+        "trained": trained,
     }
+
+
+def expected_after(state: dict, served: dict[str, str]) -> tuple[dict[str, float], list[str]]:
+    """The served scores after an exact batch, without the erased pixels, where a cluster serves
+    exactly its expected rebuild (the OUT reference with its own seed: a retrain without the
+    batch's samples); and the clusters that serve something else (to be scored on the pixels)."""
+    scores, other = {}, []
+    for cluster, info in state["clusters"].items():
+        if served.get(cluster) == info["rebuild_digest"]:
+            twin = next(r for r in info["fresh"] if r["digest"] == info["rebuild_digest"])
+            scores.update(zip(info["targets"], twin["targets"]))
+        else:
+            other.append(cluster)
+    return scores, other
 
 
 def served_scores(model, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], batch_size: int) -> dict[str, float]:
@@ -547,33 +576,29 @@ def population_inputs(ws, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return private.images[members], private.labels[members], test.images[rows], test.labels[rows]
 
 
-def exact_scores(model, cluster: str, images: np.ndarray, labels: np.ndarray, batch_size: int, population: tuple | None = None) -> Scored | None:
-    """A cluster's exact prompt (the rebuilt one, after a batch) scored on these images (and the
-    population); None when the cluster has none."""
-    entry = model.index.clusters.get(cluster)
-    return None if entry is None else prompt_scores(model, "rebuilt", model.store.load(entry.key), images, labels, batch_size, population)
-
-
 def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dict[str, Scored] | None = None) -> dict:
     """The verdicts, from the references of `references_before` and the served model's scores
     before and after ({"scores": sample id -> score, "digests": cluster -> digest}; after None: not
-    measured); `rebuilt` maps a cluster to its rebuilt exact prompt's target scores (one more OUT
-    reference). Returns {"samples": [...], "threshold": t} with raw sample ids (the caller keys
-    them for the record)."""
-    audited = [s for ids in state["chosen"].values() for s in ids]
-    threshold = params.audit.alpha / max(1, len(audited))
+    measured); `rebuilt` maps a cluster to another OUT model's target scores. The audit settings
+    are the ones the references were made with (the state's), whatever `params` say now. Returns
+    {"samples": [...], "threshold": t} with raw sample ids (the caller keys them for the record)."""
+    settings = state.get("audit") or params.audit.model_dump(mode="json")
+    audited = {s for ids in state["chosen"].values() for s in ids}
+    threshold = settings["alpha"] / max(1, len(audited))
     samples = []
     for cluster, info in state["clusters"].items():
         fresh = [Scored(**r) for r in info["fresh"]]
         targets = info["targets"]
         reused = {"pre-forget exact": ("in", Scored(**info["pre_forget_exact"]))}
-        if rebuilt and rebuilt.get(cluster) is not None:
+        if rebuilt and rebuilt.get(cluster) is not None and rebuilt[cluster].digest not in {r.digest for r in fresh}:
             reused["rebuilt"] = ("out", rebuilt[cluster])
         served_before = Scored("served before", before["digests"].get(cluster, "served before"), [before["scores"][s] for s in targets])
         served_after = None
         if after is not None and all(s in after["scores"] for s in targets):
             served_after = Scored("served after", after["digests"].get(cluster, "served after"), [after["scores"][s] for s in targets])
         samples += judge(targets, fresh, served_before, served_after, reused, threshold)
+    for info in (state.get("emptied") or {}).values():
+        samples += [{"sample_id": s, "verdict": "not-audited", "reason": info["reason"], "before": None, "after": None} for s in info["targets"]]
     return {"samples": samples, "threshold": threshold}
 
 
@@ -581,18 +606,21 @@ def section(state: dict | None, result: dict | None, params, key: Callable[[str]
     """What a record signs about the audit: the batch-level summary and the keyed per-sample
     verdicts, or why there was none."""
     if state is None or result is None:
-        why = reason or ("audit.references is 0" if params.audit.references == 0 else "no forget request names a private sample")
+        why = reason or ("audit.references is 0" if params.audit.references == 0 else "no forget request names a private sample still in the data")
         return {"status": "no reference audit", "reason": why}
-    request_of = {sid: rid for rid, ids in state["chosen"].items() for sid in ids}
+    settings = state.get("audit") or params.audit.model_dump(mode="json")
     references = {
         "clusters": sorted(int(c) for c in state["clusters"]),
         "fresh_trained": state["trained"],
-        "reused": ["pre-forget exact prompt (IN)", "rebuilt prompt (OUT)"],
+        "in_per_cluster": settings["references"],
+        "out_per_cluster": settings["references"] + 1,
+        "reused": ["pre-forget exact prompt (IN)"],
+        "expected_rebuild": "OUT reference 0 has the cluster's own seed: a correct rebuild serves its exact bits",
     }
     return {
         "status": "audited",
-        **summary(result["samples"], params.audit, result["threshold"], references, seconds),
-        "samples": keyed(result["samples"], key, request_of),
+        **summary(result["samples"], settings, result["threshold"], references, seconds),
+        "samples": keyed(result["samples"], key, state["requests_of"]),
     }
 
 
@@ -613,7 +641,7 @@ def request_verdicts(predicate: dict, request_id: str) -> str:
         return audit.get("status", "-")
     counts: dict[str, int] = {}
     for sample in audit.get("samples", []):
-        if sample["request_id"] == request_id:
+        if request_id in sample.get("request_ids", [sample.get("request_id")]):
             counts[sample["verdict"]] = counts.get(sample["verdict"], 0) + 1
     if not counts:
         return "not audited (no private sample)"
@@ -627,14 +655,19 @@ def plot_p_values(summary: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # A log axis: the p-values that matter (a leak) are the tiny ones, which a linear axis hides.
+    floor = 1e-12
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, method in sorted(summary["methods"].items()):
-        values = np.sort(method["p_values_after"])
+        values = np.clip(np.sort(method["p_values_after"]), floor, 1.0)
         if len(values):
-            ax.step(np.concatenate([[0], values]), np.arange(len(values) + 1) / len(values), where="post", label=f"{name} (n={len(values)})")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="uniform (forgotten)")
-    ax.set(xlabel="post-forget p-value under the OUT references", ylabel="fraction of audited samples", title="forgetting audit: p-values after")
-    ax.set_xlim(0, 1)
+            ax.step(np.concatenate([[floor], values]), np.arange(len(values) + 1) / len(values), where="post", label=f"{name} (n={len(values)})")
+    grid = np.logspace(-12, 0, 200)
+    ax.plot(grid, grid, color="grey", lw=0.8, ls="--", label="uniform (forgotten)")
+    ax.set_xscale("log")
+    ax.set(xlabel="post-forget p-value under the OUT references (log; below 1e-12 drawn at 1e-12)", ylabel="fraction of audited samples")
+    ax.set_title("forgetting audit: p-values after")
+    ax.set_xlim(floor, 1)
     ax.set_ylim(0, 1)
     ax.legend(loc="lower right")
     return fig

@@ -11,6 +11,7 @@ records, never from data/, which a re-ingestion could have rewritten.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -190,12 +191,22 @@ class ScanTargets:
 
 
 def scan_targets(ws: Workspace) -> ScanTargets:
-    """What must be gone, from the signed records: every erased content, every superseded prompt."""
+    """What must be gone, from the signed records: every erased content, every superseded prompt,
+    every forgetting-audit IN reference (also those of a batch still open)."""
     records = lineage_log(ws).read_unverified()
     erased = {key for r in records for key in r.predicate.get("removed_content_keys", [])}
     superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
     superseded -= set(ws.prompt_index_or_empty().hashes().values())
     references = set()
+    # An open batch (stopped by a check, killed) trained references no record names yet.
+    from lmeraser.audit.forgetting import in_digests
+
+    for path in ws.batch_files():
+        try:
+            capture = json.loads(path.read_bytes()).get("done", {}).get("capture") or {}
+        except (ValueError, OSError, AttributeError):
+            continue
+        references |= set(in_digests(capture.get("forgetting_audit")))
     for r in records:
         held = (r.predicate.get("purge") or {}).get("audit_references") or ((r.predicate.get("forgetting_audit") or {}).get("references") or {})
         references |= set(held.get("in_reference_digests", []))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -51,7 +52,7 @@ class RequestSummary(_Schema):
     legal_basis: str
     samples: int  # targets acted on (ids already forgotten are listed apart)
     subject_hashes: list[str]
-    already_forgotten: list[str]
+    already_forgotten: list[str]  # keyed (HMAC) ids of targets forgotten before (no-ops), never raw ids
     subjects_already_forgotten: list[str] = []  # keyed hashes of subjects forgotten before (no-ops)
     label: int | None = None
     input: Literal["corrected image"] | None = None
@@ -60,14 +61,17 @@ class RequestSummary(_Schema):
     completed_at: str | None  # when the exact erasure was verified and recorded; None: still queued
 
     @classmethod
-    def of(cls, request: dict, applied_at: float | None, completed_at: str | None) -> RequestSummary:
+    def of(cls, request: dict, applied_at: float | None, completed_at: str | None, key: Callable[[str], str] | None = None) -> RequestSummary:
+        """`key` keys sample ids (the salt's HMAC, as scans and audits key them); records must
+        name no raw id of a forgotten sample."""
+        key = key or _sample_key_unavailable
         return cls(
             request_id=request["request_id"],
             kind=request["kind"],
             legal_basis=LEGAL_BASIS[request["kind"]],
             samples=len(request["sample_ids"]),
             subject_hashes=request["subject_hashes"],
-            already_forgotten=request["already_forgotten"],
+            already_forgotten=[key("sample:" + sid) for sid in request["already_forgotten"]],
             subjects_already_forgotten=request.get("subjects_already_forgotten", []),
             label=request["label"],
             input="corrected image" if request["input_path"] else None,
@@ -75,6 +79,10 @@ class RequestSummary(_Schema):
             applied_at=None if applied_at is None else utc(applied_at),
             completed_at=completed_at,
         )
+
+
+def _sample_key_unavailable(sample_id: str) -> str:
+    raise LmeraserError("a record needs the workspace's salt to key the ids of samples forgotten before.")
 
 
 class CodeInfo(_Schema):
@@ -296,6 +304,7 @@ def summary_row(record: Record) -> dict[str, str]:
             "acc after": "-",
             "scan hits": "-",
             "supersedes": "-",
+            "audit": "-",
         }
     if p.get("method") == "influence":
         return {
@@ -309,6 +318,7 @@ def summary_row(record: Record) -> dict[str, str]:
             "acc after": "-",
             "scan hits": "-",
             "supersedes": "-",
+            "audit": _audit_counts(p),
         }
     accuracy = p["accuracy"]
     return {
@@ -322,7 +332,18 @@ def summary_row(record: Record) -> dict[str, str]:
         "acc after": _fmt(accuracy["after"]),
         "scan hits": str(p["verification"]["scan"]["hits"]),
         "supersedes": ",".join(str(n) for n in p.get("supersedes", [])) or "-",
+        "audit": _audit_counts(p),
     }
+
+
+def _audit_counts(predicate: dict) -> str:
+    """The forgetting audit's verdicts in a table cell: "2 forgotten, 1 FAIL", or why none."""
+    audit = predicate.get("forgetting_audit")
+    if not audit:
+        return "-"
+    if audit.get("status") != "audited":
+        return "none"
+    return ", ".join(f"{n} {verdict}" for verdict, n in audit.get("verdicts", {}).items() if n) or "-"
 
 
 def _fmt(value: float | None) -> str:

@@ -309,7 +309,7 @@ def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingMo
         after["digests"][cluster] = scored.digest
     result = forgetting.conclude(state, params, before, after)
     section = forgetting.section(state, result, params, key, {"references": state["seconds"], "total": time.perf_counter() - start})
-    section["references"]["reused"] = ["pre-forget exact prompt (IN)"]
+    section["references"].pop("expected_rebuild", None)  # the edited prompt is tested, not a rebuild
     section["references"]["held"] = "in memory only; each dropped as soon as it was scored (never written)"
     section["references"]["in_reference_digests"] = forgetting.in_digests(state)
     counts = section["verdicts"]
@@ -321,12 +321,14 @@ def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingMo
 
 
 def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], reports: list[dict], seconds: dict, audit: dict | None = None):
+    from lmeraser.salt import Keyer
+
     now = utc()
     predicate = InfluencePredicate(
         batch_id=batch_id,
         recorded_at=now,
         # Applied (served) now; completed only when the exact batch supersedes this record.
-        requests=[RequestSummary.of(r, time.time(), None) for r in requests],
+        requests=[RequestSummary.of(r, time.time(), None, Keyer(ws).subject) for r in requests],
         clusters_edited=reports,
         influence=params.influence.model_dump(mode="json"),
         data={"data_dvc_md5": data_md5(ws.root)},

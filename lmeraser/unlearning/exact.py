@@ -248,8 +248,14 @@ class UnlearnBatch:
         return state
 
     def _audit_after(self) -> tuple[dict, list[str]]:
-        """The forgetting audit's verdicts (the section the record signs) and, for every sample
-        still detectable in the served model, one problem that stops the batch."""
+        """The forgetting audit's verdicts (the section the record signs) and the problems that
+        stop the batch: every sample still detectable in the served model, and every cluster that
+        serves neither its expected rebuild nor something the erased pixels (held in memory by the
+        process that erased them) can score.
+
+        A cluster that serves exactly its expected rebuild (the OUT reference with its own seed,
+        trained at capture without the batch's samples) is scored from that reference, so a batch
+        resumed after the erasure is audited as fully as one that ran through."""
         from lmeraser.audit import forgetting
         from lmeraser.inference import ServingModel
 
@@ -260,39 +266,29 @@ class UnlearnBatch:
             reason = "the batch rebuilds the backbone (public samples)" if capture["backbone_rebuild"] and params.audit.references else None
             return forgetting.section(None, None, params, key, {}, reason), []
         start = time.perf_counter()
-        audited = [s for ids in state["chosen"].values() for s in ids]
-        after = rebuilt = None
-        if all(s in self._images for s in audited):
-            model = ServingModel.load(self.ws)
-            batch_size = params.evaluate.batch_size
-            label = {s: capture["samples"][s]["label"] for s in audited}
-            images = np.stack([self._images[s] for s in audited])
-            after = {
-                "scores": forgetting.served_scores(model, images, np.array([label[s] for s in audited]), audited, batch_size),
-                "digests": forgetting.served_digests(model, state["clusters"]),
-            }
-            rebuilt = {}
-            for cluster, info in state["clusters"].items():
-                if int(cluster) in self.done["rebuild"]["rebuilt"]:
-                    targets = info["targets"]
-                    rebuilt[cluster] = forgetting.exact_scores(
-                        model,
-                        cluster,
-                        np.stack([self._images[s] for s in targets]),
-                        np.array([label[s] for s in targets]),
-                        batch_size,
-                        forgetting.population_inputs(self.ws, info),
-                    )
-        result = forgetting.conclude(state, params, state["before"], after, rebuilt)
+        model = ServingModel.load(self.ws)
+        digests = forgetting.served_digests(model, state["clusters"])
+        scores, other = forgetting.expected_after(state, digests)
+        problems = []
+        for cluster in other:
+            targets = state["clusters"][cluster]["targets"]
+            if all(s in self._images for s in targets):
+                images = np.stack([self._images[s] for s in targets])
+                labels = np.array([capture["samples"][s]["label"] for s in targets])
+                scores.update(forgetting.served_scores(model, images, labels, targets, params.evaluate.batch_size))
+            else:
+                problems.append(
+                    f"forgetting audit: cluster {cluster} serves a prompt that is not its retrain without the batch's samples "
+                    f"(tensor digest {digests.get(cluster, 'none')[:16]}, expected {state['clusters'][cluster]['rebuild_digest'][:16]}), "
+                    "and the erased pixels that could score it are gone (the batch was resumed)"
+                )
+        result = forgetting.conclude(state, params, state["before"], {"scores": scores, "digests": digests})
         seconds = {"references": state["seconds"], "after": time.perf_counter() - start}
-        reason = None if after is not None else "interrupted after the erasure: the served model could not be scored on the erased pixels"
         section = forgetting.section(state, result, params, key, seconds)
-        if reason:
-            section["not_audited_because"] = reason
-        request_of = {sid: rid for rid, ids in state["chosen"].items() for sid in ids}
-        problems = [
-            f"forgetting audit: sample {s['sample_id']} of request {request_of[s['sample_id']]} is still detectable in the served model after "
-            f"its forget (p = {s['after']['p_value']:.2g}, detectable at p <= {result['threshold']:.2g})"
+        section["served_as_expected_rebuild"] = sorted(int(c) for c in state["clusters"] if c not in other)
+        problems += [
+            f"forgetting audit: sample {s['sample_id']} of request {', '.join(state['requests_of'][s['sample_id']])} is still detectable in the "
+            f"served model after its forget (p = {s['after']['p_value']:.2g}, detectable at p <= {result['threshold']:.2g})"
             for s in result["samples"]
             if s["verdict"] == "FAIL"
         ]
@@ -325,6 +321,16 @@ class UnlearnBatch:
         backbone, meta = load_backbone(self.ws)
         return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes(), gpu=Compute.of(meta).faiss_gpu)}
 
+    def _hold_pixels(self, samples: dict, forgotten: set[str]) -> None:
+        """The pixels of the samples this batch erases, in memory (never written), for the checks
+        after the erasure: a batch resumed before its erasure reads them from the data once more."""
+        for split in ("public", "private"):
+            wanted = [s for s in forgotten if samples.get(s, {}).get("split") == split and s not in self._images]
+            if wanted:
+                part = self.ws.split(split)
+                row = {sid: i for i, sid in enumerate(part.sample_ids)}
+                self._images.update({s: part.images[row[s]] for s in wanted if s in row})
+
     def _apply(self) -> dict:
         ws = self.ws
         samples = self.done["capture"]["samples"]
@@ -333,6 +339,7 @@ class UnlearnBatch:
         # so a re-run after an interruption writes the same rows.
         rows, removed, edits = [], {"public": [], "private": []}, []
         forgotten = set(self._targets("forget"))
+        self._hold_pixels(samples, forgotten)
         for request in self.state["requests"]:
             if request["kind"] == "rectify" and request["sample_ids"][0] in forgotten:
                 continue  # erased in this batch: nothing is left to correct
@@ -541,6 +548,14 @@ class UnlearnBatch:
         for cluster, (path, sha) in Overlay(ws).served(ws.prompt_index_or_empty()).items():
             if not (ws.root / path).is_file() or sha256_file(ws.root / path) != sha:
                 problems.append(f"cluster {cluster}'s served prompt {path} does not hash to its index entry")
+        # What the record will name as each cluster's prompt after the batch is what it serves now.
+        served_now = {c: sha for c, (_, sha) in Overlay(ws).served(ws.prompt_index_or_empty()).items()}
+        for cluster in sorted(set(served_now) | set(rebuild["prompts"]), key=int):
+            if served_now.get(cluster) != rebuild["prompts"].get(cluster):
+                problems.append(
+                    f"cluster {cluster} serves {str(served_now.get(cluster))[:16]}, not the prompt its rebuild made "
+                    f"({str(rebuild['prompts'].get(cluster))[:16]}) that the record would name"
+                )
         changed = set(rebuild["rebuilt"]) | set(rebuild["retired"])
         for cluster, sha in rebuild["prompts"].items():
             if int(cluster) not in changed and capture["prompts"].get(cluster) != sha:
@@ -613,7 +628,7 @@ class UnlearnBatch:
             batch_id=self.state["batch_id"],
             recorded_at=now,
             supersedes=capture.get("supersedes", []),
-            requests=[RequestSummary.of(r, self.done["apply"]["applied_at"], now) for r in self.state["requests"]],
+            requests=[RequestSummary.of(r, self.done["apply"]["applied_at"], now, Keyer(self.ws, create=False).subject) for r in self.state["requests"]],
             removed_content_keys=self.done["apply"]["erased_content_keys"],
             samples_affected=len(capture["samples"]),
             backbone_rebuild=capture["backbone_rebuild"],
