@@ -387,6 +387,7 @@ SERVER = typer.Option(
 
 
 def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False) -> dict | None:
+    from lmeraser.lineage.records import audit_words
     from lmeraser.unlearning.exact import rebuild_params
     from lmeraser.unlearning.requests import Journal
 
@@ -414,25 +415,19 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
     say(
         f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
         + (f", retired {result['retired']}" if result["retired"] else "")
-        + f"; scan hits {verification['scan']['hits']}; forgetting audit: {_audit_words(verification.get('forgetting_audit'))}"
+        + f"; scan hits {verification['scan']['hits']}; forgetting audit: {audit_words(verification.get('forgetting_audit'))}"
         + f"; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
         + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
     return result
 
 
-def _audit_words(audit: dict | None) -> str:
-    """A record's forgetting audit in a few words: its verdict counts, or why there was none."""
-    if not audit:
-        return "none"
-    if audit.get("status") != "audited":
-        return f"{audit.get('status')} ({audit.get('reason')})"
-    return ", ".join(f"{n} {verdict}" for verdict, n in audit["verdicts"].items() if n) or "no sample"
-
-
 def _approximate(ws: Workspace, quiet: bool = False) -> dict | None:
-    """The influence update, in this process: it answers in about a second, where a Prefect run
-    would add its start-up (the `influence_unlearn` flow wraps the same function for schedules)."""
+    """The influence update, in this process, without a Prefect run's start-up (the
+    `influence_unlearn` flow wraps the same function for schedules); with the forgetting audit on,
+    it also trains the audit's references."""
+    from lmeraser.lineage.records import audit_words
+
     _quiet_env()
     from lmeraser.unlearning.approximate import approximate_pending
 
@@ -446,7 +441,7 @@ def _approximate(ws: Workspace, quiet: bool = False) -> dict | None:
         return None
     say(
         f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; served as APPROXIMATE; "
-        f"forgetting audit: {_audit_words(result.get('forgetting_audit'))}; "
+        f"forgetting audit: {audit_words(result.get('forgetting_audit'))}; "
         f"lineage record {result['record']}; the exact rebuild is queued: run `lmeraser unlearn`"
     )
     return result

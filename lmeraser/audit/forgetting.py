@@ -149,14 +149,6 @@ class Scorer:
 
         return preprocess(images, self.trainer.spec)
 
-    def confidence(self, state: dict[str, torch.Tensor], x: torch.Tensor, y: np.ndarray) -> list[float]:
-        """Scores of (x, y) under one prompt state."""
-        from lmeraser.training import load_prompt
-
-        t = self.trainer
-        with t.compute.scope():
-            return self._confidence(load_prompt(t.backbone, t.prompt, t.num_classes, state), x, y)
-
     @torch.no_grad()
     def _confidence(self, model, x: torch.Tensor, y: np.ndarray) -> list[float]:
         compute = self.trainer.compute

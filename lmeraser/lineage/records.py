@@ -318,7 +318,7 @@ def summary_row(record: Record) -> dict[str, str]:
             "acc after": "-",
             "scan hits": "-",
             "supersedes": "-",
-            "audit": _audit_counts(p),
+            "audit": audit_words(p.get("forgetting_audit"), reason=False),
         }
     accuracy = p["accuracy"]
     return {
@@ -332,18 +332,18 @@ def summary_row(record: Record) -> dict[str, str]:
         "acc after": _fmt(accuracy["after"]),
         "scan hits": str(p["verification"]["scan"]["hits"]),
         "supersedes": ",".join(str(n) for n in p.get("supersedes", [])) or "-",
-        "audit": _audit_counts(p),
+        "audit": audit_words(p.get("forgetting_audit"), reason=False),
     }
 
 
-def _audit_counts(predicate: dict) -> str:
-    """The forgetting audit's verdicts in a table cell: "2 forgotten, 1 FAIL", or why none."""
-    audit = predicate.get("forgetting_audit")
+def audit_words(audit: dict | None, reason: bool = True) -> str:
+    """A forgetting audit (a record's section) in a few words: its verdict counts ("2 forgotten,
+    1 FAIL"), or why there was none (with `reason`), for the CLI's lines and the summary tables."""
     if not audit:
-        return "-"
+        return "none" if reason else "-"
     if audit.get("status") != "audited":
-        return "none"
-    return ", ".join(f"{n} {verdict}" for verdict, n in audit.get("verdicts", {}).items() if n) or "-"
+        return f"{audit.get('status')} ({audit.get('reason')})" if reason else "none"
+    return ", ".join(f"{n} {verdict}" for verdict, n in audit.get("verdicts", {}).items() if n) or ("no sample" if reason else "-")
 
 
 def _fmt(value: float | None) -> str:
