@@ -399,7 +399,9 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     assert f"record {record.number}: replayed {rebuilt}, matched {rebuilt}, skipped 0" in replay.stdout
     _cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and record.predicate["batch_id"] in page and "influence (approximate)" in page
+    # four history figures plus the forgetting audit's p-values (the records carry audits)
+    assert page.count("data:image/png;base64,") == 5 and "Forgetting audit: post-forget p-values" in page
+    assert record.predicate["batch_id"] in page and "influence (approximate)" in page
     assert "GDPR Art. 16 (rectification)" in page and "VERIFICATION FAILED" not in page and record.predicate["signer"] in page
     assert all(r["request_id"] in page for r in record.predicate["requests"])  # one line per request
 
