@@ -258,3 +258,16 @@ def test_output_paths_that_are_not_new_or_regular_files_of_the_right_kind_are_re
     assert log.read_text() == "precious\n" and fifo.is_fifo()
     empty = subprocess.run([str(BIN / "lmeraser"), "audit", "forgetting", "--root", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert empty.returncode == 0 and "no lineage records yet" in empty.stdout
+
+
+def test_the_likelihood_ratio_is_one_sided_like_the_p_value():
+    """A score far below the OUT mean is no evidence of membership, even when the IN fit is wider
+    (the two-sided Student-t ratio reads high out in the low tail)."""
+    from lmeraser.audit.forgetting import _test
+
+    fit_in = {"mean": 5.0, "variance": 9.0, "n": 4}
+    fit_out = {"mean": 0.0, "variance": 1.0, "n": 4}
+    low = _test(-12.0, fit_in, fit_out, dof=6)
+    assert low["p_value"] > 0.99 and low["log10_likelihood_ratio"] == 0.0
+    high = _test(6.0, fit_in, fit_out, dof=6)
+    assert high["p_value"] < 0.01 and high["log10_likelihood_ratio"] > 1

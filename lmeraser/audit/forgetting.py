@@ -246,7 +246,7 @@ def _fit(scores: list[float], population: np.ndarray, side: int) -> dict:
 
 def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     """The p-value of `score` under the OUT fit (one-sided: members score higher) and the log10
-    likelihood ratio IN / OUT, both with the predictive spread of a new draw, sigma^2 (1 + 1/n),
+    likelihood ratio IN / OUT (one-sided too: at most 0 at or below the OUT mean), both with the predictive spread of a new draw, sigma^2 (1 + 1/n),
     in Student's t with the variance's `dof` degrees of freedom (counted in models, the conservative
     count: with a handful of references the variance itself is uncertain, and a normal tail would
     call genuine OUT scores detectable)."""
@@ -260,6 +260,10 @@ def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     if fit_in["n"] and fit_in["variance"] is not None:
         scale_in = math.sqrt(fit_in["variance"] * (1 + 1 / fit_in["n"]))
         lr = float((t.logpdf(score, dof, fit_in["mean"], scale_in) - t.logpdf(score, dof, fit_out["mean"], scale_out)) / math.log(10))
+        if score <= fit_out["mean"]:
+            # One-sided, like p: a score at or below the OUT mean is no evidence of membership. With
+            # a wider IN fit the two-sided ratio would read high far out in the low tail.
+            lr = min(lr, 0.0)
     return {"score": score, "p_value": p, "log10_likelihood_ratio": lr, "dof": dof}
 
 
