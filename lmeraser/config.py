@@ -281,6 +281,8 @@ def _describe(error: ValidationError, source: str) -> str:
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'."
+    if first["type"] == "model_type":  # pydantic names the class here; a user wrote a section
+        return f"{source}: key '{key}' should be a section of settings (a mapping), got {shown(repr(first.get('input')))}."
     if "input" in first and first["type"] != "value_error":
         return f"{source}: key '{key}' {message.lower()} (got {shown(repr(first['input']))})."
     return f"{source}: {message.removeprefix('Value error, ')}."
