@@ -391,8 +391,9 @@ def purge_registry(ws: Workspace, superseded: set[str], log=print) -> dict:
         versions = []
     for version in versions:
         try:
-            served = client.download_artifacts(version.run_id, PROMPTS_ARTIFACT)
-            prompts = set(json.loads(Path(served).read_text())["prompt_sha256"])
+            with tempfile.TemporaryDirectory(prefix="lmeraser-registry-") as scratch:  # nothing left in /tmp per batch
+                served = client.download_artifacts(version.run_id, PROMPTS_ARTIFACT, dst_path=scratch)
+                prompts = set(json.loads(Path(served).read_text())["prompt_sha256"])
         except Exception as error:  # noqa: BLE001 - a version logged before the prompts list existed
             unreachable.append(f"version {version.version}: {error.__class__.__name__}")
             continue

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import warnings
 
 import mlflow
@@ -129,7 +130,7 @@ def test_logging_the_served_model_warns_nothing(registered):
     assert os.path.exists(os.path.join(folder, "input_example.json")) and os.path.exists(os.path.join(folder, "MLmodel"))
 
 
-def test_a_copied_workspace_logs_into_and_purges_from_its_own_artifacts(registered, tmp_path):
+def test_a_copied_workspace_logs_into_and_purges_from_its_own_artifacts(registered, tmp_path, monkeypatch):
     original, _, _ = registered
     copy = Workspace(tmp_path / "copy")
     shutil.copytree(original.root, copy.root)
@@ -150,8 +151,12 @@ def test_a_copied_workspace_logs_into_and_purges_from_its_own_artifacts(register
     # A purge in the copy deletes the copy's files of that version, never the original's.
     served = client.download_artifacts(version.run_id, tracking.PROMPTS_ARTIFACT, str(tmp_path))
     prompts = set(json.loads(open(served).read())["prompt_sha256"])
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     purged = tracking.purge_registry(copy, prompts, log=lambda m: None)
     assert purged["versions_deleted"] == [1]
+    assert list(scratch.iterdir()) == []  # the downloaded prompt lists went with the purge
     assert not os.path.exists(logged.artifact_location.removeprefix("file://"))
     assert sorted(p.relative_to(original.root) for p in original.mlflow_artifacts.rglob("*")) == original_files
     original_client = MlflowClient(tracking_uri=tracking.default_tracking_uri(original))
