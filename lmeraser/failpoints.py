@@ -12,6 +12,7 @@ The points (bench/reliability_kill.py and the tests kill at every one):
   directory:staged          a replacement directory is complete (`.NAME.<pid>.new`), not swapped in
   directory:swapped-out     the old directory is moved aside, the new one not yet in place
   directory:swapped-in      the new directory is in place, the old one not yet deleted
+  influence:edited          the edited prompt files are written, the audit and the overlay not yet
   influence:overlay-written the influence overlay serves the update, its record not yet appended
   influence:record-appended the influence record is appended, the journal not yet told
 """
@@ -38,6 +39,7 @@ NAMED = (
     "directory:staged",
     "directory:swapped-out",
     "directory:swapped-in",
+    "influence:edited",
     "influence:overlay-written",
     "influence:record-appended",
     "mlflow:store-initialized",  # the workspace's MLflow store is created only once (tracking.ensure_store)

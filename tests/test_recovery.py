@@ -242,3 +242,58 @@ def test_a_torn_dvc_file_is_restored_from_git(tmp_path, name, sound):
     assert path.read_text() == sound.format("x")
     path.write_bytes(b"")
     assert repair_dvc_files(tmp_path) and path.read_text() == sound.format("x")
+
+
+INFLUENCE = """
+    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.workspace import Workspace
+    approximate_pending(Workspace("."), log=lambda message: None)
+"""
+
+
+@pytest.fixture
+def influence_ws(trained_workspace, tmp_path, monkeypatch):
+    """A copy of the trained tiny workspace with one influence request waiting."""
+    import shutil
+
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    monkeypatch.delenv("LMERASER_SIGNING_KEY", raising=False)
+    monkeypatch.delenv("LMERASER_SIGNING_KEY_FILE", raising=False)
+    shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    submit([RequestSpec(sample_ids=[ws.split("private").sample_ids[0]])], ws, method="influence")
+    return ws
+
+
+def _edited_files(ws: Workspace) -> list[str]:
+    return sorted(p.name for p in ws.overlay_dir.glob("*.safetensors")) if ws.overlay_dir.exists() else []
+
+
+def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(influence_ws):
+    """Killed after the edited prompts are written, before the audit and the overlay: the intent is
+    already on disk, so the next run deletes those files (before, they stayed until an unlearn)."""
+    from lmeraser.unlearning.recovery import recover
+    from lmeraser.unlearning.requests import Journal
+
+    ws = influence_ws
+    _killed_at("influence:edited", INFLUENCE, ws.root)
+    assert ws.influence_intent_file.exists() and _edited_files(ws) and not ws.overlay_file.exists()
+    assert any("before its record" in line for line in recover(ws, log=lambda m: None))
+    assert _edited_files(ws) == [] and not ws.influence_intent_file.exists() and not ws.overlay_file.exists()
+    assert len(Journal(ws).awaiting_influence()) == 1  # applied again next time
+
+
+def test_an_influence_update_that_fails_undoes_itself_at_once(influence_ws, monkeypatch):
+    from lmeraser.unlearning import approximate
+    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.requests import Journal
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the audit broke")
+
+    monkeypatch.setattr(approximate, "_audit", broken)
+    with pytest.raises(RuntimeError, match="the audit broke"):
+        approximate_pending(influence_ws, log=lambda m: None)
+    assert _edited_files(influence_ws) == [] and not influence_ws.influence_intent_file.exists()
+    assert not influence_ws.overlay_file.exists() and len(Journal(influence_ws).awaiting_influence()) == 1

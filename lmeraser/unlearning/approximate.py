@@ -13,8 +13,10 @@ its members as the earlier edits left them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.training import cluster_seed, code_version
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model, rows_like
+from lmeraser.unlearning.recovery import recover, recover_influence
 from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import data_md5
 from lmeraser.workspace import InputSpec, Workspace
@@ -90,8 +93,6 @@ class _ClusterData:
 def approximate_pending(ws: Workspace, log=print) -> dict | None:
     """Apply the influence update for every request submitted with `--method influence` and not
     yet applied; sign one record. None when there is nothing to do."""
-    from lmeraser.unlearning.recovery import recover
-
     journal = Journal(ws)
     with ws.lock("unlearn"):
         recover(ws, log)
@@ -131,91 +132,94 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
     dtype = getattr(torch, ip.dtype)
     load_seconds = time.perf_counter() - start
 
-    edited, reports, states = dict(entries), [], {}
-    for cluster in clusters:
-        c = str(cluster)
-        t0 = time.perf_counter()
-        rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
-        data = _ClusterData(
-            preprocess(private.images[rows], spec),
-            torch.from_numpy(private.labels[rows]),
-            [private.sample_ids[i] for i in rows],
-            spec,
-            ws,
-        )
-        previous = entries.get(c)
-        for edit in (previous or {}).get("edits", []):
-            data.apply(edit)
-        # What the serving prompt was fitted on (rows earlier edits removed are dropped), and the
-        # same rows after this batch's edits.
-        x, y, present = data.snapshot()
-        new_edits = [{**r, "sample_ids": [s for s in r["sample_ids"] if cluster_of.get(s) == cluster]} for r in requests]
-        new_edits = [e for e in new_edits if e["sample_ids"]]
-        for edit in new_edits:
-            data.apply(edit)
-        x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
-        base = model.index.clusters[c]
-        served_sha256 = previous["sha256"] if previous else base.sha256
-        cluster_model = prepare_model(model.backbone, model.prompt_params, model.index.num_classes, model.state(c), dtype)
-        theta, objective, report = influence_edit(
-            cluster_model,
-            x,
-            y,
-            x_new,
-            y_new,
-            present_new,
-            ip,
-            model.prompt_params.adapter.weight_decay,
-            cluster_seed(params.seed, cluster),
-            params.influence.threads,
-        )
-        state = objective.state(theta)
-        states[c] = state
-        losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
-        confidence = _edited_confidence(objective, theta, x, y, x_new, y_new, present_new)
-        edits = [*(previous or {}).get("edits", []), *new_edits]
-        key = sha256_json(
-            {"base": base.key, "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
-        )
-        stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base.key, "method": "influence"})
-        edited[c] = {
-            "key": key,
-            "sha256": stored.sha256,
-            "base_key": base.key,
-            "base_sha256": base.sha256,
-            "n_members": int(data.present.sum()),
-            "seed": base.seed,
-            "approximate": True,
-            "edits": edits,
-        }
-        reports.append(
-            {
-                "cluster": cluster,
-                "prompt_sha256_before": served_sha256,
-                "prompt_sha256_after": stored.sha256,
-                "exact_prompt_sha256": base.sha256,
-                "stacked_on_earlier_influence": previous is not None,
-                "edited_sample_loss": losses,
-                "edited_sample_confidence": confidence,
-                **report.to_json(),
-                "seconds_total": time.perf_counter() - t0,
-            }
-        )
-        log(
-            f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
-            f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
-            f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g} (logit confidence "
-            f"{confidence['original']['before']:.3g} -> {confidence['original']['after']:.3g})"
-            + (f", as corrected {losses['corrected']['before']:.3g} -> {losses['corrected']['after']:.3g}" if losses["corrected"]["before"] is not None else "")
-        )
-    audit = _audit(ws, params, requests, model, states, log)
-    # The intent first, so a crash from here on is finished or undone by recovery.recover_influence.
+    # The intent before the first edited prompt file is written, so a kill from here on (the
+    # audit's references take a while) is finished or undone, with the files it wrote, by
+    # recovery.recover_influence; an error is undone at once.
     batch_id = influence_batch_id(requests)
-    intent = {"batch_id": batch_id, "request_ids": [r["request_id"] for r in requests], "overlay_before": overlay.read() if overlay.path.exists() else None}
-    atomic_write_json(ws.influence_intent_file, intent)
-    overlay.write(edited)
-    failpoint("influence:overlay-written")
-    record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit)
+    with _intent(ws, overlay, batch_id, requests):
+        edited, reports, states = dict(entries), [], {}
+        for cluster in clusters:
+            c = str(cluster)
+            t0 = time.perf_counter()
+            rows = np.flatnonzero(assignments["cluster"].to_numpy() == cluster)
+            data = _ClusterData(
+                preprocess(private.images[rows], spec),
+                torch.from_numpy(private.labels[rows]),
+                [private.sample_ids[i] for i in rows],
+                spec,
+                ws,
+            )
+            previous = entries.get(c)
+            for edit in (previous or {}).get("edits", []):
+                data.apply(edit)
+            # What the serving prompt was fitted on (rows earlier edits removed are dropped), and the
+            # same rows after this batch's edits.
+            x, y, present = data.snapshot()
+            new_edits = [{**r, "sample_ids": [s for s in r["sample_ids"] if cluster_of.get(s) == cluster]} for r in requests]
+            new_edits = [e for e in new_edits if e["sample_ids"]]
+            for edit in new_edits:
+                data.apply(edit)
+            x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
+            base = model.index.clusters[c]
+            served_sha256 = previous["sha256"] if previous else base.sha256
+            cluster_model = prepare_model(model.backbone, model.prompt_params, model.index.num_classes, model.state(c), dtype)
+            theta, objective, report = influence_edit(
+                cluster_model,
+                x,
+                y,
+                x_new,
+                y_new,
+                present_new,
+                ip,
+                model.prompt_params.adapter.weight_decay,
+                cluster_seed(params.seed, cluster),
+                params.influence.threads,
+            )
+            state = objective.state(theta)
+            states[c] = state
+            losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
+            confidence = _edited_confidence(objective, theta, x, y, x_new, y_new, present_new)
+            edits = [*(previous or {}).get("edits", []), *new_edits]
+            key = sha256_json(
+                {"base": base.key, "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
+            )
+            stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base.key, "method": "influence"})
+            edited[c] = {
+                "key": key,
+                "sha256": stored.sha256,
+                "base_key": base.key,
+                "base_sha256": base.sha256,
+                "n_members": int(data.present.sum()),
+                "seed": base.seed,
+                "approximate": True,
+                "edits": edits,
+            }
+            reports.append(
+                {
+                    "cluster": cluster,
+                    "prompt_sha256_before": served_sha256,
+                    "prompt_sha256_after": stored.sha256,
+                    "exact_prompt_sha256": base.sha256,
+                    "stacked_on_earlier_influence": previous is not None,
+                    "edited_sample_loss": losses,
+                    "edited_sample_confidence": confidence,
+                    **report.to_json(),
+                    "seconds_total": time.perf_counter() - t0,
+                }
+            )
+            corrected = losses["corrected"]
+            log(
+                f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
+                f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
+                f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g} (logit confidence "
+                f"{confidence['original']['before']:.3g} -> {confidence['original']['after']:.3g})"
+                + (f", as corrected {corrected['before']:.3g} -> {corrected['after']:.3g}" if corrected["before"] is not None else "")
+            )
+        failpoint("influence:edited")
+        audit = _audit(ws, params, requests, model, states, log)
+        overlay.write(edited)
+        failpoint("influence:overlay-written")
+        record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit)
     failpoint("influence:record-appended")
     journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
     ws.influence_intent_file.unlink()
@@ -270,6 +274,19 @@ def _edited_confidence(objective, theta, x, y, x_new, y_new, present) -> dict:
             "after": mean_confidence(theta, x_new[corrected], y_new[corrected]),
         },
     }
+
+
+@contextlib.contextmanager
+def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[dict]) -> Iterator[None]:
+    """The influence intent on disk while the update runs; on an error, undone at once (what a kill
+    leaves, the next run's recovery finishes or undoes)."""
+    before = overlay.read() if overlay.path.exists() else None
+    atomic_write_json(ws.influence_intent_file, {"batch_id": batch_id, "request_ids": [r["request_id"] for r in requests], "overlay_before": before})
+    try:
+        yield
+    except Exception:
+        recover_influence(ws)
+        raise
 
 
 def influence_batch_id(requests: list[dict]) -> str:
