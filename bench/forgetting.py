@@ -28,6 +28,9 @@ In one run, on a fresh scratch workspace under /tmp (library calls; no DVC or Pr
      build, and seconds. Cost: the references' wall time (training + scoring) per batch and per
      request against the batch's own rebuild (the affected clusters trained once), with the
      references trained `runtime.workers` at a time and serially (`--serial-kinds`).
+  3. latency, per kind: the product's `forget --method influence` in process (`approximate_pending`:
+     edit, audit, overlay, signed record) for one canary's request, with `audit.references` 0 and
+     the params' default, each on a copy of the workspace.
 Saves <out>/forgetting-<source>.json and .md; `--render FILE.json [--note TEXT]` rewrites the .md.
 
 The record names the commit and whether the imported lmeraser/ has exactly its files. To measure a
@@ -328,6 +331,7 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
             f"[{kind}] R={r}: TPR@1%FPR p {per_r[str(r)]['tpr_at_1pct_fpr_p_value']['tpr']}, LR {per_r[str(r)]['tpr_at_1pct_fpr_log10_lr']['tpr']}; "
             f"detectable before {per_r[str(r)]['detectable_before']}; exact {e}; influence {i}; broken {b}"
         )
+    latency = influence_latency(ws, params, canaries[0], sorted({0, params.audit.references}), log)
     n_requests = len(requests)
     cost = {
         "requests": n_requests,
@@ -335,6 +339,7 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         "rebuild_wall_seconds": {str(w): s for w, s in rebuild_wall.items()},
         "references_wall_seconds": {f"R={r} workers={w}": d["wall"] for (r, w), d in direct.items()},
         "influence_seconds": influence_seconds,
+        "influence_request_seconds": latency,
     }
     return {
         "kind": kind,
@@ -350,6 +355,37 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         "cost": cost,
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
     }
+
+
+def influence_latency(ws: Workspace, params, sample: str, references: list[int], log) -> dict:
+    """The product's `forget --method influence` in process (`approximate_pending`: edit, audit,
+    overlay, signed record) for one single-sample request, on a copy of the workspace per R, so
+    the audit's share of an influence answer is measured where users meet it."""
+    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.requests import RequestSpec, submit
+
+    out = {}
+    for r in references:
+        copy = ws.root.parent / f"{ws.root.name}-latency-{r}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(ws.root, copy)
+        try:
+            (copy / "params.yaml").write_text(yaml.safe_dump(with_audit(params, r).model_dump(mode="json"), sort_keys=False))
+            target = Workspace(copy)
+            submit([RequestSpec(sample_ids=[sample])], target, method="influence")
+            t = time.perf_counter()
+            answer = approximate_pending(target, lambda m: None)
+            wall = time.perf_counter() - t
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        audit = answer["forgetting_audit"]
+        out[str(r)] = {
+            "wall_seconds": wall,
+            "audit_seconds": (audit.get("seconds") or {}).get("total", 0.0),
+            "verdicts": audit.get("verdicts"),
+        }
+        log(f"[{params.prompt.kind}] forget --method influence, one request, audit.references={r}: {wall:.1f}s (audit {out[str(r)]['audit_seconds']:.1f}s)")
+    return out
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -462,8 +498,8 @@ def markdown(result: dict, skipped: list[str]) -> str:
     lines = [
         f"### {result['source']}" + (f" (subset {result['subset']})" if result["subset"] else ""),
         "",
-        f"{m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, {result['date']}; nice {m['nice']}, shared with another "
-        f"engineer's test runs (1-minute load average {la(result['load_average'])}). Code: lmeraser at {code['commit'][:12]}"
+        f"{m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']}, {result['date']}; nice {m['nice']}, "
+        f"1-minute load average {la(result['load_average'])}. Code: lmeraser at {code['commit'][:12]}"
         + (
             f" except {', '.join(code['lmeraser_differs_from_commit'])}"
             if code.get("lmeraser_differs_from_commit")
@@ -518,6 +554,15 @@ def markdown(result: dict, skipped: list[str]) -> str:
             w = name.split("workers=")[1]
             base = rebuild.get(w, rebuild[str(result["machine"]["workers"])])
             lines.append(f"| references {name.split(' ')[0]} (train + score) | {w} | {s:.1f} | {s / c['requests']:.2f} | {s / base:.1f}x |")
+        latency = c.get("influence_request_seconds") or {}
+        if latency:
+            lines += [
+                "",
+                "The product's `forget --method influence` in process, one single-sample request (a canary): edit, audit, overlay, signed record.",
+                "",
+            ]
+            lines += ["| audit.references | wall s | of which the audit s |", "|---:|---:|---:|"]
+            lines += [f"| {r} | {v['wall_seconds']:.1f} | {v['audit_seconds']:.1f} |" for r, v in latency.items()]
         checks = "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in k["checks"].items())
         lines += ["", f"Checks: {checks or 'none'}; train stage {k['train_stage_seconds']:.1f} s.", ""]
     if skipped:
