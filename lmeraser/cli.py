@@ -201,11 +201,10 @@ def data_init(
         f"{summary['labels_corrected']} label correction(s) and {summary['images_corrected']} image correction(s) re-applied"
     )
     if dvc and ws.dvc_dir.is_dir():
-        from lmeraser.versioning import data_md5
-        from lmeraser.versioning import dvc as run_dvc
+        from lmeraser.versioning import data_md5, dvc_add
 
         try:
-            run_dvc(ws.root, "add", "data")
+            dvc_add(ws.root, "data")
         except LmeraserError as error:
             _fail(str(error))
         console.print(f"data version recorded in data.dvc (md5 {data_md5(ws.root)})")

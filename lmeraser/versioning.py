@@ -1,10 +1,13 @@
-"""DVC and git, through their command-line interfaces (the same commands a person would run)."""
+"""DVC and git for a workspace: DVC through its Python API in this process (the same calls its
+command line makes; a `dvc` process costs about half a second of imports each time), git through
+its command line."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -21,23 +24,42 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, **extra}
 
 
-def _bin_path() -> str:
-    # Stage commands call `lmeraser`; make sure the interpreter's bin directory comes first.
-    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+@contextmanager
+def dvc_repo(root: Path) -> Iterator:
+    """DVC's Python API on the workspace, quiet (its "Updating lock file" and "Removed N objects"
+    lines; our log says what ran), run from the workspace's root: DVC resolves stage names and its
+    stage cache's paths against the current directory, which need not be the workspace (a
+    benchmark, a service started elsewhere), so it is changed for the duration and restored."""
+    import logging
+    from contextlib import chdir
+
+    from dvc.repo import Repo
+
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    with chdir(Path(root).resolve()):
+        repo = Repo(".")
+        try:
+            yield repo
+        finally:
+            repo.close()
 
 
-def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        env=child_env(PATH=_bin_path()),
-    )
-    if check and done.returncode != 0:
-        tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [f"exit {done.returncode}"]
-        raise LmeraserError(f"`dvc {' '.join(args)}` failed in {root}: {tail[0]}")
-    return done
+@contextmanager
+def dvc_step(root: Path, command: str) -> Iterator[None]:
+    """A DVC API call's failure as one sentence naming the command a person would run to see it."""
+    try:
+        yield
+    except LmeraserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - DVC, fsspec and remote clients raise their own kinds
+        line = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+        raise LmeraserError(f"`dvc {command}` failed in {root}: {line}") from None
+
+
+def dvc_add(root: Path, target: str) -> None:
+    """`dvc add TARGET`, in this process: the new version of TARGET into the cache and TARGET.dvc."""
+    with dvc_step(root, f"add {target}"), dvc_repo(root) as repo:
+        repo.add(target)
 
 
 def data_md5(root: Path) -> str | None:
@@ -62,15 +84,12 @@ def git_commit(root: Path) -> str:
 
 def remotes(root: Path) -> dict[str, str]:
     """Every DVC remote of the project, from every config level DVC reads: name -> URL."""
-    # `dvc config --list` prints one `remote.NAME.url=URL` per line (`dvc remote list` wraps long URLs).
-    done = dvc(root, "config", "--list", check=False)
-    out = {}
-    for line in done.stdout.splitlines() if done.returncode == 0 else []:
-        key, _, value = line.partition("=")
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "remote" and parts[2] == "url":
-            out[parts[1]] = value.strip()
-    return out
+    from dvc.config import Config
+
+    # DVC's own merged configuration (system, global, repo, local), as `dvc config --list` reads it.
+    with dvc_step(root, "config --list"):
+        config = Config(dvc_dir=str(Path(root).resolve() / ".dvc")) if (Path(root) / ".dvc").is_dir() else {}
+        return {name: str(conf["url"]) for name, conf in (config.get("remote") or {}).items() if "url" in conf}
 
 
 def local_path(root: Path, url: str) -> Path | None:
@@ -86,8 +105,15 @@ def local_path(root: Path, url: str) -> Path | None:
 
 
 def cache_dir(root: Path) -> Path:
-    done = dvc(root, "cache", "dir", check=False)
-    return Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else root / ".dvc" / "cache"
+    """The DVC cache directory, as `dvc cache dir` prints it (cache.dir, else .dvc/cache)."""
+    from dvc.config import Config
+
+    dvc_dir = Path(root) / ".dvc"
+    if not dvc_dir.is_dir():
+        return dvc_dir / "cache"
+    with dvc_step(root, "cache dir"):
+        configured = Config(dvc_dir=str(dvc_dir.resolve())).get("cache", {}).get("dir")
+    return Path(configured) if configured else dvc_dir / "cache"
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -88,3 +88,63 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
     assert done.returncode == 0 and "not searched: dvc remote 'cloud'" in done.stderr and "1 location(s) not searched" in done.stdout
     strict = lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
     assert strict.returncode == 1 and "could not be searched (--strict)" in strict.stderr
+
+
+def _dvc_workspace(tmp_path, monkeypatch) -> Workspace:
+    import subprocess
+
+    from conftest import BIN
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = Workspace(tmp_path / "ws")
+    ws.data.mkdir(parents=True)
+    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "remote", "add", "-d", "backup", str(tmp_path / "remote")]):
+        subprocess.run(cmd, cwd=ws.root, check=True, capture_output=True)
+    return ws
+
+
+def _objects(root) -> set[str]:
+    return {p.parent.name + p.name for p in root.rglob("*") if p.is_file() and len(p.parent.name) == 2}
+
+
+def test_the_purge_collects_old_versions_from_the_cache_and_every_remote_in_process(tmp_path, monkeypatch):
+    """`dvc add`, `dvc gc` and `dvc push` / `dvc gc --cloud` per remote, through DVC's Python API:
+    an old data version's objects leave the cache and the remote, the current ones stay (and the
+    remote gets them), and a remote that fails is named in one sentence, the others still collected."""
+    import subprocess
+
+    from lmeraser.unlearning.purge import purge
+    from lmeraser.versioning import cache_dir, dvc_add
+
+    from conftest import BIN
+
+    ws = _dvc_workspace(tmp_path, monkeypatch)
+    (ws.data / "a.txt").write_text("the forgotten version")
+    dvc_add(ws.root, "data")
+    subprocess.run([str(BIN / "dvc"), "push", "-q"], cwd=ws.root, check=True, capture_output=True)
+    old = _objects(cache_dir(ws.root))
+    assert old and old <= _objects(tmp_path / "remote")
+    (ws.data / "a.txt").write_text("the version after the erasure")
+    dvc_add(ws.root, "data")
+    current = _objects(cache_dir(ws.root)) - old
+    broken = tmp_path / "not-a-directory"
+    broken.write_text("a file where a remote should be")
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "broken", str(broken)], cwd=ws.root, check=True, capture_output=True)
+
+    result = purge(ws, set(), log=lambda m: None)
+    assert result["remotes_gc"] == ["backup"] and len(result["remotes_failed"]) == 1
+    assert result["remotes_failed"][0].startswith("broken: `dvc push -r broken` failed in ") and "\n" not in result["remotes_failed"][0]
+    assert _objects(cache_dir(ws.root)) == current
+    assert _objects(tmp_path / "remote") == current  # pushed, then the old version collected
+
+
+def test_dvc_add_outside_a_dvc_project_is_one_sentence(tmp_path):
+    import pytest
+
+    from lmeraser.errors import LmeraserError
+    from lmeraser.versioning import dvc_add
+
+    (tmp_path / "data").mkdir()
+    with pytest.raises(LmeraserError, match=r"^`dvc add data` failed in .*: you are not inside of a DVC repository") as info:
+        dvc_add(tmp_path, "data")
+    assert "\n" not in str(info.value)

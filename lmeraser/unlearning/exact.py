@@ -46,7 +46,7 @@ from lmeraser.overlay import Overlay
 from lmeraser.salt import Keyer
 from lmeraser.stages import SERVING_TARGET
 from lmeraser.unlearning.requests import Journal, corrected_image
-from lmeraser.versioning import commit_paths, data_md5, dvc, file_sha256
+from lmeraser.versioning import commit_paths, data_md5, dvc_add, file_sha256
 from lmeraser.workspace import Workspace
 
 STEPS = ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
@@ -380,7 +380,7 @@ class UnlearnBatch:
         return {"removed": removed, "erased_content_keys": erased, "suppression_rows": len(rows), "applied_at": applied_at}
 
     def _version(self) -> dict:
-        dvc(self.ws.root, "add", "-q", "data")
+        dvc_add(self.ws.root, "data")
         md5 = data_md5(self.ws.root)
         self.log(f"data version {self.done['capture']['data_md5']} -> {md5}")
         return {"data_md5": md5}

@@ -7,7 +7,7 @@ from lmeraser.audit.scan import files, storage_locations
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_json, read_json, sha256_file
 from lmeraser.store import ArtifactStore
-from lmeraser.versioning import dvc, remotes
+from lmeraser.versioning import dvc_repo, dvc_step, remotes
 from lmeraser.workspace import Workspace
 
 
@@ -55,15 +55,20 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
                         removed.append(str(path))
     # Every DVC remote, whatever its type, through DVC itself: push the current version first so
     # the remote keeps what the workspace needs, then drop every object only older versions use.
-    dvc(ws.root, "gc", "--workspace", "--force", "-q")
+    # In this process through DVC's Python API (three `dvc` processes cost ~1.5 s of imports).
     collected, failed = [], []
-    for name in remotes(ws.root):
-        try:
-            dvc(ws.root, "push", "-q", "-r", name)
-            dvc(ws.root, "gc", "--workspace", "--cloud", "--force", "-q", "-r", name)
-            collected.append(name)
-        except LmeraserError as error:
-            failed.append(f"{name}: {error}")
+    with dvc_repo(ws.root) as repo:
+        with dvc_step(ws.root, "gc --workspace"):
+            repo.gc(workspace=True, force=True)
+        for name in remotes(ws.root):
+            try:
+                with dvc_step(ws.root, f"push -r {name}"):
+                    repo.push(remote=name)
+                with dvc_step(ws.root, f"gc --workspace --cloud -r {name}"):
+                    repo.gc(workspace=True, cloud=True, remote=name, force=True)
+                collected.append(name)
+            except LmeraserError as error:
+                failed.append(f"{name}: {error}")
     log(f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected")
     return {
         "artifact_files_removed": len(removed),

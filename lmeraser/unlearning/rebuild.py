@@ -9,34 +9,14 @@ which on the digits demo cost more than the training itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from lmeraser.config import Params
 from lmeraser.errors import ConfigError
 from lmeraser.pipeline.train import train_in_threads
 from lmeraser.stages import upstream
+from lmeraser.versioning import dvc_repo
 from lmeraser.workspace import Workspace
-
-
-@contextmanager
-def _dvc_repo(ws: Workspace) -> Iterator:
-    """DVC's Python API on the workspace, quiet (its "Updating lock file" lines; our log says what
-    ran), run from the workspace's root: DVC resolves stage names and its stage cache's paths
-    against the current directory, which need not be the workspace (a benchmark, a service
-    started elsewhere), so it is changed for the duration and restored."""
-    import logging
-    from contextlib import chdir
-
-    from dvc.repo import Repo
-
-    logging.getLogger("dvc").setLevel(logging.WARNING)
-    with chdir(ws.root.resolve()):
-        repo = Repo(".")
-        try:
-            yield repo
-        finally:
-            repo.close()
 
 
 def _changes(repo, name: str) -> list:
@@ -48,7 +28,7 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
     """The stages up to `target` whose inputs (deps, params, command) changed since DVC last
     recorded them (`dvc status`); a changed output alone does not count (the purge edits the
     persisted prompt store, and the train stage repairs a damaged one by content key)."""
-    with _dvc_repo(ws) as repo:
+    with dvc_repo(ws.root) as repo:
         return [
             definition.name
             for definition in upstream(target)
@@ -58,7 +38,7 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
 
 def record_stage(ws: Workspace, name: str) -> None:
     """Record stage `name`'s current outputs in dvc.lock (`dvc commit NAME`), after a step edited them."""
-    with _dvc_repo(ws) as repo:
+    with dvc_repo(ws.root) as repo:
         repo.commit(name, force=True)
 
 
@@ -76,9 +56,9 @@ def reproduce(
     does); runtime.executor dask needs the flow's (Prefect's Dask task runner)."""
     check_executor(params, map_jobs)
     ran = []
-    # Absolute paths: the stages run while _dvc_repo has the workspace as current directory.
+    # Absolute paths: the stages run while dvc_repo has the workspace as current directory.
     ws = Workspace(ws.root.resolve(), ws.params_file.resolve())
-    with _dvc_repo(ws) as repo:
+    with dvc_repo(ws.root) as repo:
         for definition in upstream(target):
             if not _changes(repo, definition.name):
                 continue
