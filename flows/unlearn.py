@@ -65,21 +65,40 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
     ws = Workspace(Path(root), Path(root) / params_file)
     try:
         params = load_params(ws.params_file)
+        # What an earlier batch left untracked (killed, or the server was down), before this batch
+        # changes the stage files those runs log.
+        track_waiting(ws, params)
         result = process_pending(
             ws,
             get_run_logger().info,
             run_step=lambda batch, step: step_task(step)(batch, step),
             git_commit=git_commit,
-            after_stage=lambda name, summary: track_stage_task(name, params, ws, summary),
+            after_stage=lambda name, summary: tracking.defer_run(ws, name, summary.get("metrics", {})),
             max_requests=max_requests,
             map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
         )
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        with tracking.stage_run(ws, "unlearn", {"batch_id": result["batch_id"], "method": "exact"}, tags={"lmeraser.record": str(result["record"])}):
-            tracking.log_metrics({"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]})
+        run = {"params": {"batch_id": result["batch_id"], "method": "exact"}, "tags": {"lmeraser.record": str(result["record"])}}
+        tracking.defer_run(ws, "unlearn", {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]}, run)
+        result["tracking"] = track_waiting(ws, params)
     return result
+
+
+def track_waiting(ws: Workspace, params) -> dict:
+    """Track the backlog (lmeraser/tracking.py: after the record, never failing it): a rebuilt
+    stage as the pipeline tracks it, with the served model's registration after evaluate; a
+    batch's own run with its params and tags."""
+
+    def track(entry: dict) -> None:
+        if "run" in entry:
+            with tracking.stage_run(ws, entry["stage"], entry["run"]["params"], tags=entry["run"]["tags"]):
+                tracking.log_metrics(entry["metrics"])
+        else:
+            track_stage_task(entry["stage"], params, ws, {"metrics": entry["metrics"]})
+
+    return tracking.track_backlog(ws, track, get_run_logger().info)
 
 
 @flow(name="influence-unlearn", log_prints=True, flow_run_name=timestamped_run_name)
@@ -94,8 +113,9 @@ def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        tags = {"lmeraser.record": str(result["record"])}
-        with tracking.stage_run(ws, "unlearn", {"batch_id": f"record-{result['record']}", "method": "influence"}, tags=tags):
-            residual = max(r["cg_relative_residual"] for r in result["reports"])
-            tracking.log_metrics({"clusters_edited": len(result["clusters"]), "influence_seconds": result["seconds"], "cg_relative_residual_max": residual})
+        run = {"params": {"batch_id": f"record-{result['record']}", "method": "influence"}, "tags": {"lmeraser.record": str(result["record"])}}
+        residual = max(r["cg_relative_residual"] for r in result["reports"])
+        metrics = {"clusters_edited": len(result["clusters"]), "influence_seconds": result["seconds"], "cg_relative_residual_max": residual}
+        tracking.defer_run(ws, "unlearn", metrics, run)
+        result["tracking"] = track_waiting(ws, load_params(ws.params_file))
     return result

@@ -290,6 +290,65 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+# -- tracking after the record ---------------------------------------------------------------
+#
+# An unlearning batch's rebuilt stages are tracked (an MLflow run each; the served model
+# registered) after the batch's record is signed: tracking is bookkeeping, and a slow or
+# unreachable tracking server must not delay or fail an erasure. What the batch ran waits in a
+# backlog file under audit/batches/ until it is tracked, so a kill or an outage loses nothing: the
+# next `lmeraser unlearn` (or the service's worker) tracks it first. What cannot wait stays in the
+# batch: the purge deletes registered versions that served a superseded prompt (a served copy).
+
+
+def backlog_file(ws: Workspace) -> Path:
+    return ws.batches / "tracking-backlog.json"
+
+
+def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None) -> None:
+    """Add a run to the backlog: a stage the batch ran (its metrics; the stage's small output files
+    are read when it is tracked) or, with `run` ({"params", "tags"}), the batch's own run."""
+    from lmeraser.io import atomic_write_json, read_json
+
+    path = backlog_file(ws)
+    entries = read_json(path)["stages"] if path.exists() else []
+    entry = {"stage": stage, "metrics": json.loads(json.dumps(metrics, default=float))}
+    if run is not None:
+        entry["run"] = json.loads(json.dumps(run, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"stages": [*entries, entry]})
+
+
+def track_backlog(ws: Workspace, track, log=print) -> dict:
+    """Track every backlog entry in order with `track(entry)`; an entry that
+    fails stays, with the ones after it, for the next run. Never raises: what it returns and logs
+    says what was tracked and what waits."""
+    from lmeraser.io import atomic_write_json, read_json
+
+    path = backlog_file(ws)
+    if not path.exists():
+        return {"tracked": [], "waiting": []}
+    try:
+        entries = read_json(path)["stages"]
+    except (LmeraserError, KeyError, TypeError, ValueError):
+        log(f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, nothing tracked from it")
+        return {"tracked": [], "waiting": ["unreadable backlog"]}
+    tracked = []
+    for i, entry in enumerate(entries):
+        try:
+            track(entry)
+        except Exception as error:  # noqa: BLE001 - tracking never fails a signed erasure
+            left = entries[i:]
+            atomic_write_json(path, {"stages": left})
+            log(
+                f"warning: MLflow tracking of stage {entry['stage']} failed ({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
+                f"{len(left)} stage run(s) wait in {ws.relative(path)} for the next `lmeraser unlearn`"
+            )
+            return {"tracked": tracked, "waiting": [e["stage"] for e in left]}
+        tracked.append(entry["stage"])
+    path.unlink()
+    return {"tracked": tracked, "waiting": []}
+
+
 ALIAS = "production"
 SERVED_TAG = "lmeraser.served_sha256"  # fingerprint of the served bundle a version holds
 PROMPTS_ARTIFACT = "served_prompts.json"  # in the version's run: sha256 of every prompt it serves

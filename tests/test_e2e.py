@@ -247,8 +247,18 @@ def test_tampering_is_caught(repo):
 def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     """SIGKILL the `unlearn` flow at several points; re-running finishes every request exactly once."""
     root, _ = repo
+    from mlflow import MlflowClient
+
     records_before = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
     verified_before = len([e for e in Journal(Workspace(root)).events() if e["state"] == "verified"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lmeraser").experiment_id
+
+    def runs_of(stage: str) -> list:
+        return client.search_runs([experiment], f"tags.`lmeraser.stage` = '{stage}'")
+
+    train_runs_before = len(runs_of("train"))
+    backlog = root / "audit" / "batches" / "tracking-backlog.json"
     victims = Workspace(root).split("private").sample_ids[:2]
     for victim in victims:  # two requests, one batch
         assert lmeraser_cli("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
@@ -275,6 +285,9 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
         except ProcessLookupError:
             pass
         assert not list((root / "audit").glob(".*.tmp"))
+        if point == "rebuild:reproduced":
+            # Tracking comes after the record: the stages that ran wait in the backlog, not lost.
+            assert {"train", "evaluate"} <= {e["stage"] for e in read_json(backlog)["stages"]}
 
     finished = lmeraser_cli("unlearn", cwd=root)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -295,6 +308,12 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     assert scan.returncode == 0 and "0 hits" in scan.stdout
     assert not list((root / "audit" / "batches").glob("*.json"))
     assert lmeraser_cli("unlearn", cwd=root).stdout.strip().endswith("no pending requests")
+    # Tracked once the record was signed, each run exactly once, the backlog gone.
+    assert not backlog.exists()
+    assert len(runs_of("train")) == train_runs_before + 1
+    assert [r.data.tags["lmeraser.record"] for r in runs_of("unlearn") if r.data.params.get("batch_id") == records[-1].predicate["batch_id"]] == [
+        str(records[-1].number)
+    ]
 
 
 def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):

@@ -78,6 +78,8 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
         journal.submit([resolve(spec, ws)], "influence")
         result = influence_unlearn(root=str(root))
         assert result["clusters"] == [cluster]
+        # The update's MLflow run was tracked after its record, and nothing waits.
+        assert result["tracking"] == {"tracked": ["unlearn"], "waiting": []} and not (root / "audit" / "batches" / "tracking-backlog.json").exists()
     assert journal.awaiting_influence() == [] and len(journal.pending()) == 2  # still queued for the exact batch
     records = lineage_log(ws).verify(load_or_create_key(ws.signing_key_file).public_key())
     assert [r.predicate["method"] for r in records] == ["influence", "influence"]

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -161,3 +162,30 @@ def test_a_copied_workspace_logs_into_and_purges_from_its_own_artifacts(register
     assert sorted(p.relative_to(original.root) for p in original.mlflow_artifacts.rglob("*")) == original_files
     original_client = MlflowClient(tracking_uri=tracking.default_tracking_uri(original))
     assert int(original_client.get_model_version(tracking.REGISTERED_MODEL, "1").version) == 1  # still registered there
+
+
+def test_the_tracking_backlog_keeps_what_failed_and_never_raises(tmp_path):
+    """Runs deferred until after the record: tracked in order; one that fails stays with the ones
+    after it (a warning, no exception); tracked on the next try; an altered file is left alone."""
+    ws = Workspace(tmp_path)
+    tracking.defer_run(ws, "train", {"accuracy": np.float32(0.5)})
+    tracking.defer_run(ws, "evaluate", {"accuracy": 0.9})
+    tracking.defer_run(ws, "unlearn", {"scan_hits": 0}, {"params": {"batch_id": "b"}, "tags": {"lmeraser.record": "3"}})
+    seen, lines = [], []
+
+    def flaky(entry):
+        if entry["stage"] == "evaluate" and not seen.count("evaluate-failed"):
+            seen.append("evaluate-failed")
+            raise ConnectionError("tracking server unreachable\nsecond line")
+        seen.append(entry["stage"])
+
+    first = tracking.track_backlog(ws, flaky, lines.append)
+    assert first == {"tracked": ["train"], "waiting": ["evaluate", "unlearn"]}
+    assert len(lines) == 1 and "tracking server unreachable" in lines[0] and "\n" not in lines[0]
+    second = tracking.track_backlog(ws, flaky, lines.append)
+    assert second == {"tracked": ["evaluate", "unlearn"], "waiting": []} and not tracking.backlog_file(ws).exists()
+    assert seen == ["train", "evaluate-failed", "evaluate", "unlearn"]
+    assert tracking.track_backlog(ws, flaky, lines.append) == {"tracked": [], "waiting": []}
+    tracking.backlog_file(ws).write_text("{not json")
+    altered = tracking.track_backlog(ws, flaky, lines.append)
+    assert altered["waiting"] == ["unreadable backlog"] and tracking.backlog_file(ws).exists() and "not a tracking backlog" in lines[-1]
