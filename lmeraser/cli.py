@@ -744,7 +744,10 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
 
 @audit_app.command("scan")
 def audit_scan(
-    root: Path = ROOT, strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched"), as_json: bool = JSON
+    root: Path = ROOT,
+    strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched"),
+    full: bool = typer.Option(False, "--full", help="read every file, not only those new or changed since the scan index read them, and rebuild the index"),
+    as_json: bool = JSON,
 ) -> None:
     """Search data/, the DVC cache and every remote, the artifact store and every MLflow artifact
     location for forgotten data; list what could not be searched."""
@@ -753,14 +756,17 @@ def audit_scan(
     ws = Workspace(root)
     targets = scan_targets(ws)
     try:
-        hits, counts, not_searched = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests)
+        report = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=full)
     except LmeraserError as error:
         _fail(str(error))
+    hits, counts, not_searched = report.hits, report.counts, report.not_searched
     if as_json:
         _emit(
             {
                 "hits": [hit.__dict__ for hit in hits],
                 "files_scanned": counts,
+                "files_read": report.read,
+                "index": report.index,
                 "not_searched": not_searched,
                 "erased_samples": len(targets.sample_keys),
                 "superseded_artifacts": len(targets.artifact_hashes),
@@ -772,6 +778,8 @@ def audit_scan(
         f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
         f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
         + (f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)" if targets.reference_digests else "")
+        + f"; read {sum(report.read.values())} of them, "
+        + ("the rest unchanged since the scan index read them" if report.index["mode"] == "incremental" else f"all ({report.index['reason']})")
     )
     for hit in hits:
         err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)

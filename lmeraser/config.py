@@ -242,6 +242,10 @@ class ServiceParams(_Section):
     max_batch: Int = Field(100, ge=1, le=100_000)
     # The largest request body accepted (a corrected image upload included), in MiB.
     max_body_mib: Int = Field(16, ge=1, le=1024)
+    # A batch's scan reads only files new or changed since the scan index read them; the worker
+    # also reads every file again (`lmeraser audit scan --full`) when it is idle and the last full
+    # scan is this old, in seconds. 0: never (run `audit scan --full` yourself).
+    full_scan_every_s: Float = Field(86400.0, ge=0, le=366 * 86400)
 
 
 class AuditParams(_Section):

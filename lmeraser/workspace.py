@@ -272,6 +272,11 @@ class Workspace:
         return self.audit / "inputs"
 
     @property
+    def scan_index_file(self) -> Path:
+        """What each stored file holds, for incremental scans (lmeraser/audit/scan_index.py); 0600."""
+        return self.audit / "scan-index.json"
+
+    @property
     def influence_intent_file(self) -> Path:
         """Written before an influence update changes the overlay, removed once its record is journaled."""
         return self.batches / "influence.intent.json"

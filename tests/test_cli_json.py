@@ -55,6 +55,22 @@ def test_audit_verify_show_and_scan_answer_in_json(ws):
     assert [r["number"] for r in answer] == [1] and answer[0]["statement"]["predicate"]["batch_id"] == "b1"
     answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
     assert answer["hits"] == [] and answer["erased_samples"] == 0 and answer["files_scanned"]["data"] > 0
+    assert answer["index"]["mode"] == "none"  # no salt here: nothing kept
+
+
+def test_audit_scan_is_incremental_after_the_first_and_full_on_demand(ws):
+    from lmeraser.salt import Keyer
+
+    Keyer(ws)  # the salt the first request makes
+    answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
+    assert answer["index"]["mode"] == "full" and answer["files_read"] == answer["files_scanned"]
+    answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
+    assert answer["index"]["mode"] == "incremental" and sum(answer["files_read"].values()) == 0
+    answer, _ = _json("audit", "scan", "--root", str(ws.root), "--full", "--json")
+    assert answer["index"] == {"mode": "full", "reason": "a full scan was asked for", "sha256": answer["index"]["sha256"]}
+    assert answer["files_read"] == answer["files_scanned"]
+    done = CliRunner().invoke(app, ["audit", "scan", "--root", str(ws.root)])
+    assert done.exit_code == 0 and "read 0 of them, the rest unchanged since the scan index read them" in done.stdout
 
 
 def test_method_is_a_declared_choice(ws):

@@ -297,6 +297,10 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
 
     records = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
     assert len(records) == records_before + 1  # the record appended before the last kill is not duplicated
+    # The batch's scan read only what changed since the earlier scans; the record says so.
+    scanned = records[-1].predicate["verification"]["scan"]
+    assert scanned["index"]["mode"] == "incremental" and len(scanned["index"]["sha256"]) == 64
+    assert 0 < sum(scanned["files_read"].values()) < sum(scanned["files_scanned"].values())
     journal = Journal(Workspace(root))
     assert {entry["state"] for entry in journal.requests().values()} == {"verified"}
     verified = [e for e in journal.events() if e["state"] == "verified"]

@@ -78,18 +78,18 @@ def test_the_purge_drops_erased_contents_and_the_scan_finds_them_in_the_cache(tr
     erased = {Keyer(ws).content(content_hash(images[4]))}
     # Take the sample out of data/ so that the cache is the only place left that knows it.
     remove_samples([ws.split("private").sample_ids[4]], "private", ws)
-    hits, _, _ = scan(ws, erased, set())
+    hits = scan(ws, erased, set()).hits
     assert [(h.kind, h.path) for h in hits] == [("forgotten sample", str(ws.feature_cache_file.resolve()))]
     # Renamed, it is still found (scan reads what a file holds, not its name).
     moved = ws.artifacts / "elsewhere.bin"
     shutil.copy2(ws.feature_cache_file, moved)
-    assert len(scan(ws, erased, set())[0]) == 2
+    assert len(scan(ws, erased, set()).hits) == 2
     moved.unlink()
     before = len(read(ws.feature_cache_file)[1])
     key = Keyer(ws).content
     assert drop_contents(ws, erased, key) == 1 and drop_contents(ws, erased, key) == 0
     assert len(read(ws.feature_cache_file)[1]) == before - 1
-    assert scan(ws, erased, set())[0] == []
+    assert scan(ws, erased, set()).hits == []
     assert not np.isin(content_hash(images[4]), read(ws.feature_cache_file)[1])
 
 

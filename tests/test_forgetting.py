@@ -200,11 +200,11 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
     path = ws.artifacts / "leaked-reference.safetensors"
     save_file(leaked, str(path), metadata={"note": "any metadata"})
     try:
-        hits, _, _ = scan(ws, set(), set(), sample_ids=set(), reference_digests=digests)
+        hits = scan(ws, set(), set(), sample_ids=set(), reference_digests=digests).hits
         assert [(h.kind, h.path) for h in hits] == [("audit IN reference", str(path))]
     finally:
         path.unlink()
-    hits, _, _ = scan(ws, set(), set(), sample_ids=set(), reference_digests=digests)
+    hits = scan(ws, set(), set(), sample_ids=set(), reference_digests=digests).hits
     assert hits == []
 
 

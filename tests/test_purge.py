@@ -25,17 +25,18 @@ def test_scan_finds_forgotten_images_and_superseded_artifacts(tmp_path):
     artifact.write_bytes(b"old prompt weights")
     ws = Workspace(tmp_path)
     forgotten = {Keyer(ws).content(content_hash(images[0]))}  # records name erased images by keyed hash only
-    hits, counts, not_searched = scan(ws, forgotten, {sha256_file(artifact)})
+    report = scan(ws, forgotten, {sha256_file(artifact)})
+    hits, counts, not_searched = report.hits, report.counts, report.not_searched
     kinds = sorted((h.kind, h.location) for h in hits)
     assert kinds == [("forgotten sample", "dvc cache"), ("superseded artifact", "mlflow artifacts")]
     assert counts["data"] == 1
     (cache / "cdef0123").unlink()
     artifact.unlink()
-    assert scan(Workspace(tmp_path), forgotten, set())[0] == [] and not_searched == []
+    assert scan(Workspace(tmp_path), forgotten, set()).hits == [] and not_searched == []
     # RGB images (N, H, W, 3) are hashed the same way.
     rgb = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "data" / "rgb.npy", rgb)
-    hits = scan(ws, {Keyer(ws).content(content_hash(rgb[2]))}, set())[0]
+    hits = scan(ws, {Keyer(ws).content(content_hash(rgb[2]))}, set()).hits
     assert [(h.location, h.kind) for h in hits] == [("data", "forgotten sample")]
 
 
@@ -80,7 +81,8 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
     np.save(second / "cdef", images)
     for args in (["remote", "add", "second", str(tmp_path / "second-remote")], ["remote", "add", "cloud", "s3://bucket/lmeraser"]):
         subprocess.run([str(BIN / "dvc"), *args], cwd=ws.root, check=True, capture_output=True)
-    hits, counts, not_searched = scan(ws, forgotten, set())
+    report = scan(ws, forgotten, set())
+    hits, counts, not_searched = report.hits, report.counts, report.not_searched
     assert sorted(h.location for h in hits) == ["dvc remote 'second'", "mlflow experiment 'lmeraser'"]
     assert counts["mlflow experiment 'lmeraser'"] == 1 and len(not_searched) == 1 and "dvc remote 'cloud' (s3)" in not_searched[0]
     mlflow.set_tracking_uri("")  # leave no global state behind

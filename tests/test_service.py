@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import shutil
 import threading
 import time
@@ -356,6 +357,49 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
     ws.batches.mkdir(parents=True, exist_ok=True)
     (ws.batches / "batch-0123.json").write_text("{}")
     assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(now)  # an interrupted batch: at once
+
+
+def test_the_idle_worker_reads_every_store_again_on_its_schedule_and_shows_hits(tmp_path):
+    """service.full_scan_every_s: the real full scan (lmeraser/service/worker.full_scan) on a tiny
+    workspace, due after the interval (kept in the scan index across restarts); a copy of a
+    forgotten image planted in an indexed file is found and shown."""
+    import numpy as np
+
+    from lmeraser.config import ServiceParams
+    from lmeraser.data.splits import content_hash
+    from lmeraser.lineage.log import LineageLog
+    from lmeraser.lineage.records import signing_key
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8)
+    ws.data.mkdir(parents=True)
+    np.save(ws.data / "images.npy", images[1:])
+    erased = Keyer(ws).content(content_hash(images[0]))
+    LineageLog(ws.lineage_file).append({"x": "0" * 64}, {"batch_id": "b1", "removed_content_keys": [erased], "clusters_rebuilt": []}, signing_key(ws))
+    lines = []
+    worker = BatchWorker(ws, ServiceParams(full_scan_every_s=3600), lambda n: None, lines.append)
+    now = time.time()
+    assert worker.full_scan_due(now)  # never scanned in full
+    first = worker.scan_once()
+    assert first["hits"] == 0 and first["files_read"]["data"] == 1 and first["index"]["mode"] == "full"
+    assert not worker.full_scan_due(now + 60) and worker.full_scan_due(now + 3601)
+    # A restarted worker reads the last full scan's time from the index.
+    again = BatchWorker(ws, ServiceParams(full_scan_every_s=3600), lambda n: None, lines.append)
+    done = first["finished_at"]
+    assert not again.full_scan_due(done) and again.full_scan_due(done + 3600)
+    assert not BatchWorker(ws, ServiceParams(full_scan_every_s=0), lambda n: None).full_scan_due(now + 10**9)  # 0: never
+    # Someone writes the erased image back into the indexed file, keeping its size and mtime.
+    victim = ws.data / "images.npy"
+    st = victim.stat()
+    with open(victim, "r+b") as handle:
+        np.save(handle, np.concatenate([images[:1], images[2:]]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    found = again.scan_once()
+    assert found["hits"] == 1 and found["locations_with_hits"] == ["data"] and "1 hit(s): forgotten data survives in data" in lines[-1]
+    assert again.status()["last_full_scan"]["hits"] == 1
+    broken = BatchWorker(ws, ServiceParams(), lambda n: None, lines.append, run_scan=lambda: (_ for _ in ()).throw(OSError("disk gone")))
+    assert broken.scan_once() is None and broken.status()["last_full_scan"]["error"] == "disk gone" and not broken.busy
 
 
 def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_workspace, tmp_path, monkeypatch):

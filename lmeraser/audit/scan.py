@@ -142,45 +142,103 @@ def erased_sample_ids(ws: Workspace) -> set[str]:
     return set(listed.loc[listed["reason"] == "forget", "sample_id"]) - {""}
 
 
-def _ids_in(path: Path, ids: set[str]) -> set[str]:
+def _id_tokens(path: Path) -> set[str]:
+    """Every sample-id-shaped token a file names (files over MAX_ID_SEARCH_FILE are weights)."""
     if path.stat().st_size > MAX_ID_SEARCH_FILE:
         return set()
     with open(path, "rb") as handle:
-        return {token.decode() for token in _ID_TOKEN.findall(handle.read())} & ids
+        return {token.decode() for token in _ID_TOKEN.findall(handle.read())}
+
+
+@dataclass
+class ScanReport:
+    hits: list[Hit]
+    counts: dict[str, int]  # files searched per location
+    not_searched: list[str]  # locations this machine cannot read, with why
+    read: dict[str, int]  # files read per location; the others were answered by the scan index
+    index: dict  # the scan index: mode (incremental | full | none), why a full scan, sha256 as saved
+
+    def summary(self) -> dict:
+        """What a record signs about the scan."""
+        return {"hits": len(self.hits), "files_scanned": self.counts, "files_read": self.read, "not_searched": self.not_searched, "index": self.index}
+
+
+def _holdings(path: Path, keyer: Keyer | None, with_ids: bool) -> dict:
+    """What the scan looks for in one file, read once: the keyed content hashes of the samples it
+    holds, its sha256, its tensor digest, and (MLflow locations) the keyed sample ids it names."""
+    entry = {"sha256": sha256_file(path), "digest": _tensor_digest(path)}
+    if keyer is not None:
+        entry["keys"] = sorted(_content_keys(path, keyer))
+        if with_ids:
+            entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in _id_tokens(path))
+    return entry
 
 
 def scan(
-    ws: Workspace, sample_keys: set[str], artifact_hashes: set[str], sample_ids: set[str] | None = None, reference_digests: set[str] = frozenset()
-) -> tuple[list[Hit], dict[str, int], list[str]]:
+    ws: Workspace,
+    sample_keys: set[str],
+    artifact_hashes: set[str],
+    sample_ids: set[str] | None = None,
+    reference_digests: set[str] = frozenset(),
+    full: bool = False,
+) -> ScanReport:
     """Search every storage location for the given keyed content hashes and artifact sha256s, for
     the forgetting audit's IN references by tensor digest (`reference_digests`: prompts trained on
     the subjects' data, which must never be written), and the MLflow stores (runs, registered
     bundles) also for the ids of erased samples (`sample_ids`; default: every erased id of the
-    suppression list); (hits, files read per location, locations that could not be searched)."""
-    keyer = Keyer(ws, create=False) if sample_keys else None
+    suppression list). Files unchanged since the scan index read them are answered from it
+    (lmeraser/audit/scan_index.py); `full` reads every file and rebuilds the index."""
+    import time
+
+    from lmeraser.audit.scan_index import ScanIndex, identity
+    from lmeraser.errors import DataError
+
     ids = erased_sample_ids(ws) if sample_ids is None else sample_ids
-    id_keyer = Keyer(ws, create=False) if ids else None
-    hits, counts = [], {}
+    try:
+        keyer = Keyer(ws, create=False)
+    except DataError:
+        if sample_keys or ids:
+            raise  # keyed targets and no salt to key with: the error says what to restore
+        keyer = None  # nothing was ever keyed here: nothing erased to find by key, and no index
+    started = time.time()  # a full scan saw every file as it was from here on
+    keyed_ids = {keyer.subject("sample:" + sid): sid for sid in ids} if keyer is not None else {}
+    index = ScanIndex.load(ws, keyer, full) if keyer is not None else None
+    hits, counts, read, found = [], {}, {}, {}
     locations = storage_locations(ws)
     for location, directory in locations.roots.items():
-        n = 0
+        n = fresh = 0
+        entries = {}
         # data/ and the DVC cache keep the tombstones (erased ids, by design); a registered model or
         # a run's artifacts must name none.
-        look_for_ids = bool(ids) and location.startswith("mlflow")
+        with_ids = location.startswith("mlflow")
         for path in track(files(directory), f"scanning {location}"):
             n += 1
-            if keyer is not None:
-                for digest in _content_keys(path, keyer) & sample_keys:
-                    hits.append(Hit(location, str(path), "forgotten sample", digest))
-            if artifact_hashes and (digest := sha256_file(path)) in artifact_hashes:
-                hits.append(Hit(location, str(path), "superseded artifact", digest))
-            if reference_digests and (digest := _tensor_digest(path)) in reference_digests:
-                hits.append(Hit(location, str(path), "audit IN reference", digest))
-            if look_for_ids:
-                for sid in _ids_in(path, ids):
-                    hits.append(Hit(location, str(path), "erased sample id", id_keyer.subject("sample:" + sid)))
-        counts[location] = n
-    return hits, counts, locations.not_searched
+            rel = os.path.relpath(path, directory)
+            st = path.stat()  # before the read: a change during it shows at the next scan
+            entry = index.known(location, directory, rel, st) if index is not None else None
+            if entry is None:
+                entry = {"id": identity(st), **_holdings(path, keyer, with_ids)}
+                fresh += 1
+            entries[rel] = entry
+            for digest in set(entry.get("keys", ())) & sample_keys:
+                hits.append(Hit(location, str(path), "forgotten sample", digest))
+            if entry["sha256"] in artifact_hashes:
+                hits.append(Hit(location, str(path), "superseded artifact", entry["sha256"]))
+            if entry["digest"] is not None and entry["digest"] in reference_digests:
+                hits.append(Hit(location, str(path), "audit IN reference", entry["digest"]))
+            for digest in sorted(set(entry.get("ids", ())) & keyed_ids.keys()):
+                hits.append(Hit(location, str(path), "erased sample id", digest))
+        counts[location], read[location] = n, fresh
+        found[location] = (directory, entries)
+    if index is None:
+        report = {"mode": "none", "reason": "no salt yet (nothing was erased here): every file read, nothing kept"}
+    else:
+        report = {"mode": "full" if index.reason else "incremental", "reason": index.reason}
+        try:
+            report["sha256"] = index.replace(found, started if index.reason else None)
+        except OSError as error:  # the scan stands; the next one reads everything again
+            report["sha256"], report["not_saved"] = None, f"{ws.relative(ws.scan_index_file)}: {error.__class__.__name__}"
+    return ScanReport(hits, counts, locations.not_searched, read, report)
 
 
 @dataclass

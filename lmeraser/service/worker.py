@@ -20,6 +20,33 @@ from lmeraser.workspace import Workspace
 
 RETRY_AFTER_S = 5.0  # the least wait before a failed batch is tried again
 RunBatch = Callable[[int], dict | None]  # max_requests -> the batch summary, or None when idle
+RunScan = Callable[[], dict]  # a full scan -> its summary
+
+
+def full_scan(ws: Workspace) -> RunScan:
+    """`lmeraser audit scan --full` in the worker, under the `unlearn` lock (a batch half-way
+    through its purge would show hits that its own verification is about to clear)."""
+
+    def run() -> dict:
+        from lmeraser.audit.scan import scan, scan_targets
+
+        with ws.lock("unlearn"):
+            targets = scan_targets(ws)
+            report = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=True)
+        return {**report.summary(), "locations_with_hits": sorted({h.location for h in report.hits})}
+
+    return run
+
+
+def last_full_scan(ws: Workspace) -> float:
+    """When the scan index says every file was last read (0: never). Only schedules a scan: the
+    scan itself authenticates the index before trusting a byte of it."""
+    import json
+
+    try:
+        return float(json.loads(ws.scan_index_file.read_bytes())["body"]["full_scan_at"] or 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
 
 
 def run_unlearn_flow(ws: Workspace, git_commit: bool = True) -> RunBatch:
@@ -38,8 +65,19 @@ def run_unlearn_flow(ws: Workspace, git_commit: bool = True) -> RunBatch:
 
 
 class BatchWorker:
-    def __init__(self, ws: Workspace, params: ServiceParams, run_batch: RunBatch, log: Callable[[str], None] = print, poll_s: float = 0.5):
+    def __init__(
+        self,
+        ws: Workspace,
+        params: ServiceParams,
+        run_batch: RunBatch,
+        log: Callable[[str], None] = print,
+        poll_s: float = 0.5,
+        run_scan: RunScan | None = None,
+    ):
         self.ws, self.params, self.run_batch, self.log, self.poll_s = ws, params, run_batch, log, poll_s
+        self.run_scan = run_scan if run_scan is not None else full_scan(ws)
+        self.last_full_scan: dict | None = None  # the summary of this worker's latest full scan
+        self._full_scan_at = last_full_scan(ws)
         self.batches = 0  # batches this worker completed
         self.busy = False
         self.last_batch: dict | None = None
@@ -95,12 +133,44 @@ class BatchWorker:
             self.log(f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, rebuilt clusters {result.get('rebuilt')}")
         return result
 
+    def full_scan_due(self, now: float) -> bool:
+        """Idle, and the last full scan is `service.full_scan_every_s` old (0: never)."""
+        every = self.params.full_scan_every_s
+        return every > 0 and now - self._full_scan_at >= every
+
+    def scan_once(self) -> dict | None:
+        """A full scan now: every file of every store read again; hits are logged and shown by
+        `/v1/health` (the batch that would have made them is long signed: a person must look)."""
+        self.busy = True
+        started = time.time()
+        try:
+            summary = self.run_scan()
+        except Exception as error:  # shown, tried again after the interval
+            self.last_full_scan = {"started_at": started, "error": shown(str(error), 500)}
+            self.log(f"worker: full scan failed: {self.last_full_scan['error']}")
+            return None
+        finally:
+            self.busy = False
+            self._full_scan_at = started
+        self.last_full_scan = {"started_at": started, "finished_at": time.time(), **summary}
+        files = sum(summary["files_read"].values())
+        if summary["hits"]:
+            where = ", ".join(summary["locations_with_hits"])
+            self.log(f"worker: full scan: {summary['hits']} hit(s): forgotten data survives in {where}; run `lmeraser audit scan`")
+        else:
+            self.log(f"worker: full scan: read {files} files, 0 hits")
+        return self.last_full_scan
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.due(time.time()):
+                now = time.time()
+                if self.due(now):
                     self.run_once()
                     continue  # more may be pending (max_batch): look again at once
+                if not self.interrupted() and self.full_scan_due(now):
+                    self.scan_once()
+                    continue
             except Exception as error:  # a journal it cannot read: shown, retried
                 self.last_error = shown(str(error), 500)
                 self._failed_at = time.time()
@@ -125,4 +195,6 @@ class BatchWorker:
             "last_error": self.last_error,
             "batch_window_s": self.params.batch_window_s,
             "max_batch": self.params.max_batch,
+            "full_scan_every_s": self.params.full_scan_every_s,
+            "last_full_scan": self.last_full_scan,
         }

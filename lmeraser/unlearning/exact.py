@@ -454,7 +454,8 @@ class UnlearnBatch:
         from lmeraser.audit.forgetting import in_digests
 
         references = set(in_digests(self.done["capture"].get("forgetting_audit")))
-        hits, counts, not_searched = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]), reference_digests=references)
+        report = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]), reference_digests=references)
+        hits = report.hits
         capture, rebuild = self.done["capture"], self.done["rebuild"]
         changed = sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
         forget = [s for s in self._targets("forget") if s in capture["samples"]]
@@ -465,7 +466,7 @@ class UnlearnBatch:
         else:
             mia_after = None
         result = {
-            "scan": {"hits": len(hits), "files_scanned": counts, "not_searched": not_searched, "examples": [h.__dict__ for h in hits[:5]]},
+            "scan": {**report.summary(), "examples": [h.__dict__ for h in hits[:5]]},
             # Exactly the planned clusters changed (a backbone rebuild changes every one).
             "clusters_as_planned": capture["backbone_rebuild"] or changed == capture["planned_clusters"],
             "planned_clusters": capture["planned_clusters"],

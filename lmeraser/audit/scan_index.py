@@ -1,0 +1,104 @@
+"""The scan index: what each stored file holds, so a batch's scan reads only new or changed files.
+
+`audit scan` must show that no copy of a forgotten sample is left in any store. Reading every
+store on every batch makes a forget cost a full read of the data (invariant 7: cost follows the
+change). The index keeps, per location and file, what the scan looks for in it: the keyed content
+hashes of the images (or feature-cache rows) it holds, its sha256, its tensor digest (safetensors)
+and, in MLflow locations, the keyed sample ids it names. A scan lists every file (metadata only),
+reads the ones whose identity changed, and answers the targets from the index for the rest: what a
+file holds does not depend on what is searched, so new targets are found in old files.
+
+A file's identity is (device, inode, size, mtime, ctime): a write changes its ctime, which no
+user-space call can set back, so a copy planted into an indexed file is read again. The index is
+authenticated with the workspace's salt (an HMAC: an edit without the secret is detected) and
+bound to it (keyed hashes mean nothing under another salt). A missing, damaged, altered or
+foreign index means a full scan, with the reason in the scan's report; `lmeraser audit scan
+--full` reads everything and rebuilds it. The report carries the sha256 of the index as saved, so
+a record says what was searched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmeraser.io import atomic_write_bytes, canonical_json
+from lmeraser.salt import Keyer
+from lmeraser.workspace import Workspace
+
+VERSION = 1
+
+
+def identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+@dataclass
+class ScanIndex:
+    """Entries by location label, then by path relative to the location's root."""
+
+    path: Path
+    keyer: Keyer
+    locations: dict[str, dict] = field(default_factory=dict)  # label -> {"root": str, "files": {rel: entry}}
+    full_scan_at: float | None = None  # when every file was last read (a full scan)
+    reason: str | None = None  # why this scan reads everything (None: incremental)
+
+    @classmethod
+    def load(cls, ws: Workspace, keyer: Keyer, full: bool = False) -> ScanIndex:
+        path = ws.scan_index_file
+        index = cls(path, keyer)
+        if full:
+            index.reason = "a full scan was asked for"
+            return index
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            index.reason = "no scan index yet"
+            return index
+        except OSError as error:
+            index.reason = f"the scan index cannot be read ({error.__class__.__name__})"
+            return index
+        try:
+            document = json.loads(raw)
+            body, mac = document["body"], document["mac"]
+            if not isinstance(body, dict) or not isinstance(mac, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            index.reason = "the scan index is damaged (not the JSON it writes)"
+            return index
+        if mac != index._mac(body):
+            index.reason = "the scan index fails its authentication (altered, or made with another salt)"
+            return index
+        if body.get("version") != VERSION:
+            index.reason = f"the scan index has format {body.get('version')!r}, this code writes {VERSION}"
+            return index
+        index.locations = body.get("locations") or {}
+        index.full_scan_at = body.get("full_scan_at")
+        return index
+
+    def _mac(self, body: dict) -> str:
+        return self.keyer.subject("scan-index:" + hashlib.sha256(canonical_json(body)).hexdigest())
+
+    def known(self, label: str, root: Path, rel: str, st: os.stat_result) -> dict | None:
+        """The entry of a file whose identity has not changed since it was read, else None."""
+        if self.reason is not None:
+            return None
+        location = self.locations.get(label)
+        if location is None or location.get("root") != str(root):
+            return None
+        entry = location["files"].get(rel)
+        return entry if entry is not None and entry.get("id") == identity(st) else None
+
+    def replace(self, found: dict[str, tuple[Path, dict[str, dict]]], full_scan_at: float | None) -> str:
+        """Save the index of this scan (every file listed, as found or read) atomically; its sha256."""
+        self.locations = {label: {"root": str(root), "files": files} for label, (root, files) in found.items()}
+        if full_scan_at is not None:
+            self.full_scan_at = full_scan_at
+        body = {"version": VERSION, "salt": self.keyer.fingerprint(), "full_scan_at": self.full_scan_at, "locations": self.locations}
+        data = canonical_json({"body": body, "mac": self._mac(body)})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, data, mode=0o600)
+        return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,124 @@
+"""The scan index (lmeraser/audit/scan_index.py): a scan reads only files that are new or changed
+since the index read them and answers the rest from it, with the same hits as a full read; a copy
+planted into an indexed file, a damaged, altered or missing index, and --full all mean reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from lmeraser.audit.scan import scan
+from lmeraser.data.splits import content_hash
+from lmeraser.io import sha256_file
+from lmeraser.salt import Keyer
+from lmeraser.workspace import Workspace
+
+
+@pytest.fixture
+def stores(tmp_path):
+    """data/, a DVC cache object and an MLflow artifact, and the keyed hash of an image in the cache."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8), dtype=np.uint8)
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "images.npy", images[1:])
+    cache = tmp_path / ".dvc" / "cache" / "files" / "md5" / "ab"
+    cache.mkdir(parents=True)
+    with open(cache / "cdef0123", "wb") as handle:
+        np.save(handle, images[:3])
+    artifact = tmp_path / "mlartifacts" / "1" / "run" / "notes.json"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_text(json.dumps({"note": "nothing personal"}))
+    ws = Workspace(tmp_path)
+    keyer = Keyer(ws)
+    return ws, images, keyer
+
+
+def test_a_second_scan_reads_only_what_changed_and_finds_new_targets_in_old_files(stores):
+    ws, images, keyer = stores
+    first = scan(ws, set(), set())
+    assert first.index["mode"] == "full" and first.index["reason"] == "no scan index yet"
+    assert first.read == first.counts and sum(first.counts.values()) == 3
+    assert stat.S_IMODE(os.stat(ws.scan_index_file).st_mode) == 0o600
+    # Nothing changed: nothing is read, and a target the first scan did not look for is found in
+    # the cache object from what the index kept (what a file holds, not what was searched).
+    target = keyer.content(content_hash(images[0]))
+    second = scan(ws, {target}, set())
+    assert second.index["mode"] == "incremental" and sum(second.read.values()) == 0
+    assert [(h.kind, h.location) for h in second.hits] == [("forgotten sample", "dvc cache")]
+    assert second.hits == scan(ws, {target}, set(), full=True).hits  # the same answer as reading everything
+    # A new file is read, a removed one leaves the index.
+    np.save(ws.data / "more.npy", images[:1])
+    (ws.root / "mlartifacts" / "1" / "run" / "notes.json").unlink()
+    third = scan(ws, {target}, set())
+    assert third.read == {"data": 1, "dvc cache": 0, "artifact store": 0, "mlflow artifacts": 0, "mlflow (default root)": 0}
+    assert sorted(h.location for h in third.hits) == ["data", "dvc cache"]
+    assert "notes.json" not in ws.scan_index_file.read_text()
+    assert third.index["sha256"] == sha256_file(ws.scan_index_file)  # the report names the index it saved
+
+
+def test_a_copy_planted_into_an_indexed_file_is_read_again_even_with_its_times_restored(stores):
+    ws, images, keyer = stores
+    scan(ws, set(), set())
+    victim = ws.data / "images.npy"
+    before = victim.stat()
+    planted = np.load(victim)
+    planted[0] = images[0]  # same size, same shape: only the bytes change
+    with open(victim, "r+b") as handle:
+        np.save(handle, planted)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime put back; ctime cannot be
+    report = scan(ws, {keyer.content(content_hash(images[0]))}, set())
+    assert report.read["data"] == 1 and ("forgotten sample", "data") in {(h.kind, h.location) for h in report.hits}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "altered", "missing", "full"])
+def test_a_damaged_altered_or_missing_index_or_full_means_reading_everything(stores, damage):
+    ws, images, keyer = stores
+    scan(ws, set(), set())
+    target = keyer.content(content_hash(images[0]))
+    full = False
+    if damage == "garbage":
+        ws.scan_index_file.write_text("{not json")
+    elif damage == "altered":
+        # Someone without the salt edits the index so the cache object seems to hold nothing.
+        document = json.loads(ws.scan_index_file.read_text())
+        entry = document["body"]["locations"]["dvc cache"]["files"]["files/md5/ab/cdef0123"]
+        entry["keys"] = []
+        ws.scan_index_file.write_text(json.dumps(document))
+    elif damage == "missing":
+        ws.scan_index_file.unlink()
+    else:
+        full = True
+    report = scan(ws, {target}, set(), full=full)
+    reason = {
+        "garbage": "the scan index is damaged (not the JSON it writes)",
+        "altered": "the scan index fails its authentication (altered, or made with another salt)",
+        "missing": "no scan index yet",
+        "full": "a full scan was asked for",
+    }[damage]
+    assert report.index["mode"] == "full" and report.index["reason"] == reason
+    assert report.read == report.counts and [h.location for h in report.hits] == ["dvc cache"]
+    assert scan(ws, {target}, set()).index["mode"] == "incremental"  # rebuilt by that scan
+
+
+def test_erased_ids_in_mlflow_files_are_found_from_the_index_and_kept_keyed(stores):
+    ws, _, keyer = stores
+    sid = "0123456789abcdef0123"
+    bundle = ws.root / "mlartifacts" / "1" / "run" / "bundle.json"
+    bundle.write_text(json.dumps({"members": [sid]}))
+    scan(ws, set(), set(), sample_ids=set())
+    assert sid not in ws.scan_index_file.read_text()  # ids are kept keyed with the salt, never raw
+    report = scan(ws, set(), set(), sample_ids={sid})
+    assert sum(report.read.values()) == 0
+    assert [(h.kind, h.digest) for h in report.hits] == [("erased sample id", keyer.subject("sample:" + sid))]
+
+
+def test_without_a_salt_every_file_is_read_and_no_index_is_kept(tmp_path):
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "images.npy", np.zeros((2, 4, 4), np.uint8))
+    ws = Workspace(tmp_path)
+    report = scan(ws, set(), set(), sample_ids=set())
+    assert report.index["mode"] == "none" and report.read == report.counts and not ws.scan_index_file.exists()
