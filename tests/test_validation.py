@@ -112,3 +112,112 @@ def test_only_splits_whose_files_changed_have_their_images_checked_again(data_di
 
     add_tombstones([{"sample_id": ws.split("public").sample_ids[0], "content_key": "", "reason": "forget"}], ws)
     assert any("suppressed" in f for f in validate_splits(ws).failures)
+
+
+# -- validation that follows the change (an unlearning batch's rebuild) --------------------------
+
+
+def _tombstone(ws, row, reason="forget"):
+    from lmeraser.salt import Keyer
+
+    path = ws.tombstones_file
+    key = Keyer(ws).content(row.content_hash)
+    line = pd.DataFrame([{"sample_id": row.sample_id if reason == "forget" else "", "content_key": key, "reason": reason, "label": ""}])
+    line.to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def _re_ingest(ws, data_dir):
+    """A forgotten sample comes back: tombstoned, then its row and pixels written into the test split."""
+    from lmeraser.data.splits import remove_samples
+
+    private = ws.split("private")
+    victim = private.manifest.iloc[0]
+    image = private.images[0]
+    _tombstone(ws, victim)
+    remove_samples([victim.sample_id], "private", ws)
+    test = ws.split("test")
+    manifest = pd.concat([test.manifest, pd.DataFrame([{**victim.to_dict(), "split": "test"}])], ignore_index=True)
+    manifest.to_csv(data_dir / "test" / "manifest.csv", index=False)
+    np.save(data_dir / "test" / "images.npy", np.concatenate([test.images, image[None]]))
+
+
+def _duplicate(ws, data_dir):
+    public_id = ws.manifest("public")["sample_id"][0]
+    _edit_manifest(data_dir, "test", lambda f: f.__setitem__("sample_id", [public_id] + f["sample_id"].tolist()[1:]))
+
+
+def _tombstone_present(ws, data_dir):
+    _tombstone(ws, ws.manifest("public").iloc[5])  # named by a new tombstone, still in the data
+
+
+def _empty_a_class(ws, data_dir):
+    from lmeraser.data.splits import remove_samples
+
+    test = ws.manifest("test")
+    remove_samples(test.loc[test["label"] == 3, "sample_id"].tolist(), "test", ws)
+
+
+def _flip_pixels_of_a_changed_row(ws, data_dir):
+    _edit_manifest(data_dir, "private", lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]))
+    images = np.load(data_dir / "private" / "images.npy")
+    images[0, 0, 0] ^= 0xFF
+    np.save(data_dir / "private" / "images.npy", images)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "needle"),
+    [
+        (_re_ingest, "column=suppressed"),
+        (_duplicate, "expect_column_values_to_be_unique(column=sample_id)"),
+        (_tombstone_present, "column=suppressed"),
+        (_empty_a_class, 'expect_column_distinct_values_to_contain_set(column=label, row_condition=split=="test")'),
+        (_flip_pixels_of_a_changed_row, "column=hash_matches"),
+    ],
+)
+def test_the_changed_rows_check_catches_what_the_whole_suite_catches(data_dir, tamper, needle):
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(data_dir.parent)
+    Keyer(ws)  # the salt the first request makes: the summary is authenticated with it
+    assert validate_splits(ws).success  # keeps the summary
+    tamper(ws, data_dir)
+    changed = validate_splits(ws, changed_only=True)
+    assert changed.statistics["mode"] == "changed rows" and not changed.success
+    assert any(needle in f for f in changed.failures), changed.failures
+    assert "run `lmeraser stage validate` for every row" in changed.reason()
+    whole = validate_splits(ws)
+    assert whole.statistics["mode"] == "full" and not whole.success and any(needle in f for f in whole.failures), whole.failures
+
+
+def test_a_forget_is_validated_from_its_changed_rows_and_a_bad_summary_means_every_row(data_dir):
+    from lmeraser.data.splits import remove_samples
+    from lmeraser.data.validation import ChangeSummary
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(data_dir.parent)
+    assert validate_splits(ws, changed_only=True).statistics["mode"] == "full"  # no salt: no summary
+    Keyer(ws)
+    assert validate_splits(ws).success
+    victim = ws.split("private").manifest.iloc[2]
+    _tombstone(ws, victim)
+    remove_samples([victim.sample_id], "private", ws)
+    report = validate_splits(ws, changed_only=True)
+    assert report.success and report.statistics["mode"] == "changed rows" and report.statistics["rows_checked"] == 0
+    # A relabelled row is the one row checked.
+    _edit_manifest(data_dir, "public", lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]))
+    report = validate_splits(ws, changed_only=True)
+    assert report.success and report.statistics["rows_checked"] == 1
+    # An altered summary (someone without the salt), or tombstones rewritten rather than appended: every row.
+    import json
+
+    path = ChangeSummary.path(ws)
+    saved = path.read_bytes()
+    document = json.loads(saved)
+    document["body"]["splits"]["private"]["rows"][0][2] += 1  # hides a relabel from the next check
+    path.write_text(json.dumps(document))
+    assert validate_splits(ws, changed_only=True).statistics["mode"] == "full"
+    path.write_bytes(saved)
+    assert validate_splits(ws, changed_only=True).statistics["mode"] == "changed rows"
+    header = ws.tombstones_file.read_text().splitlines(keepends=True)[0]
+    ws.tombstones_file.write_text(header)  # the tombstones rewritten (here: emptied), not appended to
+    assert validate_splits(ws, changed_only=True).statistics["mode"] == "full"

@@ -36,7 +36,8 @@ class ValidationReport:
     def reason(self) -> str:
         head = self.failures[0] if self.failures else "unknown failure"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-        return f"data validation failed: {head}{more}; data docs: {self.docs_index}"
+        docs = f"data docs: {self.docs_index}" if self.docs_index else "the changed rows only; run `lmeraser stage validate` for every row and its data docs"
+        return f"data validation failed: {head}{more}; {docs}"
 
 
 IMAGE_FACTS = ("height", "width", "channels", "image_dtype", "pixel_min", "pixel_max", "hash_matches")
@@ -126,7 +127,9 @@ def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS, cache: FactsCac
     return pd.concat(frames, ignore_index=True), reused
 
 
-def build_suite(info: dict):
+def build_suite(info: dict, coverage: bool = True):
+    """The suite; `coverage` adds "every class in every split", which needs whole splits (the
+    change-following validation checks it from the manifests instead)."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -153,7 +156,7 @@ def build_suite(info: dict):
         # Forgotten samples and the replaced pixels of rectified inputs must not come back.
         E.ExpectColumnValuesToBeInSet(column="suppressed", value_set=[False]),
     ]
-    for split in SPLITS:
+    for split in SPLITS if coverage else ():
         expectations.append(
             E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas")
         )
@@ -166,6 +169,8 @@ def build_suite(info: dict):
 def _describe_failure(result) -> str:
     config = result.expectation_config
     kwargs = {k: v for k, v in config.kwargs.items() if k in ("column", "row_condition") and v}
+    if isinstance(kwargs.get("row_condition"), dict):  # GX 1.x keeps a pandas condition as a filter dict
+        kwargs["row_condition"] = kwargs["row_condition"].get("pass_through_filter", kwargs["row_condition"])
     where = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     detail = result.result or {}
     count = detail.get("unexpected_count")
@@ -178,49 +183,231 @@ def _describe_failure(result) -> str:
     return text
 
 
-def validate_splits(ws: Workspace, reuse_facts: bool = True) -> ValidationReport:
+def validate_splits(ws: Workspace, reuse_facts: bool = True, changed_only: bool = False) -> ValidationReport:
     """Run the suite with a Checkpoint that also writes HTML data docs to reports/data_docs; with
     `reuse_facts`, the image facts of splits whose files did not change come from the cache. The
-    report carries the splits' fingerprints (`split_fingerprints`)."""
+    report carries the splits' fingerprints (`split_fingerprints`). With `changed_only` (an
+    unlearning batch's rebuild), only the rows that changed since the last validation are checked,
+    against the summary it kept (ChangeSummary), when that summary is usable; else every row."""
+    info = ws.source_info()
+    fingerprints = split_fingerprints(ws)
+    summary = ChangeSummary.load(ws)
+    if changed_only and summary is not None:
+        report = summary.validate_changes(ws, info, fingerprints)
+        if report is not None:
+            if report.success:
+                ChangeSummary.save(ws, fingerprints)
+            return report
+    table, reused = build_table(ws, cache=FactsCache(ws, fingerprints) if reuse_facts else None)
+    results, docs_index = _run_suite(ws, table, info, coverage=True, docs=True)
+    failures = [_describe_failure(r) for r in results if not r.success]
+    if not failures:
+        ChangeSummary.save(ws, fingerprints)
+    return ValidationReport(
+        success=not failures,
+        failures=failures,
+        docs_index=docs_index,
+        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table), "facts_reused": reused, "mode": "full"},
+        fingerprints=fingerprints,
+    )
+
+
+def _run_suite(ws: Workspace, table: pd.DataFrame, info: dict, coverage: bool, docs: bool) -> tuple[list, Path | None]:
+    """The suite's results over `table`, through a Checkpoint; with `docs`, HTML data docs in
+    reports/data_docs (the full validation's; a change-following run leaves them as they were)."""
     import great_expectations as gx
 
     # GX sets some of its loggers to INFO itself (e.g. the ephemeral docs site's temporary directory).
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
         logging.getLogger(name).setLevel(logging.ERROR)
-    info = ws.source_info()
-    fingerprints = split_fingerprints(ws)
-    table, reused = build_table(ws, cache=FactsCache(ws, fingerprints) if reuse_facts else None)
     docs_dir = ws.data_docs.resolve()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    context.add_data_docs_site(
-        site_name="lmeraser",
-        site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        },
-    )
+    if docs:
+        context.add_data_docs_site(
+            site_name="lmeraser",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
     batch = context.data_sources.add_pandas("lmeraser").add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all")
-    suite = context.suites.add(build_suite(info))
+    suite = context.suites.add(build_suite(info, coverage))  # after the context: GX needs one for a suite
     definition = context.validation_definitions.add(gx.ValidationDefinition(name="splits", data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
             name="lmeraser_splits",
             validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lmeraser"])],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lmeraser"])] if docs else [],
             result_format={"result_format": "SUMMARY"},
         )
     )
     outcome = checkpoint.run(batch_parameters={"dataframe": table})
-    results = [r for run in outcome.run_results.values() for r in run.results]
-    failures = [_describe_failure(r) for r in results if not r.success]
-    return ValidationReport(
-        success=bool(outcome.success),
-        failures=failures,
-        docs_index=docs_dir / "index.html",
-        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table), "facts_reused": reused},
-        fingerprints=fingerprints,
-    )
+    return [r for run in outcome.run_results.values() for r in run.results], (docs_dir / "index.html" if docs else None)
+
+
+# -- validation that follows the change ----------------------------------------------------------
+
+
+def _keyer(ws: Workspace):
+    from lmeraser.errors import DataError
+    from lmeraser.salt import Keyer
+
+    try:
+        return Keyer(ws, create=False)
+    except DataError:
+        return None
+
+
+class ChangeSummary:
+    """What the last passing validation saw, kept in `artifacts/cache/validation-summary.json` (not
+    versioned) so that an unlearning batch's rebuild checks only the rows that changed: per split
+    the files' sha256 and every row's manifest fields with its keyed content hash; and the
+    tombstones file as it was (length and sha256: tombstones are appended, so rows after it are
+    new). Authenticated with the workspace's salt (an HMAC) and bound to this module's code; no
+    salt, a mismatch or any damage means the whole suite runs.
+
+    Checked on the changed rows (added or modified, by manifest fields, in splits whose files
+    changed): every row expectation of the suite, through Great Expectations, and "suppressed"
+    against every tombstone. Checked over whole splits from their manifests and the summary: ids
+    unique across splits, every class in every split, and no row (changed or not) is named by a
+    tombstone added since. Image facts and content hashes are computed for the changed rows only.
+    """
+
+    def __init__(self, body: dict):
+        self.body = body
+
+    @staticmethod
+    def path(ws: Workspace) -> Path:
+        return ws.artifacts / "cache" / "validation-summary.json"
+
+    @staticmethod
+    def _code() -> str:
+        return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+    @staticmethod
+    def _mac(keyer, body: dict) -> str:
+        from lmeraser.io import canonical_json
+
+        return keyer.subject("validation-summary:" + hashlib.sha256(canonical_json(body)).hexdigest())
+
+    @classmethod
+    def load(cls, ws: Workspace) -> ChangeSummary | None:
+        keyer = _keyer(ws)
+        if keyer is None:
+            return None
+        try:
+            document = json.loads(cls.path(ws).read_bytes())
+            body = document["body"]
+            if document["mac"] != cls._mac(keyer, body) or body["code"] != cls._code():
+                return None
+            return cls(body)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return None
+
+    @classmethod
+    def save(cls, ws: Workspace, fingerprints: dict[str, dict[str, str]]) -> None:
+        """Keep what this passing validation saw; content keys of rows the last summary knew are
+        reused, so only changed rows are keyed again."""
+        from lmeraser.io import atomic_write_bytes, canonical_json
+
+        keyer = _keyer(ws)
+        if keyer is None:
+            return
+        previous = cls.load(ws)
+        known = {row[3]: row[4] for split in (previous.body["splits"].values() if previous else ()) for row in split["rows"]}
+        splits = {}
+        for split in SPLITS:
+            m = ws.manifest(split)
+            rows = [
+                [sid, subject, int(label), h, known.get(h) or keyer.content(h)]
+                for sid, subject, label, h in zip(m["sample_id"], m["subject_id"], m["label"], m["content_hash"], strict=True)
+            ]
+            splits[split] = {"sha256": fingerprints[split], "rows": rows}
+        tombstones = ws.tombstones_file.read_bytes() if ws.tombstones_file.exists() else b""
+        body = {
+            "code": cls._code(),
+            "tombstones": {"bytes": len(tombstones), "sha256": hashlib.sha256(tombstones).hexdigest(), "rows": len(ws.tombstones())},
+            "splits": splits,
+        }
+        path = cls.path(ws)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, canonical_json({"body": body, "mac": cls._mac(keyer, body)}))
+
+    def validate_changes(self, ws: Workspace, info: dict, fingerprints: dict[str, dict[str, str]]) -> ValidationReport | None:
+        """The change-following validation; None when the tombstones were rewritten rather than
+        appended to, or a split's pixels and manifest disagree in length (the whole suite says why)."""
+        kept = self.body["tombstones"]
+        raw = ws.tombstones_file.read_bytes() if ws.tombstones_file.exists() else b""
+        if len(raw) < kept["bytes"] or hashlib.sha256(raw[: kept["bytes"]]).hexdigest() != kept["sha256"]:
+            return None
+        tombstones = ws.tombstones()
+        erased = tombstones[tombstones["reason"] != "rectify-label"]
+        forgotten_ids = set(erased.loc[erased["reason"] == "forget", "sample_id"]) - {""}
+        erased_keys = set(erased["content_key"]) - {""}
+        new = tombstones.iloc[kept["rows"] :]
+        new = new[new["reason"] != "rectify-label"]
+        new_ids, new_keys = set(new.loc[new["reason"] == "forget", "sample_id"]) - {""}, set(new["content_key"]) - {""}
+        keyer = _keyer(ws)
+        manifests = {split: ws.manifest(split) for split in SPLITS}
+        frames, failures, changed_rows, suppressed_unchanged = [], [], 0, 0
+        for split in SPLITS:
+            m = manifests[split]
+            before = self.body["splits"].get(split) or {"sha256": None, "rows": []}
+            keyed_before = {(r[0], r[1], r[2], r[3]): r[4] for r in before["rows"]}
+            fields = list(zip(m["sample_id"], m["subject_id"], m["label"].astype(int), m["content_hash"], strict=True))
+            if before["sha256"] == fingerprints[split]:
+                changed = np.zeros(len(m), dtype=bool)
+            else:
+                changed = np.array([f not in keyed_before for f in fields], dtype=bool)
+            rows = np.flatnonzero(changed)
+            if len(rows):
+                images = np.load(ws.split_dir(split) / "images.npy", mmap_mode="r", allow_pickle=False)
+                if len(images) != len(m):
+                    return None
+                frame = m.iloc[rows].reset_index(drop=True)
+                facts = image_facts(np.asarray(images[rows]), frame["content_hash"])
+                for name in IMAGE_FACTS:
+                    frame[name] = facts[name]
+                frame["suppressed"] = frame["sample_id"].isin(forgotten_ids).to_numpy() | np.array(
+                    [keyer.content(h) in erased_keys for h in frame["content_hash"]], dtype=bool
+                )
+                frames.append(frame)
+                changed_rows += len(rows)
+            # Rows that did not change, against the tombstones added since the summary.
+            if new_ids or new_keys:
+                suppressed_unchanged += sum(1 for f, c in zip(fields, changed, strict=True) if not c and (f[0] in new_ids or keyed_before.get(f) in new_keys))
+        results = []
+        if frames:
+            table = pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
+            results, _ = _run_suite(ws, table, info, coverage=False, docs=False)
+            failures += [_describe_failure(r) for r in results if not r.success]
+        if suppressed_unchanged:
+            failures.append(f"expect_column_values_to_be_in_set(column=suppressed) failed on {suppressed_unchanged} row(s), e.g. [True]")
+        ids = pd.concat([m["sample_id"] for m in manifests.values()], ignore_index=True)
+        duplicated = ids[ids.duplicated(keep=False)]
+        if len(duplicated):
+            failures.append(f"expect_column_values_to_be_unique(column=sample_id) failed on {len(duplicated)} row(s), e.g. {sorted(set(duplicated))[:3]}")
+        classes = set(range(info["num_classes"]))
+        for split, m in manifests.items():
+            missing = sorted(classes - set(m["label"].astype(int)))
+            if missing:
+                where = f'column=label, row_condition=split=="{split}"'
+                failures.append(f"expect_column_distinct_values_to_contain_set({where}) failed, e.g. classes {missing[:3]} missing")
+        return ValidationReport(
+            success=not failures,
+            failures=failures,
+            docs_index=None,
+            statistics={
+                "evaluated": len(results) + 2 + len(SPLITS),
+                "failed": len(failures),
+                "rows": int(sum(len(m) for m in manifests.values())),
+                "rows_checked": changed_rows,
+                "facts_reused": list(SPLITS),
+                "mode": "changed rows",
+            },
+            fingerprints=fingerprints,
+        )

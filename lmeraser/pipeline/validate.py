@@ -11,8 +11,10 @@ from lmeraser.io import atomic_write_json
 from lmeraser.workspace import Workspace
 
 
-def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
-    report = validate_splits(ws)
+def run(params: Params, ws: Workspace, log: Callable[[str], None] = print, changed_only: bool = False) -> dict:
+    """`changed_only` (an unlearning batch's rebuild): only the rows that changed since the last
+    validation, against the summary it kept; `dvc repro` and `lmeraser stage validate` check every row."""
+    report = validate_splits(ws, changed_only=changed_only)
     if not report.success:
         raise ValidationFailed(report.reason())
     # One ticket per split holding only that split's fingerprint: a change to the private split
@@ -20,8 +22,11 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     for split, files in report.fingerprints.items():
         atomic_write_json(ws.validation_ticket(split), {"split": split, "suite": SUITE_NAME, "passed": True, "sha256": files})
     reused = report.statistics["facts_reused"]
-    note = f" (image facts of {', '.join(reused)} reused: files unchanged since last checked)" if reused else ""
-    log(f"validation passed: {report.statistics['evaluated']} expectations over {report.statistics['rows']} samples{note}")
+    if report.statistics["mode"] == "changed rows":
+        log(f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, and whole-split checks over {report.statistics['rows']} samples")
+    else:
+        note = f" (image facts of {', '.join(reused)} reused: files unchanged since last checked)" if reused else ""
+        log(f"validation passed: {report.statistics['evaluated']} expectations over {report.statistics['rows']} samples{note}")
     return {
         "metrics": {"expectations": report.statistics["evaluated"], "rows": report.statistics["rows"]},
         "docs": str(report.docs_index),

@@ -64,6 +64,8 @@ def reproduce(
                 continue
             log(f"rebuild: stage {definition.name}")
             options = {"map_jobs": map_jobs or train_in_threads(params.runtime.workers)} if definition.name == "train" else {}
+            if definition.name == "validate":
+                options = {"changed_only": True}  # the rows the batch changed; `dvc repro` checks every row
             result = definition.function(params, ws, log, **options)
             repo.commit(definition.name, force=True)
             ran.append(definition.name)
