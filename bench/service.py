@@ -48,14 +48,15 @@ TOKEN = "bench-" + "s" * 40
 
 
 class Service:
-    def __init__(self, work: Path, env: dict, port: int):
+    def __init__(self, work: Path, env: dict, port: int, log_path: Path | None = None):
         self.work, self.env, self.port = work, env, port
+        self.log_path = log_path or work.parent / "serve.log"
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> float:
         t0 = time.perf_counter()
-        log = open(self.work.parent / "serve.log", "a")
+        log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [str(BIN / "lmeraser"), "serve", "--port", str(self.port)], cwd=self.work, env=self.env, start_new_session=True, stdout=log, stderr=log
         )
@@ -65,7 +66,7 @@ class Service:
                     return time.perf_counter() - t0
             except httpx.TransportError:
                 if self.proc.poll() is not None or time.perf_counter() - t0 > 300:
-                    raise SystemExit(f"lmeraser serve did not start; see {self.work.parent / 'serve.log'}") from None
+                    raise SystemExit(f"lmeraser serve did not start; see {self.log_path}") from None
                 time.sleep(0.2)
 
     def kill(self) -> None:

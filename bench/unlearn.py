@@ -1,6 +1,6 @@
 """Unlearning benchmark: what a forget request costs against retraining.
 
-    python bench/unlearn.py --source digits|fashion-mnist [--batch 100]
+    python bench/unlearn.py --source digits|fashion-mnist [--batch 100] [--audit-references R] [--subset N]
 
 In one run, in a scratch git + DVC copy of this repository (bench/results/work-unlearn-*), with
 one standing Prefect server on loopback (as in production):
@@ -11,6 +11,10 @@ one standing Prefect server on loopback (as in production):
      standing Prefect server and without one (as on a fresh clone after `make demo`)
   5. `lmeraser unlearn` with nothing pending
   6. a batch of N random forget requests (`lmeraser forget --file`)
+  7. one forget through a warm `lmeraser serve` (its worker keeps its imports; window 0): the
+     round trip from the HTTP submit to the journal's `verified`
+`--audit-references` sets `audit.references` (the forgetting audit's reference prompts, trained at
+capture: 0 turns it off); `--subset` caps the training pool (`data.subset`) for the scaling run.
 and for each forget the affected clusters retrained alone (the physical limit of an exact forget),
 the overhead ratio (end to end / that), samples retrained, accuracy before/after, peak RSS, the
 cache sizes and whether `dvc status` is clean afterwards.
@@ -37,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 from pipeline import CONFIGS, cpu_model, preset  # noqa: E402
@@ -53,15 +58,17 @@ def sh(args: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.Complet
     return seconds, done
 
 
-def workspace(source: str) -> Path:
-    work = ROOT / "bench" / "results" / f"work-unlearn-{source}"
+def workspace(source: str, overrides: dict, name: str) -> Path:
+    from lmeraser.config import deep_merge
+
+    work = ROOT / "bench" / "results" / f"work-unlearn-{name}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     for name in ("dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(ROOT / name, work / name)
     for name in ("lmeraser", "flows", ".dvc"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
-    (work / "params.yaml").write_text(yaml.safe_dump(preset(source), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(deep_merge(preset(source), overrides), sort_keys=False))
     git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=work, check=True, env={**os.environ, **git})
@@ -181,8 +188,31 @@ def outcome(work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | 
     }
 
 
-def run(source: str, batch: int) -> dict:
-    work = workspace(source)
+def warm_service(work: Path, env: dict, victims: list[str], sizes: dict[int, int]) -> dict:
+    """One forget at a time through a warm `lmeraser serve`: submit over HTTP, wait for `verified`."""
+    from service import TOKEN, Service, wait_verified
+
+    from conftest import _free_port
+
+    service = Service(work, {**env, "LMERASER_API_TOKEN": TOKEN}, _free_port(), log_path=work / "serve.log")
+    started = service.start()
+    rounds = []
+    try:
+        with service.client() as client:
+            for sid in victims:
+                t0 = time.perf_counter()
+                answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid]})
+                if answer.status_code != 201:
+                    raise SystemExit(f"service refused {sid}: {answer.status_code} {answer.text[:300]}")
+                wait_verified(work, {answer.json()["requests"][0]["request_id"]}, timeout=1800)
+                rounds.append(outcome(work, time.perf_counter() - t0, sizes))
+    finally:
+        service.stop()
+    return {"start_seconds": started, "rounds": rounds}
+
+
+def run(source: str, batch: int, overrides: dict, name: str) -> dict:
+    work = workspace(source, overrides, name)
     server, url = prefect_server(work / ".prefect-home")
     git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
     base = {**os.environ, **git, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -217,7 +247,7 @@ def run(source: str, batch: int) -> dict:
 
         rng = np.random.default_rng(0)
         private = [line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]]
-        victims = [private[i] for i in rng.choice(len(private), size=3, replace=False)]
+        victims = [private[i] for i in rng.choice(len(private), size=5, replace=False)]
 
         print(f"[one forget in process: {victims[0]}]", flush=True)
         # A fresh Python process that imports the library first, then times submit + the batch
@@ -233,6 +263,9 @@ def run(source: str, batch: int) -> dict:
         seconds, peak, _ = timed_child([lmeraser, "forget", "--sample-id", victims[2]], work, base)
         cli_cold = outcome(work, seconds, sizes, peak)
         idle_seconds, _, _ = timed_child([lmeraser, "unlearn"], work, base)
+
+        print(f"[two forgets through a warm service: {victims[3:]}]", flush=True)
+        warm = warm_service(work, env, victims[3:], sizes)
 
         print(f"[batch of {batch} forget requests]", flush=True)
         remaining = [p for p in private if p not in victims]
@@ -258,7 +291,9 @@ def run(source: str, batch: int) -> dict:
         "one_cli": cli,
         "one_cli_no_server": cli_cold,
         "idle_unlearn_seconds": idle_seconds,
+        "warm_service": warm,
         "batch": many,
+        "params_overrides": overrides,
         "accuracy_full_pipeline": accuracy_before,
         "audit_verify_seconds": verify_seconds,
         "dvc_status_serving_path": status,
@@ -283,7 +318,9 @@ def markdown(r: dict) -> str:
     lines = [
         f"### unlearning: {r['source']}",
         "",
-        f"{r['n_private']} private samples in {r['n_clusters']} clusters; {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['date']}.",
+        f"{r['n_private']} private samples in {r['n_clusters']} clusters; {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['date']}"
+        + (f"; params changed from the preset: {json.dumps(r['params_overrides'])}" if r.get("params_overrides") else "")
+        + ".",
         "",
         "| operation | wall-clock (s) | its clusters retrained alone (s) | overhead ratio | samples retrained | accuracy before → after | peak RSS (MB) |",
         "|---|---:|---:|---:|---|---|---:|",
@@ -292,6 +329,7 @@ def markdown(r: dict) -> str:
         row("one forget, in process (library)", one),
         row("one forget, `lmeraser forget` (standing Prefect server)", cli),
         row("one forget, `lmeraser forget` (no Prefect server)", cold),
+        *[row(f"one forget through a warm `lmeraser serve` ({i + 1})", o) for i, o in enumerate(r.get("warm_service", {}).get("rounds", []))],
         row(f"batch of {many['requests']} forgets, `lmeraser forget --file`", many),
         f"| `lmeraser unlearn` with nothing pending | {r['idle_unlearn_seconds']:.1f} | | | | | |",
         "",
@@ -299,6 +337,10 @@ def markdown(r: dict) -> str:
         + ", ".join(f"{k} {v:.1f}" for k, v in one["steps"].items())
         + "; CLI "
         + ", ".join(f"{k} {v:.1f}" for k, v in cli["steps"].items())
+        + "".join(
+            f"; warm service ({i + 1}) " + ", ".join(f"{k} {v:.1f}" for k, v in o["steps"].items())
+            for i, o in enumerate(r.get("warm_service", {}).get("rounds", []))
+        )
         + ".",
         "The rebuild runs in the batch's process (validate, assign, train, evaluate through the stage registry, then `dvc commit`).",
         "",
@@ -321,13 +363,22 @@ def main() -> None:
     parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--keep-workspace", action="store_true")
+    parser.add_argument("--audit-references", type=int, default=None, help="audit.references (default: the preset's; 0: no forgetting audit)")
+    parser.add_argument("--subset", type=int, default=None, help="data.subset: cap on the training pool (the scaling run)")
+    parser.add_argument("--name", default=None, help="results name (default: unlearn-<source>)")
     args = parser.parse_args()
-    result = run(args.source, args.batch)
+    overrides = {"service": {"batch_window_s": 0}}  # the warm service starts a batch at once
+    if args.audit_references is not None:
+        overrides["audit"] = {"references": args.audit_references}
+    if args.subset is not None:
+        overrides["data"] = {"subset": args.subset}
+    name = args.name or args.source
+    result = run(args.source, args.batch, overrides, name)
     out = ROOT / "bench" / "results"
-    (out / f"unlearn-{args.source}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"unlearn-{args.source}.md").write_text(markdown(result))
+    (out / f"unlearn-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"unlearn-{name}.md").write_text(markdown(result))
     if not args.keep_workspace:
-        shutil.rmtree(out / f"work-unlearn-{args.source}", ignore_errors=True)
+        shutil.rmtree(out / f"work-unlearn-{name}", ignore_errors=True)
     print(markdown(result))
 
 
