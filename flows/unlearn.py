@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flows.stages import map_jobs_for, timestamped_run_name, track_stage_task
+from flows.stages import map_jobs_for, timestamped_run_name, track_stage, track_stage_task
 from lmeraser import tracking
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
@@ -67,7 +67,7 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
         params = load_params(ws.params_file)
         # What an earlier batch left untracked (killed, or the server was down), before this batch
         # changes the stage files those runs log.
-        track_waiting(ws, params)
+        track_waiting(ws, params, retry=False)  # one try: an erasure never waits on the tracking server
         result = process_pending(
             ws,
             get_run_logger().info,
@@ -86,17 +86,17 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
     return result
 
 
-def track_waiting(ws: Workspace, params) -> dict:
+def track_waiting(ws: Workspace, params, retry: bool = True) -> dict:
     """Track the backlog (lmeraser/tracking.py: after the record, never failing it): a rebuilt
     stage as the pipeline tracks it, with the served model's registration after evaluate; a
-    batch's own run with its params and tags."""
+    batch's own run with its params and tags. `retry`: the stage task's retries (after a record)."""
 
     def track(entry: dict) -> None:
         if "run" in entry:
             with tracking.stage_run(ws, entry["stage"], entry["run"]["params"], tags=entry["run"]["tags"]):
                 tracking.log_metrics(entry["metrics"])
         else:
-            track_stage_task(entry["stage"], params, ws, {"metrics": entry["metrics"]})
+            (track_stage_task if retry else track_stage)(entry["stage"], params, ws, {"metrics": entry["metrics"]})
 
     return tracking.track_backlog(ws, track, get_run_logger().info)
 

@@ -310,18 +310,24 @@ def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None)
     from lmeraser.io import atomic_write_json, read_json
 
     path = backlog_file(ws)
-    entries = read_json(path)["stages"] if path.exists() else []
     entry = {"stage": stage, "metrics": json.loads(json.dumps(metrics, default=float))}
     if run is not None:
         entry["run"] = json.loads(json.dumps(run, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"stages": [*entries, entry]})
+    with ws.lock("tracking"):  # an influence update and an exact batch may finish at once
+        entries = read_json(path)["stages"] if path.exists() else []
+        atomic_write_json(path, {"stages": [*entries, entry]})
 
 
 def track_backlog(ws: Workspace, track, log=print) -> dict:
     """Track every backlog entry in order with `track(entry)`; an entry that
     fails stays, with the ones after it, for the next run. Never raises: what it returns and logs
     says what was tracked and what waits."""
+    with ws.lock("tracking"):  # one process tracks an entry, once
+        return _track_backlog(ws, track, log)
+
+
+def _track_backlog(ws: Workspace, track, log) -> dict:
     from lmeraser.io import atomic_write_json, read_json
 
     path = backlog_file(ws)
