@@ -231,7 +231,7 @@ def scan(
         counts[location], read[location] = n, fresh
         found[location] = (directory, entries)
     if index is None:
-        report = {"mode": "none", "reason": "no salt yet (nothing was erased here): every file read, nothing kept"}
+        report = {"mode": "none", "reason": "no salt yet, so nothing was erased here and no index is kept"}
     else:
         report = {"mode": "full" if index.reason else "incremental", "reason": index.reason}
         try:
