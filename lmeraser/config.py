@@ -263,6 +263,10 @@ class AuditParams(_Section):
     # most alpha / (samples audited in the batch) (Bonferroni), so a correct exact batch of m
     # samples fails the audit by chance at most alpha of the time.
     alpha: Float = Field(0.01, gt=0.0, lt=0.5)
+    # Audit influence updates too. Their references train on the whole cluster and add to the
+    # answer's latency (seconds on digits, a minute or more on clusters of ~500: docs/benchmarks.md);
+    # false keeps the influence answer fast, and the exact batch that follows is audited either way.
+    influence: Bool = True
 
 
 class Params(_Section):

@@ -61,6 +61,7 @@ def test_presets_carry_what_the_benchmarks_used_to_hard_code():
         ({"influence": {"damping": True}}, "influence.damping"),
         ({"prompt": {"pad": {"lr": "0.1"}}}, "prompt.pad.lr"),
         ({"evaluate": {"baselines": 1}}, "evaluate.baselines"),
+        ({"audit": {"influence": "yes"}}, "audit.influence"),
         # A section left empty or given a scalar: the user's words, not pydantic's class name.
         ({"audit": None}, "key 'audit' should be a section of settings (a mapping), got None"),
         ({"runtime": 3}, "key 'runtime' should be a section of settings (a mapping), got 3"),

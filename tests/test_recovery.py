@@ -297,3 +297,23 @@ def test_an_influence_update_that_fails_undoes_itself_at_once(influence_ws, monk
         approximate_pending(influence_ws, log=lambda m: None)
     assert _edited_files(influence_ws) == [] and not influence_ws.influence_intent_file.exists()
     assert not influence_ws.overlay_file.exists() and len(Journal(influence_ws).awaiting_influence()) == 1
+
+
+def test_audit_influence_false_answers_without_references_and_says_why(influence_ws):
+    """`audit.influence: false`: the influence update trains no reference (its answer stays fast)
+    and its record says why there is no audit; the exact batch's audit is untouched."""
+    import yaml
+
+    from lmeraser.lineage.records import lineage_log
+    from lmeraser.unlearning.approximate import approximate_pending
+
+    ws = influence_ws
+    params = yaml.safe_load(ws.params_file.read_text())
+    params["audit"]["influence"] = False
+    ws.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    lines = []
+    result = approximate_pending(ws, lines.append)
+    expected = {"status": "no reference audit", "reason": "audit.influence is false: the exact batch that follows is audited"}
+    assert result["forgetting_audit"] == expected
+    assert lineage_log(ws).read_unverified()[-1].predicate["forgetting_audit"] == expected
+    assert not any("reference" in line for line in lines)

@@ -304,6 +304,8 @@ def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingMo
     key = Keyer(ws).subject
     if params.audit.references == 0:
         return forgetting.section(None, None, params, key, {})
+    if not params.audit.influence:
+        return forgetting.section(None, None, params, key, {}, reason="audit.influence is false: the exact batch that follows is audited")
     start = time.perf_counter()
     batch_size = params.evaluate.batch_size
     _, routes, _ = score_test_split(ws, model, batch_size)
