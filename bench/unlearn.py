@@ -35,6 +35,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
+
+# isort: split
 import numpy as np
 import yaml
 
@@ -218,10 +221,10 @@ def run(source: str, batch: int, overrides: dict, name: str) -> dict:
     base = {**os.environ, **git, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     base.pop("PREFECT_API_URL", None)
     env = {**base, "PREFECT_API_URL": url, "PREFECT_HOME": str(work / ".prefect-home")}
-    lmeraser = str(BIN / "lmeraser")
+    cli_bin = str(BIN / "lmeraser")
     try:
         print("[data init]", flush=True)
-        sh([lmeraser, "data", "init", "--source", source], work, env)
+        sh([cli_bin, "data", "init", "--source", source], work, env)
         print("[full pipeline from scratch: dvc repro]", flush=True)
         full_seconds, _ = sh([str(BIN / "dvc"), "repro"], work, env)
         sh(["git", "add", "-A"], work, env)
@@ -256,13 +259,13 @@ def run(source: str, batch: int, overrides: dict, name: str) -> dict:
         in_process = outcome(work, json.loads(out.strip().splitlines()[-1])["seconds"], sizes, peak)
 
         print(f"[one forget through the CLI, standing Prefect server: {victims[1]}]", flush=True)
-        seconds, peak, _ = timed_child([lmeraser, "forget", "--sample-id", victims[1]], work, env)
+        seconds, peak, _ = timed_child([cli_bin, "forget", "--sample-id", victims[1]], work, env)
         cli = outcome(work, seconds, sizes, peak)
 
         print(f"[one forget through the CLI, no Prefect server (as after `make demo`): {victims[2]}]", flush=True)
-        seconds, peak, _ = timed_child([lmeraser, "forget", "--sample-id", victims[2]], work, base)
+        seconds, peak, _ = timed_child([cli_bin, "forget", "--sample-id", victims[2]], work, base)
         cli_cold = outcome(work, seconds, sizes, peak)
-        idle_seconds, _, _ = timed_child([lmeraser, "unlearn"], work, base)
+        idle_seconds, _, _ = timed_child([cli_bin, "unlearn"], work, base)
 
         print(f"[two forgets through a warm service: {victims[3:]}]", flush=True)
         warm = warm_service(work, env, victims[3:], sizes)
@@ -272,9 +275,9 @@ def run(source: str, batch: int, overrides: dict, name: str) -> dict:
         chosen = [remaining[i] for i in rng.choice(len(remaining), size=min(batch, len(remaining)), replace=False)]
         requests = work / "requests.jsonl"
         requests.write_text("".join(json.dumps({"sample_ids": [sid]}) + "\n" for sid in chosen))
-        seconds, peak, _ = timed_child([lmeraser, "forget", "--file", str(requests)], work, env)
+        seconds, peak, _ = timed_child([cli_bin, "forget", "--file", str(requests)], work, env)
         many = {**outcome(work, seconds, sizes, peak), "requests": len(chosen)}
-        verify_seconds, _ = sh([lmeraser, "audit", "verify"], work, env)
+        verify_seconds, _ = sh([cli_bin, "audit", "verify"], work, env)
         status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True).stdout.strip()
         cache = {p.name: p.stat().st_size for p in (work / "artifacts" / "cache").iterdir()}
     finally:
