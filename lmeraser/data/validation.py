@@ -191,8 +191,8 @@ def validate_splits(ws: Workspace, reuse_facts: bool = True, changed_only: bool 
     against the summary it kept (ChangeSummary), when that summary is usable; else every row."""
     info = ws.source_info()
     fingerprints = split_fingerprints(ws)
-    summary = ChangeSummary.load(ws)
-    if changed_only and summary is not None:
+    summary = ChangeSummary.load(ws) if changed_only else None
+    if summary is not None:
         report = summary.validate_changes(ws, info, fingerprints)
         if report is not None:
             if report.success:
