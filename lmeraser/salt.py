@@ -24,7 +24,7 @@ import secrets
 import tempfile
 
 from lmeraser.errors import DataError, LmeraserError
-from lmeraser.io import MissingFile, read_trusted
+from lmeraser.io import MissingFile, canonical_json, read_trusted
 from lmeraser.workspace import Workspace
 
 SALT_BYTES = 32
@@ -202,6 +202,26 @@ class Keyer:
 
     def fingerprint(self) -> str:
         return fingerprint(self._salt)
+
+    def seal(self, purpose: str, body: dict) -> bytes:
+        """`body` as canonical JSON with an HMAC under the salt for `purpose`: a cache the product
+        trusts to skip work (the scan index, the validation summary) cannot be edited unseen."""
+        return canonical_json({"body": body, "mac": self._seal_mac(purpose, body)})
+
+    def unseal(self, purpose: str, raw: bytes) -> tuple[dict | None, str | None]:
+        """(the body `seal` wrote, None), or (None, "damaged") when it is not such a document, or
+        (None, "altered") when its HMAC does not hold (edited, or sealed under another salt)."""
+        try:
+            document = json.loads(raw)
+            body, mac = document["body"], document["mac"]
+            if not isinstance(body, dict) or not isinstance(mac, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return None, "damaged"
+        return (body, None) if hmac.compare_digest(mac, self._seal_mac(purpose, body)) else (None, "altered")
+
+    def _seal_mac(self, purpose: str, body: dict) -> str:
+        return self.subject(f"{purpose}:" + hashlib.sha256(canonical_json(body)).hexdigest())
 
     def content(self, content_hash: str) -> str:
         # Domain-separated from subject keys: a content key never equals a subject key.

@@ -201,7 +201,7 @@ def scan(
             raise  # keyed targets and no salt to key with: the error says what to restore
         keyer = None  # nothing was ever keyed here: nothing erased to find by key, and no index
     started = time.time()  # a full scan saw every file as it was from here on
-    keyed_ids = {keyer.subject("sample:" + sid): sid for sid in ids} if keyer is not None else {}
+    keyed_ids = {keyer.subject("sample:" + sid) for sid in ids} if keyer is not None else set()
     index = ScanIndex.load(ws, keyer, full) if keyer is not None else None
     hits, counts, read, found = [], {}, {}, {}
     locations = storage_locations(ws)
@@ -226,7 +226,7 @@ def scan(
                 hits.append(Hit(location, str(path), "superseded artifact", entry["sha256"]))
             if entry["digest"] is not None and entry["digest"] in reference_digests:
                 hits.append(Hit(location, str(path), "audit IN reference", entry["digest"]))
-            for digest in sorted(set(entry.get("ids", ())) & keyed_ids.keys()):
+            for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
                 hits.append(Hit(location, str(path), "erased sample id", digest))
         counts[location], read[location] = n, fresh
         found[location] = (directory, entries)

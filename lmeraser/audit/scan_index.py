@@ -20,12 +20,11 @@ a record says what was searched.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmeraser.io import atomic_write_bytes, canonical_json
+from lmeraser.io import atomic_write_bytes
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
@@ -61,15 +60,11 @@ class ScanIndex:
         except OSError as error:
             index.reason = f"the scan index cannot be read ({error.__class__.__name__})"
             return index
-        try:
-            document = json.loads(raw)
-            body, mac = document["body"], document["mac"]
-            if not isinstance(body, dict) or not isinstance(mac, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, RecursionError):
+        body, problem = keyer.unseal("scan-index", raw)
+        if problem == "damaged":
             index.reason = "the scan index is damaged (not the JSON it writes)"
             return index
-        if mac != index._mac(body):
+        if problem == "altered":
             index.reason = "the scan index fails its authentication (altered, or made with another salt)"
             return index
         if body.get("version") != VERSION:
@@ -78,9 +73,6 @@ class ScanIndex:
         index.locations = body.get("locations") or {}
         index.full_scan_at = body.get("full_scan_at")
         return index
-
-    def _mac(self, body: dict) -> str:
-        return self.keyer.subject("scan-index:" + hashlib.sha256(canonical_json(body)).hexdigest())
 
     def known(self, label: str, root: Path, rel: str, st: os.stat_result) -> dict | None:
         """The entry of a file whose identity has not changed since it was read, else None."""
@@ -98,7 +90,7 @@ class ScanIndex:
         if full_scan_at is not None:
             self.full_scan_at = full_scan_at
         body = {"version": VERSION, "salt": self.keyer.fingerprint(), "full_scan_at": self.full_scan_at, "locations": self.locations}
-        data = canonical_json({"body": body, "mac": self._mac(body)})
+        data = self.keyer.seal("scan-index", body)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, data, mode=0o600)
         return hashlib.sha256(data).hexdigest()

@@ -196,7 +196,7 @@ def validate_splits(ws: Workspace, reuse_facts: bool = True, changed_only: bool 
         report = summary.validate_changes(ws, info, fingerprints)
         if report is not None:
             if report.success:
-                ChangeSummary.save(ws, fingerprints)
+                ChangeSummary.save(ws, fingerprints, previous=summary)
             return report
     table, reused = build_table(ws, cache=FactsCache(ws, fingerprints) if reuse_facts else None)
     results, docs_index = _run_suite(ws, table, info, coverage=True, docs=True)
@@ -288,36 +288,27 @@ class ChangeSummary:
     def _code() -> str:
         return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
-    @staticmethod
-    def _mac(keyer, body: dict) -> str:
-        from lmeraser.io import canonical_json
-
-        return keyer.subject("validation-summary:" + hashlib.sha256(canonical_json(body)).hexdigest())
-
     @classmethod
     def load(cls, ws: Workspace) -> ChangeSummary | None:
         keyer = _keyer(ws)
         if keyer is None:
             return None
         try:
-            document = json.loads(cls.path(ws).read_bytes())
-            body = document["body"]
-            if document["mac"] != cls._mac(keyer, body) or body["code"] != cls._code():
-                return None
-            return cls(body)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            body, problem = keyer.unseal("validation-summary", cls.path(ws).read_bytes())
+        except OSError:
             return None
+        return cls(body) if problem is None and body.get("code") == cls._code() else None
 
     @classmethod
-    def save(cls, ws: Workspace, fingerprints: dict[str, dict[str, str]]) -> None:
+    def save(cls, ws: Workspace, fingerprints: dict[str, dict[str, str]], previous: ChangeSummary | None = None) -> None:
         """Keep what this passing validation saw; content keys of rows the last summary knew are
         reused, so only changed rows are keyed again."""
-        from lmeraser.io import atomic_write_bytes, canonical_json
+        from lmeraser.io import atomic_write_bytes
 
         keyer = _keyer(ws)
         if keyer is None:
             return
-        previous = cls.load(ws)
+        previous = previous or cls.load(ws)
         known = {row[3]: row[4] for split in (previous.body["splits"].values() if previous else ()) for row in split["rows"]}
         splits = {}
         for split in SPLITS:
@@ -335,7 +326,7 @@ class ChangeSummary:
         }
         path = cls.path(ws)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, canonical_json({"body": body, "mac": cls._mac(keyer, body)}))
+        atomic_write_bytes(path, keyer.seal("validation-summary", body))
 
     def validate_changes(self, ws: Workspace, info: dict, fingerprints: dict[str, dict[str, str]]) -> ValidationReport | None:
         """The change-following validation; None when the tombstones were rewritten rather than
