@@ -99,7 +99,7 @@ def wait_verified(work: Path, ids: set[str], timeout: float) -> float:
             return time.perf_counter() - t0
         if time.perf_counter() - t0 > timeout:
             raise SystemExit(f"{sum(states.get(i) != 'verified' for i in ids)} request(s) not verified after {timeout:.0f}s")
-        time.sleep(0.5)
+        time.sleep(0.1)  # the round trip's resolution
 
 
 def exactly_once(work: Path, ids: set[str], complete: bool = False) -> list[str]:

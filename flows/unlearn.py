@@ -50,18 +50,19 @@ def _unlearn_run_name() -> str:
     return f"unlearn-{batch or 'idle'}"
 
 
-def run_unlearn(root: str, params_file: str, git_commit: bool = True, max_requests: int | None = None):
+def run_unlearn(root: str, params_file: str, git_commit: bool = True, max_requests: int | None = None, track: bool = True):
     """The `unlearn` flow's final state, the run tagged `lmeraser` and `unlearn` (CLI, service worker, retraining)."""
     from prefect import tags
 
     with tags("lmeraser", "unlearn"):
-        return unlearn(root=root, params_file=params_file, git_commit=git_commit, max_requests=max_requests, return_state=True)
+        return unlearn(root=root, params_file=params_file, git_commit=git_commit, max_requests=max_requests, track=track, return_state=True)
 
 
 @flow(name="unlearn", log_prints=True, flow_run_name=_unlearn_run_name)
-def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True, max_requests: int | None = None) -> dict | None:
+def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True, max_requests: int | None = None, track: bool = True) -> dict | None:
     """The pending requests as one batch (the oldest `max_requests`, or all); the stages its
-    rebuild runs are tracked like the pipeline's."""
+    rebuild runs are tracked like the pipeline's: after the record, or with `track` false left in
+    the backlog for the caller (the service's worker tracks it when idle: `track_now`)."""
     ws = Workspace(Path(root), Path(root) / params_file)
     try:
         params = load_params(ws.params_file)
@@ -82,14 +83,21 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
     if result is not None:
         run = {"params": {"batch_id": result["batch_id"], "method": "exact"}, "tags": {"lmeraser.record": str(result["record"])}}
         tracking.defer_run(ws, "unlearn", {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]}, run)
-        result["tracking"] = track_waiting(ws, params)
+        result["tracking"] = track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
     return result
 
 
-def track_waiting(ws: Workspace, params, retry: bool = True) -> dict:
+def track_now(root: str, params_file: str, log=print) -> dict:
+    """Track the backlog outside a flow run (the service's worker, between batches)."""
+    ws = Workspace(Path(root), Path(root) / params_file)
+    return track_waiting(ws, load_params(ws.params_file), log=log)
+
+
+def track_waiting(ws: Workspace, params, retry: bool = True, log=None) -> dict:
     """Track the backlog (lmeraser/tracking.py: after the record, never failing it): a rebuilt
     stage as the pipeline tracks it, with the served model's registration after evaluate; a
-    batch's own run with its params and tags. `retry`: the stage task's retries (after a record)."""
+    batch's own run with its params and tags. `retry`: the stage task's retries (after a record);
+    `log`: by default the flow run's logger."""
 
     def track(entry: dict) -> None:
         if "run" in entry:
@@ -98,7 +106,7 @@ def track_waiting(ws: Workspace, params, retry: bool = True) -> dict:
         else:
             (track_stage_task if retry else track_stage)(entry["stage"], params, ws, {"metrics": entry["metrics"]})
 
-    return tracking.track_backlog(ws, track, get_run_logger().info)
+    return tracking.track_backlog(ws, track, log or get_run_logger().info)
 
 
 @flow(name="influence-unlearn", log_prints=True, flow_run_name=timestamped_run_name)

@@ -304,6 +304,16 @@ def backlog_file(ws: Workspace) -> Path:
     return ws.batches / "tracking-backlog.json"
 
 
+def backlog_stages(ws: Workspace) -> list[str]:
+    """The stages whose runs wait in the backlog (empty: none, or no backlog)."""
+    from lmeraser.io import read_json
+
+    try:
+        return [entry["stage"] for entry in read_json(backlog_file(ws))["stages"]] if backlog_file(ws).exists() else []
+    except (LmeraserError, KeyError, TypeError):
+        return ["unreadable backlog"]
+
+
 def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None) -> None:
     """Add a run to the backlog: a stage the batch ran (its metrics; the stage's small output files
     are read when it is tracked) or, with `run` ({"params", "tags"}), the batch's own run."""

@@ -539,11 +539,15 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
         assert {first: "verified", second: "verified"}.items() <= {r["request_id"]: r["state"] for r in json.loads(listed.stdout)}.items()
 
-        assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {"running", "busy"}  # no token: no details
-        deadline = time.time() + 120  # the requests are verified before the flow run returns to the worker
-        while (worker := client.get("/v1/health").json()["worker"])["busy"] and time.time() < deadline:
+        assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {"running", "busy", "warm"}  # no token: no details
+        # The requests are verified before the flow run returns to the worker; the batch's MLflow
+        # runs wait in the backlog until the worker, idle, tracks them.
+        backlog = root / "audit" / "batches" / "tracking-backlog.json"
+        deadline = time.time() + 120
+        while ((worker := client.get("/v1/health").json()["worker"])["busy"] or backlog.exists()) and time.time() < deadline:
             time.sleep(0.5)
-        assert worker["batches"] == 1
+        assert worker["batches"] == 1 and worker["warm"] and not backlog.exists()
+        assert {"train", "evaluate", "unlearn"} <= set(worker["last_tracking"]["tracked"]) and worker["last_tracking"]["waiting"] == []
         events = [e for e in Journal(Workspace(root)).events() if e["request_id"] in (first, second)]
         assert sorted(e["request_id"] for e in events if e["state"] == "verified") == sorted([first, second])
     finally:

@@ -359,6 +359,76 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
     assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(now)  # an interrupted batch: at once
 
 
+def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_waits(tmp_path):
+    """The service's worker: its warm-up runs once before any batch; a batch's MLflow runs (the
+    tracking backlog) are tracked when idle, after pending requests; a failed tracking is tried
+    again after TRACKING_RETRY_S, not in a tight loop, and never stops the worker."""
+    from lmeraser import tracking
+    from lmeraser.config import ServiceParams
+    from lmeraser.service.worker import TRACKING_RETRY_S
+
+    ws = Workspace(tmp_path)
+    order = []
+    outage = {"on": True}
+
+    def run_batch(n: int) -> dict | None:
+        if not Journal(ws).pending():
+            return None
+        order.append("batch")
+        Journal(ws).append([{"request_id": "req-a", "state": "verified", "time": time.time()}])
+        tracking.defer_run(ws, "unlearn", {"clusters_rebuilt": 1})
+        return {"batch_id": "b", "record": 1, "rebuilt": [0]}
+
+    def run_tracking() -> dict:
+        order.append("tracking")
+        if outage["on"]:
+            raise ConnectionError("tracking server down")
+        tracking.backlog_file(ws).unlink()
+        return {"tracked": ["unlearn"], "waiting": []}
+
+    lines = []
+    params = ServiceParams(batch_window_s=0, full_scan_every_s=0)
+    worker = BatchWorker(ws, params, run_batch, lines.append, poll_s=0.05, run_tracking=run_tracking, warm_up=lambda: order.append("warm-up"))
+    assert not worker.status()["warm"] and not worker.tracking_due(time.time())  # nothing waits
+    Journal(ws).append([{"request_id": "req-a", "state": "received", "time": time.time(), "request": {"request_id": "req-a", "received_at": time.time()}}])
+    worker.start()
+    try:
+        deadline = time.time() + 30
+        while order.count("tracking") < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the worker polls on: a failed tracking must not be retried at once
+    finally:
+        worker.stop(timeout=30)
+    assert order == ["warm-up", "batch", "tracking"] and worker.status()["warm"]
+    assert worker.status()["last_tracking"]["waiting"] == ["backlog"] and "tracking server down" in lines[-1]
+    now = time.time()
+    assert tracking.backlog_file(ws).exists() and not worker.tracking_due(now) and worker.tracking_due(now + TRACKING_RETRY_S)
+    outage["on"] = False
+    worker._tracking_failed_at = 0.0  # the retry interval passed
+    assert worker.track_once()["tracked"] == ["unlearn"] and not tracking.backlog_file(ws).exists() and not worker.tracking_due(time.time())
+
+
+def test_a_request_wakes_the_worker_instead_of_waiting_for_its_poll(tmp_path):
+    """The API wakes the worker when it journals a request: a batch starts at once even with a long poll."""
+    from lmeraser.config import ServiceParams
+
+    ws = Workspace(tmp_path)
+    started = []
+    worker = BatchWorker(ws, ServiceParams(batch_window_s=0, full_scan_every_s=0), lambda n: started.append(time.time()) and None, poll_s=60)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the worker is now waiting out its 60 s poll
+        at = time.time()
+        Journal(ws).append([{"request_id": "req-a", "state": "received", "time": at, "request": {"request_id": "req-a", "received_at": at}}])
+        worker.wake()
+        deadline = time.time() + 10
+        while not started and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop(timeout=10)
+    assert started and started[0] - at < 5 and not worker.status()["running"]
+
+
 def test_the_idle_worker_reads_every_store_again_on_its_schedule_and_shows_hits(tmp_path):
     """service.full_scan_every_s: the real full scan (lmeraser/service/worker.full_scan) on a tiny
     workspace, due after the interval (kept in the scan index across restarts); a copy of a

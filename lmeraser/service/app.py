@@ -348,7 +348,7 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         worker's full state (batches, the last batch, the last error, which may name a sample)."""
         status = worker.status() if worker else None
         if status is not None and not authorized(request.headers.get("authorization"), token):
-            status = {"running": status["running"], "busy": status["busy"]}
+            status = {"running": status["running"], "busy": status["busy"], "warm": status["warm"]}
         return {"status": "ok", "version": __version__, "worker": status}
 
     @app.post("/v1/requests", status_code=201)
@@ -379,6 +379,8 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
 
         resolved = submit(specs, ws, method, [upload] if upload is not None else None)
         ids = [r.request_id for r in resolved]
+        if worker is not None:
+            worker.wake()  # it looks at the journal now, not at its next poll
         answer = {"method": method, "influence": None}
         if method == "influence":
             from lmeraser.unlearning.approximate import approximate_pending
@@ -460,9 +462,11 @@ def serve(ws: Workspace, host: str, port: int, token: str, git_commit: bool = Tr
     """Run the API (and its batch worker) until interrupted."""
     import uvicorn
 
-    from lmeraser.service.worker import run_unlearn_flow
+    from lmeraser.service.worker import run_unlearn_flow, track_backlog, warm_up
 
     params = load_params(ws.params_file)
-    batch_worker = BatchWorker(ws, params.service, run_unlearn_flow(ws, git_commit), log) if worker else None
+    batch_worker = (
+        BatchWorker(ws, params.service, run_unlearn_flow(ws, git_commit), log, run_tracking=track_backlog(ws, log), warm_up=warm_up(ws)) if worker else None
+    )
     app = create_app(ws, token, batch_worker, log)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=True, log_config=access_log_config())

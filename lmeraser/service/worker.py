@@ -5,6 +5,10 @@ arrive together share one rebuild) or `service.max_batch` requests are pending, 
 `max_batch` of them. An interrupted batch (the service was killed mid-batch) is finished first, at
 start-up, exactly as `lmeraser unlearn` would finish it. A failed batch is logged, shown by
 `/v1/health`, and tried again after the window: the requests stay pending, nothing is lost.
+
+The worker pays the batch's imports and numeric fingerprint once, at start (`warm_up`), and tracks
+a batch's MLflow runs when no request is pending (`run_tracking`), so neither sits between a
+request and its signed record.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from collections.abc import Callable
 
 from lmeraser.config import ServiceParams
 from lmeraser.errors import shown
+from lmeraser.tracking import backlog_file
 from lmeraser.unlearning.requests import Journal
 from lmeraser.workspace import Workspace
 
 RETRY_AFTER_S = 5.0  # the least wait before a failed batch is tried again
 RunBatch = Callable[[int], dict | None]  # max_requests -> the batch summary, or None when idle
 RunScan = Callable[[], dict]  # a full scan -> its summary
+RunTracking = Callable[[], dict]  # track the backlog -> {"tracked": [...], "waiting": [...]}
+TRACKING_RETRY_S = 60.0  # a tracking server that failed is tried again after this
 
 
 def full_scan(ws: Workspace) -> RunScan:
@@ -56,10 +63,31 @@ def run_unlearn_flow(ws: Workspace, git_commit: bool = True) -> RunBatch:
         from flows.unlearn import run_unlearn
         from lmeraser.errors import LmeraserError
 
-        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests)
+        # The batch's MLflow runs wait in the backlog: the worker tracks them when idle.
+        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests, track=False)
         if state.is_failed():
             raise LmeraserError(state.message or "the unlearn flow failed")
         return state.result()
+
+    return run
+
+
+def track_backlog(ws: Workspace, log: Callable[[str], None] = print) -> RunTracking:
+    """The tracking backlog tracked as `lmeraser unlearn` tracks it (retried MLflow runs)."""
+
+    def run() -> dict:
+        from flows.unlearn import track_now
+
+        return track_now(str(ws.root.resolve()), str(ws.params_file.resolve()), log)
+
+    return run
+
+
+def warm_up(ws: Workspace) -> Callable[[], None]:
+    def run() -> None:
+        from lmeraser.unlearning.exact import preload
+
+        preload(ws)
 
     return run
 
@@ -73,9 +101,15 @@ class BatchWorker:
         log: Callable[[str], None] = print,
         poll_s: float = 0.5,
         run_scan: RunScan | None = None,
+        run_tracking: RunTracking | None = None,
+        warm_up: Callable[[], None] | None = None,
     ):
         self.ws, self.params, self.run_batch, self.log, self.poll_s = ws, params, run_batch, log, poll_s
         self.run_scan = run_scan if run_scan is not None else full_scan(ws)
+        self.run_tracking, self.warm_up = run_tracking, warm_up
+        self.last_tracking: dict | None = None  # what the worker's latest tracking did
+        self.warm = warm_up is None  # the warm-up has finished (or there is none)
+        self._tracking_failed_at = 0.0
         self.last_full_scan: dict | None = None  # the summary of this worker's latest full scan
         self._full_scan_at = last_full_scan(ws)
         self.batches = 0  # batches this worker completed
@@ -86,6 +120,7 @@ class BatchWorker:
         self._journal_key: tuple | None = None
         self._pending_summary = (0, 0.0)
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by the API when a request arrives
         self._thread: threading.Thread | None = None
 
     def interrupted(self) -> bool:
@@ -161,20 +196,57 @@ class BatchWorker:
             self.log(f"worker: full scan: read {files} files, 0 hits")
         return self.last_full_scan
 
+    def tracking_due(self, now: float) -> bool:
+        """Runs wait in the tracking backlog, no batch is half-done, and the last try (if it
+        failed) is `TRACKING_RETRY_S` old."""
+        return (
+            self.run_tracking is not None and now - self._tracking_failed_at >= TRACKING_RETRY_S and backlog_file(self.ws).exists() and not self.interrupted()
+        )
+
+    def track_once(self) -> dict:
+        """Track the backlog now; what did not track waits for the next try (never raises)."""
+        self.busy = True
+        try:
+            try:
+                result = self.run_tracking()
+            except Exception as error:  # noqa: BLE001 - tracking never stops the worker
+                result = {"tracked": [], "waiting": ["backlog"], "error": shown(str(error), 300)}
+                self.log(f"worker: tracking failed: {result['error']}")
+            if result.get("waiting"):
+                self._tracking_failed_at = time.time()
+            self.last_tracking = {"finished_at": time.time(), **result}
+            return self.last_tracking
+        finally:
+            self.busy = False
+
     def _loop(self) -> None:
+        if self.warm_up is not None:
+            try:
+                self.warm_up()
+            except Exception as error:  # noqa: BLE001 - the first batch then pays it, or fails with its own sentence
+                self.log(f"worker: warm-up failed ({shown(str(error), 300)}); the first batch imports what it needs")
+            self.warm = True
         while not self._stop.is_set():
             try:
                 now = time.time()
                 if self.due(now):
                     self.run_once()
                     continue  # more may be pending (max_batch): look again at once
+                if self.tracking_due(now):
+                    self.track_once()
+                    continue  # a request may have arrived meanwhile
                 if not self.interrupted() and self.full_scan_due(now):
                     self.scan_once()
                     continue
             except Exception as error:  # a journal it cannot read: shown, retried
                 self.last_error = shown(str(error), 500)
                 self._failed_at = time.time()
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Look at the journal now (a request arrived), not at the next poll."""
+        self._wake.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="lmeraser-batch-worker", daemon=True)
@@ -183,6 +255,7 @@ class BatchWorker:
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the batch in progress (a batch is never abandoned half-way by a clean stop)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -190,6 +263,7 @@ class BatchWorker:
         return {
             "running": bool(self._thread and self._thread.is_alive()),
             "busy": self.busy,
+            "warm": self.warm,
             "batches": self.batches,
             "last_batch": self.last_batch,
             "last_error": self.last_error,
@@ -197,4 +271,5 @@ class BatchWorker:
             "max_batch": self.params.max_batch,
             "full_scan_every_s": self.params.full_scan_every_s,
             "last_full_scan": self.last_full_scan,
+            "last_tracking": self.last_tracking,
         }

@@ -707,6 +707,23 @@ def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
     return batch_id(pending) if pending else None
 
 
+def preload(ws: Workspace) -> None:
+    """Import what a batch imports lazily (DVC, MLflow, Great Expectations, peft, the stages) and
+    compute this process's numeric fingerprint (cached), so that a long-lived process (the
+    service's worker) pays them once at start, not inside its first erasure."""
+    import dvc.repo  # noqa: F401
+    import great_expectations  # noqa: F401
+    import mlflow  # noqa: F401
+
+    import lmeraser.pipeline.assign  # noqa: F401
+    import lmeraser.pipeline.evaluate  # noqa: F401
+    import lmeraser.pipeline.train  # noqa: F401
+    import lmeraser.pipeline.validate  # noqa: F401
+    from lmeraser.unlearning.preflight import check_compute
+
+    check_compute(ws)
+
+
 def process_pending(
     ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None, map_jobs=None
 ) -> dict | None:
