@@ -437,7 +437,10 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
         )
     prompts = sorted({sha for path, sha in files.items() if path.endswith(".safetensors") and "/prompts/" in path})
     mlflow.log_dict({"prompt_sha256": prompts}, PROMPTS_ARTIFACT)
-    version = client.create_model_version(REGISTERED_MODEL, source=info.model_uri, run_id=run_id, description=description, tags={SERVED_TAG: fingerprint})
+    # model_id: a tracking server checks that the source belongs to it (a SQLite store does not).
+    version = client.create_model_version(
+        REGISTERED_MODEL, source=info.model_uri, run_id=run_id, description=description, tags={SERVED_TAG: fingerprint}, model_id=info.model_id
+    )
     client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
     log(f"registered model '{REGISTERED_MODEL}' version {version.version} as '{ALIAS}'")
     return int(version.version)

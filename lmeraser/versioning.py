@@ -96,9 +96,9 @@ def local_path(root: Path, url: str) -> Path | None:
     """A remote or artifact URL as a local directory, or None when it is not on this machine."""
     from urllib.parse import unquote, urlparse
 
-    if url.startswith("file://"):
+    if url.startswith("file:"):
         return Path(unquote(urlparse(url).path))
-    if "://" in url:
+    if len(urlparse(url).scheme) > 1:  # s3://, gs://, mlflow-artifacts:/, models:/ ...
         return None
     path = Path(url)
     return path if path.is_absolute() else (root / ".dvc" / path).resolve()

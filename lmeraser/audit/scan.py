@@ -12,74 +12,21 @@ records, never from data/, which a re-ingestion could have rewritten.
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lmeraser.audit.stores import DirectoryStore, reason, storage_locations
 from lmeraser.data.splits import content_hash
 from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
 from lmeraser.progress import track
 from lmeraser.salt import Keyer
-from lmeraser.versioning import cache_dir, local_path, remotes
 from lmeraser.workspace import Workspace
 
 NPY_MAGIC = b"\x93NUMPY"
-
-
-@dataclass
-class Locations:
-    roots: dict[str, Path]  # searched (and purged) on this machine
-    not_searched: list[str]  # where copies may be that this machine cannot read, with why
-
-
-def storage_locations(ws: Workspace) -> Locations:
-    """Every place the stores keep bytes, asked of the stores themselves: data/, the DVC cache
-    (`dvc cache dir`) and every DVC remote (`dvc remote list`), the prompt store, and every MLflow
-    experiment's artifact location (MlflowClient), wherever they are."""
-    from lmeraser import tracking
-
-    roots: dict[str, Path] = {"data": ws.data, "dvc cache": cache_dir(ws.root), "artifact store": ws.artifacts}
-    not_searched = []
-    for name, url in remotes(ws.root).items():
-        path = local_path(ws.root, url)
-        if path is None:
-            not_searched.append(f"dvc remote '{name}' ({url.split('://')[0]}): not on this machine; `dvc gc --cloud -r {name}` still purges it")
-        else:
-            roots[f"dvc remote '{name}'"] = path
-    try:
-        locations = tracking.artifact_locations(ws)
-    except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
-        locations = {}
-        not_searched.append(f"MLflow tracking store ({error.__class__.__name__}): unreachable")
-    for label, uri in locations.items():
-        path = local_path(ws.root, uri)
-        if path is None:
-            not_searched.append(f"{label} ({uri.split('://')[0]}): remote artifact store")
-        else:
-            roots[label] = path
-    for label, path in (("mlflow artifacts", ws.mlflow_artifacts), ("mlflow (default root)", ws.mlflow_default_root)):
-        roots.setdefault(label, path)
-    # Each directory is searched once: under its first name, and not again inside another.
-    resolved: dict[str, Path] = {}
-    for label, path in roots.items():
-        if path.resolve() not in resolved.values():
-            resolved[label] = path.resolve()
-    nested = {a for a, p in resolved.items() for q in resolved.values() if q in p.parents}
-    return Locations({label: roots[label] for label in resolved if label not in nested}, not_searched)
-
-
-def files(directory: Path) -> Iterable[Path]:
-    if directory.exists():
-        for base, _, names in os.walk(directory):
-            for name in names:
-                path = Path(base) / name
-                if path.is_file() and not path.is_symlink():
-                    yield path
 
 
 def _content_keys(path: Path, keyer: Keyer) -> set[str]:
@@ -157,10 +104,43 @@ class ScanReport:
     not_searched: list[str]  # locations this machine cannot read, with why
     read: dict[str, int]  # files read per location; the others were answered by the scan index
     index: dict  # the scan index: mode (incremental | full | none), why a full scan, sha256 as saved
+    remote_stores: dict = field(default_factory=dict)  # searched stores not on this machine: what and where (no credentials)
 
     def summary(self) -> dict:
-        """What a record signs about the scan."""
-        return {"hits": len(self.hits), "files_scanned": self.counts, "files_read": self.read, "not_searched": self.not_searched, "index": self.index}
+        """What a record signs about the scan (remote stores named only where there are some, so a
+        local workspace's record is what it always was)."""
+        summary = {"hits": len(self.hits), "files_scanned": self.counts, "files_read": self.read, "not_searched": self.not_searched, "index": self.index}
+        if self.remote_stores:
+            summary["remote_stores"] = self.remote_stores
+        return summary
+
+
+def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -> tuple[int, int, dict, list[Hit]]:
+    """One store: (files listed, files read, the index entries, the hits)."""
+    sample_keys, artifact_hashes, reference_digests, keyed_ids = targets
+    n = fresh = 0
+    entries, hits = {}, []
+    for rel, ident in track(store.listing(), f"scanning {store.label}"):
+        entry = index.known(store.label, store.root, rel, ident) if index is not None else None
+        if entry is None:
+            try:
+                with store.local(rel) as path:
+                    entry = {"id": ident, **_holdings(path, keyer, with_ids)}
+            except FileNotFoundError:
+                continue  # removed since the listing: nothing of it is left to find
+            fresh += 1
+        n += 1
+        entries[rel] = entry
+        where = store.where(rel)
+        for digest in set(entry.get("keys", ())) & sample_keys:
+            hits.append(Hit(store.label, where, "forgotten sample", digest))
+        if entry["sha256"] in artifact_hashes:
+            hits.append(Hit(store.label, where, "superseded artifact", entry["sha256"]))
+        if entry["digest"] is not None and entry["digest"] in reference_digests:
+            hits.append(Hit(store.label, where, "audit IN reference", entry["digest"]))
+        for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
+            hits.append(Hit(store.label, where, "erased sample id", digest))
+    return n, fresh, entries, hits
 
 
 def _holdings(path: Path, keyer: Keyer | None, with_ids: bool) -> dict:
@@ -190,7 +170,7 @@ def scan(
     (lmeraser/audit/scan_index.py); `full` reads every file and rebuilds the index."""
     import time
 
-    from lmeraser.audit.scan_index import ScanIndex, identity
+    from lmeraser.audit.scan_index import ScanIndex
     from lmeraser.errors import DataError
 
     ids = erased_sample_ids(ws) if sample_ids is None else sample_ids
@@ -203,33 +183,25 @@ def scan(
     started = time.time()  # a full scan saw every file as it was from here on
     keyed_ids = {keyer.subject("sample:" + sid) for sid in ids} if keyer is not None else set()
     index = ScanIndex.load(ws, keyer, full) if keyer is not None else None
-    hits, counts, read, found = [], {}, {}, {}
+    hits, counts, read, found, remote = [], {}, {}, {}, {}
     locations = storage_locations(ws)
-    for location, directory in locations.roots.items():
-        n = fresh = 0
-        entries = {}
+    not_searched = list(locations.not_searched)
+    for location, store in locations.stores.items():
         # data/ and the DVC cache keep the tombstones (erased ids, by design); a registered model or
         # a run's artifacts must name none.
         with_ids = location.startswith("mlflow")
-        for path in track(files(directory), f"scanning {location}"):
-            n += 1
-            rel = os.path.relpath(path, directory)
-            st = path.stat()  # before the read: a change during it shows at the next scan
-            entry = index.known(location, directory, rel, st) if index is not None else None
-            if entry is None:
-                entry = {"id": identity(st), **_holdings(path, keyer, with_ids)}
-                fresh += 1
-            entries[rel] = entry
-            for digest in set(entry.get("keys", ())) & sample_keys:
-                hits.append(Hit(location, str(path), "forgotten sample", digest))
-            if entry["sha256"] in artifact_hashes:
-                hits.append(Hit(location, str(path), "superseded artifact", entry["sha256"]))
-            if entry["digest"] is not None and entry["digest"] in reference_digests:
-                hits.append(Hit(location, str(path), "audit IN reference", entry["digest"]))
-            for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
-                hits.append(Hit(location, str(path), "erased sample id", digest))
+        try:
+            n, fresh, entries, found_here = _search(store, index, keyer, with_ids, (sample_keys, artifact_hashes, reference_digests, keyed_ids))
+        except Exception as error:  # noqa: BLE001 - a store elsewhere that fails mid-scan is not searched; a local one raises
+            if isinstance(store, DirectoryStore):
+                raise
+            not_searched.append(f"{location} ({store.root}): cannot be read from here ({reason(error)})")
+            continue
+        hits += found_here
         counts[location], read[location] = n, fresh
-        found[location] = (directory, entries)
+        found[location] = (store.root, entries)
+        if not isinstance(store, DirectoryStore):
+            remote[location] = store.describe()
     if index is None:
         report = {"mode": "none", "reason": "no salt yet, so nothing was erased here and no index is kept"}
     else:
@@ -238,7 +210,7 @@ def scan(
             report["sha256"] = index.replace(found, started if index.reason else None)
         except OSError as error:  # the scan stands; the next one reads everything again
             report["sha256"], report["not_saved"] = None, f"{ws.relative(ws.scan_index_file)}: {error.__class__.__name__}"
-    return ScanReport(hits, counts, locations.not_searched, read, report)
+    return ScanReport(hits, counts, not_searched, read, report, remote)
 
 
 @dataclass

@@ -74,17 +74,18 @@ class ScanIndex:
         index.full_scan_at = body.get("full_scan_at")
         return index
 
-    def known(self, label: str, root: Path, rel: str, st: os.stat_result) -> dict | None:
-        """The entry of a file whose identity has not changed since it was read, else None."""
-        if self.reason is not None:
+    def known(self, label: str, root: str, rel: str, ident: list | None) -> dict | None:
+        """The entry of a file whose identity has not changed since it was read, else None (also
+        for a file without an identity: lmeraser/audit/stores.py)."""
+        if self.reason is not None or ident is None:
             return None
         location = self.locations.get(label)
         if location is None or location.get("root") != str(root):
             return None
         entry = location["files"].get(rel)
-        return entry if entry is not None and entry.get("id") == identity(st) else None
+        return entry if entry is not None and entry.get("id") == ident else None
 
-    def replace(self, found: dict[str, tuple[Path, dict[str, dict]]], full_scan_at: float | None) -> str:
+    def replace(self, found: dict[str, tuple[str, dict[str, dict]]], full_scan_at: float | None) -> str:
         """Save the index of this scan (every file listed, as found or read) atomically; its sha256."""
         self.locations = {label: {"root": str(root), "files": files} for label, (root, files) in found.items()}
         if full_scan_at is not None:

@@ -484,6 +484,8 @@ class UnlearnBatch:
             problems.append(f"the changed clusters {changed} are not the planned {capture['planned_clusters']}")
         if self.done["purge"].get("remotes_failed"):
             problems.append(f"the purge failed for DVC remote(s) {self.done['purge']['remotes_failed']}")
+        if self.done["purge"].get("artifact_stores_unreachable"):
+            problems.append(f"the purge could not reach MLflow artifact store(s) {self.done['purge']['artifact_stores_unreachable']}")
         problems += audit_problems
         problems += self._check_state()
         if problems:

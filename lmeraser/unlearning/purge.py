@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from lmeraser.audit.scan import files, storage_locations
+from lmeraser.audit.stores import reason, storage_locations
 from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_write_json, read_json, sha256_file
 from lmeraser.store import ArtifactStore
@@ -22,7 +22,7 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
     from lmeraser.feature_cache import drop_contents
 
     locations = storage_locations(ws)
-    removed = []
+    removed, unreachable = [], []
     # The rebuild's assign rewrote the cache without them already; a batch resumed after a crash
     # between the two, or a cache written by another process meanwhile, is covered here.
     features_dropped = 0
@@ -47,12 +47,18 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
             from lmeraser.unlearning.rebuild import record_stage
 
             record_stage(ws, "train")
-        for location, root in locations.roots.items():
+        # Run artifacts, on this machine or through MLflow's artifact repository (a tracking server).
+        for location, store in locations.stores.items():
             if location.startswith("mlflow"):
-                for path in files(root):
-                    if sha256_file(path) in superseded_artifacts:
-                        path.unlink()
-                        removed.append(str(path))
+                try:
+                    for rel, _ in store.listing():
+                        with store.local(rel) as path:
+                            stale_copy = sha256_file(path) in superseded_artifacts
+                        if stale_copy:
+                            store.delete(rel)
+                            removed.append(store.where(rel))
+                except Exception as error:  # noqa: BLE001 - the batch's scan then lists it as not searched, or finds the copy
+                    unreachable.append(f"{location}: {reason(error)}")
     # Every DVC remote, whatever its type, through DVC itself: push the current version first so
     # the remote keeps what the workspace needs, then drop every object only older versions use.
     # In this process through DVC's Python API (three `dvc` processes cost ~1.5 s of imports).
@@ -78,4 +84,5 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
         "remotes_gc": collected,
         "remotes_failed": failed,
         "remote_gc": bool(collected),
+        **({"artifact_stores_unreachable": unreachable} if unreachable else {}),
     }
