@@ -335,7 +335,7 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     dvc("push", cwd=root)
     ws = Workspace(root)
     victim, second = ws.split("private").sample_ids[:2]
-    image = ws.split("private").images[0]
+    image, second_image = ws.split("private").images[:2]  # before the split changes
     forgotten = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
     assert forgotten.returncode == 0, forgotten.stderr[-3000:]
     record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
@@ -348,10 +348,11 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     assert strict.returncode == 0, strict.stderr[-2000:]
     records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
 
-    # The forgotten image planted back in the S3 remote, beside DVC's objects (where `dvc gc
-    # --cloud` does not collect: an object in DVC's own layout is collected by the purge first):
-    # the next batch fails its scan and signs nothing.
-    client.put_object(Bucket=bucket, Key="dvc/exports/copy.npy", Body=_npy(image[None]))
+    # A copy of the next request's image planted in the S3 remote, beside DVC's objects (where
+    # `dvc gc --cloud` does not collect; an object in DVC's own layout is collected by the purge
+    # first): that batch's scan finds it and signs nothing. (A batch searches for what it erases;
+    # `audit scan` for everything the records erased, below.)
+    client.put_object(Bucket=bucket, Key="dvc/exports/copy.npy", Body=_npy(second_image[None]))
     failed = lmeraser_cli("forget", "--sample-id", second, cwd=root)
     assert failed.returncode != 0 and "scan hit(s): forgotten data survives in dvc remote 'prod'" in failed.stderr
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
@@ -360,6 +361,11 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records + 1
 
+    # The first request's image planted back in the S3 remote: `audit scan` finds it.
+    client.put_object(Bucket=bucket, Key="dvc/exports/old.npy", Body=_npy(image[None]))
+    found = lmeraser_cli("audit", "scan", cwd=root)
+    assert found.returncode == 1 and "HIT forgotten sample" in found.stderr and f"s3://{bucket}/dvc/exports/old.npy" in found.stderr
+    client.delete_object(Bucket=bucket, Key="dvc/exports/old.npy")
     # Planted in a run artifact on the tracking server: found through MLflow's artifact API.
     mlflow = MlflowClient(tracking_uri=tracking)
     run = mlflow.search_runs([mlflow.get_experiment_by_name("lmeraser").experiment_id], max_results=1)[0].info.run_id
