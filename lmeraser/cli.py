@@ -751,6 +751,8 @@ def audit_scan(
 ) -> None:
     """Search data/, the DVC cache and every remote, the artifact store and every MLflow artifact
     location for forgotten data; list what could not be searched."""
+    from rich.markup import escape
+
     from lmeraser.audit.scan import scan, scan_targets
 
     ws = Workspace(root)
@@ -775,16 +777,16 @@ def audit_scan(
         )
     say = _say(as_json)
     say(
-        f"searched {sum(counts.values())} files ({', '.join(f'{k}: {v}' for k, v in counts.items())}) for "
+        f"searched {sum(counts.values())} files ({escape(', '.join(f'{k}: {v}' for k, v in counts.items()))}) for "
         f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
         + (f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)" if targets.reference_digests else "")
         + f"; read {sum(report.read.values())} of them, "
         + ("the rest unchanged since the scan index read them" if report.index["mode"] == "incremental" else f"all ({report.index['reason']})")
     )
-    for hit in hits:
-        err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False)
+    for hit in hits:  # names come from the stores (an experiment, an object key): never markup
+        err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False, markup=False)
     for gap in not_searched:
-        err.print(f"not searched: {gap}", highlight=False)
+        err.print(f"not searched: {gap}", highlight=False, markup=False)
     if hits:
         _fail(f"{len(hits)} hit(s): forgotten data survives.")
     if not_searched and strict:

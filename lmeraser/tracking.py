@@ -278,9 +278,18 @@ def artifact_locations(ws: Workspace) -> dict[str, str]:
     if tracking_uri(ws) == default_tracking_uri(ws) and not ws.mlflow_db.exists():
         return {}
     from mlflow import MlflowClient
+    from mlflow.entities import ViewType
 
     client = MlflowClient(tracking_uri=tracking_uri(ws))
-    return {f"mlflow experiment '{e.name}'": e.artifact_location for e in client.search_experiments()}
+    # Every page, and deleted experiments too: their artifacts stay until the server's `mlflow gc`.
+    locations, token = {}, None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ALL, max_results=1000, page_token=token)
+        for e in page:
+            locations[f"mlflow experiment '{e.name}'" + (" (deleted)" if e.lifecycle_stage == "deleted" else "")] = e.artifact_location
+        token = page.token
+        if not token:
+            return locations
 
 
 def _quiet_mlflow() -> None:

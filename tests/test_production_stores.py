@@ -86,13 +86,14 @@ def _npy(images: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _dvc_workspace(root: Path, remote_url: str, endpoint: str) -> Workspace:
+def _dvc_workspace(root: Path, remote_url: str, endpoint: str | None) -> Workspace:
     ws = Workspace(root)
     ws.data.mkdir(parents=True)
     for args in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         subprocess.run(args, cwd=root, check=True)
-    for args in (["remote", "add", "-d", "prod", remote_url], ["remote", "modify", "prod", "endpointurl", endpoint]):
-        subprocess.run([str(BIN / "dvc"), *args], cwd=root, check=True, capture_output=True)
+    for args in (["remote", "add", "-d", "prod", remote_url], ["remote", "modify", "prod", "endpointurl", endpoint] if endpoint else None):
+        if args:
+            subprocess.run([str(BIN / "dvc"), *args], cwd=root, check=True, capture_output=True)
     return ws
 
 
@@ -141,10 +142,24 @@ def test_an_s3_remote_is_searched_through_dvc_incrementally_and_purged(tmp_path,
     assert [(h.location, h.path) for h in planted.hits] == [("dvc remote 'prod'", f"s3://{bucket}/dvc/files/md5/00/planted")]
     assert planted.read["dvc remote 'prod'"] == 1
     client.delete_object(Bucket=bucket, Key="dvc/files/md5/00/planted")
+    # A key that a path parser would cut at "?versionId=" (found by a stranger: read by its exact key).
+    client.put_object(Bucket=bucket, Key="dvc/copy?versionId=1", Body=_npy(images[:1]))
+    assert [h.path for h in scan(ws, forgotten, set()).hits] == [f"s3://{bucket}/dvc/copy?versionId=1"]
+    client.delete_object(Bucket=bucket, Key="dvc/copy?versionId=1")
     indexed = sorted(_keys(client, bucket, "dvc/files/md5/"))[0]
     client.put_object(Bucket=bucket, Key=indexed, Body=_npy(images[:1]))
     overwritten = scan(ws, forgotten, set())
     assert [h.path for h in overwritten.hits] == [f"s3://{bucket}/{indexed}"]
+    # An object rewritten between its listing and its read is not read as the listed one (IfMatch):
+    # what the index keeps for an identity is what that identity held.
+    from lmeraser.audit.stores import storage_locations
+
+    store = storage_locations(ws).stores["dvc remote 'prod'"]
+    store.listing()
+    client.put_object(Bucket=bucket, Key=indexed, Body=b"benign bytes, swapped in after the listing")
+    with pytest.raises(Exception, match="pre-conditions|PreconditionFailed|412"):
+        with store.local(indexed.removeprefix("dvc/")):
+            pass
 
 
 def test_a_remote_the_scan_cannot_list_is_not_searched_with_the_reason_and_strict_fails(tmp_path, s3, aws, monkeypatch):
@@ -250,6 +265,54 @@ def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlfl
     assert again.read[label] == again.counts[label] == 1  # MLflow lists no modification time: read every time
 
 
+def test_what_a_stranger_found_in_the_stores_is_covered(tmp_path, s3, mlflow_server, aws, monkeypatch):
+    """Cases found by attacking the feature: deleted experiments are searched (their artifacts stay
+    until `mlflow gc`); a path the tracking server reports is its disk, not ours (not searched, never
+    walked here); a file and a folder of the same name in a run are both read; an experiment named
+    like Rich markup does not break `audit scan`; a non-S3 remote is "not searched", not searched
+    and clean; credentials and tokens in URLs never reach a reason or a summary."""
+    from mlflow import MlflowClient
+
+    from lmeraser.audit.stores import reason, without_credentials
+
+    tracking, _ = mlflow_server
+    url, client = s3
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    ws = _dvc_workspace(tmp_path / "ws", "http://huser:HTTPPW@127.0.0.1:1/store?token=QUERYTOKEN", None)
+    images = np.random.default_rng(2).integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    forgotten = {Keyer(ws).content(content_hash(images[0]))}
+    mlflow = MlflowClient(tracking_uri=tracking)
+    np.save(tmp_path / "copy.npy", images)
+    gone = mlflow.create_experiment(f"deleted-{tmp_path.name}")
+    mlflow.log_artifact(mlflow.create_run(gone).info.run_id, str(tmp_path / "copy.npy"))
+    mlflow.delete_experiment(gone)
+    mlflow.create_experiment(f"server-disk-{tmp_path.name}", artifact_location="/sys/bus")
+    odd = mlflow.create_experiment(f"evil[/]-{tmp_path.name}")
+    run = mlflow.create_run(odd).info.run_id
+    (tmp_path / "x").write_bytes(b"a file")
+    (tmp_path / "dir" / "x").mkdir(parents=True)
+    (tmp_path / "dir" / "x" / "y.npy").write_bytes((tmp_path / "copy.npy").read_bytes())
+    mlflow.log_artifact(run, str(tmp_path / "x"), artifact_path="dup")  # dup/x, a file
+    mlflow.log_artifacts(run, str(tmp_path / "dir"), artifact_path="dup")  # dup/x/y.npy under a folder dup/x
+
+    report = scan(ws, forgotten, set())
+    located = sorted((h.location, h.path.rsplit("/", 1)[-1]) for h in report.hits)
+    assert located == [(f"mlflow experiment 'deleted-{tmp_path.name}' (deleted)", "copy.npy"), (f"mlflow experiment 'evil[/]-{tmp_path.name}'", "y.npy")]
+    gaps = " | ".join(report.not_searched)
+    assert f"mlflow experiment 'server-disk-{tmp_path.name}' (/sys/bus): a path on the tracking server's own disk" in gaps
+    assert "dvc remote 'prod' (http://127.0.0.1:1/store): the scan reads S3 remotes; a http remote is purged by DVC, not read back" in gaps
+    assert report.counts[f"mlflow experiment 'evil[/]-{tmp_path.name}'"] == 2 and "dvc remote 'prod'" not in report.counts
+    shown = json.dumps(report.summary()) + gaps
+    assert "HTTPPW" not in shown and "QUERYTOKEN" not in shown
+    # The CLI searches for what signed records name (none here): it must print the odd names as they are.
+    done = lmeraser_cli("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
+    assert done.returncode == 0 and "evil[/]" in done.stdout and "Traceback" not in done.stderr and "HTTPPW" not in done.stdout + done.stderr
+    # MLflow's own messages repeat the tracking URI as given, password and all: reasons strip it.
+    error = RuntimeError("API request to http://reader:TRACKPW@127.0.0.1:1/api/2.0/x?token=T0K failed\nmore")
+    assert reason(error) == "RuntimeError: API request to http://127.0.0.1:1/api/2.0/x failed"
+    assert without_credentials("https://u:p@h:9/a?t=1#f") == "https://h:9/a"
+
+
 def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_planted_copy_fails_the_batch(tmp_path, s3, mlflow_server, aws, monkeypatch):
     """End to end on the S3 remote and the tracking server: `dvc repro` (tracked and registered on
     the server), a forget (purged from both, `audit scan --strict` clean, the record names both
@@ -272,7 +335,7 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     dvc("push", cwd=root)
     ws = Workspace(root)
     victim, second = ws.split("private").sample_ids[:2]
-    image = ws.split("private").images[0]
+    image, second_image = ws.split("private").images[:2]  # before the split changes
     forgotten = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
     assert forgotten.returncode == 0, forgotten.stderr[-3000:]
     record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
@@ -285,10 +348,11 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     assert strict.returncode == 0, strict.stderr[-2000:]
     records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
 
-    # The forgotten image planted back in the S3 remote, beside DVC's objects (where `dvc gc
-    # --cloud` does not collect: an object in DVC's own layout is collected by the purge first):
-    # the next batch fails its scan and signs nothing.
-    client.put_object(Bucket=bucket, Key="dvc/exports/copy.npy", Body=_npy(image[None]))
+    # A copy of the next request's image planted in the S3 remote, beside DVC's objects (where
+    # `dvc gc --cloud` does not collect; an object in DVC's own layout is collected by the purge
+    # first): that batch's scan finds it and signs nothing. (A batch searches for what it erases;
+    # `audit scan` for everything the records erased, below.)
+    client.put_object(Bucket=bucket, Key="dvc/exports/copy.npy", Body=_npy(second_image[None]))
     failed = lmeraser_cli("forget", "--sample-id", second, cwd=root)
     assert failed.returncode != 0 and "scan hit(s): forgotten data survives in dvc remote 'prod'" in failed.stderr
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
@@ -297,6 +361,11 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records + 1
 
+    # The first request's image planted back in the S3 remote: `audit scan` finds it.
+    client.put_object(Bucket=bucket, Key="dvc/exports/old.npy", Body=_npy(image[None]))
+    found = lmeraser_cli("audit", "scan", cwd=root)
+    assert found.returncode == 1 and "HIT forgotten sample" in found.stderr and f"s3://{bucket}/dvc/exports/old.npy" in found.stderr
+    client.delete_object(Bucket=bucket, Key="dvc/exports/old.npy")
     # Planted in a run artifact on the tracking server: found through MLflow's artifact API.
     mlflow = MlflowClient(tracking_uri=tracking)
     run = mlflow.search_runs([mlflow.get_experiment_by_name("lmeraser").experiment_id], max_results=1)[0].info.run_id

@@ -127,6 +127,8 @@ def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -
                 with store.local(rel) as path:
                     entry = {"id": ident, **_holdings(path, keyer, with_ids)}
             except FileNotFoundError:
+                if not isinstance(store, DirectoryStore):
+                    raise  # listed and not readable: the store is not searched, never silently passed
                 continue  # removed since the listing: nothing of it is left to find
             fresh += 1
         n += 1

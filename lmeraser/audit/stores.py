@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,18 +33,29 @@ from lmeraser.workspace import Workspace
 
 
 def without_credentials(url: str) -> str:
-    """`url` with any user:password@ part removed (records and logs name stores, never secrets)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    """`url` without a user:password@ part, a query or a fragment (a token may ride in either):
+    records and logs name stores, never secrets."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return _URL_USERINFO.sub(r"\1", url.split("?")[0].split("#")[0])
+    if not parts.scheme:
         return url
     host = parts.hostname or ""
-    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path, "", ""))
+
+
+_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+_URL_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
 
 
 def reason(error: BaseException) -> str:
-    """One line on why a store could not be listed or read (no credential is ever in it: the
-    error classes of boto, DVC and MLflow name what failed, and the URL is stripped)."""
-    first = (str(error).strip().splitlines() or [""])[0][:200]
+    """One line on why a store could not be listed or read: the error's class and the first line
+    of its message, with every URL in it stripped of credentials and queries (MLflow's messages
+    repeat the tracking URI as given, password included)."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    first = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", first))[:200]
     return f"{error.__class__.__name__}: {first}" if first else error.__class__.__name__
 
 
@@ -122,49 +134,80 @@ class _Scratch:
 
 
 @dataclass
-class DvcRemoteStore(_Scratch, Store):
-    """A DVC remote that is not a directory here, through DVC's filesystem for it (dvc-s3 for S3)."""
+class S3RemoteStore(_Scratch, Store):
+    """A DVC remote on S3 (or an S3-compatible server), through the s3fs filesystem DVC builds for
+    it (dvc-s3: DVC's credentials, endpoint and options). Each object is read by its exact key
+    (no path parsing: a key may contain `?versionId=`) and only if its ETag is still the one
+    listed (IfMatch), so what the scan index keeps for an object is what that object held."""
 
     label: str
     name: str
     url: str
-    fs: object = field(repr=False)  # DVC's filesystem for the remote (dvc_objects FileSystem)
-    path: str = ""  # the remote's root as the filesystem names it (bucket/prefix)
+    fs: object = field(repr=False)  # s3fs.S3FileSystem
+    path: str = ""  # bucket/prefix as DVC names the remote's root
     endpoint: str | None = None
 
     @property
     def root(self) -> str:
         return f"{without_credentials(self.url)} @ {without_credentials(self.endpoint) if self.endpoint else 'default endpoint'}"
 
+    def _bucket_prefix(self) -> tuple[str, str]:
+        bucket, _, prefix = self.path.partition("/")
+        return bucket, prefix.strip("/")
+
     def listing(self) -> list[tuple[str, list | None]]:
-        found = self.fs.fs.find(self.path, detail=True)
-        prefix = self.path.rstrip("/") + "/"
+        from fsspec.asyn import sync
+
+        bucket, prefix = self._bucket_prefix()
+        self._etags: dict[str, str] = {}
         files = []
-        for key, info in sorted(found.items()):
-            if info.get("type", "file") != "file":
-                continue
-            modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
-            etag = info.get("ETag") or info.get("etag") or info.get("md5")
-            # Without a server-set change marker, the object is read every time.
-            ident = [str(etag), int(info.get("size") or 0), str(modified)] if etag and modified else None
-            files.append((key[len(prefix) :] if key.startswith(prefix) else key, ident))
-        return files
+
+        async def pages() -> None:
+            token = None
+            while True:
+                kwargs = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""} | ({"ContinuationToken": token} if token else {})
+                page = await self.fs._call_s3("list_objects_v2", **kwargs)
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    rel = key[len(kwargs["Prefix"]) :]
+                    self._etags[rel] = obj["ETag"]
+                    files.append((rel, [obj["ETag"], int(obj["Size"]), obj["LastModified"].isoformat()]))
+                if not page.get("IsTruncated"):
+                    return
+                token = page["NextContinuationToken"]
+
+        sync(self.fs.loop, pages)
+        return sorted(files)
 
     @contextlib.contextmanager
     def local(self, rel: str) -> Iterator[Path]:
+        from fsspec.asyn import sync
+
+        bucket, prefix = self._bucket_prefix()
+        key = f"{prefix}/{rel}" if prefix else rel
+
+        async def get(target: Path) -> None:
+            answer = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, IfMatch=self._etags[rel])
+            async with answer["Body"] as body:
+                with open(target, "wb") as out:
+                    while chunk := await body.read(1 << 20):
+                        out.write(chunk)
+
         with self._scratch() as directory:
             target = directory / "object"
-            self.fs.fs.get_file(f"{self.path.rstrip('/')}/{rel}", str(target))
+            sync(self.fs.loop, get, target)  # a 412 (changed since listed) raises: the store is not searched
             yield target
 
     def delete(self, rel: str) -> None:
-        self.fs.fs.rm_file(f"{self.path.rstrip('/')}/{rel}")
+        from fsspec.asyn import sync
+
+        bucket, prefix = self._bucket_prefix()
+        sync(self.fs.loop, self.fs._call_s3, "delete_object", Bucket=bucket, Key=f"{prefix}/{rel}" if prefix else rel)
 
     def describe(self) -> dict:
-        scheme = self.url.split("://")[0]
-        parts = urlsplit(self.url)
+        bucket, prefix = self._bucket_prefix()
         endpoint = without_credentials(self.endpoint) if self.endpoint else None
-        return {"kind": f"dvc remote ({scheme})", "bucket": parts.netloc, "prefix": parts.path.lstrip("/"), "endpoint": endpoint}
+        return {"kind": "dvc remote (s3)", "bucket": bucket, "prefix": prefix, "endpoint": endpoint}
 
     def where(self, rel: str) -> str:
         return f"{without_credentials(self.url).rstrip('/')}/{rel}"
@@ -202,7 +245,10 @@ class MlflowArtifactStore(_Scratch, Store):
     @contextlib.contextmanager
     def local(self, rel: str) -> Iterator[Path]:
         with self._scratch() as directory:
-            yield Path(self._repository().download_artifacts(rel, dst_path=str(directory)))
+            target = directory / "artifact"
+            # This one file (download_artifacts would take a folder of the same name instead).
+            self._repository()._download_file(rel, str(target))
+            yield target
 
     def delete(self, rel: str) -> None:
         self._repository().delete_artifacts(rel)
@@ -234,10 +280,14 @@ def _dvc_remote_stores(ws: Workspace) -> tuple[list[Store], list[str]]:
         with dvc_repo(ws.root) as repo:
             for name, url in elsewhere.items():
                 label = f"dvc remote '{name}'"
+                scheme = url.split("://")[0].lower()
+                if scheme != "s3":  # an HTTP remote cannot be listed; other clouds are not tested here
+                    not_searched.append(f"{label} ({without_credentials(url)}): the scan reads S3 remotes; a {scheme} remote is purged by DVC, not read back")
+                    continue
                 try:
                     remote = repo.cloud.get_remote(name)
                     endpoint = repo.config["remote"][name].get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL")
-                    store = DvcRemoteStore(label, name, url, remote.fs, remote.path, endpoint)
+                    store = S3RemoteStore(label, name, url, remote.fs.fs, remote.path, endpoint)
                 except Exception as error:  # noqa: BLE001 - a missing plugin or a bad config: a gap to report
                     not_searched.append(f"{label} ({without_credentials(url)}): DVC cannot open it ({reason(error)})")
                     continue
@@ -259,9 +309,16 @@ def storage_locations(ws: Workspace) -> Locations:
     except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
         locations = {}
         not_searched.append(f"MLflow tracking store at {without_credentials(tracking.tracking_uri(ws))}: unreachable ({reason(error)})")
+    served = urlsplit(tracking.tracking_uri(ws)).scheme not in ("", "file", "sqlite")  # a tracking server
     for label, uri in locations.items():
         path = local_path(ws.root, uri)
-        stores.append(DirectoryStore(label, path) if path is not None else MlflowArtifactStore(label, uri, tracking.tracking_uri(ws)))
+        if path is None:
+            stores.append(MlflowArtifactStore(label, uri, tracking.tracking_uri(ws)))
+        elif served:
+            # A path a tracking server reports is on its disk, not this machine's: never walk ours.
+            not_searched.append(f"{label} ({path}): a path on the tracking server's own disk, not reachable through MLflow's artifact API")
+        else:
+            stores.append(DirectoryStore(label, path))
     for label, path in (("mlflow artifacts", ws.mlflow_artifacts), ("mlflow (default root)", ws.mlflow_default_root)):
         if label not in {s.label for s in stores}:
             stores.append(DirectoryStore(label, path))
