@@ -4,6 +4,7 @@ searched through their own APIs like the local ones."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -184,37 +185,18 @@ def test_a_remote_the_scan_cannot_list_is_not_searched_with_the_reason_and_stric
     assert lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, s3):
+@contextlib.contextmanager
+def _mlflow_server(home: Path, s3, bucket: str):
     """`mlflow server` on loopback: runs and the model registry in SQLite, artifacts proxied to S3."""
     url, client = s3
-    bucket = _bucket(client, "lmeraser-mlflow")
-    home = tmp_path_factory.mktemp("mlflow-server")
+    _bucket(client, bucket)
     port = _free_port()
     env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": url}
     log = home / "server.log"
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/artifacts"]
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                f"sqlite:///{home / 'mlflow.db'}",
-                "--artifacts-destination",
-                f"s3://{bucket}/artifacts",
-                "--workers",
-                "1",
-            ],
-            cwd=home,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = subprocess.Popen(command, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     tracking = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{tracking}/health", proc, "mlflow server", log, timeout=180)
@@ -222,6 +204,12 @@ def mlflow_server(tmp_path_factory, s3):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, s3):
+    with _mlflow_server(tmp_path_factory.mktemp("mlflow-server"), s3, "lmeraser-mlflow") as server:
+        yield server
 
 
 def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlflow(tmp_path, s3, mlflow_server, aws, monkeypatch):
@@ -265,18 +253,23 @@ def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlfl
     assert again.read[label] == again.counts[label] == 1  # MLflow lists no modification time: read every time
 
 
-def test_what_a_stranger_found_in_the_stores_is_covered(tmp_path, s3, mlflow_server, aws, monkeypatch):
+def test_what_a_stranger_found_in_the_stores_is_covered(tmp_path, s3, aws, monkeypatch):
     """Cases found by attacking the feature: deleted experiments are searched (their artifacts stay
     until `mlflow gc`); a path the tracking server reports is its disk, not ours (not searched, never
     walked here); a file and a folder of the same name in a run are both read; an experiment named
     like Rich markup does not break `audit scan`; a non-S3 remote is "not searched", not searched
     and clean; credentials and tokens in URLs never reach a reason or a summary."""
+    # A server of its own: what this test leaves there (a deleted experiment, a server-disk
+    # location) must not reach the other tests'.
+    with _mlflow_server(tmp_path, s3, "lmeraser-mlflow-odd") as (tracking, _):
+        _odd_cases(tmp_path, tracking, monkeypatch)
+
+
+def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
     from mlflow import MlflowClient
 
     from lmeraser.audit.stores import reason, without_credentials
 
-    tracking, _ = mlflow_server
-    url, client = s3
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     ws = _dvc_workspace(tmp_path / "ws", "http://huser:HTTPPW@127.0.0.1:1/store?token=QUERYTOKEN", None)
     images = np.random.default_rng(2).integers(0, 256, (2, 8, 8), dtype=np.uint8)
