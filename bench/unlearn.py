@@ -271,9 +271,8 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
         _, peak, out = timed_child([sys.executable, "-c", IN_PROCESS, str(work), victims[0]], work, env)
         in_process = outcome(work, json.loads(out.strip().splitlines()[-1])["seconds"], sizes, peak, load)
 
-        if scaling:
-            print(f"[two forgets through a warm service: {victims[3:]}]", flush=True)
-            warm = warm_service(work, env, victims[3:], sizes)
+        def measured(warm: dict, **more) -> dict:
+            """The run's figures; `more`: the full run's other operations."""
             status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True).stdout.strip()
             return {
                 "source": source,
@@ -283,12 +282,17 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
                 "all_prompts_seconds": all_prompts_seconds,
                 "one_in_process": in_process,
                 "warm_service": warm,
+                **more,
                 "params_overrides": overrides,
                 "accuracy_full_pipeline": accuracy_before,
                 "dvc_status_serving_path": status,
                 "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
                 "date": time.strftime("%Y-%m-%d"),
             }
+
+        if scaling:
+            print(f"[two forgets through a warm service: {victims[3:]}]", flush=True)
+            return measured(warm_service(work, env, victims[3:], sizes))
 
         print(f"[one forget through the CLI, standing Prefect server: {victims[1]}]", flush=True)
         seconds, peak, _ = timed_child([cli_bin, "forget", "--sample-id", victims[1]], work, env)
@@ -310,32 +314,19 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
         seconds, peak, _ = timed_child([cli_bin, "forget", "--file", str(requests)], work, env)
         many = {**outcome(work, seconds, sizes, peak), "requests": len(chosen)}
         verify_seconds, _ = sh([cli_bin, "audit", "verify"], work, env)
-        status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True).stdout.strip()
         cache = {p.name: p.stat().st_size for p in (work / "artifacts" / "cache").iterdir()}
+        return measured(
+            warm,
+            one_cli=cli,
+            one_cli_no_server=cli_cold,
+            idle_unlearn_seconds=idle_seconds,
+            batch=many,
+            audit_verify_seconds=verify_seconds,
+            cache_bytes=cache,
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-    return {
-        "source": source,
-        "n_private": n_private,
-        "n_clusters": len(sizes),
-        "full_pipeline_seconds": full_seconds,
-        "all_prompts_seconds": all_prompts_seconds,
-        "one_in_process": in_process,
-        "one_cli": cli,
-        "one_cli_no_server": cli_cold,
-        "idle_unlearn_seconds": idle_seconds,
-        "warm_service": warm,
-        "batch": many,
-        "params_overrides": overrides,
-        "accuracy_full_pipeline": accuracy_before,
-        "audit_verify_seconds": verify_seconds,
-        "dvc_status_serving_path": status,
-        "cache_bytes": cache,
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
-        "date": time.strftime("%Y-%m-%d"),
-    }
 
 
 def markdown(r: dict) -> str:
