@@ -201,13 +201,13 @@ def warm_service(work: Path, env: dict, victims: list[str], sizes: dict[int, int
 
     service = Service(work, {**env, "LMERASER_API_TOKEN": TOKEN}, _free_port(), log_path=work / "serve.log")
     t_start = time.perf_counter()
-    started = service.start()
+    service.start()
     rounds = []
     try:
         with service.client() as client:
             while not client.get("/v1/health").json()["worker"]["warm"]:  # its imports and fingerprint
                 time.sleep(0.2)
-            started = time.perf_counter() - t_start
+            started = time.perf_counter() - t_start  # up and warm
             for sid in victims:
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()

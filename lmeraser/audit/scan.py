@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmeraser.audit.stores import DirectoryStore, reason, storage_locations
+from lmeraser.audit.stores import reason, storage_locations
 from lmeraser.data.splits import content_hash
 from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
@@ -127,7 +127,7 @@ def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -
                 with store.local(rel) as path:
                     entry = {"id": ident, **_holdings(path, keyer, with_ids)}
             except FileNotFoundError:
-                if not isinstance(store, DirectoryStore):
+                if store.elsewhere:
                     raise  # listed and not readable: the store is not searched, never silently passed
                 continue  # removed since the listing: nothing of it is left to find
             fresh += 1
@@ -195,14 +195,14 @@ def scan(
         try:
             n, fresh, entries, found_here = _search(store, index, keyer, with_ids, (sample_keys, artifact_hashes, reference_digests, keyed_ids))
         except Exception as error:  # noqa: BLE001 - a store elsewhere that fails mid-scan is not searched; a local one raises
-            if isinstance(store, DirectoryStore):
+            if not store.elsewhere:
                 raise
             not_searched.append(f"{location} ({store.root}): cannot be read from here ({reason(error)})")
             continue
         hits += found_here
         counts[location], read[location] = n, fresh
         found[location] = (store.root, entries)
-        if not isinstance(store, DirectoryStore):
+        if store.elsewhere:
             remote[location] = store.describe()
     if index is None:
         report = {"mode": "none", "reason": "no salt yet, so nothing was erased here and no index is kept"}

@@ -64,6 +64,7 @@ class Store:
 
     label: str
     root: str  # what the scan index binds a location's entries to (a path, or a URL and endpoint)
+    elsewhere = True  # not a directory on this machine: a failure makes it "not searched", and records name it
 
     def listing(self) -> list[tuple[str, list | None]]:
         """Every file as (path relative to the store's root, its identity or None: read it every
@@ -90,6 +91,7 @@ class Store:
 class DirectoryStore(Store):
     label: str
     path: Path
+    elsewhere = False  # a failure here is this machine's problem: it raises
 
     @property
     def root(self) -> str:
@@ -141,7 +143,6 @@ class S3RemoteStore(_Scratch, Store):
     listed (IfMatch), so what the scan index keeps for an object is what that object held."""
 
     label: str
-    name: str
     url: str
     fs: object = field(repr=False)  # s3fs.S3FileSystem
     path: str = ""  # bucket/prefix as DVC names the remote's root
@@ -287,7 +288,7 @@ def _dvc_remote_stores(ws: Workspace) -> tuple[list[Store], list[str]]:
                 try:
                     remote = repo.cloud.get_remote(name)
                     endpoint = repo.config["remote"][name].get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL")
-                    store = S3RemoteStore(label, name, url, remote.fs.fs, remote.path, endpoint)
+                    store = S3RemoteStore(label, url, remote.fs.fs, remote.path, endpoint)
                 except Exception as error:  # noqa: BLE001 - a missing plugin or a bad config: a gap to report
                     not_searched.append(f"{label} ({without_credentials(url)}): DVC cannot open it ({reason(error)})")
                     continue
@@ -304,16 +305,17 @@ def storage_locations(ws: Workspace) -> Locations:
     stores: list[Store] = [DirectoryStore("data", ws.data), DirectoryStore("dvc cache", cache_dir(ws.root)), DirectoryStore("artifact store", ws.artifacts)]
     remote_stores, not_searched = _dvc_remote_stores(ws)
     stores += remote_stores
+    tracking_uri = tracking.tracking_uri(ws)
     try:
         locations = tracking.artifact_locations(ws)
     except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
         locations = {}
-        not_searched.append(f"MLflow tracking store at {without_credentials(tracking.tracking_uri(ws))}: unreachable ({reason(error)})")
-    served = urlsplit(tracking.tracking_uri(ws)).scheme not in ("", "file", "sqlite")  # a tracking server
+        not_searched.append(f"MLflow tracking store at {without_credentials(tracking_uri)}: unreachable ({reason(error)})")
+    served = urlsplit(tracking_uri).scheme not in ("", "file", "sqlite")  # a tracking server
     for label, uri in locations.items():
         path = local_path(ws.root, uri)
         if path is None:
-            stores.append(MlflowArtifactStore(label, uri, tracking.tracking_uri(ws)))
+            stores.append(MlflowArtifactStore(label, uri, tracking_uri))
         elif served:
             # A path a tracking server reports is on its disk, not this machine's: never walk ours.
             not_searched.append(f"{label} ({path}): a path on the tracking server's own disk, not reachable through MLflow's artifact API")
