@@ -171,11 +171,12 @@ def _threads_against_dask(ws, params) -> dict:
 def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     from lmeraser.config import load_params
     from lmeraser.pipeline.train import train_in_threads
+    from lmeraser.request import RequestSpec
     from lmeraser.stages import STAGES
     from lmeraser.unlearning.approximate import approximate_pending
     from lmeraser.unlearning.exact import process_pending
+    from lmeraser.unlearning.intake import submit
     from lmeraser.unlearning.rebuild import record_stage
-    from lmeraser.unlearning.requests import RequestSpec, submit
     from lmeraser.workspace import Workspace
 
     from conftest import copy_repo

@@ -78,6 +78,7 @@ from lmeraser.inference import ServingModel  # noqa: E402
 from lmeraser.models.backbone import preprocess  # noqa: E402
 from lmeraser.pipeline import train as train_stage  # noqa: E402
 from lmeraser.pipeline.train import ClusterJob, plan  # noqa: E402
+from lmeraser.request import Request  # noqa: E402
 from lmeraser.score_cache import score_test_split  # noqa: E402
 from lmeraser.stages import stage  # noqa: E402
 from lmeraser.training import cluster_seed  # noqa: E402
@@ -200,7 +201,7 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
     accuracy = float((logits.argmax(1) == ws.split("test").labels).mean())
     log(f"[{kind}] train stage {train_seconds:.1f}s ({len(model.index.clusters)} clusters), test accuracy {accuracy:.4f}")
 
-    requests = [{"kind": "forget", "request_id": f"r{i:03d}", "sample_ids": [s]} for i, s in enumerate(canaries + ordinary)]
+    requests = [Request(kind="forget", request_id=f"r{i:03d}", sample_ids=(s,), received_at=0.0) for i, s in enumerate(canaries + ordinary)]
     r_max = max(references)
     direct = {}
     # The largest R with the configured workers; for the serial kinds also R = 2 (the default) with
@@ -231,7 +232,7 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         "scores": forgetting.served_scores(model, private.images[rows], private.labels[rows], audited, batch_size),
         "digests": forgetting.served_digests(model, state["clusters"]),
     }
-    forgotten = {s for r in requests for s in r["sample_ids"]}
+    forgotten = {s for r in requests for s in r.sample_ids}
     affected = sorted(state["clusters"], key=int)
 
     # exact: the affected clusters rebuilt once, without the batch's samples, with their own seeds
@@ -361,8 +362,9 @@ def influence_latency(ws: Workspace, params, sample: str, references: list[int],
     """The product's `forget --method influence` in process (`approximate_pending`: edit, audit,
     overlay, signed record) for one single-sample request, on a copy of the workspace per R, so
     the audit's share of an influence answer is measured where users meet it."""
+    from lmeraser.request import RequestSpec
     from lmeraser.unlearning.approximate import approximate_pending
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.unlearning.intake import submit
 
     out = {}
     for r in references:

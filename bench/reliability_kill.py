@@ -67,14 +67,14 @@ def killed_run(work: Path, args: list[str], env: dict, after: float | None) -> i
 
 
 def problems(work: Path, submitted: list[str]) -> list[str]:
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     ws = Workspace(work)
     found = []
     verified = Counter(e["request_id"] for e in Journal(ws).events() if e["state"] == "verified")
     found += [f"{rid} verified {verified[rid]} times" for rid in submitted if verified[rid] != 1]
-    found += [f"{r['request_id']} still pending" for r in Journal(ws).pending()]
+    found += [f"{r.request_id} still pending" for r in Journal(ws).pending()]
     found += [f"leftover {p.relative_to(work)}" for p in (work / "data").rglob(".*") if p.name.endswith((".tmp", ".staging", ".new", ".old"))]
     found += [f"leftover {p.relative_to(work)}" for p in [*(work / "audit").glob(".*.tmp"), *(work / "audit" / "batches").glob("*")]]
     found += [f"leftover {p.relative_to(work)}" for p in _half_made_stores(work)]
@@ -101,7 +101,9 @@ def move_store_aside(work: Path, n: int) -> Path:
 
 def submit(work: Path, rng: random.Random) -> str:
     """One forget request for a random private sample, submitted as `lmeraser forget --no-process` does."""
-    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import resolve
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     ws = Workspace(work)
@@ -214,7 +216,7 @@ def write_report(args, trials: list[dict], submitted: list[str], clean: float, s
 
 
 def _journal(work: Path) -> list[dict]:
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     return Journal(Workspace(work)).events()

@@ -125,10 +125,11 @@ def _commit(root: Path, message: str, *extra: str) -> None:
 def _batch(ws: Workspace, request_id: str) -> None:
     """One signed record listing `request_id`, journaled `received` then `verified`, as a batch does."""
     from lmeraser.lineage.records import lineage_log
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.request import Request
+    from lmeraser.unlearning.journal import Journal, received
 
     record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
-    Journal(ws).append([{"request_id": request_id, "state": "received", "time": time.time(), "request": {"request_id": request_id}}])
+    Journal(ws).append([received(Request(request_id=request_id, kind="forget", sample_ids=(), received_at=time.time()))])
     Journal(ws).append([{"request_id": request_id, "state": "verified", "time": time.time(), "record": record.number}])
 
 

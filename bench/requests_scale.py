@@ -68,7 +68,7 @@ def reset(work: Path) -> None:
 
 
 def received(work: Path) -> int:
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     return sum(e["state"] == "received" for e in Journal(Workspace(work)).events())
@@ -89,7 +89,7 @@ def time_cli(work: Path, args: list[str], env: dict, expected: int) -> float:
 
 
 def time_library(work: Path, path: Path, expected: int) -> tuple[float, float]:
-    from lmeraser.unlearning.requests import parse_requests_file, submit
+    from lmeraser.unlearning.intake import parse_requests_file, submit
     from lmeraser.workspace import Workspace
 
     reset(work)

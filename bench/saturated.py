@@ -118,11 +118,11 @@ def main() -> None:
         step("lmeraser forget --no-process (second request)", [lm, "forget", "--sample-id", samples[1], "--no-process"])
         killed = step("lmeraser unlearn killed at after:apply", [lm, "unlearn"], must_pass=False, LMERASER_FAILPOINT="after:apply")
         resumed = step("lmeraser unlearn (resume)", [lm, "unlearn"])
-        from lmeraser.unlearning.requests import Journal
+        from lmeraser.unlearning.journal import Journal
 
         journal = Journal(Workspace(work))
         verified = sorted({e["request_id"] for e in journal.events() if e["state"] == "verified"})
-        pending = [r["request_id"] for r in journal.pending()]
+        pending = [r.request_id for r in journal.pending()]
         step("lmeraser audit verify", [lm, "audit", "verify"])
         # One flow process, alternating kinds so load drifts hit both alike.
         for rep in range(args.reps):

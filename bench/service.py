@@ -83,7 +83,7 @@ class Service:
 
 
 def journal(work: Path) -> list[dict]:
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     return Journal(Workspace(work)).events()

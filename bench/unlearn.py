@@ -120,7 +120,8 @@ IN_PROCESS = """
 import json, sys, time
 from pathlib import Path
 from lmeraser.unlearning.exact import preload, process_pending
-from lmeraser.unlearning.requests import RequestSpec, submit
+from lmeraser.request import RequestSpec
+from lmeraser.unlearning.intake import submit
 from lmeraser.workspace import Workspace
 ws = Workspace(Path(sys.argv[1]))
 preload(ws)  # what a batch imports lazily, and the fingerprint: paid once by a long-lived process

@@ -197,7 +197,7 @@ def run_stage(name: str, root: str = ".", params_file: str = "params.yaml") -> S
 
 def _before_retraining(root: str, params_file: str) -> State | None:
     from lmeraser import suppression
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     _, ws = _workspace(root, params_file)
     try:

@@ -366,7 +366,7 @@ def _say(quiet: bool):
 
 
 def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) -> list:
-    from lmeraser.unlearning.requests import submit
+    from lmeraser.unlearning.intake import submit
 
     resolved = submit(specs, ws, method)
     for request in resolved:
@@ -388,7 +388,7 @@ SERVER = typer.Option(
 def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False) -> dict | None:
     from lmeraser.lineage.records import audit_words
     from lmeraser.unlearning.exact import rebuild_params
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     say = _say(quiet)
     try:
@@ -525,7 +525,7 @@ def forget(
     server: str = SERVER,
 ) -> None:
     """Erase private samples (GDPR Art. 17): exact rebuild of only the affected prompts, purge, signed record."""
-    from lmeraser.unlearning.requests import parse_requests_file
+    from lmeraser.unlearning.intake import parse_requests_file
 
     ws = _workspace(root, params_file)
     try:
@@ -601,7 +601,7 @@ def rectify(
     server: str = SERVER,
 ) -> None:
     """Correct a private sample's label or image (GDPR Art. 16): exact rebuild, or an influence update now."""
-    from lmeraser.unlearning.requests import parse_requests_file
+    from lmeraser.unlearning.intake import parse_requests_file
 
     ws = _workspace(root, params_file)
     try:
@@ -629,7 +629,7 @@ def _spec(**fields):
     """A request from command-line options, validated as a requests file's line is."""
     from pydantic import ValidationError
 
-    from lmeraser.unlearning.requests import RequestSpec
+    from lmeraser.request import RequestSpec
 
     try:
         return RequestSpec(**fields)

@@ -92,6 +92,18 @@ def _isolated_services(tmp_path_factory):
     os.environ.pop("PREFECT_API_URL", None)
 
 
+def received_event(request_id: str, at: float | None = None, method: str = "exact", **fields) -> dict:
+    """A journal `received` event for a forget request `request_id` (fields of Request override)."""
+    import time
+
+    from lmeraser.request import Request
+    from lmeraser.unlearning.journal import received
+
+    at = time.time() if at is None else at
+    request = Request(**{"request_id": request_id, "kind": "forget", "sample_ids": (), "received_at": at, **fields})
+    return received(request, method, at)
+
+
 def tiny_backbone(depth: int = 1, device: str = "cpu"):
     """A seeded, frozen 8 px built-in ViT for 4 classes, for unit tests of prompts and influence."""
     import torch

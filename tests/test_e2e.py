@@ -11,7 +11,7 @@ import pytest
 
 from lmeraser.io import read_json
 from lmeraser.lineage.log import LineageLog
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 from conftest import BIN, REPO, _cli_ok, dvc, lmeraser_cli, ran_stages
@@ -302,7 +302,7 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     assert scanned["index"]["mode"] == "incremental" and len(scanned["index"]["sha256"]) == 64
     assert 0 < sum(scanned["files_read"].values()) < sum(scanned["files_scanned"].values())
     journal = Journal(Workspace(root))
-    assert {entry["state"] for entry in journal.requests().values()} == {"verified"}
+    assert {entry.state for entry in journal.requests().values()} == {"verified"}
     verified = [e for e in journal.events() if e["state"] == "verified"]
     assert len(verified) == verified_before + 2
     assert not set(victims) & set(Workspace(root).split("private").sample_ids)
@@ -336,7 +336,7 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     done = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
     assert done.returncode == 1 and "verification failed: 1 scan hit(s)" in done.stderr and "Nothing was signed" in done.stderr
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
-    assert [r["sample_ids"] for r in Journal(ws).pending()] == [[victim]]
+    assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[victim]]
     # An influence update now would sign the failed batch's unverified prompts as served: refused,
     # nothing signed, no overlay served; its request waits for an exact batch.
     other = private.sample_ids[5]
@@ -347,7 +347,7 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     leak.unlink()
     finished = _cli_ok("unlearn", cwd=root)
     assert f"lineage record {records + 1}" in finished.stdout
-    assert [r["sample_ids"] for r in Journal(ws).pending()] == [[other]]
+    assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[other]]
     second = _cli_ok("unlearn", cwd=root)
     assert f"lineage record {records + 2}" in second.stdout and not Journal(ws).pending()
 
@@ -626,6 +626,6 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
         assert refused.returncode == 1 and "the pipeline is not up to date" in refused.stderr and "run `dvc repro` first" in refused.stderr
         assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(Workspace(root).manifest("private")["sample_id"])
         assert (root / "audit" / "journal.jsonl").read_bytes().startswith(journal)  # only the request was journaled
-        assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`
+        assert [list(r.sample_ids) for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`
     finally:
         (root / "params.yaml").write_bytes(params)

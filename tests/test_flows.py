@@ -62,7 +62,9 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
     from lmeraser.inference import ServingModel
     from lmeraser.lineage.keys import load_or_create_key
     from lmeraser.lineage.records import lineage_log
-    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import resolve
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     trained, _ = trained_workspace
@@ -152,7 +154,9 @@ def test_a_scheduled_retrain_finishes_pending_requests_first(tmp_path):
     """With a request pending, train_pipeline runs the unlearn batch first and retrains nothing if
     it cannot finish it (here: nothing is trained yet to unlearn from)."""
     from flows.stages import train_pipeline
-    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import resolve
+    from lmeraser.unlearning.journal import Journal
 
     ws = build_workspace(tmp_path, TINY)
     Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
@@ -175,8 +179,10 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
 
     from flows.stages import run_stage
     from flows.unlearn import NETWORK_STEPS, run_unlearn, step_task
+    from lmeraser.request import RequestSpec
     from lmeraser.unlearning.exact import next_batch_id
-    from lmeraser.unlearning.requests import Journal, RequestSpec, resolve
+    from lmeraser.unlearning.intake import resolve
+    from lmeraser.unlearning.journal import Journal
 
     ws = build_workspace(tmp_path, TINY)
     state = run_stage("validate", str(tmp_path), "params.yaml")

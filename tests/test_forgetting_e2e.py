@@ -13,7 +13,7 @@ import yaml
 from lmeraser.errors import LmeraserError
 from lmeraser.lineage.records import lineage_log
 from lmeraser.store import ArtifactStore
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 from conftest import _cli_ok, copy_repo, dvc, lmeraser_cli
@@ -126,7 +126,7 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     assert f"forgetting audit: sample {canary} of request" in message and "still detectable in the served model" in message
     assert "Nothing was signed" in message
     assert len(_records(root)) == records
-    assert [r["sample_ids"] for r in Journal(ws).pending()] == [[canary]]
+    assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[canary]]
     # The references of the stopped batch are what `audit scan` looks for too (no record names them yet).
     assert json.loads(_cli_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
     # Run again as is, in a new process: the erased pixels are gone, but the served prompt is still

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lmeraser.lineage.log import LineageLog
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import SPLITS, Workspace
 
 from conftest import TINY, _cli_ok, copy_repo, dvc, lmeraser_cli
@@ -138,7 +138,7 @@ def test_the_registered_bundle_never_names_an_erased_sample(root):
     bundles included) names the erased sample or its request."""
     victim = _private(root, 13)
     _cli_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
-    request_id = Journal(Workspace(root)).pending()[0]["request_id"]
+    request_id = Journal(Workspace(root)).pending()[0].request_id
     _cli_ok("unlearn", cwd=root)
     leaks = [
         str(path)
@@ -155,8 +155,9 @@ def _refused_before_any_change(root, expect: str) -> None:
     sentence is tested elsewhere): the sample still there, no batch state left, the request
     pending for the next `unlearn`."""
     from lmeraser.errors import LmeraserError
+    from lmeraser.request import RequestSpec
     from lmeraser.unlearning.exact import process_pending
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.unlearning.intake import submit
 
     ws = Workspace(root)
     victim = _private(root, 17)
@@ -169,7 +170,7 @@ def _refused_before_any_change(root, expect: str) -> None:
     else:
         with pytest.raises(LmeraserError, match=expect):
             process_pending(ws, log=lambda message: None, git_commit=False)
-        assert victim in {s for r in Journal(ws).pending() for s in r["sample_ids"]}
+        assert victim in {s for r in Journal(ws).pending() for s in r.sample_ids}
     assert victim in _present(root) and not list((root / "audit" / "batches").glob("*.json"))
 
 
@@ -184,7 +185,8 @@ def test_a_missing_signing_key_stops_the_batch_before_any_change(root, tmp_path)
     """Check before you change: without the signing key the batch refuses at once; data, data.dvc,
     dvc.lock, the suppression list and the log stay as they were; with the key back it finishes."""
     if not _records(root):  # run alone: the first record makes the key
-        from lmeraser.unlearning.requests import RequestSpec, submit
+        from lmeraser.request import RequestSpec
+        from lmeraser.unlearning.intake import submit
 
         submit([RequestSpec(sample_ids=[_private(root, 29)])], Workspace(root))
         _finish(root)
@@ -237,7 +239,8 @@ def test_another_signer_a_lost_salt_a_broken_registry_or_an_unwritable_directory
 
 def test_an_influence_update_without_its_signing_key_is_refused_not_served(root, tmp_path):
     from lmeraser.errors import LmeraserError
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import submit
 
     key = root / "audit" / "keys" / "signing-key.pem"
     overlay = root / "artifacts" / "prompts" / "approximate" / "overlay.json"
@@ -255,7 +258,8 @@ def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(r
     """`lmeraser audit rotate-key` hands the log over by a signed rotation: verify and report accept
     it, and the next batch is signed by the new key (and the retired key is refused)."""
     from lmeraser.lineage.keys import key_id, load_public_key
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import submit
 
     if not _records(root):  # run alone: the first record makes the key
         submit([RequestSpec(sample_ids=[_private(root, 29)])], Workspace(root))
@@ -281,7 +285,8 @@ def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(r
 
 
 def _submit(root, *specs) -> None:
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import submit
 
     submit([RequestSpec(**spec) for spec in specs], Workspace(root))
 
@@ -381,13 +386,15 @@ def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     """A bookkeeping bug (here a request that calls a live sample 'already forgotten', as the
     tombstone bug of finding 0a did) fails the batch at its state check; nothing is signed."""
     from lmeraser.errors import LmeraserError
+    from lmeraser.request import Request
     from lmeraser.unlearning.exact import process_pending
-    from lmeraser.unlearning.requests import ResolvedRequest
+    from lmeraser.unlearning.journal import Submission
 
     ws = Workspace(root)
     live = _private(root, 23)
     records = len(_records(root))
-    Journal(ws).submit([ResolvedRequest(request_id="req-bookkeeping", kind="forget", sample_ids=[], already_forgotten=[live], subjects=[])])
+    bogus = Request(request_id="req-bookkeeping", kind="forget", sample_ids=(), already_forgotten=(live,), received_at=0.0)
+    Journal(ws).submit([Submission(bogus, subjects=[])])
     with pytest.raises(LmeraserError, match=f"sample {live}, said to be forgotten already, is in data/private"):
         process_pending(ws, log=lambda message: None)
     assert len(_records(root)) == records and live in _present(root)

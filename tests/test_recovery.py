@@ -21,6 +21,8 @@ from lmeraser.failpoints import FAILPOINT_ENV, NAMED
 from lmeraser.io import recover_directory, remove_stale_temp_files
 from lmeraser.workspace import Workspace
 
+from conftest import received_event
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -134,10 +136,10 @@ def test_every_named_failpoint_is_reached_in_the_code():
 
 
 def test_the_journal_never_repeats_a_state_and_names_a_damaged_line(tmp_path):
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     journal = Journal(Workspace(tmp_path))
-    journal.append([{"request_id": "r1", "state": "received", "request": {"request_id": "r1"}}])
+    journal.append([received_event("r1")])
     verified = [{"request_id": "r1", "state": "verified", "record": 3}]
     journal.append(verified)
     journal.append(verified)  # a resumed record step (killed after the journal, before the batch file went)
@@ -156,7 +158,7 @@ def test_the_journal_never_repeats_a_state_and_names_a_damaged_line(tmp_path):
 
 def _influence_workspace(tmp_path, monkeypatch):
     from lmeraser.overlay import Overlay
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     monkeypatch.delenv("LMERASER_SIGNING_KEY", raising=False)
     monkeypatch.delenv("LMERASER_SIGNING_KEY_FILE", raising=False)
@@ -165,7 +167,7 @@ def _influence_workspace(tmp_path, monkeypatch):
     Overlay(ws).write(before)
     ws.overlay_dir.mkdir(parents=True, exist_ok=True)
     (ws.overlay_dir / "k-old.safetensors").write_bytes(b"old")
-    Journal(ws).append([{"request_id": "req-1", "state": "received", "request": {"request_id": "req-1"}, "method": "influence"}])
+    Journal(ws).append([received_event("req-1", method="influence")])
     # What the update wrote before it was killed: its intent, the new overlay and its file.
     ws.batches.mkdir(parents=True, exist_ok=True)
     ws.influence_intent_file.write_text(json.dumps({"batch_id": "influence-x", "request_ids": ["req-1"], "overlay_before": before}))
@@ -176,27 +178,27 @@ def _influence_workspace(tmp_path, monkeypatch):
 
 def test_an_influence_update_killed_before_its_record_is_undone(tmp_path, monkeypatch):
     from lmeraser.overlay import Overlay
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.unlearning.recovery import recover_influence
-    from lmeraser.unlearning.requests import Journal
 
     ws, before = _influence_workspace(tmp_path, monkeypatch)
     assert "before its record" in recover_influence(ws)[0]
     assert Overlay(ws).read() == before and sorted(p.name for p in ws.overlay_dir.glob("*.safetensors")) == ["k-old.safetensors"]
     assert not ws.influence_intent_file.exists()
-    assert [r["request_id"] for r in Journal(ws).awaiting_influence()] == ["req-1"]  # applied again next time
+    assert [r.request_id for r in Journal(ws).awaiting_influence()] == ["req-1"]  # applied again next time
 
 
 def test_an_influence_update_killed_after_its_record_is_journaled(tmp_path, monkeypatch):
     from lmeraser.lineage.log import LineageLog
     from lmeraser.lineage.records import signing_key
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.unlearning.recovery import recover_influence
-    from lmeraser.unlearning.requests import Journal
 
     ws, _ = _influence_workspace(tmp_path, monkeypatch)
     LineageLog(ws.lineage_file).append({"x": "0" * 64}, {"batch_id": "influence-x"}, signing_key(ws))
     assert "record 1 was appended" in recover_influence(ws)[0]
     journal = Journal(ws)
-    assert journal.requests()["req-1"]["state"] == "approximated" and journal.requests()["req-1"]["history"][-1]["record"] == 1
+    assert journal.requests()["req-1"].state == "approximated" and journal.requests()["req-1"].history[-1]["record"] == 1
     assert not journal.awaiting_influence() and not ws.influence_intent_file.exists()
     assert (ws.overlay_dir / "k-new.safetensors").exists()  # the recorded update stands
 
@@ -256,7 +258,8 @@ def influence_ws(trained_workspace, tmp_path, monkeypatch):
     """A copy of the trained tiny workspace with one influence request waiting."""
     import shutil
 
-    from lmeraser.unlearning.requests import RequestSpec, submit
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import submit
 
     monkeypatch.delenv("LMERASER_SIGNING_KEY", raising=False)
     monkeypatch.delenv("LMERASER_SIGNING_KEY_FILE", raising=False)
@@ -273,8 +276,8 @@ def _edited_files(ws: Workspace) -> list[str]:
 def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(influence_ws):
     """Killed after the edited prompts are written, before the audit and the overlay: the intent is
     already on disk, so the next run deletes those files (before, they stayed until an unlearn)."""
+    from lmeraser.unlearning.journal import Journal
     from lmeraser.unlearning.recovery import recover
-    from lmeraser.unlearning.requests import Journal
 
     ws = influence_ws
     _killed_at("influence:edited", INFLUENCE, ws.root)
@@ -287,7 +290,7 @@ def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(inf
 def test_an_influence_update_that_fails_undoes_itself_at_once(influence_ws, monkeypatch):
     from lmeraser.unlearning import approximate
     from lmeraser.unlearning.approximate import approximate_pending
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     def broken(*args, **kwargs):
         raise RuntimeError("the audit broke")

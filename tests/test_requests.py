@@ -8,11 +8,13 @@ import pytest
 
 from lmeraser.data.splits import add_tombstones
 from lmeraser.errors import LmeraserError
+from lmeraser.request import RequestSpec
 from lmeraser.salt import Keyer
-from lmeraser.unlearning.requests import Journal, RequestSpec, parse_requests_file, resolve
+from lmeraser.unlearning.intake import parse_requests_file, resolve
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import TINY, build_workspace
+from conftest import TINY, build_workspace, received_event
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,12 @@ def test_resolve_subject_and_ids(ws):
     subject = private["subject_id"].value_counts().index[0]
     members = private.loc[private.subject_id == subject, "sample_id"].tolist()
     resolved = resolve(RequestSpec(subjects=[subject]), ws)
-    assert resolved.sample_ids == members and len(members) >= 2
+    assert list(resolved.request.sample_ids) == members and len(members) >= 2
+    assert resolved.subjects == [subject] and resolved.request.subject_hashes == ()  # keyed only when journaled
     assert not ws.subject_salt_file.exists()  # validation writes nothing, not even the salt
-    Journal(ws).submit([resolved])
-    assert resolved.subject_hashes == [Keyer(ws).subject(subject)] and subject not in ws.journal_file.read_text()
+    [journaled] = Journal(ws).submit([resolved])
+    assert journaled.subject_hashes == (Keyer(ws).subject(subject),) and subject not in ws.journal_file.read_text()
+    assert Journal(ws).pending() == [journaled]
     assert ws.subject_salt_file.stat().st_mode & 0o777 == 0o600
 
 
@@ -38,7 +42,7 @@ def test_unknown_public_and_test_ids_are_refused(ws):
     public_id = ws.split("public").sample_ids[0]
     with pytest.raises(LmeraserError, match="is public.*--allow-backbone-rebuild"):
         resolve(RequestSpec(sample_ids=[public_id]), ws)
-    assert resolve(RequestSpec(sample_ids=[public_id], allow_backbone_rebuild=True), ws).public
+    assert resolve(RequestSpec(sample_ids=[public_id], allow_backbone_rebuild=True), ws).request.public
     with pytest.raises(LmeraserError, match="test split"):
         resolve(RequestSpec(sample_ids=[ws.split("test").sample_ids[0]]), ws)
     with pytest.raises(LmeraserError, match="subject s99999 has no private samples"):
@@ -55,8 +59,8 @@ def test_already_forgotten_is_a_recorded_noop(ws, tmp_path):
     from lmeraser.data.splits import remove_samples
 
     remove_samples([victim.sample_id], "private", copy)
-    resolved = resolve(RequestSpec(sample_ids=[victim.sample_id]), copy)
-    assert resolved.sample_ids == [] and resolved.already_forgotten == [victim.sample_id]
+    resolved = resolve(RequestSpec(sample_ids=[victim.sample_id]), copy).request
+    assert resolved.sample_ids == () and resolved.already_forgotten == (victim.sample_id,)
 
 
 def test_rectify_validation(ws, tmp_path):
@@ -87,24 +91,25 @@ def test_malformed_request_file_names_the_line(tmp_path):
 
 def test_journal_states_and_torn_last_line(tmp_path):
     journal = Journal(Workspace(tmp_path))
-    journal.append([{"request_id": "r1", "state": "received", "request": {"request_id": "r1"}}])
-    journal.append([{"request_id": "r2", "state": "received", "request": {"request_id": "r2"}}])
+    journal.append([received_event("r1")])
+    journal.append([received_event("r2")])
     journal.append([{"request_id": "r1", "state": "verified"}])
-    assert [r["request_id"] for r in journal.pending()] == ["r2"]
+    assert [r.request_id for r in journal.pending()] == ["r2"]
     with open(journal.path, "ab") as handle:
         handle.write(b'{"request_id": "r3", "sta')  # killed mid-append
-    assert [r["request_id"] for r in journal.pending()] == ["r2"]
-    journal.append([{"request_id": "r4", "state": "received", "request": {"request_id": "r4"}}])
-    assert [r["request_id"] for r in journal.pending()] == ["r2", "r4"]
+    assert [r.request_id for r in journal.pending()] == ["r2"]
+    journal.append([received_event("r4")])
+    assert [r.request_id for r in journal.pending()] == ["r2", "r4"]
     assert all(line.startswith(b"{") for line in journal.path.read_bytes().splitlines())
 
 
 def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
     journal = Journal(Workspace(tmp_path))
     code = (
-        "import sys; from lmeraser.unlearning.requests import Journal; from lmeraser.workspace import Workspace\n"
+        "import sys; from lmeraser.unlearning.journal import Journal; from lmeraser.workspace import Workspace\n"
         "j = Journal(Workspace(sys.argv[1]))\n"
-        "for i in range(50): j.append([{'request_id': f'{sys.argv[2]}-{i}', 'state': 'received', 'request': {'request_id': f'{sys.argv[2]}-{i}'}}])\n"
+        "from lmeraser.request import Request; from lmeraser.unlearning.journal import received\n"
+        "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', sample_ids=(), received_at=0.0))])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
@@ -125,10 +130,10 @@ def test_re_forgetting_a_subject_is_a_recorded_noop(ws, tmp_path):
     first = resolve(RequestSpec(subjects=[subject]), copy)
     journal = Journal(copy)
     journal.submit([first])
-    journal.append([{"request_id": first.request_id, "state": "verified", "time": 0.0, "record": 1}])
-    remove_samples(first.sample_ids, "private", copy)
-    again = resolve(RequestSpec(subjects=[subject]), copy)
-    assert again.sample_ids == [] and again.subjects_already_forgotten == [Keyer(copy).subject(subject)]
+    journal.append([{"request_id": first.request.request_id, "state": "verified", "time": 0.0, "record": 1}])
+    remove_samples(list(first.request.sample_ids), "private", copy)
+    again = resolve(RequestSpec(subjects=[subject]), copy).request
+    assert again.sample_ids == () and again.subjects_already_forgotten == (Keyer(copy).subject(subject),)
     with pytest.raises(LmeraserError, match="never forgotten"):
         resolve(RequestSpec(subjects=["s99998"]), copy)
 
@@ -154,7 +159,7 @@ def test_request_status_deadlines_and_flags(tmp_path):
 
     def received(rid, days_ago, method="exact"):
         at = now - days_ago * day
-        return {"request_id": rid, "state": "received", "time": at, "method": method, "request": {"request_id": rid, "kind": "forget", "received_at": at}}
+        return received_event(rid, at, method)
 
     journal.append([received("old", 40), received("soon", 27), received("done", 40), received("late", 70, "influence"), received("new", 0)])
     journal.append([{"request_id": "late", "state": "approximated", "time": now - 69 * day, "record": 1}])
@@ -197,7 +202,7 @@ def test_a_corrected_image_must_have_the_datas_channels_and_is_never_converted()
     import numpy as np
     from PIL import Image
 
-    from lmeraser.unlearning.requests import decode_corrected_image
+    from lmeraser.request import decode_corrected_image
 
     def png(mode: str, size=(6, 5)) -> bytes:
         buffer = io.BytesIO()

@@ -25,10 +25,10 @@ from lmeraser.errors import LmeraserError
 from lmeraser.service.app import create_app
 from lmeraser.service.auth import TOKEN_ENV, api_token, authorized
 from lmeraser.service.worker import BatchWorker
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import _free_port
+from conftest import _free_port, received_event
 
 
 class Served:
@@ -125,8 +125,8 @@ def test_a_forget_request_is_journaled_and_its_status_served(service):
     assert answer.status_code == 201, answer.text
     [request] = answer.json()["requests"]
     assert request["state"] == "received" and request["kind"] == "forget" and request["method"] == "exact"
-    assert [r["request_id"] for r in Journal(ws).pending()] == [request["request_id"]]
-    assert Journal(ws).pending()[0]["sample_ids"] == ids
+    assert [r.request_id for r in Journal(ws).pending()] == [request["request_id"]]
+    assert list(Journal(ws).pending()[0].sample_ids) == ids
     status = client.get(f"/v1/requests/{request['request_id']}").json()
     assert status["history"][0]["state"] == "received" and status["deadline"] > status["received_at"]
     assert [r["request_id"] for r in client.get("/v1/requests", params={"pending": True}).json()] == [request["request_id"]]
@@ -257,7 +257,7 @@ def test_a_rectify_request_takes_its_image_as_an_upload_copied_into_the_workspac
     answer = client.post("/v1/requests", data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})}, files={"image": ("x.npy", buffer.getvalue())})
     assert answer.status_code == 201, answer.text
     [pending] = Journal(ws).pending()
-    copy = ws.root / pending["input_path"]
+    copy = ws.root / pending.input_path
     assert np.array_equal(np.load(copy), image) and copy.stat().st_mode & 0o777 == 0o600
     from PIL import Image
 
@@ -343,7 +343,7 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
     now = time.time()
 
     def receive(request_id: str, at: float) -> None:
-        journal.append([{"request_id": request_id, "state": "received", "time": at, "request": {"request_id": request_id, "received_at": at}}])
+        journal.append([received_event(request_id, at)])
 
     receive("req-a", now)
     assert not worker.due(now + 1) and worker.due(now + 61)  # the window
@@ -390,7 +390,7 @@ def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_w
     params = ServiceParams(batch_window_s=0, full_scan_every_s=0)
     worker = BatchWorker(ws, params, run_batch, lines.append, poll_s=0.05, run_tracking=run_tracking, warm_up=lambda: order.append("warm-up"))
     assert not worker.status()["warm"] and not worker.tracking_due(time.time())  # nothing waits
-    Journal(ws).append([{"request_id": "req-a", "state": "received", "time": time.time(), "request": {"request_id": "req-a", "received_at": time.time()}}])
+    Journal(ws).append([received_event("req-a")])
     worker.start()
     try:
         deadline = time.time() + 30
@@ -419,7 +419,7 @@ def test_a_request_wakes_the_worker_instead_of_waiting_for_its_poll(tmp_path):
     try:
         time.sleep(0.3)  # the worker is now waiting out its 60 s poll
         at = time.time()
-        Journal(ws).append([{"request_id": "req-a", "state": "received", "time": at, "request": {"request_id": "req-a", "received_at": at}}])
+        Journal(ws).append([received_event("req-a", at)])
         worker.wake()
         deadline = time.time() + 10
         while not started and time.time() < deadline:
@@ -508,14 +508,14 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
         sid = Workspace(root).manifest("private")["sample_id"][0]
         done = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, cwd=root)
         assert done.returncode == 0 and "accepted req-" in done.stdout and "state received" in done.stdout, done.stderr
-        assert [r["sample_ids"] for r in Journal(Workspace(root)).pending()] == [[sid]]
+        assert [list(r.sample_ids) for r in Journal(Workspace(root)).pending()] == [[sid]]
         other = Workspace(root).manifest("private")["sample_id"][1]
         image = np.zeros(tuple(Workspace(root).source_info()["image_shape"]), dtype=np.uint8)
         np.save(tmp_path / "fixed.npy", image)
         done = lmeraser_cli("rectify", "--server", f"http://127.0.0.1:{port}", "--sample-id", other, "--input", str(tmp_path / "fixed.npy"), "--json", cwd=root)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["requests"][0]["kind"] == "rectify"
-        copy = root / Journal(Workspace(root)).pending()[1]["input_path"]
+        copy = root / Journal(Workspace(root)).pending()[1].input_path
         assert np.array_equal(np.load(copy), image)  # the image travelled as bytes and was copied in
         refused = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, "--no-process", cwd=root)
         assert refused.returncode == 1 and "--process/--no-process belongs to the service" in refused.stderr

@@ -20,7 +20,7 @@ from lmeraser.lineage import keys
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import KEY_FILE_ENV, Workspace
 
-from conftest import BIN
+from conftest import BIN, received_event
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 AUDIT_FILES = ("audit/lineage.jsonl", "audit/lineage.head.json", "audit/lineage-public-key.pem", "audit/journal.jsonl")
@@ -37,10 +37,10 @@ def ws(tmp_path, monkeypatch):
 def _record(ws: Workspace, request_id: str):
     """Sign and append one record listing `request_id`, then journal it `verified`, as a batch does."""
     from lmeraser.lineage.records import lineage_log, signing_key
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
-    Journal(ws).append([{"request_id": request_id, "state": "received", "time": time.time(), "request": {"request_id": request_id}}])
+    Journal(ws).append([received_event(request_id)])
     Journal(ws).append([{"request_id": request_id, "state": "verified", "time": time.time(), "record": record.number}])
     return record
 
@@ -232,7 +232,7 @@ def test_a_lost_salt_is_never_regenerated(ws, evidence):
     from lmeraser import suppression
     from lmeraser.data.splits import add_tombstones
     from lmeraser.salt import Keyer
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     keyer = Keyer(ws)
     assert stat.S_IMODE(ws.subject_salt_file.stat().st_mode) == 0o600 and len(ws.subject_salt_file.read_bytes()) == 32
@@ -245,8 +245,7 @@ def test_a_lost_salt_is_never_regenerated(ws, evidence):
         ws.data.mkdir(parents=True, exist_ok=True)
         add_tombstones([row], ws)
     else:
-        request = {"request_id": "r1", "subject_hashes": [keyer.subject("alice")]}
-        Journal(ws).append([{"request_id": "r1", "state": "received", "time": time.time(), "request": request}])
+        Journal(ws).append([received_event("r1", subject_hashes=(keyer.subject("alice"),))])
     ws.subject_salt_file.unlink()
     for create in (True, False):  # the next forget, batch or data init
         with pytest.raises(DataError, match="secret salt is missing, though .* keyed with it; restore it from your secret store"):
@@ -341,7 +340,7 @@ def test_a_log_rolled_back_with_its_journal_fails_against_the_head_history(ws):
 
 
 def test_a_journal_naming_a_record_that_does_not_list_its_request_fails(ws):
-    from lmeraser.unlearning.requests import Journal
+    from lmeraser.unlearning.journal import Journal
 
     _record(ws, "r1")
     _record(ws, "r2")

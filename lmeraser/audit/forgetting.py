@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmeraser.request import Request
+
 VERDICTS = ("forgotten", "not-memorised", "FAIL", "not-audited")
 POPULATION = 64  # population rows per side and cluster for the pooled variances
 _MIN_VARIANCE = 1e-4  # a floor: identical scores must not make every difference "significant"
@@ -82,19 +84,19 @@ def reference_seed(cluster_seed: int, side: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
-def chosen_samples(requests: list[dict], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
+def chosen_samples(requests: list[Request], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
     """request id -> the forget request's samples to audit: at most `limit`, the first in a fixed
     seeded order (the same on every run), among the `eligible` ones."""
     chosen, taken = {}, set()
     for request in requests:
-        if request["kind"] != "forget":
+        if request.kind != "forget":
             continue
         # A sample named by several requests is audited once, under the first (it is one test).
-        ids = [s for s in dict.fromkeys(request["sample_ids"]) if eligible(s) and s not in taken]
-        ids.sort(key=lambda s: hashlib.sha256(f"{seed}:{request['request_id']}:{s}".encode()).hexdigest())
+        ids = [s for s in dict.fromkeys(request.sample_ids) if eligible(s) and s not in taken]
+        ids.sort(key=lambda s: hashlib.sha256(f"{seed}:{request.request_id}:{s}".encode()).hexdigest())
         if ids:
-            chosen[request["request_id"]] = sorted(ids[:limit])
-            taken |= set(chosen[request["request_id"]])
+            chosen[request.request_id] = sorted(ids[:limit])
+            taken |= set(chosen[request.request_id])
     return chosen
 
 
@@ -411,7 +413,7 @@ def _subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
 
 
-def references_before(ws, params, requests: list[dict], test_routes: np.ndarray, log=print) -> dict | None:
+def references_before(ws, params, requests: list[Request], test_routes: np.ndarray, log=print) -> dict | None:
     """The part of a batch's audit that needs the data before it changes: the audited samples,
     each affected cluster's fresh references (trained, scored, dropped) and the pre-forget exact
     prompts' scores, with the audit settings they were made with. A JSON-able state (scores and
@@ -431,7 +433,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     chosen = chosen_samples(requests, lambda s: s in cluster_of, audit.max_samples_per_request, params.seed)
     if not chosen:
         return None
-    forgotten = {s for r in requests if r["kind"] == "forget" for s in r["sample_ids"] if s in cluster_of}
+    forgotten = {s for r in requests if r.kind == "forget" for s in r.sample_ids if s in cluster_of}
     request_of = {sid: rid for rid, ids in chosen.items() for sid in ids}
     training = plan(params, ws)
     scorer = Scorer(training.trainer, params.evaluate.batch_size)
@@ -484,7 +486,7 @@ def references_before(ws, params, requests: list[dict], test_routes: np.ndarray,
     return {
         "audit": audit.model_dump(mode="json"),  # the settings the references were made with: a resumed batch uses them
         "chosen": chosen,
-        "requests_of": {sid: [r["request_id"] for r in requests if r["kind"] == "forget" and sid in r["sample_ids"]] for ids in chosen.values() for sid in ids},
+        "requests_of": {sid: [r.request_id for r in requests if r.kind == "forget" and sid in r.sample_ids] for ids in chosen.values() for sid in ids},
         "clusters": {
             str(case.cluster): {
                 "targets": case.targets,

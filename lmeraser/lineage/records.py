@@ -26,6 +26,7 @@ from lmeraser.lineage import keys
 from lmeraser.lineage.keys import key_id, load_or_create_key, load_public_key, public_pem
 from lmeraser.lineage.log import LineageLog, Record
 from lmeraser.overlay import Overlay
+from lmeraser.request import Request
 from lmeraser.versioning import git_commit
 from lmeraser.workspace import Workspace
 
@@ -61,21 +62,21 @@ class RequestSummary(_Schema):
     completed_at: str | None  # when the exact erasure was verified and recorded; None: still queued
 
     @classmethod
-    def of(cls, request: dict, applied_at: float | None, completed_at: str | None, key: Callable[[str], str] | None = None) -> RequestSummary:
-        """`key` keys sample ids (the salt's HMAC, as scans and audits key them); records must
-        name no raw id of a forgotten sample."""
+    def of(cls, request: Request, applied_at: float | None, completed_at: str | None, key: Callable[[str], str] | None = None) -> RequestSummary:
+        """The request's fields as the record states them; `key` keys sample ids (the salt's HMAC,
+        as scans and audits key them): records name no raw id of a forgotten sample."""
         key = key or _sample_key_unavailable
         return cls(
-            request_id=request["request_id"],
-            kind=request["kind"],
-            legal_basis=LEGAL_BASIS[request["kind"]],
-            samples=len(request["sample_ids"]),
-            subject_hashes=request["subject_hashes"],
-            already_forgotten=[key("sample:" + sid) for sid in request["already_forgotten"]],
-            subjects_already_forgotten=request.get("subjects_already_forgotten", []),
-            label=request["label"],
-            input="corrected image" if request["input_path"] else None,
-            received_at=utc(request["received_at"]),
+            request_id=request.request_id,
+            kind=request.kind,
+            legal_basis=LEGAL_BASIS[request.kind],
+            samples=len(request.sample_ids),
+            subject_hashes=list(request.subject_hashes),
+            already_forgotten=[key("sample:" + sid) for sid in request.already_forgotten],
+            subjects_already_forgotten=list(request.subjects_already_forgotten),
+            label=request.label,
+            input="corrected image" if request.input_path else None,
+            received_at=utc(request.received_at),
             applied_at=None if applied_at is None else utc(applied_at),
             completed_at=completed_at,
         )

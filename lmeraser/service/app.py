@@ -6,7 +6,7 @@ looked at, so unknown paths cannot be probed). A POST needs a Content-Length no 
 is passed, whatever the headers said, chunked or not). Fields are typed strictly: a label is an
 integer (not `true`, not 3.0), pixels are integers 0..255 (a float is refused, never truncated).
 The access log names the path only: a query string (which may carry a secret) is never logged. Requests go through the same validation and journal as the CLI
-(`unlearning.requests.submit`); a corrected image comes as a multipart upload (bytes, checked and
+(`unlearning.intake.submit`); a corrected image comes as a multipart upload (bytes, checked and
 copied into the workspace), never as a path, so no request reads or writes outside the workspace.
 
   POST /v1/requests          submit (an influence request is answered after its update is served)
@@ -38,9 +38,9 @@ from lmeraser import __version__
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import npy_header
+from lmeraser.request import MAX_IDS, RequestSpec
 from lmeraser.service.auth import authorized
 from lmeraser.service.worker import BatchWorker
-from lmeraser.unlearning.requests import MAX_IDS, RequestSpec
 from lmeraser.workspace import Workspace
 
 MAX_PREDICT = 4096  # images per /v1/predict call
@@ -375,7 +375,7 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         return await run_in_threadpool(_submit, specs, method, upload)
 
     def _submit(specs: list[RequestSpec], method: str, upload: bytes | None) -> dict:
-        from lmeraser.unlearning.requests import submit
+        from lmeraser.unlearning.intake import submit
 
         resolved = submit(specs, ws, method, [upload] if upload is not None else None)
         ids = [r.request_id for r in resolved]

@@ -43,7 +43,7 @@ class Client:
         if image is None:
             return self._call("POST", "/v1/requests", json.dumps(body).encode(), "application/json")
         from lmeraser.io import read_input_bytes
-        from lmeraser.unlearning.requests import MAX_IMAGE_FILE
+        from lmeraser.request import MAX_IMAGE_FILE
 
         raw = read_input_bytes(image, "corrected input", MAX_IMAGE_FILE)
         boundary = uuid.uuid4().hex

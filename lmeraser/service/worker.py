@@ -20,7 +20,7 @@ from collections.abc import Callable
 from lmeraser.config import ServiceParams
 from lmeraser.errors import shown
 from lmeraser.tracking import backlog_file
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 RETRY_AFTER_S = 5.0  # the least wait before a failed batch is tried again
@@ -117,8 +117,6 @@ class BatchWorker:
         self.last_batch: dict | None = None
         self.last_error: str | None = None
         self._failed_at = 0.0
-        self._journal_key: tuple | None = None
-        self._pending_summary = (0, 0.0)
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by the API when a request arrives
         self._thread: threading.Thread | None = None
@@ -137,17 +135,10 @@ class BatchWorker:
         return count > 0 and (count >= self.params.max_batch or now - oldest >= self.params.batch_window_s)
 
     def _pending(self) -> tuple[int, float]:
-        """How many requests are pending and when the oldest arrived; the journal is parsed again
-        only when it changed (this runs every `poll_s`)."""
-        try:
-            st = self.ws.journal_file.stat()
-            key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            return 0, 0.0
-        if key != self._journal_key:
-            pending = Journal(self.ws).pending()
-            self._journal_key, self._pending_summary = key, (len(pending), min((float(r.get("received_at", 0.0)) for r in pending), default=0.0))
-        return self._pending_summary
+        """How many requests are pending and when the oldest arrived (the journal caches its
+        parse: this runs every `poll_s`, and reads the file again only when it changed)."""
+        pending = Journal(self.ws).pending()
+        return len(pending), min((r.received_at for r in pending), default=0.0)
 
     def run_once(self) -> dict | None:
         """One batch now (at most `max_batch` requests); its summary, or None when idle."""

@@ -30,21 +30,22 @@ from lmeraser.io import atomic_write_json, sha256_json
 from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append, utc
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
+from lmeraser.request import Request, corrected_image
 from lmeraser.training import cluster_seed, code_version
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model, rows_like
+from lmeraser.unlearning.journal import Journal, event
 from lmeraser.unlearning.recovery import recover, recover_influence
-from lmeraser.unlearning.requests import Journal, corrected_image
 from lmeraser.versioning import data_md5
 from lmeraser.workspace import InputSpec, Workspace
 
 
-def check_influence(requests: list[dict], ws: Workspace) -> dict[str, int]:
+def check_influence(requests: list[Request], ws: Workspace) -> dict[str, int]:
     """Refuse, before anything is written, what the influence method cannot do; the cluster of
     every private sample."""
     for request in requests:
-        if request["public"]:
+        if request.public:
             raise LmeraserError(
-                f"request {request['request_id']} names public samples: the influence method edits only private clusters' "
+                f"request {request.request_id} names public samples: the influence method edits only private clusters' "
                 "prompts, not the backbone; use --method exact --allow-backbone-rebuild."
             )
     if not ws.prompt_index_file.exists():
@@ -54,7 +55,7 @@ def check_influence(requests: list[dict], ws: Workspace) -> dict[str, int]:
     if assignments["sample_id"].tolist() != private_ids:
         raise LmeraserError(f"{ws.assignments_file} is out of date with data/private; run `dvc repro` first.")
     cluster_of = dict(zip(private_ids, assignments["cluster"].astype(int)))
-    targets = {s for r in requests for s in r["sample_ids"]}
+    targets = {s for r in requests for s in r.sample_ids}
     missing = sorted(targets - set(cluster_of))
     if missing:
         raise LmeraserError(f"sample id {shown(missing[0])} is not in data/private; it cannot be edited by influence.")
@@ -75,13 +76,13 @@ class _ClusterData:
         self.row = {sid: i for i, sid in enumerate(sample_ids)}
         self.spec, self.ws = spec, ws
 
-    def apply(self, request: dict) -> None:
+    def apply(self, request: Request) -> None:
         """Apply one request's edits to the rows it names in this cluster."""
-        for row in (self.row[s] for s in request["sample_ids"] if s in self.row):
-            if request["kind"] == "forget":
+        for row in (self.row[s] for s in request.sample_ids if s in self.row):
+            if request.kind == "forget":
                 self.present[row] = False
-            elif request["label"] is not None:
-                self.y[row] = request["label"]
+            elif request.label is not None:
+                self.y[row] = request.label
             else:
                 image = corrected_image(self.ws, request)
                 self.x[row] = preprocess(image[None], self.spec)[0]
@@ -112,7 +113,7 @@ def approximate_pending(ws: Workspace, log=print) -> dict | None:
         return _approximate(ws, load_params(ws.params_file), requests, journal, log)
 
 
-def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: Journal, log) -> dict | None:
+def _approximate(ws: Workspace, params: Params, requests: list[Request], journal: Journal, log) -> dict | None:
     from lmeraser.unlearning.preflight import check_signer
 
     start = time.perf_counter()
@@ -123,7 +124,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
     overlay, entries = Overlay(ws), model.overlay  # the active overlay entries, read once
     private = ws.split("private")
     assignments = ws.assignments()
-    clusters = sorted({cluster_of[s] for r in requests for s in r["sample_ids"]})
+    clusters = sorted({cluster_of[s] for r in requests for s in r.sample_ids})
     if not clusters:
         log("nothing to edit: every target was already forgotten (the exact batch records the no-op)")
         return None
@@ -150,13 +151,14 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
                 ws,
             )
             previous = entries.get(c)
-            for edit in (previous or {}).get("edits", []):
+            earlier = [Request.model_validate(edit) for edit in (previous or {}).get("edits", [])]
+            for edit in earlier:
                 data.apply(edit)
             # What the serving prompt was fitted on (rows earlier edits removed are dropped), and the
             # same rows after this batch's edits.
             x, y, present = data.snapshot()
-            new_edits = [{**r, "sample_ids": [s for s in r["sample_ids"] if cluster_of.get(s) == cluster]} for r in requests]
-            new_edits = [e for e in new_edits if e["sample_ids"]]
+            new_edits = [r.only([s for s in r.sample_ids if cluster_of.get(s) == cluster]) for r in requests]
+            new_edits = [e for e in new_edits if e.sample_ids]
             for edit in new_edits:
                 data.apply(edit)
             x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
@@ -179,9 +181,9 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
             states[c] = state
             losses = _edited_losses(objective, theta, x, y, x_new, y_new, present_new)
             confidence = _edited_confidence(objective, theta, x, y, x_new, y_new, present_new)
-            edits = [*(previous or {}).get("edits", []), *new_edits]
+            edits = [*earlier, *new_edits]
             key = sha256_json(
-                {"base": base.key, "edits": [e["request_id"] for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
+                {"base": base.key, "edits": [e.request_id for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
             )
             stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base.key, "method": "influence"})
             edited[c] = {
@@ -192,7 +194,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
                 "n_members": int(data.present.sum()),
                 "seed": base.seed,
                 "approximate": True,
-                "edits": edits,
+                "edits": [e.to_json() for e in edits],
             }
             reports.append(
                 {
@@ -221,7 +223,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
         failpoint("influence:overlay-written")
         record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit)
     failpoint("influence:record-appended")
-    journal.append([{"request_id": r["request_id"], "state": "approximated", "time": time.time(), "record": record.number} for r in requests])
+    journal.append([event(r.request_id, "approximated", record=record.number) for r in requests])
     ws.influence_intent_file.unlink()
     log(f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`")
     return {
@@ -229,7 +231,7 @@ def _approximate(ws: Workspace, params: Params, requests: list[dict], journal: J
         "sha256": record.line_sha256,
         "clusters": clusters,
         "reports": reports,
-        "requests": [r["request_id"] for r in requests],
+        "requests": [r.request_id for r in requests],
         "forgetting_audit": audit,
         "seconds": time.perf_counter() - start,
     }
@@ -277,11 +279,11 @@ def _edited_confidence(objective, theta, x, y, x_new, y_new, present) -> dict:
 
 
 @contextlib.contextmanager
-def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[dict]) -> Iterator[None]:
+def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[Request]) -> Iterator[None]:
     """The influence intent on disk while the update runs; on an error, undone at once (what a kill
     leaves, the next run's recovery finishes or undoes)."""
     before = overlay.read() if overlay.path.exists() else None
-    atomic_write_json(ws.influence_intent_file, {"batch_id": batch_id, "request_ids": [r["request_id"] for r in requests], "overlay_before": before})
+    atomic_write_json(ws.influence_intent_file, {"batch_id": batch_id, "request_ids": [r.request_id for r in requests], "overlay_before": before})
     try:
         yield
     except Exception:
@@ -289,11 +291,11 @@ def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[dict]
         raise
 
 
-def influence_batch_id(requests: list[dict]) -> str:
-    return "influence-" + hashlib.sha256(",".join(r["request_id"] for r in requests).encode()).hexdigest()[:16]
+def influence_batch_id(requests: list[Request]) -> str:
+    return "influence-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 
-def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingModel, states: dict[str, dict], log) -> dict:
+def _audit(ws: Workspace, params: Params, requests: list[Request], model: ServingModel, states: dict[str, dict], log) -> dict:
     """The forgetting audit of the update (lmeraser/audit/forgetting.py): how detectable each
     forgotten sample is in the served prompt before and in the edited one after. A FAIL here is the
     approximate edit's measured residue, recorded; the exact rebuild stays queued either way."""
@@ -339,7 +341,7 @@ def _audit(ws: Workspace, params: Params, requests: list[dict], model: ServingMo
     return section
 
 
-def _record(ws: Workspace, params: Params, batch_id: str, requests: list[dict], reports: list[dict], seconds: dict, audit: dict | None = None):
+def _record(ws: Workspace, params: Params, batch_id: str, requests: list[Request], reports: list[dict], seconds: dict, audit: dict | None = None):
     from lmeraser.salt import Keyer
 
     now = utc()

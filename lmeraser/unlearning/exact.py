@@ -31,7 +31,6 @@ from lmeraser.io import atomic_write_json
 from lmeraser.lineage.records import (
     BeforeAfter,
     ClusterRebuilt,
-    CodeInfo,
     DataVersions,
     ExactPredicate,
     RequestSummary,
@@ -43,13 +42,13 @@ from lmeraser.lineage.records import (
     utc,
 )
 from lmeraser.overlay import Overlay
+from lmeraser.request import Request, corrected_image
 from lmeraser.salt import Keyer
 from lmeraser.stages import SERVING_TARGET
-from lmeraser.unlearning.requests import Journal, corrected_image
+from lmeraser.unlearning.journal import Journal, event
+from lmeraser.unlearning.steps import STEPS, Applied, BatchState, Capture, Purged, Rebuilt, Recorded, Sample, Verified, Versioned
 from lmeraser.versioning import commit_paths, data_md5, dvc_add, file_sha256
 from lmeraser.workspace import Workspace
-
-STEPS = ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
 
 
 def rebuild_params(ws: Workspace) -> Params:
@@ -69,12 +68,12 @@ def rebuild_params(ws: Workspace) -> Params:
 
 
 class UnlearnBatch:
-    def __init__(self, ws: Workspace, params: Params, state: dict, log=print):
+    def __init__(self, ws: Workspace, params: Params, state: BatchState, log=print):
         self.ws = ws
         self.params = params
         self.state = state
         self.log = log
-        self.path = ws.batch_file(state["batch_id"])
+        self.path = ws.batch_file(state.batch_id)
         self.journal = Journal(ws)
         self._images: dict[str, np.ndarray] = {}  # forgotten pixels, in memory only, never written
         self.after_stage = None  # called with (stage, summary) after each rebuilt stage (tracking)
@@ -87,41 +86,61 @@ class UnlearnBatch:
         batches = ws.batch_files()
         if batches:
             try:
-                state = json.loads(batches[0].read_bytes())
-                if not isinstance(state, dict) or not {"batch_id", "requests", "done", "seconds"} <= state.keys():
-                    raise ValueError
-            except (ValueError, RecursionError):
+                state = BatchState.from_json(json.loads(batches[0].read_bytes()))
+            except (ValueError, RecursionError):  # ValidationError and JSONDecodeError included
                 raise LmeraserError(f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored.") from None
             return cls(ws, params, state, log)
         pending = Journal(ws).pending()[:max_requests]
         if not pending:
             return None
-        state = {
-            "batch_id": batch_id(pending),
-            "requests": pending,
-            "done": {},
-            "seconds": {},
-            "started_at": time.time(),
-            "git_commit": git_commit,
-        }
+        state = BatchState(batch_id=batch_id(pending), requests=pending, started_at=time.time(), git_commit=git_commit)
         batch = cls(ws, params, state, log)
         batch.save()
         return batch
 
     def save(self) -> None:
-        atomic_write_json(self.path, self.state)
+        atomic_write_json(self.path, self.state.to_json())
 
     @property
     def done(self) -> dict:
-        return self.state["done"]
+        return self.state.done
 
-    def run(self, step: str) -> dict:
+    # Each finished step's result, typed (a step runs only after the ones before it).
+    @property
+    def capture(self) -> Capture:
+        return self.done["capture"]
+
+    @property
+    def applied(self) -> Applied:
+        return self.done["apply"]
+
+    @property
+    def versioned(self) -> Versioned:
+        return self.done["version"]
+
+    @property
+    def rebuilt(self) -> Rebuilt:
+        return self.done["rebuild"]
+
+    @property
+    def purged(self) -> Purged:
+        return self.done["purge"]
+
+    @property
+    def verified(self) -> Verified:
+        return self.done["verify"]
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.state.requests
+
+    def run(self, step: str):
         if step in self.done:
             return self.done[step]
         start = time.perf_counter()
         result = getattr(self, f"_{step}")()
-        self.state["seconds"][step] = time.perf_counter() - start
-        self.log(f"step {step} done in {self.state['seconds'][step]:.1f}s")
+        self.state.seconds[step] = time.perf_counter() - start
+        self.log(f"step {step} done in {self.state.seconds[step]:.1f}s")
         self.done[step] = result
         if step != "record":
             self.save()
@@ -132,7 +151,7 @@ class UnlearnBatch:
 
     def _targets(self, kind: str | None = None) -> list[str]:
         """Target sample ids in request order, without repeats."""
-        ids = (s for r in self.state["requests"] if kind is None or r["kind"] == kind for s in r["sample_ids"])
+        ids = (s for r in self.requests if kind is None or r.kind == kind for s in r.sample_ids)
         return list(dict.fromkeys(ids))
 
     def _mia(self, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -146,7 +165,7 @@ class UnlearnBatch:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _capture(self) -> dict:
+    def _capture(self) -> Capture:
         ws = self.ws
         # The batch must change only what its requests change: a pipeline already out of date with
         # data/, params.yaml or the code (a re-ingestion, an upgrade) would rebuild more than planned
@@ -163,17 +182,16 @@ class UnlearnBatch:
         targets = self._targets()
         wanted, to_forget = set(targets), set(self._targets("forget"))
         index = ws.prompt_index_or_empty()
-        ids = {r["request_id"] for r in self.state["requests"]}
+        ids = {r.request_id for r in self.requests}
         # Influence records these requests already produced: this exact batch supersedes them.
-        supersedes = sorted(
-            {e["record"] for rid, entry in self.journal.requests().items() if rid in ids for e in entry.get("history", []) if e["state"] == "approximated"}
-        )
+        entries = self.journal.requests()
+        supersedes = sorted({e["record"] for rid in ids for e in entries[rid].history if e["state"] == "approximated"})
         samples = {}
         for split in ("public", "private"):
             part = ws.split(split)
             for row, sid in enumerate(part.sample_ids):
                 if sid in wanted:
-                    samples[sid] = {"split": split, "content_hash": part.manifest["content_hash"][row], "label": int(part.labels[row])}
+                    samples[sid] = Sample(split=split, content_hash=part.manifest["content_hash"][row], label=int(part.labels[row]))
                     if sid in to_forget:
                         self._images[sid] = part.images[row]
         # The plan: every cluster whose members this batch changes (a label or image "correction"
@@ -183,16 +201,16 @@ class UnlearnBatch:
         # of several corrections of one sample in a batch, the last of each kind stands.
         final_label, corrected = self._final_corrections(samples, to_forget)
         changing = set(to_forget)
-        changing |= {sid for sid, image in corrected.items() if content_hash(image) != samples[sid]["content_hash"]}
-        changing |= {sid for sid, label in final_label.items() if label != samples[sid]["label"]}
+        changing |= {sid for sid, image in corrected.items() if content_hash(image) != samples[sid].content_hash}
+        changing |= {sid for sid, label in final_label.items() if label != samples[sid].label}
         moved_to = self._assigned_clusters([image for sid, image in corrected.items() if sid in cluster_of])
         planned = sorted({int(cluster_of[s]) for s in changing if s in cluster_of} | moved_to)
-        public = [s for s in targets if samples.get(s, {}).get("split") == "public"]
+        public = [s for s in targets if s in samples and samples[s].split == "public"]
         forget = [s for s in self._targets("forget") if s in samples]
         mia = None
         if forget:
             images = np.stack([self._images[s] for s in forget])
-            mia = self._mia(images, np.array([samples[s]["label"] for s in forget]))
+            mia = self._mia(images, np.array([samples[s].label for s in forget]))
         audit = self._audit_before(samples, bool(public))
         metrics = ws.metrics() if ws.metrics_file.exists() else {}
         outside = outside_change(ws)
@@ -201,28 +219,28 @@ class UnlearnBatch:
                 f"the serving path changed since lineage record {outside['since_record']} with no record of its own "
                 f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); this batch's record names the change"
             )
-        self.log(f"batch {self.state['batch_id']}: {len(self.state['requests'])} request(s), {len(targets)} sample(s), planned clusters {planned}")
-        return {
+        self.log(f"batch {self.state.batch_id}: {len(self.requests)} request(s), {len(targets)} sample(s), planned clusters {planned}")
+        return Capture(
             # The code version as the batch found it: a batch started on a clean checkout says so,
             # though its own data.dvc and dvc.lock changes make the tree dirty until they are committed.
-            "code": code_info(ws, self.params).model_dump(),
-            "data_md5": data_md5(ws.root),
-            "dvc_lock_sha256": file_sha256(ws.dvc_lock),
-            "prompts": served_prompts(ws),
-            "exact_prompts": index.hashes(),
-            "exact_keys": {c: e.key for c, e in index.clusters.items()},
-            "supersedes": supersedes,
-            "accuracy": metrics.get("accuracy"),
-            "planned_clusters": planned,
-            "backbone_rebuild": bool(public),
-            "samples": samples,
-            "membership_inference": mia,
-            "n_clusters": len(index.clusters),
-            "outside_change": outside,
-            "forgetting_audit": audit,
-        }
+            code=code_info(ws, self.params),
+            data_md5=data_md5(ws.root),
+            dvc_lock_sha256=file_sha256(ws.dvc_lock),
+            prompts=served_prompts(ws),
+            exact_prompts=index.hashes(),
+            exact_keys={c: e.key for c, e in index.clusters.items()},
+            supersedes=supersedes,
+            accuracy=metrics.get("accuracy"),
+            planned_clusters=planned,
+            backbone_rebuild=bool(public),
+            samples=samples,
+            membership_inference=mia,
+            n_clusters=len(index.clusters),
+            outside_change=outside,
+            forgetting_audit=audit,
+        )
 
-    def _audit_before(self, samples: dict, backbone_rebuild: bool) -> dict | None:
+    def _audit_before(self, samples: dict[str, Sample], backbone_rebuild: bool) -> dict | None:
         """The forgetting audit's references and the served model's scores before the batch
         (lmeraser/audit/forgetting.py), while the samples are still in the data; None when off."""
         from lmeraser.audit import forgetting
@@ -231,16 +249,16 @@ class UnlearnBatch:
 
         if self.params.audit.references == 0 or backbone_rebuild:
             return None  # a new backbone: references on the old one would not describe the model served after
-        if not any(samples.get(s, {}).get("split") == "private" for s in self._targets("forget")):
+        if not any(s in samples and samples[s].split == "private" for s in self._targets("forget")):
             return None
         model = ServingModel.load(self.ws)
         batch_size = self.params.evaluate.batch_size
         _, routes, _ = score_test_split(self.ws, model, batch_size)
-        state = forgetting.references_before(self.ws, self.params, self.state["requests"], routes, self.log)
+        state = forgetting.references_before(self.ws, self.params, self.requests, routes, self.log)
         if state is None:
             return None
         audited = [s for ids in state["chosen"].values() for s in ids]
-        images, labels = np.stack([self._images[s] for s in audited]), np.array([samples[s]["label"] for s in audited])
+        images, labels = np.stack([self._images[s] for s in audited]), np.array([samples[s].label for s in audited])
         state["before"] = {
             "scores": forgetting.served_scores(model, images, labels, audited, batch_size),
             "digests": forgetting.served_digests(model, state["clusters"]),
@@ -259,11 +277,11 @@ class UnlearnBatch:
         from lmeraser.audit import forgetting
         from lmeraser.inference import ServingModel
 
-        capture, params = self.done["capture"], self.params
-        state = capture.get("forgetting_audit")
+        capture, params = self.capture, self.params
+        state = capture.forgetting_audit
         key = Keyer(self.ws, create=False).subject
         if state is None:
-            reason = "the batch rebuilds the backbone (public samples)" if capture["backbone_rebuild"] and params.audit.references else None
+            reason = "the batch rebuilds the backbone (public samples)" if capture.backbone_rebuild and params.audit.references else None
             return forgetting.section(None, None, params, key, {}, reason), []
         start = time.perf_counter()
         model = ServingModel.load(self.ws)
@@ -274,7 +292,7 @@ class UnlearnBatch:
             targets = state["clusters"][cluster]["targets"]
             if all(s in self._images for s in targets):
                 images = np.stack([self._images[s] for s in targets])
-                labels = np.array([capture["samples"][s]["label"] for s in targets])
+                labels = np.array([capture.samples[s].label for s in targets])
                 scores.update(forgetting.served_scores(model, images, labels, targets, params.evaluate.batch_size))
             else:
                 problems.append(
@@ -294,18 +312,18 @@ class UnlearnBatch:
         ]
         return section, problems
 
-    def _final_corrections(self, samples: dict, forgotten: set[str]) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    def _final_corrections(self, samples: dict[str, Sample], forgotten: set[str]) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """The label and the image each rectified sample ends the batch with (the last request of
         each kind wins, as the data edits apply them in order); samples this batch forgets and
         samples no longer in the data are left out."""
         labels, images = {}, {}
-        for request in self.state["requests"]:
-            sid = request["sample_ids"][0] if request["kind"] == "rectify" and request["sample_ids"] else None
+        for request in self.requests:
+            sid = request.sample_ids[0] if request.kind == "rectify" and request.sample_ids else None
             if sid not in samples or sid in forgotten:
                 continue
-            if request["label"] is not None:
-                labels[sid] = int(request["label"])
-            elif request["input_path"]:
+            if request.label is not None:
+                labels[sid] = request.label
+            elif request.input_path:
                 images[sid] = request
         return labels, {sid: corrected_image(self.ws, request) for sid, request in images.items()}  # each image read once
 
@@ -321,51 +339,51 @@ class UnlearnBatch:
         backbone, meta = load_backbone(self.ws)
         return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes(), gpu=Compute.of(meta).faiss_gpu)}
 
-    def _hold_pixels(self, samples: dict, forgotten: set[str]) -> None:
+    def _hold_pixels(self, samples: dict[str, Sample], forgotten: set[str]) -> None:
         """The pixels of the samples this batch erases, in memory (never written), for the checks
         after the erasure: a batch resumed before its erasure reads them from the data once more."""
         for split in ("public", "private"):
-            wanted = [s for s in forgotten if samples.get(s, {}).get("split") == split and s not in self._images]
+            wanted = [s for s in forgotten if s in samples and samples[s].split == split and s not in self._images]
             if wanted:
                 part = self.ws.split(split)
                 row = {sid: i for i, sid in enumerate(part.sample_ids)}
                 self._images.update({s: part.images[row[s]] for s in wanted if s in row})
 
-    def _apply(self) -> dict:
+    def _apply(self) -> Applied:
         ws = self.ws
-        samples = self.done["capture"]["samples"]
+        samples = self.capture.samples
         keyer = Keyer(ws)
         # What must stay erased or corrected, decided from the state captured before any change,
         # so a re-run after an interruption writes the same rows.
         rows, removed, edits = [], {"public": [], "private": []}, []
         forgotten = set(self._targets("forget"))
         self._hold_pixels(samples, forgotten)
-        for request in self.state["requests"]:
-            if request["kind"] == "rectify" and request["sample_ids"][0] in forgotten:
+        for request in self.requests:
+            if request.kind == "rectify" and request.sample_ids[0] in forgotten:
                 continue  # erased in this batch: nothing is left to correct
-            if request["kind"] == "forget":
-                for sid in request["sample_ids"]:
+            if request.kind == "forget":
+                for sid in request.sample_ids:
                     info = samples.get(sid)
                     if info is None:
                         continue
-                    if sid in removed[info["split"]]:
+                    if sid in removed[info.split]:
                         continue  # named by an earlier request of this batch too: one erasure, one row
-                    removed[info["split"]].append(sid)
-                    rows.append({"sample_id": sid, "content_key": keyer.content(info["content_hash"]), "reason": "forget"})
-            elif request["label"] is not None:
-                sid = request["sample_ids"][0]
-                rows.append({"sample_id": sid, "content_key": "", "reason": "rectify-label", "label": request["label"]})
-                edits.append((sid, {"label": request["label"]}))
+                    removed[info.split].append(sid)
+                    rows.append({"sample_id": sid, "content_key": keyer.content(info.content_hash), "reason": "forget"})
+            elif request.label is not None:
+                sid = request.sample_ids[0]
+                rows.append({"sample_id": sid, "content_key": "", "reason": "rectify-label", "label": request.label})
+                edits.append((sid, {"label": request.label}))
             else:
-                sid = request["sample_ids"][0]
-                rows.append({"sample_id": sid, "content_key": keyer.content(samples[sid]["content_hash"]), "reason": "rectify-input"})
+                sid = request.sample_ids[0]
+                rows.append({"sample_id": sid, "content_key": keyer.content(samples[sid].content_hash), "reason": "rectify-input"})
                 edits.append((sid, {"image": corrected_image(ws, request)}))
         # The durable list first, then its copy in data/, then the data: if we are killed in
         # between, re-running finds the rows listed and finishes the edits (each is idempotent).
         suppression.add(ws, rows)
         add_tombstones(rows, ws)
         for sid, change in edits:
-            update_sample(sid, samples[sid]["split"], ws, **change)
+            update_sample(sid, samples[sid].split, ws, **change)
         for split, ids in removed.items():
             present = set(ws.manifest(split)["sample_id"])
             todo = [s for s in ids if s in present]
@@ -373,19 +391,19 @@ class UnlearnBatch:
                 remove_samples(todo, split, ws)
         refresh_counts(ws)  # idempotent: right after a resume too
         applied_at = time.time()
-        self.journal.append([{"request_id": r["request_id"], "state": "applied", "time": applied_at} for r in self.state["requests"]])
+        self.journal.append([{**event(r.request_id, "applied"), "time": applied_at} for r in self.requests])
         failpoint("apply:journaled")
         self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)")
         erased = sorted({r["content_key"] for r in rows if r["content_key"]})
-        return {"removed": removed, "erased_content_keys": erased, "suppression_rows": len(rows), "applied_at": applied_at}
+        return Applied(removed=removed, erased_content_keys=erased, suppression_rows=len(rows), applied_at=applied_at)
 
-    def _version(self) -> dict:
+    def _version(self) -> Versioned:
         dvc_add(self.ws.root, "data")
         md5 = data_md5(self.ws.root)
-        self.log(f"data version {self.done['capture']['data_md5']} -> {md5}")
-        return {"data_md5": md5}
+        self.log(f"data version {self.capture.data_md5} -> {md5}")
+        return Versioned(data_md5=md5)
 
-    def _rebuild(self) -> dict:
+    def _rebuild(self) -> Rebuilt:
         # The serving path only (evaluate and its upstream), in this process and recorded in
         # dvc.lock; the baselines stage is re-measured by the next full `dvc repro`.
         from lmeraser.unlearning.rebuild import reproduce
@@ -404,11 +422,11 @@ class UnlearnBatch:
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
-        before = self.done["capture"]["prompts"]
+        before = self.capture.prompts
         # What changed, from the content-addressed keys before and after: right even when this
         # step resumes after a crash that came once the stages had run and been recorded (then
         # nothing is left to run, and this process trained nothing).
-        before_keys = self.done["capture"].get("exact_keys")
+        before_keys = self.capture.exact_keys
         if before_keys is None:  # a batch captured before keys were kept
             last = ws.last_run() if "train" in stages else {}
             rebuilt, retired = [int(c) for c in last.get("trained", [])], [int(c) for c in last.get("retired", [])]
@@ -418,22 +436,22 @@ class UnlearnBatch:
         after = served_prompts(ws)
         seeds = {c: e.seed for c, e in index.clusters.items()}
         self.log(f"rebuilt clusters {rebuilt} ({len(after) - len(rebuilt)} untouched); stages run: {', '.join(stages)}")
-        return {
-            "stages": stages,
-            "rebuilt": rebuilt,
-            "retired": retired,
-            "prompts": after,
-            "seeds": seeds,
-            "accuracy": ws.metrics().get("accuracy"),
-            "dvc_lock_sha256": file_sha256(ws.dvc_lock),
+        return Rebuilt(
+            stages=stages,
+            rebuilt=rebuilt,
+            retired=retired,
+            prompts=after,
+            seeds=seeds,
+            accuracy=ws.metrics().get("accuracy"),
+            dvc_lock_sha256=file_sha256(ws.dvc_lock),
             # Served prompts that changed, and the exact prompts that influence overlays stood in for.
-            "superseded": sorted((set(before.values()) | set(self.done["capture"].get("exact_prompts", {}).values())) - set(after.values())),
-        }
+            superseded=sorted((set(before.values()) | set(self.capture.exact_prompts.values())) - set(after.values())),
+        )
 
     def _retire_overlay(self) -> None:
         """Drop the influence overlays this batch makes exact (and any gone stale), with their files."""
         overlay = Overlay(self.ws)
-        ids = {r["request_id"] for r in self.state["requests"]}
+        ids = {r.request_id for r in self.requests}
         active = overlay.active(self.ws.prompt_index())
         keep = {c: e for c, e in active.items() if not {edit["request_id"] for edit in e["edits"]} <= ids}
         if overlay.path.exists():
@@ -442,56 +460,56 @@ class UnlearnBatch:
         if removed:
             self.log(f"retired {len(removed)} influence overlay(s): their clusters are now exact")
 
-    def _purge(self) -> dict:
+    def _purge(self) -> Purged:
         from lmeraser.unlearning.purge import purge
 
-        return purge(self.ws, set(self.done["rebuild"]["superseded"]), self.log, set(self.done["apply"]["erased_content_keys"]))
+        return Purged(**purge(self.ws, set(self.rebuilt.superseded), self.log, set(self.applied.erased_content_keys)))
 
-    def _verify(self) -> dict:
+    def _verify(self) -> Verified:
+        from lmeraser.audit.forgetting import in_digests
         from lmeraser.audit.scan import scan
 
-        hashes = set(self.done["apply"]["erased_content_keys"])
-        from lmeraser.audit.forgetting import in_digests
-
-        references = set(in_digests(self.done["capture"].get("forgetting_audit")))
-        report = scan(self.ws, hashes, set(self.done["rebuild"]["superseded"]), reference_digests=references)
+        capture, rebuild = self.capture, self.rebuilt
+        references = set(in_digests(capture.forgetting_audit))
+        report = scan(self.ws, set(self.applied.erased_content_keys), set(rebuild.superseded), reference_digests=references)
         hits = report.hits
-        capture, rebuild = self.done["capture"], self.done["rebuild"]
-        changed = sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
-        forget = [s for s in self._targets("forget") if s in capture["samples"]]
+        changed = rebuild.changed
+        forget = [s for s in self._targets("forget") if s in capture.samples]
         if forget and all(s in self._images for s in forget):
-            mia_after = self._mia(np.stack([self._images[s] for s in forget]), np.array([capture["samples"][s]["label"] for s in forget]))
+            mia_after = self._mia(np.stack([self._images[s] for s in forget]), np.array([capture.samples[s].label for s in forget]))
         elif forget:
             mia_after = {"skipped": "the process was interrupted after the samples were erased; their pixels no longer exist to score"}
         else:
             mia_after = None
-        result = {
-            "scan": {**report.summary(), "examples": [h.__dict__ for h in hits[:5]]},
-            # Exactly the planned clusters changed (a backbone rebuild changes every one).
-            "clusters_as_planned": capture["backbone_rebuild"] or changed == capture["planned_clusters"],
-            "planned_clusters": capture["planned_clusters"],
-            "changed_clusters": changed,
-            "membership_inference": {"before": capture["membership_inference"], "after": mia_after},
-        }
-        result["forgetting_audit"], audit_problems = self._audit_after()
-        self.log(f"verification: scan hits {len(hits)}, clusters as planned {result['clusters_as_planned']}")
+        # Exactly the planned clusters changed (a backbone rebuild changes every one).
+        as_planned = capture.backbone_rebuild or changed == capture.planned_clusters
+        audit, audit_problems = self._audit_after()
+        result = Verified(
+            scan={**report.summary(), "examples": [h.__dict__ for h in hits[:5]]},
+            clusters_as_planned=as_planned,
+            planned_clusters=capture.planned_clusters,
+            changed_clusters=changed,
+            membership_inference={"before": capture.membership_inference, "after": mia_after},
+            forgetting_audit=audit,
+        )
+        self.log(f"verification: scan hits {len(hits)}, clusters as planned {as_planned}")
         # An erasure record must never vouch for an erasure a check contradicts: stop here, sign
         # nothing, keep the requests pending; `lmeraser unlearn` resumes at this step.
         problems = []
         if hits:
             problems.append(f"{len(hits)} scan hit(s): forgotten data survives in {', '.join(sorted({h.location for h in hits}))}")
-        if not result["clusters_as_planned"]:
-            problems.append(f"the changed clusters {changed} are not the planned {capture['planned_clusters']}")
-        if self.done["purge"].get("remotes_failed"):
-            problems.append(f"the purge failed for DVC remote(s) {self.done['purge']['remotes_failed']}")
-        if self.done["purge"].get("artifact_stores_unreachable"):
-            problems.append(f"the purge could not reach MLflow artifact store(s) {self.done['purge']['artifact_stores_unreachable']}")
+        if not as_planned:
+            problems.append(f"the changed clusters {changed} are not the planned {capture.planned_clusters}")
+        if self.purged.remotes_failed:
+            problems.append(f"the purge failed for DVC remote(s) {self.purged.remotes_failed}")
+        if self.purged.artifact_stores_unreachable:
+            problems.append(f"the purge could not reach MLflow artifact store(s) {self.purged.artifact_stores_unreachable}")
         problems += audit_problems
         problems += self._check_state()
         if problems:
             raise LmeraserError(
                 f"verification failed: {'; '.join(problems)}. Nothing was signed and the requests stay pending "
-                f"(batch {self.state['batch_id']}); fix it and run `lmeraser unlearn` again."
+                f"(batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
             )
         return result
 
@@ -499,7 +517,7 @@ class UnlearnBatch:
         """Every claim the record will make, checked against the data and the served bits, not
         against this batch's bookkeeping: a bookkeeping bug fails the batch instead of signing a
         false record. Returns what does not hold."""
-        ws, capture, rebuild = self.ws, self.done["capture"], self.done["rebuild"]
+        ws, capture, rebuild = self.ws, self.capture, self.rebuilt
         problems = []
         manifests = {split: ws.manifest(split) for split in ("public", "private", "test")}
         rows = {sid: (split, i) for split, frame in manifests.items() for i, sid in enumerate(frame["sample_id"])}
@@ -508,15 +526,15 @@ class UnlearnBatch:
         listed = suppression.read(ws)
         erased_key = dict(zip(listed.loc[listed["reason"] == "forget", "sample_id"], listed.loc[listed["reason"] == "forget", "content_key"]))
         forgotten_now = set(self._targets("forget"))  # a sample rectified and forgotten in one batch is gone
-        for request in self.state["requests"]:
-            rid = request["request_id"]
-            if request["kind"] == "forget":
-                for sid in request["sample_ids"]:
+        for request in self.requests:
+            rid = request.request_id
+            if request.kind == "forget":
+                for sid in request.sample_ids:
                     if sid in rows:
                         problems.append(f"request {rid}: sample {sid} is still in data/{rows[sid][0]}")
                     elif erased_key.get(sid) in present_keys:
                         problems.append(f"request {rid}: the content of sample {sid} is still in data/ under another id")
-                for sid in request["already_forgotten"]:
+                for sid in request.already_forgotten:
                     # "Already forgotten" is a claim about the data: no split holds the id or its content.
                     if sid in rows:
                         problems.append(f"request {rid}: sample {sid}, said to be forgotten already, is in data/{rows[sid][0]}")
@@ -524,10 +542,10 @@ class UnlearnBatch:
                         problems.append(f"request {rid}: sample {sid}, said to be forgotten already, has no erasure in {ws.suppression_file.name}")
                     elif erased_key[sid] in present_keys:
                         problems.append(f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/")
-            elif request["sample_ids"] and request["sample_ids"][0] not in forgotten_now and request["sample_ids"][0] not in rows:
-                problems.append(f"request {rid}: rectified sample {request['sample_ids'][0]} is not in data/")
+            elif request.sample_ids and request.sample_ids[0] not in forgotten_now and request.sample_ids[0] not in rows:
+                problems.append(f"request {rid}: rectified sample {request.sample_ids[0]} is not in data/")
         # Each rectified sample holds the label and image its last correction of each kind gave.
-        final_label, final_image = self._final_corrections(capture["samples"], forgotten_now)
+        final_label, final_image = self._final_corrections(capture.samples, forgotten_now)
         for sid, label in final_label.items():
             if sid in rows:
                 split, i = rows[sid]
@@ -553,39 +571,37 @@ class UnlearnBatch:
                 problems.append(f"cluster {cluster}'s served prompt {path} does not hash to its index entry")
         # What the record will name as each cluster's prompt after the batch is what it serves now.
         served_now = {c: sha for c, (_, sha) in Overlay(ws).served(ws.prompt_index_or_empty()).items()}
-        for cluster in sorted(set(served_now) | set(rebuild["prompts"]), key=int):
-            if served_now.get(cluster) != rebuild["prompts"].get(cluster):
+        for cluster in sorted(set(served_now) | set(rebuild.prompts), key=int):
+            if served_now.get(cluster) != rebuild.prompts.get(cluster):
                 problems.append(
                     f"cluster {cluster} serves {str(served_now.get(cluster))[:16]}, not the prompt its rebuild made "
-                    f"({str(rebuild['prompts'].get(cluster))[:16]}) that the record would name"
+                    f"({str(rebuild.prompts.get(cluster))[:16]}) that the record would name"
                 )
-        changed = set(rebuild["rebuilt"]) | set(rebuild["retired"])
-        for cluster, sha in rebuild["prompts"].items():
-            if int(cluster) not in changed and capture["prompts"].get(cluster) != sha:
+        changed = set(rebuild.changed)
+        for cluster, sha in rebuild.prompts.items():
+            if int(cluster) not in changed and capture.prompts.get(cluster) != sha:
                 problems.append(f"cluster {cluster} is counted untouched but its served prompt changed")
         return problems
 
-    def _record(self) -> dict:
+    def _record(self) -> Recorded:
         log = lineage_log(self.ws)
-        existing = [r for r in log.read_unverified() if r.predicate.get("batch_id") == self.state["batch_id"]]
+        existing = [r for r in log.read_unverified() if r.predicate.get("batch_id") == self.state.batch_id]
         if existing:
             record = existing[0]
         else:
             record = sign_and_append(self.ws, self.predicate())
             failpoint("record:appended")
         # Resumed after the journal was told (and before the batch file went), this appends nothing.
-        self.journal.append(
-            [{"request_id": r["request_id"], "state": "verified", "time": time.time(), "record": record.number} for r in self.state["requests"]]
-        )
+        self.journal.append([event(r.request_id, "verified", record=record.number) for r in self.requests])
         failpoint("record:journaled")
         # The copies of corrected images go with their requests: the data now holds them.
-        for request in self.state["requests"]:
-            if request.get("input_path"):
-                (self.ws.root / request["input_path"]).unlink(missing_ok=True)
+        for request in self.requests:
+            if request.input_path:
+                (self.ws.root / request.input_path).unlink(missing_ok=True)
         self.log(f"lineage record {record.number} ({record.line_sha256[:16]}…) appended to {log.path}")
-        commit = self._commit(record.number) if self.state.get("git_commit", True) else None
+        commit = self._commit(record.number) if self.state.git_commit else None
         self.path.unlink(missing_ok=True)
-        return {"record": record.number, "sha256": record.line_sha256, "commit": commit}
+        return Recorded(record=record.number, sha256=record.line_sha256, commit=commit)
 
     def _commit(self, number: int) -> str | None:
         """Commit the versions this batch made (data.dvc, dvc.lock, DVC's metrics and plots, the
@@ -598,7 +614,7 @@ class UnlearnBatch:
         log = lineage_log(ws)
         paths = [ws.data_dvc, ws.dvc_lock, ws.pipeline_params_file, *tracked, ws.journal_file, log.path, log.head_path, ws.signer_file, ws.suppression_file]
         try:
-            commit = commit_paths(ws.root, paths, f"lmeraser: lineage record {number} ({self.state['batch_id']})")
+            commit = commit_paths(ws.root, paths, f"lmeraser: lineage record {number} ({self.state.batch_id})")
         except LmeraserError as error:
             self.log(f"{error} Commit data.dvc, dvc.lock and audit/ yourself.")
             return None
@@ -611,7 +627,7 @@ class UnlearnBatch:
         memory only and dropped once scored; their digests let `audit scan` find one written anywhere."""
         from lmeraser.audit.forgetting import in_digests
 
-        state = self.done["capture"].get("forgetting_audit")
+        state = self.capture.forgetting_audit
         if not state:
             return {}
         return {
@@ -623,41 +639,41 @@ class UnlearnBatch:
         }
 
     def predicate(self) -> ExactPredicate:
-        params = self.params
-        capture, rebuild = self.done["capture"], self.done["rebuild"]
-        before, after = capture["prompts"], rebuild["prompts"]
+        params, capture, rebuild, verified = self.params, self.capture, self.rebuilt, self.verified
+        before, after = capture.prompts, rebuild.prompts
         now = utc()
+        keyer = Keyer(self.ws, create=False)
         return ExactPredicate(
-            batch_id=self.state["batch_id"],
+            batch_id=self.state.batch_id,
             recorded_at=now,
-            supersedes=capture.get("supersedes", []),
-            requests=[RequestSummary.of(r, self.done["apply"]["applied_at"], now, Keyer(self.ws, create=False).subject) for r in self.state["requests"]],
-            removed_content_keys=self.done["apply"]["erased_content_keys"],
-            samples_affected=len(capture["samples"]),
-            backbone_rebuild=capture["backbone_rebuild"],
-            planned_clusters=capture["planned_clusters"],
+            supersedes=capture.supersedes,
+            requests=[RequestSummary.of(r, self.applied.applied_at, now, keyer.subject) for r in self.requests],
+            removed_content_keys=self.applied.erased_content_keys,
+            samples_affected=len(capture.samples),
+            backbone_rebuild=capture.backbone_rebuild,
+            planned_clusters=capture.planned_clusters,
             clusters_rebuilt=[
-                ClusterRebuilt(cluster=c, prompt_sha256_before=before.get(str(c)), prompt_sha256_after=after.get(str(c)), seed=rebuild["seeds"].get(str(c)))
-                for c in sorted(set(rebuild["rebuilt"]) | set(rebuild["retired"]))
+                ClusterRebuilt(cluster=c, prompt_sha256_before=before.get(str(c)), prompt_sha256_after=after.get(str(c)), seed=rebuild.seeds.get(str(c)))
+                for c in rebuild.changed
             ],
             clusters_untouched=sum(1 for c, h in after.items() if before.get(c) == h),
             data=DataVersions(
-                data_dvc_md5_before=capture["data_md5"],
-                data_dvc_md5_after=self.done["version"]["data_md5"],
-                dvc_lock_sha256_before=capture["dvc_lock_sha256"],
-                dvc_lock_sha256_after=rebuild["dvc_lock_sha256"],
+                data_dvc_md5_before=capture.data_md5,
+                data_dvc_md5_after=self.versioned.data_md5,
+                dvc_lock_sha256_before=capture.dvc_lock_sha256,
+                dvc_lock_sha256_after=rebuild.dvc_lock_sha256,
             ),
-            code=CodeInfo(**capture["code"]),
+            code=capture.code,
             environment=environment(params.prompt.kind, self.ws, params.runtime.threads),
-            seconds=dict(self.state["seconds"]),
-            accuracy=BeforeAfter(before=capture["accuracy"], after=rebuild["accuracy"]),
-            stages_run=rebuild["stages"],
-            purge={**self.done["purge"], **self._references_purged()},
-            verification={k: v for k, v in self.done["verify"].items() if k != "forgetting_audit"},
-            forgetting_audit=self.done["verify"].get("forgetting_audit"),
+            seconds=dict(self.state.seconds),
+            accuracy=BeforeAfter(before=capture.accuracy, after=rebuild.accuracy),
+            stages_run=rebuild.stages,
+            purge={**self.purged.to_json(), **self._references_purged()},
+            verification={k: v for k, v in verified.to_json().items() if k != "forgetting_audit"},
+            forgetting_audit=verified.forgetting_audit,
             served_prompts=after,
-            outside_change=capture.get("outside_change"),
-            salt_fingerprint=Keyer(self.ws, create=False).fingerprint(),
+            outside_change=capture.outside_change,
+            salt_fingerprint=keyer.fingerprint(),
         )
 
 
@@ -695,9 +711,9 @@ def outside_change(ws: Workspace) -> dict | None:
     }
 
 
-def batch_id(requests: list[dict]) -> str:
+def batch_id(requests: list[Request]) -> str:
     """A batch's id: a digest of its request ids, so a resumed batch keeps its name."""
-    return "batch-" + hashlib.sha256(",".join(r["request_id"] for r in requests).encode()).hexdigest()[:16]
+    return "batch-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 
 def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
@@ -754,9 +770,9 @@ def process_pending(
         for step in STEPS:
             run(batch, step)
         return {
-            "batch_id": batch.state["batch_id"],
-            **batch.done["record"],
-            "rebuilt": batch.done["rebuild"]["rebuilt"],
-            "retired": batch.done["rebuild"]["retired"],
-            "verification": batch.done["verify"],
+            "batch_id": batch.state.batch_id,
+            **batch.done["record"].to_json(),
+            "rebuilt": batch.rebuilt.rebuilt,
+            "retired": batch.rebuilt.retired,
+            "verification": batch.verified.to_json(),
         }

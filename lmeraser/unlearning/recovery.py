@@ -15,14 +15,13 @@ Run under the `unlearn` lock at the start of every exact batch and influence upd
 from __future__ import annotations
 
 import json
-import time
 
 from lmeraser.data.splits import recover_data
 from lmeraser.errors import LmeraserError
 from lmeraser.io import remove_stale_temp_files
 from lmeraser.lineage.records import lineage_log
 from lmeraser.overlay import Overlay
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal, event
 from lmeraser.versioning import repair_dvc_files, repair_dvc_rwlock
 from lmeraser.workspace import Workspace
 
@@ -52,7 +51,7 @@ def recover_influence(ws: Workspace) -> list[str]:
     records = [r for r in lineage_log(ws).read_unverified() if r.predicate.get("batch_id") == batch_id]
     if records:
         number = records[0].number
-        Journal(ws).append([{"request_id": rid, "state": "approximated", "time": time.time(), "record": number} for rid in request_ids])
+        Journal(ws).append([event(rid, "approximated", record=number) for rid in request_ids])
         path.unlink()
         return [f"influence update {batch_id}: record {number} was appended; the journal now says so"]
     if before is None:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from lmeraser.config import RequestsParams
-from lmeraser.unlearning.requests import Journal
+from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 
@@ -50,11 +50,11 @@ def request_statuses(ws: Workspace, params: RequestsParams, now: datetime | None
     now = now or datetime.now(UTC)
     out = []
     for request_id, entry in Journal(ws).requests().items():
-        request = entry.get("request")
+        request = entry.request
         if request is None:
             continue
-        history = entry["history"]
-        received = datetime.fromtimestamp(float(request.get("received_at", history[0].get("time", 0))), UTC)
+        history = entry.history
+        received = datetime.fromtimestamp(request.received_at, UTC)
         deadline = add_months(received, params.deadline_months)
         done = next((e for e in history if e["state"] == "verified"), None)
         completed = datetime.fromtimestamp(float(done["time"]), UTC) if done else None
@@ -69,13 +69,13 @@ def request_statuses(ws: Workspace, params: RequestsParams, now: datetime | None
         out.append(
             RequestStatus(
                 request_id=request_id,
-                kind=request.get("kind", "?"),
-                method=history[0].get("method", "exact"),
-                state=entry["state"],
+                kind=request.kind,
+                method=entry.method,
+                state=entry.state,
                 received_at=_iso(received),
                 deadline=_iso(deadline),
                 completed_at=_iso(completed) if completed else None,
-                records=sorted({int(e["record"]) for e in history if "record" in e}),
+                records=entry.records,
                 flag=flag,
                 history=[{"state": e["state"], "at": _iso(datetime.fromtimestamp(float(e.get("time", 0)), UTC))} for e in history],
             )
