@@ -36,14 +36,23 @@ def _plain_id(value: str) -> str:
 Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID), AfterValidator(_plain_id)]
 
 
-class RequestSpec(BaseModel):
-    """One line of a requests file, or one CLI invocation."""
+RequestKind = Literal["forget", "rectify"]
+
+
+class RequestFields(BaseModel):
+    """What every form of a request asks: the fields a requests-file line, the CLI's options and
+    the HTTP body share."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["forget", "rectify"] = "forget"
+    kind: RequestKind = "forget"
     sample_ids: list[Identifier] = Field(default=[], max_length=MAX_IDS)
     subjects: list[Identifier] = Field(default=[], max_length=MAX_IDS)
     label: int | None = Field(default=None, ge=0, lt=1 << 31)
+
+
+class RequestSpec(RequestFields):
+    """One line of a requests file, one CLI invocation, or one HTTP request, checked for shape."""
+
     input: str | None = Field(default=None, max_length=4096)  # path of a corrected image (.npy or .png), rectify only
     allow_backbone_rebuild: bool = False  # from the command line only: a requests file cannot grant it
 
@@ -60,9 +69,6 @@ class RequestSpec(BaseModel):
             if (self.label is None) == (self.input is None):
                 raise ValueError("a rectify request needs exactly one of label or input")
         return self
-
-
-RequestKind = Literal["forget", "rectify"]
 
 
 class Request(BaseModel):

@@ -38,7 +38,7 @@ from lmeraser import __version__
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import npy_header
-from lmeraser.request import MAX_IDS, RequestSpec
+from lmeraser.request import RequestFields, RequestSpec
 from lmeraser.service.auth import authorized
 from lmeraser.service.worker import BatchWorker
 from lmeraser.workspace import Workspace
@@ -55,14 +55,11 @@ class _Fail(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-class RequestBody(BaseModel):
-    """One request, as JSON (the CLI's options; a corrected image only as a multipart upload)."""
+class RequestBody(RequestFields):
+    """One request, as JSON: the CLI's fields, a strict integer label, and the method (a corrected
+    image comes only as a multipart upload)."""
 
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["forget", "rectify"] = "forget"
-    sample_ids: list[str] = Field(default=[], max_length=MAX_IDS)
-    subjects: list[str] = Field(default=[], max_length=MAX_IDS)
-    label: Annotated[int, Strict()] | None = None
+    label: Annotated[int, Strict(), Field(ge=0, lt=1 << 31)] | None = None
     method: Literal["exact", "influence"] = "exact"
 
 
