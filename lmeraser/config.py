@@ -7,6 +7,7 @@ with one sentence naming the key.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -340,14 +341,25 @@ def _safe_params(text: str):
         loader.dispose()
 
 
+_parsed: dict[str, tuple[bytes, Params]] = {}  # path -> (digest of its text, its params): the latest only
+parses = 0  # params files parsed in this process (a command parses its file once: tests count it)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """The checked params of `path`. A file is parsed once per content in a process: the library
+    functions a command calls each take the same frozen `Params` without parsing it again."""
+    global parses
     from lmeraser.io import read_input_text
 
     path = Path(path)
     try:
         if not path.exists():
             raise ConfigError(f"{shown(path, 200)}: file not found; run from the repository root or pass --params.")
-        raw = _safe_params(read_input_text(path, "params file", 1 << 20))
+        text = read_input_text(path, "params file", 1 << 20)
+        where, digest = str(path.resolve()), hashlib.sha256(text.encode()).digest()
+        if where in _parsed and _parsed[where][0] == digest:
+            return _parsed[where][1]
+        raw = _safe_params(text)
     except LmeraserError as error:
         raise ConfigError(str(error)) from None
     except _Refused as error:
@@ -358,7 +370,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{shown(path, 200)}: the params file cannot be read ({error.strerror or error.__class__.__name__}).") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections.")
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    parses += 1
+    _parsed[where] = (digest, params)
+    return params
 
 
 def deep_merge(base: dict, override: dict) -> dict:

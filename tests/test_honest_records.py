@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -433,3 +434,26 @@ def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace
     bundle = Workspace(tmp_path / "bundle")
     assert ServingModel.load(bundle).served_keys()[cluster] == "overlay:edited"
     assert files[ws.relative(ws.overlay_file)] and json.loads(bundle.overlay_file.read_text())["clusters"][cluster]["sha256"] == stored.sha256
+
+
+def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change(root):
+    """`lmeraser forget` in one process (submission, the unlearn flow, the rebuild's stages, the
+    record): the params file is parsed once, and the journal is read again only after it changed
+    (received, applied, verified), however many steps ask it."""
+    code = (
+        "import atexit, sys\n"
+        "import lmeraser\n"
+        "from lmeraser import config\n"
+        "from lmeraser.unlearning import journal\n"
+        "atexit.register(lambda: print(f'COUNTS {config.parses} {journal.reads}', file=sys.stderr))\n"
+        "from lmeraser.cli import main\n"
+        "sys.argv = ['lmeraser', 'forget', '--sample-id', sys.argv[1], '--no-git-commit']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, _private(root, 41)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "lineage record" in done.stdout
+    parses, reads = (int(n) for n in done.stderr.rsplit("COUNTS ", 1)[1].split()[:2])
+    assert parses == 1
+    assert reads <= 4, f"the journal was read {reads} times"
+    _commit(root, "after the counted forget")
