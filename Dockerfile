@@ -9,7 +9,6 @@ RUN apt-get update \
 WORKDIR /app
 COPY requirements.lock pyproject.toml Makefile README.md ./
 COPY lmeraser ./lmeraser
-COPY flows ./flows
 RUN make install
 
 COPY . .

@@ -135,7 +135,7 @@ def threads_against_dask(ws, params) -> dict:
 def _threads_against_dask(ws, params) -> dict:
     from unlearn import retrain_alone
 
-    from flows.stages import map_jobs_for
+    from lmeraser.flows.common import map_jobs_for
     from lmeraser.pipeline.train import plan
 
     threads_seconds, threads = retrain_alone(ws.root)

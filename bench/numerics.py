@@ -69,19 +69,19 @@ def mode_env(base: dict, mode: str, work: Path) -> dict:
 
 
 def snapshot_code(source: str, reuse: bool) -> tuple[Path, dict]:
-    """One copy of lmeraser/ and flows/ for both workspaces, and what it is: the repository's
+    """One copy of lmeraser/ for both workspaces, and what it is: the repository's
     commit, the files that differed from it, a digest of the copy (`reuse`: the copy made before)."""
     code = ROOT / "bench" / "results" / f"work-numerics-{source}-code"
     if reuse and (code / "code.json").is_file():
         return code, json.loads((code / "code.json").read_text())
     shutil.rmtree(code, ignore_errors=True)
     digest = hashlib.sha256()
-    for package in ("lmeraser", "flows"):
+    for package in ("lmeraser",):
         shutil.copytree(ROOT / package, code / package, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp"))
     for path in sorted(code.rglob("*.py")):
         digest.update(str(path.relative_to(code)).encode() + b"\0" + path.read_bytes())
     head = run(["git", "rev-parse", "HEAD"], ROOT).stdout.strip()
-    dirty = run(["git", "status", "--porcelain", "--", "lmeraser", "flows"], ROOT).stdout.split("\n")
+    dirty = run(["git", "status", "--porcelain", "--", "lmeraser"], ROOT).stdout.split("\n")
     info = {"commit": head, "uncommitted": [line[3:] for line in dirty if line.strip()], "sha256": digest.hexdigest()}
     (code / "code.json").write_text(json.dumps(info))
     return code, info

@@ -43,7 +43,7 @@ def build_demo(
 ) -> Path:
     """A fresh copy at bench/results/work-NAME/repo with `params` (default: params.yaml), changed
     by `edit` if given, after `lmeraser data init` (`--source` if given) and `dvc repro`; its root.
-    `code_from`: a folder whose lmeraser/ and flows/ replace the repository's in the copy (copies
+    `code_from`: a folder whose lmeraser/ replaces the repository's in the copy (copies
     that must run the same code while the repository is being edited)."""
     import yaml
 
@@ -54,7 +54,7 @@ def build_demo(
     shutil.rmtree(work.parent, ignore_errors=True)
     copy_repo(work)
     if code_from is not None:
-        for package in ("lmeraser", "flows"):
+        for package in ("lmeraser",):
             shutil.rmtree(work / package)
             shutil.copytree(code_from / package, work / package, ignore=shutil.ignore_patterns("__pycache__"))
     if params:

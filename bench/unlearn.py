@@ -70,7 +70,7 @@ def workspace(source: str, overrides: dict, name: str) -> Path:
     work.mkdir(parents=True)
     for name in ("dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(ROOT / name, work / name)
-    for name in ("lmeraser", "flows", ".dvc"):
+    for name in ("lmeraser", ".dvc"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
     (work / "params.yaml").write_text(yaml.safe_dump(deep_merge(preset(source), overrides), sort_keys=False))
     git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}

@@ -290,7 +290,7 @@ def stage_cmd(
     _check_params(ws)
     _check_numerics(ws, building=True)
     _prefect(ws)
-    from flows.stages import run_stage
+    from lmeraser.flows.stages import run_stage
 
     state = run_stage(name, str(ws.root), _params_arg(ws))
     if state.is_failed():
@@ -305,7 +305,7 @@ def pipeline_cmd(root: Path = ROOT, params_file: Path = PARAMS) -> None:
     _check_params(ws)
     _check_numerics(ws, building=True)
     _prefect(ws)
-    from flows.stages import train_pipeline
+    from lmeraser.flows.pipeline import train_pipeline
 
     state = train_pipeline(root=str(ws.root), params_file=_params_arg(ws), return_state=True)
     if state.is_failed():
@@ -401,7 +401,7 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
         return None
     _quiet_env()
     _prefect(ws)
-    from flows.unlearn import run_unlearn
+    from lmeraser.flows.unlearn import run_unlearn
 
     state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False)
     if state.is_failed():
@@ -1031,8 +1031,20 @@ def serve_cmd(
         prefect_server.release_on_exit()  # the server this service started stops with it
     from lmeraser.service.app import serve
 
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    batch_worker = _batch_worker(ws, git_commit is not False, log) if worker else None
     err.print(f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}", highlight=False)
-    serve(ws, host, port, token, git_commit=git_commit is not False, worker=worker, log=lambda m: err.print(m, highlight=False))
+    serve(ws, host, port, token, batch_worker, log)
+
+
+def _batch_worker(ws: Workspace, git_commit: bool, log):
+    """The service's worker, handed the flows' batch runner and backlog tracker."""
+    from lmeraser.config import load_params
+    from lmeraser.flows.unlearn import backlog_tracker, batch_runner
+    from lmeraser.service.worker import BatchWorker, warm_up
+
+    params = load_params(ws.params_file)
+    return BatchWorker(ws, params.service, batch_runner(ws, git_commit), log, run_tracking=backlog_tracker(ws, log), warm_up=warm_up(ws))
 
 
 prefect_app = typer.Typer(no_args_is_help=True, help="The workspace's standing Prefect server (started on demand by the commands that run flows).")

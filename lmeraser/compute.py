@@ -69,7 +69,7 @@ class Compute:
         """Refuse, in one sentence naming `source`, a device this machine does not have, or
         numerics this process does not run; on CUDA, fix cuBLAS's workspace before anything
         starts it."""
-        self._require_numerics()
+        self.require_numerics()
         if self.is_cuda:
             if not torch.cuda.is_available():
                 built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
@@ -81,29 +81,8 @@ class Compute:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         return self
 
-    def identity(self) -> dict:
-        """What of the computation's place changes its bits (artifact keys, records, caches): the
-        device, the precision, the numerics asked for, the pins in effect and the numeric
-        fingerprint this process computes (lmeraser/fingerprint.py)."""
-        from lmeraser.fingerprint import fingerprint
-
-        self._require_numerics()
-        out = {
-            "device": self.device,
-            "precision": self.precision,
-            "numerics": self.numerics or numerics.state().mode,
-            "pins": numerics.pins_in_effect(),
-            "fingerprint": fingerprint(self.device)["sha256"],
-        }
-        if self.is_cuda:
-            out.update(
-                device_name=torch.cuda.get_device_name(self.cuda_index),
-                cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(),
-            )
-        return out
-
-    def _require_numerics(self) -> None:
+    def require_numerics(self) -> None:
+        """Refuse to compute under numerics other than the ones asked for (lmeraser/numerics.py)."""
         if self.numerics is not None:
             numerics.require(self.numerics)
 
@@ -130,7 +109,7 @@ class Compute:
         """The block runs with this thread count and deterministic kernels (lmeraser.determinism)."""
         from lmeraser.determinism import deterministic
 
-        self._require_numerics()
+        self.require_numerics()
         with deterministic(self.threads, cuda=self.is_cuda):
             yield self
 

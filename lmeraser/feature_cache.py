@@ -34,8 +34,9 @@ KIND = "lmeraser-feature-cache"  # in the file's metadata: how `audit scan` reco
 
 def _identity(meta: BackboneMeta) -> dict:
     from lmeraser.compute import Compute
+    from lmeraser.fingerprint import identity
 
-    return {"backbone": meta.sha256, "threads": meta.threads, "compute": Compute.of(meta).identity(), "img_size": meta.img_size, **meta.input.to_json()}
+    return {"backbone": meta.sha256, "threads": meta.threads, "compute": identity(Compute.of(meta)), "img_size": meta.img_size, **meta.input.to_json()}
 
 
 def _digests(content_hashes: list[str]) -> np.ndarray:

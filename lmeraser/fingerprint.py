@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmeraser import numerics
 from lmeraser.compute import Compute, seeded_uniform_
 
 FORMAT = 1  # bumped when the computation changes (the reference must then be made again)
@@ -43,6 +44,27 @@ def fingerprint(device: str = "cpu") -> dict:
     for name, digest in families.items():
         whole.update(f"{name} {digest}\n".encode())
     return {"format": FORMAT, "sha256": whole.hexdigest(), "families": families}
+
+
+def identity(compute: Compute) -> dict:
+    """What of the computation's place changes its bits (artifact keys, records, caches): the
+    device, the precision, the numerics asked for, the pins in effect and the numeric
+    fingerprint this process computes."""
+    compute.require_numerics()
+    out = {
+        "device": compute.device,
+        "precision": compute.precision,
+        "numerics": compute.numerics or numerics.state().mode,
+        "pins": numerics.pins_in_effect(),
+        "fingerprint": fingerprint(compute.device)["sha256"],
+    }
+    if compute.is_cuda:
+        out.update(
+            device_name=torch.cuda.get_device_name(compute.cuda_index),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return out
 
 
 def software() -> dict[str, str]:

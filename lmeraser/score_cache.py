@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from lmeraser.compute import Compute
+from lmeraser.fingerprint import identity
 from lmeraser.inference import ServingModel, per_sample_losses
 from lmeraser.io import atomic_path
 from lmeraser.models.backbone import extract_features, preprocess
@@ -38,7 +39,7 @@ def _identity(test: Split, model: ServingModel, batch_size: int) -> dict:
     return {
         "backbone": meta.sha256,
         "threads": meta.threads,
-        "compute": Compute.of(meta).identity(),
+        "compute": identity(Compute.of(meta)),
         "test": contents,
         "batch_size": batch_size,
         "num_classes": model.index.num_classes,

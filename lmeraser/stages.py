@@ -3,7 +3,7 @@ depends on.
 
 `dvc.yaml` is checked against it by a test (including that each stage's code deps cover every
 library module the stage's code imports); the CLI (`lmeraser stage NAME`), the Prefect flows
-(flows/stages.py), the benchmarks and the tests run stages through it. Importing this module
+(lmeraser/flows/stages.py), the benchmarks and the tests run stages through it. Importing this module
 imports no stage: a stage's code is loaded when it runs.
 """
 
@@ -171,6 +171,7 @@ STAGES: tuple[Stage, ...] = (
         code=(
             "lmeraser/pipeline/train.py",
             "lmeraser/training.py",
+            "lmeraser/code_identity.py",
             "lmeraser/store.py",
             "lmeraser/models",
             "lmeraser/compute.py",
@@ -193,6 +194,7 @@ STAGES: tuple[Stage, ...] = (
             "lmeraser/overlay.py",
             "lmeraser/clustering.py",
             "lmeraser/training.py",
+            "lmeraser/code_identity.py",
             "lmeraser/store.py",
             "lmeraser/models",
             "lmeraser/compute.py",
@@ -218,6 +220,7 @@ STAGES: tuple[Stage, ...] = (
             "lmeraser/pipeline/baselines.py",
             "lmeraser/evaluation.py",
             "lmeraser/training.py",
+            "lmeraser/code_identity.py",
             "lmeraser/models",
             "lmeraser/compute.py",
             "lmeraser/numerics.py",

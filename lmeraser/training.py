@@ -11,39 +11,21 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from importlib.metadata import version
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import lmeraser
+from lmeraser.code_identity import code_version, library_versions
 from lmeraser.compute import CPU, Compute
 from lmeraser.config import PromptParams
 from lmeraser.errors import LmeraserError
+from lmeraser.fingerprint import identity
 from lmeraser.io import sha256_json
 from lmeraser.models.prompts import PromptedClassifier, init_peft
 
 # Bumped when the structure of the key changes; the train stage says how many artifacts a
 # change re-keyed, and why.
 KEY_FORMAT = 4  # 3: the compute (device, its name, precision) joined the key; 4: numerics, pins, fingerprint
-
-# The modules whose source determines a trained artifact of a PEFT kind: a change to any of them
-# re-keys that kind's prompts; a change elsewhere (CLI, flows, another kind's module) does not.
-_TRAINING_CODE = ("training.py", "determinism.py", "compute.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
-
-
-def code_version(kind: str) -> str:
-    root = Path(lmeraser.__file__).parent
-    digest = hashlib.sha256()
-    for name in (*_TRAINING_CODE, f"models/peft/{kind}.py"):
-        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str]:
-    """The libraries whose version changes what a prompt computes."""
-    return {"torch": torch.__version__, "timm": version("timm"), "peft": version("peft")}
 
 
 def cluster_seed(global_seed: int, cluster: int | str) -> int:
@@ -67,7 +49,7 @@ def key_inputs(*, backbone_sha256: str, prompt: PromptParams, num_classes: int, 
         "prompt": prompt.identity(),
         "num_classes": num_classes,
         "threads": compute.threads,
-        "compute": compute.identity(),
+        "compute": identity(compute),
         "code": code_version(prompt.kind),
         "versions": library_versions(),
         "extra": extra or {},

@@ -170,7 +170,7 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     for name in ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "configs", dest / "configs")
-    for name in ("lmeraser", "flows", ".dvc"):
+    for name in ("lmeraser", ".dvc"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
     if params is not None:
         # Every key spelled out: dvc.yaml interpolates some of them (e.g. clustering.fit_on).

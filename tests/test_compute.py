@@ -19,6 +19,7 @@ from lmeraser.determinism import deterministic
 from lmeraser.errors import ConfigError
 from lmeraser.feature_cache import read as read_feature_cache
 from lmeraser.fingerprint import fingerprint
+from lmeraser.fingerprint import identity as fingerprint_identity
 from lmeraser.inference import ServingModel
 from lmeraser.io import read_json
 from lmeraser.models.backbone import extract_features, image_features, load_backbone, preprocess
@@ -161,7 +162,7 @@ def test_a_cuda_block_leaves_attention_to_its_plain_kernel_and_a_cpu_block_keeps
 
 def test_the_cpu_is_never_a_faiss_gpu_and_has_no_cuda_identity():
     cpu = Compute("cpu", 2, "bf16")
-    identity = cpu.identity()
+    identity = fingerprint_identity(cpu)
     assert cpu.faiss_gpu is None and cpu.check() is cpu
     assert identity == {
         "device": "cpu",

@@ -28,7 +28,7 @@ def test_train_pipeline_runs_every_stage_in_order(tmp_path):
 
 
 def test_cron_deployment_carries_the_schedule(tmp_path):
-    from flows.serve import build_deployment
+    from lmeraser.flows.serve import build_deployment
 
     deployment = build_deployment("15 2 * * 1", "weekly", str(tmp_path))
     assert deployment.name == "weekly"
@@ -37,7 +37,7 @@ def test_cron_deployment_carries_the_schedule(tmp_path):
 
 
 def test_unlearn_deployment_runs_on_an_interval_or_a_cron(tmp_path):
-    from flows.serve import build_unlearn_deployment
+    from lmeraser.flows.serve import build_unlearn_deployment
 
     every = build_unlearn_deployment(120, root=str(tmp_path))
     assert every.name == "lmeraser-unlearn" and every.schedules[0].schedule.interval.total_seconds() == 120
@@ -45,7 +45,7 @@ def test_unlearn_deployment_runs_on_an_interval_or_a_cron(tmp_path):
     assert build_unlearn_deployment(cron="*/10 * * * *", root=str(tmp_path)).schedules[0].schedule.cron == "*/10 * * * *"
     import pytest
 
-    from flows.serve import main
+    from lmeraser.flows.serve import main
 
     with pytest.raises(SystemExit) as refused:
         main(["--unlearn-every", "0"])
@@ -58,7 +58,7 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
 
     import numpy as np
 
-    from flows.unlearn import influence_unlearn
+    from lmeraser.flows.unlearn import influence_unlearn
     from lmeraser.inference import ServingModel
     from lmeraser.lineage.keys import load_or_create_key
     from lmeraser.lineage.records import lineage_log
@@ -106,7 +106,7 @@ def test_evaluate_registers_a_version_only_when_the_served_model_changed(trained
     import numpy as np
     from mlflow import MlflowClient
 
-    from flows.stages import evaluate
+    from lmeraser.flows.stages import evaluate
     from lmeraser.inference import ServingModel
     from lmeraser.workspace import Workspace
 
@@ -129,8 +129,8 @@ def test_evaluate_registers_a_version_only_when_the_served_model_changed(trained
 def test_a_scheduled_retrain_never_brings_back_erased_data(tmp_path):
     """train_pipeline refuses data/ that holds a sample the suppression list erased (an old data
     version restored, say) or whose label it corrected, before any stage runs."""
-    from flows.stages import train_pipeline
     from lmeraser import suppression
+    from lmeraser.flows.pipeline import train_pipeline
     from lmeraser.salt import Keyer
 
     ws = build_workspace(tmp_path, TINY)
@@ -153,7 +153,7 @@ def test_a_scheduled_retrain_never_brings_back_erased_data(tmp_path):
 def test_a_scheduled_retrain_finishes_pending_requests_first(tmp_path):
     """With a request pending, train_pipeline runs the unlearn batch first and retrains nothing if
     it cannot finish it (here: nothing is trained yet to unlearn from)."""
-    from flows.stages import train_pipeline
+    from lmeraser.flows.pipeline import train_pipeline
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
     from lmeraser.unlearning.journal import Journal
@@ -177,8 +177,8 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
     `unlearn-<batch id>` (the id the batch gets, so a resumed batch keeps it) tagged `unlearn`."""
     import re
 
-    from flows.stages import run_stage
-    from flows.unlearn import NETWORK_STEPS, run_unlearn, step_task
+    from lmeraser.flows.stages import run_stage
+    from lmeraser.flows.unlearn import NETWORK_STEPS, run_unlearn, step_task
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.exact import next_batch_id
     from lmeraser.unlearning.intake import resolve
@@ -207,9 +207,9 @@ def test_clusters_trained_on_a_local_dask_cluster_are_byte_identical_to_threads(
     import pytest
     import yaml
 
-    from flows.stages import run_stage
     from lmeraser.config import load_params
     from lmeraser.errors import ConfigError
+    from lmeraser.flows.stages import run_stage
     from lmeraser.store import ArtifactStore
     from lmeraser.unlearning.exact import process_pending
     from lmeraser.workspace import Workspace

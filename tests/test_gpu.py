@@ -15,6 +15,7 @@ from lmeraser.compute import Compute
 from lmeraser.config import PromptParams
 from lmeraser.determinism import deterministic
 from lmeraser.fingerprint import fingerprint
+from lmeraser.fingerprint import identity as fingerprint_identity
 from lmeraser.models.backbone import extract_features
 from lmeraser.training import load_prompt, train_prompt
 from lmeraser.unlearning.influence import influence_edit, prepare_model
@@ -40,7 +41,7 @@ def test_the_numeric_fingerprint_on_cuda_is_the_same_twice_and_names_the_device(
     fingerprint.cache_clear()
     second = fingerprint("cuda")
     assert first == second, {f for f in first["families"] if first["families"][f] != second["families"][f]}
-    identity = CUDA.identity()
+    identity = fingerprint_identity(CUDA)
     assert identity["fingerprint"] == first["sha256"] and identity["device_name"] == torch.cuda.get_device_name(0)
 
 

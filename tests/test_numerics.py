@@ -181,7 +181,7 @@ def test_a_stage_under_dvc_repro_pins_itself_and_records_this_process_s_fingerpr
 
 
 def test_a_dask_worker_runs_with_the_pins_and_the_fingerprint_of_this_process():
-    """What flows/stages.py's DaskTaskRunner starts: a local cluster of worker processes."""
+    """What lmeraser/flows/stages.py's DaskTaskRunner starts: a local cluster of worker processes."""
     import torch
     from distributed import Client, LocalCluster
 

@@ -20,6 +20,7 @@ from typing import Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
+from lmeraser.code_identity import code_version
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import MissingFile, atomic_write_bytes, atomic_write_json, read_trusted, sha256_file, sha256_json
 from lmeraser.lineage import keys
@@ -173,9 +174,8 @@ def environment(kind: str, ws: Workspace, threads: int) -> dict:
     the device, its name and the precision the workspace's backbone records, and the numerics
     this process runs (the numerics asked for, the pins in effect, the numeric fingerprint)."""
     from lmeraser.compute import Compute
-    from lmeraser.fingerprint import software
+    from lmeraser.fingerprint import identity, software
     from lmeraser.numerics import cpu_name
-    from lmeraser.training import code_version
 
     return {
         **software(),
@@ -184,7 +184,7 @@ def environment(kind: str, ws: Workspace, threads: int) -> dict:
         "cores": os.cpu_count(),
         "training_code": code_version(kind),
         "threads": threads,
-        **Compute.of(ws.backbone_meta()).identity(),
+        **identity(Compute.of(ws.backbone_meta())),
     }
 
 

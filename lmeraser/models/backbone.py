@@ -15,6 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 from lmeraser.compute import CPU, Compute
 from lmeraser.config import BackboneParams
 from lmeraser.errors import ConfigError, DataError
+from lmeraser.fingerprint import identity
 from lmeraser.io import atomic_path, atomic_write_json, sha256_file
 from lmeraser.progress import track
 from lmeraser.workspace import BackboneMeta, InputSpec, Workspace, image_channels
@@ -225,7 +226,7 @@ def save_backbone(
         compute.device,
         compute.precision,
         compute.numerics,
-        compute.identity()["fingerprint"],
+        identity(compute)["fingerprint"],
     )
     atomic_write_json(ws.backbone_meta_file, meta.to_json())
     return meta

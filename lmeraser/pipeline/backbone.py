@@ -10,6 +10,7 @@ import torch
 
 from lmeraser.compute import Compute
 from lmeraser.config import Params
+from lmeraser.fingerprint import identity
 from lmeraser.io import sha256_file
 from lmeraser.models.backbone import load_checkpoint, save_backbone, train_backbone
 from lmeraser.workspace import Workspace, image_channels
@@ -40,7 +41,7 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
             model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model, compute=compute)
             origin["n_public"] = len(public)
     seconds = time.perf_counter() - start
-    origin["compute"] = compute.identity()  # the device's name and versions, with the backbone's lineage
+    origin["compute"] = identity(compute)  # the device's name and versions, with the backbone's lineage
     meta = save_backbone(model, cfg, info["num_classes"], ws, {**origin, "seed": params.seed}, in_chans, compute)
     log(f"backbone saved: sha256 {meta.sha256[:16]}…")
     return {"metrics": {"backbone_seconds": seconds}, "sha256": meta.sha256}

@@ -455,15 +455,10 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
     return app
 
 
-def serve(ws: Workspace, host: str, port: int, token: str, git_commit: bool = True, worker: bool = True, log=print) -> None:
-    """Run the API (and its batch worker) until interrupted."""
+def serve(ws: Workspace, host: str, port: int, token: str, worker: BatchWorker | None, log=print) -> None:
+    """Run the API, and its batch worker if one is given (the CLI builds it with the flows' batch
+    runner: the service itself never imports the orchestration), until interrupted."""
     import uvicorn
 
-    from lmeraser.service.worker import run_unlearn_flow, track_backlog, warm_up
-
-    params = load_params(ws.params_file)
-    batch_worker = (
-        BatchWorker(ws, params.service, run_unlearn_flow(ws, git_commit), log, run_tracking=track_backlog(ws, log), warm_up=warm_up(ws)) if worker else None
-    )
-    app = create_app(ws, token, batch_worker, log)
+    app = create_app(ws, token, worker, log)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=True, log_config=access_log_config())

@@ -56,33 +56,6 @@ def last_full_scan(ws: Workspace) -> float:
         return 0.0
 
 
-def run_unlearn_flow(ws: Workspace, git_commit: bool = True) -> RunBatch:
-    """A batch through the `unlearn` Prefect flow, as `lmeraser unlearn` runs it (tracked, retried steps)."""
-
-    def run(max_requests: int) -> dict | None:
-        from flows.unlearn import run_unlearn
-        from lmeraser.errors import LmeraserError
-
-        # The batch's MLflow runs wait in the backlog: the worker tracks them when idle.
-        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests, track=False)
-        if state.is_failed():
-            raise LmeraserError(state.message or "the unlearn flow failed")
-        return state.result()
-
-    return run
-
-
-def track_backlog(ws: Workspace, log: Callable[[str], None] = print) -> RunTracking:
-    """The tracking backlog tracked as `lmeraser unlearn` tracks it (retried MLflow runs)."""
-
-    def run() -> dict:
-        from flows.unlearn import track_now
-
-        return track_now(str(ws.root.resolve()), str(ws.params_file.resolve()), log)
-
-    return run
-
-
 def warm_up(ws: Workspace) -> Callable[[], None]:
     def run() -> None:
         from lmeraser.unlearning.exact import preload

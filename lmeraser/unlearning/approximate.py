@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmeraser.code_identity import code_version
 from lmeraser.config import Params, load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.failpoints import failpoint
@@ -31,7 +32,7 @@ from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_in
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.request import Request, corrected_image
-from lmeraser.training import cluster_seed, code_version
+from lmeraser.training import cluster_seed
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model, rows_like
 from lmeraser.unlearning.journal import Journal, event
 from lmeraser.unlearning.recovery import recover, recover_influence

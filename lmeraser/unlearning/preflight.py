@@ -131,12 +131,13 @@ def check_compute(ws: Workspace) -> None:
     if not ws.prompt_index_file.exists() or not ws.backbone_meta_file.exists():
         return
     from lmeraser.compute import Compute
+    from lmeraser.fingerprint import identity
     from lmeraser.io import read_json
 
     trained = read_json(ws.prompt_index_file).get("key_inputs", {}).get("compute")
     if not isinstance(trained, dict) or "fingerprint" not in trained:
         return  # trained before fingerprints existed: the train stage's re-key check says what changed
-    here = Compute.of(ws.backbone_meta()).identity()
+    here = identity(Compute.of(ws.backbone_meta()))
     differing = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
     if differing:
         raise LmeraserError(

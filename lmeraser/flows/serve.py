@@ -3,7 +3,7 @@
 
     prefect server start                       # once, in its own terminal
     export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python -m flows.serve --cron "0 3 * * *" --unlearn-every 300
+    python -m lmeraser.flows.serve --cron "0 3 * * *" --unlearn-every 300
 
 Both deployments run in this process; trigger one ad hoc with
 `prefect deployment run train_pipeline/lmeraser-nightly` or `prefect deployment run unlearn/lmeraser-unlearn`.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.stages import train_pipeline
-from flows.unlearn import unlearn
+from lmeraser.flows.pipeline import train_pipeline
+from lmeraser.flows.unlearn import unlearn
 
 
 def build_deployment(cron: str, name: str = "lmeraser-nightly", root: str = "."):

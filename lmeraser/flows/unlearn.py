@@ -13,10 +13,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from flows.stages import map_jobs_for, timestamped_run_name, track_stage, track_stage_task
 from lmeraser import tracking
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
+from lmeraser.flows.common import map_jobs_for, timestamped_run_name, track_stage, track_stage_task
 from lmeraser.unlearning.exact import UnlearnBatch, process_pending
 from lmeraser.workspace import Workspace
 
@@ -127,3 +127,27 @@ def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict
         tracking.defer_run(ws, "unlearn", metrics, run)
         result["tracking"] = track_waiting(ws, load_params(ws.params_file))
     return result
+
+
+def batch_runner(ws: Workspace, git_commit: bool = True):
+    """What the service's worker runs for a batch (its `run_batch`): the `unlearn` flow, as
+    `lmeraser unlearn` runs it (retried steps), with its MLflow runs left in the backlog for the
+    worker to track when idle."""
+
+    def run(max_requests: int) -> dict | None:
+        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests, track=False)
+        if state.is_failed():
+            raise LmeraserError(state.message or "the unlearn flow failed")
+        return state.result()
+
+    return run
+
+
+def backlog_tracker(ws: Workspace, log=print):
+    """What the service's worker runs when idle (its `run_tracking`): the tracking backlog,
+    tracked as `lmeraser unlearn` tracks it (retried MLflow runs)."""
+
+    def run() -> dict:
+        return track_now(str(ws.root.resolve()), str(ws.params_file.resolve()), log)
+
+    return run
