@@ -67,6 +67,7 @@ err = Console(stderr=True, width=_width(sys.stderr))
 
 ROOT = typer.Option(Path("."), "--root", help="workspace root (holds data/, artifacts/, audit/)")
 PARAMS = typer.Option(None, "--params", help="params file (default: <root>/params.yaml); configs/ holds presets")
+JSON = typer.Option(False, "--json", help="machine-readable: one JSON document on stdout (errors stay one line on stderr, non-zero exit)")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -208,6 +209,48 @@ def data_init(
         except LmeraserError as error:
             _fail(str(error))
         console.print(f"data version recorded in data.dvc (md5 {data_md5(ws.root)})")
+
+
+@data_app.command("samples")
+def data_samples(
+    split: str = typer.Option("private", help="private (erasable; default), public, test or all"),
+    subject: list[str] = typer.Option(None, "--subject", help="only this data subject's samples (repeatable)"),
+    limit: int = typer.Option(20, min=0, help="at most this many rows (0: all)"),
+    root: Path = ROOT,
+    as_json: bool = JSON,
+) -> None:
+    """List sample ids with their split, subject and label: where the ids a forget or rectify names come from."""
+    from lmeraser.workspace import SPLITS
+
+    ws = _workspace(root, None)
+    if split not in (*SPLITS, "all"):
+        _fail(f"--split {split}: expected one of {', '.join(SPLITS)} or all.")
+    try:
+        frames = [(name, ws.manifest(name)) for name in (SPLITS if split == "all" else (split,))]
+    except LmeraserError as error:
+        _fail(str(error))
+    wanted = set(subject or ())
+    rows = [
+        {"sample_id": sid, "split": name, "subject_id": subj, "label": int(label)}
+        for name, frame in frames
+        for sid, subj, label in zip(frame["sample_id"], frame["subject_id"], frame["label"], strict=True)
+        if not wanted or subj in wanted
+    ]
+    missing = sorted(wanted - {r["subject_id"] for r in rows})
+    if missing:
+        _fail(f"subject {missing[0]} has no samples in data/{split if split != 'all' else '*'}.")
+    shown_rows = rows if limit == 0 else rows[:limit]
+    if as_json:
+        _emit({"total": len(rows), "samples": shown_rows})
+        return
+    from rich.table import Table
+
+    table = Table("sample id", "split", "subject", "label")
+    for row in shown_rows:
+        table.add_row(row["sample_id"], row["split"], row["subject_id"], str(row["label"]))
+    console.print(table)
+    more = f"; {len(rows) - len(shown_rows)} more (--limit 0 lists all)" if len(shown_rows) < len(rows) else ""
+    console.print(f"{len(rows)} sample(s){more}. Forget one: lmeraser forget --sample-id ID (or --subject SUBJECT)", highlight=False)
 
 
 def _with_source(params_file: Path, source: str) -> str:
@@ -352,7 +395,6 @@ class Method(StrEnum):
 
 
 METHOD_HELP = "exact: rebuild the affected clusters; influence: approximate update now, exact rebuild queued"
-JSON = typer.Option(False, "--json", help="machine-readable: one JSON document on stdout (errors stay one line on stderr, non-zero exit)")
 
 
 def _emit(data) -> None:

@@ -97,3 +97,25 @@ def test_the_fast_exit_stops_idle_executor_threads_and_keeps_the_exit_code():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 3 and done.stdout.split() == ["worked", "atexit", "ran"]
+
+
+def test_data_samples_lists_the_ids_a_request_names(tmp_path):
+    """`lmeraser data samples`: where a forget's ids and subjects come from (split, subject, label)."""
+    import json
+
+    ws = build_workspace(tmp_path, TINY)
+    private = ws.manifest("private")
+    done = lmeraser_cli("data", "samples", "--json", "--limit", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert listed["total"] == len(private) and [r["sample_id"] for r in listed["samples"]] == private["sample_id"].tolist()
+    assert {r["split"] for r in listed["samples"]} == {"private"}
+    subject = private["subject_id"].iloc[0]
+    mine = json.loads(lmeraser_cli("data", "samples", "--json", "--subject", subject, cwd=tmp_path).stdout)
+    assert {r["subject_id"] for r in mine["samples"]} == {subject} and mine["total"] == int((private["subject_id"] == subject).sum())
+    every = json.loads(lmeraser_cli("data", "samples", "--split", "all", "--json", "--limit", "3", cwd=tmp_path).stdout)
+    assert every["total"] == sum(len(ws.manifest(s)) for s in ("public", "private", "test")) and len(every["samples"]) == 3
+    table = lmeraser_cli("data", "samples", "--limit", "2", cwd=tmp_path)
+    assert private["sample_id"].iloc[0] in table.stdout and f"{len(private) - 2} more" in table.stdout
+    _one_sentence(lmeraser_cli("data", "samples", "--subject", "s99999", cwd=tmp_path), "subject s99999")
+    _one_sentence(lmeraser_cli("data", "samples", "--split", "nope", cwd=tmp_path), "--split nope")
