@@ -1015,6 +1015,23 @@ def audit_export_key(out: Path = typer.Option(None, "--out", help="where to writ
     console.print(f"public key {keys.key_id(key.public_key())} written to {out}")
 
 
+@audit_app.command("schema")
+def audit_schema(out: Path = typer.Option(None, "--out", help="write it to this file (default: stdout)")) -> None:
+    """The JSON Schema of a lineage record's predicate, generated from the record models
+    (docs/record-schema.json is this output)."""
+    from lmeraser.io import atomic_write_text
+    from lmeraser.lineage.records import record_schema
+
+    text = json.dumps(record_schema(), indent=2, sort_keys=True) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    if out.is_dir():
+        _fail(f"{out}: is a directory; --out takes a file path.")
+    atomic_write_text(out, text)
+    console.print(f"record schema written to {out}", highlight=False)
+
+
 @audit_app.command("rotate-key")
 def audit_rotate_key(
     new_key: Path = typer.Option(None, "--new-key", help="the new Ed25519 private key (PEM, 0600); default: a fresh one"),

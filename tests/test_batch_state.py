@@ -124,3 +124,18 @@ def test_requests_are_frozen():
     with pytest.raises(ValidationError):
         request.kind = "rectify"
     assert request.only(list(request.sample_ids[:1])).sample_ids == request.sample_ids[:1]
+
+
+def test_the_record_schema_in_the_docs_is_generated_from_the_models_and_holds_a_real_record():
+    import jsonschema
+
+    from lmeraser.lineage.records import record_schema
+
+    schema = record_schema()
+    assert json.loads((Path(__file__).parents[1] / "docs" / "record-schema.json").read_text()) == schema, (
+        "run `lmeraser audit schema --out docs/record-schema.json`"
+    )
+    predicate = {**json.loads((DATA / "predicate-v1.json").read_text()), "sequence": 2, "previous_record_sha256": "0" * 64, "anchored": True}
+    jsonschema.validate(predicate, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({k: v for k, v in predicate.items() if k != "removed_content_keys"}, schema)

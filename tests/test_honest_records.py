@@ -457,3 +457,13 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
     assert parses == 1
     assert reads <= 4, f"the journal was read {reads} times"
     _commit(root, "after the counted forget")
+    # Every record this module's batches signed holds to the published schema (docs/record-schema.json).
+    import jsonschema
+
+    from lmeraser.lineage.records import record_schema
+
+    schema = record_schema()
+    signed = [r for r in _records(root) if not r.is_rotation]
+    assert signed
+    for record in signed:
+        jsonschema.validate(record.predicate, schema)

@@ -169,6 +169,37 @@ class InfluencePredicate(_Schema):
     forgetting_audit: dict | None = None  # the update's measured residue (lmeraser/audit/forgetting.py)
 
 
+def record_schema() -> dict:
+    """The JSON Schema of a lineage record's predicate (the `predicate` of the in-toto Statement
+    in each DSSE envelope of audit/lineage.jsonl), generated from the models above; kept as
+    docs/record-schema.json (`lmeraser audit schema`; a test checks it is current)."""
+    from pydantic.json_schema import models_json_schema
+
+    from lmeraser.lineage.dsse import PREDICATE_TYPE, STATEMENT_TYPE
+
+    _, schema = models_json_schema([(ExactPredicate, "serialization"), (InfluencePredicate, "serialization")], ref_template="#/$defs/{model}")
+    chained = {  # what the log adds to every predicate it signs (lmeraser/lineage/log.py)
+        "sequence": {"type": "integer", "minimum": 1, "description": "the record's number in the log, from 1"},
+        "previous_record_sha256": {"type": "string", "description": "sha256 of the previous line of the log (64 zeros for the first)"},
+        "anchored": {"type": "boolean"},
+    }
+    for name in ("ExactPredicate", "InfluencePredicate"):
+        schema["$defs"][name]["properties"].update(chained)
+        schema["$defs"][name]["required"] = [*schema["$defs"][name]["required"], *chained]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": PREDICATE_TYPE,
+        "title": "lmeraser lineage record predicate",
+        "description": (
+            f"The predicate of an in-toto Statement ({STATEMENT_TYPE}, predicateType {PREDICATE_TYPE}) signed in a DSSE envelope, "
+            "one envelope per line of audit/lineage.jsonl: an exact batch or an influence update, plus the log's chain fields. "
+            "Key rotations (predicateType .../key-rotation/v1) and the signed head are described in docs/auditing.md."
+        ),
+        "oneOf": [{"$ref": "#/$defs/ExactPredicate"}, {"$ref": "#/$defs/InfluencePredicate"}],
+        "$defs": schema["$defs"],
+    }
+
+
 def environment(kind: str, ws: Workspace, threads: int) -> dict:
     """The software and machine a record's computation ran on (what replay compares): `threads`,
     the device, its name and the precision the workspace's backbone records, and the numerics
