@@ -7,12 +7,14 @@ each leaves the workspace clean for the next (every batch finishes, or its refus
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -467,3 +469,36 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
     assert signed
     for record in signed:
         jsonschema.validate(record.predicate, schema)
+
+
+def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
+    """docs/examples/verify_lineage.py (the DSSE spec, Ed25519 and the chain, on `cryptography`
+    alone) verifies this workspace's log, and fails on a record changed by one byte, on a record
+    removed, and on another key."""
+    script = Path(__file__).parents[1] / "docs" / "examples" / "verify_lineage.py"
+    log, head, pem = root / "audit" / "lineage.jsonl", root / "audit" / "lineage.head.json", root / "audit" / "lineage-public-key.pem"
+    assert len(_records(root)) >= 1
+
+    def run(log_bytes: bytes, key: Path = pem) -> subprocess.CompletedProcess:
+        shutil.copy(head, tmp_path / "lineage.head.json")
+        (tmp_path / "lineage.jsonl").write_bytes(log_bytes)
+        return subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "lineage.jsonl"), str(key)], capture_output=True, text=True, timeout=60)
+
+    good = run(log.read_bytes())
+    assert good.returncode == 0 and "signed head: OK" in good.stdout, good.stdout + good.stderr
+    lines = log.read_bytes().splitlines(keepends=True)
+    envelope = json.loads(lines[0])
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload["predicate"]["batch_id"] = "batch-forged"
+    envelope["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    forged = run(json.dumps(envelope).encode() + b"\n" + b"".join(lines[1:]))
+    assert forged.returncode == 1 and "record 1: FAILED (InvalidSignature" in forged.stdout
+    if len(lines) > 1:
+        dropped = run(b"".join(lines[1:]))
+        assert dropped.returncode == 1 and "record 1: FAILED" in dropped.stdout
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert "no signature by" in run(log.read_bytes(), other).stdout
