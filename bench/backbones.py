@@ -46,11 +46,8 @@ import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and t
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from conftest import random_timm_checkpoint  # noqa: E402
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
+from helpers import random_timm_checkpoint  # noqa: E402
 from pipeline import cpu_model, preset  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -179,7 +176,7 @@ def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     from lmeraser.unlearning.rebuild import record_stage
     from lmeraser.workspace import Workspace
 
-    from conftest import copy_repo
+    from helpers import copy_repo
 
     work = RESULTS / f"work-backbones-{name}"
     shutil.rmtree(work, ignore_errors=True)

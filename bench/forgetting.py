@@ -66,9 +66,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from lmeraser import numerics  # noqa: E402
 from lmeraser.audit import forgetting  # noqa: E402
 from lmeraser.config import PromptParams, parse_params  # noqa: E402
@@ -85,6 +82,7 @@ from lmeraser.training import cluster_seed  # noqa: E402
 from lmeraser.unlearning.influence import influence_edit, prepare_model  # noqa: E402
 from lmeraser.workspace import Workspace  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import CONFIGS, preset  # noqa: E402
 
 KINDS = ("pad", "vpt", "lora")

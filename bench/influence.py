@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,9 +40,6 @@ import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from lmeraser.clustering import nearest  # noqa: E402
 from lmeraser.compute import Compute  # noqa: E402
 from lmeraser.config import PromptParams, parse_params  # noqa: E402
@@ -55,6 +51,7 @@ from lmeraser.training import cluster_seed, load_prompt, train_prompt  # noqa: E
 from lmeraser.unlearning.influence import influence_edit, prepare_model  # noqa: E402
 from lmeraser.workspace import Workspace  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import CONFIGS, cpu_model, preset  # noqa: E402
 
 KINDS = ("pad", "vpt", "lora")

@@ -45,12 +45,10 @@ from lmeraser import numerics  # first: its pins must precede numpy (lmeraser/nu
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from scratch import BIN, bench_env, build_demo, run, work_root  # noqa: E402
 from unlearn import last_record, prefect_server, read, timed_child  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import CONFIGS  # noqa: E402
 
 MODES = numerics.MODES  # ("portable", "native")

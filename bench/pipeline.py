@@ -16,21 +16,20 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from lmeraser.config import deep_merge as merge  # noqa: E402
 from lmeraser.config import load_params, parse_params  # noqa: E402
 from lmeraser.data.splits import init_data  # noqa: E402
 from lmeraser.pipeline.train import train_in_threads  # noqa: E402
 from lmeraser.stages import STAGES  # noqa: E402
 from lmeraser.workspace import Workspace  # noqa: E402
+
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 
 # Each source's params file: the repository's own for digits, a preset under configs/ otherwise.
 CONFIGS = {"digits": ROOT / "params.yaml", "fashion-mnist": ROOT / "configs" / "fashion-mnist.yaml"}

@@ -29,9 +29,7 @@ import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and t
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 MAX_OUTPUT = 1500  # characters: one sentence, not a traceback or an echoed 10 MB id
@@ -512,11 +510,10 @@ def _judge(case: Case, code: int, output: str, before: str, after: str) -> Outco
 
 def build_workspace(root: Path) -> None:
     """A tiny trained workspace (digits), built with the library functions."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from lmeraser.config import parse_params
 
-    from conftest import TINY, run_stages
-    from conftest import build_workspace as build
+    from helpers import TINY, run_stages
+    from helpers import build_workspace as build
 
     ws = build(root, TINY)
     run_stages(parse_params(TINY), ws)

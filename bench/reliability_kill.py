@@ -39,14 +39,11 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from scratch import BIN, bench_env, build_demo, run  # noqa: E402
 
 from lmeraser.failpoints import FAILPOINT_ENV, NAMED  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 

@@ -42,9 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from lmeraser.audit.verify import public_key, verified_records  # noqa: E402
@@ -55,6 +52,7 @@ from lmeraser.lineage.log import LineageLog  # noqa: E402
 from lmeraser.lineage.records import signing_key  # noqa: E402
 from lmeraser.workspace import Workspace  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 KINDS = ("flip", "delete-byte", "insert-byte", "swap", "duplicate", "delete-record", "truncate", "remove-trailing", "re-sign")

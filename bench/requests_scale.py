@@ -24,22 +24,18 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
 from scratch import BIN, bench_env, run  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 
 def build(env: dict) -> Path:
-    from conftest import copy_repo
+    from helpers import copy_repo
 
     work = ROOT / "bench" / "results" / "work-requests-scale" / "repo"
     shutil.rmtree(work.parent, ignore_errors=True)

@@ -35,12 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from scratch import BIN, bench_env  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -84,7 +81,7 @@ def main() -> None:
     parser.add_argument("--spin-limit", type=float, default=3600, help="each spinner stops by itself after this many seconds")
     args = parser.parse_args()
 
-    from conftest import TINY, copy_repo
+    from helpers import TINY, copy_repo
 
     env = {k: v for k, v in bench_env().items() if k not in ("PREFECT_API_URL", "LMERASER_FAILPOINT", "LMERASER_PREFECT_SERVER")}
     work = RESULTS / "work-saturated" / "repo"

@@ -47,8 +47,8 @@ def build_demo(
     that must run the same code while the repository is being edited)."""
     import yaml
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import copy_repo
+    import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
+    from helpers import copy_repo
 
     work = work_root(name)
     shutil.rmtree(work.parent, ignore_errors=True)

@@ -36,12 +36,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-
 from scratch import BIN, bench_env, build_demo  # noqa: E402
 
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
 TOKEN = "bench-" + "s" * 40
@@ -165,7 +162,7 @@ def main() -> None:
 
     from lmeraser.workspace import Workspace
 
-    from conftest import _free_port
+    from helpers import free_port
 
     def service_params(values: dict) -> None:
         values.setdefault("service", {})
@@ -186,7 +183,7 @@ def main() -> None:
         "prompt_kind": params["prompt"]["kind"],
         "service": params["service"],
     }
-    service = Service(work, env, _free_port())
+    service = Service(work, env, free_port())
     result["start_seconds"] = round(service.start(), 1)
     print(f"service up in {result['start_seconds']}s", flush=True)
     private = Workspace(work).manifest("private")["sample_id"].tolist()

@@ -43,11 +43,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-
+import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import CONFIGS, cpu_model, preset  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -198,9 +194,9 @@ def warm_service(work: Path, env: dict, victims: list[str], sizes: dict[int, int
     """One forget at a time through a warm `lmeraser serve`: submit over HTTP, wait for `verified`."""
     from service import TOKEN, Service, wait_verified
 
-    from conftest import _free_port
+    from helpers import free_port
 
-    service = Service(work, {**env, "LMERASER_API_TOKEN": TOKEN}, _free_port(), log_path=work / "serve.log")
+    service = Service(work, {**env, "LMERASER_API_TOKEN": TOKEN}, free_port(), log_path=work / "serve.log")
     t_start = time.perf_counter()
     service.start()
     rounds = []

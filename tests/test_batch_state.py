@@ -22,7 +22,7 @@ from lmeraser.unlearning.journal import Journal
 from lmeraser.unlearning.steps import BatchState, Capture, Purged, Verified
 from lmeraser.workspace import Workspace
 
-from conftest import TINY
+from helpers import TINY
 
 DATA = Path(__file__).parent / "data"
 OLD_BATCH = DATA / "batch-state-v1.json"

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from conftest import TINY, build_workspace, lmeraser_cli
+from helpers import TINY, build_workspace, lmeraser_cli
 from test_sources import make_idx_dir
 
 

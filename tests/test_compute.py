@@ -27,7 +27,7 @@ from lmeraser.stages import stage
 from lmeraser.training import train_prompt
 from lmeraser.workspace import Workspace
 
-from conftest import TINY, build_workspace, run_stages, tiny_backbone, tiny_data
+from helpers import TINY, build_workspace, run_stages, tiny_backbone, tiny_data
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA; this one has a GPU")
 

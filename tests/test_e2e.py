@@ -14,7 +14,7 @@ from lmeraser.lineage.log import LineageLog
 from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import BIN, REPO, _cli_ok, dvc, lmeraser_cli, ran_stages
+from helpers import BIN, REPO, cli_ok, dvc, lmeraser_cli, ran_stages
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline run"]):
         subprocess.run(cmd, cwd=root, check=True)
     victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
-    done = _cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
+    done = cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
     # Each step shows as it finishes, with its seconds, in the terminal (Prefect's run logger).
     assert all(f"step {step} done in " in done.stderr for step in ("capture", "apply", "version", "rebuild", "purge", "verify", "record"))
@@ -90,7 +90,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
 
     from lmeraser.config import load_params
 
-    from conftest import run_stages
+    from helpers import run_stages
 
     scratch = Workspace(tmp_path / "scratch")
     for part in ("data", "artifacts/backbone", "artifacts/clusters"):
@@ -99,10 +99,10 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     fresh = read_json(scratch.prompt_index_file)["clusters"]
     assert fresh == index["clusters"]
 
-    _cli_ok("audit", "verify", cwd=root)
-    scan = _cli_ok("audit", "scan", cwd=root)
+    cli_ok("audit", "verify", cwd=root)
+    scan = cli_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout
-    record = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
+    record = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
     predicate = record["predicate"]
     assert predicate["clusters_rebuilt"][0]["cluster"] == int(victim.cluster)
     assert predicate["clusters_rebuilt"][0]["seed"] == index["clusters"][str(int(victim.cluster))]["seed"]
@@ -156,13 +156,13 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     subject = private["subject_id"].value_counts().index[0]
     members = private.loc[private.subject_id == subject, "sample_id"]
     expected = sorted(set(assignments.set_index("sample_id").loc[members, "cluster"].astype(int)))
-    forgotten = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
+    forgotten = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
     already = pd.read_csv(root / "data" / "tombstones.csv", dtype=str)["sample_id"].iloc[0]
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"subjects": [subject]}) + "\n" + json.dumps({"sample_ids": [already]}) + "\n")
-    done = _cli_ok("forget", "--file", str(requests), cwd=root)
+    done = cli_ok("forget", "--file", str(requests), cwd=root)
     assert "already forgotten" in done.stdout and "lineage record 2" in done.stdout
-    predicate = json.loads(_cli_ok("audit", "show", "2", cwd=root).stdout)["predicate"]
+    predicate = json.loads(cli_ok("audit", "show", "2", cwd=root).stdout)["predicate"]
     assert [c["cluster"] for c in predicate["clusters_rebuilt"]] == expected
     from lmeraser.salt import Keyer
 
@@ -170,17 +170,17 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert subject not in json.dumps(predicate) and already not in json.dumps(predicate)  # keyed ids only
     assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
     assert not predicate["code"]["git_commit"].endswith("+dirty")  # record 1's batch committed its versions
-    _cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+    cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
     # The purge deleted the prompts record 1 had pinned from the train stage's persisted store and
     # recorded the store again: the serving path stays up to date for the next batch.
     status = dvc("status", cwd=root).stdout
     assert status.startswith("baselines:") and "train:" not in status, status
     # Forgetting the same subject again is a recorded no-op (like an id), and its record, which
     # rebuilt nothing, cannot be "replayed OK".
-    again = _cli_ok("forget", "--subject", subject, cwd=root)
+    again = cli_ok("forget", "--subject", subject, cwd=root)
     assert "1 subject(s) already forgotten" in again.stdout and "lineage record 3" in again.stdout
-    noop = json.loads(_cli_ok("audit", "show", "3", cwd=root).stdout)["predicate"]
+    noop = json.loads(cli_ok("audit", "show", "3", cwd=root).stdout)["predicate"]
     assert noop["clusters_rebuilt"] == [] and noop["requests"][0]["subjects_already_forgotten"]
     done = lmeraser_cli("audit", "replay", "--record", "3", "--json", cwd=root)
     assert done.returncode == 1 and "rebuilt no cluster: nothing to replay" in done.stderr
@@ -224,7 +224,7 @@ def test_tampering_is_caught(repo):
         assert done.returncode != 0 and "record 1" in done.stderr
     finally:
         path.write_bytes(original)
-    _cli_ok("audit", "verify", cwd=root)
+    cli_ok("audit", "verify", cwd=root)
     # A deployed prompt that no record vouches for is caught too.
     index = root / "artifacts" / "prompts" / "index.json"
     saved = index.read_bytes()
@@ -345,10 +345,10 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     assert not (root / "artifacts" / "prompts" / "approximate" / "overlay.json").exists()
     leak.unlink()
-    finished = _cli_ok("unlearn", cwd=root)
+    finished = cli_ok("unlearn", cwd=root)
     assert f"lineage record {records + 1}" in finished.stdout
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[other]]
-    second = _cli_ok("unlearn", cwd=root)
+    second = cli_ok("unlearn", cwd=root)
     assert f"lineage record {records + 2}" in second.stdout and not Journal(ws).pending()
 
 
@@ -374,8 +374,8 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
         + json.dumps({"kind": "rectify", "sample_ids": [label_id], "label": new_label})
         + "\n"
     )
-    assert "served as APPROXIMATE" in _cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
-    assert "served as APPROXIMATE" in _cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
+    assert "served as APPROXIMATE" in cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
+    assert "served as APPROXIMATE" in cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
     # The corrected image was copied into the workspace at submission: the original may go.
     (tmp_path / "fixed.npy").unlink()
     assert len(list((root / "audit" / "inputs").glob("*.npy"))) == 1
@@ -394,11 +394,11 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     assert set(ServingModel.load(Workspace(root)).overlay) == {str(c) for c in expected}
     assert forget_id in Workspace(root).split("private").sample_ids
     assert len(Journal(Workspace(root)).pending()) == 3
-    _cli_ok("audit", "verify", cwd=root)
+    cli_ok("audit", "verify", cwd=root)
     refused = lmeraser_cli("audit", "replay", "--record", str(influence[0].number), cwd=root)
     assert refused.returncode == 1 and "approximate influence update" in refused.stderr
 
-    done = _cli_ok("unlearn", cwd=root)
+    done = cli_ok("unlearn", cwd=root)
     record = log.read_unverified()[-1]
     assert record.predicate["method"] == "exact" and record.predicate["supersedes"] == [r.number for r in influence]
     assert expected <= {c["cluster"] for c in record.predicate["clusters_rebuilt"]}, done.stdout
@@ -414,13 +414,13 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     from lmeraser.salt import Keyer
 
     assert Keyer(Workspace(root)).content(old_hash) in set(Workspace(root).tombstones()["content_key"])
-    _cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
+    cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
     replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)
     assert replay.returncode == 0 and "sha256 matches" in replay.stdout and "sha256 differs" not in replay.stdout, replay.stdout + replay.stderr
     rebuilt = len(record.predicate["clusters_rebuilt"])
     assert f"record {record.number}: replayed {rebuilt}, matched {rebuilt}, skipped 0" in replay.stdout
-    _cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
+    cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
     page = (tmp_path / "report.html").read_text()
     # four history figures plus the forgetting audit's p-values (the records carry audits)
     assert page.count("data:image/png;base64,") == 5 and "Forgetting audit: post-forget p-values" in page
@@ -434,7 +434,7 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     public = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)
     victim = public["sample_id"].iloc[3]
     backbone_before = read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"]
-    done = _cli_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
+    done = cli_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
     assert "lineage record" in done.stdout
     record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
     assert record["backbone_rebuild"] is True
@@ -442,8 +442,8 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     assert read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"] != backbone_before
     assert victim not in set(pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"])
     assert record["clusters_untouched"] == 0 and record["clusters_rebuilt"]  # a new backbone changes every prompt
-    _cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in _cli_ok("audit", "scan", cwd=root).stdout
+    cli_ok("audit", "verify", cwd=root)
+    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
 
 
 def test_an_experiment_does_not_delete_the_signed_prompts(repo):
@@ -464,7 +464,7 @@ def test_an_experiment_does_not_delete_the_signed_prompts(repo):
     finally:
         params.write_text(saved)
     dvc("repro", "evaluate", cwd=root)
-    _cli_ok("audit", "verify", cwd=root)
+    cli_ok("audit", "verify", cwd=root)
 
 
 def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(repo, monkeypatch):
@@ -476,14 +476,14 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
 
     import httpx
 
-    from conftest import _free_port
+    from helpers import free_port
 
     root, _ = repo
     private = Workspace(root).split("private").sample_ids
     token = "e2e-token-" + "0" * 30
     monkeypatch.setenv("LMERASER_API_TOKEN", token)  # the service and the CLI calls below
     env = {**os.environ}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
 
     def start() -> subprocess.Popen:
@@ -557,7 +557,7 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
             service.wait(timeout=60)
         except ProcessLookupError:
             pass
-    _cli_ok("audit", "scan", cwd=root)
+    cli_ok("audit", "scan", cwd=root)
 
 
 def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_path):
@@ -568,7 +568,7 @@ def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_p
 
     from lmeraser.config import load_params
 
-    from conftest import run_stages
+    from helpers import run_stages
 
     root, _ = repo
     assert not Journal(Workspace(root)).pending()
@@ -602,7 +602,7 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
     corrected = set(tombstones.query("reason == 'rectify-input'")["sample_id"]) - forgotten
     before = {sid: h for split in ("public", "private") for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values}
     data_dvc = (root / "data.dvc").read_bytes()
-    done = _cli_ok("data", "init", cwd=root)
+    done = cli_ok("data", "init", cwd=root)
     assert f"{len(forgotten)} sample(s) kept out" in done.stdout and f"{len(corrected)} image correction(s) re-applied" in done.stdout, done.stdout
     present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
     assert forgotten and not forgotten & present and corrected and corrected <= present
@@ -610,7 +610,7 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
     assert all(after[sid] == before[sid] for sid in corrected)  # the corrected pixels, not the source's
     assert (root / "data.dvc").read_bytes() == data_dvc  # the same data version: nothing to rebuild
     assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
-    scan = _cli_ok("audit", "scan", cwd=root)
+    scan = cli_ok("audit", "scan", cwd=root)
     import re
 
     named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))

@@ -2,7 +2,7 @@
 
 from lmeraser.io import read_json
 
-from conftest import TINY, build_workspace, lmeraser_cli
+from helpers import TINY, build_workspace, lmeraser_cli
 
 
 def test_train_pipeline_runs_every_stage_in_order(tmp_path):

@@ -16,7 +16,7 @@ from lmeraser.audit.forgetting import Scored, chosen_samples, judge, logit_confi
 from lmeraser.config import parse_params
 from lmeraser.errors import ConfigError
 
-from conftest import TINY
+from helpers import TINY
 
 
 def test_logit_confidence_is_the_log_odds_and_does_not_saturate():
@@ -240,7 +240,7 @@ def test_output_paths_that_are_not_new_or_regular_files_of_the_right_kind_are_re
     import os
     import subprocess
 
-    from conftest import BIN
+    from helpers import BIN
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)

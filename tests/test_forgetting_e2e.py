@@ -16,7 +16,7 @@ from lmeraser.store import ArtifactStore
 from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import _cli_ok, copy_repo, dvc, lmeraser_cli
+from helpers import cli_ok, copy_repo, dvc, lmeraser_cli
 
 # The digits demo without its baselines: its prompts memorise a mislabelled sample (a weaker
 # backbone, 20 epochs on 240 samples, did not: the audit then rightly says "not-memorised").
@@ -37,7 +37,7 @@ def canaries(tmp_path_factory):
     second = next(s for s in private.sample_ids[8:] if cluster_of[s] != cluster_of[first])
     lines = [json.dumps({"kind": "rectify", "sample_ids": [s], "label": (int(private.labels[private.sample_ids.index(s)]) + 3) % 10}) for s in (first, second)]
     (root / "canaries.jsonl").write_text("\n".join(lines) + "\n")
-    _cli_ok("rectify", "--file", str(root / "canaries.jsonl"), cwd=root)
+    cli_ok("rectify", "--file", str(root / "canaries.jsonl"), cwd=root)
     return root, first, second, cluster_of
 
 
@@ -47,7 +47,7 @@ def _records(root):
 
 def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(canaries):
     root, canary, _, cluster_of = canaries
-    done = _cli_ok("forget", "--sample-id", canary, cwd=root)
+    done = cli_ok("forget", "--sample-id", canary, cwd=root)
     assert "forgetting audit: 1 forgotten;" in done.stdout
     record = _records(root)[-1]
     audit = record.predicate["forgetting_audit"]
@@ -60,16 +60,16 @@ def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(ca
     references = record.predicate["purge"]["audit_references"]
     assert references["trained"] == 9 and len(references["in_reference_digests"]) == 4  # 4 IN, 4 + the expected rebuild OUT
     assert record.predicate["forgetting_audit"]["served_as_expected_rebuild"] == [cluster_of[canary]]
-    scan = _cli_ok("audit", "scan", cwd=root)
+    scan = cli_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout and "4 forgetting-audit IN reference(s)" in scan.stdout
     # The population figure stays, labelled as such.
     assert record.predicate["verification"]["membership_inference"]["before"]["scope"].startswith("population figure")
 
-    fleet = json.loads(_cli_ok("audit", "forgetting", "--json", cwd=root).stdout)
+    fleet = json.loads(cli_ok("audit", "forgetting", "--json", cwd=root).stdout)
     assert fleet["verified"] is True and fleet["methods"]["exact"]["verdicts"]["forgotten"] == 1
     assert (root / "audit" / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "forget quality" in _cli_ok("audit", "forgetting", "--plot", str(root / "p.png"), cwd=root).stdout
-    _cli_ok("audit", "report", cwd=root)
+    assert "forget quality" in cli_ok("audit", "forgetting", "--plot", str(root / "p.png"), cwd=root).stdout
+    cli_ok("audit", "report", cwd=root)
     assert "1 forgotten" in (root / "audit" / "report.html").read_text()
 
 
@@ -82,7 +82,7 @@ def test_references_zero_records_no_reference_audit(canaries):
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         victim = next(s for s, c in cluster_of.items() if c == cluster_of[second] and s != second)
-        done = _cli_ok("forget", "--sample-id", victim, cwd=root)
+        done = cli_ok("forget", "--sample-id", victim, cwd=root)
         assert "forgetting audit: no reference audit (audit.references is 0)" in done.stdout
         audit = _records(root)[-1].predicate["forgetting_audit"]
         assert audit == {"status": "no reference audit", "reason": "audit.references is 0"}
@@ -108,7 +108,7 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     cluster = str(cluster_of[canary])
     old = ws.prompt_index().clusters[cluster]
     old_bytes = ArtifactStore(ws.store_dir).path(old.key).read_bytes()
-    _cli_ok("forget", "--sample-id", canary, "--no-process", cwd=root)
+    cli_ok("forget", "--sample-id", canary, "--no-process", cwd=root)
     records = len(_records(root))
 
     def broken(batch, step):
@@ -128,7 +128,7 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     assert len(_records(root)) == records
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[canary]]
     # The references of the stopped batch are what `audit scan` looks for too (no record names them yet).
-    assert json.loads(_cli_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
+    assert json.loads(cli_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
     # Run again as is, in a new process: the erased pixels are gone, but the served prompt is still
     # not the retrain without the canary (its digest says so), so the batch stays stopped, unsigned.
     again = lmeraser_cli("unlearn", cwd=root)

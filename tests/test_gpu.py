@@ -21,7 +21,7 @@ from lmeraser.training import load_prompt, train_prompt
 from lmeraser.unlearning.influence import influence_edit, prepare_model
 from lmeraser.workspace import Workspace
 
-from conftest import _cli_ok, dvc, tiny_backbone, tiny_data
+from helpers import cli_ok, dvc, tiny_backbone, tiny_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none (CI never has one)")
 
@@ -122,11 +122,11 @@ def test_a_cuda_workspace_runs_end_to_end_and_replays_bit_for_bit(tmp_path):
     assert json.loads(ws.prompt_index_file.read_text())["clusters"] == index
 
     victim = ws.split("private").sample_ids[0]
-    assert "lineage record 1" in _cli_ok("forget", "--sample-id", victim, cwd=root).stdout
-    _cli_ok("audit", "verify", cwd=root)
-    record = json.loads(_cli_ok("audit", "show", "1", cwd=root).stdout)
+    assert "lineage record 1" in cli_ok("forget", "--sample-id", victim, cwd=root).stdout
+    cli_ok("audit", "verify", cwd=root)
+    record = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
     environment = record["predicate"]["environment"]
     assert environment["device"] == "cuda" and environment["device_name"] == name and environment["precision"] == "float32"
-    replay = json.loads(_cli_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
+    replay = json.loads(cli_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
     # Same machine, same versions: no difference to excuse, so a match is equal bytes.
     assert replay["ok"] and not replay["environment_differences"] and replay["matched"] == replay["replayed"] > 0, replay

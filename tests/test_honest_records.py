@@ -23,7 +23,7 @@ from lmeraser.lineage.log import LineageLog
 from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import SPLITS, Workspace
 
-from conftest import TINY, _cli_ok, copy_repo, dvc, lmeraser_cli
+from helpers import TINY, cli_ok, copy_repo, dvc, lmeraser_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("honest") / "repo", TINY)
-    _cli_ok("data", "init", cwd=root)
+    cli_ok("data", "init", cwd=root)
     dvc("repro", cwd=root)
     _commit(root, "pipeline run")
     return root
@@ -65,9 +65,9 @@ def test_forget_after_a_rectification_erases_the_sample(root):
     """Finding 0a: a label correction is not an erasure. Forgetting a rectified sample removes it
     (the record counts it, nothing calls it 'already forgotten'); only then is it forgotten."""
     victim = _private(root, 5)
-    _cli_ok("rectify", "--sample-id", victim, "--label", "4", cwd=root)
+    cli_ok("rectify", "--sample-id", victim, "--label", "4", cwd=root)
     assert victim in _present(root)
-    done = _cli_ok("forget", "--sample-id", victim, cwd=root)
+    done = cli_ok("forget", "--sample-id", victim, cwd=root)
     assert "already forgotten" not in done.stdout
     assert victim not in _present(root)
     request = _records(root)[-1].predicate["requests"][0]
@@ -75,7 +75,7 @@ def test_forget_after_a_rectification_erases_the_sample(root):
     # Now it is forgotten: a rectification is refused, a second forget is a recorded no-op.
     refused = lmeraser_cli("rectify", "--sample-id", victim, "--label", "3", cwd=root)
     assert refused.returncode == 1 and "was forgotten and cannot be rectified" in refused.stderr
-    again = _cli_ok("forget", "--sample-id", victim, cwd=root)
+    again = cli_ok("forget", "--sample-id", victim, cwd=root)
     assert "1 already forgotten" in again.stdout
     from lmeraser.salt import Keyer
 
@@ -92,11 +92,11 @@ def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):
     target, row = private.sample_ids[7], 7
     fixed = (255 - private.images[row]).astype(np.uint8)
     np.save(tmp_path / "fixed.npy", fixed)
-    _cli_ok("rectify", "--sample-id", target, "--input", str(tmp_path / "fixed.npy"), cwd=root)
+    cli_ok("rectify", "--sample-id", target, "--input", str(tmp_path / "fixed.npy"), cwd=root)
     label = (int(private.labels[row]) + 1) % 10
-    _cli_ok("rectify", "--sample-id", target, "--label", str(label), cwd=root)
+    cli_ok("rectify", "--sample-id", target, "--label", str(label), cwd=root)
     before = _snapshot(root)
-    done = _cli_ok("data", "init", cwd=root)
+    done = cli_ok("data", "init", cwd=root)
     assert "1 image correction(s) re-applied" in done.stdout and "1 label correction(s)" in done.stdout
     assert _snapshot(root) == before  # the same data version: nothing to rebuild, nothing to record
     after = Workspace(root).split("private")
@@ -125,14 +125,14 @@ def test_a_change_outside_any_batch_is_named_by_the_next_record(root):
     assert now != served
     _commit(root, "new learning rate")
     previous = _records(root)[-1].number
-    _cli_ok("forget", "--sample-id", _private(root, 11), cwd=root)
+    cli_ok("forget", "--sample-id", _private(root, 11), cwd=root)
     outside = _records(root)[-1].predicate["outside_change"]
     assert outside["since_record"] == previous
     assert {c["cluster"] for c in outside["clusters_changed"]} == {int(c) for c in now if now[c] != served[c]}
     assert all(c["prompt_sha256_before"] == served[str(c["cluster"])] for c in outside["clusters_changed"])
     assert "artifacts/prompts/index.json" in outside["subjects_changed"]
     # The record after it finds nothing new to explain.
-    _cli_ok("forget", "--sample-id", _private(root, 12), cwd=root)
+    cli_ok("forget", "--sample-id", _private(root, 12), cwd=root)
     assert _records(root)[-1].predicate["outside_change"] is None
 
 
@@ -140,9 +140,9 @@ def test_the_registered_bundle_never_names_an_erased_sample(root):
     """Finding 0c: after an influence forget made exact, no file of the MLflow stores (registered
     bundles included) names the erased sample or its request."""
     victim = _private(root, 13)
-    _cli_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
+    cli_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
     request_id = Journal(Workspace(root)).pending()[0].request_id
-    _cli_ok("unlearn", cwd=root)
+    cli_ok("unlearn", cwd=root)
     leaks = [
         str(path)
         for path in (root / "mlartifacts").rglob("*")
@@ -269,11 +269,11 @@ def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(r
         _finish(root)
     old = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
     retired = (root / "audit" / "keys" / "signing-key.pem").read_bytes()
-    done = _cli_ok("audit", "rotate-key", "--reason", "yearly", cwd=root)
+    done = cli_ok("audit", "rotate-key", "--reason", "yearly", cwd=root)
     new = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
     assert f"key rotation {old} -> {new}" in done.stdout and new != old
-    _cli_ok("audit", "verify", cwd=root)
-    _cli_ok("audit", "report", "--out", str(root / "audit" / "report.html"), cwd=root)
+    cli_ok("audit", "verify", cwd=root)
+    cli_ok("audit", "report", "--out", str(root / "audit" / "report.html"), cwd=root)
     submit([RequestSpec(sample_ids=[_private(root, 31)])], Workspace(root))
     _finish(root)
     assert _records(root)[-1].predicate["signer"] == new

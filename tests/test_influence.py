@@ -12,7 +12,7 @@ from lmeraser.store import ArtifactStore
 from lmeraser.training import train_prompt
 from lmeraser.unlearning.influence import Objective, conjugate_gradient, damped_solve, influence_edit, power_iteration, prepare_model
 
-from conftest import tiny_backbone, tiny_data
+from helpers import tiny_backbone, tiny_data
 
 WD = 1e-2  # the convex case's L2 weight
 

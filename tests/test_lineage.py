@@ -200,7 +200,7 @@ def test_a_missing_key_is_not_replaced_once_records_exist(tmp_path, monkeypatch)
     """forget/unlearn (sign_and_append) and export-key make a key only for the first record."""
     from lmeraser.workspace import Workspace
 
-    from conftest import lmeraser_cli
+    from helpers import lmeraser_cli
 
     monkeypatch.delenv(keys.KEY_ENV, raising=False)
     ws = Workspace(tmp_path)

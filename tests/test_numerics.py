@@ -44,7 +44,7 @@ from lmeraser.lineage import keys
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import KEY_FILE_ENV, Workspace
 
-from conftest import BIN, TINY, copy_repo, ran_stages, run_stages
+from helpers import BIN, TINY, copy_repo, ran_stages, run_stages
 
 REFERENCE = Path(__file__).parent / "data" / "numerics-fingerprint.json"
 REMAKE = "python tests/test_numerics.py --write-reference"

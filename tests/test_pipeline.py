@@ -13,7 +13,7 @@ from lmeraser.io import read_json
 from lmeraser.store import ArtifactStore
 from lmeraser.workspace import PromptIndex, Workspace
 
-from conftest import TINY, build_workspace, run_stages
+from helpers import TINY, build_workspace, run_stages
 
 
 def test_every_stage_writes_its_outputs(trained_workspace):

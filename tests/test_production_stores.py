@@ -22,7 +22,7 @@ from lmeraser.data.splits import content_hash
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
-from conftest import BIN, TINY, _free_port, copy_repo, dvc, lmeraser_cli
+from helpers import BIN, TINY, copy_repo, dvc, free_port, lmeraser_cli
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lmeraser-test-key", "AWS_SECRET_ACCESS_KEY": "lmeraser-test-secret-0600", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -47,7 +47,7 @@ def s3(tmp_path_factory):
     import boto3
 
     log = tmp_path_factory.mktemp("moto") / "server.log"
-    port = _free_port()
+    port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -190,7 +190,7 @@ def _mlflow_server(home: Path, s3, bucket: str):
     """`mlflow server` on loopback: runs and the model registry in SQLite, artifacts proxied to S3."""
     url, client = s3
     _bucket(client, bucket)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": url}
     log = home / "server.log"
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -58,7 +58,7 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
     import mlflow
     from mlflow import MlflowClient
 
-    from conftest import BIN, lmeraser_cli
+    from helpers import BIN, lmeraser_cli
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this workspace's own store, whatever ran before
     ws = Workspace(tmp_path / "ws")
@@ -102,7 +102,7 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
 def _dvc_workspace(tmp_path, monkeypatch) -> Workspace:
     import subprocess
 
-    from conftest import BIN
+    from helpers import BIN
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = Workspace(tmp_path / "ws")
@@ -125,7 +125,7 @@ def test_the_purge_collects_old_versions_from_the_cache_and_every_remote_in_proc
     from lmeraser.unlearning.purge import purge
     from lmeraser.versioning import cache_dir, dvc_add
 
-    from conftest import BIN
+    from helpers import BIN
 
     ws = _dvc_workspace(tmp_path, monkeypatch)
     (ws.data / "a.txt").write_text("the forgotten version")

@@ -21,7 +21,7 @@ from lmeraser.failpoints import FAILPOINT_ENV, NAMED
 from lmeraser.io import recover_directory, remove_stale_temp_files
 from lmeraser.workspace import Workspace
 
-from conftest import received_event
+from helpers import received_event
 
 REPO = Path(__file__).resolve().parents[1]
 

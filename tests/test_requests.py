@@ -14,7 +14,7 @@ from lmeraser.unlearning.intake import parse_requests_file, resolve
 from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import TINY, build_workspace, received_event
+from helpers import TINY, build_workspace, received_event
 
 
 @pytest.fixture(scope="module")

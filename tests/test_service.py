@@ -28,14 +28,14 @@ from lmeraser.service.worker import BatchWorker
 from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from conftest import _free_port, received_event
+from helpers import free_port, received_event
 
 
 class Served:
     """A real uvicorn serving `app` on a free loopback port, in a thread."""
 
     def __init__(self, app):
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -479,12 +479,12 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
     import signal
     import subprocess
 
-    from conftest import BIN, lmeraser_cli
+    from helpers import BIN, lmeraser_cli
 
     shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
     root = tmp_path / "ws"
     monkeypatch.setenv(TOKEN_ENV, "t" * 32)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "lmeraser"), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(port)],
         cwd=root,

@@ -22,7 +22,7 @@ from lmeraser import tracking
 from lmeraser.errors import LmeraserError
 from lmeraser.workspace import Workspace
 
-from conftest import BIN
+from helpers import BIN
 
 
 @pytest.fixture(autouse=True)

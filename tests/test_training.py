@@ -9,7 +9,7 @@ from lmeraser.errors import LmeraserError
 from lmeraser.store import ArtifactStore
 from lmeraser.training import artifact_key, cluster_seed, key_inputs, members_digest, train_prompt
 
-from conftest import tiny_backbone, tiny_data
+from helpers import tiny_backbone, tiny_data
 
 PROMPT = PromptParams.of("pad", width=1, epochs=3, batch_size=8, lr=0.05)
 

@@ -20,7 +20,7 @@ from lmeraser.lineage import keys
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import KEY_FILE_ENV, Workspace
 
-from conftest import BIN, received_event
+from helpers import BIN, received_event
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
 AUDIT_FILES = ("audit/lineage.jsonl", "audit/lineage.head.json", "audit/lineage-public-key.pem", "audit/journal.jsonl")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY, _free_port, build_workspace, copy_repo, dvc, lmeraser_cli, ran_stages
+from helpers import BIN, REPO, TINY, build_workspace, copy_repo, dvc, free_port, lmeraser_cli, ran_stages
 
 STATE = Path(".lmeraser") / "prefect" / "state.json"
 
@@ -196,7 +196,7 @@ def test_serve_stopped_by_sigterm_stops_every_child_it_started(trained_workspace
     env = _env(LMERASER_API_TOKEN="t" * 32)
     submitted = _cli("forget", "--sample-id", sample, "--no-process", cwd=root, env=env)
     assert submitted.returncode == 0, submitted.stderr
-    port = _free_port()
+    port = free_port()
     serve = subprocess.Popen(
         [str(BIN / "lmeraser"), "serve", "--port", str(port), "--no-git-commit"],
         cwd=root,
