@@ -170,8 +170,8 @@ def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     from lmeraser.pipeline.train import train_in_threads
     from lmeraser.request import RequestSpec
     from lmeraser.stages import STAGES
-    from lmeraser.unlearning.approximate import approximate_pending
     from lmeraser.unlearning.exact import process_pending
+    from lmeraser.unlearning.influence_update import influence_pending
     from lmeraser.unlearning.intake import submit
     from lmeraser.unlearning.rebuild import record_stage
     from lmeraser.workspace import Workspace
@@ -219,7 +219,7 @@ def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     print(f"[{name}: one influence update]", flush=True)
     start = time.perf_counter()
     submit([RequestSpec(sample_ids=[private[1]])], ws, method="influence")
-    approximate_pending(ws, lambda message: None)
+    influence_pending(ws, lambda message: None)
     influence_seconds = time.perf_counter() - start
     memory["influence"] = peak_mb()
     executors = None

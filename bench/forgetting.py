@@ -28,7 +28,7 @@ In one run, on a fresh scratch workspace under /tmp (library calls; no DVC or Pr
      build, and seconds. Cost: the references' wall time (training + scoring) per batch and per
      request against the batch's own rebuild (the affected clusters trained once), with the
      references trained `runtime.workers` at a time and serially (`--serial-kinds`).
-  3. latency, per kind: the product's `forget --method influence` in process (`approximate_pending`:
+  3. latency, per kind: the product's `forget --method influence` in process (`influence_pending`:
      edit, audit, overlay, signed record) for one canary's request, with `audit.references` 0 and
      the params' default, each on a copy of the workspace.
 Saves <out>/forgetting-<source>.json and .md; `--render FILE.json [--note TEXT]` rewrites the .md.
@@ -357,11 +357,11 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
 
 
 def influence_latency(ws: Workspace, params, sample: str, references: list[int], log) -> dict:
-    """The product's `forget --method influence` in process (`approximate_pending`: edit, audit,
+    """The product's `forget --method influence` in process (`influence_pending`: edit, audit,
     overlay, signed record) for one single-sample request, on a copy of the workspace per R, so
     the audit's share of an influence answer is measured where users meet it."""
     from lmeraser.request import RequestSpec
-    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.influence_update import influence_pending
     from lmeraser.unlearning.intake import submit
 
     out = {}
@@ -374,7 +374,7 @@ def influence_latency(ws: Workspace, params, sample: str, references: list[int],
             target = Workspace(copy)
             submit([RequestSpec(sample_ids=[sample])], target, method="influence")
             t = time.perf_counter()
-            answer = approximate_pending(target, lambda m: None)
+            answer = influence_pending(target, lambda m: None)
             wall = time.perf_counter() - t
         finally:
             shutil.rmtree(copy, ignore_errors=True)

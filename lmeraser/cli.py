@@ -463,18 +463,18 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
     return result
 
 
-def _approximate(ws: Workspace, quiet: bool = False) -> dict | None:
+def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
     """The influence update, in this process, without a Prefect run's start-up (the
     `influence_unlearn` flow wraps the same function for schedules); with the forgetting audit on,
     it also trains the audit's references."""
     from lmeraser.lineage.records import audit_words
 
     _quiet_env()
-    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.influence_update import influence_pending
 
     say = _say(quiet)
     try:
-        result = approximate_pending(ws, say)
+        result = influence_pending(ws, say)
     except LmeraserError as error:
         _fail(str(error))
     if result is None:
@@ -621,7 +621,7 @@ def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_c
 
 
 def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool, resolved: list, as_json: bool) -> None:
-    influence = _approximate(ws, as_json) if method == "influence" else None
+    influence = _influence(ws, as_json) if method == "influence" else None
     batch = _process(ws, git_commit, as_json) if (process if process is not None else method == "exact") else None
     if as_json:
         accepted = [{k: v for k, v in r.to_json().items() if k != "input_path"} for r in resolved]

@@ -247,9 +247,9 @@ def test_a_torn_dvc_file_is_restored_from_git(tmp_path, name, sound):
 
 
 INFLUENCE = """
-    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.influence_update import influence_pending
     from lmeraser.workspace import Workspace
-    approximate_pending(Workspace("."), log=lambda message: None)
+    influence_pending(Workspace("."), log=lambda message: None)
 """
 
 
@@ -288,16 +288,16 @@ def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(inf
 
 
 def test_an_influence_update_that_fails_undoes_itself_at_once(influence_ws, monkeypatch):
-    from lmeraser.unlearning import approximate
-    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning import influence_update
+    from lmeraser.unlearning.influence_update import influence_pending
     from lmeraser.unlearning.journal import Journal
 
     def broken(*args, **kwargs):
         raise RuntimeError("the audit broke")
 
-    monkeypatch.setattr(approximate, "_audit", broken)
+    monkeypatch.setattr(influence_update, "_audit", broken)
     with pytest.raises(RuntimeError, match="the audit broke"):
-        approximate_pending(influence_ws, log=lambda m: None)
+        influence_pending(influence_ws, log=lambda m: None)
     assert _edited_files(influence_ws) == [] and not influence_ws.influence_intent_file.exists()
     assert not influence_ws.overlay_file.exists() and len(Journal(influence_ws).awaiting_influence()) == 1
 
@@ -308,14 +308,14 @@ def test_audit_influence_false_answers_without_references_and_says_why(influence
     import yaml
 
     from lmeraser.lineage.records import lineage_log
-    from lmeraser.unlearning.approximate import approximate_pending
+    from lmeraser.unlearning.influence_update import influence_pending
 
     ws = influence_ws
     params = yaml.safe_load(ws.params_file.read_text())
     params["audit"]["influence"] = False
     ws.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     lines = []
-    result = approximate_pending(ws, lines.append)
+    result = influence_pending(ws, lines.append)
     expected = {"status": "no reference audit", "reason": "audit.influence is false: the exact batch that follows is audited"}
     assert result["forgetting_audit"] == expected
     assert lineage_log(ws).read_unverified()[-1].predicate["forgetting_audit"] == expected

@@ -113,11 +113,11 @@ def track_waiting(ws: Workspace, params, retry: bool = True, log=None) -> dict:
 def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict | None:
     """The influence update for every request submitted with `--method influence` (approximate;
     the exact rebuild stays queued for `unlearn`)."""
-    from lmeraser.unlearning.approximate import approximate_pending  # torch: only this flow needs it
+    from lmeraser.unlearning.influence_update import influence_pending  # torch: only this flow needs it
 
     ws = Workspace(Path(root), Path(root) / params_file)
     try:
-        result = approximate_pending(ws, get_run_logger().info)
+        result = influence_pending(ws, get_run_logger().info)
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:

@@ -380,10 +380,10 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             worker.wake()  # it looks at the journal now, not at its next poll
         answer = {"method": method, "influence": None}
         if method == "influence":
-            from lmeraser.unlearning.approximate import approximate_pending
+            from lmeraser.unlearning.influence_update import influence_pending
 
             try:
-                answer["influence"] = approximate_pending(ws, lambda m: None)
+                answer["influence"] = influence_pending(ws, lambda m: None)
             except LmeraserError as error:
                 raise _Fail(500, f"accepted {', '.join(ids)}, but the influence update failed: {error}", requests=_statuses(ids)) from None
         answer["requests"] = _statuses(ids)

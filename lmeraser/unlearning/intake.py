@@ -174,7 +174,7 @@ def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploa
         resolver = Resolver(ws)
         resolved = [resolver.resolve(spec, upload) for spec, upload in zip(specs, uploads, strict=True)]
         if method == "influence":
-            from lmeraser.unlearning.approximate import check_influence
+            from lmeraser.unlearning.influence_update import check_influence
             from lmeraser.unlearning.preflight import check_signer
 
             check_influence([s.request for s in resolved], ws)

@@ -1,4 +1,4 @@
-"""`--method influence`: answer forget and rectify requests in about a second, honestly approximate.
+"""The influence method (`--method influence`): answer forget and rectify requests in about a second, honestly approximate.
 
 For every cluster a batch of requests touches, the influence update (influence.py) edits the
 PEFT parameters the cluster serves now; the result is stored in the serving overlay
@@ -92,7 +92,7 @@ class _ClusterData:
         return self.x.clone(), self.y.clone(), self.present.clone()
 
 
-def approximate_pending(ws: Workspace, log=print) -> dict | None:
+def influence_pending(ws: Workspace, log=print) -> dict | None:
     """Apply the influence update for every request submitted with `--method influence` and not
     yet applied; sign one record. None when there is nothing to do."""
     journal = Journal(ws)
@@ -111,10 +111,10 @@ def approximate_pending(ws: Workspace, log=print) -> dict | None:
         if not requests:
             log("no requests awaiting an influence update")
             return None
-        return _approximate(ws, load_params(ws.params_file), requests, journal, log)
+        return _update(ws, load_params(ws.params_file), requests, journal, log)
 
 
-def _approximate(ws: Workspace, params: Params, requests: list[Request], journal: Journal, log) -> dict | None:
+def _update(ws: Workspace, params: Params, requests: list[Request], journal: Journal, log) -> dict | None:
     from lmeraser.unlearning.preflight import check_signer
 
     start = time.perf_counter()
