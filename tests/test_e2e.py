@@ -19,6 +19,10 @@ from helpers import BIN, REPO, cli_ok, dvc, lmeraser_cli, ran_stages
 pytestmark = pytest.mark.e2e
 
 
+def _records(root):
+    return LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
+
+
 def test_repro_on_a_fresh_clone_runs_every_stage_and_meets_the_target(repo):
     root, output = repo
     assert sorted(ran_stages(output)) == sorted(["validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"])
@@ -78,8 +82,9 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline run"]):
         subprocess.run(cmd, cwd=root, check=True)
     victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
+    number = len(_records(root)) + 1  # this batch's record, whatever ran before
     done = cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
-    assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and "lineage record 1" in done.stdout
+    assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and f"lineage record {number}" in done.stdout
     # Each step shows as it finishes, with its seconds, in the terminal (Prefect's run logger).
     assert all(f"step {step} done in " in done.stderr for step in ("capture", "apply", "version", "rebuild", "purge", "verify", "record"))
     index = read_json(root / "artifacts" / "prompts" / "index.json")
@@ -102,7 +107,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     cli_ok("audit", "verify", cwd=root)
     scan = cli_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout
-    record = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
+    record = json.loads(cli_ok("audit", "show", str(number), cwd=root).stdout)
     predicate = record["predicate"]
     assert predicate["clusters_rebuilt"][0]["cluster"] == int(victim.cluster)
     assert predicate["clusters_rebuilt"][0]["seed"] == index["clusters"][str(int(victim.cluster))]["seed"]
@@ -120,7 +125,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     assert predicate["recorded_at"].endswith("Z") and predicate["planned_clusters"] == [int(victim.cluster)]
     # The batch started on a clean checkout says so, and commits the versions it made.
     assert not predicate["code"]["git_commit"].endswith("+dirty")
-    assert "lineage record 1" in subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
+    assert f"lineage record {number}" in subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
     assert subprocess.run(["git", "status", "--porcelain", "data.dvc", "dvc.lock", "audit"], cwd=root, capture_output=True, text=True).stdout == ""
     # The registry holds a real model: `production` loads as a pyfunc (nothing unpickled) and
     # predicts what is served; the version that served the superseded prompt is gone, not broken.
@@ -156,33 +161,35 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     subject = private["subject_id"].value_counts().index[0]
     members = private.loc[private.subject_id == subject, "sample_id"]
     expected = sorted(set(assignments.set_index("sample_id").loc[members, "cluster"].astype(int)))
-    forgotten = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
-    already = pd.read_csv(root / "data" / "tombstones.csv", dtype=str)["sample_id"].iloc[0]
+    already = next(s for s in private["sample_id"] if s not in set(members))
+    cli_ok("forget", "--sample-id", already, cwd=root)  # forgotten before this test's batch
+    number = len(_records(root))
+    forgotten = json.loads(cli_ok("audit", "show", str(number), cwd=root).stdout)
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"subjects": [subject]}) + "\n" + json.dumps({"sample_ids": [already]}) + "\n")
     done = cli_ok("forget", "--file", str(requests), cwd=root)
-    assert "already forgotten" in done.stdout and "lineage record 2" in done.stdout
-    predicate = json.loads(cli_ok("audit", "show", "2", cwd=root).stdout)["predicate"]
+    assert "already forgotten" in done.stdout and f"lineage record {number + 1}" in done.stdout
+    predicate = json.loads(cli_ok("audit", "show", str(number + 1), cwd=root).stdout)["predicate"]
     assert [c["cluster"] for c in predicate["clusters_rebuilt"]] == expected
     from lmeraser.salt import Keyer
 
     assert len(predicate["requests"]) == 2 and predicate["requests"][1]["already_forgotten"] == [Keyer(Workspace(root)).subject("sample:" + already)]
     assert subject not in json.dumps(predicate) and already not in json.dumps(predicate)  # keyed ids only
     assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
-    assert not predicate["code"]["git_commit"].endswith("+dirty")  # record 1's batch committed its versions
+    assert not predicate["code"]["git_commit"].endswith("+dirty")  # the previous batch committed its versions
     cli_ok("audit", "verify", cwd=root)
     assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
-    # The purge deleted the prompts record 1 had pinned from the train stage's persisted store and
+    # The purge deleted the prompts the previous record had pinned from the train stage's persisted store and
     # recorded the store again: the serving path stays up to date for the next batch.
     status = dvc("status", cwd=root).stdout
     assert status.startswith("baselines:") and "train:" not in status, status
     # Forgetting the same subject again is a recorded no-op (like an id), and its record, which
     # rebuilt nothing, cannot be "replayed OK".
     again = cli_ok("forget", "--subject", subject, cwd=root)
-    assert "1 subject(s) already forgotten" in again.stdout and "lineage record 3" in again.stdout
-    noop = json.loads(cli_ok("audit", "show", "3", cwd=root).stdout)["predicate"]
+    assert "1 subject(s) already forgotten" in again.stdout and f"lineage record {number + 2}" in again.stdout
+    noop = json.loads(cli_ok("audit", "show", str(number + 2), cwd=root).stdout)["predicate"]
     assert noop["clusters_rebuilt"] == [] and noop["requests"][0]["subjects_already_forgotten"]
-    done = lmeraser_cli("audit", "replay", "--record", "3", "--json", cwd=root)
+    done = lmeraser_cli("audit", "replay", "--record", str(number + 2), "--json", cwd=root)
     assert done.returncode == 1 and "rebuilt no cluster: nothing to replay" in done.stderr
     assert json.loads(done.stdout)["clusters"] == []  # --json: the document, then the same exit status
 
@@ -211,6 +218,8 @@ def test_refusals_change_nothing(repo, tmp_path):
 
 def test_tampering_is_caught(repo):
     root, _ = repo
+    if not _records(root):  # run alone: make the record to tamper with
+        cli_ok("forget", "--sample-id", Workspace(root).manifest("private")["sample_id"].iloc[-1], cwd=root)
     path = root / "audit" / "lineage.jsonl"
     original = path.read_bytes()
     try:
