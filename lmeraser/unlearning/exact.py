@@ -27,7 +27,7 @@ from lmeraser.config import Params, load_params
 from lmeraser.data.splits import add_tombstones, content_hash, refresh_counts, remove_samples, update_sample
 from lmeraser.errors import LmeraserError
 from lmeraser.failpoints import failpoint
-from lmeraser.io import atomic_write_json
+from lmeraser.io import atomic_write_json, sha256_file
 from lmeraser.lineage.records import (
     BeforeAfter,
     ClusterRebuilt,
@@ -35,6 +35,7 @@ from lmeraser.lineage.records import (
     ExactPredicate,
     RequestSummary,
     code_info,
+    deployed_subjects,
     environment,
     lineage_log,
     served_prompts,
@@ -44,11 +45,17 @@ from lmeraser.lineage.records import (
 from lmeraser.overlay import Overlay
 from lmeraser.request import Request, corrected_image
 from lmeraser.salt import Keyer
-from lmeraser.stages import SERVING_TARGET
+from lmeraser.stages import GIT_TRACKED_OUTPUTS, SERVING_TARGET
 from lmeraser.unlearning.journal import Journal, event
+from lmeraser.unlearning.preflight import check_before_change, check_compute
+from lmeraser.unlearning.recovery import recover
 from lmeraser.unlearning.steps import STEPS, Applied, BatchState, Capture, Purged, Rebuilt, Recorded, Sample, Verified, Versioned
 from lmeraser.versioning import commit_paths, data_md5, dvc_add, file_sha256
 from lmeraser.workspace import Workspace
+
+# The steps import what they compute with inside themselves (torch, FAISS, DVC's repo, MLflow, the
+# audit): a process that only submits or checks requests (`rebuild_params`, `next_batch_id`) loads
+# none of it, and `preload` imports it all once for a long-lived worker.
 
 
 def rebuild_params(ws: Workspace) -> Params:
@@ -563,9 +570,6 @@ class UnlearnBatch:
                     problems.append(f"sample {sid} in data/{split} does not hold its corrected image")
         # The served bits: every served prompt's file hashes to what the record will say, and the
         # clusters the record calls untouched serve exactly what they served before.
-        from lmeraser.io import sha256_file
-        from lmeraser.overlay import Overlay
-
         for cluster, (path, sha) in Overlay(ws).served(ws.prompt_index_or_empty()).items():
             if not (ws.root / path).is_file() or sha256_file(ws.root / path) != sha:
                 problems.append(f"cluster {cluster}'s served prompt {path} does not hash to its index entry")
@@ -607,8 +611,6 @@ class UnlearnBatch:
         """Commit the versions this batch made (data.dvc, dvc.lock, DVC's metrics and plots, the
         params, the journal, the lineage log and the suppression list), so the next record starts
         from a clean tree and the repository names the data version each record vouches for."""
-        from lmeraser.stages import GIT_TRACKED_OUTPUTS
-
         ws = self.ws
         tracked = [ws.root / path for path in GIT_TRACKED_OUTPUTS]
         log = lineage_log(ws)
@@ -681,8 +683,6 @@ def outside_change(ws: Workspace) -> dict | None:
     """What the serving path serves now that the last record did not vouch for (a re-ingestion
     followed by `dvc repro`, an upgrade): its changed subjects and clusters; None when the
     deployed artifacts are the last record's."""
-    from lmeraser.lineage.records import deployed_subjects
-
     records = lineage_log(ws).read_unverified()
     if not records:
         return None
@@ -737,7 +737,6 @@ def preload(ws: Workspace) -> None:
     import lmeraser.pipeline.evaluate  # noqa: F401
     import lmeraser.pipeline.train  # noqa: F401
     import lmeraser.pipeline.validate  # noqa: F401
-    from lmeraser.unlearning.preflight import check_compute
 
     check_compute(ws)
 
@@ -749,9 +748,7 @@ def process_pending(
     interrupted one; with `git_commit`, commit the versions it made in the workspace's git
     repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran;
     `map_jobs` trains the rebuilt clusters (the flow passes Dask's when runtime.executor is dask)."""
-    from lmeraser.unlearning.preflight import check_before_change
     from lmeraser.unlearning.rebuild import check_executor
-    from lmeraser.unlearning.recovery import recover
 
     with ws.lock("unlearn"):
         params = rebuild_params(ws)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import read_input_text
 from lmeraser.request import MAX_LINE, MAX_REQUESTS_FILE, Request, RequestSpec, decode_corrected_image, load_corrected_image
@@ -132,7 +133,7 @@ class Resolver:
         else:
             image = load_corrected_image(Path(spec.input), self.shape) if spec.input is not None else None
         if image is not None and self.erased_contents:
-            from lmeraser.data.splits import content_hash
+            from lmeraser.data.splits import content_hash  # only for an image correction after an erasure
 
             if self.keyer.content(content_hash(image)) in self.erased_contents:
                 raise LmeraserError(
@@ -166,21 +167,19 @@ def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploa
     (all or none). An influence request is checked for an update that can be applied; an exact one
     for params an exact batch can run with. `uploads[i]` is request i's corrected image sent over
     HTTP. The CLI and the HTTP service both submit through here."""
-    from lmeraser.config import load_params
-
     with ws.lock("submit"):
         load_params(ws.params_file)  # params, data and every request validated before anything is written
         uploads = uploads or [None] * len(specs)
         resolver = Resolver(ws)
         resolved = [resolver.resolve(spec, upload) for spec, upload in zip(specs, uploads, strict=True)]
         if method == "influence":
-            from lmeraser.unlearning.influence_update import check_influence
+            from lmeraser.unlearning.influence_update import check_influence  # torch: influence requests only
             from lmeraser.unlearning.preflight import check_signer
 
             check_influence([s.request for s in resolved], ws)
             check_signer(ws)  # an update is served only with its signed record
         else:
-            from lmeraser.unlearning.exact import rebuild_params
+            from lmeraser.unlearning.exact import rebuild_params  # the batch module, for exact requests only
 
             rebuild_params(ws)  # an exact batch must be able to run with these params
         return Journal(ws).submit(resolved, method)
