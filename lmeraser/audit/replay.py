@@ -62,7 +62,15 @@ def superseded_by(record: Record, later: list[Record], cluster: int) -> int | No
 
 def replay(ws: Workspace, params: Params, record: Record, later: list[Record], log=print) -> dict:
     """Per cluster the record rebuilt: replayed (and whether the bits match), or skipped with the
-    reason. `ok` only when nothing mismatched and at least one cluster was actually checked."""
+    reason. `ok` only when nothing mismatched and at least one cluster was actually checked.
+
+    Args:
+        ws: the workspace holding the data version and artifacts to retrain from.
+        params: the checked params.
+        record: the exact record to replay.
+        later: the records after it (a cluster a later record rebuilt again is skipped).
+        log: where progress lines go.
+    """
     if record.is_rotation:
         raise LmeraserError(f"record {record.number} is a key rotation, not a training run: nothing to replay.")
     if record.predicate.get("method") == "influence":

@@ -169,7 +169,20 @@ def scan(
     the subjects' data, which must never be written), and the MLflow stores (runs, registered
     bundles) also for the ids of erased samples (`sample_ids`; default: every erased id of the
     suppression list). Files unchanged since the scan index read them are answered from it
-    (lmeraser/audit/scan_index.py); `full` reads every file and rebuilds the index."""
+    (lmeraser/audit/scan_index.py); `full` reads every file and rebuilds the index.
+
+    Args:
+        ws: the workspace whose stores are searched (and the DVC remotes and MLflow locations it names).
+        sample_keys: keyed (HMAC) content hashes of erased images.
+        artifact_hashes: sha256 of superseded prompt files.
+        sample_ids: erased sample ids to find in MLflow's stores (default: the suppression list's).
+        reference_digests: tensor digests of the forgetting audit's IN references.
+        full: read every file, not only those new or changed since the scan index.
+
+    Returns:
+        The hits, the files listed and read per store, the stores not searched (with the
+        reason) and the index searched.
+    """
     import time
 
     from lmeraser.audit.scan_index import ScanIndex

@@ -77,7 +77,15 @@ def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
 
 def verify(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
     """Verified records whose latest vouches for exactly the artifacts deployed now; where this
-    machine holds the salt, it is the one the records' keyed hashes were made with."""
+    machine holds the salt, it is the one the records' keyed hashes were made with.
+
+    Args:
+        ws: the workspace whose audit/ log is verified.
+        key: the public key the log must be signed by (the pinned signer, or the auditor's copy).
+
+    Raises:
+        LmeraserError: naming the first record, head or artifact that does not verify.
+    """
     records = verified_records(ws, key)
     if os.path.lexists(ws.subject_salt_file):
         from lmeraser.salt import salt

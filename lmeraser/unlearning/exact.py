@@ -745,9 +745,24 @@ def process_pending(
     ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None, map_jobs=None
 ) -> dict | None:
     """Process the pending requests as one batch (the oldest `max_requests`, or all), or finish an
-    interrupted one; with `git_commit`, commit the versions it made in the workspace's git
-    repository; `after_stage` is called with (stage, summary) after each stage the rebuild ran;
-    `map_jobs` trains the rebuilt clusters (the flow passes Dask's when runtime.executor is dask)."""
+    interrupted one.
+
+    Args:
+        ws: the workspace (a git + DVC repository whose params file `dvc repro` reads).
+        log: where progress lines go.
+        run_step: runs one step of the batch (the flow wraps each in a Prefect task); default: in turn.
+        git_commit: commit the versions the batch made in the workspace's git repository.
+        after_stage: called with (stage, summary) after each stage the rebuild ran (MLflow tracking).
+        max_requests: at most this many of the oldest pending requests.
+        map_jobs: how the rebuilt clusters train (the flow passes Dask's when runtime.executor is dask).
+
+    Returns:
+        The batch id, the record's number, sha256 and commit, the clusters rebuilt and retired, and
+        the verification; None when nothing was pending.
+
+    Raises:
+        LmeraserError: a check failed; nothing was signed and the requests stay pending.
+    """
     from lmeraser.unlearning.rebuild import check_executor
 
     with ws.lock("unlearn"):

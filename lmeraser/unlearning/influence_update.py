@@ -94,7 +94,16 @@ class _ClusterData:
 
 def influence_pending(ws: Workspace, log=print) -> dict | None:
     """Apply the influence update for every request submitted with `--method influence` and not
-    yet applied; sign one record. None when there is nothing to do."""
+    yet applied; sign one record. None when there is nothing to do.
+
+    Args:
+        ws: the workspace.
+        log: where progress lines go.
+
+    Returns:
+        The record's number and sha256, the clusters edited with their solver reports, the
+        request ids, the forgetting audit and the seconds; None when idle.
+    """
     journal = Journal(ws)
     with ws.lock("unlearn"):
         recover(ws, log)

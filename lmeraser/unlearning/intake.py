@@ -164,9 +164,18 @@ def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> Su
 
 def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploads: list[bytes | None] | None = None) -> list[Request]:
     """Validate every request against the params and the data, then journal them all as `received`
-    (all or none). An influence request is checked for an update that can be applied; an exact one
-    for params an exact batch can run with. `uploads[i]` is request i's corrected image sent over
-    HTTP. The CLI and the HTTP service both submit through here."""
+    (all or none). The CLI and the HTTP service both submit through here.
+
+    Args:
+        specs: the requests as asked (a requests file's lines, CLI options or HTTP bodies).
+        ws: the workspace.
+        method: "exact" (checked for params an exact batch can run with) or "influence" (checked
+            for an update that can be applied, and a key that can sign it).
+        uploads: request i's corrected image as bytes sent over HTTP, or None.
+
+    Returns:
+        The requests as journaled (subjects keyed, corrected images copied into the workspace).
+    """
     with ws.lock("submit"):
         load_params(ws.params_file)  # params, data and every request validated before anything is written
         uploads = uploads or [None] * len(specs)

@@ -17,6 +17,16 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
 
     The train stage pruned every superseded key except the ones the previous record pinned (the
     prompts that were deployed and signed); those go here, and leave the pins.
+
+    Args:
+        ws: the workspace.
+        superseded_artifacts: sha256 of prompt files no longer served anywhere.
+        log: where progress lines go.
+        erased_content_keys: keyed content hashes whose feature-cache rows are dropped.
+
+    Returns:
+        What was deleted per store (the record's `purge` section; `remotes_failed` and
+        `artifact_stores_unreachable` name what could not be purged).
     """
     from lmeraser import tracking
     from lmeraser.feature_cache import drop_contents

@@ -53,7 +53,16 @@ def reproduce(
 ) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran. Clusters
     train with `map_jobs`, by default on runtime.workers threads (as the flow's task runner
-    does); runtime.executor dask needs the flow's (Prefect's Dask task runner)."""
+    does); runtime.executor dask needs the flow's (Prefect's Dask task runner).
+
+    Args:
+        ws: the workspace (a DVC repository).
+        params: the checked params the stages read.
+        target: the last stage to bring up to date (its upstream runs first where changed).
+        log: where progress lines go.
+        after_stage: called with (stage, summary) after each stage that ran (MLflow tracking).
+        map_jobs: how the train stage's clusters train, when not on threads.
+    """
     check_executor(params, map_jobs)
     ran = []
     # Absolute paths: the stages run while dvc_repo has the workspace as current directory.

@@ -27,6 +27,16 @@ from lmeraser.workspace import Workspace
 
 
 def recover(ws: Workspace, log=print) -> list[str]:
+    """Finish or undo what a killed process left (a half-swapped data directory, DVC's locks and
+    files, temporary files, an influence update's intent), before the next batch or update.
+
+    Args:
+        ws: the workspace, under its `unlearn` lock.
+        log: where each repair is reported.
+
+    Returns:
+        One line per repair made.
+    """
     done = recover_data(ws)
     done += repair_dvc_rwlock(ws.root)
     done += repair_dvc_files(ws.root)

@@ -46,7 +46,13 @@ def _iso(moment: datetime) -> str:
 
 
 def request_statuses(ws: Workspace, params: RequestsParams, now: datetime | None = None) -> list[RequestStatus]:
-    """Every journaled request, in order of receipt."""
+    """Every journaled request, in order of receipt.
+
+    Args:
+        ws: the workspace whose journal is read.
+        params: the deadline settings (`requests.deadline_months`, `requests.warn_days`).
+        now: the moment the flags are computed for (default: now).
+    """
     now = now or datetime.now(UTC)
     out = []
     for request_id, entry in Journal(ws).requests().items():
