@@ -29,7 +29,7 @@ demo: install
 	lmeraser metrics
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 lint: install
 	$(BIN)/ruff format --check .

@@ -64,7 +64,7 @@ def killed_run(work: Path, args: list[str], env: dict, after: float | None) -> i
 
 
 def problems(work: Path, submitted: list[str]) -> list[str]:
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     ws = Workspace(work)
@@ -100,7 +100,7 @@ def submit(work: Path, rng: random.Random) -> str:
     """One forget request for a random private sample, submitted as `lmeraser forget --no-process` does."""
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     ws = Workspace(work)
@@ -213,7 +213,7 @@ def write_report(args, trials: list[dict], submitted: list[str], clean: float, s
 
 
 def _journal(work: Path) -> list[dict]:
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     return Journal(Workspace(work)).events()

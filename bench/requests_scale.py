@@ -64,7 +64,7 @@ def reset(work: Path) -> None:
 
 
 def received(work: Path) -> int:
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     return sum(e["state"] == "received" for e in Journal(Workspace(work)).events())

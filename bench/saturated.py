@@ -115,7 +115,7 @@ def main() -> None:
         step("lmeraser forget --no-process (second request)", [lm, "forget", "--sample-id", samples[1], "--no-process"])
         killed = step("lmeraser unlearn killed at after:apply", [lm, "unlearn"], must_pass=False, LMERASER_FAILPOINT="after:apply")
         resumed = step("lmeraser unlearn (resume)", [lm, "unlearn"])
-        from lmeraser.unlearning.journal import Journal
+        from lmeraser.journal import Journal
 
         journal = Journal(Workspace(work))
         verified = sorted({e["request_id"] for e in journal.events() if e["state"] == "verified"})

@@ -80,7 +80,7 @@ class Service:
 
 
 def journal(work: Path) -> list[dict]:
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     return Journal(Workspace(work)).events()

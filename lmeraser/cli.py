@@ -428,9 +428,9 @@ SERVER = typer.Option(
 
 
 def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False) -> dict | None:
+    from lmeraser.journal import Journal
     from lmeraser.lineage.records import audit_words
     from lmeraser.unlearning.exact import rebuild_params
-    from lmeraser.unlearning.journal import Journal
 
     say = _say(quiet)
     try:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
+from lmeraser.config import Bool, Float, Int
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import npy_header, read_input_bytes
 from lmeraser.workspace import Workspace, image_channels
@@ -33,7 +34,8 @@ def _plain_id(value: str) -> str:
     return value
 
 
-Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID), AfterValidator(_plain_id)]
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID), AfterValidator(_plain_id)]
+Digest = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]  # a keyed (HMAC-SHA256) hash, hex
 
 
 RequestKind = Literal["forget", "rectify"]
@@ -73,19 +75,28 @@ class RequestSpec(RequestFields):
 
 class Request(BaseModel):
     """A validated request: what the journal stores (`received`), the batch processes and the
-    record summarises. Frozen: no step changes a request; sequences are tuples."""
+    record summarises. Frozen: no step changes a request; sequences are tuples. Strict: a value of
+    another JSON type (a string for a number, a bool for a label) is refused, never coerced."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    request_id: str
+    request_id: Identifier
     kind: RequestKind
-    sample_ids: tuple[str, ...]  # targets still in the data when it was received (acted on)
-    already_forgotten: tuple[str, ...] = ()  # targets forgotten before: idempotent no-ops
-    subjects_already_forgotten: tuple[str, ...] = ()  # keyed hashes of subjects forgotten before: no-ops too
-    subject_hashes: tuple[str, ...] = ()  # the named subjects, keyed with the salt at submission
-    public: bool = False  # names public samples (an exact batch then rebuilds the backbone)
-    label: int | None = None  # rectify: the corrected label
-    input_path: str | None = None  # rectify: the corrected image's copy in the workspace, relative to its root
-    received_at: float
+    sample_ids: tuple[Identifier, ...]  # targets still in the data when it was received (acted on)
+    already_forgotten: tuple[Identifier, ...] = ()  # targets forgotten before: idempotent no-ops
+    subjects_already_forgotten: tuple[Digest, ...] = ()  # keyed hashes of subjects forgotten before: no-ops too
+    subject_hashes: tuple[Digest, ...] = ()  # the named subjects, keyed with the salt at submission
+    public: Bool = False  # names public samples (an exact batch then rebuilds the backbone)
+    label: Annotated[Int, Field(ge=0, lt=1 << 31)] | None = None  # rectify: the corrected label
+    input_path: StrictStr | None = None  # rectify: the corrected image's copy in the workspace, relative to its root
+    received_at: Annotated[Float, Field(ge=0, le=1e11)]  # seconds since the epoch
+
+    @model_validator(mode="after")
+    def _input_in_the_workspace(self) -> Request:
+        # The batch deletes this file once the data holds the correction: it can only be the copy
+        # intake made, never a path chosen by whoever wrote the journal or the batch file.
+        if self.input_path is not None and (self.kind != "rectify" or self.input_path != Workspace.corrected_input(self.request_id)):
+            raise ValueError(f"input_path must be {Workspace.corrected_input(self.request_id)} (a rectify request's copy), not {shown(self.input_path)}")
+        return self
 
     def to_json(self) -> dict:
         """The journal's and the batch file's form (lists, as JSON has them)."""

@@ -271,6 +271,12 @@ class Workspace:
         """Copies of corrected images, taken at submission (personal data: never committed)."""
         return self.audit / "inputs"
 
+    @staticmethod
+    def corrected_input(request_id: str) -> str:
+        """Where a rectify request's corrected image is copied, relative to the workspace root (the
+        only path a request may name: the batch deletes it once the data holds the correction)."""
+        return f"audit/inputs/{request_id}.npy"
+
     @property
     def scan_index_file(self) -> Path:
         """What each stored file holds, for incremental scans (lmeraser/audit/scan_index.py); 0600."""

@@ -13,7 +13,7 @@ import pytest
 
 from lmeraser.config import parse_params
 
-from helpers import BIN, TINY, build_workspace, copy_repo, dvc, free_port, lmeraser_cli, run_stages
+from helpers import BIN, TINY, build_workspace, clone_repo, commit_all, copy_repo, dvc, free_port, lmeraser_cli, run_stages
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -80,10 +80,21 @@ def trained_workspace(tmp_path_factory):
     return ws, results
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git + DVC copy of this repository after `lmeraser data init` and a full `dvc repro`."""
-    root = copy_repo(tmp_path_factory.mktemp("e2e") / "repo")
+@pytest.fixture(scope="session")
+def tiny_repo_template(tmp_path_factory):
+    """A git + DVC copy of this repository with TINY params after `lmeraser data init`, a full
+    `dvc repro` (Prefect flows, MLflow, GX, FAISS, timm) and a commit: built once per session;
+    each module that needs one works on its own copy (`repo`, and test_honest_records' `root`).
+    The demo's own parameters are rebuilt from scratch by `make reproduce` in CI."""
+    root = copy_repo(tmp_path_factory.mktemp("tiny-template") / "repo", TINY)
     lmeraser_cli("data", "init", cwd=root, check=True)
     first = dvc("repro", cwd=root)
+    commit_all(root, "pipeline run")
     return root, first.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_repo_template, tmp_path_factory):
+    """This module's own copy of the TINY repository after `dvc repro` (its output as second item)."""
+    template, output = tiny_repo_template
+    return clone_repo(template, tmp_path_factory.mktemp("e2e") / "repo"), output

@@ -48,8 +48,8 @@ def received_event(request_id: str, at: float | None = None, method: str = "exac
     """A journal `received` event for a forget request `request_id` (fields of Request override)."""
     import time
 
+    from lmeraser.journal import received
     from lmeraser.request import Request
-    from lmeraser.unlearning.journal import received
 
     at = time.time() if at is None else at
     request = Request(**{"request_id": request_id, "kind": "forget", "sample_ids": (), "received_at": at, **fields})
@@ -117,6 +117,22 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+def clone_repo(template: Path, dest: Path) -> Path:
+    """A copy of a built repository (git, DVC cache, MLflow store, artifacts): a copied workspace
+    tracks into its own MLflow artifacts (lmeraser/tracking.py relocates the store)."""
+    from lmeraser import tracking
+
+    shutil.copytree(template, dest, symlinks=True)
+    tracking.ensure_store(Workspace(dest))  # what the copy's first command does: its own MLflow artifacts
+    return dest
+
+
+def commit_all(root: Path, message: str) -> None:
+    """`git add -A` and commit everything in `root` (as a user does after `dvc repro`)."""
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
 
 
 def lmeraser_cli(*args: str, cwd: Path, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:

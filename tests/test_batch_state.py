@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from lmeraser.config import parse_params
 from lmeraser.errors import LmeraserError
+from lmeraser.journal import Journal
 from lmeraser.request import Request
 from lmeraser.unlearning import exact
-from lmeraser.unlearning.journal import Journal
 from lmeraser.unlearning.steps import BatchState, Capture, Purged, Verified
 from lmeraser.workspace import Workspace
 

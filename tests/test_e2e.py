@@ -1,5 +1,6 @@
-"""`dvc repro` of the real pipeline (Prefect flows, MLflow, GX, FAISS, timm) on the digits default,
-then audited exact unlearning, refusals, tampering and crashes on that workspace."""
+"""`dvc repro` of the real pipeline (Prefect flows, MLflow, GX, FAISS, timm) on tiny digits
+parameters, then audited exact unlearning, refusals, tampering, crashes and the service on that
+workspace. The demo's own parameters are rebuilt from scratch, byte for byte, by `make reproduce`."""
 
 import json
 import os
@@ -10,11 +11,11 @@ import pandas as pd
 import pytest
 
 from lmeraser.io import read_json
+from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
-from helpers import BIN, REPO, cli_ok, dvc, lmeraser_cli, ran_stages
+from helpers import BIN, REPO, cli_ok, commit_all, copy_repo, dvc, lmeraser_cli, ran_stages
 
 pytestmark = pytest.mark.e2e
 
@@ -23,24 +24,35 @@ def _records(root):
     return LineageLog(root / "audit" / "lineage.jsonl").read_unverified()
 
 
-def test_repro_on_a_fresh_clone_runs_every_stage_and_meets_the_target(repo):
+def test_repro_on_a_fresh_clone_runs_every_stage(repo):
     root, output = repo
     assert sorted(ran_stages(output)) == sorted(["validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"])
     metrics = read_json(root / "metrics.json")
-    # Target is >= 0.95 on the reference machine (see README); leave room for other CPUs' float order.
-    assert metrics["accuracy"] >= 0.93
+    assert metrics["accuracy"] > 0.1  # TINY's few seconds of training: above chance on 10 classes (the demo's target is below)
     baselines = read_json(root / "reports" / "baselines.json")
-    assert baselines["single_prompt_accuracy"] >= 0.9 and baselines["linear_probe_accuracy"] >= 0.9
+    assert 0 < baselines["single_prompt_accuracy"] <= 1 and 0 < baselines["linear_probe_accuracy"] <= 1
     table = lmeraser_cli("metrics", cwd=root, check=True).stdout
     assert "single prompt" in table and f"{metrics['accuracy']:.4f}" in table
     assert metrics["n_clusters_active"] == read_json(root / "reports" / "clusters.json")["n_clusters"] - metrics["cluster_n_empty"]
-
-
-def test_committed_data_dvc_matches_what_data_init_writes(repo):
-    root, _ = repo
-    assert (root / "data.dvc").read_text() == (REPO / "data.dvc").read_text()
     status = dvc("status", cwd=root).stdout
     assert "up to date" in status, status
+
+
+def test_the_committed_demo_meets_its_target():
+    """The demo's committed figures (which `make reproduce` rebuilds from scratch byte for byte
+    in CI) meet the accuracy target: >= 0.95 clustered, >= 0.9 for both baselines."""
+    metrics = read_json(REPO / "metrics.json")
+    assert metrics["accuracy"] >= 0.95
+    baselines = read_json(REPO / "reports" / "baselines.json")
+    assert baselines["single_prompt_accuracy"] >= 0.9 and baselines["linear_probe_accuracy"] >= 0.9
+
+
+def test_committed_data_dvc_matches_what_data_init_writes(tmp_path):
+    """The demo's data materialisation is byte-deterministic: a fresh clone's `lmeraser data init`
+    records exactly the committed data.dvc."""
+    root = copy_repo(tmp_path / "repo")
+    lmeraser_cli("data", "init", cwd=root, check=True)
+    assert (root / "data.dvc").read_text() == (REPO / "data.dvc").read_text()
 
 
 def test_second_repro_does_nothing(repo):
@@ -79,8 +91,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
     victim = assignments.iloc[len(assignments) // 2]
     # As the README says: commit dvc.lock, the metrics and DVC's .gitignore entries after `dvc repro`.
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline run"]):
-        subprocess.run(cmd, cwd=root, check=True)
+    commit_all(root, "pipeline run")
     victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
     number = len(_records(root)) + 1  # this batch's record, whatever ran before
     done = cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)

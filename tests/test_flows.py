@@ -60,11 +60,11 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
 
     from lmeraser.flows.unlearn import influence_unlearn
     from lmeraser.inference import ServingModel
+    from lmeraser.journal import Journal
     from lmeraser.lineage.keys import load_or_create_key
     from lmeraser.lineage.records import lineage_log
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.unlearning.journal import Journal
     from lmeraser.workspace import Workspace
 
     trained, _ = trained_workspace
@@ -154,9 +154,9 @@ def test_a_scheduled_retrain_finishes_pending_requests_first(tmp_path):
     """With a request pending, train_pipeline runs the unlearn batch first and retrains nothing if
     it cannot finish it (here: nothing is trained yet to unlearn from)."""
     from lmeraser.flows.pipeline import train_pipeline
+    from lmeraser.journal import Journal
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.unlearning.journal import Journal
 
     ws = build_workspace(tmp_path, TINY)
     Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
@@ -179,10 +179,10 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
 
     from lmeraser.flows.stages import run_stage
     from lmeraser.flows.unlearn import NETWORK_STEPS, run_unlearn, step_task
+    from lmeraser.journal import Journal
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.exact import next_batch_id
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.unlearning.journal import Journal
 
     ws = build_workspace(tmp_path, TINY)
     state = run_stage("validate", str(tmp_path), "params.yaml")

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from lmeraser.errors import LmeraserError
+from lmeraser.journal import Journal
 from lmeraser.lineage.records import lineage_log
 from lmeraser.store import ArtifactStore
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 from helpers import cli_ok, copy_repo, dvc, lmeraser_cli

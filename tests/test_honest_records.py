@@ -19,27 +19,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import SPLITS, Workspace
 
-from helpers import TINY, cli_ok, copy_repo, dvc, lmeraser_cli
+from helpers import cli_ok, clone_repo, commit_all, dvc, lmeraser_cli
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = copy_repo(tmp_path_factory.mktemp("honest") / "repo", TINY)
-    cli_ok("data", "init", cwd=root)
-    dvc("repro", cwd=root)
-    _commit(root, "pipeline run")
-    return root
+def root(tiny_repo_template, tmp_path_factory):
+    """This module's copy of the session's TINY repository after `dvc repro`, committed."""
+    return clone_repo(tiny_repo_template[0], tmp_path_factory.mktemp("honest") / "repo")
 
 
-def _commit(root, message):
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message]):
-        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+_commit = commit_all
 
 
 def _records(root):
@@ -389,9 +384,9 @@ def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     """A bookkeeping bug (here a request that calls a live sample 'already forgotten', as the
     tombstone bug of finding 0a did) fails the batch at its state check; nothing is signed."""
     from lmeraser.errors import LmeraserError
+    from lmeraser.journal import Submission
     from lmeraser.request import Request
     from lmeraser.unlearning.exact import process_pending
-    from lmeraser.unlearning.journal import Submission
 
     ws = Workspace(root)
     live = _private(root, 23)
@@ -438,15 +433,16 @@ def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace
     assert files[ws.relative(ws.overlay_file)] and json.loads(bundle.overlay_file.read_text())["clusters"][cluster]["sha256"] == stored.sha256
 
 
-def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change(root):
+def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change(tiny_repo_template, tmp_path):
     """`lmeraser forget` in one process (submission, the unlearn flow, the rebuild's stages, the
     record): the params file is parsed once, and the journal is read again only after it changed
     (received, applied, verified), however many steps ask it."""
+    root = clone_repo(tiny_repo_template[0], tmp_path / "repo")  # its own: the module's may hold a batch other tests left pending
     code = (
         "import atexit, sys\n"
         "import lmeraser\n"
         "from lmeraser import config\n"
-        "from lmeraser.unlearning import journal\n"
+        "from lmeraser import journal\n"
         "atexit.register(lambda: print(f'COUNTS {config.parses} {journal.reads}', file=sys.stderr))\n"
         "from lmeraser.cli import main\n"
         "sys.argv = ['lmeraser', 'forget', '--sample-id', sys.argv[1], '--no-git-commit']\n"
@@ -458,7 +454,6 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
     parses, reads = (int(n) for n in done.stderr.rsplit("COUNTS ", 1)[1].split()[:2])
     assert parses == 1
     assert reads <= 4, f"the journal was read {reads} times"
-    _commit(root, "after the counted forget")
     # Every record this module's batches signed holds to the published schema (docs/record-schema.json).
     import jsonschema
 
@@ -477,7 +472,13 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     removed, and on another key."""
     script = Path(__file__).parents[1] / "docs" / "examples" / "verify_lineage.py"
     log, head, pem = root / "audit" / "lineage.jsonl", root / "audit" / "lineage.head.json", root / "audit" / "lineage-public-key.pem"
-    assert len(_records(root)) >= 1
+    if not _records(root):  # run alone: make a record to verify
+        cli_ok("forget", "--sample-id", _private(root, 3), cwd=root)
+    # The key that signed record 1: the pinned one, or the first rotation's old key (as docs/auditing.md says).
+    rotation = next((r for r in _records(root) if r.is_rotation), None)
+    if rotation is not None:
+        pem = tmp_path / "first-signer.pem"
+        pem.write_text(rotation.predicate["old_public_key"])
 
     def run(log_bytes: bytes, key: Path = pem) -> subprocess.CompletedProcess:
         shutil.copy(head, tmp_path / "lineage.head.json")
@@ -502,3 +503,71 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     other = tmp_path / "other.pem"
     other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     assert "no signature by" in run(log.read_bytes(), other).stdout
+
+
+class _StopBeforeRecord(Exception):
+    pass
+
+
+def test_a_tampered_batch_file_is_refused_and_nothing_is_signed(tiny_repo_template, tmp_path):
+    """What a stranger did to an interrupted batch's file (audit/batches/<id>.json): each change
+    is refused before anything is signed, and no file outside the workspace is touched; the file
+    as the batch wrote it then resumes and signs."""
+    import copy
+
+    from lmeraser.audit.verify import public_key, verify
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.exact import process_pending
+
+    root = clone_repo(tiny_repo_template[0], tmp_path / "repo")
+    ws = Workspace(root)
+    victim, other = _private(root, 5), _private(root, 6)
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.intake import submit
+
+    submit([RequestSpec(sample_ids=[victim])], ws)
+
+    def stop_before_record(batch, step):
+        if step == "record":
+            raise _StopBeforeRecord
+        batch.run(step)
+
+    with pytest.raises(_StopBeforeRecord):
+        process_pending(ws, log=lambda m: None, run_step=stop_before_record, git_commit=False)
+    [path] = ws.batch_files()
+    original = json.loads(path.read_text())
+    outside = tmp_path / "victim.txt"
+    outside.write_text("not the workspace's")
+    records = len(_records(root))
+
+    def edit(change):
+        state = copy.deepcopy(original)
+        change(state)
+        return state
+
+    cases = {
+        "a target added": lambda s: s["requests"][0]["sample_ids"].append(other),
+        "the kind changed": lambda s: s["requests"][0].update(kind="rectify", label=3),
+        "another request id": lambda s: s["requests"][0].update(request_id="req-ffffffffffff"),
+        "no requests": lambda s: s["requests"].clear(),
+        "another batch id": lambda s: s.update(batch_id="batch-0000000000000000"),
+        "scan hits": lambda s: s["done"]["verify"]["scan"].update(hits=5),
+        "not as planned": lambda s: s["done"]["verify"].update(clusters_as_planned=False),
+        "a coerced bool": lambda s: s["done"]["verify"].update(clusters_as_planned="no"),
+        "a bool label": lambda s: s["requests"][0].update(kind="rectify", label=True),
+        "a path to delete": lambda s: s["requests"][0].update(input_path=str(outside)),
+        "a relative escape": lambda s: s["requests"][0].update(input_path="../victim.txt"),
+        "a public flag": lambda s: s["requests"][0].update(public=True),
+    }
+    for name, change in cases.items():
+        path.write_text(json.dumps(edit(change)))
+        with pytest.raises(LmeraserError) as refused:
+            process_pending(ws, log=lambda m: None, git_commit=False)
+        message = str(refused.value)
+        assert "(it was altered)" in message or "was altered" in message or "verification failed" in message, (name, message)
+        assert len(_records(root)) == records, name
+        assert outside.exists(), name
+    path.write_text(json.dumps(original))
+    done = process_pending(ws, log=lambda m: None, git_commit=False)
+    assert done["record"] == records + 1 and not ws.batch_files()
+    assert verify(ws, public_key(ws, None))[-1].number == records + 1

@@ -136,11 +136,11 @@ def test_every_named_failpoint_is_reached_in_the_code():
 
 
 def test_the_journal_never_repeats_a_state_and_names_a_damaged_line(tmp_path):
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
 
     journal = Journal(Workspace(tmp_path))
     journal.append([received_event("r1")])
-    verified = [{"request_id": "r1", "state": "verified", "record": 3}]
+    verified = [{"request_id": "r1", "state": "verified", "time": 1.0, "record": 3}]
     journal.append(verified)
     journal.append(verified)  # a resumed record step (killed after the journal, before the batch file went)
     assert [e["state"] for e in journal.events()] == ["received", "verified"]
@@ -157,8 +157,8 @@ def test_the_journal_never_repeats_a_state_and_names_a_damaged_line(tmp_path):
 
 
 def _influence_workspace(tmp_path, monkeypatch):
+    from lmeraser.journal import Journal
     from lmeraser.overlay import Overlay
-    from lmeraser.unlearning.journal import Journal
 
     monkeypatch.delenv("LMERASER_SIGNING_KEY", raising=False)
     monkeypatch.delenv("LMERASER_SIGNING_KEY_FILE", raising=False)
@@ -177,8 +177,8 @@ def _influence_workspace(tmp_path, monkeypatch):
 
 
 def test_an_influence_update_killed_before_its_record_is_undone(tmp_path, monkeypatch):
+    from lmeraser.journal import Journal
     from lmeraser.overlay import Overlay
-    from lmeraser.unlearning.journal import Journal
     from lmeraser.unlearning.recovery import recover_influence
 
     ws, before = _influence_workspace(tmp_path, monkeypatch)
@@ -189,9 +189,9 @@ def test_an_influence_update_killed_before_its_record_is_undone(tmp_path, monkey
 
 
 def test_an_influence_update_killed_after_its_record_is_journaled(tmp_path, monkeypatch):
+    from lmeraser.journal import Journal
     from lmeraser.lineage.log import LineageLog
     from lmeraser.lineage.records import signing_key
-    from lmeraser.unlearning.journal import Journal
     from lmeraser.unlearning.recovery import recover_influence
 
     ws, _ = _influence_workspace(tmp_path, monkeypatch)
@@ -276,7 +276,7 @@ def _edited_files(ws: Workspace) -> list[str]:
 def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(influence_ws):
     """Killed after the edited prompts are written, before the audit and the overlay: the intent is
     already on disk, so the next run deletes those files (before, they stayed until an unlearn)."""
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
     from lmeraser.unlearning.recovery import recover
 
     ws = influence_ws
@@ -288,9 +288,9 @@ def test_an_influence_update_killed_while_it_edits_leaves_no_unsigned_prompt(inf
 
 
 def test_an_influence_update_that_fails_undoes_itself_at_once(influence_ws, monkeypatch):
+    from lmeraser.journal import Journal
     from lmeraser.unlearning import influence_update
     from lmeraser.unlearning.influence_update import influence_pending
-    from lmeraser.unlearning.journal import Journal
 
     def broken(*args, **kwargs):
         raise RuntimeError("the audit broke")

@@ -8,10 +8,10 @@ import pytest
 
 from lmeraser.data.splits import add_tombstones
 from lmeraser.errors import LmeraserError
+from lmeraser.journal import Journal
 from lmeraser.request import RequestSpec
 from lmeraser.salt import Keyer
 from lmeraser.unlearning.intake import parse_requests_file, resolve
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 from helpers import TINY, build_workspace, received_event
@@ -93,7 +93,7 @@ def test_journal_states_and_torn_last_line(tmp_path):
     journal = Journal(Workspace(tmp_path))
     journal.append([received_event("r1")])
     journal.append([received_event("r2")])
-    journal.append([{"request_id": "r1", "state": "verified"}])
+    journal.append([{"request_id": "r1", "state": "verified", "time": 1.0, "record": 1}])
     assert [r.request_id for r in journal.pending()] == ["r2"]
     with open(journal.path, "ab") as handle:
         handle.write(b'{"request_id": "r3", "sta')  # killed mid-append
@@ -106,9 +106,9 @@ def test_journal_states_and_torn_last_line(tmp_path):
 def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
     journal = Journal(Workspace(tmp_path))
     code = (
-        "import sys; from lmeraser.unlearning.journal import Journal; from lmeraser.workspace import Workspace\n"
+        "import sys; from lmeraser.journal import Journal; from lmeraser.workspace import Workspace\n"
         "j = Journal(Workspace(sys.argv[1]))\n"
-        "from lmeraser.request import Request; from lmeraser.unlearning.journal import received\n"
+        "from lmeraser.request import Request; from lmeraser.journal import received\n"
         "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', sample_ids=(), received_at=0.0))])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]

@@ -22,10 +22,10 @@ import yaml
 
 from lmeraser.config import parse_params
 from lmeraser.errors import LmeraserError
+from lmeraser.journal import Journal
 from lmeraser.service.app import create_app
 from lmeraser.service.auth import TOKEN_ENV, api_token, authorized
 from lmeraser.service.worker import BatchWorker
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 from helpers import free_port, received_event
@@ -375,7 +375,7 @@ def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_w
         if not Journal(ws).pending():
             return None
         order.append("batch")
-        Journal(ws).append([{"request_id": "req-a", "state": "verified", "time": time.time()}])
+        Journal(ws).append([{"request_id": "req-a", "state": "verified", "time": time.time(), "record": 1}])
         tracking.defer_run(ws, "unlearn", {"clusters_rebuilt": 1})
         return {"batch_id": "b", "record": 1, "rebuilt": [0]}
 

@@ -36,8 +36,8 @@ def ws(tmp_path, monkeypatch):
 
 def _record(ws: Workspace, request_id: str):
     """Sign and append one record listing `request_id`, then journal it `verified`, as a batch does."""
+    from lmeraser.journal import Journal
     from lmeraser.lineage.records import lineage_log, signing_key
-    from lmeraser.unlearning.journal import Journal
 
     record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
     Journal(ws).append([received_event(request_id)])
@@ -231,8 +231,8 @@ def test_the_signing_key_is_a_trust_anchor_too(ws, tmp_path):
 def test_a_lost_salt_is_never_regenerated(ws, evidence):
     from lmeraser import suppression
     from lmeraser.data.splits import add_tombstones
+    from lmeraser.journal import Journal
     from lmeraser.salt import Keyer
-    from lmeraser.unlearning.journal import Journal
 
     keyer = Keyer(ws)
     assert stat.S_IMODE(ws.subject_salt_file.stat().st_mode) == 0o600 and len(ws.subject_salt_file.read_bytes()) == 32
@@ -340,7 +340,7 @@ def test_a_log_rolled_back_with_its_journal_fails_against_the_head_history(ws):
 
 
 def test_a_journal_naming_a_record_that_does_not_list_its_request_fails(ws):
-    from lmeraser.unlearning.journal import Journal
+    from lmeraser.journal import Journal
 
     _record(ws, "r1")
     _record(ws, "r2")

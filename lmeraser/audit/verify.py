@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import MissingFile, read_trusted
+from lmeraser.journal import Journal
 from lmeraser.lineage import keys
 from lmeraser.lineage.log import MAX_HEAD, Chain, Record
 from lmeraser.lineage.records import deployed_subjects, lineage_log
 from lmeraser.versioning import child_env
 from lmeraser.workspace import Workspace
 
-MAX_JOURNAL = 1 << 30
 MAX_VERSIONS = 10_000  # committed versions of one audit file read back (newest first)
 
 
@@ -208,24 +208,14 @@ def _committed_versions(ws: Workspace, path: Path, limit: int = MAX_VERSIONS) ->
 def _check_journal(ws: Workspace, records: list[Record]) -> None:
     """Every record the journal names (the `verified` and `approximated` events carry it) exists
     and lists that request: a log rolled back or replaced under a journal that saw later records
-    fails. The journal is read as `Journal.events` reads it (a torn last line ignored), but as a
-    trust anchor: a regular file, never through a link, never blocking."""
+    fails."""
     path = ws.journal_file
-    try:
-        raw = read_trusted(path, "request journal", MAX_JOURNAL)
-    except MissingFile:
-        return
-    *lines, _torn = raw.split(b"\n")
-    for number, line in enumerate(lines, start=1):
-        try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):
-            raise LmeraserError(f"{path} line {number}: not a journal event (the journal was altered); restore it from git.") from None
-        if not isinstance(event, dict) or "record" not in event:
+    # Read and checked as every command reads it (lmeraser/journal.py): the same journal is
+    # refused, or accepted, by `audit verify` and by `lmeraser requests` alike.
+    for number, event in enumerate(Journal(ws).events(), start=1):
+        if event.get("record") is None:
             continue
-        named, request = event["record"], shown(event.get("request_id"), 80)
-        if not isinstance(named, int) or isinstance(named, bool) or named < 1:
-            raise LmeraserError(f"{path} line {number}: names lineage record {shown(named, 20)}, not a record number (the journal was altered).")
+        named, request = event["record"], shown(event["request_id"], 80)
         if named > len(records):
             raise LmeraserError(
                 f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage record {named}, but the log holds "

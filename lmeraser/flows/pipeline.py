@@ -11,8 +11,8 @@ from lmeraser.errors import LmeraserError
 from lmeraser.flows.common import timestamped_run_name, workspace_and_params
 from lmeraser.flows.stages import run_stage
 from lmeraser.flows.unlearn import run_unlearn
+from lmeraser.journal import Journal
 from lmeraser.stages import STAGES
-from lmeraser.unlearning.journal import Journal
 
 
 def _before_retraining(root: str, params_file: str) -> State | None:

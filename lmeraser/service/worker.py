@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from lmeraser.config import ServiceParams
 from lmeraser.errors import shown
+from lmeraser.journal import Journal
 from lmeraser.tracking import backlog_file
-from lmeraser.unlearning.journal import Journal
 from lmeraser.workspace import Workspace
 
 RETRY_AFTER_S = 5.0  # the least wait before a failed batch is tried again

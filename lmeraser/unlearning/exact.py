@@ -28,6 +28,7 @@ from lmeraser.data.splits import add_tombstones, content_hash, refresh_counts, r
 from lmeraser.errors import LmeraserError
 from lmeraser.failpoints import failpoint
 from lmeraser.io import atomic_write_json, sha256_file
+from lmeraser.journal import Journal, event
 from lmeraser.lineage.records import (
     BeforeAfter,
     ClusterRebuilt,
@@ -46,7 +47,6 @@ from lmeraser.overlay import Overlay
 from lmeraser.request import Request, corrected_image
 from lmeraser.salt import Keyer
 from lmeraser.stages import GIT_TRACKED_OUTPUTS, SERVING_TARGET
-from lmeraser.unlearning.journal import Journal, event
 from lmeraser.unlearning.preflight import check_before_change, check_compute
 from lmeraser.unlearning.recovery import recover
 from lmeraser.unlearning.steps import STEPS, Applied, BatchState, Capture, Purged, Rebuilt, Recorded, Sample, Verified, Versioned
@@ -96,6 +96,9 @@ class UnlearnBatch:
                 state = BatchState.from_json(json.loads(batches[0].read_bytes()))
             except (ValueError, RecursionError):  # ValidationError and JSONDecodeError included
                 raise LmeraserError(f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored.") from None
+            disagreement = _disagreement(state, batches[0].stem, Journal(ws))
+            if disagreement:
+                raise LmeraserError(f"{batches[0]}: {disagreement} (the batch file was altered); the batch cannot resume until it is restored.")
             return cls(ws, params, state, log)
         pending = Journal(ws).pending()[:max_requests]
         if not pending:
@@ -502,23 +505,33 @@ class UnlearnBatch:
         self.log(f"verification: scan hits {len(hits)}, clusters as planned {as_planned}")
         # An erasure record must never vouch for an erasure a check contradicts: stop here, sign
         # nothing, keep the requests pending; `lmeraser unlearn` resumes at this step.
+        self._refuse_to_sign(self._unsigned_claims(result) + audit_problems + self._check_state())
+        return result
+
+    def _unsigned_claims(self, verified: Verified) -> list[str]:
+        """What in the verification and the purge no record may be signed over."""
         problems = []
-        if hits:
-            problems.append(f"{len(hits)} scan hit(s): forgotten data survives in {', '.join(sorted({h.location for h in hits}))}")
-        if not as_planned:
-            problems.append(f"the changed clusters {changed} are not the planned {capture.planned_clusters}")
+        if verified.scan.get("hits") != 0:
+            where = sorted({str(hit.get("location")) for hit in verified.scan.get("examples", []) if isinstance(hit, dict)})
+            problems.append(f"{verified.scan.get('hits')} scan hit(s): forgotten data survives in {', '.join(where) or 'an unnamed location'}")
+        if not verified.clusters_as_planned:
+            problems.append(f"the changed clusters {verified.changed_clusters} are not the planned {verified.planned_clusters}")
+        if (verified.forgetting_audit or {}).get("verdicts", {}).get("FAIL"):
+            problems.append("the forgetting audit found a sample still detectable")
         if self.purged.remotes_failed:
             problems.append(f"the purge failed for DVC remote(s) {self.purged.remotes_failed}")
         if self.purged.artifact_stores_unreachable:
             problems.append(f"the purge could not reach MLflow artifact store(s) {self.purged.artifact_stores_unreachable}")
-        problems += audit_problems
-        problems += self._check_state()
+        return problems
+
+    def _refuse_to_sign(self, problems: list[str]) -> None:
+        # An erasure record must never vouch for an erasure a check contradicts: stop here, sign
+        # nothing, keep the requests pending; `lmeraser unlearn` resumes at the step that stopped.
         if problems:
             raise LmeraserError(
-                f"verification failed: {'; '.join(problems)}. Nothing was signed and the requests stay pending "
+                f"verification failed: {'; '.join(dict.fromkeys(problems))}. Nothing was signed and the requests stay pending "
                 f"(batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
             )
-        return result
 
     def _check_state(self) -> list[str]:
         """Every claim the record will make, checked against the data and the served bits, not
@@ -593,6 +606,9 @@ class UnlearnBatch:
         if existing:
             record = existing[0]
         else:
+            # The batch file is not trusted to say what the record signs: what it claims is checked
+            # against the data and the served bits once more, right before the signature.
+            self._refuse_to_sign(self._unsigned_claims(self.verified) + self._check_state())
             record = sign_and_append(self.ws, self.predicate())
             failpoint("record:appended")
         # Resumed after the journal was told (and before the batch file went), this appends nothing.
@@ -709,6 +725,19 @@ def outside_change(ws: Workspace) -> dict | None:
             {"cluster": c, "prompt_sha256_before": before.get(str(c)), "prompt_sha256_after": served.get(str(c)), "seed": None} for c in clusters
         ],
     }
+
+
+def _disagreement(state: BatchState, name: str, journal: Journal) -> str | None:
+    """Where a batch file disagrees with its own name or with the journal (the requests it holds
+    must be the ones received, field for field); None when it agrees."""
+    if state.batch_id != name or state.batch_id != batch_id(state.requests) or not state.requests:
+        return f"its id {state.batch_id} is not the digest of its requests' ids, nor its name {name}"
+    entries = journal.requests()
+    for request in state.requests:
+        entry = entries.get(request.request_id)
+        if entry is None or entry.request != request:
+            return f"request {request.request_id} is not the request the journal received"
+    return None
 
 
 def batch_id(requests: list[Request]) -> str:

@@ -28,13 +28,13 @@ from lmeraser.errors import LmeraserError, shown
 from lmeraser.failpoints import failpoint
 from lmeraser.inference import ServingModel
 from lmeraser.io import atomic_write_json, sha256_json
+from lmeraser.journal import Journal, event
 from lmeraser.lineage.records import InfluencePredicate, RequestSummary, code_info, environment, sign_and_append, utc
 from lmeraser.models.backbone import preprocess
 from lmeraser.overlay import Overlay
 from lmeraser.request import Request, corrected_image
 from lmeraser.training import cluster_seed
 from lmeraser.unlearning.influence import edited_rows, influence_edit, prepare_model, rows_like
-from lmeraser.unlearning.journal import Journal, event
 from lmeraser.unlearning.recovery import recover, recover_influence
 from lmeraser.versioning import data_md5
 from lmeraser.workspace import InputSpec, Workspace

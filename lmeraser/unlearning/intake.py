@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import read_input_text
+from lmeraser.journal import Journal, Submission
 from lmeraser.request import MAX_LINE, MAX_REQUESTS_FILE, Request, RequestSpec, decode_corrected_image, load_corrected_image
 from lmeraser.salt import Keyer
-from lmeraser.unlearning.journal import Journal, Submission
 from lmeraser.workspace import SPLITS, Workspace
 
 
@@ -95,7 +95,6 @@ class Resolver:
         """Check every target against the data; refuse unknown ids and public samples. A sample
         still in the data is acted on, whatever the tombstones say; "already forgotten" is said
         only of an id that the tombstones list as erased and that no split holds."""
-        ws = self.ws
         targets = list(dict.fromkeys(spec.sample_ids))
         subjects_gone = []
         for subject in spec.subjects:
@@ -150,7 +149,7 @@ class Resolver:
             subjects_already_forgotten=tuple(subjects_gone),
             public=is_public,
             label=spec.label,
-            input_path=ws.relative(ws.inputs_dir / f"{request_id}.npy") if image is not None else None,
+            input_path=Workspace.corrected_input(request_id) if image is not None else None,
             received_at=time.time(),
         )
         return Submission(request, list(spec.subjects), image)

@@ -19,9 +19,9 @@ import json
 from lmeraser.data.splits import recover_data
 from lmeraser.errors import LmeraserError
 from lmeraser.io import remove_stale_temp_files
+from lmeraser.journal import Journal, event
 from lmeraser.lineage.records import lineage_log
 from lmeraser.overlay import Overlay
-from lmeraser.unlearning.journal import Journal, event
 from lmeraser.versioning import repair_dvc_files, repair_dvc_rwlock
 from lmeraser.workspace import Workspace
 

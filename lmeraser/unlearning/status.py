@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from lmeraser.config import RequestsParams
-from lmeraser.unlearning.journal import Journal
+from lmeraser.journal import Journal
 from lmeraser.workspace import Workspace
 
 

@@ -15,20 +15,44 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmeraser.config import Float, Int
 from lmeraser.errors import LmeraserError
 from lmeraser.io import MissingFile, atomic_save_npy, atomic_write_bytes, read_trusted
-from lmeraser.request import Request
+from lmeraser.request import Identifier, Request
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
 MAX_JOURNAL = 1 << 30  # about two million requests
 
 State = Literal["received", "approximated", "applied", "verified"]
+
+
+class JournalEvent(BaseModel):
+    """One line of the journal. A `received` event carries the request and the method it was
+    submitted with; `approximated` and `verified` name the lineage record that covers it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    request_id: Identifier
+    state: State
+    time: Annotated[Float, Field(ge=0, le=1e11)]
+    method: Literal["exact", "influence"] | None = None
+    request: Request | None = None
+    record: Annotated[Int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> JournalEvent:
+        if (self.state == "received") != (self.request is not None) or (self.request is not None and self.request.request_id != self.request_id):
+            raise ValueError("a received event, and only one, carries its own request")
+        if (self.state in ("approximated", "verified")) != (self.record is not None):
+            raise ValueError("approximated and verified events, and only they, name a record")
+        if self.method is not None and self.state != "received":
+            raise ValueError("only a received event names a method")
+        return self
 
 
 @dataclass(frozen=True)
@@ -99,8 +123,7 @@ class Journal:
         A `received` event must carry a valid `Request` (what the journal cannot read back is
         never written)."""
         for e in events:
-            if e["state"] == "received" and Request.model_validate(e["request"]).request_id != e["request_id"]:
-                raise ValueError(f"a received event for {e['request_id']} carries request {e['request']['request_id']}")
+            JournalEvent.model_validate(e)  # raises ValidationError: what the journal cannot read back is never written
         with self.ws.lock("journal"):
             self._repair()
             current = {rid: entry.state for rid, entry in self.requests().items()}
@@ -154,12 +177,9 @@ class Journal:
         for number, line in enumerate(lines, start=1):
             try:
                 e = json.loads(line)
-                if not (isinstance(e, dict) and isinstance(e.get("request_id"), str) and isinstance(e.get("state"), str)):
-                    raise ValueError
-                if e["state"] == "received":
-                    received[id(e)] = Request.model_validate(e.get("request"))
-                    if received[id(e)].request_id != e["request_id"]:
-                        raise ValueError
+                checked = JournalEvent.model_validate(e)
+                if checked.request is not None:
+                    received[id(e)] = checked.request
             except (ValueError, RecursionError, ValidationError):  # JSONDecodeError and UnicodeDecodeError included
                 raise LmeraserError(f"{self.path} line {number}: not a journal event (the journal was altered); restore it from git.") from None
             out.append(e)
