@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lmeraser.errors import LmeraserError
+from lmeraser.errors import LmeraserError, shown
 from lmeraser.stages import STAGE_NAMES
 from lmeraser.workspace import Workspace
 
@@ -225,17 +225,17 @@ def data_samples(
     ws = _workspace(root, None)
     if split not in (*SPLITS, "all"):
         _fail(f"--split {split}: expected one of {', '.join(SPLITS)} or all.")
-    try:
-        frames = [(name, ws.manifest(name)) for name in (SPLITS if split == "all" else (split,))]
-    except LmeraserError as error:
-        _fail(str(error))
     wanted = set(subject or ())
-    rows = [
-        {"sample_id": sid, "split": name, "subject_id": subj, "label": int(label)}
-        for name, frame in frames
-        for sid, subj, label in zip(frame["sample_id"], frame["subject_id"], frame["label"], strict=True)
-        if not wanted or subj in wanted
-    ]
+    rows = []
+    for name in SPLITS if split == "all" else (split,):
+        try:
+            frame = ws.manifest(name)
+            triples = zip(frame["sample_id"], frame["subject_id"], frame["label"].astype(int), strict=True)
+            rows += [{"sample_id": sid, "split": name, "subject_id": subj, "label": int(label)} for sid, subj, label in triples if not wanted or subj in wanted]
+        except LmeraserError as error:
+            _fail(str(error))
+        except (KeyError, ValueError, TypeError):
+            _fail(f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest (sample_id, subject_id and integer label columns); run `lmeraser data init`.")
     missing = sorted(wanted - {r["subject_id"] for r in rows})
     if missing:
         _fail(f"subject {missing[0]} has no samples in data/{split if split != 'all' else '*'}.")
@@ -243,14 +243,16 @@ def data_samples(
     if as_json:
         _emit({"total": len(rows), "samples": shown_rows})
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table("sample id", "split", "subject", "label")
-    for row in shown_rows:
-        table.add_row(row["sample_id"], row["split"], row["subject_id"], str(row["label"]))
+    for row in shown_rows:  # ids as the data holds them, shown safely (no markup, no control characters)
+        table.add_row(*(escape(shown(value, 80)) for value in (row["sample_id"], row["split"], row["subject_id"], str(row["label"]))))
     console.print(table)
     more = f"; {len(rows) - len(shown_rows)} more (--limit 0 lists all)" if len(shown_rows) < len(rows) else ""
-    console.print(f"{len(rows)} sample(s){more}. Forget one: lmeraser forget --sample-id ID (or --subject SUBJECT)", highlight=False)
+    hint = ". Forget one: lmeraser forget --sample-id ID (or --subject SUBJECT)" if split == "private" else ""
+    console.print(f"{len(rows)} sample(s){more}{hint}", highlight=False)
 
 
 def _with_source(params_file: Path, source: str) -> str:
@@ -1016,19 +1018,31 @@ def audit_export_key(out: Path = typer.Option(None, "--out", help="where to writ
 
 
 @audit_app.command("schema")
-def audit_schema(out: Path = typer.Option(None, "--out", help="write it to this file (default: stdout)")) -> None:
+def audit_schema(
+    out: Path = typer.Option(None, "--out", help="write it to this file (default or '-': stdout)"),
+    root: Path = ROOT,
+) -> None:
     """The JSON Schema of a lineage record's predicate, generated from the record models
     (docs/record-schema.json is this output)."""
     from lmeraser.io import atomic_write_text
     from lmeraser.lineage.records import record_schema
 
     text = json.dumps(record_schema(), indent=2, sort_keys=True) + "\n"
-    if out is None:
+    if out is None or str(out) == "-":
         sys.stdout.write(text)
         return
-    if out.is_dir():
-        _fail(f"{out}: is a directory; --out takes a file path.")
-    atomic_write_text(out, text)
+    target = out.absolute()
+    audit = Workspace(root).audit.absolute()
+    if target == audit or audit in target.parents:
+        _fail(f"{out}: inside the workspace's audit/ (the signed log, its keys and journal live there); write the schema elsewhere.")
+    if out.is_dir() or (out.exists() and not out.is_file() and not out.is_symlink()):
+        _fail(f"{out}: not a regular file; --out takes a file path.")
+    if not target.parent.is_dir():
+        _fail(f"{out}: its directory {target.parent} does not exist.")
+    try:
+        atomic_write_text(out, text)
+    except OSError as error:
+        _fail(f"{out}: cannot be written ({error.strerror or error.__class__.__name__}).")
     console.print(f"record schema written to {out}", highlight=False)
 
 

@@ -119,3 +119,36 @@ def test_data_samples_lists_the_ids_a_request_names(tmp_path):
     assert private["sample_id"].iloc[0] in table.stdout and f"{len(private) - 2} more" in table.stdout
     _one_sentence(lmeraser_cli("data", "samples", "--subject", "s99999", cwd=tmp_path), "subject s99999")
     _one_sentence(lmeraser_cli("data", "samples", "--split", "nope", cwd=tmp_path), "--split nope")
+
+
+def test_data_samples_and_audit_schema_refuse_what_a_stranger_tried(tmp_path):
+    """A damaged manifest is one sentence; an id holding a terminal escape is shown escaped; the
+    hint to forget is for private samples only; `audit schema --out` never writes into audit/ and
+    says why it cannot write."""
+    import json
+
+    ws = build_workspace(tmp_path, TINY)
+    manifest = ws.split_dir("private") / "manifest.csv"
+    frame = pd.read_csv(manifest, dtype=str)
+    frame.loc[0, "sample_id"] = "\x1b[2Jevil"
+    frame.to_csv(manifest, index=False)
+    table = lmeraser_cli("data", "samples", "--limit", "3", cwd=tmp_path)
+    assert table.returncode == 0 and "\x1b" not in table.stdout and "Forget one" in table.stdout
+    assert "Forget one" not in lmeraser_cli("data", "samples", "--split", "test", cwd=tmp_path).stdout
+    frame.loc[0, "label"] = "notanint"
+    frame.to_csv(manifest, index=False)
+    _one_sentence(lmeraser_cli("data", "samples", cwd=tmp_path), "manifest.csv", "not a manifest")
+    manifest.write_text("garbage\n")
+    _one_sentence(lmeraser_cli("data", "samples", "--json", cwd=tmp_path), "not a manifest")
+
+    (tmp_path / "audit").mkdir(exist_ok=True)
+    log = tmp_path / "audit" / "lineage.jsonl"
+    log.write_text("the signed log\n")
+    _one_sentence(lmeraser_cli("audit", "schema", "--out", str(log), cwd=tmp_path), "audit/")
+    assert log.read_text() == "the signed log\n"
+    _one_sentence(lmeraser_cli("audit", "schema", "--out", "/proc/version", cwd=tmp_path), "/proc/version")
+    _one_sentence(lmeraser_cli("audit", "schema", "--out", str(tmp_path / "no" / "such" / "s.json"), cwd=tmp_path), "does not exist")
+    printed = lmeraser_cli("audit", "schema", "--out", "-", cwd=tmp_path)
+    assert printed.returncode == 0 and json.loads(printed.stdout)["title"] == "lmeraser lineage record predicate"
+    written = lmeraser_cli("audit", "schema", "--out", str(tmp_path / "schema.json"), cwd=tmp_path)
+    assert written.returncode == 0 and json.loads((tmp_path / "schema.json").read_text()) == json.loads(printed.stdout)

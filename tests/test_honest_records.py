@@ -494,6 +494,11 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     envelope["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
     forged = run(json.dumps(envelope).encode() + b"\n" + b"".join(lines[1:]))
     assert forged.returncode == 1 and "record 1: FAILED (InvalidSignature" in forged.stdout
+    crlf = run(log.read_bytes().replace(b"\n", b"\r\n"))
+    assert crlf.returncode == 1 and "FAILED" in crlf.stdout  # another line ending is another log
+    for garbage in (b"[1, 2]\n", b"[" * 100000 + b"\n", b'{"payloadType": "application/vnd.in-toto+json", "payload": "", "signatures": {}}\n'):
+        broken = run(garbage + log.read_bytes())
+        assert broken.returncode == 1 and "record 1: FAILED" in broken.stdout and "Traceback" not in broken.stderr, broken.stderr[-500:]
     if len(lines) > 1:
         dropped = run(b"".join(lines[1:]))
         assert dropped.returncode == 1 and "record 1: FAILED" in dropped.stdout

@@ -9,6 +9,10 @@ PAE(payloadType, payload) (DSSE v1), that the payload is an in-toto v1 Statement
 line (so no record was removed, reordered or inserted); then that the signed head names the last
 line. A key rotation record (signed by the old key, countersigned by the new) hands the checks
 over to the new key. Prints one line per record and exits 1 on the first failure.
+
+What it cannot catch on its own: a log and head rolled back together to an earlier genuine state
+(both are validly signed). Compare the record count with the copy you kept, or with the git
+history of audit/ (`lmeraser audit verify` does).
 """
 
 import base64
@@ -52,14 +56,18 @@ def open_envelope(envelope: dict, public_key) -> dict:
 def verify(log: Path, pem: Path) -> int:
     key = serialization.load_pem_public_key(pem.read_bytes())
     previous = "0" * 64
-    lines = log.read_bytes().splitlines()
+    raw = log.read_bytes()
+    if not raw.endswith(b"\n") or b"\r" in raw:
+        print("log: FAILED (every record is one line ending in a single newline; this file is not that)")
+        return 1
+    lines = raw[:-1].split(b"\n")  # the chain hashes each line's exact bytes, without its newline
     for number, line in enumerate(lines, start=1):
         try:
             statement = open_envelope(json.loads(line), key)
             predicate = statement["predicate"]
             if predicate["sequence"] != number or predicate["previous_record_sha256"] != previous:
                 raise ValueError("the hash chain is broken here")
-        except (ValueError, KeyError, InvalidSignature) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidSignature) as error:
             print(f"record {number}: FAILED ({error.__class__.__name__}: {error})")
             return 1
         if statement["predicateType"] == ROTATION_TYPE:  # the new key signs from here on
@@ -72,7 +80,7 @@ def verify(log: Path, pem: Path) -> int:
         named = open_envelope(json.loads(head.read_bytes()), key)["predicate"]
         if named["records"] != len(lines) or named["last_record_sha256"] != previous:
             raise ValueError("the head does not name the last record")
-    except (OSError, ValueError, KeyError, InvalidSignature) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, InvalidSignature) as error:
         print(f"signed head: FAILED ({error.__class__.__name__}: {error})")
         return 1
     print(f"signed head: OK ({len(lines)} records, all verified)")
