@@ -98,9 +98,9 @@ def move_store_aside(work: Path, n: int) -> Path:
 
 def submit(work: Path, rng: random.Random) -> str:
     """One forget request for a random private sample, submitted as `lmeraser forget --no-process` does."""
+    from lmeraser.journal import Journal
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.journal import Journal
     from lmeraser.workspace import Workspace
 
     ws = Workspace(work)

@@ -122,9 +122,9 @@ def _commit(root: Path, message: str, *extra: str) -> None:
 
 def _batch(ws: Workspace, request_id: str) -> None:
     """One signed record listing `request_id`, journaled `received` then `verified`, as a batch does."""
+    from lmeraser.journal import Journal, received
     from lmeraser.lineage.records import lineage_log
     from lmeraser.request import Request
-    from lmeraser.journal import Journal, received
 
     record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
     Journal(ws).append([received(Request(request_id=request_id, kind="forget", sample_ids=(), received_at=time.time()))])
