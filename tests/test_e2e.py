@@ -9,6 +9,7 @@ import subprocess
 
 import pandas as pd
 import pytest
+import yaml
 
 from lmeraser.io import read_json
 from lmeraser.journal import Journal
@@ -75,7 +76,8 @@ def test_every_stage_is_tracked_and_the_model_registered(repo):
     assert {r.data.tags["lmeraser.stage"] for r in runs} >= {"validate", "backbone", "prototypes", "assign", "train", "evaluate", "register"}
     evaluate = next(r for r in runs if r.data.tags["lmeraser.stage"] == "evaluate")
     assert abs(evaluate.data.metrics["accuracy"] - read_json(root / "metrics.json")["accuracy"]) < 1e-9
-    assert evaluate.data.params == {"evaluate.batch_size": "256"}  # exactly the params the stage reads
+    batch_size = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["batch_size"]
+    assert evaluate.data.params == {"evaluate.batch_size": str(batch_size)}  # exactly the params the stage reads
     train = next(r for r in runs if r.data.tags["lmeraser.stage"] == "train")
     assert train.data.params["prompt.kind"] == "pad" and "prompt.pad.width" in train.data.params and "prompt.lora.rank" not in train.data.params
     versions = client.search_model_versions("name='lmeraser'")

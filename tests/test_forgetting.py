@@ -19,6 +19,14 @@ from lmeraser.errors import ConfigError
 from helpers import TINY
 
 
+def _request(fields: dict):
+    """A journaled request as the batch holds it (rectify requests name a label)."""
+    from lmeraser.request import Request
+
+    extra = {"label": 1} if fields["kind"] == "rectify" else {}
+    return Request(**{**extra, **fields, "sample_ids": tuple(fields["sample_ids"]), "received_at": 0.0})
+
+
 def test_logit_confidence_is_the_log_odds_and_does_not_saturate():
     logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 0.0], [60.0, 0.0, 0.0]])
     labels = np.array([0, 2, 0])
@@ -41,9 +49,9 @@ def test_tensor_digest_follows_the_tensors_not_their_order_or_file():
 
 def test_the_audited_samples_are_a_fixed_bounded_draw_of_forget_requests():
     requests = [
-        {"kind": "forget", "request_id": "r1", "sample_ids": [f"s{i}" for i in range(40)]},
-        {"kind": "rectify", "request_id": "r2", "sample_ids": ["s1"]},
-        {"kind": "forget", "request_id": "r3", "sample_ids": ["public-1"]},
+        _request({"kind": "forget", "request_id": "r1", "sample_ids": [f"s{i}" for i in range(40)]}),
+        _request({"kind": "rectify", "request_id": "r2", "sample_ids": ["s1"]}),
+        _request({"kind": "forget", "request_id": "r3", "sample_ids": ["public-1"]}),
     ]
     chosen = chosen_samples(requests, lambda s: s.startswith("s"), 16, seed=0)
     assert list(chosen) == ["r1"] and len(chosen["r1"]) == 16  # rectify and ineligible samples are not audited
@@ -167,7 +175,7 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
     ws, _ = trained_workspace
     params = parse_params({**TINY, "audit": {"references": 1, "max_samples_per_request": 2}})
     private = ws.split("private")
-    requests = [{"kind": "forget", "request_id": "r1", "sample_ids": private.sample_ids[:3]}]
+    requests = [_request({"kind": "forget", "request_id": "r1", "sample_ids": private.sample_ids[:3]})]
     model = ServingModel.load(ws)
     _, routes, _ = score_test_split(ws, model, params.evaluate.batch_size)
 
@@ -219,8 +227,8 @@ def test_no_spread_to_estimate_means_no_test_not_a_made_up_one():
 
 def test_a_sample_named_twice_is_one_test_and_the_rebuild_twin_has_the_cluster_seed():
     requests = [
-        {"kind": "forget", "request_id": "r1", "sample_ids": ["a"]},
-        {"kind": "forget", "request_id": "r2", "sample_ids": ["a", "b"]},
+        _request({"kind": "forget", "request_id": "r1", "sample_ids": ["a"]}),
+        _request({"kind": "forget", "request_id": "r2", "sample_ids": ["a", "b"]}),
     ]
     chosen = chosen_samples(requests, lambda s: True, 16, seed=0)
     assert chosen == {"r1": ["a"], "r2": ["b"]}  # "a" once: the Bonferroni count is 2, not 3
