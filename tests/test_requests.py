@@ -224,3 +224,41 @@ def test_a_corrected_image_must_have_the_datas_channels_and_is_never_converted()
     np.save(buffer, np.zeros((5, 6), np.uint8))
     with pytest.raises(LmeraserError, match="has shape \\(5, 6\\), expected \\(5, 6, 3\\)"):
         decode_corrected_image(buffer.getvalue(), "x.npy", True, (5, 6, 3))
+
+
+def test_journal_values_of_the_wrong_type_are_an_altered_journal_for_every_reader(tmp_path):
+    """What a stranger wrote into a journal (a record named by a word, a time that is not a
+    number, NaN, a year 10^292, extra fields, a request whose id is not its event's): `lmeraser
+    requests`, the batch and `audit verify` all read the journal through one parser, and each
+    refuses it with the same sentence instead of crashing or passing."""
+    import math
+
+    from lmeraser.audit.verify import _check_journal
+
+    ws = Workspace(tmp_path)
+    good = received_event("req-000000000001", 1_800_000_000.0)
+    cases = {
+        "a record named by a word": {"request_id": "req-000000000001", "state": "verified", "time": 1.0, "record": "one"},
+        "a time that is a word": {"request_id": "req-000000000001", "state": "applied", "time": "yesterday"},
+        "a NaN time": {"request_id": "req-000000000001", "state": "applied", "time": math.nan},
+        "a bool record": {"request_id": "req-000000000001", "state": "verified", "time": 1.0, "record": True},
+        "an extra field": {**good, "note": "hello"},
+        "an unknown state": {"request_id": "req-000000000001", "state": "bogus", "time": 1.0},
+        "another request's id": {**good, "request_id": "req-000000000002"},
+        "a year 10^292": {**good, "request": {**good["request"], "received_at": 1e300}},
+        "a coerced label": {**good, "request": {**good["request"], "kind": "rectify", "label": "7"}},
+        "a path outside": {**good, "request": {**good["request"], "kind": "rectify", "label": None, "input_path": "/etc/passwd"}},
+    }
+    ws.journal_file.parent.mkdir(parents=True, exist_ok=True)
+    for name, bad in cases.items():
+        lines = [json.dumps(good), json.dumps(bad)] if bad.get("state") != "received" else [json.dumps(bad)]
+        ws.journal_file.write_text("\n".join(lines) + "\n", encoding="utf-8") if "NaN" not in name else ws.journal_file.write_text(
+            "\n".join(lines).replace("NaN", "NaN") + "\n"
+        )
+        for read in (lambda: Journal(ws).pending(), lambda: _check_journal(ws, [])):
+            with pytest.raises(LmeraserError, match="not a journal event"):
+                read()
+        with pytest.raises(ValueError):  # and none of it can be appended
+            Journal(Workspace(tmp_path / "fresh")).append([bad])
+    ws.journal_file.write_text(json.dumps(good) + "\n")
+    assert [r.request_id for r in Journal(ws).pending()] == ["req-000000000001"]
