@@ -71,7 +71,15 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 
 def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | None, failure: str | None) -> Path:
-    """The report over `records`; `failure` (a verification error) is shown first, in red."""
+    """The HTML audit report over `records`, written atomically to `out`.
+
+    Args:
+        ws: the workspace the records describe.
+        records: the verified records, in order.
+        out: where the HTML goes.
+        signer: the key id the records verified under.
+        failure: a verification error, shown first, in red (the report is still written).
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -237,7 +237,11 @@ class ScanTargets:
 
 def scan_targets(ws: Workspace) -> ScanTargets:
     """What must be gone, from the signed records: every erased content, every superseded prompt,
-    every forgetting-audit IN reference (also those of a batch still open)."""
+    every forgetting-audit IN reference (also those of a batch still open).
+
+    Args:
+        ws: the workspace whose records and open batch are read.
+    """
     records = lineage_log(ws).read_unverified()
     erased = {key for r in records for key in r.predicate.get("removed_content_keys", [])}
     superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}

@@ -746,7 +746,12 @@ def batch_id(requests: list[Request]) -> str:
 
 
 def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
-    """The id of the batch `process_pending` would run now (an interrupted one first); None if idle."""
+    """The id of the batch `process_pending` would run now (an interrupted one first); None if idle.
+
+    Args:
+        ws: the workspace.
+        max_requests: at most this many of the oldest pending requests.
+    """
     batches = ws.batch_files()
     if batches:
         return batches[0].stem

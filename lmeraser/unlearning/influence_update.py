@@ -41,8 +41,15 @@ from lmeraser.workspace import InputSpec, Workspace
 
 
 def check_influence(requests: list[Request], ws: Workspace) -> dict[str, int]:
-    """Refuse, before anything is written, what the influence method cannot do; the cluster of
-    every private sample."""
+    """Refuse, before anything is written, what the influence method cannot do.
+
+    Args:
+        requests: the requests to update for (none may name a public sample).
+        ws: the workspace (trained prompts and up-to-date assignments are needed).
+
+    Returns:
+        The cluster of every private sample.
+    """
     for request in requests:
         if request.public:
             raise LmeraserError(

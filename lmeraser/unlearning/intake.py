@@ -22,7 +22,15 @@ from lmeraser.workspace import SPLITS, Workspace
 
 
 def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
-    """Parse a JSONL file of `kind` requests; any bad line refuses the whole file, naming the line."""
+    """Parse a JSONL file of `kind` requests; any bad line refuses the whole file, naming the line.
+
+    Args:
+        path: the requests file (a regular file of at most 16 MiB; one JSON object per line).
+        kind: "forget" or "rectify": the kind every line must be.
+
+    Raises:
+        LmeraserError: naming the file, the line and the field; nothing was applied.
+    """
     text = read_input_text(path, "requests file", MAX_REQUESTS_FILE)
     specs = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -156,8 +164,17 @@ class Resolver:
 
 
 def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> Submission:
-    """Resolve one request (see Resolver.resolve); `upload` is a corrected image's bytes sent
-    over HTTP (then `spec.input` only names it)."""
+    """Resolve one request against the data (see Resolver.resolve), writing nothing.
+
+    Args:
+        spec: the request as asked.
+        ws: the workspace whose data it names.
+        upload: a corrected image's bytes sent over HTTP (then `spec.input` only names it).
+
+    Returns:
+        The `Request` (subjects not yet keyed) with the raw subjects and the image, for
+        `Journal.submit`.
+    """
     return Resolver(ws).resolve(spec, upload)
 
 

@@ -148,8 +148,15 @@ def check_compute(ws: Workspace) -> None:
 
 
 def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
-    """Everything a batch needs to finish; raises one sentence naming the first thing missing,
-    and that nothing changed."""
+    """Everything a batch needs to finish, checked before it changes anything.
+
+    Args:
+        ws: the workspace.
+        tracking_store: also check the MLflow store can be written.
+
+    Raises:
+        LmeraserError: one sentence naming the first thing missing, and that nothing changed.
+    """
     try:
         check_compute(ws)
         check_writable(ws)
