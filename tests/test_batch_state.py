@@ -107,6 +107,12 @@ def test_a_journal_written_before_the_typed_request_reads_as_typed_requests(old_
     assert journal.forgotten_subjects() == set()  # the first batch forgot by id only
     kinds = {r.kind for r in pending}
     assert kinds == {"forget", "rectify"} and any(r.subject_hashes for r in pending) and any(r.already_forgotten for r in pending)
+    # The batch file written then agrees with this journal and with its own name: it resumes.
+    from lmeraser.unlearning.exact import _disagreement
+
+    state = BatchState.from_json(_old_batch())
+    assert _disagreement(state, state.batch_id, journal) is None
+    assert _disagreement(state, "batch-0000000000000000", journal) is not None
 
 
 def test_a_journal_event_with_a_malformed_request_is_refused(old_workspace):
