@@ -143,7 +143,7 @@ def lmeraser_cli(*args: str, cwd: Path, check: bool = False, timeout: int = 600)
 
 
 def dvc(*args, cwd, check=True):
-    # The demo's `dvc repro` takes 4.4 min here under portable numerics on an idle 2-core machine,
+    # The demo's `dvc repro` takes 2-4.4 min here under portable numerics on a 2-core machine,
     # and timed out at 900 s beside two other heavy jobs: a hang guard, not a benchmark.
     done = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True, timeout=1800)
     if check and done.returncode != 0:
