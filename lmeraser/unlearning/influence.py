@@ -142,7 +142,15 @@ class Objective:
 
 def power_iteration(matvec: MatVec, dim: int, iterations: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
     """The eigenvalue of largest magnitude (Rayleigh quotient after `iterations` steps); the start
-    vector is drawn on the CPU (`generator`), the same on every device."""
+    vector is drawn on the CPU (`generator`), the same on every device.
+
+    Args:
+        matvec: the operator's product with a vector.
+        dim: the vector space's dimension.
+        iterations: power steps to take.
+        generator: draws the start vector.
+        dtype, device: where and in what precision the iterations run.
+    """
     v = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
     v /= v.norm()
     value = 0.0
@@ -165,7 +173,15 @@ class CGResult:
 
 
 def conjugate_gradient(matvec: MatVec, b: torch.Tensor, damping: float, tol: float, max_iter: int) -> CGResult:
-    """Solve (A + damping·I) x = b; stops when ‖r‖/‖b‖ ≤ tol, or at negative curvature."""
+    """Solve (A + damping·I) x = b; stops when ‖r‖/‖b‖ ≤ tol, or at negative curvature.
+
+    Args:
+        matvec: A's product with a vector (a Hessian-vector product).
+        b: the right-hand side.
+        damping: λ added to A's diagonal.
+        tol: the relative residual to stop at.
+        max_iter: the most iterations.
+    """
     x = torch.zeros_like(b)
     b_norm = float(b.norm())
     if b_norm == 0:
@@ -296,9 +312,21 @@ def influence_edit(
     """Apply the edit D → D′ to `model`'s PEFT parameters by influence.
 
     Rows align: sample i was (x[i], y[i]); after the edit it is (x_new[i], y_new[i]) if
-    present[i], or gone. Returns θ_new (flat, in the model's dtype), the objective (for
-    `Objective.state`) and the report. Deterministic for fixed inputs, seed and threads. Runs on
-    the model's device (the rows move there); random draws are made on the CPU.
+    present[i], or gone. Deterministic for fixed inputs, seed and threads. Runs on the model's
+    device (the rows move there); random draws are made on the CPU.
+
+    Args:
+        model: the cluster's model (`prepare_model`): the trained PEFT parameters are θ.
+        x, y: the cluster's inputs and labels as the served prompt was trained on them.
+        x_new, y_new: the same rows after the edit (a corrected input or label).
+        present: whether each row is still in the cluster after the edit (False: removed).
+        params: the influence settings (curvature, damping, CG, Hessian samples).
+        weight_decay: the training's L2 weight, part of the objective θ minimises.
+        seed: seeds the Hessian sample and the power iterations' start vector.
+        threads: torch's intra-op threads for the computation.
+
+    Returns:
+        θ_new (flat, in the model's dtype), the objective (for `Objective.state`) and the report.
     """
     start = time.perf_counter()
     n = len(y)

@@ -309,6 +309,7 @@ def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[Reque
 
 
 def influence_batch_id(requests: list[Request]) -> str:
+    """An influence update's id: a digest of its requests' ids (what its intent file and record name)."""
     return "influence-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 

@@ -119,6 +119,7 @@ def _writable(directory: Path, what: str) -> None:
 
 
 def check_writable(ws: Workspace) -> None:
+    """Every directory a batch writes to can be written now (one sentence naming the first that cannot)."""
     for what, directory in writable_locations(ws).items():
         _writable(directory, what)
 

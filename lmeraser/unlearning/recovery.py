@@ -49,6 +49,8 @@ def recover(ws: Workspace, log=print) -> list[str]:
 
 
 def recover_influence(ws: Workspace) -> list[str]:
+    """Finish or undo an influence update its intent file says was interrupted (see the module's
+    docstring); one line per repair."""
     path = ws.influence_intent_file
     if not path.exists():
         return []
