@@ -75,9 +75,9 @@ class JournalEntry:
         return sorted({int(e["record"]) for e in self.history if "record" in e})
 
 
-def event(request_id: str, state: str, **extra) -> dict:
-    """A journal event, stamped now."""
-    return {"request_id": request_id, "state": state, "time": time.time(), **extra}
+def event(request_id: str, state: str, at: float | None = None, **extra) -> dict:
+    """A journal event at `at` (default: now)."""
+    return {"request_id": request_id, "state": state, "time": time.time() if at is None else at, **extra}
 
 
 @dataclass
@@ -93,8 +93,7 @@ class Submission:
 
 def received(request: Request, method: str = "exact", at: float | None = None) -> dict:
     """The `received` event of a request submitted with `method` ("exact" or "influence")."""
-    e = event(request.request_id, "received", request=request.to_json(), method=method)
-    return e if at is None else {**e, "time": at}
+    return event(request.request_id, "received", at, request=request.to_json(), method=method)
 
 
 _cache: dict[str, tuple[tuple, tuple[dict, ...], dict[str, JournalEntry]]] = {}
@@ -150,11 +149,11 @@ class Journal:
             cached = _cache.get(str(self.path))
         if identity is not None and cached is not None and cached[0] == identity:
             return cached[1], cached[2]
-        events, received = self._parse()
+        events, requests = self._parse()
         entries: dict[str, dict] = {}
-        for e in events:
+        for e, request in zip(events, requests, strict=True):
             entry = entries.setdefault(e["request_id"], {"request": None, "state": None, "history": []})
-            entry["request"] = received.get(id(e), entry["request"])
+            entry["request"] = request or entry["request"]
             entry["state"] = e["state"]
             entry["history"].append(e)
         parsed = {rid: JournalEntry(e["request"], e["state"], tuple(e["history"])) for rid, e in entries.items()}
@@ -163,27 +162,25 @@ class Journal:
                 _cache[str(self.path)] = (identity, events, parsed)
         return events, parsed
 
-    def _parse(self) -> tuple[tuple[dict, ...], dict[int, Request]]:
-        """The events, and the request each `received` event carries (by the event's id())."""
+    def _parse(self) -> tuple[tuple[dict, ...], tuple[Request | None, ...]]:
+        """The events, and beside each the request it carries (a `received` event's; else None)."""
         global reads
         try:
             # A regular file, never through a link, bounded: a FIFO or device cannot hang a command.
             raw = read_trusted(self.path, "request journal", MAX_JOURNAL)
         except MissingFile:
-            return (), {}
+            return (), ()
         reads += 1
         *lines, _tail = raw.split(b"\n")  # an unterminated tail is a torn append: ignored
-        out, received = [], {}
+        out, requests = [], []
         for number, line in enumerate(lines, start=1):
             try:
                 e = json.loads(line)
-                checked = JournalEvent.model_validate(e)
-                if checked.request is not None:
-                    received[id(e)] = checked.request
+                requests.append(JournalEvent.model_validate(e).request)
             except (ValueError, RecursionError, ValidationError):  # JSONDecodeError and UnicodeDecodeError included
                 raise LmeraserError(f"{self.path} line {number}: not a journal event (the journal was altered); restore it from git.") from None
             out.append(e)
-        return tuple(out), received
+        return tuple(out), tuple(requests)
 
     def events(self) -> tuple[dict, ...]:
         """Every event, in order (shared: do not change them)."""

@@ -83,6 +83,7 @@ class UnlearnBatch:
         self.path = ws.batch_file(state.batch_id)
         self.journal = Journal(ws)
         self._images: dict[str, np.ndarray] = {}  # forgotten pixels, in memory only, never written
+        self._verified_here = False  # the verify step ran in this process (not read from the batch file)
         self.after_stage = None  # called with (stage, summary) after each rebuilt stage (tracking)
         self.map_jobs = None  # how the rebuild's clusters train (default: runtime.workers threads)
 
@@ -152,6 +153,7 @@ class UnlearnBatch:
         self.state.seconds[step] = time.perf_counter() - start
         self.log(f"step {step} done in {self.state.seconds[step]:.1f}s")
         self.done[step] = result
+        self._verified_here |= step == "verify"
         if step != "record":
             self.save()
             failpoint(f"after:{step}")
@@ -401,7 +403,7 @@ class UnlearnBatch:
                 remove_samples(todo, split, ws)
         refresh_counts(ws)  # idempotent: right after a resume too
         applied_at = time.time()
-        self.journal.append([{**event(r.request_id, "applied"), "time": applied_at} for r in self.requests])
+        self.journal.append([event(r.request_id, "applied", applied_at) for r in self.requests])
         failpoint("apply:journaled")
         self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)")
         erased = sorted({r["content_key"] for r in rows if r["content_key"]})
@@ -606,9 +608,10 @@ class UnlearnBatch:
         if existing:
             record = existing[0]
         else:
-            # The batch file is not trusted to say what the record signs: what it claims is checked
-            # against the data and the served bits once more, right before the signature.
-            self._refuse_to_sign(self._unsigned_claims(self.verified) + self._check_state())
+            if not self._verified_here:
+                # A verification read back from the batch file is not trusted to say what the record
+                # signs: its claims are checked against the data and the served bits once more.
+                self._refuse_to_sign(self._unsigned_claims(self.verified) + self._check_state())
             record = sign_and_append(self.ws, self.predicate())
             failpoint("record:appended")
         # Resumed after the journal was told (and before the batch file went), this appends nothing.
