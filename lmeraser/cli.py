@@ -125,11 +125,13 @@ def _quiet_prefect_server() -> None:
     That logger is Prefect's root logger (`prefect`) itself, so its level cannot be raised without
     silencing every flow and task log below it. A filter on a logger applies only to records
     logged directly to it, never to those its children propagate: flow-run INFO lines still show.
+    Named rather than imported from `prefect.server.api.server` (which only does
+    `get_logger()`): importing the server module costs about 2 s in every client process.
     """
-    from prefect.server.api.server import subprocess_server_logger
+    server_logger = logging.getLogger("prefect")
 
-    if not any(isinstance(f, _OwnRecordsBelowWarning) for f in subprocess_server_logger.filters):
-        subprocess_server_logger.addFilter(_OwnRecordsBelowWarning())
+    if not any(isinstance(f, _OwnRecordsBelowWarning) for f in server_logger.filters):
+        server_logger.addFilter(_OwnRecordsBelowWarning())
 
 
 class _OwnRecordsBelowWarning:
