@@ -55,7 +55,12 @@ _MIN_VARIANCE = 1e-4  # a floor: identical scores must not make every difference
 
 def logit_confidence(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """log p_y - log(1 - p_y) per row, computed stably in float64 as z_y - logsumexp(z_j, j != y):
-    unlike the cross-entropy, it does not saturate on confidently fit samples."""
+    unlike the cross-entropy, it does not saturate on confidently fit samples.
+
+    Args:
+        logits: class logits, (n, classes).
+        labels: each row's class, (n,).
+    """
     z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if len(y) == 0:
@@ -66,7 +71,11 @@ def logit_confidence(logits: np.ndarray | torch.Tensor, labels: np.ndarray | tor
 
 
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:
-    """A digest of a state dict's tensors (names, dtypes, shapes, bytes), whatever file holds them."""
+    """A digest of a state dict's tensors (names, dtypes, shapes, bytes), whatever file holds them.
+
+    Args:
+        state: tensors by name (a prompt state dict, or a safetensors file's contents), on any device.
+    """
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
@@ -78,7 +87,13 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
 def reference_seed(cluster_seed: int, side: str, index: int) -> int:
     """Reference `index` of `side` (in/out) of a cluster. OUT reference 0 is the cluster's own
     seed: it is the retrain without the batch's samples, bit for bit what a correct rebuild serves
-    (invariant 3), so the served prompt after the batch can be checked against it by digest."""
+    (invariant 3), so the served prompt after the batch can be checked against it by digest.
+
+    Args:
+        cluster_seed: the cluster's own training seed (its prompt index entry's).
+        side: "in" or "out".
+        index: the reference's number on that side, from 0.
+    """
     if side == "out" and index == 0:
         return cluster_seed
     return int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
@@ -86,7 +101,14 @@ def reference_seed(cluster_seed: int, side: str, index: int) -> int:
 
 def chosen_samples(requests: list[Request], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
     """request id -> the forget request's samples to audit: at most `limit`, the first in a fixed
-    seeded order (the same on every run), among the `eligible` ones."""
+    seeded order (the same on every run), among the `eligible` ones.
+
+    Args:
+        requests: the batch's requests; only forget requests are audited.
+        eligible: whether a sample id can be audited (`references_before`: a private sample still in the data).
+        limit: at most this many samples per request (`audit.max_samples_per_request`).
+        seed: fixes the order the samples are drawn in (the params' seed).
+    """
     chosen, taken = {}, set()
     for request in requests:
         if request.kind != "forget":
@@ -147,6 +169,11 @@ class Scorer:
         self.batch_size = batch_size
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """The backbone's inputs for raw images (`preprocess` with the trainer's input spec).
+
+        Args:
+            images: uint8 images, (n, height, width) or (n, height, width, channels).
+        """
         from lmeraser.models.backbone import preprocess
 
         return preprocess(images, self.trainer.spec)
@@ -169,6 +196,15 @@ class Scorer:
         return self._confidence(model, x, y) + self._confidence(model, x, wrong)
 
     def score(self, name: str, state: dict[str, torch.Tensor], case: ClusterCase, population: bool = True) -> Scored:
+        """One prompt state's scores on a case's targets and, with `population`, on its population under each label and
+        a wrong one.
+
+        Args:
+            name: what the model is (`Scored.name`: "in:<seed>", "pre-forget exact", ...).
+            state: the prompt state dict, loaded on the trainer's backbone.
+            case: the cluster whose targets and population are scored.
+            population: also score the member and test population (for the pooled variances).
+        """
         from lmeraser.training import load_prompt
 
         start = time.perf_counter()
@@ -181,7 +217,13 @@ class Scorer:
         return Scored(name, tensor_digest(state), targets, members, test, time.perf_counter() - start)
 
     def reference(self, case: ClusterCase, side: str, index: int) -> Scored:
-        """Train one reference, score it, drop it: only its scores and digest leave this call."""
+        """Train one reference, score it, drop it: only its scores and digest leave this call.
+
+        Args:
+            case: the cluster the reference is trained for.
+            side: "in" (trained on `case.in_rows`) or "out" (on `case.out_rows`).
+            index: the reference's number on that side, from 0 (`reference_seed`).
+        """
         from lmeraser.pipeline.train import ClusterJob
 
         start = time.perf_counter()
@@ -196,7 +238,14 @@ class Scorer:
 
 def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, workers: int) -> dict[int, list[Scored]]:
     """Every case's fresh references, `workers` at a time: `references` IN, and `references` + 1 OUT
-    (the first with the cluster's own seed: the expected rebuild); cluster -> scored references."""
+    (the first with the cluster's own seed: the expected rebuild); cluster -> scored references.
+
+    Args:
+        scorer: trains and scores the references.
+        cases: the affected clusters.
+        references: IN references per cluster (`audit.references`).
+        workers: references trained at once (`runtime.workers`; at least 1).
+    """
     jobs = [(case, side, i) for case in cases for side, count in (("in", references), ("out", references + 1)) for i in range(count)]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda job: scorer.reference(*job), jobs))
@@ -282,6 +331,14 @@ def judge(
     `fresh` are the cluster's new references (names "in:..."/"out:..."); `reused` maps a name to
     (side, scores) for the pre-forget exact and rebuilt prompts. A model is left out of the fits
     it is tested against (matched by tensor digest), so a served model never vouches for itself.
+
+    Args:
+        targets: the cluster's audited sample ids, in the order of every model's `targets` scores.
+        fresh: the cluster's new references.
+        before: the served model's scores before the batch.
+        after: the served model's scores after it; None: not measured (the verdict is not-audited).
+        reused: name -> (side, scores) of the pre-forget exact and rebuilt prompts.
+        threshold: the p-value at or below which a score is detectable (alpha / samples audited).
     """
     in_digests = {r.digest for r in fresh if r.name.startswith("in:")} | {s.digest for side, s in reused.values() if side == "in"}
     with_population = [(r.name.split(":")[0], r) for r in fresh] + [(side, m) for side, m in reused.values() if m.members or m.test]
@@ -320,7 +377,15 @@ def judge(
 
 
 def summary(samples: list[dict], settings: dict, threshold: float, references: dict, seconds: dict) -> dict:
-    """The batch-level section a record signs: parameters, counts, the smallest p-value after."""
+    """The batch-level section a record signs: parameters, counts, the smallest p-value after.
+
+    Args:
+        samples: the per-sample results (`conclude`'s, raw sample ids).
+        settings: the audit settings the references were made with (the `audit` section as JSON).
+        threshold: the p-value at or below which a score is detectable.
+        references: what the record says of the references (clusters, how many trained, which reused).
+        seconds: the audit's time by phase, in seconds.
+    """
     counts = {v: sum(1 for s in samples if s["verdict"] == v) for v in VERDICTS}
     after = [s["after"]["p_value"] for s in samples if s.get("after") and s["after"]["p_value"] is not None]
     return {
@@ -342,7 +407,13 @@ def summary(samples: list[dict], settings: dict, threshold: float, references: d
 
 
 def keyed(samples: list[dict], key: Callable[[str], str], requests_of: dict[str, list[str]]) -> list[dict]:
-    """Per-sample results as a record holds them: keyed sample ids, the request, rounded numbers."""
+    """Per-sample results as a record holds them: keyed sample ids, the request, rounded numbers.
+
+    Args:
+        samples: the per-sample results (`conclude`'s, raw sample ids).
+        key: keys a string with the workspace's salt (`Keyer.subject`).
+        requests_of: sample id -> the ids of the batch's forget requests that name it.
+    """
 
     def rounded(test: dict | None) -> dict | None:
         if test is None:
@@ -374,7 +445,11 @@ def keyed(samples: list[dict], key: Callable[[str], str], requests_of: dict[str,
 def fleet(records: list) -> dict:
     """Across every record's audit: verdict counts per method, and the forget quality: a
     Kolmogorov-Smirnov test of the exact path's post-forget p-values against the uniform (as TOFU
-    reports it; a correct unlearning gives uniform p-values, a leaky one piles them near 0)."""
+    reports it; a correct unlearning gives uniform p-values, a leaky one piles them near 0).
+
+    Args:
+        records: the lineage log's records, in order (key rotations are skipped).
+    """
     from scipy.stats import kstest
 
     out: dict = {"records": 0, "records_without_audit": 0, "methods": {}}
@@ -418,7 +493,15 @@ def references_before(ws, params, requests: list[Request], test_routes: np.ndarr
     each affected cluster's fresh references (trained, scored, dropped) and the pre-forget exact
     prompts' scores, with the audit settings they were made with. A JSON-able state (scores and
     digests, no pixels, no weights); None when the audit is off or no forget request names a
-    private sample still in the data."""
+    private sample still in the data.
+
+    Args:
+        ws: the workspace, before the batch changes its data.
+        params: the checked params (the audit settings, seed, evaluation batch size and workers).
+        requests: the batch's requests (or the influence update's).
+        test_routes: the cluster each test sample is routed to (`score_test_split`).
+        log: where progress lines go.
+    """
     from lmeraser.pipeline.train import plan
     from lmeraser.store import ArtifactStore
 
@@ -506,7 +589,12 @@ def references_before(ws, params, requests: list[Request], test_routes: np.ndarr
 def expected_after(state: dict, served: dict[str, str]) -> tuple[dict[str, float], list[str]]:
     """The served scores after an exact batch, without the erased pixels, where a cluster serves
     exactly its expected rebuild (the OUT reference with its own seed: a retrain without the
-    batch's samples); and the clusters that serve something else (to be scored on the pixels)."""
+    batch's samples); and the clusters that serve something else (to be scored on the pixels).
+
+    Args:
+        state: `references_before`'s state.
+        served: cluster -> tensor digest of the prompt it serves now (`served_digests`).
+    """
     scores, other = {}, []
     for cluster, info in state["clusters"].items():
         if served.get(cluster) == info["rebuild_digest"]:
@@ -518,7 +606,15 @@ def expected_after(state: dict, served: dict[str, str]) -> tuple[dict[str, float
 
 
 def served_scores(model, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], batch_size: int) -> dict[str, float]:
-    """sample id -> its score under what the service serves (routed as any query is)."""
+    """sample id -> its score under what the service serves (routed as any query is).
+
+    Args:
+        model: the serving model (`ServingModel`).
+        images: the samples' raw images, in `sample_ids` order.
+        labels: their labels.
+        sample_ids: the ids the scores are returned under.
+        batch_size: images per forward pass.
+    """
     if not sample_ids:
         return {}
     logits, _ = model.logits(images, batch_size)
@@ -526,7 +622,12 @@ def served_scores(model, images: np.ndarray, labels: np.ndarray, sample_ids: lis
 
 
 def served_digests(model, clusters) -> dict[str, str]:
-    """cluster -> tensor digest of the prompt it serves (a retired cluster: absent)."""
+    """cluster -> tensor digest of the prompt it serves (a retired cluster: absent).
+
+    Args:
+        model: the serving model (`ServingModel`).
+        clusters: the cluster numbers, as ints or strings (the keys of the state's `clusters`).
+    """
     return {str(c): tensor_digest(model.state(c)) for c in clusters if str(c) in model.index.clusters}
 
 
@@ -535,7 +636,18 @@ def prompt_scores(
 ) -> Scored:
     """One prompt state (on the served backbone) scored on these images, as the service would
     compute its logits; with `population` (member images, labels, test images, labels) also on the
-    population, under each label and a wrong one, as `Scorer.score` does."""
+    population, under each label and a wrong one, as `Scorer.score` does.
+
+    Args:
+        model: the serving model (`ServingModel`) whose backbone, prompt settings and compute are used.
+        name: what the prompt is (`Scored.name`, e.g. "served after").
+        state: the prompt state dict to score (e.g. an influence-edited one, never stored).
+        images: the targets' raw images.
+        labels: their labels.
+        batch_size: images per forward pass.
+        population: (member images, member labels, test images, test labels) as `population_inputs` returns them; None:
+            the targets only.
+    """
     from lmeraser.compute import Compute
     from lmeraser.models.backbone import preprocess
     from lmeraser.training import load_prompt
@@ -566,7 +678,12 @@ def prompt_scores(
 
 def population_inputs(ws, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A cluster's population as `references_before` chose it (member ids, test rows), read from
-    the data now: the members stay in the data through the batch."""
+    the data now: the members stay in the data through the batch.
+
+    Args:
+        ws: the workspace whose private and test splits are read.
+        info: one cluster's entry in `references_before`'s state (`state["clusters"][cluster]`).
+    """
     private, test = ws.split("private"), ws.split("test")
     row = {sid: i for i, sid in enumerate(private.sample_ids)}
     members = [row[s] for s in info["population"]["members"] if s in row]
@@ -579,7 +696,16 @@ def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dic
     before and after ({"scores": sample id -> score, "digests": cluster -> digest}; after None: not
     measured); `rebuilt` maps a cluster to another OUT model's target scores. The audit settings
     are the ones the references were made with (the state's), whatever `params` say now. Returns
-    {"samples": [...], "threshold": t} with raw sample ids (the caller keys them for the record)."""
+    {"samples": [...], "threshold": t} with raw sample ids (the caller keys them for the record).
+
+    Args:
+        state: `references_before`'s state.
+        params: the checked params (their audit settings only where the state has none).
+        before: the served model's scores and digests before the batch.
+        after: the same after it; None: not measured.
+        rebuilt: cluster -> the rebuilt prompt's scores, one more OUT model (left out where it is a fresh reference);
+            None: none.
+    """
     settings = state.get("audit") or params.audit.model_dump(mode="json")
     audited = {s for ids in state["chosen"].values() for s in ids}
     threshold = settings["alpha"] / max(1, len(audited))
@@ -602,7 +728,16 @@ def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dic
 
 def section(state: dict | None, result: dict | None, params, key: Callable[[str], str], seconds: dict, reason: str | None = None) -> dict:
     """What a record signs about the audit: the batch-level summary and the keyed per-sample
-    verdicts, or why there was none."""
+    verdicts, or why there was none.
+
+    Args:
+        state: `references_before`'s state; None: no audit.
+        result: `conclude`'s verdicts; None: no audit.
+        params: the checked params (why there was no audit; the audit settings where the state has none).
+        key: keys the sample ids for the record (`Keyer.subject`).
+        seconds: the audit's time by phase, in seconds.
+        reason: why there was no audit, where the params do not say (e.g. a backbone rebuild).
+    """
     if state is None or result is None:
         why = reason or ("audit.references is 0" if params.audit.references == 0 else "no forget request names a private sample still in the data")
         return {"status": "no reference audit", "reason": why}
@@ -624,14 +759,23 @@ def section(state: dict | None, result: dict | None, params, key: Callable[[str]
 
 def in_digests(state: dict | None) -> list[str]:
     """Tensor digests of the IN references (trained on the subjects' data): what `audit scan`
-    looks for."""
+    looks for.
+
+    Args:
+        state: `references_before`'s state (as a batch's capture holds it); None: no audit.
+    """
     if not state:
         return []
     return sorted(r["digest"] for info in state["clusters"].values() for r in info["fresh"] if r["name"].startswith("in:"))
 
 
 def request_verdicts(predicate: dict, request_id: str) -> str:
-    """One request's audit in a few words, for tables: its verdict counts, or why there is none."""
+    """One request's audit in a few words, for tables: its verdict counts, or why there is none.
+
+    Args:
+        predicate: a lineage record's predicate.
+        request_id: the request whose samples are counted.
+    """
     audit = predicate.get("forgetting_audit")
     if not audit:
         return "-"
@@ -647,7 +791,11 @@ def request_verdicts(predicate: dict, request_id: str) -> str:
 
 
 def plot_p_values(summary: dict):
-    """A figure of the post-forget p-values per method against the uniform (matplotlib)."""
+    """A figure of the post-forget p-values per method against the uniform (matplotlib).
+
+    Args:
+        summary: `fleet`'s summary of the records' audits.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -37,7 +37,12 @@ CANNOT_COMPARE = 3
 def incomparable(then: dict, now: dict) -> str | None:
     """Why this machine cannot reproduce a record's bits, or None: another numeric fingerprint
     (other CPU kernels, numerics, library versions: lmeraser/fingerprint.py) or another device.
-    Records made before fingerprints existed compare as before."""
+    Records made before fingerprints existed compare as before.
+
+    Args:
+        then: the record's `environment` section.
+        now: this machine's environment (`lineage.records.environment`).
+    """
     if "fingerprint" not in then:
         return None
     if (then.get("device"), then.get("device_name")) != (now.get("device"), now.get("device_name")):
@@ -52,7 +57,13 @@ def incomparable(then: dict, now: dict) -> str | None:
 
 
 def superseded_by(record: Record, later: list[Record], cluster: int) -> int | None:
-    """The first later record that changed `cluster` again (its inputs were then erased or changed)."""
+    """The first later record that changed `cluster` again (its inputs were then erased or changed).
+
+    Args:
+        record: the record being replayed.
+        later: the records to look in (only those numbered after `record` count).
+        cluster: the cluster's number.
+    """
     for other in later:
         changed = other.predicate.get("clusters_rebuilt", []) + other.predicate.get("clusters_edited", [])
         if other.number > record.number and any(c["cluster"] == cluster for c in changed):

@@ -16,6 +16,11 @@ from lmeraser.workspace import Workspace
 
 
 def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (100 dpi, tight bounding box).
+
+    Args:
+        fig: the figure; the caller closes it.
+    """
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return buffer.getvalue()
@@ -28,7 +33,11 @@ def _png(fig) -> str:
 def request_rows(records: list[Record]) -> list[dict[str, str]]:
     """One line per request: what was asked, on what legal basis, when it was received and
     completed, by which record, which clusters changed, which stores were purged, what the scan
-    covered. A request answered by influence first appears twice: approximate, then exact."""
+    covered. A request answered by influence first appears twice: approximate, then exact.
+
+    Args:
+        records: the lineage records the report covers, in order.
+    """
     rows = []
     for record in records:
         if record.is_rotation:  # a change of signer, not a request: the verification line names it
@@ -157,7 +166,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}.fail{{background:#fdd;border:2px 
 
 
 def fleet_rows(audits: dict) -> list[dict[str, str]]:
-    """The fleet view's table: per method, verdict counts and the forget quality."""
+    """The fleet view's table: per method, verdict counts and the forget quality.
+
+    Args:
+        audits: `forgetting.fleet`'s summary of the records' audits.
+    """
     rows = []
     for name, method in sorted(audits["methods"].items()):
         quality = method["forget_quality"]

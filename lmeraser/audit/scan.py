@@ -82,7 +82,11 @@ MAX_ID_SEARCH_FILE = 64 << 20  # a bundle's JSON and YAML are small; larger file
 
 
 def erased_sample_ids(ws: Workspace) -> set[str]:
-    """The ids of every erased sample, from the suppression list (a signed subject of every record)."""
+    """The ids of every erased sample, from the suppression list (a signed subject of every record).
+
+    Args:
+        ws: the workspace whose suppression list is read.
+    """
     from lmeraser import suppression
 
     listed = suppression.read(ws)

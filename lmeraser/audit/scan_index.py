@@ -32,6 +32,11 @@ VERSION = 1
 
 
 def identity(st: os.stat_result) -> list[int]:
+    """A file's identity as the index keeps it: device, inode, size, mtime and ctime (nanoseconds).
+
+    Args:
+        st: the file's `os.stat` result, taken before the file is read.
+    """
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
@@ -47,6 +52,14 @@ class ScanIndex:
 
     @classmethod
     def load(cls, ws: Workspace, keyer: Keyer, full: bool = False) -> ScanIndex:
+        """The workspace's saved index, or an empty one whose `reason` says why this scan reads everything (asked for,
+        missing, unreadable, damaged, altered or of another format).
+
+        Args:
+            ws: the workspace whose scan index file is read.
+            keyer: the workspace's salt: it authenticates the index and keys the hashes in it.
+            full: start from an empty index, as `lmeraser audit scan --full` asks.
+        """
         path = ws.scan_index_file
         index = cls(path, keyer)
         if full:
@@ -76,7 +89,14 @@ class ScanIndex:
 
     def known(self, label: str, root: str, rel: str, ident: list | None) -> dict | None:
         """The entry of a file whose identity has not changed since it was read, else None (also
-        for a file without an identity: lmeraser/audit/stores.py)."""
+        for a file without an identity: lmeraser/audit/stores.py).
+
+        Args:
+            label: the location's label (`Store.label`).
+            root: the location's root (`Store.root`); an index kept for another root answers nothing.
+            rel: the file's path relative to that root.
+            ident: the file's identity as the store lists it now; None: it has none.
+        """
         if self.reason is not None or ident is None:
             return None
         location = self.locations.get(label)
@@ -86,7 +106,13 @@ class ScanIndex:
         return entry if entry is not None and entry.get("id") == ident else None
 
     def replace(self, found: dict[str, tuple[str, dict[str, dict]]], full_scan_at: float | None) -> str:
-        """Save the index of this scan (every file listed, as found or read) atomically; its sha256."""
+        """Save the index of this scan (every file listed, as found or read) atomically; its sha256.
+
+        Args:
+            found: label -> (root, relative path -> entry) for every location this scan searched.
+            full_scan_at: when this scan started, in seconds since the epoch, if it read every file; None: keep the last
+                full scan's time.
+        """
         self.locations = {label: {"root": str(root), "files": files} for label, (root, files) in found.items()}
         if full_scan_at is not None:
             self.full_scan_at = full_scan_at

@@ -34,7 +34,12 @@ from lmeraser.workspace import Workspace
 
 def without_credentials(url: str) -> str:
     """`url` without a user:password@ part, a query or a fragment (a token may ride in either):
-    records and logs name stores, never secrets."""
+    records and logs name stores, never secrets.
+
+    Args:
+        url: a store's URL as configured (a DVC remote, an endpoint, an MLflow artifact or tracking URI); a path without
+            a scheme is returned as it is.
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -53,7 +58,11 @@ _URL_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
 def reason(error: BaseException) -> str:
     """One line on why a store could not be listed or read: the error's class and the first line
     of its message, with every URL in it stripped of credentials and queries (MLflow's messages
-    repeat the tracking URI as given, password included)."""
+    repeat the tracking URI as given, password included).
+
+    Args:
+        error: what listing or reading the store raised.
+    """
     first = (str(error).strip().splitlines() or [""])[0][:300]
     first = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", first))[:200]
     return f"{error.__class__.__name__}: {first}" if first else error.__class__.__name__
@@ -72,10 +81,19 @@ class Store:
         raise NotImplementedError
 
     def local(self, rel: str) -> contextlib.AbstractContextManager[Path]:
-        """The file's bytes as a path on this machine, for as long as the context lasts."""
+        """The file's bytes as a path on this machine, for as long as the context lasts.
+
+        Args:
+            rel: the file's path relative to the store's root, as `listing` gives it.
+        """
         raise NotImplementedError
 
     def delete(self, rel: str) -> None:
+        """Delete one file from the store (the purge's superseded artifact copies).
+
+        Args:
+            rel: the file's path relative to the store's root, as `listing` gives it.
+        """
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -83,7 +101,11 @@ class Store:
         raise NotImplementedError
 
     def where(self, rel: str) -> str:
-        """A file's location as a person looks for it (a path, or the object's URL)."""
+        """A file's location as a person looks for it (a path, or the object's URL).
+
+        Args:
+            rel: the file's path relative to the store's root, as `listing` gives it.
+        """
         raise NotImplementedError
 
 
@@ -111,15 +133,30 @@ class DirectoryStore(Store):
 
     @contextlib.contextmanager
     def local(self, rel: str) -> Iterator[Path]:
+        """As `Store.local`: the file itself, no copy.
+
+        Args:
+            rel: the file's path relative to the directory.
+        """
         yield self.path / rel
 
     def delete(self, rel: str) -> None:
+        """As `Store.delete`: the file is unlinked.
+
+        Args:
+            rel: the file's path relative to the directory.
+        """
         (self.path / rel).unlink()
 
     def describe(self) -> dict:
         return {"kind": "directory", "path": str(self.path)}
 
     def where(self, rel: str) -> str:
+        """As `Store.where`: the file's path on this machine.
+
+        Args:
+            rel: the file's path relative to the directory.
+        """
         return str(self.path / rel)
 
 
@@ -182,6 +219,11 @@ class S3RemoteStore(_Scratch, Store):
 
     @contextlib.contextmanager
     def local(self, rel: str) -> Iterator[Path]:
+        """As `Store.local`: a scratch copy of the object, fetched only if its ETag is still the one listed.
+
+        Args:
+            rel: the object's key relative to the remote's root, as `listing` gave it (which must have run).
+        """
         from fsspec.asyn import sync
 
         bucket, prefix = self._bucket_prefix()
@@ -200,6 +242,11 @@ class S3RemoteStore(_Scratch, Store):
             yield target
 
     def delete(self, rel: str) -> None:
+        """As `Store.delete`: the object is deleted by its exact key.
+
+        Args:
+            rel: the object's key relative to the remote's root.
+        """
         from fsspec.asyn import sync
 
         bucket, prefix = self._bucket_prefix()
@@ -211,6 +258,11 @@ class S3RemoteStore(_Scratch, Store):
         return {"kind": "dvc remote (s3)", "bucket": bucket, "prefix": prefix, "endpoint": endpoint}
 
     def where(self, rel: str) -> str:
+        """As `Store.where`: the object's URL under the remote's, without credentials.
+
+        Args:
+            rel: the object's key relative to the remote's root.
+        """
         return f"{without_credentials(self.url).rstrip('/')}/{rel}"
 
 
@@ -245,6 +297,11 @@ class MlflowArtifactStore(_Scratch, Store):
 
     @contextlib.contextmanager
     def local(self, rel: str) -> Iterator[Path]:
+        """As `Store.local`: a scratch copy downloaded through MLflow's artifact repository.
+
+        Args:
+            rel: the artifact's path relative to the location's URI, as `listing` gives it.
+        """
         with self._scratch() as directory:
             target = directory / "artifact"
             # This one file (download_artifacts would take a folder of the same name instead).
@@ -252,12 +309,22 @@ class MlflowArtifactStore(_Scratch, Store):
             yield target
 
     def delete(self, rel: str) -> None:
+        """As `Store.delete`: through MLflow's artifact repository.
+
+        Args:
+            rel: the artifact's path relative to the location's URI.
+        """
         self._repository().delete_artifacts(rel)
 
     def describe(self) -> dict:
         return {"kind": "mlflow artifacts", "artifact_uri": without_credentials(self.uri), "tracking_uri": without_credentials(self.tracking_uri)}
 
     def where(self, rel: str) -> str:
+        """As `Store.where`: the artifact's URI, without credentials.
+
+        Args:
+            rel: the artifact's path relative to the location's URI.
+        """
         return f"{without_credentials(self.uri).rstrip('/')}/{rel}"
 
 
@@ -299,7 +366,11 @@ def _dvc_remote_stores(ws: Workspace) -> tuple[list[Store], list[str]]:
 def storage_locations(ws: Workspace) -> Locations:
     """Every place the stores keep bytes, asked of the stores themselves: data/, the DVC cache
     (`dvc cache dir`) and every DVC remote (`dvc remote list`), the prompt store, and every MLflow
-    experiment's artifact location (MlflowClient), wherever they are."""
+    experiment's artifact location (MlflowClient), wherever they are.
+
+    Args:
+        ws: the workspace whose data/, DVC cache and remotes, prompt store and MLflow tracking store are listed.
+    """
     from lmeraser import tracking
 
     stores: list[Store] = [DirectoryStore("data", ws.data), DirectoryStore("dvc cache", cache_dir(ws.root)), DirectoryStore("artifact store", ws.artifacts)]

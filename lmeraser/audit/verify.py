@@ -37,7 +37,12 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
     (audit/lineage-public-key.pem: a regular file, never read through a link) as committed. Never
     the private key beside the log: whoever can rewrite the log could re-sign it with a key of
     their own. A pin that differs from its committed version is accepted only when the log hands
-    over from the committed key to it by signed key rotations (a rotation not yet committed)."""
+    over from the committed key to it by signed key rotations (a rotation not yet committed).
+
+    Args:
+        ws: the workspace whose pinned signer (and its git history) is read.
+        pubkey: a public key file an auditor was handed (`--pubkey`), read even through a link; None: the pinned signer.
+    """
     if pubkey is not None:
         return keys.load_public_key(pubkey, follow_links=True)
     pinned = ws.signer_file
@@ -61,7 +66,12 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
 def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
     """Every record, its signature, chain and signer checked, and the log checked against the
     pinned signer, the git history of the pin and of the head, and the journal; raises naming the
-    first failed check (and the record, where there is one)."""
+    first failed check (and the record, where there is one).
+
+    Args:
+        ws: the workspace whose audit/ log, pinned signer, git history and journal are checked.
+        key: the public key the log must be signed by (the pinned signer, or the auditor's copy).
+    """
     log = lineage_log(ws)
     chain = log.chain(key)
     if not chain.records:

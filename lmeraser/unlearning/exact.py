@@ -63,6 +63,9 @@ def rebuild_params(ws: Workspace) -> Params:
 
     The rebuild is `dvc repro`, whose stages read params.yaml; a batch run with another params
     file would record settings that did not produce the artifacts.
+
+    Args:
+        ws: the workspace; its params file (`--params`) is read and compared with the one dvc.yaml's stages read.
     """
     params = load_params(ws.params_file)
     pipeline_file = ws.pipeline_params_file
@@ -90,7 +93,16 @@ class UnlearnBatch:
     @classmethod
     def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None) -> UnlearnBatch | None:
         """Resume an interrupted batch, or start one over the pending requests (the oldest
-        `max_requests` of them, or all); None if idle."""
+        `max_requests` of them, or all); None if idle.
+
+        Args:
+            ws: the workspace whose batch state directory and journal are read.
+            params: the params the batch runs with (`rebuild_params`).
+            log: where progress lines go.
+            git_commit: for a new batch, commit the versions it makes in the workspace's git repository (a resumed batch
+                keeps the choice its batch file holds).
+            max_requests: at most this many of the oldest pending requests; None: all.
+        """
         batches = ws.batch_files()
         if batches:
             try:
@@ -146,6 +158,12 @@ class UnlearnBatch:
         return self.state.requests
 
     def run(self, step: str):
+        """Run one step unless it is done, time it, save its result in the batch file (all but `record`'s: that step
+        removes the file) and return the result.
+
+        Args:
+            step: the step's name, one of `STEPS`; the steps before it must be done.
+        """
         if step in self.done:
             return self.done[step]
         start = time.perf_counter()
@@ -701,7 +719,11 @@ class UnlearnBatch:
 def outside_change(ws: Workspace) -> dict | None:
     """What the serving path serves now that the last record did not vouch for (a re-ingestion
     followed by `dvc repro`, an upgrade): its changed subjects and clusters; None when the
-    deployed artifacts are the last record's."""
+    deployed artifacts are the last record's.
+
+    Args:
+        ws: the workspace whose lineage log is compared with what it deploys now.
+    """
     records = lineage_log(ws).read_unverified()
     if not records:
         return None
@@ -744,7 +766,11 @@ def _disagreement(state: BatchState, name: str, journal: Journal) -> str | None:
 
 
 def batch_id(requests: list[Request]) -> str:
-    """A batch's id: a digest of its request ids, so a resumed batch keeps its name."""
+    """A batch's id: a digest of its request ids, so a resumed batch keeps its name.
+
+    Args:
+        requests: the batch's requests, in the journal's order (oldest first).
+    """
     return "batch-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 
@@ -765,7 +791,11 @@ def next_batch_id(ws: Workspace, max_requests: int | None = None) -> str | None:
 def preload(ws: Workspace) -> None:
     """Import what a batch imports lazily (DVC, MLflow, Great Expectations, peft, the stages) and
     compute this process's numeric fingerprint (cached), so that a long-lived process (the
-    service's worker) pays them once at start, not inside its first erasure."""
+    service's worker) pays them once at start, not inside its first erasure.
+
+    Args:
+        ws: the workspace whose served prompts' compute is checked against this process (`check_compute`).
+    """
     import dvc.repo  # noqa: F401
     import great_expectations  # noqa: F401
     import mlflow  # noqa: F401

@@ -50,6 +50,13 @@ def prepare_model(backbone: torch.nn.Module, params: PromptParams, num_classes: 
 
     Attention uses timm's unfused path: the same function as the fused CPU kernel used in
     training, but one that forward-mode AD (needed for Hessian-vector products) can differentiate.
+
+    Args:
+        backbone: the served backbone (`ServingModel.backbone`); copied, never changed.
+        params: the prompt section (the PEFT kind and its settings) the cluster was trained with.
+        num_classes: the classes of the classifier head.
+        state: the prompt state dict the cluster serves (`ServingModel.state`): prompt or LoRA adapters, and head.
+        dtype: the precision the update runs in (`influence.dtype`).
     """
     backbone = copy.deepcopy(backbone).to(dtype).eval()
     for module in backbone.modules():
@@ -79,25 +86,62 @@ class Objective:
         return self.theta0.numel()
 
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ as the model's trainable tensors by name (views of `theta`, no copies).
+
+        Args:
+            theta: a flat parameter vector of length `dim`, in `names` order.
+        """
         return {n: t.view(s) for n, t, s in zip(self.names, theta.split(self.sizes), self.shapes)}
 
     def state(self, theta: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """A state dict for `load_prompt` / the artifact store, in the storage dtype, in host memory."""
+        """A state dict for `load_prompt` / the artifact store, in the storage dtype, in host memory.
+
+        Args:
+            theta: the flat PEFT parameters to store (θ_new from `influence_edit`).
+            dtype: the dtype every tensor is stored in, whatever θ's.
+        """
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         state.update({n: t.detach().to("cpu", dtype).contiguous().clone() for n, t in self.unflatten(theta).items()})
         return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits on `x` with its trainable parameters set to `theta`.
+
+        Args:
+            theta: a flat parameter vector of length `dim`.
+            x: preprocessed inputs (n, channels, size, size) on the model's device, in its dtype.
+        """
         return functional_call(self.model, self.unflatten(theta), (x,))
 
     def loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L(θ) on the rows (`x`, `y`): their mean cross-entropy plus (w/2)‖θ‖².
+
+        Args:
+            theta: a flat parameter vector of length `dim`.
+            x: preprocessed inputs (n, channels, size, size) on the model's device, in its dtype.
+            y: their labels (n,), class indices on the same device.
+        """
         return F.cross_entropy(self.logits(theta, x), y) + 0.5 * self.weight_decay * theta.dot(theta)
 
     def gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """∇L(θ) on the rows (`x`, `y`), regulariser included.
+
+        Args:
+            theta: a flat parameter vector of length `dim`.
+            x: preprocessed inputs (n, channels, size, size) on the model's device, in its dtype.
+            y: their labels (n,), class indices on the same device.
+        """
         return grad(self.loss)(theta, x, y)
 
     def per_example_grads(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        """∇ℓ(z_i; θ) for each sample (no regulariser), shape (n, dim)."""
+        """∇ℓ(z_i; θ) for each sample (no regulariser), shape (n, dim).
+
+        Args:
+            theta: a flat parameter vector of length `dim`.
+            x: the samples' preprocessed inputs (n, channels, size, size), on the model's device, in its dtype.
+            y: their labels (n,), class indices on the same device.
+            chunk: samples per vectorised call (bounds the memory the per-sample graphs take).
+        """
 
         def one(theta: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.logits(theta, xi[None]), yi[None])
@@ -108,7 +152,13 @@ class Objective:
         return torch.cat([per_sample(theta, x[i : i + chunk], y[i : i + chunk]) for i in range(0, len(y), chunk)])
 
     def hvp(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> MatVec:
-        """v ↦ ∇²L(θ) v, forward-over-reverse."""
+        """v ↦ ∇²L(θ) v, forward-over-reverse.
+
+        Args:
+            theta: the point the Hessian is taken at.
+            x: the inputs L is averaged over (the Hessian sample, or the edited rows in a Newton step).
+            y: their labels.
+        """
         gradient = grad(self.loss)
         return lambda v: jvp(lambda t: gradient(t, x, y), (theta,), (v,))[1]
 
@@ -118,6 +168,11 @@ class Objective:
         J is the Jacobian of the logits and H_out = diag(p) − p pᵀ the Hessian of the
         cross-entropy in the logits. J is formed once (per sample, vectorised) when it fits the
         budget, else the product is matrix-free (a linearised jvp and a vjp per call).
+
+        Args:
+            theta: the point J and p are taken at.
+            x: the inputs the product is averaged over (the Hessian sample); no labels: the matrix does not depend on
+                them.
         """
         n = x.shape[0]
         logits = self.logits(theta, x).detach()
@@ -231,6 +286,16 @@ def damped_solve(
 
     `damping` and `spectrum` (λ_max, λ_min) let a caller re-solve at a larger λ without
     repeating the power iterations.
+
+    Args:
+        matvec: the curvature's product with a vector (`Objective.hvp` or `Objective.gauss_newton`).
+        b: the right-hand side (the influence step's gradient difference, or a Newton step's gradient).
+        dim: the number of PEFT parameters (the length of `b`).
+        params: the influence settings: fixed damping or its ratio, power iterations, CG tolerance and iterations.
+        indefinite: the curvature may have negative eigenvalues (`influence.hessian` exact): λ_min is estimated too.
+        generator: draws the power iterations' start vectors.
+        damping: λ to start from; None: `params.damping`, else from the spectrum.
+        spectrum: (λ_max, λ_min) already estimated (λ_min None if it was not); None: run the power iterations.
     """
     if spectrum is None:
         lambda_max = power_iteration(matvec, dim, params.power_iterations, generator, b.dtype, b.device)
@@ -287,13 +352,30 @@ class InfluenceReport:
 
 
 def rows_like(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> tuple:
-    """An edit's rows on `theta`'s device, the inputs in its dtype."""
+    """An edit's rows on `theta`'s device, the inputs in its dtype.
+
+    Args:
+        theta: a tensor on the device and in the dtype wanted (the flat parameters, or one of the model's).
+        x: the cluster's inputs before the edit.
+        y: their labels before the edit.
+        x_new: the same rows' inputs after the edit.
+        y_new: their labels after the edit.
+        present: whether each row is still in the cluster after the edit (False: removed).
+    """
     device, dtype = theta.device, theta.dtype
     return x.to(device, dtype), y.to(device), x_new.to(device, dtype), y_new.to(device), present.to(device)
 
 
 def edited_rows(x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """The rows an edit touches: removed, relabelled or with a changed input."""
+    """The rows an edit touches: removed, relabelled or with a changed input.
+
+    Args:
+        x: the cluster's inputs before the edit.
+        y: their labels before the edit.
+        x_new: the same rows' inputs after the edit.
+        y_new: their labels after the edit.
+        present: whether each row is still in the cluster after the edit (False: removed).
+    """
     return ~present | (y_new != y) | (x_new != x).flatten(1).any(1)
 
 

@@ -309,7 +309,11 @@ def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[Reque
 
 
 def influence_batch_id(requests: list[Request]) -> str:
-    """An influence update's id: a digest of its requests' ids (what its intent file and record name)."""
+    """An influence update's id: a digest of its requests' ids (what its intent file and record name).
+
+    Args:
+        requests: the update's requests, in the journal's order (oldest first).
+    """
     return "influence-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 

@@ -63,7 +63,12 @@ def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
 
 def erased_ids(tombstones) -> set[str]:
     """Sample ids the tombstones say were erased: forget rows only. A corrected label or image is
-    listed too, but a rectified sample is still in the data and can be forgotten later."""
+    listed too, but a rectified sample is still in the data and can be forgotten later.
+
+    Args:
+        tombstones: the workspace's tombstones table (`Workspace.tombstones`), with its `reason` and `sample_id`
+            columns.
+    """
     if tombstones.empty:
         return set()
     return set(tombstones.loc[tombstones["reason"] == "forget", "sample_id"]) - {""}
@@ -102,7 +107,16 @@ class Resolver:
     def resolve(self, spec: RequestSpec, upload: bytes | None = None) -> Submission:
         """Check every target against the data; refuse unknown ids and public samples. A sample
         still in the data is acted on, whatever the tombstones say; "already forgotten" is said
-        only of an id that the tombstones list as erased and that no split holds."""
+        only of an id that the tombstones list as erased and that no split holds.
+
+        Args:
+            spec: the request as asked (a requests file's line, CLI options or an HTTP body).
+            upload: a corrected image's bytes sent over HTTP (then `spec.input` only names it); None: the image, if any,
+                is read from `spec.input`.
+
+        Returns:
+            The `Request` (subjects not yet keyed) with the raw subjects and the corrected image, for `Journal.submit`.
+        """
         targets = list(dict.fromkeys(spec.sample_ids))
         subjects_gone = []
         for subject in spec.subjects:

@@ -20,7 +20,11 @@ from lmeraser.workspace import Workspace
 
 def check_signer(ws: Workspace) -> None:
     """The key that will sign can be had, is the pinned signer and is the log's current signer (not
-    one a key rotation retired); nothing is created or pinned here (the first record does that)."""
+    one a key rotation retired); nothing is created or pinned here (the first record does that).
+
+    Args:
+        ws: the workspace whose signing key, pinned signer and lineage log are checked.
+    """
     from lmeraser.lineage.keys import key_from_environment, key_id, load_or_create_key, load_public_key
     from lmeraser.lineage.records import lineage_log
 
@@ -65,7 +69,11 @@ def check_signer(ws: Workspace) -> None:
 
 def check_salt(ws: Workspace) -> None:
     """The subject salt is there and sound, or may be made: it is made only for a workspace that
-    has never keyed anything with it (a new salt would void every keyed hash already written)."""
+    has never keyed anything with it (a new salt would void every keyed hash already written).
+
+    Args:
+        ws: the workspace whose subject salt is checked.
+    """
     from lmeraser import salt
 
     if not salt.check_salt(ws):
@@ -74,7 +82,11 @@ def check_salt(ws: Workspace) -> None:
 
 def check_tracking_store(ws: Workspace) -> None:
     """The MLflow store the rebuild registers the served model in opens and answers (a half-made or
-    unreachable store fails here, not after the data changed)."""
+    unreachable store fails here, not after the data changed).
+
+    Args:
+        ws: the workspace whose MLflow tracking store is opened.
+    """
     from lmeraser import tracking
 
     try:
@@ -91,7 +103,11 @@ def check_tracking_store(ws: Workspace) -> None:
 
 
 def writable_locations(ws: Workspace) -> dict[str, Path]:
-    """The directories a batch writes to, by what they are."""
+    """The directories a batch writes to, by what they are.
+
+    Args:
+        ws: the workspace whose directories are listed.
+    """
     from lmeraser.versioning import cache_dir
 
     return {
@@ -119,7 +135,11 @@ def _writable(directory: Path, what: str) -> None:
 
 
 def check_writable(ws: Workspace) -> None:
-    """Every directory a batch writes to can be written now (one sentence naming the first that cannot)."""
+    """Every directory a batch writes to can be written now (one sentence naming the first that cannot).
+
+    Args:
+        ws: the workspace whose directories (`writable_locations`) are probed.
+    """
     for what, directory in writable_locations(ws).items():
         _writable(directory, what)
 
@@ -128,7 +148,12 @@ def check_compute(ws: Workspace) -> None:
     """The served prompts were trained with the bits this process computes: same device,
     precision, numerics, pins and numeric fingerprint (lmeraser/fingerprint.py). Elsewhere an
     exact rebuild would re-key and retrain every cluster, not the affected ones, and fail its own
-    check after the data had changed."""
+    check after the data had changed.
+
+    Args:
+        ws: the workspace whose prompt index states the compute its prompts were trained with (nothing to check before
+            the first training).
+    """
     if not ws.prompt_index_file.exists() or not ws.backbone_meta_file.exists():
         return
     from lmeraser.compute import Compute

@@ -27,7 +27,12 @@ def _changes(repo, name: str) -> list:
 def stale_stages(ws: Workspace, target: str) -> list[str]:
     """The stages up to `target` whose inputs (deps, params, command) changed since DVC last
     recorded them (`dvc status`); a changed output alone does not count (the purge edits the
-    persisted prompt store, and the train stage repairs a damaged one by content key)."""
+    persisted prompt store, and the train stage repairs a damaged one by content key).
+
+    Args:
+        ws: the workspace (a DVC repository).
+        target: the last stage to check (`SERVING_TARGET` for a batch); the stages before it are checked too.
+    """
     with dvc_repo(ws.root) as repo:
         return [
             definition.name
@@ -37,13 +42,24 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
 
 
 def record_stage(ws: Workspace, name: str) -> None:
-    """Record stage `name`'s current outputs in dvc.lock (`dvc commit NAME`), after a step edited them."""
+    """Record stage `name`'s current outputs in dvc.lock (`dvc commit NAME`), after a step edited them.
+
+    Args:
+        ws: the workspace (a DVC repository).
+        name: the stage whose outputs are recorded (the purge records `train`, whose prompt store it edited).
+    """
     with dvc_repo(ws.root) as repo:
         repo.commit(name, force=True)
 
 
 def check_executor(params: Params, map_jobs: Callable | None) -> None:
-    """runtime.executor dask trains through Prefect's Dask task runner, which only the flows hold."""
+    """runtime.executor dask trains through Prefect's Dask task runner, which only the flows hold.
+
+    Args:
+        params: the params whose `runtime.executor` is checked.
+        map_jobs: how the clusters train (the flow passes Dask's); None: on threads, refused unless `runtime.executor`
+            is threads.
+    """
     if map_jobs is None and params.runtime.executor != "threads":
         raise ConfigError("runtime.executor dask trains through Prefect's Dask task runner: run the batch with `lmeraser unlearn` (the unlearn flow).")
 

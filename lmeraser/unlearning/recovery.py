@@ -50,7 +50,11 @@ def recover(ws: Workspace, log=print) -> list[str]:
 
 def recover_influence(ws: Workspace) -> list[str]:
     """Finish or undo an influence update its intent file says was interrupted (see the module's
-    docstring); one line per repair."""
+    docstring); one line per repair.
+
+    Args:
+        ws: the workspace, under its `unlearn` lock (its influence intent file, overlay and lineage log).
+    """
     path = ws.influence_intent_file
     if not path.exists():
         return []

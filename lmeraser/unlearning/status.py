@@ -35,7 +35,12 @@ class RequestStatus:
 
 
 def add_months(moment: datetime, months: int) -> datetime:
-    """The same day `months` later, clamped to the month's last day (31 Jan + 1 month = 28/29 Feb)."""
+    """The same day `months` later, clamped to the month's last day (31 Jan + 1 month = 28/29 Feb).
+
+    Args:
+        moment: the date and time to count from (a request's receipt).
+        months: calendar months to add (`requests.deadline_months`).
+    """
     month = moment.month - 1 + months
     year, month = moment.year + month // 12, month % 12 + 1
     return moment.replace(year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1]))

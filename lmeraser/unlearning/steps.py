@@ -144,7 +144,11 @@ class BatchState(BaseModel):
 
     @classmethod
     def from_json(cls, obj: dict) -> BatchState:
-        """Parse a batch file's JSON (raises ValueError or ValidationError on anything else)."""
+        """Parse a batch file's JSON (raises ValueError or ValidationError on anything else).
+
+        Args:
+            obj: a batch file's parsed JSON (what `to_json` wrote).
+        """
         if not isinstance(obj, dict) or not isinstance(obj.get("done"), dict):
             raise ValueError("not a batch state")
         unknown = sorted(set(obj["done"]) - set(RESULTS))
