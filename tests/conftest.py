@@ -4,7 +4,9 @@ end-to-end repository per module; the helpers they use are in helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+from pathlib import Path
 
 import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
 
@@ -80,17 +82,40 @@ def trained_workspace(tmp_path_factory):
     return ws, results
 
 
+def shared_build(tmp_path_factory, name: str, build) -> tuple[Path, str]:
+    """`build(dest)` run once per test run, not once per xdist worker: the first worker to ask
+    builds it under a file lock in the run's shared temporary directory, the others wait and reuse
+    it. `build` returns text to keep (e.g. the `dvc repro` output); a build that failed is retried
+    by the next worker that asks, so it fails there too with its own error. The result is a
+    template: tests work on copies (`clone_repo`), never on it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    dest, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            output = build(dest)
+            done.write_text(output)
+    return dest, done.read_text()
+
+
 @pytest.fixture(scope="session")
 def tiny_repo_template(tmp_path_factory):
     """A git + DVC copy of this repository with TINY params after `lmeraser data init`, a full
-    `dvc repro` (Prefect flows, MLflow, GX, FAISS, timm) and a commit: built once per session;
+    `dvc repro` (Prefect flows, MLflow, GX, FAISS, timm) and a commit: built once per test run;
     each module that needs one works on its own copy (`repo`, and test_honest_records' `root`).
     The demo's own parameters are rebuilt from scratch by `make reproduce` in CI."""
-    root = copy_repo(tmp_path_factory.mktemp("tiny-template") / "repo", TINY)
-    lmeraser_cli("data", "init", cwd=root, check=True)
-    first = dvc("repro", cwd=root)
-    commit_all(root, "pipeline run")
-    return root, first.stdout
+
+    def build(dest: Path) -> str:
+        root = copy_repo(dest, TINY)
+        lmeraser_cli("data", "init", cwd=root, check=True)
+        first = dvc("repro", cwd=root)
+        commit_all(root, "pipeline run")
+        return first.stdout
+
+    return shared_build(tmp_path_factory, "tiny-template", build)
 
 
 @pytest.fixture(scope="module")
