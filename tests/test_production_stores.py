@@ -22,7 +22,7 @@ from lmeraser.data.splits import content_hash
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
-from helpers import BIN, TINY, copy_repo, dvc, free_port, lmeraser_cli
+from helpers import BIN, clone_repo, dvc, free_port, lmeraser_cli
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lmeraser-test-key", "AWS_SECRET_ACCESS_KEY": "lmeraser-test-secret-0600", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -306,10 +306,12 @@ def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
     assert without_credentials("https://u:p@h:9/a?t=1#f") == "https://h:9/a"
 
 
-def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_planted_copy_fails_the_batch(tmp_path, s3, mlflow_server, aws, monkeypatch):
-    """End to end on the S3 remote and the tracking server: `dvc repro` (tracked and registered on
-    the server), a forget (purged from both, `audit scan --strict` clean, the record names both
-    stores), then the forgotten image planted back in the S3 remote: the next batch's scan finds
+def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_planted_copy_fails_the_batch(
+    tmp_path, s3, mlflow_server, aws, monkeypatch, tiny_repo_template
+):
+    """End to end on the S3 remote and the tracking server: a built workspace whose evaluate stage
+    runs again tracked and registered on the server, a forget (purged from both, `audit scan
+    --strict` clean, the record names both stores), then the forgotten image planted back in the S3 remote: the next batch's scan finds
     it and signs nothing; removed, the batch finishes. Planted in a run artifact on the tracking
     server, `audit scan` finds it."""
     from mlflow import MlflowClient
@@ -320,12 +322,13 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     url, client = s3
     bucket = _bucket(client, f"lmeraser-e2e-{tmp_path.name[-8:].lower().replace('_', '-')}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    root = copy_repo(tmp_path / "repo", {**TINY, "service": {"batch_window_s": 0}})
+    root = clone_repo(tiny_repo_template[0], tmp_path / "repo")
     for args in (["remote", "add", "-d", "prod", f"s3://{bucket}/dvc"], ["remote", "modify", "prod", "endpointurl", url]):
         dvc(*args, cwd=root)
-    assert lmeraser_cli("data", "init", cwd=root).returncode == 0
-    dvc("repro", cwd=root)
+    # The evaluate stage run again against the tracking server: the served model is registered there.
+    dvc("repro", "--force", "--single-item", "evaluate", cwd=root)
     dvc("push", cwd=root)
+    assert MlflowClient(tracking_uri=tracking).search_model_versions("name='lmeraser'"), "evaluate registered nothing on the server"
     ws = Workspace(root)
     victim, second = ws.split("private").sample_ids[:2]
     image, second_image = ws.split("private").images[:2]  # before the split changes
