@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# One pytest-xdist worker more than the CPUs (at most 4): the end-to-end tests wait on child
+# processes and servers much of the time, so one worker more keeps the CPUs busy.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0)) + 1))")
 
 # dvc.yaml stage commands call `lmeraser`; keep the venv first on PATH for every recipe.
 export PATH := $(BIN):$(PATH)
@@ -29,7 +32,7 @@ demo: install
 	lmeraser metrics
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff format --check .

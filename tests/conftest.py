@@ -21,13 +21,13 @@ from helpers import BIN, TINY, build_workspace, clone_repo, commit_all, copy_rep
 # longest first: pytest-xdist's --dist loadfile hands out modules in collection order, so the
 # long ones start first and the short ones fill the gaps, instead of one long module running
 # alone at the end. test_e2e builds the shared TINY template while test_forgetting_e2e builds
-# its own workspace on the other worker.
+# its own workspace on another worker.
 LONGEST_FIRST = (
     "test_forgetting_e2e.py",  # 264
     "test_e2e.py",  # 424
+    "test_under_load.py",  # 171, its own build: the template is being built meanwhile
     "test_honest_records.py",  # 286
     "test_production_stores.py",  # 216
-    "test_under_load.py",  # 171
     "test_large_models.py",  # 90
     "test_numerics.py",  # 65
     "test_flows.py",  # 39
