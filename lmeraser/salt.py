@@ -99,7 +99,9 @@ def _read(ws: Workspace) -> bytes:
     except LmeraserError as error:
         raise DataError(str(error)) from None
     if len(data) != SALT_BYTES:
-        raise DataError(f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); restore it from your secret store.")
+        raise DataError(
+            f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); restore it from your secret store."
+        )
     recorded = recorded_fingerprint(ws)
     if recorded is not None and fingerprint(data) != recorded[1]:
         raise DataError(

@@ -15,7 +15,18 @@ import pytest
 
 from lmeraser.config import parse_params
 
-from helpers import BIN, TINY, build_workspace, clone_repo, commit_all, copy_repo, dvc, free_port, lmeraser_cli, run_stages
+from helpers import (
+    BIN,
+    TINY,
+    build_workspace,
+    clone_repo,
+    commit_all,
+    copy_repo,
+    dvc,
+    free_port,
+    lmeraser_cli,
+    run_stages,
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

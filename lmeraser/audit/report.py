@@ -48,7 +48,11 @@ def request_rows(records: list[Record]) -> list[dict[str, str]]:
         purge = p.get("purge", {}) if exact else {}
         stores = ", ".join(
             name
-            for name, done in (("MLflow", "artifact_files_removed" in purge), ("DVC cache", purge.get("dvc_gc")), ("DVC remote", purge.get("remote_gc")))
+            for name, done in (
+                ("MLflow", "artifact_files_removed" in purge),
+                ("DVC cache", purge.get("dvc_gc")),
+                ("DVC remote", purge.get("remote_gc")),
+            )
             if done
         )
         scanned = (p.get("verification", {}).get("scan", {}) or {}).get("files_scanned", {}) if exact else {}
@@ -109,10 +113,18 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
     fig, ax = plt.subplots(figsize=(8, 3))
     for r in exact:
         clusters = [c["cluster"] for c in r.predicate["clusters_rebuilt"]]
-        ax.scatter([r.number] * len(clusters), clusters, color="#c44e52", label="exact rebuild" if r is exact[0] else None)
+        ax.scatter(
+            [r.number] * len(clusters), clusters, color="#c44e52", label="exact rebuild" if r is exact[0] else None
+        )
     for r in approximate:
         clusters = [c["cluster"] for c in r.predicate["clusters_edited"]]
-        ax.scatter([r.number] * len(clusters), clusters, color="#8172b2", marker="x", label="influence (approximate)" if r is approximate[0] else None)
+        ax.scatter(
+            [r.number] * len(clusters),
+            clusters,
+            color="#8172b2",
+            marker="x",
+            label="influence (approximate)" if r is approximate[0] else None,
+        )
     if records:
         ax.legend()
     ax.set(xlabel="lineage record", ylabel="cluster", title="clusters changed by each record")
@@ -132,7 +144,11 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set(xlabel="lineage record", ylabel="AUC", title="population membership inference (loss threshold): forgotten samples vs test")
+    ax.set(
+        xlabel="lineage record",
+        ylabel="AUC",
+        title="population membership inference (loss threshold): forgotten samples vs test",
+    )
     ax.legend()
     figures.append(("Membership inference", _png(fig)))
     plt.close(fig)

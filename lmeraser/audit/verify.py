@@ -59,7 +59,9 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
         except LmeraserError:
             pass
         if not rotated:
-            raise LmeraserError(f"{pinned}: differs from the committed version; the signer was replaced (verify with --pubkey and the key you were given).")
+            raise LmeraserError(
+                f"{pinned}: differs from the committed version; the signer was replaced (verify with --pubkey and the key you were given)."
+            )
     return key
 
 
@@ -78,7 +80,9 @@ def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
         raise LmeraserError(f"{log.path}: no lineage records.")
     for record, signer in zip(chain.records, chain.signed_by, strict=True):
         if record.predicate.get("signer", signer) != signer:
-            raise LmeraserError(f"{log.path} record {record.number}: states signer {shown(record.predicate['signer'])}, not {signer}.")
+            raise LmeraserError(
+                f"{log.path} record {record.number}: states signer {shown(record.predicate['signer'])}, not {signer}."
+            )
     _check_pin(ws, chain)
     _check_git_history(ws, chain)
     _check_journal(ws, chain.records)
@@ -108,7 +112,9 @@ def verify(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
     deployed = deployed_subjects(ws)
     if deployed != latest.subjects:
         differing = sorted(set(deployed.items()) ^ set(latest.subjects.items()))
-        raise LmeraserError(f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs.")
+        raise LmeraserError(
+            f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs."
+        )
     return records
 
 
@@ -146,7 +152,9 @@ def _check_git_history(ws: Workspace, chain: Chain) -> None:
         try:
             committed = keys.key_id(keys.parse_public_key(raw, str(signer)))
         except LmeraserError:
-            raise LmeraserError(f"{signer}: the version of commit {commit[:12]} is not a PEM public key (the pinned signer was replaced).") from None
+            raise LmeraserError(
+                f"{signer}: the version of commit {commit[:12]} is not a PEM public key (the pinned signer was replaced)."
+            ) from None
         if committed not in chain.signers:
             raise LmeraserError(
                 f"{signer}: commit {commit[:12]} pinned the signer {committed}, which is none of the log's signers "
@@ -172,7 +180,9 @@ def _head_records(raw: bytes) -> int | None:
 
 def _git(ws: Workspace, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["git", *args], cwd=ws.root, input=stdin, capture_output=True, env=child_env(), timeout=120)
+        return subprocess.run(
+            ["git", *args], cwd=ws.root, input=stdin, capture_output=True, env=child_env(), timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
 

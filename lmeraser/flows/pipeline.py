@@ -23,7 +23,9 @@ def _before_retraining(root: str, params_file: str) -> State | None:
             get_run_logger().info("finishing the pending requests before retraining")
             state = run_unlearn(root, params_file)
             if state.is_failed():
-                return Failed(message=f"the pending requests must be finished before retraining, and their batch failed: {state.message}")
+                return Failed(
+                    message=f"the pending requests must be finished before retraining, and their batch failed: {state.message}"
+                )
         bad = suppression.violations(ws)
     except LmeraserError as error:
         return Failed(message=str(error))

@@ -64,7 +64,9 @@ def key_from_environment() -> str | None:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write `key` (PKCS#8 PEM) to `path`, 0600 from its first byte, in a 0700 directory."""
-    pem_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_bytes(path, pem_bytes, mode=0o600)
 

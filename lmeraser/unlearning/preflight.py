@@ -99,7 +99,9 @@ def check_tracking_store(ws: Workspace) -> None:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
-        raise LmeraserError(f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it.") from None
+        raise LmeraserError(
+            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it."
+        ) from None
 
 
 def writable_locations(ws: Workspace) -> dict[str, Path]:
@@ -191,4 +193,6 @@ def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
         if tracking_store:
             check_tracking_store(ws)
     except LmeraserError as error:
-        raise LmeraserError(f"{str(error).rstrip()} Nothing was changed; the pending requests stay queued for the next `lmeraser unlearn`.") from None
+        raise LmeraserError(
+            f"{str(error).rstrip()} Nothing was changed; the pending requests stay queued for the next `lmeraser unlearn`."
+        ) from None
