@@ -186,7 +186,10 @@ class _ExpectedErrorsOnce:
 def data_init(
     source: str = typer.Option(
         None,
-        help="digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; overrides data.source",
+        help=(
+            "digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; "
+            "overrides data.source"
+        ),
     ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
@@ -222,7 +225,8 @@ def data_init(
     )
     console.print(
         f"suppression list ({ws.relative(ws.suppression_file)}): {summary['suppressed']} sample(s) kept out, "
-        f"{summary['labels_corrected']} label correction(s) and {summary['images_corrected']} image correction(s) re-applied"
+        f"{summary['labels_corrected']} label correction(s) and "
+        f"{summary['images_corrected']} image correction(s) re-applied"
     )
     if dvc and ws.dvc_dir.is_dir():
         from lmeraser.versioning import data_md5, dvc_add
@@ -263,7 +267,8 @@ def data_samples(
             _fail(str(error))
         except (KeyError, ValueError, TypeError):
             _fail(
-                f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest (sample_id, subject_id and integer label columns); run `lmeraser data init`."
+                f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest "
+                "(sample_id, subject_id and integer label columns); run `lmeraser data init`."
             )
     missing = sorted(wanted - {r["subject_id"] for r in rows})
     if missing:
@@ -316,7 +321,8 @@ def _with_source(params_file: Path, source: str) -> str:
                 return edited
             break
     raise LmeraserError(
-        f"{params_file}: no `source:` line under `data:` to record --source in; set data.source to {source} there, then run `lmeraser data init`."
+        f"{params_file}: no `source:` line under `data:` to record --source in; set data.source to {source} there, "
+        "then run `lmeraser data init`."
     )
 
 
@@ -347,8 +353,8 @@ def _check_numerics(ws: Workspace, building: bool = False) -> None:
             built = ws.backbone_meta().numerics
             if built != wanted:
                 _fail(
-                    f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) was built under {built} numerics; "
-                    f"run `dvc repro` to rebuild under {wanted} first."
+                    f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) "
+                    f"was built under {built} numerics; run `dvc repro` to rebuild under {wanted} first."
                 )
         numerics.require(wanted)
     except LmeraserError as error:
@@ -414,8 +420,8 @@ def metrics_cmd(root: Path = ROOT, as_json: bool = typer.Option(False, "--json")
     console.print(table)
     console.print(
         f"private samples {metrics['n_private']}, test samples {metrics['n_test']}; cluster sizes "
-        f"min {metrics['cluster_size_min']}, median {metrics['cluster_size_median']:.0f}, max {metrics['cluster_size_max']}, "
-        f"empty {metrics['cluster_n_empty']}"
+        f"min {metrics['cluster_size_min']}, median {metrics['cluster_size_median']:.0f}, "
+        f"max {metrics['cluster_size_max']}, empty {metrics['cluster_n_empty']}"
     )
 
 
@@ -501,7 +507,8 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
     say(
         f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
         + (f", retired {result['retired']}" if result["retired"] else "")
-        + f"; scan hits {verification['scan']['hits']}; forgetting audit: {audit_words(verification.get('forgetting_audit'))}"
+        + f"; scan hits {verification['scan']['hits']}; "
+        f"forgetting audit: {audit_words(verification.get('forgetting_audit'))}"
         + f"; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
         + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
@@ -526,8 +533,8 @@ def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
         say("nothing to edit by influence (every target was already forgotten)")
         return None
     say(
-        f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; served as APPROXIMATE; "
-        f"forgetting audit: {audit_words(result.get('forgetting_audit'))}; "
+        f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; "
+        f"served as APPROXIMATE; forgetting audit: {audit_words(result.get('forgetting_audit'))}; "
         f"lineage record {result['record']}; the exact rebuild is queued: run `lmeraser unlearn`"
     )
     return result
@@ -570,7 +577,10 @@ def doctor(
     if problem is None and mode == "portable":
         off = [row for row in effects if row["value"] != row["portable"]]
         if off:  # what no in-process check sees (oneDNN's ISA): the probe's own word
-            problem = f"portable numerics did not take effect: {off[0]['what']} is {off[0]['value']}, not {off[0]['portable']}; {numerics.NATIVE_FIX}."
+            problem = (
+                f"portable numerics did not take effect: {off[0]['what']} is {off[0]['value']}, "
+                f"not {off[0]['portable']}; {numerics.NATIVE_FIX}."
+            )
     report = {
         "cpu": numerics.cpu_name(),
         "numerics": mode,
@@ -679,7 +689,8 @@ def _remote(
     ]
     if given:
         _fail(
-            f"{given[0]} belongs to the service when --server is given (its worker runs the batches with its own params)."
+            f"{given[0]} belongs to the service when --server is given "
+            "(its worker runs the batches with its own params)."
         )
     requests = [s.model_dump(exclude={"input", "allow_backbone_rebuild"}) for s in specs]
     answer = _client(server, ws).submit(requests, method, image)
@@ -693,7 +704,8 @@ def _remote(
         )
     if answer.get("influence"):
         console.print(
-            f"influence update applied to cluster(s) {answer['influence']['clusters']}; lineage record {answer['influence']['record']}",
+            f"influence update applied to cluster(s) {answer['influence']['clusters']}; "
+            f"lineage record {answer['influence']['record']}",
             highlight=False,
         )
     console.print(
@@ -790,7 +802,8 @@ def requests_cmd(
         if server:
             if params_file is not None:
                 _fail(
-                    "--params belongs to the service when --server is given (its requests.deadline_months sets the deadlines)."
+                    "--params belongs to the service when --server is given "
+                    "(its requests.deadline_months sets the deadlines)."
                 )
             statuses = [RequestStatus(**s) for s in _client(server, ws).requests(pending, overdue)]
         else:
@@ -841,7 +854,8 @@ def audit_verify(
     root: Path = ROOT,
     as_json: bool = JSON,
 ) -> None:
-    """Check every signature, the hash chain, the signed head, the signer, and that the deployed artifacts match the latest record."""
+    """Check every signature, the hash chain, the signed head, the signer, and that the deployed
+    artifacts match the latest record."""
     from lmeraser.audit.verify import public_key, verify
     from lmeraser.lineage.keys import key_id
 
@@ -870,7 +884,8 @@ def audit_verify(
         else f"signed by {len(signers)} keys in turn (signed rotations), now {signers[-1]}"
     )
     console.print(
-        f"OK: {len(records)} record(s), signatures, chain and signed head valid, {signed}; deployed artifacts match record {records[-1].number}"
+        f"OK: {len(records)} record(s), signatures, chain and signed head valid, {signed}; "
+        f"deployed artifacts match record {records[-1].number}"
     )
 
 
@@ -948,8 +963,9 @@ def audit_scan(
         )
     say = _say(as_json)
     say(
-        f"searched {sum(counts.values())} files ({escape(', '.join(f'{k}: {v}' for k, v in counts.items()))}) for "
-        f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
+        f"searched {sum(counts.values())} files ({escape(', '.join(f'{k}: {v}' for k, v in counts.items()))}) "
+        f"for {len(targets.sample_keys)} erased sample(s) named by the signed records "
+        f"and {len(targets.artifact_hashes)} superseded artifact(s)"
         + (
             f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)"
             if targets.reference_digests
@@ -1005,12 +1021,14 @@ def audit_replay(
         _emit(result)  # the exit status below says the same as the text would
     if not result["comparable"]:
         _fail(
-            f"record {record}: cannot compare bits on this machine: {result['reason']}; replay it where the fingerprint matches (`lmeraser doctor`).",
+            f"record {record}: cannot compare bits on this machine: {result['reason']}; "
+            "replay it where the fingerprint matches (`lmeraser doctor`).",
             CANNOT_COMPARE,
         )
     if result["environment_differences"]:
         _say(as_json)(
-            f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits"
+            f"environment differs from the record ({', '.join(result['environment_differences'])}): "
+            "compared predictions, not bits"
         )
     summary = (
         f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"
@@ -1132,8 +1150,9 @@ def audit_forgetting(
         console.print(table)
         console.print(
             f"{summary['records']} audited record(s), {summary['records_without_audit']} without a reference audit; "
-            f"p-value plot written to {wrote}. Forget quality: a KS p-value far from 0 means the post-forget p-values are "
-            "consistent with the uniform (as for data never seen); near 0, that forgotten samples stay detectable.",
+            f"p-value plot written to {wrote}. Forget quality: "
+            "a KS p-value far from 0 means the post-forget p-values are consistent with the uniform "
+            "(as for data never seen); near 0, that forgotten samples stay detectable.",
             highlight=False,
         )
     if failure:
@@ -1182,7 +1201,8 @@ def audit_schema(
     audit = Workspace(root).audit.absolute()
     if target == audit or audit in target.parents:
         _fail(
-            f"{out}: inside the workspace's audit/ (the signed log, its keys and journal live there); write the schema elsewhere."
+            f"{out}: inside the workspace's audit/ (the signed log, its keys and journal live there); "
+            "write the schema elsewhere."
         )
     if out.is_dir() or (out.exists() and not out.is_file() and not out.is_symlink()):
         _fail(f"{out}: not a regular file; --out takes a file path.")
@@ -1225,7 +1245,8 @@ def audit_rotate_key(
         _fail(str(error))
     p = record.predicate
     console.print(
-        f"lineage record {record.number}: key rotation {p.get('old_signer')} -> {p.get('new_signer')}; commit audit/ (the pinned signer changed)"
+        f"lineage record {record.number}: key rotation {p.get('old_signer')} -> {p.get('new_signer')}; "
+        "commit audit/ (the pinned signer changed)"
     )
 
 
@@ -1270,7 +1291,8 @@ def serve_cmd(
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     batch_worker = _batch_worker(ws, git_commit is not False, log) if worker else None
     err.print(
-        f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}",
+        f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); "
+        f"batch worker {'on' if worker else 'off'}",
         highlight=False,
     )
     serve(ws, host, port, token, batch_worker, log)

@@ -84,7 +84,8 @@ class BackboneParams(_Section):
             given = [key for key in BUILTIN_ARCHITECTURE if getattr(self, key) is not None]
             if given:
                 raise ValueError(
-                    f"backbone.{given[0]} describes the built-in ViT; backbone.model {self.model} has its own architecture: remove it"
+                    f"backbone.{given[0]} describes the built-in ViT; "
+                    f"backbone.model {self.model} has its own architecture: remove it"
                 )
         else:
             if self.img_size % self.patch_size:
@@ -97,7 +98,8 @@ class BackboneParams(_Section):
                 )
         if self.train == "scratch" and self.checkpoint:
             raise ValueError(
-                "backbone.checkpoint is set but backbone.train is scratch; set train to frozen (use it as is) or finetune"
+                "backbone.checkpoint is set but backbone.train is scratch; "
+                "set train to frozen (use it as is) or finetune"
             )
         if self.train != "scratch" and not self.checkpoint:
             raise ValueError(
@@ -120,7 +122,8 @@ class ClusteringParams(_Section):
     def _bounds(self) -> ClusteringParams:
         if self.min_clusters > self.max_clusters:
             raise ValueError(
-                f"clustering.min_clusters ({self.min_clusters}) must not exceed clustering.max_clusters ({self.max_clusters})"
+                f"clustering.min_clusters ({self.min_clusters}) must not exceed clustering.max_clusters "
+                f"({self.max_clusters})"
             )
         return self
 
@@ -237,7 +240,8 @@ class RuntimeParams(_Section):
     def _dask(self) -> RuntimeParams:
         if self.dask_address and self.executor != "dask":
             raise ValueError(
-                "runtime.dask_address is set but runtime.executor is threads; set executor to dask or remove the address"
+                "runtime.dask_address is set but runtime.executor is threads; "
+                "set executor to dask or remove the address"
             )
         return self
 
@@ -329,7 +333,8 @@ class _ParamsLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused(
-                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not allowed; write every value out"
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not allowed; "
+                "write every value out"
             )
         return super().compose_node(parent, index)
 

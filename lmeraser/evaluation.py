@@ -82,7 +82,10 @@ def single_prompt(
     return _predict(model, preprocess(test_images, spec), batch_size, compute)
 
 
-POPULATION_MIA = "population figure: loss-threshold attack over all forgotten samples vs the test split (per-sample evidence: forgetting_audit)"
+POPULATION_MIA = (
+    "population figure: loss-threshold attack over all forgotten samples vs the test split "
+    "(per-sample evidence: forgetting_audit)"
+)
 
 
 def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
@@ -90,8 +93,9 @@ def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray
 
     A population figure, not per-sample evidence (that is the forgetting audit's,
     lmeraser/audit/forgetting.py). AUC (scikit-learn's) is the probability that a random member
-    scores above a random non-member (ties count half); TPR at 1% FPR uses the threshold that 1% of non-members exceed. An AUC near 0.5 on
-    forgotten samples means the model treats them like data it never saw.
+    scores above a random non-member (ties count half); TPR at 1% FPR uses the threshold that 1% of
+    non-members exceed. An AUC near 0.5 on forgotten samples means the model treats them like data
+    it never saw.
     """
     from sklearn.metrics import roc_auc_score
 

@@ -225,13 +225,16 @@ def _require_native(boot_state: BootState) -> None:
     bits under a native label, and rebuild every cluster it touches: refused."""
     if boot_state.mode == "portable" and boot_state.unsupported is None:
         raise ConfigError(
-            f"the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process started with portable numerics "
-            f"(from {boot_state.source}); unset {ENV_MODE}, or run it from the workspace, or run `dvc repro` to rebuild under portable."
+            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process started with portable numerics (from {boot_state.source}); unset {ENV_MODE}, "
+            "or run it from the workspace, or run `dvc repro` to rebuild under portable."
         )
     if all(var in os.environ for var in PINS):
         raise ConfigError(
-            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process's environment carries every portable pin "
-            f"({', '.join(PINS)}), so it would compute portable bits; unset them (`lmeraser doctor --env` lists them) or run `dvc repro` under portable."
+            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process's environment carries every portable pin ({', '.join(PINS)}), "
+            "so it would compute portable bits; unset them (`lmeraser doctor --env` lists them) "
+            "or run `dvc repro` under portable."
         )
 
 
@@ -242,9 +245,10 @@ def _require_portable(boot_state: BootState) -> None:
     how = NATIVE_FIX
     if boot_state.mode != "portable":
         raise ConfigError(
-            f"the workspace runs portable numerics (runtime.numerics; its backbone.json once built), but this process started with {boot_state.mode} numerics "
-            f"(from {boot_state.source}), so its libraries loaded unpinned; unset {ENV_MODE} or run it from the workspace, "
-            "or, if you changed runtime.numerics, run `dvc repro` to rebuild under it."
+            "the workspace runs portable numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process started with {boot_state.mode} numerics (from {boot_state.source}), "
+            f"so its libraries loaded unpinned; unset {ENV_MODE} or run it from the workspace, or, "
+            "if you changed runtime.numerics, run `dvc repro` to rebuild under it."
         )
     if boot_state.unsupported:
         raise ConfigError(f"{boot_state.unsupported}; {how}.")
@@ -256,7 +260,8 @@ def _require_portable(boot_state: BootState) -> None:
             else "portable numerics set NPY_ENABLE_CPU_FEATURES, which numpy refuses beside it"
         )
         raise ConfigError(
-            f"{var} is set to '{have}' in the environment, but {needed} (the run would not be portable); unset it or {how}."
+            f"{var} is set to '{have}' in the environment, but {needed} (the run would not be portable); "
+            f"unset it or {how}."
         )
     # torch's oneDNN reads its pin at its first primitive, which no API here can check: torch
     # loaded unpinned is refused; numpy's and faiss's own checks below say whether theirs held.
@@ -268,7 +273,8 @@ def _require_portable(boot_state: BootState) -> None:
     changed = [var for var, value in PINS.items() if os.environ.get(var) != value]
     if changed:
         raise ConfigError(
-            f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; the run would not be portable."
+            f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; "
+            "the run would not be portable."
         )
     for check in (_torch_capability, _mkl_branch, _numpy_dispatch, _faiss_generic):
         problem = check()

@@ -327,7 +327,8 @@ def _start(root: Path, timeout: float, say) -> str:
     _started.append(proc)  # never reaped here: it outlives this process
     _write_state(root, {"url": url, "pid": proc.pid, "started_at": time.time(), "root": str(root)})
     say(
-        f"started the workspace's Prefect server at {url} (PID {proc.pid}; stops after {idle_timeout():.0f} s idle, or `lmeraser prefect stop`)"
+        f"started the workspace's Prefect server at {url} (PID {proc.pid}; stops after {idle_timeout():.0f} s idle, "
+        "or `lmeraser prefect stop`)"
     )
     try:
         return _wait_until_healthy(root, proc, url, timeout)
@@ -344,15 +345,17 @@ def _wait_until_healthy(root: Path, proc: subprocess.Popen, url: str, timeout: f
         if proc.poll() is not None:
             _remove_state(root, proc.pid)
             raise PrefectServerError(
-                f"the workspace's Prefect server exited at start-up (code {proc.returncode}): see {directory / 'server.log'}, "
-                "or start one yourself (`prefect server start`) and set PREFECT_API_URL."
+                f"the workspace's Prefect server exited at start-up (code {proc.returncode}): "
+                f"see {directory / 'server.log'}, or start one yourself (`prefect server start`) "
+                "and set PREFECT_API_URL."
             )
         if healthy(url, timeout=min(15.0, max(1.0, deadline - time.monotonic()))):
             return url
         time.sleep(0.2)
     raise PrefectServerError(
         f"the workspace's Prefect server did not answer within {timeout:g} s (the machine may be overloaded): "
-        f"run the command again with a longer ${START_TIMEOUT_ENV} (seconds), or start one yourself (`prefect server start`) and set PREFECT_API_URL."
+        f"run the command again with a longer ${START_TIMEOUT_ENV} (seconds), or start one yourself "
+        "(`prefect server start`) and set PREFECT_API_URL."
     )
 
 

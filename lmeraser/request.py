@@ -98,7 +98,8 @@ class Request(BaseModel):
             self.kind != "rectify" or self.input_path != Workspace.corrected_input(self.request_id)
         ):
             raise ValueError(
-                f"input_path must be {Workspace.corrected_input(self.request_id)} (a rectify request's copy), not {shown(self.input_path)}"
+                f"input_path must be {Workspace.corrected_input(self.request_id)} (a rectify request's copy), "
+                f"not {shown(self.input_path)}"
             )
         return self
 
@@ -143,11 +144,13 @@ def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[in
                 rgb = image_channels(shape) == 3
                 if rgb and picture.mode != "RGB":
                     raise LmeraserError(
-                        f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, it is never converted."
+                        f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, "
+                        "it is never converted."
                     )
                 if not rgb and picture.mode not in ("L", "1"):
                     raise LmeraserError(
-                        f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, it is never converted."
+                        f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, "
+                        "it is never converted."
                     )
                 if (picture.height, picture.width) != tuple(shape[:2]):
                     raise LmeraserError(

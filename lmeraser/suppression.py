@@ -76,8 +76,10 @@ class Corrections:
         missing = sorted(wanted - set(out.by_id))
         if missing:
             raise DataError(
-                f"{ws.data}: no longer holds sample {missing[0]}, whose image was corrected (a rectify-input row of {ws.suppression_file}); "
-                "re-ingesting now would bring back the uncorrected image: restore data/ first (`dvc checkout data.dvc`)."
+                f"{ws.data}: no longer holds sample {missing[0]}, whose image was corrected "
+                f"(a rectify-input row of {ws.suppression_file}); "
+                "re-ingesting now would bring back the uncorrected image: "
+                "restore data/ first (`dvc checkout data.dvc`)."
             )
         return out
 

@@ -151,7 +151,8 @@ def _complete(db: Path) -> bool:
         ) from None
     if holds:
         raise LmeraserError(
-            f"{db}: the MLflow store's schema is at revision {version or 'none'}, not at this MLflow's {_head_revision()}; "
+            f"{db}: the MLflow store's schema is at revision {version or 'none'}, "
+            f"not at this MLflow's {_head_revision()}; "
             f"back it up, then run `mlflow db upgrade sqlite:///{db.resolve()}`."
         )
     return False
@@ -368,7 +369,8 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
         entries = read_json(path)["stages"]
     except (LmeraserError, KeyError, TypeError, ValueError):
         log(
-            f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, nothing tracked from it"
+            f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, "
+            "nothing tracked from it"
         )
         return {"tracked": [], "waiting": ["unreadable backlog"]}
     tracked = []
@@ -379,7 +381,8 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
             left = entries[i:]
             atomic_write_json(path, {"stages": left})
             log(
-                f"warning: MLflow tracking of stage {entry['stage']} failed ({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
+                f"warning: MLflow tracking of stage {entry['stage']} failed "
+                f"({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
                 f"{len(left)} stage run(s) wait in {ws.relative(path)} for the next `lmeraser unlearn`"
             )
             return {"tracked": tracked, "waiting": [e["stage"] for e in left]}

@@ -57,12 +57,14 @@ def check_root(root: Path) -> None:
         is_file = root.exists() and not root.is_dir()
     except (OSError, RuntimeError) as error:  # a name too long, a symlink loop, ...
         raise LmeraserError(
-            f"{shown(root, 200)}: cannot be used as the workspace root ({getattr(error, 'strerror', None) or error.__class__.__name__})."
+            f"{shown(root, 200)}: cannot be used as the workspace root "
+            f"({getattr(error, 'strerror', None) or error.__class__.__name__})."
         ) from None
     for tree in KERNEL_TREES:
         if resolved == tree or tree in resolved.parents:
             raise LmeraserError(
-                f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); pass a directory with --root."
+                f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); "
+                "pass a directory with --root."
             )
     if is_file:
         raise LmeraserError(f"{shown(root, 200)}: the workspace root is not a directory; pass a directory with --root.")
@@ -375,7 +377,8 @@ class Workspace:
         missing = [c for c in TOMBSTONE_COLUMNS if c not in frame]
         if missing:
             raise DataError(
-                f"{path}: columns {missing} missing (written before tombstones were keyed); re-create data/ with `lmeraser data init`."
+                f"{path}: columns {missing} missing (written before tombstones were keyed); "
+                "re-create data/ with `lmeraser data init`."
             )
         return frame[TOMBSTONE_COLUMNS]
 

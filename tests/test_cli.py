@@ -94,7 +94,8 @@ def test_the_fast_exit_stops_idle_executor_threads_and_keeps_the_exit_code():
     import sys
 
     code = (
-        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); pool.submit(print, 'worked').result(); "
+        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); "
+        "pool.submit(print, 'worked').result(); "
         "import atexit; atexit.register(print, 'atexit ran'); from lmeraser.cli import _exit; _exit(3)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -72,7 +72,10 @@ def test_a_workspace_made_on_a_gpu_is_refused_in_one_sentence_where_there_is_non
     for load in (lambda: load_backbone(ws), lambda: ServingModel.load(ws)):
         with pytest.raises(
             ConfigError,
-            match=r"backbone\.json: the backbone's device is cuda:0, but torch sees no CUDA device .*run it on a machine with that device",
+            match=(
+                r"backbone\.json: the backbone's device is cuda:0, but torch sees no CUDA device "
+                r".*run it on a machine with that device"
+            ),
         ):
             load()
 

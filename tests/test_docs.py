@@ -142,6 +142,7 @@ def test_anchor_links_name_headings_of_their_target() -> None:
             available = anchors(target_path)
             if unquote(fragment).lower() not in available:
                 broken.append(
-                    f"{path.relative_to(ROOT)}:{number}: {target} (anchors of {target_path.name}: {', '.join(sorted(available))})"
+                    f"{path.relative_to(ROOT)}:{number}: {target} "
+                    f"(anchors of {target_path.name}: {', '.join(sorted(available))})"
                 )
     assert not broken, "links to anchors that no heading produces:\n" + "\n".join(broken)

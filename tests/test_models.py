@@ -133,7 +133,10 @@ def test_mismatched_checkpoint_is_refused(tmp_path, backbone):
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(
         ConfigError,
-        match=r"wide.safetensors has [\w.]+ of shape \([\d, ]*32[\d, ]*\), the backbone in params.yaml needs \([\d, ]*16[\d, ]*\)",
+        match=(
+            r"wide.safetensors has [\w.]+ of shape \([\d, ]*32[\d, ]*\), "
+            r"the backbone in params.yaml needs \([\d, ]*16[\d, ]*\)"
+        ),
     ):
         load_checkpoint(tmp_path / "wide.safetensors", SMALL, 10)
     (tmp_path / "noise.pth").write_bytes(b"not a checkpoint")

@@ -272,8 +272,8 @@ def test_doctor_refuses_a_conflicting_pin_in_one_sentence(commands):
     refused = done["doctor with a conflict"]
     assert refused.returncode == 1
     assert _one_sentence(refused.stderr) == (
-        "error: ATEN_CPU_CAPABILITY is set to 'avx512' in the environment, but portable numerics need 'avx2' (the run would not be "
-        f"portable); unset it or {numerics.NATIVE_FIX}."
+        "error: ATEN_CPU_CAPABILITY is set to 'avx512' in the environment, but portable numerics need 'avx2' "
+        f"(the run would not be portable); unset it or {numerics.NATIVE_FIX}."
     )
     assert after["trained"] == before["trained"]
 
@@ -317,7 +317,8 @@ def test_each_pin_set_otherwise_by_the_user_is_a_conflict_named_in_one_sentence(
 def test_torch_imported_before_lmeraser_is_refused_unless_the_pins_were_set_first(tmp_path):
     code = (
         "import sys\nimport torch\nimport lmeraser\nfrom lmeraser import numerics\n"
-        "try:\n    numerics.require('portable')\nexcept Exception as error:\n    print(error, file=sys.stderr)\n    raise SystemExit(1)\n"
+        "try:\n    numerics.require('portable')\n"
+        "except Exception as error:\n    print(error, file=sys.stderr)\n    raise SystemExit(1)\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )
     late = _python(code, tmp_path, _env(LMERASER_NUMERICS="portable"))
@@ -352,7 +353,8 @@ def test_native_numerics_accept_the_user_s_own_pin(tmp_path):
     code = (
         "import json\nimport lmeraser, torch\nfrom lmeraser import numerics\nfrom lmeraser.compute import Compute\n"
         "Compute(numerics='native').check()\n"
-        "try:\n    numerics.require('portable')\n    refusal = None\nexcept Exception as error:\n    refusal = str(error)\n"
+        "try:\n    numerics.require('portable')\n    refusal = None\n"
+        "except Exception as error:\n    refusal = str(error)\n"
         "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), "
         "'capability': torch.backends.cpu.get_cpu_capability(), 'portable': refusal}))\n"
     )
@@ -402,7 +404,8 @@ def test_prompts_trained_under_native_numerics_are_retrained_under_portable(trai
         "from lmeraser.stages import stage\nfrom lmeraser.workspace import Workspace\n"
         "ws = Workspace('.')\nparams = load_params(ws.params_file)\n"
         f"for name in {stages!r}:\n    stage(name).function(params, ws, lambda message: None)\n"
-        "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), 'capability': torch.backends.cpu.get_cpu_capability()}))\n"
+        "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), "
+        "'capability': torch.backends.cpu.get_cpu_capability()}))\n"
     )
     native = _python(code, ws.root, _env(LMERASER_NUMERICS="native"))
     assert native.returncode == 0, native.stderr[-3000:]
@@ -523,9 +526,10 @@ def test_replay_on_another_fingerprint_or_device_cannot_compare(signed):
     assert done.returncode == CANNOT_COMPARE == 3, done.stdout + done.stderr
     sentence = _one_sentence(done.stderr)
     assert sentence == (
-        f"error: record 1: cannot compare bits on this machine: its numeric fingerprint {theirs[:12]} (portable numerics on Intel(R) Xeon(R) "
-        f"Platinum 8480+) differs from this machine's {ours[:12]} (portable numerics on {numerics.cpu_name()}), so the same training gives "
-        "other bits here; replay it where the fingerprint matches (`lmeraser doctor`)."
+        f"error: record 1: cannot compare bits on this machine: its numeric fingerprint {theirs[:12]} "
+        f"(portable numerics on Intel(R) Xeon(R) Platinum 8480+) differs from this machine's {ours[:12]} "
+        f"(portable numerics on {numerics.cpu_name()}), so the same training gives other bits here; "
+        "replay it where the fingerprint matches (`lmeraser doctor`)."
     )
     _no_verdict(done.stdout + done.stderr)
 
@@ -566,7 +570,10 @@ def difference(reference: dict, now: dict, cpu: str, versions: dict) -> str | No
     if now["sha256"] == reference["sha256"]:
         return None
     if now["format"] != reference["format"]:
-        return f"the fingerprint's computation changed (format {reference['format']} -> {now['format']}); remake the reference: {REMAKE}."
+        return (
+            f"the fingerprint's computation changed (format {reference['format']} -> {now['format']}); "
+            f"remake the reference: {REMAKE}."
+        )
     differ = [
         family
         for family in sorted(set(now["families"]) | set(reference["families"]))
@@ -574,10 +581,12 @@ def difference(reference: dict, now: dict, cpu: str, versions: dict) -> str | No
     ]
     same = [family for family in now["families"] if family not in differ]
     message = (
-        f"this machine's numeric fingerprint {now['sha256'][:12]} (CPU: {cpu}) is not the reference's {reference['sha256'][:12]} "
-        f"(CPU: {reference['cpu']}, made {reference['made']}); the families that differ: {', '.join(differ)} "
-        f"(equal: {', '.join(same) or 'none'}). Portable numerics must compute the same bits on every x86-64 CPU: find the kernel "
-        "of those families that runs differently on this CPU and pin it (lmeraser/numerics.py), or fix it; do not re-record the reference."
+        f"this machine's numeric fingerprint {now['sha256'][:12]} (CPU: {cpu}) "
+        f"is not the reference's {reference['sha256'][:12]} (CPU: {reference['cpu']}, made {reference['made']}); "
+        f"the families that differ: {', '.join(differ)} (equal: {', '.join(same) or 'none'}). "
+        "Portable numerics must compute the same bits on every x86-64 CPU: find the kernel "
+        "of those families that runs differently on this CPU and pin it (lmeraser/numerics.py), or fix it; "
+        "do not re-record the reference."
     )
     names = sorted(set(versions) | set(reference["versions"]))
     changed = [
@@ -587,8 +596,9 @@ def difference(reference: dict, now: dict, cpu: str, versions: dict) -> str | No
     ]
     if changed:
         message += (
-            f" The library versions also differ from the reference's ({'; '.join(changed)}), which can change the bits by itself: "
-            f"after a deliberate upgrade (requirements.lock), remake it on a machine whose other families agree: {REMAKE}."
+            f" The library versions also differ from the reference's ({'; '.join(changed)}), "
+            "which can change the bits by itself: after a deliberate upgrade (requirements.lock), "
+            f"remake it on a machine whose other families agree: {REMAKE}."
         )
     return message
 
@@ -735,7 +745,8 @@ def test_params_switched_since_the_backbone_was_built_say_run_dvc_repro(trained_
     )
     assert refused.returncode == 1
     assert re.fullmatch(
-        r"error: runtime\.numerics is native, but the backbone \(.*backbone\.json\) was built under portable numerics; run `dvc repro` .*",
+        r"error: runtime\.numerics is native, but the backbone \(.*backbone\.json\) was built under portable numerics; "
+        r"run `dvc repro` .*",
         _one_sentence(refused.stderr),
     )
     assert _journal(ws) == journal

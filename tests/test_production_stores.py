@@ -349,9 +349,9 @@ def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
         f"mlflow experiment 'server-disk-{tmp_path.name}' (/sys/bus): a path on the tracking server's own disk" in gaps
     )
     assert (
-        "dvc remote 'prod' (http://127.0.0.1:1/store): the scan reads S3 remotes; a http remote is purged by DVC, not read back"
-        in gaps
-    )
+        "dvc remote 'prod' (http://127.0.0.1:1/store): the scan reads S3 remotes; "
+        "a http remote is purged by DVC, not read back"
+    ) in gaps
     assert (
         report.counts[f"mlflow experiment 'evil[/]-{tmp_path.name}'"] == 2 and "dvc remote 'prod'" not in report.counts
     )

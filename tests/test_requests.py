@@ -109,7 +109,8 @@ def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
         "import sys; from lmeraser.journal import Journal; from lmeraser.workspace import Workspace\n"
         "j = Journal(Workspace(sys.argv[1]))\n"
         "from lmeraser.request import Request; from lmeraser.journal import received\n"
-        "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', sample_ids=(), received_at=0.0))])\n"
+        "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', "
+        "sample_ids=(), received_at=0.0))])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]

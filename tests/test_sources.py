@@ -344,9 +344,9 @@ def test_labels_are_bounded_class_indices(tmp_path):
     np.savez(tmp_path / "huge.npz", x_train=images, y_train=np.array([0, 1, 2**40]))
     with pytest.raises(DataError) as refused:
         load_source(f"npz:{tmp_path / 'huge.npz'}")
-    assert (
-        str(refused.value)
-        == f"{tmp_path / 'huge.npz'}:y_train: label {2**40} is too large; labels are class indices below {sources.MAX_CLASSES}."
+    assert str(refused.value) == (
+        f"{tmp_path / 'huge.npz'}:y_train: label {2**40} is too large; "
+        f"labels are class indices below {sources.MAX_CLASSES}."
     )
     np.savez(tmp_path / "fine.npz", x_train=images, y_train=np.array([0, 1, sources.MAX_CLASSES - 1]))
     assert load_source(f"npz:{tmp_path / 'fine.npz'}").train_labels.max() == sources.MAX_CLASSES - 1

@@ -215,7 +215,10 @@ def test_an_interrupted_rotation_fails_verify_until_rotate_key_finishes_it(ws):
 
     _record(ws, "r1")
     old = signing_key(ws)
-    code = f"from lmeraser.workspace import Workspace; from lmeraser.lineage.records import rotate_key; rotate_key(Workspace({str(ws.root)!r}))"
+    code = (
+        "from lmeraser.workspace import Workspace; from lmeraser.lineage.records import rotate_key; "
+        f"rotate_key(Workspace({str(ws.root)!r}))"
+    )
     env = {**os.environ, "LMERASER_FAILPOINT": "atomic:lineage-public-key.pem"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert done.returncode == -9  # killed after the log handed over, before the pin followed
@@ -325,7 +328,8 @@ def test_a_fifo_salt_is_refused_without_blocking(ws):
     ws.keys_dir.mkdir(parents=True, mode=0o700)
     os.mkfifo(ws.subject_salt_file, 0o600)
     code = (
-        "from lmeraser.workspace import Workspace; from lmeraser.salt import Keyer; from lmeraser.errors import LmeraserError\n"
+        "from lmeraser.workspace import Workspace; from lmeraser.salt import Keyer; "
+        "from lmeraser.errors import LmeraserError\n"
         f"try:\n    Keyer(Workspace({str(ws.root)!r}))\nexcept LmeraserError as error:\n    print(error)"
     )
     done = _python(code, timeout=60)  # before: blocked forever opening the FIFO

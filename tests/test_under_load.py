@@ -151,7 +151,8 @@ def test_the_users_own_prefect_url_is_used_and_nothing_is_started(tmp_path):
 def _ensure_script(root: Path, hold: float = 0.0) -> list[str]:
     code = (
         "import json, os, sys, time; from pathlib import Path; from lmeraser import prefect_server as p; "
-        f"url = p.ensure(Path({str(root)!r})); print(json.dumps({{'url': url, 'started': p._held['started']}}), flush=True); time.sleep({hold})"
+        f"url = p.ensure(Path({str(root)!r})); "
+        f"print(json.dumps({{'url': url, 'started': p._held['started']}}), flush=True); time.sleep({hold})"
     )
     return [sys.executable, "-c", code]
 

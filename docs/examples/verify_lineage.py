@@ -76,7 +76,8 @@ def verify(log: Path, pem: Path) -> int:
             key = serialization.load_pem_public_key(predicate["new_public_key"].encode())
         method = predicate.get("method", "?")
         print(
-            f"record {number}: OK ({method}, batch {predicate.get('batch_id', '-')}, {len(predicate.get('requests', []))} request(s))"
+            f"record {number}: OK ({method}, batch {predicate.get('batch_id', '-')}, "
+            f"{len(predicate.get('requests', []))} request(s))"
         )
         previous = hashlib.sha256(line).hexdigest()
     head = log.with_name(log.stem + ".head.json")

@@ -17,8 +17,9 @@ Hayes et al. 2024), affordable here because a reference is one cluster's prompt 
               reference and the pre-forget exact prompt; its spread is pooled within the IN and
               the OUT side (they differ as whole models), over the entries whose mean on the
               fitted side is nearest the sample's (a score's variance depends on its level), and
-              floored by the sample's own spread when it has two scores or more on that side. A tested score is compared with the predictive
-              variance sigma^2 (1 + 1/n) of a new draw.
+              floored by the sample's own spread when it has two scores or more on that side. A
+              tested score is compared with the predictive variance sigma^2 (1 + 1/n) of a new
+              draw.
   test        p = P(OUT score >= s), the one-sided p-value of a served model's score s; and the
               likelihood ratio N(s; IN) / N(s; OUT), the power. A sample is detectable when p is
               at most alpha / m, m the samples audited in the batch (Bonferroni: a correct exact
@@ -311,10 +312,10 @@ def _fit(scores: list[float], population: np.ndarray, side: int) -> dict:
 
 def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     """The p-value of `score` under the OUT fit (one-sided: members score higher) and the log10
-    likelihood ratio IN / OUT (one-sided too: at most 0 at or below the OUT mean), both with the predictive spread of a new draw, sigma^2 (1 + 1/n),
-    in Student's t with the variance's `dof` degrees of freedom (counted in models, the conservative
-    count: with a handful of references the variance itself is uncertain, and a normal tail would
-    call genuine OUT scores detectable)."""
+    likelihood ratio IN / OUT (one-sided too: at most 0 at or below the OUT mean), both with the
+    predictive spread of a new draw, sigma^2 (1 + 1/n), in Student's t with the variance's `dof`
+    degrees of freedom (counted in models, the conservative count: with a handful of references the
+    variance itself is uncertain, and a normal tail would call genuine OUT scores detectable)."""
     from scipy.stats import t
 
     if not fit_out["n"] or fit_out["variance"] is None:
@@ -410,10 +411,13 @@ def summary(samples: list[dict], settings: dict, threshold: float, references: d
     counts = {v: sum(1 for s in samples if s["verdict"] == v) for v in VERDICTS}
     after = [s["after"]["p_value"] for s in samples if s.get("after") and s["after"]["p_value"] is not None]
     return {
-        "statistic": "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)",
+        "statistic": (
+            "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)"
+        ),
         "fit": (
             "per-sample means; fixed variance pooled within sides over the population entries nearest in level "
-            "(the cluster's members and routed test samples, each under its label and a wrong one), floored by the sample's own spread"
+            "(the cluster's members and routed test samples, each under its label and a wrong one), "
+            "floored by the sample's own spread"
         ),
         "references_per_side": settings["references"],
         "max_samples_per_request": settings["max_samples_per_request"],
@@ -597,8 +601,8 @@ def references_before(ws, params, requests: list[Request], test_routes: np.ndarr
     seconds = time.perf_counter() - start
     trained = sum(len(v) for v in fresh.values())
     log(
-        f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) in cluster(s) {[c.cluster for c in cases]}; "
-        f"{trained} reference(s) trained in {seconds:.1f}s"
+        f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) "
+        f"in cluster(s) {[c.cluster for c in cases]}; {trained} reference(s) trained in {seconds:.1f}s"
     )
     return {
         "audit": audit.model_dump(mode="json"),  # the settings the references were made with: a resumed batch uses them

@@ -64,8 +64,10 @@ def incomparable(then: dict, now: dict) -> str | None:
         return f"the record was computed on {recorded}, this machine computes on {here}"
     if then["fingerprint"] != now.get("fingerprint"):
         return (
-            f"its numeric fingerprint {str(then['fingerprint'])[:12]} ({then.get('numerics')} numerics on {then.get('cpu')}) differs from this machine's "
-            f"{str(now.get('fingerprint'))[:12]} ({now.get('numerics')} numerics on {now.get('cpu')}), so the same training gives other bits here"
+            f"its numeric fingerprint {str(then['fingerprint'])[:12]} "
+            f"({then.get('numerics')} numerics on {then.get('cpu')}) differs from this machine's "
+            f"{str(now.get('fingerprint'))[:12]} ({now.get('numerics')} numerics on {now.get('cpu')}), "
+            "so the same training gives other bits here"
         )
     return None
 
@@ -100,8 +102,8 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
         raise LmeraserError(f"record {record.number} is a key rotation, not a training run: nothing to replay.")
     if record.predicate.get("method") == "influence":
         raise LmeraserError(
-            f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
-            "supersedes it (`lmeraser audit show` lists them)."
+            f"record {record.number} is an approximate influence update, not a training run; "
+            "replay the exact record that supersedes it (`lmeraser audit show` lists them)."
         )
     now = environment(params.prompt.kind, ws, params.runtime.threads)
     then = record.predicate["environment"]

@@ -187,7 +187,10 @@ class S3RemoteStore(_Scratch, Store):
 
     @property
     def root(self) -> str:
-        return f"{without_credentials(self.url)} @ {without_credentials(self.endpoint) if self.endpoint else 'default endpoint'}"
+        return (
+            f"{without_credentials(self.url)} @ "
+            f"{without_credentials(self.endpoint) if self.endpoint else 'default endpoint'}"
+        )
 
     def _bucket_prefix(self) -> tuple[str, str]:
         bucket, _, prefix = self.path.partition("/")
@@ -357,7 +360,8 @@ def _dvc_remote_stores(ws: Workspace) -> tuple[list[Store], list[str]]:
                 scheme = url.split("://")[0].lower()
                 if scheme != "s3":  # an HTTP remote cannot be listed; other clouds are not tested here
                     not_searched.append(
-                        f"{label} ({without_credentials(url)}): the scan reads S3 remotes; a {scheme} remote is purged by DVC, not read back"
+                        f"{label} ({without_credentials(url)}): the scan reads S3 remotes; "
+                        f"a {scheme} remote is purged by DVC, not read back"
                     )
                     continue
                 try:
@@ -404,7 +408,8 @@ def storage_locations(ws: Workspace) -> Locations:
         elif served:
             # A path a tracking server reports is on its disk, not this machine's: never walk ours.
             not_searched.append(
-                f"{label} ({path}): a path on the tracking server's own disk, not reachable through MLflow's artifact API"
+                f"{label} ({path}): a path on the tracking server's own disk, "
+                "not reachable through MLflow's artifact API"
             )
         else:
             stores.append(DirectoryStore(label, path))

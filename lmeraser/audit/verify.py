@@ -60,7 +60,8 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
             pass
         if not rotated:
             raise LmeraserError(
-                f"{pinned}: differs from the committed version; the signer was replaced (verify with --pubkey and the key you were given)."
+                f"{pinned}: differs from the committed version; the signer was replaced "
+                "(verify with --pubkey and the key you were given)."
             )
     return key
 
@@ -153,7 +154,8 @@ def _check_git_history(ws: Workspace, chain: Chain) -> None:
             committed = keys.key_id(keys.parse_public_key(raw, str(signer)))
         except LmeraserError:
             raise LmeraserError(
-                f"{signer}: the version of commit {commit[:12]} is not a PEM public key (the pinned signer was replaced)."
+                f"{signer}: the version of commit {commit[:12]} is not a PEM public key "
+                "(the pinned signer was replaced)."
             ) from None
         if committed not in chain.signers:
             raise LmeraserError(
@@ -165,8 +167,8 @@ def _check_git_history(ws: Workspace, chain: Chain) -> None:
         seen = _head_records(raw)
         if seen is not None and seen > held:
             raise LmeraserError(
-                f"{lineage_log(ws).path}: holds {held} record(s), but the signed head committed in {commit[:12]} listed {seen}; "
-                "the log was rolled back to an earlier version."
+                f"{lineage_log(ws).path}: holds {held} record(s), but the signed head committed in {commit[:12]} "
+                f"listed {seen}; the log was rolled back to an earlier version."
             )
 
 
@@ -238,12 +240,12 @@ def _check_journal(ws: Workspace, records: list[Record]) -> None:
         named, request = event["record"], shown(event["request_id"], 80)
         if named > len(records):
             raise LmeraserError(
-                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage record {named}, but the log holds "
-                f"{len(records)} record(s); the log was rolled back or truncated."
+                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage "
+                f"record {named}, but the log holds {len(records)} record(s); the log was rolled back or truncated."
             )
         listed = {r.get("request_id") for r in records[named - 1].predicate.get("requests", []) if isinstance(r, dict)}
         if event.get("request_id") not in listed:
             raise LmeraserError(
-                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage record {named}, "
-                "which does not list it; the log was replaced."
+                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage "
+                f"record {named}, which does not list it; the log was replaced."
             )

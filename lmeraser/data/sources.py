@@ -162,7 +162,8 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(
-            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} for shape {shape}; the file is truncated or corrupt."
+            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} for shape {shape}; "
+            "the file is truncated or corrupt."
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
@@ -239,7 +240,8 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
     missing = [name for name in FASHION_MNIST_MD5 if not (directory / name).exists()]
     if missing:
         raise DataError(
-            f"Fashion-MNIST not found in {directory} (missing {missing[0]}); install it with 'apt-get install dataset-fashion-mnist'."
+            f"Fashion-MNIST not found in {directory} (missing {missing[0]}); "
+            "install it with 'apt-get install dataset-fashion-mnist'."
         )
     for name, expected in FASHION_MNIST_MD5.items():
         raw = read_source_file(directory / name, "Fashion-MNIST file")
@@ -252,7 +254,8 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
         if payload != FASHION_MNIST_PAYLOAD_MD5[name]:
             raise DataError(
                 f"{directory / name}: checksum does not match the published md5 {expected} "
-                f"nor the known payload md5 {FASHION_MNIST_PAYLOAD_MD5[name]}; the file is corrupt or not Fashion-MNIST."
+                f"nor the known payload md5 {FASHION_MNIST_PAYLOAD_MD5[name]}; "
+                "the file is corrupt or not Fashion-MNIST."
             )
     data = load_idx_dir(directory)
     return RawDataset("fashion-mnist", data.train_images, data.train_labels, data.test_images, data.test_labels)
@@ -308,7 +311,8 @@ def _folder_images(files: list[Path], decoded: list[np.ndarray], image_size: int
             image = resize(image[None], image_size)[0]
         elif images and image.shape != images[0].shape:
             raise DataError(
-                f"{path}: image is {image.shape[1]}x{image.shape[0]}, the others {images[0].shape[1]}x{images[0].shape[0]}; set data.image_size."
+                f"{path}: image is {image.shape[1]}x{image.shape[0]}, "
+                f"the others {images[0].shape[1]}x{images[0].shape[0]}; set data.image_size."
             )
         images.append(image)
     return np.stack(images)
@@ -334,7 +338,8 @@ def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
     test = _folder_images(test_files, pixels[len(files) :], image_size, rgb) if test_files else None
     if test is not None and test.shape[1:] != train.shape[1:]:
         raise DataError(
-            f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; set data.image_size."
+            f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; "
+            "set data.image_size."
         )
     subjects = None
     if (directory / "subjects.csv").exists():
@@ -379,7 +384,8 @@ def _cifar_records(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray
     raw = read_source_file(path, "CIFAR batch file")
     if len(raw) == 0 or len(raw) % record:
         raise DataError(
-            f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated or not CIFAR binary."
+            f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; "
+            "the file is truncated or not CIFAR binary."
         )
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
     labels = rows[:, label_bytes - 1].astype(np.int64)  # CIFAR-100: the fine label (the second byte)
@@ -401,7 +407,8 @@ def load_cifar(directory: Path, classes: int) -> RawDataset:
         and not (directory / "train.bin").exists()
     ):
         raise DataError(
-            f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; use the binary version ({spec['folder']})."
+            f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; "
+            f"use the binary version ({spec['folder']})."
         )
     missing = [name for name in [*spec["train"], spec["test"]] if not (directory / name).is_file()]
     if missing:
@@ -431,7 +438,8 @@ def load_npz(path: Path) -> RawDataset:
             unpacked = sum(info.file_size for info in archive.zip.infolist())
             if unpacked > MAX_DATA_FILE:
                 raise DataError(
-                    f"{shown(path, 200)}: its arrays unpack to {unpacked} bytes, over the limit of {MAX_DATA_FILE} for a data file."
+                    f"{shown(path, 200)}: its arrays unpack to {unpacked} bytes, "
+                    f"over the limit of {MAX_DATA_FILE} for a data file."
                 )
             arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
@@ -466,7 +474,8 @@ def _check_arrays(
         images = images[..., 0]
     if images.ndim != 3 and not (images.ndim == 4 and images.shape[-1] == 3):
         raise DataError(
-            f"{images_name}: images must have shape (N, H, W) (grey), (N, H, W, 1) or (N, H, W, 3) (RGB), got {images.shape}."
+            f"{images_name}: images must have shape (N, H, W) (grey), (N, H, W, 1) or (N, H, W, 3) (RGB), "
+            f"got {images.shape}."
         )
     if labels.ndim != 1:
         raise DataError(f"{labels_name}: labels must be one-dimensional, got shape {labels.shape}.")

@@ -85,7 +85,8 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
     for split, (imgs, labs, orig, idx) in parts.items():
         if len(labs) == 0:
             raise DataError(
-                f"data split '{split}' would be empty; check data.public_fraction, data.test_fraction and data.subset in params.yaml."
+                f"data split '{split}' would be empty; check data.public_fraction, "
+                "data.test_fraction and data.subset in params.yaml."
             )
         hashes = [content_hash(img) for img in imgs]
         ids = [make_sample_id(h, o, int(i)) for h, o, i in zip(hashes, orig, idx)]
@@ -137,8 +138,8 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
 
     if ws.batch_files():
         raise DataError(
-            f"an unlearning batch is in progress ({ws.relative(ws.batch_files()[0])}); finish it with `lmeraser unlearn` before "
-            "re-ingesting, or its record would describe data it did not make."
+            f"an unlearning batch is in progress ({ws.relative(ws.batch_files()[0])}); "
+            "finish it with `lmeraser unlearn` before re-ingesting, or its record would describe data it did not make."
         )
     recover_data(ws)
     raw = load_source(params.source, params.image_size)

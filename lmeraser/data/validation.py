@@ -430,13 +430,15 @@ class ChangeSummary:
             failures += [_describe_failure(r) for r in results if not r.success]
         if suppressed_unchanged:
             failures.append(
-                f"expect_column_values_to_be_in_set(column=suppressed) failed on {suppressed_unchanged} row(s), e.g. [True]"
+                f"expect_column_values_to_be_in_set(column=suppressed) failed on {suppressed_unchanged} row(s), "
+                "e.g. [True]"
             )
         ids = pd.concat([m["sample_id"] for m in manifests.values()], ignore_index=True)
         duplicated = ids[ids.duplicated(keep=False)]
         if len(duplicated):
             failures.append(
-                f"expect_column_values_to_be_unique(column=sample_id) failed on {len(duplicated)} row(s), e.g. {sorted(set(duplicated))[:3]}"
+                f"expect_column_values_to_be_unique(column=sample_id) failed on {len(duplicated)} row(s), "
+                f"e.g. {sorted(set(duplicated))[:3]}"
             )
         classes = set(range(info["num_classes"]))
         for split, m in manifests.items():

@@ -49,8 +49,8 @@ def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateK
     except MissingFile:
         if not create:
             raise LmeraserError(
-                f"{path}: signing key not found, and records, a pinned signer or $LMERASER_SIGNING_KEY_FILE say one exists; "
-                "restore it (no new key is made in its place)."
+                f"{path}: signing key not found, and records, a pinned signer or $LMERASER_SIGNING_KEY_FILE "
+                "say one exists; restore it (no new key is made in its place)."
             ) from None
     key = Ed25519PrivateKey.generate()
     write_private_key(path, key)

@@ -117,7 +117,8 @@ class LineageLog:
         chain = self._current_signer(old)
         if key_id(new.public_key()) in chain.signers:
             raise LmeraserError(
-                f"{self.path}: the new key {key_id(new.public_key())} already signed this log; rotate to a key never used before."
+                f"{self.path}: the new key {key_id(new.public_key())} already signed this log; "
+                "rotate to a key never used before."
             )
         predicate = {
             "method": ROTATION_METHOD,
@@ -135,8 +136,8 @@ class LineageLog:
         chain = self.chain(key.public_key())
         if key_id(chain.current) != key_id(key.public_key()):
             raise LmeraserError(
-                f"{self.path}: the key {key_id(key.public_key())} was retired by a key rotation; the log's signer is now "
-                f"{key_id(chain.current)} (finish an interrupted rotation with rotate_key)."
+                f"{self.path}: the key {key_id(key.public_key())} was retired by a key rotation; "
+                f"the log's signer is now {key_id(chain.current)} (finish an interrupted rotation with rotate_key)."
             )
         return chain
 
@@ -222,11 +223,13 @@ class LineageLog:
             predicate = stmt["predicate"]
             if predicate.get("sequence") != number:
                 raise LmeraserError(
-                    f"{where}: sequence number is {str(predicate.get('sequence'))[:20]}, expected {number} (records were removed or reordered)."
+                    f"{where}: sequence number is {str(predicate.get('sequence'))[:20]}, expected {number} "
+                    "(records were removed or reordered)."
                 )
             if predicate.get("previous_record_sha256") != previous:
                 raise LmeraserError(
-                    f"{where}: previous-record hash does not match record {number - 1} (records were removed, reordered or altered)."
+                    f"{where}: previous-record hash does not match record {number - 1} "
+                    "(records were removed, reordered or altered)."
                 )
             if not isinstance(stmt.get("subject"), list) or not all(_is_subject(s) for s in stmt["subject"]):
                 raise LmeraserError(f"{where}: malformed subjects (the record was altered).")
@@ -239,7 +242,8 @@ class LineageLog:
             after.append(signer)
         if key_id(trusted) not in signers:
             raise LmeraserError(
-                f"{self.path}: the trusted key {key_id(trusted)} is none of the log's signers ({', '.join(signers)}): the log was re-signed by another key."
+                f"{self.path}: the trusted key {key_id(trusted)} is none of the log's signers ({', '.join(signers)}): "
+                "the log was re-signed by another key."
             )
         head = self._checked_head(records, after, signers)
         return Chain(records, signers, signer, head, signed_by)
@@ -278,7 +282,8 @@ class LineageLog:
             ) from None
         if record.subjects != previous_subjects:
             raise LmeraserError(
-                f"{where}: a key rotation whose subjects differ from the previous record's (a rotation changes no artifact)."
+                f"{where}: a key rotation whose subjects differ from the previous record's "
+                "(a rotation changes no artifact)."
             )
         return new
 

@@ -204,9 +204,10 @@ def record_schema() -> dict:
         "$id": PREDICATE_TYPE,
         "title": "lmeraser lineage record predicate",
         "description": (
-            f"The predicate of an in-toto Statement ({STATEMENT_TYPE}, predicateType {PREDICATE_TYPE}) signed in a DSSE envelope, "
-            "one envelope per line of audit/lineage.jsonl: an exact batch or an influence update, plus the log's chain fields. "
-            "Key rotations (predicateType .../key-rotation/v1) and the signed head are described in docs/auditing.md."
+            f"The predicate of an in-toto Statement ({STATEMENT_TYPE}, predicateType {PREDICATE_TYPE}) "
+            "signed in a DSSE envelope, one envelope per line of audit/lineage.jsonl: "
+            "an exact batch or an influence update, plus the log's chain fields. Key rotations "
+            "(predicateType .../key-rotation/v1) and the signed head are described in docs/auditing.md."
         ),
         "oneOf": [{"$ref": "#/$defs/ExactPredicate"}, {"$ref": "#/$defs/InfluencePredicate"}],
         "$defs": schema["$defs"],
@@ -304,7 +305,8 @@ def rotate_key(ws: Workspace, new_key: Ed25519PrivateKey | None = None, reason: 
         if new_key is None:
             if from_environment:
                 raise LmeraserError(
-                    f"the signing key comes from ${keys.KEY_ENV}: pass the new key to rotate to (and put it there afterwards)."
+                    f"the signing key comes from ${keys.KEY_ENV}: pass the new key to rotate to "
+                    "(and put it there afterwards)."
                 )
             new_key = Ed25519PrivateKey.generate()
         if not from_environment:
@@ -324,8 +326,8 @@ def rotate_key(ws: Workspace, new_key: Ed25519PrivateKey | None = None, reason: 
             os.replace(staged, ws.signing_key_file)
         elif key_id(load_or_create_key(ws.signing_key_file, create=False).public_key()) != key_id(chain.current):
             raise LmeraserError(
-                f"{log.path} record {record.number} rotated the signer to {key_id(chain.current)}, but neither {ws.signing_key_file} "
-                f"nor {staged} holds that key; restore it."
+                f"{log.path} record {record.number} rotated the signer to {key_id(chain.current)}, "
+                f"but neither {ws.signing_key_file} nor {staged} holds that key; restore it."
             )
     atomic_write_bytes(pinned, public_pem(chain.current))
     return record

@@ -41,7 +41,8 @@ def build_vit(params: BackboneParams, num_classes: int, in_chans: int = 1) -> Vi
 
     if not timm.is_model(params.model):
         raise ConfigError(
-            f"backbone.model: '{params.model}' is not a timm model name (e.g. vit_tiny_patch16_224, deit_small_patch16_224)."
+            f"backbone.model: '{params.model}' is not a timm model name "
+            "(e.g. vit_tiny_patch16_224, deit_small_patch16_224)."
         )
     try:
         model = timm.create_model(
@@ -57,7 +58,8 @@ def build_vit(params: BackboneParams, num_classes: int, in_chans: int = 1) -> Vi
         ) from None
     if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
         raise ConfigError(
-            f"backbone.model: {params.model} is a {type(model).__name__}, not a timm VisionTransformer with a class token (what lmeraser's prompts need)."
+            f"backbone.model: {params.model} is a {type(model).__name__}, "
+            "not a timm VisionTransformer with a class token (what lmeraser's prompts need)."
         )
     return model
 
@@ -162,7 +164,8 @@ def train_backbone(
             correct += int((logits.argmax(1) == targets).sum())
         if epoch == params.epochs - 1 or epoch % 10 == 0:
             log(
-                f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, train acc {correct / len(y):.4f}"
+                f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, "
+                f"train acc {correct / len(y):.4f}"
             )
     return freeze(model)
 
@@ -195,7 +198,8 @@ def load_checkpoint(
         state = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one sentence, never a traceback
         raise ConfigError(
-            f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; a torch file is read weights-only, never unpickled)."
+            f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; "
+            "a torch file is read weights-only, never unpickled)."
         ) from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"backbone.checkpoint: {path} holds no state dict of tensors.")
@@ -209,7 +213,8 @@ def load_checkpoint(
         state = checkpoint_filter_fn(state, model)
     except Exception as error:  # noqa: BLE001 - timm's filter on a foreign layout: one sentence
         raise ConfigError(
-            f"backbone.checkpoint: {path} cannot be adapted to the backbone in params.yaml ({error.__class__.__name__}: {error})."
+            f"backbone.checkpoint: {path} cannot be adapted to the backbone in params.yaml "
+            f"({error.__class__.__name__}: {error})."
         ) from None
     head_keys = {"head.weight", "head.bias"}
     if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
@@ -219,14 +224,16 @@ def load_checkpoint(
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
             raise ConfigError(
-                f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, the backbone in params.yaml needs "
-                f"{tuple(expected[key].shape)} (check backbone.model, img_size, patch_size and embed_dim)."
+                f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, "
+                f"the backbone in params.yaml needs {tuple(expected[key].shape)} "
+                "(check backbone.model, img_size, patch_size and embed_dim)."
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
         raise ConfigError(
-            f"backbone.checkpoint: {path} does not match the backbone in params.yaml (missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
+            f"backbone.checkpoint: {path} does not match the backbone in params.yaml "
+            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
         )
     return freeze(model), adapted
 

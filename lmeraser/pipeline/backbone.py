@@ -37,8 +37,8 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
             public = ws.split("public")
             verb = "fine-tuning" if model is not None else "training"
             log(
-                f"{verb} the backbone ({architecture}) on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s),"
-                f" on {compute.device} ({compute.precision})"
+                f"{verb} the backbone ({architecture}) on {len(public)} public samples: "
+                f"{cfg.epochs} epochs, {cfg.threads} thread(s), on {compute.device} ({compute.precision})"
             )
             model = train_backbone(
                 cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model, compute=compute

@@ -50,7 +50,8 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         out["single_prompt_accuracy"] = accuracy(test.labels, single)
         seconds["single_prompt_seconds"] = time.perf_counter() - start
         log(
-            f"baselines: linear probe {out['linear_probe_accuracy']:.4f} | single prompt {out['single_prompt_accuracy']:.4f}"
+            f"baselines: linear probe {out['linear_probe_accuracy']:.4f} "
+            f"| single prompt {out['single_prompt_accuracy']:.4f}"
         )
     atomic_write_json(ws.baselines_report, out)
     return {"metrics": {**{k: v for k, v in out.items() if k != "enabled"}, **seconds}}

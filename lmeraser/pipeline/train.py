@@ -158,7 +158,8 @@ def run(
     # purges the ones it supersedes itself.
     pruned = store.prune({entry.key for entry in entries.values()} | ws.pinned_keys())
     log(
-        f"trained {len(trained)} / reused {len(reused)} clusters in {seconds:.1f}s; retired {len(retired)}, pruned {len(pruned)} superseded artifacts"
+        f"trained {len(trained)} / reused {len(reused)} clusters in {seconds:.1f}s; retired {len(retired)}, "
+        f"pruned {len(pruned)} superseded artifacts"
     )
     return {
         "metrics": {
@@ -217,7 +218,8 @@ def train_from_workspace(root: str, params_file: str, cluster: int, key: str) ->
     job = next((job for job in training.jobs if job.cluster == cluster), None)
     if job is None or job.key != key:
         raise LmeraserError(
-            f"cluster {cluster}: the workspace at {root} changed since the training was planned (another key); run the stage again."
+            f"cluster {cluster}: the workspace at {root} changed since the training was planned (another key); "
+            "run the stage again."
         )
     return training.trainer.train(job)
 

@@ -26,12 +26,14 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print, chang
     reused = report.statistics["facts_reused"]
     if report.statistics["mode"] == "changed rows":
         log(
-            f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, and whole-split checks over {report.statistics['rows']} samples"
+            f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, "
+            f"and whole-split checks over {report.statistics['rows']} samples"
         )
     else:
         note = f" (image facts of {', '.join(reused)} reused: files unchanged since last checked)" if reused else ""
         log(
-            f"validation passed: {report.statistics['evaluated']} expectations over {report.statistics['rows']} samples{note}"
+            f"validation passed: {report.statistics['evaluated']} expectations "
+            f"over {report.statistics['rows']} samples{note}"
         )
     return {
         "metrics": {"expectations": report.statistics["evaluated"], "rows": report.statistics["rows"]},

@@ -5,9 +5,10 @@ looked at, so unknown paths cannot be probed). A POST needs a Content-Length no 
 `service.max_body_mib`, and the body actually read is held to that limit too (413 as soon as it
 is passed, whatever the headers said, chunked or not). Fields are typed strictly: a label is an
 integer (not `true`, not 3.0), pixels are integers 0..255 (a float is refused, never truncated).
-The access log names the path only: a query string (which may carry a secret) is never logged. Requests go through the same validation and journal as the CLI
-(`unlearning.intake.submit`); a corrected image comes as a multipart upload (bytes, checked and
-copied into the workspace), never as a path, so no request reads or writes outside the workspace.
+The access log names the path only: a query string (which may carry a secret) is never logged.
+Requests go through the same validation and journal as the CLI (`unlearning.intake.submit`); a
+corrected image comes as a multipart upload (bytes, checked and copied into the workspace), never
+as a path, so no request reads or writes outside the workspace.
 
   POST /v1/requests          submit (an influence request is answered after its update is served)
   GET  /v1/requests[/{id}]   state history, covering records, deadline
@@ -126,7 +127,8 @@ def _specs(body, has_image: bool) -> tuple[list[RequestSpec], str]:
             bad = forbidden[0]
             raise _Fail(
                 422,
-                f"{where}{bad}: unknown field (one method for the whole body; images as a multipart upload; no backbone rebuilds over HTTP).",
+                f"{where}{bad}: unknown field (one method for the whole body; images as a multipart upload; "
+                "no backbone rebuilds over HTTP).",
                 field=f"{where}{bad}",
             )
         fields = dict(item) if isinstance(item, dict) else item
@@ -246,7 +248,8 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
         if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape or not 0 < len(images) <= MAX_PREDICT:
             raise _Fail(
                 422,
-                f"images: shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected, not {images.shape}.",
+                f"images: shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected, "
+                f"not {images.shape}.",
                 field="images",
             )
     if images.min() < 0 or images.max() > 255:

@@ -40,7 +40,8 @@ def api_token(ws: Workspace, create: bool = True) -> str:
     if token:
         if len(token) < MIN_LENGTH or not token.isprintable() or " " in token:
             raise LmeraserError(
-                f"${TOKEN_ENV}: a token needs at least {MIN_LENGTH} printable characters and no spaces (e.g. `openssl rand -hex 32`)."
+                f"${TOKEN_ENV}: a token needs at least {MIN_LENGTH} printable characters and no spaces "
+                "(e.g. `openssl rand -hex 32`)."
             )
         return token
     path = ws.api_token_file
@@ -54,7 +55,8 @@ def api_token(ws: Workspace, create: bool = True) -> str:
         return token
     if not create:
         raise LmeraserError(
-            f"no API token: set ${TOKEN_ENV} or start `lmeraser serve` once in {ws.root.resolve()} (it creates {ws.relative(path)})."
+            f"no API token: set ${TOKEN_ENV} or start `lmeraser serve` once in {ws.root.resolve()} "
+            f"(it creates {ws.relative(path)})."
         )
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -55,7 +55,10 @@ class Client:
             f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n'.encode()
             + json.dumps(body).encode()
             + b"\r\n",
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
             + raw
             + b"\r\n",
             f"--{boundary}--\r\n".encode(),

@@ -137,7 +137,8 @@ class BatchWorker:
                 "finished_at": time.time(),
             }
             self.log(
-                f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, rebuilt clusters {result.get('rebuilt')}"
+                f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, "
+                f"rebuilt clusters {result.get('rebuilt')}"
             )
         return result
 
@@ -165,7 +166,8 @@ class BatchWorker:
         if summary["hits"]:
             where = ", ".join(summary["locations_with_hits"])
             self.log(
-                f"worker: full scan: {summary['hits']} hit(s): forgotten data survives in {where}; run `lmeraser audit scan`"
+                f"worker: full scan: {summary['hits']} hit(s): forgotten data survives in {where}; "
+                "run `lmeraser audit scan`"
             )
         else:
             self.log(f"worker: full scan: read {files} files, 0 hits")

@@ -82,8 +82,8 @@ def rebuild_params(ws: Workspace) -> Params:
     pipeline_file = ws.pipeline_params_file
     if ws.params_file.resolve() != pipeline_file.resolve() and params != load_params(pipeline_file):
         raise LmeraserError(
-            f"--params {ws.params_file} differs from {pipeline_file}, which dvc.yaml's stages read: an exact rebuild runs with "
-            f"{pipeline_file}; copy {ws.params_file} there and run `dvc repro` first."
+            f"--params {ws.params_file} differs from {pipeline_file}, which dvc.yaml's stages read: "
+            f"an exact rebuild runs with {pipeline_file}; copy {ws.params_file} there and run `dvc repro` first."
         )
     return params
 
@@ -122,12 +122,14 @@ class UnlearnBatch:
                 state = BatchState.from_json(json.loads(batches[0].read_bytes()))
             except (ValueError, RecursionError):  # ValidationError and JSONDecodeError included
                 raise LmeraserError(
-                    f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored."
+                    f"{batches[0]}: not a batch state file (it was altered); "
+                    "the batch cannot resume until it is restored."
                 ) from None
             disagreement = _disagreement(state, batches[0].stem, Journal(ws))
             if disagreement:
                 raise LmeraserError(
-                    f"{batches[0]}: {disagreement} (the batch file was altered); the batch cannot resume until it is restored."
+                    f"{batches[0]}: {disagreement} (the batch file was altered); "
+                    "the batch cannot resume until it is restored."
                 )
             return cls(ws, params, state, log)
         pending = Journal(ws).pending()[:max_requests]
@@ -224,8 +226,9 @@ class UnlearnBatch:
         stale = stale_stages(ws, SERVING_TARGET)
         if stale:
             raise LmeraserError(
-                f"the pipeline is not up to date with data/, params.yaml or the code (`dvc status` lists {', '.join(stale)}): "
-                "run `dvc repro` first, then `lmeraser unlearn`; this batch changed nothing and its requests stay pending."
+                "the pipeline is not up to date with data/, params.yaml or the code "
+                f"(`dvc status` lists {', '.join(stale)}): run `dvc repro` first, then `lmeraser unlearn`; "
+                "this batch changed nothing and its requests stay pending."
             )
         cluster_of = ws.cluster_of()
         targets = self._targets()
@@ -268,10 +271,12 @@ class UnlearnBatch:
         if outside:
             self.log(
                 f"the serving path changed since lineage record {outside['since_record']} with no record of its own "
-                f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); this batch's record names the change"
+                f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); "
+                "this batch's record names the change"
             )
         self.log(
-            f"batch {self.state.batch_id}: {len(self.requests)} request(s), {len(targets)} sample(s), planned clusters {planned}"
+            f"batch {self.state.batch_id}: {len(self.requests)} request(s), {len(targets)} sample(s), "
+            f"planned clusters {planned}"
         )
         return Capture(
             # The code version as the batch found it: a batch started on a clean checkout says so,
@@ -353,8 +358,9 @@ class UnlearnBatch:
                 scores.update(forgetting.served_scores(model, images, labels, targets, params.evaluate.batch_size))
             else:
                 problems.append(
-                    f"forgetting audit: cluster {cluster} serves a prompt that is not its retrain without the batch's samples "
-                    f"(tensor digest {digests.get(cluster, 'none')[:16]}, expected {state['clusters'][cluster]['rebuild_digest'][:16]}), "
+                    f"forgetting audit: cluster {cluster} serves a prompt that is not its retrain without the batch's "
+                    f"samples (tensor digest {digests.get(cluster, 'none')[:16]}, "
+                    f"expected {state['clusters'][cluster]['rebuild_digest'][:16]}), "
                     "and the erased pixels that could score it are gone (the batch was resumed)"
                 )
         result = forgetting.conclude(state, params, state["before"], {"scores": scores, "digests": digests})
@@ -362,8 +368,9 @@ class UnlearnBatch:
         section = forgetting.section(state, result, params, key, seconds)
         section["served_as_expected_rebuild"] = sorted(int(c) for c in state["clusters"] if c not in other)
         problems += [
-            f"forgetting audit: sample {s['sample_id']} of request {', '.join(state['requests_of'][s['sample_id']])} is still detectable in the "
-            f"served model after its forget (p = {s['after']['p_value']:.2g}, detectable at p <= {result['threshold']:.2g})"
+            f"forgetting audit: sample {s['sample_id']} of request {', '.join(state['requests_of'][s['sample_id']])} "
+            f"is still detectable in the served model after its forget (p = {s['after']['p_value']:.2g}, "
+            f"detectable at p <= {result['threshold']:.2g})"
             for s in result["samples"]
             if s["verdict"] == "FAIL"
         ]
@@ -557,7 +564,9 @@ class UnlearnBatch:
             )
         elif forget:
             mia_after = {
-                "skipped": "the process was interrupted after the samples were erased; their pixels no longer exist to score"
+                "skipped": (
+                    "the process was interrupted after the samples were erased; their pixels no longer exist to score"
+                )
             }
         else:
             mia_after = None
@@ -586,7 +595,8 @@ class UnlearnBatch:
                 {str(hit.get("location")) for hit in verified.scan.get("examples", []) if isinstance(hit, dict)}
             )
             problems.append(
-                f"{verified.scan.get('hits')} scan hit(s): forgotten data survives in {', '.join(where) or 'an unnamed location'}"
+                f"{verified.scan.get('hits')} scan hit(s): forgotten data survives "
+                f"in {', '.join(where) or 'an unnamed location'}"
             )
         if not verified.clusters_as_planned:
             problems.append(
@@ -607,8 +617,8 @@ class UnlearnBatch:
         # nothing, keep the requests pending; `lmeraser unlearn` resumes at the step that stopped.
         if problems:
             raise LmeraserError(
-                f"verification failed: {'; '.join(dict.fromkeys(problems))}. Nothing was signed and the requests stay pending "
-                f"(batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
+                f"verification failed: {'; '.join(dict.fromkeys(problems))}. Nothing was signed and the requests stay "
+                f"pending (batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
             )
 
     def _check_state(self) -> list[str]:
@@ -647,7 +657,8 @@ class UnlearnBatch:
                         )
                     elif sid not in erased_key:
                         problems.append(
-                            f"request {rid}: sample {sid}, said to be forgotten already, has no erasure in {ws.suppression_file.name}"
+                            f"request {rid}: sample {sid}, said to be forgotten already, "
+                            f"has no erasure in {ws.suppression_file.name}"
                         )
                     elif erased_key[sid] in present_keys:
                         problems.append(

@@ -339,7 +339,8 @@ def damped_solve(
         restarts += 1
     if result.negative_curvature:
         raise LmeraserError(
-            f"the Hessian stays indefinite at damping {damping:.3g}; use influence.hessian: gauss_newton or the exact method."
+            f"the Hessian stays indefinite at damping {damping:.3g}; "
+            "use influence.hessian: gauss_newton or the exact method."
         )
     return Solve(result.x, damping, lambda_max, lambda_min, result, restarts)
 
@@ -452,7 +453,8 @@ def influence_edit(
         raise LmeraserError("the edit changes no sample of the cluster.")
     if not bool(present.any()):
         raise LmeraserError(
-            "the edit removes every sample of the cluster; the influence method needs at least one to remain (use the exact method)."
+            "the edit removes every sample of the cluster; the influence method needs at least one to remain "
+            "(use the exact method)."
         )
     with deterministic(threads), torch.no_grad():
         generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""The influence method (`--method influence`): answer forget and rectify requests in about a second, honestly approximate.
+"""The influence method (`--method influence`): answer forget and rectify requests in about a
+second, honestly approximate.
 
 For every cluster a batch of requests touches, the influence update (influence.py) edits the
 PEFT parameters the cluster serves now; the result is stored in the serving overlay
@@ -120,8 +121,9 @@ def influence_pending(ws: Workspace, log=print) -> dict | None:
             # Under this lock no batch runs: this one stopped (killed, or a check failed), maybe
             # after its rebuild. An influence record would sign its unverified prompts as served.
             raise LmeraserError(
-                f"exact batch {open_batches[0].stem} stopped before its record ({ws.relative(open_batches[0])}); the served prompts "
-                "are not verified, so no influence update is signed over them: finish it with `lmeraser unlearn` first "
+                f"exact batch {open_batches[0].stem} stopped before its record ({ws.relative(open_batches[0])}); "
+                "the served prompts are not verified, so no influence update is signed over them: "
+                "finish it with `lmeraser unlearn` first "
                 "(the influence request stays pending for the exact batch after it)."
             )
         if not requests:
@@ -241,10 +243,11 @@ def _update(ws: Workspace, params: Params, requests: list[Request], journal: Jou
             )
             corrected = losses["corrected"]
             log(
-                f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
-                f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
-                f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g} (logit confidence "
-                f"{confidence['original']['before']:.3g} -> {confidence['original']['after']:.3g})"
+                f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, "
+                f"CG {report.cg_iterations} it, residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; "
+                f"loss of the edited samples as they were {losses['original']['before']:.3g} "
+                f"-> {losses['original']['after']:.3g} (logit confidence {confidence['original']['before']:.3g} "
+                f"-> {confidence['original']['after']:.3g})"
                 + (
                     f", as corrected {corrected['before']:.3g} -> {corrected['after']:.3g}"
                     if corrected["before"] is not None
@@ -262,7 +265,8 @@ def _update(ws: Workspace, params: Params, requests: list[Request], journal: Jou
     journal.append([event(r.request_id, "approximated", record=record.number) for r in requests])
     ws.influence_intent_file.unlink()
     log(
-        f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`"
+        f"lineage record {record.number} (method influence, approximate); "
+        "the exact rebuild stays queued for `lmeraser unlearn`"
     )
     return {
         "record": record.number,

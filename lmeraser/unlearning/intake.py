@@ -56,7 +56,8 @@ def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
             ) from None
         if isinstance(obj, dict) and "allow_backbone_rebuild" in obj:
             raise LmeraserError(
-                f"{where}: a requests file cannot grant allow_backbone_rebuild; pass --allow-backbone-rebuild; nothing was applied."
+                f"{where}: a requests file cannot grant allow_backbone_rebuild; pass --allow-backbone-rebuild; "
+                "nothing was applied."
             )
         try:
             spec = RequestSpec.model_validate(obj)
@@ -64,11 +65,13 @@ def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
             first = error.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             raise LmeraserError(
-                f"{where}: {shown(field) + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied."
+                f"{where}: {shown(field) + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}; "
+                "nothing was applied."
             ) from None
         if spec.kind != kind:
             raise LmeraserError(
-                f"{where}: a {spec.kind} request, but `lmeraser {kind} --file` takes {kind} requests only; nothing was applied."
+                f"{where}: a {spec.kind} request, but `lmeraser {kind} --file` takes {kind} requests only; "
+                "nothing was applied."
             )
         specs.append(spec)
     if not specs:
@@ -153,12 +156,13 @@ class Resolver:
                 raise LmeraserError(f"sample id {shown(sid)} is unknown: not in data/ and never forgotten.")
             if split == "test":
                 raise LmeraserError(
-                    f"sample id {shown(sid)} is in the test split, which trains nothing; remove it from the evaluation data instead."
+                    f"sample id {shown(sid)} is in the test split, which trains nothing; "
+                    "remove it from the evaluation data instead."
                 )
             if split == "public" and not spec.allow_backbone_rebuild:
                 raise LmeraserError(
-                    f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, so removing it means "
-                    "rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
+                    f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, "
+                    "so removing it means rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
                 )
             live.append(sid)
         if spec.kind == "rectify":

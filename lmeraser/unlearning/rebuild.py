@@ -62,7 +62,8 @@ def check_executor(params: Params, map_jobs: Callable | None) -> None:
     """
     if map_jobs is None and params.runtime.executor != "threads":
         raise ConfigError(
-            "runtime.executor dask trains through Prefect's Dask task runner: run the batch with `lmeraser unlearn` (the unlearn flow)."
+            "runtime.executor dask trains through Prefect's Dask task runner: "
+            "run the batch with `lmeraser unlearn` (the unlearn flow)."
         )
 
 

@@ -79,5 +79,6 @@ def recover_influence(ws: Workspace) -> list[str]:
     removed = overlay.store.prune({e["key"] for e in (before or {}).values()})
     path.unlink()
     return [
-        f"influence update {batch_id} was interrupted before its record: overlay restored, {len(removed)} file(s) it wrote deleted"
+        f"influence update {batch_id} was interrupted before its record: overlay restored, "
+        f"{len(removed)} file(s) it wrote deleted"
     ]
