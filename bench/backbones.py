@@ -64,13 +64,21 @@ def fashion_npz(pool: int, test: int) -> tuple[Path, Path]:
 
     raw = load_fashion_mnist()
     rng = np.random.default_rng(0)
-    keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(raw.train_labels == c))[: pool // 10] for c in range(10)]))
+    keep = np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(raw.train_labels == c))[: pool // 10] for c in range(10)])
+    )
     x, y = raw.train_images[keep], raw.train_labels[keep]
     xt, yt = raw.test_images[:test], raw.test_labels[:test]
     RESULTS.mkdir(parents=True, exist_ok=True)
     grey, rgb = RESULTS / "fashion-grey.npz", RESULTS / "fashion-rgb.npz"
     np.savez(grey, x_train=x, y_train=y, x_test=xt, y_test=yt)
-    np.savez(rgb, x_train=np.repeat(x[..., None], 3, axis=3), y_train=y, x_test=np.repeat(xt[..., None], 3, axis=3), y_test=yt)
+    np.savez(
+        rgb,
+        x_train=np.repeat(x[..., None], 3, axis=3),
+        y_train=y,
+        x_test=np.repeat(xt[..., None], 3, axis=3),
+        y_test=yt,
+    )
     return grey, rgb
 
 
@@ -99,7 +107,9 @@ def configurations(grey: Path, rgb: Path, img_size: int, base_img_size: int | No
     if base_img_size:
         vit_base = json.loads(json.dumps(tiny))
         weights = random_timm_checkpoint(RESULTS / "vit_base_random.safetensors", "vit_base_patch16_224")
-        vit_base["backbone"].update({"model": "vit_base_patch16_224", "checkpoint": str(weights), "train": "frozen", "img_size": base_img_size})
+        vit_base["backbone"].update(
+            {"model": "vit_base_patch16_224", "checkpoint": str(weights), "train": "frozen", "img_size": base_img_size}
+        )
         vit_base["prompt"]["pad"]["width"] = max(2, round(30 * base_img_size / 224))  # the paper's 30 px at 224
         out["rgb-vit-base-random"] = vit_base
     return out
@@ -143,7 +153,11 @@ def _threads_against_dask(ws, params) -> dict:
     ws.store_dir.rename(kept)
     try:
         ws.store_dir.mkdir()
-        on_dask = map_jobs_for(params.model_copy(update={"runtime": params.runtime.model_copy(update={"executor": "dask"})}), str(ws.root), "params.yaml")
+        on_dask = map_jobs_for(
+            params.model_copy(update={"runtime": params.runtime.model_copy(update={"executor": "dask"})}),
+            str(ws.root),
+            "params.yaml",
+        )
         start = time.perf_counter()
         dask = {r["cluster"]: r["entry"].sha256 for r in on_dask(training.trainer, training.jobs)}
         dask_seconds = time.perf_counter() - start
@@ -206,7 +220,16 @@ def run_one(name: str, raw: dict, dask: bool = False) -> dict:
     metrics, baselines = ws.metrics(), json.loads(ws.baselines_report.read_text())
     for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "pipeline"]):
         subprocess.run(
-            cmd, cwd=root, check=True, env={**env, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+            cmd,
+            cwd=root,
+            check=True,
+            env={
+                **env,
+                "GIT_AUTHOR_NAME": "b",
+                "GIT_AUTHOR_EMAIL": "b@b",
+                "GIT_COMMITTER_NAME": "b",
+                "GIT_COMMITTER_EMAIL": "b@b",
+            },
         )
 
     private = ws.split("private").sample_ids
@@ -237,9 +260,11 @@ def run_one(name: str, raw: dict, dask: bool = False) -> dict:
         "clusters": len(cluster_seconds),
         "cluster_train_seconds": {"median": float(np.median(cluster_seconds)), "max": float(np.max(cluster_seconds))},
         "forget_seconds": forget_seconds,
-        "forget_steps": json.loads(subprocess.run([str(BIN / "lmeraser"), "audit", "show", "1"], cwd=root, env=env, capture_output=True, text=True).stdout)[
-            "predicate"
-        ]["seconds"],
+        "forget_steps": json.loads(
+            subprocess.run(
+                [str(BIN / "lmeraser"), "audit", "show", "1"], cwd=root, env=env, capture_output=True, text=True
+            ).stdout
+        )["predicate"]["seconds"],
         "forget_rebuilt": done["rebuilt"],
         "influence_seconds": influence_seconds,
         "executors": executors,
@@ -262,24 +287,44 @@ def markdown(result: dict) -> str:
         + (f", {result['machine']['gpu']}" if result["machine"].get("gpu") else ", no GPU")
         + f"; runtime.device {result['runtime']['device']}, precision {result['runtime']['precision']}; torch {result['machine']['torch']}, {result['date']}. "
         "Backbones trained from scratch on the public half (no pretrained weights here)"
-        + (", except `rgb-vit-base-random`: a seeded, untrained checkpoint used frozen" if "rgb-vit-base-random" in runs else "")
+        + (
+            ", except `rgb-vit-base-random`: a seeded, untrained checkpoint used frozen"
+            if "rgb-vit-base-random" in runs
+            else ""
+        )
         + "; one process, library calls.",
         "",
         head,
         "|---|" + "---:|" * len(names),
-        "| backbone | " + " | ".join(f"{r['backbone'].get('model') or 'built-in'} @ {r['backbone']['img_size']} px" for r in runs.values()) + " |",
+        "| backbone | "
+        + " | ".join(
+            f"{r['backbone'].get('model') or 'built-in'} @ {r['backbone']['img_size']} px" for r in runs.values()
+        )
+        + " |",
         "| images | " + " | ".join("×".join(map(str, r["image_shape"])) for r in runs.values()) + " |",
-        *[f"| stage `{s}` (s) | " + " | ".join(f"{r['seconds'][s]:.1f}" for r in runs.values()) + " |" for s in runs[names[0]]["seconds"]],
+        *[
+            f"| stage `{s}` (s) | " + " | ".join(f"{r['seconds'][s]:.1f}" for r in runs.values()) + " |"
+            for s in runs[names[0]]["seconds"]
+        ],
         "| clusters | " + " | ".join(str(r["clusters"]) for r in runs.values()) + " |",
         "| per-cluster training, median / max (s) | "
-        + " | ".join(f"{r['cluster_train_seconds']['median']:.2f} / {r['cluster_train_seconds']['max']:.2f}" for r in runs.values())
+        + " | ".join(
+            f"{r['cluster_train_seconds']['median']:.2f} / {r['cluster_train_seconds']['max']:.2f}"
+            for r in runs.values()
+        )
         + " |",
-        "| one exact forget, end to end in process (s) | " + " | ".join(f"{r['forget_seconds']:.1f}" for r in runs.values()) + " |",
-        "| one influence update (pad), submit to signed record (s) | " + " | ".join(f"{r['influence_seconds']:.2f}" for r in runs.values()) + " |",
+        "| one exact forget, end to end in process (s) | "
+        + " | ".join(f"{r['forget_seconds']:.1f}" for r in runs.values())
+        + " |",
+        "| one influence update (pad), submit to signed record (s) | "
+        + " | ".join(f"{r['influence_seconds']:.2f}" for r in runs.values())
+        + " |",
         "| peak RSS (MB) | " + " | ".join(f"{max(r['peak_rss_mb'].values()):.0f}" for r in runs.values()) + " |",
         *(
             [
-                "| every cluster retrained: thread runner (s) | " + " | ".join(f"{r['executors']['threads_seconds']:.1f}" for r in runs.values()) + " |",
+                "| every cluster retrained: thread runner (s) | "
+                + " | ".join(f"{r['executors']['threads_seconds']:.1f}" for r in runs.values())
+                + " |",
                 "| every cluster retrained: local Dask cluster, its start included, standing Prefect server (s) | "
                 + " | ".join(f"{r['executors']['dask_seconds']:.1f}" for r in runs.values())
                 + " |",
@@ -293,12 +338,24 @@ def markdown(result: dict) -> str:
             if all(r.get("executors") for r in runs.values())
             else []
         ),
-        "| test accuracy: clustered prompts | " + " | ".join(f"{r['accuracy']['clustered_prompts']:.4f}" for r in runs.values()) + " |",
-        "| test accuracy: single prompt (baseline) | " + " | ".join(f"{r['accuracy']['single_prompt']:.4f}" for r in runs.values()) + " |",
-        "| test accuracy: linear probe (baseline) | " + " | ".join(f"{r['accuracy']['linear_probe']:.4f}" for r in runs.values()) + " |",
+        "| test accuracy: clustered prompts | "
+        + " | ".join(f"{r['accuracy']['clustered_prompts']:.4f}" for r in runs.values())
+        + " |",
+        "| test accuracy: single prompt (baseline) | "
+        + " | ".join(f"{r['accuracy']['single_prompt']:.4f}" for r in runs.values())
+        + " |",
+        "| test accuracy: linear probe (baseline) | "
+        + " | ".join(f"{r['accuracy']['linear_probe']:.4f}" for r in runs.values())
+        + " |",
         "",
-        "Forget steps (s): " + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["forget_steps"].items()) for n, r in runs.items()) + ".",
-        *([] if result["machine"].get("gpu") else ["Not measured on this machine (no GPU): the GPU path, and `vit_base_patch16_224` at 224×224 on it."]),
+        "Forget steps (s): "
+        + "; ".join(f"{n}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["forget_steps"].items()) for n, r in runs.items())
+        + ".",
+        *(
+            []
+            if result["machine"].get("gpu")
+            else ["Not measured on this machine (no GPU): the GPU path, and `vit_base_patch16_224` at 224×224 on it."]
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -306,19 +363,31 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=int, default=3000, help="Fashion-MNIST training images (half public, half private)")
+    parser.add_argument(
+        "--pool", type=int, default=3000, help="Fashion-MNIST training images (half public, half private)"
+    )
     parser.add_argument("--test", type=int, default=1000, help="Fashion-MNIST test images")
     parser.add_argument("--img-size", type=int, default=32, help="the timm ViT's input size (a multiple of 16)")
-    parser.add_argument("--dask", action="store_true", help="also retrain every cluster on threads and on a local Dask cluster")
+    parser.add_argument(
+        "--dask", action="store_true", help="also retrain every cluster on threads and on a local Dask cluster"
+    )
     parser.add_argument("--device", default="cpu", help="runtime.device for every configuration (cpu, cuda, cuda:N)")
-    parser.add_argument("--precision", default="float32", choices=("float32", "bf16"), help="runtime.precision for every configuration")
-    parser.add_argument("--base", action="store_true", help="add vit_base_patch16_224 (random weights, frozen) at --base-img-size")
+    parser.add_argument(
+        "--precision", default="float32", choices=("float32", "bf16"), help="runtime.precision for every configuration"
+    )
+    parser.add_argument(
+        "--base", action="store_true", help="add vit_base_patch16_224 (random weights, frozen) at --base-img-size"
+    )
     parser.add_argument("--base-img-size", type=int, default=224)
     parser.add_argument("--keep-workspace", action="store_true")
     args = parser.parse_args()
     import torch
 
-    for name, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), ("GX_ANALYTICS_ENABLED", "false")):
+    for name, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("DO_NOT_TRACK", "1"),
+        ("GX_ANALYTICS_ENABLED", "false"),
+    ):
         os.environ.setdefault(name, value)  # as the CLI does: no telemetry attempts (no network here)
 
     runtime = {"device": args.device, "precision": args.precision}

@@ -55,7 +55,11 @@ from pathlib import Path
 
 if os.environ.get("LMERASER_BENCH_CODE"):
     # lmeraser/ from that directory, not the working tree: the editable install's finder goes first.
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ and "editable" not in getattr(f, "__name__", "")]
+    sys.meta_path[:] = [
+        f
+        for f in sys.meta_path
+        if "editable" not in type(f).__module__ and "editable" not in getattr(f, "__name__", "")
+    ]
     sys.path.insert(0, os.environ["LMERASER_BENCH_CODE"])
 
 import lmeraser  # noqa: E402 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
@@ -109,10 +113,19 @@ def code_info() -> dict:
     for path in sorted(package.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             data = path.read_bytes()
-            found["lmeraser/" + path.relative_to(package).as_posix()] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            found["lmeraser/" + path.relative_to(package).as_posix()] = hashlib.sha1(
+                b"blob %d\0" % len(data) + data
+            ).hexdigest()
     differs = sorted(name for name in set(found) | set(committed) if found.get(name) != committed.get(name))
-    bench = [line[3:] for line in git("status", "--porcelain", "--", "bench/forgetting.py").splitlines() if line.strip()]
-    return {"commit": head, "lmeraser_imported_from": str(package), "lmeraser_differs_from_commit": differs, "uncommitted": bench}
+    bench = [
+        line[3:] for line in git("status", "--porcelain", "--", "bench/forgetting.py").splitlines() if line.strip()
+    ]
+    return {
+        "commit": head,
+        "lmeraser_imported_from": str(package),
+        "lmeraser_differs_from_commit": differs,
+        "uncommitted": bench,
+    }
 
 
 def with_audit(params, references: int, workers: int | None = None):
@@ -138,7 +151,13 @@ def tpr_at_fpr(positives: list[float], negatives: list[float], fpr: float = FPR)
     allowed = int(np.floor(fpr * len(neg)))
     t = neg[allowed]
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return {"tpr": float((pos > t).mean()), "auc": float(wins / (len(pos) * len(neg))), "threshold": float(t), "n_pos": len(pos), "n_neg": len(neg)}
+    return {
+        "tpr": float((pos > t).mean()),
+        "auc": float(wins / (len(pos) * len(neg))),
+        "threshold": float(t),
+        "n_pos": len(pos),
+        "n_neg": len(neg),
+    }
 
 
 def counts(samples: list[dict], ids: set[str]) -> dict:
@@ -156,9 +175,13 @@ def subset_state(state: dict, references: int, seeds: dict[str, int]) -> dict:
     for cluster, info in state["clusters"].items():
         # As many more OUT than IN references as the full state has (0, or 1 where the audit adds
         # one OUT reference with the cluster's own seed).
-        extra = sum(r["name"].startswith("out:") for r in info["fresh"]) - sum(r["name"].startswith("in:") for r in info["fresh"])
+        extra = sum(r["name"].startswith("out:") for r in info["fresh"]) - sum(
+            r["name"].startswith("in:") for r in info["fresh"]
+        )
         keep = {f"in:{forgetting.reference_seed(seeds[cluster], 'in', i)}" for i in range(references)}
-        keep |= {f"out:{forgetting.reference_seed(seeds[cluster], 'out', i)}" for i in range(references + max(0, extra))}
+        keep |= {
+            f"out:{forgetting.reference_seed(seeds[cluster], 'out', i)}" for i in range(references + max(0, extra))
+        }
         out["clusters"][cluster] = {**info, "fresh": [r for r in info["fresh"] if r["name"] in keep]}
     out["trained"] = sum(len(info["fresh"]) for info in out["clusters"].values())
     return out
@@ -167,7 +190,9 @@ def subset_state(state: dict, references: int, seeds: dict[str, int]) -> dict:
 def same_references(a: dict, b: dict) -> bool:
     """The same fresh references (names, digests, every score), whatever they took."""
     strip = lambda info: [{k: v for k, v in r.items() if k != "seconds"} for r in info["fresh"]]  # noqa: E731
-    return a["clusters"].keys() == b["clusters"].keys() and all(strip(a["clusters"][c]) == strip(b["clusters"][c]) for c in a["clusters"])
+    return a["clusters"].keys() == b["clusters"].keys() and all(
+        strip(a["clusters"][c]) == strip(b["clusters"][c]) for c in a["clusters"]
+    )
 
 
 def reference_seconds(state: dict) -> float:
@@ -181,7 +206,9 @@ def reference_seconds(state: dict) -> float:
 # -- one PEFT kind -------------------------------------------------------------------------------
 
 
-def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: list[str], references: list[int], serial: bool, log) -> dict:
+def run_kind(
+    ws: Workspace, params, kind: str, canaries: list[str], ordinary: list[str], references: list[int], serial: bool, log
+) -> dict:
     load_start = list(os.getloadavg())
     params = with_kind(params, kind)
     workers = params.runtime.workers
@@ -197,9 +224,14 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
     batch_size = params.evaluate.batch_size
     logits, routes, _ = score_test_split(ws, model, batch_size)
     accuracy = float((logits.argmax(1) == ws.split("test").labels).mean())
-    log(f"[{kind}] train stage {train_seconds:.1f}s ({len(model.index.clusters)} clusters), test accuracy {accuracy:.4f}")
+    log(
+        f"[{kind}] train stage {train_seconds:.1f}s ({len(model.index.clusters)} clusters), test accuracy {accuracy:.4f}"
+    )
 
-    requests = [Request(kind="forget", request_id=f"r{i:03d}", sample_ids=(s,), received_at=0.0) for i, s in enumerate(canaries + ordinary)]
+    requests = [
+        Request(kind="forget", request_id=f"r{i:03d}", sample_ids=(s,), received_at=0.0)
+        for i, s in enumerate(canaries + ordinary)
+    ]
     r_max = max(references)
     direct = {}
     # The largest R with the configured workers; for the serial kinds also R = 2 (the default) with
@@ -214,7 +246,9 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
     state = direct[(r_max, workers)]["state"]
     seeds = {c: model.index.clusters[c].seed for c in state["clusters"]}
     checks = {
-        f"R={r} workers={w} equals the first {r} of R={r_max}": same_references(d["state"], subset_state(state, r, seeds))
+        f"R={r} workers={w} equals the first {r} of R={r_max}": same_references(
+            d["state"], subset_state(state, r, seeds)
+        )
         for (r, w), d in direct.items()
         if r != r_max
     }
@@ -247,13 +281,18 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         with ThreadPoolExecutor(max_workers=w) as pool:
             rebuilt_states = dict(zip(affected, pool.map(rebuild, affected)))
         rebuild_wall[w] = time.perf_counter() - t
-    log(f"[{kind}] exact rebuild of {len(affected)} clusters: " + ", ".join(f"{s:.1f}s with {w} worker(s)" for w, s in rebuild_wall.items()))
+    log(
+        f"[{kind}] exact rebuild of {len(affected)} clusters: "
+        + ", ".join(f"{s:.1f}s with {w} worker(s)" for w, s in rebuild_wall.items())
+    )
     rebuilt, after_exact = {}, {"scores": {}, "digests": {}}
     for cluster, info in state["clusters"].items():
         tr = [row[s] for s in info["targets"]]
         # scored on the cluster's population too, as the exact path scores its rebuilt prompt
         population = forgetting.population_inputs(ws, info)
-        rebuilt[cluster] = forgetting.prompt_scores(model, "rebuilt", rebuilt_states[cluster], private.images[tr], private.labels[tr], batch_size, population)
+        rebuilt[cluster] = forgetting.prompt_scores(
+            model, "rebuilt", rebuilt_states[cluster], private.images[tr], private.labels[tr], batch_size, population
+        )
         after_exact["scores"].update(zip(info["targets"], rebuilt[cluster].targets))
         after_exact["digests"][cluster] = rebuilt[cluster].digest
 
@@ -266,14 +305,27 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         members = np.flatnonzero(clusters_of == int(cluster))
         x, y = preprocess(private.images[members], spec), torch.from_numpy(private.labels[members])
         present = torch.tensor([private.sample_ids[i] not in forgotten for i in members])
-        cm = prepare_model(model.backbone, model.prompt_params, model.index.num_classes, model.state(cluster), getattr(torch, ip.dtype))
+        cm = prepare_model(
+            model.backbone, model.prompt_params, model.index.num_classes, model.state(cluster), getattr(torch, ip.dtype)
+        )
         theta, objective, _ = influence_edit(
-            cm, x, y, x, y, present, ip, model.prompt_params.adapter.weight_decay, cluster_seed(params.seed, int(cluster)), ip.threads
+            cm,
+            x,
+            y,
+            x,
+            y,
+            present,
+            ip,
+            model.prompt_params.adapter.weight_decay,
+            cluster_seed(params.seed, int(cluster)),
+            ip.threads,
         )
         edited = objective.state(theta)
         influence_seconds[cluster] = time.perf_counter() - t
         tr = [row[s] for s in info["targets"]]
-        scored = forgetting.prompt_scores(model, "served after", edited, private.images[tr], private.labels[tr], batch_size)
+        scored = forgetting.prompt_scores(
+            model, "served after", edited, private.images[tr], private.labels[tr], batch_size
+        )
         after_influence["scores"].update(zip(info["targets"], scored.targets))
         after_influence["digests"][cluster] = scored.digest
 
@@ -291,19 +343,38 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
         threshold = pre["threshold"]
         by_id = {s["sample_id"]: s["before"] for s in pre["samples"]}
         # No p-value (no spread to test against): ranked as p = 1 and never detectable; no LR: lowest.
-        neglog = lambda ids, by_id=by_id: [-np.log10(max(by_id[s]["p_value"] if by_id[s]["p_value"] is not None else 1.0, P_FLOOR)) for s in ids]  # noqa: E731
-        llr = lambda ids, by_id=by_id: [v if (v := by_id[s]["log10_likelihood_ratio"]) is not None else -np.inf for s in ids]  # noqa: E731
-        detect = lambda ids, by_id=by_id, t=threshold: sum(1 for s in ids if by_id[s]["p_value"] is not None and by_id[s]["p_value"] <= t)  # noqa: E731
+        neglog = lambda ids, by_id=by_id: [
+            -np.log10(max(by_id[s]["p_value"] if by_id[s]["p_value"] is not None else 1.0, P_FLOOR)) for s in ids
+        ]  # noqa: E731
+        llr = lambda ids, by_id=by_id: [
+            v if (v := by_id[s]["log10_likelihood_ratio"]) is not None else -np.inf for s in ids
+        ]  # noqa: E731
+        detect = lambda ids, by_id=by_id, t=threshold: sum(
+            1 for s in ids if by_id[s]["p_value"] is not None and by_id[s]["p_value"] <= t
+        )  # noqa: E731
         untested = sum(1 for s in canaries + ordinary if by_id[s]["p_value"] is None)
         direct_wall = direct.get((r, workers), {}).get("wall")
         per_r[str(r)] = {
             "threshold_p": threshold,
             "tpr_at_1pct_fpr_p_value": tpr_at_fpr(neglog(canaries), neglog(ordinary)),
             "tpr_at_1pct_fpr_log10_lr": tpr_at_fpr(llr(canaries), llr(ordinary)),
-            "detectable_before": {"canaries": detect(canaries), "ordinary": detect(ordinary), "ordinary_sharing_a_canary_cluster": detect(ordinary_shared)},
-            "exact": {"canaries": counts(exact["samples"], canary_set), "ordinary": counts(exact["samples"], ordinary_set)},
-            "influence": {"canaries": counts(influence["samples"], canary_set), "ordinary": counts(influence["samples"], ordinary_set)},
-            "broken": {"canaries": counts(broken["samples"], canary_set), "ordinary": counts(broken["samples"], ordinary_set)},
+            "detectable_before": {
+                "canaries": detect(canaries),
+                "ordinary": detect(ordinary),
+                "ordinary_sharing_a_canary_cluster": detect(ordinary_shared),
+            },
+            "exact": {
+                "canaries": counts(exact["samples"], canary_set),
+                "ordinary": counts(exact["samples"], ordinary_set),
+            },
+            "influence": {
+                "canaries": counts(influence["samples"], canary_set),
+                "ordinary": counts(influence["samples"], ordinary_set),
+            },
+            "broken": {
+                "canaries": counts(broken["samples"], canary_set),
+                "ordinary": counts(broken["samples"], ordinary_set),
+            },
             "untested_before": untested,
             "references_trained": sub["trained"],
             "reference_seconds_sum": reference_seconds(sub),
@@ -316,7 +387,9 @@ def run_kind(ws: Workspace, params, kind: str, canaries: list[str], ordinary: li
                         "cluster": cluster_of[s["sample_id"]],
                         "verdict": s["verdict"],
                         **{
-                            when: None if s[when] is None else {k: s[when].get(k) for k in ("score", "p_value", "log10_likelihood_ratio", "dof")}
+                            when: None
+                            if s[when] is None
+                            else {k: s[when].get(k) for k in ("score", "p_value", "log10_likelihood_ratio", "dof")}
                             for when in ("before", "after")
                         },
                     }
@@ -370,7 +443,9 @@ def influence_latency(ws: Workspace, params, sample: str, references: list[int],
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(ws.root, copy)
         try:
-            (copy / "params.yaml").write_text(yaml.safe_dump(with_audit(params, r).model_dump(mode="json"), sort_keys=False))
+            (copy / "params.yaml").write_text(
+                yaml.safe_dump(with_audit(params, r).model_dump(mode="json"), sort_keys=False)
+            )
             target = Workspace(copy)
             submit([RequestSpec(sample_ids=[sample])], target, method="influence")
             t = time.perf_counter()
@@ -384,14 +459,25 @@ def influence_latency(ws: Workspace, params, sample: str, references: list[int],
             "audit_seconds": (audit.get("seconds") or {}).get("total", 0.0),
             "verdicts": audit.get("verdicts"),
         }
-        log(f"[{params.prompt.kind}] forget --method influence, one request, audit.references={r}: {wall:.1f}s (audit {out[str(r)]['audit_seconds']:.1f}s)")
+        log(
+            f"[{params.prompt.kind}] forget --method influence, one request, audit.references={r}: {wall:.1f}s (audit {out[str(r)]['audit_seconds']:.1f}s)"
+        )
     return out
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run(source: str, subset: int | None, references: list[int], n_canaries: int, n_ordinary: int, kinds: list[str], serial_kinds: set[str], log) -> dict:
+def run(
+    source: str,
+    subset: int | None,
+    references: list[int],
+    n_canaries: int,
+    n_ordinary: int,
+    kinds: list[str],
+    serial_kinds: set[str],
+    log,
+) -> dict:
     start = time.perf_counter()
     load_start = list(os.getloadavg())
     code = code_info()
@@ -413,12 +499,18 @@ def run(source: str, subset: int | None, references: list[int], n_canaries: int,
         i = private.sample_ids.index(s)
         update_sample(s, "private", ws, label=(int(private.labels[i]) + 3) % num_classes)
     chosen = set(canaries)
-    ordinary = [private.sample_ids[i] for i in np.linspace(n // (2 * n_ordinary), n - 1, n_ordinary, dtype=int) if private.sample_ids[i] not in chosen]
+    ordinary = [
+        private.sample_ids[i]
+        for i in np.linspace(n // (2 * n_ordinary), n - 1, n_ordinary, dtype=int)
+        if private.sample_ids[i] not in chosen
+    ]
     t = time.perf_counter()
     for name in ("validate", "backbone", "prototypes", "assign"):
         stage(name).function(params, ws, lambda m: None)
     setup_seconds = time.perf_counter() - t
-    log(f"[setup] {n} private samples, {len(canaries)} canaries, {len(ordinary)} ordinary; backbone to assign in {setup_seconds:.1f}s")
+    log(
+        f"[setup] {n} private samples, {len(canaries)} canaries, {len(ordinary)} ordinary; backbone to assign in {setup_seconds:.1f}s"
+    )
     result = {
         "source": source,
         "subset": subset,
@@ -483,7 +575,11 @@ def save_json(path: Path, result: dict) -> None:
 
 def _v(c: dict) -> str:
     """Verdict counts, short: forgotten / not-memorised / FAIL (not-audited only when there is one)."""
-    text = f"{c['forgotten']} / {c['not-memorised']} / **{c['FAIL']}**" if c["FAIL"] else f"{c['forgotten']} / {c['not-memorised']} / 0"
+    text = (
+        f"{c['forgotten']} / {c['not-memorised']} / **{c['FAIL']}**"
+        if c["FAIL"]
+        else f"{c['forgotten']} / {c['not-memorised']} / 0"
+    )
     return text + (f" (+{c['not-audited']} n/a)" if c["not-audited"] else "")
 
 
@@ -553,7 +649,9 @@ def markdown(result: dict, skipped: list[str]) -> str:
         for name, s in c["references_wall_seconds"].items():
             w = name.split("workers=")[1]
             base = rebuild.get(w, rebuild[str(result["machine"]["workers"])])
-            lines.append(f"| references {name.split(' ')[0]} (train + score) | {w} | {s:.1f} | {s / c['requests']:.2f} | {s / base:.1f}x |")
+            lines.append(
+                f"| references {name.split(' ')[0]} (train + score) | {w} | {s:.1f} | {s / c['requests']:.2f} | {s / base:.1f}x |"
+            )
         latency = c.get("influence_request_seconds") or {}
         if latency:
             lines += [
@@ -578,14 +676,22 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="cap on the training pool (stratified)")
     parser.add_argument("--references", default="1,2,4,8", help="audit.references values (R), comma-separated")
     parser.add_argument("--canaries", type=int, default=8, help="mislabelled private samples planted before training")
-    parser.add_argument("--ordinary", type=int, default=8, help="ordinary private samples audited the same way (the negatives)")
+    parser.add_argument(
+        "--ordinary", type=int, default=8, help="ordinary private samples audited the same way (the negatives)"
+    )
     parser.add_argument("--kinds", default=",".join(KINDS), help="PEFT kinds, comma-separated")
     parser.add_argument(
-        "--serial-kinds", default="pad", help="kinds whose R = 2 references are also run directly, with runtime.workers and serially (workers 1)"
+        "--serial-kinds",
+        default="pad",
+        help="kinds whose R = 2 references are also run directly, with runtime.workers and serially (workers 1)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--render", type=Path, default=None, help="only rewrite the .md of this saved .json (and its note)")
-    parser.add_argument("--note", default=None, help="a sentence for the end of the .md (why something was not measured)")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only rewrite the .md of this saved .json (and its note)"
+    )
+    parser.add_argument(
+        "--note", default=None, help="a sentence for the end of the .md (why something was not measured)"
+    )
     args = parser.parse_args()
     if args.render:
         result = json.loads(args.render.read_text())

@@ -92,7 +92,15 @@ def losses(model, x, y) -> np.ndarray:
         return torch.nn.functional.cross_entropy(model(x), y, reduction="none").numpy()
 
 
-def edit_request(kind: str, x: torch.Tensor, y: torch.Tensor, row: int, rng: np.random.Generator, num_classes: int, donor: torch.Tensor):
+def edit_request(
+    kind: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    row: int,
+    rng: np.random.Generator,
+    num_classes: int,
+    donor: torch.Tensor,
+):
     """The edited members for one single-sample request on `row`."""
     x_new, y_new, present = x.clone(), y.clone(), torch.ones(len(y), dtype=torch.bool)
     if kind == "removal":
@@ -134,7 +142,9 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
 
     results = {"kinds": {}}
     for kind in kinds:
-        prompt = PromptParams(**{**params.prompt.model_dump(), "kind": kind})  # each kind with its own settings (LoRA's lr too)
+        prompt = PromptParams(
+            **{**params.prompt.model_dump(), "kind": kind}
+        )  # each kind with its own settings (LoRA's lr too)
         print(f"[{kind}] training {len(chosen)} cluster prompts", flush=True)
         per_edit = {edit: [] for edit in EDITS}
         for cluster in chosen:
@@ -156,7 +166,16 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                         t0 = time.perf_counter()
                         model = prepare_model(backbone, prompt, num_classes, original, dtype)
                         theta, objective, report = influence_edit(
-                            model, x, y, x_new, y_new, present, params.influence, prompt.adapter.weight_decay, seed, params.influence.threads
+                            model,
+                            x,
+                            y,
+                            x_new,
+                            y_new,
+                            present,
+                            params.influence,
+                            prompt.adapter.weight_decay,
+                            seed,
+                            params.influence.threads,
                         )
                         influenced = objective.state(theta)
                         influence_seconds = time.perf_counter() - t0
@@ -165,7 +184,8 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                     exact_seconds = time.perf_counter() - t0
                     # Each state's model built once (a LoRA model copies the backbone).
                     models = {
-                        name: load_prompt(backbone, prompt, num_classes, s) for name, s in (("original", original), ("influence", influenced), ("exact", exact))
+                        name: load_prompt(backbone, prompt, num_classes, s)
+                        for name, s in (("original", original), ("influence", influenced), ("exact", exact))
                     }
                     preds = {name: predict(m, xt) for name, m in models.items()}
                     keep = present.clone()
@@ -185,11 +205,18 @@ def run(source: str, n_clusters: int, n_requests: int, kinds: tuple[str, ...]) -
                             "original": float((preds["original"] == preds["exact"]).mean()),
                         },
                         "test_accuracy": {k: float((v == yt.numpy()).mean()) for k, v in preds.items()},
-                        "retained_accuracy": {name: float((predict(m, x_new[keep]) == y_new[keep].numpy()).mean()) for name, m in models.items()},
+                        "retained_accuracy": {
+                            name: float((predict(m, x_new[keep]) == y_new[keep].numpy()).mean())
+                            for name, m in models.items()
+                        },
                     }
                     if edit == "removal":
-                        entry["forgotten_loss"] = {name: float(losses(m, x[row : row + 1], y[row : row + 1])[0]) for name, m in models.items()}
-                        entry["forgotten_correct"] = {name: bool(predict(m, x[row : row + 1])[0] == int(y[row])) for name, m in models.items()}
+                        entry["forgotten_loss"] = {
+                            name: float(losses(m, x[row : row + 1], y[row : row + 1])[0]) for name, m in models.items()
+                        }
+                        entry["forgotten_correct"] = {
+                            name: bool(predict(m, x[row : row + 1])[0] == int(y[row])) for name, m in models.items()
+                        }
                         entry["heldout_losses"] = {name: losses(m, xt, yt).tolist() for name, m in models.items()}
                     per_edit[edit].append(entry)
                     print(
@@ -275,7 +302,9 @@ def summarise(edit: str, entries: list[dict]) -> dict:
     return out
 
 
-def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_test, y_test, routes, num_classes, dtype) -> list[dict]:
+def correction(
+    backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_test, y_test, routes, num_classes, dtype
+) -> list[dict]:
     """Flip a fraction of one cluster's labels, train, correct by influence; compare with retraining."""
     rows = np.flatnonzero(clusters_of == cluster)
     x, clean = x_all[rows], y_all[rows]
@@ -289,8 +318,12 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
         rng = np.random.default_rng(int(rate * 1000) + params.seed)
         flipped = rng.choice(len(clean), size=int(round(rate * len(clean))), replace=False)
         noisy = clean.clone()
-        noisy[flipped] = torch.from_numpy((clean.numpy()[flipped] + rng.integers(1, num_classes, len(flipped))) % num_classes)
-        noisy_state = train_prompt(backbone, x, noisy, prompt, num_classes, seed, Compute(threads=params.runtime.threads))
+        noisy[flipped] = torch.from_numpy(
+            (clean.numpy()[flipped] + rng.integers(1, num_classes, len(flipped))) % num_classes
+        )
+        noisy_state = train_prompt(
+            backbone, x, noisy, prompt, num_classes, seed, Compute(threads=params.runtime.threads)
+        )
         row = {
             "flip_rate": rate,
             "n_flipped": len(flipped),
@@ -304,9 +337,20 @@ def correction(backbone, prompt, params, x_all, y_all, clusters_of, cluster, x_t
             t0 = time.perf_counter()
             model = prepare_model(backbone, prompt, num_classes, noisy_state, dtype)
             theta, objective, report = influence_edit(
-                model, x, noisy, x, clean, torch.ones(len(clean), dtype=torch.bool), ip, prompt.adapter.weight_decay, seed, params.influence.threads
+                model,
+                x,
+                noisy,
+                x,
+                clean,
+                torch.ones(len(clean), dtype=torch.bool),
+                ip,
+                prompt.adapter.weight_decay,
+                seed,
+                params.influence.threads,
             )
-            accuracy = float((predict(load_prompt(backbone, prompt, num_classes, objective.state(theta)), xt) == yt).mean())
+            accuracy = float(
+                (predict(load_prompt(backbone, prompt, num_classes, objective.state(theta)), xt) == yt).mean()
+            )
             name = "influence" if steps == 0 else f"influence_newton{steps}"
             row[name] = accuracy
             row[f"{name}_seconds"] = time.perf_counter() - t0
@@ -382,7 +426,9 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
-    parser.add_argument("--clusters", type=int, default=2, help="how many clusters to edit (most mixed, then the largest)")
+    parser.add_argument(
+        "--clusters", type=int, default=2, help="how many clusters to edit (most mixed, then the largest)"
+    )
     parser.add_argument("--requests", type=int, default=3, help="single-sample requests per cluster and edit kind")
     parser.add_argument("--kinds", default=",".join(KINDS), help="PEFT kinds, comma-separated")
     args = parser.parse_args()

@@ -54,7 +54,12 @@ from pipeline import CONFIGS  # noqa: E402
 MODES = numerics.MODES  # ("portable", "native")
 STEPS = ("backbone", "train", "forget", "influence")
 LIMIT = 1.3  # the rule: portable becomes the default if it costs at most this much
-GIT = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
+GIT = {
+    "GIT_AUTHOR_NAME": "bench",
+    "GIT_AUTHOR_EMAIL": "b@b",
+    "GIT_COMMITTER_NAME": "bench",
+    "GIT_COMMITTER_EMAIL": "b@b",
+}
 
 
 def mode_env(base: dict, mode: str, work: Path) -> dict:
@@ -123,7 +128,9 @@ def build(source: str, mode: str, subset: int | None, base: dict, code: Path, re
         saved = json.loads(record.read_text())
         last = run(["git", "log", "-1", "--format=%s"], work_root(name)).stdout.strip()
         if saved["subset"] != subset or last != "pipeline":
-            raise SystemExit(f"{work_root(name)}: built with another subset, or changed since (last commit: {last}); run without --reuse")
+            raise SystemExit(
+                f"{work_root(name)}: built with another subset, or changed since (last commit: {last}); run without --reuse"
+            )
         return work_root(name), saved["seconds"]
     start = time.perf_counter()
     work = build_demo(name, env, params=CONFIGS[source], edit=edit, source=source, code_from=code)
@@ -184,7 +191,10 @@ def measure(source: str, repeats: int, subset: int | None, reuse: bool = False) 
             result.pop("stdout")
             runs[name][mode].append(result)
             (home / "progress.json").write_text(json.dumps(runs, indent=1))  # what an interrupted run measured
-            print(f"  {name} {mode} #{repeat + 1}: {result['seconds']:.1f}s (load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f})", flush=True)
+            print(
+                f"  {name} {mode} #{repeat + 1}: {result['seconds']:.1f}s (load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f})",
+                flush=True,
+            )
 
         print("[backbone stage]", flush=True)
         for r in range(repeats):
@@ -254,14 +264,27 @@ def measure(source: str, repeats: int, subset: int | None, reuse: bool = False) 
                 "clusters_edited": answer["clusters"] if answer else [],
                 "update_seconds": answer["seconds"] if answer else None,
                 "steps": record["seconds"],
-                "edits": [{k: c.get(k) for k in ("cluster", "damping", "cg_iterations", "cg_relative_residual")} for c in record["clusters_edited"]],
+                "edits": [
+                    {k: c.get(k) for k in ("cluster", "damping", "cg_iterations", "cg_relative_residual")}
+                    for c in record["clusters_edited"]
+                ],
             }
 
-        print("[one influence update, `lmeraser forget --method influence`; its exact rebuild after it, untimed]", flush=True)
+        print(
+            "[one influence update, `lmeraser forget --method influence`; its exact rebuild after it, untimed]",
+            flush=True,
+        )
         for r in range(repeats):
             for mode in order(r):
                 victim = victims[repeats + r]
-                step("influence", r, mode, [lm, "forget", "--method", "influence", "--sample-id", victim, "--json"], after=influenced, sample_id=victim)
+                step(
+                    "influence",
+                    r,
+                    mode,
+                    [lm, "forget", "--method", "influence", "--sample-id", victim, "--json"],
+                    after=influenced,
+                    sample_id=victim,
+                )
                 rebuild = timed([lm, "unlearn"], works[mode], envs[mode])
                 rebuild.pop("stdout")
                 extra["unlearn_after_influence"][mode].append({**rebuild, "repeat": r, **forgot(works[mode], rebuild)})
@@ -378,9 +401,17 @@ def markdown(r: dict) -> str:
     s, m, d, built = r["summary"], r["machine"], r["determinism"], r["built"]
     versions = ", ".join(f"{k} {v}" for k, v in r["doctor"]["portable"]["versions"].items())
     t = r["threads"]
-    loads = [x for step in r["runs"].values() for mode in step.values() for one in mode for x in (one["load_before"][0], one["load_after"][0])]
+    loads = [
+        x
+        for step in r["runs"].values()
+        for mode in step.values()
+        for one in mode
+        for x in (one["load_before"][0], one["load_after"][0])
+    ]
     subset = (
-        f", training pool capped at {r['subset']} (`data.subset`, stratified: each mode's runs within about 15 minutes on this machine)" if r["subset"] else ""
+        f", training pool capped at {r['subset']} (`data.subset`, stratified: each mode's runs within about 15 minutes on this machine)"
+        if r["subset"]
+        else ""
     )
     o = s["overall"]
     cpu = "cpu_ratio" in o
@@ -404,22 +435,37 @@ def markdown(r: dict) -> str:
         lines.append(
             f"| {NAMES[step]} | {runs['portable']} | {runs['native']} | {s[step]['median']['portable']:.1f} | "
             f"{s[step]['median']['native']:.1f} | {s[step]['ratio']:.2f}×{over} |"
-            + (f" {s[step]['cpu_median']['portable']:.1f} / {s[step]['cpu_median']['native']:.1f} | {s[step]['cpu_ratio']:.2f}× |" if cpu else "")
+            + (
+                f" {s[step]['cpu_median']['portable']:.1f} / {s[step]['cpu_median']['native']:.1f} | {s[step]['cpu_ratio']:.2f}× |"
+                if cpu
+                else ""
+            )
         )
     lines.append(
         f"| **the four steps (sum of medians)** | | | **{o['median']['portable']:.1f}** | **{o['median']['native']:.1f}** | **{o['ratio']:.2f}×** |"
-        + (f" **{o['cpu_median']['portable']:.1f} / {o['cpu_median']['native']:.1f}** | **{o['cpu_ratio']:.2f}×** |" if cpu else "")
+        + (
+            f" **{o['cpu_median']['portable']:.1f} / {o['cpu_median']['native']:.1f}** | **{o['cpu_ratio']:.2f}×** |"
+            if cpu
+            else ""
+        )
     )
     above = ", ".join(f"{step} {s[step]['ratio']:.2f}×" for step in STEPS if s[step]["ratio"] > LIMIT) or "none"
     verdict = "at most" if o["ratio"] <= LIMIT else "more than"
     same = lambda ok: "identical" if ok else "DIFFERENT"  # noqa: E731
     forget_acc = {mode: ", ".join(f"{x['accuracy_after']:.4f}" for x in r["runs"]["forget"][mode]) for mode in MODES}
-    influence = {mode: statistics.median(x["update_seconds"] for x in r["runs"]["influence"][mode] if x["update_seconds"] is not None) for mode in MODES}
+    influence = {
+        mode: statistics.median(
+            x["update_seconds"] for x in r["runs"]["influence"][mode] if x["update_seconds"] is not None
+        )
+        for mode in MODES
+    }
     effects = {mode: "; ".join(f"{e['what']} {e['value']}" for e in r["doctor"][mode]["effects"]) for mode in MODES}
     lines += [
         "",
         f"By the {LIMIT}× rule: portable costs {o['ratio']:.2f}× native over the four steps ({verdict} {LIMIT}×; geometric mean of the "
-        f"per-step ratios {o['geometric_mean_ratio']:.2f}×" + (f"; in CPU time {o['cpu_ratio']:.2f}×" if cpu else "") + f"); steps above {LIMIT}×: {above}.",
+        f"per-step ratios {o['geometric_mean_ratio']:.2f}×"
+        + (f"; in CPU time {o['cpu_ratio']:.2f}×" if cpu else "")
+        + f"); steps above {LIMIT}×: {above}.",
         "",
         f"Determinism (sha256 over each mode's repeats and its `dvc repro` build): portable backbone {same(d['portable']['backbone'])}, "
         f"prompt index {same(d['portable']['train_index'])}, same as the build: {'yes' if d['portable']['same_as_build'] else 'NO'}; "
@@ -437,7 +483,9 @@ def markdown(r: dict) -> str:
         f"`{(built['native']['fingerprint'] or '?')[:16]}`. What took effect (`lmeraser doctor`), portable: {effects['portable']}; "
         f"native: {effects['native']}.",
         "",
-        f"Code: {r['code']['commit'][:12]}" + (f" with uncommitted changes to {', '.join(r['code']['uncommitted'])}" if r["code"]["uncommitted"] else "") + ".",
+        f"Code: {r['code']['commit'][:12]}"
+        + (f" with uncommitted changes to {', '.join(r['code']['uncommitted'])}" if r["code"]["uncommitted"] else "")
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -450,7 +498,9 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=None, help="cap on the training pool (data.subset)")
     parser.add_argument("--out", default=None, help="results name (default: numerics-SOURCE)")
     parser.add_argument("--keep-workspace", action="store_true")
-    parser.add_argument("--reuse", action="store_true", help="the workspaces an interrupted run built (if only the stages ran in them)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="the workspaces an interrupted run built (if only the stages ran in them)"
+    )
     args = parser.parse_args()
     if args.repeats < 2:
         parser.error("--repeats must be at least 2")

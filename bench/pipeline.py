@@ -91,7 +91,12 @@ def run(source: str, subset: int | None) -> dict:
         "params": raw,
         "seconds": timings,
         "seconds_total": sum(timings.values()),
-        "stage_breakdown": {k: v for stage in ("evaluate", "baselines") for k, v in results[stage]["metrics"].items() if k.endswith("_seconds")},
+        "stage_breakdown": {
+            k: v
+            for stage in ("evaluate", "baselines")
+            for k, v in results[stage]["metrics"].items()
+            if k.endswith("_seconds")
+        },
         "peak_rss_mb": memory,
         "cluster_sizes": sizes,
         "accuracy": {
@@ -99,7 +104,12 @@ def run(source: str, subset: int | None) -> dict:
             "single_prompt": metrics.get("baseline_single_prompt_accuracy"),
             "linear_probe": metrics.get("baseline_linear_probe_accuracy"),
         },
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": __import__("torch").__version__},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": __import__("torch").__version__,
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
 

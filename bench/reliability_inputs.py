@@ -76,7 +76,12 @@ def _png(width: int, height: int, body: bytes | None = None) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     raw = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(height))) if body is None else body
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _rgb_png(width: int, height: int) -> bytes:
@@ -106,7 +111,16 @@ def _forget_file(name: str, *lines: str) -> Callable:
 
 
 def _rectify_input(make: Callable[[Path], Path]) -> Callable:
-    return lambda root, s: ["rectify", "--root", str(root), "--no-process", "--sample-id", _private_id(root), "--input", str(make(s))]
+    return lambda root, s: [
+        "rectify",
+        "--root",
+        str(root),
+        "--no-process",
+        "--sample-id",
+        _private_id(root),
+        "--input",
+        str(make(s)),
+    ]
 
 
 def _forget(*extra: str) -> Callable:
@@ -118,7 +132,16 @@ def _rectify(*extra: str) -> Callable:
 
 
 def _params(make: Callable[[Path], Path]) -> Callable:
-    return lambda root, s: ["forget", "--root", str(root), "--no-process", "--sample-id", _private_id(root), "--params", str(make(s))]
+    return lambda root, s: [
+        "forget",
+        "--root",
+        str(root),
+        "--no-process",
+        "--sample-id",
+        _private_id(root),
+        "--params",
+        str(make(s)),
+    ]
 
 
 def _break_params(data: bytes) -> Callable:
@@ -133,46 +156,66 @@ CASES: list[Case] = [
     Case("rich markup in an id", _forget("--sample-id", "[bold red]not markup[/]")),
     Case("NUL byte in an id", _forget("--sample-id", "a\x00b")),
     Case("test-split sample", lambda root, s: _forget("--sample-id", _first(root, "test"))(root, s)),
-    Case("public sample without --allow-backbone-rebuild", lambda root, s: _forget("--sample-id", _first(root, "public"))(root, s)),
+    Case(
+        "public sample without --allow-backbone-rebuild",
+        lambda root, s: _forget("--sample-id", _first(root, "public"))(root, s),
+    ),
     Case("unknown subject", _forget("--subject", "nobody")),
     Case("nothing named", _forget()),
     Case("unknown --method", _forget("--sample-id", "x", "--method", "magic")),
     Case(
         "influence with a public sample",
-        lambda root, s: _forget("--sample-id", _first(root, "public"), "--allow-backbone-rebuild", "--method", "influence")(root, s),
+        lambda root, s: _forget(
+            "--sample-id", _first(root, "public"), "--allow-backbone-rebuild", "--method", "influence"
+        )(root, s),
     ),
     # forget --file
     Case("--file is a directory", lambda root, s: _forget("--file", str(s))(root, s)),
     Case("--file missing", _forget("--file", "/nonexistent/requests.jsonl")),
-    Case("--file not UTF-8", lambda root, s: _forget("--file", str(_write(s / "latin1.jsonl", b'{"sample_ids": ["\xe9"]}\n')))(root, s)),
+    Case(
+        "--file not UTF-8",
+        lambda root, s: _forget("--file", str(_write(s / "latin1.jsonl", b'{"sample_ids": ["\xe9"]}\n')))(root, s),
+    ),
     Case("--file is a FIFO", lambda root, s: _forget("--file", str(_fifo(s / "requests.fifo")))(root, s)),
     Case("--file is a device", _forget("--file", "/dev/zero")),
-    Case("--file over 16 MiB", lambda root, s: _forget("--file", str(_sparse(s / "huge.jsonl", (16 << 20) + 1)))(root, s)),
+    Case(
+        "--file over 16 MiB", lambda root, s: _forget("--file", str(_sparse(s / "huge.jsonl", (16 << 20) + 1)))(root, s)
+    ),
     Case("--file empty", lambda root, s: _forget("--file", str(_write(s / "empty.jsonl", b"")))(root, s)),
     Case(
         "--file bad JSON",
         _forget_file("bad.jsonl", '{"sample_ids": ["a"'),
     ),
-    Case("--file 5000-digit number", _forget_file("digits.jsonl", '{"kind": "forget", "sample_ids": ["a"], "label": ' + "9" * 5000 + "}")),
+    Case(
+        "--file 5000-digit number",
+        _forget_file("digits.jsonl", '{"kind": "forget", "sample_ids": ["a"], "label": ' + "9" * 5000 + "}"),
+    ),
     Case("--file 100,000-deep nesting", _forget_file("deep.jsonl", "[" * 100_000 + "]" * 100_000)),
     Case("--file 30,000-deep nesting (under the line limit)", _forget_file("deep2.jsonl", "[" * 30_000 + "]" * 30_000)),
     Case("--file line over 64 KiB", _forget_file("long.jsonl", '{"sample_ids": ["' + "a" * 70_000 + '"]}')),
     Case(
         "--file grants allow_backbone_rebuild",
-        lambda root, s: _forget_file("grant.jsonl", json.dumps({"sample_ids": [_first(root, "public")], "allow_backbone_rebuild": True}))(root, s),
+        lambda root, s: _forget_file(
+            "grant.jsonl", json.dumps({"sample_ids": [_first(root, "public")], "allow_backbone_rebuild": True})
+        )(root, s),
     ),
     Case(
         "--file holds a rectify line",
-        lambda root, s: _forget_file("rect.jsonl", json.dumps({"kind": "rectify", "sample_ids": [_private_id(root)], "label": 1}))(root, s),
+        lambda root, s: _forget_file(
+            "rect.jsonl", json.dumps({"kind": "rectify", "sample_ids": [_private_id(root)], "label": 1})
+        )(root, s),
     ),
     Case("--file unknown key", _forget_file("key.jsonl", '{"sample_ids": ["a"], "because": "x"}')),
     Case("--file line is a list", _forget_file("list.jsonl", '["a", "b"]')),
     Case("--file sample_ids not a list", _forget_file("str.jsonl", '{"sample_ids": "abc"}')),
     Case(
         "--file one bad line of three",
-        lambda root, s: _forget_file("mixed.jsonl", json.dumps({"sample_ids": [_private_id(root)]}), "{oops", json.dumps({"sample_ids": [_private_id(root)]}))(
-            root, s
-        ),
+        lambda root, s: _forget_file(
+            "mixed.jsonl",
+            json.dumps({"sample_ids": [_private_id(root)]}),
+            "{oops",
+            json.dumps({"sample_ids": [_private_id(root)]}),
+        )(root, s),
     ),
     Case("--file id with a control character", _forget_file("ctl.jsonl", json.dumps({"sample_ids": ["a\u0007b"]}))),
     Case("--file 257-character id", _forget_file("id257.jsonl", json.dumps({"sample_ids": ["a" * 257]}))),
@@ -191,11 +234,18 @@ CASES: list[Case] = [
                 "a: &a ["
                 + ",".join(["x"] * 10)
                 + "]\n"
-                + "".join(f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+                + "".join(
+                    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+                    for p, c in zip("abcdefgh", "bcdefghi")
+                ),
             )
         ),
     ),
-    Case("params.yaml binary (forget)", lambda root, s: _forget("--sample-id", _private_id(root))(root, s), _break_params(bytes(range(256)) * 4)),
+    Case(
+        "params.yaml binary (forget)",
+        lambda root, s: _forget("--sample-id", _private_id(root))(root, s),
+        _break_params(bytes(range(256)) * 4),
+    ),
     Case(
         "params.yaml invalid (forget --process)",
         lambda root, s: ["forget", "--root", str(root), "--sample-id", _private_id(root)],
@@ -216,10 +266,30 @@ CASES: list[Case] = [
     Case("rectify without --sample-id", lambda root, s: ["rectify", "--root", str(root), "--label", "1"]),
     Case(
         "rectify --file with a forget line",
-        lambda root, s: ["rectify", "--root", str(root), "--file", str(_requests(s, "f.jsonl", json.dumps({"sample_ids": [_private_id(root)]})))],
+        lambda root, s: [
+            "rectify",
+            "--root",
+            str(root),
+            "--file",
+            str(_requests(s, "f.jsonl", json.dumps({"sample_ids": [_private_id(root)]}))),
+        ],
     ),
-    Case("rectify --file and --sample-id", lambda root, s: ["rectify", "--root", str(root), "--sample-id", "a", "--file", str(_requests(s, "g.jsonl", "{}"))]),
-    Case("rectify a forgotten-looking unknown id", lambda root, s: ["rectify", "--root", str(root), "--sample-id", "ghost", "--label", "1"]),
+    Case(
+        "rectify --file and --sample-id",
+        lambda root, s: [
+            "rectify",
+            "--root",
+            str(root),
+            "--sample-id",
+            "a",
+            "--file",
+            str(_requests(s, "g.jsonl", "{}")),
+        ],
+    ),
+    Case(
+        "rectify a forgotten-looking unknown id",
+        lambda root, s: ["rectify", "--root", str(root), "--sample-id", "ghost", "--label", "1"],
+    ),
     Case("--input missing", _rectify_input(lambda s: s / "missing.npy")),
     Case("--input directory", _rectify_input(lambda s: s)),
     Case("--input FIFO", _rectify_input(lambda s: _fifo(s / "image.npy"))),
@@ -227,23 +297,44 @@ CASES: list[Case] = [
     Case("--input empty .npy", _rectify_input(lambda s: _write(s / "empty.npy", b""))),
     Case("--input text named .npy", _rectify_input(lambda s: _write(s / "text.npy", "just text"))),
     # An object-dtype header followed by pickle bytes (written by hand: nothing here pickles anything).
-    Case("--input pickled object array", _rectify_input(lambda s: _write(s / "obj.npy", _npy_header((8, 8), "|O") + b"\x80\x04N."))),
-    Case("--input header claims 10^12 elements", _rectify_input(lambda s: _write(s / "claims.npy", _npy_header((1_000_000, 1_000_000))))),
-    Case("--input header has the right shape, data truncated", _rectify_input(lambda s: _write(s / "trunc.npy", _npy_header((8, 8)) + b"\x00" * 10))),
+    Case(
+        "--input pickled object array",
+        _rectify_input(lambda s: _write(s / "obj.npy", _npy_header((8, 8), "|O") + b"\x80\x04N.")),
+    ),
+    Case(
+        "--input header claims 10^12 elements",
+        _rectify_input(lambda s: _write(s / "claims.npy", _npy_header((1_000_000, 1_000_000)))),
+    ),
+    Case(
+        "--input header has the right shape, data truncated",
+        _rectify_input(lambda s: _write(s / "trunc.npy", _npy_header((8, 8)) + b"\x00" * 10)),
+    ),
     Case("--input wrong shape", _rectify_input(lambda s: _np_save(s / "shape.npy", np.zeros((9, 9), np.uint8)))),
     Case("--input float pixels", _rectify_input(lambda s: _np_save(s / "float.npy", np.zeros((8, 8), np.float32)))),
     Case("--input pixels over 255", _rectify_input(lambda s: _np_save(s / "big.npy", np.full((8, 8), 300, np.int16)))),
     Case("--input over 16 MiB", _rectify_input(lambda s: _sparse(s / "huge.npy", (16 << 20) + 1))),
-    Case("--input PNG decompression bomb", _rectify_input(lambda s: _write(s / "bomb.png", _png(60_000, 60_000, body=b"")))),
+    Case(
+        "--input PNG decompression bomb",
+        _rectify_input(lambda s: _write(s / "bomb.png", _png(60_000, 60_000, body=b""))),
+    ),
     Case("--input PNG wrong size", _rectify_input(lambda s: _write(s / "wrong.png", _png(9, 9)))),
     Case("--input RGB PNG for grey data", _rectify_input(lambda s: _write(s / "rgb.png", _rgb_png(8, 8)))),
     Case("--input PNG truncated", _rectify_input(lambda s: _write(s / "cut.png", _png(8, 8)[:40]))),
     Case("--input not an image", _rectify_input(lambda s: _write(s / "noise.png", os.urandom(300)))),
     # audit
     Case("verify --pubkey directory", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(s)]),
-    Case("verify --pubkey not PEM", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_write(s / "k.pem", "hello"))]),
-    Case("verify --pubkey FIFO", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_fifo(s / "k.fifo"))]),
-    Case("verify --pubkey binary", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_write(s / "k.bin", os.urandom(200)))]),
+    Case(
+        "verify --pubkey not PEM",
+        lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_write(s / "k.pem", "hello"))],
+    ),
+    Case(
+        "verify --pubkey FIFO",
+        lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_fifo(s / "k.fifo"))],
+    ),
+    Case(
+        "verify --pubkey binary",
+        lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", str(_write(s / "k.bin", os.urandom(200)))],
+    ),
     Case("verify without records or pin", lambda root, s: ["audit", "verify", "--root", str(root)]),
     Case(
         "verify a garbage log",
@@ -282,13 +373,29 @@ CASES: list[Case] = [
         lambda root, s: _write(root / "audit" / "batches" / "batch-0.json", b"[1, 2") and None,
         True,
     ),
-    Case("verify a garbage log against the pinned signer", lambda root, s: ["audit", "verify", "--root", str(root)], lambda root, s: _pinned_garbage(root)),
+    Case(
+        "verify a garbage log against the pinned signer",
+        lambda root, s: ["audit", "verify", "--root", str(root)],
+        lambda root, s: _pinned_garbage(root),
+    ),
     # other commands
     Case("stage with an unknown name", lambda root, s: ["stage", "nope", "--root", str(root)]),
-    Case("data init with an unknown source", lambda root, s: ["data", "init", "--root", str(root), "--source", "imagenet", "--no-dvc"]),
-    Case("data init from a missing IDX directory", lambda root, s: ["data", "init", "--root", str(root), "--source", "idx:/nonexistent", "--no-dvc"]),
-    Case("data init from a device as npz", lambda root, s: ["data", "init", "--root", str(root), "--source", "npz:/dev/zero", "--no-dvc"]),
-    Case("data init from a directory as npz", lambda root, s: ["data", "init", "--root", str(root), "--source", f"npz:{s}", "--no-dvc"]),
+    Case(
+        "data init with an unknown source",
+        lambda root, s: ["data", "init", "--root", str(root), "--source", "imagenet", "--no-dvc"],
+    ),
+    Case(
+        "data init from a missing IDX directory",
+        lambda root, s: ["data", "init", "--root", str(root), "--source", "idx:/nonexistent", "--no-dvc"],
+    ),
+    Case(
+        "data init from a device as npz",
+        lambda root, s: ["data", "init", "--root", str(root), "--source", "npz:/dev/zero", "--no-dvc"],
+    ),
+    Case(
+        "data init from a directory as npz",
+        lambda root, s: ["data", "init", "--root", str(root), "--source", f"npz:{s}", "--no-dvc"],
+    ),
 ]
 
 
@@ -332,7 +439,15 @@ def _idx_source(scratch: Path, name: str, images: str = "ok", labels: str = "ok"
 
 
 def _init(source: Callable[[Path], str] | str) -> Callable:
-    return lambda root, s: ["data", "init", "--root", str(root), "--source", source(s) if callable(source) else source, "--no-dvc"]
+    return lambda root, s: [
+        "data",
+        "init",
+        "--root",
+        str(root),
+        "--source",
+        source(s) if callable(source) else source,
+        "--no-dvc",
+    ]
 
 
 def _fifo_journal(root: Path, scratch: Path) -> None:
@@ -349,22 +464,39 @@ def _signed_log_and_fifo_journal(root: Path, scratch: Path) -> None:
     from lmeraser.workspace import Workspace
 
     ws = Workspace(root)
-    lineage_log(ws).append({"artifacts/prompts/index.json": "0" * 64}, {"requests": [{"request_id": "r1"}]}, signing_key(ws))
+    lineage_log(ws).append(
+        {"artifacts/prompts/index.json": "0" * 64}, {"requests": [{"request_id": "r1"}]}, signing_key(ws)
+    )
     _fifo_journal(root, scratch)
 
 
 ISSUE_21: list[Case] = [
     # params: aliases, bombs, repeated keys, non-finite and wrongly typed numbers
-    Case("params: 12-level billion laughs under prompt", _params(lambda s: _write(s / "laughs.yaml", _laughs(12, "prompt")))),
-    Case("params: merge key <<: *alias", _params(lambda s: _write(s / "merge.yaml", "base: &b {epochs: 2}\nbackbone:\n  <<: *b\n"))),
-    Case("params: alias of a scalar in a list", _params(lambda s: _write(s / "alias-list.yaml", "seed: &n 4\nclustering:\n  min_clusters: *n\n"))),
+    Case(
+        "params: 12-level billion laughs under prompt",
+        _params(lambda s: _write(s / "laughs.yaml", _laughs(12, "prompt"))),
+    ),
+    Case(
+        "params: merge key <<: *alias",
+        _params(lambda s: _write(s / "merge.yaml", "base: &b {epochs: 2}\nbackbone:\n  <<: *b\n")),
+    ),
+    Case(
+        "params: alias of a scalar in a list",
+        _params(lambda s: _write(s / "alias-list.yaml", "seed: &n 4\nclustering:\n  min_clusters: *n\n")),
+    ),
     Case(
         "params.yaml a billion laughs (forget, no --params)",
         lambda root, s: _forget("--sample-id", _private_id(root))(root, s),
         _break_params(_laughs(9, "seed").encode()),
     ),
-    Case("params: a section given twice", _params(lambda s: _write(s / "dup-section.yaml", "backbone:\n  epochs: 2\nseed: 0\nbackbone:\n  lr: 0.1\n"))),
-    Case("params: a nested key given twice", _params(lambda s: _write(s / "dup-nested.yaml", "backbone:\n  lr: 0.1\n  lr: 0.2\n"))),
+    Case(
+        "params: a section given twice",
+        _params(lambda s: _write(s / "dup-section.yaml", "backbone:\n  epochs: 2\nseed: 0\nbackbone:\n  lr: 0.1\n")),
+    ),
+    Case(
+        "params: a nested key given twice",
+        _params(lambda s: _write(s / "dup-nested.yaml", "backbone:\n  lr: 0.1\n  lr: 0.2\n")),
+    ),
     Case("params: lr -.inf", _params(lambda s: _write(s / "ninf.yaml", "backbone:\n  lr: -.inf\n"))),
     Case("params: lr .nan", _params(lambda s: _write(s / "nan.yaml", "backbone:\n  lr: .NaN\n"))),
     Case("params: lr -1e999", _params(lambda s: _write(s / "nhuge.yaml", "backbone:\n  lr: -1e999\n"))),
@@ -377,24 +509,43 @@ ISSUE_21: list[Case] = [
     Case("IDX labels file links to /dev/urandom", _init(lambda s: _idx_source(s, "labels-urandom", labels="urandom"))),
     Case("npz label 2^33", _init(lambda s: "npz:" + str(_npz_labels(s / "label-2-33.npz", [0, 1, 2**33])))),
     Case("npz label 2^62", _init(lambda s: "npz:" + str(_npz_labels(s / "label-2-62.npz", [0, 2**62])))),
-    Case("npz label just over the class limit (100,000)", _init(lambda s: "npz:" + str(_npz_labels(s / "label-100000.npz", [0, 100_000])))),
+    Case(
+        "npz label just over the class limit (100,000)",
+        _init(lambda s: "npz:" + str(_npz_labels(s / "label-100000.npz", [0, 100_000]))),
+    ),
     Case("npz path with a 300-character name", _init(lambda s: f"npz:{s}/{'n' * 300}.npz")),
     Case("npz path of 20,000 characters", _init("npz:" + "/d" * 10_000)),
     Case("idx path of 5,000 characters", _init("idx:/" + "i" * 5000)),
     # roots and user files inside the kernel's trees
-    Case("--root a file (audit verify)", lambda root, s: ["audit", "verify", "--root", str(_write(s / "root-file", "x"))]),
+    Case(
+        "--root a file (audit verify)", lambda root, s: ["audit", "verify", "--root", str(_write(s / "root-file", "x"))]
+    ),
     Case("--root a file (unlearn)", lambda root, s: ["unlearn", "--root", str(_write(s / "root-file2", "x"))]),
     Case("--root /proc/1", lambda root, s: ["audit", "verify", "--root", "/proc/1"]),
     Case("--root /sys", lambda root, s: ["forget", "--root", "/sys", "--no-process", "--sample-id", "a"]),
     Case("--root /dev/shm", lambda root, s: ["audit", "show", "--root", "/dev/shm"]),
-    Case("rectify --file /proc/self/mem", lambda root, s: ["rectify", "--root", str(root), "--no-process", "--file", "/proc/self/mem"]),
+    Case(
+        "rectify --file /proc/self/mem",
+        lambda root, s: ["rectify", "--root", str(root), "--no-process", "--file", "/proc/self/mem"],
+    ),
     Case("forget --file /proc/self/environ", _forget("--file", "/proc/self/environ")),
     Case("rectify --input /proc/self/fd/0", _rectify_input(lambda s: Path("/proc/self/fd/0"))),
-    Case("verify --pubkey /proc/self/mem", lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", "/proc/self/mem"]),
+    Case(
+        "verify --pubkey /proc/self/mem",
+        lambda root, s: ["audit", "verify", "--root", str(root), "--pubkey", "/proc/self/mem"],
+    ),
     # a journal that is a FIFO: forget, verify and a batch must not block on it
     Case("forget with a FIFO journal", _forget("--sample-id", "a"), _fifo_journal),
-    Case("forget a real sample with a FIFO journal", lambda root, s: _forget("--sample-id", _private_id(root))(root, s), _fifo_journal),
-    Case("audit verify with a FIFO journal", lambda root, s: ["audit", "verify", "--root", str(root)], _signed_log_and_fifo_journal),
+    Case(
+        "forget a real sample with a FIFO journal",
+        lambda root, s: _forget("--sample-id", _private_id(root))(root, s),
+        _fifo_journal,
+    ),
+    Case(
+        "audit verify with a FIFO journal",
+        lambda root, s: ["audit", "verify", "--root", str(root)],
+        _signed_log_and_fifo_journal,
+    ),
     Case("unlearn with a FIFO journal", lambda root, s: ["unlearn", "--root", str(root)], _fifo_journal, True),
 ]
 for _case in ISSUE_21:
@@ -407,7 +558,10 @@ def _pinned_garbage(root: Path) -> None:
     from lmeraser.workspace import Workspace
 
     signing_key(Workspace(root))  # makes and pins the key, as the first record would
-    _write(root / "audit" / "lineage.jsonl", b'{"payloadType": "application/vnd.in-toto+json", "payload": "\xff\xfe", "signatures": []}\n')
+    _write(
+        root / "audit" / "lineage.jsonl",
+        b'{"payloadType": "application/vnd.in-toto+json", "payload": "\xff\xfe", "signatures": []}\n',
+    )
 
 
 def _np_save(path: Path, array: np.ndarray) -> Path:
@@ -482,7 +636,9 @@ def _run_process(case: Case, args: list[str], root: Path, before: str, saved_env
     import subprocess
 
     try:
-        done = subprocess.run([str(Path(sys.executable).parent / "lmeraser"), *args], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "lmeraser"), *args], capture_output=True, text=True, timeout=300
+        )
     except subprocess.TimeoutExpired:
         return Outcome(case.name, None, "hang", "no answer in 300 s")
     finally:
@@ -562,7 +718,10 @@ def main() -> None:
     rows += [f"| {o.case} | {o.exit_code} | {o.verdict} | {o.message[:140].replace('|', '/')} |" for o in outcomes]
     out = ROOT / "bench" / "results" / "reliability-inputs"
     out.with_suffix(".md").write_text(f"{machine}\n\n" + "\n".join(rows) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"cases": len(outcomes), "verdicts": counts, "outcomes": [o.__dict__ for o in outcomes]}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"cases": len(outcomes), "verdicts": counts, "outcomes": [o.__dict__ for o in outcomes]}, indent=2)
+        + "\n"
+    )
     print("\n".join(rows))
     print(f"{len(outcomes)} cases: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     if set(counts) - {"refused"}:

@@ -50,7 +50,14 @@ from pipeline import cpu_model  # noqa: E402
 def killed_run(work: Path, args: list[str], env: dict, after: float | None) -> int:
     """Start `lmeraser ARGS` in its own process group; SIGKILL the group `after` seconds in (or
     let a failpoint kill it). Returns the exit status of the CLI process."""
-    proc = subprocess.Popen([str(BIN / "lmeraser"), *args], cwd=work, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(BIN / "lmeraser"), *args],
+        cwd=work,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         code = proc.wait(timeout=after) if after is not None else proc.wait(timeout=1800)
     except subprocess.TimeoutExpired:
@@ -72,8 +79,15 @@ def problems(work: Path, submitted: list[str]) -> list[str]:
     verified = Counter(e["request_id"] for e in Journal(ws).events() if e["state"] == "verified")
     found += [f"{rid} verified {verified[rid]} times" for rid in submitted if verified[rid] != 1]
     found += [f"{r.request_id} still pending" for r in Journal(ws).pending()]
-    found += [f"leftover {p.relative_to(work)}" for p in (work / "data").rglob(".*") if p.name.endswith((".tmp", ".staging", ".new", ".old"))]
-    found += [f"leftover {p.relative_to(work)}" for p in [*(work / "audit").glob(".*.tmp"), *(work / "audit" / "batches").glob("*")]]
+    found += [
+        f"leftover {p.relative_to(work)}"
+        for p in (work / "data").rglob(".*")
+        if p.name.endswith((".tmp", ".staging", ".new", ".old"))
+    ]
+    found += [
+        f"leftover {p.relative_to(work)}"
+        for p in [*(work / "audit").glob(".*.tmp"), *(work / "audit" / "batches").glob("*")]
+    ]
     found += [f"leftover {p.relative_to(work)}" for p in _half_made_stores(work)]
     if not (work / "mlflow.db").is_file():
         found.append("no mlflow.db after the resume")
@@ -114,7 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=100, help="random-moment kills")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--params", type=Path, default=None, help="params preset for the demo (default: params.yaml, digits)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params preset for the demo (default: params.yaml, digits)"
+    )
     parser.add_argument("--skip-failpoints", action="store_true")
     parser.add_argument("--out", default="reliability-kill", help="results name under bench/results/ (.json and .md)")
     args = parser.parse_args()
@@ -146,7 +162,12 @@ def main() -> None:
                 from lmeraser.workspace import Workspace
 
                 sample = rng.choice(Workspace(work).manifest("private")["sample_id"].tolist())
-                code = killed_run(work, ["forget", "--sample-id", sample, "--method", "influence"], {**env, FAILPOINT_ENV: point}, None)
+                code = killed_run(
+                    work,
+                    ["forget", "--sample-id", sample, "--method", "influence"],
+                    {**env, FAILPOINT_ENV: point},
+                    None,
+                )
                 submitted.append(next(r["request_id"] for r in reversed(_journal(work)) if r["state"] == "received"))
             else:
                 if point.startswith("mlflow:"):
@@ -154,14 +175,26 @@ def main() -> None:
                 code = killed_run(work, ["unlearn"], {**env, FAILPOINT_ENV: point}, None)
         # A failpoint reached in a child (a `dvc repro` stage creating the MLflow store) kills that
         # child; the creator's temporary store left behind shows the kill happened inside creation.
-        hit = code == -signal.SIGKILL or (point is not None and point.startswith("mlflow:") and bool(_half_made_stores(work)))
+        hit = code == -signal.SIGKILL or (
+            point is not None and point.startswith("mlflow:") and bool(_half_made_stores(work))
+        )
         resumed = run([str(BIN / "lmeraser"), "unlearn"], work, env, check=False)
         found = problems(work, submitted)
         if resumed.returncode != 0:
             found.append(f"resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
         if point is not None and point.startswith("mlflow:") and not hit:
             found.append(f"failpoint {point} not reached (exit {code}, no temporary store left)")
-        trials.append({"trial": n, "kind": kind, "point": point, "killed_at_s": at, "killed": hit, "exit": code, "problems": found})
+        trials.append(
+            {
+                "trial": n,
+                "kind": kind,
+                "point": point,
+                "killed_at_s": at,
+                "killed": hit,
+                "exit": code,
+                "problems": found,
+            }
+        )
         how = "killed" if code == -signal.SIGKILL else ("killed in a child" if hit else f"exit {code}")
         print(f"{n}/{len(plan)} {point or f'random {at:.1f}s'}: {how}; {found or 'ok'}", flush=True)
         write_report(args, trials, submitted, clean, started, None, None)
@@ -169,12 +202,28 @@ def main() -> None:
     verify = run([str(BIN / "lmeraser"), "audit", "verify"], work, env, check=False)
     scan = run([str(BIN / "lmeraser"), "audit", "scan"], work, env, check=False)
     run([str(BIN / "lmeraser"), "prefect", "stop", "--root", str(work)], work, env, check=False)
-    ok = write_report(args, trials, submitted, clean, started, verify.returncode == 0, scan.returncode == 0 and "0 hits" in scan.stdout)
+    ok = write_report(
+        args,
+        trials,
+        submitted,
+        clean,
+        started,
+        verify.returncode == 0,
+        scan.returncode == 0 and "0 hits" in scan.stdout,
+    )
     if not ok:
         sys.exit(1)
 
 
-def write_report(args, trials: list[dict], submitted: list[str], clean: float, started: float, verify_ok: bool | None, scan_ok: bool | None) -> bool:
+def write_report(
+    args,
+    trials: list[dict],
+    submitted: list[str],
+    clean: float,
+    started: float,
+    verify_ok: bool | None,
+    scan_ok: bool | None,
+) -> bool:
     """Write the figures so far (verify_ok None: the run is still going)."""
     bad = [t for t in trials if t["problems"]]
     result = {

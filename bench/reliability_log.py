@@ -55,7 +55,17 @@ from lmeraser.workspace import Workspace  # noqa: E402
 import common  # noqa: E402, F401 (the repository and tests/helpers.py on sys.path)
 from pipeline import cpu_model  # noqa: E402
 
-KINDS = ("flip", "delete-byte", "insert-byte", "swap", "duplicate", "delete-record", "truncate", "remove-trailing", "re-sign")
+KINDS = (
+    "flip",
+    "delete-byte",
+    "insert-byte",
+    "swap",
+    "duplicate",
+    "delete-record",
+    "truncate",
+    "remove-trailing",
+    "re-sign",
+)
 
 
 def build(root: Path, records: int) -> Workspace:
@@ -63,7 +73,11 @@ def build(root: Path, records: int) -> Workspace:
     log = LineageLog(ws.lineage_file)
     key = signing_key(ws)  # made, 0600, and pinned in audit/lineage-public-key.pem
     for i in range(records):
-        log.append({"artifacts/prompts/index.json": f"{i:064x}"}, {"batch_id": f"batch-{i}", "requests": [f"req-{i}"], "signer": key_id(key.public_key())}, key)
+        log.append(
+            {"artifacts/prompts/index.json": f"{i:064x}"},
+            {"batch_id": f"batch-{i}", "requests": [f"req-{i}"], "signer": key_id(key.public_key())},
+            key,
+        )
     return ws
 
 
@@ -97,7 +111,11 @@ def mutate(kind: str, raw: bytes, head: bytes, rng: random.Random, ws: Workspace
         with tempfile.TemporaryDirectory() as scratch:
             forged = LineageLog(Path(scratch) / "lineage.jsonl")
             for record in LineageLog(ws.lineage_file).read_unverified():
-                kept = {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")}
+                kept = {
+                    k: v
+                    for k, v in record.predicate.items()
+                    if k not in ("sequence", "previous_record_sha256", "anchored")
+                }
                 forged.append(record.subjects, kept, intruder)
             return forged.path.read_bytes(), forged.head_path.read_bytes()
     return b"".join(line + b"\n" for line in lines), head
@@ -105,7 +123,17 @@ def mutate(kind: str, raw: bytes, head: bytes, rng: random.Random, ws: Workspace
 
 # -- trust-anchor attacks (issue 21) ----------------------------------------------------------------
 
-GIT = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "-c", "commit.gpgsign=false", "-c", "init.defaultBranch=main"]
+GIT = [
+    "git",
+    "-c",
+    "user.name=bench",
+    "-c",
+    "user.email=bench@example.invalid",
+    "-c",
+    "commit.gpgsign=false",
+    "-c",
+    "init.defaultBranch=main",
+]
 AUDIT_FILES = ("audit/lineage.jsonl", "audit/lineage.head.json", "audit/lineage-public-key.pem", "audit/journal.jsonl")
 
 
@@ -126,8 +154,14 @@ def _batch(ws: Workspace, request_id: str) -> None:
     from lmeraser.lineage.records import lineage_log
     from lmeraser.request import Request
 
-    record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
-    Journal(ws).append([received(Request(request_id=request_id, kind="forget", sample_ids=(), received_at=time.time()))])
+    record = lineage_log(ws).append(
+        {"artifacts/prompts/index.json": os.urandom(32).hex()},
+        {"requests": [{"request_id": request_id}]},
+        signing_key(ws),
+    )
+    Journal(ws).append(
+        [received(Request(request_id=request_id, kind="forget", sample_ids=(), received_at=time.time()))]
+    )
     Journal(ws).append([{"request_id": request_id, "state": "verified", "time": time.time(), "record": record.number}])
 
 
@@ -149,7 +183,11 @@ def _re_sign(ws: Workspace, intruder: Ed25519PrivateKey) -> None:
     forged = LineageLog(ws.root / ".forged" / "lineage.jsonl")
     forged.path.parent.mkdir(exist_ok=True)
     for record in log.read_unverified():
-        body = {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored", "signer")}
+        body = {
+            k: v
+            for k, v in record.predicate.items()
+            if k not in ("sequence", "previous_record_sha256", "anchored", "signer")
+        }
         forged.append(record.subjects, {**body, "signer": keys.key_id(intruder.public_key())}, intruder)
     os.replace(forged.path, log.path)
     os.replace(forged.head_path, log.head_path)
@@ -169,7 +207,11 @@ def _symlink_pin(where: str, git: bool) -> Callable[[Path], Workspace]:
             target.write_bytes(ws.signer_file.read_bytes())
             _link_pin(ws, target)
             return ws
-        target = {"outside": root / "elsewhere" / "pub.pem", "untracked": ws.audit / "spare-key.pem", "committed": ws.audit / "backup-key.pem"}[where]
+        target = {
+            "outside": root / "elsewhere" / "pub.pem",
+            "untracked": ws.audit / "spare-key.pem",
+            "committed": ws.audit / "backup-key.pem",
+        }[where]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(keys.public_pem(intruder))
         if where == "committed":
@@ -202,7 +244,9 @@ def _new_key_committed(how: str) -> Callable[[Path], Workspace]:
     return attack
 
 
-def _rotation_line(ws: Workspace, old: Ed25519PrivateKey, new: Ed25519PrivateKey, signers: list[Ed25519PrivateKey]) -> bytes:
+def _rotation_line(
+    ws: Workspace, old: Ed25519PrivateKey, new: Ed25519PrivateKey, signers: list[Ed25519PrivateKey]
+) -> bytes:
     """A key-rotation record from `old` to `new` appended at the end of the log, signed by `signers`."""
     import hashlib
 
@@ -304,7 +348,11 @@ def _rollback(how: str) -> Callable[[Path], Workspace]:
                 (ws.root / name).write_bytes(raw)
             from lmeraser.lineage.records import lineage_log
 
-            lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": "r9"}]}, signing_key(ws))
+            lineage_log(ws).append(
+                {"artifacts/prompts/index.json": os.urandom(32).hex()},
+                {"requests": [{"request_id": "r9"}]},
+                signing_key(ws),
+            )
         elif how == "git: log, head and journal checked out from an earlier commit, committed":
             _git(ws.root, "checkout", first, "--", *names, "audit/journal.jsonl")
             _git(ws.root, "commit", "-qm", "roll back")
@@ -319,7 +367,12 @@ def _rollback(how: str) -> Callable[[Path], Workspace]:
 def _anchor(which: str, what: str) -> Callable[[Path], Workspace]:
     def attack(root: Path) -> Workspace:
         ws = _fresh(root / "ws", 2, False)
-        path = {"head": LineageLog(ws.lineage_file).head_path, "pin": ws.signer_file, "journal": ws.audit / "journal.jsonl", "log": ws.lineage_file}[which]
+        path = {
+            "head": LineageLog(ws.lineage_file).head_path,
+            "pin": ws.signer_file,
+            "journal": ws.audit / "journal.jsonl",
+            "log": ws.lineage_file,
+        }[which]
         path.unlink()
         if what == "FIFO":
             os.mkfifo(path)
@@ -376,14 +429,18 @@ SCENARIOS: dict[str, dict[str, Callable[[Path], Workspace]]] = {
         "signed by the new key only, committed": _forged_rotation("signed by the new key only", git=True),
         "signed by two intruder keys": _forged_rotation("signed by two intruder keys"),
         "genuine rotation, new key edited": _forged_rotation("genuine rotation, new key edited"),
-        "second rotation by the intruder after a genuine one": _forged_rotation("second rotation by the intruder after a genuine one"),
+        "second rotation by the intruder after a genuine one": _forged_rotation(
+            "second rotation by the intruder after a genuine one"
+        ),
     },
     "rollback": {
         "one record back, head re-signed": _rollback("one record back"),
         "two records back (earlier log + head)": _rollback("two records back (earlier copy)"),
         "rolled back, then extended by the real signer": _rollback("rolled back, then extended by the real signer"),
         "git: log + head rolled back, committed": _rollback("git: log and head rolled back, committed"),
-        "git: log + head + journal rolled back, committed": _rollback("git: log, head and journal checked out from an earlier commit, committed"),
+        "git: log + head + journal rolled back, committed": _rollback(
+            "git: log, head and journal checked out from an earlier commit, committed"
+        ),
     },
     "anchor-not-file": {
         f"{which} {what}": _anchor(which, what)
@@ -418,9 +475,20 @@ def check_in_process(root: Path, timeout: float = 60, memory: int = 2 << 30) -> 
     env = {k: v for k, v in os.environ.items() if k not in ("LMERASER_SIGNING_KEY", "LMERASER_SIGNING_KEY_FILE")}
     started = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-c", _CHECK, str(root)], capture_output=True, text=True, timeout=timeout, preexec_fn=cap, env=env)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=cap,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
-        return {"verdict": "hang", "message": f"no answer in {timeout:.0f} s", "seconds": round(time.perf_counter() - started, 1)}
+        return {
+            "verdict": "hang",
+            "message": f"no answer in {timeout:.0f} s",
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     seconds = round(time.perf_counter() - started, 1)
     if done.returncode == 0 and done.stdout.strip():
         return {**json.loads(done.stdout.strip().splitlines()[-1]), "seconds": seconds}
@@ -437,11 +505,20 @@ def run_scenarios() -> list[dict]:
                 try:
                     ws = attack(Path(tmp))
                 except Exception:  # noqa: BLE001 - a scenario that cannot be built is a bench bug, shown as such
-                    results.append({"kind": kind, "variant": name, "verdict": "not built", "message": traceback.format_exc(limit=2)[-300:]})
+                    results.append(
+                        {
+                            "kind": kind,
+                            "variant": name,
+                            "verdict": "not built",
+                            "message": traceback.format_exc(limit=2)[-300:],
+                        }
+                    )
                     continue
                 outcome = check_in_process(ws.root)
             results.append({"kind": kind, "variant": name, **outcome})
-            print(f"{kind} / {name}: {outcome['verdict']} ({outcome['seconds']} s) {outcome['message'][:160]}", flush=True)
+            print(
+                f"{kind} / {name}: {outcome['verdict']} ({outcome['seconds']} s) {outcome['message'][:160]}", flush=True
+            )
     return results
 
 
@@ -507,17 +584,24 @@ def main() -> None:
     rows.append(f"| **all** | {counted} | {total['detected']} | {total['missed']} | {total['traceback']} |")
     table = "\n".join(rows)
     attacks, failed = scenario_table(scenarios)
-    args.out.with_suffix(".md").write_text(f"{machine}\n\n{table}\n\nTrust-anchor attacks (each in its own process, 60 s and 2 GiB at most):\n\n{attacks}\n")
+    args.out.with_suffix(".md").write_text(
+        f"{machine}\n\n{table}\n\nTrust-anchor attacks (each in its own process, 60 s and 2 GiB at most):\n\n{attacks}\n"
+    )
     print(table)
     print(attacks)
-    print(f"{total['detected']}/{counted} detected ({100 * total['detected'] / max(counted, 1):.1f}%), {total['traceback']} traceback(s)")
+    print(
+        f"{total['detected']}/{counted} detected ({100 * total['detected'] / max(counted, 1):.1f}%), {total['traceback']} traceback(s)"
+    )
     if total["missed"] or total["traceback"] or failed:
         sys.exit(1)
 
 
 def scenario_table(scenarios: list[dict]) -> tuple[str, int]:
     """The summary by class and the rows; and how many attacks were not detected (or controls refused)."""
-    rows = ["| attack | variants | detected | missed | tracebacks | hangs or out of memory | slowest |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| attack | variants | detected | missed | tracebacks | hangs or out of memory | slowest |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     failed = 0
     for kind in dict.fromkeys(s["kind"] for s in scenarios):
         mine = [s for s in scenarios if s["kind"] == kind]

@@ -74,7 +74,11 @@ def time_cli(work: Path, args: list[str], env: dict, expected: int) -> float:
     reset(work)
     started = time.perf_counter()
     done = subprocess.run(
-        [str(BIN / "lmeraser"), "forget", "--root", str(work), "--no-process", "--json", *args], capture_output=True, text=True, env=env, timeout=3600
+        [str(BIN / "lmeraser"), "forget", "--root", str(work), "--no-process", "--json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -116,7 +120,9 @@ def main() -> None:
     ids, subjects = private["sample_id"].tolist(), sorted(set(private["subject_id"]))
     rows = []
     one = statistics.median(time_cli(work, ["--sample-id", ids[0]], env, 1) for _ in range(args.repeats))
-    rows.append({"lines": 1, "file_bytes": None, "cli_s": round(one, 2), "parse_s": None, "submit_s": None, "per_line_ms": None})
+    rows.append(
+        {"lines": 1, "file_bytes": None, "cli_s": round(one, 2), "parse_s": None, "submit_s": None, "per_line_ms": None}
+    )
     print(f"1 request (--sample-id): CLI {one:.2f} s", flush=True)
     for size in args.sizes:
         path = requests_file(work.parent / f"requests-{size}.jsonl", size, ids, subjects, rng)
@@ -137,7 +143,14 @@ def main() -> None:
         print(f"{size} lines: CLI {cli:.2f} s; library parse {parse:.3f} s + submit {resolve:.3f} s", flush=True)
     reset(work)
     machine = f"{cpu_model()}, {os.cpu_count()} cores"
-    result = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "repeats": args.repeats, "seed": args.seed, "rows": rows}
+    result = {
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average": os.getloadavg(),
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "rows": rows,
+    }
     out = ROOT / "bench" / "results" / "requests-scale"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     table = [

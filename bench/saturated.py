@@ -45,7 +45,10 @@ RESULTS = ROOT / "bench" / "results"
 
 def spinners(n: int, limit: float) -> list[subprocess.Popen]:
     code = f"import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end:\n    pass\n"
-    return [subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL) for _ in range(n)]
+    return [
+        subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdin=subprocess.DEVNULL)
+        for _ in range(n)
+    ]
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -58,7 +61,9 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def timed(args: list[str], cwd: Path, env: dict, timeout: float = 3600) -> dict:
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
         code, out, errs = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as expired:
         code, out, errs = "timeout", str(expired.stdout or ""), str(expired.stderr or "")
@@ -78,15 +83,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spinners", type=int, default=6, help="busy processes (default 6: three per core on 2 cores)")
     parser.add_argument("--reps", type=int, default=2, help="timed flow processes per server kind")
-    parser.add_argument("--spin-limit", type=float, default=3600, help="each spinner stops by itself after this many seconds")
+    parser.add_argument(
+        "--spin-limit", type=float, default=3600, help="each spinner stops by itself after this many seconds"
+    )
     args = parser.parse_args()
 
     from helpers import TINY, copy_repo
 
-    env = {k: v for k, v in bench_env().items() if k not in ("PREFECT_API_URL", "LMERASER_FAILPOINT", "LMERASER_PREFECT_SERVER")}
+    env = {
+        k: v
+        for k, v in bench_env().items()
+        if k not in ("PREFECT_API_URL", "LMERASER_FAILPOINT", "LMERASER_PREFECT_SERVER")
+    }
     work = RESULTS / "work-saturated" / "repo"
     if work.exists():
-        subprocess.run([str(BIN / "lmeraser"), "prefect", "stop", "--root", str(work)], env=env, capture_output=True, timeout=300)
+        subprocess.run(
+            [str(BIN / "lmeraser"), "prefect", "stop", "--root", str(work)], env=env, capture_output=True, timeout=300
+        )
     import shutil
 
     shutil.rmtree(work.parent, ignore_errors=True)
@@ -100,7 +113,10 @@ def main() -> None:
     def step(name: str, command: list[str], must_pass: bool = True, **extra: str) -> dict:
         result = {"step": name, **timed(command, work, {**env, **extra}), "must_pass": must_pass}
         rows.append(result)
-        print(f"{name}: {result['seconds']} s, exit {result['exit']}, load {result['load1']} {result['last_stderr'][:160]}", flush=True)
+        print(
+            f"{name}: {result['seconds']} s, exit {result['exit']}, load {result['load1']} {result['last_stderr'][:160]}",
+            flush=True,
+        )
         return result
 
     try:
@@ -113,7 +129,9 @@ def main() -> None:
         samples = Workspace(work).manifest("private")["sample_id"].tolist()
         step("lmeraser forget --sample-id (exact batch)", [lm, "forget", "--sample-id", samples[0]])
         step("lmeraser forget --no-process (second request)", [lm, "forget", "--sample-id", samples[1], "--no-process"])
-        killed = step("lmeraser unlearn killed at after:apply", [lm, "unlearn"], must_pass=False, LMERASER_FAILPOINT="after:apply")
+        killed = step(
+            "lmeraser unlearn killed at after:apply", [lm, "unlearn"], must_pass=False, LMERASER_FAILPOINT="after:apply"
+        )
         resumed = step("lmeraser unlearn (resume)", [lm, "unlearn"])
         from lmeraser.journal import Journal
 
@@ -124,7 +142,11 @@ def main() -> None:
         # One flow process, alternating kinds so load drifts hit both alike.
         for rep in range(args.reps):
             step(f"flow process, standing server (rep {rep + 1})", [lm, "stage", "validate"])
-            step(f"flow process, temporary server (rep {rep + 1})", [lm, "stage", "validate"], LMERASER_PREFECT_SERVER="temporary")
+            step(
+                f"flow process, temporary server (rep {rep + 1})",
+                [lm, "stage", "validate"],
+                LMERASER_PREFECT_SERVER="temporary",
+            )
         step(
             "flow process, temporary server, Prefect's 20 s start-up timeout (before)",
             [lm, "stage", "validate"],

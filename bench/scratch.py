@@ -19,13 +19,21 @@ def run(args: list[str], cwd: Path, env: dict | None = None, check: bool = True)
     """A command to completion; with `check`, a failure stops the benchmark showing its output."""
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy(), timeout=3600)
     if check and done.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise SystemExit(
+            f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        )
     return done
 
 
 def bench_env(**extra: str) -> dict:
     """The environment the benchmarks run commands in: this venv first, no analytics."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        **extra,
+    }
 
 
 def work_root(name: str) -> Path:

@@ -55,7 +55,12 @@ class Service:
         t0 = time.perf_counter()
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [str(BIN / "lmeraser"), "serve", "--port", str(self.port)], cwd=self.work, env=self.env, start_new_session=True, stdout=log, stderr=log
+            [str(BIN / "lmeraser"), "serve", "--port", str(self.port)],
+            cwd=self.work,
+            env=self.env,
+            start_new_session=True,
+            stdout=log,
+            stderr=log,
         )
         while True:
             try:
@@ -95,7 +100,9 @@ def wait_verified(work: Path, ids: set[str], timeout: float) -> float:
         if all(states.get(i) == "verified" for i in ids):
             return time.perf_counter() - t0
         if time.perf_counter() - t0 > timeout:
-            raise SystemExit(f"{sum(states.get(i) != 'verified' for i in ids)} request(s) not verified after {timeout:.0f}s")
+            raise SystemExit(
+                f"{sum(states.get(i) != 'verified' for i in ids)} request(s) not verified after {timeout:.0f}s"
+            )
         time.sleep(0.1)  # the round trip's resolution
 
 
@@ -104,14 +111,22 @@ def exactly_once(work: Path, ids: set[str], complete: bool = False) -> list[str]
     events = journal(work)
     received = Counter(e["request_id"] for e in events if e["state"] == "received")
     verified = Counter(e["request_id"] for e in events if e["state"] == "verified")
-    problems = [f"{i}: received {received[i]}x, verified {verified[i]}x" for i in sorted(ids) if received[i] != 1 or verified[i] != 1]
-    return problems + ([f"{e}: a request nobody submitted is in the journal" for e in set(received) - ids] if complete else [])
+    problems = [
+        f"{i}: received {received[i]}x, verified {verified[i]}x"
+        for i in sorted(ids)
+        if received[i] != 1 or verified[i] != 1
+    ]
+    return problems + (
+        [f"{e}: a request nobody submitted is in the journal" for e in set(received) - ids] if complete else []
+    )
 
 
 def exact_records(work: Path) -> int:
     from lmeraser.lineage.log import LineageLog
 
-    return sum(r.predicate.get("method") != "influence" for r in LineageLog(work / "audit" / "lineage.jsonl").read_unverified())
+    return sum(
+        r.predicate.get("method") != "influence" for r in LineageLog(work / "audit" / "lineage.jsonl").read_unverified()
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -153,9 +168,13 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=500, help="distinct private samples the requests name")
     parser.add_argument("--influence", type=int, default=5, help="influence forgets to time")
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--params", type=Path, default=None, help="params preset (default: params.yaml, digits with pad prompts)")
+    parser.add_argument(
+        "--params", type=Path, default=None, help="params preset (default: params.yaml, digits with pad prompts)"
+    )
     parser.add_argument("--max-batch", type=int, default=None, help="service.max_batch (default: the params file's)")
-    parser.add_argument("--window", type=float, default=None, help="service.batch_window_s (default: the params file's)")
+    parser.add_argument(
+        "--window", type=float, default=None, help="service.batch_window_s (default: the params file's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     import yaml
@@ -222,7 +241,9 @@ def main() -> None:
         with service.client() as client:
             for sid in reserve[: args.influence]:
                 t0 = time.perf_counter()
-                answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid], "method": "influence"})
+                answer = client.post(
+                    "/v1/requests", json={"kind": "forget", "sample_ids": [sid], "method": "influence"}
+                )
                 times.append(time.perf_counter() - t0)
                 if answer.status_code != 201 or not answer.json()["influence"]:
                     problems.append(f"influence {sid}: {answer.status_code} {answer.text[:200]}")
@@ -234,7 +255,17 @@ def main() -> None:
         if cli_sid is not None:
             t0 = time.perf_counter()
             done = subprocess.run(
-                [str(BIN / "lmeraser"), "forget", "--server", service.url, "--sample-id", cli_sid, "--method", "influence", "--json"],
+                [
+                    str(BIN / "lmeraser"),
+                    "forget",
+                    "--server",
+                    service.url,
+                    "--sample-id",
+                    cli_sid,
+                    "--method",
+                    "influence",
+                    "--json",
+                ],
                 cwd=work,
                 env=env,
                 capture_output=True,
@@ -259,7 +290,12 @@ def main() -> None:
     for k in range(args.kills):
         batch = reserve[args.influence + 1 + 20 * k : args.influence + 1 + 20 * (k + 1)]
         with service.client() as client:
-            ids = {client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid]}).json()["requests"][0]["request_id"] for sid in batch}
+            ids = {
+                client.post("/v1/requests", json={"kind": "forget", "sample_ids": [sid]}).json()["requests"][0][
+                    "request_id"
+                ]
+                for sid in batch
+            }
             deadline = time.time() + 600
             while not client.get("/v1/health").json()["worker"]["busy"]:
                 if time.time() > deadline:
@@ -287,7 +323,9 @@ def main() -> None:
     result["kills"] = kills
     service.stop()
 
-    verify = subprocess.run([str(BIN / "lmeraser"), "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    verify = subprocess.run(
+        [str(BIN / "lmeraser"), "audit", "verify"], cwd=work, env=env, capture_output=True, text=True
+    )
     scan = subprocess.run([str(BIN / "lmeraser"), "audit", "scan"], cwd=work, env=env, capture_output=True, text=True)
     result.update(
         {
@@ -315,7 +353,11 @@ def main() -> None:
         ]
     if "influence" in result:
         inf = result["influence"]
-        cli = f"; through the CLI (`forget --server`, a fresh process) {inf['cli_round_trip_s']} s" if inf["cli_round_trip_s"] is not None else ""
+        cli = (
+            f"; through the CLI (`forget --server`, a fresh process) {inf['cli_round_trip_s']} s"
+            if inf["cli_round_trip_s"] is not None
+            else ""
+        )
         lines += [
             f"Influence forget through the service ({result['prompt_kind']}): round trip p50 {inf['round_trip_p50_s']} s, max {inf['round_trip_max_s']} s over {inf['updates']}{cli}.",
             "",

@@ -67,9 +67,16 @@ def workspace(source: str, overrides: dict, name: str) -> Path:
     for name in ("dvc.yaml", "data.dvc", ".dvcignore", ".gitignore", "pyproject.toml"):
         shutil.copy2(ROOT / name, work / name)
     for name in ("lmeraser", ".dvc"):
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
+        shutil.copytree(
+            ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local")
+        )
     (work / "params.yaml").write_text(yaml.safe_dump(deep_merge(preset(source), overrides), sort_keys=False))
-    git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
+    git = {
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "b@b",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "b@b",
+    }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=work, check=True, env={**os.environ, **git})
     return work
@@ -168,7 +175,9 @@ def retrain_alone(work: Path, clusters: list[int] | None = None) -> tuple[float,
     return seconds, {r["cluster"]: r["entry"].sha256 for r in results}
 
 
-def outcome(work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | None = None, load: float | None = None) -> dict:
+def outcome(
+    work: Path, seconds: float, sizes: dict[int, int], peak_mb: float | None = None, load: float | None = None
+) -> dict:
     """One forget (or batch) from its lineage record, with its affected clusters retrained alone."""
     record = last_record(work)
     after = members(work)
@@ -226,8 +235,19 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
     columns: the full pipeline, all prompts, one forget in process and through a warm service)."""
     work = workspace(source, overrides, name)
     server, url = prefect_server(work / ".prefect-home")
-    git = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
-    base = {**os.environ, **git, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    git = {
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "b@b",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "b@b",
+    }
+    base = {
+        **os.environ,
+        **git,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
     base.pop("PREFECT_API_URL", None)
     env = {**base, "PREFECT_API_URL": url, "PREFECT_HOME": str(work / ".prefect-home")}
     cli_bin = str(BIN / "lmeraser")
@@ -258,7 +278,9 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
         shutil.rmtree(scratch.root)
 
         rng = np.random.default_rng(0)
-        private = [line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]]
+        private = [
+            line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]
+        ]
         victims = [private[i] for i in rng.choice(len(private), size=5, replace=False)]
 
         print(f"[one forget in process: {victims[0]}]", flush=True)
@@ -270,7 +292,9 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
 
         def measured(warm: dict, **more) -> dict:
             """The run's figures; `more`: the full run's other operations."""
-            status = subprocess.run([str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True).stdout.strip()
+            status = subprocess.run(
+                [str(BIN / "dvc"), "status", "evaluate"], cwd=work, env=env, capture_output=True, text=True
+            ).stdout.strip()
             return {
                 "source": source,
                 "n_private": n_private,
@@ -342,7 +366,11 @@ def markdown(r: dict) -> str:
         f"### unlearning: {r['source']}",
         "",
         f"{r['n_private']} private samples in {r['n_clusters']} clusters; {r['machine']['cpu']}, {r['machine']['cores']} cores, {r['date']}"
-        + (f"; params changed from the preset: {json.dumps(r['params_overrides'])}" if r.get("params_overrides") else "")
+        + (
+            f"; params changed from the preset: {json.dumps(r['params_overrides'])}"
+            if r.get("params_overrides")
+            else ""
+        )
         + ".",
         "",
         "| operation | wall-clock (s) | its clusters retrained alone (s) | overhead ratio | samples retrained | accuracy before → after | peak RSS (MB) |",
@@ -352,7 +380,10 @@ def markdown(r: dict) -> str:
         row("one forget, in process (library)", one),
         row("one forget, `lmeraser forget` (standing Prefect server)", cli),
         row("one forget, `lmeraser forget` (no Prefect server)", cold),
-        *[row(f"one forget through a warm `lmeraser serve` ({i + 1})", o) for i, o in enumerate(r.get("warm_service", {}).get("rounds", []))],
+        *[
+            row(f"one forget through a warm `lmeraser serve` ({i + 1})", o)
+            for i, o in enumerate(r.get("warm_service", {}).get("rounds", []))
+        ],
         row(f"batch of {many['requests']} forgets, `lmeraser forget --file`", many),
         f"| `lmeraser unlearn` with nothing pending | {r['idle_unlearn_seconds']:.1f} | | | | | |",
         "",
@@ -421,7 +452,10 @@ def scaling_markdown(points: list[dict]) -> str:
         "The warm service's row is the cheaper of its two rounds (each round's figures are in the JSON).",
         "",
         "Steps (s), in process: "
-        + "; ".join(f"{p['n_private']}: " + ", ".join(f"{k} {v:.1f}" for k, v in p["one_in_process"]["steps"].items()) for p in points)
+        + "; ".join(
+            f"{p['n_private']}: " + ", ".join(f"{k} {v:.1f}" for k, v in p["one_in_process"]["steps"].items())
+            for p in points
+        )
         + ".",
         "",
     ]
@@ -433,8 +467,15 @@ def main() -> None:
     parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--keep-workspace", action="store_true")
-    parser.add_argument("--audit-references", type=int, default=None, help="audit.references (default: the preset's; 0: no forgetting audit)")
-    parser.add_argument("--subset", type=int, default=None, help="data.subset: cap on the training pool (the scaling run)")
+    parser.add_argument(
+        "--audit-references",
+        type=int,
+        default=None,
+        help="audit.references (default: the preset's; 0: no forgetting audit)",
+    )
+    parser.add_argument(
+        "--subset", type=int, default=None, help="data.subset: cap on the training pool (the scaling run)"
+    )
     parser.add_argument("--name", default=None, help="results name (default: unlearn-<source>)")
     parser.add_argument(
         "--scaling",
@@ -456,7 +497,9 @@ def main() -> None:
         name = args.name or f"scaling-{args.source}"
         for subset in sorted(args.scaling):
             print(f"[scaling point: data.subset {subset}]", flush=True)
-            points.append(run(args.source, 0, {**overrides, "data": {"subset": subset}}, f"{name}-{subset}", scaling=True))
+            points.append(
+                run(args.source, 0, {**overrides, "data": {"subset": subset}}, f"{name}-{subset}", scaling=True)
+            )
             (out / f"unlearn-{name}.json").write_text(json.dumps(points, indent=2) + "\n")  # each point as it ends
             if not args.keep_workspace:
                 shutil.rmtree(out / f"work-unlearn-{name}-{subset}", ignore_errors=True)

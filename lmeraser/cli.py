@@ -22,7 +22,9 @@ from lmeraser.errors import LmeraserError, shown
 from lmeraser.stages import STAGE_NAMES
 from lmeraser.workspace import Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Exact, auditable unlearning for prompt-tuned vision transformers.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Exact, auditable unlearning for prompt-tuned vision transformers."
+)
 
 
 def _version(value: bool) -> None:
@@ -38,9 +40,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
     debug: bool = typer.Option(
-        False, "--debug", envvar="LMERASER_DEBUG", help="show the tracebacks of expected errors inside flows (always in the Prefect run's log)"
+        False,
+        "--debug",
+        envvar="LMERASER_DEBUG",
+        help="show the tracebacks of expected errors inside flows (always in the Prefect run's log)",
     ),
 ) -> None:
     """Exact, auditable unlearning for prompt-tuned vision transformers."""
@@ -67,7 +74,11 @@ err = Console(stderr=True, width=_width(sys.stderr))
 
 ROOT = typer.Option(Path("."), "--root", help="workspace root (holds data/, artifacts/, audit/)")
 PARAMS = typer.Option(None, "--params", help="params file (default: <root>/params.yaml); configs/ holds presets")
-JSON = typer.Option(False, "--json", help="machine-readable: one JSON document on stdout (errors stay one line on stderr, non-zero exit)")
+JSON = typer.Option(
+    False,
+    "--json",
+    help="machine-readable: one JSON document on stdout (errors stay one line on stderr, non-zero exit)",
+)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -113,7 +124,9 @@ def _prefect(ws: Workspace) -> None:
         from prefect.logging.handlers import PrefectConsoleHandler
 
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _NoUiLinks) for f in handler.filters):
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _NoUiLinks) for f in handler.filters
+            ):
                 handler.addFilter(_NoUiLinks())
     if not _settings["debug"]:
         _one_sentence_on_console()
@@ -146,7 +159,9 @@ def _one_sentence_on_console() -> None:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _ExpectedErrorsOnce) for f in handler.filters):
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, _ExpectedErrorsOnce) for f in handler.filters
+        ):
             handler.addFilter(_ExpectedErrorsOnce())
 
 
@@ -169,7 +184,13 @@ class _ExpectedErrorsOnce:
 
 @data_app.command("init")
 def data_init(
-    source: str = typer.Option(None, help="digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; overrides data.source"),
+    source: str = typer.Option(
+        None,
+        help=(
+            "digits (default), fashion-mnist, idx:DIR, npz:FILE, folder:DIR, cifar10:DIR or cifar100:DIR; "
+            "overrides data.source"
+        ),
+    ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     dvc: bool = typer.Option(True, help="record the new data version with `dvc add data` (when in a DVC repo)"),
@@ -193,7 +214,10 @@ def data_init(
     except LmeraserError as error:
         _fail(str(error))
     if recorded is not None:
-        console.print(f"data.source set to {source} in {ws.relative(ws.params_file)} (the next `lmeraser data init` reads it)", highlight=False)
+        console.print(
+            f"data.source set to {source} in {ws.relative(ws.params_file)} (the next `lmeraser data init` reads it)",
+            highlight=False,
+        )
     counts = summary["counts"]
     console.print(
         f"data: {summary['source']} {tuple(summary['image_shape'])}, {summary['num_classes']} classes -> "
@@ -201,7 +225,8 @@ def data_init(
     )
     console.print(
         f"suppression list ({ws.relative(ws.suppression_file)}): {summary['suppressed']} sample(s) kept out, "
-        f"{summary['labels_corrected']} label correction(s) and {summary['images_corrected']} image correction(s) re-applied"
+        f"{summary['labels_corrected']} label correction(s) and "
+        f"{summary['images_corrected']} image correction(s) re-applied"
     )
     if dvc and ws.dvc_dir.is_dir():
         from lmeraser.versioning import data_md5, dvc_add
@@ -233,11 +258,18 @@ def data_samples(
         try:
             frame = ws.manifest(name)
             triples = zip(frame["sample_id"], frame["subject_id"], frame["label"].astype(int), strict=True)
-            rows += [{"sample_id": sid, "split": name, "subject_id": subj, "label": int(label)} for sid, subj, label in triples if not wanted or subj in wanted]
+            rows += [
+                {"sample_id": sid, "split": name, "subject_id": subj, "label": int(label)}
+                for sid, subj, label in triples
+                if not wanted or subj in wanted
+            ]
         except LmeraserError as error:
             _fail(str(error))
         except (KeyError, ValueError, TypeError):
-            _fail(f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest (sample_id, subject_id and integer label columns); run `lmeraser data init`.")
+            _fail(
+                f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest "
+                "(sample_id, subject_id and integer label columns); run `lmeraser data init`."
+            )
     missing = sorted(wanted - {r["subject_id"] for r in rows})
     if missing:
         _fail(f"subject {missing[0]} has no samples in data/{split if split != 'all' else '*'}.")
@@ -250,7 +282,12 @@ def data_samples(
 
     table = Table("sample id", "split", "subject", "label")
     for row in shown_rows:  # ids as the data holds them, shown safely (no markup, no control characters)
-        table.add_row(*(escape(shown(value, 80)) for value in (row["sample_id"], row["split"], row["subject_id"], str(row["label"]))))
+        table.add_row(
+            *(
+                escape(shown(value, 80))
+                for value in (row["sample_id"], row["split"], row["subject_id"], str(row["label"]))
+            )
+        )
     console.print(table)
     more = f"; {len(rows) - len(shown_rows)} more (--limit 0 lists all)" if len(shown_rows) < len(rows) else ""
     hint = ". Forget one: lmeraser forget --sample-id ID (or --subject SUBJECT)" if split == "private" else ""
@@ -284,7 +321,8 @@ def _with_source(params_file: Path, source: str) -> str:
                 return edited
             break
     raise LmeraserError(
-        f"{params_file}: no `source:` line under `data:` to record --source in; set data.source to {source} there, then run `lmeraser data init`."
+        f"{params_file}: no `source:` line under `data:` to record --source in; set data.source to {source} there, "
+        "then run `lmeraser data init`."
     )
 
 
@@ -315,8 +353,8 @@ def _check_numerics(ws: Workspace, building: bool = False) -> None:
             built = ws.backbone_meta().numerics
             if built != wanted:
                 _fail(
-                    f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) was built under {built} numerics; "
-                    f"run `dvc repro` to rebuild under {wanted} first."
+                    f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) "
+                    f"was built under {built} numerics; run `dvc repro` to rebuild under {wanted} first."
                 )
         numerics.require(wanted)
     except LmeraserError as error:
@@ -382,8 +420,8 @@ def metrics_cmd(root: Path = ROOT, as_json: bool = typer.Option(False, "--json")
     console.print(table)
     console.print(
         f"private samples {metrics['n_private']}, test samples {metrics['n_test']}; cluster sizes "
-        f"min {metrics['cluster_size_min']}, median {metrics['cluster_size_median']:.0f}, max {metrics['cluster_size_max']}, "
-        f"empty {metrics['cluster_n_empty']}"
+        f"min {metrics['cluster_size_min']}, median {metrics['cluster_size_median']:.0f}, "
+        f"max {metrics['cluster_size_max']}, empty {metrics['cluster_n_empty']}"
     )
 
 
@@ -416,7 +454,11 @@ def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) ->
 
     resolved = submit(specs, ws, method)
     for request in resolved:
-        noop = f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)" if request.already_forgotten else ""
+        noop = (
+            f", {len(request.already_forgotten)} already forgotten (no-op, still recorded)"
+            if request.already_forgotten
+            else ""
+        )
         if request.subjects_already_forgotten:
             noop += f", {len(request.subjects_already_forgotten)} subject(s) already forgotten (no-op, still recorded)"
         _say(quiet)(f"accepted {request.request_id}: {request.kind} {len(request.sample_ids)} sample(s){noop}")
@@ -424,10 +466,15 @@ def _submit(specs, ws: Workspace, method: str = "exact", quiet: bool = False) ->
 
 
 GIT_COMMIT = typer.Option(
-    None, "--git-commit/--no-git-commit", help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace; default: yes)"
+    None,
+    "--git-commit/--no-git-commit",
+    help="commit data.dvc, dvc.lock, metrics and audit/ after a batch (in a git workspace; default: yes)",
 )
 SERVER = typer.Option(
-    None, "--server", envvar="LMERASER_SERVER", help="submit to a running `lmeraser serve` at this URL (token: $LMERASER_API_TOKEN or the workspace's)"
+    None,
+    "--server",
+    envvar="LMERASER_SERVER",
+    help="submit to a running `lmeraser serve` at this URL (token: $LMERASER_API_TOKEN or the workspace's)",
 )
 
 
@@ -460,7 +507,8 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
     say(
         f"batch {result['batch_id']}: rebuilt clusters {result['rebuilt'] or 'none'}"
         + (f", retired {result['retired']}" if result["retired"] else "")
-        + f"; scan hits {verification['scan']['hits']}; forgetting audit: {audit_words(verification.get('forgetting_audit'))}"
+        + f"; scan hits {verification['scan']['hits']}; "
+        f"forgetting audit: {audit_words(verification.get('forgetting_audit'))}"
         + f"; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
         + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
@@ -485,8 +533,8 @@ def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
         say("nothing to edit by influence (every target was already forgotten)")
         return None
     say(
-        f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; served as APPROXIMATE; "
-        f"forgetting audit: {audit_words(result.get('forgetting_audit'))}; "
+        f"influence update applied to cluster(s) {result['clusters']} in {result['seconds']:.2f}s; "
+        f"served as APPROXIMATE; forgetting audit: {audit_words(result.get('forgetting_audit'))}; "
         f"lineage record {result['record']}; the exact rebuild is queued: run `lmeraser unlearn`"
     )
     return result
@@ -494,7 +542,9 @@ def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
 
 @app.command("doctor")
 def doctor(
-    env: bool = typer.Option(False, "--env", help="print shell lines that set the portable pins (for a process lmeraser does not start)"),
+    env: bool = typer.Option(
+        False, "--env", help="print shell lines that set the portable pins (for a process lmeraser does not start)"
+    ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     as_json: bool = JSON,
@@ -527,7 +577,10 @@ def doctor(
     if problem is None and mode == "portable":
         off = [row for row in effects if row["value"] != row["portable"]]
         if off:  # what no in-process check sees (oneDNN's ISA): the probe's own word
-            problem = f"portable numerics did not take effect: {off[0]['what']} is {off[0]['value']}, not {off[0]['portable']}; {numerics.NATIVE_FIX}."
+            problem = (
+                f"portable numerics did not take effect: {off[0]['what']} is {off[0]['value']}, "
+                f"not {off[0]['portable']}; {numerics.NATIVE_FIX}."
+            )
     report = {
         "cpu": numerics.cpu_name(),
         "numerics": mode,
@@ -546,7 +599,11 @@ def doctor(
         say(f"CPU: {report['cpu']}")
         say(f"numerics: {mode} (this process started with {boot.mode}, from {boot.source})")
         for row in effects:
-            status = "" if mode != "portable" else ("  ok" if row["value"] == row["portable"] else f"  NOT {row['portable']}")
+            status = (
+                ""
+                if mode != "portable"
+                else ("  ok" if row["value"] == row["portable"] else f"  NOT {row['portable']}")
+            )
             say(f"  {row['what']}: {row['value']}{status}")
         say("versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
         say(f"fingerprint: {report['fingerprint']['sha256']}")
@@ -559,11 +616,19 @@ def doctor(
 @app.command("forget")
 def forget(
     sample_id: list[str] = typer.Option([], "--sample-id", help="private sample id (repeatable)"),
-    subject: list[str] = typer.Option([], "--subject", help="forget every private sample of this data subject (repeatable)"),
-    file: Path = typer.Option(None, "--file", help="JSONL file of forget requests; one bad line refuses the whole file"),
-    allow_backbone_rebuild: bool = typer.Option(False, help="accept public samples: rebuilds backbone, prototypes and every prompt"),
+    subject: list[str] = typer.Option(
+        [], "--subject", help="forget every private sample of this data subject (repeatable)"
+    ),
+    file: Path = typer.Option(
+        None, "--file", help="JSONL file of forget requests; one bad line refuses the whole file"
+    ),
+    allow_backbone_rebuild: bool = typer.Option(
+        False, help="accept public samples: rebuilds backbone, prototypes and every prompt"
+    ),
     method: Method = typer.Option(Method.exact, help=METHOD_HELP),
-    process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
+    process: bool = typer.Option(
+        None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"
+    ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
@@ -601,27 +666,52 @@ def _client(server: str, ws: Workspace):
     return Client(server, api_token(ws, create=False))
 
 
-def _remote(server: str, ws: Workspace, specs: list, method: str, process, git_commit, params_file, as_json: bool, image: Path | None = None) -> None:
+def _remote(
+    server: str,
+    ws: Workspace,
+    specs: list,
+    method: str,
+    process,
+    git_commit,
+    params_file,
+    as_json: bool,
+    image: Path | None = None,
+) -> None:
     """Submit through a running service: its worker runs the exact batches with its own params."""
     given = [
         name
-        for name, value in (("--process/--no-process", process), ("--git-commit/--no-git-commit", git_commit), ("--params", params_file))
+        for name, value in (
+            ("--process/--no-process", process),
+            ("--git-commit/--no-git-commit", git_commit),
+            ("--params", params_file),
+        )
         if value is not None
     ]
     if given:
-        _fail(f"{given[0]} belongs to the service when --server is given (its worker runs the batches with its own params).")
+        _fail(
+            f"{given[0]} belongs to the service when --server is given "
+            "(its worker runs the batches with its own params)."
+        )
     requests = [s.model_dump(exclude={"input", "allow_backbone_rebuild"}) for s in specs]
     answer = _client(server, ws).submit(requests, method, image)
     if as_json:
         _emit(answer)
         return
     for r in answer["requests"]:
-        console.print(f"accepted {r['request_id']}: {r['kind']} ({r['method']}), state {r['state']}, deadline {r['deadline']}", highlight=False)
+        console.print(
+            f"accepted {r['request_id']}: {r['kind']} ({r['method']}), state {r['state']}, deadline {r['deadline']}",
+            highlight=False,
+        )
     if answer.get("influence"):
         console.print(
-            f"influence update applied to cluster(s) {answer['influence']['clusters']}; lineage record {answer['influence']['record']}", highlight=False
+            f"influence update applied to cluster(s) {answer['influence']['clusters']}; "
+            f"lineage record {answer['influence']['record']}",
+            highlight=False,
         )
-    console.print(f"the service at {server} runs the exact batch; follow it with `lmeraser requests --server {server}`", highlight=False)
+    console.print(
+        f"the service at {server} runs the exact batch; follow it with `lmeraser requests --server {server}`",
+        highlight=False,
+    )
 
 
 def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool, resolved: list, as_json: bool) -> None:
@@ -637,9 +727,13 @@ def rectify(
     sample_id: str = typer.Option(None, "--sample-id"),
     label: int = typer.Option(None, "--label", help="the corrected label"),
     input_file: Path = typer.Option(None, "--input", help="the corrected image (.npy or .png, same shape)"),
-    file: Path = typer.Option(None, "--file", help="JSONL file of rectify requests; one bad line refuses the whole file"),
+    file: Path = typer.Option(
+        None, "--file", help="JSONL file of rectify requests; one bad line refuses the whole file"
+    ),
     method: Method = typer.Option(Method.exact, help=METHOD_HELP),
-    process: bool = typer.Option(None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"),
+    process: bool = typer.Option(
+        None, "--process/--no-process", help="run the exact batch now (default: yes for exact, no for influence)"
+    ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
@@ -658,7 +752,11 @@ def rectify(
         elif sample_id is None:
             _fail("name what to rectify: --sample-id with --label or --input, or --file.")
         else:
-            specs = [_spec(kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None)]
+            specs = [
+                _spec(
+                    kind="rectify", sample_ids=[sample_id], label=label, input=str(input_file) if input_file else None
+                )
+            ]
         if server:
             if any(s.input is not None for s in specs) and len(specs) > 1:
                 _fail("over HTTP, a corrected image is sent with a single request: use --sample-id with --input.")
@@ -703,7 +801,10 @@ def requests_cmd(
     try:
         if server:
             if params_file is not None:
-                _fail("--params belongs to the service when --server is given (its requests.deadline_months sets the deadlines).")
+                _fail(
+                    "--params belongs to the service when --server is given "
+                    "(its requests.deadline_months sets the deadlines)."
+                )
             statuses = [RequestStatus(**s) for s in _client(server, ws).requests(pending, overdue)]
         else:
             statuses = request_statuses(ws, load_params(ws.params_file).requests)
@@ -717,7 +818,16 @@ def requests_cmd(
     for column in ("request", "kind", "method", "state", "received", "deadline", "records", "flag"):
         table.add_column(column)
     for s in statuses:
-        table.add_row(s.request_id, s.kind, s.method, s.state, s.received_at, s.deadline, ",".join(map(str, s.records)) or "-", s.flag or "-")
+        table.add_row(
+            s.request_id,
+            s.kind,
+            s.method,
+            s.state,
+            s.received_at,
+            s.deadline,
+            ",".join(map(str, s.records)) or "-",
+            s.flag or "-",
+        )
     console.print(table)
     flagged = sum(s.flag in ("overdue", "due soon") for s in statuses)
     if flagged:
@@ -725,7 +835,9 @@ def requests_cmd(
 
 
 @app.command("unlearn")
-def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT, as_json: bool = JSON) -> None:
+def unlearn_cmd(
+    root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool = GIT_COMMIT, as_json: bool = JSON
+) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
     ws = _workspace(root, params_file)
     _check_numerics(ws)
@@ -736,11 +848,14 @@ def unlearn_cmd(root: Path = ROOT, params_file: Path = PARAMS, git_commit: bool 
 
 @audit_app.command("verify")
 def audit_verify(
-    pubkey: Path = typer.Option(None, help="the public key you were given (default: the pinned signer, audit/lineage-public-key.pem)"),
+    pubkey: Path = typer.Option(
+        None, help="the public key you were given (default: the pinned signer, audit/lineage-public-key.pem)"
+    ),
     root: Path = ROOT,
     as_json: bool = JSON,
 ) -> None:
-    """Check every signature, the hash chain, the signed head, the signer, and that the deployed artifacts match the latest record."""
+    """Check every signature, the hash chain, the signed head, the signer, and that the deployed
+    artifacts match the latest record."""
     from lmeraser.audit.verify import public_key, verify
     from lmeraser.lineage.keys import key_id
 
@@ -753,14 +868,33 @@ def audit_verify(
     # Who signed: one key, or a chain of keys handed over by signed rotations.
     signers = list(dict.fromkeys(r.predicate.get("signer") for r in records if r.predicate.get("signer")))
     if as_json:
-        _emit({"ok": True, "records": len(records), "signer": key_id(key), "signers": signers, "deployed_match_record": records[-1].number})
+        _emit(
+            {
+                "ok": True,
+                "records": len(records),
+                "signer": key_id(key),
+                "signers": signers,
+                "deployed_match_record": records[-1].number,
+            }
+        )
         return
-    signed = f"all signed by {signers[0]}" if len(signers) <= 1 else f"signed by {len(signers)} keys in turn (signed rotations), now {signers[-1]}"
-    console.print(f"OK: {len(records)} record(s), signatures, chain and signed head valid, {signed}; deployed artifacts match record {records[-1].number}")
+    signed = (
+        f"all signed by {signers[0]}"
+        if len(signers) <= 1
+        else f"signed by {len(signers)} keys in turn (signed rotations), now {signers[-1]}"
+    )
+    console.print(
+        f"OK: {len(records)} record(s), signatures, chain and signed head valid, {signed}; "
+        f"deployed artifacts match record {records[-1].number}"
+    )
 
 
 @audit_app.command("show")
-def audit_show(number: int = typer.Argument(None, help="record number (default: all, one line each)"), root: Path = ROOT, as_json: bool = JSON) -> None:
+def audit_show(
+    number: int = typer.Argument(None, help="record number (default: all, one line each)"),
+    root: Path = ROOT,
+    as_json: bool = JSON,
+) -> None:
     """A readable summary of the lineage records (not verified: `audit verify` checks them)."""
     from lmeraser.lineage.records import lineage_log, summary_row
 
@@ -792,7 +926,11 @@ def audit_show(number: int = typer.Argument(None, help="record number (default: 
 def audit_scan(
     root: Path = ROOT,
     strict: bool = typer.Option(False, "--strict", help="exit non-zero when any location could not be searched"),
-    full: bool = typer.Option(False, "--full", help="read every file, not only those new or changed since the scan index read them, and rebuild the index"),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="read every file, not only those new or changed since the scan index read them, and rebuild the index",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Search data/, the DVC cache and every remote, the artifact store and every MLflow artifact
@@ -804,7 +942,9 @@ def audit_scan(
     ws = Workspace(root)
     targets = scan_targets(ws)
     try:
-        report = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=full)
+        report = scan(
+            ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=full
+        )
     except LmeraserError as error:
         _fail(str(error))
     hits, counts, not_searched = report.hits, report.counts, report.not_searched
@@ -823,11 +963,20 @@ def audit_scan(
         )
     say = _say(as_json)
     say(
-        f"searched {sum(counts.values())} files ({escape(', '.join(f'{k}: {v}' for k, v in counts.items()))}) for "
-        f"{len(targets.sample_keys)} erased sample(s) named by the signed records and {len(targets.artifact_hashes)} superseded artifact(s)"
-        + (f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)" if targets.reference_digests else "")
+        f"searched {sum(counts.values())} files ({escape(', '.join(f'{k}: {v}' for k, v in counts.items()))}) "
+        f"for {len(targets.sample_keys)} erased sample(s) named by the signed records "
+        f"and {len(targets.artifact_hashes)} superseded artifact(s)"
+        + (
+            f" and {len(targets.reference_digests)} forgetting-audit IN reference(s)"
+            if targets.reference_digests
+            else ""
+        )
         + f"; read {sum(report.read.values())} of them, "
-        + ("the rest unchanged since the scan index read them" if report.index["mode"] == "incremental" else f"all ({report.index['reason']})")
+        + (
+            "the rest unchanged since the scan index read them"
+            if report.index["mode"] == "incremental"
+            else f"all ({report.index['reason']})"
+        )
     )
     for hit in hits:  # names come from the stores (an experiment, an object key): never markup
         err.print(f"HIT {hit.kind} {hit.digest[:16]}… in {hit.location}: {hit.path}", highlight=False, markup=False)
@@ -837,7 +986,10 @@ def audit_scan(
         _fail(f"{len(hits)} hit(s): forgotten data survives.")
     if not_searched and strict:
         _fail(f"0 hits where it searched, but {len(not_searched)} location(s) could not be searched (--strict).")
-    say("0 hits" + (f" where it searched; {len(not_searched)} location(s) not searched (listed above)" if not_searched else ""))
+    say(
+        "0 hits"
+        + (f" where it searched; {len(not_searched)} location(s) not searched (listed above)" if not_searched else "")
+    )
 
 
 @audit_app.command("replay")
@@ -869,12 +1021,18 @@ def audit_replay(
         _emit(result)  # the exit status below says the same as the text would
     if not result["comparable"]:
         _fail(
-            f"record {record}: cannot compare bits on this machine: {result['reason']}; replay it where the fingerprint matches (`lmeraser doctor`).",
+            f"record {record}: cannot compare bits on this machine: {result['reason']}; "
+            "replay it where the fingerprint matches (`lmeraser doctor`).",
             CANNOT_COMPARE,
         )
     if result["environment_differences"]:
-        _say(as_json)(f"environment differs from the record ({', '.join(result['environment_differences'])}): compared predictions, not bits")
-    summary = f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"
+        _say(as_json)(
+            f"environment differs from the record ({', '.join(result['environment_differences'])}): "
+            "compared predictions, not bits"
+        )
+    summary = (
+        f"record {record}: replayed {result['replayed']}, matched {result['matched']}, skipped {result['skipped']}"
+    )
     if not result["clusters"]:
         _fail(f"record {record} rebuilt no cluster: nothing to replay.")
     bad = [c["cluster"] for c in result["clusters"] if c["match"] is False]
@@ -886,7 +1044,9 @@ def audit_replay(
 
 
 @audit_app.command("report")
-def audit_report(out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = ROOT) -> None:
+def audit_report(
+    out: Path = typer.Option(Path("audit/report.html"), "--out"), pubkey: Path = typer.Option(None), root: Path = ROOT
+) -> None:
     """Write an HTML report: one line per request, cluster sizes, rebuilt clusters over time,
     accuracy, membership inference. It verifies the log first and says so; a failed verification
     is shown at the top of the report and exits non-zero."""
@@ -990,8 +1150,9 @@ def audit_forgetting(
         console.print(table)
         console.print(
             f"{summary['records']} audited record(s), {summary['records_without_audit']} without a reference audit; "
-            f"p-value plot written to {wrote}. Forget quality: a KS p-value far from 0 means the post-forget p-values are "
-            "consistent with the uniform (as for data never seen); near 0, that forgotten samples stay detectable.",
+            f"p-value plot written to {wrote}. Forget quality: "
+            "a KS p-value far from 0 means the post-forget p-values are consistent with the uniform "
+            "(as for data never seen); near 0, that forgotten samples stay detectable.",
             highlight=False,
         )
     if failure:
@@ -999,7 +1160,10 @@ def audit_forgetting(
 
 
 @audit_app.command("export-key")
-def audit_export_key(out: Path = typer.Option(None, "--out", help="where to write it (default: the pinned signer file)"), root: Path = ROOT) -> None:
+def audit_export_key(
+    out: Path = typer.Option(None, "--out", help="where to write it (default: the pinned signer file)"),
+    root: Path = ROOT,
+) -> None:
     """Write the signing key's public half (PEM) for auditors; before the first record this makes
     and pins the key, after it the key must be the pinned one."""
     from lmeraser.io import atomic_write_bytes
@@ -1036,7 +1200,10 @@ def audit_schema(
     target = out.absolute()
     audit = Workspace(root).audit.absolute()
     if target == audit or audit in target.parents:
-        _fail(f"{out}: inside the workspace's audit/ (the signed log, its keys and journal live there); write the schema elsewhere.")
+        _fail(
+            f"{out}: inside the workspace's audit/ (the signed log, its keys and journal live there); "
+            "write the schema elsewhere."
+        )
     if out.is_dir() or (out.exists() and not out.is_file() and not out.is_symlink()):
         _fail(f"{out}: not a regular file; --out takes a file path.")
     if not target.parent.is_dir():
@@ -1050,7 +1217,9 @@ def audit_schema(
 
 @audit_app.command("rotate-key")
 def audit_rotate_key(
-    new_key: Path = typer.Option(None, "--new-key", help="the new Ed25519 private key (PEM, 0600); default: a fresh one"),
+    new_key: Path = typer.Option(
+        None, "--new-key", help="the new Ed25519 private key (PEM, 0600); default: a fresh one"
+    ),
     reason: str = typer.Option("", "--reason", help="why the key changes (signed into the rotation record)"),
     root: Path = ROOT,
 ) -> None:
@@ -1063,20 +1232,33 @@ def audit_rotate_key(
 
     ws = Workspace(root)
     try:
-        key = keys.parse_private_key(read_trusted(new_key, "new signing key", 64 << 10, secret=True, follow_links=True), str(new_key)) if new_key else None
+        key = (
+            keys.parse_private_key(
+                read_trusted(new_key, "new signing key", 64 << 10, secret=True, follow_links=True), str(new_key)
+            )
+            if new_key
+            else None
+        )
         with ws.lock("unlearn"):  # never beside a batch that is signing
             record = rotate_key(ws, key, reason)
     except LmeraserError as error:
         _fail(str(error))
     p = record.predicate
-    console.print(f"lineage record {record.number}: key rotation {p.get('old_signer')} -> {p.get('new_signer')}; commit audit/ (the pinned signer changed)")
+    console.print(
+        f"lineage record {record.number}: key rotation {p.get('old_signer')} -> {p.get('new_signer')}; "
+        "commit audit/ (the pinned signer changed)"
+    )
 
 
 @app.command("serve")
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback unless told otherwise)"),
     port: int = typer.Option(8765, "--port", min=1, max=65535),
-    worker: bool = typer.Option(True, "--worker/--no-worker", help="run exact batches inside the service (service.batch_window_s, service.max_batch)"),
+    worker: bool = typer.Option(
+        True,
+        "--worker/--no-worker",
+        help="run exact batches inside the service (service.batch_window_s, service.max_batch)",
+    ),
     root: Path = ROOT,
     params_file: Path = PARAMS,
     git_commit: bool = GIT_COMMIT,
@@ -1108,7 +1290,11 @@ def serve_cmd(
 
     log = lambda m: err.print(m, highlight=False)  # noqa: E731
     batch_worker = _batch_worker(ws, git_commit is not False, log) if worker else None
-    err.print(f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); batch worker {'on' if worker else 'off'}", highlight=False)
+    err.print(
+        f"lmeraser serve: http://{host}:{port}/v1 (bearer token in {token_source(ws)}); "
+        f"batch worker {'on' if worker else 'off'}",
+        highlight=False,
+    )
     serve(ws, host, port, token, batch_worker, log)
 
 
@@ -1119,10 +1305,20 @@ def _batch_worker(ws: Workspace, git_commit: bool, log):
     from lmeraser.service.worker import BatchWorker, warm_up
 
     params = load_params(ws.params_file)
-    return BatchWorker(ws, params.service, batch_runner(ws, git_commit), log, run_tracking=backlog_tracker(ws, log), warm_up=warm_up(ws))
+    return BatchWorker(
+        ws,
+        params.service,
+        batch_runner(ws, git_commit),
+        log,
+        run_tracking=backlog_tracker(ws, log),
+        warm_up=warm_up(ws),
+    )
 
 
-prefect_app = typer.Typer(no_args_is_help=True, help="The workspace's standing Prefect server (started on demand by the commands that run flows).")
+prefect_app = typer.Typer(
+    no_args_is_help=True,
+    help="The workspace's standing Prefect server (started on demand by the commands that run flows).",
+)
 app.add_typer(prefect_app, name="prefect")
 
 
@@ -1137,7 +1333,10 @@ def prefect_status(root: Path = ROOT, as_json: bool = JSON) -> None:
         return
     if state["running"]:
         health = "answering" if state["healthy"] else "NOT answering"
-        console.print(f"running at {state['url']} (PID {state['pid']}, {health}); stop it with `lmeraser prefect stop`", highlight=False)
+        console.print(
+            f"running at {state['url']} (PID {state['pid']}, {health}); stop it with `lmeraser prefect stop`",
+            highlight=False,
+        )
     else:
         console.print("not running (the next command that runs a flow starts it)", highlight=False)
 
@@ -1151,7 +1350,12 @@ def prefect_stop(root: Path = ROOT) -> None:
         pid = prefect_server.stop(root)
     except LmeraserError as error:
         _fail(str(error))
-    console.print(f"stopped the workspace's Prefect server (PID {pid})" if pid else "no Prefect server was running for this workspace", highlight=False)
+    console.print(
+        f"stopped the workspace's Prefect server (PID {pid})"
+        if pid
+        else "no Prefect server was running for this workspace",
+        highlight=False,
+    )
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -28,7 +28,9 @@ def choose_k(n_private: int, n_fit: int, params: ClusteringParams) -> int:
     return max(1, min(k, n_fit))
 
 
-def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed: int, threads: int = 1, gpu: int | None = None) -> np.ndarray:
+def fit_prototypes(
+    features: np.ndarray, k: int, params: ClusteringParams, seed: int, threads: int = 1, gpu: int | None = None
+) -> np.ndarray:
     if len(features) < k:
         raise LmeraserError(f"k-means needs at least {k} points to fit {k} prototypes, got {len(features)}.")
     faiss.omp_set_num_threads(threads)
@@ -49,7 +51,9 @@ def fit_prototypes(features: np.ndarray, k: int, params: ClusteringParams, seed:
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def nearest(features: np.ndarray, prototypes: np.ndarray, allowed: np.ndarray | None = None, gpu: int | None = None) -> np.ndarray:
+def nearest(
+    features: np.ndarray, prototypes: np.ndarray, allowed: np.ndarray | None = None, gpu: int | None = None
+) -> np.ndarray:
     """Index of the nearest prototype for each row; restricted to `allowed` cluster ids if given."""
     ids = np.arange(len(prototypes)) if allowed is None else np.asarray(sorted(allowed), dtype=np.int64)
     if len(ids) == 0:

@@ -14,7 +14,14 @@ from importlib.metadata import version
 from pathlib import Path
 
 # Relative to the lmeraser package.
-TRAINING_CODE = ("training.py", "determinism.py", "compute.py", "models/backbone.py", "models/prompts.py", "models/peft/__init__.py")
+TRAINING_CODE = (
+    "training.py",
+    "determinism.py",
+    "compute.py",
+    "models/backbone.py",
+    "models/prompts.py",
+    "models/peft/__init__.py",
+)
 
 
 def training_files(kind: str) -> tuple[str, ...]:

@@ -73,10 +73,18 @@ class Compute:
         if self.is_cuda:
             if not torch.cuda.is_available():
                 built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
-                hint = "set runtime.device: cpu to run on the CPU" if source == "runtime.device" else "run it on a machine with that device"
-                raise ConfigError(f"{source} is {self.device}, but torch sees no CUDA device on this machine ({built}); {hint}.")
+                hint = (
+                    "set runtime.device: cpu to run on the CPU"
+                    if source == "runtime.device"
+                    else "run it on a machine with that device"
+                )
+                raise ConfigError(
+                    f"{source} is {self.device}, but torch sees no CUDA device on this machine ({built}); {hint}."
+                )
             if self.cuda_index >= torch.cuda.device_count():
-                raise ConfigError(f"{source} is {self.device}, but this machine has {torch.cuda.device_count()} CUDA device(s).")
+                raise ConfigError(
+                    f"{source} is {self.device}, but this machine has {torch.cuda.device_count()} CUDA device(s)."
+                )
             # Kept for the process: cuBLAS reads it once, when its first handle is created.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         return self

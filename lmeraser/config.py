@@ -83,16 +83,28 @@ class BackboneParams(_Section):
         if self.model is not None:
             given = [key for key in BUILTIN_ARCHITECTURE if getattr(self, key) is not None]
             if given:
-                raise ValueError(f"backbone.{given[0]} describes the built-in ViT; backbone.model {self.model} has its own architecture: remove it")
+                raise ValueError(
+                    f"backbone.{given[0]} describes the built-in ViT; "
+                    f"backbone.model {self.model} has its own architecture: remove it"
+                )
         else:
             if self.img_size % self.patch_size:
-                raise ValueError(f"backbone.img_size ({self.img_size}) must be a multiple of backbone.patch_size ({self.patch_size})")
+                raise ValueError(
+                    f"backbone.img_size ({self.img_size}) must be a multiple of backbone.patch_size ({self.patch_size})"
+                )
             if self.embed_dim % self.num_heads:
-                raise ValueError(f"backbone.embed_dim ({self.embed_dim}) must be a multiple of backbone.num_heads ({self.num_heads})")
+                raise ValueError(
+                    f"backbone.embed_dim ({self.embed_dim}) must be a multiple of backbone.num_heads ({self.num_heads})"
+                )
         if self.train == "scratch" and self.checkpoint:
-            raise ValueError("backbone.checkpoint is set but backbone.train is scratch; set train to frozen (use it as is) or finetune")
+            raise ValueError(
+                "backbone.checkpoint is set but backbone.train is scratch; "
+                "set train to frozen (use it as is) or finetune"
+            )
         if self.train != "scratch" and not self.checkpoint:
-            raise ValueError(f"backbone.train {self.train} needs backbone.checkpoint (a local weights file); nothing is downloaded")
+            raise ValueError(
+                f"backbone.train {self.train} needs backbone.checkpoint (a local weights file); nothing is downloaded"
+            )
         return self
 
 
@@ -109,7 +121,10 @@ class ClusteringParams(_Section):
     @model_validator(mode="after")
     def _bounds(self) -> ClusteringParams:
         if self.min_clusters > self.max_clusters:
-            raise ValueError(f"clustering.min_clusters ({self.min_clusters}) must not exceed clustering.max_clusters ({self.max_clusters})")
+            raise ValueError(
+                f"clustering.min_clusters ({self.min_clusters}) must not exceed clustering.max_clusters "
+                f"({self.max_clusters})"
+            )
         return self
 
 
@@ -224,7 +239,10 @@ class RuntimeParams(_Section):
     @model_validator(mode="after")
     def _dask(self) -> RuntimeParams:
         if self.dask_address and self.executor != "dask":
-            raise ValueError("runtime.dask_address is set but runtime.executor is threads; set executor to dask or remove the address")
+            raise ValueError(
+                "runtime.dask_address is set but runtime.executor is threads; "
+                "set executor to dask or remove the address"
+            )
         return self
 
 
@@ -291,7 +309,9 @@ def _describe(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'."
     if first["type"] == "model_type":  # pydantic names the class here; a user wrote a section
-        return f"{source}: key '{key}' should be a section of settings (a mapping), got {shown(repr(first.get('input')))}."
+        return (
+            f"{source}: key '{key}' should be a section of settings (a mapping), got {shown(repr(first.get('input')))}."
+        )
     if "input" in first and first["type"] != "value_error":
         return f"{source}: key '{key}' {message.lower()} (got {shown(repr(first['input']))})."
     return f"{source}: {message.removeprefix('Value error, ')}."
@@ -312,7 +332,10 @@ class _ParamsLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not allowed; write every value out")
+            raise _Refused(
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases (&, *) are not allowed; "
+                "write every value out"
+            )
         return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
@@ -325,7 +348,9 @@ class _ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 class _Refused(Exception):
@@ -367,7 +392,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__}).") from None
     except OSError as error:  # a name too long, a /proc file that refuses reads, ...
-        raise ConfigError(f"{shown(path, 200)}: the params file cannot be read ({error.strerror or error.__class__.__name__}).") from None
+        raise ConfigError(
+            f"{shown(path, 200)}: the params file cannot be read ({error.strerror or error.__class__.__name__})."
+        ) from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections.")
     params = parse_params(raw, str(path))

@@ -72,7 +72,12 @@ def _cuda_flags() -> tuple[bool, ...]:
 
 
 def _set_cuda_flags(flags: tuple[bool, ...]) -> None:
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags[:4]
+    (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    ) = flags[:4]
     torch.backends.cuda.enable_flash_sdp(flags[4])
     torch.backends.cuda.enable_mem_efficient_sdp(flags[5])
     torch.backends.cuda.enable_cudnn_sdp(flags[6])

@@ -34,7 +34,9 @@ def per_cluster_accuracy(labels: np.ndarray, predictions: np.ndarray, routes: np
     return out
 
 
-def linear_probe(backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int, compute: Compute) -> np.ndarray:
+def linear_probe(
+    backbone, train_images, train_labels, test_images, spec: InputSpec, seed: int, compute: Compute
+) -> np.ndarray:
     """Logistic regression on frozen CLS features; returns test predictions."""
     train_features = features_of(backbone, train_images, spec, compute)
     test_features = features_of(backbone, test_images, spec, compute)
@@ -68,13 +70,22 @@ def single_prompt(
     """One prompt + head trained on all private data (the "no clusters" model); test predictions."""
     x = preprocess(train_images, spec)
     state = train_prompt(
-        backbone, x, torch.from_numpy(np.array(train_labels, dtype=np.int64)), params, num_classes, cluster_seed(seed, SINGLE_PROMPT_ID), compute
+        backbone,
+        x,
+        torch.from_numpy(np.array(train_labels, dtype=np.int64)),
+        params,
+        num_classes,
+        cluster_seed(seed, SINGLE_PROMPT_ID),
+        compute,
     )
     model = load_prompt(backbone, params, num_classes, state)
     return _predict(model, preprocess(test_images, spec), batch_size, compute)
 
 
-POPULATION_MIA = "population figure: loss-threshold attack over all forgotten samples vs the test split (per-sample evidence: forgetting_audit)"
+POPULATION_MIA = (
+    "population figure: loss-threshold attack over all forgotten samples vs the test split "
+    "(per-sample evidence: forgetting_audit)"
+)
 
 
 def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> dict:
@@ -82,14 +93,21 @@ def membership_inference(member_losses: np.ndarray, nonmember_losses: np.ndarray
 
     A population figure, not per-sample evidence (that is the forgetting audit's,
     lmeraser/audit/forgetting.py). AUC (scikit-learn's) is the probability that a random member
-    scores above a random non-member (ties count half); TPR at 1% FPR uses the threshold that 1% of non-members exceed. An AUC near 0.5 on
-    forgotten samples means the model treats them like data it never saw.
+    scores above a random non-member (ties count half); TPR at 1% FPR uses the threshold that 1% of
+    non-members exceed. An AUC near 0.5 on forgotten samples means the model treats them like data
+    it never saw.
     """
     from sklearn.metrics import roc_auc_score
 
     members, others = -np.asarray(member_losses, float), -np.asarray(nonmember_losses, float)
     if len(members) == 0 or len(others) == 0:
-        return {"auc": float("nan"), "tpr_at_1pct_fpr": float("nan"), "n_members": len(members), "n_nonmembers": len(others), "scope": POPULATION_MIA}
+        return {
+            "auc": float("nan"),
+            "tpr_at_1pct_fpr": float("nan"),
+            "n_members": len(members),
+            "n_nonmembers": len(others),
+            "scope": POPULATION_MIA,
+        }
     threshold = np.quantile(others, 0.99)
     return {
         "scope": POPULATION_MIA,

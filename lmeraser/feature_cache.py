@@ -36,11 +36,19 @@ def _identity(meta: BackboneMeta) -> dict:
     from lmeraser.compute import Compute
     from lmeraser.fingerprint import identity
 
-    return {"backbone": meta.sha256, "threads": meta.threads, "compute": identity(Compute.of(meta)), "img_size": meta.img_size, **meta.input.to_json()}
+    return {
+        "backbone": meta.sha256,
+        "threads": meta.threads,
+        "compute": identity(Compute.of(meta)),
+        "img_size": meta.img_size,
+        **meta.input.to_json(),
+    }
 
 
 def _digests(content_hashes: list[str]) -> np.ndarray:
-    return np.frombuffer(b"".join(bytes.fromhex(h) for h in content_hashes), dtype=np.uint8).reshape(len(content_hashes), 32)
+    return np.frombuffer(b"".join(bytes.fromhex(h) for h in content_hashes), dtype=np.uint8).reshape(
+        len(content_hashes), 32
+    )
 
 
 def read(path: Path) -> tuple[dict, list[str], np.ndarray] | None:
@@ -66,7 +74,9 @@ def _write(path: Path, identity: dict, content_hashes: list[str], features: np.n
         save_file(tensors, str(tmp), metadata={"kind": KIND, "identity": json.dumps(identity, sort_keys=True)})
 
 
-def private_features(ws: Workspace, backbone, meta: BackboneMeta, images: np.ndarray, content_hashes: list[str]) -> tuple[np.ndarray, int]:
+def private_features(
+    ws: Workspace, backbone, meta: BackboneMeta, images: np.ndarray, content_hashes: list[str]
+) -> tuple[np.ndarray, int]:
     """Features of the private split (rows of `images`) under `backbone` (a torch module), and how
     many were computed rather than read from the cache. Leaves the cache holding exactly these
     contents."""

@@ -87,7 +87,11 @@ def software() -> dict[str, str]:
 def _digest(outputs: list) -> str:
     digest = hashlib.sha256()
     for value in outputs:
-        array = value.detach().cpu().contiguous().numpy() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)
+        array = (
+            value.detach().cpu().contiguous().numpy()
+            if isinstance(value, torch.Tensor)
+            else np.ascontiguousarray(value)
+        )
         digest.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
     return digest.hexdigest()[:16]
 
@@ -101,7 +105,9 @@ def _families(compute):
 
     generator = torch.Generator().manual_seed(_SEED)
     classes = 10
-    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=classes, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+    model = VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=classes, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0
+    )
     for parameter in model.parameters():
         seeded_uniform_(parameter.data, 0.3, generator)
     x = torch.rand((16, 1, 16, 16), generator=generator) * 2 - 1
@@ -149,7 +155,9 @@ def _peft(kind: str, backbone, generator: torch.Generator, compute):
         prompt = torch.nn.Parameter(compute.put(torch.randn((1, 1, 16, 16), generator=generator) * 0.1))
         mask = compute.put(torch.ones((1, 1, 16, 16)))
         mask[..., 2:-2, 2:-2] = 0
-        return [prompt, *head.parameters()], lambda x: head(backbone.forward_head(backbone.forward_features(x + prompt * mask), pre_logits=True))
+        return [prompt, *head.parameters()], lambda x: head(
+            backbone.forward_head(backbone.forward_features(x + prompt * mask), pre_logits=True)
+        )
     if kind == "vpt":  # learnable tokens after the class token
         tokens = torch.nn.Parameter(compute.put(torch.randn((1, 2, backbone.embed_dim), generator=generator) * 0.1))
 
@@ -162,12 +170,17 @@ def _peft(kind: str, backbone, generator: torch.Generator, compute):
     from peft import LoraConfig, inject_adapter_in_model
 
     adapted = copy.deepcopy(backbone)
-    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4.0, lora_dropout=0.0, target_modules=["blocks.0.attn.qkv", "blocks.1.mlp.fc1"]), adapted)
+    inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=4.0, lora_dropout=0.0, target_modules=["blocks.0.attn.qkv", "blocks.1.mlp.fc1"]),
+        adapted,
+    )
     lora = [p for name, p in adapted.named_parameters() if "lora_" in name]
     for parameter in lora:
         seeded_uniform_(parameter.data, 0.2, generator)
         parameter.requires_grad_(True)
-    return [*lora, *head.parameters()], lambda x: head(adapted.forward_head(adapted.forward_features(x), pre_logits=True))
+    return [*lora, *head.parameters()], lambda x: head(
+        adapted.forward_head(adapted.forward_features(x), pre_logits=True)
+    )
 
 
 def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, compute) -> list:
@@ -180,7 +193,9 @@ def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: t
     for module in backbone.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
-    theta = {name: p.detach() for name, p in backbone.named_parameters() if name.startswith(("head.", "blocks.1.mlp.fc2."))}
+    theta = {
+        name: p.detach() for name, p in backbone.named_parameters() if name.startswith(("head.", "blocks.1.mlp.fc2."))
+    }
     direction = {name: compute.put(torch.randn(p.shape, generator=generator)) for name, p in theta.items()}
 
     def loss(params):
@@ -189,5 +204,7 @@ def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: t
     with warnings.catch_warnings():  # torch's forward-mode decompositions load through a deprecated torch.jit.script
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         hvp = jvp(grad(loss), (theta,), (direction,))[1]
-    jacobian = vmap(jacrev(lambda params, xi: functional_call(backbone, params, (xi[None],))[0]), in_dims=(None, 0))(theta, x)
+    jacobian = vmap(jacrev(lambda params, xi: functional_call(backbone, params, (xi[None],))[0]), in_dims=(None, 0))(
+        theta, x
+    )
     return [*(hvp[name] for name in sorted(hvp)), *(jacobian[name] for name in sorted(jacobian))]

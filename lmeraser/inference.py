@@ -37,7 +37,9 @@ class ServingModel:
         backbone, meta = load_backbone(ws)
         index = ws.prompt_index()
         overlay = Overlay(ws)
-        return cls(backbone, meta, ws.prototypes(), index, ArtifactStore(ws.store_dir), overlay.active(index), overlay.store)
+        return cls(
+            backbone, meta, ws.prototypes(), index, ArtifactStore(ws.store_dir), overlay.active(index), overlay.store
+        )
 
     def state(self, cluster: int | str) -> dict[str, torch.Tensor]:
         """The prompt a cluster serves: its influence overlay if active, else its exact prompt."""
@@ -63,11 +65,16 @@ class ServingModel:
         return sorted(int(c) for c in self.index.clusters)
 
     def route(self, features: np.ndarray) -> np.ndarray:
-        return nearest(features, self.prototypes, np.asarray(self.active_clusters), Compute.of(self.backbone_meta).faiss_gpu)
+        return nearest(
+            features, self.prototypes, np.asarray(self.active_clusters), Compute.of(self.backbone_meta).faiss_gpu
+        )
 
     def served_keys(self) -> dict[str, str]:
         """cluster -> the artifact it serves (`overlay:<key>` or `exact:<key>`)."""
-        return {c: (f"overlay:{self.overlay[c]['key']}" if c in self.overlay else f"exact:{e.key}") for c, e in self.index.clusters.items()}
+        return {
+            c: (f"overlay:{self.overlay[c]['key']}" if c in self.overlay else f"exact:{e.key}")
+            for c, e in self.index.clusters.items()
+        }
 
     @torch.no_grad()
     def cluster_logits(self, x: torch.Tensor, routes: np.ndarray, cluster: int, batch_size: int) -> np.ndarray:

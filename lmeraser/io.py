@@ -174,7 +174,9 @@ def read_trusted(path: str | Path, what: str, limit: int, *, secret: bool = Fals
     except BlockingIOError:
         raise LmeraserError(f"{where}: the {what} could not be read without blocking (not a regular file).") from None
     except OSError as error:
-        raise LmeraserError(f"{where}: the {what} cannot be read ({error.strerror or error.__class__.__name__}).") from None
+        raise LmeraserError(
+            f"{where}: the {what} cannot be read ({error.strerror or error.__class__.__name__})."
+        ) from None
     finally:
         os.close(fd)
     if size > limit:
@@ -325,7 +327,9 @@ def recover_directory(path: str | Path) -> list[str]:
         return []
     prefix = f".{target.name}."
     done = []
-    leftovers = sorted(p for p in target.parent.glob(f"{glob_escape(prefix)}*") if _writer_gone(p.name[len(prefix) :].split(".", 1)[0]))
+    leftovers = sorted(
+        p for p in target.parent.glob(f"{glob_escape(prefix)}*") if _writer_gone(p.name[len(prefix) :].split(".", 1)[0])
+    )
     for path in [p for p in leftovers if p.name.endswith(".staging")]:
         shutil.rmtree(path)
         done.append(f"removed unfinished {path.name}")

@@ -46,7 +46,9 @@ class JournalEvent(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> JournalEvent:
-        if (self.state == "received") != (self.request is not None) or (self.request is not None and self.request.request_id != self.request_id):
+        if (self.state == "received") != (self.request is not None) or (
+            self.request is not None and self.request.request_id != self.request_id
+        ):
             raise ValueError("a received event, and only one, carries its own request")
         if (self.state in ("approximated", "verified")) != (self.record is not None):
             raise ValueError("approximated and verified events, and only they, name a record")
@@ -178,7 +180,9 @@ class Journal:
                 e = json.loads(line)
                 requests.append(JournalEvent.model_validate(e).request)
             except (ValueError, RecursionError, ValidationError):  # JSONDecodeError and UnicodeDecodeError included
-                raise LmeraserError(f"{self.path} line {number}: not a journal event (the journal was altered); restore it from git.") from None
+                raise LmeraserError(
+                    f"{self.path} line {number}: not a journal event (the journal was altered); restore it from git."
+                ) from None
             out.append(e)
         return tuple(out), tuple(requests)
 
@@ -196,7 +200,11 @@ class Journal:
 
     def awaiting_influence(self) -> list[Request]:
         """Requests submitted with `--method influence` whose influence update is not applied yet."""
-        return [e.request for e in self.requests().values() if e.state == "received" and e.request is not None and e.method == "influence"]
+        return [
+            e.request
+            for e in self.requests().values()
+            if e.state == "received" and e.request is not None and e.method == "influence"
+        ]
 
     def forgotten_subjects(self) -> set[str]:
         """Keyed hashes of the subjects of every forget request an exact batch completed."""
@@ -212,7 +220,9 @@ class Journal:
         for submission in accepted:
             request = submission.request
             if keyer:
-                request = request.model_copy(update={"subject_hashes": tuple(keyer.subject(s) for s in submission.subjects)})
+                request = request.model_copy(
+                    update={"subject_hashes": tuple(keyer.subject(s) for s in submission.subjects)}
+                )
             if submission.image is not None:
                 atomic_save_npy(self.ws.root / request.input_path, submission.image, mode=0o600)
             requests.append(request)

@@ -182,7 +182,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
-    detail = [fields[k] for k in ("vendor_id",) if k in fields] + [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    detail = [fields[k] for k in ("vendor_id",) if k in fields] + [
+        f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields
+    ]
     return f"{name} ({', '.join(detail)})" if detail else name
 
 
@@ -206,7 +208,9 @@ def require(mode: str) -> None:
         raise ConfigError(f"runtime.numerics is '{mode}'; it must be portable or native.")
     boot_state = state()
     if boot_state.mode not in MODES:
-        raise ConfigError(f"{ENV_MODE} is '{boot_state.mode}'; it must be portable or native (or unset, to follow the workspace).")
+        raise ConfigError(
+            f"{ENV_MODE} is '{boot_state.mode}'; it must be portable or native (or unset, to follow the workspace)."
+        )
     if mode in _verified:
         return
     if mode == "portable":
@@ -221,13 +225,16 @@ def _require_native(boot_state: BootState) -> None:
     bits under a native label, and rebuild every cluster it touches: refused."""
     if boot_state.mode == "portable" and boot_state.unsupported is None:
         raise ConfigError(
-            f"the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process started with portable numerics "
-            f"(from {boot_state.source}); unset {ENV_MODE}, or run it from the workspace, or run `dvc repro` to rebuild under portable."
+            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process started with portable numerics (from {boot_state.source}); unset {ENV_MODE}, "
+            "or run it from the workspace, or run `dvc repro` to rebuild under portable."
         )
     if all(var in os.environ for var in PINS):
         raise ConfigError(
-            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), but this process's environment carries every portable pin "
-            f"({', '.join(PINS)}), so it would compute portable bits; unset them (`lmeraser doctor --env` lists them) or run `dvc repro` under portable."
+            "the workspace runs native numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process's environment carries every portable pin ({', '.join(PINS)}), "
+            "so it would compute portable bits; unset them (`lmeraser doctor --env` lists them) "
+            "or run `dvc repro` under portable."
         )
 
 
@@ -238,16 +245,24 @@ def _require_portable(boot_state: BootState) -> None:
     how = NATIVE_FIX
     if boot_state.mode != "portable":
         raise ConfigError(
-            f"the workspace runs portable numerics (runtime.numerics; its backbone.json once built), but this process started with {boot_state.mode} numerics "
-            f"(from {boot_state.source}), so its libraries loaded unpinned; unset {ENV_MODE} or run it from the workspace, "
-            "or, if you changed runtime.numerics, run `dvc repro` to rebuild under it."
+            "the workspace runs portable numerics (runtime.numerics; its backbone.json once built), "
+            f"but this process started with {boot_state.mode} numerics (from {boot_state.source}), "
+            f"so its libraries loaded unpinned; unset {ENV_MODE} or run it from the workspace, or, "
+            "if you changed runtime.numerics, run `dvc repro` to rebuild under it."
         )
     if boot_state.unsupported:
         raise ConfigError(f"{boot_state.unsupported}; {how}.")
     if boot_state.conflicts:
         var, have = next(iter(boot_state.conflicts.items()))
-        needed = f"portable numerics need '{PINS[var]}'" if var in PINS else "portable numerics set NPY_ENABLE_CPU_FEATURES, which numpy refuses beside it"
-        raise ConfigError(f"{var} is set to '{have}' in the environment, but {needed} (the run would not be portable); unset it or {how}.")
+        needed = (
+            f"portable numerics need '{PINS[var]}'"
+            if var in PINS
+            else "portable numerics set NPY_ENABLE_CPU_FEATURES, which numpy refuses beside it"
+        )
+        raise ConfigError(
+            f"{var} is set to '{have}' in the environment, but {needed} (the run would not be portable); "
+            f"unset it or {how}."
+        )
     # torch's oneDNN reads its pin at its first primitive, which no API here can check: torch
     # loaded unpinned is refused; numpy's and faiss's own checks below say whether theirs held.
     if "torch" in boot_state.late:
@@ -257,11 +272,18 @@ def _require_portable(boot_state: BootState) -> None:
         )
     changed = [var for var, value in PINS.items() if os.environ.get(var) != value]
     if changed:
-        raise ConfigError(f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; the run would not be portable.")
+        raise ConfigError(
+            f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; "
+            "the run would not be portable."
+        )
     for check in (_torch_capability, _mkl_branch, _numpy_dispatch, _faiss_generic):
         problem = check()
         if problem:
-            late = f" ({', '.join(boot_state.late)} was imported before lmeraser: import lmeraser first)" if boot_state.late else ""
+            late = (
+                f" ({', '.join(boot_state.late)} was imported before lmeraser: import lmeraser first)"
+                if boot_state.late
+                else ""
+            )
             raise ConfigError(f"portable numerics did not take effect: {problem}{late}; {how}.")
 
 
@@ -348,14 +370,30 @@ def effects() -> list[dict]:
 
     import torch
 
-    rows = [{"what": "torch CPU capability (ATen dispatch)", "value": torch.backends.cpu.get_cpu_capability(), "portable": "AVX2"}]
+    rows = [
+        {
+            "what": "torch CPU capability (ATen dispatch)",
+            "value": torch.backends.cpu.get_cpu_capability(),
+            "portable": "AVX2",
+        }
+    ]
     mkl = _mkl()
     if mkl is not None:
         rows.append(
-            {"what": "MKL conditional-reproducibility branch", "value": str(mkl.mkl_serv_cbwr_get(MKL_CBWR_BRANCH)), "portable": str(MKL_CBWR_COMPATIBLE)}
+            {
+                "what": "MKL conditional-reproducibility branch",
+                "value": str(mkl.mkl_serv_cbwr_get(MKL_CBWR_BRANCH)),
+                "portable": str(MKL_CBWR_COMPATIBLE),
+            }
         )
         if hasattr(mkl, "mkl_serv_get_dynamic"):
-            rows.append({"what": "MKL dynamic threading", "value": "on" if mkl.mkl_serv_get_dynamic() else "off", "portable": "off"})
+            rows.append(
+                {
+                    "what": "MKL dynamic threading",
+                    "value": "on" if mkl.mkl_serv_get_dynamic() else "off",
+                    "portable": "off",
+                }
+            )
     try:
         from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
 
@@ -366,16 +404,32 @@ def effects() -> list[dict]:
     import faiss
 
     config = getattr(faiss, "SIMDConfig", None)
-    rows.append({"what": "faiss SIMD level", "value": config.get_level_name() if config is not None else "n/a (no dynamic dispatch)", "portable": "NONE"})
+    rows.append(
+        {
+            "what": "faiss SIMD level",
+            "value": config.get_level_name() if config is not None else "n/a (no dynamic dispatch)",
+            "portable": "NONE",
+        }
+    )
     env = {**os.environ, "ONEDNN_VERBOSE": "1", "MKL_VERBOSE": "1"}
     try:
         probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
         out = probe.stdout + probe.stderr
     except (OSError, subprocess.TimeoutExpired) as error:
         out = f"probe failed: {error}"
-    isa = next((line.split("isa:", 1)[1].strip() for line in out.splitlines() if "onednn_verbose" in line and "isa:" in line), "not seen")
+    isa = next(
+        (line.split("isa:", 1)[1].strip() for line in out.splitlines() if "onednn_verbose" in line and "isa:" in line),
+        "not seen",
+    )
     cnr = next(
-        (part.split(":", 1)[1] for line in out.splitlines() if line.startswith("MKL_VERBOSE") for part in line.split() if part.startswith("CNR:")), "not seen"
+        (
+            part.split(":", 1)[1]
+            for line in out.splitlines()
+            if line.startswith("MKL_VERBOSE")
+            for part in line.split()
+            if part.startswith("CNR:")
+        ),
+        "not seen",
     )
     rows.append({"what": "oneDNN ISA (probe)", "value": isa, "portable": "Intel AVX2"})
     rows.append({"what": "MKL CNR mode (probe)", "value": cnr, "portable": "COMPATIBLE"})

@@ -41,7 +41,10 @@ class Overlay:
         out = {}
         for c, entry in index.clusters.items():
             if c in active:
-                out[c] = (self.ws.relative(self.ws.overlay_dir / f"{active[c]['key']}.safetensors"), active[c]["sha256"])
+                out[c] = (
+                    self.ws.relative(self.ws.overlay_dir / f"{active[c]['key']}.safetensors"),
+                    active[c]["sha256"],
+                )
             else:
                 out[c] = (self.ws.relative(self.ws.store_dir / f"{entry.key}.safetensors"), entry.sha256)
         return out

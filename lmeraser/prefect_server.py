@@ -114,7 +114,11 @@ def read_state(root: Path) -> dict | None:
         state = json.loads((state_dir(root) / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and isinstance(state.get("pid"), int) and isinstance(state.get("url"), str) else None
+    return (
+        state
+        if isinstance(state, dict) and isinstance(state.get("pid"), int) and isinstance(state.get("url"), str)
+        else None
+    )
 
 
 def _write_state(root: Path, state: dict) -> None:
@@ -179,7 +183,9 @@ def _locked(path: Path, kind: int, timeout: float, what: str):
         except BlockingIOError:
             if time.monotonic() > deadline:
                 handle.close()
-                raise PrefectServerError(f"{path}: {what} for {timeout:.0f} s; try again, or run `lmeraser prefect stop`.") from None
+                raise PrefectServerError(
+                    f"{path}: {what} for {timeout:.0f} s; try again, or run `lmeraser prefect stop`."
+                ) from None
             time.sleep(0.1)
     try:
         yield handle
@@ -201,7 +207,9 @@ def _use(root: Path, timeout: float):
         except BlockingIOError:
             if time.monotonic() > deadline:
                 handle.close()
-                raise PrefectServerError(f"{path}: the workspace's Prefect server did not finish stopping; run `lmeraser prefect stop`.") from None
+                raise PrefectServerError(
+                    f"{path}: the workspace's Prefect server did not finish stopping; run `lmeraser prefect stop`."
+                ) from None
             time.sleep(0.1)
 
 
@@ -231,7 +239,9 @@ def ensure(root: Path, say=lambda message: None) -> str | None:
         users = _use(root, timeout)
         url, started = _reuse(root) or _start_locked(root, timeout, say)
     except OSError as error:
-        raise PrefectServerError(f"{directory}: cannot run the workspace's Prefect server there ({error.strerror or error}).") from None
+        raise PrefectServerError(
+            f"{directory}: cannot run the workspace's Prefect server there ({error.strerror or error})."
+        ) from None
     _held.update(users=users, url=url, started=started, root=root)
     os.environ["PREFECT_API_URL"] = url
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(timeout)))
@@ -247,7 +257,12 @@ def _reuse(root: Path) -> tuple[str, bool] | None:
 
 
 def _start_locked(root: Path, timeout: float, say) -> tuple[str, bool]:
-    with _locked(state_dir(root) / "start.lock", fcntl.LOCK_EX, timeout + 60, "another process has been starting the Prefect server"):
+    with _locked(
+        state_dir(root) / "start.lock",
+        fcntl.LOCK_EX,
+        timeout + 60,
+        "another process has been starting the Prefect server",
+    ):
         state = read_state(root)  # someone may have started it while we waited for the lock
         if state is not None and is_ours(state["pid"]):
             # Alive but slow to answer (a loaded machine) is not dead: it gets the whole start-up
@@ -278,20 +293,43 @@ def _start(root: Path, timeout: float, say) -> str:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         PREFECT_UI_ENABLED="false",
-        PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")) if p),
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")) if p
+        ),
     )
     log = open(directory / "server.log", "ab")  # noqa: SIM115 (handed to the child)
-    args = [sys.executable, "-m", _MARK, "serve", "--fd", str(sock.fileno()), "--root", str(root), "--idle", str(idle_timeout())]
+    args = [
+        sys.executable,
+        "-m",
+        _MARK,
+        "serve",
+        "--fd",
+        str(sock.fileno()),
+        "--root",
+        str(root),
+        "--idle",
+        str(idle_timeout()),
+    ]
     try:
         proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=[sock.fileno()], start_new_session=True, cwd=root
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=[sock.fileno()],
+            start_new_session=True,
+            cwd=root,
         )
     finally:
         log.close()
         sock.close()
     _started.append(proc)  # never reaped here: it outlives this process
     _write_state(root, {"url": url, "pid": proc.pid, "started_at": time.time(), "root": str(root)})
-    say(f"started the workspace's Prefect server at {url} (PID {proc.pid}; stops after {idle_timeout():.0f} s idle, or `lmeraser prefect stop`)")
+    say(
+        f"started the workspace's Prefect server at {url} (PID {proc.pid}; stops after {idle_timeout():.0f} s idle, "
+        "or `lmeraser prefect stop`)"
+    )
     try:
         return _wait_until_healthy(root, proc, url, timeout)
     except BaseException:  # a failed start, or this process interrupted (SIGTERM, Ctrl-C): none left behind
@@ -307,15 +345,17 @@ def _wait_until_healthy(root: Path, proc: subprocess.Popen, url: str, timeout: f
         if proc.poll() is not None:
             _remove_state(root, proc.pid)
             raise PrefectServerError(
-                f"the workspace's Prefect server exited at start-up (code {proc.returncode}): see {directory / 'server.log'}, "
-                "or start one yourself (`prefect server start`) and set PREFECT_API_URL."
+                f"the workspace's Prefect server exited at start-up (code {proc.returncode}): "
+                f"see {directory / 'server.log'}, or start one yourself (`prefect server start`) "
+                "and set PREFECT_API_URL."
             )
         if healthy(url, timeout=min(15.0, max(1.0, deadline - time.monotonic()))):
             return url
         time.sleep(0.2)
     raise PrefectServerError(
         f"the workspace's Prefect server did not answer within {timeout:g} s (the machine may be overloaded): "
-        f"run the command again with a longer ${START_TIMEOUT_ENV} (seconds), or start one yourself (`prefect server start`) and set PREFECT_API_URL."
+        f"run the command again with a longer ${START_TIMEOUT_ENV} (seconds), or start one yourself "
+        "(`prefect server start`) and set PREFECT_API_URL."
     )
 
 
@@ -347,7 +387,9 @@ def stop(root: Path) -> int | None:
     root = Path(root).resolve()
     if not state_dir(root).is_dir():
         return None
-    with _locked(state_dir(root) / "start.lock", fcntl.LOCK_EX, 120.0, "another process has been starting the Prefect server"):
+    with _locked(
+        state_dir(root) / "start.lock", fcntl.LOCK_EX, 120.0, "another process has been starting the Prefect server"
+    ):
         state = read_state(root)
         if state is None:
             return None
@@ -363,7 +405,13 @@ def status(root: Path) -> dict:
     state = read_state(root)
     if state is None or not is_ours(state["pid"]):
         return {"running": False, "state_dir": str(state_dir(root))}
-    return {"running": True, "url": state["url"], "pid": state["pid"], "healthy": healthy(state["url"]), "state_dir": str(state_dir(root))}
+    return {
+        "running": True,
+        "url": state["url"],
+        "pid": state["pid"],
+        "healthy": healthy(state["url"]),
+        "state_dir": str(state_dir(root)),
+    }
 
 
 # -- the server process -----------------------------------------------------------------------
@@ -427,7 +475,9 @@ def serve(fd: int, root: Path, idle_s: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m {_MARK}", description="the workspace's standing Prefect server (started by lmeraser)")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {_MARK}", description="the workspace's standing Prefect server (started by lmeraser)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve")
     run.add_argument("--fd", type=int, required=True)

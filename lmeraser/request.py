@@ -94,8 +94,13 @@ class Request(BaseModel):
     def _input_in_the_workspace(self) -> Request:
         # The batch deletes this file once the data holds the correction: it can only be the copy
         # intake made, never a path chosen by whoever wrote the journal or the batch file.
-        if self.input_path is not None and (self.kind != "rectify" or self.input_path != Workspace.corrected_input(self.request_id)):
-            raise ValueError(f"input_path must be {Workspace.corrected_input(self.request_id)} (a rectify request's copy), not {shown(self.input_path)}")
+        if self.input_path is not None and (
+            self.kind != "rectify" or self.input_path != Workspace.corrected_input(self.request_id)
+        ):
+            raise ValueError(
+                f"input_path must be {Workspace.corrected_input(self.request_id)} (a rectify request's copy), "
+                f"not {shown(self.input_path)}"
+            )
         return self
 
     def to_json(self) -> dict:
@@ -138,11 +143,19 @@ def decode_corrected_image(raw: bytes, where: str, is_npy: bool, shape: tuple[in
             with Image.open(io.BytesIO(raw)) as picture:
                 rgb = image_channels(shape) == 3
                 if rgb and picture.mode != "RGB":
-                    raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, it is never converted.")
+                    raise LmeraserError(
+                        f"{where}: a {shown(picture.mode)} image, but the data is RGB; give an RGB image, "
+                        "it is never converted."
+                    )
                 if not rgb and picture.mode not in ("L", "1"):
-                    raise LmeraserError(f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, it is never converted.")
+                    raise LmeraserError(
+                        f"{where}: a {shown(picture.mode)} image, but the data is grey; give a grey (mode L) image, "
+                        "it is never converted."
+                    )
                 if (picture.height, picture.width) != tuple(shape[:2]):
-                    raise LmeraserError(f"{where}: corrected input is {picture.height}x{picture.width}, expected {tuple(shape)}.")
+                    raise LmeraserError(
+                        f"{where}: corrected input is {picture.height}x{picture.width}, expected {tuple(shape)}."
+                    )
                 image = np.asarray(picture if rgb else picture.convert("L"))
         except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
             raise LmeraserError(f"{where}: not a readable PNG or other image file.") from None

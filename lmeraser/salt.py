@@ -85,7 +85,8 @@ def _evidence_in(path, test) -> bool:
 def _restore(ws: Workspace, evidence: str) -> DataError:
     return DataError(
         f"{ws.subject_salt_file}: the workspace's secret salt is missing, though {evidence} are keyed with it; "
-        "restore it from your secret store (it is never committed, and a new salt would void every keyed hash of erased data)."
+        "restore it from your secret store "
+        "(it is never committed, and a new salt would void every keyed hash of erased data)."
     )
 
 
@@ -99,12 +100,15 @@ def _read(ws: Workspace) -> bytes:
     except LmeraserError as error:
         raise DataError(str(error)) from None
     if len(data) != SALT_BYTES:
-        raise DataError(f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); restore it from your secret store.")
+        raise DataError(
+            f"{path}: the secret salt is {len(data)} bytes, not {SALT_BYTES} (it was truncated or replaced); "
+            "restore it from your secret store."
+        )
     recorded = recorded_fingerprint(ws)
     if recorded is not None and fingerprint(data) != recorded[1]:
         raise DataError(
-            f"{path}: not the secret salt lineage record {recorded[0]} was keyed with (its fingerprint differs): every keyed hash "
-            "would be wrong and `audit scan` blind; restore the original from your secret store."
+            f"{path}: not the secret salt lineage record {recorded[0]} was keyed with (its fingerprint differs): "
+            "every keyed hash would be wrong and `audit scan` blind; restore the original from your secret store."
         )
     return data
 
@@ -165,8 +169,9 @@ def salt(ws: Workspace, create: bool = True) -> bytes:
         raise _restore(ws, evidence)
     if not create:
         raise DataError(
-            f"{ws.subject_salt_file}: the workspace's secret salt is missing, and the keyed hashes of erased data (suppression list, "
-            "tombstones, records) mean nothing without it; restore it from your secret store (it is never committed)."
+            f"{ws.subject_salt_file}: the workspace's secret salt is missing, and the keyed hashes of erased data "
+            "(suppression list, tombstones, records) mean nothing without it; restore it from your secret store "
+            "(it is never committed)."
         )
     _create(ws)
     return _read(ws)

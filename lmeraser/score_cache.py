@@ -60,7 +60,9 @@ def _load(ws: Workspace, identity: dict) -> tuple[dict[str, np.ndarray], dict[st
         return None
 
 
-def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: Split | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def score_test_split(
+    ws: Workspace, model: ServingModel, batch_size: int, test: Split | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Logits and routes of the whole test split (`test`, if the caller read it already) under
     what `model` serves now, and what was re-scored: {"features_cached": bool, "rescored":
     [clusters], "clusters": n}."""
@@ -77,7 +79,11 @@ def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: 
         rescored = []
         for cluster in (int(c) for c in np.unique(routes)):
             rows = routes == cluster
-            unchanged = cached is not None and cached[1].get(str(cluster)) == served[str(cluster)] and np.array_equal(rows, cached[0]["routes"] == cluster)
+            unchanged = (
+                cached is not None
+                and cached[1].get(str(cluster)) == served[str(cluster)]
+                and np.array_equal(rows, cached[0]["routes"] == cluster)
+            )
             if unchanged:
                 logits[rows] = cached[0]["logits"][rows]
             else:
@@ -87,8 +93,19 @@ def score_test_split(ws: Workspace, model: ServingModel, batch_size: int, test: 
         ws.score_cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(ws.score_cache_file) as tmp:
             tensors = {"features": np.ascontiguousarray(features), "routes": routes.astype(np.int64), "logits": logits}
-            save_file(tensors, str(tmp), metadata={"identity": json.dumps(identity, sort_keys=True), "served": json.dumps(served, sort_keys=True)})
-    return logits, routes, {"features_cached": cached is not None, "rescored": rescored, "clusters": len(np.unique(routes))}
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={
+                    "identity": json.dumps(identity, sort_keys=True),
+                    "served": json.dumps(served, sort_keys=True),
+                },
+            )
+    return (
+        logits,
+        routes,
+        {"features_cached": cached is not None, "rescored": rescored, "clusters": len(np.unique(routes))},
+    )
 
 
 def nonmember_losses(ws: Workspace, model: ServingModel, batch_size: int) -> np.ndarray:

@@ -38,7 +38,11 @@ class Out:
     plot: dict = field(default_factory=dict)  # template, x, y for DVC's plots
 
     def dvc_entry(self) -> str | dict:
-        options = {**({"cache": False} if not self.cache else {}), **({"persist": True} if self.persist else {}), **self.plot}
+        options = {
+            **({"cache": False} if not self.cache else {}),
+            **({"persist": True} if self.persist else {}),
+            **self.plot,
+        }
         return {self.path: options} if options else self.path
 
 
@@ -107,7 +111,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "validate",
         deps=("data",),
-        code=("lmeraser/pipeline/validate.py", "lmeraser/data", "lmeraser/salt.py", "lmeraser/suppression.py", "lmeraser/numerics.py"),
+        code=(
+            "lmeraser/pipeline/validate.py",
+            "lmeraser/data",
+            "lmeraser/salt.py",
+            "lmeraser/suppression.py",
+            "lmeraser/numerics.py",
+        ),
         params=("data",),
         outs=(Out("artifacts/validation", cache=False),),
         logged=("artifacts/validation",),
@@ -146,7 +156,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "assign",
-        deps=("artifacts/backbone", "artifacts/clusters/prototypes.npy", "artifacts/validation/private.json", "data/private"),
+        deps=(
+            "artifacts/backbone",
+            "artifacts/clusters/prototypes.npy",
+            "artifacts/validation/private.json",
+            "data/private",
+        ),
         code=(
             "lmeraser/pipeline/assign.py",
             "lmeraser/feature_cache.py",
@@ -167,7 +182,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        deps=("artifacts/backbone", "artifacts/clusters/assignments.csv", "artifacts/clusters/prototypes.json", "data/private"),
+        deps=(
+            "artifacts/backbone",
+            "artifacts/clusters/assignments.csv",
+            "artifacts/clusters/prototypes.json",
+            "data/private",
+        ),
         code=(
             "lmeraser/pipeline/train.py",
             "lmeraser/training.py",
@@ -180,7 +200,10 @@ STAGES: tuple[Stage, ...] = (
             "lmeraser/determinism.py",
         ),
         params=("seed", *_PEFT, "runtime.threads"),
-        outs=(Out("artifacts/prompts/store", cache=False, persist=True), Out("artifacts/prompts/index.json", cache=False)),
+        outs=(
+            Out("artifacts/prompts/store", cache=False, persist=True),
+            Out("artifacts/prompts/index.json", cache=False),
+        ),
         logged=("artifacts/prompts/index.json",),
     ),
     Stage(
@@ -205,8 +228,18 @@ STAGES: tuple[Stage, ...] = (
         params=("evaluate.batch_size",),
         outs=(
             Out("metrics.json", "metrics", cache=False),
-            Out("reports/plots/confusion.csv", "plots", cache=False, plot={"template": "confusion", "x": "predicted", "y": "actual"}),
-            Out("reports/plots/per_cluster_accuracy.csv", "plots", cache=False, plot={**_BAR, "x": "accuracy", "y": "cluster"}),
+            Out(
+                "reports/plots/confusion.csv",
+                "plots",
+                cache=False,
+                plot={"template": "confusion", "x": "predicted", "y": "actual"},
+            ),
+            Out(
+                "reports/plots/per_cluster_accuracy.csv",
+                "plots",
+                cache=False,
+                plot={**_BAR, "x": "accuracy", "y": "cluster"},
+            ),
             Out("reports/confusion_matrix.json", cache=False),
         ),
         logged=("metrics.json", "reports/plots"),
@@ -236,7 +269,9 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 # DVC's cache: false outputs are meant to be committed to git, except the local working state
 # under artifacts/ (ignored): the metrics, plots and reports a run is compared by.
-GIT_TRACKED_OUTPUTS: tuple[str, ...] = tuple(o.path for s in STAGES for o in s.outs if not o.cache and not o.path.startswith("artifacts/"))
+GIT_TRACKED_OUTPUTS: tuple[str, ...] = tuple(
+    o.path for s in STAGES for o in s.outs if not o.cache and not o.path.startswith("artifacts/")
+)
 SERVING_TARGET = "evaluate"  # what an unlearning batch reproduces: the serving path, not the baselines
 
 

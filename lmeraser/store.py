@@ -44,7 +44,11 @@ class ArtifactStore:
         return load_file(str(self.path(key)))
 
     def keys(self) -> set[str]:
-        return {p.name.removesuffix(".safetensors") for p in self.root.glob("*.safetensors")} if self.root.exists() else set()
+        return (
+            {p.name.removesuffix(".safetensors") for p in self.root.glob("*.safetensors")}
+            if self.root.exists()
+            else set()
+        )
 
     def prune(self, keep: set[str]) -> list[str]:
         """Delete every artifact not in `keep` (superseded prompts must not survive)."""

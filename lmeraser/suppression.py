@@ -43,7 +43,9 @@ def add(ws: Workspace, rows: list[dict]) -> int:
     seen = set(zip(current["sample_id"], current["content_key"], current["reason"]))
     new = [r for r in rows if (r["sample_id"], r["content_key"], r["reason"]) not in seen]
     if new:
-        frame = pd.DataFrame([{c: str(r.get(c, "")) for c in TOMBSTONE_COLUMNS} for r in new], columns=TOMBSTONE_COLUMNS)
+        frame = pd.DataFrame(
+            [{c: str(r.get(c, "")) for c in TOMBSTONE_COLUMNS} for r in new], columns=TOMBSTONE_COLUMNS
+        )
         atomic_write_csv(ws.suppression_file, pd.concat([current, frame], ignore_index=True))
     return len(new)
 
@@ -74,14 +76,20 @@ class Corrections:
         missing = sorted(wanted - set(out.by_id))
         if missing:
             raise DataError(
-                f"{ws.data}: no longer holds sample {missing[0]}, whose image was corrected (a rectify-input row of {ws.suppression_file}); "
-                "re-ingesting now would bring back the uncorrected image: restore data/ first (`dvc checkout data.dvc`)."
+                f"{ws.data}: no longer holds sample {missing[0]}, whose image was corrected "
+                f"(a rectify-input row of {ws.suppression_file}); "
+                "re-ingesting now would bring back the uncorrected image: "
+                "restore data/ first (`dvc checkout data.dvc`)."
             )
         return out
 
 
 def apply(
-    ws: Workspace, manifest: pd.DataFrame, listed: pd.DataFrame | None = None, images: np.ndarray | None = None, corrections: Corrections | None = None
+    ws: Workspace,
+    manifest: pd.DataFrame,
+    listed: pd.DataFrame | None = None,
+    images: np.ndarray | None = None,
+    corrections: Corrections | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None]:
     """What the list says of these rows: (rows to drop, manifest with corrected labels and content
     hashes, images with corrected pixels). A row whose image was corrected (by its sample id, or
@@ -98,7 +106,9 @@ def apply(
     corrected_ids = set(replaced["sample_id"]) - {""}
     # Rows written before rectify-input rows named their sample: the replaced content is dropped.
     legacy_keys = set(replaced.loc[replaced["sample_id"] == "", "content_key"]) - {""}
-    drop = manifest["sample_id"].isin(ids).to_numpy() | np.array([k in forgotten_keys or k in legacy_keys for k in row_keys], dtype=bool)
+    drop = manifest["sample_id"].isin(ids).to_numpy() | np.array(
+        [k in forgotten_keys or k in legacy_keys for k in row_keys], dtype=bool
+    )
     out, pixels = manifest, images
     replaced_keys = dict(zip(replaced["content_key"], replaced["sample_id"]))
     for row, (sid, key) in enumerate(zip(manifest["sample_id"], row_keys)):

@@ -133,7 +133,11 @@ def _complete(db: Path) -> bool:
     try:
         with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as con:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            version = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+            version = (
+                con.execute("SELECT version_num FROM alembic_version").fetchone()
+                if "alembic_version" in tables
+                else None
+            )
             version = version[0] if version else None
             if version == _head_revision():
                 return True
@@ -142,10 +146,13 @@ def _complete(db: Path) -> bool:
                 if query.split()[3] in tables and con.execute(query).fetchone():
                     holds = True
     except sqlite3.DatabaseError as error:
-        raise LmeraserError(f"{db}: not a readable MLflow SQLite store ({shown(error, 120)}); restore it or move it aside.") from None
+        raise LmeraserError(
+            f"{db}: not a readable MLflow SQLite store ({shown(error, 120)}); restore it or move it aside."
+        ) from None
     if holds:
         raise LmeraserError(
-            f"{db}: the MLflow store's schema is at revision {version or 'none'}, not at this MLflow's {_head_revision()}; "
+            f"{db}: the MLflow store's schema is at revision {version or 'none'}, "
+            f"not at this MLflow's {_head_revision()}; "
             f"back it up, then run `mlflow db upgrade sqlite:///{db.resolve()}`."
         )
     return False
@@ -257,7 +264,9 @@ def stage_run(ws: Workspace, stage: str, params: dict, tags: dict | None = None)
 def log_metrics(metrics: dict[str, Any]) -> None:
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_metrics(
+        {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    )
 
 
 def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
@@ -265,7 +274,9 @@ def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
 
     for path in paths:
         if path.is_dir():
-            mlflow.log_artifacts(str(path), artifact_path=f"{artifact_path}/{path.name}" if artifact_path else path.name)
+            mlflow.log_artifacts(
+                str(path), artifact_path=f"{artifact_path}/{path.name}" if artifact_path else path.name
+            )
         elif path.exists():
             mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
@@ -286,7 +297,9 @@ def artifact_locations(ws: Workspace) -> dict[str, str]:
     while True:
         page = client.search_experiments(view_type=ViewType.ALL, max_results=1000, page_token=token)
         for e in page:
-            locations[f"mlflow experiment '{e.name}'" + (" (deleted)" if e.lifecycle_stage == "deleted" else "")] = e.artifact_location
+            locations[f"mlflow experiment '{e.name}'" + (" (deleted)" if e.lifecycle_stage == "deleted" else "")] = (
+                e.artifact_location
+            )
         token = page.token
         if not token:
             return locations
@@ -355,7 +368,10 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
     try:
         entries = read_json(path)["stages"]
     except (LmeraserError, KeyError, TypeError, ValueError):
-        log(f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, nothing tracked from it")
+        log(
+            f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, "
+            "nothing tracked from it"
+        )
         return {"tracked": [], "waiting": ["unreadable backlog"]}
     tracked = []
     for i, entry in enumerate(entries):
@@ -365,7 +381,8 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
             left = entries[i:]
             atomic_write_json(path, {"stages": left})
             log(
-                f"warning: MLflow tracking of stage {entry['stage']} failed ({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
+                f"warning: MLflow tracking of stage {entry['stage']} failed "
+                f"({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
                 f"{len(left)} stage run(s) wait in {ws.relative(path)} for the next `lmeraser unlearn`"
             )
             return {"tracked": tracked, "waiting": [e["stage"] for e in left]}
@@ -402,7 +419,10 @@ def serving_bundle(ws: Workspace, into: Path) -> dict[str, str]:
     active = Overlay(ws).active(index)
     if active:
         served_fields = ("key", "sha256", "base_key", "base_sha256", "approximate")
-        atomic_write_json(bundle.overlay_file, {"clusters": {c: {k: e[k] for k in served_fields if k in e} for c, e in sorted(active.items())}})
+        atomic_write_json(
+            bundle.overlay_file,
+            {"clusters": {c: {k: e[k] for k in served_fields if k in e} for c, e in sorted(active.items())}},
+        )
         out[ws.relative(ws.overlay_file)] = sha256_file(bundle.overlay_file)
     return out
 
@@ -424,7 +444,9 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
     try:
         client.get_registered_model(REGISTERED_MODEL)
     except Exception:  # noqa: BLE001 - MLflow raises a generic RestException when absent
-        client.create_registered_model(REGISTERED_MODEL, description="Clustered prompts on a frozen public backbone (LMEraser).")
+        client.create_registered_model(
+            REGISTERED_MODEL, description="Clustered prompts on a frozen public backbone (LMEraser)."
+        )
     with tempfile.TemporaryDirectory() as tmp:
         files = serving_bundle(ws, Path(tmp) / "bundle")
         fingerprint = sha256_json(files)
@@ -442,13 +464,25 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
             signature=infer_signature(example, predictions),
             input_example=example,
             # Explicit: inferring them would load the model in a subprocess.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm", "faiss-cpu", "safetensors", "numpy", "mlflow"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                "timm",
+                "faiss-cpu",
+                "safetensors",
+                "numpy",
+                "mlflow",
+            ],
         )
     prompts = sorted({sha for path, sha in files.items() if path.endswith(".safetensors") and "/prompts/" in path})
     mlflow.log_dict({"prompt_sha256": prompts}, PROMPTS_ARTIFACT)
     # model_id: a tracking server checks that the source belongs to it (a SQLite store does not).
     version = client.create_model_version(
-        REGISTERED_MODEL, source=info.model_uri, run_id=run_id, description=description, tags={SERVED_TAG: fingerprint}, model_id=info.model_id
+        REGISTERED_MODEL,
+        source=info.model_uri,
+        run_id=run_id,
+        description=description,
+        tags={SERVED_TAG: fingerprint},
+        model_id=info.model_id,
     )
     client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
     log(f"registered model '{REGISTERED_MODEL}' version {version.version} as '{ALIAS}'")
@@ -486,7 +520,11 @@ def purge_registry(ws: Workspace, superseded: set[str], log=print) -> dict:
             continue
         if not prompts & superseded:
             continue
-        model = client.get_logged_model(version.source.removeprefix("models:/")) if version.source.startswith("models:/m-") else None
+        model = (
+            client.get_logged_model(version.source.removeprefix("models:/"))
+            if version.source.startswith("models:/m-")
+            else None
+        )
         location = model.artifact_location if model is not None else version.source
         get_artifact_repository(location).delete_artifacts()
         client.delete_model_version(REGISTERED_MODEL, version.version)

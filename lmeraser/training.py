@@ -40,7 +40,9 @@ def members_digest(sample_ids: Sequence[str], content_hashes: Sequence[str], lab
     return digest.hexdigest()
 
 
-def key_inputs(*, backbone_sha256: str, prompt: PromptParams, num_classes: int, compute: Compute, extra: dict | None = None) -> dict:
+def key_inputs(
+    *, backbone_sha256: str, prompt: PromptParams, num_classes: int, compute: Compute, extra: dict | None = None
+) -> dict:
     """What every cluster's key shares: recorded in the prompt index, so that a later run can say
     which of them changed when it re-keys artifacts."""
     return {
@@ -102,7 +104,9 @@ def train_prompt(
         return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()}
 
 
-def load_prompt(backbone: torch.nn.Module, prompt: PromptParams, num_classes: int, state: dict[str, torch.Tensor]) -> PromptedClassifier:
+def load_prompt(
+    backbone: torch.nn.Module, prompt: PromptParams, num_classes: int, state: dict[str, torch.Tensor]
+) -> PromptedClassifier:
     """A cluster's model in eval mode, on the backbone's device."""
     model = PromptedClassifier(backbone, prompt, num_classes)
     model.load_state_dict(state)

@@ -209,7 +209,11 @@ def commit_paths(root: Path, paths: list[Path], message: str) -> str | None:
     if _git(root, "diff", "--cached", "--quiet", "--", *names).returncode == 0:
         return None
     # The repository's own identity if it has one; else name the tool as the author.
-    identity = [] if _git(root, "config", "user.email").stdout.strip() else ["-c", "user.name=lmeraser", "-c", "user.email=lmeraser@localhost"]
+    identity = (
+        []
+        if _git(root, "config", "user.email").stdout.strip()
+        else ["-c", "user.name=lmeraser", "-c", "user.email=lmeraser@localhost"]
+    )
     done = _git(root, *identity, "commit", "-q", "-m", message, "--", *names)
     if done.returncode != 0:
         raise LmeraserError(f"`git commit` failed in {root}: {(done.stderr.strip().splitlines() or ['?'])[-1]}")

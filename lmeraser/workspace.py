@@ -57,11 +57,15 @@ def check_root(root: Path) -> None:
         is_file = root.exists() and not root.is_dir()
     except (OSError, RuntimeError) as error:  # a name too long, a symlink loop, ...
         raise LmeraserError(
-            f"{shown(root, 200)}: cannot be used as the workspace root ({getattr(error, 'strerror', None) or error.__class__.__name__})."
+            f"{shown(root, 200)}: cannot be used as the workspace root "
+            f"({getattr(error, 'strerror', None) or error.__class__.__name__})."
         ) from None
     for tree in KERNEL_TREES:
         if resolved == tree or tree in resolved.parents:
-            raise LmeraserError(f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); pass a directory with --root.")
+            raise LmeraserError(
+                f"{shown(root, 200)}: the workspace root cannot be inside {tree} (a kernel file system); "
+                "pass a directory with --root."
+            )
     if is_file:
         raise LmeraserError(f"{shown(root, 200)}: the workspace root is not a directory; pass a directory with --root.")
 
@@ -343,7 +347,11 @@ class Workspace:
         path = self.split_dir(split) / "manifest.csv"
         if not path.exists():
             interrupted = list(self.data.glob(f".{split}.*")) + list(self.root.glob(".data.*"))
-            advice = "run `lmeraser unlearn`: it finishes the interrupted write" if interrupted else "run 'lmeraser data init' first"
+            advice = (
+                "run `lmeraser unlearn`: it finishes the interrupted write"
+                if interrupted
+                else "run 'lmeraser data init' first"
+            )
             raise DataError(f"{path}: not found; {advice}.")
         return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
 
@@ -368,7 +376,10 @@ class Workspace:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         missing = [c for c in TOMBSTONE_COLUMNS if c not in frame]
         if missing:
-            raise DataError(f"{path}: columns {missing} missing (written before tombstones were keyed); re-create data/ with `lmeraser data init`.")
+            raise DataError(
+                f"{path}: columns {missing} missing (written before tombstones were keyed); "
+                "re-create data/ with `lmeraser data init`."
+            )
         return frame[TOMBSTONE_COLUMNS]
 
     def backbone_meta(self) -> BackboneMeta:
@@ -468,7 +479,9 @@ class BackboneMeta:
     @property
     def input(self) -> InputSpec:
         raw = self.input_json
-        return InputSpec(self.img_size, int(raw.get("in_chans", 1)), tuple(raw.get("mean", (0.5,))), tuple(raw.get("std", (0.5,))))
+        return InputSpec(
+            self.img_size, int(raw.get("in_chans", 1)), tuple(raw.get("mean", (0.5,))), tuple(raw.get("std", (0.5,)))
+        )
 
     @classmethod
     def from_json(cls, raw: dict) -> BackboneMeta:
@@ -538,11 +551,17 @@ class PromptIndex:
 
     @classmethod
     def from_json(cls, raw: dict) -> PromptIndex:
-        clusters = {c: PromptEntry(e["key"], e["sha256"], int(e["n_members"]), int(e["seed"])) for c, e in raw["clusters"].items()}
+        clusters = {
+            c: PromptEntry(e["key"], e["sha256"], int(e["n_members"]), int(e["seed"]))
+            for c, e in raw["clusters"].items()
+        }
         return cls(clusters, raw.get("key_inputs", {}))
 
     def to_json(self) -> dict:
-        return {"clusters": {c: self.clusters[c].to_json() for c in sorted(self.clusters, key=int)}, "key_inputs": self.key_inputs}
+        return {
+            "clusters": {c: self.clusters[c].to_json() for c in sorted(self.clusters, key=int)},
+            "key_inputs": self.key_inputs,
+        }
 
     def hashes(self) -> dict[str, str]:
         return {c: e.sha256 for c, e in self.clusters.items()}

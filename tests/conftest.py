@@ -15,7 +15,18 @@ import pytest
 
 from lmeraser.config import parse_params
 
-from helpers import BIN, TINY, build_workspace, clone_repo, commit_all, copy_repo, dvc, free_port, lmeraser_cli, run_stages
+from helpers import (
+    BIN,
+    TINY,
+    build_workspace,
+    clone_repo,
+    commit_all,
+    copy_repo,
+    dvc,
+    free_port,
+    lmeraser_cli,
+    run_stages,
+)
 
 # The modules that take longest (measured, seconds of one xdist worker on the 2-core machine),
 # longest first: pytest-xdist's --dist loadfile hands out modules in collection order, so the

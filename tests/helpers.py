@@ -28,7 +28,17 @@ BIN = Path(sys.executable).parent
 TINY = {
     "seed": 0,
     "data": {"source": "digits", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 20, "subset": 400},
-    "backbone": {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "epochs": 3, "batch_size": 64, "threads": 1},
+    "backbone": {
+        "img_size": 8,
+        "patch_size": 4,
+        "embed_dim": 16,
+        "depth": 1,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+        "epochs": 3,
+        "batch_size": 64,
+        "threads": 1,
+    },
     "clustering": {"target_cluster_size": 40, "min_clusters": 2, "max_clusters": 8, "niter": 10},
     "prompt": {"kind": "pad", "pad": {"width": 1, "epochs": 2, "batch_size": 16, "lr": 0.02}},
     "evaluate": {"baselines": True, "batch_size": 128},
@@ -64,7 +74,9 @@ def tiny_backbone(depth: int = 1, device: str = "cpu"):
     from lmeraser.models.backbone import build_vit, freeze
 
     torch.manual_seed(0)
-    return freeze(build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=depth, num_heads=2), 4).to(device))
+    return freeze(
+        build_vit(BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=depth, num_heads=2), 4).to(device)
+    )
 
 
 def tiny_data(n: int):
@@ -83,7 +95,13 @@ def random_timm_checkpoint(path: Path, model: str = "test_vit") -> Path:
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in timm.create_model(model, pretrained=False, num_classes=1000).state_dict().items()}, str(path))
+    save_file(
+        {
+            k: v.contiguous()
+            for k, v in timm.create_model(model, pretrained=False, num_classes=1000).state_dict().items()
+        },
+        str(path),
+    )
     return path
 
 
@@ -109,11 +127,19 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "configs", dest / "configs")
     for name in ("lmeraser", ".dvc"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
+        shutil.copytree(
+            REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local")
+        )
     if params is not None:
         # Every key spelled out: dvc.yaml interpolates some of them (e.g. clustering.fit_on).
         (dest / "params.yaml").write_text(yaml.safe_dump(parse_params(params).model_dump(mode="json"), sort_keys=False))
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
@@ -131,7 +157,10 @@ def clone_repo(template: Path, dest: Path) -> Path:
 
 def commit_all(root: Path, message: str) -> None:
     """`git add -A` and commit everything in `root` (as a user does after `dvc repro`)."""
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message]):
+    for cmd in (
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message],
+    ):
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
 
 

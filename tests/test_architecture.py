@@ -71,7 +71,9 @@ def test_code_deps_cover_every_library_module_the_stage_imports(name):
     uncovered = sorted(
         rel
         for rel in _closure(definition.module)
-        if rel not in NEUTRAL_MODULES and not _docstring_only(rel) and not any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in definition.code)
+        if rel not in NEUTRAL_MODULES
+        and not _docstring_only(rel)
+        and not any(rel == dep or rel.startswith(dep.rstrip("/") + "/") for dep in definition.code)
     )
     assert uncovered == [], f"{name}: add to its code deps in lmeraser/stages.py and dvc.yaml"
 
@@ -79,7 +81,12 @@ def test_code_deps_cover_every_library_module_the_stage_imports(name):
 def test_the_coverage_check_can_fail():
     """The closure really follows lazy and `from package import module` imports."""
     closure = _closure("lmeraser.pipeline.evaluate")
-    assert {"lmeraser/overlay.py", "lmeraser/clustering.py", "lmeraser/models/peft/lora.py", "lmeraser/store.py"} <= closure
+    assert {
+        "lmeraser/overlay.py",
+        "lmeraser/clustering.py",
+        "lmeraser/models/peft/lora.py",
+        "lmeraser/store.py",
+    } <= closure
     assert "lmeraser/__init__.py" in _closure("lmeraser.training")
 
 
@@ -97,16 +104,46 @@ def test_every_stage_names_the_params_it_reads_and_they_exist():
 ENTRY_POINTS = ("lmeraser.cli", "lmeraser.flows", "lmeraser.service")
 LOWER_THAN = {
     "lmeraser.workspace": ("lmeraser.",),
-    "lmeraser.models": ("lmeraser.data", "lmeraser.pipeline", "lmeraser.unlearning", "lmeraser.audit", "lmeraser.lineage", "lmeraser.tracking", *ENTRY_POINTS),
-    "lmeraser.data": ("lmeraser.models", "lmeraser.pipeline", "lmeraser.unlearning", "lmeraser.audit", "lmeraser.lineage", "lmeraser.tracking", *ENTRY_POINTS),
-    "lmeraser.lineage": ("lmeraser.unlearning", "lmeraser.pipeline", "lmeraser.audit", "lmeraser.stages", *ENTRY_POINTS),
+    "lmeraser.models": (
+        "lmeraser.data",
+        "lmeraser.pipeline",
+        "lmeraser.unlearning",
+        "lmeraser.audit",
+        "lmeraser.lineage",
+        "lmeraser.tracking",
+        *ENTRY_POINTS,
+    ),
+    "lmeraser.data": (
+        "lmeraser.models",
+        "lmeraser.pipeline",
+        "lmeraser.unlearning",
+        "lmeraser.audit",
+        "lmeraser.lineage",
+        "lmeraser.tracking",
+        *ENTRY_POINTS,
+    ),
+    "lmeraser.lineage": (
+        "lmeraser.unlearning",
+        "lmeraser.pipeline",
+        "lmeraser.audit",
+        "lmeraser.stages",
+        *ENTRY_POINTS,
+    ),
     "lmeraser.audit": ("lmeraser.unlearning", *ENTRY_POINTS),
-    "lmeraser.pipeline": ("lmeraser.unlearning", "lmeraser.audit", "lmeraser.lineage", "lmeraser.tracking", *ENTRY_POINTS),
+    "lmeraser.pipeline": (
+        "lmeraser.unlearning",
+        "lmeraser.audit",
+        "lmeraser.lineage",
+        "lmeraser.tracking",
+        *ENTRY_POINTS,
+    ),
     "lmeraser.unlearning": ENTRY_POINTS,
     "lmeraser.service": ("lmeraser.cli", "lmeraser.flows"),  # handed its batch runner by the CLI
     "lmeraser.flows": ("lmeraser.cli", "lmeraser.service"),
 }
-PACKAGES = sorted(str(path.parent.relative_to(REPO)).replace("/", ".") for path in (REPO / "lmeraser").glob("*/__init__.py"))
+PACKAGES = sorted(
+    str(path.parent.relative_to(REPO)).replace("/", ".") for path in (REPO / "lmeraser").glob("*/__init__.py")
+)
 
 
 def test_every_package_has_its_place_in_the_layers():
@@ -120,7 +157,11 @@ def _package_modules(package: str) -> list[str]:
 
 
 def _reached(modules: list[str]) -> set[str]:
-    return {".".join(Path(rel).with_suffix("").parts).removesuffix(".__init__") for module in modules for rel in _closure(module)}
+    return {
+        ".".join(Path(rel).with_suffix("").parts).removesuffix(".__init__")
+        for module in modules
+        for rel in _closure(module)
+    }
 
 
 @pytest.mark.parametrize("package", sorted(LOWER_THAN))
@@ -134,7 +175,10 @@ def test_layers_import_only_downwards(package):
 
 def _import_graph(root: Path) -> dict[str, set[str]]:
     """module -> the lmeraser modules it imports, at module level or inside functions."""
-    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p for p in (root / "lmeraser").rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (root / "lmeraser").rglob("*.py")
+    }
     graph = {}
     for name, path in modules.items():
         found = set()
@@ -189,7 +233,9 @@ def test_the_cycle_check_finds_a_planted_circle(tmp_path):
     circle a function-local import hides) fails the check."""
     shutil.copytree(REPO / "lmeraser", tmp_path / "lmeraser", ignore=shutil.ignore_patterns("__pycache__"))
     workspace = tmp_path / "lmeraser" / "workspace.py"
-    workspace.write_text(workspace.read_text() + "\n\ndef _planted():\n    from lmeraser.cli import main  # noqa: F401\n")
+    workspace.write_text(
+        workspace.read_text() + "\n\ndef _planted():\n    from lmeraser.cli import main  # noqa: F401\n"
+    )
     cycles = import_cycles(tmp_path)
     assert cycles and any({"lmeraser.workspace", "lmeraser.cli"} <= set(c) for c in cycles)
 
@@ -210,7 +256,13 @@ def test_the_code_identity_lists_every_module_the_training_code_runs():
         assert all((REPO / rel).exists() for rel in listed)
         closure = _closure("lmeraser.training") | _closure(f"lmeraser.models.peft.{kind}")
         others = {f"lmeraser/models/peft/{other}.py" for other in kinds if other != kind}
-        exempt = {*NEUTRAL_MODULES, *others, "lmeraser/code_identity.py", "lmeraser/numerics.py", "lmeraser/fingerprint.py"}
+        exempt = {
+            *NEUTRAL_MODULES,
+            *others,
+            "lmeraser/code_identity.py",
+            "lmeraser/numerics.py",
+            "lmeraser/fingerprint.py",
+        }
         uncovered = sorted(rel for rel in closure - listed - exempt if not _docstring_only(rel))
         assert uncovered == [], f"{kind}: add to TRAINING_CODE in lmeraser/code_identity.py"
 
@@ -229,7 +281,13 @@ def test_the_library_core_never_imports_prefect_or_mlflow_at_module_level():
             continue
         banned = ("mlflow",) if rel.startswith("lmeraser/flows/") else ("prefect", "mlflow")
         for node in ast.parse(path.read_text()).body:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n.split(".")[0] in banned for n in names):
                 offenders.append(rel)
     assert offenders == []
@@ -240,6 +298,7 @@ def test_only_the_cli_reaches_the_flows():
     importers = sorted(
         module
         for module, imported in _import_graph(REPO).items()
-        if not module.startswith(("lmeraser.flows", "lmeraser.cli")) and any(m.startswith("lmeraser.flows") for m in imported)
+        if not module.startswith(("lmeraser.flows", "lmeraser.cli"))
+        and any(m.startswith("lmeraser.flows") for m in imported)
     )
     assert importers == []

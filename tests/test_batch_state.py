@@ -34,7 +34,14 @@ def _old_batch() -> dict:
 
 def test_a_batch_file_written_before_the_typed_steps_reads_and_writes_back_unchanged():
     old = _old_batch()
-    assert set(old["done"]) == {"capture", "apply", "version", "rebuild", "purge", "verify"}  # the file covers every saved step
+    assert set(old["done"]) == {
+        "capture",
+        "apply",
+        "version",
+        "rebuild",
+        "purge",
+        "verify",
+    }  # the file covers every saved step
     state = BatchState.from_json(old)
     assert isinstance(state.done["capture"], Capture) and isinstance(state.done["verify"], Verified)
     assert all(isinstance(r, Request) for r in state.requests)
@@ -45,7 +52,13 @@ def test_an_altered_batch_file_is_refused_not_guessed():
     old = _old_batch()
     for broken in (
         {**old, "done": {**old["done"], "rebuild": {**old["done"]["rebuild"], "rebuilt": "all"}}},  # a wrong type
-        {**old, "done": {**old["done"], "capture": {k: v for k, v in old["done"]["capture"].items() if k != "planned_clusters"}}},
+        {
+            **old,
+            "done": {
+                **old["done"],
+                "capture": {k: v for k, v in old["done"]["capture"].items() if k != "planned_clusters"},
+            },
+        },
         {**old, "done": {**old["done"], "audit": {}}},  # a step that does not exist
         {**old, "requests": [{**old["requests"][0], "kind": "erase"}]},
         {**old, "surprise": 1},
@@ -57,15 +70,29 @@ def test_an_altered_batch_file_is_refused_not_guessed():
 def test_a_batch_file_from_before_content_keys_still_reads():
     """Keys the older batch files lacked (the code read them with .get) are optional."""
     old = _old_batch()
-    capture = {k: v for k, v in old["done"]["capture"].items() if k not in ("exact_keys", "supersedes", "outside_change", "forgetting_audit", "exact_prompts")}
+    capture = {
+        k: v
+        for k, v in old["done"]["capture"].items()
+        if k not in ("exact_keys", "supersedes", "outside_change", "forgetting_audit", "exact_prompts")
+    }
     state = BatchState.from_json({**old, "done": {"capture": capture}})
     assert state.done["capture"].exact_keys is None and state.done["capture"].supersedes == []
 
 
 def test_the_purge_result_leaves_out_an_empty_unreachable_list_as_before():
-    purged = Purged(artifact_files_removed=0, feature_cache_rows_removed=0, registry={}, dvc_gc=True, remotes_gc=[], remotes_failed=[], remote_gc=False)
+    purged = Purged(
+        artifact_files_removed=0,
+        feature_cache_rows_removed=0,
+        registry={},
+        dvc_gc=True,
+        remotes_gc=[],
+        remotes_failed=[],
+        remote_gc=False,
+    )
     assert "artifact_stores_unreachable" not in purged.to_json()
-    assert purged.model_copy(update={"artifact_stores_unreachable": ["s3://x: down"]}).to_json()["artifact_stores_unreachable"] == ["s3://x: down"]
+    assert purged.model_copy(update={"artifact_stores_unreachable": ["s3://x: down"]}).to_json()[
+        "artifact_stores_unreachable"
+    ] == ["s3://x: down"]
 
 
 @pytest.fixture
@@ -102,11 +129,17 @@ def test_a_journal_written_before_the_typed_request_reads_as_typed_requests(old_
     entries = journal.requests()
     pending = journal.pending()
     assert [r.request_id for r in pending] == [r["request_id"] for r in _old_batch()["requests"]]
-    assert [r.to_json() for r in pending] == _old_batch()["requests"]  # the batch file and the journal agree, field for field
+    assert [r.to_json() for r in pending] == _old_batch()[
+        "requests"
+    ]  # the batch file and the journal agree, field for field
     assert sum(e.state == "verified" for e in entries.values()) == 1
     assert journal.forgotten_subjects() == set()  # the first batch forgot by id only
     kinds = {r.kind for r in pending}
-    assert kinds == {"forget", "rectify"} and any(r.subject_hashes for r in pending) and any(r.already_forgotten for r in pending)
+    assert (
+        kinds == {"forget", "rectify"}
+        and any(r.subject_hashes for r in pending)
+        and any(r.already_forgotten for r in pending)
+    )
     # The batch file written then agrees with this journal and with its own name: it resumes.
     from lmeraser.unlearning.exact import _disagreement
 
@@ -141,7 +174,12 @@ def test_the_record_schema_in_the_docs_is_generated_from_the_models_and_holds_a_
     assert json.loads((Path(__file__).parents[1] / "docs" / "record-schema.json").read_text()) == schema, (
         "run `lmeraser audit schema --out docs/record-schema.json`"
     )
-    predicate = {**json.loads((DATA / "predicate-v1.json").read_text()), "sequence": 2, "previous_record_sha256": "0" * 64, "anchored": True}
+    predicate = {
+        **json.loads((DATA / "predicate-v1.json").read_text()),
+        "sequence": 2,
+        "previous_record_sha256": "0" * 64,
+        "anchored": True,
+    }
     jsonschema.validate(predicate, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({k: v for k, v in predicate.items() if k != "removed_content_keys"}, schema)

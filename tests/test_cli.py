@@ -64,7 +64,9 @@ def test_out_of_range_param_is_refused_before_any_work(tmp_path):
     _one_sentence(done, "prompt.pad.epochs")
     # --params names another file: that one is read (and refused), wherever the workspace is.
     (tmp_path / "other.yaml").write_text(yaml.safe_dump({**TINY, "backbone": {"depht": 2}}))
-    done = lmeraser_cli("stage", "train", "--root", str(tmp_path), "--params", str(tmp_path / "other.yaml"), cwd=tmp_path.parent)
+    done = lmeraser_cli(
+        "stage", "train", "--root", str(tmp_path), "--params", str(tmp_path / "other.yaml"), cwd=tmp_path.parent
+    )
     _one_sentence(done, "other.yaml", "backbone.depht")
 
 
@@ -92,7 +94,8 @@ def test_the_fast_exit_stops_idle_executor_threads_and_keeps_the_exit_code():
     import sys
 
     code = (
-        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); pool.submit(print, 'worked').result(); "
+        "from concurrent.futures import ThreadPoolExecutor; pool = ThreadPoolExecutor(2); "
+        "pool.submit(print, 'worked').result(); "
         "import atexit; atexit.register(print, 'atexit ran'); from lmeraser.cli import _exit; _exit(3)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -108,13 +111,19 @@ def test_data_samples_lists_the_ids_a_request_names(tmp_path):
     done = lmeraser_cli("data", "samples", "--json", "--limit", "0", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     listed = json.loads(done.stdout)
-    assert listed["total"] == len(private) and [r["sample_id"] for r in listed["samples"]] == private["sample_id"].tolist()
+    assert (
+        listed["total"] == len(private) and [r["sample_id"] for r in listed["samples"]] == private["sample_id"].tolist()
+    )
     assert {r["split"] for r in listed["samples"]} == {"private"}
     subject = private["subject_id"].iloc[0]
     mine = json.loads(lmeraser_cli("data", "samples", "--json", "--subject", subject, cwd=tmp_path).stdout)
-    assert {r["subject_id"] for r in mine["samples"]} == {subject} and mine["total"] == int((private["subject_id"] == subject).sum())
+    assert {r["subject_id"] for r in mine["samples"]} == {subject} and mine["total"] == int(
+        (private["subject_id"] == subject).sum()
+    )
     every = json.loads(lmeraser_cli("data", "samples", "--split", "all", "--json", "--limit", "3", cwd=tmp_path).stdout)
-    assert every["total"] == sum(len(ws.manifest(s)) for s in ("public", "private", "test")) and len(every["samples"]) == 3
+    assert (
+        every["total"] == sum(len(ws.manifest(s)) for s in ("public", "private", "test")) and len(every["samples"]) == 3
+    )
     table = lmeraser_cli("data", "samples", "--limit", "2", cwd=tmp_path)
     assert private["sample_id"].iloc[0] in table.stdout and f"{len(private) - 2} more" in table.stdout
     _one_sentence(lmeraser_cli("data", "samples", "--subject", "s99999", cwd=tmp_path), "subject s99999")
@@ -147,7 +156,10 @@ def test_data_samples_and_audit_schema_refuse_what_a_stranger_tried(tmp_path):
     _one_sentence(lmeraser_cli("audit", "schema", "--out", str(log), cwd=tmp_path), "audit/")
     assert log.read_text() == "the signed log\n"
     _one_sentence(lmeraser_cli("audit", "schema", "--out", "/proc/version", cwd=tmp_path), "/proc/version")
-    _one_sentence(lmeraser_cli("audit", "schema", "--out", str(tmp_path / "no" / "such" / "s.json"), cwd=tmp_path), "does not exist")
+    _one_sentence(
+        lmeraser_cli("audit", "schema", "--out", str(tmp_path / "no" / "such" / "s.json"), cwd=tmp_path),
+        "does not exist",
+    )
     printed = lmeraser_cli("audit", "schema", "--out", "-", cwd=tmp_path)
     assert printed.returncode == 0 and json.loads(printed.stdout)["title"] == "lmeraser lineage record predicate"
     written = lmeraser_cli("audit", "schema", "--out", str(tmp_path / "schema.json"), cwd=tmp_path)

@@ -33,9 +33,13 @@ def test_forget_rectify_and_unlearn_answer_in_json(ws):
     ids = ws.split("private").sample_ids
     answer, done = _json("forget", "--root", str(ws.root), "--sample-id", ids[0], "--no-process", "--json")
     assert answer["method"] == "exact" and answer["batch"] is None and answer["influence"] is None
-    assert [a["sample_ids"] for a in answer["accepted"]] == [[ids[0]]] and answer["accepted"][0]["request_id"].startswith("req-")
+    assert [a["sample_ids"] for a in answer["accepted"]] == [[ids[0]]] and answer["accepted"][0][
+        "request_id"
+    ].startswith("req-")
     assert "accepted req-" in done.stderr  # progress goes to stderr, not into the document
-    answer, _ = _json("rectify", "--root", str(ws.root), "--sample-id", ids[1], "--label", "3", "--no-process", "--json")
+    answer, _ = _json(
+        "rectify", "--root", str(ws.root), "--sample-id", ids[1], "--label", "3", "--no-process", "--json"
+    )
     assert answer["accepted"][0]["kind"] == "rectify" and answer["accepted"][0]["label"] == 3
     answer, _ = _json("requests", "--root", str(ws.root), "--json")
     assert [r["state"] for r in answer] == ["received", "received"]
@@ -48,9 +52,16 @@ def test_idle_unlearn_answers_in_json_without_a_flow(ws):
 
 def test_audit_verify_show_and_scan_answer_in_json(ws):
     log = LineageLog(ws.lineage_file)
-    log.append(deployed_subjects(ws), {"batch_id": "b1", "removed_content_keys": [], "clusters_rebuilt": []}, signing_key(ws))
+    log.append(
+        deployed_subjects(ws), {"batch_id": "b1", "removed_content_keys": [], "clusters_rebuilt": []}, signing_key(ws)
+    )
     answer, _ = _json("audit", "verify", "--root", str(ws.root), "--json")
-    assert answer["ok"] is True and answer["records"] == 1 and answer["signer"].startswith("ed25519:") and answer["deployed_match_record"] == 1
+    assert (
+        answer["ok"] is True
+        and answer["records"] == 1
+        and answer["signer"].startswith("ed25519:")
+        and answer["deployed_match_record"] == 1
+    )
     answer, _ = _json("audit", "show", "--root", str(ws.root), "--json")
     assert [r["number"] for r in answer] == [1] and answer[0]["statement"]["predicate"]["batch_id"] == "b1"
     answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
@@ -67,7 +78,11 @@ def test_audit_scan_is_incremental_after_the_first_and_full_on_demand(ws):
     answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
     assert answer["index"]["mode"] == "incremental" and sum(answer["files_read"].values()) == 0
     answer, _ = _json("audit", "scan", "--root", str(ws.root), "--full", "--json")
-    assert answer["index"] == {"mode": "full", "reason": "a full scan was asked for", "sha256": answer["index"]["sha256"]}
+    assert answer["index"] == {
+        "mode": "full",
+        "reason": "a full scan was asked for",
+        "sha256": answer["index"]["sha256"],
+    }
     assert answer["files_read"] == answer["files_scanned"]
     done = CliRunner().invoke(app, ["audit", "scan", "--root", str(ws.root)])
     assert done.exit_code == 0 and "read 0 of them, the rest unchanged since the scan index read them" in done.stdout

@@ -29,7 +29,9 @@ from lmeraser.workspace import Workspace
 
 from helpers import TINY, build_workspace, run_stages, tiny_backbone, tiny_data
 
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA; this one has a GPU")
+NO_CUDA = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA; this one has a GPU"
+)
 
 
 def test_the_device_and_precision_are_validated_where_they_are_written():
@@ -49,7 +51,10 @@ def test_cuda_on_a_machine_without_one_is_one_sentence_and_the_backbone_stage_wr
     ws = build_workspace(tmp_path / "ws", config)
     params = parse_params(config)
     run_stages(params, ws, ("validate",))
-    with pytest.raises(ConfigError, match=r"^runtime\.device is cuda, but torch sees no CUDA device on this machine .*set runtime\.device: cpu") as refused:
+    with pytest.raises(
+        ConfigError,
+        match=r"^runtime\.device is cuda, but torch sees no CUDA device on this machine .*set runtime\.device: cpu",
+    ) as refused:
         stage("backbone").function(params, ws, lambda message: None)
     assert "\n" not in str(refused.value)
     assert not ws.backbone_weights.exists() and not ws.backbone_meta_file.exists()
@@ -66,7 +71,11 @@ def test_a_workspace_made_on_a_gpu_is_refused_in_one_sentence_where_there_is_non
     ws.backbone_meta_file.write_text(json.dumps({**meta, "device": "cuda:0"}))
     for load in (lambda: load_backbone(ws), lambda: ServingModel.load(ws)):
         with pytest.raises(
-            ConfigError, match=r"backbone\.json: the backbone's device is cuda:0, but torch sees no CUDA device .*run it on a machine with that device"
+            ConfigError,
+            match=(
+                r"backbone\.json: the backbone's device is cuda:0, but torch sees no CUDA device "
+                r".*run it on a machine with that device"
+            ),
         ):
             load()
 
@@ -76,7 +85,13 @@ def test_a_workspace_records_its_compute_and_keys_its_artifacts_by_it(trained_wo
     meta = read_json(ws.backbone_meta_file)
     # The numerics the workspace asks for (portable, the default), the pins in effect and this
     # machine's numeric fingerprint are part of the compute's identity.
-    identity = {"device": "cpu", "precision": "float32", "numerics": "portable", "pins": numerics.PINS, "fingerprint": fingerprint()["sha256"]}
+    identity = {
+        "device": "cpu",
+        "precision": "float32",
+        "numerics": "portable",
+        "pins": numerics.PINS,
+        "fingerprint": fingerprint()["sha256"],
+    }
     assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["origin"]["compute"] == identity
     assert meta["numerics"] == "portable" and meta["fingerprint"] == identity["fingerprint"]
     assert read_json(ws.prompt_index_file)["key_inputs"]["compute"] == identity
@@ -115,7 +130,9 @@ def test_a_bf16_workspace_computes_every_pass_in_bf16(tmp_path, trained_workspac
     assert identity["compute"]["precision"] == "bf16"
     assert cached.tobytes() == image_features(backbone, meta, private.images).tobytes()
     with deterministic(1):
-        assert cached.tobytes() != extract_features(backbone, preprocess(private.images, meta.input)).tobytes()  # float32 differs
+        assert (
+            cached.tobytes() != extract_features(backbone, preprocess(private.images, meta.input)).tobytes()
+        )  # float32 differs
     # The tiny pipeline's float32 accuracy (0.23 on digits, a 3-epoch backbone) within a few points.
     assert abs(ws.metrics()["accuracy"] - float32.metrics()["accuracy"]) < 0.05
 
@@ -133,7 +150,12 @@ def test_seeded_draws_are_the_cpu_generators_whatever_the_tensor():
 
 
 def test_the_deterministic_block_fixes_cudas_flags_and_restores_them():
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
     try:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -143,7 +165,12 @@ def test_the_deterministic_block_fixes_cudas_flags_and_restores_them():
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        (
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+        ) = saved
 
 
 def test_a_cuda_block_leaves_attention_to_its_plain_kernel_and_a_cpu_block_keeps_the_fused_one():
@@ -204,9 +231,15 @@ def test_every_pass_keeps_its_tensors_on_the_compute_device(kind):
     objective = Objective(prepare_model(on_meta, prompt, 4, state, torch.float64), 1e-4)
     xs, ys, theta = x.to("meta", torch.float64), y.to("meta"), objective.theta0
     assert theta.device.type == "meta"
-    for result in (objective.per_example_grads(theta, xs[:3], ys[:3]), objective.gauss_newton(theta, xs)(theta), objective.hvp(theta, xs, ys)(theta)):
+    for result in (
+        objective.per_example_grads(theta, xs[:3], ys[:3]),
+        objective.gauss_newton(theta, xs)(theta),
+        objective.hvp(theta, xs, ys)(theta),
+    ):
         assert result.device.type == "meta" and result.shape[-1] == theta.numel()
-    if kind == "pad":  # the backbone's own training: one step's forward, backward and update, then the first loss read back
+    if (
+        kind == "pad"
+    ):  # the backbone's own training: one step's forward, backward and update, then the first loss read back
         images = np.random.default_rng(0).integers(0, 256, (32, 8, 8), dtype=np.uint8)
         params = BackboneParams(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2, epochs=1, batch_size=16)
         with pytest.raises(RuntimeError, match="item\\(\\) cannot be called on meta tensors"):

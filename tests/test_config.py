@@ -32,7 +32,9 @@ def test_every_preset_is_valid_and_complete(preset):
 
 def test_presets_carry_what_the_benchmarks_used_to_hard_code():
     fashion = load_params(REPO / "configs" / "fashion-mnist.yaml")
-    assert fashion.data.source == "fashion-mnist" and fashion.backbone.img_size == 28 and fashion.prompt.pad.epochs == 10
+    assert (
+        fashion.data.source == "fashion-mnist" and fashion.backbone.img_size == 28 and fashion.prompt.pad.epochs == 10
+    )
     assert Params().prompt.lora.lr == 0.005  # LoRA's working learning rate is its own default now
 
 
@@ -48,7 +50,10 @@ def test_presets_carry_what_the_benchmarks_used_to_hard_code():
         ({"backbone": {"img_size": 10, "patch_size": 4}}, "backbone.img_size"),
         ({"clustering": {"min_clusters": 9, "max_clusters": 3}}, "clustering.min_clusters"),
         ({"runtime": {"threads": 0}}, "runtime.threads"),
-        ({"backbone": {"model": "vit_tiny_patch16_224", "embed_dim": 64}}, "backbone.embed_dim describes the built-in ViT"),
+        (
+            {"backbone": {"model": "vit_tiny_patch16_224", "embed_dim": 64}},
+            "backbone.embed_dim describes the built-in ViT",
+        ),
         ({"backbone": {"checkpoint": "w.safetensors"}}, "backbone.checkpoint is set but backbone.train is scratch"),
         ({"backbone": {"train": "frozen"}}, "backbone.train frozen needs backbone.checkpoint"),
         ({"backbone": {"train": "finetune"}}, "backbone.train finetune needs backbone.checkpoint"),
@@ -88,13 +93,32 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_a_timm_model_takes_none_of_the_built_in_architecture_keys():
-    named = parse_params({"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32}})
+    named = parse_params(
+        {
+            "backbone": {
+                "model": "vit_tiny_patch16_224",
+                "checkpoint": "w.safetensors",
+                "train": "frozen",
+                "img_size": 32,
+            }
+        }
+    )
     assert named.backbone.patch_size is None and named.backbone.embed_dim is None
     built_in = parse_params({"backbone": {"img_size": 8, "patch_size": 4}})
-    assert built_in.backbone.model is None and built_in.backbone.embed_dim == 64 and built_in.backbone.train == "scratch"
+    assert (
+        built_in.backbone.model is None and built_in.backbone.embed_dim == 64 and built_in.backbone.train == "scratch"
+    )
     # The spelled-out preset form (every key, null where a timm model fixes it) is the same params.
     spelled = parse_params(
-        {"backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "w.safetensors", "train": "frozen", "img_size": 32, "patch_size": None}}
+        {
+            "backbone": {
+                "model": "vit_tiny_patch16_224",
+                "checkpoint": "w.safetensors",
+                "train": "frozen",
+                "img_size": 32,
+                "patch_size": None,
+            }
+        }
     )
     assert spelled == named
 

@@ -130,12 +130,19 @@ def test_relative_links_name_existing_files() -> None:
 def test_anchor_links_name_headings_of_their_target() -> None:
     broken: list[str] = []
     for path in markdown_files():
-        targets = [(number, target, target_path, fragment) for number, target, target_path, fragment in relative_links(path) if fragment]
+        targets = [
+            (number, target, target_path, fragment)
+            for number, target, target_path, fragment in relative_links(path)
+            if fragment
+        ]
         targets += [(number, target, path, target[1:]) for number, target in links(path) if target.startswith("#")]
         for number, target, target_path, fragment in targets:
             if target_path.suffix.lower() != ".md" or not target_path.is_file():
                 continue  # a missing file is the other test's; a fragment of a code file is a line, not a heading
             available = anchors(target_path)
             if unquote(fragment).lower() not in available:
-                broken.append(f"{path.relative_to(ROOT)}:{number}: {target} (anchors of {target_path.name}: {', '.join(sorted(available))})")
+                broken.append(
+                    f"{path.relative_to(ROOT)}:{number}: {target} "
+                    f"(anchors of {target_path.name}: {', '.join(sorted(available))})"
+                )
     assert not broken, "links to anchors that no heading produces:\n" + "\n".join(broken)

@@ -27,14 +27,21 @@ def _records(root):
 
 def test_repro_on_a_fresh_clone_runs_every_stage(repo):
     root, output = repo
-    assert sorted(ran_stages(output)) == sorted(["validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"])
+    assert sorted(ran_stages(output)) == sorted(
+        ["validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"]
+    )
     metrics = read_json(root / "metrics.json")
-    assert metrics["accuracy"] > 0.1  # TINY's few seconds of training: above chance on 10 classes (the demo's target is below)
+    assert (
+        metrics["accuracy"] > 0.1
+    )  # TINY's few seconds of training: above chance on 10 classes (the demo's target is below)
     baselines = read_json(root / "reports" / "baselines.json")
     assert 0 < baselines["single_prompt_accuracy"] <= 1 and 0 < baselines["linear_probe_accuracy"] <= 1
     table = lmeraser_cli("metrics", cwd=root, check=True).stdout
     assert "single prompt" in table and f"{metrics['accuracy']:.4f}" in table
-    assert metrics["n_clusters_active"] == read_json(root / "reports" / "clusters.json")["n_clusters"] - metrics["cluster_n_empty"]
+    assert (
+        metrics["n_clusters_active"]
+        == read_json(root / "reports" / "clusters.json")["n_clusters"] - metrics["cluster_n_empty"]
+    )
     status = dvc("status", cwd=root).stdout
     assert "up to date" in status, status
 
@@ -73,13 +80,25 @@ def test_every_stage_is_tracked_and_the_model_registered(repo):
     experiment = client.get_experiment_by_name("lmeraser")
     assert experiment.artifact_location.startswith((root / "mlartifacts").as_uri())
     runs = client.search_runs([experiment.experiment_id])
-    assert {r.data.tags["lmeraser.stage"] for r in runs} >= {"validate", "backbone", "prototypes", "assign", "train", "evaluate", "register"}
+    assert {r.data.tags["lmeraser.stage"] for r in runs} >= {
+        "validate",
+        "backbone",
+        "prototypes",
+        "assign",
+        "train",
+        "evaluate",
+        "register",
+    }
     evaluate = next(r for r in runs if r.data.tags["lmeraser.stage"] == "evaluate")
     assert abs(evaluate.data.metrics["accuracy"] - read_json(root / "metrics.json")["accuracy"]) < 1e-9
     batch_size = yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["batch_size"]
     assert evaluate.data.params == {"evaluate.batch_size": str(batch_size)}  # exactly the params the stage reads
     train = next(r for r in runs if r.data.tags["lmeraser.stage"] == "train")
-    assert train.data.params["prompt.kind"] == "pad" and "prompt.pad.width" in train.data.params and "prompt.lora.rank" not in train.data.params
+    assert (
+        train.data.params["prompt.kind"] == "pad"
+        and "prompt.pad.width" in train.data.params
+        and "prompt.lora.rank" not in train.data.params
+    )
     versions = client.search_model_versions("name='lmeraser'")
     assert [int(v.version) for v in versions] == [1]
     mlflow.set_tracking_uri("")  # leave no process-wide store behind for later tests
@@ -99,7 +118,10 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     done = cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and f"lineage record {number}" in done.stdout
     # Each step shows as it finishes, with its seconds, in the terminal (Prefect's run logger).
-    assert all(f"step {step} done in " in done.stderr for step in ("capture", "apply", "version", "rebuild", "purge", "verify", "record"))
+    assert all(
+        f"step {step} done in " in done.stderr
+        for step in ("capture", "apply", "version", "rebuild", "purge", "verify", "record")
+    )
     index = read_json(root / "artifacts" / "prompts" / "index.json")
     assert read_json(root / "artifacts" / "prompts" / "last_run.json")["trained"] == [int(victim.cluster)]
 
@@ -129,7 +151,10 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     assert victim.sample_id not in json.dumps(record)  # keyed hashes only, never ids or pixels
     # A published plain hash would be a membership oracle: records and tombstones hold keyed ones.
     assert len(predicate["removed_content_keys"]) == 1 and victim_hash not in json.dumps(record)
-    assert victim_hash not in (root / "data" / "tombstones.csv").read_text() and victim_hash not in (root / "audit" / "suppression.csv").read_text()
+    assert (
+        victim_hash not in (root / "data" / "tombstones.csv").read_text()
+        and victim_hash not in (root / "audit" / "suppression.csv").read_text()
+    )
     assert (root / "audit" / "keys" / "signing-key.pem").stat().st_mode & 0o777 == 0o600
     # Dates, legal basis, the plan: what an auditor asks first.
     request = predicate["requests"][0]
@@ -138,8 +163,16 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     assert predicate["recorded_at"].endswith("Z") and predicate["planned_clusters"] == [int(victim.cluster)]
     # The batch started on a clean checkout says so, and commits the versions it made.
     assert not predicate["code"]["git_commit"].endswith("+dirty")
-    assert f"lineage record {number}" in subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
-    assert subprocess.run(["git", "status", "--porcelain", "data.dvc", "dvc.lock", "audit"], cwd=root, capture_output=True, text=True).stdout == ""
+    assert (
+        f"lineage record {number}"
+        in subprocess.run(["git", "log", "-1", "--format=%s"], cwd=root, capture_output=True, text=True).stdout
+    )
+    assert (
+        subprocess.run(
+            ["git", "status", "--porcelain", "data.dvc", "dvc.lock", "audit"], cwd=root, capture_output=True, text=True
+        ).stdout
+        == ""
+    )
     # The registry holds a real model: `production` loads as a pyfunc (nothing unpickled) and
     # predicts what is served; the version that served the superseded prompt is gone, not broken.
     import mlflow
@@ -186,7 +219,9 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert [c["cluster"] for c in predicate["clusters_rebuilt"]] == expected
     from lmeraser.salt import Keyer
 
-    assert len(predicate["requests"]) == 2 and predicate["requests"][1]["already_forgotten"] == [Keyer(Workspace(root)).subject("sample:" + already)]
+    assert len(predicate["requests"]) == 2 and predicate["requests"][1]["already_forgotten"] == [
+        Keyer(Workspace(root)).subject("sample:" + already)
+    ]
     assert subject not in json.dumps(predicate) and already not in json.dumps(predicate)  # keyed ids only
     assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
     assert not predicate["code"]["git_commit"].endswith("+dirty")  # the previous batch committed its versions
@@ -218,8 +253,14 @@ def test_refusals_change_nothing(repo, tmp_path):
         (("forget", "--sample-id", "0" * 20), f"sample id {'0' * 20} is unknown"),
         (("forget", "--sample-id", public_id), "--allow-backbone-rebuild"),
         (("forget", "--file", str(bad)), "line 1: a requests file cannot grant allow_backbone_rebuild"),
-        (("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"), "edits only private clusters"),
-        (("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"), "sideways"),  # a usage error (exit 2)
+        (
+            ("forget", "--sample-id", public_id, "--allow-backbone-rebuild", "--method", "influence"),
+            "edits only private clusters",
+        ),
+        (
+            ("rectify", "--sample-id", public_id, "--label", "1", "--method", "sideways"),
+            "sideways",
+        ),  # a usage error (exit 2)
         # --params is honoured: an exact rebuild runs `dvc repro`, which reads params.yaml, so other params are refused.
         (("forget", "--sample-id", victim_id, "--params", "configs/digits-vpt.yaml"), "differs from"),
         (("unlearn", "--params", "configs/digits-vpt.yaml"), "differs from"),
@@ -337,9 +378,11 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     # Tracked once the record was signed, each run exactly once, the backlog gone.
     assert not backlog.exists()
     assert len(runs_of("train")) == train_runs_before + 1
-    assert [r.data.tags["lmeraser.record"] for r in runs_of("unlearn") if r.data.params.get("batch_id") == records[-1].predicate["batch_id"]] == [
-        str(records[-1].number)
-    ]
+    assert [
+        r.data.tags["lmeraser.record"]
+        for r in runs_of("unlearn")
+        if r.data.params.get("batch_id") == records[-1].predicate["batch_id"]
+    ] == [str(records[-1].number)]
 
 
 def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
@@ -356,14 +399,20 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     np.save(leak, image[None])
     records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
     done = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
-    assert done.returncode == 1 and "verification failed: 1 scan hit(s)" in done.stderr and "Nothing was signed" in done.stderr
+    assert (
+        done.returncode == 1
+        and "verification failed: 1 scan hit(s)" in done.stderr
+        and "Nothing was signed" in done.stderr
+    )
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[victim]]
     # An influence update now would sign the failed batch's unverified prompts as served: refused,
     # nothing signed, no overlay served; its request waits for an exact batch.
     other = private.sample_ids[5]
     refused = lmeraser_cli("forget", "--sample-id", other, "--method", "influence", cwd=root)
-    assert refused.returncode == 1 and "stopped before its record" in refused.stderr and "not verified" in refused.stderr
+    assert (
+        refused.returncode == 1 and "stopped before its record" in refused.stderr and "not verified" in refused.stderr
+    )
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     assert not (root / "artifacts" / "prompts" / "approximate" / "overlay.json").exists()
     leak.unlink()
@@ -383,7 +432,9 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
 
     root, _ = repo
     private = Workspace(root).split("private")
-    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str}).set_index("sample_id")
+    assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str}).set_index(
+        "sample_id"
+    )
     forget_id, label_id, input_id = private.sample_ids[30], private.sample_ids[10], private.sample_ids[20]
     new_label = (int(private.labels[10]) + 1) % 10
     corrected = np.ascontiguousarray(private.images[20][::-1])  # a visibly different image
@@ -396,8 +447,12 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
         + json.dumps({"kind": "rectify", "sample_ids": [label_id], "label": new_label})
         + "\n"
     )
-    assert "served as APPROXIMATE" in cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
-    assert "served as APPROXIMATE" in cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
+    assert (
+        "served as APPROXIMATE" in cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
+    )
+    assert (
+        "served as APPROXIMATE" in cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
+    )
     # The corrected image was copied into the workspace at submission: the original may go.
     (tmp_path / "fixed.npy").unlink()
     assert len(list((root / "audit" / "inputs").glob("*.npy"))) == 1
@@ -437,9 +492,13 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
 
     assert Keyer(Workspace(root)).content(old_hash) in set(Workspace(root).tombstones()["content_key"])
     cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout  # forgotten and replaced pixels, superseded prompts: gone
+    assert (
+        "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
+    )  # forgotten and replaced pixels, superseded prompts: gone
     replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)
-    assert replay.returncode == 0 and "sha256 matches" in replay.stdout and "sha256 differs" not in replay.stdout, replay.stdout + replay.stderr
+    assert replay.returncode == 0 and "sha256 matches" in replay.stdout and "sha256 differs" not in replay.stdout, (
+        replay.stdout + replay.stderr
+    )
     rebuilt = len(record.predicate["clusters_rebuilt"])
     assert f"record {record.number}: replayed {rebuilt}, matched {rebuilt}, skipped 0" in replay.stdout
     cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
@@ -447,7 +506,11 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     # four history figures plus the forgetting audit's p-values (the records carry audits)
     assert page.count("data:image/png;base64,") == 5 and "Forgetting audit: post-forget p-values" in page
     assert record.predicate["batch_id"] in page and "influence (approximate)" in page
-    assert "GDPR Art. 16 (rectification)" in page and "VERIFICATION FAILED" not in page and record.predicate["signer"] in page
+    assert (
+        "GDPR Art. 16 (rectification)" in page
+        and "VERIFICATION FAILED" not in page
+        and record.predicate["signer"] in page
+    )
     assert all(r["request_id"] in page for r in record.predicate["requests"])  # one line per request
 
 
@@ -474,7 +537,11 @@ def test_an_experiment_does_not_delete_the_signed_prompts(repo):
     import yaml
 
     root, _ = repo
-    signed = [name for name in LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].subjects if "/store/" in name]
+    signed = [
+        name
+        for name in LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].subjects
+        if "/store/" in name
+    ]
     params = root / "params.yaml"
     saved = params.read_text()
     try:
@@ -556,20 +623,32 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
         assert verified["ok"] and verified["records"] == records_before + 1
         # The worker's batch signs the forgetting audit of both requests, one verdict per sample.
         audit = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate["forgetting_audit"]
-        assert audit["status"] == "audited" and sorted(r for s in audit["samples"] for r in s["request_ids"]) == sorted([first, second])
+        assert audit["status"] == "audited" and sorted(r for s in audit["samples"] for r in s["request_ids"]) == sorted(
+            [first, second]
+        )
         assert all(s["verdict"] in ("forgotten", "not-memorised") for s in audit["samples"])
         listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
-        assert {first: "verified", second: "verified"}.items() <= {r["request_id"]: r["state"] for r in json.loads(listed.stdout)}.items()
+        assert {first: "verified", second: "verified"}.items() <= {
+            r["request_id"]: r["state"] for r in json.loads(listed.stdout)
+        }.items()
 
-        assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {"running", "busy", "warm"}  # no token: no details
+        assert set(httpx.get(f"{url}/v1/health").json()["worker"]) == {
+            "running",
+            "busy",
+            "warm",
+        }  # no token: no details
         # The requests are verified before the flow run returns to the worker; the batch's MLflow
         # runs wait in the backlog until the worker, idle, tracks them.
         backlog = root / "audit" / "batches" / "tracking-backlog.json"
         deadline = time.time() + 120
-        while ((worker := client.get("/v1/health").json()["worker"])["busy"] or backlog.exists()) and time.time() < deadline:
+        while (
+            (worker := client.get("/v1/health").json()["worker"])["busy"] or backlog.exists()
+        ) and time.time() < deadline:
             time.sleep(0.5)
         assert worker["batches"] == 1 and worker["warm"] and not backlog.exists()
-        assert {"train", "evaluate", "unlearn"} <= set(worker["last_tracking"]["tracked"]) and worker["last_tracking"]["waiting"] == []
+        assert {"train", "evaluate", "unlearn"} <= set(worker["last_tracking"]["tracked"]) and worker["last_tracking"][
+            "waiting"
+        ] == []
         events = [e for e in Journal(Workspace(root)).events() if e["request_id"] in (first, second)]
         assert sorted(e["request_id"] for e in events if e["state"] == "verified") == sorted([first, second])
     finally:
@@ -595,8 +674,16 @@ def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_p
     root, _ = repo
     assert not Journal(Workspace(root)).pending()
     copy = tmp_path / "copy"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "mlartifacts", "mlflow.db"))  # audit/ holds the salt validation needs
-    for path in ("artifacts/prompts", "artifacts/cache", "artifacts/clusters/assignments.csv", "metrics.json", "reports"):
+    shutil.copytree(
+        root, copy, ignore=shutil.ignore_patterns(".dvc", ".git", "mlartifacts", "mlflow.db")
+    )  # audit/ holds the salt validation needs
+    for path in (
+        "artifacts/prompts",
+        "artifacts/cache",
+        "artifacts/clusters/assignments.csv",
+        "metrics.json",
+        "reports",
+    ):
         target = copy / path
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     ws = Workspace(copy)
@@ -622,13 +709,24 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
     forgotten = set(tombstones.query("reason == 'forget'")["sample_id"])
     replaced = int((tombstones["reason"] == "rectify-input").sum())  # old pixels of corrected images
     corrected = set(tombstones.query("reason == 'rectify-input'")["sample_id"]) - forgotten
-    before = {sid: h for split in ("public", "private") for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values}
+    before = {
+        sid: h
+        for split in ("public", "private")
+        for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values
+    }
     data_dvc = (root / "data.dvc").read_bytes()
     done = cli_ok("data", "init", cwd=root)
-    assert f"{len(forgotten)} sample(s) kept out" in done.stdout and f"{len(corrected)} image correction(s) re-applied" in done.stdout, done.stdout
+    assert (
+        f"{len(forgotten)} sample(s) kept out" in done.stdout
+        and f"{len(corrected)} image correction(s) re-applied" in done.stdout
+    ), done.stdout
     present = {sid for split in ("public", "private", "test") for sid in Workspace(root).manifest(split)["sample_id"]}
     assert forgotten and not forgotten & present and corrected and corrected <= present
-    after = {sid: h for split in ("public", "private") for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values}
+    after = {
+        sid: h
+        for split in ("public", "private")
+        for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values
+    }
     assert all(after[sid] == before[sid] for sid in corrected)  # the corrected pixels, not the source's
     assert (root / "data.dvc").read_bytes() == data_dvc  # the same data version: nothing to rebuild
     assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
@@ -645,9 +743,17 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
         journal = (root / "audit" / "journal.jsonl").read_bytes()
         victim = Workspace(root).manifest("private")["sample_id"][0]
         refused = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
-        assert refused.returncode == 1 and "the pipeline is not up to date" in refused.stderr and "run `dvc repro` first" in refused.stderr
-        assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(Workspace(root).manifest("private")["sample_id"])
+        assert (
+            refused.returncode == 1
+            and "the pipeline is not up to date" in refused.stderr
+            and "run `dvc repro` first" in refused.stderr
+        )
+        assert (root / "data.dvc").read_bytes() == data_dvc and victim in set(
+            Workspace(root).manifest("private")["sample_id"]
+        )
         assert (root / "audit" / "journal.jsonl").read_bytes().startswith(journal)  # only the request was journaled
-        assert [list(r.sample_ids) for r in Journal(Workspace(root)).pending()] == [[victim]]  # it waits for `dvc repro`
+        assert [list(r.sample_ids) for r in Journal(Workspace(root)).pending()] == [
+            [victim]
+        ]  # it waits for `dvc repro`
     finally:
         (root / "params.yaml").write_bytes(params)

@@ -100,11 +100,14 @@ def test_the_scan_reads_the_cache_without_importing_torch(trained_workspace, tmp
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from lmeraser.audit.scan import _content_keys; from lmeraser.salt import Keyer; "
-        "from lmeraser.workspace import Workspace; ws = Workspace(Path(sys.argv[1])); "
+        "import sys; from pathlib import Path; from lmeraser.audit.scan import _content_keys; "
+        "from lmeraser.salt import Keyer; from lmeraser.workspace import Workspace; "
+        "ws = Workspace(Path(sys.argv[1])); "
         "keys = _content_keys(ws.feature_cache_file, Keyer(ws)); print(len(keys), 'torch' in sys.modules)"
     )
     shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True
+    )
     count, torch_imported = done.stdout.split()
     assert int(count) == len(read(trained_workspace[0].feature_cache_file)[1]) > 0 and torch_imported == "False"

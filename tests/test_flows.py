@@ -42,7 +42,9 @@ def test_unlearn_deployment_runs_on_an_interval_or_a_cron(tmp_path):
     every = build_unlearn_deployment(120, root=str(tmp_path))
     assert every.name == "lmeraser-unlearn" and every.schedules[0].schedule.interval.total_seconds() == 120
     assert every.parameters == {"root": str(tmp_path.resolve())} and "unlearn" in every.tags
-    assert build_unlearn_deployment(cron="*/10 * * * *", root=str(tmp_path)).schedules[0].schedule.cron == "*/10 * * * *"
+    assert (
+        build_unlearn_deployment(cron="*/10 * * * *", root=str(tmp_path)).schedules[0].schedule.cron == "*/10 * * * *"
+    )
     import pytest
 
     from lmeraser.flows.serve import main
@@ -81,12 +83,18 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
         result = influence_unlearn(root=str(root))
         assert result["clusters"] == [cluster]
         # The update's MLflow run was tracked after its record, and nothing waits.
-        assert result["tracking"] == {"tracked": ["unlearn"], "waiting": []} and not (root / "audit" / "batches" / "tracking-backlog.json").exists()
+        assert (
+            result["tracking"] == {"tracked": ["unlearn"], "waiting": []}
+            and not (root / "audit" / "batches" / "tracking-backlog.json").exists()
+        )
     assert journal.awaiting_influence() == [] and len(journal.pending()) == 2  # still queued for the exact batch
     records = lineage_log(ws).verify(load_or_create_key(ws.signing_key_file).public_key())
     assert [r.predicate["method"] for r in records] == ["influence", "influence"]
     edited = records[1].predicate["clusters_edited"][0]
-    assert edited["stacked_on_earlier_influence"] and edited["prompt_sha256_before"] == records[0].predicate["clusters_edited"][0]["prompt_sha256_after"]
+    assert (
+        edited["stacked_on_earlier_influence"]
+        and edited["prompt_sha256_before"] == records[0].predicate["clusters_edited"][0]["prompt_sha256_after"]
+    )
     served = ServingModel.load(ws)
     assert list(served.overlay) == [str(cluster)] and len(served.overlay[str(cluster)]["edits"]) == 2
     assert served.overlay[str(cluster)]["n_members"] == int((assignments.cluster == cluster).sum()) - 1
@@ -140,11 +148,23 @@ def test_a_scheduled_retrain_never_brings_back_erased_data(tmp_path):
     suppression.add(
         ws,
         [
-            {"sample_id": private.sample_id[0], "content_key": keyer.content(private.content_hash[0]), "reason": "forget"},
-            {"sample_id": private.sample_id[1], "content_key": "", "reason": "rectify-label", "label": (int(private.label[1]) + 1) % 10},
+            {
+                "sample_id": private.sample_id[0],
+                "content_key": keyer.content(private.content_hash[0]),
+                "reason": "forget",
+            },
+            {
+                "sample_id": private.sample_id[1],
+                "content_key": "",
+                "reason": "rectify-label",
+                "label": (int(private.label[1]) + 1) % 10,
+            },
         ],
     )
-    assert suppression.violations(ws) == [f"private:{private.sample_id[0]} (erased)", f"private:{private.sample_id[1]} (label corrected)"]
+    assert suppression.violations(ws) == [
+        f"private:{private.sample_id[0]} (erased)",
+        f"private:{private.sample_id[1]} (label corrected)",
+    ]
     state = train_pipeline(root=str(tmp_path), return_state=True)
     assert state.is_failed() and "data/ holds 2 sample(s) the suppression list erased or corrected" in state.message
     assert not (tmp_path / "artifacts" / "backbone").exists()
@@ -187,7 +207,11 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
     ws = build_workspace(tmp_path, TINY)
     state = run_stage("validate", str(tmp_path), "params.yaml")
     run = _flow_run(state)
-    assert state.is_completed() and re.fullmatch(r"validate-\d{8}T\d{6}Z", run.name) and {"lmeraser", "stage:validate"} <= set(run.tags)
+    assert (
+        state.is_completed()
+        and re.fullmatch(r"validate-\d{8}T\d{6}Z", run.name)
+        and {"lmeraser", "stage:validate"} <= set(run.tags)
+    )
     Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
     expected = next_batch_id(ws)
     assert expected and expected.startswith("batch-")
@@ -227,7 +251,10 @@ def test_clusters_trained_on_a_local_dask_cluster_are_byte_identical_to_threads(
     threads, dask = trained.prompt_index().clusters, ws.prompt_index().clusters
     assert {c: e.sha256 for c, e in dask.items()} == {c: e.sha256 for c, e in threads.items()}
     for entry in dask.values():
-        assert ArtifactStore(ws.store_dir).path(entry.key).read_bytes() == ArtifactStore(trained.store_dir).path(entry.key).read_bytes()
+        assert (
+            ArtifactStore(ws.store_dir).path(entry.key).read_bytes()
+            == ArtifactStore(trained.store_dir).path(entry.key).read_bytes()
+        )
     assert load_params(ws.params_file).runtime.executor == "dask"
     with pytest.raises(ConfigError, match="runtime.executor dask trains through Prefect's Dask task runner"):
         process_pending(ws, lambda message: None)

@@ -84,7 +84,14 @@ def test_a_broken_build_fails_an_exact_rebuild_is_forgotten_and_an_unmemorised_s
     reused = {"pre-forget exact": ("in", pre)}
     threshold = 0.01
     rebuilt = Scored("rebuilt", "rebuilt", [-17.5])
-    exact = judge(["x"], fresh, before, Scored("served after", "rebuilt", [-17.5]), {**reused, "rebuilt": ("out", rebuilt)}, threshold)[0]
+    exact = judge(
+        ["x"],
+        fresh,
+        before,
+        Scored("served after", "rebuilt", [-17.5]),
+        {**reused, "rebuilt": ("out", rebuilt)},
+        threshold,
+    )[0]
     assert exact["verdict"] == "forgotten"
     assert exact["before"]["p_value"] < threshold / 4 and exact["before"]["log10_likelihood_ratio"] > 2
     assert exact["before"]["dof"] == 2  # two fresh models a side: the variance is uncertain, the tail is t(2)
@@ -97,7 +104,14 @@ def test_a_broken_build_fails_an_exact_rebuild_is_forgotten_and_an_unmemorised_s
     assert broken["verdict"] == "FAIL" and broken["after"]["p_value"] <= threshold
 
     # A "rebuilt" prompt that is an IN model (its digest) is no OUT reference.
-    sneaky = judge(["x"], fresh, before, Scored("served after", "served-old", [0.8]), {**reused, "rebuilt": ("out", pre)}, threshold)[0]
+    sneaky = judge(
+        ["x"],
+        fresh,
+        before,
+        Scored("served after", "served-old", [0.8]),
+        {**reused, "rebuilt": ("out", pre)},
+        threshold,
+    )[0]
     assert sneaky["verdict"] == "FAIL" and sneaky["after"]["fit_out"]["n"] == 2
 
     same = _case(rng, in_level=10.0, out_level=10.0)
@@ -120,12 +134,18 @@ def test_the_variance_follows_the_level_of_the_score():
     fresh = [Scored(f"out:{i}", f"o{i}", [-16.0 + i], population(8.0), population(8.0)) for i in range(2)]
     fresh += [Scored(f"in:{i}", f"i{i}", [1.0], population(0.0), population(0.0)) for i in range(2)]
     result = judge(["c"], fresh, Scored("b", "b", [1.0]), Scored("a", "a", [-12.5]), {}, 0.01 / 16)[0]
-    assert 2.0 < result["after"]["fit_out"]["variance"] < 12  # the wrong-label entries' spread (2.5²), not the 8-point shift
+    assert (
+        2.0 < result["after"]["fit_out"]["variance"] < 12
+    )  # the wrong-label entries' spread (2.5²), not the 8-point shift
     assert result["verdict"] != "FAIL"
 
 
 def test_bad_audit_params_are_one_sentence():
-    cases = (({"references": -1}, "audit.references"), ({"alpha": 0.7}, "audit.alpha"), ({"max_samples_per_request": 0}, "audit.max_samples_per_request"))
+    cases = (
+        ({"references": -1}, "audit.references"),
+        ({"alpha": 0.7}, "audit.alpha"),
+        ({"max_samples_per_request": 0}, "audit.max_samples_per_request"),
+    )
     for section, key in cases:
         with pytest.raises(ConfigError) as error:
             parse_params({"audit": section})
@@ -140,13 +160,22 @@ def test_fleet_counts_verdicts_and_tests_the_p_values_against_the_uniform():
             self.number, self.predicate, self.is_rotation = number, predicate, rotation
 
     def audited(p_values, verdict="forgotten", method="exact"):
-        samples = [{"sample_key": "k", "request_ids": ["r"], "verdict": verdict, "before": None, "after": {"p_value": p}} for p in p_values]
+        samples = [
+            {"sample_key": "k", "request_ids": ["r"], "verdict": verdict, "before": None, "after": {"p_value": p}}
+            for p in p_values
+        ]
         return {"method": method, "forgetting_audit": {"status": "audited", "samples": samples}}
 
     uniform = list(np.linspace(0.01, 0.99, 40))
     records = [
         R(1, audited(uniform)),
-        R(2, {"method": "exact", "forgetting_audit": {"status": "no reference audit", "reason": "audit.references is 0"}}),
+        R(
+            2,
+            {
+                "method": "exact",
+                "forgetting_audit": {"status": "no reference audit", "reason": "audit.references is 0"},
+            },
+        ),
         R(3, audited([1e-9, 1e-8], "FAIL", "influence")),
         R(4, {}, rotation=True),
     ]
@@ -180,7 +209,12 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
     _, routes, _ = score_test_split(ws, model, params.evaluate.batch_size)
 
     def listing():
-        return {os.path.join(b, n): os.stat(os.path.join(b, n)).st_mtime_ns for b, _, names in os.walk(ws.root) for n in names if "cache" not in b}
+        return {
+            os.path.join(b, n): os.stat(os.path.join(b, n)).st_mtime_ns
+            for b, _, names in os.walk(ws.root)
+            for n in names
+            if "cache" not in b
+        }
 
     files = listing()
     first = forgetting.references_before(ws, params, requests, routes, log=lambda m: None)
@@ -194,7 +228,9 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
         twin = next(r for r in info["fresh"] if r["digest"] == info["rebuild_digest"])
         assert twin["name"] == f"out:{ws.prompt_index().clusters[cluster].seed}"
     second = forgetting.references_before(ws, params, requests, routes, log=lambda m: None)
-    strip = lambda state: {c: [{k: v for k, v in r.items() if k != "seconds"} for r in i["fresh"]] for c, i in state["clusters"].items()}  # noqa: E731
+    strip = lambda state: {
+        c: [{k: v for k, v in r.items() if k != "seconds"} for r in i["fresh"]] for c, i in state["clusters"].items()
+    }  # noqa: E731
     assert strip(first) == strip(second)  # bit-for-bit: same digests, same scores
 
     # An IN reference written to the artifact store (as a careless cache would) is a scan hit.
@@ -219,7 +255,10 @@ def test_references_train_in_memory_deterministically_and_a_written_one_is_found
 def test_no_spread_to_estimate_means_no_test_not_a_made_up_one():
     """One model a side and no population spread: nothing says how far apart two seeds fall, so
     no score is called detectable (a tiny default variance made genuine OUT scores FAIL)."""
-    fresh = [Scored("in:0", "i0", [1.0], [3.0, 4.0], [5.0, 6.0]), Scored("out:0", "o0", [-15.0], [3.5, 4.5], [5.5, 6.5])]
+    fresh = [
+        Scored("in:0", "i0", [1.0], [3.0, 4.0], [5.0, 6.0]),
+        Scored("out:0", "o0", [-15.0], [3.5, 4.5], [5.5, 6.5]),
+    ]
     result = judge(["x"], fresh, Scored("b", "b", [1.0]), Scored("a", "a", [-14.0]), {}, 0.01)[0]
     assert result["after"]["p_value"] is None and result["verdict"] == "not-audited"
     assert result["before"]["p_value"] is None
@@ -237,7 +276,15 @@ def test_a_sample_named_twice_is_one_test_and_the_rebuild_twin_has_the_cluster_s
 
 
 def test_a_resumed_batch_is_audited_from_the_expected_rebuild_or_not_at_all():
-    state = {"clusters": {"3": {"targets": ["a"], "rebuild_digest": "twin", "fresh": [{"name": "out:7", "digest": "twin", "targets": [-9.5]}]}}}
+    state = {
+        "clusters": {
+            "3": {
+                "targets": ["a"],
+                "rebuild_digest": "twin",
+                "fresh": [{"name": "out:7", "digest": "twin", "targets": [-9.5]}],
+            }
+        }
+    }
     scores, other = forgetting.expected_after(state, {"3": "twin"})
     assert scores == {"a": -9.5} and other == []
     scores, other = forgetting.expected_after(state, {"3": "something else"})
@@ -261,10 +308,20 @@ def test_output_paths_that_are_not_new_or_regular_files_of_the_right_kind_are_re
         (["audit", "forgetting", "--plot", "/dev/null"], "takes a .png file path"),
         (["audit", "report", "--out", str(log)], "takes a .html or .htm file path"),
     ):
-        done = subprocess.run([str(BIN / "lmeraser"), *args, "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 1 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+        done = subprocess.run(
+            [str(BIN / "lmeraser"), *args, "--root", str(tmp_path)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+            args,
+            done.stderr,
+        )
     assert log.read_text() == "precious\n" and fifo.is_fifo()
-    empty = subprocess.run([str(BIN / "lmeraser"), "audit", "forgetting", "--root", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    empty = subprocess.run(
+        [str(BIN / "lmeraser"), "audit", "forgetting", "--root", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert empty.returncode == 0 and "no lineage records yet" in empty.stdout
 
 

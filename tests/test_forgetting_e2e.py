@@ -39,7 +39,12 @@ def canaries(tmp_path_factory):
     cluster_of = dict(zip(private.sample_ids, ws.assignments()["cluster"].astype(int)))
     first = private.sample_ids[7]
     second = next(s for s in private.sample_ids[8:] if cluster_of[s] != cluster_of[first])
-    lines = [json.dumps({"kind": "rectify", "sample_ids": [s], "label": (int(private.labels[private.sample_ids.index(s)]) + 3) % 10}) for s in (first, second)]
+    lines = [
+        json.dumps(
+            {"kind": "rectify", "sample_ids": [s], "label": (int(private.labels[private.sample_ids.index(s)]) + 3) % 10}
+        )
+        for s in (first, second)
+    ]
     (root / "canaries.jsonl").write_text("\n".join(lines) + "\n")
     cli_ok("rectify", "--file", str(root / "canaries.jsonl"), cwd=root)
     return root, first, second, cluster_of
@@ -62,7 +67,9 @@ def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(ca
     assert canary not in json.dumps(record.predicate)  # keyed ids only
     # The IN references were held in memory and dropped; the purge section says so and the scan looks for them.
     references = record.predicate["purge"]["audit_references"]
-    assert references["trained"] == 9 and len(references["in_reference_digests"]) == 4  # 4 IN, 4 + the expected rebuild OUT
+    assert (
+        references["trained"] == 9 and len(references["in_reference_digests"]) == 4
+    )  # 4 IN, 4 + the expected rebuild OUT
     assert record.predicate["forgetting_audit"]["served_as_expected_rebuild"] == [cluster_of[canary]]
     scan = cli_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout and "4 forgetting-audit IN reference(s)" in scan.stdout
@@ -96,7 +103,11 @@ def test_references_zero_records_no_reference_audit(canaries):
     params_file.write_text(yaml.safe_dump(bad, sort_keys=False))
     try:
         refused = lmeraser_cli("forget", "--sample-id", second, "--no-process", cwd=root)
-        assert refused.returncode != 0 and "audit.alpha" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        assert (
+            refused.returncode != 0
+            and "audit.alpha" in refused.stderr
+            and len(refused.stderr.strip().splitlines()) == 1
+        )
     finally:
         params_file.write_text(original)
     assert not Journal(Workspace(root)).pending()
@@ -127,7 +138,9 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     with pytest.raises(LmeraserError) as error:
         process_pending(ws, log=lambda m: None, run_step=broken, git_commit=False)
     message = str(error.value)
-    assert f"forgetting audit: sample {canary} of request" in message and "still detectable in the served model" in message
+    assert (
+        f"forgetting audit: sample {canary} of request" in message and "still detectable in the served model" in message
+    )
     assert "Nothing was signed" in message
     assert len(_records(root)) == records
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[canary]]
@@ -136,5 +149,7 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     # Run again as is, in a new process: the erased pixels are gone, but the served prompt is still
     # not the retrain without the canary (its digest says so), so the batch stays stopped, unsigned.
     again = lmeraser_cli("unlearn", cwd=root)
-    assert again.returncode == 1 and f"cluster {cluster} serves a prompt that is not its retrain" in again.stderr, again.stderr
+    assert again.returncode == 1 and f"cluster {cluster} serves a prompt that is not its retrain" in again.stderr, (
+        again.stderr
+    )
     assert len(_records(root)) == records

@@ -23,7 +23,9 @@ from lmeraser.workspace import Workspace
 
 from helpers import cli_ok, dvc, tiny_backbone, tiny_data
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none (CI never has one)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none (CI never has one)"
+)
 
 CUDA = Compute("cuda", 1)
 PROMPTS = {
@@ -92,7 +94,9 @@ def test_an_influence_update_on_cuda_is_deterministic_and_agrees_with_the_cpu():
 
     def edit(device: str) -> dict:
         model = prepare_model(tiny_backbone(2, device), prompt, 4, state, torch.float64)
-        theta, objective, report = influence_edit(model, x, y, x, y, present, params, prompt.adapter.weight_decay, seed=5, threads=1)
+        theta, objective, report = influence_edit(
+            model, x, y, x, y, present, params, prompt.adapter.weight_decay, seed=5, threads=1
+        )
         return objective.state(theta)
 
     first, second, on_cpu = edit("cuda"), edit("cuda"), edit("cpu")
@@ -126,7 +130,11 @@ def test_a_cuda_workspace_runs_end_to_end_and_replays_bit_for_bit(tmp_path):
     cli_ok("audit", "verify", cwd=root)
     record = json.loads(cli_ok("audit", "show", "1", cwd=root).stdout)
     environment = record["predicate"]["environment"]
-    assert environment["device"] == "cuda" and environment["device_name"] == name and environment["precision"] == "float32"
+    assert (
+        environment["device"] == "cuda" and environment["device_name"] == name and environment["precision"] == "float32"
+    )
     replay = json.loads(cli_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
     # Same machine, same versions: no difference to excuse, so a match is equal bytes.
-    assert replay["ok"] and not replay["environment_differences"] and replay["matched"] == replay["replayed"] > 0, replay
+    assert replay["ok"] and not replay["environment_differences"] and replay["matched"] == replay["replayed"] > 0, (
+        replay
+    )

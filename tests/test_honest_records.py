@@ -102,7 +102,11 @@ def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):
     # data/ gone: the corrected pixels are nowhere else, so re-ingesting would bring back the old ones.
     shutil.move(root / "data", tmp_path / "data-aside")
     refused = lmeraser_cli("data", "init", cwd=root)
-    assert refused.returncode == 1 and f"no longer holds sample {target}" in refused.stderr and "Traceback" not in refused.stderr
+    assert (
+        refused.returncode == 1
+        and f"no longer holds sample {target}" in refused.stderr
+        and "Traceback" not in refused.stderr
+    )
     assert not (root / "data").exists()
     shutil.move(tmp_path / "data-aside", root / "data")
     _commit(root, "after re-ingestion")
@@ -114,9 +118,13 @@ def test_a_change_outside_any_batch_is_named_by_the_next_record(root):
     params = (root / "params.yaml").read_text()
     assert "lr: 0.02" in params
     (root / "params.yaml").write_text(params.replace("lr: 0.02", "lr: 0.021", 1))
-    served = {c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()}
+    served = {
+        c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
+    }
     dvc("repro", cwd=root)
-    now = {c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()}
+    now = {
+        c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
+    }
     assert now != served
     _commit(root, "new learning rate")
     previous = _records(root)[-1].number
@@ -141,7 +149,9 @@ def test_the_registered_bundle_never_names_an_erased_sample(root):
     leaks = [
         str(path)
         for path in (root / "mlartifacts").rglob("*")
-        if path.is_file() and path.stat().st_size < 1 << 20 and (victim.encode() in path.read_bytes() or request_id.encode() in path.read_bytes())
+        if path.is_file()
+        and path.stat().st_size < 1 << 20
+        and (victim.encode() in path.read_bytes() or request_id.encode() in path.read_bytes())
     ]
     assert leaks == []
     overlay = root / "artifacts" / "prompts" / "approximate" / "overlay.json"
@@ -197,11 +207,15 @@ def test_a_missing_signing_key_stops_the_batch_before_any_change(root, tmp_path)
     _finish(root)
 
 
-def test_another_signer_a_lost_salt_a_broken_registry_or_an_unwritable_directory_changes_nothing(root, tmp_path, monkeypatch):
+def test_another_signer_a_lost_salt_a_broken_registry_or_an_unwritable_directory_changes_nothing(
+    root, tmp_path, monkeypatch
+):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    other = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    other = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     before = _snapshot(root)
     with monkeypatch.context() as env:
         env.setenv("LMERASER_SIGNING_KEY", other.decode())
@@ -366,12 +380,21 @@ def test_a_replaced_salt_or_a_rolled_back_log_stops_the_batch_and_the_scan(root,
     (tmp_path / "short.jsonl").write_bytes(b"".join(lines[:-1]))
     try:
         # A head signed for the shorter log, as the earlier committed version had.
-        history = subprocess.run(["git", "log", "--format=%H", "--", "audit/lineage.head.json"], cwd=root, capture_output=True, text=True).stdout.split()
+        history = subprocess.run(
+            ["git", "log", "--format=%H", "--", "audit/lineage.head.json"], cwd=root, capture_output=True, text=True
+        ).stdout.split()
         older = next(
-            c for c in history if subprocess.run(["git", "show", f"{c}:audit/lineage.jsonl"], cwd=root, capture_output=True).stdout.count(b"\n") < len(lines)
+            c
+            for c in history
+            if subprocess.run(["git", "show", f"{c}:audit/lineage.jsonl"], cwd=root, capture_output=True).stdout.count(
+                b"\n"
+            )
+            < len(lines)
         )
         for name, path in (("audit/lineage.jsonl", log), ("audit/lineage.head.json", head)):
-            path.write_bytes(subprocess.run(["git", "show", f"{older}:{name}"], cwd=root, capture_output=True, check=True).stdout)
+            path.write_bytes(
+                subprocess.run(["git", "show", f"{older}:{name}"], cwd=root, capture_output=True, check=True).stdout
+            )
         assert len(LineageLog(log).read_unverified()) < len(lines)
         _refused_before_any_change(root, "the lineage log does not verify")
     finally:
@@ -391,7 +414,9 @@ def test_a_record_that_would_contradict_the_data_is_not_signed(root):
     ws = Workspace(root)
     live = _private(root, 23)
     records = len(_records(root))
-    bogus = Request(request_id="req-bookkeeping", kind="forget", sample_ids=(), already_forgotten=(live,), received_at=0.0)
+    bogus = Request(
+        request_id="req-bookkeeping", kind="forget", sample_ids=(), already_forgotten=(live,), received_at=0.0
+    )
     Journal(ws).submit([Submission(bogus, subjects=[])])
     with pytest.raises(LmeraserError, match=f"sample {live}, said to be forgotten already, is in data/private"):
         process_pending(ws, log=lambda message: None)
@@ -420,24 +445,40 @@ def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace
     cluster, entry = next(iter(index.clusters.items()))
     victim = ws.manifest("private")["sample_id"][0]
     overlay = Overlay(ws)
-    stored = overlay.store.save("edited", ServingModel.load(ws).state(cluster), {"cluster": int(cluster), "method": "influence"})
+    stored = overlay.store.save(
+        "edited", ServingModel.load(ws).state(cluster), {"cluster": int(cluster), "method": "influence"}
+    )
     edits = [{"request_id": "req-0123456789ab", "kind": "forget", "sample_ids": [victim], "received_at": 1.0}]
     overlay.write(
-        {cluster: {"key": "edited", "sha256": stored.sha256, "base_key": entry.key, "base_sha256": entry.sha256, "approximate": True, "edits": edits}}
+        {
+            cluster: {
+                "key": "edited",
+                "sha256": stored.sha256,
+                "base_key": entry.key,
+                "base_sha256": entry.sha256,
+                "approximate": True,
+                "edits": edits,
+            }
+        }
     )
     files = serving_bundle(ws, tmp_path / "bundle")
     written = b"".join(path.read_bytes() for path in (tmp_path / "bundle").rglob("*") if path.is_file())
     assert victim.encode() not in written and b"req-0123456789ab" not in written
     bundle = Workspace(tmp_path / "bundle")
     assert ServingModel.load(bundle).served_keys()[cluster] == "overlay:edited"
-    assert files[ws.relative(ws.overlay_file)] and json.loads(bundle.overlay_file.read_text())["clusters"][cluster]["sha256"] == stored.sha256
+    assert (
+        files[ws.relative(ws.overlay_file)]
+        and json.loads(bundle.overlay_file.read_text())["clusters"][cluster]["sha256"] == stored.sha256
+    )
 
 
 def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change(tiny_repo_template, tmp_path):
     """`lmeraser forget` in one process (submission, the unlearn flow, the rebuild's stages, the
     record): the params file is parsed once, and the journal is read again only after it changed
     (received, applied, verified), however many steps ask it."""
-    root = clone_repo(tiny_repo_template[0], tmp_path / "repo")  # its own: the module's may hold a batch other tests left pending
+    root = clone_repo(
+        tiny_repo_template[0], tmp_path / "repo"
+    )  # its own: the module's may hold a batch other tests left pending
     code = (
         "import atexit, sys\n"
         "import lmeraser\n"
@@ -448,7 +489,9 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
         "sys.argv = ['lmeraser', 'forget', '--sample-id', sys.argv[1], '--no-git-commit']\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, _private(root, 41)], cwd=root, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", code, _private(root, 41)], cwd=root, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "lineage record" in done.stdout
     parses, reads = (int(n) for n in done.stderr.rsplit("COUNTS ", 1)[1].split()[:2])
@@ -471,7 +514,11 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     alone) verifies this workspace's log, and fails on a record changed by one byte, on a record
     removed, and on another key."""
     script = Path(__file__).parents[1] / "docs" / "examples" / "verify_lineage.py"
-    log, head, pem = root / "audit" / "lineage.jsonl", root / "audit" / "lineage.head.json", root / "audit" / "lineage-public-key.pem"
+    log, head, pem = (
+        root / "audit" / "lineage.jsonl",
+        root / "audit" / "lineage.head.json",
+        root / "audit" / "lineage-public-key.pem",
+    )
     if not _records(root):  # run alone: make a record to verify
         cli_ok("forget", "--sample-id", _private(root, 3), cwd=root)
     # The key that signed record 1: the pinned one, or the first rotation's old key (as docs/auditing.md says).
@@ -483,7 +530,12 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     def run(log_bytes: bytes, key: Path = pem) -> subprocess.CompletedProcess:
         shutil.copy(head, tmp_path / "lineage.head.json")
         (tmp_path / "lineage.jsonl").write_bytes(log_bytes)
-        return subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "lineage.jsonl"), str(key)], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-I", str(script), str(tmp_path / "lineage.jsonl"), str(key)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     good = run(log.read_bytes())
     assert good.returncode == 0 and "signed head: OK" in good.stdout, good.stdout + good.stderr
@@ -496,9 +548,15 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     assert forged.returncode == 1 and "record 1: FAILED (InvalidSignature" in forged.stdout
     crlf = run(log.read_bytes().replace(b"\n", b"\r\n"))
     assert crlf.returncode == 1 and "FAILED" in crlf.stdout  # another line ending is another log
-    for garbage in (b"[1, 2]\n", b"[" * 100000 + b"\n", b'{"payloadType": "application/vnd.in-toto+json", "payload": "", "signatures": {}}\n'):
+    for garbage in (
+        b"[1, 2]\n",
+        b"[" * 100000 + b"\n",
+        b'{"payloadType": "application/vnd.in-toto+json", "payload": "", "signatures": {}}\n',
+    ):
         broken = run(garbage + log.read_bytes())
-        assert broken.returncode == 1 and "record 1: FAILED" in broken.stdout and "Traceback" not in broken.stderr, broken.stderr[-500:]
+        assert broken.returncode == 1 and "record 1: FAILED" in broken.stdout and "Traceback" not in broken.stderr, (
+            broken.stderr[-500:]
+        )
     if len(lines) > 1:
         dropped = run(b"".join(lines[1:]))
         assert dropped.returncode == 1 and "record 1: FAILED" in dropped.stdout
@@ -506,7 +564,11 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     other = tmp_path / "other.pem"
-    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     assert "no signature by" in run(log.read_bytes(), other).stdout
 
 
@@ -569,7 +631,10 @@ def test_a_tampered_batch_file_is_refused_and_nothing_is_signed(tiny_repo_templa
         with pytest.raises(LmeraserError) as refused:
             process_pending(ws, log=lambda m: None, git_commit=False)
         message = str(refused.value)
-        assert "(it was altered)" in message or "was altered" in message or "verification failed" in message, (name, message)
+        assert "(it was altered)" in message or "was altered" in message or "verification failed" in message, (
+            name,
+            message,
+        )
         assert len(_records(root)) == records, name
         assert outside.exists(), name
     path.write_text(json.dumps(original))

@@ -61,16 +61,27 @@ def _idx_dir(scratch: Path, images: str) -> Path:
 
 
 def _data_init(source):
-    return lambda root, s: ["data", "init", "--root", str(root), "--source", source(s) if callable(source) else source, "--no-dvc"]
+    return lambda root, s: [
+        "data",
+        "init",
+        "--root",
+        str(root),
+        "--source",
+        source(s) if callable(source) else source,
+        "--no-dvc",
+    ]
 
 
 BILLION_LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
-    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
 )
 ISSUE_21 = [
     # A bomb under a real key: its expansion reached the error message (an hour of printing).
     Case("params bomb under a real key", _params(lambda s: _write(s / "bomb.yaml", BILLION_LAUGHS + "seed: *i\n"))),
-    Case("params anchor and alias", _params(lambda s: _write(s / "alias.yaml", "seed: &s 3\nbackbone:\n  epochs: *s\n"))),
+    Case(
+        "params anchor and alias", _params(lambda s: _write(s / "alias.yaml", "seed: &s 3\nbackbone:\n  epochs: *s\n"))
+    ),
     Case("params duplicate key", _params(lambda s: _write(s / "dup.yaml", "seed: 1\nseed: 2\n"))),
     Case("params lr .inf", _params(lambda s: _write(s / "inf.yaml", "backbone:\n  lr: .inf\n"))),
     Case("params lr 1e400", _params(lambda s: _write(s / "huge.yaml", "backbone:\n  lr: 1e400\n"))),
@@ -79,7 +90,10 @@ ISSUE_21 = [
     Case("npz path of 5,000 characters", _data_init("npz:/" + "a" * 5000)),
     Case("IDX images file is a FIFO", _data_init(lambda s: f"idx:{_idx_dir(s, 'fifo')}")),
     Case("IDX images file is /dev/zero", _data_init(lambda s: f"idx:{_idx_dir(s, 'zero')}")),
-    Case("--root is a file", lambda root, s: ["forget", "--root", str(_write(s / "not-a-dir", "x")), "--no-process", "--sample-id", "a"]),
+    Case(
+        "--root is a file",
+        lambda root, s: ["forget", "--root", str(_write(s / "not-a-dir", "x")), "--no-process", "--sample-id", "a"],
+    ),
     Case("--root under /proc", lambda root, s: ["forget", "--root", "/proc/self", "--no-process", "--sample-id", "a"]),
     Case("--root under /proc (metrics)", lambda root, s: ["metrics", "--root", "/proc"]),
     Case("--file /proc/self/mem", _forget("--file", "/proc/self/mem")),
@@ -113,5 +127,7 @@ def test_a_refused_params_file_names_the_problem_in_one_sentence(tmp_path):
         started = time.monotonic()
         with pytest.raises(ConfigError) as refused:
             load_params(tmp_path / "p.yaml")
-        assert needle in str(refused.value) and "\n" not in str(refused.value) and len(str(refused.value)) < 300, refused.value
+        assert needle in str(refused.value) and "\n" not in str(refused.value) and len(str(refused.value)) < 300, (
+            refused.value
+        )
         assert time.monotonic() - started < 5

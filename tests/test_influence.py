@@ -10,7 +10,14 @@ from lmeraser.config import InfluenceParams, PromptParams
 from lmeraser.errors import LmeraserError
 from lmeraser.store import ArtifactStore
 from lmeraser.training import train_prompt
-from lmeraser.unlearning.influence import Objective, conjugate_gradient, damped_solve, influence_edit, power_iteration, prepare_model
+from lmeraser.unlearning.influence import (
+    Objective,
+    conjugate_gradient,
+    damped_solve,
+    influence_edit,
+    power_iteration,
+    prepare_model,
+)
 
 from helpers import tiny_backbone, tiny_data
 
@@ -29,7 +36,9 @@ def data():
 
 def _prompt_model(backbone, data, kind="pad"):
     schedule = {"epochs": 2, "batch_size": 8, "lr": 0.05}
-    params = PromptParams(kind=kind, pad={"width": 1, **schedule}, vpt={"num_tokens": 2, **schedule}, lora={"rank": 2, **schedule})
+    params = PromptParams(
+        kind=kind, pad={"width": 1, **schedule}, vpt={"num_tokens": 2, **schedule}, lora={"rank": 2, **schedule}
+    )
     state = train_prompt(backbone, *data, params, 4, 3)
     return prepare_model(backbone, params, 4, state, torch.float64), params
 
@@ -71,7 +80,13 @@ def _fit(x, y, init=None) -> torch.nn.Linear:
     if init is not None:
         head.load_state_dict(init)
     optimizer = torch.optim.LBFGS(
-        head.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe"
+        head.parameters(),
+        lr=1,
+        max_iter=500,
+        tolerance_grad=1e-13,
+        tolerance_change=1e-16,
+        history_size=50,
+        line_search_fn="strong_wolfe",
     )
 
     def closure():
@@ -143,12 +158,21 @@ def test_power_iteration_finds_the_top_eigenvalue():
 def test_damping_from_power_iterations_is_reported_and_makes_an_indefinite_system_solvable():
     a, b = _spd(negative=True)
     params = InfluenceParams(power_iterations=60, cg_tol=1e-10, cg_max_iter=500)
-    solve = damped_solve(lambda v: a @ v, b, len(b), params, indefinite=True, generator=torch.Generator().manual_seed(0))
+    solve = damped_solve(
+        lambda v: a @ v, b, len(b), params, indefinite=True, generator=torch.Generator().manual_seed(0)
+    )
     assert solve.lambda_min is not None and solve.lambda_min < 0
     assert solve.damping > 0.5  # covers the negative eigenvalue
     expected = torch.linalg.solve(a + solve.damping * torch.eye(len(b), dtype=torch.float64), b)
     assert float((solve.x - expected).norm() / expected.norm()) < 1e-8
-    fixed = damped_solve(lambda v: a @ v, b, len(b), params.model_copy(update={"damping": 2.0}), indefinite=True, generator=torch.Generator().manual_seed(0))
+    fixed = damped_solve(
+        lambda v: a @ v,
+        b,
+        len(b),
+        params.model_copy(update={"damping": 2.0}),
+        indefinite=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert fixed.damping == 2.0
 
 
@@ -166,7 +190,15 @@ def _edit_vs_retrain(edit: str, newton_steps: int, hessian_kind: str = "exact") 
     else:  # query
         x_new[7] = x[7] + 0.5
     theta, objective, report = influence_edit(
-        head, x, y, x_new, y_new, present, InfluenceParams(hessian=hessian_kind, newton_steps=newton_steps, damping=0.0, cg_tol=1e-12), WD, seed=0
+        head,
+        x,
+        y,
+        x_new,
+        y_new,
+        present,
+        InfluenceParams(hessian=hessian_kind, newton_steps=newton_steps, damping=0.0, cg_tol=1e-12),
+        WD,
+        seed=0,
     )
     exact = _fit(x_new[present], y_new[present], init=head.state_dict())
     exact_theta = torch.cat([exact.weight.reshape(-1), exact.bias])
@@ -193,7 +225,10 @@ def test_removing_a_sample_raises_its_loss_and_is_deterministic(backbone, data):
     x, y = data[0].double(), data[1]
     present = torch.ones(len(y), dtype=torch.bool)
     present[:3] = False
-    runs = [influence_edit(model, x, y, x, y, present, InfluenceParams(), params.adapter.weight_decay, seed=5) for _ in range(2)]
+    runs = [
+        influence_edit(model, x, y, x, y, present, InfluenceParams(), params.adapter.weight_decay, seed=5)
+        for _ in range(2)
+    ]
     (theta, objective, report), (theta2, *_) = runs
     assert torch.equal(theta, theta2)
     before = F.cross_entropy(objective.logits(objective.theta0, x[:3]), y[:3])
@@ -220,7 +255,10 @@ LORA = PromptParams.of("lora", rank=2, epochs=2, batch_size=8, lr=0.05)
 
 
 def test_lora_training_is_byte_identical_and_stores_only_adapters_and_head(tmp_path, backbone, data):
-    stored = [ArtifactStore(tmp_path / name).save("k", train_prompt(backbone, *data, LORA, 4, 7), {"cluster": 0}) for name in "ab"]
+    stored = [
+        ArtifactStore(tmp_path / name).save("k", train_prompt(backbone, *data, LORA, 4, 7), {"cluster": 0})
+        for name in "ab"
+    ]
     assert stored[0].path.read_bytes() == stored[1].path.read_bytes()
     state = train_prompt(backbone, *data, LORA, 4, 7)
     assert state and all(name.startswith(("lora.a.", "lora.b.", "head.")) for name in state)

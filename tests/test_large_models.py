@@ -44,7 +44,14 @@ def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
     params = {
         "seed": 0,
         "data": {"source": f"folder:{folder}", "public_fraction": 0.5, "test_fraction": 0.2, "n_subjects": 15},
-        "backbone": {"model": "test_vit", "checkpoint": str(weights), "train": "frozen", "img_size": 32, "batch_size": 64, "threads": 1},
+        "backbone": {
+            "model": "test_vit",
+            "checkpoint": str(weights),
+            "train": "frozen",
+            "img_size": 32,
+            "batch_size": 64,
+            "threads": 1,
+        },
         "clustering": {"target_cluster_size": 25, "min_clusters": 2, "max_clusters": 3, "niter": 10},
         "prompt": {"kind": "pad", "pad": {"width": 2, "epochs": 3, "batch_size": 16, "lr": 0.05}},
         "evaluate": {"baselines": False, "batch_size": 64},
@@ -75,7 +82,9 @@ def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
 
     saved, given = load_file(str(ws.backbone_weights)), load_file(str(weights))
     assert torch.equal(saved["blocks.0.attn.qkv.weight"], given["blocks.0.attn.qkv.weight"])
-    assert saved["pos_embed"].shape[1] == 1 + (32 // 16) ** 2 and given["pos_embed"].shape[1] == 1 + (160 // 16) ** 2  # test_vit is 160 px
+    assert (
+        saved["pos_embed"].shape[1] == 1 + (32 // 16) ** 2 and given["pos_embed"].shape[1] == 1 + (160 // 16) ** 2
+    )  # test_vit is 160 px
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["accuracy"] > 0.6, metrics  # three colours, a frozen random ViT, pad prompts: well above chance
 
@@ -96,7 +105,9 @@ def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
     from lmeraser.lineage.log import LineageLog
 
     environment = LineageLog(ws.lineage_file).read_unverified()[0].predicate["environment"]  # verified above
-    assert environment["device"] == "cpu" and environment["precision"] == "float32"  # where it ran, in the signed record
+    assert (
+        environment["device"] == "cpu" and environment["precision"] == "float32"
+    )  # where it ran, in the signed record
     assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
     status = dvc("status", "evaluate", cwd=root).stdout
     assert "up to date" in status, status

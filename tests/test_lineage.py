@@ -23,12 +23,17 @@ def key():
 def log(tmp_path, key):
     log = LineageLog(tmp_path / "lineage.jsonl")
     for i in range(4):
-        log.append({"artifacts/prompts/index.json": f"{i:064x}"}, {"request_ids": [f"r{i}"], "clusters_rebuilt": [i]}, key)
+        log.append(
+            {"artifacts/prompts/index.json": f"{i:064x}"}, {"request_ids": [f"r{i}"], "clusters_rebuilt": [i]}, key
+        )
     return log
 
 
 def test_pae_matches_the_dsse_spec():
-    assert pae("http://example.com/HelloWorld", b"hello world") == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    assert (
+        pae("http://example.com/HelloWorld", b"hello world")
+        == b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
 
 
 def test_envelope_round_trip_and_wrong_key(key):
@@ -154,7 +159,10 @@ def test_replay_names_the_record_that_superseded_a_cluster():
     from lmeraser.lineage.log import Record
 
     def record(number, rebuilt=(), edited=()):
-        predicate = {"clusters_rebuilt": [{"cluster": c} for c in rebuilt], "clusters_edited": [{"cluster": c} for c in edited]}
+        predicate = {
+            "clusters_rebuilt": [{"cluster": c} for c in rebuilt],
+            "clusters_edited": [{"cluster": c} for c in edited],
+        }
         return Record(number, "0" * 64, {"predicate": predicate})
 
     first = record(1, rebuilt=[3, 5])
@@ -206,7 +214,9 @@ def test_a_missing_key_is_not_replaced_once_records_exist(tmp_path, monkeypatch)
     ws = Workspace(tmp_path)
     ws.lineage_file.parent.mkdir(parents=True)
     ws.lineage_file.write_text("{}\n")  # a log with a record, its key gone
-    done = lmeraser_cli("audit", "export-key", "--root", str(tmp_path), "--out", str(tmp_path / "pub.pem"), cwd=tmp_path)
+    done = lmeraser_cli(
+        "audit", "export-key", "--root", str(tmp_path), "--out", str(tmp_path / "pub.pem"), cwd=tmp_path
+    )
     assert done.returncode == 1 and "no new key is made" in done.stderr
     assert not ws.signing_key_file.exists() and not (tmp_path / "pub.pem").exists()
 
@@ -283,14 +293,20 @@ def test_the_signer_is_pinned_and_verify_trusts_the_pin_not_the_key_beside_the_l
     intruder = Ed25519PrivateKey.generate()
     ws.signing_key_file.unlink()
     ws.signing_key_file.write_bytes(
-        intruder.private_bytes(keys.serialization.Encoding.PEM, keys.serialization.PrivateFormat.PKCS8, keys.serialization.NoEncryption())
+        intruder.private_bytes(
+            keys.serialization.Encoding.PEM, keys.serialization.PrivateFormat.PKCS8, keys.serialization.NoEncryption()
+        )
     )
     os.chmod(ws.signing_key_file, 0o600)
     with pytest.raises(LmeraserError, match="is not the pinned signer"):
         signing_key(ws)  # no record is signed with a key other than the pinned one
     forged = LineageLog(tmp_path / "forged.jsonl")
     for record in log.verify(pinned):
-        forged.append(record.subjects, {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")}, intruder)
+        forged.append(
+            record.subjects,
+            {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")},
+            intruder,
+        )
     os.replace(forged.path, log.path)
     os.replace(forged.head_path, log.head_path)
     with pytest.raises(LmeraserError, match="record 1: no signature by key"):
@@ -332,11 +348,15 @@ def test_the_key_from_the_environment_never_reaches_a_child_process(tmp_path, mo
 
     from cryptography.hazmat.primitives import serialization
 
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     monkeypatch.setenv(keys.KEY_ENV, pem)
     monkeypatch.setattr(keys, "_taken", None)
     keys.take_key_from_environment()
     assert keys.KEY_ENV not in os.environ
     assert keys.key_id(keys.load_or_create_key(tmp_path / "unused.pem").public_key()) == keys.key_id(key.public_key())
-    seen = subprocess.run([sys.executable, "-c", f"import os; print(os.environ.get('{keys.KEY_ENV}'))"], capture_output=True, text=True).stdout
+    seen = subprocess.run(
+        [sys.executable, "-c", f"import os; print(os.environ.get('{keys.KEY_ENV}'))"], capture_output=True, text=True
+    ).stdout
     assert seen.strip() == "None" and not (tmp_path / "unused.pem").exists()

@@ -5,7 +5,15 @@ from safetensors.torch import save_file
 
 from lmeraser.config import BackboneParams, PadParams, PromptParams, VptParams
 from lmeraser.errors import ConfigError, DataError
-from lmeraser.models.backbone import build_vit, extract_features, freeze, load_backbone, load_checkpoint, preprocess, save_backbone
+from lmeraser.models.backbone import (
+    build_vit,
+    extract_features,
+    freeze,
+    load_backbone,
+    load_checkpoint,
+    preprocess,
+    save_backbone,
+)
 from lmeraser.models.peft.pad import PadPrompt
 from lmeraser.models.prompts import PromptedClassifier, init_peft
 from lmeraser.workspace import InputSpec, Workspace
@@ -44,7 +52,9 @@ def test_pad_prompt_only_touches_the_border(backbone):
 
 @pytest.mark.parametrize("kind,deep", [("pad", False), ("vpt", False), ("vpt", True)])
 def test_prompted_classifier_trains_only_peft_params(backbone, kind, deep):
-    model = PromptedClassifier(backbone, PromptParams(kind=kind, pad=PadParams(width=1), vpt=VptParams(num_tokens=3, deep=deep)), 10)
+    model = PromptedClassifier(
+        backbone, PromptParams(kind=kind, pad=PadParams(width=1), vpt=VptParams(num_tokens=3, deep=deep)), 10
+    )
     init_peft(model, torch.Generator().manual_seed(0))
     names = set(model.state_dict())
     assert not any(name.startswith("backbone") for name in names)
@@ -93,7 +103,9 @@ def test_local_checkpoints_load_safely(tmp_path, backbone):
     # A checkpoint with another classifier still loads (features only).
     other = dict(state, **{"head.weight": torch.zeros(3, 16), "head.bias": torch.zeros(3)})
     save_file(other, str(tmp_path / "other.safetensors"))
-    assert load_checkpoint(tmp_path / "other.safetensors", SMALL, 10)[1] == {"classifier": "dropped (another class count)"}
+    assert load_checkpoint(tmp_path / "other.safetensors", SMALL, 10)[1] == {
+        "classifier": "dropped (another class count)"
+    }
     # Made at another resolution: timm's filter resamples the position embeddings.
     big = build_vit(SMALL.model_copy(update={"img_size": 16}), 10).state_dict()
     save_file(big, str(tmp_path / "16px.safetensors"))
@@ -109,7 +121,9 @@ def test_local_checkpoints_load_safely(tmp_path, backbone):
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path, backbone):
-    save_file({k: v for k, v in backbone.state_dict().items() if "blocks.1" not in k}, str(tmp_path / "short.safetensors"))
+    save_file(
+        {k: v for k, v in backbone.state_dict().items() if "blocks.1" not in k}, str(tmp_path / "short.safetensors")
+    )
     with pytest.raises(ConfigError, match="does not match the backbone in params.yaml"):
         load_checkpoint(tmp_path / "short.safetensors", SMALL, 10)
     with pytest.raises(ConfigError, match="not found"):
@@ -117,7 +131,13 @@ def test_mismatched_checkpoint_is_refused(tmp_path, backbone):
     # Another width: one sentence naming the key and both shapes.
     wide = build_vit(SMALL.model_copy(update={"embed_dim": 32}), 10).state_dict()
     save_file(wide, str(tmp_path / "wide.safetensors"))
-    with pytest.raises(ConfigError, match=r"wide.safetensors has [\w.]+ of shape \([\d, ]*32[\d, ]*\), the backbone in params.yaml needs \([\d, ]*16[\d, ]*\)"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"wide.safetensors has [\w.]+ of shape \([\d, ]*32[\d, ]*\), "
+            r"the backbone in params.yaml needs \([\d, ]*16[\d, ]*\)"
+        ),
+    ):
         load_checkpoint(tmp_path / "wide.safetensors", SMALL, 10)
     (tmp_path / "noise.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable weights file"):
@@ -147,7 +167,11 @@ def test_a_backbone_by_timm_name_with_its_own_normalisation():
 
     params = BackboneParams(model="deit_tiny_patch16_224", img_size=32)
     model = build_vit(params, 10, in_chans=3)
-    assert model.patch_embed.img_size == (32, 32) and model.patch_embed.proj.in_channels == 3 and model.head.out_features == 10
+    assert (
+        model.patch_embed.img_size == (32, 32)
+        and model.patch_embed.proj.in_channels == 3
+        and model.head.out_features == 10
+    )
     spec = input_spec(model, params, 3)
     assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
     grey = input_spec(build_vit(params, 10, in_chans=1), params, 1)

@@ -58,11 +58,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _lmeraser(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BIN / "lmeraser"), *args], cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=600
+    )
 
 
 def _start(args: list[str], cwd: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "lmeraser"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(BIN / "lmeraser"), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -120,7 +124,13 @@ def test_every_pin_takes_effect_in_this_process_and_in_its_probe_child():
     numerics.require("portable")
     assert numerics.pins_in_effect() == numerics.PINS
     rows = numerics.effects()
-    expected = {"torch CPU capability (ATen dispatch)", "numpy dispatched loops", "faiss SIMD level", "oneDNN ISA (probe)", "MKL CNR mode (probe)"}
+    expected = {
+        "torch CPU capability (ATen dispatch)",
+        "numpy dispatched loops",
+        "faiss SIMD level",
+        "oneDNN ISA (probe)",
+        "MKL CNR mode (probe)",
+    }
     if numerics._mkl() is not None:  # torch's MKL exports its service functions (it does here)
         expected |= {"MKL conditional-reproducibility branch", "MKL dynamic threading"}
     assert {row["what"] for row in rows} == expected
@@ -152,10 +162,17 @@ def test_doctor_in_a_workspace_finds_every_pin_in_effect_and_this_process_s_fing
     assert doctor.returncode == 0, doctor.stderr
     report = json.loads(doctor.stdout)
     assert report["ok"] is True and report["problem"] is None and report["numerics"] == "portable"
-    assert report["process_started_with"] == {"mode": "portable", "from": "params.yaml runtime.numerics"}  # its own boot set them
+    assert report["process_started_with"] == {
+        "mode": "portable",
+        "from": "params.yaml runtime.numerics",
+    }  # its own boot set them
     assert report["pins"] == numerics.PINS
     assert len(report["effects"]) >= 5 and [row for row in report["effects"] if row["value"] != row["portable"]] == []
-    assert report["fingerprint"] == fingerprint() and report["versions"] == software() and report["cpu"] == numerics.cpu_name()
+    assert (
+        report["fingerprint"] == fingerprint()
+        and report["versions"] == software()
+        and report["cpu"] == numerics.cpu_name()
+    )
     assert after["trained"] == before["trained"]  # a diagnosis writes nothing
 
 
@@ -172,7 +189,14 @@ def dvc_repo(tmp_path_factory, trained_workspace):
 def test_a_stage_under_dvc_repro_pins_itself_and_records_this_process_s_fingerprint(dvc_repo):
     """`dvc repro` (its environment without a pin) runs `lmeraser stage backbone`, whose start-up
     reads params.yaml and pins every library; backbone.json records it."""
-    done = subprocess.run([str(BIN / "dvc"), "repro", "--single-item", "backbone"], cwd=dvc_repo, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(BIN / "dvc"), "repro", "--single-item", "backbone"],
+        cwd=dvc_repo,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert ran_stages(done.stdout) == ["backbone"]
     meta = read_json(dvc_repo / "artifacts" / "backbone" / "backbone.json")
@@ -207,10 +231,18 @@ def test_a_dask_worker_runs_with_the_pins_and_the_fingerprint_of_this_process():
             "problem": problem,
         }
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         seen = client.submit(probe, pure=False).result(timeout=300)
     assert seen.pop("pid") != os.getpid()
-    assert seen == {"capability": torch.backends.cpu.get_cpu_capability(), "pins": numerics.PINS, "fingerprint": fingerprint()["sha256"], "problem": None}
+    assert seen == {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "pins": numerics.PINS,
+        "fingerprint": fingerprint()["sha256"],
+        "problem": None,
+    }
     assert seen["capability"] == "AVX2"
 
 
@@ -240,8 +272,8 @@ def test_doctor_refuses_a_conflicting_pin_in_one_sentence(commands):
     refused = done["doctor with a conflict"]
     assert refused.returncode == 1
     assert _one_sentence(refused.stderr) == (
-        "error: ATEN_CPU_CAPABILITY is set to 'avx512' in the environment, but portable numerics need 'avx2' (the run would not be "
-        f"portable); unset it or {numerics.NATIVE_FIX}."
+        "error: ATEN_CPU_CAPABILITY is set to 'avx512' in the environment, but portable numerics need 'avx2' "
+        f"(the run would not be portable); unset it or {numerics.NATIVE_FIX}."
     )
     assert after["trained"] == before["trained"]
 
@@ -251,7 +283,9 @@ def test_a_stage_refuses_a_conflicting_pin_in_one_sentence_and_writes_nothing(co
     refused = done["stage with a conflict"]
     assert refused.returncode == 1
     sentence = _one_sentence(refused.stderr)  # its flow's progress lines aside
-    assert sentence.startswith("error: MKL_CBWR is set to 'AUTO' in the environment, but portable numerics need 'COMPATIBLE'"), sentence
+    assert sentence.startswith(
+        "error: MKL_CBWR is set to 'AUTO' in the environment, but portable numerics need 'COMPATIBLE'"
+    ), sentence
     assert "Traceback" not in refused.stdout + refused.stderr
     assert not ws.backbone_meta_file.exists() and after["untrained"] == before["untrained"]
 
@@ -264,7 +298,9 @@ def test_each_pin_set_otherwise_by_the_user_is_a_conflict_named_in_one_sentence(
     with pytest.raises(ConfigError) as refused:
         Compute(numerics="portable").check()
     message = str(refused.value)
-    assert message.startswith(f"{var} is set to 'user-value' in the environment, but portable numerics need '{numerics.PINS[var]}'")
+    assert message.startswith(
+        f"{var} is set to 'user-value' in the environment, but portable numerics need '{numerics.PINS[var]}'"
+    )
     assert message.count(". ") == 0 and message.endswith(".")
     # Another spelling is a conflict too: torch and MKL read these case-sensitively and oneDNN
     # rejects spaces, so " avx2 " or "AVX2" would silently leave a library unpinned.
@@ -281,12 +317,15 @@ def test_each_pin_set_otherwise_by_the_user_is_a_conflict_named_in_one_sentence(
 def test_torch_imported_before_lmeraser_is_refused_unless_the_pins_were_set_first(tmp_path):
     code = (
         "import sys\nimport torch\nimport lmeraser\nfrom lmeraser import numerics\n"
-        "try:\n    numerics.require('portable')\nexcept Exception as error:\n    print(error, file=sys.stderr)\n    raise SystemExit(1)\n"
+        "try:\n    numerics.require('portable')\n"
+        "except Exception as error:\n    print(error, file=sys.stderr)\n    raise SystemExit(1)\n"
         "print(torch.backends.cpu.get_cpu_capability())\n"
     )
     late = _python(code, tmp_path, _env(LMERASER_NUMERICS="portable"))
     assert late.returncode == 1
-    assert _one_sentence(late.stderr).startswith("torch was imported before lmeraser, so its kernels could not be pinned; import lmeraser first")
+    assert _one_sentence(late.stderr).startswith(
+        "torch was imported before lmeraser, so its kernels could not be pinned; import lmeraser first"
+    )
     # The way out it names: the pins set by hand (`lmeraser doctor --env`) before torch loads.
     by_hand = dict(line.removeprefix("export ").split("=", 1) for line in numerics.doctor_env().splitlines())
     assert by_hand == {**numerics.PINS, numerics.ENV_MODE: "portable"}
@@ -302,7 +341,10 @@ def test_a_cpu_that_is_not_x86_64_is_refused_for_portable_and_accepted_for_nativ
         monkeypatch.delenv(var, raising=False)
     assert numerics.unsupported_cpu() == "portable numerics cover x86-64 CPUs only, and this machine is aarch64"
     assert numerics.boot(["pytest"]).unsupported == numerics.unsupported_cpu()
-    with pytest.raises(ConfigError, match=r"^portable numerics cover x86-64 CPUs only, and this machine is aarch64; set runtime.numerics: native"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^portable numerics cover x86-64 CPUs only, and this machine is aarch64; set runtime.numerics: native",
+    ):
         numerics.require("portable")
     numerics.require("native")
 
@@ -311,14 +353,19 @@ def test_native_numerics_accept_the_user_s_own_pin(tmp_path):
     code = (
         "import json\nimport lmeraser, torch\nfrom lmeraser import numerics\nfrom lmeraser.compute import Compute\n"
         "Compute(numerics='native').check()\n"
-        "try:\n    numerics.require('portable')\n    refusal = None\nexcept Exception as error:\n    refusal = str(error)\n"
+        "try:\n    numerics.require('portable')\n    refusal = None\n"
+        "except Exception as error:\n    refusal = str(error)\n"
         "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), "
         "'capability': torch.backends.cpu.get_cpu_capability(), 'portable': refusal}))\n"
     )
     done = _python(code, tmp_path, _env(LMERASER_NUMERICS="native", ATEN_CPU_CAPABILITY="default"))
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen["mode"] == "native" and seen["pins"] == {"ATEN_CPU_CAPABILITY": "default"} and seen["capability"] == "DEFAULT"
+    assert (
+        seen["mode"] == "native"
+        and seen["pins"] == {"ATEN_CPU_CAPABILITY": "default"}
+        and seen["capability"] == "DEFAULT"
+    )
     # Its libraries loaded unpinned: it cannot compute for a portable workspace.
     assert seen["portable"].startswith(
         "the workspace runs portable numerics (runtime.numerics; its backbone.json once built), "
@@ -335,7 +382,12 @@ def test_the_numerics_are_part_of_every_artifact_key(tiny_params, monkeypatch):
     # This process runs portable, so a native computation is refused here (tested below); the
     # label alone must already change the key.
     monkeypatch.setattr(numerics, "_verified", set(numerics.MODES))
-    shared = {mode: key_inputs(backbone_sha256="ab" * 32, prompt=tiny_params.prompt, num_classes=10, compute=Compute(numerics=mode)) for mode in numerics.MODES}
+    shared = {
+        mode: key_inputs(
+            backbone_sha256="ab" * 32, prompt=tiny_params.prompt, num_classes=10, compute=Compute(numerics=mode)
+        )
+        for mode in numerics.MODES
+    }
     assert [name for name in shared["native"] if shared["native"][name] != shared["portable"][name]] == ["compute"]
     assert shared["native"]["compute"]["numerics"] == "native"
     assert {k: shared["portable"]["compute"][k] for k in ("numerics", "pins", "fingerprint")} == _portable()
@@ -352,18 +404,25 @@ def test_prompts_trained_under_native_numerics_are_retrained_under_portable(trai
         "from lmeraser.stages import stage\nfrom lmeraser.workspace import Workspace\n"
         "ws = Workspace('.')\nparams = load_params(ws.params_file)\n"
         f"for name in {stages!r}:\n    stage(name).function(params, ws, lambda message: None)\n"
-        "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), 'capability': torch.backends.cpu.get_cpu_capability()}))\n"
+        "print(json.dumps({'mode': numerics.state().mode, 'pins': numerics.pins_in_effect(), "
+        "'capability': torch.backends.cpu.get_cpu_capability()}))\n"
     )
     native = _python(code, ws.root, _env(LMERASER_NUMERICS="native"))
     assert native.returncode == 0, native.stderr[-3000:]
     process = json.loads(native.stdout.splitlines()[-1])
     assert process["mode"] == "native" and process["pins"] == {}
     meta, index = read_json(ws.backbone_meta_file), ws.prompt_index()
-    assert meta["numerics"] == "native" and index.key_inputs["compute"]["numerics"] == "native" and index.key_inputs["compute"]["pins"] == {}
+    assert (
+        meta["numerics"] == "native"
+        and index.key_inputs["compute"]["numerics"] == "native"
+        and index.key_inputs["compute"]["pins"] == {}
+    )
     assert index.key_inputs["compute"]["fingerprint"] == meta["fingerprint"]
     # This CPU's own kernels compute other bits than the pinned ones (here torch runs
     # process["capability"] unpinned, and MKL its own branch).
-    assert meta["fingerprint"] != fingerprint()["sha256"], f"native numerics ({process['capability']}) computed the portable fingerprint"
+    assert meta["fingerprint"] != fingerprint()["sha256"], (
+        f"native numerics ({process['capability']}) computed the portable fingerprint"
+    )
 
     values = yaml.safe_load(ws.params_file.read_text())
     values["runtime"]["numerics"] = "portable"
@@ -375,7 +434,11 @@ def test_prompts_trained_under_native_numerics_are_retrained_under_portable(trai
     assert results["train"]["rekeyed"] == len(index.clusters)
     assert not {e.key for e in index.clusters.values()} & {e.key for e in after.clusters.values()}
     assert any(line.startswith("re-keyed") and "compute.numerics native -> portable" in line for line in said), said
-    assert read_json(ws.backbone_meta_file)["fingerprint"] == after.key_inputs["compute"]["fingerprint"] == fingerprint()["sha256"]
+    assert (
+        read_json(ws.backbone_meta_file)["fingerprint"]
+        == after.key_inputs["compute"]["fingerprint"]
+        == fingerprint()["sha256"]
+    )
     assert {k: after.key_inputs["compute"][k] for k in ("numerics", "pins", "fingerprint")} == _portable()
 
 
@@ -403,7 +466,14 @@ def signed(trained_workspace, tmp_path, monkeypatch):
         "batch_id": "batch-numerics",
         "method": "exact",
         "requests": [],
-        "clusters_rebuilt": [{"cluster": int(cluster), "prompt_sha256_before": None, "prompt_sha256_after": entry.sha256, "seed": entry.seed}],
+        "clusters_rebuilt": [
+            {
+                "cluster": int(cluster),
+                "prompt_sha256_before": None,
+                "prompt_sha256_after": entry.sha256,
+                "seed": entry.seed,
+            }
+        ],
         "environment": environment(params.prompt.kind, ws, params.runtime.threads),
         "signer": keys.key_id(test_key.public_key()),
     }
@@ -418,7 +488,9 @@ def _re_sign(ws: Workspace, key: Ed25519PrivateKey, **environment) -> None:
     log = LineageLog(ws.lineage_file)
     forged = LineageLog(ws.root / "forged.jsonl")
     for record in log.read_unverified():
-        body = {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")}
+        body = {
+            k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored")
+        }
         forged.append(record.subjects, {**body, "environment": {**body["environment"], **environment}}, key)
     os.replace(forged.path, log.path)
     os.replace(forged.head_path, log.head_path)
@@ -440,25 +512,34 @@ def test_replay_on_another_fingerprint_or_device_cannot_compare(signed):
     store = _files(ws.store_dir)
     # The record as written replays (this process: the same fingerprint).
     control = CliRunner().invoke(app, ["audit", "replay", "--record", "1", "--root", str(ws.root)])
-    assert control.exit_code == 0 and "OK: record 1: replayed 1, matched 1" in control.stdout, (control.stdout, control.stderr)
+    assert control.exit_code == 0 and "OK: record 1: replayed 1, matched 1" in control.stdout, (
+        control.stdout,
+        control.stderr,
+    )
 
     theirs = "5eed" * 16
     _re_sign(ws, key, fingerprint=theirs, cpu="Intel(R) Xeon(R) Platinum 8480+")
-    assert verified_records(ws, public_key(ws))[0].predicate["environment"]["fingerprint"] == theirs  # the verifier accepts it
+    assert (
+        verified_records(ws, public_key(ws))[0].predicate["environment"]["fingerprint"] == theirs
+    )  # the verifier accepts it
     done = _lmeraser("audit", "replay", "--record", "1", "--root", str(ws.root), cwd=ws.root)
     assert done.returncode == CANNOT_COMPARE == 3, done.stdout + done.stderr
     sentence = _one_sentence(done.stderr)
     assert sentence == (
-        f"error: record 1: cannot compare bits on this machine: its numeric fingerprint {theirs[:12]} (portable numerics on Intel(R) Xeon(R) "
-        f"Platinum 8480+) differs from this machine's {ours[:12]} (portable numerics on {numerics.cpu_name()}), so the same training gives "
-        "other bits here; replay it where the fingerprint matches (`lmeraser doctor`)."
+        f"error: record 1: cannot compare bits on this machine: its numeric fingerprint {theirs[:12]} "
+        f"(portable numerics on Intel(R) Xeon(R) Platinum 8480+) differs from this machine's {ours[:12]} "
+        f"(portable numerics on {numerics.cpu_name()}), so the same training gives other bits here; "
+        "replay it where the fingerprint matches (`lmeraser doctor`)."
     )
     _no_verdict(done.stdout + done.stderr)
 
     _re_sign(ws, key, fingerprint=ours, device="cuda:0", device_name="NVIDIA H200")
     moved = CliRunner().invoke(app, ["audit", "replay", "--record", "1", "--root", str(ws.root)])
     assert moved.exit_code == CANNOT_COMPARE
-    assert "cannot compare bits on this machine: the record was computed on NVIDIA H200, this machine computes on cpu;" in _one_sentence(moved.stderr)
+    assert (
+        "cannot compare bits on this machine: the record was computed on NVIDIA H200, this machine computes on cpu;"
+        in _one_sentence(moved.stderr)
+    )
     _no_verdict(moved.stdout + moved.stderr)
     assert _files(ws.store_dir) == store  # replay trains into a scratch store only
 
@@ -489,30 +570,45 @@ def difference(reference: dict, now: dict, cpu: str, versions: dict) -> str | No
     if now["sha256"] == reference["sha256"]:
         return None
     if now["format"] != reference["format"]:
-        return f"the fingerprint's computation changed (format {reference['format']} -> {now['format']}); remake the reference: {REMAKE}."
+        return (
+            f"the fingerprint's computation changed (format {reference['format']} -> {now['format']}); "
+            f"remake the reference: {REMAKE}."
+        )
     differ = [
-        family for family in sorted(set(now["families"]) | set(reference["families"])) if now["families"].get(family) != reference["families"].get(family)
+        family
+        for family in sorted(set(now["families"]) | set(reference["families"]))
+        if now["families"].get(family) != reference["families"].get(family)
     ]
     same = [family for family in now["families"] if family not in differ]
     message = (
-        f"this machine's numeric fingerprint {now['sha256'][:12]} (CPU: {cpu}) is not the reference's {reference['sha256'][:12]} "
-        f"(CPU: {reference['cpu']}, made {reference['made']}); the families that differ: {', '.join(differ)} "
-        f"(equal: {', '.join(same) or 'none'}). Portable numerics must compute the same bits on every x86-64 CPU: find the kernel "
-        "of those families that runs differently on this CPU and pin it (lmeraser/numerics.py), or fix it; do not re-record the reference."
+        f"this machine's numeric fingerprint {now['sha256'][:12]} (CPU: {cpu}) "
+        f"is not the reference's {reference['sha256'][:12]} (CPU: {reference['cpu']}, made {reference['made']}); "
+        f"the families that differ: {', '.join(differ)} (equal: {', '.join(same) or 'none'}). "
+        "Portable numerics must compute the same bits on every x86-64 CPU: find the kernel "
+        "of those families that runs differently on this CPU and pin it (lmeraser/numerics.py), or fix it; "
+        "do not re-record the reference."
     )
     names = sorted(set(versions) | set(reference["versions"]))
-    changed = [f"{name} {reference['versions'].get(name)} -> {versions.get(name)}" for name in names if reference["versions"].get(name) != versions.get(name)]
+    changed = [
+        f"{name} {reference['versions'].get(name)} -> {versions.get(name)}"
+        for name in names
+        if reference["versions"].get(name) != versions.get(name)
+    ]
     if changed:
         message += (
-            f" The library versions also differ from the reference's ({'; '.join(changed)}), which can change the bits by itself: "
-            f"after a deliberate upgrade (requirements.lock), remake it on a machine whose other families agree: {REMAKE}."
+            f" The library versions also differ from the reference's ({'; '.join(changed)}), "
+            "which can change the bits by itself: after a deliberate upgrade (requirements.lock), "
+            f"remake it on a machine whose other families agree: {REMAKE}."
         )
     return message
 
 
 def test_this_machine_computes_the_committed_reference_fingerprint():
     reference = read_json(REFERENCE)
-    assert set(reference) == {"format", "sha256", "families", "numerics", "cpu", "made", "versions"} and reference["numerics"] == "portable"
+    assert (
+        set(reference) == {"format", "sha256", "families", "numerics", "cpu", "made", "versions"}
+        and reference["numerics"] == "portable"
+    )
     numerics.require("portable")
     problem = difference(reference, fingerprint(), numerics.cpu_name(), software())
     if problem:
@@ -546,7 +642,9 @@ def _params_saying(directory: Path, mode: str) -> Path:
     return directory / "params.yaml"
 
 
-def test_the_mode_comes_from_the_environment_then_the_command_line_s_params_then_the_current_directory(tmp_path, monkeypatch):
+def test_the_mode_comes_from_the_environment_then_the_command_line_s_params_then_the_current_directory(
+    tmp_path, monkeypatch
+):
     command = str(BIN / "lmeraser")
     native, portable = _params_saying(tmp_path / "native", "native"), _params_saying(tmp_path / "portable", "portable")
     elsewhere = tmp_path / "elsewhere"
@@ -555,15 +653,30 @@ def test_the_mode_comes_from_the_environment_then_the_command_line_s_params_then
     monkeypatch.delenv(numerics.ENV_MODE, raising=False)
     requested = numerics.requested_mode
     assert requested([command, "doctor"]) == ("portable", "the default")
-    assert requested([command, "stage", "train", "--root", str(native.parent)]) == ("native", f"{native} runtime.numerics")
+    assert requested([command, "stage", "train", "--root", str(native.parent)]) == (
+        "native",
+        f"{native} runtime.numerics",
+    )
     assert requested([command, "stage", "train", f"--root={native.parent}"]) == ("native", f"{native} runtime.numerics")
-    assert requested([command, "unlearn", "--root", str(portable.parent), "--params", str(native)]) == ("native", f"{native} runtime.numerics")
-    assert requested([command, "unlearn", f"--params={native}", "--root", str(portable.parent)]) == ("native", f"{native} runtime.numerics")
+    assert requested([command, "unlearn", "--root", str(portable.parent), "--params", str(native)]) == (
+        "native",
+        f"{native} runtime.numerics",
+    )
+    assert requested([command, "unlearn", f"--params={native}", "--root", str(portable.parent)]) == (
+        "native",
+        f"{native} runtime.numerics",
+    )
     assert requested([command, "doctor", "--root"]) == ("portable", "the default")  # an option without its value
-    assert requested(["python", "--root", str(native.parent)]) == ("portable", "the default")  # not an lmeraser command line
+    assert requested(["python", "--root", str(native.parent)]) == (
+        "portable",
+        "the default",
+    )  # not an lmeraser command line
     _params_saying(elsewhere, "native")
     assert requested(["python"]) == ("native", "params.yaml runtime.numerics")
-    assert requested([command, "stage", "train", "--root", str(portable.parent)]) == ("portable", f"{portable} runtime.numerics")
+    assert requested([command, "stage", "train", "--root", str(portable.parent)]) == (
+        "portable",
+        f"{portable} runtime.numerics",
+    )
     (elsewhere / "params.yaml").write_text("runtime: [unreadable")
     assert requested([command]) == ("portable", "the default")  # config validation says why, later
     monkeypatch.setenv(numerics.ENV_MODE, " native ")
@@ -576,7 +689,10 @@ def test_a_mode_that_is_not_one_is_refused_in_a_sentence_naming_it(fresh_boot, m
     monkeypatch.setenv(numerics.ENV_MODE, "fast")
     state = numerics.boot(["pytest"])
     assert (state.mode, state.source) == ("fast", "$LMERASER_NUMERICS")
-    with pytest.raises(ConfigError, match=r"^LMERASER_NUMERICS is 'fast'; it must be portable or native \(or unset, to follow the workspace\)\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^LMERASER_NUMERICS is 'fast'; it must be portable or native \(or unset, to follow the workspace\)\.$",
+    ):
         Compute(numerics="portable").check()
 
 
@@ -629,7 +745,8 @@ def test_params_switched_since_the_backbone_was_built_say_run_dvc_repro(trained_
     )
     assert refused.returncode == 1
     assert re.fullmatch(
-        r"error: runtime\.numerics is native, but the backbone \(.*backbone\.json\) was built under portable numerics; run `dvc repro` .*",
+        r"error: runtime\.numerics is native, but the backbone \(.*backbone\.json\) was built under portable numerics; "
+        r"run `dvc repro` .*",
         _one_sentence(refused.stderr),
     )
     assert _journal(ws) == journal
@@ -641,7 +758,9 @@ def test_numpy_s_own_variable_is_a_conflict_in_one_sentence_not_a_traceback(tmp_
     assert version.returncode == 0 and "Traceback" not in version.stderr  # numpy starts: only ours is left unset
     refused = _lmeraser("doctor", cwd=tmp_path, env=env)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert _one_sentence(refused.stderr).startswith("error: NPY_DISABLE_CPU_FEATURES is set to 'AVX512F' in the environment")
+    assert _one_sentence(refused.stderr).startswith(
+        "error: NPY_DISABLE_CPU_FEATURES is set to 'AVX512F' in the environment"
+    )
 
 
 def test_a_mode_variable_that_is_not_a_mode_is_refused_even_for_a_native_workspace(fresh_boot, monkeypatch):
@@ -664,7 +783,9 @@ def test_the_last_root_or_params_on_the_command_line_wins_as_for_the_cli(tmp_pat
     assert numerics.requested_mode(["/src/lmeraser/cli.py", "doctor", "--root", b])[0] == "native"
 
 
-def test_an_exact_batch_is_refused_before_any_change_where_the_served_prompts_were_trained_under_other_bits(trained_workspace, tmp_path):
+def test_an_exact_batch_is_refused_before_any_change_where_the_served_prompts_were_trained_under_other_bits(
+    trained_workspace, tmp_path
+):
     """Another CPU, numerics or pins: the batch would re-key and retrain every cluster and fail
     its own check after the data had changed. The preflight says so first."""
     from lmeraser.errors import LmeraserError
@@ -677,6 +798,9 @@ def test_an_exact_batch_is_refused_before_any_change_where_the_served_prompts_we
     index["key_inputs"]["compute"]["fingerprint"] = "0" * 64
     ws.prompt_index_file.write_text(json.dumps(index))
     before = _files(ws.root)
-    with pytest.raises(LmeraserError, match=r"^the served prompts were trained under other numerics than this process computes \(fingerprint differ"):
+    with pytest.raises(
+        LmeraserError,
+        match=r"^the served prompts were trained under other numerics than this process computes \(fingerprint differ",
+    ):
         check_before_change(ws)
     assert _files(ws.root) == before

@@ -46,7 +46,9 @@ def test_routing_uses_nearest_active_prototype(trained_workspace):
     assert set(routes) <= set(model.active_clusters)
     # Retire one cluster: routing must skip it and send its samples elsewhere.
     retired = int(routes[0])
-    model.index = PromptIndex({c: e for c, e in model.index.clusters.items() if int(c) != retired}, model.index.key_inputs)
+    model.index = PromptIndex(
+        {c: e for c, e in model.index.clusters.items() if int(c) != retired}, model.index.key_inputs
+    )
     _, rerouted = model.predict(test.images[:50])
     assert retired not in set(rerouted)
 
@@ -81,7 +83,10 @@ def test_deleting_one_sample_retrains_exactly_its_cluster(tmp_path):
     fresh = read_json(scratch.prompt_index_file)["clusters"]
     assert fresh == after
     entry = after[str(victim.cluster)]
-    assert ArtifactStore(scratch.store_dir).path(entry["key"]).read_bytes() == ArtifactStore(ws.store_dir).path(entry["key"]).read_bytes()
+    assert (
+        ArtifactStore(scratch.store_dir).path(entry["key"]).read_bytes()
+        == ArtifactStore(ws.store_dir).path(entry["key"]).read_bytes()
+    )
 
 
 def test_a_cluster_that_loses_all_members_is_retired(tmp_path):
@@ -116,7 +121,9 @@ def test_validation_failure_stops_the_stage(tmp_path):
     params = parse_params(TINY)
     ws = build_workspace(tmp_path / "ws", TINY)
     victim = ws.split("private").manifest.iloc[0]
-    pd.DataFrame([{"sample_id": victim.sample_id, "content_key": "", "reason": "forget", "label": ""}]).to_csv(ws.tombstones_file, index=False)
+    pd.DataFrame([{"sample_id": victim.sample_id, "content_key": "", "reason": "forget", "label": ""}]).to_csv(
+        ws.tombstones_file, index=False
+    )
     with pytest.raises(ValidationFailed, match="data docs: .*index.html"):
         run_stages(params, ws, ("validate",))
     assert not ws.validation_ticket("private").exists()

@@ -24,7 +24,11 @@ from lmeraser.workspace import Workspace
 
 from helpers import BIN, clone_repo, dvc, free_port, lmeraser_cli
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lmeraser-test-key", "AWS_SECRET_ACCESS_KEY": "lmeraser-test-secret-0600", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "lmeraser-test-key",
+    "AWS_SECRET_ACCESS_KEY": "lmeraser-test-secret-0600",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def _wait(url: str, proc: subprocess.Popen, what: str, log: Path, timeout: float = 120) -> None:
@@ -49,11 +53,21 @@ def s3(tmp_path_factory):
     log = tmp_path_factory.mktemp("moto") / "server.log"
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(url, proc, "moto's S3 server", log)
-        client = boto3.client("s3", endpoint_url=url, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"], aws_secret_access_key="x", region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key="x",
+            region_name="us-east-1",
+        )
         yield url, client
     finally:
         proc.terminate()
@@ -92,7 +106,10 @@ def _dvc_workspace(root: Path, remote_url: str, endpoint: str | None) -> Workspa
     ws.data.mkdir(parents=True)
     for args in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         subprocess.run(args, cwd=root, check=True)
-    for args in (["remote", "add", "-d", "prod", remote_url], ["remote", "modify", "prod", "endpointurl", endpoint] if endpoint else None):
+    for args in (
+        ["remote", "add", "-d", "prod", remote_url],
+        ["remote", "modify", "prod", "endpointurl", endpoint] if endpoint else None,
+    ):
         if args:
             subprocess.run([str(BIN / "dvc"), *args], cwd=root, check=True, capture_output=True)
     return ws
@@ -131,16 +148,29 @@ def test_an_s3_remote_is_searched_through_dvc_incrementally_and_purged(tmp_path,
     after = scan(ws, forgotten, set())
     assert after.hits == [] and after.not_searched == []
     summary = after.summary()
-    assert summary["remote_stores"]["dvc remote 'prod'"] == {"kind": "dvc remote (s3)", "bucket": bucket, "prefix": "dvc", "endpoint": url}
-    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary) and CREDENTIALS["AWS_ACCESS_KEY_ID"] not in json.dumps(summary)
-    assert summary["index"]["mode"] == "incremental" and summary["files_read"]["dvc remote 'prod'"] == len(pushed)  # only what is new
+    assert summary["remote_stores"]["dvc remote 'prod'"] == {
+        "kind": "dvc remote (s3)",
+        "bucket": bucket,
+        "prefix": "dvc",
+        "endpoint": url,
+    }
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(summary) and CREDENTIALS[
+        "AWS_ACCESS_KEY_ID"
+    ] not in json.dumps(summary)
+    assert summary["index"]["mode"] == "incremental" and summary["files_read"]["dvc remote 'prod'"] == len(
+        pushed
+    )  # only what is new
 
     again = scan(ws, forgotten, set())
-    assert again.read["dvc remote 'prod'"] == 0 and again.counts["dvc remote 'prod'"] == after.counts["dvc remote 'prod'"]
+    assert (
+        again.read["dvc remote 'prod'"] == 0 and again.counts["dvc remote 'prod'"] == after.counts["dvc remote 'prod'"]
+    )
     # Someone writes the forgotten image back: as a new object, then over an indexed one.
     client.put_object(Bucket=bucket, Key="dvc/files/md5/00/planted", Body=_npy(images[:2]))
     planted = scan(ws, forgotten, set())
-    assert [(h.location, h.path) for h in planted.hits] == [("dvc remote 'prod'", f"s3://{bucket}/dvc/files/md5/00/planted")]
+    assert [(h.location, h.path) for h in planted.hits] == [
+        ("dvc remote 'prod'", f"s3://{bucket}/dvc/files/md5/00/planted")
+    ]
     assert planted.read["dvc remote 'prod'"] == 1
     client.delete_object(Bucket=bucket, Key="dvc/files/md5/00/planted")
     # A key that a path parser would cut at "?versionId=" (found by a stranger: read by its exact key).
@@ -177,9 +207,15 @@ def test_a_remote_the_scan_cannot_list_is_not_searched_with_the_reason_and_stric
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     report = scan(ws, set(), set())
     [gap] = report.not_searched
-    assert gap.startswith(f"dvc remote 'prod' (s3://{bucket}/dvc @ {url}): cannot be read from here (NoCredentialsError")
+    assert gap.startswith(
+        f"dvc remote 'prod' (s3://{bucket}/dvc @ {url}): cannot be read from here (NoCredentialsError"
+    )
     strict = lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
-    assert strict.returncode == 1 and "could not be searched (--strict)" in strict.stderr and "NoCredentialsError" in strict.stderr
+    assert (
+        strict.returncode == 1
+        and "could not be searched (--strict)" in strict.stderr
+        and "NoCredentialsError" in strict.stderr
+    )
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     assert lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path).returncode == 0
@@ -194,9 +230,16 @@ def _mlflow_server(home: Path, s3, bucket: str):
     env = {**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": url}
     log = home / "server.log"
     command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", f"s3://{bucket}/artifacts"]
+    command += [
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{bucket}/artifacts",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     tracking = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{tracking}/health", proc, "mlflow server", log, timeout=180)
@@ -212,7 +255,9 @@ def mlflow_server(tmp_path_factory, s3):
         yield server
 
 
-def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlflow(tmp_path, s3, mlflow_server, aws, monkeypatch):
+def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlflow(
+    tmp_path, s3, mlflow_server, aws, monkeypatch
+):
     """A tracking server whose artifacts live in S3 behind it (no file system access assumed):
     a forgotten image in a run artifact is found through MLflow's artifact repository, a superseded
     prompt file is deleted by the purge through it, and the record names the tracking URI without
@@ -239,7 +284,10 @@ def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlfl
 
     label = f"mlflow experiment 'lmeraser-{tmp_path.name}'"
     found = scan(ws, forgotten, superseded)
-    assert sorted((h.location, h.kind) for h in found.hits) == [(label, "forgotten sample"), (label, "superseded artifact")]
+    assert sorted((h.location, h.kind) for h in found.hits) == [
+        (label, "forgotten sample"),
+        (label, "superseded artifact"),
+    ]
     assert all(h.path.startswith("mlflow-artifacts:/") for h in found.hits) and found.not_searched == []
     summary = json.dumps(found.summary())
     assert "s3cret-pw" not in summary and f"http://{host}" in summary
@@ -247,7 +295,9 @@ def test_run_artifacts_on_a_tracking_server_are_searched_and_purged_through_mlfl
     result = purge(ws, superseded, log=lambda m: None)
     assert result["artifact_files_removed"] == 1 and "artifact_stores_unreachable" not in result
     assert [f.path for f in mlflow.list_artifacts(run, "outputs")] == ["outputs/batch.npy"]
-    assert not any(k.endswith("prompt.safetensors") for k in _keys(client, bucket, "artifacts/"))  # gone from S3 behind the server
+    assert not any(
+        k.endswith("prompt.safetensors") for k in _keys(client, bucket, "artifacts/")
+    )  # gone from S3 behind the server
     again = scan(ws, forgotten, superseded)
     assert [(h.location, h.kind) for h in again.hits] == [(label, "forgotten sample")]
     assert again.read[label] == again.counts[label] == 1  # MLflow lists no modification time: read every time
@@ -290,16 +340,31 @@ def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
 
     report = scan(ws, forgotten, set())
     located = sorted((h.location, h.path.rsplit("/", 1)[-1]) for h in report.hits)
-    assert located == [(f"mlflow experiment 'deleted-{tmp_path.name}' (deleted)", "copy.npy"), (f"mlflow experiment 'evil[/]-{tmp_path.name}'", "y.npy")]
+    assert located == [
+        (f"mlflow experiment 'deleted-{tmp_path.name}' (deleted)", "copy.npy"),
+        (f"mlflow experiment 'evil[/]-{tmp_path.name}'", "y.npy"),
+    ]
     gaps = " | ".join(report.not_searched)
-    assert f"mlflow experiment 'server-disk-{tmp_path.name}' (/sys/bus): a path on the tracking server's own disk" in gaps
-    assert "dvc remote 'prod' (http://127.0.0.1:1/store): the scan reads S3 remotes; a http remote is purged by DVC, not read back" in gaps
-    assert report.counts[f"mlflow experiment 'evil[/]-{tmp_path.name}'"] == 2 and "dvc remote 'prod'" not in report.counts
+    assert (
+        f"mlflow experiment 'server-disk-{tmp_path.name}' (/sys/bus): a path on the tracking server's own disk" in gaps
+    )
+    assert (
+        "dvc remote 'prod' (http://127.0.0.1:1/store): the scan reads S3 remotes; "
+        "a http remote is purged by DVC, not read back"
+    ) in gaps
+    assert (
+        report.counts[f"mlflow experiment 'evil[/]-{tmp_path.name}'"] == 2 and "dvc remote 'prod'" not in report.counts
+    )
     shown = json.dumps(report.summary()) + gaps
     assert "HTTPPW" not in shown and "QUERYTOKEN" not in shown
     # The CLI searches for what signed records name (none here): it must print the odd names as they are.
     done = lmeraser_cli("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
-    assert done.returncode == 0 and "evil[/]" in done.stdout and "Traceback" not in done.stderr and "HTTPPW" not in done.stdout + done.stderr
+    assert (
+        done.returncode == 0
+        and "evil[/]" in done.stdout
+        and "Traceback" not in done.stderr
+        and "HTTPPW" not in done.stdout + done.stderr
+    )
     # MLflow's own messages repeat the tracking URI as given, password and all: reasons strip it.
     error = RuntimeError("API request to http://reader:TRACKPW@127.0.0.1:1/api/2.0/x?token=T0K failed\nmore")
     assert reason(error) == "RuntimeError: API request to http://127.0.0.1:1/api/2.0/x failed"
@@ -311,9 +376,9 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
 ):
     """End to end on the S3 remote and the tracking server: a built workspace whose evaluate stage
     runs again tracked and registered on the server, a forget (purged from both, `audit scan
-    --strict` clean, the record names both stores), then the forgotten image planted back in the S3 remote: the next batch's scan finds
-    it and signs nothing; removed, the batch finishes. Planted in a run artifact on the tracking
-    server, `audit scan` finds it."""
+    --strict` clean, the record names both stores), then the forgotten image planted back in the
+    S3 remote: the next batch's scan finds it and signs nothing; removed, the batch finishes.
+    Planted in a run artifact on the tracking server, `audit scan` finds it."""
     from mlflow import MlflowClient
 
     from lmeraser.lineage.log import LineageLog
@@ -323,12 +388,17 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     bucket = _bucket(client, f"lmeraser-e2e-{tmp_path.name[-8:].lower().replace('_', '-')}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     root = clone_repo(tiny_repo_template[0], tmp_path / "repo")
-    for args in (["remote", "add", "-d", "prod", f"s3://{bucket}/dvc"], ["remote", "modify", "prod", "endpointurl", url]):
+    for args in (
+        ["remote", "add", "-d", "prod", f"s3://{bucket}/dvc"],
+        ["remote", "modify", "prod", "endpointurl", url],
+    ):
         dvc(*args, cwd=root)
     # The evaluate stage run again against the tracking server: the served model is registered there.
     dvc("repro", "--force", "--single-item", "evaluate", cwd=root)
     dvc("push", cwd=root)
-    assert MlflowClient(tracking_uri=tracking).search_model_versions("name='lmeraser'"), "evaluate registered nothing on the server"
+    assert MlflowClient(tracking_uri=tracking).search_model_versions("name='lmeraser'"), (
+        "evaluate registered nothing on the server"
+    )
     ws = Workspace(root)
     victim, second = ws.split("private").sample_ids[:2]
     image, second_image = ws.split("private").images[:2]  # before the split changes
@@ -360,7 +430,11 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     # The first request's image planted back in the S3 remote: `audit scan` finds it.
     client.put_object(Bucket=bucket, Key="dvc/exports/old.npy", Body=_npy(image[None]))
     found = lmeraser_cli("audit", "scan", cwd=root)
-    assert found.returncode == 1 and "HIT forgotten sample" in found.stderr and f"s3://{bucket}/dvc/exports/old.npy" in found.stderr
+    assert (
+        found.returncode == 1
+        and "HIT forgotten sample" in found.stderr
+        and f"s3://{bucket}/dvc/exports/old.npy" in found.stderr
+    )
     client.delete_object(Bucket=bucket, Key="dvc/exports/old.npy")
     # Planted in a run artifact on the tracking server: found through MLflow's artifact API.
     mlflow = MlflowClient(tracking_uri=tracking)

@@ -79,7 +79,10 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
     second = tmp_path / "second-remote" / "files" / "md5" / "ab"
     second.mkdir(parents=True)
     np.save(second / "cdef", images)
-    for args in (["remote", "add", "second", str(tmp_path / "second-remote")], ["remote", "add", "cloud", "s3://bucket/lmeraser"]):
+    for args in (
+        ["remote", "add", "second", str(tmp_path / "second-remote")],
+        ["remote", "add", "cloud", "s3://bucket/lmeraser"],
+    ):
         subprocess.run([str(BIN / "dvc"), *args], cwd=ws.root, check=True, capture_output=True)
     # No credentials for the cloud remote on this machine (tests/test_production_stores.py has them).
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -91,10 +94,16 @@ def test_scan_asks_the_stores_where_they_keep_things_and_says_what_it_cannot_rea
     hits, counts, not_searched = report.hits, report.counts, report.not_searched
     assert sorted(h.location for h in hits) == ["dvc remote 'second'", "mlflow experiment 'lmeraser'"]
     assert counts["mlflow experiment 'lmeraser'"] == 1 and len(not_searched) == 1
-    assert not_searched[0].startswith("dvc remote 'cloud' (s3://bucket/lmeraser @ default endpoint): cannot be read from here (NoCredentialsError")
+    assert not_searched[0].startswith(
+        "dvc remote 'cloud' (s3://bucket/lmeraser @ default endpoint): cannot be read from here (NoCredentialsError"
+    )
     mlflow.set_tracking_uri("")  # leave no global state behind
     done = lmeraser_cli("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
-    assert done.returncode == 0 and "not searched: dvc remote 'cloud'" in done.stderr and "1 location(s) not searched" in done.stdout
+    assert (
+        done.returncode == 0
+        and "not searched: dvc remote 'cloud'" in done.stderr
+        and "1 location(s) not searched" in done.stdout
+    )
     strict = lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
     assert strict.returncode == 1 and "could not be searched (--strict)" in strict.stderr
 
@@ -107,7 +116,11 @@ def _dvc_workspace(tmp_path, monkeypatch) -> Workspace:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ws = Workspace(tmp_path / "ws")
     ws.data.mkdir(parents=True)
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "remote", "add", "-d", "backup", str(tmp_path / "remote")]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [str(BIN / "dvc"), "init", "-q"],
+        [str(BIN / "dvc"), "remote", "add", "-d", "backup", str(tmp_path / "remote")],
+    ):
         subprocess.run(cmd, cwd=ws.root, check=True, capture_output=True)
     return ws
 
@@ -138,11 +151,16 @@ def test_the_purge_collects_old_versions_from_the_cache_and_every_remote_in_proc
     current = _objects(cache_dir(ws.root)) - old
     broken = tmp_path / "not-a-directory"
     broken.write_text("a file where a remote should be")
-    subprocess.run([str(BIN / "dvc"), "remote", "add", "broken", str(broken)], cwd=ws.root, check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "dvc"), "remote", "add", "broken", str(broken)], cwd=ws.root, check=True, capture_output=True
+    )
 
     result = purge(ws, set(), log=lambda m: None)
     assert result["remotes_gc"] == ["backup"] and len(result["remotes_failed"]) == 1
-    assert result["remotes_failed"][0].startswith("broken: `dvc push -r broken` failed in ") and "\n" not in result["remotes_failed"][0]
+    assert (
+        result["remotes_failed"][0].startswith("broken: `dvc push -r broken` failed in ")
+        and "\n" not in result["remotes_failed"][0]
+    )
     assert _objects(cache_dir(ws.root)) == current
     assert _objects(tmp_path / "remote") == current  # pushed, then the old version collected
 
@@ -154,6 +172,8 @@ def test_dvc_add_outside_a_dvc_project_is_one_sentence(tmp_path):
     from lmeraser.versioning import dvc_add
 
     (tmp_path / "data").mkdir()
-    with pytest.raises(LmeraserError, match=r"^`dvc add data` failed in .*: you are not inside of a DVC repository") as info:
+    with pytest.raises(
+        LmeraserError, match=r"^`dvc add data` failed in .*: you are not inside of a DVC repository"
+    ) as info:
         dvc_add(tmp_path, "data")
     assert "\n" not in str(info.value)

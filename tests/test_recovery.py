@@ -67,7 +67,8 @@ def test_a_directory_swap_killed_at_any_point_rolls_forward(tmp_path, point):
 def test_a_directory_killed_while_being_built_rolls_back(tmp_path):
     target = _split(tmp_path)
     code = REPLACE.replace(
-        '(staging / "images.npy").write_text("new")', '(staging / "images.npy").write_text("half"); import os, signal; os.kill(os.getpid(), signal.SIGKILL)'
+        '(staging / "images.npy").write_text("new")',
+        '(staging / "images.npy").write_text("half"); import os, signal; os.kill(os.getpid(), signal.SIGKILL)',
     )
     _killed_at("none", code, tmp_path)
     staging = [p.name for p in tmp_path.iterdir() if p.name.endswith(".staging")]
@@ -79,7 +80,9 @@ def test_a_directory_killed_while_being_built_rolls_back(tmp_path):
 def test_an_old_directory_left_without_a_new_one_rolls_back(tmp_path):
     """What the swap of an older version left between its two renames: only `.NAME.<pid>.old`."""
     target = _split(tmp_path)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     os.replace(target, tmp_path / f".split.{dead}.old")
     recover_directory(target)
     assert (target / "images.npy").read_text() == "old"
@@ -120,8 +123,15 @@ def test_leftovers_are_never_versioned_by_dvc(tmp_path):
     Repo.init(str(tmp_path), no_scm=True)
     shutil.copy2(REPO / ".dvcignore", tmp_path / ".dvcignore")
     repo = Repo(str(tmp_path))
-    names = ["data/.private.123.old/images.npy", "data/.private.123.abc.staging/x", "data/.private.123.new/x", "data/.tombstones.csv.1.a.tmp"]
-    ignored = {name: repo.dvcignore.is_ignored(repo.fs, str(tmp_path / name)) for name in [*names, "data/private/images.npy"]}
+    names = [
+        "data/.private.123.old/images.npy",
+        "data/.private.123.abc.staging/x",
+        "data/.private.123.new/x",
+        "data/.tombstones.csv.1.a.tmp",
+    ]
+    ignored = {
+        name: repo.dvcignore.is_ignored(repo.fs, str(tmp_path / name)) for name in [*names, "data/private/images.npy"]
+    }
     assert ignored == {**dict.fromkeys(names, True), "data/private/images.npy": False}
 
 
@@ -170,7 +180,9 @@ def _influence_workspace(tmp_path, monkeypatch):
     Journal(ws).append([received_event("req-1", method="influence")])
     # What the update wrote before it was killed: its intent, the new overlay and its file.
     ws.batches.mkdir(parents=True, exist_ok=True)
-    ws.influence_intent_file.write_text(json.dumps({"batch_id": "influence-x", "request_ids": ["req-1"], "overlay_before": before}))
+    ws.influence_intent_file.write_text(
+        json.dumps({"batch_id": "influence-x", "request_ids": ["req-1"], "overlay_before": before})
+    )
     Overlay(ws).write({"3": {"key": "k-new", "base_key": "b3", "edits": [{"request_id": "req-1"}]}})
     (ws.overlay_dir / "k-new.safetensors").write_bytes(b"new")
     return ws, before
@@ -183,7 +195,9 @@ def test_an_influence_update_killed_before_its_record_is_undone(tmp_path, monkey
 
     ws, before = _influence_workspace(tmp_path, monkeypatch)
     assert "before its record" in recover_influence(ws)[0]
-    assert Overlay(ws).read() == before and sorted(p.name for p in ws.overlay_dir.glob("*.safetensors")) == ["k-old.safetensors"]
+    assert Overlay(ws).read() == before and sorted(p.name for p in ws.overlay_dir.glob("*.safetensors")) == [
+        "k-old.safetensors"
+    ]
     assert not ws.influence_intent_file.exists()
     assert [r.request_id for r in Journal(ws).awaiting_influence()] == ["req-1"]  # applied again next time
 
@@ -198,7 +212,9 @@ def test_an_influence_update_killed_after_its_record_is_journaled(tmp_path, monk
     LineageLog(ws.lineage_file).append({"x": "0" * 64}, {"batch_id": "influence-x"}, signing_key(ws))
     assert "record 1 was appended" in recover_influence(ws)[0]
     journal = Journal(ws)
-    assert journal.requests()["req-1"].state == "approximated" and journal.requests()["req-1"].history[-1]["record"] == 1
+    assert (
+        journal.requests()["req-1"].state == "approximated" and journal.requests()["req-1"].history[-1]["record"] == 1
+    )
     assert not journal.awaiting_influence() and not ws.influence_intent_file.exists()
     assert (ws.overlay_dir / "k-new.safetensors").exists()  # the recorded update stands
 
@@ -225,7 +241,13 @@ def test_a_torn_dvc_rwlock_is_removed_and_a_sound_one_kept(tmp_path):
     assert repair_dvc_rwlock(tmp_path) and not rwlock.exists()
 
 
-@pytest.mark.parametrize("name, sound", [("dvc.lock", "schema: '2.0'\nstages:\n  train:\n    cmd: {}\n"), ("data.dvc", "outs:\n- md5: {}.dir\n  path: data\n")])
+@pytest.mark.parametrize(
+    "name, sound",
+    [
+        ("dvc.lock", "schema: '2.0'\nstages:\n  train:\n    cmd: {}\n"),
+        ("data.dvc", "outs:\n- md5: {}.dir\n  path: data\n"),
+    ],
+)
 def test_a_torn_dvc_file_is_restored_from_git(tmp_path, name, sound):
     """Found by bench/reliability_kill.py: killed while DVC rewrote dvc.lock (`dvc repro`) or
     data.dvc (`dvc add`) in place, every later batch failed with DVC's YAMLValidationError."""
@@ -240,7 +262,9 @@ def test_a_torn_dvc_file_is_restored_from_git(tmp_path, name, sound):
     path.write_text(sound.format("y"))
     assert repair_dvc_files(tmp_path) == [] and "y" in path.read_text()  # a sound file is kept
     path.write_text(sound.format("y")[:-12] + ": [unclosed\n")
-    assert repair_dvc_files(tmp_path) == [f"restored the torn {name} from git HEAD (a killed dvc process was writing it)"]
+    assert repair_dvc_files(tmp_path) == [
+        f"restored the torn {name} from git HEAD (a killed dvc process was writing it)"
+    ]
     assert path.read_text() == sound.format("x")
     path.write_bytes(b"")
     assert repair_dvc_files(tmp_path) and path.read_text() == sound.format("x")
@@ -316,7 +340,10 @@ def test_audit_influence_false_answers_without_references_and_says_why(influence
     ws.params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     lines = []
     result = influence_pending(ws, lines.append)
-    expected = {"status": "no reference audit", "reason": "audit.influence is false: the exact batch that follows is audited"}
+    expected = {
+        "status": "no reference audit",
+        "reason": "audit.influence is false: the exact batch that follows is audited",
+    }
     assert result["forgetting_audit"] == expected
     assert lineage_log(ws).read_unverified()[-1].predicate["forgetting_audit"] == expected
     assert not any("reference" in line for line in lines)

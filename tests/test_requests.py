@@ -109,7 +109,8 @@ def test_concurrent_appends_serialise_and_lose_nothing(tmp_path):
         "import sys; from lmeraser.journal import Journal; from lmeraser.workspace import Workspace\n"
         "j = Journal(Workspace(sys.argv[1]))\n"
         "from lmeraser.request import Request; from lmeraser.journal import received\n"
-        "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', sample_ids=(), received_at=0.0))])\n"
+        "for i in range(50): j.append([received(Request(request_id=f'{sys.argv[2]}-{i}', kind='forget', "
+        "sample_ids=(), received_at=0.0))])\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name]) for name in ("a", "b", "c")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
@@ -161,15 +162,35 @@ def test_request_status_deadlines_and_flags(tmp_path):
         at = now - days_ago * day
         return received_event(rid, at, method)
 
-    journal.append([received("old", 40), received("soon", 27), received("done", 40), received("late", 70, "influence"), received("new", 0)])
+    journal.append(
+        [
+            received("old", 40),
+            received("soon", 27),
+            received("done", 40),
+            received("late", 70, "influence"),
+            received("new", 0),
+        ]
+    )
     journal.append([{"request_id": "late", "state": "approximated", "time": now - 69 * day, "record": 1}])
     journal.append([{"request_id": "done", "state": "verified", "time": now - 35 * day, "record": 2}])
     journal.append([{"request_id": "late", "state": "verified", "time": now - 20 * day, "record": 3}])
     statuses = {s.request_id: s for s in request_statuses(Workspace(tmp_path), RequestsParams())}
-    assert {rid: s.flag for rid, s in statuses.items()} == {"old": "overdue", "soon": "due soon", "done": "", "late": "late", "new": ""}
-    assert statuses["late"].records == [1, 3] and statuses["late"].method == "influence" and statuses["late"].state == "verified"
+    assert {rid: s.flag for rid, s in statuses.items()} == {
+        "old": "overdue",
+        "soon": "due soon",
+        "done": "",
+        "late": "late",
+        "new": "",
+    }
+    assert (
+        statuses["late"].records == [1, 3]
+        and statuses["late"].method == "influence"
+        and statuses["late"].state == "verified"
+    )
     assert [h["state"] for h in statuses["late"].history] == ["received", "approximated", "verified"]
-    assert request_statuses(Workspace(tmp_path), RequestsParams(warn_days=0))[-2].flag == ""  # "soon" is no longer flagged
+    assert (
+        request_statuses(Workspace(tmp_path), RequestsParams(warn_days=0))[-2].flag == ""
+    )  # "soon" is no longer flagged
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"requests": {"deadline_months": 2}}))
     runner = CliRunner()
@@ -238,7 +259,12 @@ def test_journal_values_of_the_wrong_type_are_an_altered_journal_for_every_reade
     ws = Workspace(tmp_path)
     good = received_event("req-000000000001", 1_800_000_000.0)
     cases = {
-        "a record named by a word": {"request_id": "req-000000000001", "state": "verified", "time": 1.0, "record": "one"},
+        "a record named by a word": {
+            "request_id": "req-000000000001",
+            "state": "verified",
+            "time": 1.0,
+            "record": "one",
+        },
         "a time that is a word": {"request_id": "req-000000000001", "state": "applied", "time": "yesterday"},
         "a NaN time": {"request_id": "req-000000000001", "state": "applied", "time": math.nan},
         "a bool record": {"request_id": "req-000000000001", "state": "verified", "time": 1.0, "record": True},
@@ -247,7 +273,10 @@ def test_journal_values_of_the_wrong_type_are_an_altered_journal_for_every_reade
         "another request's id": {**good, "request_id": "req-000000000002"},
         "a year 10^292": {**good, "request": {**good["request"], "received_at": 1e300}},
         "a coerced label": {**good, "request": {**good["request"], "kind": "rectify", "label": "7"}},
-        "a path outside": {**good, "request": {**good["request"], "kind": "rectify", "label": None, "input_path": "/etc/passwd"}},
+        "a path outside": {
+            **good,
+            "request": {**good["request"], "kind": "rectify", "label": None, "input_path": "/etc/passwd"},
+        },
     }
     ws.journal_file.parent.mkdir(parents=True, exist_ok=True)
     for bad in cases.values():  # the keys say what each case is

@@ -54,7 +54,13 @@ def test_a_second_scan_reads_only_what_changed_and_finds_new_targets_in_old_file
     np.save(ws.data / "more.npy", images[:1])
     (ws.root / "mlartifacts" / "1" / "run" / "notes.json").unlink()
     third = scan(ws, {target}, set())
-    assert third.read == {"data": 1, "dvc cache": 0, "artifact store": 0, "mlflow artifacts": 0, "mlflow (default root)": 0}
+    assert third.read == {
+        "data": 1,
+        "dvc cache": 0,
+        "artifact store": 0,
+        "mlflow artifacts": 0,
+        "mlflow (default root)": 0,
+    }
     assert sorted(h.location for h in third.hits) == ["data", "dvc cache"]
     assert "notes.json" not in ws.scan_index_file.read_text()
     assert third.index["sha256"] == sha256_file(ws.scan_index_file)  # the report names the index it saved

@@ -49,7 +49,8 @@ def test_cached_scores_are_bit_identical_and_only_changed_clusters_are_rescored(
     assert sorted(info["rescored"]) == sorted(set(routes[before == b].tolist())) and logits.tobytes() == full.tobytes()
     labels = ws.split("test").labels
     assert (
-        nonmember_losses(ws, ServingModel.load(ws), batch_size).tobytes() == ServingModel.load(ws).losses(ws.split("test").images, labels, batch_size).tobytes()
+        nonmember_losses(ws, ServingModel.load(ws), batch_size).tobytes()
+        == ServingModel.load(ws).losses(ws.split("test").images, labels, batch_size).tobytes()
     )
 
     # Made for another batch size (other bits): not used; a damaged cache file: ignored, rewritten.

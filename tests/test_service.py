@@ -36,7 +36,9 @@ class Served:
 
     def __init__(self, app):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
@@ -86,7 +88,11 @@ def test_the_token_is_made_0600_once_and_the_environment_wins(tmp_path, monkeypa
     monkeypatch.setenv(TOKEN_ENV, "x" * 40)
     assert api_token(ws) == "x" * 40
     assert authorized("Bearer " + "x" * 40, "x" * 40) and authorized("bearer " + "x" * 40, "x" * 40)
-    assert not authorized("Bearer " + "x" * 39, "x" * 40) and not authorized(None, "x" * 40) and not authorized("x" * 40, "x" * 40)
+    assert (
+        not authorized("Bearer " + "x" * 39, "x" * 40)
+        and not authorized(None, "x" * 40)
+        and not authorized("x" * 40, "x" * 40)
+    )
 
 
 def test_every_endpoint_but_health_needs_the_token(service):
@@ -110,10 +116,18 @@ def test_every_endpoint_but_health_needs_the_token(service):
             assert answer.status_code == 401, (method, path, headers)
             assert answer.headers["www-authenticate"] == "Bearer" and "bearer token" in answer.json()["error"]
     schema = client.get("/v1/openapi.json")
-    assert schema.status_code == 200 and {"/v1/requests", "/v1/requests/{request_id}", "/v1/predict", "/v1/verify"} <= set(schema.json()["paths"])
+    assert schema.status_code == 200 and {
+        "/v1/requests",
+        "/v1/requests/{request_id}",
+        "/v1/predict",
+        "/v1/verify",
+    } <= set(schema.json()["paths"])
     assert not Journal(ws).events()  # nothing an unauthorised call sent was journaled
     assert client.get("/nowhere").json() == {"error": "no such endpoint: GET /nowhere"}
-    assert client.delete("/v1/requests").status_code == 405 and "not allowed" in client.delete("/v1/requests").json()["error"]
+    assert (
+        client.delete("/v1/requests").status_code == 405
+        and "not allowed" in client.delete("/v1/requests").json()["error"]
+    )
     extra = client.post("/v1/requests", data={"request": "{}", "other": "x"}, files={"image": ("x", b"x")})
     assert extra.status_code == 400 and "error" in extra.json()
 
@@ -129,7 +143,9 @@ def test_a_forget_request_is_journaled_and_its_status_served(service):
     assert list(Journal(ws).pending()[0].sample_ids) == ids
     status = client.get(f"/v1/requests/{request['request_id']}").json()
     assert status["history"][0]["state"] == "received" and status["deadline"] > status["received_at"]
-    assert [r["request_id"] for r in client.get("/v1/requests", params={"pending": True}).json()] == [request["request_id"]]
+    assert [r["request_id"] for r in client.get("/v1/requests", params={"pending": True}).json()] == [
+        request["request_id"]
+    ]
     assert client.get("/v1/requests", params={"overdue": True}).json() == []
     missing = client.get("/v1/requests/req-000000000000")
     assert missing.status_code == 404 and "unknown" in missing.json()["error"]
@@ -144,13 +160,25 @@ def test_a_forget_request_is_journaled_and_its_status_served(service):
         ({"kind": "erase", "sample_ids": ["x"]}, 422, "kind"),
         ({"sample_ids": ["x"], "allow_backbone_rebuild": True}, 422, "allow_backbone_rebuild: unknown field"),
         ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"]}, {"kind": "forget"}]}, 422, "requests[1]"),
-        ({"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"], "input": "/etc/passwd"}]}, 422, "requests[0].input"),
+        (
+            {"requests": [{"kind": "forget", "sample_ids": ["PRIVATE"], "input": "/etc/passwd"}]},
+            422,
+            "requests[0].input",
+        ),
         ([1, 2], 422, "JSON object"),
         # Strict types (issue 21): a label is an integer, never a bool or a float.
         ({"kind": "rectify", "sample_ids": ["PRIVATE"], "label": True}, 422, "label: Input should be a valid integer"),
         ({"kind": "rectify", "sample_ids": ["PRIVATE"], "label": 1.0}, 422, "label: Input should be a valid integer"),
-        ({"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": True}]}, 422, "requests[0].label: an integer is expected, not true"),
-        ({"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": 2.0}]}, 422, "requests[0].label: an integer is expected, not 2.0"),
+        (
+            {"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": True}]},
+            422,
+            "requests[0].label: an integer is expected, not true",
+        ),
+        (
+            {"requests": [{"kind": "rectify", "sample_ids": ["PRIVATE"], "label": 2.0}]},
+            422,
+            "requests[0].label: an integer is expected, not 2.0",
+        ),
     ],
 )
 def test_a_bad_request_gets_one_error_naming_the_field_and_nothing_is_journaled(service, body, status, names):
@@ -163,7 +191,10 @@ def test_a_bad_request_gets_one_error_naming_the_field_and_nothing_is_journaled(
 
 def test_malformed_oversized_and_unframed_bodies_are_refused(service):
     ws, client, served = service
-    assert client.post("/v1/requests", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
+    assert (
+        client.post("/v1/requests", content=b"{not json", headers={"Content-Type": "application/json"}).status_code
+        == 400
+    )
     assert client.post("/v1/requests", content=b"a=b", headers={"Content-Type": "text/plain"}).status_code == 415
     big = client.post("/v1/requests", content=b"x" * ((16 << 20) + 1), headers={"Content-Type": "application/json"})
     assert big.status_code == 413 and "service.max_body_mib" in big.json()["error"]
@@ -193,7 +224,9 @@ def _served_with_a_1_mib_limit(trained_workspace, tmp_path, monkeypatch):
 def test_the_body_limit_comes_from_params(trained_workspace, tmp_path, monkeypatch):
     token, served = _served_with_a_1_mib_limit(trained_workspace, tmp_path, monkeypatch)
     try:
-        answer = httpx.post(served.url + "/v1/predict", content=b"x" * ((1 << 20) + 10), headers={"Authorization": f"Bearer {token}"})
+        answer = httpx.post(
+            served.url + "/v1/predict", content=b"x" * ((1 << 20) + 10), headers={"Authorization": f"Bearer {token}"}
+        )
         assert answer.status_code == 413 and "(1 MiB)" in answer.json()["error"]
     finally:
         served.stop()
@@ -242,7 +275,9 @@ def test_predict_refuses_pixels_that_are_not_integers(service):
         broken[1][2] = bad
         answer = client.post("/v1/predict", json={"images": [image, broken]})
         assert answer.status_code == 422, (bad, answer.text)
-        assert answer.json()["error"] == f"images[1][1][2]: pixels must be integers in 0..255, not {shown_as}.", answer.text
+        assert answer.json()["error"] == f"images[1][1][2]: pixels must be integers in 0..255, not {shown_as}.", (
+            answer.text
+        )
     answer = client.post("/v1/predict", json={"images": [[1, 2, 3]]})
     assert answer.status_code == 422 and "a list is expected here" in answer.json()["error"], answer.text
 
@@ -254,7 +289,11 @@ def test_a_rectify_request_takes_its_image_as_an_upload_copied_into_the_workspac
     image = np.full(shape, 7, dtype=np.uint8)
     buffer = io.BytesIO()
     np.save(buffer, image)
-    answer = client.post("/v1/requests", data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})}, files={"image": ("x.npy", buffer.getvalue())})
+    answer = client.post(
+        "/v1/requests",
+        data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})},
+        files={"image": ("x.npy", buffer.getvalue())},
+    )
     assert answer.status_code == 201, answer.text
     [pending] = Journal(ws).pending()
     copy = ws.root / pending.input_path
@@ -263,9 +302,17 @@ def test_a_rectify_request_takes_its_image_as_an_upload_copied_into_the_workspac
 
     rgb = io.BytesIO()
     Image.new("RGB", shape[::-1]).save(rgb, format="PNG")
-    refused = client.post("/v1/requests", data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})}, files={"image": ("x.png", rgb.getvalue())})
+    refused = client.post(
+        "/v1/requests",
+        data={"request": json.dumps({"kind": "rectify", "sample_ids": [sid]})},
+        files={"image": ("x.png", rgb.getvalue())},
+    )
     assert refused.status_code == 422 and "grey" in refused.json()["error"]
-    wrong = client.post("/v1/requests", data={"request": json.dumps({"kind": "forget", "sample_ids": [sid]})}, files={"image": ("x.npy", buffer.getvalue())})
+    wrong = client.post(
+        "/v1/requests",
+        data={"request": json.dumps({"kind": "forget", "sample_ids": [sid]})},
+        files={"image": ("x.npy", buffer.getvalue())},
+    )
     assert wrong.status_code == 422 and "single rectify request" in wrong.json()["error"]
     assert len(Journal(ws).pending()) == 1
 
@@ -283,11 +330,18 @@ def test_predict_serves_the_model_and_says_which_cluster_answered(service):
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["labels"] == expected_labels.tolist() and body["clusters"] == expected_routes.tolist()
-        assert set(body["served"].values()) == {"exact"} and set(map(int, body["served"])) == set(expected_routes.tolist())
+        assert set(body["served"].values()) == {"exact"} and set(map(int, body["served"])) == set(
+            expected_routes.tolist()
+        )
     wrong = client.post("/v1/predict", json={"images": images[:, :-1].tolist()})
     assert wrong.status_code == 422 and "shape" in wrong.json()["error"]
     assert client.post("/v1/predict", json={"images": [[[300] * images.shape[2]] * images.shape[1]]}).status_code == 422
-    assert client.post("/v1/predict", content=_npy(images.astype(np.float32)), headers={"Content-Type": "application/x-npy"}).status_code == 422
+    assert (
+        client.post(
+            "/v1/predict", content=_npy(images.astype(np.float32)), headers={"Content-Type": "application/x-npy"}
+        ).status_code
+        == 422
+    )
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -337,7 +391,11 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
 
     ws = Workspace(tmp_path)
     calls = []
-    worker = BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=3), lambda n: calls.append(n) or {"batch_id": "b", "record": 1, "rebuilt": []})
+    worker = BatchWorker(
+        ws,
+        ServiceParams(batch_window_s=60, max_batch=3),
+        lambda n: calls.append(n) or {"batch_id": "b", "record": 1, "rebuilt": []},
+    )
     assert not worker.due(time.time())
     journal = Journal(ws)
     now = time.time()
@@ -351,12 +409,18 @@ def test_the_worker_starts_a_batch_when_the_window_passed_or_the_batch_is_full(t
     receive("req-c", now)
     assert worker.due(now + 1)  # a full batch does not wait
     assert worker.run_once() is not None and calls == [3] and worker.status()["batches"] == 1
-    failing = BatchWorker(ws, ServiceParams(batch_window_s=0, max_batch=3), lambda n: (_ for _ in ()).throw(LmeraserError("disk full")))
+    failing = BatchWorker(
+        ws, ServiceParams(batch_window_s=0, max_batch=3), lambda n: (_ for _ in ()).throw(LmeraserError("disk full"))
+    )
     assert failing.run_once() is None and failing.status()["last_error"] == "disk full"
-    assert not failing.due(time.time()) and failing.due(time.time() + 6)  # tried again after a pause, not in a tight loop
+    assert not failing.due(time.time()) and failing.due(
+        time.time() + 6
+    )  # tried again after a pause, not in a tight loop
     ws.batches.mkdir(parents=True, exist_ok=True)
     (ws.batches / "batch-0123.json").write_text("{}")
-    assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(now)  # an interrupted batch: at once
+    assert BatchWorker(ws, ServiceParams(batch_window_s=60, max_batch=100), lambda n: None).due(
+        now
+    )  # an interrupted batch: at once
 
 
 def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_waits(tmp_path):
@@ -388,7 +452,15 @@ def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_w
 
     lines = []
     params = ServiceParams(batch_window_s=0, full_scan_every_s=0)
-    worker = BatchWorker(ws, params, run_batch, lines.append, poll_s=0.05, run_tracking=run_tracking, warm_up=lambda: order.append("warm-up"))
+    worker = BatchWorker(
+        ws,
+        params,
+        run_batch,
+        lines.append,
+        poll_s=0.05,
+        run_tracking=run_tracking,
+        warm_up=lambda: order.append("warm-up"),
+    )
     assert not worker.status()["warm"] and not worker.tracking_due(time.time())  # nothing waits
     Journal(ws).append([received_event("req-a")])
     worker.start()
@@ -402,10 +474,18 @@ def test_the_worker_warms_up_first_and_tracks_the_backlog_only_when_no_request_w
     assert order == ["warm-up", "batch", "tracking"] and worker.status()["warm"]
     assert worker.status()["last_tracking"]["waiting"] == ["backlog"] and "tracking server down" in lines[-1]
     now = time.time()
-    assert tracking.backlog_file(ws).exists() and not worker.tracking_due(now) and worker.tracking_due(now + TRACKING_RETRY_S)
+    assert (
+        tracking.backlog_file(ws).exists()
+        and not worker.tracking_due(now)
+        and worker.tracking_due(now + TRACKING_RETRY_S)
+    )
     outage["on"] = False
     worker._tracking_failed_at = 0.0  # the retry interval passed
-    assert worker.track_once()["tracked"] == ["unlearn"] and not tracking.backlog_file(ws).exists() and not worker.tracking_due(time.time())
+    assert (
+        worker.track_once()["tracked"] == ["unlearn"]
+        and not tracking.backlog_file(ws).exists()
+        and not worker.tracking_due(time.time())
+    )
 
 
 def test_a_request_wakes_the_worker_instead_of_waiting_for_its_poll(tmp_path):
@@ -414,7 +494,12 @@ def test_a_request_wakes_the_worker_instead_of_waiting_for_its_poll(tmp_path):
 
     ws = Workspace(tmp_path)
     started = []
-    worker = BatchWorker(ws, ServiceParams(batch_window_s=0, full_scan_every_s=0), lambda n: started.append(time.time()) and None, poll_s=60)
+    worker = BatchWorker(
+        ws,
+        ServiceParams(batch_window_s=0, full_scan_every_s=0),
+        lambda n: started.append(time.time()) and None,
+        poll_s=60,
+    )
     worker.start()
     try:
         time.sleep(0.3)  # the worker is now waiting out its 60 s poll
@@ -446,7 +531,9 @@ def test_the_idle_worker_reads_every_store_again_on_its_schedule_and_shows_hits(
     ws.data.mkdir(parents=True)
     np.save(ws.data / "images.npy", images[1:])
     erased = Keyer(ws).content(content_hash(images[0]))
-    LineageLog(ws.lineage_file).append({"x": "0" * 64}, {"batch_id": "b1", "removed_content_keys": [erased], "clusters_rebuilt": []}, signing_key(ws))
+    LineageLog(ws.lineage_file).append(
+        {"x": "0" * 64}, {"batch_id": "b1", "removed_content_keys": [erased], "clusters_rebuilt": []}, signing_key(ws)
+    )
     lines = []
     worker = BatchWorker(ws, ServiceParams(full_scan_every_s=3600), lambda n: None, lines.append)
     now = time.time()
@@ -458,7 +545,9 @@ def test_the_idle_worker_reads_every_store_again_on_its_schedule_and_shows_hits(
     again = BatchWorker(ws, ServiceParams(full_scan_every_s=3600), lambda n: None, lines.append)
     done = first["finished_at"]
     assert not again.full_scan_due(done) and again.full_scan_due(done + 3600)
-    assert not BatchWorker(ws, ServiceParams(full_scan_every_s=0), lambda n: None).full_scan_due(now + 10**9)  # 0: never
+    assert not BatchWorker(ws, ServiceParams(full_scan_every_s=0), lambda n: None).full_scan_due(
+        now + 10**9
+    )  # 0: never
     # Someone writes the erased image back into the indexed file, keeping its size and mtime.
     victim = ws.data / "images.npy"
     st = victim.stat()
@@ -466,9 +555,15 @@ def test_the_idle_worker_reads_every_store_again_on_its_schedule_and_shows_hits(
         np.save(handle, np.concatenate([images[:1], images[2:]]))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
     found = again.scan_once()
-    assert found["hits"] == 1 and found["locations_with_hits"] == ["data"] and "1 hit(s): forgotten data survives in data" in lines[-1]
+    assert (
+        found["hits"] == 1
+        and found["locations_with_hits"] == ["data"]
+        and "1 hit(s): forgotten data survives in data" in lines[-1]
+    )
     assert again.status()["last_full_scan"]["hits"] == 1
-    broken = BatchWorker(ws, ServiceParams(), lambda n: None, lines.append, run_scan=lambda: (_ for _ in ()).throw(OSError("disk gone")))
+    broken = BatchWorker(
+        ws, ServiceParams(), lambda n: None, lines.append, run_scan=lambda: (_ for _ in ()).throw(OSError("disk gone"))
+    )
     assert broken.scan_once() is None and broken.status()["last_full_scan"]["error"] == "disk gone" and not broken.busy
 
 
@@ -500,11 +595,16 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
                 health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
                 break
             except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
+                assert proc.poll() is None and time.time() < deadline, (
+                    proc.stderr.read() if proc.poll() is not None else "no answer"
+                )
                 time.sleep(0.3)
         assert health.json()["worker"] is None
         # A token in the query string is refused and never written to the access log (issue 21).
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/requests?token=QUERYSECRET0123&sample=s42", timeout=30).status_code == 401
+        assert (
+            httpx.get(f"http://127.0.0.1:{port}/v1/requests?token=QUERYSECRET0123&sample=s42", timeout=30).status_code
+            == 401
+        )
         sid = Workspace(root).manifest("private")["sample_id"][0]
         done = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, cwd=root)
         assert done.returncode == 0 and "accepted req-" in done.stdout and "state received" in done.stdout, done.stderr
@@ -512,12 +612,24 @@ def test_serve_command_without_worker_and_the_cli_refusals_over_http(trained_wor
         other = Workspace(root).manifest("private")["sample_id"][1]
         image = np.zeros(tuple(Workspace(root).source_info()["image_shape"]), dtype=np.uint8)
         np.save(tmp_path / "fixed.npy", image)
-        done = lmeraser_cli("rectify", "--server", f"http://127.0.0.1:{port}", "--sample-id", other, "--input", str(tmp_path / "fixed.npy"), "--json", cwd=root)
+        done = lmeraser_cli(
+            "rectify",
+            "--server",
+            f"http://127.0.0.1:{port}",
+            "--sample-id",
+            other,
+            "--input",
+            str(tmp_path / "fixed.npy"),
+            "--json",
+            cwd=root,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["requests"][0]["kind"] == "rectify"
         copy = root / Journal(Workspace(root)).pending()[1].input_path
         assert np.array_equal(np.load(copy), image)  # the image travelled as bytes and was copied in
-        refused = lmeraser_cli("forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, "--no-process", cwd=root)
+        refused = lmeraser_cli(
+            "forget", "--server", f"http://127.0.0.1:{port}", "--sample-id", sid, "--no-process", cwd=root
+        )
         assert refused.returncode == 1 and "--process/--no-process belongs to the service" in refused.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

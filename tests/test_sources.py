@@ -108,7 +108,10 @@ def test_npz_sources(tmp_path):
     ("arrays", "needle"),
     [
         ({"x_train": np.zeros((4, 5)), "y_train": np.zeros(4, int)}, "shape (N, H, W)"),
-        ({"x_train": np.zeros((4, 5, 5, 4), np.uint8), "y_train": np.zeros(4, int)}, "(N, H, W, 3) (RGB), got (4, 5, 5, 4)"),
+        (
+            {"x_train": np.zeros((4, 5, 5, 4), np.uint8), "y_train": np.zeros(4, int)},
+            "(N, H, W, 3) (RGB), got (4, 5, 5, 4)",
+        ),
         ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.zeros(3, int)}, "4 images but"),
         ({"x_train": np.full((4, 5, 5), 300), "y_train": np.zeros(4, int)}, "0..255"),
         ({"x_train": np.zeros((4, 5, 5), np.uint8), "y_train": np.full(4, -1)}, "non-negative"),
@@ -154,7 +157,10 @@ def test_fashion_mnist_from_the_debian_package():
     # .ci/run installs Debian's dataset-fashion-mnist; without it this fails, it is not skipped.
     for name, md5 in sources.FASHION_MNIST_PAYLOAD_MD5.items():
         raw = (sources.FASHION_MNIST_DIR / name).read_bytes()
-        assert md5 in (hashlib.md5(gzip.decompress(raw)).hexdigest(),) or hashlib.md5(raw).hexdigest() == sources.FASHION_MNIST_MD5[name]
+        assert (
+            md5 in (hashlib.md5(gzip.decompress(raw)).hexdigest(),)
+            or hashlib.md5(raw).hexdigest() == sources.FASHION_MNIST_MD5[name]
+        )
     data = load_source("fashion-mnist")
     assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
     assert set(np.unique(data.train_labels)) == set(range(10))
@@ -208,7 +214,10 @@ def test_an_image_folder_with_a_test_split_and_subjects(tmp_path):
     _png(tmp_path / "test" / "ant" / "t.png", images[5])
     (tmp_path / "subjects.csv").write_text(
         "file,subject_id\n"
-        + "".join(f"train/{c}/{n},s{n}\n" for c, n in [("ant", "0.png"), ("ant", "2.png"), ("cat", "1.png"), ("cat", "3.png"), ("cat", "grey.png")])
+        + "".join(
+            f"train/{c}/{n},s{n}\n"
+            for c, n in [("ant", "0.png"), ("ant", "2.png"), ("cat", "1.png"), ("cat", "3.png"), ("cat", "grey.png")]
+        )
     )
     data = load_source(f"folder:{tmp_path}")
     assert data.train_images.shape == (5, 10, 12, 3) and data.train_labels.tolist() == [0, 0, 1, 1, 1]
@@ -258,11 +267,17 @@ def test_cifar_binary_distribution(tmp_path, classes):
     folder = tmp_path / ("cifar-10-batches-bin" if classes == 10 else "cifar-100-binary")
     label_bytes = 1 if classes == 10 else 2
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if classes == 10 else ["train.bin"]
-    first = [_cifar_file(folder / name, [i % classes, (i + 7) % classes], label_bytes, rng) for i, name in enumerate(names)][0]
+    first = [
+        _cifar_file(folder / name, [i % classes, (i + 7) % classes], label_bytes, rng) for i, name in enumerate(names)
+    ][0]
     test = _cifar_file(folder / ("test_batch.bin" if classes == 10 else "test.bin"), [classes - 1], label_bytes, rng)
     data = load_source(f"cifar{classes}:{tmp_path}")  # the parent of the extracted folder also works
     assert data.train_images.shape == (2 * len(names), 32, 32, 3) and data.train_labels[:2].tolist() == [0, 7 % classes]
-    assert np.array_equal(data.train_images[:2], first) and np.array_equal(data.test_images, test) and data.test_labels.tolist() == [classes - 1]
+    assert (
+        np.array_equal(data.train_images[:2], first)
+        and np.array_equal(data.test_images, test)
+        and data.test_labels.tolist() == [classes - 1]
+    )
     with open(folder / names[0], "ab") as handle:
         handle.write(b"x")
     with pytest.raises(DataError, match="not a whole number of .*-byte CIFAR records"):
@@ -329,7 +344,10 @@ def test_labels_are_bounded_class_indices(tmp_path):
     np.savez(tmp_path / "huge.npz", x_train=images, y_train=np.array([0, 1, 2**40]))
     with pytest.raises(DataError) as refused:
         load_source(f"npz:{tmp_path / 'huge.npz'}")
-    assert str(refused.value) == f"{tmp_path / 'huge.npz'}:y_train: label {2**40} is too large; labels are class indices below {sources.MAX_CLASSES}."
+    assert str(refused.value) == (
+        f"{tmp_path / 'huge.npz'}:y_train: label {2**40} is too large; "
+        f"labels are class indices below {sources.MAX_CLASSES}."
+    )
     np.savez(tmp_path / "fine.npz", x_train=images, y_train=np.array([0, 1, sources.MAX_CLASSES - 1]))
     assert load_source(f"npz:{tmp_path / 'fine.npz'}").train_labels.max() == sources.MAX_CLASSES - 1
 

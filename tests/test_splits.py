@@ -121,7 +121,9 @@ def test_re_ingestion_without_the_salt_is_refused_and_writes_nothing(tmp_path):
     ws = Workspace(tmp_path)
     init_data(DataParams(), 0, ws)
     victim = ws.split("private").manifest.iloc[0]
-    suppression.add(ws, [{"sample_id": victim.sample_id, "content_key": Keyer(ws).content(victim.content_hash), "reason": "forget"}])
+    suppression.add(
+        ws, [{"sample_id": victim.sample_id, "content_key": Keyer(ws).content(victim.content_hash), "reason": "forget"}]
+    )
     before = _files(tmp_path / "data")
     ws.subject_salt_file.unlink()
     with pytest.raises(DataError, match="secret salt is missing"):

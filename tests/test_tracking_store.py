@@ -56,12 +56,23 @@ def _leftovers(ws: Workspace) -> list[str]:
 def test_a_process_killed_while_creating_the_store_leaves_none_and_the_next_command_works(trained_workspace, tmp_path):
     ws = _copy(trained_workspace, tmp_path / "ws")
     env = {**os.environ, "LMERASER_FAILPOINT": "mlflow:store-initialized"}
-    killed = subprocess.run([str(BIN / "lmeraser"), "stage", "validate", "--root", str(ws.root)], env=env, capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [str(BIN / "lmeraser"), "stage", "validate", "--root", str(ws.root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # Killed with the tables made and migrated, before the experiment and the rename: no store.
     assert not ws.mlflow_db.exists()
     assert _leftovers(ws), "the kill did not happen inside the store's creation"
-    done = subprocess.run([str(BIN / "lmeraser"), "stage", "validate", "--root", str(ws.root)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(BIN / "lmeraser"), "stage", "validate", "--root", str(ws.root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert _schema(ws.mlflow_db) == _head() and _leftovers(ws) == []
     client = MlflowClient(tracking_uri=tracking.default_tracking_uri(ws))
@@ -86,7 +97,9 @@ def test_a_half_made_store_from_an_earlier_version_is_rebuilt(trained_workspace,
     with tracking.stage_run(ws, "validate", {"seed": 0}) as run:
         tracking.log_metrics({"x": 1.0})
     assert _schema(ws.mlflow_db) == _head()
-    assert MlflowClient(tracking_uri=tracking.default_tracking_uri(ws)).get_run(run.info.run_id).data.metrics == {"x": 1.0}
+    assert MlflowClient(tracking_uri=tracking.default_tracking_uri(ws)).get_run(run.info.run_id).data.metrics == {
+        "x": 1.0
+    }
 
 
 def test_an_outdated_store_that_holds_runs_is_never_rebuilt(trained_workspace, tmp_path):
@@ -128,7 +141,9 @@ def test_logging_the_served_model_warns_nothing(registered):
     model = client.get_model_version(tracking.REGISTERED_MODEL, "1")
     logged = client.get_logged_model(model.source.removeprefix("models:/"))
     folder = logged.artifact_location.removeprefix("file://")
-    assert os.path.exists(os.path.join(folder, "input_example.json")) and os.path.exists(os.path.join(folder, "MLmodel"))
+    assert os.path.exists(os.path.join(folder, "input_example.json")) and os.path.exists(
+        os.path.join(folder, "MLmodel")
+    )
 
 
 def test_a_copied_workspace_logs_into_and_purges_from_its_own_artifacts(registered, tmp_path, monkeypatch):
@@ -188,4 +203,8 @@ def test_the_tracking_backlog_keeps_what_failed_and_never_raises(tmp_path):
     assert tracking.track_backlog(ws, flaky, lines.append) == {"tracked": [], "waiting": []}
     tracking.backlog_file(ws).write_text("{not json")
     altered = tracking.track_backlog(ws, flaky, lines.append)
-    assert altered["waiting"] == ["unreadable backlog"] and tracking.backlog_file(ws).exists() and "not a tracking backlog" in lines[-1]
+    assert (
+        altered["waiting"] == ["unreadable backlog"]
+        and tracking.backlog_file(ws).exists()
+        and "not a tracking backlog" in lines[-1]
+    )

@@ -39,7 +39,11 @@ def _record(ws: Workspace, request_id: str):
     from lmeraser.journal import Journal
     from lmeraser.lineage.records import lineage_log, signing_key
 
-    record = lineage_log(ws).append({"artifacts/prompts/index.json": os.urandom(32).hex()}, {"requests": [{"request_id": request_id}]}, signing_key(ws))
+    record = lineage_log(ws).append(
+        {"artifacts/prompts/index.json": os.urandom(32).hex()},
+        {"requests": [{"request_id": request_id}]},
+        signing_key(ws),
+    )
     Journal(ws).append([received_event(request_id)])
     Journal(ws).append([{"request_id": request_id, "state": "verified", "time": time.time(), "record": record.number}])
     return record
@@ -65,14 +69,20 @@ def _re_sign(ws: Workspace, intruder: Ed25519PrivateKey) -> None:
     log = LineageLog(ws.lineage_file)
     forged = LineageLog(ws.root / "forged.jsonl")
     for record in log.read_unverified():
-        body = {k: v for k, v in record.predicate.items() if k not in ("sequence", "previous_record_sha256", "anchored", "signer")}
+        body = {
+            k: v
+            for k, v in record.predicate.items()
+            if k not in ("sequence", "previous_record_sha256", "anchored", "signer")
+        }
         forged.append(record.subjects, {**body, "signer": keys.key_id(intruder.public_key())}, intruder)
     os.replace(forged.path, log.path)
     os.replace(forged.head_path, log.head_path)
 
 
 def _private_pem(key: Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 # -- finding 1: the pinned signer ----------------------------------------------------------------
@@ -108,7 +118,10 @@ def test_a_new_signer_committed_to_git_without_a_rotation_fails(ws):
     ws.signer_file.write_bytes(keys.public_pem(intruder))
     _re_sign(ws, intruder)
     _commit(ws, "a new key, committed")
-    with pytest.raises(LmeraserError, match=r"commit [0-9a-f]{12} pinned the signer ed25519:[0-9a-f]{64}, which is none of the log's signers"):
+    with pytest.raises(
+        LmeraserError,
+        match=r"commit [0-9a-f]{12} pinned the signer ed25519:[0-9a-f]{64}, which is none of the log's signers",
+    ):
         _verified(ws)
 
 
@@ -133,10 +146,17 @@ def test_a_key_rotation_is_a_signed_record_and_the_only_way_to_change_the_signer
     rotation = rotate_key(ws, reason="yearly")
     new = signing_key(ws)
     assert rotation.is_rotation and rotation.number == 2
-    assert rotation.predicate["old_signer"] == keys.key_id(old.public_key()) and rotation.predicate["new_signer"] == keys.key_id(new.public_key())
-    assert rotation.subjects == LineageLog(ws.lineage_file).read_unverified()[0].subjects  # a rotation changes no artifact
+    assert rotation.predicate["old_signer"] == keys.key_id(old.public_key()) and rotation.predicate[
+        "new_signer"
+    ] == keys.key_id(new.public_key())
+    assert (
+        rotation.subjects == LineageLog(ws.lineage_file).read_unverified()[0].subjects
+    )  # a rotation changes no artifact
     envelope = json.loads(LineageLog(ws.lineage_file).envelope(2))
-    assert {s["keyid"] for s in envelope["signatures"]} == {keys.key_id(old.public_key()), keys.key_id(new.public_key())}
+    assert {s["keyid"] for s in envelope["signatures"]} == {
+        keys.key_id(old.public_key()),
+        keys.key_id(new.public_key()),
+    }
     assert stat.S_IMODE(ws.signing_key_file.stat().st_mode) == 0o600
     assert keys.key_id(keys.load_public_key(ws.signer_file)) == keys.key_id(new.public_key())
     assert not ws.signing_key_file.with_name(ws.signing_key_file.name + ".next").exists()
@@ -195,7 +215,10 @@ def test_an_interrupted_rotation_fails_verify_until_rotate_key_finishes_it(ws):
 
     _record(ws, "r1")
     old = signing_key(ws)
-    code = f"from lmeraser.workspace import Workspace; from lmeraser.lineage.records import rotate_key; rotate_key(Workspace({str(ws.root)!r}))"
+    code = (
+        "from lmeraser.workspace import Workspace; from lmeraser.lineage.records import rotate_key; "
+        f"rotate_key(Workspace({str(ws.root)!r}))"
+    )
     env = {**os.environ, "LMERASER_FAILPOINT": "atomic:lineage-public-key.pem"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
     assert done.returncode == -9  # killed after the log handed over, before the pin followed
@@ -248,7 +271,9 @@ def test_a_lost_salt_is_never_regenerated(ws, evidence):
         Journal(ws).append([received_event("r1", subject_hashes=(keyer.subject("alice"),))])
     ws.subject_salt_file.unlink()
     for create in (True, False):  # the next forget, batch or data init
-        with pytest.raises(DataError, match="secret salt is missing, though .* keyed with it; restore it from your secret store"):
+        with pytest.raises(
+            DataError, match="secret salt is missing, though .* keyed with it; restore it from your secret store"
+        ):
             Keyer(ws, create=create)
     assert not ws.subject_salt_file.exists()
     from lmeraser.salt import check_salt  # what a batch's capture step calls before any change
@@ -303,7 +328,8 @@ def test_a_fifo_salt_is_refused_without_blocking(ws):
     ws.keys_dir.mkdir(parents=True, mode=0o700)
     os.mkfifo(ws.subject_salt_file, 0o600)
     code = (
-        "from lmeraser.workspace import Workspace; from lmeraser.salt import Keyer; from lmeraser.errors import LmeraserError\n"
+        "from lmeraser.workspace import Workspace; from lmeraser.salt import Keyer; "
+        "from lmeraser.errors import LmeraserError\n"
         f"try:\n    Keyer(Workspace({str(ws.root)!r}))\nexcept LmeraserError as error:\n    print(error)"
     )
     done = _python(code, timeout=60)  # before: blocked forever opening the FIFO
@@ -320,8 +346,13 @@ def test_a_log_rolled_back_with_its_head_fails_against_the_journal(ws):
     assert len(_verified(ws)) == 2
     for name, raw in earlier.items():
         (ws.root / name).write_bytes(raw)
-    assert len(LineageLog(ws.lineage_file).verify(keys.load_public_key(ws.signer_file))) == 1  # the log alone looks sound
-    with pytest.raises(LmeraserError, match="request r2 was verified by lineage record 2, but the log holds 1 record\\(s\\); the log was rolled back"):
+    assert (
+        len(LineageLog(ws.lineage_file).verify(keys.load_public_key(ws.signer_file))) == 1
+    )  # the log alone looks sound
+    with pytest.raises(
+        LmeraserError,
+        match="request r2 was verified by lineage record 2, but the log holds 1 record\\(s\\); the log was rolled back",
+    ):
         _verified(ws)
 
 
@@ -335,7 +366,10 @@ def test_a_log_rolled_back_with_its_journal_fails_against_the_head_history(ws):
     assert len(_verified(ws)) == 2
     _git(ws, "checkout", first, "--", "audit/lineage.jsonl", "audit/lineage.head.json", "audit/journal.jsonl")
     _git(ws, "commit", "-qm", "roll back")
-    with pytest.raises(LmeraserError, match="holds 1 record\\(s\\), but the signed head committed in [0-9a-f]{12} listed 2; the log was rolled back"):
+    with pytest.raises(
+        LmeraserError,
+        match="holds 1 record\\(s\\), but the signed head committed in [0-9a-f]{12} listed 2; the log was rolled back",
+    ):
         _verified(ws)
 
 
@@ -383,7 +417,9 @@ def test_audit_verify_refuses_a_fifo_head_or_pin_without_blocking(ws, anchor):
     path = LineageLog(ws.lineage_file).head_path if anchor == "head" else ws.signer_file
     path.unlink()
     os.mkfifo(path)
-    done = subprocess.run([str(BIN / "lmeraser"), "audit", "verify", "--root", str(ws.root)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(BIN / "lmeraser"), "audit", "verify", "--root", str(ws.root)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     what = "signed head" if anchor == "head" else "pinned signer"
     assert f"{what} is not a regular file (a FIFO)" in done.stderr and "Traceback" not in done.stderr

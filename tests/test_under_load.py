@@ -34,7 +34,15 @@ def _env(**extra: str) -> dict:
 
 
 def _cli(*args: str, cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(BIN / "lmeraser"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _state(root: Path) -> dict | None:
@@ -60,7 +68,11 @@ def _gone(pid: int, within: float) -> bool:
 
 
 def _flow_runs(url: str) -> list[dict]:
-    request = urllib.request.Request(f"{url}/flow_runs/filter", data=json.dumps({"limit": 200}).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/flow_runs/filter",
+        data=json.dumps({"limit": 200}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as answer:
         return json.load(answer)
 
@@ -76,7 +88,15 @@ def standing_repo(tmp_path_factory):
     env = _env()
     done = _cli("data", "init", cwd=root, env=env)
     assert done.returncode == 0, done.stderr
-    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    repro = subprocess.run(
+        [str(BIN / "dvc"), "repro"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        stdin=subprocess.DEVNULL,
+    )
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     yield root, repro
     _stop(root)
@@ -85,7 +105,15 @@ def standing_repo(tmp_path_factory):
 def test_every_stage_of_one_dvc_repro_shares_one_standing_server(standing_repo):
     root, repro = standing_repo
     output = repro.stdout + repro.stderr
-    assert ran_stages(repro.stdout) == ["validate", "backbone", "prototypes", "assign", "train", "evaluate", "baselines"]
+    assert ran_stages(repro.stdout) == [
+        "validate",
+        "backbone",
+        "prototypes",
+        "assign",
+        "train",
+        "evaluate",
+        "baselines",
+    ]
     state = _state(root)
     assert state is not None, "no standing server was recorded"
     # One start for seven stage processes, and every stage's flow run is on that one server.
@@ -97,10 +125,19 @@ def test_every_stage_of_one_dvc_repro_shares_one_standing_server(standing_repo):
     assert _alive(state["pid"]) and os.getsid(state["pid"]) == state["pid"]
     # The database and log live in the workspace, git-ignored (`git status` stays clean of them).
     assert (root / ".lmeraser" / "prefect" / "prefect.db").exists()
-    assert ".lmeraser" not in subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    assert (
+        ".lmeraser"
+        not in subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    )
     # A later command reuses it; `prefect status` reports it.
     status = _cli("prefect", "status", "--json", cwd=root, env=_env())
-    assert json.loads(status.stdout) == {**json.loads(status.stdout), "running": True, "pid": state["pid"], "url": state["url"], "healthy": True}
+    assert json.loads(status.stdout) == {
+        **json.loads(status.stdout),
+        "running": True,
+        "pid": state["pid"],
+        "url": state["url"],
+        "healthy": True,
+    }
 
 
 def test_the_users_own_prefect_url_is_used_and_nothing_is_started(tmp_path):
@@ -114,7 +151,8 @@ def test_the_users_own_prefect_url_is_used_and_nothing_is_started(tmp_path):
 def _ensure_script(root: Path, hold: float = 0.0) -> list[str]:
     code = (
         "import json, os, sys, time; from pathlib import Path; from lmeraser import prefect_server as p; "
-        f"url = p.ensure(Path({str(root)!r})); print(json.dumps({{'url': url, 'started': p._held['started']}}), flush=True); time.sleep({hold})"
+        f"url = p.ensure(Path({str(root)!r})); "
+        f"print(json.dumps({{'url': url, 'started': p._held['started']}}), flush=True); time.sleep({hold})"
     )
     return [sys.executable, "-c", code]
 
@@ -122,7 +160,10 @@ def _ensure_script(root: Path, hold: float = 0.0) -> list[str]:
 def test_processes_starting_at_once_start_one_server_and_a_dead_one_is_replaced(tmp_path):
     root = tmp_path
     env = _env()
-    procs = [subprocess.Popen(_ensure_script(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(_ensure_script(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     answers = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
     try:
         assert len({a["url"] for a in answers}) == 1, answers
@@ -131,9 +172,16 @@ def test_processes_starting_at_once_start_one_server_and_a_dead_one_is_replaced(
         # A server killed outright (a crash, an OOM kill) is found dead and replaced.
         os.killpg(first["pid"], signal.SIGKILL)
         assert _gone(first["pid"], 30)
-        again = json.loads(subprocess.run(_ensure_script(root), env=env, capture_output=True, text=True, timeout=600).stdout)
+        again = json.loads(
+            subprocess.run(_ensure_script(root), env=env, capture_output=True, text=True, timeout=600).stdout
+        )
         second = _state(root)
-        assert again["started"] and second["pid"] != first["pid"] and again["url"] == second["url"] and _alive(second["pid"])
+        assert (
+            again["started"]
+            and second["pid"] != first["pid"]
+            and again["url"] == second["url"]
+            and _alive(second["pid"])
+        )
     finally:
         _stop(root)
     assert _state(root) is None
@@ -144,17 +192,23 @@ def test_a_server_that_cannot_start_in_time_is_one_sentence_and_leaves_nothing_r
     done = _cli("stage", "validate", cwd=tmp_path, env=_env(LMERASER_PREFECT_START_TIMEOUT="0.5"))
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("started the workspace")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "LMERASER_PREFECT_START_TIMEOUT" in lines[0], done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "LMERASER_PREFECT_START_TIMEOUT" in lines[0], (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr and _state(tmp_path) is None
     assert not (tmp_path / "artifacts" / "validation").exists()
     # A bad setting is one sentence too.
     done = _cli("stage", "validate", cwd=tmp_path, env=_env(LMERASER_PREFECT_START_TIMEOUT="soon"))
-    assert done.returncode == 1 and done.stderr.strip().splitlines() == ["error: $LMERASER_PREFECT_START_TIMEOUT='soon': expected a number of seconds."]
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: $LMERASER_PREFECT_START_TIMEOUT='soon': expected a number of seconds."
+    ]
 
 
 def test_an_idle_server_stops_by_itself_but_never_under_a_process_using_it(tmp_path):
     env = _env(LMERASER_PREFECT_IDLE_TIMEOUT="2")
-    holder = subprocess.Popen(_ensure_script(tmp_path, hold=12), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        _ensure_script(tmp_path, hold=12), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         json.loads(holder.stdout.readline())
         pid = _state(tmp_path)["pid"]
@@ -247,7 +301,9 @@ def test_an_expected_error_inside_a_flow_is_one_sentence_once(tmp_path):
     assert done.returncode == 1
     sentence = "run `dvc repro` first, then `lmeraser unlearn`"
     assert (done.stdout + done.stderr).count(sentence) == 1, done.stderr
-    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("error: the pipeline is not up to date")
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith(
+        "error: the pipeline is not up to date"
+    )
     debug = lmeraser_cli("--debug", "unlearn", "--no-git-commit", cwd=root)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "LmeraserError" in debug.stderr
 
@@ -276,7 +332,9 @@ def test_data_init_source_that_cannot_be_recorded_changes_nothing(tmp_path):
     from test_sources import make_idx_dir
 
     params = {**TINY, "data": {**TINY["data"]}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, default_flow_style=True))  # data: {source: digits, ...}
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(params, default_flow_style=True)
+    )  # data: {source: digits, ...}
     before = (tmp_path / "params.yaml").read_text()
     done = lmeraser_cli("data", "init", "--source", f"idx:{make_idx_dir(tmp_path / 'idx')}", "--no-dvc", cwd=tmp_path)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and "no `source:` line" in done.stderr

@@ -49,8 +49,18 @@ def test_tombstoned_samples_fail_without_the_data_docs_naming_them(data_dir):
     private = pd.read_csv(data_dir / "private" / "manifest.csv", dtype=str)
     victim, replaced = private.iloc[0], private.iloc[1]
     rows = [
-        {"sample_id": victim.sample_id, "content_key": Keyer(ws).content(victim.content_hash), "reason": "forget", "label": ""},
-        {"sample_id": "", "content_key": Keyer(ws).content(replaced.content_hash), "reason": "rectify-input", "label": ""},
+        {
+            "sample_id": victim.sample_id,
+            "content_key": Keyer(ws).content(victim.content_hash),
+            "reason": "forget",
+            "label": "",
+        },
+        {
+            "sample_id": "",
+            "content_key": Keyer(ws).content(replaced.content_hash),
+            "reason": "rectify-input",
+            "label": "",
+        },
     ]
     pd.DataFrame(rows).to_csv(data_dir / "tombstones.csv", index=False)
     report = _validate(data_dir)
@@ -94,7 +104,10 @@ def test_only_splits_whose_files_changed_have_their_images_checked_again(data_di
     assert first.success and first.statistics["facts_reused"] == []
     again = validate_splits(ws)
     assert again.success and again.statistics["facts_reused"] == ["public", "private", "test"]
-    assert again.statistics["rows"] == first.statistics["rows"] and again.statistics["evaluated"] == first.statistics["evaluated"]
+    assert (
+        again.statistics["rows"] == first.statistics["rows"]
+        and again.statistics["evaluated"] == first.statistics["evaluated"]
+    )
     from lmeraser.data.splits import remove_samples
 
     remove_samples([ws.split("private").sample_ids[0]], "private", ws)
@@ -122,7 +135,9 @@ def _tombstone(ws, row, reason="forget"):
 
     path = ws.tombstones_file
     key = Keyer(ws).content(row.content_hash)
-    line = pd.DataFrame([{"sample_id": row.sample_id if reason == "forget" else "", "content_key": key, "reason": reason, "label": ""}])
+    line = pd.DataFrame(
+        [{"sample_id": row.sample_id if reason == "forget" else "", "content_key": key, "reason": reason, "label": ""}]
+    )
     line.to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
@@ -158,7 +173,11 @@ def _empty_a_class(ws, data_dir):
 
 
 def _flip_pixels_of_a_changed_row(ws, data_dir):
-    _edit_manifest(data_dir, "private", lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]))
+    _edit_manifest(
+        data_dir,
+        "private",
+        lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]),
+    )
     images = np.load(data_dir / "private" / "images.npy")
     images[0, 0, 0] ^= 0xFF
     np.save(data_dir / "private" / "images.npy", images)
@@ -186,7 +205,9 @@ def test_the_changed_rows_check_catches_what_the_whole_suite_catches(data_dir, t
     assert any(needle in f for f in changed.failures), changed.failures
     assert "run `lmeraser stage validate` for every row" in changed.reason()
     whole = validate_splits(ws)
-    assert whole.statistics["mode"] == "full" and not whole.success and any(needle in f for f in whole.failures), whole.failures
+    assert whole.statistics["mode"] == "full" and not whole.success and any(needle in f for f in whole.failures), (
+        whole.failures
+    )
 
 
 def test_a_forget_is_validated_from_its_changed_rows_and_a_bad_summary_means_every_row(data_dir):
@@ -204,7 +225,11 @@ def test_a_forget_is_validated_from_its_changed_rows_and_a_bad_summary_means_eve
     report = validate_splits(ws, changed_only=True)
     assert report.success and report.statistics["mode"] == "changed rows" and report.statistics["rows_checked"] == 0
     # A relabelled row is the one row checked.
-    _edit_manifest(data_dir, "public", lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]))
+    _edit_manifest(
+        data_dir,
+        "public",
+        lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]),
+    )
     report = validate_splits(ws, changed_only=True)
     assert report.success and report.statistics["rows_checked"] == 1
     # An altered summary (someone without the salt), or tombstones rewritten rather than appended: every row.

@@ -46,7 +46,9 @@ def open_envelope(envelope: dict, public_key) -> dict:
     mine = [s for s in envelope["signatures"] if s["keyid"] == key_id(public_key)]
     if not mine:
         raise ValueError(f"no signature by {key_id(public_key)}")
-    public_key.verify(base64.b64decode(mine[0]["sig"], validate=True), pae(PAYLOAD_TYPE, payload))  # InvalidSignature if not
+    public_key.verify(
+        base64.b64decode(mine[0]["sig"], validate=True), pae(PAYLOAD_TYPE, payload)
+    )  # InvalidSignature if not
     statement = json.loads(payload)
     if statement.get("_type") != STATEMENT_TYPE:
         raise ValueError("not an in-toto v1 Statement")
@@ -73,7 +75,10 @@ def verify(log: Path, pem: Path) -> int:
         if statement["predicateType"] == ROTATION_TYPE:  # the new key signs from here on
             key = serialization.load_pem_public_key(predicate["new_public_key"].encode())
         method = predicate.get("method", "?")
-        print(f"record {number}: OK ({method}, batch {predicate.get('batch_id', '-')}, {len(predicate.get('requests', []))} request(s))")
+        print(
+            f"record {number}: OK ({method}, batch {predicate.get('batch_id', '-')}, "
+            f"{len(predicate.get('requests', []))} request(s))"
+        )
         previous = hashlib.sha256(line).hexdigest()
     head = log.with_name(log.stem + ".head.json")
     try:

@@ -17,8 +17,9 @@ Hayes et al. 2024), affordable here because a reference is one cluster's prompt 
               reference and the pre-forget exact prompt; its spread is pooled within the IN and
               the OUT side (they differ as whole models), over the entries whose mean on the
               fitted side is nearest the sample's (a score's variance depends on its level), and
-              floored by the sample's own spread when it has two scores or more on that side. A tested score is compared with the predictive
-              variance sigma^2 (1 + 1/n) of a new draw.
+              floored by the sample's own spread when it has two scores or more on that side. A
+              tested score is compared with the predictive variance sigma^2 (1 + 1/n) of a new
+              draw.
   test        p = P(OUT score >= s), the one-sided p-value of a served model's score s; and the
               likelihood ratio N(s; IN) / N(s; OUT), the power. A sample is detectable when p is
               at most alpha / m, m the samples audited in the batch (Bonferroni: a correct exact
@@ -96,10 +97,14 @@ def reference_seed(cluster_seed: int, side: str, index: int) -> int:
     """
     if side == "out" and index == 0:
         return cluster_seed
-    return int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    return (
+        int.from_bytes(hashlib.sha256(f"audit:{cluster_seed}:{side}:{index}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    )
 
 
-def chosen_samples(requests: list[Request], eligible: Callable[[str], bool], limit: int, seed: int) -> dict[str, list[str]]:
+def chosen_samples(
+    requests: list[Request], eligible: Callable[[str], bool], limit: int, seed: int
+) -> dict[str, list[str]]:
     """request id -> the forget request's samples to audit: at most `limit`, the first in a fixed
     seeded order (the same on every run), among the `eligible` ones.
 
@@ -236,7 +241,9 @@ class Scorer:
         return scored
 
 
-def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, workers: int) -> dict[int, list[Scored]]:
+def train_references(
+    scorer: Scorer, cases: list[ClusterCase], references: int, workers: int
+) -> dict[int, list[Scored]]:
     """Every case's fresh references, `workers` at a time: `references` IN, and `references` + 1 OUT
     (the first with the cluster's own seed: the expected rebuild); cluster -> scored references.
 
@@ -246,7 +253,12 @@ def train_references(scorer: Scorer, cases: list[ClusterCase], references: int, 
         references: IN references per cluster (`audit.references`).
         workers: references trained at once (`runtime.workers`; at least 1).
     """
-    jobs = [(case, side, i) for case in cases for side, count in (("in", references), ("out", references + 1)) for i in range(count)]
+    jobs = [
+        (case, side, i)
+        for case in cases
+        for side, count in (("in", references), ("out", references + 1))
+        for i in range(count)
+    ]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda job: scorer.reference(*job), jobs))
     out: dict[int, list[Scored]] = {case.cluster: [] for case in cases}
@@ -274,7 +286,10 @@ def _population(in_models: list[Scored], out_models: list[Scored]) -> np.ndarray
         return np.zeros((0, 3))
     width = groups[0].shape[1]
     squares = sum(((g - g.mean(0)) ** 2).sum(0) for g in groups)
-    means = [np.array([r.members + r.test for r in models], float).mean(0) if models else np.full(width, np.nan) for models in (in_models, out_models)]
+    means = [
+        np.array([r.members + r.test for r in models], float).mean(0) if models else np.full(width, np.nan)
+        for models in (in_models, out_models)
+    ]
     return np.stack([means[0], means[1], squares / dof], 1)
 
 
@@ -297,10 +312,10 @@ def _fit(scores: list[float], population: np.ndarray, side: int) -> dict:
 
 def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     """The p-value of `score` under the OUT fit (one-sided: members score higher) and the log10
-    likelihood ratio IN / OUT (one-sided too: at most 0 at or below the OUT mean), both with the predictive spread of a new draw, sigma^2 (1 + 1/n),
-    in Student's t with the variance's `dof` degrees of freedom (counted in models, the conservative
-    count: with a handful of references the variance itself is uncertain, and a normal tail would
-    call genuine OUT scores detectable)."""
+    likelihood ratio IN / OUT (one-sided too: at most 0 at or below the OUT mean), both with the
+    predictive spread of a new draw, sigma^2 (1 + 1/n), in Student's t with the variance's `dof`
+    degrees of freedom (counted in models, the conservative count: with a handful of references the
+    variance itself is uncertain, and a normal tail would call genuine OUT scores detectable)."""
     from scipy.stats import t
 
     if not fit_out["n"] or fit_out["variance"] is None:
@@ -310,7 +325,10 @@ def _test(score: float, fit_in: dict, fit_out: dict, dof: int) -> dict:
     lr = None
     if fit_in["n"] and fit_in["variance"] is not None:
         scale_in = math.sqrt(fit_in["variance"] * (1 + 1 / fit_in["n"]))
-        lr = float((t.logpdf(score, dof, fit_in["mean"], scale_in) - t.logpdf(score, dof, fit_out["mean"], scale_out)) / math.log(10))
+        lr = float(
+            (t.logpdf(score, dof, fit_in["mean"], scale_in) - t.logpdf(score, dof, fit_out["mean"], scale_out))
+            / math.log(10)
+        )
         if score <= fit_out["mean"]:
             # One-sided, like p: a score at or below the OUT mean is no evidence of membership. With
             # a wider IN fit the two-sided ratio would read high far out in the low tail.
@@ -340,8 +358,12 @@ def judge(
         reused: name -> (side, scores) of the pre-forget exact and rebuilt prompts.
         threshold: the p-value at or below which a score is detectable (alpha / samples audited).
     """
-    in_digests = {r.digest for r in fresh if r.name.startswith("in:")} | {s.digest for side, s in reused.values() if side == "in"}
-    with_population = [(r.name.split(":")[0], r) for r in fresh] + [(side, m) for side, m in reused.values() if m.members or m.test]
+    in_digests = {r.digest for r in fresh if r.name.startswith("in:")} | {
+        s.digest for side, s in reused.values() if side == "in"
+    }
+    with_population = [(r.name.split(":")[0], r) for r in fresh] + [
+        (side, m) for side, m in reused.values() if m.members or m.test
+    ]
     population_in = [m for side, m in with_population if side == "in"]
     population_out = [m for side, m in with_population if side == "out" and m.digest not in in_digests]
     population = _population(population_in, population_out)
@@ -389,10 +411,13 @@ def summary(samples: list[dict], settings: dict, threshold: float, references: d
     counts = {v: sum(1 for s in samples if s["verdict"] == v) for v in VERDICTS}
     after = [s["after"]["p_value"] for s in samples if s.get("after") and s["after"]["p_value"] is not None]
     return {
-        "statistic": "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)",
+        "statistic": (
+            "LiRA-style likelihood ratio with fresh IN/OUT reference prompts per cluster; score log p_y - log(1 - p_y)"
+        ),
         "fit": (
             "per-sample means; fixed variance pooled within sides over the population entries nearest in level "
-            "(the cluster's members and routed test samples, each under its label and a wrong one), floored by the sample's own spread"
+            "(the cluster's members and routed test samples, each under its label and a wrong one), "
+            "floored by the sample's own spread"
         ),
         "references_per_side": settings["references"],
         "max_samples_per_request": settings["max_samples_per_request"],
@@ -418,7 +443,11 @@ def keyed(samples: list[dict], key: Callable[[str], str], requests_of: dict[str,
     def rounded(test: dict | None) -> dict | None:
         if test is None:
             return None
-        out = {k: (None if v is None else float(f"{v:.6g}")) for k, v in test.items() if k not in ("fit_in", "fit_out", "dof")}
+        out = {
+            k: (None if v is None else float(f"{v:.6g}"))
+            for k, v in test.items()
+            if k not in ("fit_in", "fit_out", "dof")
+        }
         out["dof"] = test.get("dof")
         for side in ("fit_in", "fit_out"):
             fit = test[side]
@@ -462,7 +491,9 @@ def fleet(records: list) -> dict:
             out["records_without_audit"] += 1
             continue
         out["records"] += 1
-        method = out["methods"].setdefault(p.get("method", "exact"), {"verdicts": dict.fromkeys(VERDICTS, 0), "p_values_after": [], "records": []})
+        method = out["methods"].setdefault(
+            p.get("method", "exact"), {"verdicts": dict.fromkeys(VERDICTS, 0), "p_values_after": [], "records": []}
+        )
         method["records"].append(record.number)
         for sample in audit["samples"]:
             method["verdicts"][sample["verdict"]] = method["verdicts"].get(sample["verdict"], 0) + 1
@@ -472,7 +503,11 @@ def fleet(records: list) -> dict:
         values = method["p_values_after"]
         if len(values) >= 2:
             result = kstest(values, "uniform")
-            method["forget_quality"] = {"ks_statistic": float(result.statistic), "ks_p_value": float(result.pvalue), "n": len(values)}
+            method["forget_quality"] = {
+                "ks_statistic": float(result.statistic),
+                "ks_p_value": float(result.pvalue),
+                "n": len(values),
+            }
         else:
             method["forget_quality"] = None
     return out
@@ -531,7 +566,10 @@ def references_before(ws, params, requests: list[Request], test_routes: np.ndarr
         targets = sorted(s for s in request_of if cluster_of[s] == cluster)
         if not len(out_rows):
             # No model can be trained without them: the cluster is retired and serves no one.
-            emptied[str(cluster)] = {"targets": targets, "reason": f"the batch empties cluster {cluster}: it is retired, no OUT reference exists"}
+            emptied[str(cluster)] = {
+                "targets": targets,
+                "reason": f"the batch empties cluster {cluster}: it is retired, no OUT reference exists",
+            }
             continue
         target_rows = np.array([row_of[s] for s in targets])
         seed = index.clusters[str(cluster)].seed
@@ -563,18 +601,24 @@ def references_before(ws, params, requests: list[Request], test_routes: np.ndarr
     seconds = time.perf_counter() - start
     trained = sum(len(v) for v in fresh.values())
     log(
-        f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) in cluster(s) {[c.cluster for c in cases]}; "
-        f"{trained} reference(s) trained in {seconds:.1f}s"
+        f"forgetting audit: {len(request_of)} sample(s) of {len(chosen)} request(s) "
+        f"in cluster(s) {[c.cluster for c in cases]}; {trained} reference(s) trained in {seconds:.1f}s"
     )
     return {
         "audit": audit.model_dump(mode="json"),  # the settings the references were made with: a resumed batch uses them
         "chosen": chosen,
-        "requests_of": {sid: [r.request_id for r in requests if r.kind == "forget" and sid in r.sample_ids] for ids in chosen.values() for sid in ids},
+        "requests_of": {
+            sid: [r.request_id for r in requests if r.kind == "forget" and sid in r.sample_ids]
+            for ids in chosen.values()
+            for sid in ids
+        },
         "clusters": {
             str(case.cluster): {
                 "targets": case.targets,
                 "fresh": [r.to_json() for r in fresh[case.cluster]],
-                "rebuild_digest": fresh[case.cluster][audit.references].digest,  # OUT reference 0: the cluster's own seed
+                "rebuild_digest": fresh[case.cluster][
+                    audit.references
+                ].digest,  # OUT reference 0: the cluster's own seed
                 "pre_forget_exact": served[case.cluster],
                 "population": populations[case.cluster],
             }
@@ -605,7 +649,9 @@ def expected_after(state: dict, served: dict[str, str]) -> tuple[dict[str, float
     return scores, other
 
 
-def served_scores(model, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], batch_size: int) -> dict[str, float]:
+def served_scores(
+    model, images: np.ndarray, labels: np.ndarray, sample_ids: list[str], batch_size: int
+) -> dict[str, float]:
     """sample id -> its score under what the service serves (routed as any query is).
 
     Args:
@@ -632,7 +678,13 @@ def served_digests(model, clusters) -> dict[str, str]:
 
 
 def prompt_scores(
-    model, name: str, state: dict[str, torch.Tensor], images: np.ndarray, labels: np.ndarray, batch_size: int, population: tuple | None = None
+    model,
+    name: str,
+    state: dict[str, torch.Tensor],
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    population: tuple | None = None,
 ) -> Scored:
     """One prompt state (on the served backbone) scored on these images, as the service would
     compute its logits; with `population` (member images, labels, test images, labels) also on the
@@ -664,7 +716,9 @@ def prompt_scores(
         return np.concatenate(chunks)
 
     def both_labels(logits: np.ndarray, y: np.ndarray) -> list[float]:
-        return [float(v) for v in logit_confidence(logits, y)] + [float(v) for v in logit_confidence(logits, (np.asarray(y) + 1) % num_classes)]
+        return [float(v) for v in logit_confidence(logits, y)] + [
+            float(v) for v in logit_confidence(logits, (np.asarray(y) + 1) % num_classes)
+        ]
 
     with compute.scope(), torch.no_grad():
         prompt = load_prompt(model.backbone, model.prompt_params, num_classes, state)
@@ -716,17 +770,26 @@ def conclude(state: dict, params, before: dict, after: dict | None, rebuilt: dic
         reused = {"pre-forget exact": ("in", Scored(**info["pre_forget_exact"]))}
         if rebuilt and rebuilt.get(cluster) is not None and rebuilt[cluster].digest not in {r.digest for r in fresh}:
             reused["rebuilt"] = ("out", rebuilt[cluster])
-        served_before = Scored("served before", before["digests"].get(cluster, "served before"), [before["scores"][s] for s in targets])
+        served_before = Scored(
+            "served before", before["digests"].get(cluster, "served before"), [before["scores"][s] for s in targets]
+        )
         served_after = None
         if after is not None and all(s in after["scores"] for s in targets):
-            served_after = Scored("served after", after["digests"].get(cluster, "served after"), [after["scores"][s] for s in targets])
+            served_after = Scored(
+                "served after", after["digests"].get(cluster, "served after"), [after["scores"][s] for s in targets]
+            )
         samples += judge(targets, fresh, served_before, served_after, reused, threshold)
     for info in (state.get("emptied") or {}).values():
-        samples += [{"sample_id": s, "verdict": "not-audited", "reason": info["reason"], "before": None, "after": None} for s in info["targets"]]
+        samples += [
+            {"sample_id": s, "verdict": "not-audited", "reason": info["reason"], "before": None, "after": None}
+            for s in info["targets"]
+        ]
     return {"samples": samples, "threshold": threshold}
 
 
-def section(state: dict | None, result: dict | None, params, key: Callable[[str], str], seconds: dict, reason: str | None = None) -> dict:
+def section(
+    state: dict | None, result: dict | None, params, key: Callable[[str], str], seconds: dict, reason: str | None = None
+) -> dict:
     """What a record signs about the audit: the batch-level summary and the keyed per-sample
     verdicts, or why there was none.
 
@@ -739,7 +802,11 @@ def section(state: dict | None, result: dict | None, params, key: Callable[[str]
         reason: why there was no audit, where the params do not say (e.g. a backbone rebuild).
     """
     if state is None or result is None:
-        why = reason or ("audit.references is 0" if params.audit.references == 0 else "no forget request names a private sample still in the data")
+        why = reason or (
+            "audit.references is 0"
+            if params.audit.references == 0
+            else "no forget request names a private sample still in the data"
+        )
         return {"status": "no reference audit", "reason": why}
     settings = state.get("audit") or params.audit.model_dump(mode="json")
     references = {
@@ -766,7 +833,9 @@ def in_digests(state: dict | None) -> list[str]:
     """
     if not state:
         return []
-    return sorted(r["digest"] for info in state["clusters"].values() for r in info["fresh"] if r["name"].startswith("in:"))
+    return sorted(
+        r["digest"] for info in state["clusters"].values() for r in info["fresh"] if r["name"].startswith("in:")
+    )
 
 
 def request_verdicts(predicate: dict, request_id: str) -> str:
@@ -807,11 +876,19 @@ def plot_p_values(summary: dict):
     for name, method in sorted(summary["methods"].items()):
         values = np.clip(np.sort(method["p_values_after"]), floor, 1.0)
         if len(values):
-            ax.step(np.concatenate([[floor], values]), np.arange(len(values) + 1) / len(values), where="post", label=f"{name} (n={len(values)})")
+            ax.step(
+                np.concatenate([[floor], values]),
+                np.arange(len(values) + 1) / len(values),
+                where="post",
+                label=f"{name} (n={len(values)})",
+            )
     grid = np.logspace(-12, 0, 200)
     ax.plot(grid, grid, color="grey", lw=0.8, ls="--", label="uniform (forgotten)")
     ax.set_xscale("log")
-    ax.set(xlabel="post-forget p-value under the OUT references (log; below 1e-12 drawn at 1e-12)", ylabel="fraction of audited samples")
+    ax.set(
+        xlabel="post-forget p-value under the OUT references (log; below 1e-12 drawn at 1e-12)",
+        ylabel="fraction of audited samples",
+    )
     ax.set_title("forgetting audit: p-values after")
     ax.set_xlim(floor, 1)
     ax.set_ylim(0, 1)

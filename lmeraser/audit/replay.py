@@ -28,7 +28,21 @@ from lmeraser.workspace import Workspace
 
 # What of a record's environment the artifact keys include (lmeraser/training.py: key_inputs), and
 # what replay compares besides.
-KEYED_ENV_KEYS = ("torch", "timm", "peft", "training_code", "threads", "device", "device_name", "precision", "cuda", "cudnn", "numerics", "pins", "fingerprint")
+KEYED_ENV_KEYS = (
+    "torch",
+    "timm",
+    "peft",
+    "training_code",
+    "threads",
+    "device",
+    "device_name",
+    "precision",
+    "cuda",
+    "cudnn",
+    "numerics",
+    "pins",
+    "fingerprint",
+)
 ENV_KEYS = ("python", "faiss", "numpy", "cpu", *KEYED_ENV_KEYS)
 # Replay's exit status when the bits cannot be compared on this machine (1: they differ).
 CANNOT_COMPARE = 3
@@ -50,8 +64,10 @@ def incomparable(then: dict, now: dict) -> str | None:
         return f"the record was computed on {recorded}, this machine computes on {here}"
     if then["fingerprint"] != now.get("fingerprint"):
         return (
-            f"its numeric fingerprint {str(then['fingerprint'])[:12]} ({then.get('numerics')} numerics on {then.get('cpu')}) differs from this machine's "
-            f"{str(now.get('fingerprint'))[:12]} ({now.get('numerics')} numerics on {now.get('cpu')}), so the same training gives other bits here"
+            f"its numeric fingerprint {str(then['fingerprint'])[:12]} "
+            f"({then.get('numerics')} numerics on {then.get('cpu')}) differs from this machine's "
+            f"{str(now.get('fingerprint'))[:12]} ({now.get('numerics')} numerics on {now.get('cpu')}), "
+            "so the same training gives other bits here"
         )
     return None
 
@@ -86,15 +102,22 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
         raise LmeraserError(f"record {record.number} is a key rotation, not a training run: nothing to replay.")
     if record.predicate.get("method") == "influence":
         raise LmeraserError(
-            f"record {record.number} is an approximate influence update, not a training run; replay the exact record that "
-            "supersedes it (`lmeraser audit show` lists them)."
+            f"record {record.number} is an approximate influence update, not a training run; "
+            "replay the exact record that supersedes it (`lmeraser audit show` lists them)."
         )
     now = environment(params.prompt.kind, ws, params.runtime.threads)
     then = record.predicate["environment"]
     differences = {k: (then.get(k), now.get(k)) for k in ENV_KEYS if then.get(k) != now.get(k)}
     reason = incomparable(then, now)
     if reason:
-        return {"record": record.number, "environment_differences": differences, "comparable": False, "reason": reason, "clusters": [], "ok": False}
+        return {
+            "record": record.number,
+            "environment_differences": differences,
+            "comparable": False,
+            "reason": reason,
+            "clusters": [],
+            "ok": False,
+        }
     asked = record.predicate["clusters_rebuilt"]
     if not asked:
         return {
@@ -120,23 +143,37 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
             continue
         if deployed is None or deployed.sha256 != expected:
             later_number = superseded_by(record, later, cluster)
-            reason = f"superseded by record {later_number}, whose inputs were later changed or erased" if later_number else "no longer deployed"
+            reason = (
+                f"superseded by record {later_number}, whose inputs were later changed or erased"
+                if later_number
+                else "no longer deployed"
+            )
             results.append({"cluster": cluster, "status": f"skipped ({reason})", "match": None})
             log(f"cluster {cluster}: skipped ({reason})")
             continue
         job = jobs[cluster]
         if job.key != deployed.key:
             keyed = [k for k in differences if k in KEYED_ENV_KEYS]
-            cause = f"this machine differs in {', '.join(keyed)}, which the key includes" if keyed else f"data or params changed since record {record.number}"
-            raise LmeraserError(f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; {cause}.")
+            cause = (
+                f"this machine differs in {', '.join(keyed)}, which the key includes"
+                if keyed
+                else f"data or params changed since record {record.number}"
+            )
+            raise LmeraserError(
+                f"cluster {cluster}: the workspace's inputs no longer hash to the deployed artifact key; {cause}."
+            )
         state = trainer.state(job)
         with tempfile.TemporaryDirectory() as tmp:
-            stored = ArtifactStore(tmp).save(job.key, state, {"cluster": cluster, "n_members": len(job.rows), "seed": job.seed})
+            stored = ArtifactStore(tmp).save(
+                job.key, state, {"cluster": cluster, "n_members": len(job.rows), "seed": job.seed}
+            )
         result = {"cluster": cluster, "status": "replayed", "sha256": stored.sha256, "match": stored.sha256 == expected}
         if differences:
             # Another machine or versions: bits may differ legitimately; compare behaviour instead.
             x = preprocess(ws.split("test").images, current.input_spec)
-            recorded = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, current.store.load(deployed.key))
+            recorded = load_prompt(
+                trainer.backbone, params.prompt, trainer.num_classes, current.store.load(deployed.key)
+            )
             replayed = load_prompt(trainer.backbone, params.prompt, trainer.num_classes, state)
             agreement = _agreement(recorded, replayed, x, trainer.compute)
             result["prediction_agreement"] = agreement
@@ -157,7 +194,9 @@ def replay(ws: Workspace, params: Params, record: Record, later: list[Record], l
 
 
 @torch.no_grad()
-def _agreement(recorded: torch.nn.Module, replayed: torch.nn.Module, x: torch.Tensor, compute, batch_size: int = 256) -> float:
+def _agreement(
+    recorded: torch.nn.Module, replayed: torch.nn.Module, x: torch.Tensor, compute, batch_size: int = 256
+) -> float:
     """The share of `x` (preprocessed, in host memory) both models predict alike, batch by batch
     on the compute's device."""
     same = 0

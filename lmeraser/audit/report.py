@@ -48,7 +48,11 @@ def request_rows(records: list[Record]) -> list[dict[str, str]]:
         purge = p.get("purge", {}) if exact else {}
         stores = ", ".join(
             name
-            for name, done in (("MLflow", "artifact_files_removed" in purge), ("DVC cache", purge.get("dvc_gc")), ("DVC remote", purge.get("remote_gc")))
+            for name, done in (
+                ("MLflow", "artifact_files_removed" in purge),
+                ("DVC cache", purge.get("dvc_gc")),
+                ("DVC remote", purge.get("remote_gc")),
+            )
             if done
         )
         scanned = (p.get("verification", {}).get("scan", {}) or {}).get("files_scanned", {}) if exact else {}
@@ -109,10 +113,18 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
     fig, ax = plt.subplots(figsize=(8, 3))
     for r in exact:
         clusters = [c["cluster"] for c in r.predicate["clusters_rebuilt"]]
-        ax.scatter([r.number] * len(clusters), clusters, color="#c44e52", label="exact rebuild" if r is exact[0] else None)
+        ax.scatter(
+            [r.number] * len(clusters), clusters, color="#c44e52", label="exact rebuild" if r is exact[0] else None
+        )
     for r in approximate:
         clusters = [c["cluster"] for c in r.predicate["clusters_edited"]]
-        ax.scatter([r.number] * len(clusters), clusters, color="#8172b2", marker="x", label="influence (approximate)" if r is approximate[0] else None)
+        ax.scatter(
+            [r.number] * len(clusters),
+            clusters,
+            color="#8172b2",
+            marker="x",
+            label="influence (approximate)" if r is approximate[0] else None,
+        )
     if records:
         ax.legend()
     ax.set(xlabel="lineage record", ylabel="cluster", title="clusters changed by each record")
@@ -132,7 +144,11 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
         if points:
             ax.plot(*zip(*points), style, label=label)
     ax.axhline(0.5, color="grey", lw=0.8)
-    ax.set(xlabel="lineage record", ylabel="AUC", title="population membership inference (loss threshold): forgotten samples vs test")
+    ax.set(
+        xlabel="lineage record",
+        ylabel="AUC",
+        title="population membership inference (loss threshold): forgotten samples vs test",
+    )
     ax.legend()
     figures.append(("Membership inference", _png(fig)))
     plt.close(fig)
@@ -144,23 +160,30 @@ def build_report(ws: Workspace, records: list[Record], out: Path, signer: str | 
         plt.close(fig)
     rows = [{**summary_row(r), "record sha256": r.line_sha256[:16]} for r in records]
     if failure:
-        status = f'<p class="fail">VERIFICATION FAILED: {html.escape(failure)}<br>Nothing below is vouched for by a valid signature.</p>'
+        status = (
+            f'<p class="fail">VERIFICATION FAILED: {html.escape(failure)}<br>'
+            "Nothing below is vouched for by a valid signature.</p>"
+        )
     else:
         status = (
-            f'<p class="ok">Verified before this report was written: every signature (key {html.escape(signer or "")}), '
+            '<p class="ok">Verified before this report was written: '
+            f"every signature (key {html.escape(signer or '')}), "
             "the hash chain, and the deployed artifacts against the latest record.</p>"
         )
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmeraser audit report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px}}.fail{{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold}}
-.ok{{background:#dfd;padding:.5em}}</style></head>
-<body><h1>lmeraser audit report</h1>{status}
+    body = (
+        """<!doctype html><html><head><meta charset="utf-8"><title>lmeraser audit report</title>
+<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:4px 8px}.fail{background:#fdd;border:2px solid #c00;padding:1em;font-weight:bold}
+.ok{background:#dfd;padding:.5em}</style></head>
+"""
+        f"""<body><h1>lmeraser audit report</h1>{status}
 <p>{len(records)} lineage record(s); signing key fingerprint: {html.escape(signer or "unverified")}.</p>
 <h2>Requests</h2>{_table(request_rows(records))}
 <h2>Forgetting audit</h2>{_table(fleet_rows(audits))}
 <h2>Records</h2>{_table(rows)}
 {"".join(f'<h2>{html.escape(t)}</h2><img alt="{html.escape(t)}" src="data:image/png;base64,{b}">' for t, b in figures)}
 </body></html>"""
+    )
     atomic_write_text(out, body)
     return out
 

@@ -108,12 +108,20 @@ class ScanReport:
     not_searched: list[str]  # locations this machine cannot read, with why
     read: dict[str, int]  # files read per location; the others were answered by the scan index
     index: dict  # the scan index: mode (incremental | full | none), why a full scan, sha256 as saved
-    remote_stores: dict = field(default_factory=dict)  # searched stores not on this machine: what and where (no credentials)
+    remote_stores: dict = field(
+        default_factory=dict
+    )  # searched stores not on this machine: what and where (no credentials)
 
     def summary(self) -> dict:
         """What a record signs about the scan (remote stores named only where there are some, so a
         local workspace's record is what it always was)."""
-        summary = {"hits": len(self.hits), "files_scanned": self.counts, "files_read": self.read, "not_searched": self.not_searched, "index": self.index}
+        summary = {
+            "hits": len(self.hits),
+            "files_scanned": self.counts,
+            "files_read": self.read,
+            "not_searched": self.not_searched,
+            "index": self.index,
+        }
         if self.remote_stores:
             summary["remote_stores"] = self.remote_stores
         return summary
@@ -210,7 +218,9 @@ def scan(
         # a run's artifacts must name none.
         with_ids = location.startswith("mlflow")
         try:
-            n, fresh, entries, found_here = _search(store, index, keyer, with_ids, (sample_keys, artifact_hashes, reference_digests, keyed_ids))
+            n, fresh, entries, found_here = _search(
+                store, index, keyer, with_ids, (sample_keys, artifact_hashes, reference_digests, keyed_ids)
+            )
         except Exception as error:  # noqa: BLE001 - a store elsewhere that fails mid-scan is not searched; a local one raises
             if not store.elsewhere:
                 raise
@@ -228,7 +238,10 @@ def scan(
         try:
             report["sha256"] = index.replace(found, started if index.reason else None)
         except OSError as error:  # the scan stands; the next one reads everything again
-            report["sha256"], report["not_saved"] = None, f"{ws.relative(ws.scan_index_file)}: {error.__class__.__name__}"
+            report["sha256"], report["not_saved"] = (
+                None,
+                f"{ws.relative(ws.scan_index_file)}: {error.__class__.__name__}",
+            )
     return ScanReport(hits, counts, not_searched, read, report, remote)
 
 
@@ -248,7 +261,12 @@ def scan_targets(ws: Workspace) -> ScanTargets:
     """
     records = lineage_log(ws).read_unverified()
     erased = {key for r in records for key in r.predicate.get("removed_content_keys", [])}
-    superseded = {c["prompt_sha256_before"] for r in records for c in r.predicate.get("clusters_rebuilt", []) if c["prompt_sha256_before"]}
+    superseded = {
+        c["prompt_sha256_before"]
+        for r in records
+        for c in r.predicate.get("clusters_rebuilt", [])
+        if c["prompt_sha256_before"]
+    }
     superseded -= set(ws.prompt_index_or_empty().hashes().values())
     references = set()
     # An open batch (stopped by a check, killed) trained references no record names yet.
@@ -261,6 +279,8 @@ def scan_targets(ws: Workspace) -> ScanTargets:
             continue
         references |= set(in_digests(capture.get("forgetting_audit")))
     for r in records:
-        held = (r.predicate.get("purge") or {}).get("audit_references") or ((r.predicate.get("forgetting_audit") or {}).get("references") or {})
+        held = (r.predicate.get("purge") or {}).get("audit_references") or (
+            (r.predicate.get("forgetting_audit") or {}).get("references") or {}
+        )
         references |= set(held.get("in_reference_digests", []))
     return ScanTargets(erased, superseded, references)

@@ -116,7 +116,12 @@ class ScanIndex:
         self.locations = {label: {"root": str(root), "files": files} for label, (root, files) in found.items()}
         if full_scan_at is not None:
             self.full_scan_at = full_scan_at
-        body = {"version": VERSION, "salt": self.keyer.fingerprint(), "full_scan_at": self.full_scan_at, "locations": self.locations}
+        body = {
+            "version": VERSION,
+            "salt": self.keyer.fingerprint(),
+            "full_scan_at": self.full_scan_at,
+            "locations": self.locations,
+        }
         data = self.keyer.seal("scan-index", body)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, data, mode=0o600)

@@ -187,7 +187,10 @@ class S3RemoteStore(_Scratch, Store):
 
     @property
     def root(self) -> str:
-        return f"{without_credentials(self.url)} @ {without_credentials(self.endpoint) if self.endpoint else 'default endpoint'}"
+        return (
+            f"{without_credentials(self.url)} @ "
+            f"{without_credentials(self.endpoint) if self.endpoint else 'default endpoint'}"
+        )
 
     def _bucket_prefix(self) -> tuple[str, str]:
         bucket, _, prefix = self.path.partition("/")
@@ -203,7 +206,9 @@ class S3RemoteStore(_Scratch, Store):
         async def pages() -> None:
             token = None
             while True:
-                kwargs = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""} | ({"ContinuationToken": token} if token else {})
+                kwargs = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""} | (
+                    {"ContinuationToken": token} if token else {}
+                )
                 page = await self.fs._call_s3("list_objects_v2", **kwargs)
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
@@ -317,7 +322,11 @@ class MlflowArtifactStore(_Scratch, Store):
         self._repository().delete_artifacts(rel)
 
     def describe(self) -> dict:
-        return {"kind": "mlflow artifacts", "artifact_uri": without_credentials(self.uri), "tracking_uri": without_credentials(self.tracking_uri)}
+        return {
+            "kind": "mlflow artifacts",
+            "artifact_uri": without_credentials(self.uri),
+            "tracking_uri": without_credentials(self.tracking_uri),
+        }
 
     def where(self, rel: str) -> str:
         """As `Store.where`: the artifact's URI, without credentials.
@@ -350,7 +359,10 @@ def _dvc_remote_stores(ws: Workspace) -> tuple[list[Store], list[str]]:
                 label = f"dvc remote '{name}'"
                 scheme = url.split("://")[0].lower()
                 if scheme != "s3":  # an HTTP remote cannot be listed; other clouds are not tested here
-                    not_searched.append(f"{label} ({without_credentials(url)}): the scan reads S3 remotes; a {scheme} remote is purged by DVC, not read back")
+                    not_searched.append(
+                        f"{label} ({without_credentials(url)}): the scan reads S3 remotes; "
+                        f"a {scheme} remote is purged by DVC, not read back"
+                    )
                     continue
                 try:
                     remote = repo.cloud.get_remote(name)
@@ -373,7 +385,11 @@ def storage_locations(ws: Workspace) -> Locations:
     """
     from lmeraser import tracking
 
-    stores: list[Store] = [DirectoryStore("data", ws.data), DirectoryStore("dvc cache", cache_dir(ws.root)), DirectoryStore("artifact store", ws.artifacts)]
+    stores: list[Store] = [
+        DirectoryStore("data", ws.data),
+        DirectoryStore("dvc cache", cache_dir(ws.root)),
+        DirectoryStore("artifact store", ws.artifacts),
+    ]
     remote_stores, not_searched = _dvc_remote_stores(ws)
     stores += remote_stores
     tracking_uri = tracking.tracking_uri(ws)
@@ -381,7 +397,9 @@ def storage_locations(ws: Workspace) -> Locations:
         locations = tracking.artifact_locations(ws)
     except Exception as error:  # noqa: BLE001 - an unreachable tracking server is a gap to report, not a crash
         locations = {}
-        not_searched.append(f"MLflow tracking store at {without_credentials(tracking_uri)}: unreachable ({reason(error)})")
+        not_searched.append(
+            f"MLflow tracking store at {without_credentials(tracking_uri)}: unreachable ({reason(error)})"
+        )
     served = urlsplit(tracking_uri).scheme not in ("", "file", "sqlite")  # a tracking server
     for label, uri in locations.items():
         path = local_path(ws.root, uri)
@@ -389,7 +407,10 @@ def storage_locations(ws: Workspace) -> Locations:
             stores.append(MlflowArtifactStore(label, uri, tracking_uri))
         elif served:
             # A path a tracking server reports is on its disk, not this machine's: never walk ours.
-            not_searched.append(f"{label} ({path}): a path on the tracking server's own disk, not reachable through MLflow's artifact API")
+            not_searched.append(
+                f"{label} ({path}): a path on the tracking server's own disk, "
+                "not reachable through MLflow's artifact API"
+            )
         else:
             stores.append(DirectoryStore(label, path))
     for label, path in (("mlflow artifacts", ws.mlflow_artifacts), ("mlflow (default root)", ws.mlflow_default_root)):

@@ -59,7 +59,10 @@ def public_key(ws: Workspace, pubkey: Path | None = None) -> Ed25519PublicKey:
         except LmeraserError:
             pass
         if not rotated:
-            raise LmeraserError(f"{pinned}: differs from the committed version; the signer was replaced (verify with --pubkey and the key you were given).")
+            raise LmeraserError(
+                f"{pinned}: differs from the committed version; the signer was replaced "
+                "(verify with --pubkey and the key you were given)."
+            )
     return key
 
 
@@ -78,7 +81,9 @@ def verified_records(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
         raise LmeraserError(f"{log.path}: no lineage records.")
     for record, signer in zip(chain.records, chain.signed_by, strict=True):
         if record.predicate.get("signer", signer) != signer:
-            raise LmeraserError(f"{log.path} record {record.number}: states signer {shown(record.predicate['signer'])}, not {signer}.")
+            raise LmeraserError(
+                f"{log.path} record {record.number}: states signer {shown(record.predicate['signer'])}, not {signer}."
+            )
     _check_pin(ws, chain)
     _check_git_history(ws, chain)
     _check_journal(ws, chain.records)
@@ -108,7 +113,9 @@ def verify(ws: Workspace, key: Ed25519PublicKey) -> list[Record]:
     deployed = deployed_subjects(ws)
     if deployed != latest.subjects:
         differing = sorted(set(deployed.items()) ^ set(latest.subjects.items()))
-        raise LmeraserError(f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs.")
+        raise LmeraserError(
+            f"deployed artifacts do not match lineage record {latest.number}: {differing[0][0]} differs."
+        )
     return records
 
 
@@ -146,7 +153,10 @@ def _check_git_history(ws: Workspace, chain: Chain) -> None:
         try:
             committed = keys.key_id(keys.parse_public_key(raw, str(signer)))
         except LmeraserError:
-            raise LmeraserError(f"{signer}: the version of commit {commit[:12]} is not a PEM public key (the pinned signer was replaced).") from None
+            raise LmeraserError(
+                f"{signer}: the version of commit {commit[:12]} is not a PEM public key "
+                "(the pinned signer was replaced)."
+            ) from None
         if committed not in chain.signers:
             raise LmeraserError(
                 f"{signer}: commit {commit[:12]} pinned the signer {committed}, which is none of the log's signers "
@@ -157,8 +167,8 @@ def _check_git_history(ws: Workspace, chain: Chain) -> None:
         seen = _head_records(raw)
         if seen is not None and seen > held:
             raise LmeraserError(
-                f"{lineage_log(ws).path}: holds {held} record(s), but the signed head committed in {commit[:12]} listed {seen}; "
-                "the log was rolled back to an earlier version."
+                f"{lineage_log(ws).path}: holds {held} record(s), but the signed head committed in {commit[:12]} "
+                f"listed {seen}; the log was rolled back to an earlier version."
             )
 
 
@@ -172,7 +182,9 @@ def _head_records(raw: bytes) -> int | None:
 
 def _git(ws: Workspace, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["git", *args], cwd=ws.root, input=stdin, capture_output=True, env=child_env(), timeout=120)
+        return subprocess.run(
+            ["git", *args], cwd=ws.root, input=stdin, capture_output=True, env=child_env(), timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -228,12 +240,12 @@ def _check_journal(ws: Workspace, records: list[Record]) -> None:
         named, request = event["record"], shown(event["request_id"], 80)
         if named > len(records):
             raise LmeraserError(
-                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage record {named}, but the log holds "
-                f"{len(records)} record(s); the log was rolled back or truncated."
+                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage "
+                f"record {named}, but the log holds {len(records)} record(s); the log was rolled back or truncated."
             )
         listed = {r.get("request_id") for r in records[named - 1].predicate.get("requests", []) if isinstance(r, dict)}
         if event.get("request_id") not in listed:
             raise LmeraserError(
-                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage record {named}, "
-                "which does not list it; the log was replaced."
+                f"{path} line {number}: request {request} was {shown(event.get('state'), 20)} by lineage "
+                f"record {named}, which does not list it; the log was replaced."
             )

@@ -55,7 +55,9 @@ def read_source_file(path: Path, what: str, limit: int = MAX_DATA_FILE) -> bytes
     except LmeraserError as error:
         raise DataError(str(error)) from None
     except OSError as error:
-        raise DataError(f"{shown(path, 200)}: {what} cannot be read ({error.strerror or error.__class__.__name__}).") from None
+        raise DataError(
+            f"{shown(path, 200)}: {what} cannot be read ({error.strerror or error.__class__.__name__})."
+        ) from None
 
 
 def _is_dir(path: Path) -> bool:
@@ -107,7 +109,9 @@ def load_source(spec: str, image_size: int | None = None) -> RawDataset:
     if image_size is None:
         return raw
     test = None if raw.test_images is None else resize(raw.test_images, image_size)
-    return RawDataset(raw.name, resize(raw.train_images, image_size), raw.train_labels, test, raw.test_labels, raw.train_subjects)
+    return RawDataset(
+        raw.name, resize(raw.train_images, image_size), raw.train_labels, test, raw.test_labels, raw.train_subjects
+    )
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -117,7 +121,9 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[1:3] == (size, size):
         return images
     mode = "L" if images.ndim == 3 else "RGB"
-    return np.stack([np.asarray(Image.fromarray(image, mode).resize((size, size), Image.Resampling.BILINEAR)) for image in images])
+    return np.stack(
+        [np.asarray(Image.fromarray(image, mode).resize((size, size), Image.Resampling.BILINEAR)) for image in images]
+    )
 
 
 def load_digits() -> RawDataset:
@@ -156,7 +162,8 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
         raise DataError(
-            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} for shape {shape}; the file is truncated or corrupt."
+            f"{path}: IDX payload has {len(raw) - header} bytes but the header promises {expected} for shape {shape}; "
+            "the file is truncated or corrupt."
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
@@ -186,7 +193,9 @@ def load_idx_dir(directory: Path) -> RawDataset:
     train = _idx_pair(directory, "train", required=True)
     test = _idx_pair(directory, "t10k", required=False)
     assert train is not None
-    subjects = _subjects_csv(directory / "subjects.csv", len(train[1])) if (directory / "subjects.csv").exists() else None
+    subjects = (
+        _subjects_csv(directory / "subjects.csv", len(train[1])) if (directory / "subjects.csv").exists() else None
+    )
     return RawDataset(f"idx:{directory}", *train, *(test or (None, None)), subjects)
 
 
@@ -230,7 +239,10 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
     directory = directory or FASHION_MNIST_DIR
     missing = [name for name in FASHION_MNIST_MD5 if not (directory / name).exists()]
     if missing:
-        raise DataError(f"Fashion-MNIST not found in {directory} (missing {missing[0]}); install it with 'apt-get install dataset-fashion-mnist'.")
+        raise DataError(
+            f"Fashion-MNIST not found in {directory} (missing {missing[0]}); "
+            "install it with 'apt-get install dataset-fashion-mnist'."
+        )
     for name, expected in FASHION_MNIST_MD5.items():
         raw = read_source_file(directory / name, "Fashion-MNIST file")
         if hashlib.md5(raw).hexdigest() == expected:
@@ -242,7 +254,8 @@ def load_fashion_mnist(directory: Path | None = None) -> RawDataset:
         if payload != FASHION_MNIST_PAYLOAD_MD5[name]:
             raise DataError(
                 f"{directory / name}: checksum does not match the published md5 {expected} "
-                f"nor the known payload md5 {FASHION_MNIST_PAYLOAD_MD5[name]}; the file is corrupt or not Fashion-MNIST."
+                f"nor the known payload md5 {FASHION_MNIST_PAYLOAD_MD5[name]}; "
+                "the file is corrupt or not Fashion-MNIST."
             )
     data = load_idx_dir(directory)
     return RawDataset("fashion-mnist", data.train_images, data.train_labels, data.test_images, data.test_labels)
@@ -260,7 +273,9 @@ def _read_image(path: Path) -> tuple[np.ndarray, str]:
     try:
         with Image.open(io.BytesIO(raw)) as picture:
             picture.load()
-            return np.asarray(picture.convert("L") if picture.mode in ("L", "1") else picture.convert("RGB")), picture.mode
+            return np.asarray(
+                picture.convert("L") if picture.mode in ("L", "1") else picture.convert("RGB")
+            ), picture.mode
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: not a readable PNG or JPEG image ({error.__class__.__name__}).") from None
 
@@ -281,7 +296,9 @@ def _class_tree(directory: Path, classes: list[str] | None) -> tuple[list[Path],
                     files.append(path)
                     labels.append(label)
     if not files:
-        raise DataError(f"{directory}: no .png/.jpg/.jpeg images in class subfolders (expected {directory}/<class>/<image>).")
+        raise DataError(
+            f"{directory}: no .png/.jpg/.jpeg images in class subfolders (expected {directory}/<class>/<image>)."
+        )
     return files, labels, classes
 
 
@@ -293,7 +310,10 @@ def _folder_images(files: list[Path], decoded: list[np.ndarray], image_size: int
         if image_size is not None:
             image = resize(image[None], image_size)[0]
         elif images and image.shape != images[0].shape:
-            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, the others {images[0].shape[1]}x{images[0].shape[0]}; set data.image_size.")
+            raise DataError(
+                f"{path}: image is {image.shape[1]}x{image.shape[0]}, "
+                f"the others {images[0].shape[1]}x{images[0].shape[0]}; set data.image_size."
+            )
         images.append(image)
     return np.stack(images)
 
@@ -317,10 +337,15 @@ def load_folder(directory: Path, image_size: int | None = None) -> RawDataset:
     train = _folder_images(files, pixels[: len(files)], image_size, rgb)
     test = _folder_images(test_files, pixels[len(files) :], image_size, rgb) if test_files else None
     if test is not None and test.shape[1:] != train.shape[1:]:
-        raise DataError(f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; set data.image_size.")
+        raise DataError(
+            f"{directory / 'test'}: images are {test.shape[1:]} but training images are {train.shape[1:]}; "
+            "set data.image_size."
+        )
     subjects = None
     if (directory / "subjects.csv").exists():
-        subjects = _folder_subjects(directory / "subjects.csv", [path.relative_to(directory).as_posix() for path in files])
+        subjects = _folder_subjects(
+            directory / "subjects.csv", [path.relative_to(directory).as_posix() for path in files]
+        )
     return RawDataset(
         f"folder:{directory}",
         train,
@@ -344,7 +369,12 @@ def _folder_subjects(path: Path, files: list[str]) -> np.ndarray:
 # -- CIFAR-10 / CIFAR-100, binary distribution -------------------------------------------------
 
 _CIFAR = {
-    10: {"folder": "cifar-10-batches-bin", "train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": "test_batch.bin", "label_bytes": 1},
+    10: {
+        "folder": "cifar-10-batches-bin",
+        "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
+        "test": "test_batch.bin",
+        "label_bytes": 1,
+    },
     100: {"folder": "cifar-100-binary", "train": ["train.bin"], "test": "test.bin", "label_bytes": 2},
 }
 
@@ -353,7 +383,10 @@ def _cifar_records(path: Path, label_bytes: int) -> tuple[np.ndarray, np.ndarray
     record = label_bytes + 3072
     raw = read_source_file(path, "CIFAR batch file")
     if len(raw) == 0 or len(raw) % record:
-        raise DataError(f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; the file is truncated or not CIFAR binary.")
+        raise DataError(
+            f"{path}: {len(raw)} bytes is not a whole number of {record}-byte CIFAR records; "
+            "the file is truncated or not CIFAR binary."
+        )
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
     labels = rows[:, label_bytes - 1].astype(np.int64)  # CIFAR-100: the fine label (the second byte)
     images = rows[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -368,9 +401,14 @@ def load_cifar(directory: Path, classes: int) -> RawDataset:
         directory = directory / spec["folder"]
     if not _is_dir(directory):
         raise DataError(f"{shown(directory, 200)}: CIFAR-{classes} folder not found.")
-    if (directory / "data_batch_1").exists() or (directory / "train").is_file() and not (directory / "train.bin").exists():
+    if (
+        (directory / "data_batch_1").exists()
+        or (directory / "train").is_file()
+        and not (directory / "train.bin").exists()
+    ):
         raise DataError(
-            f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; use the binary version ({spec['folder']})."
+            f"{directory}: this is CIFAR-{classes}'s Python (pickled) distribution, which lmeraser never unpickles; "
+            f"use the binary version ({spec['folder']})."
         )
     missing = [name for name in [*spec["train"], spec["test"]] if not (directory / name).is_file()]
     if missing:
@@ -380,7 +418,9 @@ def load_cifar(directory: Path, classes: int) -> RawDataset:
     train_labels = np.concatenate([p[1] for p in parts])
     if train_labels.max() >= classes or test_labels.max() >= classes:
         raise DataError(f"{directory}: labels above {classes - 1}; is this CIFAR-{classes}?")
-    return RawDataset(f"cifar{classes}:{directory}", np.concatenate([p[0] for p in parts]), train_labels, test_images, test_labels)
+    return RawDataset(
+        f"cifar{classes}:{directory}", np.concatenate([p[0] for p in parts]), train_labels, test_images, test_labels
+    )
 
 
 # -- npz ---------------------------------------------------------------------------------------
@@ -397,7 +437,10 @@ def load_npz(path: Path) -> RawDataset:
             # A zip member's declared size bounds what reading it allocates (a zip bomb is refused).
             unpacked = sum(info.file_size for info in archive.zip.infolist())
             if unpacked > MAX_DATA_FILE:
-                raise DataError(f"{shown(path, 200)}: its arrays unpack to {unpacked} bytes, over the limit of {MAX_DATA_FILE} for a data file.")
+                raise DataError(
+                    f"{shown(path, 200)}: its arrays unpack to {unpacked} bytes, "
+                    f"over the limit of {MAX_DATA_FILE} for a data file."
+                )
             arrays = {key: archive[key] for key in archive.files}
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise DataError(f"{shown(path, 200)}: unreadable or truncated npz ({shown(error, 200)}).") from None
@@ -412,17 +455,28 @@ def load_npz(path: Path) -> RawDataset:
                     raise DataError(f"{path}: 'x_test' and 'y_test' must come together.")
                 test = _check_arrays(arrays["x_test"], arrays["y_test"], f"{path}:x_test", f"{path}:y_test")
                 if test[0].shape[1:] != train[0].shape[1:]:
-                    raise DataError(f"{path}: x_test images are {test[0].shape[1:]} but training images are {train[0].shape[1:]}.")
-            subjects = check_subjects(arrays["subject_ids"], len(train[1]), f"{path}:subject_ids") if "subject_ids" in arrays else None
+                    raise DataError(
+                        f"{path}: x_test images are {test[0].shape[1:]} but training images are {train[0].shape[1:]}."
+                    )
+            subjects = (
+                check_subjects(arrays["subject_ids"], len(train[1]), f"{path}:subject_ids")
+                if "subject_ids" in arrays
+                else None
+            )
             return RawDataset(f"npz:{path}", *train, *(test or (None, None)), subjects)
     raise DataError(f"{path}: expected keys 'x_train'/'y_train' or 'images'/'labels', found {sorted(arrays)}.")
 
 
-def _check_arrays(images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(
+    images: np.ndarray, labels: np.ndarray, images_name: str, labels_name: str
+) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     if images.ndim != 3 and not (images.ndim == 4 and images.shape[-1] == 3):
-        raise DataError(f"{images_name}: images must have shape (N, H, W) (grey), (N, H, W, 1) or (N, H, W, 3) (RGB), got {images.shape}.")
+        raise DataError(
+            f"{images_name}: images must have shape (N, H, W) (grey), (N, H, W, 1) or (N, H, W, 3) (RGB), "
+            f"got {images.shape}."
+        )
     if labels.ndim != 1:
         raise DataError(f"{labels_name}: labels must be one-dimensional, got shape {labels.shape}.")
     if len(images) != len(labels):
@@ -436,5 +490,7 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, images_name: str, labe
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"{labels_name}: labels must be non-negative integers (dtype {labels.dtype}).")
     if labels.max() >= MAX_CLASSES:
-        raise DataError(f"{labels_name}: label {int(labels.max())} is too large; labels are class indices below {MAX_CLASSES}.")
+        raise DataError(
+            f"{labels_name}: label {int(labels.max())} is too large; labels are class indices below {MAX_CLASSES}."
+        )
     return np.ascontiguousarray(images), labels.astype(np.int64)

@@ -22,7 +22,14 @@ import pandas as pd
 from lmeraser.config import DataParams
 from lmeraser.data.sources import RawDataset, load_source
 from lmeraser.errors import DataError
-from lmeraser.io import atomic_directory, atomic_path, atomic_write_text, recover_directory, remove_stale_temp_files, sha256_bytes
+from lmeraser.io import (
+    atomic_directory,
+    atomic_path,
+    atomic_write_text,
+    recover_directory,
+    remove_stale_temp_files,
+    sha256_bytes,
+)
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, TOMBSTONE_COLUMNS, Workspace
 
 
@@ -77,7 +84,10 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
     out = {}
     for split, (imgs, labs, orig, idx) in parts.items():
         if len(labs) == 0:
-            raise DataError(f"data split '{split}' would be empty; check data.public_fraction, data.test_fraction and data.subset in params.yaml.")
+            raise DataError(
+                f"data split '{split}' would be empty; check data.public_fraction, "
+                "data.test_fraction and data.subset in params.yaml."
+            )
         hashes = [content_hash(img) for img in imgs]
         ids = [make_sample_id(h, o, int(i)) for h, o, i in zip(hashes, orig, idx)]
         if split == "private" and raw.train_subjects is not None:
@@ -87,7 +97,15 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
             subjects = [f"s{int(s):05d}" for s in rng.integers(0, params.n_subjects, size=len(labs))]
         else:
             subjects = [split] * len(labs)
-        manifest = pd.DataFrame({"sample_id": ids, "subject_id": subjects, "label": labs.astype(np.int64), "split": split, "content_hash": hashes})
+        manifest = pd.DataFrame(
+            {
+                "sample_id": ids,
+                "subject_id": subjects,
+                "label": labs.astype(np.int64),
+                "split": split,
+                "content_hash": hashes,
+            }
+        )
         order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
         out[split] = (manifest.iloc[order].reset_index(drop=True), np.ascontiguousarray(imgs[order]))
     return out
@@ -120,8 +138,8 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
 
     if ws.batch_files():
         raise DataError(
-            f"an unlearning batch is in progress ({ws.relative(ws.batch_files()[0])}); finish it with `lmeraser unlearn` before "
-            "re-ingesting, or its record would describe data it did not make."
+            f"an unlearning batch is in progress ({ws.relative(ws.batch_files()[0])}); "
+            "finish it with `lmeraser unlearn` before re-ingesting, or its record would describe data it did not make."
         )
     recover_data(ws)
     raw = load_source(params.source, params.image_size)
@@ -174,12 +192,20 @@ def add_tombstones(rows: list[dict], ws: Workspace) -> None:
     new = [r for r in rows if (r["sample_id"], r["content_key"], r["reason"]) not in seen]
     if not new:
         return
-    frame = pd.concat([current, pd.DataFrame([{c: str(r.get(c, "")) for c in TOMBSTONE_COLUMNS} for r in new], columns=TOMBSTONE_COLUMNS)], ignore_index=True)
+    frame = pd.concat(
+        [
+            current,
+            pd.DataFrame([{c: str(r.get(c, "")) for c in TOMBSTONE_COLUMNS} for r in new], columns=TOMBSTONE_COLUMNS),
+        ],
+        ignore_index=True,
+    )
     with atomic_path(ws.tombstones_file) as tmp:
         frame.to_csv(tmp, index=False, lineterminator="\n")
 
 
-def update_sample(sample_id: str, split: str, ws: Workspace, label: int | None = None, image: np.ndarray | None = None) -> dict:
+def update_sample(
+    sample_id: str, split: str, ws: Workspace, label: int | None = None, image: np.ndarray | None = None
+) -> dict:
     """Correct one sample's label or pixels in place (atomic split rewrite); returns the old row."""
     part = ws.split(split)
     rows = np.flatnonzero(part.manifest["sample_id"].to_numpy() == sample_id)

@@ -22,7 +22,17 @@ from lmeraser.io import atomic_path, sha256_file
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace, image_channels
 
 SUITE_NAME = "lmeraser_splits"
-TABLE_COLUMNS = [*MANIFEST_COLUMNS, "height", "width", "channels", "image_dtype", "pixel_min", "pixel_max", "hash_matches", "suppressed"]
+TABLE_COLUMNS = [
+    *MANIFEST_COLUMNS,
+    "height",
+    "width",
+    "channels",
+    "image_dtype",
+    "pixel_min",
+    "pixel_max",
+    "hash_matches",
+    "suppressed",
+]
 
 
 @dataclass
@@ -36,7 +46,11 @@ class ValidationReport:
     def reason(self) -> str:
         head = self.failures[0] if self.failures else "unknown failure"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-        docs = f"data docs: {self.docs_index}" if self.docs_index else "the changed rows only; run `lmeraser stage validate` for every row and its data docs"
+        docs = (
+            f"data docs: {self.docs_index}"
+            if self.docs_index
+            else "the changed rows only; run `lmeraser stage validate` for every row and its data docs"
+        )
         return f"data validation failed: {head}{more}; {docs}"
 
 
@@ -67,7 +81,10 @@ class FactsCache:
     def __init__(self, ws: Workspace, fingerprints: dict[str, dict[str, str]]):
         self.ws = ws
         code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-        self.keys = {split: hashlib.sha256(json.dumps([code, files], sort_keys=True).encode()).hexdigest() for split, files in fingerprints.items()}
+        self.keys = {
+            split: hashlib.sha256(json.dumps([code, files], sort_keys=True).encode()).hexdigest()
+            for split, files in fingerprints.items()
+        }
 
     def _path(self, split: str) -> Path:
         return self.ws.artifacts / "cache" / f"validation-{split}.npz"
@@ -91,10 +108,15 @@ class FactsCache:
 def split_fingerprints(ws: Workspace) -> dict[str, dict[str, str]]:
     """split -> sha256 of its manifest.csv and images.npy: what the validation tickets record and
     the facts cache is keyed by (each file hashed once per validation)."""
-    return {split: {name: sha256_file(ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")} for split in SPLITS}
+    return {
+        split: {name: sha256_file(ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")}
+        for split in SPLITS
+    }
 
 
-def build_table(ws: Workspace, splits: tuple[str, ...] = SPLITS, cache: FactsCache | None = None) -> tuple[pd.DataFrame, list[str]]:
+def build_table(
+    ws: Workspace, splits: tuple[str, ...] = SPLITS, cache: FactsCache | None = None
+) -> tuple[pd.DataFrame, list[str]]:
     """The table the suite checks, and the splits whose image facts came from `cache`."""
     tombstones = ws.tombstones()
     erased = tombstones[tombstones["reason"] != "rectify-label"]
@@ -158,7 +180,9 @@ def build_suite(info: dict, coverage: bool = True):
     ]
     for split in SPLITS if coverage else ():
         expectations.append(
-            E.ExpectColumnDistinctValuesToContainSet(column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas")
+            E.ExpectColumnDistinctValuesToContainSet(
+                column="label", value_set=classes, row_condition=f'split=="{split}"', condition_parser="pandas"
+            )
         )
     suite = gx.ExpectationSuite(name=SUITE_NAME)
     for expectation in expectations:
@@ -207,7 +231,13 @@ def validate_splits(ws: Workspace, reuse_facts: bool = True, changed_only: bool 
         success=not failures,
         failures=failures,
         docs_index=docs_index,
-        statistics={"evaluated": len(results), "failed": len(failures), "rows": len(table), "facts_reused": reused, "mode": "full"},
+        statistics={
+            "evaluated": len(results),
+            "failed": len(failures),
+            "rows": len(table),
+            "facts_reused": reused,
+            "mode": "full",
+        },
         fingerprints=fingerprints,
     )
 
@@ -218,7 +248,9 @@ def _run_suite(ws: Workspace, table: pd.DataFrame, info: dict, coverage: bool, d
     import great_expectations as gx
 
     # GX sets some of its loggers to INFO itself (e.g. the ephemeral docs site's temporary directory).
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + ["great_expectations"]:
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("great_expectations")] + [
+        "great_expectations"
+    ]:
         logging.getLogger(name).setLevel(logging.ERROR)
     docs_dir = ws.data_docs.resolve()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -234,7 +266,11 @@ def _run_suite(ws: Workspace, table: pd.DataFrame, info: dict, coverage: bool, d
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             },
         )
-    batch = context.data_sources.add_pandas("lmeraser").add_dataframe_asset("splits").add_batch_definition_whole_dataframe("all")
+    batch = (
+        context.data_sources.add_pandas("lmeraser")
+        .add_dataframe_asset("splits")
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = context.suites.add(build_suite(info, coverage))  # after the context: GX needs one for a suite
     definition = context.validation_definitions.add(gx.ValidationDefinition(name="splits", data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
@@ -300,7 +336,9 @@ class ChangeSummary:
         return cls(body) if problem is None and body.get("code") == cls._code() else None
 
     @classmethod
-    def save(cls, ws: Workspace, fingerprints: dict[str, dict[str, str]], previous: ChangeSummary | None = None) -> None:
+    def save(
+        cls, ws: Workspace, fingerprints: dict[str, dict[str, str]], previous: ChangeSummary | None = None
+    ) -> None:
         """Keep what this passing validation saw; content keys of rows the last summary knew are
         reused, so only changed rows are keyed again."""
         from lmeraser.io import atomic_write_bytes
@@ -309,26 +347,36 @@ class ChangeSummary:
         if keyer is None:
             return
         previous = previous or cls.load(ws)
-        known = {row[3]: row[4] for split in (previous.body["splits"].values() if previous else ()) for row in split["rows"]}
+        known = {
+            row[3]: row[4] for split in (previous.body["splits"].values() if previous else ()) for row in split["rows"]
+        }
         splits = {}
         for split in SPLITS:
             m = ws.manifest(split)
             rows = [
                 [sid, subject, int(label), h, known.get(h) or keyer.content(h)]
-                for sid, subject, label, h in zip(m["sample_id"], m["subject_id"], m["label"], m["content_hash"], strict=True)
+                for sid, subject, label, h in zip(
+                    m["sample_id"], m["subject_id"], m["label"], m["content_hash"], strict=True
+                )
             ]
             splits[split] = {"sha256": fingerprints[split], "rows": rows}
         tombstones = ws.tombstones_file.read_bytes() if ws.tombstones_file.exists() else b""
         body = {
             "code": cls._code(),
-            "tombstones": {"bytes": len(tombstones), "sha256": hashlib.sha256(tombstones).hexdigest(), "rows": len(ws.tombstones())},
+            "tombstones": {
+                "bytes": len(tombstones),
+                "sha256": hashlib.sha256(tombstones).hexdigest(),
+                "rows": len(ws.tombstones()),
+            },
             "splits": splits,
         }
         path = cls.path(ws)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, keyer.seal("validation-summary", body))
 
-    def validate_changes(self, ws: Workspace, info: dict, fingerprints: dict[str, dict[str, str]]) -> ValidationReport | None:
+    def validate_changes(
+        self, ws: Workspace, info: dict, fingerprints: dict[str, dict[str, str]]
+    ) -> ValidationReport | None:
         """The change-following validation; None when the tombstones were rewritten rather than
         appended to, or a split's pixels and manifest disagree in length (the whole suite says why)."""
         kept = self.body["tombstones"]
@@ -370,24 +418,36 @@ class ChangeSummary:
                 changed_rows += len(rows)
             # Rows that did not change, against the tombstones added since the summary.
             if new_ids or new_keys:
-                suppressed_unchanged += sum(1 for f, c in zip(fields, changed, strict=True) if not c and (f[0] in new_ids or keyed_before.get(f) in new_keys))
+                suppressed_unchanged += sum(
+                    1
+                    for f, c in zip(fields, changed, strict=True)
+                    if not c and (f[0] in new_ids or keyed_before.get(f) in new_keys)
+                )
         results = []
         if frames:
             table = pd.concat(frames, ignore_index=True)[TABLE_COLUMNS]
             results, _ = _run_suite(ws, table, info, coverage=False, docs=False)
             failures += [_describe_failure(r) for r in results if not r.success]
         if suppressed_unchanged:
-            failures.append(f"expect_column_values_to_be_in_set(column=suppressed) failed on {suppressed_unchanged} row(s), e.g. [True]")
+            failures.append(
+                f"expect_column_values_to_be_in_set(column=suppressed) failed on {suppressed_unchanged} row(s), "
+                "e.g. [True]"
+            )
         ids = pd.concat([m["sample_id"] for m in manifests.values()], ignore_index=True)
         duplicated = ids[ids.duplicated(keep=False)]
         if len(duplicated):
-            failures.append(f"expect_column_values_to_be_unique(column=sample_id) failed on {len(duplicated)} row(s), e.g. {sorted(set(duplicated))[:3]}")
+            failures.append(
+                f"expect_column_values_to_be_unique(column=sample_id) failed on {len(duplicated)} row(s), "
+                f"e.g. {sorted(set(duplicated))[:3]}"
+            )
         classes = set(range(info["num_classes"]))
         for split, m in manifests.items():
             missing = sorted(classes - set(m["label"].astype(int)))
             if missing:
                 where = f'column=label, row_condition=split=="{split}"'
-                failures.append(f"expect_column_distinct_values_to_contain_set({where}) failed, e.g. classes {missing[:3]} missing")
+                failures.append(
+                    f"expect_column_distinct_values_to_contain_set({where}) failed, e.g. classes {missing[:3]} missing"
+                )
         return ValidationReport(
             success=not failures,
             failures=failures,

@@ -34,7 +34,9 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict) -> None:
 
 # MLflow calls go over the network when the tracking server is remote: retried (a retry may
 # leave one extra failed MLflow run, never a missing one).
-track_stage_task = task(track_stage, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], task_run_name="track-{name}")
+track_stage_task = task(
+    track_stage, cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], task_run_name="track-{name}"
+)
 
 
 def timestamped_run_name() -> str:
@@ -50,7 +52,9 @@ def _register(params: Params, ws: Workspace, result: dict) -> int:
     """Log the served model as an MLflow pyfunc and register it as `lmeraser@production`, when it
     changed (a version per served bundle, never per run)."""
     example = ws.split("test").images[:8]
-    with tracking.stage_run(ws, "register", {"seed": params.seed, **stage("train").param_values(params.model_dump(mode="json"))}) as run:
+    with tracking.stage_run(
+        ws, "register", {"seed": params.seed, **stage("train").param_values(params.model_dump(mode="json"))}
+    ) as run:
         tracking.log_metrics(result["metrics"])
         description = f"test accuracy {result['metrics']['accuracy']:.4f}"
         return tracking.register_serving_model(ws, run.info.run_id, example, description, get_run_logger().info)
@@ -94,7 +98,14 @@ def dask_runner(params: Params):
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if params.runtime.dask_address:
         return DaskTaskRunner(address=params.runtime.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": params.runtime.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": params.runtime.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
 
 
 def map_jobs_for(params: Params, root: str, params_file: str):
@@ -106,6 +117,8 @@ def map_jobs_for(params: Params, root: str, params_file: str):
     def on_dask(trainer: ClusterTrainer, jobs: list[ClusterJob]) -> list[dict]:
         absolute = str(Path(root).resolve() / params_file)
         flow_with_dask = train_clusters.with_options(task_runner=dask_runner(params))
-        return flow_with_dask(str(Path(root).resolve()), absolute, [job.cluster for job in jobs], [job.key for job in jobs])
+        return flow_with_dask(
+            str(Path(root).resolve()), absolute, [job.cluster for job in jobs], [job.key for job in jobs]
+        )
 
     return on_dask

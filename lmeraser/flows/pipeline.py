@@ -23,14 +23,21 @@ def _before_retraining(root: str, params_file: str) -> State | None:
             get_run_logger().info("finishing the pending requests before retraining")
             state = run_unlearn(root, params_file)
             if state.is_failed():
-                return Failed(message=f"the pending requests must be finished before retraining, and their batch failed: {state.message}")
+                return Failed(
+                    message=(
+                        "the pending requests must be finished before retraining, "
+                        f"and their batch failed: {state.message}"
+                    )
+                )
         bad = suppression.violations(ws)
     except LmeraserError as error:
         return Failed(message=str(error))
     if bad:
         return Failed(
-            message=f"data/ holds {len(bad)} sample(s) the suppression list erased or corrected ({', '.join(bad[:3])}); "
-            "run `lmeraser data init`, which applies it, before retraining."
+            message=(
+                f"data/ holds {len(bad)} sample(s) the suppression list erased or corrected ({', '.join(bad[:3])}); "
+                "run `lmeraser data init`, which applies it, before retraining."
+            )
         )
     return None
 

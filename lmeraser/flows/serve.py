@@ -25,10 +25,14 @@ def build_deployment(cron: str, name: str = "lmeraser-nightly", root: str = ".")
     return train_pipeline.to_deployment(name=name, cron=cron, parameters={"root": str(Path(root).resolve())})
 
 
-def build_unlearn_deployment(every_seconds: int | None = 300, cron: str | None = None, name: str = "lmeraser-unlearn", root: str = "."):
+def build_unlearn_deployment(
+    every_seconds: int | None = 300, cron: str | None = None, name: str = "lmeraser-unlearn", root: str = "."
+):
     """The `unlearn` deployment: every `every_seconds`, or on `cron` if given (not yet served)."""
     schedule = {"cron": cron} if cron else {"interval": every_seconds}
-    return unlearn.to_deployment(name=name, parameters={"root": str(Path(root).resolve())}, tags=["lmeraser", "unlearn"], **schedule)
+    return unlearn.to_deployment(
+        name=name, parameters={"root": str(Path(root).resolve())}, tags=["lmeraser", "unlearn"], **schedule
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--unlearn-every must be at least 1 second")
     from prefect import serve
 
-    serve(build_deployment(args.cron, args.name, args.root), build_unlearn_deployment(args.unlearn_every, args.unlearn_cron, root=args.root))
+    serve(
+        build_deployment(args.cron, args.name, args.root),
+        build_unlearn_deployment(args.unlearn_every, args.unlearn_cron, root=args.root),
+    )
 
 
 if __name__ == "__main__":

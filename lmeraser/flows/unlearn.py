@@ -44,22 +44,39 @@ def _unlearn_run_name() -> str:
     parameters = flow_run.parameters
     root = Path(parameters.get("root", "."))
     try:
-        batch = next_batch_id(Workspace(root, root / parameters.get("params_file", "params.yaml")), parameters.get("max_requests"))
+        batch = next_batch_id(
+            Workspace(root, root / parameters.get("params_file", "params.yaml")), parameters.get("max_requests")
+        )
     except LmeraserError:
         batch = None
     return f"unlearn-{batch or 'idle'}"
 
 
-def run_unlearn(root: str, params_file: str, git_commit: bool = True, max_requests: int | None = None, track: bool = True):
+def run_unlearn(
+    root: str, params_file: str, git_commit: bool = True, max_requests: int | None = None, track: bool = True
+):
     """The `unlearn` flow's final state, the run tagged `lmeraser` and `unlearn` (CLI, service worker, retraining)."""
     from prefect import tags
 
     with tags("lmeraser", "unlearn"):
-        return unlearn(root=root, params_file=params_file, git_commit=git_commit, max_requests=max_requests, track=track, return_state=True)
+        return unlearn(
+            root=root,
+            params_file=params_file,
+            git_commit=git_commit,
+            max_requests=max_requests,
+            track=track,
+            return_state=True,
+        )
 
 
 @flow(name="unlearn", log_prints=True, flow_run_name=_unlearn_run_name)
-def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool = True, max_requests: int | None = None, track: bool = True) -> dict | None:
+def unlearn(
+    root: str = ".",
+    params_file: str = "params.yaml",
+    git_commit: bool = True,
+    max_requests: int | None = None,
+    track: bool = True,
+) -> dict | None:
     """The pending requests as one batch (the oldest `max_requests`, or all); the stages its
     rebuild runs are tracked like the pipeline's: after the record, or with `track` false left in
     the backlog for the caller (the service's worker tracks it when idle: `track_now`)."""
@@ -81,9 +98,19 @@ def unlearn(root: str = ".", params_file: str = "params.yaml", git_commit: bool 
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        run = {"params": {"batch_id": result["batch_id"], "method": "exact"}, "tags": {"lmeraser.record": str(result["record"])}}
-        tracking.defer_run(ws, "unlearn", {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]}, run)
-        result["tracking"] = track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
+        run = {
+            "params": {"batch_id": result["batch_id"], "method": "exact"},
+            "tags": {"lmeraser.record": str(result["record"])},
+        }
+        tracking.defer_run(
+            ws,
+            "unlearn",
+            {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]},
+            run,
+        )
+        result["tracking"] = (
+            track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
+        )
     return result
 
 
@@ -121,9 +148,16 @@ def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict
     except LmeraserError as error:
         return Failed(message=str(error))
     if result is not None:
-        run = {"params": {"batch_id": f"record-{result['record']}", "method": "influence"}, "tags": {"lmeraser.record": str(result["record"])}}
+        run = {
+            "params": {"batch_id": f"record-{result['record']}", "method": "influence"},
+            "tags": {"lmeraser.record": str(result["record"])},
+        }
         residual = max(r["cg_relative_residual"] for r in result["reports"])
-        metrics = {"clusters_edited": len(result["clusters"]), "influence_seconds": result["seconds"], "cg_relative_residual_max": residual}
+        metrics = {
+            "clusters_edited": len(result["clusters"]),
+            "influence_seconds": result["seconds"],
+            "cg_relative_residual_max": residual,
+        }
         tracking.defer_run(ws, "unlearn", metrics, run)
         result["tracking"] = track_waiting(ws, load_params(ws.params_file))
     return result
@@ -135,7 +169,9 @@ def batch_runner(ws: Workspace, git_commit: bool = True):
     worker to track when idle."""
 
     def run(max_requests: int) -> dict | None:
-        state = run_unlearn(str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests, track=False)
+        state = run_unlearn(
+            str(ws.root.resolve()), str(ws.params_file.resolve()), git_commit, max_requests, track=False
+        )
         if state.is_failed():
             raise LmeraserError(state.message or "the unlearn flow failed")
         return state.result()

@@ -74,7 +74,11 @@ def open_envelope(envelope: dict, public_key: Ed25519PublicKey) -> dict:
             stmt = json.loads(payload)
         except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError("payload is not JSON") from None
-        if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE or not isinstance(stmt.get("predicate"), dict):
+        if (
+            not isinstance(stmt, dict)
+            or stmt.get("_type") != STATEMENT_TYPE
+            or not isinstance(stmt.get("predicate"), dict)
+        ):
             raise ValueError("payload is not an in-toto v1 Statement")
         return stmt
     raise ValueError(f"no signature by key {wanted}")

@@ -49,8 +49,8 @@ def load_or_create_key(path: str | Path, create: bool = True) -> Ed25519PrivateK
     except MissingFile:
         if not create:
             raise LmeraserError(
-                f"{path}: signing key not found, and records, a pinned signer or $LMERASER_SIGNING_KEY_FILE say one exists; "
-                "restore it (no new key is made in its place)."
+                f"{path}: signing key not found, and records, a pinned signer or $LMERASER_SIGNING_KEY_FILE "
+                "say one exists; restore it (no new key is made in its place)."
             ) from None
     key = Ed25519PrivateKey.generate()
     write_private_key(path, key)
@@ -64,7 +64,9 @@ def key_from_environment() -> str | None:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write `key` (PKCS#8 PEM) to `path`, 0600 from its first byte, in a 0700 directory."""
-    pem_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem_bytes = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_bytes(path, pem_bytes, mode=0o600)
 

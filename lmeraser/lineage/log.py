@@ -116,7 +116,10 @@ class LineageLog:
         record be. Its subjects repeat the previous record's (a rotation changes no artifact)."""
         chain = self._current_signer(old)
         if key_id(new.public_key()) in chain.signers:
-            raise LmeraserError(f"{self.path}: the new key {key_id(new.public_key())} already signed this log; rotate to a key never used before.")
+            raise LmeraserError(
+                f"{self.path}: the new key {key_id(new.public_key())} already signed this log; "
+                "rotate to a key never used before."
+            )
         predicate = {
             "method": ROTATION_METHOD,
             **details,
@@ -133,12 +136,14 @@ class LineageLog:
         chain = self.chain(key.public_key())
         if key_id(chain.current) != key_id(key.public_key()):
             raise LmeraserError(
-                f"{self.path}: the key {key_id(key.public_key())} was retired by a key rotation; the log's signer is now "
-                f"{key_id(chain.current)} (finish an interrupted rotation with rotate_key)."
+                f"{self.path}: the key {key_id(key.public_key())} was retired by a key rotation; "
+                f"the log's signer is now {key_id(chain.current)} (finish an interrupted rotation with rotate_key)."
             )
         return chain
 
-    def _append(self, subjects: dict[str, str], predicate: dict, key: Ed25519PrivateKey, more: tuple, predicate_type: str | None) -> Record:
+    def _append(
+        self, subjects: dict[str, str], predicate: dict, key: Ed25519PrivateKey, more: tuple, predicate_type: str | None
+    ) -> Record:
         lines = self._lines()
         previous = hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
         body = {**predicate, "sequence": len(lines) + 1, "previous_record_sha256": previous, "anchored": True}
@@ -154,7 +159,11 @@ class LineageLog:
     def _write_head(self, head: Head, key: Ed25519PrivateKey) -> None:
         stmt = statement(
             {self.path.name: head.last_record_sha256},
-            {"records": head.records, "last_record_sha256": head.last_record_sha256, "signer": key_id(key.public_key())},
+            {
+                "records": head.records,
+                "last_record_sha256": head.last_record_sha256,
+                "signer": key_id(key.public_key()),
+            },
             HEAD_TYPE,
         )
         atomic_write_bytes(self.head_path, canonical_json(sign(stmt, key)) + b"\n")
@@ -190,7 +199,9 @@ class LineageLog:
             if predicate.get("signer", key_id(public_key)) != key_id(public_key):
                 raise ValueError("its stated signer is not the key that signed it")
         except (ValueError, RecursionError, KeyError, TypeError) as error:  # JSON errors are ValueErrors
-            raise LmeraserError(f"{self.head_path}: {_reason(error)} (the signed head was altered or signed by another key).") from None
+            raise LmeraserError(
+                f"{self.head_path}: {_reason(error)} (the signed head was altered or signed by another key)."
+            ) from None
         return head
 
     def verify(self, public_key: Ed25519PublicKey) -> list[Record]:
@@ -212,10 +223,14 @@ class LineageLog:
             predicate = stmt["predicate"]
             if predicate.get("sequence") != number:
                 raise LmeraserError(
-                    f"{where}: sequence number is {str(predicate.get('sequence'))[:20]}, expected {number} (records were removed or reordered)."
+                    f"{where}: sequence number is {str(predicate.get('sequence'))[:20]}, expected {number} "
+                    "(records were removed or reordered)."
                 )
             if predicate.get("previous_record_sha256") != previous:
-                raise LmeraserError(f"{where}: previous-record hash does not match record {number - 1} (records were removed, reordered or altered).")
+                raise LmeraserError(
+                    f"{where}: previous-record hash does not match record {number - 1} "
+                    "(records were removed, reordered or altered)."
+                )
             if not isinstance(stmt.get("subject"), list) or not all(_is_subject(s) for s in stmt["subject"]):
                 raise LmeraserError(f"{where}: malformed subjects (the record was altered).")
             previous = hashlib.sha256(line).hexdigest()
@@ -227,7 +242,8 @@ class LineageLog:
             after.append(signer)
         if key_id(trusted) not in signers:
             raise LmeraserError(
-                f"{self.path}: the trusted key {key_id(trusted)} is none of the log's signers ({', '.join(signers)}): the log was re-signed by another key."
+                f"{self.path}: the trusted key {key_id(trusted)} is none of the log's signers ({', '.join(signers)}): "
+                "the log was re-signed by another key."
             )
         head = self._checked_head(records, after, signers)
         return Chain(records, signers, signer, head, signed_by)
@@ -246,7 +262,9 @@ class LineageLog:
                 return trusted  # damage: the walk names the record
         return trusted
 
-    def _rotated(self, record: Record, line: bytes, old: Ed25519PublicKey, previous_subjects: dict, where: str) -> Ed25519PublicKey:
+    def _rotated(
+        self, record: Record, line: bytes, old: Ed25519PublicKey, previous_subjects: dict, where: str
+    ) -> Ed25519PublicKey:
         """The new signer a rotation record hands over to, once its every claim is checked."""
         p = record.predicate
         try:
@@ -259,9 +277,14 @@ class LineageLog:
                 raise ValueError("its new signer is not its new public key")
             open_envelope(json.loads(line), new)  # the new key's countersignature
         except (ValueError, KeyError, TypeError, LmeraserError) as error:
-            raise LmeraserError(f"{where}: not a valid key rotation ({error}; the record was altered or forged).") from None
+            raise LmeraserError(
+                f"{where}: not a valid key rotation ({error}; the record was altered or forged)."
+            ) from None
         if record.subjects != previous_subjects:
-            raise LmeraserError(f"{where}: a key rotation whose subjects differ from the previous record's (a rotation changes no artifact).")
+            raise LmeraserError(
+                f"{where}: a key rotation whose subjects differ from the previous record's "
+                "(a rotation changes no artifact)."
+            )
         return new
 
     def _checked_head(self, records: list[Record], after: list[Ed25519PublicKey], signers: list[str]) -> Head | None:
@@ -295,7 +318,9 @@ class LineageLog:
                 f"{head.records} record(s), the log holds {len(records)}."
             )
         if head.records < 1 or records[head.records - 1].line_sha256 != head.last_record_sha256:
-            raise LmeraserError(f"{self.path} record {head.records}: does not match the signed head (records were replaced).")
+            raise LmeraserError(
+                f"{self.path} record {head.records}: does not match the signed head (records were replaced)."
+            )
         return head
 
     def read_unverified(self) -> list[Record]:
@@ -333,7 +358,12 @@ def _claimed_records(envelope: dict) -> int | None:
 
 
 def _is_subject(subject) -> bool:
-    return isinstance(subject, dict) and isinstance(subject.get("name"), str) and isinstance(subject.get("digest"), dict) and "sha256" in subject["digest"]
+    return (
+        isinstance(subject, dict)
+        and isinstance(subject.get("name"), str)
+        and isinstance(subject.get("digest"), dict)
+        and "sha256" in subject["digest"]
+    )
 
 
 def _reason(error: BaseException) -> str:

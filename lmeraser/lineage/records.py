@@ -63,7 +63,13 @@ class RequestSummary(_Schema):
     completed_at: str | None  # when the exact erasure was verified and recorded; None: still queued
 
     @classmethod
-    def of(cls, request: Request, applied_at: float | None, completed_at: str | None, key: Callable[[str], str] | None = None) -> RequestSummary:
+    def of(
+        cls,
+        request: Request,
+        applied_at: float | None,
+        completed_at: str | None,
+        key: Callable[[str], str] | None = None,
+    ) -> RequestSummary:
         """The request's fields as the record states them; `key` keys sample ids (the salt's HMAC,
         as scans and audits key them): records name no raw id of a forgotten sample."""
         key = key or _sample_key_unavailable
@@ -157,7 +163,9 @@ class InfluencePredicate(_Schema):
     method: Literal["influence"] = "influence"
     recorded_at: str
     approximate: Literal[True] = True
-    exact_rebuild: str = "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record"
+    exact_rebuild: str = (
+        "queued: the next exact batch changes the data, rebuilds these clusters and supersedes this record"
+    )
     signer: str = ""
     requests: list[RequestSummary]
     clusters_edited: list[dict]  # per cluster: prompt hashes, damping, CG residual, losses, timings
@@ -177,10 +185,15 @@ def record_schema() -> dict:
 
     from lmeraser.lineage.dsse import PREDICATE_TYPE, STATEMENT_TYPE
 
-    _, schema = models_json_schema([(ExactPredicate, "serialization"), (InfluencePredicate, "serialization")], ref_template="#/$defs/{model}")
+    _, schema = models_json_schema(
+        [(ExactPredicate, "serialization"), (InfluencePredicate, "serialization")], ref_template="#/$defs/{model}"
+    )
     chained = {  # what the log adds to every predicate it signs (lmeraser/lineage/log.py)
         "sequence": {"type": "integer", "minimum": 1, "description": "the record's number in the log, from 1"},
-        "previous_record_sha256": {"type": "string", "description": "sha256 of the previous line of the log (64 zeros for the first)"},
+        "previous_record_sha256": {
+            "type": "string",
+            "description": "sha256 of the previous line of the log (64 zeros for the first)",
+        },
         "anchored": {"type": "boolean"},
     }
     for name in ("ExactPredicate", "InfluencePredicate"):
@@ -191,9 +204,10 @@ def record_schema() -> dict:
         "$id": PREDICATE_TYPE,
         "title": "lmeraser lineage record predicate",
         "description": (
-            f"The predicate of an in-toto Statement ({STATEMENT_TYPE}, predicateType {PREDICATE_TYPE}) signed in a DSSE envelope, "
-            "one envelope per line of audit/lineage.jsonl: an exact batch or an influence update, plus the log's chain fields. "
-            "Key rotations (predicateType .../key-rotation/v1) and the signed head are described in docs/auditing.md."
+            f"The predicate of an in-toto Statement ({STATEMENT_TYPE}, predicateType {PREDICATE_TYPE}) "
+            "signed in a DSSE envelope, one envelope per line of audit/lineage.jsonl: "
+            "an exact batch or an influence update, plus the log's chain fields. Key rotations "
+            "(predicateType .../key-rotation/v1) and the signed head are described in docs/auditing.md."
         ),
         "oneOf": [{"$ref": "#/$defs/ExactPredicate"}, {"$ref": "#/$defs/InfluencePredicate"}],
         "$defs": schema["$defs"],
@@ -220,7 +234,9 @@ def environment(kind: str, ws: Workspace, threads: int) -> dict:
 
 
 def code_info(ws: Workspace, params) -> CodeInfo:
-    return CodeInfo(git_commit=git_commit(ws.root), params_sha256=sha256_json(params.model_dump(mode="json")), seed=params.seed)
+    return CodeInfo(
+        git_commit=git_commit(ws.root), params_sha256=sha256_json(params.model_dump(mode="json")), seed=params.seed
+    )
 
 
 def served_prompts(ws: Workspace) -> dict[str, str]:
@@ -230,7 +246,9 @@ def served_prompts(ws: Workspace) -> dict[str, str]:
 
 def deployed_subjects(ws: Workspace) -> dict[str, str]:
     """The serving artifacts a record vouches for (in-toto subjects): name -> sha256."""
-    subjects = {ws.relative(path): sha256_file(path) for path in (ws.backbone_weights, ws.prototypes_file, ws.prompt_index_file)}
+    subjects = {
+        ws.relative(path): sha256_file(path) for path in (ws.backbone_weights, ws.prototypes_file, ws.prompt_index_file)
+    }
     overlay = Overlay(ws)
     subjects.update(dict(overlay.served(ws.prompt_index_or_empty()).values()))
     # The influence overlay and the suppression list: the hash chain covers them too.
@@ -286,7 +304,10 @@ def rotate_key(ws: Workspace, new_key: Ed25519PrivateKey | None = None, reason: 
         old = signing_key(ws)
         if new_key is None:
             if from_environment:
-                raise LmeraserError(f"the signing key comes from ${keys.KEY_ENV}: pass the new key to rotate to (and put it there afterwards).")
+                raise LmeraserError(
+                    f"the signing key comes from ${keys.KEY_ENV}: pass the new key to rotate to "
+                    "(and put it there afterwards)."
+                )
             new_key = Ed25519PrivateKey.generate()
         if not from_environment:
             keys.write_private_key(staged, new_key)  # before the log names it: a crash never loses it
@@ -296,15 +317,17 @@ def rotate_key(ws: Workspace, new_key: Ed25519PrivateKey | None = None, reason: 
     # The log hands over to chain.current: the pin and the key file follow.
     if not from_environment:
         try:
-            pending = keys.parse_private_key(read_trusted(staged, "staged signing key", keys.MAX_KEY_FILE, secret=True), str(staged))
+            pending = keys.parse_private_key(
+                read_trusted(staged, "staged signing key", keys.MAX_KEY_FILE, secret=True), str(staged)
+            )
         except MissingFile:
             pending = None
         if pending is not None and key_id(pending.public_key()) == key_id(chain.current):
             os.replace(staged, ws.signing_key_file)
         elif key_id(load_or_create_key(ws.signing_key_file, create=False).public_key()) != key_id(chain.current):
             raise LmeraserError(
-                f"{log.path} record {record.number} rotated the signer to {key_id(chain.current)}, but neither {ws.signing_key_file} "
-                f"nor {staged} holds that key; restore it."
+                f"{log.path} record {record.number} rotated the signer to {key_id(chain.current)}, "
+                f"but neither {ws.signing_key_file} nor {staged} holds that key; restore it."
             )
     atomic_write_bytes(pinned, public_pem(chain.current))
     return record
@@ -316,7 +339,10 @@ def sign_and_append(ws: Workspace, predicate: ExactPredicate | InfluencePredicat
     signed = predicate.model_copy(update={"signer": key_id(key.public_key())})
     record = lineage_log(ws).append(deployed_subjects(ws), signed.model_dump(mode="json"), key)
     # The exact prompts this record vouches for stay in the store whatever later train runs do.
-    atomic_write_json(ws.pins_file, {"record": record.number, "keys": sorted(e.key for e in ws.prompt_index_or_empty().clusters.values())})
+    atomic_write_json(
+        ws.pins_file,
+        {"record": record.number, "keys": sorted(e.key for e in ws.prompt_index_or_empty().clusters.values())},
+    )
     return record
 
 
@@ -375,7 +401,9 @@ def audit_words(audit: dict | None, reason: bool = True) -> str:
         return "none" if reason else "-"
     if audit.get("status") != "audited":
         return f"{audit.get('status')} ({audit.get('reason')})" if reason else "none"
-    return ", ".join(f"{n} {verdict}" for verdict, n in audit.get("verdicts", {}).items() if n) or ("no sample" if reason else "-")
+    return ", ".join(f"{n} {verdict}" for verdict, n in audit.get("verdicts", {}).items() if n) or (
+        "no sample" if reason else "-"
+    )
 
 
 def _fmt(value: float | None) -> str:

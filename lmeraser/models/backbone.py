@@ -40,16 +40,26 @@ def build_vit(params: BackboneParams, num_classes: int, in_chans: int = 1) -> Vi
     import timm
 
     if not timm.is_model(params.model):
-        raise ConfigError(f"backbone.model: '{params.model}' is not a timm model name (e.g. vit_tiny_patch16_224, deit_small_patch16_224).")
+        raise ConfigError(
+            f"backbone.model: '{params.model}' is not a timm model name "
+            "(e.g. vit_tiny_patch16_224, deit_small_patch16_224)."
+        )
     try:
-        model = timm.create_model(params.model, pretrained=False, num_classes=num_classes, img_size=params.img_size, in_chans=in_chans)
+        model = timm.create_model(
+            params.model, pretrained=False, num_classes=num_classes, img_size=params.img_size, in_chans=in_chans
+        )
     except TypeError:  # a model family that takes no img_size: not a ViT
-        raise ConfigError(f"backbone.model: {params.model} is not a timm VisionTransformer (what lmeraser's prompts need).") from None
+        raise ConfigError(
+            f"backbone.model: {params.model} is not a timm VisionTransformer (what lmeraser's prompts need)."
+        ) from None
     except (ValueError, AssertionError) as error:
-        raise ConfigError(f"backbone.model: {params.model} cannot be built at img_size {params.img_size} ({error}).") from None
+        raise ConfigError(
+            f"backbone.model: {params.model} cannot be built at img_size {params.img_size} ({error})."
+        ) from None
     if not isinstance(model, VisionTransformer) or getattr(model, "cls_token", None) is None:
         raise ConfigError(
-            f"backbone.model: {params.model} is a {type(model).__name__}, not a timm VisionTransformer with a class token (what lmeraser's prompts need)."
+            f"backbone.model: {params.model} is a {type(model).__name__}, "
+            "not a timm VisionTransformer with a class token (what lmeraser's prompts need)."
         )
     return model
 
@@ -129,7 +139,12 @@ def train_backbone(
     total = max(1, params.epochs * steps_per_epoch)
     warmup = min(total // 10, 5 * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        optimizer,
+        lambda s: (
+            (s + 1) / max(1, warmup)
+            if s < warmup
+            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+        ),
     )
     model.train()
     for epoch in track(range(params.epochs), "backbone epochs"):
@@ -148,7 +163,10 @@ def train_backbone(
             running += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == targets).sum())
         if epoch == params.epochs - 1 or epoch % 10 == 0:
-            log(f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, train acc {correct / len(y):.4f}")
+            log(
+                f"backbone epoch {epoch + 1}/{params.epochs}: loss {running / len(y):.4f}, "
+                f"train acc {correct / len(y):.4f}"
+            )
     return freeze(model)
 
 
@@ -159,7 +177,9 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, in_chans: int = 1) -> tuple[VisionTransformer, dict]:
+def load_checkpoint(
+    path: str | Path, params: BackboneParams, num_classes: int, in_chans: int = 1
+) -> tuple[VisionTransformer, dict]:
     """The backbone with a local checkpoint's weights, loaded through timm's own path: its
     `load_state_dict` (safetensors, or a torch file read with weights_only=True, never unpickled;
     `state_dict`/`model` wrappers and `module.` prefixes handled) and the ViT checkpoint filter
@@ -178,7 +198,8 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, 
         state = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is one sentence, never a traceback
         raise ConfigError(
-            f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; a torch file is read weights-only, never unpickled)."
+            f"backbone.checkpoint: {path} is not a readable weights file ({error.__class__.__name__}; "
+            "a torch file is read weights-only, never unpickled)."
         ) from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"backbone.checkpoint: {path} holds no state dict of tensors.")
@@ -191,7 +212,10 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, 
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as error:  # noqa: BLE001 - timm's filter on a foreign layout: one sentence
-        raise ConfigError(f"backbone.checkpoint: {path} cannot be adapted to the backbone in params.yaml ({error.__class__.__name__}: {error}).") from None
+        raise ConfigError(
+            f"backbone.checkpoint: {path} cannot be adapted to the backbone in params.yaml "
+            f"({error.__class__.__name__}: {error})."
+        ) from None
     head_keys = {"head.weight", "head.bias"}
     if state.get("head.weight") is not None and state["head.weight"].shape != model.head.weight.shape:
         state = {k: v for k, v in state.items() if k not in head_keys}
@@ -200,18 +224,28 @@ def load_checkpoint(path: str | Path, params: BackboneParams, num_classes: int, 
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
             raise ConfigError(
-                f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, the backbone in params.yaml needs "
-                f"{tuple(expected[key].shape)} (check backbone.model, img_size, patch_size and embed_dim)."
+                f"backbone.checkpoint: {path} has {key} of shape {tuple(tensor.shape)}, "
+                f"the backbone in params.yaml needs {tuple(expected[key].shape)} "
+                "(check backbone.model, img_size, patch_size and embed_dim)."
             )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_keys]
     if missing or unexpected:
-        raise ConfigError(f"backbone.checkpoint: {path} does not match the backbone in params.yaml (missing {missing[:3]}, unexpected {list(unexpected)[:3]}).")
+        raise ConfigError(
+            f"backbone.checkpoint: {path} does not match the backbone in params.yaml "
+            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})."
+        )
     return freeze(model), adapted
 
 
 def save_backbone(
-    model: VisionTransformer, params: BackboneParams, num_classes: int, ws: Workspace, origin: dict, in_chans: int = 1, compute: Compute = CPU
+    model: VisionTransformer,
+    params: BackboneParams,
+    num_classes: int,
+    ws: Workspace,
+    origin: dict,
+    in_chans: int = 1,
+    compute: Compute = CPU,
 ) -> BackboneMeta:
     with atomic_path(ws.backbone_weights) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
@@ -239,14 +273,18 @@ def load_backbone(ws: Workspace) -> tuple[VisionTransformer, BackboneMeta]:
     compute = Compute.of(meta).check(f"{ws.backbone_meta_file}: the backbone's device")
     actual = sha256_file(ws.backbone_weights)
     if actual != meta.sha256:
-        raise ConfigError(f"{ws.backbone_weights}: sha256 {actual} does not match {ws.backbone_meta_file}; the backbone was modified.")
+        raise ConfigError(
+            f"{ws.backbone_weights}: sha256 {actual} does not match {ws.backbone_meta_file}; the backbone was modified."
+        )
     model = build_vit(BackboneParams(**meta.params), meta.num_classes, meta.input.in_chans)
     model.load_state_dict(load_file(str(ws.backbone_weights)))
     return freeze(model.to(compute.torch_device)), meta
 
 
 @torch.no_grad()
-def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int = 512, compute: Compute = CPU) -> np.ndarray:
+def extract_features(
+    model: VisionTransformer, x: torch.Tensor, batch_size: int = 512, compute: Compute = CPU
+) -> np.ndarray:
     """CLS features (pre-logits) of preprocessed images (in host memory), float32 (N, D): batch by
     batch on the device, under its precision."""
     model.eval()
@@ -263,15 +301,22 @@ def extract_features(model: VisionTransformer, x: torch.Tensor, batch_size: int 
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
-def features_of(model: VisionTransformer, images: np.ndarray, spec: InputSpec, compute: Compute, batch_size: int = 512) -> np.ndarray:
+def features_of(
+    model: VisionTransformer, images: np.ndarray, spec: InputSpec, compute: Compute, batch_size: int = 512
+) -> np.ndarray:
     """Features of uint8 images, preprocessed a batch at a time (a whole split at 224 px would be
     tens of GB as floats); the same bits as preprocessing them all first: preprocessing is per
     image. The caller holds the compute's scope."""
-    out = [extract_features(model, preprocess(images[i : i + batch_size], spec), batch_size, compute) for i in range(0, len(images), batch_size)]
+    out = [
+        extract_features(model, preprocess(images[i : i + batch_size], spec), batch_size, compute)
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
-def image_features(model: VisionTransformer, meta: BackboneMeta, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+def image_features(
+    model: VisionTransformer, meta: BackboneMeta, images: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
     """Features of uint8 images on the deterministic view, with the backbone's recorded compute."""
     with Compute.of(meta).scope() as compute:
         return features_of(model, images, meta.input, compute, batch_size)

@@ -29,16 +29,20 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         if cfg.checkpoint:
             torch.manual_seed(params.seed)  # a dropped classifier is re-initialised: seeded
             model, adapted = load_checkpoint(cfg.checkpoint, cfg, info["num_classes"], in_chans)
-            origin.update({"checkpoint_sha256": sha256_file(cfg.checkpoint), **({"adapted": adapted} if adapted else {})})
+            origin.update(
+                {"checkpoint_sha256": sha256_file(cfg.checkpoint), **({"adapted": adapted} if adapted else {})}
+            )
             log(f"backbone {architecture} loaded from {cfg.checkpoint}" + (f" (adapted: {adapted})" if adapted else ""))
         if cfg.train in ("scratch", "finetune"):
             public = ws.split("public")
             verb = "fine-tuning" if model is not None else "training"
             log(
-                f"{verb} the backbone ({architecture}) on {len(public)} public samples: {cfg.epochs} epochs, {cfg.threads} thread(s),"
-                f" on {compute.device} ({compute.precision})"
+                f"{verb} the backbone ({architecture}) on {len(public)} public samples: "
+                f"{cfg.epochs} epochs, {cfg.threads} thread(s), on {compute.device} ({compute.precision})"
             )
-            model = train_backbone(cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model, compute=compute)
+            model = train_backbone(
+                cfg, public.images, public.labels, info["num_classes"], params.seed, log, start=model, compute=compute
+            )
             origin["n_public"] = len(public)
     seconds = time.perf_counter() - start
     origin["compute"] = identity(compute)  # the device's name and versions, with the backbone's lineage

@@ -26,11 +26,15 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
         private, test = ws.split("private"), ws.split("test")
         start = time.perf_counter()
         with Compute.of(meta).scope() as compute:
-            probe = linear_probe(backbone, private.images, private.labels, test.images, meta.input, params.seed, compute)
+            probe = linear_probe(
+                backbone, private.images, private.labels, test.images, meta.input, params.seed, compute
+            )
         out["linear_probe_accuracy"] = accuracy(test.labels, probe)
         seconds["linear_probe_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        with Compute.of(meta).with_threads(params.runtime.threads).scope() as compute:  # the cluster trainer's: it trains a prompt like one
+        with (
+            Compute.of(meta).with_threads(params.runtime.threads).scope() as compute
+        ):  # the cluster trainer's: it trains a prompt like one
             single = single_prompt(
                 backbone,
                 private.images,
@@ -45,6 +49,9 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
             )
         out["single_prompt_accuracy"] = accuracy(test.labels, single)
         seconds["single_prompt_seconds"] = time.perf_counter() - start
-        log(f"baselines: linear probe {out['linear_probe_accuracy']:.4f} | single prompt {out['single_prompt_accuracy']:.4f}")
+        log(
+            f"baselines: linear probe {out['linear_probe_accuracy']:.4f} "
+            f"| single prompt {out['single_prompt_accuracy']:.4f}"
+        )
     atomic_write_json(ws.baselines_report, out)
     return {"metrics": {**{k: v for k, v in out.items() if k != "enabled"}, **seconds}}

@@ -42,7 +42,10 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     metrics.update({f"cluster_{k}": v for k, v in sizes.items() if k != "sizes"})
     atomic_write_json(ws.metrics_file, metrics)
     atomic_write_csv(ws.plots / "confusion.csv", pd.DataFrame({"actual": labels, "predicted": predictions}))
-    rows = [{"cluster": c, "accuracy": v["accuracy"], "n_test": v["n_test"], "n_train": index[str(c)].n_members} for c, v in sorted(clusters.items())]
+    rows = [
+        {"cluster": c, "accuracy": v["accuracy"], "n_test": v["n_test"], "n_train": index[str(c)].n_members}
+        for c, v in sorted(clusters.items())
+    ]
     atomic_write_csv(ws.plots / "per_cluster_accuracy.csv", pd.DataFrame(rows))
     atomic_write_json(ws.confusion_report, confusion(labels, predictions, model.index.num_classes).tolist())
     log(f"test accuracy {metrics['accuracy']:.4f} over {len(index)} active clusters")

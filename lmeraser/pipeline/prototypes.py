@@ -20,11 +20,20 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> di
     if fit_on == "private":
         log("clustering.fit_on=private: prototypes depend on private data, so every deletion rebuilds every cluster")
     gpu = Compute.of(meta).faiss_gpu
-    prototypes = fit_prototypes(image_features(model, meta, fit_split.images), k, params.clustering, params.seed, params.runtime.threads, gpu)
+    prototypes = fit_prototypes(
+        image_features(model, meta, fit_split.images), k, params.clustering, params.seed, params.runtime.threads, gpu
+    )
     atomic_save_npy(ws.prototypes_file, prototypes)
     faiss_on = "cpu" if gpu is None else "gpu"  # faiss-gpu (its k-means takes the first GPU)
     atomic_write_json(
-        ws.prototypes_meta_file, {"k": k, "fit_on": fit_on, "backbone_sha256": meta.sha256, "sha256": sha256_file(ws.prototypes_file), "faiss": faiss_on}
+        ws.prototypes_meta_file,
+        {
+            "k": k,
+            "fit_on": fit_on,
+            "backbone_sha256": meta.sha256,
+            "sha256": sha256_file(ws.prototypes_file),
+            "faiss": faiss_on,
+        },
     )
     log(f"{k} prototypes fitted on {len(fit_split)} {fit_on} samples (faiss on {faiss_on})")
     return {"metrics": {"k": k}}

@@ -55,13 +55,21 @@ class ClusterTrainer:
     def state(self, job: ClusterJob) -> dict[str, torch.Tensor]:
         """The trained prompt of one cluster: pure in (members, config, seed); replay calls this."""
         x = preprocess(self.images[job.rows], self.spec)
-        return train_prompt(self.backbone, x, self.y[torch.from_numpy(job.rows)], self.prompt, self.num_classes, job.seed, self.compute)
+        return train_prompt(
+            self.backbone, x, self.y[torch.from_numpy(job.rows)], self.prompt, self.num_classes, job.seed, self.compute
+        )
 
     def train(self, job: ClusterJob) -> dict:
         """Train one cluster and store its artifact."""
         start = time.perf_counter()
-        stored = self.store.save(job.key, self.state(job), {"cluster": job.cluster, "n_members": len(job.rows), "seed": job.seed})
-        return {"cluster": job.cluster, "entry": PromptEntry(job.key, stored.sha256, len(job.rows), job.seed), "seconds": time.perf_counter() - start}
+        stored = self.store.save(
+            job.key, self.state(job), {"cluster": job.cluster, "n_members": len(job.rows), "seed": job.seed}
+        )
+        return {
+            "cluster": job.cluster,
+            "entry": PromptEntry(job.key, stored.sha256, len(job.rows), job.seed),
+            "seconds": time.perf_counter() - start,
+        }
 
 
 @dataclass
@@ -84,7 +92,9 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
         # Prototypes then depend on private data: any deletion must rebuild every cluster.
         extra["prototypes"] = prototypes_meta["sha256"]
     compute = Compute.of(meta).with_threads(params.runtime.threads)
-    shared = key_inputs(backbone_sha256=meta.sha256, prompt=params.prompt, num_classes=meta.num_classes, compute=compute, extra=extra)
+    shared = key_inputs(
+        backbone_sha256=meta.sha256, prompt=params.prompt, num_classes=meta.num_classes, compute=compute, extra=extra
+    )
     trainer = ClusterTrainer(
         params.prompt,
         compute,
@@ -110,7 +120,12 @@ def train_serially(trainer: ClusterTrainer, jobs: list[ClusterJob]) -> list[dict
     return [trainer.train(job) for job in track(jobs, "training clusters")]
 
 
-def run(params: Params, ws: Workspace, log: Log = print, map_jobs: Callable[[ClusterTrainer, list[ClusterJob]], list[dict]] = train_serially) -> dict:
+def run(
+    params: Params,
+    ws: Workspace,
+    log: Log = print,
+    map_jobs: Callable[[ClusterTrainer, list[ClusterJob]], list[dict]] = train_serially,
+) -> dict:
     """Reuse every artifact whose key is unchanged, train the rest, write the index."""
     training = plan(params, ws)
     store = training.trainer.store
@@ -120,22 +135,39 @@ def run(params: Params, ws: Workspace, log: Log = print, map_jobs: Callable[[Clu
     rekeyed = _rekeyed(previous, training, store, log)
     log(f"{len(training.jobs)} non-empty clusters: training {len(to_train)}, reusing {len(reused)}")
     start = time.perf_counter()
-    trained = {result["cluster"]: result["entry"] for result in map_jobs(training.trainer, to_train)} if to_train else {}
+    trained = (
+        {result["cluster"]: result["entry"] for result in map_jobs(training.trainer, to_train)} if to_train else {}
+    )
     seconds = time.perf_counter() - start
     entries = {}
     for job in training.jobs:
-        entries[str(job.cluster)] = trained.get(job.cluster) or PromptEntry(job.key, sha256_file(store.path(job.key)), len(job.rows), job.seed)
+        entries[str(job.cluster)] = trained.get(job.cluster) or PromptEntry(
+            job.key, sha256_file(store.path(job.key)), len(job.rows), job.seed
+        )
     retired = sorted(int(c) for c in set(previous.clusters) - set(entries))
     atomic_write_json(ws.prompt_index_file, PromptIndex(entries, training.key_inputs).to_json())
-    last_run = {"trained": sorted(trained), "reused": sorted(j.cluster for j in reused), "retired": retired, "rekeyed": rekeyed}
+    last_run = {
+        "trained": sorted(trained),
+        "reused": sorted(j.cluster for j in reused),
+        "retired": retired,
+        "rekeyed": rekeyed,
+    }
     atomic_write_json(ws.last_run_file, last_run)
     # Superseded artifacts go, except the ones the latest lineage record signed: an experiment
     # (`dvc exp run -S ...`) must not delete the deployed, attested prompts. An unlearning batch
     # purges the ones it supersedes itself.
     pruned = store.prune({entry.key for entry in entries.values()} | ws.pinned_keys())
-    log(f"trained {len(trained)} / reused {len(reused)} clusters in {seconds:.1f}s; retired {len(retired)}, pruned {len(pruned)} superseded artifacts")
+    log(
+        f"trained {len(trained)} / reused {len(reused)} clusters in {seconds:.1f}s; retired {len(retired)}, "
+        f"pruned {len(pruned)} superseded artifacts"
+    )
     return {
-        "metrics": {"clusters_trained": len(trained), "clusters_reused": len(reused), "clusters_retired": len(retired), "train_seconds": seconds},
+        "metrics": {
+            "clusters_trained": len(trained),
+            "clusters_reused": len(reused),
+            "clusters_retired": len(retired),
+            "train_seconds": seconds,
+        },
         **last_run,
         "pruned": pruned,
     }
@@ -151,7 +183,11 @@ def _rekeyed(previous: PromptIndex, training: TrainingPlan, store: ArtifactStore
     if stale:
         old, new = previous.key_inputs, training.key_inputs
         if old:
-            changed = [_change(name, old.get(name), new.get(name)) for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+            changed = [
+                _change(name, old.get(name), new.get(name))
+                for name in sorted(set(old) | set(new))
+                if old.get(name) != new.get(name)
+            ]
         else:
             changed = [f"the index predates key format {new['key_format']}"]
         log(f"re-keyed {len(stale)} stored artifact(s): {'; '.join(changed)}; their clusters retrain")
@@ -160,7 +196,9 @@ def _rekeyed(previous: PromptIndex, training: TrainingPlan, store: ArtifactStore
 
 def _change(name: str, old, new) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
-        return ", ".join(f"{name}.{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        return ", ".join(
+            f"{name}.{k} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        )
     if isinstance(old, str) and len(old) > 20:
         return f"{name} changed"
     return f"{name} {old} -> {new}"
@@ -172,11 +210,17 @@ def train_from_workspace(root: str, params_file: str, cluster: int, key: str) ->
     inputs, so every worker must see the workspace's files (a shared filesystem). `key` is the
     artifact key the caller planned: a workspace that changed since is refused, not trained."""
     ws = Workspace(Path(root), Path(params_file))
-    inputs = tuple(path.stat().st_mtime_ns for path in (ws.params_file, ws.backbone_weights, ws.assignments_file, ws.split_dir("private") / "images.npy"))
+    inputs = tuple(
+        path.stat().st_mtime_ns
+        for path in (ws.params_file, ws.backbone_weights, ws.assignments_file, ws.split_dir("private") / "images.npy")
+    )
     training = _plan(str(ws.root), str(ws.params_file), inputs)
     job = next((job for job in training.jobs if job.cluster == cluster), None)
     if job is None or job.key != key:
-        raise LmeraserError(f"cluster {cluster}: the workspace at {root} changed since the training was planned (another key); run the stage again.")
+        raise LmeraserError(
+            f"cluster {cluster}: the workspace at {root} changed since the training was planned (another key); "
+            "run the stage again."
+        )
     return training.trainer.train(job)
 
 

@@ -20,13 +20,21 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print, chang
     # One ticket per split holding only that split's fingerprint: a change to the private split
     # re-runs nothing that depends on the public one.
     for split, files in report.fingerprints.items():
-        atomic_write_json(ws.validation_ticket(split), {"split": split, "suite": SUITE_NAME, "passed": True, "sha256": files})
+        atomic_write_json(
+            ws.validation_ticket(split), {"split": split, "suite": SUITE_NAME, "passed": True, "sha256": files}
+        )
     reused = report.statistics["facts_reused"]
     if report.statistics["mode"] == "changed rows":
-        log(f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, and whole-split checks over {report.statistics['rows']} samples")
+        log(
+            f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, "
+            f"and whole-split checks over {report.statistics['rows']} samples"
+        )
     else:
         note = f" (image facts of {', '.join(reused)} reused: files unchanged since last checked)" if reused else ""
-        log(f"validation passed: {report.statistics['evaluated']} expectations over {report.statistics['rows']} samples{note}")
+        log(
+            f"validation passed: {report.statistics['evaluated']} expectations "
+            f"over {report.statistics['rows']} samples{note}"
+        )
     return {
         "metrics": {"expectations": report.statistics["evaluated"], "rows": report.statistics["rows"]},
         "docs": str(report.docs_index),

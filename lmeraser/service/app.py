@@ -5,9 +5,10 @@ looked at, so unknown paths cannot be probed). A POST needs a Content-Length no 
 `service.max_body_mib`, and the body actually read is held to that limit too (413 as soon as it
 is passed, whatever the headers said, chunked or not). Fields are typed strictly: a label is an
 integer (not `true`, not 3.0), pixels are integers 0..255 (a float is refused, never truncated).
-The access log names the path only: a query string (which may carry a secret) is never logged. Requests go through the same validation and journal as the CLI
-(`unlearning.intake.submit`); a corrected image comes as a multipart upload (bytes, checked and
-copied into the workspace), never as a path, so no request reads or writes outside the workspace.
+The access log names the path only: a query string (which may carry a secret) is never logged.
+Requests go through the same validation and journal as the CLI (`unlearning.intake.submit`); a
+corrected image comes as a multipart upload (bytes, checked and copied into the workspace), never
+as a path, so no request reads or writes outside the workspace.
 
   POST /v1/requests          submit (an influence request is answered after its update is served)
   GET  /v1/requests[/{id}]   state history, covering records, deadline
@@ -82,7 +83,9 @@ def _field_error(error: ValidationError, prefix: str = "") -> _Fail:
     field = (prefix + ".".join(str(p) for p in parts).replace(".[", "[")).rstrip(".")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = "unknown field" + (" (a corrected image is sent as a multipart upload named 'image')" if field.endswith("input") else "")
+        message = "unknown field" + (
+            " (a corrected image is sent as a multipart upload named 'image')" if field.endswith("input") else ""
+        )
     return _Fail(422, f"{shown(field) or 'body'}: {message}.", field=shown(field))
 
 
@@ -115,17 +118,26 @@ def _specs(body, has_image: bool) -> tuple[list[RequestSpec], str]:
     specs = []
     for number, item in enumerate(items):
         where = f"{prefix}[{number}]." if prefix else ""
-        forbidden = sorted({"input", "allow_backbone_rebuild", "method"} & item.keys()) if isinstance(item, dict) and prefix else []
+        forbidden = (
+            sorted({"input", "allow_backbone_rebuild", "method"} & item.keys())
+            if isinstance(item, dict) and prefix
+            else []
+        )
         if forbidden:
             bad = forbidden[0]
             raise _Fail(
                 422,
-                f"{where}{bad}: unknown field (one method for the whole body; images as a multipart upload; no backbone rebuilds over HTTP).",
+                f"{where}{bad}: unknown field (one method for the whole body; images as a multipart upload; "
+                "no backbone rebuilds over HTTP).",
                 field=f"{where}{bad}",
             )
         fields = dict(item) if isinstance(item, dict) else item
         if isinstance(fields, dict) and fields.get("label") is not None and type(fields["label"]) is not int:
-            raise _Fail(422, f"{where}label: an integer is expected, not {shown(json.dumps(fields['label']))}.", field=f"{where}label")
+            raise _Fail(
+                422,
+                f"{where}label: an integer is expected, not {shown(json.dumps(fields['label']))}.",
+                field=f"{where}label",
+            )
         if has_image and isinstance(fields, dict):
             fields["input"] = UPLOAD_NAME
         try:
@@ -147,7 +159,12 @@ class _ServedModel:
 
     def _fingerprint(self) -> tuple:
         out = []
-        for path in (self.ws.backbone_weights, self.ws.prototypes_file, self.ws.prompt_index_file, self.ws.overlay_file):
+        for path in (
+            self.ws.backbone_weights,
+            self.ws.prototypes_file,
+            self.ws.prompt_index_file,
+            self.ws.overlay_file,
+        ):
             try:
                 st = path.stat()
                 out.append((st.st_mtime_ns, st.st_size, st.st_ino))
@@ -175,7 +192,9 @@ class _ServedModel:
         return {
             "labels": [int(v) for v in labels],
             "clusters": [int(v) for v in routes],
-            "served": {str(c): ("approximate" if c in approximate else "exact") for c in sorted({int(v) for v in routes})},
+            "served": {
+                str(c): ("approximate" if c in approximate else "exact") for c in sorted({int(v) for v in routes})
+            },
         }
 
     def warm(self) -> None:
@@ -191,7 +210,12 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
     if content_type == "application/x-npy" or raw[:6] == b"\x93NUMPY":
         try:
             found, dtype = npy_header(raw)
-            if dtype.kind not in "iu" or len(found) != len(shape) + 1 or tuple(found[1:]) != shape or not 0 < found[0] <= MAX_PREDICT:
+            if (
+                dtype.kind not in "iu"
+                or len(found) != len(shape) + 1
+                or tuple(found[1:]) != shape
+                or not 0 < found[0] <= MAX_PREDICT
+            ):
                 expected = f"an integer array of shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT}"
                 raise _Fail(422, f"images: {expected} is expected, not {shown(found)} {shown(dtype)}.", field="images")
             images = np.load(io.BytesIO(raw), allow_pickle=False)
@@ -208,15 +232,26 @@ def _images(raw: bytes, content_type: str, shape: tuple[int, ...]) -> np.ndarray
             where = "".join(f"[{p}]" for p in first["loc"])
             if first["type"] == "list_type":
                 expected = f"shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected"
-                raise _Fail(422, f"images{where}: a list is expected here (images of {expected}).", field=f"images{where}") from None
+                raise _Fail(
+                    422, f"images{where}: a list is expected here (images of {expected}).", field=f"images{where}"
+                ) from None
             found = shown(json.dumps(first["input"]), 40)
-            raise _Fail(422, f"images{where}: pixels must be integers in 0..255, not {found}.", field=f"images{where}") from None
+            raise _Fail(
+                422, f"images{where}: pixels must be integers in 0..255, not {found}.", field=f"images{where}"
+            ) from None
         try:
             images = np.asarray(pixels, dtype=np.int64)
         except (ValueError, TypeError, OverflowError):
-            raise _Fail(422, "images: a list of equally shaped arrays of integers is expected.", field="images") from None
+            raise _Fail(
+                422, "images: a list of equally shaped arrays of integers is expected.", field="images"
+            ) from None
         if images.ndim != len(shape) + 1 or tuple(images.shape[1:]) != shape or not 0 < len(images) <= MAX_PREDICT:
-            raise _Fail(422, f"images: shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected, not {images.shape}.", field="images")
+            raise _Fail(
+                422,
+                f"images: shape (N, {', '.join(map(str, shape))}) with 1 <= N <= {MAX_PREDICT} is expected, "
+                f"not {images.shape}.",
+                field="images",
+            )
     if images.min() < 0 or images.max() > 255:
         raise _Fail(422, "images: pixels must be integers in 0..255.", field="images")
     return images.astype(np.uint8)
@@ -298,25 +333,37 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         if worker is not None:
             await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="lmeraser", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="lmeraser", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.add_middleware(_BodyLimit, limit=limit, mib=params.service.max_body_mib)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path != "/v1/health" and not authorized(request.headers.get("authorization"), token):
-            return _error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>').", headers={"WWW-Authenticate": "Bearer"})
+            return _error(
+                401,
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>').",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None:
                 return _error(411, "a request body needs a Content-Length header.")
             if not length.isdigit() or int(length) > limit:
-                return _error(413, f"request body larger than service.max_body_mib ({params.service.max_body_mib} MiB).", headers={"Connection": "close"})
+                return _error(
+                    413,
+                    f"request body larger than service.max_body_mib ({params.service.max_body_mib} MiB).",
+                    headers={"Connection": "close"},
+                )
         return await call_next(request)
 
     @app.exception_handler(_Fail)
     async def _on_fail(request: Request, error: _Fail):
         # A body over the limit is not read further: the connection closes after the answer.
-        return _error(error.status, error.message, headers={"Connection": "close"} if error.status == 413 else None, **error.extra)
+        return _error(
+            error.status, error.message, headers={"Connection": "close"} if error.status == 413 else None, **error.extra
+        )
 
     @app.exception_handler(LmeraserError)
     async def _on_refused(request: Request, error: LmeraserError):
@@ -325,9 +372,10 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, error: StarletteHTTPException):
         # Starlette's own refusals (no such path or method, a malformed multipart body) in the same shape.
-        message = {404: f"no such endpoint: {request.method} {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}.get(
-            error.status_code
-        )
+        message = {
+            404: f"no such endpoint: {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(error.status_code)
         return _error(error.status_code, message or f"{error.detail}.")
 
     @app.exception_handler(Exception)
@@ -358,7 +406,9 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             form = await request.form(max_files=1, max_fields=1)
             text, image = form.get("request"), form.get("image")
             if not isinstance(text, str):
-                raise _Fail(422, "request: the multipart field 'request' (the request as JSON) is missing.", field="request")
+                raise _Fail(
+                    422, "request: the multipart field 'request' (the request as JSON) is missing.", field="request"
+                )
             if image is not None:
                 if isinstance(image, str):
                     raise _Fail(422, "image: must be a file upload.", field="image")
@@ -367,7 +417,10 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         elif content_type in ("application/json", ""):
             body = _json(await request.body(), "request body")
         else:
-            raise _Fail(415, f"content type {shown(content_type, 80)}: send application/json, or multipart/form-data with an image.")
+            raise _Fail(
+                415,
+                f"content type {shown(content_type, 80)}: send application/json, or multipart/form-data with an image.",
+            )
         specs, method = _specs(body, upload is not None)
         return await run_in_threadpool(_submit, specs, method, upload)
 
@@ -385,7 +438,9 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             try:
                 answer["influence"] = influence_pending(ws, lambda m: None)
             except LmeraserError as error:
-                raise _Fail(500, f"accepted {', '.join(ids)}, but the influence update failed: {error}", requests=_statuses(ids)) from None
+                raise _Fail(
+                    500, f"accepted {', '.join(ids)}, but the influence update failed: {error}", requests=_statuses(ids)
+                ) from None
         answer["requests"] = _statuses(ids)
         return answer
 
@@ -401,7 +456,11 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
     @app.get("/v1/requests")
     def list_requests(pending: bool = False, overdue: bool = False) -> list[dict]:
         """Every request (or only those not verified / past their deadline), in order of receipt."""
-        return [s for s in _statuses() if (not pending or s["state"] != "verified") and (not overdue or s["flag"] == "overdue")]
+        return [
+            s
+            for s in _statuses()
+            if (not pending or s["state"] != "verified") and (not overdue or s["flag"] == "overdue")
+        ]
 
     @app.get("/v1/requests/{request_id}")
     def get_request(request_id: str) -> dict:
@@ -416,7 +475,10 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
         """A summary of every lineage record (not verified: /v1/verify checks them)."""
         from lmeraser.lineage.records import lineage_log, summary_row
 
-        return [{"number": r.number, "line_sha256": r.line_sha256, "summary": summary_row(r)} for r in lineage_log(ws).read_unverified()]
+        return [
+            {"number": r.number, "line_sha256": r.line_sha256, "summary": summary_row(r)}
+            for r in lineage_log(ws).read_unverified()
+        ]
 
     @app.get("/v1/records/{number}")
     def get_record(number: int) -> Response:
@@ -440,7 +502,9 @@ def create_app(ws: Workspace, token: str, worker: BatchWorker | None = None, log
             records = verify(ws, key)
         except LmeraserError as error:
             return JSONResponse({"ok": False, "error": shown(str(error), 2000)}, status_code=409)
-        return JSONResponse({"ok": True, "records": len(records), "signer": key_id(key), "deployed_match_record": records[-1].number})
+        return JSONResponse(
+            {"ok": True, "records": len(records), "signer": key_id(key), "deployed_match_record": records[-1].number}
+        )
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict:

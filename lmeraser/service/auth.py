@@ -39,7 +39,10 @@ def api_token(ws: Workspace, create: bool = True) -> str:
     token = _from_environment()
     if token:
         if len(token) < MIN_LENGTH or not token.isprintable() or " " in token:
-            raise LmeraserError(f"${TOKEN_ENV}: a token needs at least {MIN_LENGTH} printable characters and no spaces (e.g. `openssl rand -hex 32`).")
+            raise LmeraserError(
+                f"${TOKEN_ENV}: a token needs at least {MIN_LENGTH} printable characters and no spaces "
+                "(e.g. `openssl rand -hex 32`)."
+            )
         return token
     path = ws.api_token_file
     if path.exists():
@@ -51,7 +54,10 @@ def api_token(ws: Workspace, create: bool = True) -> str:
             raise LmeraserError(f"{path}: not an API token (delete it to have a new one made).")
         return token
     if not create:
-        raise LmeraserError(f"no API token: set ${TOKEN_ENV} or start `lmeraser serve` once in {ws.root.resolve()} (it creates {ws.relative(path)}).")
+        raise LmeraserError(
+            f"no API token: set ${TOKEN_ENV} or start `lmeraser serve` once in {ws.root.resolve()} "
+            f"(it creates {ws.relative(path)})."
+        )
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write_bytes(path, token.encode() + b"\n", mode=0o600)

@@ -22,7 +22,9 @@ class Client:
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
 
     def _call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
-        request = urllib.request.Request(self.url + path, data=body, method=method, headers={"Authorization": f"Bearer {self.token}"})
+        request = urllib.request.Request(
+            self.url + path, data=body, method=method, headers={"Authorization": f"Bearer {self.token}"}
+        )
         if content_type:
             request.add_header("Content-Type", content_type)
         try:
@@ -35,7 +37,9 @@ class Client:
                 message = None
             raise LmeraserError(f"{self.url}{path}: HTTP {error.code}: {message or error.reason}") from None
         except (urllib.error.URLError, OSError) as error:
-            raise LmeraserError(f"{self.url}: the service cannot be reached ({getattr(error, 'reason', error)}).") from None
+            raise LmeraserError(
+                f"{self.url}: the service cannot be reached ({getattr(error, 'reason', error)})."
+            ) from None
 
     def submit(self, requests: list[dict], method: str, image: Path | None = None) -> dict:
         """Submit requests (all or none); `image` is a rectify request's corrected image file."""
@@ -48,8 +52,13 @@ class Client:
         raw = read_input_bytes(image, "corrected input", MAX_IMAGE_FILE)
         boundary = uuid.uuid4().hex
         parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n'.encode() + json.dumps(body).encode() + b"\r\n",
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n'.encode()
+            + json.dumps(body).encode()
+            + b"\r\n",
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="image"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
             + raw
             + b"\r\n",
             f"--{boundary}--\r\n".encode(),

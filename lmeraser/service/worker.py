@@ -39,7 +39,9 @@ def full_scan(ws: Workspace) -> RunScan:
 
         with ws.lock("unlearn"):
             targets = scan_targets(ws)
-            report = scan(ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=True)
+            report = scan(
+                ws, targets.sample_keys, targets.artifact_hashes, reference_digests=targets.reference_digests, full=True
+            )
         return {**report.summary(), "locations_with_hits": sorted({h.location for h in report.hits})}
 
     return run
@@ -128,8 +130,16 @@ class BatchWorker:
         self.last_error = None
         if result is not None:
             self.batches += 1
-            self.last_batch = {"batch_id": result.get("batch_id"), "record": result.get("record"), "rebuilt": result.get("rebuilt"), "finished_at": time.time()}
-            self.log(f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, rebuilt clusters {result.get('rebuilt')}")
+            self.last_batch = {
+                "batch_id": result.get("batch_id"),
+                "record": result.get("record"),
+                "rebuilt": result.get("rebuilt"),
+                "finished_at": time.time(),
+            }
+            self.log(
+                f"worker: batch {result.get('batch_id')} done: record {result.get('record')}, "
+                f"rebuilt clusters {result.get('rebuilt')}"
+            )
         return result
 
     def full_scan_due(self, now: float) -> bool:
@@ -155,7 +165,10 @@ class BatchWorker:
         files = sum(summary["files_read"].values())
         if summary["hits"]:
             where = ", ".join(summary["locations_with_hits"])
-            self.log(f"worker: full scan: {summary['hits']} hit(s): forgotten data survives in {where}; run `lmeraser audit scan`")
+            self.log(
+                f"worker: full scan: {summary['hits']} hit(s): forgotten data survives in {where}; "
+                "run `lmeraser audit scan`"
+            )
         else:
             self.log(f"worker: full scan: read {files} files, 0 hits")
         return self.last_full_scan
@@ -164,7 +177,10 @@ class BatchWorker:
         """Runs wait in the tracking backlog, no batch is half-done, and the last try (if it
         failed) is `TRACKING_RETRY_S` old."""
         return (
-            self.run_tracking is not None and now - self._tracking_failed_at >= TRACKING_RETRY_S and backlog_file(self.ws).exists() and not self.interrupted()
+            self.run_tracking is not None
+            and now - self._tracking_failed_at >= TRACKING_RETRY_S
+            and backlog_file(self.ws).exists()
+            and not self.interrupted()
         )
 
     def track_once(self) -> dict:

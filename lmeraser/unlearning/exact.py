@@ -49,7 +49,18 @@ from lmeraser.salt import Keyer
 from lmeraser.stages import GIT_TRACKED_OUTPUTS, SERVING_TARGET
 from lmeraser.unlearning.preflight import check_before_change, check_compute
 from lmeraser.unlearning.recovery import recover
-from lmeraser.unlearning.steps import STEPS, Applied, BatchState, Capture, Purged, Rebuilt, Recorded, Sample, Verified, Versioned
+from lmeraser.unlearning.steps import (
+    STEPS,
+    Applied,
+    BatchState,
+    Capture,
+    Purged,
+    Rebuilt,
+    Recorded,
+    Sample,
+    Verified,
+    Versioned,
+)
 from lmeraser.versioning import commit_paths, data_md5, dvc_add, file_sha256
 from lmeraser.workspace import Workspace
 
@@ -71,8 +82,8 @@ def rebuild_params(ws: Workspace) -> Params:
     pipeline_file = ws.pipeline_params_file
     if ws.params_file.resolve() != pipeline_file.resolve() and params != load_params(pipeline_file):
         raise LmeraserError(
-            f"--params {ws.params_file} differs from {pipeline_file}, which dvc.yaml's stages read: an exact rebuild runs with "
-            f"{pipeline_file}; copy {ws.params_file} there and run `dvc repro` first."
+            f"--params {ws.params_file} differs from {pipeline_file}, which dvc.yaml's stages read: "
+            f"an exact rebuild runs with {pipeline_file}; copy {ws.params_file} there and run `dvc repro` first."
         )
     return params
 
@@ -91,7 +102,9 @@ class UnlearnBatch:
         self.map_jobs = None  # how the rebuild's clusters train (default: runtime.workers threads)
 
     @classmethod
-    def open(cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None) -> UnlearnBatch | None:
+    def open(
+        cls, ws: Workspace, params: Params, log=print, git_commit: bool = True, max_requests: int | None = None
+    ) -> UnlearnBatch | None:
         """Resume an interrupted batch, or start one over the pending requests (the oldest
         `max_requests` of them, or all); None if idle.
 
@@ -108,10 +121,16 @@ class UnlearnBatch:
             try:
                 state = BatchState.from_json(json.loads(batches[0].read_bytes()))
             except (ValueError, RecursionError):  # ValidationError and JSONDecodeError included
-                raise LmeraserError(f"{batches[0]}: not a batch state file (it was altered); the batch cannot resume until it is restored.") from None
+                raise LmeraserError(
+                    f"{batches[0]}: not a batch state file (it was altered); "
+                    "the batch cannot resume until it is restored."
+                ) from None
             disagreement = _disagreement(state, batches[0].stem, Journal(ws))
             if disagreement:
-                raise LmeraserError(f"{batches[0]}: {disagreement} (the batch file was altered); the batch cannot resume until it is restored.")
+                raise LmeraserError(
+                    f"{batches[0]}: {disagreement} (the batch file was altered); "
+                    "the batch cannot resume until it is restored."
+                )
             return cls(ws, params, state, log)
         pending = Journal(ws).pending()[:max_requests]
         if not pending:
@@ -191,7 +210,9 @@ class UnlearnBatch:
 
         model = ServingModel.load(self.ws)
         batch_size = self.params.evaluate.batch_size  # the evaluate stage's: they share the cached test scores
-        return membership_inference(model.losses(images, labels, batch_size), nonmember_losses(self.ws, model, batch_size))
+        return membership_inference(
+            model.losses(images, labels, batch_size), nonmember_losses(self.ws, model, batch_size)
+        )
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -205,8 +226,9 @@ class UnlearnBatch:
         stale = stale_stages(ws, SERVING_TARGET)
         if stale:
             raise LmeraserError(
-                f"the pipeline is not up to date with data/, params.yaml or the code (`dvc status` lists {', '.join(stale)}): "
-                "run `dvc repro` first, then `lmeraser unlearn`; this batch changed nothing and its requests stay pending."
+                "the pipeline is not up to date with data/, params.yaml or the code "
+                f"(`dvc status` lists {', '.join(stale)}): run `dvc repro` first, then `lmeraser unlearn`; "
+                "this batch changed nothing and its requests stay pending."
             )
         cluster_of = ws.cluster_of()
         targets = self._targets()
@@ -221,7 +243,9 @@ class UnlearnBatch:
             part = ws.split(split)
             for row, sid in enumerate(part.sample_ids):
                 if sid in wanted:
-                    samples[sid] = Sample(split=split, content_hash=part.manifest["content_hash"][row], label=int(part.labels[row]))
+                    samples[sid] = Sample(
+                        split=split, content_hash=part.manifest["content_hash"][row], label=int(part.labels[row])
+                    )
                     if sid in to_forget:
                         self._images[sid] = part.images[row]
         # The plan: every cluster whose members this batch changes (a label or image "correction"
@@ -247,9 +271,13 @@ class UnlearnBatch:
         if outside:
             self.log(
                 f"the serving path changed since lineage record {outside['since_record']} with no record of its own "
-                f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); this batch's record names the change"
+                f"(clusters {[c['cluster'] for c in outside['clusters_changed']]}); "
+                "this batch's record names the change"
             )
-        self.log(f"batch {self.state.batch_id}: {len(self.requests)} request(s), {len(targets)} sample(s), planned clusters {planned}")
+        self.log(
+            f"batch {self.state.batch_id}: {len(self.requests)} request(s), {len(targets)} sample(s), "
+            f"planned clusters {planned}"
+        )
         return Capture(
             # The code version as the batch found it: a batch started on a clean checkout says so,
             # though its own data.dvc and dvc.lock changes make the tree dirty until they are committed.
@@ -311,7 +339,11 @@ class UnlearnBatch:
         state = capture.forgetting_audit
         key = Keyer(self.ws, create=False).subject
         if state is None:
-            reason = "the batch rebuilds the backbone (public samples)" if capture.backbone_rebuild and params.audit.references else None
+            reason = (
+                "the batch rebuilds the backbone (public samples)"
+                if capture.backbone_rebuild and params.audit.references
+                else None
+            )
             return forgetting.section(None, None, params, key, {}, reason), []
         start = time.perf_counter()
         model = ServingModel.load(self.ws)
@@ -326,8 +358,9 @@ class UnlearnBatch:
                 scores.update(forgetting.served_scores(model, images, labels, targets, params.evaluate.batch_size))
             else:
                 problems.append(
-                    f"forgetting audit: cluster {cluster} serves a prompt that is not its retrain without the batch's samples "
-                    f"(tensor digest {digests.get(cluster, 'none')[:16]}, expected {state['clusters'][cluster]['rebuild_digest'][:16]}), "
+                    f"forgetting audit: cluster {cluster} serves a prompt that is not its retrain without the batch's "
+                    f"samples (tensor digest {digests.get(cluster, 'none')[:16]}, "
+                    f"expected {state['clusters'][cluster]['rebuild_digest'][:16]}), "
                     "and the erased pixels that could score it are gone (the batch was resumed)"
                 )
         result = forgetting.conclude(state, params, state["before"], {"scores": scores, "digests": digests})
@@ -335,14 +368,17 @@ class UnlearnBatch:
         section = forgetting.section(state, result, params, key, seconds)
         section["served_as_expected_rebuild"] = sorted(int(c) for c in state["clusters"] if c not in other)
         problems += [
-            f"forgetting audit: sample {s['sample_id']} of request {', '.join(state['requests_of'][s['sample_id']])} is still detectable in the "
-            f"served model after its forget (p = {s['after']['p_value']:.2g}, detectable at p <= {result['threshold']:.2g})"
+            f"forgetting audit: sample {s['sample_id']} of request {', '.join(state['requests_of'][s['sample_id']])} "
+            f"is still detectable in the served model after its forget (p = {s['after']['p_value']:.2g}, "
+            f"detectable at p <= {result['threshold']:.2g})"
             for s in result["samples"]
             if s["verdict"] == "FAIL"
         ]
         return section, problems
 
-    def _final_corrections(self, samples: dict[str, Sample], forgotten: set[str]) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    def _final_corrections(
+        self, samples: dict[str, Sample], forgotten: set[str]
+    ) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """The label and the image each rectified sample ends the batch with (the last request of
         each kind wins, as the data edits apply them in order); samples this batch forgets and
         samples no longer in the data are left out."""
@@ -355,7 +391,9 @@ class UnlearnBatch:
                 labels[sid] = request.label
             elif request.input_path:
                 images[sid] = request
-        return labels, {sid: corrected_image(self.ws, request) for sid, request in images.items()}  # each image read once
+        return labels, {
+            sid: corrected_image(self.ws, request) for sid, request in images.items()
+        }  # each image read once
 
     def _assigned_clusters(self, images: list[np.ndarray]) -> set[int]:
         """Clusters these (corrected) images will be assigned to (assignment is a pure function of
@@ -367,7 +405,12 @@ class UnlearnBatch:
         from lmeraser.models.backbone import image_features, load_backbone
 
         backbone, meta = load_backbone(self.ws)
-        return {int(c) for c in nearest(image_features(backbone, meta, np.stack(images)), self.ws.prototypes(), gpu=Compute.of(meta).faiss_gpu)}
+        return {
+            int(c)
+            for c in nearest(
+                image_features(backbone, meta, np.stack(images)), self.ws.prototypes(), gpu=Compute.of(meta).faiss_gpu
+            )
+        }
 
     def _hold_pixels(self, samples: dict[str, Sample], forgotten: set[str]) -> None:
         """The pixels of the samples this batch erases, in memory (never written), for the checks
@@ -406,7 +449,13 @@ class UnlearnBatch:
                 edits.append((sid, {"label": request.label}))
             else:
                 sid = request.sample_ids[0]
-                rows.append({"sample_id": sid, "content_key": keyer.content(samples[sid].content_hash), "reason": "rectify-input"})
+                rows.append(
+                    {
+                        "sample_id": sid,
+                        "content_key": keyer.content(samples[sid].content_hash),
+                        "reason": "rectify-input",
+                    }
+                )
                 edits.append((sid, {"image": corrected_image(ws, request)}))
         # The durable list first, then its copy in data/, then the data: if we are killed in
         # between, re-running finds the rows listed and finishes the edits (each is idempotent).
@@ -423,7 +472,9 @@ class UnlearnBatch:
         applied_at = time.time()
         self.journal.append([event(r.request_id, "applied", applied_at) for r in self.requests])
         failpoint("apply:journaled")
-        self.log(f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)")
+        self.log(
+            f"data updated: removed {sum(len(v) for v in removed.values())} sample(s), {len(rows)} suppression row(s)"
+        )
         erased = sorted({r["content_key"] for r in rows if r["content_key"]})
         return Applied(removed=removed, erased_content_keys=erased, suppression_rows=len(rows), applied_at=applied_at)
 
@@ -501,14 +552,22 @@ class UnlearnBatch:
 
         capture, rebuild = self.capture, self.rebuilt
         references = set(in_digests(capture.forgetting_audit))
-        report = scan(self.ws, set(self.applied.erased_content_keys), set(rebuild.superseded), reference_digests=references)
+        report = scan(
+            self.ws, set(self.applied.erased_content_keys), set(rebuild.superseded), reference_digests=references
+        )
         hits = report.hits
         changed = rebuild.changed
         forget = [s for s in self._targets("forget") if s in capture.samples]
         if forget and all(s in self._images for s in forget):
-            mia_after = self._mia(np.stack([self._images[s] for s in forget]), np.array([capture.samples[s].label for s in forget]))
+            mia_after = self._mia(
+                np.stack([self._images[s] for s in forget]), np.array([capture.samples[s].label for s in forget])
+            )
         elif forget:
-            mia_after = {"skipped": "the process was interrupted after the samples were erased; their pixels no longer exist to score"}
+            mia_after = {
+                "skipped": (
+                    "the process was interrupted after the samples were erased; their pixels no longer exist to score"
+                )
+            }
         else:
             mia_after = None
         # Exactly the planned clusters changed (a backbone rebuild changes every one).
@@ -532,16 +591,25 @@ class UnlearnBatch:
         """What in the verification and the purge no record may be signed over."""
         problems = []
         if verified.scan.get("hits") != 0:
-            where = sorted({str(hit.get("location")) for hit in verified.scan.get("examples", []) if isinstance(hit, dict)})
-            problems.append(f"{verified.scan.get('hits')} scan hit(s): forgotten data survives in {', '.join(where) or 'an unnamed location'}")
+            where = sorted(
+                {str(hit.get("location")) for hit in verified.scan.get("examples", []) if isinstance(hit, dict)}
+            )
+            problems.append(
+                f"{verified.scan.get('hits')} scan hit(s): forgotten data survives "
+                f"in {', '.join(where) or 'an unnamed location'}"
+            )
         if not verified.clusters_as_planned:
-            problems.append(f"the changed clusters {verified.changed_clusters} are not the planned {verified.planned_clusters}")
+            problems.append(
+                f"the changed clusters {verified.changed_clusters} are not the planned {verified.planned_clusters}"
+            )
         if (verified.forgetting_audit or {}).get("verdicts", {}).get("FAIL"):
             problems.append("the forgetting audit found a sample still detectable")
         if self.purged.remotes_failed:
             problems.append(f"the purge failed for DVC remote(s) {self.purged.remotes_failed}")
         if self.purged.artifact_stores_unreachable:
-            problems.append(f"the purge could not reach MLflow artifact store(s) {self.purged.artifact_stores_unreachable}")
+            problems.append(
+                f"the purge could not reach MLflow artifact store(s) {self.purged.artifact_stores_unreachable}"
+            )
         return problems
 
     def _refuse_to_sign(self, problems: list[str]) -> None:
@@ -549,8 +617,8 @@ class UnlearnBatch:
         # nothing, keep the requests pending; `lmeraser unlearn` resumes at the step that stopped.
         if problems:
             raise LmeraserError(
-                f"verification failed: {'; '.join(dict.fromkeys(problems))}. Nothing was signed and the requests stay pending "
-                f"(batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
+                f"verification failed: {'; '.join(dict.fromkeys(problems))}. Nothing was signed and the requests stay "
+                f"pending (batch {self.state.batch_id}); fix it and run `lmeraser unlearn` again."
             )
 
     def _check_state(self) -> list[str]:
@@ -564,7 +632,12 @@ class UnlearnBatch:
         keyer = Keyer(ws, create=False)
         present_keys = {keyer.content(h) for frame in manifests.values() for h in frame["content_hash"]}
         listed = suppression.read(ws)
-        erased_key = dict(zip(listed.loc[listed["reason"] == "forget", "sample_id"], listed.loc[listed["reason"] == "forget", "content_key"]))
+        erased_key = dict(
+            zip(
+                listed.loc[listed["reason"] == "forget", "sample_id"],
+                listed.loc[listed["reason"] == "forget", "content_key"],
+            )
+        )
         forgotten_now = set(self._targets("forget"))  # a sample rectified and forgotten in one batch is gone
         for request in self.requests:
             rid = request.request_id
@@ -573,16 +646,27 @@ class UnlearnBatch:
                     if sid in rows:
                         problems.append(f"request {rid}: sample {sid} is still in data/{rows[sid][0]}")
                     elif erased_key.get(sid) in present_keys:
-                        problems.append(f"request {rid}: the content of sample {sid} is still in data/ under another id")
+                        problems.append(
+                            f"request {rid}: the content of sample {sid} is still in data/ under another id"
+                        )
                 for sid in request.already_forgotten:
                     # "Already forgotten" is a claim about the data: no split holds the id or its content.
                     if sid in rows:
-                        problems.append(f"request {rid}: sample {sid}, said to be forgotten already, is in data/{rows[sid][0]}")
+                        problems.append(
+                            f"request {rid}: sample {sid}, said to be forgotten already, is in data/{rows[sid][0]}"
+                        )
                     elif sid not in erased_key:
-                        problems.append(f"request {rid}: sample {sid}, said to be forgotten already, has no erasure in {ws.suppression_file.name}")
+                        problems.append(
+                            f"request {rid}: sample {sid}, said to be forgotten already, "
+                            f"has no erasure in {ws.suppression_file.name}"
+                        )
                     elif erased_key[sid] in present_keys:
-                        problems.append(f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/")
-            elif request.sample_ids and request.sample_ids[0] not in forgotten_now and request.sample_ids[0] not in rows:
+                        problems.append(
+                            f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/"
+                        )
+            elif (
+                request.sample_ids and request.sample_ids[0] not in forgotten_now and request.sample_ids[0] not in rows
+            ):
                 problems.append(f"request {rid}: rectified sample {request.sample_ids[0]} is not in data/")
         # Each rectified sample holds the label and image its last correction of each kind gave.
         final_label, final_image = self._final_corrections(capture.samples, forgotten_now)
@@ -651,7 +735,17 @@ class UnlearnBatch:
         ws = self.ws
         tracked = [ws.root / path for path in GIT_TRACKED_OUTPUTS]
         log = lineage_log(ws)
-        paths = [ws.data_dvc, ws.dvc_lock, ws.pipeline_params_file, *tracked, ws.journal_file, log.path, log.head_path, ws.signer_file, ws.suppression_file]
+        paths = [
+            ws.data_dvc,
+            ws.dvc_lock,
+            ws.pipeline_params_file,
+            *tracked,
+            ws.journal_file,
+            log.path,
+            log.head_path,
+            ws.signer_file,
+            ws.suppression_file,
+        ]
         try:
             commit = commit_paths(ws.root, paths, f"lmeraser: lineage record {number} ({self.state.batch_id})")
         except LmeraserError as error:
@@ -692,7 +786,12 @@ class UnlearnBatch:
             backbone_rebuild=capture.backbone_rebuild,
             planned_clusters=capture.planned_clusters,
             clusters_rebuilt=[
-                ClusterRebuilt(cluster=c, prompt_sha256_before=before.get(str(c)), prompt_sha256_after=after.get(str(c)), seed=rebuild.seeds.get(str(c)))
+                ClusterRebuilt(
+                    cluster=c,
+                    prompt_sha256_before=before.get(str(c)),
+                    prompt_sha256_after=after.get(str(c)),
+                    seed=rebuild.seeds.get(str(c)),
+                )
                 for c in rebuild.changed
             ],
             clusters_untouched=sum(1 for c, h in after.items() if before.get(c) == h),
@@ -747,7 +846,13 @@ def outside_change(ws: Workspace) -> dict | None:
         "since_record": last.number,
         "subjects_changed": changed_subjects,
         "clusters_changed": [
-            {"cluster": c, "prompt_sha256_before": before.get(str(c)), "prompt_sha256_after": served.get(str(c)), "seed": None} for c in clusters
+            {
+                "cluster": c,
+                "prompt_sha256_before": before.get(str(c)),
+                "prompt_sha256_after": served.get(str(c)),
+                "seed": None,
+            }
+            for c in clusters
         ],
     }
 
@@ -809,7 +914,13 @@ def preload(ws: Workspace) -> None:
 
 
 def process_pending(
-    ws: Workspace, log=print, run_step=None, git_commit: bool = True, after_stage=None, max_requests: int | None = None, map_jobs=None
+    ws: Workspace,
+    log=print,
+    run_step=None,
+    git_commit: bool = True,
+    after_stage=None,
+    max_requests: int | None = None,
+    map_jobs=None,
 ) -> dict | None:
     """Process the pending requests as one batch (the oldest `max_requests`, or all), or finish an
     interrupted one.

@@ -44,7 +44,13 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 _JACOBIAN_BUDGET = 100_000_000
 
 
-def prepare_model(backbone: torch.nn.Module, params: PromptParams, num_classes: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> PromptedClassifier:
+def prepare_model(
+    backbone: torch.nn.Module,
+    params: PromptParams,
+    num_classes: int,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> PromptedClassifier:
     """The cluster's model in eval mode and `dtype`, on a private copy of the backbone, on the
     backbone's device.
 
@@ -184,7 +190,9 @@ class Objective:
 
         if n * classes * self.dim <= _JACOBIAN_BUDGET:
             one = lambda t, xi: self.logits(t, xi[None])[0]  # noqa: E731
-            jac = torch.cat([vmap(jacrev(one), in_dims=(None, 0))(theta, x[i : i + 64]) for i in range(0, n, 64)])  # (n, C, P)
+            jac = torch.cat(
+                [vmap(jacrev(one), in_dims=(None, 0))(theta, x[i : i + 64]) for i in range(0, n, 64)]
+            )  # (n, C, P)
             flat = jac.reshape(n * classes, self.dim)
             return lambda v: flat.T @ h_out((flat @ v).view(n, classes)).reshape(-1) / n + self.weight_decay * v
         _, jvp_fn = linearize(lambda t: self.logits(t, x), theta)
@@ -195,7 +203,14 @@ class Objective:
 # -- solvers -------------------------------------------------------------------------------------
 
 
-def power_iteration(matvec: MatVec, dim: int, iterations: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu") -> float:
+def power_iteration(
+    matvec: MatVec,
+    dim: int,
+    iterations: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> float:
     """The eigenvalue of largest magnitude (Rayleigh quotient after `iterations` steps); the start
     vector is drawn on the CPU (`generator`), the same on every device.
 
@@ -302,12 +317,18 @@ def damped_solve(
         lambda_min = None
         if indefinite:
             # The spectrum's other end: the top eigenvalue of (λ_max I − H) is λ_max − λ_min.
-            shifted = power_iteration(lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype, b.device)
+            shifted = power_iteration(
+                lambda v: lambda_max * v - matvec(v), dim, params.power_iterations, generator, b.dtype, b.device
+            )
             lambda_min = lambda_max - shifted
     else:
         lambda_max, lambda_min = spectrum
     if damping is None:
-        damping = params.damping if params.damping is not None else params.damping_ratio * abs(lambda_max) + max(0.0, -(lambda_min or 0.0))
+        damping = (
+            params.damping
+            if params.damping is not None
+            else params.damping_ratio * abs(lambda_max) + max(0.0, -(lambda_min or 0.0))
+        )
     restarts = 0
     while True:
         result = conjugate_gradient(matvec, b, damping, params.cg_tol, params.cg_max_iter)
@@ -317,7 +338,10 @@ def damped_solve(
         damping = max(10 * damping, 1e-8 * max(abs(lambda_max), 1.0))
         restarts += 1
     if result.negative_curvature:
-        raise LmeraserError(f"the Hessian stays indefinite at damping {damping:.3g}; use influence.hessian: gauss_newton or the exact method.")
+        raise LmeraserError(
+            f"the Hessian stays indefinite at damping {damping:.3g}; "
+            "use influence.hessian: gauss_newton or the exact method."
+        )
     return Solve(result.x, damping, lambda_max, lambda_min, result, restarts)
 
 
@@ -351,7 +375,14 @@ class InfluenceReport:
         return dict(self.__dict__)
 
 
-def rows_like(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> tuple:
+def rows_like(
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_new: torch.Tensor,
+    y_new: torch.Tensor,
+    present: torch.Tensor,
+) -> tuple:
     """An edit's rows on `theta`'s device, the inputs in its dtype.
 
     Args:
@@ -366,7 +397,9 @@ def rows_like(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, x_new: torc
     return x.to(device, dtype), y.to(device), x_new.to(device, dtype), y_new.to(device), present.to(device)
 
 
-def edited_rows(x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def edited_rows(
+    x: torch.Tensor, y: torch.Tensor, x_new: torch.Tensor, y_new: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
     """The rows an edit touches: removed, relabelled or with a changed input.
 
     Args:
@@ -419,13 +452,20 @@ def influence_edit(
     if not bool(changed.any()):
         raise LmeraserError("the edit changes no sample of the cluster.")
     if not bool(present.any()):
-        raise LmeraserError("the edit removes every sample of the cluster; the influence method needs at least one to remain (use the exact method).")
+        raise LmeraserError(
+            "the edit removes every sample of the cluster; the influence method needs at least one to remain "
+            "(use the exact method)."
+        )
     with deterministic(threads), torch.no_grad():
         generator = torch.Generator().manual_seed(seed)
         objective = Objective(model, weight_decay)
         theta = objective.theta0.clone()
         # A fixed Hessian sample of the cluster as trained (before the edit).
-        rows = torch.randperm(n, generator=generator)[: params.hessian_samples].sort().values if n > params.hessian_samples else torch.arange(n)
+        rows = (
+            torch.randperm(n, generator=generator)[: params.hessian_samples].sort().values
+            if n > params.hessian_samples
+            else torch.arange(n)
+        )
         rows = rows.to(device)
         matvec = _curvature(objective, theta, x[rows], y[rows], params.hessian)
         # The Newton step from θ (a stationary point of L) on the edited objective, whose mean is
@@ -459,7 +499,16 @@ def influence_edit(
         while tilted(theta + solve.x) > edited_before + tolerance and increases < 12:
             increases += 1
             damping = max(10 * solve.damping, 1e-8 * max(abs(solve.lambda_max), 1.0))
-            solve = damped_solve(matvec, b, objective.dim, params, params.hessian == "exact", generator, damping, (solve.lambda_max, solve.lambda_min))
+            solve = damped_solve(
+                matvec,
+                b,
+                objective.dim,
+                params,
+                params.hessian == "exact",
+                generator,
+                damping,
+                (solve.lambda_max, solve.lambda_min),
+            )
         theta = theta + solve.x
         report = InfluenceReport(
             hessian=params.hessian,
@@ -495,11 +544,25 @@ def _curvature(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: to
     return objective.gauss_newton(theta, x)
 
 
-def _newton_step(objective: Objective, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, params: InfluenceParams, generator: torch.Generator) -> dict:
+def _newton_step(
+    objective: Objective,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: InfluenceParams,
+    generator: torch.Generator,
+) -> dict:
     """One damped Newton step on the edited objective, with a backtracking line search."""
     gradient = objective.gradient(theta, x, y)
     loss = float(objective.loss(theta, x, y))
-    solve = damped_solve(_curvature(objective, theta, x, y, params.hessian), gradient, objective.dim, params, params.hessian == "exact", generator)
+    solve = damped_solve(
+        _curvature(objective, theta, x, y, params.hessian),
+        gradient,
+        objective.dim,
+        params,
+        params.hessian == "exact",
+        generator,
+    )
     step = 1.0
     for _ in range(10):
         candidate = theta - step * solve.x

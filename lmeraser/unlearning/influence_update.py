@@ -1,4 +1,5 @@
-"""The influence method (`--method influence`): answer forget and rectify requests in about a second, honestly approximate.
+"""The influence method (`--method influence`): answer forget and rectify requests in about a
+second, honestly approximate.
 
 For every cluster a batch of requests touches, the influence update (influence.py) edits the
 PEFT parameters the cluster serves now; the result is stored in the serving overlay
@@ -120,8 +121,9 @@ def influence_pending(ws: Workspace, log=print) -> dict | None:
             # Under this lock no batch runs: this one stopped (killed, or a check failed), maybe
             # after its rebuild. An influence record would sign its unverified prompts as served.
             raise LmeraserError(
-                f"exact batch {open_batches[0].stem} stopped before its record ({ws.relative(open_batches[0])}); the served prompts "
-                "are not verified, so no influence update is signed over them: finish it with `lmeraser unlearn` first "
+                f"exact batch {open_batches[0].stem} stopped before its record ({ws.relative(open_batches[0])}); "
+                "the served prompts are not verified, so no influence update is signed over them: "
+                "finish it with `lmeraser unlearn` first "
                 "(the influence request stays pending for the exact batch after it)."
             )
         if not requests:
@@ -178,10 +180,18 @@ def _update(ws: Workspace, params: Params, requests: list[Request], journal: Jou
             new_edits = [e for e in new_edits if e.sample_ids]
             for edit in new_edits:
                 data.apply(edit)
-            x, y, x_new, y_new, present_new = x[present], y[present], data.x[present], data.y[present], data.present[present]
+            x, y, x_new, y_new, present_new = (
+                x[present],
+                y[present],
+                data.x[present],
+                data.y[present],
+                data.present[present],
+            )
             base = model.index.clusters[c]
             served_sha256 = previous["sha256"] if previous else base.sha256
-            cluster_model = prepare_model(model.backbone, model.prompt_params, model.index.num_classes, model.state(c), dtype)
+            cluster_model = prepare_model(
+                model.backbone, model.prompt_params, model.index.num_classes, model.state(c), dtype
+            )
             theta, objective, report = influence_edit(
                 cluster_model,
                 x,
@@ -200,7 +210,12 @@ def _update(ws: Workspace, params: Params, requests: list[Request], journal: Jou
             confidence = _edited_confidence(objective, theta, x, y, x_new, y_new, present_new)
             edits = [*earlier, *new_edits]
             key = sha256_json(
-                {"base": base.key, "edits": [e.request_id for e in edits], "influence": ip.model_dump(), "code": code_version(model.prompt_params.kind)}
+                {
+                    "base": base.key,
+                    "edits": [e.request_id for e in edits],
+                    "influence": ip.model_dump(),
+                    "code": code_version(model.prompt_params.kind),
+                }
             )
             stored = overlay.store.save(key, state, {"cluster": cluster, "base_key": base.key, "method": "influence"})
             edited[c] = {
@@ -228,21 +243,31 @@ def _update(ws: Workspace, params: Params, requests: list[Request], journal: Jou
             )
             corrected = losses["corrected"]
             log(
-                f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, CG {report.cg_iterations} it, "
-                f"residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; loss of the edited samples as they were "
-                f"{losses['original']['before']:.3g} -> {losses['original']['after']:.3g} (logit confidence "
-                f"{confidence['original']['before']:.3g} -> {confidence['original']['after']:.3g})"
-                + (f", as corrected {corrected['before']:.3g} -> {corrected['after']:.3g}" if corrected["before"] is not None else "")
+                f"cluster {cluster}: influence update ({report.hessian}, λ={report.damping:.3g}, "
+                f"CG {report.cg_iterations} it, residual {report.cg_relative_residual:.1e}) in {report.seconds:.2f}s; "
+                f"loss of the edited samples as they were {losses['original']['before']:.3g} "
+                f"-> {losses['original']['after']:.3g} (logit confidence {confidence['original']['before']:.3g} "
+                f"-> {confidence['original']['after']:.3g})"
+                + (
+                    f", as corrected {corrected['before']:.3g} -> {corrected['after']:.3g}"
+                    if corrected["before"] is not None
+                    else ""
+                )
             )
         failpoint("influence:edited")
         audit = _audit(ws, params, requests, model, states, log)
         overlay.write(edited)
         failpoint("influence:overlay-written")
-        record = _record(ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit)
+        record = _record(
+            ws, params, batch_id, requests, reports, {"load": load_seconds, "total": time.perf_counter() - start}, audit
+        )
     failpoint("influence:record-appended")
     journal.append([event(r.request_id, "approximated", record=record.number) for r in requests])
     ws.influence_intent_file.unlink()
-    log(f"lineage record {record.number} (method influence, approximate); the exact rebuild stays queued for `lmeraser unlearn`")
+    log(
+        f"lineage record {record.number} (method influence, approximate); "
+        "the exact rebuild stays queued for `lmeraser unlearn`"
+    )
     return {
         "record": record.number,
         "sha256": record.line_sha256,
@@ -266,8 +291,14 @@ def _edited_losses(objective, theta, x, y, x_new, y_new, present) -> dict:
             return float(F.cross_entropy(objective.logits(theta, xs), ys)) if len(ys) else None
 
     return {
-        "original": {"before": mean_loss(objective.theta0, x[changed], y[changed]), "after": mean_loss(theta, x[changed], y[changed])},
-        "corrected": {"before": mean_loss(objective.theta0, x_new[corrected], y_new[corrected]), "after": mean_loss(theta, x_new[corrected], y_new[corrected])},
+        "original": {
+            "before": mean_loss(objective.theta0, x[changed], y[changed]),
+            "after": mean_loss(theta, x[changed], y[changed]),
+        },
+        "corrected": {
+            "before": mean_loss(objective.theta0, x_new[corrected], y_new[corrected]),
+            "after": mean_loss(theta, x_new[corrected], y_new[corrected]),
+        },
     }
 
 
@@ -287,7 +318,10 @@ def _edited_confidence(objective, theta, x, y, x_new, y_new, present) -> dict:
             return float(logit_confidence(objective.logits(theta, xs).cpu(), ys.cpu()).mean()) if len(ys) else None
 
     return {
-        "original": {"before": mean_confidence(objective.theta0, x[changed], y[changed]), "after": mean_confidence(theta, x[changed], y[changed])},
+        "original": {
+            "before": mean_confidence(objective.theta0, x[changed], y[changed]),
+            "after": mean_confidence(theta, x[changed], y[changed]),
+        },
         "corrected": {
             "before": mean_confidence(objective.theta0, x_new[corrected], y_new[corrected]),
             "after": mean_confidence(theta, x_new[corrected], y_new[corrected]),
@@ -300,7 +334,10 @@ def _intent(ws: Workspace, overlay: Overlay, batch_id: str, requests: list[Reque
     """The influence intent on disk while the update runs; on an error, undone at once (what a kill
     leaves, the next run's recovery finishes or undoes)."""
     before = overlay.read() if overlay.path.exists() else None
-    atomic_write_json(ws.influence_intent_file, {"batch_id": batch_id, "request_ids": [r.request_id for r in requests], "overlay_before": before})
+    atomic_write_json(
+        ws.influence_intent_file,
+        {"batch_id": batch_id, "request_ids": [r.request_id for r in requests], "overlay_before": before},
+    )
     try:
         yield
     except Exception:
@@ -317,7 +354,9 @@ def influence_batch_id(requests: list[Request]) -> str:
     return "influence-" + hashlib.sha256(",".join(r.request_id for r in requests).encode()).hexdigest()[:16]
 
 
-def _audit(ws: Workspace, params: Params, requests: list[Request], model: ServingModel, states: dict[str, dict], log) -> dict:
+def _audit(
+    ws: Workspace, params: Params, requests: list[Request], model: ServingModel, states: dict[str, dict], log
+) -> dict:
     """The forgetting audit of the update (lmeraser/audit/forgetting.py): how detectable each
     forgotten sample is in the served prompt before and in the edited one after. A FAIL here is the
     approximate edit's measured residue, recorded; the exact rebuild stays queued either way."""
@@ -329,7 +368,9 @@ def _audit(ws: Workspace, params: Params, requests: list[Request], model: Servin
     if params.audit.references == 0:
         return forgetting.section(None, None, params, key, {})
     if not params.audit.influence:
-        return forgetting.section(None, None, params, key, {}, reason="audit.influence is false: the exact batch that follows is audited")
+        return forgetting.section(
+            None, None, params, key, {}, reason="audit.influence is false: the exact batch that follows is audited"
+        )
     start = time.perf_counter()
     batch_size = params.evaluate.batch_size
     _, routes, _ = score_test_split(ws, model, batch_size)
@@ -347,11 +388,15 @@ def _audit(ws: Workspace, params: Params, requests: list[Request], model: Servin
     after = {"scores": {}, "digests": {}}
     for cluster, info in state["clusters"].items():
         targets = [row[s] for s in info["targets"]]
-        scored = forgetting.prompt_scores(model, "served after", states[cluster], private.images[targets], private.labels[targets], batch_size)
+        scored = forgetting.prompt_scores(
+            model, "served after", states[cluster], private.images[targets], private.labels[targets], batch_size
+        )
         after["scores"].update(zip(info["targets"], scored.targets))
         after["digests"][cluster] = scored.digest
     result = forgetting.conclude(state, params, before, after)
-    section = forgetting.section(state, result, params, key, {"references": state["seconds"], "total": time.perf_counter() - start})
+    section = forgetting.section(
+        state, result, params, key, {"references": state["seconds"], "total": time.perf_counter() - start}
+    )
     section["references"].pop("expected_rebuild", None)  # the edited prompt is tested, not a rebuild
     section["references"]["held"] = "in memory only; each dropped as soon as it was scored (never written)"
     section["references"]["in_reference_digests"] = forgetting.in_digests(state)
@@ -363,7 +408,15 @@ def _audit(ws: Workspace, params: Params, requests: list[Request], model: Servin
     return section
 
 
-def _record(ws: Workspace, params: Params, batch_id: str, requests: list[Request], reports: list[dict], seconds: dict, audit: dict | None = None):
+def _record(
+    ws: Workspace,
+    params: Params,
+    batch_id: str,
+    requests: list[Request],
+    reports: list[dict],
+    seconds: dict,
+    audit: dict | None = None,
+):
     from lmeraser.salt import Keyer
 
     now = utc()

@@ -16,7 +16,14 @@ from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError, shown
 from lmeraser.io import read_input_text
 from lmeraser.journal import Journal, Submission
-from lmeraser.request import MAX_LINE, MAX_REQUESTS_FILE, Request, RequestSpec, decode_corrected_image, load_corrected_image
+from lmeraser.request import (
+    MAX_LINE,
+    MAX_REQUESTS_FILE,
+    Request,
+    RequestSpec,
+    decode_corrected_image,
+    load_corrected_image,
+)
 from lmeraser.salt import Keyer
 from lmeraser.workspace import SPLITS, Workspace
 
@@ -44,17 +51,28 @@ def parse_requests_file(path: Path, kind: str) -> list[RequestSpec]:
         except json.JSONDecodeError as error:
             raise LmeraserError(f"{where}: not valid JSON ({error.msg}); nothing was applied.") from None
         except (ValueError, RecursionError):
-            raise LmeraserError(f"{where}: not valid JSON (a number too long or nesting too deep); nothing was applied.") from None
+            raise LmeraserError(
+                f"{where}: not valid JSON (a number too long or nesting too deep); nothing was applied."
+            ) from None
         if isinstance(obj, dict) and "allow_backbone_rebuild" in obj:
-            raise LmeraserError(f"{where}: a requests file cannot grant allow_backbone_rebuild; pass --allow-backbone-rebuild; nothing was applied.")
+            raise LmeraserError(
+                f"{where}: a requests file cannot grant allow_backbone_rebuild; pass --allow-backbone-rebuild; "
+                "nothing was applied."
+            )
         try:
             spec = RequestSpec.model_validate(obj)
         except ValidationError as error:
             first = error.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
-            raise LmeraserError(f"{where}: {shown(field) + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}; nothing was applied.") from None
+            raise LmeraserError(
+                f"{where}: {shown(field) + ': ' if field else ''}{first['msg'].removeprefix('Value error, ')}; "
+                "nothing was applied."
+            ) from None
         if spec.kind != kind:
-            raise LmeraserError(f"{where}: a {spec.kind} request, but `lmeraser {kind} --file` takes {kind} requests only; nothing was applied.")
+            raise LmeraserError(
+                f"{where}: a {spec.kind} request, but `lmeraser {kind} --file` takes {kind} requests only; "
+                "nothing was applied."
+            )
         specs.append(spec)
     if not specs:
         raise LmeraserError(f"{shown(path, 200)}: no requests in the file.")
@@ -137,11 +155,14 @@ class Resolver:
             if split is None:
                 raise LmeraserError(f"sample id {shown(sid)} is unknown: not in data/ and never forgotten.")
             if split == "test":
-                raise LmeraserError(f"sample id {shown(sid)} is in the test split, which trains nothing; remove it from the evaluation data instead.")
+                raise LmeraserError(
+                    f"sample id {shown(sid)} is in the test split, which trains nothing; "
+                    "remove it from the evaluation data instead."
+                )
             if split == "public" and not spec.allow_backbone_rebuild:
                 raise LmeraserError(
-                    f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, so removing it means "
-                    "rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
+                    f"sample id {shown(sid)} is public: the backbone and the prototypes were trained on it, "
+                    "so removing it means rebuilding the whole pipeline; pass --allow-backbone-rebuild to do that."
                 )
             live.append(sid)
         if spec.kind == "rectify":
@@ -192,7 +213,9 @@ def resolve(spec: RequestSpec, ws: Workspace, upload: bytes | None = None) -> Su
     return Resolver(ws).resolve(spec, upload)
 
 
-def submit(specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploads: list[bytes | None] | None = None) -> list[Request]:
+def submit(
+    specs: list[RequestSpec], ws: Workspace, method: str = "exact", uploads: list[bytes | None] | None = None
+) -> list[Request]:
     """Validate every request against the params and the data, then journal them all as `received`
     (all or none). The CLI and the HTTP service both submit through here.
 

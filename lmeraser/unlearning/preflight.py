@@ -43,7 +43,8 @@ def check_signer(ws: Workspace) -> None:
         expected = key_id(load_public_key(pinned))
         if signer != expected:
             raise LmeraserError(
-                f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); restore that key: records signed by another would not verify."
+                f"the signing key ({signer}) is not the pinned signer {expected} ({pinned}); restore that key: "
+                "records signed by another would not verify."
             )
     if os.path.lexists(log.path):
         # A log that does not verify is never extended (a rolled-back log would reuse record
@@ -99,7 +100,9 @@ def check_tracking_store(ws: Workspace) -> None:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
-        raise LmeraserError(f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it.") from None
+        raise LmeraserError(
+            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it."
+        ) from None
 
 
 def writable_locations(ws: Workspace) -> dict[str, Path]:
@@ -167,9 +170,11 @@ def check_compute(ws: Workspace) -> None:
     differing = sorted(k for k in set(trained) | set(here) if trained.get(k) != here.get(k))
     if differing:
         raise LmeraserError(
-            f"the served prompts were trained under other numerics than this process computes ({', '.join(differing)} differ: fingerprint "
-            f"{str(trained.get('fingerprint'))[:12]} there, {str(here.get('fingerprint'))[:12]} here), so an exact rebuild would retrain every "
-            "cluster; run `dvc repro` here first to retrain them under this machine's numerics, or unlearn where `lmeraser doctor` shows that fingerprint."
+            "the served prompts were trained under other numerics than this process computes "
+            f"({', '.join(differing)} differ: fingerprint {str(trained.get('fingerprint'))[:12]} "
+            f"there, {str(here.get('fingerprint'))[:12]} here), so an exact rebuild would retrain every cluster; "
+            "run `dvc repro` here first to retrain them under this machine's numerics, "
+            "or unlearn where `lmeraser doctor` shows that fingerprint."
         )
 
 
@@ -191,4 +196,7 @@ def check_before_change(ws: Workspace, tracking_store: bool = True) -> None:
         if tracking_store:
             check_tracking_store(ws)
     except LmeraserError as error:
-        raise LmeraserError(f"{str(error).rstrip()} Nothing was changed; the pending requests stay queued for the next `lmeraser unlearn`.") from None
+        raise LmeraserError(
+            f"{str(error).rstrip()} Nothing was changed; "
+            "the pending requests stay queued for the next `lmeraser unlearn`."
+        ) from None

@@ -11,7 +11,9 @@ from lmeraser.versioning import dvc_repo, dvc_step, remotes
 from lmeraser.workspace import Workspace
 
 
-def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_content_keys: set[str] = frozenset()) -> dict:
+def purge(
+    ws: Workspace, superseded_artifacts: set[str], log=print, erased_content_keys: set[str] = frozenset()
+) -> dict:
     """Delete superseded artifacts from the prompt store and the MLflow roots and the feature-cache
     rows of erased contents (keyed hashes), then garbage-collect the DVC cache and remote.
 
@@ -41,7 +43,11 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
 
         features_dropped = drop_contents(ws, set(erased_content_keys), Keyer(ws, create=False).content)
     # Registered versions that served a superseded prompt go first, through MLflow's own APIs.
-    registry = tracking.purge_registry(ws, superseded_artifacts, log) if superseded_artifacts else {"versions_deleted": [], "not_searched": []}
+    registry = (
+        tracking.purge_registry(ws, superseded_artifacts, log)
+        if superseded_artifacts
+        else {"versions_deleted": [], "not_searched": []}
+    )
     if superseded_artifacts:
         store, deployed = ArtifactStore(ws.store_dir), {e.key for e in ws.prompt_index_or_empty().clusters.values()}
         stale = [key for key in store.keys() - deployed if sha256_file(store.path(key)) in superseded_artifacts]
@@ -85,7 +91,9 @@ def purge(ws: Workspace, superseded_artifacts: set[str], log=print, erased_conte
                 collected.append(name)
             except LmeraserError as error:
                 failed.append(f"{name}: {error}")
-    log(f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected")
+    log(
+        f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected"
+    )
     return {
         "artifact_files_removed": len(removed),
         "feature_cache_rows_removed": features_dropped,

@@ -61,11 +61,19 @@ def check_executor(params: Params, map_jobs: Callable | None) -> None:
             is threads.
     """
     if map_jobs is None and params.runtime.executor != "threads":
-        raise ConfigError("runtime.executor dask trains through Prefect's Dask task runner: run the batch with `lmeraser unlearn` (the unlearn flow).")
+        raise ConfigError(
+            "runtime.executor dask trains through Prefect's Dask task runner: "
+            "run the batch with `lmeraser unlearn` (the unlearn flow)."
+        )
 
 
 def reproduce(
-    ws: Workspace, params: Params, target: str, log=print, after_stage: Callable[[str, dict], None] | None = None, map_jobs: Callable | None = None
+    ws: Workspace,
+    params: Params,
+    target: str,
+    log=print,
+    after_stage: Callable[[str, dict], None] | None = None,
+    map_jobs: Callable | None = None,
 ) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran. Clusters
     train with `map_jobs`, by default on runtime.workers threads (as the flow's task runner
@@ -88,7 +96,9 @@ def reproduce(
             if not _changes(repo, definition.name):
                 continue
             log(f"rebuild: stage {definition.name}")
-            options = {"map_jobs": map_jobs or train_in_threads(params.runtime.workers)} if definition.name == "train" else {}
+            options = (
+                {"map_jobs": map_jobs or train_in_threads(params.runtime.workers)} if definition.name == "train" else {}
+            )
             if definition.name == "validate":
                 options = {"changed_only": True}  # the rows the batch changed; `dvc repro` checks every row
             result = definition.function(params, ws, log, **options)

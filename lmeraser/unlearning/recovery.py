@@ -62,7 +62,9 @@ def recover_influence(ws: Workspace) -> list[str]:
         intent = json.loads(path.read_bytes())
         batch_id, request_ids, before = intent["batch_id"], intent["request_ids"], intent["overlay_before"]
     except (ValueError, KeyError, TypeError, RecursionError):
-        raise LmeraserError(f"{path}: not an influence intent file (it was altered); restore it, or the overlay, from a backup.") from None
+        raise LmeraserError(
+            f"{path}: not an influence intent file (it was altered); restore it, or the overlay, from a backup."
+        ) from None
     overlay = Overlay(ws)
     records = [r for r in lineage_log(ws).read_unverified() if r.predicate.get("batch_id") == batch_id]
     if records:
@@ -76,4 +78,7 @@ def recover_influence(ws: Workspace) -> list[str]:
         overlay.write(before)
     removed = overlay.store.prune({e["key"] for e in (before or {}).values()})
     path.unlink()
-    return [f"influence update {batch_id} was interrupted before its record: overlay restored, {len(removed)} file(s) it wrote deleted"]
+    return [
+        f"influence update {batch_id} was interrupted before its record: overlay restored, "
+        f"{len(removed)} file(s) it wrote deleted"
+    ]

@@ -88,7 +88,10 @@ def request_statuses(ws: Workspace, params: RequestsParams, now: datetime | None
                 completed_at=_iso(completed) if completed else None,
                 records=entry.records,
                 flag=flag,
-                history=[{"state": e["state"], "at": _iso(datetime.fromtimestamp(float(e.get("time", 0)), UTC))} for e in history],
+                history=[
+                    {"state": e["state"], "at": _iso(datetime.fromtimestamp(float(e.get("time", 0)), UTC))}
+                    for e in history
+                ],
             )
         )
     return sorted(out, key=lambda s: s.received_at)

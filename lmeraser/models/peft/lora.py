@@ -26,10 +26,14 @@ class LoraAdapters(nn.Module):
         # Full names of the linear layers inside the transformer blocks (never the patch embedding,
         # whose conv is also called `proj`): peft matches a target by name suffix.
         targets = [
-            name for name, m in adapted.named_modules() if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in params.targets
+            name
+            for name, m in adapted.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("blocks.") and name.rsplit(".", 1)[-1] in params.targets
         ]
         if not targets:
-            raise ValueError(f"prompt.lora.targets {list(params.targets)} match no linear layer of the backbone's blocks")
+            raise ValueError(
+                f"prompt.lora.targets {list(params.targets)} match no linear layer of the backbone's blocks"
+            )
         config = LoraConfig(r=params.rank, lora_alpha=params.alpha, lora_dropout=0.0, target_modules=targets)
         inject_adapter_in_model(config, adapted)
         for name, parameter in adapted.named_parameters():
