@@ -5,7 +5,7 @@ BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # One pytest-xdist worker more than the CPUs (at most 4): the end-to-end tests wait on child
 # processes and servers much of the time, so one worker more keeps the CPUs busy.
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0)) + 1))")
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(min(4, n + 1))")
 
 # dvc.yaml stage commands call `lmeraser`; keep the venv first on PATH for every recipe.
 export PATH := $(BIN):$(PATH)
