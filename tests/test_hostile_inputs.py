@@ -12,7 +12,18 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from reliability_inputs import CASES, Case, _fifo, _forget, _params, _rectify_input, _write, restore, run_case  # noqa: E402
+from reliability_inputs import (  # noqa: E402
+    CASES,
+    Case,
+    _fifo,
+    _forget,
+    _init,
+    _params,
+    _rectify_input,
+    _write,
+    restore,
+    run_case,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +71,6 @@ def _idx_dir(scratch: Path, images: str) -> Path:
     return folder
 
 
-def _data_init(source):
-    return lambda root, s: [
-        "data",
-        "init",
-        "--root",
-        str(root),
-        "--source",
-        source(s) if callable(source) else source,
-        "--no-dvc",
-    ]
-
-
 BILLION_LAUGHS = "a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
     f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
     for p, c in zip("abcdefgh", "bcdefghi", strict=True)
@@ -86,10 +85,10 @@ ISSUE_21 = [
     Case("params lr .inf", _params(lambda s: _write(s / "inf.yaml", "backbone:\n  lr: .inf\n"))),
     Case("params lr 1e400", _params(lambda s: _write(s / "huge.yaml", "backbone:\n  lr: 1e400\n"))),
     Case("params epochs true", _params(lambda s: _write(s / "bool.yaml", "backbone:\n  epochs: true\n"))),
-    Case("npz labels up to 2^40", _data_init(lambda s: "npz:" + str(_npz(s / "big-labels.npz", [0, 1, 2**40])))),
-    Case("npz path of 5,000 characters", _data_init("npz:/" + "a" * 5000)),
-    Case("IDX images file is a FIFO", _data_init(lambda s: f"idx:{_idx_dir(s, 'fifo')}")),
-    Case("IDX images file is /dev/zero", _data_init(lambda s: f"idx:{_idx_dir(s, 'zero')}")),
+    Case("npz labels up to 2^40", _init(lambda s: "npz:" + str(_npz(s / "big-labels.npz", [0, 1, 2**40])))),
+    Case("npz path of 5,000 characters", _init("npz:/" + "a" * 5000)),
+    Case("IDX images file is a FIFO", _init(lambda s: f"idx:{_idx_dir(s, 'fifo')}")),
+    Case("IDX images file is /dev/zero", _init(lambda s: f"idx:{_idx_dir(s, 'zero')}")),
     Case(
         "--root is a file",
         lambda root, s: ["forget", "--root", str(_write(s / "not-a-dir", "x")), "--no-process", "--sample-id", "a"],
