@@ -29,10 +29,12 @@ from helpers import (
 )
 
 # The modules that take longest (measured, seconds of one xdist worker on the 2-core machine),
-# longest first: pytest-xdist's --dist loadfile hands out modules in collection order, so the
-# long ones start first and the short ones fill the gaps, instead of one long module running
-# alone at the end. test_e2e builds the shared TINY template while test_forgetting_e2e builds
-# its own workspace on another worker.
+# longest first: with --no-loadscope-reorder (`make test`), pytest-xdist's --dist loadfile hands
+# out modules in collection order, so the long ones start first and the short ones fill the
+# gaps, instead of one long module running alone at the end. (Without it, xdist orders modules by
+# their number of tests, which puts these, with few long tests each, last.) test_e2e builds the
+# shared TINY template while test_forgetting_e2e and test_under_load build their own workspaces
+# on the other workers.
 LONGEST_FIRST = (
     "test_forgetting_e2e.py",  # 264
     "test_e2e.py",  # 424
