@@ -1,10 +1,10 @@
-"""Shared fixtures: one Prefect server per session, tiny parameters, a trained workspace and an
-end-to-end repository per module; the helpers they use are in helpers.py."""
+"""Shared fixtures: one Prefect server per session, tiny parameters, a trained workspace, and an
+end-to-end repository built once per run and copied per module; the order in which xdist hands
+out the modules; the helpers they use are in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from helpers import (
     free_port,
     lmeraser_cli,
     run_stages,
+    shared_build,
 )
 
 # The modules that take longest (measured, seconds of one xdist worker on the 2-core machine),
@@ -116,25 +117,6 @@ def trained_workspace(tmp_path_factory):
     ws = build_workspace(root, TINY)
     results = run_stages(parse_params(TINY), ws)
     return ws, results
-
-
-def shared_build(tmp_path_factory, name: str, build) -> tuple[Path, str]:
-    """`build(dest)` run once per test run, not once per xdist worker: the first worker to ask
-    builds it under a file lock in the run's shared temporary directory, the others wait and reuse
-    it. `build` returns text to keep (e.g. the `dvc repro` output); a build that failed is retried
-    by the next worker that asks, so it fails there too with its own error. The result is a
-    template: tests work on copies (`clone_repo`), never on it."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    dest, done = shared / name, shared / f"{name}.done"
-    with FileLock(str(shared / f"{name}.lock")):
-        if not done.exists():
-            shutil.rmtree(dest, ignore_errors=True)
-            output = build(dest)
-            done.write_text(output)
-    return dest, done.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lmeraser  # noqa: F401 (first: its numerics pins must precede numpy and torch: lmeraser/numerics.py)
@@ -143,6 +144,25 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+def shared_build(tmp_path_factory, name: str, build: Callable[[Path], str]) -> tuple[Path, str]:
+    """`build(dest)` run once per test run, not once per xdist worker: the first worker to ask
+    builds it under a file lock in the run's shared temporary directory, the others wait and reuse
+    it. `build` returns text to keep (e.g. the `dvc repro` output); a build that failed is retried
+    by the next worker that asks, so it fails there too with its own error. The result is a
+    template: tests work on copies (`clone_repo`), never on it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    dest, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(dest, ignore_errors=True)
+            output = build(dest)
+            done.write_text(output)
+    return dest, done.read_text()
 
 
 def clone_repo(template: Path, dest: Path) -> Path:
