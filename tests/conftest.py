@@ -30,7 +30,7 @@ from helpers import (
 )
 
 # The modules that take longest (measured, seconds of one xdist worker on the 2-core machine),
-# longest first: with --no-loadscope-reorder (`make test`), pytest-xdist's --dist loadfile hands
+# longest first: with --no-loadscope-reorder (pyproject's addopts), pytest-xdist's --dist loadfile hands
 # out modules in collection order, so the long ones start first and the short ones fill the
 # gaps, instead of one long module running alone at the end. (Without it, xdist orders modules by
 # their number of tests, which puts these, with few long tests each, last.) test_e2e builds the

@@ -31,17 +31,21 @@ def markdown_files() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
-def prose_lines(path: Path) -> list[tuple[int, str]]:
-    """The file's lines outside fenced code blocks, numbered from 1, with inline code spans removed."""
+def unfenced_lines(path: Path) -> list[tuple[int, str]]:
+    """The file's lines outside fenced code blocks, numbered from 1."""
     lines: list[tuple[int, str]] = []
     fenced = False
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if FENCE.match(line):
             fenced = not fenced
-            continue
-        if not fenced:
-            lines.append((number, INLINE_CODE.sub("", line)))
+        elif not fenced:
+            lines.append((number, line))
     return lines
+
+
+def prose_lines(path: Path) -> list[tuple[int, str]]:
+    """The file's lines outside fenced code blocks, numbered from 1, with inline code spans removed."""
+    return [(number, INLINE_CODE.sub("", line)) for number, line in unfenced_lines(path)]
 
 
 def links(path: Path) -> list[tuple[int, str]]:
@@ -79,15 +83,10 @@ def anchors(path: Path) -> set[str]:
     """The anchors a Markdown file's headings (a repeated one gets -1, -2, ...) and HTML anchors produce."""
     produced: set[str] = set()
     seen: dict[str, int] = {}
-    for _, line in prose_lines(path):
-        produced.update(name.lower() for name in HTML_ANCHOR.findall(line))
-    fenced = False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if FENCE.match(line):
-            fenced = not fenced
-            continue
+    for _, line in unfenced_lines(path):  # headings keep their code spans: their text is in the anchor
+        produced.update(name.lower() for name in HTML_ANCHOR.findall(INLINE_CODE.sub("", line)))
         heading = HEADING.match(line)
-        if fenced or not heading:
+        if not heading:
             continue
         base = slug(heading.group(2))
         count = seen.get(base, 0)
