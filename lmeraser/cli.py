@@ -1368,16 +1368,25 @@ def main() -> None:
 
     take_key_from_environment()  # no child process (Prefect's server, dvc, git) inherits the key
     take_token_from_environment()  # nor the API token
+    _exit(run())
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run one command (`args`, else this process's argv) in this process; its exit code.
+
+    What `main` runs, and what a caller that keeps its imports warm (the tests) calls directly:
+    an expected error is its one `error:` line on stderr and code 1, never a traceback.
+    """
     try:
-        app()
+        app(args=args, prog_name="lmeraser")
     except LmeraserError as error:  # anything not caught closer to its source
         _print_error(str(error))
-        _exit(1)
+        return 1
     except SystemExit as done:
         if isinstance(done.code, str):
             print(done.code, file=sys.stderr)
-        _exit(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
-    _exit(0)
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+    return 0
 
 
 def _exit(code: int) -> None:

@@ -24,7 +24,7 @@ from helpers import (
     copy_repo,
     dvc,
     free_port,
-    lmeraser_cli,
+    lmeraser_warm,
     run_stages,
     shared_build,
 )
@@ -128,7 +128,7 @@ def tiny_repo_template(tmp_path_factory):
 
     def build(dest: Path) -> str:
         root = copy_repo(dest, TINY)
-        lmeraser_cli("data", "init", cwd=root, check=True)
+        lmeraser_warm("data", "init", cwd=root, check=True)
         first = dvc("repro", cwd=root)
         commit_all(root, "pipeline run")
         return first.stdout

@@ -16,7 +16,7 @@ from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import Workspace
 
-from helpers import BIN, REPO, cli_ok, commit_all, copy_repo, dvc, lmeraser_cli, ran_stages
+from helpers import BIN, REPO, commit_all, copy_repo, dvc, lmeraser_warm, ran_stages, warm_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def test_repro_on_a_fresh_clone_runs_every_stage(repo):
     )  # TINY's few seconds of training: above chance on 10 classes (the demo's target is below)
     baselines = read_json(root / "reports" / "baselines.json")
     assert 0 < baselines["single_prompt_accuracy"] <= 1 and 0 < baselines["linear_probe_accuracy"] <= 1
-    table = lmeraser_cli("metrics", cwd=root, check=True).stdout
+    table = lmeraser_warm("metrics", cwd=root, check=True).stdout
     assert "single prompt" in table and f"{metrics['accuracy']:.4f}" in table
     assert (
         metrics["n_clusters_active"]
@@ -59,7 +59,7 @@ def test_committed_data_dvc_matches_what_data_init_writes(tmp_path):
     """The demo's data materialisation is byte-deterministic: a fresh clone's `lmeraser data init`
     records exactly the committed data.dvc."""
     root = copy_repo(tmp_path / "repo")
-    lmeraser_cli("data", "init", cwd=root, check=True)
+    lmeraser_warm("data", "init", cwd=root, check=True)
     assert (root / "data.dvc").read_text() == (REPO / "data.dvc").read_text()
 
 
@@ -115,7 +115,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     commit_all(root, "pipeline run")
     victim_hash = Workspace(root).manifest("private").set_index("sample_id").loc[victim.sample_id, "content_hash"]
     number = len(_records(root)) + 1  # this batch's record, whatever ran before
-    done = cli_ok("forget", "--sample-id", victim.sample_id, cwd=root)
+    done = warm_ok("forget", "--sample-id", victim.sample_id, cwd=root)
     assert f"rebuilt clusters [{int(victim.cluster)}]" in done.stdout and f"lineage record {number}" in done.stdout
     # Each step shows as it finishes, with its seconds, in the terminal (Prefect's run logger).
     assert all(
@@ -139,10 +139,10 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
     fresh = read_json(scratch.prompt_index_file)["clusters"]
     assert fresh == index["clusters"]
 
-    cli_ok("audit", "verify", cwd=root)
-    scan = cli_ok("audit", "scan", cwd=root)
+    warm_ok("audit", "verify", cwd=root)
+    scan = warm_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout
-    record = json.loads(cli_ok("audit", "show", str(number), cwd=root).stdout)
+    record = json.loads(warm_ok("audit", "show", str(number), cwd=root).stdout)
     predicate = record["predicate"]
     assert predicate["clusters_rebuilt"][0]["cluster"] == int(victim.cluster)
     assert predicate["clusters_rebuilt"][0]["seed"] == index["clusters"][str(int(victim.cluster))]["seed"]
@@ -208,14 +208,14 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     members = private.loc[private.subject_id == subject, "sample_id"]
     expected = sorted(set(assignments.set_index("sample_id").loc[members, "cluster"].astype(int)))
     already = next(s for s in private["sample_id"] if s not in set(members))
-    cli_ok("forget", "--sample-id", already, cwd=root)  # forgotten before this test's batch
+    warm_ok("forget", "--sample-id", already, cwd=root)  # forgotten before this test's batch
     number = len(_records(root))
-    forgotten = json.loads(cli_ok("audit", "show", str(number), cwd=root).stdout)
+    forgotten = json.loads(warm_ok("audit", "show", str(number), cwd=root).stdout)
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"subjects": [subject]}) + "\n" + json.dumps({"sample_ids": [already]}) + "\n")
-    done = cli_ok("forget", "--file", str(requests), cwd=root)
+    done = warm_ok("forget", "--file", str(requests), cwd=root)
     assert "already forgotten" in done.stdout and f"lineage record {number + 1}" in done.stdout
-    predicate = json.loads(cli_ok("audit", "show", str(number + 1), cwd=root).stdout)["predicate"]
+    predicate = json.loads(warm_ok("audit", "show", str(number + 1), cwd=root).stdout)["predicate"]
     assert [c["cluster"] for c in predicate["clusters_rebuilt"]] == expected
     from lmeraser.salt import Keyer
 
@@ -225,19 +225,19 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     assert subject not in json.dumps(predicate) and already not in json.dumps(predicate)  # keyed ids only
     assert predicate["previous_record_sha256"] != forgotten["predicate"]["previous_record_sha256"]
     assert not predicate["code"]["git_commit"].endswith("+dirty")  # the previous batch committed its versions
-    cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
+    warm_ok("audit", "verify", cwd=root)
+    assert "0 hits" in warm_ok("audit", "scan", cwd=root).stdout
     # The purge deleted the prompts the previous record had pinned from the train stage's persisted store and
     # recorded the store again: the serving path stays up to date for the next batch.
     status = dvc("status", cwd=root).stdout
     assert status.startswith("baselines:") and "train:" not in status, status
     # Forgetting the same subject again is a recorded no-op (like an id), and its record, which
     # rebuilt nothing, cannot be "replayed OK".
-    again = cli_ok("forget", "--subject", subject, cwd=root)
+    again = warm_ok("forget", "--subject", subject, cwd=root)
     assert "1 subject(s) already forgotten" in again.stdout and f"lineage record {number + 2}" in again.stdout
-    noop = json.loads(cli_ok("audit", "show", str(number + 2), cwd=root).stdout)["predicate"]
+    noop = json.loads(warm_ok("audit", "show", str(number + 2), cwd=root).stdout)["predicate"]
     assert noop["clusters_rebuilt"] == [] and noop["requests"][0]["subjects_already_forgotten"]
-    done = lmeraser_cli("audit", "replay", "--record", str(number + 2), "--json", cwd=root)
+    done = lmeraser_warm("audit", "replay", "--record", str(number + 2), "--json", cwd=root)
     assert done.returncode == 1 and "rebuilt no cluster: nothing to replay" in done.stderr
     assert json.loads(done.stdout)["clusters"] == []  # --json: the document, then the same exit status
 
@@ -265,7 +265,7 @@ def test_refusals_change_nothing(repo, tmp_path):
         (("forget", "--sample-id", victim_id, "--params", "configs/digits-vpt.yaml"), "differs from"),
         (("unlearn", "--params", "configs/digits-vpt.yaml"), "differs from"),
     ]:
-        done = lmeraser_cli(*args, cwd=root)
+        done = lmeraser_warm(*args, cwd=root)
         assert done.returncode != 0 and needle in done.stderr, done.stderr
     assert (root / "audit" / "journal.jsonl").read_bytes() == journal
 
@@ -273,31 +273,31 @@ def test_refusals_change_nothing(repo, tmp_path):
 def test_tampering_is_caught(repo):
     root, _ = repo
     if not _records(root):  # run alone: make the record to tamper with
-        cli_ok("forget", "--sample-id", Workspace(root).manifest("private")["sample_id"].iloc[-1], cwd=root)
+        warm_ok("forget", "--sample-id", Workspace(root).manifest("private")["sample_id"].iloc[-1], cwd=root)
     path = root / "audit" / "lineage.jsonl"
     original = path.read_bytes()
     try:
         lines = original.split(b"\n")
         lines[0] = lines[0].replace(b'"payload":"', b'"payload":"A', 1)
         path.write_bytes(b"\n".join(lines))
-        done = lmeraser_cli("audit", "verify", cwd=root)
+        done = lmeraser_warm("audit", "verify", cwd=root)
         assert done.returncode != 0 and "record 1" in done.stderr
         path.write_bytes(b"\n".join(original.split(b"\n")[1:]))
-        done = lmeraser_cli("audit", "verify", cwd=root)
+        done = lmeraser_warm("audit", "verify", cwd=root)
         assert done.returncode != 0 and "record 1" in done.stderr
     finally:
         path.write_bytes(original)
-    cli_ok("audit", "verify", cwd=root)
+    warm_ok("audit", "verify", cwd=root)
     # A deployed prompt that no record vouches for is caught too.
     index = root / "artifacts" / "prompts" / "index.json"
     saved = index.read_bytes()
     latest = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
     try:
         index.write_bytes(saved.replace(b'"num_classes"', b'"num_classes" ', 1))
-        done = lmeraser_cli("audit", "verify", cwd=root)
+        done = lmeraser_warm("audit", "verify", cwd=root)
         assert done.returncode != 0 and f"do not match lineage record {latest}" in done.stderr
         # The report verifies too: it is written, says so at the top, and exits non-zero.
-        report = lmeraser_cli("audit", "report", "--out", str(root / "failed.html"), cwd=root)
+        report = lmeraser_warm("audit", "report", "--out", str(root / "failed.html"), cwd=root)
         assert report.returncode != 0 and "verification FAILED" in report.stderr
         assert "VERIFICATION FAILED" in (root / "failed.html").read_text()
     finally:
@@ -324,7 +324,7 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     backlog = root / "audit" / "batches" / "tracking-backlog.json"
     victims = Workspace(root).split("private").sample_ids[:2]
     for victim in victims:  # two requests, one batch
-        assert lmeraser_cli("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
+        assert lmeraser_warm("forget", "--sample-id", victim, "--no-process", cwd=root).returncode == 0
 
     # In batch order, each run resuming the last: the stages rebuilt and recorded in dvc.lock
     # before the rebuild step was saved (found by bench/reliability_kill.py: the resumed step ran
@@ -352,7 +352,7 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
             # Tracking comes after the record: the stages that ran wait in the backlog, not lost.
             assert {"train", "evaluate"} <= {e["stage"] for e in read_json(backlog)["stages"]}
 
-    finished = lmeraser_cli("unlearn", cwd=root)
+    finished = lmeraser_warm("unlearn", cwd=root)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"lineage record {records_before + 1}" in finished.stdout
     # Nothing half-written or left over, and nothing of the kind was versioned.
@@ -370,11 +370,11 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     assert len(verified) == verified_before + 2
     assert not set(victims) & set(Workspace(root).split("private").sample_ids)
     assert set(victims) <= set(Workspace(root).tombstones()["sample_id"])
-    assert lmeraser_cli("audit", "verify", cwd=root).returncode == 0
-    scan = lmeraser_cli("audit", "scan", cwd=root)
+    assert lmeraser_warm("audit", "verify", cwd=root).returncode == 0
+    scan = lmeraser_warm("audit", "scan", cwd=root)
     assert scan.returncode == 0 and "0 hits" in scan.stdout
     assert not list((root / "audit" / "batches").glob("*.json"))
-    assert lmeraser_cli("unlearn", cwd=root).stdout.strip().endswith("no pending requests")
+    assert lmeraser_warm("unlearn", cwd=root).stdout.strip().endswith("no pending requests")
     # Tracked once the record was signed, each run exactly once, the backlog gone.
     assert not backlog.exists()
     assert len(runs_of("train")) == train_runs_before + 1
@@ -398,7 +398,7 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     leak.parent.mkdir(parents=True, exist_ok=True)
     np.save(leak, image[None])
     records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
-    done = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+    done = lmeraser_warm("forget", "--sample-id", victim, cwd=root)
     assert (
         done.returncode == 1
         and "verification failed: 1 scan hit(s)" in done.stderr
@@ -409,17 +409,17 @@ def test_a_failed_check_stops_the_batch_and_signs_nothing(repo):
     # An influence update now would sign the failed batch's unverified prompts as served: refused,
     # nothing signed, no overlay served; its request waits for an exact batch.
     other = private.sample_ids[5]
-    refused = lmeraser_cli("forget", "--sample-id", other, "--method", "influence", cwd=root)
+    refused = lmeraser_warm("forget", "--sample-id", other, "--method", "influence", cwd=root)
     assert (
         refused.returncode == 1 and "stopped before its record" in refused.stderr and "not verified" in refused.stderr
     )
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     assert not (root / "artifacts" / "prompts" / "approximate" / "overlay.json").exists()
     leak.unlink()
-    finished = cli_ok("unlearn", cwd=root)
+    finished = warm_ok("unlearn", cwd=root)
     assert f"lineage record {records + 1}" in finished.stdout
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[other]]
-    second = cli_ok("unlearn", cwd=root)
+    second = warm_ok("unlearn", cwd=root)
     assert f"lineage record {records + 2}" in second.stdout and not Journal(ws).pending()
 
 
@@ -448,10 +448,10 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
         + "\n"
     )
     assert (
-        "served as APPROXIMATE" in cli_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
+        "served as APPROXIMATE" in warm_ok("forget", "--sample-id", forget_id, "--method", "influence", cwd=root).stdout
     )
     assert (
-        "served as APPROXIMATE" in cli_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
+        "served as APPROXIMATE" in warm_ok("rectify", "--file", str(requests), "--method", "influence", cwd=root).stdout
     )
     # The corrected image was copied into the workspace at submission: the original may go.
     (tmp_path / "fixed.npy").unlink()
@@ -471,11 +471,11 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     assert set(ServingModel.load(Workspace(root)).overlay) == {str(c) for c in expected}
     assert forget_id in Workspace(root).split("private").sample_ids
     assert len(Journal(Workspace(root)).pending()) == 3
-    cli_ok("audit", "verify", cwd=root)
-    refused = lmeraser_cli("audit", "replay", "--record", str(influence[0].number), cwd=root)
+    warm_ok("audit", "verify", cwd=root)
+    refused = lmeraser_warm("audit", "replay", "--record", str(influence[0].number), cwd=root)
     assert refused.returncode == 1 and "approximate influence update" in refused.stderr
 
-    done = cli_ok("unlearn", cwd=root)
+    done = warm_ok("unlearn", cwd=root)
     record = log.read_unverified()[-1]
     assert record.predicate["method"] == "exact" and record.predicate["supersedes"] == [r.number for r in influence]
     assert expected <= {c["cluster"] for c in record.predicate["clusters_rebuilt"]}, done.stdout
@@ -491,17 +491,17 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
     from lmeraser.salt import Keyer
 
     assert Keyer(Workspace(root)).content(old_hash) in set(Workspace(root).tombstones()["content_key"])
-    cli_ok("audit", "verify", cwd=root)
+    warm_ok("audit", "verify", cwd=root)
     assert (
-        "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
+        "0 hits" in warm_ok("audit", "scan", cwd=root).stdout
     )  # forgotten and replaced pixels, superseded prompts: gone
-    replay = lmeraser_cli("audit", "replay", "--record", str(record.number), cwd=root)
+    replay = lmeraser_warm("audit", "replay", "--record", str(record.number), cwd=root)
     assert replay.returncode == 0 and "sha256 matches" in replay.stdout and "sha256 differs" not in replay.stdout, (
         replay.stdout + replay.stderr
     )
     rebuilt = len(record.predicate["clusters_rebuilt"])
     assert f"record {record.number}: replayed {rebuilt}, matched {rebuilt}, skipped 0" in replay.stdout
-    cli_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
+    warm_ok("audit", "report", "--out", str(tmp_path / "report.html"), cwd=root)
     page = (tmp_path / "report.html").read_text()
     # four history figures plus the forgetting audit's p-values (the records carry audits)
     assert page.count("data:image/png;base64,") == 5 and "Forgetting audit: post-forget p-values" in page
@@ -519,7 +519,7 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     public = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)
     victim = public["sample_id"].iloc[3]
     backbone_before = read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"]
-    done = cli_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
+    done = warm_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
     assert "lineage record" in done.stdout
     record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
     assert record["backbone_rebuild"] is True
@@ -527,8 +527,8 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     assert read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"] != backbone_before
     assert victim not in set(pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"])
     assert record["clusters_untouched"] == 0 and record["clusters_rebuilt"]  # a new backbone changes every prompt
-    cli_ok("audit", "verify", cwd=root)
-    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
+    warm_ok("audit", "verify", cwd=root)
+    assert "0 hits" in warm_ok("audit", "scan", cwd=root).stdout
 
 
 def test_an_experiment_does_not_delete_the_signed_prompts(repo):
@@ -553,7 +553,7 @@ def test_an_experiment_does_not_delete_the_signed_prompts(repo):
     finally:
         params.write_text(saved)
     dvc("repro", "evaluate", cwd=root)
-    cli_ok("audit", "verify", cwd=root)
+    warm_ok("audit", "verify", cwd=root)
 
 
 def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(repo, monkeypatch):
@@ -611,7 +611,7 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
     service = start()
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
     try:
-        over_cli = lmeraser_cli("forget", "--server", url, "--sample-id", private[-1], "--json", cwd=root)
+        over_cli = lmeraser_warm("forget", "--server", url, "--sample-id", private[-1], "--json", cwd=root)
         assert over_cli.returncode == 0, over_cli.stderr
         first = json.loads(over_cli.stdout)["requests"][0]["request_id"]
         answer = client.post("/v1/requests", json={"kind": "forget", "sample_ids": [private[-2]]})
@@ -627,7 +627,7 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
             [first, second]
         )
         assert all(s["verdict"] in ("forgotten", "not-memorised") for s in audit["samples"])
-        listed = lmeraser_cli("requests", "--server", url, "--json", cwd=root)
+        listed = lmeraser_warm("requests", "--server", url, "--json", cwd=root)
         assert {first: "verified", second: "verified"}.items() <= {
             r["request_id"]: r["state"] for r in json.loads(listed.stdout)
         }.items()
@@ -658,7 +658,7 @@ def test_the_service_takes_requests_over_http_and_its_worker_runs_the_batches(re
             service.wait(timeout=60)
         except ProcessLookupError:
             pass
-    cli_ok("audit", "scan", cwd=root)
+    warm_ok("audit", "scan", cwd=root)
 
 
 def test_the_in_process_rebuild_equals_a_forced_rebuild_from_scratch(repo, tmp_path):
@@ -715,7 +715,7 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
         for sid, h in Workspace(root).manifest(split)[["sample_id", "content_hash"]].values
     }
     data_dvc = (root / "data.dvc").read_bytes()
-    done = cli_ok("data", "init", cwd=root)
+    done = warm_ok("data", "init", cwd=root)
     assert (
         f"{len(forgotten)} sample(s) kept out" in done.stdout
         and f"{len(corrected)} image correction(s) re-applied" in done.stdout
@@ -730,7 +730,7 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
     assert all(after[sid] == before[sid] for sid in corrected)  # the corrected pixels, not the source's
     assert (root / "data.dvc").read_bytes() == data_dvc  # the same data version: nothing to rebuild
     assert set(Workspace(root).tombstones().query("reason == 'forget'")["sample_id"]) == forgotten
-    scan = cli_ok("audit", "scan", cwd=root)
+    scan = warm_ok("audit", "scan", cwd=root)
     import re
 
     named = int(re.search(r"for (\d+) erased sample\(s\) named by the signed records", scan.stdout).group(1))
@@ -742,7 +742,7 @@ def test_re_ingestion_keeps_forgotten_data_out(repo):
     try:
         journal = (root / "audit" / "journal.jsonl").read_bytes()
         victim = Workspace(root).manifest("private")["sample_id"][0]
-        refused = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+        refused = lmeraser_warm("forget", "--sample-id", victim, cwd=root)
         assert (
             refused.returncode == 1
             and "the pipeline is not up to date" in refused.stderr

@@ -16,7 +16,7 @@ from lmeraser.lineage.records import lineage_log
 from lmeraser.store import ArtifactStore
 from lmeraser.workspace import Workspace
 
-from helpers import cli_ok, copy_repo, dvc, lmeraser_cli
+from helpers import copy_repo, dvc, lmeraser_warm, warm_ok
 
 # The digits demo's model on a smaller pool, without its baselines: a training pool of 600
 # samples (half of it private, in clusters of about 60 as in the demo) and a backbone trained for
@@ -32,7 +32,7 @@ def canaries(tmp_path_factory):
     """The workspace after `dvc repro`, with two private samples relabelled wrongly by an exact
     rectification (mislabelled canaries the prompts of their clusters now memorise)."""
     root = copy_repo(tmp_path_factory.mktemp("forgetting") / "repo", PARAMS)
-    lmeraser_cli("data", "init", cwd=root, check=True)
+    lmeraser_warm("data", "init", cwd=root, check=True)
     dvc("repro", cwd=root)
     ws = Workspace(root)
     private = ws.split("private")
@@ -46,7 +46,7 @@ def canaries(tmp_path_factory):
         for s in (first, second)
     ]
     (root / "canaries.jsonl").write_text("\n".join(lines) + "\n")
-    cli_ok("rectify", "--file", str(root / "canaries.jsonl"), cwd=root)
+    warm_ok("rectify", "--file", str(root / "canaries.jsonl"), cwd=root)
     return root, first, second, cluster_of
 
 
@@ -56,7 +56,7 @@ def _records(root):
 
 def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(canaries):
     root, canary, _, cluster_of = canaries
-    done = cli_ok("forget", "--sample-id", canary, cwd=root)
+    done = warm_ok("forget", "--sample-id", canary, cwd=root)
     assert "forgetting audit: 1 forgotten;" in done.stdout
     record = _records(root)[-1]
     audit = record.predicate["forgetting_audit"]
@@ -71,16 +71,16 @@ def test_an_exact_forget_of_a_canary_signs_it_forgotten_and_the_views_show_it(ca
         references["trained"] == 9 and len(references["in_reference_digests"]) == 4
     )  # 4 IN, 4 + the expected rebuild OUT
     assert record.predicate["forgetting_audit"]["served_as_expected_rebuild"] == [cluster_of[canary]]
-    scan = cli_ok("audit", "scan", cwd=root)
+    scan = warm_ok("audit", "scan", cwd=root)
     assert "0 hits" in scan.stdout and "4 forgetting-audit IN reference(s)" in scan.stdout
     # The population figure stays, labelled as such.
     assert record.predicate["verification"]["membership_inference"]["before"]["scope"].startswith("population figure")
 
-    fleet = json.loads(cli_ok("audit", "forgetting", "--json", cwd=root).stdout)
+    fleet = json.loads(warm_ok("audit", "forgetting", "--json", cwd=root).stdout)
     assert fleet["verified"] is True and fleet["methods"]["exact"]["verdicts"]["forgotten"] == 1
     assert (root / "audit" / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "forget quality" in cli_ok("audit", "forgetting", "--plot", str(root / "p.png"), cwd=root).stdout
-    cli_ok("audit", "report", cwd=root)
+    assert "forget quality" in warm_ok("audit", "forgetting", "--plot", str(root / "p.png"), cwd=root).stdout
+    warm_ok("audit", "report", cwd=root)
     assert "1 forgotten" in (root / "audit" / "report.html").read_text()
 
 
@@ -93,7 +93,7 @@ def test_references_zero_records_no_reference_audit(canaries):
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         victim = next(s for s, c in cluster_of.items() if c == cluster_of[second] and s != second)
-        done = cli_ok("forget", "--sample-id", victim, cwd=root)
+        done = warm_ok("forget", "--sample-id", victim, cwd=root)
         assert "forgetting audit: no reference audit (audit.references is 0)" in done.stdout
         audit = _records(root)[-1].predicate["forgetting_audit"]
         assert audit == {"status": "no reference audit", "reason": "audit.references is 0"}
@@ -102,7 +102,7 @@ def test_references_zero_records_no_reference_audit(canaries):
     bad = dict(raw, audit={"references": 2, "alpha": 2})
     params_file.write_text(yaml.safe_dump(bad, sort_keys=False))
     try:
-        refused = lmeraser_cli("forget", "--sample-id", second, "--no-process", cwd=root)
+        refused = lmeraser_warm("forget", "--sample-id", second, "--no-process", cwd=root)
         assert (
             refused.returncode != 0
             and "audit.alpha" in refused.stderr
@@ -123,7 +123,7 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     cluster = str(cluster_of[canary])
     old = ws.prompt_index().clusters[cluster]
     old_bytes = ArtifactStore(ws.store_dir).path(old.key).read_bytes()
-    cli_ok("forget", "--sample-id", canary, "--no-process", cwd=root)
+    warm_ok("forget", "--sample-id", canary, "--no-process", cwd=root)
     records = len(_records(root))
 
     def broken(batch, step):
@@ -145,10 +145,10 @@ def test_a_broken_build_that_keeps_serving_the_old_prompt_fails_and_signs_nothin
     assert len(_records(root)) == records
     assert [list(r.sample_ids) for r in Journal(ws).pending()] == [[canary]]
     # The references of the stopped batch are what `audit scan` looks for too (no record names them yet).
-    assert json.loads(cli_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
+    assert json.loads(warm_ok("audit", "scan", "--json", cwd=root).stdout)["audit_in_references"] == 4 + 4
     # Run again as is, in a new process: the erased pixels are gone, but the served prompt is still
     # not the retrain without the canary (its digest says so), so the batch stays stopped, unsigned.
-    again = lmeraser_cli("unlearn", cwd=root)
+    again = lmeraser_warm("unlearn", cwd=root)
     assert again.returncode == 1 and f"cluster {cluster} serves a prompt that is not its retrain" in again.stderr, (
         again.stderr
     )

@@ -23,7 +23,7 @@ from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import SPLITS, Workspace
 
-from helpers import cli_ok, clone_repo, commit_all, dvc, lmeraser_cli
+from helpers import clone_repo, commit_all, dvc, lmeraser_warm, warm_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -60,17 +60,17 @@ def test_forget_after_a_rectification_erases_the_sample(root):
     """Finding 0a: a label correction is not an erasure. Forgetting a rectified sample removes it
     (the record counts it, nothing calls it 'already forgotten'); only then is it forgotten."""
     victim = _private(root, 5)
-    cli_ok("rectify", "--sample-id", victim, "--label", "4", cwd=root)
+    warm_ok("rectify", "--sample-id", victim, "--label", "4", cwd=root)
     assert victim in _present(root)
-    done = cli_ok("forget", "--sample-id", victim, cwd=root)
+    done = warm_ok("forget", "--sample-id", victim, cwd=root)
     assert "already forgotten" not in done.stdout
     assert victim not in _present(root)
     request = _records(root)[-1].predicate["requests"][0]
     assert request["kind"] == "forget" and request["samples"] == 1 and request["already_forgotten"] == []
     # Now it is forgotten: a rectification is refused, a second forget is a recorded no-op.
-    refused = lmeraser_cli("rectify", "--sample-id", victim, "--label", "3", cwd=root)
+    refused = lmeraser_warm("rectify", "--sample-id", victim, "--label", "3", cwd=root)
     assert refused.returncode == 1 and "was forgotten and cannot be rectified" in refused.stderr
-    again = cli_ok("forget", "--sample-id", victim, cwd=root)
+    again = warm_ok("forget", "--sample-id", victim, cwd=root)
     assert "1 already forgotten" in again.stdout
     from lmeraser.salt import Keyer
 
@@ -87,11 +87,11 @@ def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):
     target, row = private.sample_ids[7], 7
     fixed = (255 - private.images[row]).astype(np.uint8)
     np.save(tmp_path / "fixed.npy", fixed)
-    cli_ok("rectify", "--sample-id", target, "--input", str(tmp_path / "fixed.npy"), cwd=root)
+    warm_ok("rectify", "--sample-id", target, "--input", str(tmp_path / "fixed.npy"), cwd=root)
     label = (int(private.labels[row]) + 1) % 10
-    cli_ok("rectify", "--sample-id", target, "--label", str(label), cwd=root)
+    warm_ok("rectify", "--sample-id", target, "--label", str(label), cwd=root)
     before = _snapshot(root)
-    done = cli_ok("data", "init", cwd=root)
+    done = warm_ok("data", "init", cwd=root)
     assert "1 image correction(s) re-applied" in done.stdout and "1 label correction(s)" in done.stdout
     assert _snapshot(root) == before  # the same data version: nothing to rebuild, nothing to record
     after = Workspace(root).split("private")
@@ -101,7 +101,7 @@ def test_re_ingestion_keeps_a_corrected_image_and_label(root, tmp_path):
     assert "data.dvc" not in status and "evaluate:" not in status, status
     # data/ gone: the corrected pixels are nowhere else, so re-ingesting would bring back the old ones.
     shutil.move(root / "data", tmp_path / "data-aside")
-    refused = lmeraser_cli("data", "init", cwd=root)
+    refused = lmeraser_warm("data", "init", cwd=root)
     assert (
         refused.returncode == 1
         and f"no longer holds sample {target}" in refused.stderr
@@ -121,21 +121,21 @@ def test_a_change_outside_any_batch_is_named_by_the_next_record(root):
     served = {
         c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
     }
-    dvc("repro", cwd=root)
+    dvc("repro", "evaluate", cwd=root)  # the serving path (baselines are off it: dvc.yaml)
     now = {
         c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
     }
     assert now != served
     _commit(root, "new learning rate")
     previous = _records(root)[-1].number
-    cli_ok("forget", "--sample-id", _private(root, 11), cwd=root)
+    warm_ok("forget", "--sample-id", _private(root, 11), cwd=root)
     outside = _records(root)[-1].predicate["outside_change"]
     assert outside["since_record"] == previous
     assert {c["cluster"] for c in outside["clusters_changed"]} == {int(c) for c in now if now[c] != served[c]}
     assert all(c["prompt_sha256_before"] == served[str(c["cluster"])] for c in outside["clusters_changed"])
     assert "artifacts/prompts/index.json" in outside["subjects_changed"]
     # The record after it finds nothing new to explain.
-    cli_ok("forget", "--sample-id", _private(root, 12), cwd=root)
+    warm_ok("forget", "--sample-id", _private(root, 12), cwd=root)
     assert _records(root)[-1].predicate["outside_change"] is None
 
 
@@ -143,9 +143,9 @@ def test_the_registered_bundle_never_names_an_erased_sample(root):
     """Finding 0c: after an influence forget made exact, no file of the MLflow stores (registered
     bundles included) names the erased sample or its request."""
     victim = _private(root, 13)
-    cli_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
+    warm_ok("forget", "--sample-id", victim, "--method", "influence", cwd=root)
     request_id = Journal(Workspace(root)).pending()[0].request_id
-    cli_ok("unlearn", cwd=root)
+    warm_ok("unlearn", cwd=root)
     leaks = [
         str(path)
         for path in (root / "mlartifacts").rglob("*")
@@ -278,11 +278,11 @@ def test_a_key_rotation_from_the_cli_verifies_reports_and_signs_the_next_batch(r
         _finish(root)
     old = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
     retired = (root / "audit" / "keys" / "signing-key.pem").read_bytes()
-    done = cli_ok("audit", "rotate-key", "--reason", "yearly", cwd=root)
+    done = warm_ok("audit", "rotate-key", "--reason", "yearly", cwd=root)
     new = key_id(load_public_key(root / "audit" / "lineage-public-key.pem"))
     assert f"key rotation {old} -> {new}" in done.stdout and new != old
-    cli_ok("audit", "verify", cwd=root)
-    cli_ok("audit", "report", "--out", str(root / "audit" / "report.html"), cwd=root)
+    warm_ok("audit", "verify", cwd=root)
+    warm_ok("audit", "report", "--out", str(root / "audit" / "report.html"), cwd=root)
     submit([RequestSpec(sample_ids=[_private(root, 31)])], Workspace(root))
     _finish(root)
     assert _records(root)[-1].predicate["signer"] == new
@@ -520,7 +520,7 @@ def test_an_auditor_verifies_the_log_without_lmeraser(root, tmp_path):
         root / "audit" / "lineage-public-key.pem",
     )
     if not _records(root):  # run alone: make a record to verify
-        cli_ok("forget", "--sample-id", _private(root, 3), cwd=root)
+        warm_ok("forget", "--sample-id", _private(root, 3), cwd=root)
     # The key that signed record 1: the pinned one, or the first rotation's old key (as docs/auditing.md says).
     rotation = next((r for r in _records(root) if r.is_rotation), None)
     if rotation is not None:

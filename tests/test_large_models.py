@@ -14,7 +14,7 @@ from PIL import Image
 
 from lmeraser.workspace import Workspace
 
-from helpers import cli_ok, copy_repo, dvc, random_timm_checkpoint
+from helpers import copy_repo, dvc, random_timm_checkpoint, warm_ok
 
 CLASSES = ("red", "green", "blue")
 
@@ -58,7 +58,7 @@ def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
         "runtime": {"threads": 1, "workers": 2, **runtime},
     }
     root = copy_repo(base / "repo", params)
-    cli_ok("data", "init", cwd=root)
+    warm_ok("data", "init", cwd=root)
     dvc("repro", "evaluate", cwd=root)
     return root, weights
 
@@ -93,14 +93,14 @@ def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
     gone, fixed = private.sample_ids[0], private.sample_ids[1]
     corrected = tmp_path / "fixed.png"
     Image.fromarray(255 - private.images[1], "RGB").save(corrected)
-    cli_ok("forget", "--sample-id", gone, "--no-process", cwd=root)
-    done = cli_ok("rectify", "--sample-id", fixed, "--input", str(corrected), cwd=root)  # one batch: both requests
+    warm_ok("forget", "--sample-id", gone, "--no-process", cwd=root)
+    done = warm_ok("rectify", "--sample-id", fixed, "--input", str(corrected), cwd=root)  # one batch: both requests
     assert "lineage record 1" in done.stdout
     after = ws.split("private")
     assert gone not in after.sample_ids
     assert np.array_equal(after.images[after.sample_ids.index(fixed)], 255 - private.images[1])
-    cli_ok("audit", "verify", cwd=root)
-    replay = json.loads(cli_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
+    warm_ok("audit", "verify", cwd=root)
+    replay = json.loads(warm_ok("audit", "replay", "--record", "1", "--json", cwd=root).stdout)
     assert replay["clusters"] and all(c["match"] for c in replay["clusters"]), replay
     from lmeraser.lineage.log import LineageLog
 
@@ -108,6 +108,6 @@ def test_a_timm_checkpoint_and_an_rgb_folder_run_end_to_end(rgb_repo, tmp_path):
     assert (
         environment["device"] == "cpu" and environment["precision"] == "float32"
     )  # where it ran, in the signed record
-    assert "0 hits" in cli_ok("audit", "scan", cwd=root).stdout
+    assert "0 hits" in warm_ok("audit", "scan", cwd=root).stdout
     status = dvc("status", "evaluate", cwd=root).stdout
     assert "up to date" in status, status

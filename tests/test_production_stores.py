@@ -22,7 +22,7 @@ from lmeraser.data.splits import content_hash
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
-from helpers import BIN, clone_repo, dvc, free_port, lmeraser_cli
+from helpers import BIN, clone_repo, dvc, free_port, lmeraser_warm
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "lmeraser-test-key",
@@ -210,7 +210,7 @@ def test_a_remote_the_scan_cannot_list_is_not_searched_with_the_reason_and_stric
     assert gap.startswith(
         f"dvc remote 'prod' (s3://{bucket}/dvc @ {url}): cannot be read from here (NoCredentialsError"
     )
-    strict = lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
+    strict = lmeraser_warm("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path)
     assert (
         strict.returncode == 1
         and "could not be searched (--strict)" in strict.stderr
@@ -218,7 +218,7 @@ def test_a_remote_the_scan_cannot_list_is_not_searched_with_the_reason_and_stric
     )
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
-    assert lmeraser_cli("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path).returncode == 0
+    assert lmeraser_warm("audit", "scan", "--strict", "--root", str(ws.root), cwd=tmp_path).returncode == 0
 
 
 @contextlib.contextmanager
@@ -358,7 +358,7 @@ def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
     shown = json.dumps(report.summary()) + gaps
     assert "HTTPPW" not in shown and "QUERYTOKEN" not in shown
     # The CLI searches for what signed records name (none here): it must print the odd names as they are.
-    done = lmeraser_cli("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
+    done = lmeraser_warm("audit", "scan", "--root", str(ws.root), cwd=tmp_path)
     assert (
         done.returncode == 0
         and "evil[/]" in done.stdout
@@ -402,7 +402,7 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     ws = Workspace(root)
     victim, second = ws.split("private").sample_ids[:2]
     image, second_image = ws.split("private").images[:2]  # before the split changes
-    forgotten = lmeraser_cli("forget", "--sample-id", victim, cwd=root)
+    forgotten = lmeraser_warm("forget", "--sample-id", victim, cwd=root)
     assert forgotten.returncode == 0, forgotten.stderr[-3000:]
     record = LineageLog(root / "audit" / "lineage.jsonl").read_unverified()[-1].predicate
     scanned = record["verification"]["scan"]
@@ -410,7 +410,7 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     assert scanned["remote_stores"]["dvc remote 'prod'"]["bucket"] == bucket
     assert any(v.get("tracking_uri") == tracking for v in scanned["remote_stores"].values())
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(record)
-    strict = lmeraser_cli("audit", "scan", "--strict", cwd=root)
+    strict = lmeraser_warm("audit", "scan", "--strict", cwd=root)
     assert strict.returncode == 0, strict.stderr[-2000:]
     records = len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified())
 
@@ -419,17 +419,17 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     # first): that batch's scan finds it and signs nothing. (A batch searches for what it erases;
     # `audit scan` for everything the records erased, below.)
     client.put_object(Bucket=bucket, Key="dvc/exports/copy.npy", Body=_npy(second_image[None]))
-    failed = lmeraser_cli("forget", "--sample-id", second, cwd=root)
+    failed = lmeraser_warm("forget", "--sample-id", second, cwd=root)
     assert failed.returncode != 0 and "scan hit(s): forgotten data survives in dvc remote 'prod'" in failed.stderr
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records
     client.delete_object(Bucket=bucket, Key="dvc/exports/copy.npy")
-    finished = lmeraser_cli("unlearn", cwd=root)
+    finished = lmeraser_warm("unlearn", cwd=root)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len(LineageLog(root / "audit" / "lineage.jsonl").read_unverified()) == records + 1
 
     # The first request's image planted back in the S3 remote: `audit scan` finds it.
     client.put_object(Bucket=bucket, Key="dvc/exports/old.npy", Body=_npy(image[None]))
-    found = lmeraser_cli("audit", "scan", cwd=root)
+    found = lmeraser_warm("audit", "scan", cwd=root)
     assert (
         found.returncode == 1
         and "HIT forgotten sample" in found.stderr
@@ -441,7 +441,7 @@ def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_plante
     run = mlflow.search_runs([mlflow.get_experiment_by_name("lmeraser").experiment_id], max_results=1)[0].info.run_id
     np.save(tmp_path / "copy.npy", image[None])
     mlflow.log_artifact(run, str(tmp_path / "copy.npy"))
-    hit = lmeraser_cli("audit", "scan", cwd=root)
+    hit = lmeraser_warm("audit", "scan", cwd=root)
     assert hit.returncode == 1 and "HIT forgotten sample" in hit.stderr and "mlflow experiment 'lmeraser'" in hit.stderr
     targets = scan_targets(ws)
     assert Keyer(ws).content(content_hash(image)) in targets.sample_keys
