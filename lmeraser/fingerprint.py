@@ -9,7 +9,7 @@ own digest, so when a machine's fingerprint differs from the committed reference
 
 Families: a timm ViT's forward (patch-embedding convolution, matmul, softmax, layer norm, GELU,
 fused attention) and its features, its backward and one AdamW step, one step of each PEFT kind
-(a pad border, prompt tokens, LoRA through peft), faiss k-means and search, and the influence
+(a pad border, prompt tokens, LoRA as peft computes it), faiss k-means and search, and the influence
 path's forward-over-reverse Hessian-vector product and vmapped Jacobian (torch.func). Everything
 runs with one intra-op thread under the deterministic scope, in float32, on the workspace's
 device (faiss on the CPU); under a second on a 2-core CPU once the libraries are loaded, and
@@ -97,7 +97,7 @@ def _digest(outputs: list) -> str:
 
 
 def _families(compute):
-    """(family, outputs) in a fixed order. Only library kernels (torch, timm, peft, faiss) and
+    """(family, outputs) in a fixed order. Only library kernels (torch, timm, faiss; LoRA as peft runs it) and
     the compute scope: the pipeline's own code has its own version in every artifact key, so a
     change to it re-keys artifacts without changing what this says about the machine."""
     import faiss
@@ -167,13 +167,11 @@ def _peft(kind: str, backbone, generator: torch.Generator, compute):
             return head(backbone.norm(backbone.blocks(seq))[:, 0])
 
         return [tokens, *head.parameters()], forward
-    from peft import LoraConfig, inject_adapter_in_model
-
     adapted = copy.deepcopy(backbone)
-    inject_adapter_in_model(
-        LoraConfig(r=2, lora_alpha=4.0, lora_dropout=0.0, target_modules=["blocks.0.attn.qkv", "blocks.1.mlp.fc1"]),
-        adapted,
-    )
+    for name in LORA_TARGETS:
+        parent, _, leaf = name.rpartition(".")
+        module = adapted.get_submodule(parent)
+        setattr(module, leaf, LoraLinear(getattr(module, leaf), LORA_RANK, LORA_ALPHA))
     lora = [p for name, p in adapted.named_parameters() if "lora_" in name]
     for parameter in lora:
         seeded_uniform_(parameter.data, 0.2, generator)
@@ -181,6 +179,26 @@ def _peft(kind: str, backbone, generator: torch.Generator, compute):
     return [*lora, *head.parameters()], lambda x: head(
         adapted.forward_head(adapted.forward_features(x), pre_logits=True)
     )
+
+
+LORA_TARGETS, LORA_RANK, LORA_ALPHA = ("blocks.0.attn.qkv", "blocks.1.mlp.fc1"), 2, 4.0
+
+
+class LoraLinear(torch.nn.Module):
+    """What peft's LoRA `Linear` computes with dropout 0 and one adapter, `base(x) + B(A(x)) * alpha / r`,
+    op for op, written here so that a process that never trains LoRA never imports peft (1.5 to
+    3 s of every stage's and every CLI command's start-up). tests/test_numerics.py checks it against
+    peft's own layer, bit for bit, so a peft whose LoRA computes otherwise is caught there."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
 def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, compute) -> list:

@@ -804,3 +804,53 @@ def test_an_exact_batch_is_refused_before_any_change_where_the_served_prompts_we
     ):
         check_before_change(ws)
     assert _files(ws.root) == before
+
+
+def test_the_fingerprint_s_lora_computes_what_peft_s_lora_computes_bit_for_bit():
+    """The fingerprint's LoRA family runs peft's LoRA computation without importing peft; if a
+    peft release computed its layer otherwise, the fingerprint would no longer describe it."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lmeraser.compute import seeded_uniform_
+    from lmeraser.fingerprint import LORA_ALPHA, LORA_RANK, LORA_TARGETS, LoraLinear
+
+    from helpers import tiny_backbone
+
+    backbone = tiny_backbone(depth=2)
+    x = torch.rand((6, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    y = torch.arange(6) % 4
+
+    def one_step(adapted):
+        lora = [p for name, p in adapted.named_parameters() if "lora_" in name]
+        generator = torch.Generator().manual_seed(7)
+        for parameter in lora:
+            seeded_uniform_(parameter.data, 0.2, generator)
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(lora, lr=0.02)
+        loss = torch.nn.functional.cross_entropy(adapted(x), y)
+        loss.backward()
+        grads = [p.grad.clone() for p in lora]
+        optimizer.step()
+        return [name for name, p in adapted.named_parameters() if "lora_" in name], [loss, *grads, *lora]
+
+    theirs = copy.deepcopy(backbone)
+    inject_adapter_in_model(
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS)), theirs
+    )
+    ours = copy.deepcopy(backbone)
+    for name in LORA_TARGETS:
+        parent, _, leaf = name.rpartition(".")
+        setattr(
+            ours.get_submodule(parent),
+            leaf,
+            LoraLinear(getattr(ours.get_submodule(parent), leaf), LORA_RANK, LORA_ALPHA),
+        )
+    their_names, their_values = one_step(theirs)
+    our_names, our_values = one_step(ours)
+    assert [n.replace(".default", "") for n in their_names] == our_names  # same parameters, same order
+    assert len(our_values) == 1 + 2 * len(our_names) and len(our_names) == 2 * len(LORA_TARGETS)
+    for mine, peft_s in zip(our_values, their_values, strict=True):
+        assert mine.shape == peft_s.shape and torch.equal(mine, peft_s)
