@@ -29,7 +29,8 @@ from helpers import (
     shared_build,
 )
 
-# The modules that take longest (measured, seconds of one xdist worker on the 2-core machine),
+# The modules that take longest (measured, seconds of one xdist worker on the 2-core machine,
+# before their CLI calls ran in process: the order still holds, the figures are now lower),
 # longest first: with --no-loadscope-reorder (pyproject's addopts), pytest-xdist's --dist loadfile hands
 # out modules in collection order, so the long ones start first and the short ones fill the
 # gaps, instead of one long module running alone at the end. (Without it, xdist orders modules by
