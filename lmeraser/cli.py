@@ -478,7 +478,12 @@ SERVER = typer.Option(
 )
 
 
-def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False) -> dict | None:
+def _process(
+    ws: Workspace, git_commit: bool | None = True, quiet: bool = False, check_numerics: bool = False
+) -> dict | None:
+    """Run the `unlearn` flow on what is pending; `check_numerics`: refuse numerics this process
+    does not run once there is work (an idle call computes nothing, so it never imports torch and
+    faiss to check their pins: `lmeraser unlearn` on a schedule stays well under a second)."""
     from lmeraser.journal import Journal
     from lmeraser.lineage.records import audit_words
     from lmeraser.unlearning.exact import rebuild_params
@@ -492,6 +497,8 @@ def _process(ws: Workspace, git_commit: bool | None = True, quiet: bool = False)
     if idle:  # nothing pending, no interrupted batch or influence update to finish: no flow to start
         say("no pending requests")
         return None
+    if check_numerics:
+        _check_numerics(ws)
     _quiet_env()
     _prefect(ws)
     from lmeraser.flows.unlearn import run_unlearn
@@ -840,8 +847,7 @@ def unlearn_cmd(
 ) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
     ws = _workspace(root, params_file)
-    _check_numerics(ws)
-    result = _process(ws, git_commit, as_json)
+    result = _process(ws, git_commit, as_json, check_numerics=True)
     if as_json:
         _emit({"batch": result})
 

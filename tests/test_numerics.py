@@ -726,6 +726,39 @@ def test_a_pinned_process_is_refused_on_a_native_workspace_before_anything_is_jo
         assert _files(ws.root) == before and _journal(ws) is None  # nothing journaled, nothing written
 
 
+def test_an_idle_unlearn_imports_no_kernels_and_a_pending_one_is_refused_under_other_numerics(
+    trained_workspace, tmp_path
+):
+    """`lmeraser unlearn` on a schedule with nothing to do computes nothing: it neither checks the
+    kernels' pins (which imports torch and faiss, 1.5 s) nor refuses; with a request pending, the
+    same process is refused in one sentence before the batch starts, and nothing changes."""
+    from lmeraser.journal import Journal
+
+    from helpers import received_event
+
+    ws = _untrained_copy(trained_workspace[0], tmp_path / "ws", "native")
+    probe = (
+        "import sys; from lmeraser import cli; code = cli.run(sys.argv[1:]); "
+        "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules)); sys.exit(code)"
+    )
+    env = _env(LMERASER_NUMERICS="portable")  # not what the workspace runs
+    idle = subprocess.run(
+        [sys.executable, "-c", probe, "unlearn", "--root", str(ws.root)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert idle.returncode == 0 and idle.stdout.splitlines() == ["no pending requests", "[]"], idle.stdout + idle.stderr
+    Journal(ws).append([received_event("req-pending", sample_ids=(str(ws.manifest("private")["sample_id"][0]),))])
+    before = _files(ws.root)
+    refused = _lmeraser("unlearn", "--root", str(ws.root), cwd=tmp_path, env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert _one_sentence(refused.stderr).startswith("error: the workspace runs native numerics")
+    assert _files(ws.root) == before and [r.request_id for r in Journal(ws).pending()] == ["req-pending"]
+
+
 def test_params_switched_since_the_backbone_was_built_say_run_dvc_repro(trained_workspace, tmp_path):
     source = trained_workspace[0]
     shutil.copytree(source.root, tmp_path / "ws")
