@@ -128,8 +128,7 @@ def _prefect(ws: Workspace) -> None:
                 isinstance(f, _NoUiLinks) for f in handler.filters
             ):
                 handler.addFilter(_NoUiLinks())
-    if not _settings["debug"]:
-        _one_sentence_on_console()
+    _one_sentence_on_console()  # a no-op under --debug (the filter reads the setting per record)
 
 
 def _quiet_prefect_server() -> None:
@@ -172,7 +171,7 @@ class _NoUiLinks:
 
 class _ExpectedErrorsOnce:
     def filter(self, record) -> bool:
-        if not record.name.startswith("prefect"):
+        if _settings["debug"] or not record.name.startswith("prefect"):
             return True
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, LmeraserError):
@@ -1381,7 +1380,12 @@ def run(args: list[str] | None = None) -> int:
     """Run one command (`args`, else this process's argv) in this process; its exit code.
 
     What `main` runs, and what a caller that keeps its imports warm (the tests) calls directly:
-    an expected error is its one `error:` line on stderr and code 1, never a traceback.
+    an expected error is its one `error:` line on stderr and code 1, never a traceback. Unlike
+    `main`, it leaves $LMERASER_SIGNING_KEY and $LMERASER_API_TOKEN in the environment (children
+    it starts never get them: versioning.child_env). What a process fixes once holds for every
+    call in it: the numerics chosen at its first `import lmeraser`, and the Prefect server its
+    first flow ran on (another workspace's is refused in one sentence unless $PREFECT_API_URL
+    names one server for all); Prefect's own log lines go to the stream it first wrote to.
     """
     try:
         app(args=args, prog_name="lmeraser")

@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 from lmeraser.errors import LmeraserError
+from lmeraser.versioning import child_env
 
 START_TIMEOUT_ENV = "LMERASER_PREFECT_START_TIMEOUT"
 IDLE_TIMEOUT_ENV = "LMERASER_PREFECT_IDLE_TIMEOUT"
@@ -221,6 +222,12 @@ def ensure(root: Path, say=lambda message: None) -> str | None:
     it if needed; returns its API URL, or None when the user's URL or Prefect's temporary server
     is used. Call before Prefect is imported. A start that fails raises one sentence."""
     if "url" in _held:
+        if Path(root).resolve() != _held["root"]:
+            # Prefect reads its API URL once per process: this one cannot move to another server.
+            raise PrefectServerError(
+                f"this process runs its flows on the Prefect server of {_held['root']}, not of {Path(root).resolve()}: "
+                "run each workspace's commands in their own process, or set PREFECT_API_URL to one server for all."
+            )
         return _held["url"]  # type: ignore[return-value]
     if user_api_url():
         return None
@@ -287,7 +294,8 @@ def _start(root: Path, timeout: float, say) -> str:
     sock.listen(128)
     port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
+    # Never the signing key or the API token (a caller of cli.run keeps them in its environment).
+    env = {k: v for k, v in child_env().items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
     env.update(
         PREFECT_HOME=str(directory),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",

@@ -159,7 +159,8 @@ def _ensure_script(root: Path, hold: float = 0.0) -> list[str]:
 
 def test_processes_starting_at_once_start_one_server_and_a_dead_one_is_replaced(tmp_path):
     root = tmp_path
-    env = _env()
+    # A caller of cli.run keeps the key and the token in its environment: the server never gets them.
+    env = _env(LMERASER_SIGNING_KEY="-----BEGIN PRIVATE KEY-----not-for-children", LMERASER_API_TOKEN="t" * 32)
     procs = [
         subprocess.Popen(_ensure_script(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
@@ -169,6 +170,8 @@ def test_processes_starting_at_once_start_one_server_and_a_dead_one_is_replaced(
         assert len({a["url"] for a in answers}) == 1, answers
         assert sum(a["started"] for a in answers) == 1, answers
         first = _state(root)
+        environ = Path(f"/proc/{first['pid']}/environ").read_bytes()
+        assert b"not-for-children" not in environ and b"LMERASER_API_TOKEN" not in environ
         # A server killed outright (a crash, an OOM kill) is found dead and replaced.
         os.killpg(first["pid"], signal.SIGKILL)
         assert _gone(first["pid"], 30)
@@ -185,6 +188,23 @@ def test_processes_starting_at_once_start_one_server_and_a_dead_one_is_replaced(
     finally:
         _stop(root)
     assert _state(root) is None
+
+
+def test_a_process_on_one_workspace_s_server_is_refused_another_workspace_s_in_one_sentence(tmp_path, monkeypatch):
+    """Prefect reads its API URL once per process, so a process (a caller of cli.run running
+    several workspaces) that holds one workspace's server cannot move to another's: the second
+    workspace is refused in one sentence, never silently run on the first one's server."""
+    from lmeraser import prefect_server
+    from lmeraser.errors import LmeraserError
+
+    first, second = (tmp_path / "first").resolve(), tmp_path / "second"
+    monkeypatch.setattr(prefect_server, "_held", {"url": "http://127.0.0.1:9/api", "started": False, "root": first})
+    assert prefect_server.ensure(first) == "http://127.0.0.1:9/api"
+    with pytest.raises(LmeraserError) as refused:
+        prefect_server.ensure(second)
+    message = str(refused.value)
+    assert str(first) in message and str(second.resolve()) in message and "PREFECT_API_URL" in message
+    assert "\n" not in message
 
 
 def test_a_server_that_cannot_start_in_time_is_one_sentence_and_leaves_nothing_running(tmp_path):
@@ -306,6 +326,25 @@ def test_an_expected_error_inside_a_flow_is_one_sentence_once(tmp_path):
     )
     debug = lmeraser_cli("--debug", "unlearn", "--no-git-commit", cwd=root)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "LmeraserError" in debug.stderr
+
+
+def test_debug_shows_an_expected_error_s_traceback_even_after_a_command_without_it(monkeypatch):
+    """The filter that keeps an expected error to one sentence stays on Prefect's handler for the
+    process's life; a later `--debug` command in the same process (cli.run) must still see it all."""
+    import logging
+
+    from lmeraser import cli
+    from lmeraser.errors import LmeraserError
+
+    try:
+        raise LmeraserError("the pipeline is not up to date")
+    except LmeraserError:
+        record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Task run failed", None, None)
+        record.exc_info = sys.exc_info()
+    monkeypatch.setitem(cli._settings, "debug", False)
+    assert cli._ExpectedErrorsOnce().filter(record) is False
+    monkeypatch.setitem(cli._settings, "debug", True)
+    assert cli._ExpectedErrorsOnce().filter(record) is True
 
 
 def test_data_init_source_is_recorded_for_the_next_data_init(tmp_path):
