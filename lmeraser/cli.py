@@ -339,10 +339,12 @@ def _check_params(ws: Workspace) -> None:
         _fail(str(error))
 
 
-def _check_numerics(ws: Workspace, building: bool = False) -> None:
+def _check_numerics(ws: Workspace, building: bool = False, kernels: bool = True) -> None:
     """Refuse, in one sentence, before a request is journaled or a flow starts, numerics this
     process does not run (lmeraser/numerics.py): a build runs the params' numerics; anything else
-    the numerics the workspace's backbone was built under, which the params must still name."""
+    the numerics the workspace's backbone was built under, which the params must still name.
+    `kernels`: also check that this process's kernel pins are in effect (imports torch and faiss,
+    1.5 s; a command that computes nothing skips it)."""
     from lmeraser import numerics
     from lmeraser.config import load_params
 
@@ -355,7 +357,19 @@ def _check_numerics(ws: Workspace, building: bool = False) -> None:
                     f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) "
                     f"was built under {built} numerics; run `dvc repro` to rebuild under {wanted} first."
                 )
-        numerics.require(wanted)
+        if kernels:
+            numerics.require(wanted)
+    except LmeraserError as error:
+        _fail(str(error))
+
+
+def _check_flows_can_run(ws: Workspace) -> None:
+    """Before a request is journaled: refuse, in one sentence, a process (a caller of `run`) whose
+    flows already run on another workspace's Prefect server."""
+    from lmeraser import prefect_server
+
+    try:
+        prefect_server.refuse_another_workspace(ws.root)
     except LmeraserError as error:
         _fail(str(error))
 
@@ -494,6 +508,13 @@ def _process(
     except LmeraserError as error:
         _fail(str(error))
     if idle:  # nothing pending, no interrupted batch or influence update to finish: no flow to start
+        from lmeraser.unlearning.recovery import recover
+
+        try:
+            with ws.lock("unlearn"):
+                recover(ws, say)  # what a killed writer left (data/ mid-swap, DVC's locks): a batch's first step
+        except LmeraserError as error:
+            _fail(str(error))
         say("no pending requests")
         return None
     if check_numerics:
@@ -658,6 +679,8 @@ def forget(
         # The privilege comes from the command line only (a requests file cannot grant it).
         specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
         _check_numerics(ws)
+        if process if process is not None else method == Method.exact:  # what _answer decides: a flow runs
+            _check_flows_can_run(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
@@ -769,6 +792,8 @@ def rectify(
             image = Path(specs[0].input) if specs[0].input is not None else None
             return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json, image)
         _check_numerics(ws)
+        if process if process is not None else method == Method.exact:  # what _answer decides: a flow runs
+            _check_flows_can_run(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
         _fail(str(error))
@@ -846,6 +871,7 @@ def unlearn_cmd(
 ) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
     ws = _workspace(root, params_file)
+    _check_numerics(ws, kernels=False)  # the params against the backbone: cheap, so even when idle
     result = _process(ws, git_commit, as_json, check_numerics=True)
     if as_json:
         _emit({"batch": result})

@@ -115,11 +115,11 @@ def read_state(root: Path) -> dict | None:
         state = json.loads((state_dir(root) / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    return (
-        state
-        if isinstance(state, dict) and isinstance(state.get("pid"), int) and isinstance(state.get("url"), str)
-        else None
-    )
+    if not (isinstance(state, dict) and isinstance(state.get("pid"), int) and isinstance(state.get("url"), str)):
+        return None
+    if isinstance(state.get("root"), str) and Path(state["root"]) != Path(root).resolve():
+        return None  # copied along with the workspace: it names the original's server, not this one's
+    return state
 
 
 def _write_state(root: Path, state: dict) -> None:
@@ -217,17 +217,22 @@ def _use(root: Path, timeout: float):
 # -- what the CLI calls ------------------------------------------------------------------------
 
 
+def refuse_another_workspace(root: Path) -> None:
+    """Raise (one sentence) when this process already runs its flows on another workspace's
+    server: Prefect reads its API URL once per process, so it cannot move to this one's."""
+    if "url" in _held and Path(root).resolve() != _held["root"]:
+        raise PrefectServerError(
+            f"this process runs its flows on the Prefect server of {_held['root']}, not of {Path(root).resolve()}: "
+            "run each workspace's commands in their own process, or set PREFECT_API_URL to one server for all."
+        )
+
+
 def ensure(root: Path, say=lambda message: None) -> str | None:
     """Make this process (and its children) use the workspace's standing Prefect server, starting
     it if needed; returns its API URL, or None when the user's URL or Prefect's temporary server
     is used. Call before Prefect is imported. A start that fails raises one sentence."""
     if "url" in _held:
-        if Path(root).resolve() != _held["root"]:
-            # Prefect reads its API URL once per process: this one cannot move to another server.
-            raise PrefectServerError(
-                f"this process runs its flows on the Prefect server of {_held['root']}, not of {Path(root).resolve()}: "
-                "run each workspace's commands in their own process, or set PREFECT_API_URL to one server for all."
-            )
+        refuse_another_workspace(root)
         return _held["url"]  # type: ignore[return-value]
     if user_api_url():
         return None

@@ -164,3 +164,22 @@ def test_data_samples_and_audit_schema_refuse_what_a_stranger_tried(tmp_path):
     assert printed.returncode == 0 and json.loads(printed.stdout)["title"] == "lmeraser lineage record predicate"
     written = lmeraser_cli("audit", "schema", "--out", str(tmp_path / "schema.json"), cwd=tmp_path)
     assert written.returncode == 0 and json.loads((tmp_path / "schema.json").read_text()) == json.loads(printed.stdout)
+
+
+def test_an_idle_unlearn_finishes_an_interrupted_write_as_the_error_advises(tmp_path):
+    """A data directory left moved aside by a killed writer: `data samples` says "run `lmeraser
+    unlearn`: it finishes the interrupted write", and an `unlearn` with nothing pending does so
+    (a stranger found it said "no pending requests" and left the data unrepaired)."""
+    import subprocess
+
+    build_workspace(tmp_path, TINY)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    private = tmp_path / "data" / "private"
+    private.rename(tmp_path / "data" / f".private.{dead.pid}.old")
+    advice = lmeraser_cli("data", "samples", cwd=tmp_path)
+    assert advice.returncode == 1 and "run `lmeraser unlearn`: it finishes the interrupted write" in advice.stderr
+    done = lmeraser_cli("unlearn", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "recovery: rolled private back" in done.stdout and done.stdout.strip().endswith("no pending requests")
+    assert (private / "manifest.csv").exists() and lmeraser_cli("data", "samples", cwd=tmp_path).returncode == 0

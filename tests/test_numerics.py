@@ -783,6 +783,9 @@ def test_params_switched_since_the_backbone_was_built_say_run_dvc_repro(trained_
         _one_sentence(refused.stderr),
     )
     assert _journal(ws) == journal
+    # An idle `unlearn` says so too (this check reads backbone.json only; a stranger found it skipped).
+    idle = _lmeraser("unlearn", "--root", str(ws.root), cwd=tmp_path, env=_env(LMERASER_NUMERICS="native"))
+    assert idle.returncode == 1 and "was built under portable numerics" in _one_sentence(idle.stderr)
 
 
 def test_numpy_s_own_variable_is_a_conflict_in_one_sentence_not_a_traceback(tmp_path):

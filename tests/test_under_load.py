@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import BIN, REPO, TINY, build_workspace, copy_repo, dvc, free_port, lmeraser_cli, ran_stages
+from helpers import BIN, REPO, TINY, build_workspace, copy_repo, dvc, free_port, lmeraser_cli, lmeraser_warm, ran_stages
 
 STATE = Path(".lmeraser") / "prefect" / "state.json"
 
@@ -205,6 +205,32 @@ def test_a_process_on_one_workspace_s_server_is_refused_another_workspace_s_in_o
     message = str(refused.value)
     assert str(first) in message and str(second.resolve()) in message and "PREFECT_API_URL" in message
     assert "\n" not in message
+    # Through the CLI in that process: refused before the request is journaled (a stranger found it
+    # journaled first, then refused); `--no-process` runs no flow, so it is accepted.
+    ws = build_workspace(second, TINY)
+    sample = str(ws.manifest("private")["sample_id"][0])
+    done = lmeraser_warm("forget", "--sample-id", sample, "--no-git-commit", cwd=second)
+    assert done.returncode == 1 and done.stderr.startswith("error: this process runs its flows"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not ws.journal_file.exists()
+    queued = lmeraser_warm("forget", "--sample-id", sample, "--no-process", cwd=second)
+    assert queued.returncode == 0 and ws.journal_file.exists(), queued.stderr
+
+
+def test_a_copied_workspace_never_uses_or_stops_the_original_s_server(tmp_path):
+    """A workspace copied with its `.lmeraser/prefect/state.json` names the original's server:
+    the copy treats it as no server of its own (a stranger saw `prefect stop` in the copy stop
+    the original's)."""
+    from lmeraser import prefect_server
+
+    original, copy = (tmp_path / "original").resolve(), (tmp_path / "copy").resolve()
+    state = {"url": "http://127.0.0.1:9/api", "pid": os.getpid(), "started_at": 0.0, "root": str(original)}
+    for root in (original, copy):
+        prefect_server.state_dir(root).mkdir(parents=True)
+        (prefect_server.state_dir(root) / "state.json").write_text(json.dumps(state))
+    assert prefect_server.read_state(original) == state
+    assert prefect_server.read_state(copy) is None
+    assert prefect_server.status(copy)["running"] is False
+    assert prefect_server.stop(copy) is None and _alive(os.getpid())
 
 
 def test_a_server_that_cannot_start_in_time_is_one_sentence_and_leaves_nothing_running(tmp_path):
