@@ -339,13 +339,12 @@ def _check_params(ws: Workspace) -> None:
         _fail(str(error))
 
 
-def _check_numerics(ws: Workspace, building: bool = False, kernels: bool = True) -> None:
+def _check_numerics(ws: Workspace, building: bool = False, kernels: bool = True) -> str:
     """Refuse, in one sentence, before a request is journaled or a flow starts, numerics this
     process does not run (lmeraser/numerics.py): a build runs the params' numerics; anything else
     the numerics the workspace's backbone was built under, which the params must still name.
-    `kernels`: also check that this process's kernel pins are in effect (imports torch and faiss,
-    1.5 s; a command that computes nothing skips it)."""
-    from lmeraser import numerics
+    `kernels`: also check that this process's kernel pins are in effect (`_check_kernels`; a
+    command that may compute nothing checks them later). Returns the numerics the params name."""
     from lmeraser.config import load_params
 
     try:
@@ -357,10 +356,27 @@ def _check_numerics(ws: Workspace, building: bool = False, kernels: bool = True)
                     f"runtime.numerics is {wanted}, but the backbone ({ws.backbone_meta_file}) "
                     f"was built under {built} numerics; run `dvc repro` to rebuild under {wanted} first."
                 )
-        if kernels:
-            numerics.require(wanted)
     except LmeraserError as error:
         _fail(str(error))
+    if kernels:
+        _check_kernels(wanted)
+    return wanted
+
+
+def _check_kernels(numerics_mode: str) -> None:
+    """Refuse, in one sentence, a process whose kernel pins are not those of `numerics_mode`
+    (imports torch and faiss to check them: 1.5 s)."""
+    from lmeraser import numerics
+
+    try:
+        numerics.require(numerics_mode)
+    except LmeraserError as error:
+        _fail(str(error))
+
+
+def _runs_batch(method: str, process: bool | None) -> bool:
+    """Whether a forget or rectify runs the exact batch now (`--process/--no-process`, else by method)."""
+    return process if process is not None else method == Method.exact
 
 
 def _check_flows_can_run(ws: Workspace) -> None:
@@ -492,11 +508,11 @@ SERVER = typer.Option(
 
 
 def _process(
-    ws: Workspace, git_commit: bool | None = True, quiet: bool = False, check_numerics: bool = False
+    ws: Workspace, git_commit: bool | None = True, quiet: bool = False, kernels_for: str | None = None
 ) -> dict | None:
-    """Run the `unlearn` flow on what is pending; `check_numerics`: refuse numerics this process
-    does not run once there is work (an idle call computes nothing, so it never imports torch and
-    faiss to check their pins: `lmeraser unlearn` on a schedule stays well under a second)."""
+    """Run the `unlearn` flow on what is pending; `kernels_for`: the numerics whose kernel pins
+    to check once there is work (an idle call computes nothing, so it never imports torch and
+    faiss to check them: `lmeraser unlearn` on a schedule stays well under a second)."""
     from lmeraser.journal import Journal
     from lmeraser.lineage.records import audit_words
     from lmeraser.unlearning.exact import rebuild_params
@@ -517,8 +533,8 @@ def _process(
             _fail(str(error))
         say("no pending requests")
         return None
-    if check_numerics:
-        _check_numerics(ws)
+    if kernels_for is not None:
+        _check_kernels(kernels_for)
     _quiet_env()
     _prefect(ws)
     from lmeraser.flows.unlearn import run_unlearn
@@ -679,7 +695,7 @@ def forget(
         # The privilege comes from the command line only (a requests file cannot grant it).
         specs = [s.model_copy(update={"allow_backbone_rebuild": allow_backbone_rebuild}) for s in specs]
         _check_numerics(ws)
-        if process if process is not None else method == Method.exact:  # what _answer decides: a flow runs
+        if _runs_batch(method, process):
             _check_flows_can_run(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
@@ -745,7 +761,7 @@ def _remote(
 
 def _answer(method: str, process: bool | None, ws: Workspace, git_commit: bool, resolved: list, as_json: bool) -> None:
     influence = _influence(ws, as_json) if method == "influence" else None
-    batch = _process(ws, git_commit, as_json) if (process if process is not None else method == "exact") else None
+    batch = _process(ws, git_commit, as_json) if _runs_batch(method, process) else None
     if as_json:
         accepted = [{k: v for k, v in r.to_json().items() if k != "input_path"} for r in resolved]
         _emit({"accepted": accepted, "method": method, "influence": influence, "batch": batch})
@@ -792,7 +808,7 @@ def rectify(
             image = Path(specs[0].input) if specs[0].input is not None else None
             return _remote(server, ws, specs, method.value, process, git_commit, params_file, as_json, image)
         _check_numerics(ws)
-        if process if process is not None else method == Method.exact:  # what _answer decides: a flow runs
+        if _runs_batch(method, process):
             _check_flows_can_run(ws)
         resolved = _submit(specs, ws, method.value, as_json)
     except LmeraserError as error:
@@ -871,8 +887,8 @@ def unlearn_cmd(
 ) -> None:
     """Process every pending request (or finish an interrupted batch) through the `unlearn` flow."""
     ws = _workspace(root, params_file)
-    _check_numerics(ws, kernels=False)  # the params against the backbone: cheap, so even when idle
-    result = _process(ws, git_commit, as_json, check_numerics=True)
+    wanted = _check_numerics(ws, kernels=False)  # the params against the backbone: cheap, so even when idle
+    result = _process(ws, git_commit, as_json, kernels_for=wanted)
     if as_json:
         _emit({"batch": result})
 
