@@ -167,11 +167,7 @@ def _peft(kind: str, backbone, generator: torch.Generator, compute):
             return head(backbone.norm(backbone.blocks(seq))[:, 0])
 
         return [tokens, *head.parameters()], forward
-    adapted = copy.deepcopy(backbone)
-    for name in LORA_TARGETS:
-        parent, _, leaf = name.rpartition(".")
-        module = adapted.get_submodule(parent)
-        setattr(module, leaf, LoraLinear(getattr(module, leaf), LORA_RANK, LORA_ALPHA))
+    adapted = with_lora(backbone)
     lora = [p for name, p in adapted.named_parameters() if "lora_" in name]
     for parameter in lora:
         seeded_uniform_(parameter.data, 0.2, generator)
@@ -199,6 +195,17 @@ class LoraLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def with_lora(backbone: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `backbone` with a `LoraLinear` around each of `LORA_TARGETS` (what peft's
+    `inject_adapter_in_model` makes of them)."""
+    adapted = copy.deepcopy(backbone)
+    for name in LORA_TARGETS:
+        parent, _, leaf = name.rpartition(".")
+        module = adapted.get_submodule(parent)
+        setattr(module, leaf, LoraLinear(getattr(module, leaf), LORA_RANK, LORA_ALPHA))
+    return adapted
 
 
 def _curvature_products(backbone, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, compute) -> list:

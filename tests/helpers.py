@@ -184,35 +184,10 @@ def commit_all(root: Path, message: str) -> None:
         subprocess.run(cmd, cwd=root, check=True, capture_output=True)
 
 
-def lmeraser_cli(
-    *args: str, cwd: Path, check: bool = False, timeout: int = 600, process: bool = True
-) -> subprocess.CompletedProcess:
-    """`lmeraser *args` in `cwd`, as a user runs it: a child process (or this one: `lmeraser_warm`)."""
-    done = (
-        subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-        if process
-        else _run_in_process(list(args), cwd)
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"lmeraser {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-def _run_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    import contextlib
-    import io
-    import traceback
-
-    from lmeraser import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.run(args)
-        except Exception:  # what a child prints and exits 1 with
-            traceback.print_exc()
-            code = 1
-    return subprocess.CompletedProcess(["lmeraser", *args], code, out.getvalue(), err.getvalue())
+def lmeraser_cli(*args: str, cwd: Path, check: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`lmeraser *args` in `cwd`, as a user runs it: a child process."""
+    done = subprocess.run([str(BIN / "lmeraser"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return _checked(done) if check else done
 
 
 def lmeraser_warm(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
@@ -222,12 +197,27 @@ def lmeraser_warm(*args: str, cwd: Path, check: bool = False) -> subprocess.Comp
     forgets at the cost of their batches. What only a child shows stays with `lmeraser_cli`: Prefect's
     own log lines on the terminal (here they go to the test's log, not to the result), settings read
     at import, and the key and token moved out of the environment at start (here they stay in it)."""
-    return lmeraser_cli(*args, cwd=cwd, check=check, process=False)
+    import contextlib
+    import io
+    import traceback
+
+    from lmeraser import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.run(list(args))
+        except Exception:  # what a child prints and exits 1 with
+            traceback.print_exc()
+            code = 1
+    done = subprocess.CompletedProcess(["lmeraser", *args], code, out.getvalue(), err.getvalue())
+    return _checked(done) if check else done
 
 
-def warm_ok(*args, cwd):
-    """`lmeraser_warm`, asserted to succeed."""
-    return cli_ok(*args, cwd=cwd, process=False)
+def _checked(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if done.returncode != 0:
+        raise AssertionError(f"lmeraser {' '.join(done.args[1:])} failed:\n{done.stdout}\n{done.stderr}")
+    return done
 
 
 def dvc(*args, cwd, check=True):
@@ -243,7 +233,15 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
-def cli_ok(*args, cwd, process: bool = True):
-    done = lmeraser_cli(*args, cwd=cwd, process=process)
-    assert done.returncode == 0, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+def cli_ok(*args, cwd):
+    return _ok(lmeraser_cli(*args, cwd=cwd))
+
+
+def warm_ok(*args, cwd):
+    """`lmeraser_warm`, asserted to succeed."""
+    return _ok(lmeraser_warm(*args, cwd=cwd))
+
+
+def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, f"{done.args[1:]}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done

@@ -851,7 +851,7 @@ def test_the_fingerprint_s_lora_computes_what_peft_s_lora_computes_bit_for_bit()
     from peft import LoraConfig, inject_adapter_in_model
 
     from lmeraser.compute import seeded_uniform_
-    from lmeraser.fingerprint import LORA_ALPHA, LORA_RANK, LORA_TARGETS, LoraLinear
+    from lmeraser.fingerprint import LORA_ALPHA, LORA_RANK, LORA_TARGETS, with_lora
 
     from helpers import tiny_backbone
 
@@ -876,16 +876,8 @@ def test_the_fingerprint_s_lora_computes_what_peft_s_lora_computes_bit_for_bit()
     inject_adapter_in_model(
         LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS)), theirs
     )
-    ours = copy.deepcopy(backbone)
-    for name in LORA_TARGETS:
-        parent, _, leaf = name.rpartition(".")
-        setattr(
-            ours.get_submodule(parent),
-            leaf,
-            LoraLinear(getattr(ours.get_submodule(parent), leaf), LORA_RANK, LORA_ALPHA),
-        )
     their_names, their_values = one_step(theirs)
-    our_names, our_values = one_step(ours)
+    our_names, our_values = one_step(with_lora(backbone))
     assert [n.replace(".default", "") for n in their_names] == our_names  # same parameters, same order
     assert len(our_values) == 1 + 2 * len(our_names) and len(our_names) == 2 * len(LORA_TARGETS)
     for mine, peft_s in zip(our_values, their_values, strict=True):
