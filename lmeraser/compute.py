@@ -112,6 +112,15 @@ class Compute:
         """bf16 autocast of a forward pass when the precision asks for it, else nothing."""
         return torch.autocast("cuda" if self.is_cuda else "cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    def adamw(self, params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+        """AdamW, with torch's fused kernel on the CPU: one ATen kernel that ATEN_CPU_CAPABILITY
+        (a portable pin) selects. The default per-tensor path takes its square root through MKL's
+        vector math, whose bits differ between CPUs even under MKL_CBWR=COMPATIBLE (measured: an
+        Intel Xeon and an AMD EPYC). Elsewhere (CUDA), torch's default."""
+        return torch.optim.AdamW(
+            params, lr=lr, weight_decay=weight_decay, fused=self.torch_device.type == "cpu" or None
+        )
+
     @contextlib.contextmanager
     def scope(self) -> Iterator[Compute]:
         """The block runs with this thread count and deterministic kernels (lmeraser.determinism)."""

@@ -88,7 +88,7 @@ def train_prompt(
         model = model.to(compute.torch_device)
         x, y = compute.put(x), compute.put(y)  # one cluster's members: small next to the model
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = compute.adamw(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = cfg.epochs * math.ceil(len(y) / cfg.batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         for _ in range(cfg.epochs):

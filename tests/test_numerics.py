@@ -544,6 +544,37 @@ def test_replay_on_another_fingerprint_or_device_cannot_compare(signed):
     assert _files(ws.store_dir) == store  # replay trains into a scratch store only
 
 
+_OPTIMIZER_STEPS = """
+import hashlib, sys, torch
+from lmeraser.compute import Compute
+torch.set_num_threads(1)
+params = [torch.nn.Parameter(torch.rand(n, generator=torch.Generator().manual_seed(n)) - 0.5) for n in (1000, 37, 4097)]
+for i, p in enumerate(params):
+    p.grad = (torch.rand(p.shape, generator=torch.Generator().manual_seed(10 + i)) - 0.5) * 1e-2
+optimizer = Compute().adamw(params, lr=1e-3, weight_decay=0.05)
+for _ in range(3):
+    optimizer.step()
+print(hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in params)).hexdigest())
+"""
+
+
+def test_the_optimizer_step_does_not_depend_on_mkl_s_code_path():
+    """MKL picks its code path by CPU (MKL_CBWR names one); torch's per-tensor AdamW takes its
+    square root there, so its bits differed between an Intel Xeon and an AMD EPYC under the same
+    pins. The optimizer every trainer uses (Compute.adamw) must give the same bits whatever path
+    MKL runs: here the paths of several CPUs are forced on one. Replacing it with torch's default
+    AdamW makes this fail on an Intel Xeon (measured: COMPATIBLE and AVX2 differ)."""
+    digests = {}
+    for branch in ("COMPATIBLE", "AVX2", "AUTO", "SSE4_2"):
+        env = _env(ATEN_CPU_CAPABILITY="avx2", MKL_CBWR=branch, LMERASER_NUMERICS="native")
+        done = subprocess.run(
+            [sys.executable, "-c", _OPTIMIZER_STEPS], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        digests[branch] = done.stdout.strip()
+    assert len(set(digests.values())) == 1, digests
+
+
 # -- 5. the committed reference fingerprint ------------------------------------------------------
 
 

@@ -134,7 +134,7 @@ def train_backbone(
     spec = input_spec(model, params, in_chans)
     # The split stays in host memory; each batch goes to the device.
     x, y, black = preprocess(images, spec), torch.from_numpy(labels), compute.put(_black(spec))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = compute.adamw(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     steps_per_epoch = math.ceil(len(y) / params.batch_size)
     total = max(1, params.epochs * steps_per_epoch)
     warmup = min(total // 10, 5 * steps_per_epoch)

@@ -23,6 +23,7 @@ model and returns the new parameters, the objective (for `Objective.state`) and 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -268,8 +269,9 @@ def conjugate_gradient(matvec: MatVec, b: torch.Tensor, damping: float, tol: flo
         x = x + alpha * p
         r = r - alpha * ap
         rr_new = r.dot(r)
-        if float(rr_new.sqrt()) / b_norm <= tol:
-            return CGResult(x, iteration, float(rr_new.sqrt()) / b_norm)
+        residual = math.sqrt(float(rr_new)) / b_norm  # in Python: torch's sqrt is MKL's, CPU-dependent
+        if residual <= tol:
+            return CGResult(x, iteration, residual)
         p = r + (rr_new / rr) * p
         rr = rr_new
     # The recurrence's residual drifts from the true one; report the true residual.
