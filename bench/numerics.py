@@ -154,7 +154,9 @@ def order(repeat: int) -> tuple[str, ...]:
 
 
 def private_ids(work: Path) -> list[str]:
-    return [line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]]
+    from lmeraser.workspace import Workspace
+
+    return Workspace(work).manifest("private")["sample_id"].tolist()
 
 
 def measure(source: str, repeats: int, subset: int | None, reuse: bool = False) -> dict:

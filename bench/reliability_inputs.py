@@ -95,11 +95,15 @@ def _rgb_png(width: int, height: int) -> bytes:
 
 
 def _private_id(root: Path) -> str:
-    return (root / "data" / "private" / "manifest.csv").read_text().splitlines()[1].split(",")[0]
+    from lmeraser.workspace import Workspace
+
+    return Workspace(root).manifest("private")["sample_id"][0]
 
 
 def _first(root: Path, split: str) -> str:
-    return (root / "data" / split / "manifest.csv").read_text().splitlines()[1].split(",")[0]
+    from lmeraser.workspace import Workspace
+
+    return Workspace(root).manifest(split)["sample_id"][0]
 
 
 def _requests(scratch: Path, name: str, *lines: str) -> Path:

@@ -114,9 +114,10 @@ def main() -> None:
     os.environ.update({k: env[k] for k in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")})
     rng = random.Random(args.seed)
     work = build(env)
-    import pandas as pd
 
-    private = pd.read_csv(work / "data" / "private" / "manifest.csv")
+    from lmeraser.workspace import Workspace
+
+    private = Workspace(work).manifest("private")
     ids, subjects = private["sample_id"].tolist(), sorted(set(private["subject_id"]))
     rows = []
     one = statistics.median(time_cli(work, ["--sample-id", ids[0]], env, 1) for _ in range(args.repeats))

@@ -278,9 +278,7 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
         shutil.rmtree(scratch.root)
 
         rng = np.random.default_rng(0)
-        private = [
-            line.split(",")[0] for line in (work / "data" / "private" / "manifest.csv").read_text().splitlines()[1:]
-        ]
+        private = Workspace(work).manifest("private")["sample_id"].tolist()
         victims = [private[i] for i in rng.choice(len(private), size=5, replace=False)]
 
         print(f"[one forget in process: {victims[0]}]", flush=True)
@@ -478,6 +476,11 @@ def main() -> None:
     )
     parser.add_argument("--name", default=None, help="results name (default: unlearn-<source>)")
     parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="evaluate.baselines: false (the full pipeline then excludes the two comparison models)",
+    )
+    parser.add_argument(
         "--scaling",
         type=int,
         nargs="+",
@@ -491,6 +494,8 @@ def main() -> None:
         overrides["audit"] = {"references": args.audit_references}
     if args.subset is not None:
         overrides["data"] = {"subset": args.subset}
+    if args.no_baselines:
+        overrides["evaluate"] = {"baselines": False}
     out = ROOT / "bench" / "results"
     if args.scaling:
         points = []

@@ -266,7 +266,7 @@ def data_samples(
             _fail(str(error))
         except (KeyError, ValueError, TypeError):
             _fail(
-                f"{ws.split_dir(name) / 'manifest.csv'}: not a manifest "
+                f"{ws.split_dir(name)}: a shard's manifest.csv is not a manifest "
                 "(sample_id, subject_id and integer label columns); run `lmeraser data init`."
             )
     missing = sorted(wanted - {r["subject_id"] for r in rows})

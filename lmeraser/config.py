@@ -41,6 +41,9 @@ class DataParams(_Section):
     # Resize every image to image_size x image_size at ingestion (Pillow, bilinear); null = keep
     # the source's size (a folder of differently sized images needs it).
     image_size: Int | None = Field(None, ge=4, le=1024)
+    # Samples per shard of a split's files (data/<split>/<shard>/): an erasure rewrites, re-hashes
+    # and re-scans the shards that held the sample, not the split. Fixed when the data is written.
+    shard_size: Int = Field(512, ge=1, le=10_000_000)
 
 
 # The built-in small ViT's architecture (what the digits and Fashion-MNIST demos train from

@@ -6,7 +6,9 @@ owner. Readers move bytes into typed structures; they compute nothing (which is 
 registry does not count this module as code a stage's outputs depend on).
 
     params.yaml                       the pipeline's parameters (or any file --params names)
-    data/<split>/{manifest.csv,images.npy}, data/source.json, data/tombstones.csv
+    data/<split>/<shard>/{manifest.csv,images.npy}, data/source.json, data/tombstones.csv
+                                      a split in shards (source.json says how many; a sample's
+                                      shard is a hash of its id), so an erasure rewrites one shard
     artifacts/validation/<split>.json one fingerprint ticket per validated split
     artifacts/backbone/{backbone.safetensors,backbone.json}
     artifacts/clusters/{prototypes.npy,prototypes.json,assignments.csv}
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -100,6 +103,34 @@ class Workspace:
 
     def split_dir(self, split: str) -> Path:
         return self.data / split
+
+    def shard_dirs(self, split: str) -> list[Path]:
+        """The directories holding a split's shards, each a `manifest.csv` and an `images.npy`. A
+        split is cut into the number of shards `data/source.json` names (`shards`) when it is
+        written, so that an erasure rewrites, re-hashes and re-scans one shard, not the split.
+        Without that entry (data written before shards), the split's directory is its one shard."""
+        count = self.shard_count(split)
+        if count is None:
+            return [self.split_dir(split)]
+        return [self.split_dir(split) / shard_name(i) for i in range(count)]
+
+    def shard_count(self, split: str) -> int | None:
+        """How many shards `data/source.json` says the split has; None: the one-directory layout."""
+        if not self.source_info_file.exists():
+            return None
+        info = self.source_info()
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if shards is None:
+            return None
+        count = shards.get(split) if isinstance(shards, dict) else shards
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise DataError(f"{self.source_info_file}: shards.{split} is {count!r}, not a positive integer.")
+        return count
+
+    def shard_dir_of(self, split: str, sample_id: str) -> Path:
+        """The shard directory that holds (or would hold) `sample_id` in `split`."""
+        dirs = self.shard_dirs(split)
+        return dirs[shard_index(sample_id, len(dirs))]
 
     @property
     def source_info_file(self) -> Path:
@@ -342,32 +373,82 @@ class Workspace:
     def source_info(self) -> dict:
         return _read_json(self.source_info_file, "run 'lmeraser data init' first")
 
-    def manifest(self, split: str) -> pd.DataFrame:
-        """A split's manifest alone, without reading its pixels."""
-        path = self.split_dir(split) / "manifest.csv"
+    def shard_manifest(self, directory: Path) -> pd.DataFrame:
+        """One shard's manifest (a split's directory in the one-directory layout)."""
+        path = directory / "manifest.csv"
         if not path.exists():
-            interrupted = list(self.data.glob(f".{split}.*")) + list(self.root.glob(".data.*"))
+            interrupted = (
+                list(directory.parent.glob(f".{directory.name}.*"))
+                + list(self.data.glob(".*.*"))
+                + list(self.root.glob(".data.*"))
+            )
             advice = (
                 "run `lmeraser unlearn`: it finishes the interrupted write"
                 if interrupted
                 else "run 'lmeraser data init' first"
             )
             raise DataError(f"{path}: not found; {advice}.")
-        return pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+        try:
+            frame = pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+            raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
+        missing = [column for column in MANIFEST_COLUMNS if column not in frame]
+        if missing:
+            raise DataError(f"{path}: not a manifest (no {missing[0]} column); run 'lmeraser data init'.")
+        return frame
+
+    def shard_images(self, directory: Path, rows: int, mmap: bool = False) -> np.ndarray:
+        """One shard's pixels, checked to hold `rows` images (its manifest's length)."""
+        path = directory / "images.npy"
+        if not path.exists():
+            raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
+        try:
+            images = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        except (ValueError, OSError, EOFError) as error:
+            raise DataError(f"{path}: unreadable ({error}).") from None
+        if len(images) != rows:
+            raise DataError(f"{path}: {len(images)} images but its manifest lists {rows} samples.")
+        return images
+
+    def manifest(self, split: str) -> pd.DataFrame:
+        """A split's manifest alone (its shards' together, sorted by sample id), without its pixels."""
+        frames = [self.shard_manifest(d) for d in self.shard_dirs(split)]
+        if len(frames) == 1:
+            return frames[0]
+        return _by_sample_id(pd.concat(frames, ignore_index=True))
 
     def split(self, name: str) -> Split:
-        """A split's manifest and pixels, checked against each other."""
-        manifest = self.manifest(name)
-        images_path = self.split_dir(name) / "images.npy"
-        if not images_path.exists():
-            raise DataError(f"{images_path}: not found; run 'lmeraser data init' first.")
-        try:
-            images = np.load(images_path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise DataError(f"{images_path}: unreadable ({error}).") from None
-        if len(images) != len(manifest):
-            raise DataError(f"{images_path}: {len(images)} images but its manifest lists {len(manifest)} samples.")
-        return Split(name, manifest, images)
+        """A split's manifest and pixels (its shards' together, sorted by sample id), checked
+        against each other."""
+        parts = []
+        for directory in self.shard_dirs(name):
+            manifest = self.shard_manifest(directory)
+            parts.append((manifest, self.shard_images(directory, len(manifest))))
+        if len(parts) == 1:
+            return Split(name, *parts[0])
+        manifest = pd.concat([m for m, _ in parts], ignore_index=True)
+        images = np.concatenate([i for _, i in parts])
+        order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
+        return Split(name, manifest.iloc[order].reset_index(drop=True), np.ascontiguousarray(images[order]))
+
+    def images_of(self, split: str, sample_ids: list[str]) -> np.ndarray:
+        """The pixels of `sample_ids` (in that order), reading only the shards that hold them."""
+        by_shard: dict[Path, list[int]] = {}
+        for position, sid in enumerate(sample_ids):
+            by_shard.setdefault(self.shard_dir_of(split, sid), []).append(position)
+        out: np.ndarray | None = None
+        for directory, positions in by_shard.items():
+            manifest = self.shard_manifest(directory)
+            images = self.shard_images(directory, len(manifest), mmap=True)
+            row = {sid: i for i, sid in enumerate(manifest["sample_id"])}
+            wanted = [sample_ids[p] for p in positions]
+            missing = [sid for sid in wanted if sid not in row]
+            if missing:
+                raise DataError(f"sample id {missing[0]} is not in data/{split}.")
+            if out is None:
+                out = np.empty((len(sample_ids), *images.shape[1:]), dtype=images.dtype)
+            out[positions] = images[[row[sid] for sid in wanted]]
+        return out if out is not None else np.empty((0,), dtype=np.uint8)
 
     def tombstones(self) -> pd.DataFrame:
         path = self.tombstones_file
@@ -421,6 +502,21 @@ class Workspace:
 
     def metrics(self) -> dict:
         return _read_json(self.metrics_file, "run `dvc repro` first")
+
+
+def shard_name(index: int) -> str:
+    return f"{index:04d}"
+
+
+def shard_index(sample_id: str, count: int) -> int:
+    """Which of `count` shards holds a sample: a hash of its id, so it never moves while the
+    split changes (and any id, whatever its characters, has one)."""
+    return int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) % count
+
+
+def _by_sample_id(manifest: pd.DataFrame) -> pd.DataFrame:
+    order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
+    return manifest.iloc[order].reset_index(drop=True)
 
 
 @dataclass

@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from lmeraser.workspace import Workspace
+
 from helpers import TINY, build_workspace, lmeraser_cli
 from test_sources import make_idx_dir
 
@@ -72,7 +74,7 @@ def test_out_of_range_param_is_refused_before_any_work(tmp_path):
 
 def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):
     build_workspace(tmp_path, TINY)
-    victim = pd.read_csv(tmp_path / "data" / "private" / "manifest.csv", dtype=str).iloc[0]
+    victim = Workspace(tmp_path).manifest("private").iloc[0]
     tombstone = {"sample_id": victim.sample_id, "content_key": "", "reason": "forget", "label": ""}
     pd.DataFrame([tombstone]).to_csv(tmp_path / "data" / "tombstones.csv", index=False)
     done = lmeraser_cli("stage", "validate", cwd=tmp_path)
@@ -137,7 +139,7 @@ def test_data_samples_and_audit_schema_refuse_what_a_stranger_tried(tmp_path):
     import json
 
     ws = build_workspace(tmp_path, TINY)
-    manifest = ws.split_dir("private") / "manifest.csv"
+    manifest = ws.shard_dirs("private")[0] / "manifest.csv"
     frame = pd.read_csv(manifest, dtype=str)
     frame.loc[0, "sample_id"] = "\x1b[2Jevil"
     frame.to_csv(manifest, index=False)
@@ -182,4 +184,5 @@ def test_an_idle_unlearn_finishes_an_interrupted_write_as_the_error_advises(tmp_
     done = lmeraser_cli("unlearn", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "recovery: rolled private back" in done.stdout and done.stdout.strip().endswith("no pending requests")
-    assert (private / "manifest.csv").exists() and lmeraser_cli("data", "samples", cwd=tmp_path).returncode == 0
+    assert (Workspace(tmp_path).shard_dirs("private")[0] / "manifest.csv").exists()
+    assert lmeraser_cli("data", "samples", cwd=tmp_path).returncode == 0

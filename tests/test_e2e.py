@@ -202,7 +202,7 @@ def test_forget_one_sample_rebuilds_exactly_its_cluster_and_is_audited(repo, tmp
 
 def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
     root, _ = repo
-    private = pd.read_csv(root / "data" / "private" / "manifest.csv", dtype=str)
+    private = Workspace(root).manifest("private")
     assignments = pd.read_csv(root / "artifacts" / "clusters" / "assignments.csv", dtype={"sample_id": str})
     subject = private["subject_id"].value_counts().index[0]
     members = private.loc[private.subject_id == subject, "sample_id"]
@@ -245,8 +245,8 @@ def test_batch_of_subject_and_repeated_requests(repo, tmp_path):
 def test_refusals_change_nothing(repo, tmp_path):
     root, _ = repo
     journal = (root / "audit" / "journal.jsonl").read_bytes()
-    public_id = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"][0]
-    victim_id = pd.read_csv(root / "data" / "private" / "manifest.csv", dtype=str)["sample_id"][0]
+    public_id = Workspace(root).manifest("public")["sample_id"][0]
+    victim_id = Workspace(root).manifest("private")["sample_id"][0]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"sample_ids": ["' + public_id + '"], "allow_backbone_rebuild": true}\n{"sample_ids": 7}\n')
     for args, needle in [
@@ -516,7 +516,7 @@ def test_influence_answers_at_once_then_the_exact_batch_supersedes_it(repo, tmp_
 
 def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     root, _ = repo
-    public = pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)
+    public = Workspace(root).manifest("public")
     victim = public["sample_id"].iloc[3]
     backbone_before = read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"]
     done = warm_ok("forget", "--sample-id", victim, "--allow-backbone-rebuild", cwd=root)
@@ -525,7 +525,7 @@ def test_public_sample_with_allow_backbone_rebuild_rebuilds_everything(repo):
     assert record["backbone_rebuild"] is True
     assert {"backbone", "prototypes", "assign", "train", "evaluate"} <= set(record["stages_run"])
     assert read_json(root / "artifacts" / "backbone" / "backbone.json")["sha256"] != backbone_before
-    assert victim not in set(pd.read_csv(root / "data" / "public" / "manifest.csv", dtype=str)["sample_id"])
+    assert victim not in set(Workspace(root).manifest("public")["sample_id"])
     assert record["clusters_untouched"] == 0 and record["clusters_rebuilt"]  # a new backbone changes every prompt
     warm_ok("audit", "verify", cwd=root)
     assert "0 hits" in warm_ok("audit", "scan", cwd=root).stdout

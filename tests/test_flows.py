@@ -1,6 +1,7 @@
 """The Prefect flows themselves: train_pipeline end to end, and the cron deployment."""
 
 from lmeraser.io import read_json
+from lmeraser.workspace import Workspace
 
 from helpers import TINY, build_workspace, lmeraser_cli
 
@@ -67,7 +68,6 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
     from lmeraser.lineage.records import lineage_log
     from lmeraser.request import RequestSpec
     from lmeraser.unlearning.intake import resolve
-    from lmeraser.workspace import Workspace
 
     trained, _ = trained_workspace
     root = tmp_path / "ws"
@@ -99,7 +99,7 @@ def test_influence_flow_overlays_the_cluster_and_stacks_a_second_request(trained
     assert list(served.overlay) == [str(cluster)] and len(served.overlay[str(cluster)]["edits"]) == 2
     assert served.overlay[str(cluster)]["n_members"] == int((assignments.cluster == cluster).sum()) - 1
     # The overlay changes what the cluster serves, and only that cluster.
-    x = np.load(root / "data" / "private" / "images.npy")[:40]
+    x = Workspace(root).split("private").images[:40]
     assert not np.array_equal(served.logits(x)[0], exact.logits(x)[0])
     other = next(c for c in exact.active_clusters if c != cluster)
     assert served.state(other)["head.weight"].equal(exact.state(other)["head.weight"])
@@ -116,7 +116,6 @@ def test_evaluate_registers_a_version_only_when_the_served_model_changed(trained
 
     from lmeraser.flows.stages import evaluate
     from lmeraser.inference import ServingModel
-    from lmeraser.workspace import Workspace
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     trained, _ = trained_workspace
@@ -236,7 +235,6 @@ def test_clusters_trained_on_a_local_dask_cluster_are_byte_identical_to_threads(
     from lmeraser.flows.stages import run_stage
     from lmeraser.store import ArtifactStore
     from lmeraser.unlearning.exact import process_pending
-    from lmeraser.workspace import Workspace
 
     trained, results = trained_workspace
     root = tmp_path / "ws"

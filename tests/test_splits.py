@@ -129,3 +129,144 @@ def test_re_ingestion_without_the_salt_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match="secret salt is missing"):
         init_data(DataParams(), 0, ws)
     assert _files(tmp_path / "data") == before
+
+
+# -- shards: an erasure rewrites the shards that held the sample, not the split ------------------
+
+
+def _identity(path):
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def test_a_split_is_cut_into_shards_by_data_shard_size_and_reads_as_one(tmp_path):
+    """data.shard_size decides the number of shards; every sample sits in the shard its id
+    hashes to; the split reads back exactly as one (sorted by id, pixels aligned)."""
+    from lmeraser.workspace import shard_index
+
+    whole, cut = Workspace(tmp_path / "whole"), Workspace(tmp_path / "cut")
+    init_data(DataParams(shard_size=100_000), 0, whole)
+    summary = init_data(DataParams(shard_size=100), 0, cut)
+    assert whole.source_info()["shards"] == {"public": 1, "private": 1, "test": 1}
+    counts = summary["counts"]
+    assert summary["shards"] == {split: -(-counts[split] // 100) for split in SPLITS} == cut.source_info()["shards"]
+    for split in SPLITS:
+        dirs = cut.shard_dirs(split)
+        assert [d.name for d in dirs] == [f"{i:04d}" for i in range(len(dirs))] and len(dirs) > 1
+        for i, directory in enumerate(dirs):
+            ids = cut.shard_manifest(directory)["sample_id"].tolist()
+            assert ids == sorted(ids) and all(shard_index(sid, len(dirs)) == i for sid in ids)
+        a, b = whole.split(split), cut.split(split)
+        assert a.manifest.equals(b.manifest) and np.array_equal(a.images, b.images)
+        assert whole.manifest(split).equals(cut.manifest(split))
+        some = b.sample_ids[::37]
+        assert np.array_equal(cut.images_of(split, some), b.images[::37])
+
+
+def test_an_erasure_rewrites_only_the_shard_that_held_the_sample(tmp_path):
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=50), 0, ws)
+    before = ws.split("private")
+    victim = before.sample_ids[10]
+    held = ws.shard_dir_of("private", victim)
+    files = {p: _identity(p) for d in ws.shard_dirs("private") for p in sorted(d.iterdir())}
+    remove_samples([victim], "private", ws)
+    changed = {p for p, ident in files.items() if _identity(p) != ident}
+    assert changed == {held / "manifest.csv", held / "images.npy"}
+    after = ws.split("private")
+    keep = before.manifest["sample_id"].to_numpy() != victim
+    assert after.manifest.equals(before.manifest.loc[keep].reset_index(drop=True))
+    assert np.array_equal(after.images, before.images[keep])
+    # A correction rewrites its shard only, too.
+    other = before.sample_ids[20]
+    files = {p: _identity(p) for d in ws.shard_dirs("private") for p in sorted(d.iterdir())}
+    splits_module.update_sample(other, "private", ws, label=(int(before.labels[20]) + 1) % 10)
+    shard = ws.shard_dir_of("private", other)
+    assert {p for p, ident in files.items() if _identity(p) != ident} == {shard / "manifest.csv", shard / "images.npy"}
+
+
+def test_a_re_ingestion_after_erasures_cuts_the_same_shards_and_bytes(tmp_path):
+    """The number of shards is counted before the suppression list drops samples: re-ingesting
+    the same source after a forget writes the data the forget left, byte for byte."""
+    from lmeraser import suppression
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=60), 0, ws)
+    victims = ws.split("private").manifest.iloc[[0, 1, 2, 3, 4, 5, 6]]
+    keyer = Keyer(ws)
+    rows = [
+        {"sample_id": v.sample_id, "content_key": keyer.content(v.content_hash), "reason": "forget"}
+        for v in victims.itertuples()
+    ]
+    suppression.add(ws, rows)
+    splits_module.add_tombstones(rows, ws)
+    remove_samples(victims["sample_id"].tolist(), "private", ws)
+    splits_module.refresh_counts(ws)
+    left = _files(tmp_path / "data")
+    init_data(DataParams(shard_size=60), 0, ws)
+    assert _files(tmp_path / "data") == left
+
+
+def test_a_missing_or_miscounted_shard_is_one_sentence(tmp_path):
+    import json
+    import shutil
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=100), 0, ws)
+    shutil.rmtree(ws.shard_dirs("private")[1])
+    with pytest.raises(DataError, match=r"data/private/0001/manifest.csv: not found; run 'lmeraser data init' first"):
+        ws.split("private")
+    info = ws.source_info()
+    ws.source_info_file.write_text(json.dumps({**info, "shards": {**info["shards"], "test": "x"}}))
+    with pytest.raises(DataError, match=r"source.json: shards.test is 'x', not a positive integer"):
+        ws.manifest("test")
+
+
+def test_data_written_before_shards_is_read_and_erased_in_place(tmp_path):
+    """A workspace whose data/ predates shards (one manifest.csv and images.npy per split, no
+    `shards` in source.json) keeps working: the split's directory is its one shard."""
+    import json
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=100_000), 0, ws)
+    for split in SPLITS:
+        for name in ("manifest.csv", "images.npy"):
+            (ws.split_dir(split) / "0000" / name).rename(ws.split_dir(split) / name)
+        (ws.split_dir(split) / "0000").rmdir()
+    info = ws.source_info()
+    del info["shards"]
+    ws.source_info_file.write_text(json.dumps(info))
+    assert ws.shard_dirs("private") == [ws.split_dir("private")]
+    before = ws.split("private")
+    remove_samples([before.sample_ids[0]], "private", ws)
+    assert ws.split("private").sample_ids == before.sample_ids[1:]
+    assert sorted(p.name for p in ws.split_dir("private").iterdir()) == ["images.npy", "manifest.csv"]
+
+
+def test_the_change_following_validation_reads_only_the_changed_rows_of_a_sharded_split(tmp_path):
+    from lmeraser.data.validation import validate_splits
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=40), 0, ws)
+    Keyer(ws)
+    assert validate_splits(ws).success
+    gone = ws.manifest("private")["sample_id"][3]
+    remove_samples([gone], "private", ws)
+    victim = ws.split("private").sample_ids[7]
+    splits_module.update_sample(victim, "private", ws, label=(int(ws.split("private").labels[7]) + 1) % 10)
+    report = validate_splits(ws, changed_only=True)
+    shards = {ws.shard_dir_of("private", victim), ws.shard_dir_of("private", gone)}
+    in_changed_shards = sum(len(ws.shard_manifest(d)) for d in shards)
+    assert report.success and report.statistics["mode"] == "changed rows"
+    assert report.statistics["rows_checked"] == in_changed_shards < len(ws.manifest("private")) // 2
+    # Flipped pixels under unchanged manifest fields, in one shard of many: caught (the shard changed).
+    shard = ws.shard_dir_of("private", victim)
+    manifest = ws.shard_manifest(shard)
+    images = np.load(shard / "images.npy")
+    row = int(np.flatnonzero(manifest["sample_id"].to_numpy() == victim)[0])
+    images[row, 0, 0] ^= 0xFF
+    np.save(shard / "images.npy", images)
+    report = validate_splits(ws, changed_only=True)
+    assert not report.success and any("hash_matches" in f for f in report.failures)

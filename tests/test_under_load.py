@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmeraser.workspace import Workspace
+
 from helpers import BIN, REPO, TINY, build_workspace, copy_repo, dvc, free_port, lmeraser_cli, lmeraser_warm, ran_stages
 
 STATE = Path(".lmeraser") / "prefect" / "state.json"
@@ -340,9 +342,8 @@ def test_an_expected_error_inside_a_flow_is_one_sentence_once(tmp_path):
     once, without Prefect's task traceback (which `--debug` shows, and the run's log keeps)."""
     root = copy_repo(tmp_path / "repo", TINY)
     lmeraser_cli("data", "init", cwd=root, check=True)
-    import pandas as pd
 
-    sample = pd.read_csv(root / "data" / "private" / "manifest.csv", dtype=str).sample_id[0]
+    sample = Workspace(root).manifest("private").sample_id[0]
     done = lmeraser_cli("forget", "--sample-id", sample, "--no-git-commit", cwd=root)
     assert done.returncode == 1
     sentence = "run `dvc repro` first, then `lmeraser unlearn`"

@@ -10,7 +10,7 @@ from lmeraser.workspace import Workspace
 
 @pytest.fixture
 def data_dir(tmp_path):
-    init_data(DataParams(subset=300), 0, Workspace(tmp_path))
+    init_data(DataParams(subset=300, shard_size=1000), 0, Workspace(tmp_path))  # one shard: data/<split>/0000/
     return tmp_path / "data"
 
 
@@ -25,14 +25,14 @@ def test_clean_splits_pass_and_write_data_docs(data_dir):
 
 
 def _edit_manifest(data_dir, split, fn):
-    path = data_dir / split / "manifest.csv"
+    path = data_dir / split / "0000" / "manifest.csv"
     frame = pd.read_csv(path, dtype=str)
     fn(frame)
     frame.to_csv(path, index=False)
 
 
 def test_id_in_two_splits_fails(data_dir):
-    public_id = pd.read_csv(data_dir / "public" / "manifest.csv", dtype=str)["sample_id"][0]
+    public_id = pd.read_csv(data_dir / "public" / "0000" / "manifest.csv", dtype=str)["sample_id"][0]
     _edit_manifest(data_dir, "test", lambda f: f.__setitem__("sample_id", [public_id] + f["sample_id"].tolist()[1:]))
     report = _validate(data_dir)
     assert not report.success
@@ -46,7 +46,7 @@ def test_tombstoned_samples_fail_without_the_data_docs_naming_them(data_dir):
     from lmeraser.salt import Keyer
 
     ws = Workspace(data_dir.parent)
-    private = pd.read_csv(data_dir / "private" / "manifest.csv", dtype=str)
+    private = pd.read_csv(data_dir / "private" / "0000" / "manifest.csv", dtype=str)
     victim, replaced = private.iloc[0], private.iloc[1]
     rows = [
         {
@@ -72,7 +72,7 @@ def test_tombstoned_samples_fail_without_the_data_docs_naming_them(data_dir):
 
 
 def test_missing_class_in_a_split_fails(data_dir):
-    path = data_dir / "test" / "manifest.csv"
+    path = data_dir / "test" / "0000" / "manifest.csv"
     frame = pd.read_csv(path, dtype=str)
     frame.loc[frame["label"] == "3", "label"] = "4"
     frame.to_csv(path, index=False)
@@ -82,9 +82,9 @@ def test_missing_class_in_a_split_fails(data_dir):
 
 
 def test_pixels_not_matching_content_hash_fail(data_dir):
-    images = np.load(data_dir / "private" / "images.npy")
+    images = np.load(data_dir / "private" / "0000" / "images.npy")
     images[0, 0, 0] ^= 0xFF
-    np.save(data_dir / "private" / "images.npy", images)
+    np.save(data_dir / "private" / "0000" / "images.npy", images)
     report = _validate(data_dir)
     assert not report.success
     assert any("hash_matches" in f for f in report.failures)
@@ -114,9 +114,9 @@ def test_only_splits_whose_files_changed_have_their_images_checked_again(data_di
     after_forget = validate_splits(ws)
     assert after_forget.success and after_forget.statistics["facts_reused"] == ["public", "test"]
     # Flipped pixels in a split checked before: its files changed, so it is checked again and fails.
-    images = np.load(data_dir / "test" / "images.npy")
+    images = np.load(data_dir / "test" / "0000" / "images.npy")
     images[0, 0, 0] ^= 0xFF
-    np.save(data_dir / "test" / "images.npy", images)
+    np.save(data_dir / "test" / "0000" / "images.npy", images)
     tampered = validate_splits(ws)
     assert not tampered.success and any("hash_matches" in f for f in tampered.failures)
     assert tampered.statistics["facts_reused"] == ["public", "private"]
@@ -152,8 +152,8 @@ def _re_ingest(ws, data_dir):
     remove_samples([victim.sample_id], "private", ws)
     test = ws.split("test")
     manifest = pd.concat([test.manifest, pd.DataFrame([{**victim.to_dict(), "split": "test"}])], ignore_index=True)
-    manifest.to_csv(data_dir / "test" / "manifest.csv", index=False)
-    np.save(data_dir / "test" / "images.npy", np.concatenate([test.images, image[None]]))
+    manifest.to_csv(data_dir / "test" / "0000" / "manifest.csv", index=False)
+    np.save(data_dir / "test" / "0000" / "images.npy", np.concatenate([test.images, image[None]]))
 
 
 def _duplicate(ws, data_dir):
@@ -178,9 +178,9 @@ def _flip_pixels_of_a_changed_row(ws, data_dir):
         "private",
         lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]),
     )
-    images = np.load(data_dir / "private" / "images.npy")
+    images = np.load(data_dir / "private" / "0000" / "images.npy")
     images[0, 0, 0] ^= 0xFF
-    np.save(data_dir / "private" / "images.npy", images)
+    np.save(data_dir / "private" / "0000" / "images.npy", images)
 
 
 @pytest.mark.parametrize(
@@ -223,15 +223,17 @@ def test_a_forget_is_validated_from_its_changed_rows_and_a_bad_summary_means_eve
     _tombstone(ws, victim)
     remove_samples([victim.sample_id], "private", ws)
     report = validate_splits(ws, changed_only=True)
-    assert report.success and report.statistics["mode"] == "changed rows" and report.statistics["rows_checked"] == 0
-    # A relabelled row is the one row checked.
+    # The rows of the shard the erasure rewrote are checked (here the split is one shard).
+    assert report.success and report.statistics["mode"] == "changed rows"
+    assert report.statistics["rows_checked"] == len(ws.manifest("private"))
+    # A relabelled row: its shard's rows are checked, no other split's.
     _edit_manifest(
         data_dir,
         "public",
         lambda f: f.__setitem__("label", [str((int(f["label"][0]) + 1) % 10)] + f["label"].tolist()[1:]),
     )
     report = validate_splits(ws, changed_only=True)
-    assert report.success and report.statistics["rows_checked"] == 1
+    assert report.success and report.statistics["rows_checked"] == len(ws.manifest("public"))
     # An altered summary (someone without the salt), or tombstones rewritten rather than appended: every row.
     import json
 

@@ -2,10 +2,16 @@
 
 Layout written under `data/` (tracked by data.dvc):
 
-    data/<split>/manifest.csv   sample_id, subject_id, label, split, content_hash (sorted by sample_id)
-    data/<split>/images.npy     uint8 (N, H, W), row i belongs to manifest row i
-    data/tombstones.csv         sample_id, content_hash of every forgotten sample
-    data/source.json            where the data came from and how it was split
+    data/<split>/<shard>/manifest.csv   sample_id, subject_id, label, split, content_hash (sorted by sample_id)
+    data/<split>/<shard>/images.npy     uint8 (N, H, W) or (N, H, W, C), row i belongs to manifest row i
+    data/tombstones.csv                 sample_id, content key of every erased or corrected sample
+    data/source.json                    where the data came from, how it was split, shards per split
+
+A split is cut into ceil(samples / data.shard_size) shards when it is first written (counted
+before the suppression list drops anything, so a re-ingestion after erasures cuts it the same
+way); a sample's shard is a hash of its id (workspace.shard_index). An erasure or a correction
+rewrites only the shards that held the sample, each atomically, so its cost (and that of
+hashing the data version and scanning the stores after it) follows the change, not the split.
 
 Everything is a pure function of (source, params), written with byte-deterministic encoders,
 so the committed data.dvc matches what `lmeraser data init` writes on any machine.
@@ -30,7 +36,14 @@ from lmeraser.io import (
     remove_stale_temp_files,
     sha256_bytes,
 )
-from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, TOMBSTONE_COLUMNS, Workspace
+from lmeraser.workspace import (
+    MANIFEST_COLUMNS,
+    SPLITS,
+    TOMBSTONE_COLUMNS,
+    Workspace,
+    shard_index,
+    shard_name,
+)
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -112,10 +125,23 @@ def build_splits(raw: RawDataset, params: DataParams, seed: int) -> dict[str, tu
 
 
 def write_split(directory: Path, manifest: pd.DataFrame, images: np.ndarray) -> None:
+    """One shard's files (or a split's, in the one-directory layout of data written before shards)."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest[MANIFEST_COLUMNS].to_csv(directory / "manifest.csv", index=False, lineterminator="\n")
     with open(directory / "images.npy", "wb") as handle:
         np.save(handle, images, allow_pickle=False)
+
+
+def write_shards(directory: Path, manifest: pd.DataFrame, images: np.ndarray, count: int) -> None:
+    """A split's `count` shards under `directory` (empty ones too: the layout is fixed)."""
+    shards = np.array([shard_index(sid, count) for sid in manifest["sample_id"]], dtype=np.int64)
+    for i in range(count):
+        rows = np.flatnonzero(shards == i)
+        write_split(directory / shard_name(i), manifest.iloc[rows].reset_index(drop=True), images[rows])
+
+
+def shard_count(samples: int, shard_size: int) -> int:
+    return max(1, -(-samples // shard_size))
 
 
 def recover_data(ws: Workspace) -> list[str]:
@@ -123,6 +149,9 @@ def recover_data(ws: Workspace) -> list[str]:
     done = recover_directory(ws.data)
     for split in SPLITS:
         done += recover_directory(ws.split_dir(split))
+        for directory in ws.shard_dirs(split):
+            if directory != ws.split_dir(split):
+                done += recover_directory(directory)
     done += [f"removed the temporary file {ws.relative(p)}" for p in remove_stale_temp_files(ws.data, recursive=True)]
     return done
 
@@ -144,6 +173,8 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     recover_data(ws)
     raw = load_source(params.source, params.image_size)
     splits = build_splits(raw, params, seed)
+    # Counted before the suppression list drops anything: the same source cuts the same shards.
+    shards = {split: shard_count(len(manifest), params.shard_size) for split, (manifest, _) in splits.items()}
     listed = suppression.read(ws)
     corrections = suppression.Corrections.of(ws, listed)  # from data/ as it is, before it is replaced
     suppressed, corrected, replaced = 0, 0, 0
@@ -159,13 +190,14 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
         "image_shape": list(raw.train_images.shape[1:]),
         "num_classes": int(max(raw.train_labels.max(), -1 if raw.test_labels is None else raw.test_labels.max()) + 1),
         "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
+        "shards": shards,
         "suppressed": suppressed,
         "labels_corrected": corrected,
         "images_corrected": replaced,
     }
     with atomic_directory(ws.data) as staging:
         for split, (manifest, images) in splits.items():
-            write_split(staging / split, manifest, images)
+            write_shards(staging / split, manifest, images, shards[split])
         listed.to_csv(staging / "tombstones.csv", index=False, lineterminator="\n")
         info = {k: v for k, v in summary.items() if k not in ("suppressed", "labels_corrected", "images_corrected")}
         (staging / "source.json").write_text(source_json(info))
@@ -206,36 +238,49 @@ def add_tombstones(rows: list[dict], ws: Workspace) -> None:
 def update_sample(
     sample_id: str, split: str, ws: Workspace, label: int | None = None, image: np.ndarray | None = None
 ) -> dict:
-    """Correct one sample's label or pixels in place (atomic split rewrite); returns the old row."""
-    part = ws.split(split)
-    rows = np.flatnonzero(part.manifest["sample_id"].to_numpy() == sample_id)
+    """Correct one sample's label or pixels in place (an atomic rewrite of its shard); returns the old row."""
+    directory = ws.shard_dir_of(split, sample_id)
+    manifest = ws.shard_manifest(directory)
+    images = ws.shard_images(directory, len(manifest))
+    rows = np.flatnonzero(manifest["sample_id"].to_numpy() == sample_id)
     if len(rows) != 1:
         raise DataError(f"sample id {sample_id} is not in data/{split}.")
     row = int(rows[0])
-    old = part.manifest.iloc[row].to_dict()
-    manifest, images = part.manifest.copy(), part.images.copy()
+    old = manifest.iloc[row].to_dict()
+    manifest, images = manifest.copy(), images.copy()
     if label is not None:
         manifest.loc[row, "label"] = int(label)
     if image is not None:
         images[row] = image
         manifest.loc[row, "content_hash"] = content_hash(image)
-    with atomic_directory(ws.split_dir(split)) as staging:
+    with atomic_directory(directory) as staging:
         write_split(staging, manifest, images)
     return old
 
 
 def remove_samples(sample_ids: list[str] | set[str], split: str, ws: Workspace) -> pd.DataFrame:
-    """Delete samples from a split (manifest rows and pixel bytes), atomically; returns the removed rows.
+    """Delete samples from a split (manifest rows and pixel bytes); returns the removed rows.
 
-    The split directory is rebuilt beside the old one and swapped in, so a crash leaves either
-    the old split or the new one.
+    Each shard that held one is rebuilt beside the old one and swapped in (the others are not
+    touched), so a crash leaves every shard either old or new; the batch that called this
+    re-runs it for the samples still present (lmeraser/unlearning/exact.py).
     """
-    wanted = set(sample_ids)
-    part = ws.split(split)
-    hit = part.manifest["sample_id"].isin(wanted).to_numpy()
-    unknown = wanted - set(part.manifest.loc[hit, "sample_id"])
-    if unknown:
-        raise DataError(f"sample id {sorted(unknown)[0]} is not in data/{split}.")
-    with atomic_directory(ws.split_dir(split)) as staging:
-        write_split(staging, part.manifest.loc[~hit].reset_index(drop=True), np.ascontiguousarray(part.images[~hit]))
-    return part.manifest.loc[hit].reset_index(drop=True)
+    by_shard: dict[Path, set[str]] = {}
+    for sid in set(sample_ids):
+        by_shard.setdefault(ws.shard_dir_of(split, sid), set()).add(sid)
+    shards = []
+    for directory, wanted in sorted(by_shard.items()):
+        manifest = ws.shard_manifest(directory)
+        hit = manifest["sample_id"].isin(wanted).to_numpy()
+        unknown = wanted - set(manifest.loc[hit, "sample_id"])
+        if unknown:
+            raise DataError(f"sample id {sorted(unknown)[0]} is not in data/{split}.")
+        shards.append((directory, manifest, hit))
+    removed = []
+    for directory, manifest, hit in shards:  # everything checked before anything is written
+        images = ws.shard_images(directory, len(manifest))
+        with atomic_directory(directory) as staging:
+            write_split(staging, manifest.loc[~hit].reset_index(drop=True), np.ascontiguousarray(images[~hit]))
+        removed.append(manifest.loc[hit])
+    frame = pd.concat(removed, ignore_index=True) if removed else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    return frame.sort_values("sample_id", kind="stable").reset_index(drop=True)

@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 from lmeraser.data.splits import content_hash
+from lmeraser.errors import DataError
 from lmeraser.io import atomic_path, sha256_file
-from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace, image_channels
+from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace, image_channels, shard_index, shard_name
 
 SUITE_NAME = "lmeraser_splits"
 TABLE_COLUMNS = [
@@ -106,12 +107,18 @@ class FactsCache:
 
 
 def split_fingerprints(ws: Workspace) -> dict[str, dict[str, str]]:
-    """split -> sha256 of its manifest.csv and images.npy: what the validation tickets record and
-    the facts cache is keyed by (each file hashed once per validation)."""
-    return {
-        split: {name: sha256_file(ws.split_dir(split) / name) for name in ("manifest.csv", "images.npy")}
-        for split in SPLITS
-    }
+    """split -> sha256 of each of its files (every shard's manifest.csv and images.npy, by path
+    in the split): what the validation tickets record and the facts cache is keyed by (each file
+    hashed once per validation)."""
+    out = {}
+    for split in SPLITS:
+        root = ws.split_dir(split)
+        out[split] = {
+            (directory / name).relative_to(root).as_posix(): sha256_file(directory / name)
+            for directory in ws.shard_dirs(split)
+            for name in ("manifest.csv", "images.npy")
+        }
+    return out
 
 
 def build_table(
@@ -402,13 +409,17 @@ class ChangeSummary:
                 changed = np.zeros(len(m), dtype=bool)
             else:
                 changed = np.array([f not in keyed_before for f in fields], dtype=bool)
+                # Every row of a shard whose files changed, too (a few hundred rows): pixels
+                # rewritten under unchanged manifest fields are checked as well.
+                changed |= _rows_in_changed_shards(ws, split, m, before["sha256"] or {}, fingerprints[split])
             rows = np.flatnonzero(changed)
             if len(rows):
-                images = np.load(ws.split_dir(split) / "images.npy", mmap_mode="r", allow_pickle=False)
-                if len(images) != len(m):
-                    return None
                 frame = m.iloc[rows].reset_index(drop=True)
-                facts = image_facts(np.asarray(images[rows]), frame["content_hash"])
+                try:  # from the shards that hold them only
+                    images = ws.images_of(split, frame["sample_id"].tolist())
+                except DataError:
+                    return None
+                facts = image_facts(images, frame["content_hash"])
                 for name in IMAGE_FACTS:
                     frame[name] = facts[name]
                 frame["suppressed"] = frame["sample_id"].isin(forgotten_ids).to_numpy() | np.array(
@@ -462,3 +473,13 @@ class ChangeSummary:
             },
             fingerprints=fingerprints,
         )
+
+
+def _rows_in_changed_shards(ws: Workspace, split: str, manifest: pd.DataFrame, before: dict, now: dict) -> np.ndarray:
+    """Which rows sit in a shard whose files' sha256 differ from `before` (none in the
+    one-directory layout, whose one "shard" is the split: there, changed fields decide)."""
+    count = ws.shard_count(split)
+    if count is None:
+        return np.zeros(len(manifest), dtype=bool)
+    shards = {key.split("/", 1)[0] for key, sha in now.items() if before.get(key) != sha}
+    return np.array([shard_name(shard_index(sid, count)) in shards for sid in manifest["sample_id"]], dtype=bool)

@@ -212,7 +212,12 @@ def train_from_workspace(root: str, params_file: str, cluster: int, key: str) ->
     ws = Workspace(Path(root), Path(params_file))
     inputs = tuple(
         path.stat().st_mtime_ns
-        for path in (ws.params_file, ws.backbone_weights, ws.assignments_file, ws.split_dir("private") / "images.npy")
+        for path in (
+            ws.params_file,
+            ws.backbone_weights,
+            ws.assignments_file,
+            *(directory / "images.npy" for directory in ws.shard_dirs("private")),
+        )
     )
     training = _plan(str(ws.root), str(ws.params_file), inputs)
     job = next((job for job in training.jobs if job.cluster == cluster), None)

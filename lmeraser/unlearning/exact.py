@@ -240,14 +240,13 @@ class UnlearnBatch:
         supersedes = sorted({e["record"] for rid in ids for e in entries[rid].history if e["state"] == "approximated"})
         samples = {}
         for split in ("public", "private"):
-            part = ws.split(split)
-            for row, sid in enumerate(part.sample_ids):
-                if sid in wanted:
-                    samples[sid] = Sample(
-                        split=split, content_hash=part.manifest["content_hash"][row], label=int(part.labels[row])
-                    )
-                    if sid in to_forget:
-                        self._images[sid] = part.images[row]
+            manifest = ws.manifest(split)
+            found = manifest.loc[manifest["sample_id"].isin(wanted)]
+            for sid, chash, label in zip(found["sample_id"], found["content_hash"], found["label"], strict=True):
+                samples[sid] = Sample(split=split, content_hash=chash, label=int(label))
+            erased = [sid for sid in found["sample_id"] if sid in to_forget]
+            if erased:  # read from their shards only
+                self._images.update(zip(erased, ws.images_of(split, erased), strict=True))
         # The plan: every cluster whose members this batch changes (a label or image "correction"
         # equal to what is there changes nothing), and every cluster a corrected image will be
         # assigned to (an image correction can move a sample to another cluster).
@@ -417,10 +416,10 @@ class UnlearnBatch:
         after the erasure: a batch resumed before its erasure reads them from the data once more."""
         for split in ("public", "private"):
             wanted = [s for s in forgotten if s in samples and samples[s].split == split and s not in self._images]
+            present = set(self.ws.manifest(split)["sample_id"]) if wanted else set()
+            wanted = [s for s in wanted if s in present]
             if wanted:
-                part = self.ws.split(split)
-                row = {sid: i for i, sid in enumerate(part.sample_ids)}
-                self._images.update({s: part.images[row[s]] for s in wanted if s in row})
+                self._images.update(zip(wanted, self.ws.images_of(split, wanted), strict=True))
 
     def _apply(self) -> Applied:
         ws = self.ws
@@ -676,13 +675,10 @@ class UnlearnBatch:
                 held_label = int(manifests[split].iloc[i]["label"])
                 if held_label != label:
                     problems.append(f"sample {sid} has label {held_label} in data/{split}, not the corrected {label}")
-        pixels: dict[str, np.ndarray] = {}  # each split's images read once
         for sid, image in final_image.items():
             if sid in rows:
                 split, i = rows[sid]
-                if split not in pixels:
-                    pixels[split] = ws.split(split).images
-                held = content_hash(pixels[split][i])
+                held = content_hash(ws.images_of(split, [sid])[0])  # from its shard only
                 if held != manifests[split].iloc[i]["content_hash"] or held != content_hash(image):
                     problems.append(f"sample {sid} in data/{split} does not hold its corrected image")
         # The served bits: every served prompt's file hashes to what the record will say, and the
