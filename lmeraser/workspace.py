@@ -22,6 +22,7 @@ registry does not count this module as code a stage's outputs depend on).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -388,14 +389,7 @@ class Workspace:
                 else "run 'lmeraser data init' first"
             )
             raise DataError(f"{path}: not found; {advice}.")
-        try:
-            frame = pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
-        except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-            raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
-        missing = [column for column in MANIFEST_COLUMNS if column not in frame]
-        if missing:
-            raise DataError(f"{path}: not a manifest (no {missing[0]} column); run 'lmeraser data init'.")
-        return frame
+        return _read_manifest(path)[1].copy()
 
     def shard_images(self, directory: Path, rows: int, mmap: bool = False) -> np.ndarray:
         """One shard's pixels, checked to hold `rows` images (its manifest's length)."""
@@ -412,10 +406,21 @@ class Workspace:
 
     def manifest(self, split: str) -> pd.DataFrame:
         """A split's manifest alone (its shards' together, sorted by sample id), without its pixels."""
-        frames = [self.shard_manifest(d) for d in self.shard_dirs(split)]
-        if len(frames) == 1:
-            return frames[0]
-        return _by_sample_id(pd.concat(frames, ignore_index=True))
+        dirs = self.shard_dirs(split)
+        if len(dirs) == 1:
+            return self.shard_manifest(dirs[0])
+        for directory in dirs:  # the one-sentence errors of a missing shard
+            if not (directory / "manifest.csv").exists():
+                self.shard_manifest(directory)
+        read = [_read_manifest(d / "manifest.csv") for d in dirs]
+        key, idents = str(self.split_dir(split)), tuple(ident for ident, _ in read)
+        kept = _SPLIT_MANIFESTS.get(key)
+        if kept is None or kept[0] != idents:
+            kept = (idents, _by_sample_id(pd.concat([frame for _, frame in read], ignore_index=True)))
+            _SPLIT_MANIFESTS[key] = kept
+            while len(_SPLIT_MANIFESTS) > 16:
+                _SPLIT_MANIFESTS.popitem(last=False)
+        return kept[1].copy()
 
     def split(self, name: str) -> Split:
         """A split's manifest and pixels (its shards' together, sorted by sample id), checked
@@ -502,6 +507,35 @@ class Workspace:
 
     def metrics(self) -> dict:
         return _read_json(self.metrics_file, "run `dvc repro` first")
+
+
+_MANIFESTS: collections.OrderedDict[str, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
+_MANIFESTS_KEPT = 4096  # shard manifests parsed in this process (a few hundred rows each)
+_SPLIT_MANIFESTS: collections.OrderedDict[str, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
+
+
+def _read_manifest(path: Path) -> tuple[tuple, pd.DataFrame]:
+    """A manifest file, parsed once per process while its identity (device, inode, size, mtime,
+    ctime, as the scan index keeps it) does not change: a batch and the service read every
+    shard's manifest several times, and an erasure changes one shard. Not to be modified: the
+    Workspace readers hand out copies."""
+    st = path.stat()
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    kept = _MANIFESTS.get(str(path))
+    if kept is not None and kept[0] == ident:
+        _MANIFESTS.move_to_end(str(path))
+        return kept
+    try:
+        frame = pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
+    missing = [column for column in MANIFEST_COLUMNS if column not in frame]
+    if missing:
+        raise DataError(f"{path}: not a manifest (no {missing[0]} column); run 'lmeraser data init'.")
+    _MANIFESTS[str(path)] = (ident, frame)
+    while len(_MANIFESTS) > _MANIFESTS_KEPT:
+        _MANIFESTS.popitem(last=False)
+    return ident, frame
 
 
 def shard_name(index: int) -> str:

@@ -270,3 +270,25 @@ def test_the_change_following_validation_reads_only_the_changed_rows_of_a_sharde
     np.save(shard / "images.npy", images)
     report = validate_splits(ws, changed_only=True)
     assert not report.success and any("hash_matches" in f for f in report.failures)
+
+
+def test_a_manifest_edited_in_place_is_read_again(tmp_path):
+    """Shard manifests are parsed once per process while their identity holds (workspace.py);
+    an edit in place (same size: one label digit for another) changes mtime and ctime, so the next
+    read sees it. The pause crosses the kernel's timestamp tick, as any real edit after a read does."""
+    import time
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(shard_size=100), 0, ws)
+    before = ws.manifest("private")
+    sid = before["sample_id"][0]
+    path = ws.shard_dir_of("private", sid) / "manifest.csv"
+    old = int(before["label"][0])
+    lines = path.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith(sid))
+    lines[row] = lines[row].replace(f",{old},private,", f",{(old + 1) % 10},private,")
+    time.sleep(0.05)
+    path.write_text("\n".join(lines) + "\n")
+    assert int(ws.manifest("private").set_index("sample_id").loc[sid, "label"]) == (old + 1) % 10
+    before.loc[0, "label"] = 99  # a caller's copy: changing it changes nothing kept
+    assert 99 not in set(ws.manifest("private")["label"])
