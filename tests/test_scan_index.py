@@ -128,3 +128,25 @@ def test_without_a_salt_every_file_is_read_and_no_index_is_kept(tmp_path):
     ws = Workspace(tmp_path)
     report = scan(ws, set(), set(), sample_ids=set())
     assert report.index["mode"] == "none" and report.read == report.counts and not ws.scan_index_file.exists()
+
+
+def test_a_sealed_document_is_the_canonical_json_of_its_body_and_mac_and_any_edit_is_caught(tmp_path):
+    """Keyer.seal serialises the body once and unseal checks the MAC over its bytes; both must
+    agree with the plain form (canonical JSON of {"body", "mac"}), and an edit anywhere, a
+    document in another form, another purpose or another salt must not unseal."""
+    import json
+
+    from lmeraser.io import canonical_json
+    from lmeraser.salt import Keyer
+
+    keyer = Keyer(Workspace(tmp_path / "a"))
+    body = {"files": {"x/0001/images.npy": {"keys": ["ab" * 32], "id": [1, 2]}}, "when": 1.5, "text": 'é\u2028,"mac":"'}
+    sealed = keyer.seal("scan-index", body)
+    assert sealed == canonical_json({"body": body, "mac": keyer._seal_mac("scan-index", body)})
+    assert keyer.unseal("scan-index", sealed) == (body, None)
+    pretty = json.dumps(json.loads(sealed), indent=1).encode()  # another form, same content: still valid
+    assert keyer.unseal("scan-index", pretty) == (body, None)
+    assert keyer.unseal("validation-summary", sealed) == (None, "altered")
+    assert Keyer(Workspace(tmp_path / "b")).unseal("scan-index", sealed) == (None, "altered")
+    assert keyer.unseal("scan-index", sealed.replace(b"1.5", b"2.5")) == (None, "altered")
+    assert keyer.unseal("scan-index", sealed[:-1]) == (None, "damaged")
