@@ -123,15 +123,53 @@ class Workspace:
         shards = info.get("shards") if isinstance(info, dict) else None
         if shards is None:
             return None
-        count = shards.get(split) if isinstance(shards, dict) else shards
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise DataError(f"{self.source_info_file}: shards.{split} is {count!r}, not a positive integer.")
+        if not isinstance(shards, dict):
+            raise DataError(f"{self.source_info_file}: shards is {shards!r}, not a count per split.")
+        count = shards.get(split)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_SHARDS:
+            raise DataError(
+                f"{self.source_info_file}: shards.{split} is {count!r}, not a whole number from 1 to {MAX_SHARDS:,}."
+            )
         return count
 
     def shard_dir_of(self, split: str, sample_id: str) -> Path:
         """The shard directory that holds (or would hold) `sample_id` in `split`."""
-        dirs = self.shard_dirs(split)
-        return dirs[shard_index(sample_id, len(dirs))]
+        count = self.shard_count(split)
+        if count is None:
+            return self.split_dir(split)
+        return self.split_dir(split) / shard_name(shard_index(sample_id, count))
+
+    def check_shards(self, split: str) -> list[Path]:
+        """The split's shard directories, checked against what is on disk: a directory
+        `data/source.json` does not count (a copy, a count lowered by hand) or one it counts that
+        is missing is one sentence, before any is read (the temporary directories of an
+        interrupted write, named with a leading dot, are recovery's)."""
+        count = self.shard_count(split)
+        if count is None:
+            return [self.split_dir(split)]
+        root = self.split_dir(split)
+        try:
+            present = {name for name in os.listdir(root) if not name.startswith(".")}
+        except FileNotFoundError:
+            present = set()
+        except OSError as error:
+            raise DataError(f"{root}: cannot be listed ({error.__class__.__name__}).") from None
+        stray = sorted(name for name in present if not _is_shard_name(name, count))
+        if stray:
+            raise DataError(
+                f"{root / stray[0]}: not one of the {count} shards data/source.json names for {split}; "
+                "the data was changed by hand: run 'lmeraser data init'."
+            )
+        if len(present) < count:
+            missing = next(i for i in range(count) if shard_name(i) not in present)
+            interrupted = any(name.startswith(".") for name in os.listdir(root)) if root.is_dir() else False
+            advice = (
+                "run `lmeraser unlearn`: it finishes the interrupted write"
+                if interrupted or list(self.data.glob(".*.*")) or list(self.root.glob(".data.*"))
+                else "run 'lmeraser data init' first"
+            )
+            raise DataError(f"{root / shard_name(missing)}: not found; {advice}.")
+        return [root / shard_name(i) for i in range(count)]
 
     @property
     def source_info_file(self) -> Path:
@@ -389,7 +427,9 @@ class Workspace:
                 else "run 'lmeraser data init' first"
             )
             raise DataError(f"{path}: not found; {advice}.")
-        return _read_manifest(path)[1].copy()
+        count = self.shard_count(directory.parent.name) if directory.parent == self.data else None
+        shard = (int(directory.name), count) if count is not None and _is_shard_name(directory.name, count) else None
+        return _read_manifest(path, shard)[1].copy()
 
     def shard_images(self, directory: Path, rows: int, mmap: bool = False) -> np.ndarray:
         """One shard's pixels, checked to hold `rows` images (its manifest's length)."""
@@ -406,13 +446,14 @@ class Workspace:
 
     def manifest(self, split: str) -> pd.DataFrame:
         """A split's manifest alone (its shards' together, sorted by sample id), without its pixels."""
-        dirs = self.shard_dirs(split)
+        dirs = self.check_shards(split)
         if len(dirs) == 1:
             return self.shard_manifest(dirs[0])
-        for directory in dirs:  # the one-sentence errors of a missing shard
+        for directory in dirs:  # the one-sentence errors of a missing manifest
             if not (directory / "manifest.csv").exists():
                 self.shard_manifest(directory)
-        read = [_read_manifest(d / "manifest.csv") for d in dirs]
+        count = len(dirs)
+        read = [_read_manifest(d / "manifest.csv", (i, count)) for i, d in enumerate(dirs)]
         key, idents = str(self.split_dir(split)), tuple(ident for ident, _ in read)
         kept = _SPLIT_MANIFESTS.get(key)
         if kept is None or kept[0] != idents:
@@ -426,7 +467,7 @@ class Workspace:
         """A split's manifest and pixels (its shards' together, sorted by sample id), checked
         against each other."""
         parts = []
-        for directory in self.shard_dirs(name):
+        for directory in self.check_shards(name):
             manifest = self.shard_manifest(directory)
             parts.append((manifest, self.shard_images(directory, len(manifest))))
         if len(parts) == 1:
@@ -514,25 +555,51 @@ _MANIFESTS_KEPT = 4096  # shard manifests parsed in this process (a few hundred 
 _SPLIT_MANIFESTS: collections.OrderedDict[str, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 
 
-def _read_manifest(path: Path) -> tuple[tuple, pd.DataFrame]:
+MANIFEST_DTYPES = {"sample_id": str, "subject_id": str, "label": "int64", "split": str, "content_hash": str}
+MAX_SHARDS = 1_000_000  # per split
+
+
+def _is_shard_name(name: str, count: int) -> bool:
+    return len(name) >= 4 and name.isdigit() and name == shard_name(int(name)) and int(name) < count
+
+
+def _read_manifest(path: Path, shard: tuple[int, int] | None = None) -> tuple[tuple, pd.DataFrame]:
     """A manifest file, parsed once per process while its identity (device, inode, size, mtime,
     ctime, as the scan index keeps it) does not change: a batch and the service read every
     shard's manifest several times, and an erasure changes one shard. Not to be modified: the
     Workspace readers hand out copies."""
     st = path.stat()
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    kept = _MANIFESTS.get(str(path))
+    key = f"{path}\0{shard}"
+    kept = _MANIFESTS.get(key)
     if kept is not None and kept[0] == ident:
-        _MANIFESTS.move_to_end(str(path))
+        _MANIFESTS.move_to_end(key)
         return kept
     try:
-        frame = pd.read_csv(path, dtype={"sample_id": str, "subject_id": str, "split": str, "content_hash": str})
+        header = pd.read_csv(path, nrows=0).columns
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
-    missing = [column for column in MANIFEST_COLUMNS if column not in frame]
+    missing = [column for column in MANIFEST_COLUMNS if column not in header]
     if missing:
         raise DataError(f"{path}: not a manifest (no {missing[0]} column); run 'lmeraser data init'.")
-    _MANIFESTS[str(path)] = (ident, frame)
+    try:
+        # The types are forced: an empty shard's header-only file must read as the others do.
+        frame = pd.read_csv(path, dtype=MANIFEST_DTYPES)
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(
+            f"{path}: not a manifest (a value of the wrong type, e.g. a label that is not a whole number: "
+            f"{error.__class__.__name__}); run 'lmeraser data init'."
+        ) from None
+    if shard is not None and len(frame):
+        index, count = shard
+        elsewhere = [sid for sid in frame["sample_id"] if shard_index(str(sid), count) != index]
+        if elsewhere:
+            home = shard_name(shard_index(str(elsewhere[0]), count))
+            raise DataError(
+                f"{path}: sample id {elsewhere[0]} belongs in shard {home} (its id's hash), not here; "
+                "the data was changed by hand: run 'lmeraser data init'."
+            )
+    _MANIFESTS[key] = (ident, frame)
     while len(_MANIFESTS) > _MANIFESTS_KEPT:
         _MANIFESTS.popitem(last=False)
     return ident, frame

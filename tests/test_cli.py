@@ -186,3 +186,16 @@ def test_an_idle_unlearn_finishes_an_interrupted_write_as_the_error_advises(tmp_
     assert "recovery: rolled private back" in done.stdout and done.stdout.strip().endswith("no pending requests")
     assert (Workspace(tmp_path).shard_dirs("private")[0] / "manifest.csv").exists()
     assert lmeraser_cli("data", "samples", cwd=tmp_path).returncode == 0
+
+
+def test_a_deleted_shard_is_one_sentence_from_stage_validate(tmp_path):
+    """A stranger deleted data/private/0003: `data samples` said so in one sentence, `stage
+    validate` printed a traceback (the fingerprints hashed the files before any reader ran)."""
+    import shutil
+
+    ws = build_workspace(tmp_path, {**TINY, "data": {**TINY["data"], "shard_size": 20}})
+    shutil.rmtree(ws.shard_dirs("private")[3])
+    done = lmeraser_cli("stage", "validate", cwd=tmp_path)
+    problems = [line for line in done.stderr.splitlines() if line.strip() and " | INFO    | " not in line]  # progress
+    assert done.returncode == 1 and len(problems) == 1, done.stderr
+    assert problems[0].startswith("error: ") and "data/private/0003: not found" in problems[0]

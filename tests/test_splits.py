@@ -215,11 +215,14 @@ def test_a_missing_or_miscounted_shard_is_one_sentence(tmp_path):
     ws = Workspace(tmp_path)
     init_data(DataParams(shard_size=100), 0, ws)
     shutil.rmtree(ws.shard_dirs("private")[1])
+    with pytest.raises(DataError, match=r"data/private/0001: not found; run 'lmeraser data init' first"):
+        ws.split("private")
+    (ws.shard_dirs("private")[1]).mkdir()  # the directory without its files
     with pytest.raises(DataError, match=r"data/private/0001/manifest.csv: not found; run 'lmeraser data init' first"):
         ws.split("private")
     info = ws.source_info()
     ws.source_info_file.write_text(json.dumps({**info, "shards": {**info["shards"], "test": "x"}}))
-    with pytest.raises(DataError, match=r"source.json: shards.test is 'x', not a positive integer"):
+    with pytest.raises(DataError, match=r"source.json: shards.test is 'x', not a whole number from 1 to 1,000,000"):
         ws.manifest("test")
 
 
@@ -292,3 +295,118 @@ def test_a_manifest_edited_in_place_is_read_again(tmp_path):
     assert int(ws.manifest("private").set_index("sample_id").loc[sid, "label"]) == (old + 1) % 10
     before.loc[0, "label"] = 99  # a caller's copy: changing it changes nothing kept
     assert 99 not in set(ws.manifest("private")["label"])
+
+
+# -- a stranger's attack on the shards (each case was a bug) -------------------------------------
+
+
+def test_empty_shards_read_like_the_others_and_pass_validation(tmp_path):
+    """A shard emptied by erasures (or left empty by the hash at ingestion) is a header-only
+    manifest: it must not turn the split's label column into text (validation failed on every
+    row, and a forget that emptied a shard left its batch stuck)."""
+    from lmeraser.data.validation import validate_splits
+    from lmeraser.salt import Keyer
+
+    ws = Workspace(tmp_path)
+    init_data(DataParams(subset=300, shard_size=1), 0, ws)  # one shard per sample: many stay empty
+    assert any(len(ws.shard_manifest(d)) == 0 for d in ws.shard_dirs("private"))
+    Keyer(ws)
+    assert validate_splits(ws).success
+    full = next(d for d in ws.shard_dirs("private") if len(ws.shard_manifest(d)) > 0)
+    remove_samples(ws.shard_manifest(full)["sample_id"].tolist(), "private", ws)  # the erasure empties it
+    assert len(ws.shard_manifest(full)) == 0 and ws.manifest("private")["label"].dtype == np.int64
+    assert validate_splits(ws, changed_only=True).success and validate_splits(ws).success
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    ws = Workspace(tmp_path)
+    init_data(DataParams(subset=300, shard_size=20), 0, ws)
+    return ws
+
+
+def _set_shards(ws, value):
+    import json
+
+    ws.source_info_file.write_text(json.dumps({**ws.source_info(), "shards": value}))
+
+
+def test_a_row_moved_to_another_shard_is_named(sharded):
+    """A row in a shard its id does not hash to could be listed but never erased: refused, naming the file."""
+    from lmeraser.data.validation import validate_splits
+
+    ws = sharded
+    source, target = ws.shard_dirs("private")[:2]
+    manifest, images = ws.shard_manifest(source), np.load(source / "images.npy")
+    moved = ws.shard_manifest(target)
+    splits_module.write_split(
+        target, pd_concat([moved, manifest.iloc[:1]]), np.concatenate([np.load(target / "images.npy"), images[:1]])
+    )
+    splits_module.write_split(source, manifest.iloc[1:].reset_index(drop=True), images[1:])
+    message = rf"{target.name}/manifest.csv: sample id {manifest['sample_id'][0]} belongs in shard {source.name}"
+    with pytest.raises(DataError, match=message):
+        ws.manifest("private")
+    with pytest.raises(DataError, match=message):
+        validate_splits(ws)
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "needle"),
+    [
+        ("extra", r"data/private/9999: not one of the \d+ shards data/source.json names for private"),
+        ("fewer", r"data/private/\d{4}: not one of the \d+ shards data/source.json names for private"),
+        ("scalar", r"source.json: shards is 29, not a count per split"),
+        ("huge", r"source.json: shards.private is 100000000, not a whole number from 1 to 1,000,000"),
+        ("deleted", r"data/private/0003: not found; run 'lmeraser data init' first"),
+    ],
+)
+def test_shard_directories_that_do_not_match_source_json_are_one_sentence(sharded, tamper, needle):
+    """A copied shard directory, a count lowered or set for all splits at once, an absurd count
+    (it hung), a deleted shard: each is one sentence from the readers and from validation, at once."""
+    import shutil
+    import time
+
+    from lmeraser.data.validation import split_fingerprints
+
+    ws = sharded
+    counts = ws.source_info()["shards"]
+    if tamper == "extra":
+        shutil.copytree(ws.shard_dirs("private")[5], ws.split_dir("private") / "9999")
+    elif tamper == "fewer":
+        _set_shards(ws, {**counts, "private": counts["private"] - 1})
+    elif tamper == "scalar":
+        _set_shards(ws, 29)
+    elif tamper == "huge":
+        _set_shards(ws, {**counts, "private": 10**8})
+    else:
+        shutil.rmtree(ws.shard_dirs("private")[3])
+    start = time.monotonic()
+    for read in (lambda: ws.manifest("private"), lambda: ws.split("private"), lambda: split_fingerprints(ws)):
+        with pytest.raises(DataError, match=needle):
+            read()
+    assert time.monotonic() - start < 30
+
+
+def test_a_changed_shard_size_is_noted_until_the_data_is_cut_again(sharded, tmp_path):
+    from lmeraser.config import parse_params
+    from lmeraser.pipeline import validate
+    from lmeraser.salt import Keyer
+
+    from helpers import TINY
+
+    Keyer(sharded)
+    lines = []
+    params = parse_params({**TINY, "data": {**TINY["data"], "subset": 300, "shard_size": 7}})
+    validate.run(params, sharded, log=lines.append)
+    assert any("data/ was cut into shards of 20 samples; data.shard_size 7 takes effect" in line for line in lines)
+    lines.clear()
+    validate.run(
+        parse_params({**TINY, "data": {**TINY["data"], "subset": 300, "shard_size": 20}}), sharded, lines.append
+    )
+    assert not any("shard_size" in line for line in lines)

@@ -38,6 +38,7 @@ from lmeraser.io import (
 )
 from lmeraser.workspace import (
     MANIFEST_COLUMNS,
+    MAX_SHARDS,
     SPLITS,
     TOMBSTONE_COLUMNS,
     Workspace,
@@ -175,6 +176,12 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
     splits = build_splits(raw, params, seed)
     # Counted before the suppression list drops anything: the same source cuts the same shards.
     shards = {split: shard_count(len(manifest), params.shard_size) for split, (manifest, _) in splits.items()}
+    too_many = [split for split, count in shards.items() if count > MAX_SHARDS]
+    if too_many:
+        raise DataError(
+            f"data.shard_size {params.shard_size} would cut data/{too_many[0]} into {shards[too_many[0]]:,} shards; "
+            f"at most {MAX_SHARDS:,} per split: raise data.shard_size in params.yaml."
+        )
     listed = suppression.read(ws)
     corrections = suppression.Corrections.of(ws, listed)  # from data/ as it is, before it is replaced
     suppressed, corrected, replaced = 0, 0, 0
@@ -191,6 +198,7 @@ def init_data(params: DataParams, seed: int, ws: Workspace) -> dict:
         "num_classes": int(max(raw.train_labels.max(), -1 if raw.test_labels is None else raw.test_labels.max()) + 1),
         "counts": {split: len(manifest) for split, (manifest, _) in splits.items()},
         "shards": shards,
+        "shard_size": params.shard_size,
         "suppressed": suppressed,
         "labels_corrected": corrected,
         "images_corrected": replaced,

@@ -113,11 +113,12 @@ def split_fingerprints(ws: Workspace) -> dict[str, dict[str, str]]:
     out = {}
     for split in SPLITS:
         root = ws.split_dir(split)
-        out[split] = {
-            (directory / name).relative_to(root).as_posix(): sha256_file(directory / name)
-            for directory in ws.shard_dirs(split)
-            for name in ("manifest.csv", "images.npy")
-        }
+        ws.manifest(split)  # a missing or stray shard, or a broken manifest, is one sentence before any hashing
+        files = [directory / name for directory in ws.check_shards(split) for name in ("manifest.csv", "images.npy")]
+        for path in files:
+            if not path.is_file():
+                raise DataError(f"{path}: not found or not a file; run 'lmeraser data init'.")
+        out[split] = {path.relative_to(root).as_posix(): sha256_file(path) for path in files}
     return out
 
 

@@ -24,6 +24,12 @@ def run(params: Params, ws: Workspace, log: Callable[[str], None] = print, chang
             ws.validation_ticket(split), {"split": split, "suite": SUITE_NAME, "passed": True, "sha256": files}
         )
     reused = report.statistics["facts_reused"]
+    cut_with = ws.source_info().get("shard_size")
+    if cut_with is not None and cut_with != params.data.shard_size:
+        log(
+            f"note: data/ was cut into shards of {cut_with} samples; data.shard_size {params.data.shard_size} "
+            "takes effect at the next `lmeraser data init` (the same samples, re-cut)"
+        )
     if report.statistics["mode"] == "changed rows":
         log(
             f"validation passed: the {report.statistics['rows_checked']} row(s) that changed, "
