@@ -410,3 +410,28 @@ def test_a_changed_shard_size_is_noted_until_the_data_is_cut_again(sharded, tmp_
         parse_params({**TINY, "data": {**TINY["data"], "subset": 300, "shard_size": 20}}), sharded, lines.append
     )
     assert not any("shard_size" in line for line in lines)
+
+
+def test_an_erasure_alone_checks_its_shard_s_pixels_without_starting_the_suite(sharded):
+    """An erasure changes no row's fields: the rows left in its shard are checked by their content
+    hashes, without Great Expectations (whose start alone cost a forget seconds); a pixel
+    rewritten there is still caught."""
+    from lmeraser.data.validation import validate_splits
+    from lmeraser.salt import Keyer
+
+    ws = sharded
+    Keyer(ws)
+    assert validate_splits(ws).success
+    gone = ws.manifest("private")["sample_id"][4]
+    shard = ws.shard_dir_of("private", gone)
+    remove_samples([gone], "private", ws)
+    report = validate_splits(ws, changed_only=True)
+    assert report.success and report.statistics["rows_checked"] == len(ws.shard_manifest(shard))
+    assert report.statistics["evaluated"] == 2 + len(SPLITS)  # whole-split checks only: no suite ran
+    other = ws.manifest("private")["sample_id"][9]
+    target = ws.shard_dir_of("private", other)
+    manifest, images = ws.shard_manifest(target), np.load(target / "images.npy")
+    images[int(np.flatnonzero(manifest["sample_id"].to_numpy() == other)[0]), 1, 1] ^= 0x0F
+    np.save(target / "images.npy", images)
+    report = validate_splits(ws, changed_only=True)
+    assert not report.success and any("column=hash_matches) failed on 1 row(s)" in f for f in report.failures)
