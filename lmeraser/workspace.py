@@ -427,7 +427,7 @@ class Workspace:
                 else "run 'lmeraser data init' first"
             )
             raise DataError(f"{path}: not found; {advice}.")
-        count = self.shard_count(directory.parent.name) if directory.parent == self.data else None
+        count = self.shard_count(directory.parent.name) if directory.parent.parent == self.data else None
         shard = (int(directory.name), count) if count is not None and _is_shard_name(directory.name, count) else None
         return _read_manifest(path, shard)[1].copy()
 
