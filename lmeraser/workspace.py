@@ -162,13 +162,9 @@ class Workspace:
             )
         if len(present) < count:
             missing = next(i for i in range(count) if shard_name(i) not in present)
-            interrupted = any(name.startswith(".") for name in os.listdir(root)) if root.is_dir() else False
-            advice = (
-                "run `lmeraser unlearn`: it finishes the interrupted write"
-                if interrupted or list(self.data.glob(".*.*")) or list(self.root.glob(".data.*"))
-                else "run 'lmeraser data init' first"
+            raise DataError(
+                f"{root / shard_name(missing)}: not found; {self._missing_advice(root / shard_name(missing))}."
             )
-            raise DataError(f"{root / shard_name(missing)}: not found; {advice}.")
         return [root / shard_name(i) for i in range(count)]
 
     @property
@@ -412,21 +408,25 @@ class Workspace:
     def source_info(self) -> dict:
         return _read_json(self.source_info_file, "run 'lmeraser data init' first")
 
+    def _missing_advice(self, directory: Path) -> str:
+        """What to do about a missing split or shard: finish an interrupted write (its temporary
+        directories, named with a leading dot, are still there) or write the data."""
+        interrupted = (
+            list(directory.parent.glob(f".{directory.name}.*"))
+            + list(self.data.glob(".*.*"))
+            + list(self.root.glob(".data.*"))
+        )
+        return (
+            "run `lmeraser unlearn`: it finishes the interrupted write"
+            if interrupted
+            else "run 'lmeraser data init' first"
+        )
+
     def shard_manifest(self, directory: Path) -> pd.DataFrame:
         """One shard's manifest (a split's directory in the one-directory layout)."""
         path = directory / "manifest.csv"
         if not path.exists():
-            interrupted = (
-                list(directory.parent.glob(f".{directory.name}.*"))
-                + list(self.data.glob(".*.*"))
-                + list(self.root.glob(".data.*"))
-            )
-            advice = (
-                "run `lmeraser unlearn`: it finishes the interrupted write"
-                if interrupted
-                else "run 'lmeraser data init' first"
-            )
-            raise DataError(f"{path}: not found; {advice}.")
+            raise DataError(f"{path}: not found; {self._missing_advice(directory)}.")
         count = self.shard_count(directory.parent.name) if directory.parent.parent == self.data else None
         shard = (int(directory.name), count) if count is not None and _is_shard_name(directory.name, count) else None
         return _read_manifest(path, shard)[1].copy()
