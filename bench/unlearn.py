@@ -5,7 +5,9 @@
 
 In one run, in a scratch git + DVC copy of this repository (bench/results/work-unlearn-*), with
 one standing Prefect server on loopback (as in production):
-  1. the full pipeline from scratch (`dvc repro`: backbone + prototypes + every prompt + evaluation)
+  1. the full pipeline from scratch (`dvc repro`: backbone + prototypes + every prompt + evaluation),
+     then the scheduled full scan a deployment runs (`lmeraser audit scan --full`, timed apart: it
+     keeps the scan index every forget below starts from)
   2. retraining all prompts from scratch (the train stage with an empty artifact store)
   3. one forget end to end in this process (the library: submit + process_pending)
   4. one forget through the CLI as a fresh process (`lmeraser forget --sample-id`), with the
@@ -15,7 +17,10 @@ one standing Prefect server on loopback (as in production):
   7. one forget through a warm `lmeraser serve` (its worker keeps its imports; window 0): the
      round trip from the HTTP submit to the journal's `verified`
 `--audit-references` sets `audit.references` (the forgetting audit's reference prompts, trained at
-capture: 0 turns it off); `--subset` caps the training pool (`data.subset`) for the scaling run.
+capture: 0 turns it off); `--subset` caps the training pool (`data.subset`) for the scaling run;
+`--set KEY=VALUE` overrides any param (e.g. `--set backbone.epochs=1 --set prompt.pad.epochs=2`
+measures a forget's overhead at large sizes in minutes: its accuracy and its ratios to the
+pipeline are then not the preset's, and the results name the overrides).
 and for each forget the affected clusters retrained alone (the physical limit of an exact forget),
 the overhead ratio (end to end / that), samples retrained, accuracy before/after, peak RSS, the
 cache sizes and whether `dvc status` is clean afterwards.
@@ -261,6 +266,11 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
         sizes = members(work)
         n_private = sum(sizes.values())
         accuracy_before = read(work, "metrics.json")["accuracy"]
+        # A deployment's scheduled full scan (`lmeraser serve` runs one every service.full_scan_every_s):
+        # it reads every store once and keeps the index every batch's scan then starts from. Timed
+        # apart, as the one-off it is, so that the forgets below are the steady state.
+        print("[the scheduled full scan: lmeraser audit scan --full]", flush=True)
+        full_scan_seconds, _ = sh([cli_bin, "audit", "scan", "--full"], work, env)
 
         print("[all prompts from scratch]", flush=True)
         from lmeraser.config import load_params
@@ -299,6 +309,7 @@ def run(source: str, batch: int, overrides: dict, name: str, scaling: bool = Fal
                 "n_clusters": len(sizes),
                 "full_pipeline_seconds": full_seconds,
                 "all_prompts_seconds": all_prompts_seconds,
+                "full_scan_seconds": full_scan_seconds,
                 "one_in_process": in_process,
                 "warm_service": warm,
                 **more,
@@ -375,6 +386,7 @@ def markdown(r: dict) -> str:
         "|---|---:|---:|---:|---|---|---:|",
         f"| full pipeline from scratch (`dvc repro`) | {r['full_pipeline_seconds']:.1f} | | | {r['n_private']} (+ backbone) | – → {r['accuracy_full_pipeline']:.4f} | |",
         f"| all prompts from scratch (train stage) | {r['all_prompts_seconds']:.1f} | | | {r['n_private']} | | |",
+        f"| the scheduled full scan (`lmeraser audit scan --full`: keeps the index the forgets below start from) | {r['full_scan_seconds']:.1f} | | | | | |",
         row("one forget, in process (library)", one),
         row("one forget, `lmeraser forget` (standing Prefect server)", cli),
         row("one forget, `lmeraser forget` (no Prefect server)", cold),
@@ -423,11 +435,12 @@ def scaling_markdown(points: list[dict]) -> str:
         "",
         f"{first['machine']['cpu']}, {first['machine']['cores']} cores, {first['date']}; cluster size ~{first['n_private'] // first['n_clusters']}; "
         f"params changed from the preset: {json.dumps({k: v for k, v in first['params_overrides'].items() if k != 'data'})}. "
-        "Overhead = the forget's wall-clock minus its affected cluster retrained alone; the load average (1 min) before each forget shows whether anything shared the cores.",
+        "Overhead = the forget's wall-clock minus its affected cluster retrained alone; the load average (1 min) before each forget shows whether anything shared the cores. "
+        "The scheduled full scan ran once after the pipeline (as `lmeraser serve` runs one on its schedule): every forget's scan starts from its index.",
         "",
-        "| private samples | clusters | full pipeline (s) | all prompts (s) | one forget in process (s) | its cluster alone (s) | overhead (s) | "
+        "| private samples | clusters | full pipeline (s) | all prompts (s) | scheduled full scan (s) | one forget in process (s) | its cluster alone (s) | overhead (s) | "
         "warm service (s) | its cluster alone (s) | overhead (s) | full pipeline / forget | all prompts / forget | load before |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in points:
         one = p["one_in_process"]
@@ -435,7 +448,8 @@ def scaling_markdown(points: list[dict]) -> str:
         warm = min(rounds, key=over)
         loads = [one.get("load_average_before"), *[r.get("load_average_before") for r in rounds]]
         lines.append(
-            f"| {p['n_private']} | {p['n_clusters']} | {p['full_pipeline_seconds']:.0f} | {p['all_prompts_seconds']:.1f} | {one['seconds']:.1f} | "
+            f"| {p['n_private']} | {p['n_clusters']} | {p['full_pipeline_seconds']:.0f} | {p['all_prompts_seconds']:.1f} | "
+            f"{p['full_scan_seconds']:.1f} | {one['seconds']:.1f} | "
             f"{one['retrain_alone_seconds']:.1f} | {over(one):.1f} | {warm['seconds']:.1f} | {warm['retrain_alone_seconds']:.1f} | {over(warm):.1f} | "
             f"{p['full_pipeline_seconds'] / one['seconds']:.0f}× | {p['all_prompts_seconds'] / one['seconds']:.1f}× | "
             + ", ".join(f"{x:.1f}" for x in loads if x is not None)
@@ -460,6 +474,20 @@ def scaling_markdown(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def dotted_override(item: str) -> dict:
+    """`a.b=VALUE` as {"a": {"b": VALUE}} (VALUE read as YAML: 1, 0.5, false, null, text)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SystemExit(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. backbone.epochs=1")
+    override: dict = {}
+    node = override
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return override
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=sorted(CONFIGS), default="digits")
@@ -481,6 +509,14 @@ def main() -> None:
         help="evaluate.baselines: false (the full pipeline then excludes the two comparison models)",
     )
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override (YAML value), e.g. backbone.epochs=1; repeatable. The results name them: "
+        "shorter training changes accuracy and the ratios to the pipeline, not the overhead of a forget",
+    )
+    parser.add_argument(
         "--scaling",
         type=int,
         nargs="+",
@@ -489,6 +525,8 @@ def main() -> None:
         help="the scaling run: one point per data.subset (private = about half), smallest first",
     )
     args = parser.parse_args()
+    from lmeraser.config import deep_merge
+
     overrides = {"service": {"batch_window_s": 0}}  # the warm service starts a batch at once
     if args.audit_references is not None:
         overrides["audit"] = {"references": args.audit_references}
@@ -496,6 +534,8 @@ def main() -> None:
         overrides["data"] = {"subset": args.subset}
     if args.no_baselines:
         overrides["evaluate"] = {"baselines": False}
+    for item in args.set:
+        overrides = deep_merge(overrides, dotted_override(item))
     out = ROOT / "bench" / "results"
     if args.scaling:
         points = []
@@ -503,7 +543,13 @@ def main() -> None:
         for subset in sorted(args.scaling):
             print(f"[scaling point: data.subset {subset}]", flush=True)
             points.append(
-                run(args.source, 0, {**overrides, "data": {"subset": subset}}, f"{name}-{subset}", scaling=True)
+                run(
+                    args.source,
+                    0,
+                    deep_merge(overrides, {"data": {"subset": subset}}),
+                    f"{name}-{subset}",
+                    scaling=True,
+                )
             )
             (out / f"unlearn-{name}.json").write_text(json.dumps(points, indent=2) + "\n")  # each point as it ends
             if not args.keep_workspace:

@@ -429,7 +429,7 @@ class Workspace:
             raise DataError(f"{path}: not found; {self._missing_advice(directory)}.")
         count = self.shard_count(directory.parent.name) if directory.parent.parent == self.data else None
         shard = (int(directory.name), count) if count is not None and _is_shard_name(directory.name, count) else None
-        return _read_manifest(path, shard)[1].copy()
+        return _read_manifest(path, shard)[1].copy(deep=False)  # copy-on-write (pandas 3): edits stay the caller's
 
     def shard_images(self, directory: Path, rows: int, mmap: bool = False) -> np.ndarray:
         """One shard's pixels, checked to hold `rows` images (its manifest's length)."""
@@ -454,14 +454,15 @@ class Workspace:
                 self.shard_manifest(directory)
         count = len(dirs)
         read = [_read_manifest(d / "manifest.csv", (i, count)) for i, d in enumerate(dirs)]
-        key, idents = str(self.split_dir(split)), tuple(ident for ident, _ in read)
+        idents = tuple(ident for ident, _ in read)
+        key = idents[0][:2]  # the split's first shard file, however the workspace's path is written
         kept = _SPLIT_MANIFESTS.get(key)
         if kept is None or kept[0] != idents:
             kept = (idents, _by_sample_id(pd.concat([frame for _, frame in read], ignore_index=True)))
             _SPLIT_MANIFESTS[key] = kept
             while len(_SPLIT_MANIFESTS) > 16:
                 _SPLIT_MANIFESTS.popitem(last=False)
-        return kept[1].copy()
+        return kept[1].copy(deep=False)
 
     def split(self, name: str) -> Split:
         """A split's manifest and pixels (its shards' together, sorted by sample id), checked
@@ -486,7 +487,7 @@ class Workspace:
         for directory, positions in by_shard.items():
             manifest = self.shard_manifest(directory)
             images = self.shard_images(directory, len(manifest), mmap=True)
-            row = {sid: i for i, sid in enumerate(manifest["sample_id"])}
+            row = {sid: i for i, sid in enumerate(manifest["sample_id"].tolist())}
             wanted = [sample_ids[p] for p in positions]
             missing = [sid for sid in wanted if sid not in row]
             if missing:
@@ -528,7 +529,7 @@ class Workspace:
 
     def cluster_of(self) -> dict[str, int]:
         frame = self.assignments()
-        return dict(zip(frame["sample_id"], frame["cluster"].astype(int)))
+        return dict(zip(frame["sample_id"].tolist(), frame["cluster"].astype(int).tolist()))
 
     def prompt_index(self) -> PromptIndex:
         return PromptIndex.from_json(_read_json(self.prompt_index_file, "run the train stage first"))
@@ -550,9 +551,9 @@ class Workspace:
         return _read_json(self.metrics_file, "run `dvc repro` first")
 
 
-_MANIFESTS: collections.OrderedDict[str, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
+_MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 _MANIFESTS_KEPT = 4096  # shard manifests parsed in this process (a few hundred rows each)
-_SPLIT_MANIFESTS: collections.OrderedDict[str, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
+_SPLIT_MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 
 
 MANIFEST_DTYPES = {"sample_id": str, "subject_id": str, "label": "int64", "split": str, "content_hash": str}
@@ -570,29 +571,31 @@ def _read_manifest(path: Path, shard: tuple[int, int] | None = None) -> tuple[tu
     Workspace readers hand out copies."""
     st = path.stat()
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    key = f"{path}\0{shard}"
+    key = (st.st_dev, st.st_ino, shard)  # the file, however it is named (a batch resolves the workspace's path)
     kept = _MANIFESTS.get(key)
     if kept is not None and kept[0] == ident:
         _MANIFESTS.move_to_end(key)
         return kept
     try:
-        header = pd.read_csv(path, nrows=0).columns
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
+        # The types are forced: an empty shard's header-only file must read as the others do.
+        frame = pd.read_csv(path, dtype=MANIFEST_DTYPES)
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError):
+        frame = None  # which of the reasons below, in that order (one parse in the usual case)
+    header = frame.columns if frame is not None else _manifest_header(path)
     missing = [column for column in MANIFEST_COLUMNS if column not in header]
     if missing:
         raise DataError(f"{path}: not a manifest (no {missing[0]} column); run 'lmeraser data init'.")
-    try:
-        # The types are forced: an empty shard's header-only file must read as the others do.
-        frame = pd.read_csv(path, dtype=MANIFEST_DTYPES)
-    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
-        raise DataError(
-            f"{path}: not a manifest (a value of the wrong type, e.g. a label that is not a whole number: "
-            f"{error.__class__.__name__}); run 'lmeraser data init'."
-        ) from None
+    if frame is None:
+        try:
+            frame = pd.read_csv(path, dtype=MANIFEST_DTYPES)
+        except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as error:
+            raise DataError(
+                f"{path}: not a manifest (a value of the wrong type, e.g. a label that is not a whole number: "
+                f"{error.__class__.__name__}); run 'lmeraser data init'."
+            ) from None
     if shard is not None and len(frame):
         index, count = shard
-        elsewhere = [sid for sid in frame["sample_id"] if shard_index(str(sid), count) != index]
+        elsewhere = [sid for sid in frame["sample_id"].tolist() if shard_index(str(sid), count) != index]
         if elsewhere:
             home = shard_name(shard_index(str(elsewhere[0]), count))
             raise DataError(
@@ -603,6 +606,13 @@ def _read_manifest(path: Path, shard: tuple[int, int] | None = None) -> tuple[tu
     while len(_MANIFESTS) > _MANIFESTS_KEPT:
         _MANIFESTS.popitem(last=False)
     return ident, frame
+
+
+def _manifest_header(path: Path) -> pd.Index:
+    try:
+        return pd.read_csv(path, nrows=0).columns
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{path}: not a manifest ({error.__class__.__name__}); run 'lmeraser data init'.") from None
 
 
 def shard_name(index: int) -> str:

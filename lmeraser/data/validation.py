@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,19 +107,42 @@ class FactsCache:
             np.savez(handle, key=np.array(self.keys[split]), **{name: np.asarray(facts[name]) for name in IMAGE_FACTS})
 
 
-def split_fingerprints(ws: Workspace) -> dict[str, dict[str, str]]:
+def split_fingerprints(
+    ws: Workspace, known: dict[str, dict[str, list]] | None = None, identities: dict | None = None
+) -> dict[str, dict[str, str]]:
     """split -> sha256 of each of its files (every shard's manifest.csv and images.npy, by path
     in the split): what the validation tickets record and the facts cache is keyed by (each file
-    hashed once per validation)."""
+    hashed once per validation).
+
+    Args:
+        ws: the workspace whose splits are fingerprinted.
+        known: split -> path -> [device, inode, size, mtime, ctime, sha256] that an authenticated summary kept: a file
+            whose identity is unchanged is not read again (a write changes its ctime, which no user-space call sets
+            back; the scan index relies on the same), so a batch hashes the shards it changed, not the data.
+        identities: filled with the same form for every file, for the next summary.
+    """
+    from lmeraser.audit.scan_index import identity
+
     out = {}
     for split in SPLITS:
         root = ws.split_dir(split)
         ws.manifest(split)  # a missing or stray shard, or a broken manifest, is one sentence before any hashing
         files = [directory / name for directory in ws.check_shards(split) for name in ("manifest.csv", "images.npy")]
+        kept = (known or {}).get(split) or {}
+        out[split], seen = {}, {}
         for path in files:
-            if not path.is_file():
+            try:
+                st = path.stat()
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
                 raise DataError(f"{path}: not found or not a file; run 'lmeraser data init'.")
-        out[split] = {path.relative_to(root).as_posix(): sha256_file(path) for path in files}
+            rel, ident = path.relative_to(root).as_posix(), identity(st)
+            before = kept.get(rel)
+            sha = before[-1] if isinstance(before, list) and before[:-1] == ident else sha256_file(path)
+            out[split][rel], seen[rel] = sha, [*ident, sha]
+        if identities is not None:
+            identities[split] = seen
     return out
 
 
@@ -151,7 +175,7 @@ def build_table(
         # Erased ids and contents, compared by keyed hash: the suite (and its data docs) names no
         # forgotten id or hash, only that no row is one.
         frame["suppressed"] = frame["sample_id"].isin(forgotten_ids).to_numpy() | np.array(
-            [keyer is not None and keyer.content(h) in keys for h in frame["content_hash"]], dtype=bool
+            [keyer is not None and keyer.content(h) in keys for h in frame["content_hash"].tolist()], dtype=bool
         )
         frames.append(frame)
     return pd.concat(frames, ignore_index=True), reused
@@ -222,19 +246,20 @@ def validate_splits(ws: Workspace, reuse_facts: bool = True, changed_only: bool 
     unlearning batch's rebuild), only the rows that changed since the last validation are checked,
     against the summary it kept (ChangeSummary), when that summary is usable; else every row."""
     info = ws.source_info()
-    fingerprints = split_fingerprints(ws)
     summary = ChangeSummary.load(ws) if changed_only else None
+    identities: dict = {}
+    fingerprints = split_fingerprints(ws, summary.body.get("files") if summary else None, identities)
     if summary is not None:
         report = summary.validate_changes(ws, info, fingerprints)
         if report is not None:
             if report.success:
-                ChangeSummary.save(ws, fingerprints, previous=summary)
+                ChangeSummary.save(ws, fingerprints, identities, previous=summary)
             return report
     table, reused = build_table(ws, cache=FactsCache(ws, fingerprints) if reuse_facts else None)
     results, docs_index = _run_suite(ws, table, info, coverage=True, docs=True)
     failures = [_describe_failure(r) for r in results if not r.success]
     if not failures:
-        ChangeSummary.save(ws, fingerprints)
+        ChangeSummary.save(ws, fingerprints, identities)
     return ValidationReport(
         success=not failures,
         failures=failures,
@@ -296,12 +321,14 @@ def _run_suite(ws: Workspace, table: pd.DataFrame, info: dict, coverage: bool, d
 # -- validation that follows the change ----------------------------------------------------------
 
 
-def _keyer(ws: Workspace):
+def _keyer(ws: Workspace, create: bool = False):
+    """The workspace's salt, or None (missing, or unsound: then the whole suite runs, and the
+    batch's own checks say what is wrong with it)."""
     from lmeraser.errors import DataError
     from lmeraser.salt import Keyer
 
     try:
-        return Keyer(ws, create=False)
+        return Keyer(ws, create=create)
     except DataError:
         return None
 
@@ -345,13 +372,27 @@ class ChangeSummary:
 
     @classmethod
     def save(
-        cls, ws: Workspace, fingerprints: dict[str, dict[str, str]], previous: ChangeSummary | None = None
+        cls,
+        ws: Workspace,
+        fingerprints: dict[str, dict[str, str]],
+        identities: dict[str, dict[str, list]],
+        previous: ChangeSummary | None = None,
     ) -> None:
         """Keep what this passing validation saw; content keys of rows the last summary knew are
-        reused, so only changed rows are keyed again."""
+        reused, so only changed rows are keyed again.
+
+        Args:
+            ws: the workspace.
+            fingerprints: what `split_fingerprints` gave for this validation.
+            identities: the split files' identities and sha256 as `split_fingerprints` filled them (the next
+                change-following validation hashes only files whose identity changed).
+            previous: the summary this validation followed, if any.
+        """
         from lmeraser.io import atomic_write_bytes
 
-        keyer = _keyer(ws)
+        # The salt is made here if the workspace never had one (as it is at the first keyed hash):
+        # without a summary, the first erasure after `dvc repro` would check every row again.
+        keyer = _keyer(ws, create=True)
         if keyer is None:
             return
         previous = previous or cls.load(ws)
@@ -364,7 +405,11 @@ class ChangeSummary:
             rows = [
                 [sid, subject, int(label), h, known.get(h) or keyer.content(h)]
                 for sid, subject, label, h in zip(
-                    m["sample_id"], m["subject_id"], m["label"], m["content_hash"], strict=True
+                    m["sample_id"].tolist(),
+                    m["subject_id"].tolist(),
+                    m["label"].tolist(),
+                    m["content_hash"].tolist(),
+                    strict=True,
                 )
             ]
             splits[split] = {"sha256": fingerprints[split], "rows": rows}
@@ -377,6 +422,7 @@ class ChangeSummary:
                 "rows": len(ws.tombstones()),
             },
             "splits": splits,
+            "files": identities,
         }
         path = cls.path(ws)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +451,15 @@ class ChangeSummary:
             m = manifests[split]
             before = self.body["splits"].get(split) or {"sha256": None, "rows": []}
             keyed_before = {(r[0], r[1], r[2], r[3]): r[4] for r in before["rows"]}
-            fields = list(zip(m["sample_id"], m["subject_id"], m["label"].astype(int), m["content_hash"], strict=True))
+            fields = list(
+                zip(
+                    m["sample_id"].tolist(),
+                    m["subject_id"].tolist(),
+                    m["label"].astype(int).tolist(),
+                    m["content_hash"].tolist(),
+                    strict=True,
+                )
+            )
             if before["sha256"] == fingerprints[split]:
                 changed = np.zeros(len(m), dtype=bool)
             else:
@@ -441,7 +495,7 @@ class ChangeSummary:
                 for name in IMAGE_FACTS:
                     frame[name] = facts[name]
                 frame["suppressed"] = frame["sample_id"].isin(forgotten_ids).to_numpy() | np.array(
-                    [keyer.content(h) in erased_keys for h in frame["content_hash"]], dtype=bool
+                    [keyer.content(h) in erased_keys for h in frame["content_hash"].tolist()], dtype=bool
                 )
                 frames.append(frame)
                 changed_rows += len(rows)

@@ -111,7 +111,9 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
         rows = np.flatnonzero(clusters == cluster)  # the manifest is sorted by sample id, so rows are too
         members = private.manifest.iloc[rows]
         seed = cluster_seed(params.seed, int(cluster))
-        digest = members_digest(members["sample_id"], members["content_hash"], members["label"])
+        digest = members_digest(
+            members["sample_id"].tolist(), members["content_hash"].tolist(), members["label"].tolist()
+        )
         jobs.append(ClusterJob(int(cluster), rows, artifact_key(shared, digest, seed), seed))
     return TrainingPlan(trainer, jobs, shared)
 

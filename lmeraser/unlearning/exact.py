@@ -627,9 +627,23 @@ class UnlearnBatch:
         ws, capture, rebuild = self.ws, self.capture, self.rebuilt
         problems = []
         manifests = {split: ws.manifest(split) for split in ("public", "private", "test")}
-        rows = {sid: (split, i) for split, frame in manifests.items() for i, sid in enumerate(frame["sample_id"])}
+        rows = {
+            sid: (split, i) for split, frame in manifests.items() for i, sid in enumerate(frame["sample_id"].tolist())
+        }
         keyer = Keyer(ws, create=False)
-        present_keys = {keyer.content(h) for frame in manifests.values() for h in frame["content_hash"]}
+        present = {h for frame in manifests.values() for h in frame["content_hash"].tolist()}
+        keyed_present: set[str] = set()
+
+        def content_present(sid: str, key: str) -> bool:
+            """Whether data/ holds the content keyed `key` (sample `sid`'s, erased): from the
+            content hash the batch captured, when it keys to `key`, without keying every row."""
+            sample = capture.samples.get(sid)
+            if sample is not None and keyer.content(sample.content_hash) == key:
+                return sample.content_hash in present
+            if not keyed_present:  # erased by an earlier batch: every row's content keyed, once
+                keyed_present.update(keyer.content(h) for h in present)
+            return key in keyed_present
+
         listed = suppression.read(ws)
         erased_key = dict(
             zip(
@@ -644,7 +658,7 @@ class UnlearnBatch:
                 for sid in request.sample_ids:
                     if sid in rows:
                         problems.append(f"request {rid}: sample {sid} is still in data/{rows[sid][0]}")
-                    elif erased_key.get(sid) in present_keys:
+                    elif sid in erased_key and content_present(sid, erased_key[sid]):
                         problems.append(
                             f"request {rid}: the content of sample {sid} is still in data/ under another id"
                         )
@@ -659,7 +673,7 @@ class UnlearnBatch:
                             f"request {rid}: sample {sid}, said to be forgotten already, "
                             f"has no erasure in {ws.suppression_file.name}"
                         )
-                    elif erased_key[sid] in present_keys:
+                    elif content_present(sid, erased_key[sid]):
                         problems.append(
                             f"request {rid}: the content of sample {sid}, said to be forgotten already, is in data/"
                         )
