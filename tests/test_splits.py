@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -295,6 +297,36 @@ def test_a_manifest_edited_in_place_is_read_again(tmp_path):
     assert int(ws.manifest("private").set_index("sample_id").loc[sid, "label"]) == (old + 1) % 10
     before.loc[0, "label"] = 99  # a caller's copy: changing it changes nothing kept
     assert 99 not in set(ws.manifest("private")["label"])
+
+
+def test_a_manifest_is_parsed_once_whatever_path_names_the_workspace(tmp_path, monkeypatch):
+    """An unlearning batch resolves the workspace's path (its stages run with absolute paths), so
+    the manifest cache is keyed by the file (device, inode), not by its name: the batch's reads
+    after the CLI's relative ones parse nothing again, and after an erasure only its shard."""
+    import contextlib
+
+    import pandas as pd
+
+    import lmeraser.workspace as workspace_module
+
+    init_data(DataParams(subset=300, shard_size=20), 0, Workspace(tmp_path))
+    parsed = []
+    real = pd.read_csv
+    monkeypatch.setattr(workspace_module.pd, "read_csv", lambda path, **kw: parsed.append(path) or real(path, **kw))
+    with contextlib.chdir(tmp_path):
+        relative = Workspace(Path("."))
+        first = relative.manifest("private")
+        count = len(relative.shard_dirs("private"))
+        assert len(parsed) == count > 1
+        absolute = Workspace(tmp_path.resolve())
+        assert absolute.manifest("private").equals(first) and len(parsed) == count  # no parse again
+        victim = first["sample_id"][3]
+        parsed.clear()
+        remove_samples([victim], "private", absolute)
+        after = relative.manifest("private")
+        assert victim not in set(after["sample_id"]) and len(after) == len(first) - 1
+        shard = (absolute.shard_dir_of("private", victim) / "manifest.csv").resolve()
+        assert {Path(path).resolve() for path in parsed} == {shard}  # the rewritten shard alone
 
 
 # -- a stranger's attack on the shards (each case was a bug) -------------------------------------
