@@ -8,12 +8,19 @@ computed in the same batching whatever the cache holds, and a row's features do 
 other rows of its batch (tests/test_feature_cache.py checks both on the machine it runs on), so
 assignments from cached features are bit-identical to a pass from scratch.
 
-The cache is data derived from people's samples: it is rewritten to hold the current private
-split's contents only (every `assign` drops the rows of removed or replaced content), the purge
-step of a batch drops erased contents again whatever ran before it, and `audit scan` reads the
-content hashes it holds. It lives in `artifacts/cache/` (not versioned; safetensors, never a
-pickle; written atomically); a cache that is missing, unreadable or made for another backbone is
-ignored and rewritten.
+The cache follows the split's shards (lmeraser/workspace.py): one file per shard,
+`artifacts/cache/private-features/<shard>.safetensors`, holding that shard's contents in its
+manifest's order. An erasure rewrites one data shard, so `assign` rewrites one cache file and reads
+the pixels of no other shard; the scan reads that file again and no other (the one-file cache of
+before grew every forget's cost with the data: 12 MB written, read back and keyed at 30,000
+private samples).
+
+The cache is data derived from people's samples: each file is rewritten to hold its shard's
+current contents only (every `assign` drops the rows of removed or replaced content, and the files
+of shards that no longer exist), the purge step of a batch drops erased contents again whatever ran
+before it, and `audit scan` reads the content hashes each file holds. It lives in
+`artifacts/cache/` (not versioned; safetensors, never a pickle; written atomically); a file that is
+missing, unreadable or made for another backbone is ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from lmeraser.errors import LmeraserError
 from lmeraser.io import atomic_path
 from lmeraser.workspace import BackboneMeta, Workspace
 
@@ -74,37 +82,94 @@ def _write(path: Path, identity: dict, content_hashes: list[str], features: np.n
         save_file(tensors, str(tmp), metadata={"kind": KIND, "identity": json.dumps(identity, sort_keys=True)})
 
 
-def private_features(
-    ws: Workspace, backbone, meta: BackboneMeta, images: np.ndarray, content_hashes: list[str]
-) -> tuple[np.ndarray, int]:
-    """Features of the private split (rows of `images`) under `backbone` (a torch module), and how
-    many were computed rather than read from the cache. Leaves the cache holding exactly these
-    contents."""
+def shard_file(ws: Workspace, directory: Path) -> Path:
+    """The cache file of the private split's shard `directory`."""
+    return ws.feature_cache_dir / f"{directory.name}.safetensors"
+
+
+def private_features(ws: Workspace, backbone, meta: BackboneMeta) -> tuple[np.ndarray, int]:
+    """Features of the private split (in the order of `ws.manifest("private")`: by sample id)
+    under `backbone` (a torch module), and how many were computed rather than read from the cache.
+    Leaves each shard's cache file holding exactly that shard's contents; a shard whose file
+    already does is neither read for pixels nor written."""
     # torch and timm only here: `audit scan` reads caches through `read` without them.
     from lmeraser.models.backbone import image_features
 
     identity = _identity(meta)
-    cached = read(ws.feature_cache_file)
-    known = {h: row for row, h in enumerate(cached[1])} if cached is not None and cached[0] == identity else {}
-    hits = [i for i, h in enumerate(content_hashes) if h in known]
-    missing = [i for i, h in enumerate(content_hashes) if h not in known]
-    computed = image_features(backbone, meta, images[missing])  # (0, D) when nothing is missing
-    features = np.zeros((len(content_hashes), computed.shape[1]), np.float32)
-    features[missing] = computed
-    if hits:
-        features[hits] = cached[2][[known[content_hashes[i]] for i in hits]]
-    _write(ws.feature_cache_file, identity, content_hashes, features)
-    return features, len(missing)
+    blocks, ids, computed, kept = [], [], 0, set()
+    for directory in ws.check_shards("private"):
+        manifest = ws.shard_manifest(directory)
+        hashes = manifest["content_hash"].tolist()
+        path = shard_file(ws, directory)
+        kept.add(path.name)
+        cached = read(path)
+        cached = cached if cached is not None and cached[0] == identity else None
+        if cached is not None and cached[1] == hashes:
+            features = cached[2]
+        else:
+            known = {h: row for row, h in enumerate(cached[1])} if cached is not None else {}
+            missing = [i for i, h in enumerate(hashes) if h not in known]
+            if missing or cached is None:  # pixels only for what the cache lacks ((0, D) for an empty shard)
+                images = ws.shard_images(directory, len(manifest), mmap=True)
+                fresh = image_features(backbone, meta, np.ascontiguousarray(images[missing]))
+            else:
+                fresh = np.zeros((0, cached[2].shape[1]), np.float32)
+            features = np.zeros((len(hashes), fresh.shape[1]), np.float32)
+            features[missing] = fresh
+            hits = [i for i, h in enumerate(hashes) if h in known]
+            if hits:
+                features[hits] = cached[2][[known[hashes[i]] for i in hits]]
+            _write(path, identity, hashes, features)
+            computed += len(missing)
+        blocks.append(features)
+        ids.extend(manifest["sample_id"].tolist())
+    # Files of shards that are gone (the data cut again) and the one-file cache of before.
+    for stale in [p for p in _cache_files(ws) if p.parent != ws.feature_cache_dir or p.name not in kept]:
+        stale.unlink(missing_ok=True)
+    order = np.argsort(np.array(ids, dtype=object), kind="stable")  # as Workspace.manifest sorts
+    if [ids[i] for i in order] != ws.manifest("private")["sample_id"].tolist():
+        raise LmeraserError("the private split's shards and its manifest disagree; run 'lmeraser data init'.")
+    return np.concatenate(blocks)[order], computed
+
+
+def _cache_files(ws: Workspace) -> list[Path]:
+    files = sorted(ws.feature_cache_dir.glob("*.safetensors")) if ws.feature_cache_dir.is_dir() else []
+    return files + ([ws.legacy_feature_cache_file] if ws.legacy_feature_cache_file.exists() else [])
+
+
+def read_all(ws: Workspace) -> tuple[dict, list[str], np.ndarray] | None:
+    """(identity, content hashes, features) of the whole private split's cache, in the split's
+    order (by sample id), or None when a shard's file is missing, unreadable, of another identity
+    or not its shard's contents (then `assign` recomputes what it lacks)."""
+    identities, ids, contents, blocks = [], [], [], []
+    for directory in ws.check_shards("private"):
+        manifest = ws.shard_manifest(directory)
+        cached = read(shard_file(ws, directory))
+        if cached is None or cached[1] != manifest["content_hash"].tolist():
+            return None
+        identities.append(cached[0])
+        ids.extend(manifest["sample_id"].tolist())
+        contents.extend(cached[1])
+        blocks.append(cached[2])
+    if not blocks or any(identity != identities[0] for identity in identities):
+        return None
+    order = np.argsort(np.array(ids, dtype=object), kind="stable")
+    return identities[0], [contents[i] for i in order], np.concatenate(blocks)[order]
 
 
 def drop_contents(ws: Workspace, keyed: set[str], key: Callable[[str], str]) -> int:
-    """Remove the rows whose content hash, keyed by `key` (the workspace salt's
-    `Keyer.content`), is in `keyed` (what a batch erased); the number removed."""
-    cached = read(ws.feature_cache_file)
-    if cached is None or not keyed:
+    """Remove, from every cache file, the rows whose content hash, keyed by `key` (the workspace
+    salt's `Keyer.content`), is in `keyed` (what a batch erased); the number removed."""
+    if not keyed:
         return 0
-    identity, contents, features = cached
-    keep = [i for i, h in enumerate(contents) if key(h) not in keyed]
-    if len(keep) < len(contents):
-        _write(ws.feature_cache_file, identity, [contents[i] for i in keep], features[keep])
-    return len(contents) - len(keep)
+    removed = 0
+    for path in _cache_files(ws):
+        cached = read(path)
+        if cached is None:
+            continue
+        identity, contents, features = cached
+        keep = [i for i, h in enumerate(contents) if key(h) not in keyed]
+        if len(keep) < len(contents):
+            _write(path, identity, [contents[i] for i in keep], features[keep])
+            removed += len(contents) - len(keep)
+    return removed

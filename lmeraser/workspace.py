@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,8 +235,14 @@ class Workspace:
         return self.artifacts / "cache" / "test-scores.safetensors"
 
     @property
-    def feature_cache_file(self) -> Path:
-        """The private split's backbone features by content (lmeraser/feature_cache.py); not versioned."""
+    def feature_cache_dir(self) -> Path:
+        """The private split's backbone features by content, one file per shard of the split
+        (lmeraser/feature_cache.py); not versioned."""
+        return self.artifacts / "cache" / "private-features"
+
+    @property
+    def legacy_feature_cache_file(self) -> Path:
+        """The one-file feature cache written before it followed the shards (removed on sight)."""
         return self.artifacts / "cache" / "private-features.safetensors"
 
     @property
@@ -552,6 +559,7 @@ class Workspace:
 
 
 _MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
+_MANIFESTS_LOCK = threading.Lock()
 _MANIFESTS_KEPT = 4096  # shard manifests parsed in this process (a few hundred rows each)
 _SPLIT_MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 
@@ -572,10 +580,11 @@ def _read_manifest(path: Path, shard: tuple[int, int] | None = None) -> tuple[tu
     st = path.stat()
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     key = (st.st_dev, st.st_ino, shard)  # the file, however it is named (a batch resolves the workspace's path)
-    kept = _MANIFESTS.get(key)
-    if kept is not None and kept[0] == ident:
-        _MANIFESTS.move_to_end(key)
-        return kept
+    with _MANIFESTS_LOCK:  # clusters train in threads, each reading its members' shards
+        kept = _MANIFESTS.get(key)
+        if kept is not None and kept[0] == ident:
+            _MANIFESTS.move_to_end(key)
+            return kept
     try:
         # The types are forced: an empty shard's header-only file must read as the others do.
         frame = pd.read_csv(path, dtype=MANIFEST_DTYPES)
@@ -602,9 +611,10 @@ def _read_manifest(path: Path, shard: tuple[int, int] | None = None) -> tuple[tu
                 f"{path}: sample id {elsewhere[0]} belongs in shard {home} (its id's hash), not here; "
                 "the data was changed by hand: run 'lmeraser data init'."
             )
-    _MANIFESTS[key] = (ident, frame)
-    while len(_MANIFESTS) > _MANIFESTS_KEPT:
-        _MANIFESTS.popitem(last=False)
+    with _MANIFESTS_LOCK:
+        _MANIFESTS[key] = (ident, frame)
+        while len(_MANIFESTS) > _MANIFESTS_KEPT:
+            _MANIFESTS.popitem(last=False)
     return ident, frame
 
 
@@ -646,6 +656,23 @@ class Split:
     @property
     def sample_ids(self) -> list[str]:
         return self.manifest["sample_id"].tolist()
+
+
+@dataclass(frozen=True)
+class SplitPixels:
+    """A split's pixels read on demand by row of its manifest (sorted by sample id): a cluster's
+    training reads its members from the shards that hold them (memory-mapped), not the whole split
+    into memory; the rows come back in the order asked, with the same bytes as `Workspace.split`."""
+
+    ws: Workspace
+    split: str
+    sample_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.ws.images_of(self.split, [self.sample_ids[int(row)] for row in np.asarray(rows).ravel()])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from lmeraser.config import PromptParams, parse_params
 from lmeraser.config import deep_merge as merge
 from lmeraser.determinism import deterministic
 from lmeraser.errors import ConfigError
-from lmeraser.feature_cache import read as read_feature_cache
+from lmeraser.feature_cache import read_all as read_feature_cache
 from lmeraser.fingerprint import fingerprint
 from lmeraser.fingerprint import identity as fingerprint_identity
 from lmeraser.inference import ServingModel
@@ -95,7 +95,7 @@ def test_a_workspace_records_its_compute_and_keys_its_artifacts_by_it(trained_wo
     assert meta["device"] == "cpu" and meta["precision"] == "float32" and meta["origin"]["compute"] == identity
     assert meta["numerics"] == "portable" and meta["fingerprint"] == identity["fingerprint"]
     assert read_json(ws.prompt_index_file)["key_inputs"]["compute"] == identity
-    assert read_feature_cache(ws.feature_cache_file)[0]["compute"] == identity
+    assert read_feature_cache(ws)[0]["compute"] == identity
     assert ws.prototypes_meta()["faiss"] == "cpu"  # faiss-cpu here: no GPU build, no GPU
 
 
@@ -126,7 +126,7 @@ def test_a_bf16_workspace_computes_every_pass_in_bf16(tmp_path, trained_workspac
     assert read_json(ws.prompt_index_file)["key_inputs"]["compute"]["precision"] == "bf16"
     backbone, _ = load_backbone(ws)
     private = ws.split("private")
-    identity, contents, cached = read_feature_cache(ws.feature_cache_file)
+    identity, contents, cached = read_feature_cache(ws)
     assert identity["compute"]["precision"] == "bf16"
     assert cached.tobytes() == image_features(backbone, meta, private.images).tobytes()
     with deterministic(1):

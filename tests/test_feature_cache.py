@@ -13,7 +13,7 @@ from lmeraser.audit.scan import scan
 from lmeraser.config import load_params
 from lmeraser.data.splits import content_hash, remove_samples, update_sample
 from lmeraser.determinism import deterministic
-from lmeraser.feature_cache import drop_contents, read
+from lmeraser.feature_cache import drop_contents, read, read_all, shard_file
 from lmeraser.models.backbone import extract_features, image_features, load_backbone, preprocess
 from lmeraser.pipeline import assign
 from lmeraser.salt import Keyer
@@ -46,7 +46,7 @@ def test_assignments_from_the_cache_equal_a_pass_from_scratch(trained_workspace,
     shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
     ws = Workspace(tmp_path / "ws")
     private = ws.split("private")
-    assert read(ws.feature_cache_file)[1] == private.manifest["content_hash"].tolist()  # the stages wrote it
+    assert read_all(ws)[1] == private.manifest["content_hash"].tolist()  # the stages wrote it
     assert _assign(ws)[1] == 0
 
     # A forget and an input correction: the removed and the replaced contents leave the cache,
@@ -57,14 +57,15 @@ def test_assignments_from_the_cache_equal_a_pass_from_scratch(trained_workspace,
     update_sample(corrected, "private", ws, image=255 - private.images[1])
     cached, computed = _assign(ws)
     assert computed == 1
-    contents = read(ws.feature_cache_file)[1]
+    contents = read_all(ws)[1]
     assert contents == ws.split("private").manifest["content_hash"].tolist() and old_content not in contents
-    ws.feature_cache_file.unlink()
+    shutil.rmtree(ws.feature_cache_dir)
     scratch, computed = _assign(ws)
     assert computed == len(private) - 1 and scratch == cached
 
     # A cache for another backbone, or a damaged one, is ignored and rewritten.
-    ws.feature_cache_file.write_bytes(b"not a cache")
+    for path in ws.feature_cache_dir.iterdir():
+        path.write_bytes(b"not a cache")
     assert _assign(ws) == (cached, len(private) - 1)
     meta = ws.backbone_meta_file.read_text()
     ws.backbone_meta_file.write_text(meta.replace('"threads": 1', '"threads": 2'))
@@ -76,21 +77,23 @@ def test_the_purge_drops_erased_contents_and_the_scan_finds_them_in_the_cache(tr
     ws = Workspace(tmp_path / "ws")
     images = ws.split("private").images
     erased = {Keyer(ws).content(content_hash(images[4]))}
+    victim = ws.split("private").sample_ids[4]
+    cache = shard_file(ws, ws.shard_dir_of("private", victim))
     # Take the sample out of data/ so that the cache is the only place left that knows it.
-    remove_samples([ws.split("private").sample_ids[4]], "private", ws)
+    remove_samples([victim], "private", ws)
     hits = scan(ws, erased, set()).hits
-    assert [(h.kind, h.path) for h in hits] == [("forgotten sample", str(ws.feature_cache_file.resolve()))]
+    assert [(h.kind, h.path) for h in hits] == [("forgotten sample", str(cache.resolve()))]
     # Renamed, it is still found (scan reads what a file holds, not its name).
     moved = ws.artifacts / "elsewhere.bin"
-    shutil.copy2(ws.feature_cache_file, moved)
+    shutil.copy2(cache, moved)
     assert len(scan(ws, erased, set()).hits) == 2
     moved.unlink()
-    before = len(read(ws.feature_cache_file)[1])
+    before = len(read(cache)[1])
     key = Keyer(ws).content
     assert drop_contents(ws, erased, key) == 1 and drop_contents(ws, erased, key) == 0
-    assert len(read(ws.feature_cache_file)[1]) == before - 1
+    assert len(read(cache)[1]) == before - 1
     assert scan(ws, erased, set()).hits == []
-    assert not np.isin(content_hash(images[4]), read(ws.feature_cache_file)[1])
+    assert not np.isin(content_hash(images[4]), read(cache)[1])
 
 
 def test_the_scan_reads_the_cache_without_importing_torch(trained_workspace, tmp_path):
@@ -103,11 +106,51 @@ def test_the_scan_reads_the_cache_without_importing_torch(trained_workspace, tmp
         "import sys; from pathlib import Path; from lmeraser.audit.scan import _content_keys; "
         "from lmeraser.salt import Keyer; from lmeraser.workspace import Workspace; "
         "ws = Workspace(Path(sys.argv[1])); "
-        "keys = _content_keys(ws.feature_cache_file, Keyer(ws)); print(len(keys), 'torch' in sys.modules)"
+        "keys = set().union(*(_content_keys(p, Keyer(ws)) for p in ws.feature_cache_dir.iterdir())); "
+        "print(len(keys), 'torch' in sys.modules)"
     )
     shutil.copytree(trained_workspace[0].root, tmp_path / "ws")
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True
     )
     count, torch_imported = done.stdout.split()
-    assert int(count) == len(read(trained_workspace[0].feature_cache_file)[1]) > 0 and torch_imported == "False"
+    assert int(count) == len(read_all(trained_workspace[0])[1]) > 0 and torch_imported == "False"
+
+
+def test_the_cache_follows_the_shards_an_erasure_rewrites_one_file_and_reads_one_shard(tmp_path, monkeypatch):
+    """One cache file per shard of the private split: after an erasure, `assign` featurises
+    nothing, reads the pixels of no shard, rewrites only the erased sample's cache file (the other
+    files keep their identity, so the scan does not read them again), and its assignments equal a
+    pass from scratch. Files of shards that are gone, and the one-file cache of before, are removed."""
+    from lmeraser.config import deep_merge, parse_params
+
+    from helpers import TINY, build_workspace, run_stages
+
+    config = deep_merge(TINY, {"data": {"shard_size": 40}, "evaluate": {"baselines": False}})
+    ws = build_workspace(tmp_path / "ws", config)
+    run_stages(parse_params(config), ws, ("validate", "backbone", "prototypes", "assign"))
+    shards = ws.shard_dirs("private")
+    files = {d.name: shard_file(ws, d) for d in shards}
+    assert len(shards) > 2 and sorted(p.name for p in ws.feature_cache_dir.iterdir()) == sorted(
+        p.name for p in files.values()
+    )
+    identity = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in files.items()}
+    victim = ws.manifest("private")["sample_id"][5]
+    home = ws.shard_dir_of("private", victim).name
+    remove_samples([victim], "private", ws)
+    ws.legacy_feature_cache_file.write_bytes(b"the cache of before")
+    (ws.feature_cache_dir / "9999.safetensors").write_bytes(b"a shard that is gone")
+    pixels_read = []
+    shard_images = Workspace.shard_images
+    monkeypatch.setattr(
+        Workspace, "shard_images", lambda self, d, *a, **k: pixels_read.append(d) or shard_images(self, d, *a, **k)
+    )
+    cached, computed = _assign(ws)
+    assert computed == 0 and pixels_read == []
+    assert victim not in read(files[home])[1]
+    changed = {name for name, p in files.items() if (p.stat().st_ino, p.stat().st_mtime_ns) != identity[name]}
+    assert changed == {home}
+    assert not ws.legacy_feature_cache_file.exists() and not (ws.feature_cache_dir / "9999.safetensors").exists()
+    monkeypatch.setattr(Workspace, "shard_images", shard_images)
+    shutil.rmtree(ws.feature_cache_dir)
+    assert _assign(ws) == (cached, len(ws.manifest("private")))

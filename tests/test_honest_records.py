@@ -641,3 +641,83 @@ def test_a_tampered_batch_file_is_refused_and_nothing_is_signed(tiny_repo_templa
     done = process_pending(ws, log=lambda m: None, git_commit=False)
     assert done["record"] == records + 1 and not ws.batch_files()
     assert verify(ws, public_key(ws, None))[-1].number == records + 1
+
+
+def _plant_in_public(ws: Workspace, image: np.ndarray, label: int) -> dict[Path, bytes]:
+    """Put `image` into data/public under a new id (in the shard the id hashes to), as a bug or a
+    stray copy could; returns the shard files' bytes as they were."""
+    import hashlib
+
+    import pandas as pd
+
+    from lmeraser.data.splits import content_hash
+    from lmeraser.workspace import shard_index
+
+    directories = ws.shard_dirs("public")
+    new_id = next(
+        candidate
+        for candidate in (hashlib.sha256(f"planted-{i}".encode()).hexdigest()[:20] for i in range(10_000))
+        if shard_index(candidate, len(directories)) == 0
+    )
+    directory = directories[0]
+    saved = {directory / name: (directory / name).read_bytes() for name in ("manifest.csv", "images.npy")}
+    manifest = ws.shard_manifest(directory)
+    images = ws.shard_images(directory, len(manifest))
+    row = {
+        "sample_id": new_id,
+        "subject_id": manifest["subject_id"].iloc[0],
+        "label": label,
+        "split": "public",
+        "content_hash": content_hash(image),
+    }
+    manifest = pd.concat([manifest, pd.DataFrame([row])], ignore_index=True)
+    images = np.concatenate([images, image[None]])
+    order = np.argsort(manifest["sample_id"].to_numpy(), kind="stable")
+    manifest.iloc[order].to_csv(directory / "manifest.csv", index=False)
+    np.save(directory / "images.npy", images[order])
+    return saved
+
+
+def test_erased_content_back_in_data_under_another_id_is_named_and_nothing_is_signed(
+    tiny_repo_template, tmp_path, monkeypatch
+):
+    """The record's state check looks for an erased sample's content in data/, not only its id:
+    for a sample this batch erases (from the content hash it captured, without keying every row)
+    and for one an earlier batch erased (then every row's content is keyed). The content comes
+    back in a public shard under a new id after the purge; the batch stops and signs nothing, and
+    finishes once the copy is gone."""
+    from lmeraser.errors import LmeraserError
+    from lmeraser.request import RequestSpec
+    from lmeraser.unlearning.exact import UnlearnBatch, process_pending
+    from lmeraser.unlearning.intake import submit
+
+    root = clone_repo(tiny_repo_template[0], tmp_path / "repo")  # its own: a batch left pending above stays there
+    ws = Workspace(root)
+    victim = _private(root, 31)
+    image = ws.images_of("private", [victim])[0]
+    label = int(ws.manifest("private").set_index("sample_id").loc[victim, "label"])
+    purge, planted = UnlearnBatch._purge, {}
+
+    def purge_then_plant(batch):
+        done = purge(batch)
+        planted.update(_plant_in_public(batch.ws, image, label))
+        return done
+
+    monkeypatch.setattr(UnlearnBatch, "_purge", purge_then_plant)
+    for expected in (
+        f"the content of sample {victim} is still in data/ under another id",
+        f"the content of sample {victim}, said to be forgotten already, is in data/",
+    ):
+        records = len(_records(root))
+        submit([RequestSpec(sample_ids=[victim])], ws)
+        with pytest.raises(LmeraserError, match=re.escape(expected)):
+            process_pending(ws, log=lambda m: None, git_commit=False)
+        assert len(_records(root)) == records
+        for path, data in planted.items():  # the copy removed: the batch resumes and signs
+            path.write_bytes(data)
+        planted.clear()
+        monkeypatch.setattr(UnlearnBatch, "_purge", purge)
+        process_pending(ws, log=lambda m: None, git_commit=False)
+        assert len(_records(root)) == records + 1 and not Journal(ws).pending()
+        monkeypatch.setattr(UnlearnBatch, "_purge", purge_then_plant)
+    _commit(root, "after the planted copies")

@@ -19,15 +19,12 @@ from lmeraser.workspace import Workspace
 def run(params: Params, ws: Workspace, log: Callable[[str], None] = print) -> dict:
     model, meta = load_backbone(ws)
     prototypes = ws.prototypes()
-    private = ws.split("private")
-    # Features of contents seen before come from the cache (bit-identical; only new ones are computed).
-    features, computed = private_features(
-        ws, model, meta, private.images, private.manifest["content_hash"].astype(str).tolist()
-    )
+    private = ws.manifest("private")
+    # Features of contents seen before come from the cache, shard by shard (bit-identical; only new
+    # ones are computed, from the pixels of the shards that hold them).
+    features, computed = private_features(ws, model, meta)
     clusters = nearest(features, prototypes, gpu=Compute.of(meta).faiss_gpu)
-    atomic_write_csv(
-        ws.assignments_file, pd.DataFrame({"sample_id": private.manifest["sample_id"], "cluster": clusters})
-    )
+    atomic_write_csv(ws.assignments_file, pd.DataFrame({"sample_id": private["sample_id"], "cluster": clusters}))
     sizes = cluster_sizes(clusters, len(prototypes))
     summary = size_summary(sizes)
     atomic_write_json(ws.cluster_report, {**summary, "sizes": sizes.tolist()})

@@ -24,7 +24,7 @@ from lmeraser.models.backbone import load_backbone, preprocess
 from lmeraser.progress import track
 from lmeraser.store import ArtifactStore
 from lmeraser.training import artifact_key, cluster_seed, key_inputs, members_digest, train_prompt
-from lmeraser.workspace import InputSpec, PromptEntry, PromptIndex, Workspace
+from lmeraser.workspace import InputSpec, PromptEntry, PromptIndex, SplitPixels, Workspace
 
 Log = Callable[[str], None]
 
@@ -48,7 +48,7 @@ class ClusterTrainer:
     store: ArtifactStore
     backbone: torch.nn.Module
     num_classes: int
-    images: np.ndarray
+    images: np.ndarray | SplitPixels  # rows of the private split by manifest row
     y: torch.Tensor
     spec: InputSpec
 
@@ -82,9 +82,10 @@ class TrainingPlan:
 def plan(params: Params, ws: Workspace) -> TrainingPlan:
     """Every non-empty cluster's job and artifact key, from the current data and assignments."""
     backbone, meta = load_backbone(ws)
-    private = ws.split("private")
+    private = ws.manifest("private")  # pixels are read per cluster, from the shards that hold its members
+    sample_ids = private["sample_id"].tolist()
     assignments = ws.assignments()
-    if assignments["sample_id"].tolist() != private.sample_ids:
+    if assignments["sample_id"].tolist() != sample_ids:
         raise LmeraserError(f"{ws.assignments_file} is out of date with data/private; re-run the assign stage.")
     extra = {}
     prototypes_meta = ws.prototypes_meta()
@@ -101,15 +102,15 @@ def plan(params: Params, ws: Workspace) -> TrainingPlan:
         ArtifactStore(ws.store_dir),
         backbone,
         meta.num_classes,
-        private.images,
-        torch.from_numpy(private.labels),
+        SplitPixels(ws, "private", sample_ids),
+        torch.from_numpy(private["label"].to_numpy(dtype=np.int64, copy=True)),
         meta.input,
     )
     jobs = []
     clusters = assignments["cluster"].to_numpy()
     for cluster in np.unique(clusters):
         rows = np.flatnonzero(clusters == cluster)  # the manifest is sorted by sample id, so rows are too
-        members = private.manifest.iloc[rows]
+        members = private.iloc[rows]
         seed = cluster_seed(params.seed, int(cluster))
         digest = members_digest(
             members["sample_id"].tolist(), members["content_hash"].tolist(), members["label"].tolist()
