@@ -290,3 +290,24 @@ def test_fingerprints_reuse_a_kept_sha256_only_while_the_file_s_identity_holds(d
     time.sleep(0.05)  # past the kernel's timestamp tick, as any real write after a read is
     path.write_bytes(path.read_bytes())
     assert split_fingerprints(ws, known)["private"][rel] == first["private"][rel]
+
+
+def test_a_keys_directory_that_cannot_be_written_keeps_no_summary_and_validation_still_passes(data_dir):
+    """The validate stage makes the salt only when it can: a read-only keys directory (or any
+    failure to make it) leaves no summary, and the validation's verdict is the suite's."""
+    import os
+
+    ws = Workspace(data_dir.parent)
+    ws.keys_dir.mkdir(parents=True)
+    ws.keys_dir.chmod(0o500)
+    try:
+        if os.access(ws.keys_dir, os.W_OK):  # root ignores the mode: make the directory a file instead
+            ws.keys_dir.chmod(0o700)
+            ws.keys_dir.rmdir()
+            ws.keys_dir.write_text("not a directory")
+        assert validate_splits(ws).success
+        assert not ws.subject_salt_file.exists()
+        assert validate_splits(ws, changed_only=True).statistics["mode"] == "full"  # no summary was kept
+    finally:
+        if ws.keys_dir.is_dir():
+            ws.keys_dir.chmod(0o700)

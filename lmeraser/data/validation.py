@@ -322,14 +322,15 @@ def _run_suite(ws: Workspace, table: pd.DataFrame, info: dict, coverage: bool, d
 
 
 def _keyer(ws: Workspace, create: bool = False):
-    """The workspace's salt, or None (missing, or unsound: then the whole suite runs, and the
-    batch's own checks say what is wrong with it)."""
+    """The workspace's salt, or None (missing, unsound, or its directory not writable for a new
+    one: then no summary is kept and the next validation checks every row; a batch's preflight
+    says what is wrong with the salt before it changes anything)."""
     from lmeraser.errors import DataError
     from lmeraser.salt import Keyer
 
     try:
         return Keyer(ws, create=create)
-    except DataError:
+    except (DataError, OSError):
         return None
 
 
