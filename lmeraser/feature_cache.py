@@ -26,18 +26,21 @@ missing, unreadable or made for another backbone is ignored and rewritten.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load, save_file
 
 from lmeraser.errors import LmeraserError
-from lmeraser.io import atomic_path
+from lmeraser.io import atomic_path, read_trusted
 from lmeraser.workspace import BackboneMeta, Workspace
 
 KIND = "lmeraser-feature-cache"  # in the file's metadata: how `audit scan` recognises one
+MAX_FILE_BYTES = 1 << 32  # one shard's features: megabytes; a larger file is not a cache this writes
 
 
 def _identity(meta: BackboneMeta) -> dict:
@@ -60,23 +63,43 @@ def _digests(content_hashes: list[str]) -> np.ndarray:
 
 
 def read(path: Path) -> tuple[dict, list[str], np.ndarray] | None:
-    """(identity, content hashes, features) of a cache file, or None when it is not one."""
+    """(identity, content hashes, features) of a cache file, or None when it is not one. Read as
+    the product's trusted files are (lmeraser/io.py `read_trusted`): a regular file only, never
+    through a link, opened without blocking, so a FIFO or a device at a cache path cannot hang
+    `assign`, the purge or the scan, and a link's target is never taken for the cache."""
     try:
-        with safe_open(str(path), "np") as handle:
-            meta = handle.metadata() or {}
+        data = read_trusted(path, "feature-cache file", MAX_FILE_BYTES)
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
         if meta.get("kind") != KIND:
             return None
-        tensors = load_file(str(path))
+        tensors = load(data)
         contents, features = tensors["content"], tensors["features"]
         if contents.ndim != 2 or contents.shape[1] != 32 or len(contents) != len(features):
             return None
         return json.loads(meta["identity"]), [row.tobytes().hex() for row in contents], features
-    except (OSError, SafetensorError, ValueError, KeyError):
+    except (LmeraserError, SafetensorError, ValueError, KeyError, AttributeError, RecursionError):
         return None
+
+
+def _clear(path: Path) -> None:
+    """Make room for a cache file at `path`: a link, FIFO or device there is removed, never read
+    or written through (the file is then rebuilt); a directory is refused in one sentence."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise LmeraserError(
+            f"{path}: a directory where a feature-cache file belongs; remove it (the cache is rebuilt from the data)."
+        )
+    if not stat.S_ISREG(mode):
+        path.unlink()
 
 
 def _write(path: Path, identity: dict, content_hashes: list[str], features: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear(path)
     with atomic_path(path) as tmp:
         tensors = {"content": _digests(content_hashes), "features": np.ascontiguousarray(features, dtype=np.float32)}
         save_file(tensors, str(tmp), metadata={"kind": KIND, "identity": json.dumps(identity, sort_keys=True)})
@@ -102,6 +125,7 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta) -> tuple[np.nd
         hashes = manifest["content_hash"].tolist()
         path = shard_file(ws, directory)
         kept.add(path.name)
+        _clear(path)
         cached = read(path)
         cached = cached if cached is not None and cached[0] == identity else None
         if cached is not None and cached[1] == hashes:
@@ -125,6 +149,7 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta) -> tuple[np.nd
         ids.extend(manifest["sample_id"].tolist())
     # Files of shards that are gone (the data cut again) and the one-file cache of before.
     for stale in [p for p in _cache_files(ws) if p.parent != ws.feature_cache_dir or p.name not in kept]:
+        _clear(stale)
         stale.unlink(missing_ok=True)
     order = np.argsort(np.array(ids, dtype=object), kind="stable")  # as Workspace.manifest sorts
     if [ids[i] for i in order] != ws.manifest("private")["sample_id"].tolist():

@@ -31,6 +31,17 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_identity(st: os.stat_result) -> list[int]:
+    """A file's identity as the scan index and the validation summary keep it: device, inode,
+    size, mtime and ctime (nanoseconds). A write changes its ctime, which no user-space call can
+    set back, so a kept hash of a file whose identity is unchanged still holds.
+
+    Args:
+        st: the file's `os.stat` result, taken before the file is read.
+    """
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

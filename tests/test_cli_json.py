@@ -66,7 +66,8 @@ def test_audit_verify_show_and_scan_answer_in_json(ws):
     assert [r["number"] for r in answer] == [1] and answer[0]["statement"]["predicate"]["batch_id"] == "b1"
     answer, _ = _json("audit", "scan", "--root", str(ws.root), "--json")
     assert answer["hits"] == [] and answer["erased_samples"] == 0 and answer["files_scanned"]["data"] > 0
-    assert answer["index"]["mode"] == "none"  # no salt here: nothing kept
+    # The validate stage made the salt: the first scan reads everything and keeps its index.
+    assert answer["index"]["mode"] == "full" and answer["index"]["reason"] == "no scan index yet"
 
 
 def test_audit_scan_is_incremental_after_the_first_and_full_on_demand(ws):

@@ -4,9 +4,12 @@ it, and `audit scan` finds what it holds."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import threading
 
 import numpy as np
+import pytest
 import torch
 
 from lmeraser.audit.scan import scan
@@ -117,18 +120,31 @@ def test_the_scan_reads_the_cache_without_importing_torch(trained_workspace, tmp
     assert int(count) == len(read_all(trained_workspace[0])[1]) > 0 and torch_imported == "False"
 
 
-def test_the_cache_follows_the_shards_an_erasure_rewrites_one_file_and_reads_one_shard(tmp_path, monkeypatch):
-    """One cache file per shard of the private split: after an erasure, `assign` featurises
-    nothing, reads the pixels of no shard, rewrites only the erased sample's cache file (the other
-    files keep their identity, so the scan does not read them again), and its assignments equal a
-    pass from scratch. Files of shards that are gone, and the one-file cache of before, are removed."""
+@pytest.fixture(scope="module")
+def sharded_template(tmp_path_factory):
+    """A TINY workspace whose private split has several shards, up to its assign stage."""
     from lmeraser.config import deep_merge, parse_params
 
     from helpers import TINY, build_workspace, run_stages
 
     config = deep_merge(TINY, {"data": {"shard_size": 40}, "evaluate": {"baselines": False}})
-    ws = build_workspace(tmp_path / "ws", config)
+    ws = build_workspace(tmp_path_factory.mktemp("sharded") / "ws", config)
     run_stages(parse_params(config), ws, ("validate", "backbone", "prototypes", "assign"))
+    return ws.root
+
+
+@pytest.fixture
+def sharded(sharded_template, tmp_path):
+    shutil.copytree(sharded_template, tmp_path / "ws", symlinks=True)
+    return Workspace(tmp_path / "ws")
+
+
+def test_the_cache_follows_the_shards_an_erasure_rewrites_one_file_and_reads_one_shard(sharded, monkeypatch):
+    """One cache file per shard of the private split: after an erasure, `assign` featurises
+    nothing, reads the pixels of no shard, rewrites only the erased sample's cache file (the other
+    files keep their identity, so the scan does not read them again), and its assignments equal a
+    pass from scratch. Files of shards that are gone, and the one-file cache of before, are removed."""
+    ws = sharded
     shards = ws.shard_dirs("private")
     files = {d.name: shard_file(ws, d) for d in shards}
     assert len(shards) > 2 and sorted(p.name for p in ws.feature_cache_dir.iterdir()) == sorted(
@@ -154,3 +170,46 @@ def test_the_cache_follows_the_shards_an_erasure_rewrites_one_file_and_reads_one
     monkeypatch.setattr(Workspace, "shard_images", shard_images)
     shutil.rmtree(ws.feature_cache_dir)
     assert _assign(ws) == (cached, len(ws.manifest("private")))
+
+
+# -- a stranger's attack on the sharded cache (each case was a bug) -----------------------------
+
+
+def test_a_fifo_or_a_link_at_a_cache_path_is_never_read_and_is_replaced(sharded, tmp_path):
+    """A FIFO at a cache path hung `assign` for good (the read blocked in open, SIGTERM did not
+    end it); a link was read as the cache and replaced by the forget, leaving the erased rows in
+    its target with the record saying nothing survives. Neither is read now: both are replaced
+    by a regular file computed from the data."""
+    ws = sharded
+    first, second = ws.shard_dirs("private")[:2]
+    fifo, link = shard_file(ws, first), shard_file(ws, second)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy2(link, outside)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    link.unlink()
+    link.symlink_to(outside)
+    answer = []
+    reader = threading.Thread(target=lambda: answer.append(read(fifo)), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert answer == [None], "reading a FIFO at a cache path blocked"
+    assert read(link) is None  # never through a link
+    _, computed = _assign(ws)
+    assert computed == len(ws.shard_manifest(first)) + len(ws.shard_manifest(second))
+    for path in (fifo, link):
+        assert path.is_file() and not path.is_symlink() and read(path) is not None
+    assert read(outside) is not None  # the link's target is not the product's: left as it was
+
+
+def test_a_directory_at_a_cache_path_is_one_sentence(sharded):
+    """A directory where a cache file belongs gave a traceback (and left a temporary file)."""
+    from lmeraser.errors import LmeraserError
+
+    ws = sharded
+    path = shard_file(ws, ws.shard_dirs("private")[0])
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(LmeraserError, match="a directory where a feature-cache file belongs; remove it"):
+        _assign(ws)
+    assert not [p.name for p in ws.feature_cache_dir.iterdir() if p.name.endswith(".tmp")]

@@ -20,7 +20,6 @@ a record says what was searched.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +28,6 @@ from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
 VERSION = 1
-
-
-def identity(st: os.stat_result) -> list[int]:
-    """A file's identity as the index keeps it: device, inode, size, mtime and ctime (nanoseconds).
-
-    Args:
-        st: the file's `os.stat` result, taken before the file is read.
-    """
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 @dataclass

@@ -120,7 +120,7 @@ class DirectoryStore(Store):
         return str(self.path)
 
     def listing(self) -> list[tuple[str, list | None]]:
-        from lmeraser.audit.scan_index import identity
+        from lmeraser.io import file_identity as identity
 
         found = []
         if self.path.exists():

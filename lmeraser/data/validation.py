@@ -20,7 +20,7 @@ import pandas as pd
 
 from lmeraser.data.splits import content_hash
 from lmeraser.errors import DataError
-from lmeraser.io import atomic_path, sha256_file
+from lmeraser.io import atomic_path, file_identity, sha256_file
 from lmeraser.workspace import MANIFEST_COLUMNS, SPLITS, Workspace, image_channels, shard_index, shard_name
 
 SUITE_NAME = "lmeraser_splits"
@@ -121,8 +121,6 @@ def split_fingerprints(
             back; the scan index relies on the same), so a batch hashes the shards it changed, not the data.
         identities: filled with the same form for every file, for the next summary.
     """
-    from lmeraser.audit.scan_index import identity
-
     out = {}
     for split in SPLITS:
         root = ws.split_dir(split)
@@ -137,7 +135,7 @@ def split_fingerprints(
                 st = None
             if st is None or not stat.S_ISREG(st.st_mode):
                 raise DataError(f"{path}: not found or not a file; run 'lmeraser data init'.")
-            rel, ident = path.relative_to(root).as_posix(), identity(st)
+            rel, ident = path.relative_to(root).as_posix(), file_identity(st)
             before = kept.get(rel)
             sha = before[-1] if isinstance(before, list) and before[:-1] == ident else sha256_file(path)
             out[split][rel], seen[rel] = sha, [*ident, sha]
