@@ -40,8 +40,9 @@ class ClusterJob:
 @dataclass
 class ClusterTrainer:
     """What every cluster's training shares: the frozen backbone and the private split (its uint8
-    images: a cluster's are preprocessed when it trains, so a 224 px backbone does not hold the
-    whole split as float tensors; preprocessing is per image, so the bits are the same)."""
+    images, read per cluster from the shards that hold its members and preprocessed when it
+    trains, so neither the split's pixels nor a 224 px backbone's float tensors are held whole;
+    reading and preprocessing are per image, so the bits are the same)."""
 
     prompt: PromptParams
     compute: Compute  # the backbone's device and precision, runtime.threads
