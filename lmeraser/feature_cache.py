@@ -125,8 +125,7 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta) -> tuple[np.nd
         hashes = manifest["content_hash"].tolist()
         path = shard_file(ws, directory)
         kept.add(path.name)
-        _clear(path)
-        cached = read(path)
+        cached = read(path)  # None for anything but a regular cache file; `_write` makes room for it
         cached = cached if cached is not None and cached[0] == identity else None
         if cached is not None and cached[1] == hashes:
             features = cached[2]
@@ -151,10 +150,16 @@ def private_features(ws: Workspace, backbone, meta: BackboneMeta) -> tuple[np.nd
     for stale in [p for p in _cache_files(ws) if p.parent != ws.feature_cache_dir or p.name not in kept]:
         _clear(stale)
         stale.unlink(missing_ok=True)
-    order = np.argsort(np.array(ids, dtype=object), kind="stable")  # as Workspace.manifest sorts
+    order = _split_order(ids)
     if [ids[i] for i in order] != ws.manifest("private")["sample_id"].tolist():
         raise LmeraserError("the private split's shards and its manifest disagree; run 'lmeraser data init'.")
     return np.concatenate(blocks)[order], computed
+
+
+def _split_order(ids: list[str]) -> np.ndarray:
+    """The order that puts rows gathered shard by shard into the split's (by sample id, as
+    `Workspace.manifest` sorts)."""
+    return np.argsort(np.array(ids, dtype=object), kind="stable")
 
 
 def _cache_files(ws: Workspace) -> list[Path]:
@@ -178,7 +183,7 @@ def read_all(ws: Workspace) -> tuple[dict, list[str], np.ndarray] | None:
         blocks.append(cached[2])
     if not blocks or any(identity != identities[0] for identity in identities):
         return None
-    order = np.argsort(np.array(ids, dtype=object), kind="stable")
+    order = _split_order(ids)
     return identities[0], [contents[i] for i in order], np.concatenate(blocks)[order]
 
 
