@@ -92,7 +92,7 @@ def test_a_damaged_altered_or_missing_index_or_full_means_reading_everything(sto
         # Someone without the salt edits the index so the cache object seems to hold nothing.
         document = json.loads(ws.scan_index_file.read_text())
         entry = document["body"]["locations"]["dvc cache"]["files"]["files/md5/ab/cdef0123"]
-        entry["keys"] = []
+        document["body"]["contents"][entry["sha256"]]["keys"] = []
         ws.scan_index_file.write_text(json.dumps(document))
     elif damage == "missing":
         ws.scan_index_file.unlink()
@@ -108,6 +108,46 @@ def test_a_damaged_altered_or_missing_index_or_full_means_reading_everything(sto
     assert report.index["mode"] == "full" and report.index["reason"] == reason
     assert report.read == report.counts and [h.location for h in report.hits] == ["dvc cache"]
     assert scan(ws, {target}, set()).index["mode"] == "incremental"  # rebuilt by that scan
+
+
+def test_what_one_content_holds_is_kept_once_for_every_copy_and_ids_are_read_where_asked(stores):
+    """A data shard, its DVC cache object and the remote's copy are the same bytes: the index keeps
+    what they hold once. The same bytes in an MLflow location are read again for the sample ids
+    they name (data/ is searched without them), and every copy is still a hit."""
+    ws, images, keyer = stores
+    sid = "0123456789abcdef0123"
+    shared = ws.root / "data" / "shared.npy"
+    np.save(shared, images[:2])
+    copy = ws.root / "mlartifacts" / "1" / "run" / "shared.npy"
+    copy.write_bytes(shared.read_bytes())
+    scan(ws, set(), set(), sample_ids=set())
+    body = json.loads(ws.scan_index_file.read_text())["body"]
+    sha = sha256_file(shared)
+    assert body["locations"]["data"]["files"]["shared.npy"] == {
+        "id": body["locations"]["data"]["files"]["shared.npy"]["id"],
+        "sha256": sha,
+    }
+    assert len(body["contents"]) == 4 and body["contents"][sha]["ids"] == []  # data, cache, notes, shared: one each
+    assert ws.scan_index_file.read_text().count(keyer.content(content_hash(images[0]))) == 2  # shared, cache object
+    target = keyer.content(content_hash(images[1]))
+    report = scan(ws, {target}, set(), sample_ids={sid})
+    assert sum(report.read.values()) == 0
+    assert sorted((h.location, h.path.rsplit("/", 1)[-1]) for h in report.hits) == [
+        ("data", "images.npy"),
+        ("data", "shared.npy"),
+        ("dvc cache", "cdef0123"),
+        ("mlflow artifacts", "shared.npy"),
+    ]
+
+
+def test_an_index_of_the_earlier_format_means_one_full_scan(stores):
+    ws, _, keyer = stores
+    keyer_seal = keyer.seal("scan-index", {"version": 1, "salt": keyer.fingerprint(), "locations": {}})
+    ws.scan_index_file.parent.mkdir(parents=True, exist_ok=True)
+    ws.scan_index_file.write_bytes(keyer_seal)
+    report = scan(ws, set(), set())
+    assert report.index == {**report.index, "mode": "full", "reason": "the scan index has format 1, this code writes 2"}
+    assert scan(ws, set(), set()).index["mode"] == "incremental"
 
 
 def test_erased_ids_in_mlflow_files_are_found_from_the_index_and_kept_keyed(stores):

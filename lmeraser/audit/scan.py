@@ -133,7 +133,7 @@ def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -
     n = fresh = 0
     entries, hits = {}, []
     for rel, ident in track(store.listing(), f"scanning {store.label}"):
-        entry = index.known(store.label, store.root, rel, ident) if index is not None else None
+        entry = index.known(store.label, store.root, rel, ident, with_ids) if index is not None else None
         if entry is None:
             try:
                 with store.local(rel) as path:

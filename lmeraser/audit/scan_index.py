@@ -2,11 +2,14 @@
 
 `audit scan` must show that no copy of a forgotten sample is left in any store. Reading every
 store on every batch makes a forget cost a full read of the data (invariant 7: cost follows the
-change). The index keeps, per location and file, what the scan looks for in it: the keyed content
-hashes of the images (or feature-cache rows) it holds, its sha256, its tensor digest (safetensors)
-and, in MLflow locations, the keyed sample ids it names. A scan lists every file (metadata only),
-reads the ones whose identity changed, and answers the targets from the index for the rest: what a
-file holds does not depend on what is searched, so new targets are found in old files.
+change). The index keeps, per location and file, its identity and sha256, and per content (by
+sha256) what the scan looks for in it: the keyed content hashes of the images (or feature-cache
+rows) it holds, its tensor digest (safetensors) and, in MLflow locations, the keyed sample ids it
+names. A data shard, its DVC cache object and its copy on the remote are the same bytes, so what
+they hold is kept once (the index is a third of the size it would be per file). A scan lists
+every file (metadata only), reads the ones whose identity changed, and answers the targets from
+the index for the rest: what a file holds does not depend on what is searched, so new targets are
+found in old files.
 
 A file's identity is (device, inode, size, mtime, ctime): a write changes its ctime, which no
 user-space call can set back, so a copy planted into an indexed file is read again. The index is
@@ -27,7 +30,7 @@ from lmeraser.io import atomic_write_bytes
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
-VERSION = 1
+VERSION = 2  # 1 kept what a file holds per file; a version-1 index means one full scan
 
 
 @dataclass
@@ -36,7 +39,8 @@ class ScanIndex:
 
     path: Path
     keyer: Keyer
-    locations: dict[str, dict] = field(default_factory=dict)  # label -> {"root": str, "files": {rel: entry}}
+    locations: dict[str, dict] = field(default_factory=dict)  # label -> {"root": str, "files": {rel: {id, sha256}}}
+    contents: dict[str, dict] = field(default_factory=dict)  # sha256 -> {"digest", "keys", "ids" (MLflow)}
     full_scan_at: float | None = None  # when every file was last read (a full scan)
     reason: str | None = None  # why this scan reads everything (None: incremental)
 
@@ -74,18 +78,21 @@ class ScanIndex:
             index.reason = f"the scan index has format {body.get('version')!r}, this code writes {VERSION}"
             return index
         index.locations = body.get("locations") or {}
+        index.contents = body.get("contents") or {}
         index.full_scan_at = body.get("full_scan_at")
         return index
 
-    def known(self, label: str, root: str, rel: str, ident: list | None) -> dict | None:
-        """The entry of a file whose identity has not changed since it was read, else None (also
-        for a file without an identity: lmeraser/audit/stores.py).
+    def known(self, label: str, root: str, rel: str, ident: list | None, with_ids: bool = False) -> dict | None:
+        """The entry of a file whose identity has not changed since it was read ({"id", "sha256"}
+        and what its content holds), else None (also for a file without an identity:
+        lmeraser/audit/stores.py, and for one whose content was read without the sample ids asked for).
 
         Args:
             label: the location's label (`Store.label`).
             root: the location's root (`Store.root`); an index kept for another root answers nothing.
             rel: the file's path relative to that root.
             ident: the file's identity as the store lists it now; None: it has none.
+            with_ids: the keyed sample ids it names are needed (MLflow locations).
         """
         if self.reason is not None or ident is None:
             return None
@@ -93,7 +100,12 @@ class ScanIndex:
         if location is None or location.get("root") != str(root):
             return None
         entry = location["files"].get(rel)
-        return entry if entry is not None and entry.get("id") == ident else None
+        if entry is None or entry.get("id") != ident:
+            return None
+        content = self.contents.get(entry.get("sha256"))
+        if content is None or (with_ids and "ids" not in content):
+            return None
+        return {**entry, **content}
 
     def replace(self, found: dict[str, tuple[str, dict[str, dict]]], full_scan_at: float | None) -> str:
         """Save the index of this scan (every file listed, as found or read) atomically; its sha256.
@@ -103,7 +115,14 @@ class ScanIndex:
             full_scan_at: when this scan started, in seconds since the epoch, if it read every file; None: keep the last
                 full scan's time.
         """
-        self.locations = {label: {"root": str(root), "files": files} for label, (root, files) in found.items()}
+        self.locations, self.contents = {}, {}
+        for label, (root, files) in found.items():
+            self.locations[label] = {"root": str(root), "files": {}}
+            for rel, entry in files.items():
+                self.locations[label]["files"][rel] = {"id": entry["id"], "sha256": entry["sha256"]}
+                content = {k: v for k, v in entry.items() if k not in ("id", "sha256")}
+                if len(content) >= len(self.contents.get(entry["sha256"], {})):  # the one with the ids, if any
+                    self.contents[entry["sha256"]] = content
         if full_scan_at is not None:
             self.full_scan_at = full_scan_at
         body = {
@@ -111,6 +130,7 @@ class ScanIndex:
             "salt": self.keyer.fingerprint(),
             "full_scan_at": self.full_scan_at,
             "locations": self.locations,
+            "contents": self.contents,
         }
         data = self.keyer.seal("scan-index", body)
         self.path.parent.mkdir(parents=True, exist_ok=True)

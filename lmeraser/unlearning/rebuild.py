@@ -2,7 +2,7 @@
 
 Every stage on the serving path whose inputs changed (as DVC itself sees it: `dvc status`) runs
 through the stage registry, the same function `dvc repro` runs through the CLI, in pipeline order;
-then DVC records it in dvc.lock (`dvc commit`), so that afterwards `dvc status` is clean and
+then DVC records them in dvc.lock (`dvc commit`, one write for all), so that afterwards `dvc status` is clean and
 `dvc repro` a no-op. It saves a Python process, its imports and a Prefect flow run per stage,
 which on the digits demo cost more than the training itself.
 """
@@ -19,9 +19,39 @@ from lmeraser.versioning import dvc_repo
 from lmeraser.workspace import Workspace
 
 
-def _changes(repo, name: str) -> list:
-    """What `dvc status` says changed in stage `name` (empty: up to date)."""
-    return [entry for entries in repo.status(targets=[name]).values() for entry in entries]
+def _pipeline_stages(repo, names: list[str]) -> dict:
+    """The named stages of dvc.yaml as DVC loads them, with their dvc.lock entries: both files
+    parsed once (DVC's `status` and `commit` parse them on every call; under a batch's dozen calls
+    that was most of DVC's share of a forget)."""
+    from dvc.repo import lock_repo
+
+    with lock_repo(repo):
+        loaded = {stage.name: stage for stage in repo.stage.load_all()}  # dvc.yaml, as `dvc commit NAME` loads it
+    return {name: loaded[name] for name in names}
+
+
+def _changes(repo, stage) -> list:
+    """What `dvc status` says changed in `stage` (empty: up to date). A stage loaded before
+    upstream stages ran and were recorded still answers rightly: its status compares the files
+    on disk with its own dvc.lock entry, which no other stage's record changes."""
+    from dvc.repo import lock_repo
+
+    with lock_repo(repo):
+        return [entry for entries in stage.status().values() for entry in entries]
+
+
+def _record(repo, stages: list) -> None:
+    """`dvc commit --force` of `stages` with one write of dvc.lock (and git's autostage, as the
+    command does): each stage's outputs into the cache and the run cache, then every entry at once."""
+    from dvc.repo import lock_repo
+
+    if not stages:
+        return
+    with lock_repo(repo), repo.scm_context():
+        for stage in stages:
+            stage.save()
+            stage.commit()
+        stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
 
 
 def stale_stages(ws: Workspace, target: str) -> list[str]:
@@ -34,10 +64,11 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
         target: the last stage to check (`SERVING_TARGET` for a batch); the stages before it are checked too.
     """
     with dvc_repo(ws.root) as repo:
+        stages = _pipeline_stages(repo, [definition.name for definition in upstream(target)])
         return [
-            definition.name
-            for definition in upstream(target)
-            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in _changes(repo, definition.name))
+            name
+            for name, stage in stages.items()
+            if any(not (isinstance(e, dict) and set(e) <= {"changed outs"}) for e in _changes(repo, stage))
         ]
 
 
@@ -49,7 +80,7 @@ def record_stage(ws: Workspace, name: str) -> None:
         name: the stage whose outputs are recorded (the purge records `train`, whose prompt store it edited).
     """
     with dvc_repo(ws.root) as repo:
-        repo.commit(name, force=True)
+        _record(repo, list(_pipeline_stages(repo, [name]).values()))
 
 
 def check_executor(params: Params, map_jobs: Callable | None) -> None:
@@ -92,8 +123,9 @@ def reproduce(
     # Absolute paths: the stages run while dvc_repo has the workspace as current directory.
     ws = Workspace(ws.root.resolve(), ws.params_file.resolve())
     with dvc_repo(ws.root) as repo:
+        stages = _pipeline_stages(repo, [definition.name for definition in upstream(target)])
         for definition in upstream(target):
-            if not _changes(repo, definition.name):
+            if not _changes(repo, stages[definition.name]):
                 continue
             log(f"rebuild: stage {definition.name}")
             options = (
@@ -102,8 +134,10 @@ def reproduce(
             if definition.name == "validate":
                 options = {"changed_only": True}  # the rows the batch changed; `dvc repro` checks every row
             result = definition.function(params, ws, log, **options)
-            repo.commit(definition.name, force=True)
             ran.append(definition.name)
             if after_stage is not None:
                 after_stage(definition.name, result)
+        # Recorded together, once every stage ran (one write of dvc.lock): a batch killed before
+        # this runs its changed stages again when it resumes, as `dvc repro` would.
+        _record(repo, [stages[name] for name in ran])
     return ran
