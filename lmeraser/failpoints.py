@@ -5,6 +5,7 @@ process SIGKILLs itself when it reaches a named point, as a power cut or an OOM 
 The points (bench/reliability_kill.py and the tests kill at every one):
   after:<step>              an exact batch step finished and was saved (capture ... verify)
   apply:journaled           the batch's `applied` events are in the journal, the step not yet saved
+  rebuild:ran               the changed stages ran, dvc.lock does not record them yet
   rebuild:reproduced        the stages ran and dvc.lock records them, the rebuild step not yet saved
   record:appended           the record is in the lineage log, the journal not yet told
   record:journaled          the journal says `verified`, the batch file not yet removed
@@ -32,6 +33,7 @@ NAMED = (
     "after:purge",
     "after:verify",
     "apply:journaled",
+    "rebuild:ran",
     "rebuild:reproduced",
     "record:appended",
     "record:journaled",

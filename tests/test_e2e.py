@@ -331,7 +331,7 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     # nothing and the batch failed its check for good), the record appended before the journal was
     # told, and the journal told `verified` before the batch file went (W1). (The directory swap's
     # windows, W2: tests/test_recovery.py; every named point: bench/reliability_kill.py.)
-    for point in ["rebuild:reproduced", "record:appended", "record:journaled"]:
+    for point in ["rebuild:ran", "rebuild:reproduced", "record:appended", "record:journaled"]:
         # The process SIGKILLs itself at `point`; then the rest of its tree (Prefect's temporary
         # server) is killed too, as a machine or container crash would.
         proc = subprocess.Popen(
@@ -348,6 +348,8 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
         except ProcessLookupError:
             pass
         assert not list((root / "audit").glob(".*.tmp"))
+        if point == "rebuild:ran":  # the stages ran, dvc.lock not yet told: nothing to track yet
+            assert not backlog.exists() or not read_json(backlog)["stages"]
         if point == "rebuild:reproduced":
             # Tracking comes after the record: the stages that ran wait in the backlog, not lost.
             assert {"train", "evaluate"} <= {e["stage"] for e in read_json(backlog)["stages"]}

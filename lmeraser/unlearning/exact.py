@@ -490,15 +490,21 @@ class UnlearnBatch:
 
         ws = self.ws
 
+        ran: list[tuple[str, dict]] = []
+
         def after_stage(stage: str, summary: dict) -> None:
             # The overlays this batch makes exact go before the evaluate stage registers the served
             # model: a registered bundle must not carry an influence edit (ids, request details).
             if stage == "train":
                 self._retire_overlay()
-            if self.after_stage is not None:
-                self.after_stage(stage, summary)
+            ran.append((stage, summary))
 
         stages = reproduce(ws, self.params, SERVING_TARGET, self.log, after_stage, self.map_jobs)
+        # Handed on (the tracking backlog) once dvc.lock records the stages: a batch killed before
+        # then runs them again when it resumes, and they are handed on once.
+        for stage, summary in ran:
+            if self.after_stage is not None:
+                self.after_stage(stage, summary)
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()

@@ -78,10 +78,13 @@ def purge(
     # Every DVC remote, whatever its type, through DVC itself: push the current version first so
     # the remote keeps what the workspace needs, then drop every object only older versions use.
     # In this process through DVC's Python API (three `dvc` processes cost ~1.5 s of imports).
+    from dvc.repo import lock_repo
+
     collected, failed = [], []
-    with dvc_repo(ws.root) as repo:
-        with dvc_step(ws.root, "gc --workspace"):
-            repo.gc(workspace=True, force=True)
+    # One hold of DVC's lock for the three calls: its index (dvc.yaml, dvc.lock, data.dvc) is
+    # then read once, not once per call; nothing between them changes those files.
+    with dvc_repo(ws.root) as repo, dvc_step(ws.root, "gc --workspace"), lock_repo(repo):
+        repo.gc(workspace=True, force=True)
         for name in remotes(ws.root):
             try:
                 with dvc_step(ws.root, f"push -r {name}"):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from lmeraser.config import Params
 from lmeraser.errors import ConfigError
+from lmeraser.failpoints import failpoint
 from lmeraser.pipeline.train import train_in_threads
 from lmeraser.stages import upstream
 from lmeraser.versioning import dvc_repo
@@ -115,7 +116,7 @@ def reproduce(
         params: the checked params the stages read.
         target: the last stage to bring up to date (its upstream runs first where changed).
         log: where progress lines go.
-        after_stage: called with (stage, summary) after each stage that ran (MLflow tracking).
+        after_stage: called with (stage, summary) after each stage ran, before dvc.lock records them.
         map_jobs: how the train stage's clusters train, when not on threads.
     """
     check_executor(params, map_jobs)
@@ -139,5 +140,6 @@ def reproduce(
                 after_stage(definition.name, result)
         # Recorded together, once every stage ran (one write of dvc.lock): a batch killed before
         # this runs its changed stages again when it resumes, as `dvc repro` would.
+        failpoint("rebuild:ran")
         _record(repo, [stages[name] for name in ran])
     return ran
