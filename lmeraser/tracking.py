@@ -336,19 +336,55 @@ def backlog_stages(ws: Workspace) -> list[str]:
         return ["unreadable backlog"]
 
 
-def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None) -> None:
+ENTRY_TAG = "lmeraser.backlog_entry"  # on every run tracked from the backlog: the entry's id
+
+
+def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None, entry_id: str | None = None) -> None:
     """Add a run to the backlog: a stage the batch ran (its metrics; the stage's small output files
-    are read when it is tracked) or, with `run` ({"params", "tags"}), the batch's own run."""
+    are read when it is tracked) or, with `run` ({"params", "tags"}), the batch's own run.
+
+    Args:
+        ws: the workspace whose backlog is extended.
+        stage: the stage (or `unlearn`, the batch's own run).
+        metrics: the run's metrics.
+        run: the params and tags of a batch's own run.
+        entry_id: the entry's id (a batch's `<batch id>/<stage>`); an entry of that id already waiting is replaced, and
+            one already tracked is not tracked again. Default: a new id.
+    """
+    import uuid
+
     from lmeraser.io import atomic_write_json, read_json
 
     path = backlog_file(ws)
-    entry = {"stage": stage, "metrics": json.loads(json.dumps(metrics, default=float))}
+    entry = {
+        "id": entry_id or uuid.uuid4().hex,
+        "stage": stage,
+        "metrics": json.loads(json.dumps(metrics, default=float)),
+    }
     if run is not None:
         entry["run"] = json.loads(json.dumps(run, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
     with ws.lock("tracking"):  # an influence update and an exact batch may finish at once
         entries = read_json(path)["stages"] if path.exists() else []
-        atomic_write_json(path, {"stages": [*entries, entry]})
+        atomic_write_json(path, {"stages": [e for e in entries if e.get("id") != entry["id"]] + [entry]})
+
+
+def tracked(ws: Workspace, stage: str, entry_id: str | None) -> bool:
+    """Whether MLflow already holds the run of backlog entry `entry_id` for `stage` (a process killed
+    after logging it, before the backlog was rewritten); False for an entry without an id."""
+    if not entry_id:
+        return False
+    from mlflow import MlflowClient
+
+    _mlflow(ws)
+    client = MlflowClient(tracking_uri=tracking_uri(ws))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    found = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`lmeraser.stage` = '{stage}' and tags.`{ENTRY_TAG}` = '{entry_id}'",
+        max_results=1,
+    )
+    return bool(found)
 
 
 def track_backlog(ws: Workspace, track, log=print) -> dict:
@@ -373,7 +409,7 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
             "nothing tracked from it"
         )
         return {"tracked": [], "waiting": ["unreadable backlog"]}
-    tracked = []
+    done = []
     for i, entry in enumerate(entries):
         try:
             track(entry)
@@ -385,10 +421,12 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
                 f"({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
                 f"{len(left)} stage run(s) wait in {ws.relative(path)} for the next `lmeraser unlearn`"
             )
-            return {"tracked": tracked, "waiting": [e["stage"] for e in left]}
-        tracked.append(entry["stage"])
+            return {"tracked": done, "waiting": [e["stage"] for e in left]}
+        done.append(entry["stage"])
+        if i + 1 < len(entries):  # a kill from here on leaves only what is not tracked yet
+            atomic_write_json(path, {"stages": entries[i + 1 :]})
     path.unlink()
-    return {"tracked": tracked, "waiting": []}
+    return {"tracked": done, "waiting": []}
 
 
 ALIAS = "production"

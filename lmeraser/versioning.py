@@ -5,6 +5,7 @@ its command line."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,9 @@ def dvc_repo(root: Path) -> Iterator:
             repo.close()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # DVC colours its messages for a terminal
+
+
 @contextmanager
 def dvc_step(root: Path, command: str) -> Iterator[None]:
     """A DVC API call's failure as one sentence naming the command a person would run to see it."""
@@ -52,7 +56,12 @@ def dvc_step(root: Path, command: str) -> Iterator[None]:
     except LmeraserError:
         raise
     except Exception as error:  # noqa: BLE001 - DVC, fsspec and remote clients raise their own kinds
-        line = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+        if error.__class__.__name__ == "LockError":  # dvc.lock.LockError: another DVC process is running here
+            raise LmeraserError(
+                f"`dvc {command}` failed in {root}: another DVC process holds the repository's lock "
+                "(.dvc/tmp/lock); run the command again once it has finished."
+            ) from None
+        line = _ANSI.sub("", (str(error).strip().splitlines() or [error.__class__.__name__])[0])
         raise LmeraserError(f"`dvc {command}` failed in {root}: {line}") from None
 
 

@@ -331,7 +331,16 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     # nothing and the batch failed its check for good), the record appended before the journal was
     # told, and the journal told `verified` before the batch file went (W1). (The directory swap's
     # windows, W2: tests/test_recovery.py; every named point: bench/reliability_kill.py.)
-    for point in ["rebuild:ran", "rebuild:reproduced", "record:appended", "record:journaled"]:
+    # The hand-on to tracking after dvc.lock records the stages (found by a stranger's attack: a
+    # kill there lost the stages' tracking and the model's registration, and the record said no
+    # stage ran) is killed at its first backlog write.
+    for point in [
+        "rebuild:ran",
+        "atomic:tracking-backlog.json",
+        "rebuild:reproduced",
+        "record:appended",
+        "record:journaled",
+    ]:
         # The process SIGKILLs itself at `point`; then the rest of its tree (Prefect's temporary
         # server) is killed too, as a machine or container crash would.
         proc = subprocess.Popen(
@@ -380,6 +389,10 @@ def test_killed_unlearn_resumes_and_finishes_exactly_once(repo):
     # Tracked once the record was signed, each run exactly once, the backlog gone.
     assert not backlog.exists()
     assert len(runs_of("train")) == train_runs_before + 1
+    batch_runs = [r for r in runs_of("train") if r.data.tags.get("lmeraser.backlog_entry", "").startswith("batch-")]
+    assert batch_runs[0].data.tags["lmeraser.backlog_entry"] == f"{records[-1].predicate['batch_id']}/train"
+    # The record names the stages that ran, though the resumed step found nothing left to run.
+    assert records[-1].predicate["stages_run"] == ["validate", "assign", "train", "evaluate"]
     assert [
         r.data.tags["lmeraser.record"]
         for r in runs_of("unlearn")

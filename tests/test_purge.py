@@ -177,3 +177,52 @@ def test_dvc_add_outside_a_dvc_project_is_one_sentence(tmp_path):
     ) as info:
         dvc_add(tmp_path, "data")
     assert "\n" not in str(info.value)
+
+
+def test_another_process_holding_dvcs_lock_is_one_sentence_for_the_purge_and_the_rebuilds_dvc_calls(
+    tmp_path, monkeypatch
+):
+    """Found by a stranger's attack: with a user's DVC command holding the repository's lock, a
+    batch's `dvc status` (capture, rebuild) and `dvc commit` failed with tracebacks and DVC's
+    terminal colour codes; the purge's sentence had the codes too. Each is one plain sentence."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from lmeraser.errors import LmeraserError
+    from lmeraser.unlearning.purge import purge
+    from lmeraser.unlearning.rebuild import record_stage
+    from lmeraser.versioning import dvc_add
+
+    ws = _dvc_workspace(tmp_path, monkeypatch)
+    (ws.data / "a.txt").write_text("a version")
+    dvc_add(ws.root, "data")
+    (ws.root / "dvc.yaml").write_text(
+        "stages:\n  train:\n    cmd: cp data/a.txt out.txt\n    deps: [data]\n    outs: [out.txt]\n"
+    )
+    (ws.root / "out.txt").write_text("a version")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dvc.repo import Repo; repo = Repo(sys.argv[1]); repo.lock.lock(); "
+            "print('held', flush=True); time.sleep(120)",
+            str(ws.root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for call in (lambda: record_stage(ws, "train"), lambda: purge(ws, set(), log=lambda m: None)):
+            with pytest.raises(LmeraserError) as info:
+                call()
+            message = str(info.value)
+            assert "another DVC process holds the repository's lock" in message, message
+            assert "\n" not in message and "\x1b" not in message
+    finally:
+        holder.kill()
+        holder.wait()
+    record_stage(ws, "train")  # the lock released: it records
+    assert "out.txt" in (ws.root / "dvc.lock").read_text()

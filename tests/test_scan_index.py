@@ -190,3 +190,65 @@ def test_a_sealed_document_is_the_canonical_json_of_its_body_and_mac_and_any_edi
     assert Keyer(Workspace(tmp_path / "b")).unseal("scan-index", sealed) == (None, "altered")
     assert keyer.unseal("scan-index", sealed.replace(b"1.5", b"2.5")) == (None, "altered")
     assert keyer.unseal("scan-index", sealed[:-1]) == (None, "damaged")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "link to a valid index", "directory"])
+def test_an_index_path_that_is_not_a_regular_file_is_never_read_and_means_a_full_scan(stores, kind):
+    """Found by a stranger's attack: a FIFO there hung every scan (and a forget at its verify
+    step), a link to /dev/zero read until memory ran out. The index is read as the product reads
+    its trusted files: a regular file only, never through a link, never blocking."""
+    ws, images, keyer = stores
+    scan(ws, set(), set())
+    path = ws.scan_index_file
+    if kind == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.unlink()
+        path.symlink_to("/dev/zero")
+    elif kind == "link to a valid index":
+        path.rename(path.with_name("elsewhere.json"))
+        path.symlink_to(path.with_name("elsewhere.json"))
+    else:
+        path.unlink()
+        path.mkdir()
+    target = keyer.content(content_hash(images[0]))
+    if kind == "directory":  # the atomic write cannot replace a directory: the report says the index was not saved
+        report = scan(ws, {target}, set())
+        assert report.index["mode"] == "full" and "not a regular file" in report.index["reason"]
+        assert report.index["sha256"] is None and "not_saved" in report.index
+    else:
+        report = scan(ws, {target}, set())
+        assert report.index["mode"] == "full" and report.index["reason"].startswith("the scan index cannot be read")
+        assert path.is_file() and not path.is_symlink()  # replaced by the index this scan saved
+        assert scan(ws, {target}, set()).index["mode"] == "incremental"
+    assert [h.location for h in report.hits] == ["dvc cache"]
+
+
+def test_a_link_in_a_store_is_searched_through_to_a_file_and_any_other_link_is_named_not_searched(stores, tmp_path):
+    """Found by a stranger's attack: a symbolic link in artifacts/ to a copy of an erased shard
+    outside the workspace gave "0 hits" (links were skipped silently). A link to a regular file
+    is searched through, also from the index once its target changes; a link to a directory or
+    to nowhere is not followed, and the report (which a record signs) says so."""
+    ws, images, keyer = stores
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.save(outside / "backup.npy", images[4:])
+    (ws.root / "artifacts").mkdir()
+    (ws.root / "artifacts" / "shard-backup.npy").symlink_to(outside / "backup.npy")
+    (ws.root / "artifacts" / "elsewhere").symlink_to(outside, target_is_directory=True)
+    (ws.root / "artifacts" / "dangling.npy").symlink_to(outside / "gone.npy")
+    target = keyer.content(content_hash(images[5]))
+    first = scan(ws, {target}, set())
+    assert sorted((h.location, h.path.rsplit("/", 1)[-1]) for h in first.hits) == [
+        ("artifact store", "shard-backup.npy"),
+        ("data", "images.npy"),
+    ]
+    assert {n for n in first.not_searched if n.startswith("artifact store: ")} == {
+        "artifact store: elsewhere (a symbolic link to a directory, not followed)",
+        "artifact store: dangling.npy (a symbolic link that leads nowhere)",
+    }
+    assert scan(ws, {target}, set()).read["artifact store"] == 0  # answered from the index
+    np.save(outside / "backup.npy", images[:2])  # the target rewritten: read again, the erased image gone
+    again = scan(ws, {target}, set())
+    assert again.read["artifact store"] == 1 and [h.location for h in again.hits] == ["data"]

@@ -227,6 +227,7 @@ def scan(
             not_searched.append(f"{location} ({store.root}): cannot be read from here ({reason(error)})")
             continue
         hits += found_here
+        not_searched += [f"{location}: {skipped}" for skipped in getattr(store, "skipped", ())]
         counts[location], read[location] = n, fresh
         found[location] = (store.root, entries)
         if store.elsewhere:

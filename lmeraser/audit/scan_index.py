@@ -26,10 +26,12 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmeraser.io import atomic_write_bytes
+from lmeraser.errors import LmeraserError
+from lmeraser.io import MissingFile, atomic_write_bytes, read_trusted
 from lmeraser.salt import Keyer
 from lmeraser.workspace import Workspace
 
+MAX_INDEX_BYTES = 1 << 34  # far above any real index (a few hundred bytes per stored file): a device is not read
 VERSION = 2  # 1 kept what a file holds per file; a version-1 index means one full scan
 
 
@@ -59,13 +61,13 @@ class ScanIndex:
         if full:
             index.reason = "a full scan was asked for"
             return index
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        try:  # a regular file only, never through a link, never blocking on a FIFO
+            raw = read_trusted(path, "scan index", MAX_INDEX_BYTES)
+        except MissingFile:
             index.reason = "no scan index yet"
             return index
-        except OSError as error:
-            index.reason = f"the scan index cannot be read ({error.__class__.__name__})"
+        except LmeraserError as error:
+            index.reason = f"the scan index cannot be read ({str(error).split(': ', 1)[-1].rstrip('.')})"
             return index
         body, problem = keyer.unseal("scan-index", raw)
         if problem == "damaged":

@@ -114,21 +114,42 @@ class DirectoryStore(Store):
     label: str
     path: Path
     elsewhere = False  # a failure here is this machine's problem: it raises
+    skipped = ()  # links the last listing did not follow, with why
 
     @property
     def root(self) -> str:
         return str(self.path)
 
     def listing(self) -> list[tuple[str, list | None]]:
+        """As `Store.listing`. A symbolic link to a regular file is searched through (what it
+        leads to is what a reader of the store gets; its identity is the link's and the target's);
+        any other link (to a directory, a FIFO, a device, nowhere) is not followed, and `skipped`
+        names it, for the report's "not searched"."""
+        import stat as stat_mode
+
         from lmeraser.io import file_identity as identity
 
-        found = []
+        found, self.skipped = [], []
         if self.path.exists():
-            for base, _, names in os.walk(self.path):
-                for name in names:
+            for base, dirs, names in os.walk(self.path):
+                for name in [*names, *dirs]:
                     path = Path(base) / name
-                    if path.is_file() and not path.is_symlink():
-                        found.append((os.path.relpath(path, self.path), identity(path.stat())))  # stat before the read
+                    rel = os.path.relpath(path, self.path)
+                    try:
+                        own = path.lstat()
+                        if not stat_mode.S_ISLNK(own.st_mode):
+                            if name in names and stat_mode.S_ISREG(own.st_mode):
+                                found.append((rel, identity(own)))  # stat before the read
+                            continue
+                        target = path.stat()
+                    except OSError:
+                        self.skipped.append(f"{rel} (a symbolic link that leads nowhere)")
+                        continue
+                    if stat_mode.S_ISREG(target.st_mode):
+                        found.append((rel, identity(own) + identity(target)))
+                    else:
+                        kind = "a directory" if stat_mode.S_ISDIR(target.st_mode) else "no regular file"
+                        self.skipped.append(f"{rel} (a symbolic link to {kind}, not followed)")
         return found
 
     @contextlib.contextmanager

@@ -21,15 +21,19 @@ def workspace_and_params(root: str, params_file: str) -> tuple[Params, Workspace
     return load_params(ws.params_file), ws
 
 
-def track_stage(name: str, params: Params, ws: Workspace, result: dict) -> None:
+def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id: str | None = None) -> None:
     """One MLflow run for a stage that ran (here or in an unlearning batch's rebuild): the params
-    it reads, its metrics and small outputs; after evaluate, the served model's registration."""
+    it reads, its metrics and small outputs; after evaluate, the served model's registration.
+    `entry_id` (a tracking backlog entry's): tagged on each run, and a run already logged under it
+    (a kill came before the backlog was rewritten) is not logged again."""
     definition = stage(name)
-    with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json"))):
-        tracking.log_metrics(result.get("metrics", {}))
-        tracking.log_artifacts([ws.root / path for path in definition.logged])
-    if name == "evaluate":
-        result["model_version"] = _register(params, ws, result)
+    tags = {tracking.ENTRY_TAG: entry_id} if entry_id else None
+    if not tracking.tracked(ws, name, entry_id):
+        with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json")), tags=tags):
+            tracking.log_metrics(result.get("metrics", {}))
+            tracking.log_artifacts([ws.root / path for path in definition.logged])
+    if name == "evaluate" and not tracking.tracked(ws, "register", entry_id):
+        result["model_version"] = _register(params, ws, result, tags)
 
 
 # MLflow calls go over the network when the tracking server is remote: retried (a retry may
@@ -48,12 +52,12 @@ def timestamped_run_name() -> str:
     return f"{flow_run.flow_name}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def _register(params: Params, ws: Workspace, result: dict) -> int:
+def _register(params: Params, ws: Workspace, result: dict, tags: dict | None = None) -> int:
     """Log the served model as an MLflow pyfunc and register it as `lmeraser@production`, when it
     changed (a version per served bundle, never per run)."""
     example = ws.split("test").images[:8]
     with tracking.stage_run(
-        ws, "register", {"seed": params.seed, **stage("train").param_values(params.model_dump(mode="json"))}
+        ws, "register", {"seed": params.seed, **stage("train").param_values(params.model_dump(mode="json"))}, tags=tags
     ) as run:
         tracking.log_metrics(result["metrics"])
         description = f"test accuracy {result['metrics']['accuracy']:.4f}"

@@ -91,7 +91,9 @@ def unlearn(
             get_run_logger().info,
             run_step=lambda batch, step: step_task(step)(batch, step),
             git_commit=git_commit,
-            after_stage=lambda name, summary: tracking.defer_run(ws, name, summary.get("metrics", {})),
+            after_stage=lambda name, summary, entry_id: tracking.defer_run(
+                ws, name, summary.get("metrics", {}), entry_id=entry_id
+            ),
             max_requests=max_requests,
             map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
         )
@@ -107,6 +109,7 @@ def unlearn(
             "unlearn",
             {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]},
             run,
+            entry_id=f"{result['batch_id']}/unlearn",
         )
         result["tracking"] = (
             track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
@@ -128,10 +131,15 @@ def track_waiting(ws: Workspace, params, retry: bool = True, log=None) -> dict:
 
     def track(entry: dict) -> None:
         if "run" in entry:
-            with tracking.stage_run(ws, entry["stage"], entry["run"]["params"], tags=entry["run"]["tags"]):
+            if tracking.tracked(ws, entry["stage"], entry.get("id")):
+                return  # logged before a kill, not yet taken off the backlog
+            tags = {**entry["run"]["tags"], **({tracking.ENTRY_TAG: entry["id"]} if entry.get("id") else {})}
+            with tracking.stage_run(ws, entry["stage"], entry["run"]["params"], tags=tags):
                 tracking.log_metrics(entry["metrics"])
         else:
-            (track_stage_task if retry else track_stage)(entry["stage"], params, ws, {"metrics": entry["metrics"]})
+            (track_stage_task if retry else track_stage)(
+                entry["stage"], params, ws, {"metrics": entry["metrics"]}, entry.get("id")
+            )
 
     return tracking.track_backlog(ws, track, log or get_run_logger().info)
 

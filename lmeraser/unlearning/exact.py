@@ -46,7 +46,7 @@ from lmeraser.lineage.records import (
 from lmeraser.overlay import Overlay
 from lmeraser.request import Request, corrected_image
 from lmeraser.salt import Keyer
-from lmeraser.stages import GIT_TRACKED_OUTPUTS, SERVING_TARGET
+from lmeraser.stages import GIT_TRACKED_OUTPUTS, SERVING_TARGET, upstream
 from lmeraser.unlearning.preflight import check_before_change, check_compute
 from lmeraser.unlearning.recovery import recover
 from lmeraser.unlearning.steps import (
@@ -490,21 +490,29 @@ class UnlearnBatch:
 
         ws = self.ws
 
-        ran: list[tuple[str, dict]] = []
+        # What an earlier try of this step ran (killed after dvc.lock recorded it: nothing is left
+        # to run now), then what this one runs; a stage run again replaces its earlier summary.
+        ran = {entry["stage"]: entry["summary"] for entry in self.state.stages_ran}
 
         def after_stage(stage: str, summary: dict) -> None:
             # The overlays this batch makes exact go before the evaluate stage registers the served
             # model: a registered bundle must not carry an influence edit (ids, request details).
             if stage == "train":
                 self._retire_overlay()
-            ran.append((stage, summary))
+            ran[stage] = json.loads(json.dumps(summary, default=_json_value))
 
-        stages = reproduce(ws, self.params, SERVING_TARGET, self.log, after_stage, self.map_jobs)
-        # Handed on (the tracking backlog) once dvc.lock records the stages: a batch killed before
-        # then runs them again when it resumes, and they are handed on once.
-        for stage, summary in ran:
+        def before_record() -> None:
+            self.state.stages_ran = [{"stage": stage, "summary": summary} for stage, summary in ran.items()]
+            self.save()
+
+        reproduce(ws, self.params, SERVING_TARGET, self.log, after_stage, self.map_jobs, before_record)
+        stages = [definition.name for definition in upstream(SERVING_TARGET) if definition.name in ran]
+        # Handed on (the tracking backlog) once dvc.lock records the stages, each under an id of
+        # this batch and stage: handed on again after a kill, it replaces itself, and a stage run
+        # already in MLflow under that id is not logged twice (lmeraser/tracking.py).
+        for stage in stages:
             if self.after_stage is not None:
-                self.after_stage(stage, summary)
+                self.after_stage(stage, ran[stage], f"{self.state.batch_id}/{stage}")
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
@@ -929,6 +937,11 @@ def preload(ws: Workspace) -> None:
     check_compute(ws)
 
 
+def _json_value(value):
+    """A stage summary's value in JSON (numpy scalars, paths): saved in the batch file."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def process_pending(
     ws: Workspace,
     log=print,
@@ -946,7 +959,8 @@ def process_pending(
         log: where progress lines go.
         run_step: runs one step of the batch (the flow wraps each in a Prefect task); default: in turn.
         git_commit: commit the versions the batch made in the workspace's git repository.
-        after_stage: called with (stage, summary) after each stage the rebuild ran (MLflow tracking).
+        after_stage: called with (stage, summary, entry id) for each stage the rebuild ran, once dvc.lock records
+            them (MLflow tracking; the id is the same when a resumed batch hands a stage on again).
         max_requests: at most this many of the oldest pending requests.
         map_jobs: how the rebuilt clusters train (the flow passes Dask's when runtime.executor is dask).
 

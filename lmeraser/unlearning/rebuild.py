@@ -16,7 +16,7 @@ from lmeraser.errors import ConfigError
 from lmeraser.failpoints import failpoint
 from lmeraser.pipeline.train import train_in_threads
 from lmeraser.stages import upstream
-from lmeraser.versioning import dvc_repo
+from lmeraser.versioning import dvc_repo, dvc_step
 from lmeraser.workspace import Workspace
 
 
@@ -64,7 +64,7 @@ def stale_stages(ws: Workspace, target: str) -> list[str]:
         ws: the workspace (a DVC repository).
         target: the last stage to check (`SERVING_TARGET` for a batch); the stages before it are checked too.
     """
-    with dvc_repo(ws.root) as repo:
+    with dvc_step(ws.root, "status"), dvc_repo(ws.root) as repo:
         stages = _pipeline_stages(repo, [definition.name for definition in upstream(target)])
         return [
             name
@@ -80,7 +80,7 @@ def record_stage(ws: Workspace, name: str) -> None:
         ws: the workspace (a DVC repository).
         name: the stage whose outputs are recorded (the purge records `train`, whose prompt store it edited).
     """
-    with dvc_repo(ws.root) as repo:
+    with dvc_step(ws.root, f"commit {name}"), dvc_repo(ws.root) as repo:
         _record(repo, list(_pipeline_stages(repo, [name]).values()))
 
 
@@ -106,6 +106,7 @@ def reproduce(
     log=print,
     after_stage: Callable[[str, dict], None] | None = None,
     map_jobs: Callable | None = None,
+    before_record: Callable[[], None] | None = None,
 ) -> list[str]:
     """Run and record every changed stage up to `target`; the names of those that ran. Clusters
     train with `map_jobs`, by default on runtime.workers threads (as the flow's task runner
@@ -118,15 +119,19 @@ def reproduce(
         log: where progress lines go.
         after_stage: called with (stage, summary) after each stage ran, before dvc.lock records them.
         map_jobs: how the train stage's clusters train, when not on threads.
+        before_record: called once the stages ran, before dvc.lock records them (the batch saves what ran).
     """
     check_executor(params, map_jobs)
     ran = []
     # Absolute paths: the stages run while dvc_repo has the workspace as current directory.
     ws = Workspace(ws.root.resolve(), ws.params_file.resolve())
     with dvc_repo(ws.root) as repo:
-        stages = _pipeline_stages(repo, [definition.name for definition in upstream(target)])
+        with dvc_step(ws.root, "status"):
+            stages = _pipeline_stages(repo, [definition.name for definition in upstream(target)])
         for definition in upstream(target):
-            if not _changes(repo, stages[definition.name]):
+            with dvc_step(ws.root, f"status {definition.name}"):
+                changed = _changes(repo, stages[definition.name])
+            if not changed:
                 continue
             log(f"rebuild: stage {definition.name}")
             options = (
@@ -140,6 +145,9 @@ def reproduce(
                 after_stage(definition.name, result)
         # Recorded together, once every stage ran (one write of dvc.lock): a batch killed before
         # this runs its changed stages again when it resumes, as `dvc repro` would.
+        if ran and before_record is not None:
+            before_record()
         failpoint("rebuild:ran")
-        _record(repo, [stages[name] for name in ran])
+        with dvc_step(ws.root, f"commit {' '.join(ran)}"):
+            _record(repo, [stages[name] for name in ran])
     return ran

@@ -141,6 +141,10 @@ class BatchState(BaseModel):
     seconds: dict[str, float] = {}
     started_at: float | None = None
     git_commit: bool = True
+    # The stages the rebuild ran, saved before dvc.lock records them: a rebuild resumed after a
+    # kill past that write finds nothing left to run, and still knows what ran (the record's
+    # `stages_run`, the tracking hand-on).
+    stages_ran: list[dict] = []
 
     @classmethod
     def from_json(cls, obj: dict) -> BatchState:
