@@ -444,7 +444,11 @@ class Workspace:
         if not path.exists():
             raise DataError(f"{path}: not found; run 'lmeraser data init' first.")
         try:
-            images = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            # numpy parses the header with ast.literal_eval, which CPython 3.11 does not make
+            # thread-safe ("AST constructor recursion depth mismatch" with clusters training in
+            # threads, each opening its members' shards): one opening at a time.
+            with _NPY_OPEN_LOCK:
+                images = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         except (ValueError, OSError, EOFError) as error:
             raise DataError(f"{path}: unreadable ({error}).") from None
         if len(images) != rows:
@@ -560,6 +564,7 @@ class Workspace:
 
 _MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 _MANIFESTS_LOCK = threading.Lock()
+_NPY_OPEN_LOCK = threading.Lock()
 _MANIFESTS_KEPT = 4096  # shard manifests parsed in this process (a few hundred rows each)
 _SPLIT_MANIFESTS: collections.OrderedDict[tuple, tuple[tuple, pd.DataFrame]] = collections.OrderedDict()
 

@@ -162,6 +162,7 @@ class BatchState(BaseModel):
         return cls.model_validate({**obj, "done": {}}).model_copy(update={"done": done})
 
     def to_json(self) -> dict:
-        out = self.model_dump(mode="json", exclude={"done"})
+        # stages_ran only while it holds something: a batch file of earlier code reads and writes back unchanged
+        out = self.model_dump(mode="json", exclude={"done"} | (set() if self.stages_ran else {"stages_ran"}))
         out["done"] = {step: result.to_json() for step, result in self.done.items()}
         return out
