@@ -2,9 +2,10 @@
 
 Every stage on the serving path whose inputs changed (as DVC itself sees it: `dvc status`) runs
 through the stage registry, the same function `dvc repro` runs through the CLI, in pipeline order;
-then DVC records them in dvc.lock (`dvc commit`, one write for all), so that afterwards `dvc status` is clean and
-`dvc repro` a no-op. It saves a Python process, its imports and a Prefect flow run per stage,
-which on the digits demo cost more than the training itself.
+then DVC records them in dvc.lock (`dvc commit`, one write for all), so that afterwards `dvc
+status` is clean and `dvc repro` a no-op. It saves a Python process, its imports and a Prefect
+flow run per stage, which on the digits demo cost more than the training itself; `dvc.yaml` and
+`dvc.lock` are parsed once per step, not once per DVC call.
 """
 
 from __future__ import annotations
