@@ -132,13 +132,13 @@ class DirectoryStore(Store):
         found, self.skipped = [], []
         if self.path.exists():
             for base, dirs, names in os.walk(self.path):
-                for name in [*names, *dirs]:
+                for name, is_dir in [*((n, False) for n in names), *((d, True) for d in dirs)]:
                     path = Path(base) / name
                     rel = os.path.relpath(path, self.path)
                     try:
                         own = path.lstat()
                         if not stat_mode.S_ISLNK(own.st_mode):
-                            if name in names and stat_mode.S_ISREG(own.st_mode):
+                            if not is_dir and stat_mode.S_ISREG(own.st_mode):
                                 found.append((rel, identity(own)))  # stat before the read
                             continue
                         target = path.stat()
