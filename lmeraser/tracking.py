@@ -369,20 +369,20 @@ def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None,
         atomic_write_json(path, {"stages": [e for e in entries if e.get("id") != entry["id"]] + [entry]})
 
 
+def entry_tags(entry_id: str | None) -> dict:
+    """The tag that names a run's backlog entry (none for a run outside the backlog)."""
+    return {ENTRY_TAG: entry_id} if entry_id else {}
+
+
 def tracked(ws: Workspace, stage: str, entry_id: str | None) -> bool:
     """Whether MLflow already holds the run of backlog entry `entry_id` for `stage` (a process killed
     after logging it, before the backlog was rewritten); False for an entry without an id."""
     if not entry_id:
         return False
-    from mlflow import MlflowClient
-
-    _mlflow(ws)
-    client = MlflowClient(tracking_uri=tracking_uri(ws))
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    found = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`lmeraser.stage` = '{stage}' and tags.`{ENTRY_TAG}` = '{entry_id}'",
+    found = _mlflow(ws).search_runs(  # in the workspace's experiment, which _mlflow sets
+        filter_string=f"tags.`lmeraser.stage` = '{stage}' and tags.`{ENTRY_TAG}` = '{entry_id}'",
         max_results=1,
+        output_format="list",
     )
     return bool(found)
 

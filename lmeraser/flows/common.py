@@ -27,7 +27,7 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id
     `entry_id` (a tracking backlog entry's): tagged on each run, and a run already logged under it
     (a kill came before the backlog was rewritten) is not logged again."""
     definition = stage(name)
-    tags = {tracking.ENTRY_TAG: entry_id} if entry_id else None
+    tags = tracking.entry_tags(entry_id)
     if not tracking.tracked(ws, name, entry_id):
         with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json")), tags=tags):
             tracking.log_metrics(result.get("metrics", {}))

@@ -133,7 +133,7 @@ def track_waiting(ws: Workspace, params, retry: bool = True, log=None) -> dict:
         if "run" in entry:
             if tracking.tracked(ws, entry["stage"], entry.get("id")):
                 return  # logged before a kill, not yet taken off the backlog
-            tags = {**entry["run"]["tags"], **({tracking.ENTRY_TAG: entry["id"]} if entry.get("id") else {})}
+            tags = {**entry["run"]["tags"], **tracking.entry_tags(entry.get("id"))}
             with tracking.stage_run(ws, entry["stage"], entry["run"]["params"], tags=tags):
                 tracking.log_metrics(entry["metrics"])
         else:
