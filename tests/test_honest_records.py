@@ -474,17 +474,22 @@ def test_a_bundle_carries_the_active_overlay_without_its_edits(trained_workspace
 
 def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change(tiny_repo_template, tmp_path):
     """`lmeraser forget` in one process (submission, the unlearn flow, the rebuild's stages, the
-    record): the params file is parsed once, and the journal is read again only after it changed
-    (received, applied, verified), however many steps ask it."""
+    record): the params file is parsed once, the journal is read again only after it changed
+    (received, applied, verified), however many steps ask it, and dvc.lock is written once, though
+    the batch also deletes the prompt the last record pinned (which the purge used to record again)."""
     root = clone_repo(
         tiny_repo_template[0], tmp_path / "repo"
     )  # its own: the module's may hold a batch other tests left pending
+    warm_ok("forget", "--sample-id", _private(root, 40), "--no-git-commit", cwd=root)  # a record pins its prompts
     code = (
         "import atexit, sys\n"
         "import lmeraser\n"
         "from lmeraser import config\n"
         "from lmeraser import journal\n"
-        "atexit.register(lambda: print(f'COUNTS {config.parses} {journal.reads}', file=sys.stderr))\n"
+        "from dvc.dvcfile import Lockfile\n"
+        "writes, dump = [], Lockfile.dump_stages\n"
+        "Lockfile.dump_stages = lambda self, *a, **k: writes.append(1) or dump(self, *a, **k)\n"
+        "atexit.register(lambda: print(f'COUNTS {config.parses} {journal.reads} {len(writes)}', file=sys.stderr))\n"
         "from lmeraser.cli import main\n"
         "sys.argv = ['lmeraser', 'forget', '--sample-id', sys.argv[1], '--no-git-commit']\n"
         "main()\n"
@@ -494,9 +499,14 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "lineage record" in done.stdout
-    parses, reads = (int(n) for n in done.stderr.rsplit("COUNTS ", 1)[1].split()[:2])
+    parses, reads, lock_writes = (int(n) for n in done.stderr.rsplit("COUNTS ", 1)[1].split()[:3])
     assert parses == 1
     assert reads <= 4, f"the journal was read {reads} times"
+    assert lock_writes == 1, f"dvc.lock was written {lock_writes} times"
+    last = _records(root)[-1].predicate
+    assert last["purge"]["artifact_files_removed"] >= 1  # the pinned prompt its rebuild superseded
+    # The serving path is recorded as it is (the baselines stage waits for the next `dvc repro`).
+    assert "up to date" in dvc("status", "evaluate", cwd=root).stdout.lower()
     # Every record this module's batches signed holds to the published schema (docs/record-schema.json).
     import jsonschema
 

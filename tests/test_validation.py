@@ -240,7 +240,7 @@ def test_a_forget_is_validated_from_its_changed_rows_and_a_bad_summary_means_eve
     path = ChangeSummary.path(ws)
     saved = path.read_bytes()
     document = json.loads(saved)
-    document["body"]["splits"]["private"]["rows"][0][2] += 1  # hides a relabel from the next check
+    document["body"]["splits"]["private"]["label"][0] += 1  # hides a relabel from the next check
     path.write_text(json.dumps(document))
     assert validate_splits(ws, changed_only=True).statistics["mode"] == "full"
     path.write_bytes(saved)

@@ -332,10 +332,15 @@ def _keyer(ws: Workspace, create: bool = False):
         return None
 
 
+# A summary's columns per split: the manifest's fields and each row's keyed content hash.
+SUMMARY_COLUMNS = ("sample_id", "subject_id", "label", "content_hash", "content_key")
+
+
 class ChangeSummary:
     """What the last passing validation saw, kept in `artifacts/cache/validation-summary.json` (not
     versioned) so that an unlearning batch's rebuild checks only the rows that changed: per split
-    the files' sha256 and every row's manifest fields with its keyed content hash; and the
+    the files' sha256 and every row's manifest fields with its keyed content hash (in columns, and
+    a split whose files did not change is carried over as it was, not rebuilt); and the
     tombstones file as it was (length and sha256: tombstones are appended, so rows after it are
     new). Authenticated with the workspace's salt (an HMAC) and bound to this module's code; no
     salt, a mismatch or any damage means the whole suite runs.
@@ -395,23 +400,26 @@ class ChangeSummary:
         if keyer is None:
             return
         previous = previous or cls.load(ws)
-        known = {
-            row[3]: row[4] for split in (previous.body["splits"].values() if previous else ()) for row in split["rows"]
-        }
+        kept = previous.body["splits"] if previous else {}
+        known: dict[str, str] = {}
         splits = {}
         for split in SPLITS:
+            if split in kept and kept[split]["sha256"] == fingerprints[split]:
+                splits[split] = kept[split]  # its files did not change, so neither did its rows
+                continue
+            if not known:  # content hash -> content key, for the rows the last summary keyed
+                for columns in kept.values():
+                    known.update(zip(columns["content_hash"], columns["content_key"], strict=True))
             m = ws.manifest(split)
-            rows = [
-                [sid, subject, int(label), h, known.get(h) or keyer.content(h)]
-                for sid, subject, label, h in zip(
-                    m["sample_id"].tolist(),
-                    m["subject_id"].tolist(),
-                    m["label"].tolist(),
-                    m["content_hash"].tolist(),
-                    strict=True,
-                )
-            ]
-            splits[split] = {"sha256": fingerprints[split], "rows": rows}
+            hashes = m["content_hash"].tolist()
+            splits[split] = {
+                "sha256": fingerprints[split],
+                "sample_id": m["sample_id"].tolist(),
+                "subject_id": m["subject_id"].tolist(),
+                "label": [int(label) for label in m["label"].tolist()],
+                "content_hash": hashes,
+                "content_key": [known.get(h) or keyer.content(h) for h in hashes],
+            }
         tombstones = ws.tombstones_file.read_bytes() if ws.tombstones_file.exists() else b""
         body = {
             "code": cls._code(),
@@ -448,8 +456,14 @@ class ChangeSummary:
         frames, failures, changed_rows, suppressed_unchanged = [], [], 0, 0
         for split in SPLITS:
             m = manifests[split]
-            before = self.body["splits"].get(split) or {"sha256": None, "rows": []}
-            keyed_before = {(r[0], r[1], r[2], r[3]): r[4] for r in before["rows"]}
+            before = self.body["splits"].get(split) or {"sha256": None, **{name: [] for name in SUMMARY_COLUMNS}}
+            keyed_before = dict(
+                zip(
+                    zip(*(before[name] for name in SUMMARY_COLUMNS[:4]), strict=True),
+                    before["content_key"],
+                    strict=True,
+                )
+            )
             fields = list(
                 zip(
                     m["sample_id"].tolist(),

@@ -16,6 +16,7 @@ resumes where it stopped, and every request is finished exactly once:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -502,8 +503,16 @@ class UnlearnBatch:
             ran[stage] = json.loads(json.dumps(summary, default=_json_value))
 
         def before_record() -> None:
+            from lmeraser.unlearning.purge import remove_from_store, superseded_in_store
+
             self.state.stages_ran = [{"stage": stage, "summary": summary} for stage, summary in ran.items()]
+            # The prompts the last record pinned that this rebuild superseded leave the store now,
+            # so that dvc.lock records the store once per batch (the purge would write it again).
+            # Named in the batch file before they go: a resumed batch still counts them.
+            stale = superseded_in_store(ws, set(self._superseded(served_prompts(ws))))
+            self.state.prompts_removed = sorted(set(self.state.prompts_removed) | set(stale))
             self.save()
+            remove_from_store(ws, stale)
 
         reproduce(ws, self.params, SERVING_TARGET, self.log, after_stage, self.map_jobs, before_record)
         stages = [definition.name for definition in upstream(SERVING_TARGET) if definition.name in ran]
@@ -516,7 +525,6 @@ class UnlearnBatch:
         failpoint("rebuild:reproduced")
         self._retire_overlay()
         index = ws.prompt_index()
-        before = self.capture.prompts
         # What changed, from the content-addressed keys before and after: right even when this
         # step resumes after a crash that came once the stages had run and been recorded (then
         # nothing is left to run, and this process trained nothing).
@@ -538,9 +546,14 @@ class UnlearnBatch:
             seeds=seeds,
             accuracy=ws.metrics().get("accuracy"),
             dvc_lock_sha256=file_sha256(ws.dvc_lock),
-            # Served prompts that changed, and the exact prompts that influence overlays stood in for.
-            superseded=sorted((set(before.values()) | set(self.capture.exact_prompts.values())) - set(after.values())),
+            superseded=self._superseded(after),
         )
+
+    def _superseded(self, served: dict[str, str]) -> list[str]:
+        """The served prompts that changed, and the exact prompts influence overlays stood in for
+        (sha256), against what each cluster serves now."""
+        before = set(self.capture.prompts.values()) | set(self.capture.exact_prompts.values())
+        return sorted(before - set(served.values()))
 
     def _retire_overlay(self) -> None:
         """Drop the influence overlays this batch makes exact (and any gone stale), with their files."""
@@ -557,7 +570,15 @@ class UnlearnBatch:
     def _purge(self) -> Purged:
         from lmeraser.unlearning.purge import purge
 
-        return Purged(**purge(self.ws, set(self.rebuilt.superseded), self.log, set(self.applied.erased_content_keys)))
+        return Purged(
+            **purge(
+                self.ws,
+                set(self.rebuilt.superseded),
+                self.log,
+                set(self.applied.erased_content_keys),
+                removed_by_rebuild=len(self.state.prompts_removed),
+            )
+        )
 
     def _verify(self) -> Verified:
         from lmeraser.audit.forgetting import in_digests
@@ -935,6 +956,10 @@ def preload(ws: Workspace) -> None:
     import lmeraser.pipeline.validate  # noqa: F401
 
     check_compute(ws)
+    # What the imports made lives as long as the process: moved out of the collector's
+    # generations, the collections a batch triggers walk the batch's objects only (measured at
+    # 30,000 private samples: 1.3 s of collections in one forget without, 0.75 s with).
+    gc.freeze()
 
 
 def _json_value(value):

@@ -11,20 +11,59 @@ from lmeraser.versioning import dvc_repo, dvc_step, remotes
 from lmeraser.workspace import Workspace
 
 
+def superseded_in_store(ws: Workspace, superseded_artifacts: set[str]) -> list[str]:
+    """The prompt store's keys that no cluster serves and whose file is a superseded artifact (by
+    sha256): the prompts the last record pinned (the train stage keeps pinned keys) that a rebuild replaced.
+
+    Args:
+        ws: the workspace whose prompt store and index are read.
+        superseded_artifacts: sha256 of prompt files no longer served anywhere.
+    """
+    store, deployed = ArtifactStore(ws.store_dir), {e.key for e in ws.prompt_index_or_empty().clusters.values()}
+    return sorted(key for key in store.keys() - deployed if sha256_file(store.path(key)) in superseded_artifacts)
+
+
+def remove_from_store(ws: Workspace, keys: list[str]) -> list[str]:
+    """Delete these keys' files from the prompt store (those already gone are skipped) and unpin
+    them; the paths deleted.
+
+    Args:
+        ws: the workspace whose prompt store and pins are edited.
+        keys: prompt store keys (`superseded_in_store`).
+    """
+    store, removed = ArtifactStore(ws.store_dir), []
+    for key in keys:
+        path = store.path(key)
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    if keys and ws.pins_file.exists():
+        pins = read_json(ws.pins_file)
+        atomic_write_json(ws.pins_file, {**pins, "keys": sorted(set(pins["keys"]) - set(keys))})
+    return removed
+
+
 def purge(
-    ws: Workspace, superseded_artifacts: set[str], log=print, erased_content_keys: set[str] = frozenset()
+    ws: Workspace,
+    superseded_artifacts: set[str],
+    log=print,
+    erased_content_keys: set[str] = frozenset(),
+    removed_by_rebuild: int = 0,
 ) -> dict:
     """Delete superseded artifacts from the prompt store and the MLflow roots and the feature-cache
     rows of erased contents (keyed hashes), then garbage-collect the DVC cache and remote.
 
     The train stage pruned every superseded key except the ones the previous record pinned (the
-    prompts that were deployed and signed); those go here, and leave the pins.
+    prompts that were deployed and signed); a batch's rebuild deletes those before it records
+    dvc.lock, and any left go here, and leave the pins.
 
     Args:
         ws: the workspace.
         superseded_artifacts: sha256 of prompt files no longer served anywhere.
         log: where progress lines go.
         erased_content_keys: keyed content hashes whose feature-cache rows are dropped.
+        removed_by_rebuild: superseded prompt files the batch's rebuild already deleted from the store (counted in
+            `artifact_files_removed`).
 
     Returns:
         What was deleted per store (the record's `purge` section; `remotes_failed` and
@@ -49,17 +88,12 @@ def purge(
         else {"versions_deleted": [], "not_searched": []}
     )
     if superseded_artifacts:
-        store, deployed = ArtifactStore(ws.store_dir), {e.key for e in ws.prompt_index_or_empty().clusters.values()}
-        stale = [key for key in store.keys() - deployed if sha256_file(store.path(key)) in superseded_artifacts]
-        for key in stale:
-            store.path(key).unlink()
-            removed.append(str(store.path(key)))
+        stale = superseded_in_store(ws, superseded_artifacts)
+        removed += remove_from_store(ws, stale)
         if stale:
-            if ws.pins_file.exists():
-                pins = read_json(ws.pins_file)
-                atomic_write_json(ws.pins_file, {**pins, "keys": sorted(set(pins["keys"]) - set(stale))})
             # The store is the train stage's persisted output: record it as it is now, so that
-            # `dvc status` stays clean after the batch.
+            # `dvc status` stays clean after the batch. (A batch's rebuild removes them before its
+            # own record of dvc.lock; this covers a purge resumed or run on its own.)
             from lmeraser.unlearning.rebuild import record_stage
 
             record_stage(ws, "train")
@@ -94,11 +128,10 @@ def purge(
                 collected.append(name)
             except LmeraserError as error:
                 failed.append(f"{name}: {error}")
-    log(
-        f"purged {len(removed)} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected"
-    )
+    n_removed = removed_by_rebuild + len(removed)
+    log(f"purged {n_removed} superseded artifact file(s); DVC cache and {len(collected)} remote(s) garbage-collected")
     return {
-        "artifact_files_removed": len(removed),
+        "artifact_files_removed": n_removed,
         "feature_cache_rows_removed": features_dropped,
         "registry": registry,
         "dvc_gc": True,

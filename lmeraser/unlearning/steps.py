@@ -145,6 +145,8 @@ class BatchState(BaseModel):
     # kill past that write finds nothing left to run, and still knows what ran (the record's
     # `stages_run`, the tracking hand-on).
     stages_ran: list[dict] = []
+    # The superseded prompts the rebuild deleted from the store before that write (the purge counts them).
+    prompts_removed: list[str] = []
 
     @classmethod
     def from_json(cls, obj: dict) -> BatchState:
@@ -162,7 +164,9 @@ class BatchState(BaseModel):
         return cls.model_validate({**obj, "done": {}}).model_copy(update={"done": done})
 
     def to_json(self) -> dict:
-        # stages_ran only while it holds something: a batch file of earlier code reads and writes back unchanged
-        out = self.model_dump(mode="json", exclude={"done"} | (set() if self.stages_ran else {"stages_ran"}))
+        # stages_ran and prompts_removed only while they hold something: a batch file of earlier
+        # code reads and writes back unchanged
+        empty = {name for name in ("stages_ran", "prompts_removed") if not getattr(self, name)}
+        out = self.model_dump(mode="json", exclude={"done"} | empty)
         out["done"] = {step: result.to_json() for step, result in self.done.items()}
         return out
