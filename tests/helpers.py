@@ -229,6 +229,28 @@ def dvc(*args, cwd, check=True):
     return done
 
 
+def repro_in_process(root: Path, target: str = "evaluate") -> list[str]:
+    """`dvc repro <target>` as the product's in-process rebuild runs it (lmeraser/unlearning/
+    rebuild.py: the same stage functions, recorded in dvc.lock through DVC's API, each stage
+    tracked in MLflow as its stage process would track it), in this process: without a Python
+    process, its imports and a Prefect flow run per stage. For fixtures whose subject is not
+    `dvc repro` itself (test_e2e and test_under_load run it as a user does); the names of the
+    stages that ran."""
+    from lmeraser.config import load_params
+    from lmeraser.flows.common import track_stage
+    from lmeraser.unlearning.rebuild import reproduce
+
+    ws = Workspace(root)
+    params = load_params(ws.params_file)
+    return reproduce(
+        ws,
+        params,
+        target,
+        log=lambda message: None,
+        after_stage=lambda name, result: track_stage(name, params, ws, result),
+    )
+
+
 def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 

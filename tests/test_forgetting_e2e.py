@@ -16,7 +16,7 @@ from lmeraser.lineage.records import lineage_log
 from lmeraser.store import ArtifactStore
 from lmeraser.workspace import Workspace
 
-from helpers import copy_repo, dvc, lmeraser_warm, warm_ok
+from helpers import copy_repo, lmeraser_warm, repro_in_process, warm_ok
 
 # The digits demo's model on a smaller pool, without its baselines: a training pool of 600
 # samples (half of it private, in clusters of about 60 as in the demo) and a backbone trained for
@@ -33,7 +33,7 @@ def canaries(tmp_path_factory):
     rectification (mislabelled canaries the prompts of their clusters now memorise)."""
     root = copy_repo(tmp_path_factory.mktemp("forgetting") / "repo", PARAMS)
     lmeraser_warm("data", "init", cwd=root, check=True)
-    dvc("repro", cwd=root)
+    assert repro_in_process(root) == ["validate", "backbone", "prototypes", "assign", "train", "evaluate"]
     ws = Workspace(root)
     private = ws.split("private")
     cluster_of = dict(zip(private.sample_ids, ws.assignments()["cluster"].astype(int)))

@@ -162,6 +162,33 @@ def test_erased_ids_in_mlflow_files_are_found_from_the_index_and_kept_keyed(stor
     assert [(h.kind, h.digest) for h in report.hits] == [("erased sample id", keyer.subject("sample:" + sid))]
 
 
+def test_a_copy_of_a_manifest_naming_an_erased_id_is_found_in_every_store_but_the_tombstones(stores):
+    """A stranger's case: a shard's manifest.csv (the erased sample's id, subject, label and
+    content hash) copied into artifacts/, data/ or the DVC cache was not found, because ids were
+    searched in the MLflow stores only. Every store is searched now; the current tombstones (and
+    their copies, by content) name every erased id by design and are no hit."""
+    ws, _, keyer = stores
+    sid = "0123456789abcdef0123"
+    tombstones = f"sample_id,content_key,reason,label\n{sid},{'0' * 64},forget,\n"
+    ws.tombstones_file.write_text(tombstones)
+    (ws.root / ".dvc" / "cache" / "files" / "md5" / "ab" / "tombstones-object").write_text(tombstones)
+    assert scan(ws, set(), set(), sample_ids={sid}).hits == []
+    manifest = f"sample_id,subject_id,label,content_hash\n{sid},s00001,3,{'f' * 64}\n"
+    planted = [ws.root / "artifacts" / "backup" / "manifest.csv", ws.data / "private" / "manifest-copy.csv"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(manifest)
+    report = scan(ws, set(), set(), sample_ids={sid})
+    assert sorted((h.location, h.kind) for h in report.hits) == [
+        ("artifact store", "erased sample id"),
+        ("data", "erased sample id"),
+    ]
+    assert report.hits == scan(ws, set(), set(), sample_ids={sid}, full=True).hits
+    # A tombstones file that is not the current one (an older or edited copy) is a copy like any other.
+    ws.tombstones_file.write_text(tombstones.replace("forget,", "forget,3"))
+    assert {h.location for h in scan(ws, set(), set(), sample_ids={sid}).hits} == {"artifact store", "data", "dvc cache"}
+
+
 def test_without_a_salt_every_file_is_read_and_no_index_is_kept(tmp_path):
     (tmp_path / "data").mkdir()
     np.save(tmp_path / "data" / "images.npy", np.zeros((2, 4, 4), np.uint8))

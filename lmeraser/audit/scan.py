@@ -5,8 +5,10 @@ The locations are data/, the DVC cache and the default local remote, artifacts/ 
 artifact roots. Every `.npy`-format file (whatever its name, e.g. in a cache) is read and each
 image's content hash keyed with the workspace's salt (records hold keyed hashes only), and so are
 the content hashes a feature cache holds rows for (whatever its name); every
-file's sha256 is compared with the superseded artifacts. What to look for comes from the signed
-records, never from data/, which a re-ingestion could have rewritten.
+file's sha256 is compared with the superseded artifacts, and every file (but the current
+tombstones, which name them by design) is searched for the ids of erased samples. What to look
+for comes from the signed records and the suppression list, never from data/, which a
+re-ingestion could have rewritten.
 """
 
 from __future__ import annotations
@@ -127,17 +129,17 @@ class ScanReport:
         return summary
 
 
-def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -> tuple[int, int, dict, list[Hit]]:
+def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int, dict, list[Hit]]:
     """One store: (files listed, files read, the index entries, the hits)."""
-    sample_keys, artifact_hashes, reference_digests, keyed_ids = targets
+    sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones_sha256 = targets
     n = fresh = 0
     entries, hits = {}, []
     for rel, ident in track(store.listing(), f"scanning {store.label}"):
-        entry = index.known(store.label, store.root, rel, ident, with_ids) if index is not None else None
+        entry = index.known(store.label, store.root, rel, ident) if index is not None else None
         if entry is None:
             try:
                 with store.local(rel) as path:
-                    entry = {"id": ident, **_holdings(path, keyer, with_ids)}
+                    entry = {"id": ident, **_holdings(path, keyer)}
             except FileNotFoundError:
                 if store.elsewhere:
                     raise  # listed and not readable: the store is not searched, never silently passed
@@ -152,19 +154,19 @@ def _search(store, index, keyer: Keyer | None, with_ids: bool, targets: tuple) -
             hits.append(Hit(store.label, where, "superseded artifact", entry["sha256"]))
         if entry["digest"] is not None and entry["digest"] in reference_digests:
             hits.append(Hit(store.label, where, "audit IN reference", entry["digest"]))
-        for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
-            hits.append(Hit(store.label, where, "erased sample id", digest))
+        if entry["sha256"] != tombstones_sha256:  # the tombstones name every erased id, by design
+            for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
+                hits.append(Hit(store.label, where, "erased sample id", digest))
     return n, fresh, entries, hits
 
 
-def _holdings(path: Path, keyer: Keyer | None, with_ids: bool) -> dict:
+def _holdings(path: Path, keyer: Keyer | None) -> dict:
     """What the scan looks for in one file, read once: the keyed content hashes of the samples it
-    holds, its sha256, its tensor digest, and (MLflow locations) the keyed sample ids it names."""
+    holds, its sha256, its tensor digest, and the keyed sample ids it names."""
     entry = {"sha256": sha256_file(path), "digest": _tensor_digest(path)}
     if keyer is not None:
         entry["keys"] = sorted(_content_keys(path, keyer))
-        if with_ids:
-            entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in _id_tokens(path))
+        entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in _id_tokens(path))
     return entry
 
 
@@ -178,16 +180,16 @@ def scan(
 ) -> ScanReport:
     """Search every storage location for the given keyed content hashes and artifact sha256s, for
     the forgetting audit's IN references by tensor digest (`reference_digests`: prompts trained on
-    the subjects' data, which must never be written), and the MLflow stores (runs, registered
-    bundles) also for the ids of erased samples (`sample_ids`; default: every erased id of the
-    suppression list). Files unchanged since the scan index read them are answered from it
+    the subjects' data, which must never be written), and for the ids of erased samples
+    (`sample_ids`; default: every erased id of the suppression list) in any file but the current
+    tombstones. Files unchanged since the scan index read them are answered from it
     (lmeraser/audit/scan_index.py); `full` reads every file and rebuilds the index.
 
     Args:
         ws: the workspace whose stores are searched (and the DVC remotes and MLflow locations it names).
         sample_keys: keyed (HMAC) content hashes of erased images.
         artifact_hashes: sha256 of superseded prompt files.
-        sample_ids: erased sample ids to find in MLflow's stores (default: the suppression list's).
+        sample_ids: erased sample ids to find (default: the suppression list's).
         reference_digests: tensor digests of the forgetting audit's IN references.
         full: read every file, not only those new or changed since the scan index.
 
@@ -213,14 +215,14 @@ def scan(
     hits, counts, read, found, remote = [], {}, {}, {}, {}
     locations = storage_locations(ws)
     not_searched = list(locations.not_searched)
+    # Every file is searched for erased ids too (a copy of a shard's manifest names its samples),
+    # except the content of data/tombstones.csv as it is now (and its copies in the DVC cache and
+    # remotes): it names every erased id, by design. Its earlier versions are gone after a purge.
+    tombstones = sha256_file(ws.tombstones_file) if ws.tombstones_file.is_file() else None
+    targets = (sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones)
     for location, store in locations.stores.items():
-        # data/ and the DVC cache keep the tombstones (erased ids, by design); a registered model or
-        # a run's artifacts must name none.
-        with_ids = location.startswith("mlflow")
         try:
-            n, fresh, entries, found_here = _search(
-                store, index, keyer, with_ids, (sample_keys, artifact_hashes, reference_digests, keyed_ids)
-            )
+            n, fresh, entries, found_here = _search(store, index, keyer, targets)
         except Exception as error:  # noqa: BLE001 - a store elsewhere that fails mid-scan is not searched; a local one raises
             if not store.elsewhere:
                 raise

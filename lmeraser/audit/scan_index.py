@@ -4,12 +4,12 @@
 store on every batch makes a forget cost a full read of the data (invariant 7: cost follows the
 change). The index keeps, per location and file, its identity and sha256, and per content (by
 sha256) what the scan looks for in it: the keyed content hashes of the images (or feature-cache
-rows) it holds, its tensor digest (safetensors) and, in MLflow locations, the keyed sample ids it
-names. A data shard, its DVC cache object and its copy on the remote are the same bytes, so what
-they hold is kept once (the index is a third of the size it would be per file). A scan lists
-every file (metadata only), reads the ones whose identity changed, and answers the targets from
-the index for the rest: what a file holds does not depend on what is searched, so new targets are
-found in old files.
+rows) it holds, its tensor digest (safetensors) and the keyed sample ids it names (an entry read
+before ids were searched in every store holds none, and is read again). A data shard, its DVC
+cache object and its copy on the remote are the same bytes, so what they hold is kept once (the
+index is a third of the size it would be per file). A scan lists every file (metadata only),
+reads the ones whose identity changed, and answers the targets from the index for the rest: what
+a file holds does not depend on what is searched, so new targets are found in old files.
 
 A file's identity is (device, inode, size, mtime, ctime): a write changes its ctime, which no
 user-space call can set back, so a copy planted into an indexed file is read again. The index is
@@ -84,17 +84,16 @@ class ScanIndex:
         index.full_scan_at = body.get("full_scan_at")
         return index
 
-    def known(self, label: str, root: str, rel: str, ident: list | None, with_ids: bool = False) -> dict | None:
+    def known(self, label: str, root: str, rel: str, ident: list | None) -> dict | None:
         """The entry of a file whose identity has not changed since it was read ({"id", "sha256"}
         and what its content holds), else None (also for a file without an identity:
-        lmeraser/audit/stores.py, and for one whose content was read without the sample ids asked for).
+        lmeraser/audit/stores.py, and for one whose content was read before sample ids were searched).
 
         Args:
             label: the location's label (`Store.label`).
             root: the location's root (`Store.root`); an index kept for another root answers nothing.
             rel: the file's path relative to that root.
             ident: the file's identity as the store lists it now; None: it has none.
-            with_ids: the keyed sample ids it names are needed (MLflow locations).
         """
         if self.reason is not None or ident is None:
             return None
@@ -105,7 +104,7 @@ class ScanIndex:
         if entry is None or entry.get("id") != ident:
             return None
         content = self.contents.get(entry.get("sha256"))
-        if content is None or (with_ids and "ids" not in content):
+        if content is None or "ids" not in content:
             return None
         return {**entry, **content}
 
@@ -123,8 +122,7 @@ class ScanIndex:
             for rel, entry in files.items():
                 self.locations[label]["files"][rel] = {"id": entry["id"], "sha256": entry["sha256"]}
                 content = {k: v for k, v in entry.items() if k not in ("id", "sha256")}
-                if len(content) >= len(self.contents.get(entry["sha256"], {})):  # the one with the ids, if any
-                    self.contents[entry["sha256"]] = content
+                self.contents[entry["sha256"]] = content
         if full_scan_at is not None:
             self.full_scan_at = full_scan_at
         body = {
