@@ -35,15 +35,15 @@ from helpers import (
 # out modules in collection order, so the long ones start first and the short ones fill the
 # gaps, instead of one long module running alone at the end. (Without it, xdist orders modules by
 # their number of tests, which puts these, with few long tests each, last.) test_e2e builds the
-# shared TINY template while test_forgetting_e2e and test_under_load build their own workspaces
-# on the other workers.
+# shared TINY template while test_forgetting_e2e and test_large_models build their own workspaces
+# on the other workers; test_under_load and the modules after it copy the template.
 LONGEST_FIRST = (
     "test_forgetting_e2e.py",  # 264
     "test_e2e.py",  # 424
-    "test_under_load.py",  # 171, its own build: the template is being built meanwhile
+    "test_large_models.py",  # 90, its own build
+    "test_under_load.py",  # 171
     "test_honest_records.py",  # 286
     "test_production_stores.py",  # 216
-    "test_large_models.py",  # 90
     "test_numerics.py",  # 65
     "test_flows.py",  # 39
 )

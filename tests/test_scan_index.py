@@ -186,7 +186,11 @@ def test_a_copy_of_a_manifest_naming_an_erased_id_is_found_in_every_store_but_th
     assert report.hits == scan(ws, set(), set(), sample_ids={sid}, full=True).hits
     # A tombstones file that is not the current one (an older or edited copy) is a copy like any other.
     ws.tombstones_file.write_text(tombstones.replace("forget,", "forget,3"))
-    assert {h.location for h in scan(ws, set(), set(), sample_ids={sid}).hits} == {"artifact store", "data", "dvc cache"}
+    assert {h.location for h in scan(ws, set(), set(), sample_ids={sid}).hits} == {
+        "artifact store",
+        "data",
+        "dvc cache",
+    }
 
 
 def test_without_a_salt_every_file_is_read_and_no_index_is_kept(tmp_path):
