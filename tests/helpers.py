@@ -236,19 +236,26 @@ def repro_in_process(root: Path, target: str = "evaluate") -> list[str]:
     process, its imports and a Prefect flow run per stage. For fixtures whose subject is not
     `dvc repro` itself (test_e2e and test_under_load run it as a user does); the names of the
     stages that ran."""
+    from prefect import flow
+
     from lmeraser.config import load_params
     from lmeraser.flows.common import track_stage
     from lmeraser.unlearning.rebuild import reproduce
 
     ws = Workspace(root)
     params = load_params(ws.params_file)
-    return reproduce(
-        ws,
-        params,
-        target,
-        log=lambda message: None,
-        after_stage=lambda name, result: track_stage(name, params, ws, result),
-    )
+
+    @flow(name="repro-in-process")  # the model's registration logs to its run, as a stage's flow does
+    def run() -> list[str]:
+        return reproduce(
+            ws,
+            params,
+            target,
+            log=lambda m: None,
+            after_stage=lambda name, result: track_stage(name, params, ws, result),
+        )
+
+    return run()
 
 
 def ran_stages(output: str) -> list[str]:
