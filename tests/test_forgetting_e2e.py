@@ -22,8 +22,8 @@ from helpers import copy_repo, lmeraser_warm, repro_in_process, warm_ok
 # samples (half of it private, in clusters of about 60 as in the demo) and a backbone trained for
 # 50 epochs. Its prompts memorise a mislabelled sample: the audit detects it before its forget.
 # (A weaker backbone, 20 epochs on 240 samples, did not: the audit then rightly says
-# "not-memorised".) Built in 102 s on the idle 2-core machine; the demo's size took 335 s under
-# the suite's load.
+# "not-memorised".) Built by the product's in-process rebuild (no stage processes): 148 s beside
+# one other heavy job on the 2-core Intel Xeon, where `dvc repro` took 271 s under the suite's load.
 PARAMS = {"data": {"subset": 600}, "backbone": {"epochs": 50}, "evaluate": {"baselines": False}}
 
 
