@@ -193,6 +193,46 @@ def test_a_copy_of_a_manifest_naming_an_erased_id_is_found_in_every_store_but_th
     }
 
 
+def test_erased_ids_are_found_however_a_stranger_wrote_them_and_tombstone_versions_are_no_hit(stores, monkeypatch):
+    """The stranger's cases the first id search missed (each a false "0 hits"): an id in a file
+    larger than the search's chunk (and cut by a chunk's end), in upper case, in an `.npy` array
+    of strings (ids back to back), in a file's or folder's name; and the tombstones: an earlier
+    version (a prefix) is no hit, an edited one (a manifest line appended) is searched."""
+    from lmeraser.audit import scan as scan_module
+
+    ws, _, keyer = stores
+    sid, other = "0123456789abcdef0123", "fedcba98765432100123"
+    header = "sample_id,content_key,reason,label\n"
+    rows = [f"{sid},{'0' * 64},forget,\n", f"{other},{'1' * 64},forget,\n"]
+    ws.tombstones_file.write_text(header + "".join(rows))
+    cache = ws.root / ".dvc" / "cache" / "files" / "md5" / "ab"
+    (cache / "earlier-tombstones").write_text(header + rows[0])  # the version before the second erasure
+    assert scan(ws, set(), set(), sample_ids={sid, other}).hits == []
+
+    monkeypatch.setattr(scan_module, "ID_SEARCH_CHUNK", 64)
+    leaks = ws.root / "artifacts" / "leaks"
+    leaks.mkdir(parents=True)
+    (leaks / "big.log").write_text("x" * 50 + f" {sid} " + "y" * 200)  # cut by the first chunk's end
+    (leaks / "upper.csv").write_text(f"{other.upper()},s1,3\n")
+    np.save(leaks / "ids.npy", np.array([sid, other], dtype="S20"))  # b"0123...fedc...": no separator
+    (leaks / f"{sid}.json").write_text("{}")
+    found = {(h.path.rsplit("/", 1)[-1], h.digest) for h in scan(ws, set(), set(), sample_ids={sid, other}).hits}
+    key, other_key = keyer.subject("sample:" + sid), keyer.subject("sample:" + other)
+    assert found == {
+        ("big.log", key),
+        ("upper.csv", other_key),
+        ("ids.npy", key),
+        ("ids.npy", other_key),
+        (f"{sid}.json", key),
+    }
+    for path in leaks.iterdir():
+        path.unlink()
+    # A manifest line appended to the tombstones: the file is no tombstones file, and is searched.
+    ws.tombstones_file.write_text(header + "".join(rows) + f"{sid},s00047,8,private,{'e' * 64}\n")
+    report = scan(ws, set(), set(), sample_ids={sid, other})
+    assert ("data", "tombstones.csv") in {(h.location, h.path.rsplit("/", 1)[-1]) for h in report.hits}
+
+
 def test_without_a_salt_every_file_is_read_and_no_index_is_kept(tmp_path):
     (tmp_path / "data").mkdir()
     np.save(tmp_path / "data" / "images.npy", np.zeros((2, 4, 4), np.uint8))

@@ -13,6 +13,7 @@ re-ingestion could have rewritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -79,8 +80,8 @@ class Hit:
 
 
 # Sample ids are 20 hex digits (data/splits.make_sample_id): found as tokens in any text a file holds.
-_ID_TOKEN = re.compile(rb"(?<![0-9a-f])[0-9a-f]{20}(?![0-9a-f])")
-MAX_ID_SEARCH_FILE = 64 << 20  # a bundle's JSON and YAML are small; larger files are weights
+_ID_TOKEN = re.compile(rb"(?<![0-9a-fA-F])[0-9a-fA-F]{20}(?![0-9a-fA-F])")
+ID_SEARCH_CHUNK = 64 << 20  # a file is searched in chunks of this size (overlapping by a token and its edges)
 
 
 def erased_sample_ids(ws: Workspace) -> set[str]:
@@ -96,11 +97,32 @@ def erased_sample_ids(ws: Workspace) -> set[str]:
 
 
 def _id_tokens(path: Path) -> set[str]:
-    """Every sample-id-shaped token a file names (files over MAX_ID_SEARCH_FILE are weights)."""
-    if path.stat().st_size > MAX_ID_SEARCH_FILE:
-        return set()
+    """Every sample-id-shaped token a file names, in either case, whatever the file's size, and
+    every element of an `.npy` array of strings (ids stored back to back have no separator)."""
+    tokens: set[str] = set()
     with open(path, "rb") as handle:
-        return {token.decode() for token in _ID_TOKEN.findall(handle.read())}
+        head = handle.read(6)
+        handle.seek(0)
+        carry = b""
+        while chunk := handle.read(ID_SEARCH_CHUNK):
+            data = carry + chunk
+            tokens |= {t.decode().lower() for t in _ID_TOKEN.findall(data)}
+            carry = data[-22:]  # a token cut by the chunk's end is whole in the next, with its edges
+    if head == NPY_MAGIC:
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError):
+            return tokens
+        if array.dtype.kind in "SU":
+            for value in array.ravel():
+                text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+                tokens |= {t.decode().lower() for t in _ID_TOKEN.findall(text.encode())}
+    return tokens
+
+
+def _path_tokens(rel: str) -> set[str]:
+    """The sample-id-shaped tokens a file's path names (a file or folder named after an id)."""
+    return {t.decode().lower() for t in _ID_TOKEN.findall(rel.encode(errors="replace"))}
 
 
 @dataclass
@@ -131,7 +153,7 @@ class ScanReport:
 
 def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int, dict, list[Hit]]:
     """One store: (files listed, files read, the index entries, the hits)."""
-    sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones_sha256 = targets
+    sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones_sha256 = targets  # the last: a set
     n = fresh = 0
     entries, hits = {}, []
     for rel, ident in track(store.listing(), f"scanning {store.label}"):
@@ -154,10 +176,40 @@ def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int
             hits.append(Hit(store.label, where, "superseded artifact", entry["sha256"]))
         if entry["digest"] is not None and entry["digest"] in reference_digests:
             hits.append(Hit(store.label, where, "audit IN reference", entry["digest"]))
-        if entry["sha256"] != tombstones_sha256:  # the tombstones name every erased id, by design
-            for digest in sorted(set(entry.get("ids", ())) & keyed_ids):
-                hits.append(Hit(store.label, where, "erased sample id", digest))
+        named = set() if entry["sha256"] in tombstones_sha256 else set(entry.get("ids", ()))
+        named |= {keyer.subject("sample:" + sid) for sid in _path_tokens(rel)} if keyer is not None else set()
+        for digest in sorted(named & keyed_ids):
+            hits.append(Hit(store.label, where, "erased sample id", digest))
     return n, fresh, entries, hits
+
+
+TOMBSTONES_HEADER = b"sample_id,content_key,reason,label"
+_TOMBSTONE_ROW = re.compile(rb"(?:[0-9a-f]{20})?,(?:[0-9a-f]{64})?,[a-z-]+,[0-9]*")
+
+
+def tombstone_versions(ws: Workspace) -> set[str]:
+    """sha256 of data/tombstones.csv as it is and of each earlier version (the file is only ever
+    appended to: each version is its prefix at a row's end), when every row is a tombstone's
+    (id, keyed content hash, reason, label); empty otherwise: an edited file (a manifest's line
+    appended, say) is searched like any other.
+
+    Args:
+        ws: the workspace whose tombstones file is read.
+    """
+    try:
+        raw = ws.tombstones_file.read_bytes() if ws.tombstones_file.is_file() else b""
+    except OSError:
+        return set()
+    lines = raw.splitlines(keepends=True)
+    if not lines or lines[0].rstrip(b"\r\n") != TOMBSTONES_HEADER:
+        return set()
+    if any(not _TOMBSTONE_ROW.fullmatch(line.rstrip(b"\r\n")) for line in lines[1:]):
+        return set()
+    versions, digest = set(), hashlib.sha256()
+    for line in lines:
+        digest.update(line)
+        versions.add(digest.hexdigest())
+    return versions
 
 
 def _holdings(path: Path, keyer: Keyer | None) -> dict:
@@ -216,10 +268,9 @@ def scan(
     locations = storage_locations(ws)
     not_searched = list(locations.not_searched)
     # Every file is searched for erased ids too (a copy of a shard's manifest names its samples),
-    # except the content of data/tombstones.csv as it is now (and its copies in the DVC cache and
-    # remotes): it names every erased id, by design. Its earlier versions are gone after a purge.
-    tombstones = sha256_file(ws.tombstones_file) if ws.tombstones_file.is_file() else None
-    targets = (sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones)
+    # except data/tombstones.csv and its earlier versions (and their copies in the DVC cache and
+    # remotes, by content): they name erased ids by design.
+    targets = (sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstone_versions(ws))
     for location, store in locations.stores.items():
         try:
             n, fresh, entries, found_here = _search(store, index, keyer, targets)

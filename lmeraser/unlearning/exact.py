@@ -510,7 +510,9 @@ class UnlearnBatch:
             # so that dvc.lock records the store once per batch (the purge would write it again).
             # Named in the batch file before they go: a resumed batch still counts them.
             stale = superseded_in_store(ws, set(self._superseded(served_prompts(ws))))
-            self.state.prompts_removed = sorted(set(self.state.prompts_removed) | set(stale))
+            # What the train stage pruned itself (superseded keys no record pinned) is counted too.
+            pruned = (ran.get("train") or {}).get("pruned") or []
+            self.state.prompts_removed = sorted(set(self.state.prompts_removed) | set(stale) | set(pruned))
             self.save()
             remove_from_store(ws, stale)
 
