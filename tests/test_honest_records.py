@@ -481,6 +481,9 @@ def test_one_forget_parses_the_params_once_and_reads_the_journal_once_per_change
         tiny_repo_template[0], tmp_path / "repo"
     )  # its own: the module's may hold a batch other tests left pending
     warm_ok("forget", "--sample-id", _private(root, 40), "--no-git-commit", cwd=root)  # a record pins its prompts
+    # No record pinned prompts before it: the train stage pruned the superseded one itself, and the
+    # record counts it (it said 0 before a stranger's attack).
+    assert _records(root)[-1].predicate["purge"]["artifact_files_removed"] >= 1
     code = (
         "import atexit, sys\n"
         "import lmeraser\n"
