@@ -309,6 +309,7 @@ def test_a_link_in_a_store_is_searched_through_to_a_file_and_any_other_link_is_n
     (ws.root / "artifacts" / "shard-backup.npy").symlink_to(outside / "backup.npy")
     (ws.root / "artifacts" / "elsewhere").symlink_to(outside, target_is_directory=True)
     (ws.root / "artifacts" / "dangling.npy").symlink_to(outside / "gone.npy")
+    os.mkfifo(ws.root / "artifacts" / "pipe.npy")  # a FIFO in the store itself (a second stranger): named, never read
     target = keyer.content(content_hash(images[5]))
     first = scan(ws, {target}, set())
     assert sorted((h.location, h.path.rsplit("/", 1)[-1]) for h in first.hits) == [
@@ -318,6 +319,7 @@ def test_a_link_in_a_store_is_searched_through_to_a_file_and_any_other_link_is_n
     assert {n for n in first.not_searched if n.startswith("artifact store: ")} == {
         "artifact store: elsewhere (a symbolic link to a directory, not followed)",
         "artifact store: dangling.npy (a symbolic link that leads nowhere)",
+        "artifact store: pipe.npy (no regular file, not read)",
     }
     assert scan(ws, {target}, set()).read["artifact store"] == 0  # answered from the index
     np.save(outside / "backup.npy", images[:2])  # the target rewritten: read again, the erased image gone

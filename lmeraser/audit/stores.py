@@ -124,7 +124,7 @@ class DirectoryStore(Store):
         """As `Store.listing`. A symbolic link to a regular file is searched through (what it
         leads to is what a reader of the store gets; its identity is the link's and the target's);
         any other link (to a directory, a FIFO, a device, nowhere) is not followed, and `skipped`
-        names it, for the report's "not searched"."""
+        names it, for the report's "not searched", as it names a FIFO, socket or device itself."""
         import stat as stat_mode
 
         from lmeraser.io import file_identity as identity
@@ -140,6 +140,8 @@ class DirectoryStore(Store):
                         if not stat_mode.S_ISLNK(own.st_mode):
                             if not is_dir and stat_mode.S_ISREG(own.st_mode):
                                 found.append((rel, identity(own)))  # stat before the read
+                            elif not is_dir:  # a FIFO, a socket, a device: never read (it could block)
+                                self.skipped.append(f"{rel} (no regular file, not read)")
                             continue
                         target = path.stat()
                     except OSError:
