@@ -23,7 +23,6 @@ import numpy as np
 
 from lmeraser.audit.stores import reason, storage_locations
 from lmeraser.data.splits import content_hash
-from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
 from lmeraser.progress import track
 from lmeraser.salt import Keyer
@@ -96,33 +95,35 @@ def erased_sample_ids(ws: Workspace) -> set[str]:
     return set(listed.loc[listed["reason"] == "forget", "sample_id"]) - {""}
 
 
-def _id_tokens(path: Path) -> set[str]:
-    """Every sample-id-shaped token a file names, in either case, whatever the file's size, and
-    every element of an `.npy` array of strings (ids stored back to back have no separator)."""
-    tokens: set[str] = set()
+def _tokens(data: bytes) -> set[str]:
+    """The sample-id-shaped tokens in `data`, lower-cased (ids are written in either case)."""
+    return {token.decode().lower() for token in _ID_TOKEN.findall(data)}
+
+
+def _sha256_and_id_tokens(path: Path) -> tuple[str, set[str]]:
+    """A file's sha256 and every sample-id-shaped token it names, in one read whatever its size,
+    and every element of an `.npy` array of strings (ids stored back to back have no separator)."""
+    digest, tokens, carry = hashlib.sha256(), set(), b""
     with open(path, "rb") as handle:
-        head = handle.read(6)
-        handle.seek(0)
-        carry = b""
         while chunk := handle.read(ID_SEARCH_CHUNK):
+            if not carry and chunk[:6] == NPY_MAGIC:
+                tokens |= _npy_string_tokens(path)
+            digest.update(chunk)
             data = carry + chunk
-            tokens |= {t.decode().lower() for t in _ID_TOKEN.findall(data)}
+            tokens |= _tokens(data)
             carry = data[-22:]  # a token cut by the chunk's end is whole in the next, with its edges
-    if head == NPY_MAGIC:
-        try:
-            array = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError):
-            return tokens
-        if array.dtype.kind in "SU":
-            for value in array.ravel():
-                text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-                tokens |= {t.decode().lower() for t in _ID_TOKEN.findall(text.encode())}
-    return tokens
+    return digest.hexdigest(), tokens
 
 
-def _path_tokens(rel: str) -> set[str]:
-    """The sample-id-shaped tokens a file's path names (a file or folder named after an id)."""
-    return {t.decode().lower() for t in _ID_TOKEN.findall(rel.encode(errors="replace"))}
+def _npy_string_tokens(path: Path) -> set[str]:
+    """The tokens of each element of an `.npy` array of strings (none for any other array)."""
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError):
+        return set()
+    if array.dtype.kind not in "SU":
+        return set()
+    return {t for value in array.ravel() for t in _tokens(value if isinstance(value, bytes) else str(value).encode())}
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int
         if entry["digest"] is not None and entry["digest"] in reference_digests:
             hits.append(Hit(store.label, where, "audit IN reference", entry["digest"]))
         named = set() if entry["sha256"] in tombstones_sha256 else set(entry.get("ids", ()))
-        named |= {keyer.subject("sample:" + sid) for sid in _path_tokens(rel)} if keyer is not None else set()
+        named |= {keyer.subject("sample:" + sid) for sid in _tokens(rel.encode(errors="replace"))} if keyer else set()
         for digest in sorted(named & keyed_ids):
             hits.append(Hit(store.label, where, "erased sample id", digest))
     return n, fresh, entries, hits
@@ -215,10 +216,11 @@ def tombstone_versions(ws: Workspace) -> set[str]:
 def _holdings(path: Path, keyer: Keyer | None) -> dict:
     """What the scan looks for in one file, read once: the keyed content hashes of the samples it
     holds, its sha256, its tensor digest, and the keyed sample ids it names."""
-    entry = {"sha256": sha256_file(path), "digest": _tensor_digest(path)}
+    sha256, tokens = _sha256_and_id_tokens(path)
+    entry = {"sha256": sha256, "digest": _tensor_digest(path)}
     if keyer is not None:
         entry["keys"] = sorted(_content_keys(path, keyer))
-        entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in _id_tokens(path))
+        entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in tokens)
     return entry
 
 
