@@ -154,19 +154,30 @@ class _OwnRecordsBelowWarning:
 def _one_sentence_on_console() -> None:
     """On the terminal, an expected error (LmeraserError) inside a flow is the command's one `error:`
     line: the task's traceback and every "Finished in state Failed(...)" repeat of it are left out.
-    They still reach the Prefect run's log (its API handler sees them first); `--debug` shows them."""
+    They still reach the Prefect run's log (its API handler sees them first); `--debug` shows them.
+    So is Prefect's progress while it drains its event and log queues at exit, which followed the
+    error line whenever the drain took a moment (CI, a loaded machine)."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and not any(
-            isinstance(f, _ExpectedErrorsOnce) for f in handler.filters
-        ):
-            handler.addFilter(_ExpectedErrorsOnce())
+        if isinstance(handler, PrefectConsoleHandler):
+            for kind in (_ExpectedErrorsOnce, _NoDrainProgress):
+                if not any(isinstance(f, kind) for f in handler.filters):
+                    handler.addFilter(kind())
 
 
 class _NoUiLinks:
     def filter(self, record) -> bool:
         return not (record.name.startswith("prefect") and str(record.msg).startswith("View at "))
+
+
+class _NoDrainProgress:
+    """Prefect's queue services (EventsWorker, APILogWorker) log "Still processing items: N items
+    remaining..." every 4 s while they drain at exit: progress, not news. Their other warnings (a
+    full queue dropping an item) still show."""
+
+    def filter(self, record) -> bool:
+        return _settings["debug"] or not record.getMessage().startswith("Still processing items:")
 
 
 class _ExpectedErrorsOnce:

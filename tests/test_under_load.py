@@ -378,6 +378,36 @@ def test_debug_shows_an_expected_error_s_traceback_even_after_a_command_without_
     assert cli._ExpectedErrorsOnce().filter(record) is True
 
 
+def test_prefect_s_drain_progress_at_exit_does_not_follow_the_error_line(monkeypatch):
+    """CI: `stage validate` on a deleted shard printed its one `error:` line, then Prefect's
+    "EventsWorker - Still processing items: 1 items remaining..." (its event queue drained at exit).
+    The console handler now drops that progress line; a full queue dropping an item still shows."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from lmeraser import cli
+
+    handler = PrefectConsoleHandler()
+    logging.getLogger().addHandler(handler)
+    try:
+        cli._one_sentence_on_console()
+        cli._one_sentence_on_console()  # idempotent: one filter of each kind
+        assert sum(isinstance(f, cli._NoDrainProgress) for f in handler.filters) == 1
+
+        def shown(name: str, message: str) -> bool:
+            return bool(handler.filter(logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)))
+
+        monkeypatch.setitem(cli._settings, "debug", False)
+        assert not shown("EventsWorker", "Still processing items: 1 items remaining...")
+        assert not shown("APILogWorker", "Still processing items: 3 items remaining...")
+        assert shown("EventsWorker", "Service 'EventsWorker' queue is full (1000 items), dropping item")
+        monkeypatch.setitem(cli._settings, "debug", True)
+        assert shown("EventsWorker", "Still processing items: 1 items remaining...")
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 def test_data_init_source_is_recorded_for_the_next_data_init(tmp_path):
     from test_sources import make_idx_dir
 
