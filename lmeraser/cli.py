@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmeraser.errors import LmeraserError, shown
-from lmeraser.stages import STAGE_NAMES
+from lmeraser.stages import STAGE_NAMES, stage
 from lmeraser.workspace import Workspace
 
 app = typer.Typer(
@@ -374,13 +374,13 @@ def _check_numerics(ws: Workspace, building: bool = False, kernels: bool = True)
     return wanted
 
 
-def _check_kernels(numerics_mode: str) -> None:
+def _check_kernels(numerics_mode: str, torch_and_faiss: bool = True) -> None:
     """Refuse, in one sentence, a process whose kernel pins are not those of `numerics_mode`
-    (imports torch and faiss to check them: 1.5 s)."""
+    (imports torch and faiss to check them: 1.5 s; without `torch_and_faiss`, numpy's only)."""
     from lmeraser import numerics
 
     try:
-        numerics.require(numerics_mode)
+        numerics.require(numerics_mode, kernels=torch_and_faiss)
     except LmeraserError as error:
         _fail(str(error))
 
@@ -413,7 +413,9 @@ def stage_cmd(
     ws = _workspace(root, params_file)
     _quiet_env()
     _check_params(ws)
-    _check_numerics(ws, building=True)
+    # A stage that computes with neither torch nor faiss (validate) checks only the pins loaded so
+    # far: importing torch to check its own would cost ~1.5 s of a process that never uses it.
+    _check_kernels(_check_numerics(ws, building=True, kernels=False), torch_and_faiss=stage(name).kernels)
     _prefect(ws)
     from lmeraser.flows.stages import run_stage
 

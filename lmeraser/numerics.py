@@ -201,9 +201,11 @@ def pins_in_effect() -> dict[str, str]:
 _verified: set[str] = set()
 
 
-def require(mode: str) -> None:
+def require(mode: str, kernels: bool = True) -> None:
     """Refuse, in one sentence, to compute under `mode` unless this process runs it: for
-    `portable`, every pin set before its library loaded and each one in effect."""
+    `portable`, every pin set before its library loaded and each one in effect. Without `kernels`,
+    torch's and faiss's pins are left for the first computation with them to check (lmeraser/
+    compute.py): a process that only reads and hashes does not import them."""
     if mode not in MODES:
         raise ConfigError(f"runtime.numerics is '{mode}'; it must be portable or native.")
     boot_state = state()
@@ -214,10 +216,11 @@ def require(mode: str) -> None:
     if mode in _verified:
         return
     if mode == "portable":
-        _require_portable(boot_state)
+        _require_portable(boot_state, kernels)
     else:
         _require_native(boot_state)
-    _verified.add(mode)
+    if kernels or mode != "portable":
+        _verified.add(mode)
 
 
 def _require_native(boot_state: BootState) -> None:
@@ -241,7 +244,7 @@ def _require_native(boot_state: BootState) -> None:
 NATIVE_FIX = f"set runtime.numerics: native (or {ENV_MODE}=native) to run with this machine's own kernels"
 
 
-def _require_portable(boot_state: BootState) -> None:
+def _require_portable(boot_state: BootState, kernels: bool = True) -> None:
     how = NATIVE_FIX
     if boot_state.mode != "portable":
         raise ConfigError(
@@ -276,7 +279,7 @@ def _require_portable(boot_state: BootState) -> None:
             f"{changed[0]} was changed in this process after lmeraser pinned it to '{PINS[changed[0]]}'; "
             "the run would not be portable."
         )
-    for check in (_torch_capability, _mkl_branch, _numpy_dispatch, _faiss_generic):
+    for check in (_torch_capability, _mkl_branch, _numpy_dispatch, _faiss_generic) if kernels else (_numpy_dispatch,):
         problem = check()
         if problem:
             late = (

@@ -54,6 +54,9 @@ class Stage:
     params: tuple[str, ...]  # params.yaml keys it reads (DVC tracks them; MLflow logs them)
     outs: tuple[Out, ...]
     logged: tuple[str, ...] = ()  # small outputs also logged to MLflow as artifacts
+    # Computes with torch or faiss: its process checks their numeric pins before its flow starts
+    # (importing them costs ~1.5 s). A stage that does not only reads, hashes and counts.
+    kernels: bool = True
 
     @property
     def module(self) -> str:
@@ -121,6 +124,7 @@ STAGES: tuple[Stage, ...] = (
         params=("data",),
         outs=(Out("artifacts/validation", cache=False),),
         logged=("artifacts/validation",),
+        kernels=False,
     ),
     Stage(
         "backbone",

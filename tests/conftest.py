@@ -1,4 +1,4 @@
-"""Shared fixtures: one Prefect server per session, tiny parameters, a trained workspace, and an
+"""Shared fixtures: one Prefect server per test run, tiny parameters, a trained workspace, and an
 end-to-end repository built once per run and copied per module; the order in which xdist hands
 out the modules; the helpers they use are in helpers.py."""
 
@@ -29,23 +29,23 @@ from helpers import (
     shared_build,
 )
 
-# The modules that take longest (measured, seconds of one xdist worker on the 2-core machine,
-# before their CLI calls ran in process: the order still holds, the figures are now lower),
+# The modules that take longest (measured: seconds of one xdist worker on the 2-core machine),
 # longest first: with --no-loadscope-reorder (pyproject's addopts), pytest-xdist's --dist loadfile hands
 # out modules in collection order, so the long ones start first and the short ones fill the
 # gaps, instead of one long module running alone at the end. (Without it, xdist orders modules by
 # their number of tests, which puts these, with few long tests each, last.) test_e2e builds the
-# shared TINY template while test_forgetting_e2e and test_large_models build their own workspaces
-# on the other workers; test_under_load and the modules after it copy the template.
+# shared TINY template while the other workers run modules that build their own workspaces
+# (forgetting_e2e, large_models, numerics, flows); test_under_load and the modules after it copy
+# the template, which is ready by then instead of being waited for.
 LONGEST_FIRST = (
-    "test_forgetting_e2e.py",  # 264
-    "test_e2e.py",  # 424
-    "test_large_models.py",  # 90, its own build
-    "test_under_load.py",  # 171
-    "test_honest_records.py",  # 286
-    "test_production_stores.py",  # 216
-    "test_numerics.py",  # 65
-    "test_flows.py",  # 39
+    "test_forgetting_e2e.py",  # 172
+    "test_e2e.py",  # 345, builds the template
+    "test_large_models.py",  # 46, its own build
+    "test_numerics.py",  # 172, its own workspaces: no wait on the template
+    "test_flows.py",  # 105, likewise
+    "test_under_load.py",  # 329
+    "test_honest_records.py",  # 187
+    "test_production_stores.py",  # 154
 )
 
 
@@ -56,15 +56,35 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_services(tmp_path_factory):
+_SERVER: dict = {}
+# The test server's loops that schedule, reschedule or expire runs of deployments: the tests run
+# flows directly and never deploy one (idle, the server used 1.5 s of CPU a minute with them, 1.0
+# without, on the 2-core machine). Events and task runs are still recorded.
+IDLE_SERVICES = (
+    "SCHEDULER",
+    "LATE_RUNS",
+    "FOREMAN",
+    "REPOSSESSOR",
+    "PAUSE_EXPIRATIONS",
+    "CANCELLATION_CLEANUP",
+    "CLEANUP_RECONCILER",
+    "TRIGGERS",
+)
+
+
+def pytest_configure(config):
     """Keep Prefect's database and every analytics call inside the test run, and run one real
-    Prefect server on loopback for the session (as production would), instead of a temporary
-    server per CLI process."""
+    Prefect server on loopback for the whole run (as production would), instead of a temporary
+    server per CLI process. Started by the controller before pytest-xdist spawns its workers,
+    which inherit its environment: one server for the run, not one per worker (each cost ~12 s of
+    CPU to start and ~1 s a minute idle on the 2-core machine)."""
+    import tempfile
     import time
     import urllib.request
 
-    home = tmp_path_factory.mktemp("prefect-home")
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller's server is in its environment
+        return
+    home = Path(tempfile.mkdtemp(prefix="lmeraser-tests-prefect-"))
     os.environ.update(
         {
             "PREFECT_HOME": str(home),
@@ -84,7 +104,9 @@ def _isolated_services(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **{f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_SERVICES}},
     )
+    _SERVER.update(process=server, log=log, home=home)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while True:
@@ -93,17 +115,32 @@ def _isolated_services(tmp_path_factory):
             break
         except OSError:
             if server.poll() is not None or time.time() > deadline:
+                pytest_unconfigure(config)
                 raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}") from None
             time.sleep(0.5)
     os.environ["PREFECT_API_URL"] = url
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if not _SERVER:
+        return
+    os.killpg(_SERVER["process"].pid, 15)
+    _SERVER["process"].wait(timeout=30)
+    _SERVER["log"].close()
+    os.environ.pop("PREFECT_API_URL", None)
+    shutil.rmtree(_SERVER["home"], ignore_errors=True)
+    _SERVER.clear()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _deliver_flow_logs():
+    """Flows run in this process send their logs to the server: deliver them before it stops."""
     yield
     from prefect.logging.handlers import APILogHandler
 
-    APILogHandler().flush()  # flows run in this process send their logs to the server: deliver them first
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
-    log.close()
-    os.environ.pop("PREFECT_API_URL", None)
+    APILogHandler().flush()
 
 
 @pytest.fixture

@@ -84,6 +84,29 @@ def test_validation_failure_exits_with_reason_and_docs_path(tmp_path):
     assert not (tmp_path / "artifacts" / "validation" / "private.json").exists()
 
 
+def test_stage_validate_runs_without_torch_timm_or_faiss_in_its_process(tmp_path):
+    """`lmeraser stage validate` reads, hashes and counts: its process never imports torch, timm
+    or faiss (3-4 s of its ~10 s were timm, through the flows' shared module, and torch, for a
+    numerics check of kernels it never runs). A stage that computes still checks them first."""
+    import json
+    import subprocess
+    import sys
+
+    from lmeraser.stages import STAGES
+
+    assert [s.name for s in STAGES if not s.kernels] == ["validate"]
+    build_workspace(tmp_path, TINY)
+    child = (
+        "import json, sys\n"
+        "from lmeraser import cli\n"
+        "code = cli.run(['stage', 'validate'])\n"
+        "print(json.dumps([code, sorted(m for m in ('torch', 'timm', 'faiss') if m in sys.modules)]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, []], done.stderr[-3000:]
+    assert (tmp_path / "artifacts" / "validation" / "private.json").exists()
+
+
 def test_unknown_stage_and_missing_metrics(tmp_path):
     _one_sentence(lmeraser_cli("stage", "deploy", cwd=tmp_path), "unknown stage 'deploy'")
     _one_sentence(lmeraser_cli("metrics", cwd=tmp_path), "metrics.json")

@@ -16,7 +16,7 @@ from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import Workspace
 
-from helpers import BIN, REPO, commit_all, copy_repo, dvc, lmeraser_warm, ran_stages, warm_ok
+from helpers import BIN, REPO, commit_all, copy_repo, dvc, lmeraser_warm, ran_stages, repro_in_process, warm_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -563,11 +563,11 @@ def test_an_experiment_does_not_delete_the_signed_prompts(repo):
         changed = yaml.safe_load(saved)
         changed["prompt"]["pad"]["epochs"] = 5
         params.write_text(yaml.safe_dump(changed, sort_keys=False))
-        dvc("repro", "train", cwd=root)
+        repro_in_process(root, "train")  # `dvc repro train`, in process (its stage processes: the template)
         assert signed and all((root / name).exists() for name in signed)
     finally:
         params.write_text(saved)
-    dvc("repro", "evaluate", cwd=root)
+    repro_in_process(root, "evaluate")
     warm_ok("audit", "verify", cwd=root)
 
 

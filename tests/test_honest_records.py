@@ -23,7 +23,7 @@ from lmeraser.journal import Journal
 from lmeraser.lineage.log import LineageLog
 from lmeraser.workspace import SPLITS, Workspace
 
-from helpers import clone_repo, commit_all, dvc, lmeraser_warm, warm_ok
+from helpers import clone_repo, commit_all, dvc, lmeraser_warm, repro_in_process, warm_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +121,7 @@ def test_a_change_outside_any_batch_is_named_by_the_next_record(root):
     served = {
         c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
     }
-    dvc("repro", "evaluate", cwd=root)  # the serving path (baselines are off it: dvc.yaml)
+    repro_in_process(root, "evaluate")  # `dvc repro evaluate`, in process: the serving path (baselines are off it)
     now = {
         c: e["sha256"] for c, e in json.loads((root / "artifacts/prompts/index.json").read_text())["clusters"].items()
     }

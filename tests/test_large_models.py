@@ -1,5 +1,5 @@
 """A user with a timm ViT weights file and a folder of RGB images runs the whole product: data
-init, dvc repro, a forget and an RGB rectification, audit verify/replay/scan (issue 12)."""
+init, the pipeline, a forget and an RGB rectification, audit verify/replay/scan (issue 12)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from lmeraser.workspace import Workspace
 
-from helpers import copy_repo, dvc, random_timm_checkpoint, warm_ok
+from helpers import copy_repo, dvc, random_timm_checkpoint, repro_in_process, warm_ok
 
 CLASSES = ("red", "green", "blue")
 
@@ -37,8 +37,10 @@ def _image_folder(root: Path, per_class: int = 36, size: int = 16) -> Path:
 def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
     """A git + DVC copy of this repository on a generated RGB image folder and a timm `test_vit`
     weights file (the architecture at its 160 px, used frozen at 32 px), after `data init` and
-    `dvc repro evaluate` (the serving path; the baselines are off); `runtime` overrides settings
-    of the runtime section. Returns the root and the weights file."""
+    `dvc repro evaluate` (the serving path; the baselines are off) as the product's rebuild runs it
+    in process (helpers.repro_in_process: the same stage functions, dvc.lock recorded through
+    DVC's API; the stage processes of `dvc repro` itself are the TINY template's subject);
+    `runtime` overrides settings of the runtime section. Returns the root and the weights file."""
     folder = _image_folder(base / "images")
     weights = random_timm_checkpoint(base / "test_vit.safetensors")
     params = {
@@ -59,7 +61,7 @@ def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
     }
     root = copy_repo(base / "repo", params)
     warm_ok("data", "init", cwd=root)
-    dvc("repro", "evaluate", cwd=root)
+    repro_in_process(root, "evaluate")
     return root, weights
 
 

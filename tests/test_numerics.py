@@ -137,6 +137,21 @@ def test_every_pin_takes_effect_in_this_process_and_in_its_probe_child():
     assert [row for row in rows if row["value"] != row["portable"]] == []
 
 
+def test_a_check_without_kernels_leaves_torch_and_faiss_to_the_first_computation(monkeypatch):
+    """`stage validate` checks the pins without importing torch or faiss (kernels=False): their
+    checks do not run, and the mode is not marked verified, so the first computation with them
+    (lmeraser/compute.py) still runs every check."""
+    ran = []
+    monkeypatch.setattr(numerics, "_verified", set())
+    for name in ("_torch_capability", "_mkl_branch", "_numpy_dispatch", "_faiss_generic"):
+        monkeypatch.setattr(numerics, name, lambda name=name: ran.append(name))
+    numerics.require("portable", kernels=False)
+    assert ran == ["_numpy_dispatch"] and "portable" not in numerics._verified
+    numerics.require("portable")
+    assert ran[1:] == ["_torch_capability", "_mkl_branch", "_numpy_dispatch", "_faiss_generic"]
+    assert "portable" in numerics._verified
+
+
 @pytest.fixture(scope="module")
 def commands(trained_workspace, tmp_path_factory):
     """Three independent `lmeraser` processes, run at once: `doctor --json` in the trained

@@ -97,13 +97,13 @@ def _stop(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def standing_repo(tiny_repo_template, tmp_path_factory):
-    """A copy of the TINY repository after `dvc repro`, whose first three stages run again in one
-    `dvc repro --force prototypes` without PREFECT_API_URL: three stage processes show one
-    server shared as well as the seven of a whole pipeline, at less than half the cost."""
+    """A copy of the TINY repository after `dvc repro`, whose first two stages run again in one
+    `dvc repro --force backbone` without PREFECT_API_URL: two stage processes show one server
+    shared as well as the seven of a whole pipeline, at a third of the cost."""
     root = clone_repo(tiny_repo_template[0], tmp_path_factory.mktemp("standing") / "repo")
     assert _state(root) is None  # the template was built on the test run's own server
     repro = subprocess.run(
-        [str(BIN / "dvc"), "repro", "--force", "prototypes"],
+        [str(BIN / "dvc"), "repro", "--force", "backbone"],
         cwd=root,
         env=_env(),
         capture_output=True,
@@ -119,14 +119,14 @@ def standing_repo(tiny_repo_template, tmp_path_factory):
 def test_every_stage_of_one_dvc_repro_shares_one_standing_server(standing_repo):
     root, repro = standing_repo
     output = repro.stdout + repro.stderr
-    assert ran_stages(repro.stdout) == ["validate", "backbone", "prototypes"]
+    assert ran_stages(repro.stdout) == ["validate", "backbone"]
     state = _state(root)
     assert state is not None, "no standing server was recorded"
-    # One start for three stage processes, and every stage's flow run is on that one server.
+    # One start for two stage processes, and every stage's flow run is on that one server.
     assert output.count("started the workspace's Prefect server") == 1, output[-3000:]
     assert "Starting temporary server" not in output and "View at" not in output
     names = {run["name"].split("-")[0] for run in _flow_runs(state["url"])}
-    assert {"validate", "backbone", "prototypes"} <= names
+    assert {"validate", "backbone"} <= names
     # Detached: its own session, so the `dvc repro` (and this test) did not wait for it.
     assert _alive(state["pid"]) and os.getsid(state["pid"]) == state["pid"]
     # The database and log live in the workspace, git-ignored (`git status` stays clean of them).

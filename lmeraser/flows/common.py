@@ -4,16 +4,19 @@ stage, and how a stage's clusters train (threads of the flow, or Dask)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from lmeraser import tracking
 from lmeraser.config import Params, load_params
-from lmeraser.pipeline.train import ClusterJob, ClusterTrainer
 from lmeraser.progress import track
 from lmeraser.stages import stage
 from lmeraser.workspace import Workspace
+
+if TYPE_CHECKING:  # torch and timm (~3 s): only the stages that train import them (validate never does)
+    from lmeraser.pipeline.train import ClusterJob, ClusterTrainer
 
 
 def workspace_and_params(root: str, params_file: str) -> tuple[Params, Workspace]:
