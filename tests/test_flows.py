@@ -191,6 +191,22 @@ def _flow_run(state):
         return client.read_flow_run(state.state_details.flow_run_id)
 
 
+def _task_runs(flow_run_id) -> list:
+    """The task runs of a flow run, once the server has recorded them (from their events)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.time() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if runs or time.time() > deadline:
+                return runs
+            time.sleep(0.5)
+
+
 def test_flow_runs_carry_readable_names_and_tags(tmp_path):
     """A stage's run is `<stage>-<UTC time>` tagged `stage:<name>`; an unlearn run is
     `unlearn-<batch id>` (the id the batch gets, so a resumed batch keeps it) tagged `unlearn`."""
@@ -211,6 +227,10 @@ def test_flow_runs_carry_readable_names_and_tags(tmp_path):
         and re.fullmatch(r"validate-\d{8}T\d{6}Z", run.name)
         and {"lmeraser", "stage:validate"} <= set(run.tags)
     )
+    # Its task runs carry no tags: Prefect asks the server for a concurrency slot per tag of each
+    # task run (an API round trip per unlearning step and per trained cluster).
+    assert [t.name for t in _task_runs(run.id)] == ["track-validate"]
+    assert all(t.tags == [] for t in _task_runs(run.id))
     Journal(ws).submit([resolve(RequestSpec(sample_ids=[ws.manifest("private").sample_id[0]]), ws)])
     expected = next_batch_id(ws)
     assert expected and expected.startswith("batch-")

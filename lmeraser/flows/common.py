@@ -3,6 +3,8 @@ stage, and how a stage's clusters train (threads of the flow, or Dask)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,21 @@ if TYPE_CHECKING:  # torch and timm (~3 s): only the stages that train import th
 def workspace_and_params(root: str, params_file: str) -> tuple[Params, Workspace]:
     ws = Workspace(Path(root), Path(root) / params_file)  # an absolute params_file stays as it is
     return load_params(ws.params_file), ws
+
+
+@contextmanager
+def untagged_task_runs() -> Iterator[None]:
+    """Task runs started inside carry none of the tags the flow run was started with (the flow
+    run keeps them: `lmeraser`, `stage:<name>`, `unlearn`). Prefect asks its server for a
+    concurrency slot for each tag of a task run before the run starts: one API round trip per
+    task run (0.1-0.3 s on a loaded 2-core machine, each of an unlearning batch's seven steps
+    and each cluster of a train stage), though lmeraser sets no limit on its tags. A
+    concurrency limit a user sets on these tags therefore applies to flow runs' tasks not at all
+    (docs/architecture.md)."""
+    from prefect.context import TagsContext
+
+    with TagsContext(current_tags=set()):
+        yield
 
 
 def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id: str | None = None) -> None:
@@ -89,8 +106,9 @@ def train_cluster_on_worker(root: str, params_file: str, cluster: int, key: str)
 def train_clusters(root: str, params_file: str, clusters: list[int], keys: list[str]) -> list[dict]:
     """Clusters train as mapped tasks on this flow's task runner (Dask), each worker loading what
     it needs from the workspace."""
-    futures = train_cluster_on_worker.map(unmapped(root), unmapped(params_file), clusters, keys)
-    return [future.result() for future in track(futures, "training clusters")]
+    with untagged_task_runs():
+        futures = train_cluster_on_worker.map(unmapped(root), unmapped(params_file), clusters, keys)
+        return [future.result() for future in track(futures, "training clusters")]
 
 
 def dask_runner(params: Params):

@@ -13,18 +13,25 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lmeraser.errors import LmeraserError
-from lmeraser.flows.common import map_jobs_for, timestamped_run_name, track_stage_task, workspace_and_params
+from lmeraser.flows.common import (
+    map_jobs_for,
+    timestamped_run_name,
+    track_stage_task,
+    untagged_task_runs,
+    workspace_and_params,
+)
 from lmeraser.stages import stage
 
 
 def _run(name: str, root: str, params_file: str, **options) -> dict | State:
     """Run one stage with the run logger; a user-facing error fails the flow with its one sentence."""
     params, ws = workspace_and_params(root, params_file)
-    try:
-        result = stage(name).function(params, ws, get_run_logger().info, **options)
-    except LmeraserError as error:
-        return Failed(message=str(error))
-    track_stage_task(name, params, ws, result)
+    with untagged_task_runs():
+        try:
+            result = stage(name).function(params, ws, get_run_logger().info, **options)
+        except LmeraserError as error:
+            return Failed(message=str(error))
+        track_stage_task(name, params, ws, result)
     return result
 
 

@@ -16,7 +16,13 @@ from prefect.states import Failed
 from lmeraser import tracking
 from lmeraser.config import load_params
 from lmeraser.errors import LmeraserError
-from lmeraser.flows.common import map_jobs_for, timestamped_run_name, track_stage, track_stage_task
+from lmeraser.flows.common import (
+    map_jobs_for,
+    timestamped_run_name,
+    track_stage,
+    track_stage_task,
+    untagged_task_runs,
+)
 from lmeraser.unlearning.exact import UnlearnBatch, process_pending
 from lmeraser.workspace import Workspace
 
@@ -80,41 +86,42 @@ def unlearn(
     """The pending requests as one batch (the oldest `max_requests`, or all); the stages its
     rebuild runs are tracked like the pipeline's: after the record, or with `track` false left in
     the backlog for the caller (the service's worker tracks it when idle: `track_now`)."""
-    ws = Workspace(Path(root), Path(root) / params_file)
-    try:
-        params = load_params(ws.params_file)
-        # What an earlier batch left untracked (killed, or the server was down), before this batch
-        # changes the stage files those runs log.
-        track_waiting(ws, params, retry=False)  # one try: an erasure never waits on the tracking server
-        result = process_pending(
-            ws,
-            get_run_logger().info,
-            run_step=lambda batch, step: step_task(step)(batch, step),
-            git_commit=git_commit,
-            after_stage=lambda name, summary, entry_id: tracking.defer_run(
-                ws, name, summary.get("metrics", {}), entry_id=entry_id
-            ),
-            max_requests=max_requests,
-            map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
-        )
-    except LmeraserError as error:
-        return Failed(message=str(error))
-    if result is not None:
-        run = {
-            "params": {"batch_id": result["batch_id"], "method": "exact"},
-            "tags": {"lmeraser.record": str(result["record"])},
-        }
-        tracking.defer_run(
-            ws,
-            "unlearn",
-            {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]},
-            run,
-            entry_id=f"{result['batch_id']}/unlearn",
-        )
-        result["tracking"] = (
-            track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
-        )
-    return result
+    with untagged_task_runs():  # no concurrency slot asked of the server per task run (flows/common.py)
+        ws = Workspace(Path(root), Path(root) / params_file)
+        try:
+            params = load_params(ws.params_file)
+            # What an earlier batch left untracked (killed, or the server was down), before this batch
+            # changes the stage files those runs log.
+            track_waiting(ws, params, retry=False)  # one try: an erasure never waits on the tracking server
+            result = process_pending(
+                ws,
+                get_run_logger().info,
+                run_step=lambda batch, step: step_task(step)(batch, step),
+                git_commit=git_commit,
+                after_stage=lambda name, summary, entry_id: tracking.defer_run(
+                    ws, name, summary.get("metrics", {}), entry_id=entry_id
+                ),
+                max_requests=max_requests,
+                map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
+            )
+        except LmeraserError as error:
+            return Failed(message=str(error))
+        if result is not None:
+            run = {
+                "params": {"batch_id": result["batch_id"], "method": "exact"},
+                "tags": {"lmeraser.record": str(result["record"])},
+            }
+            tracking.defer_run(
+                ws,
+                "unlearn",
+                {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]},
+                run,
+                entry_id=f"{result['batch_id']}/unlearn",
+            )
+            result["tracking"] = (
+                track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
+            )
+        return result
 
 
 def track_now(root: str, params_file: str, log=print) -> dict:
@@ -150,25 +157,26 @@ def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict
     the exact rebuild stays queued for `unlearn`)."""
     from lmeraser.unlearning.influence_update import influence_pending  # torch: only this flow needs it
 
-    ws = Workspace(Path(root), Path(root) / params_file)
-    try:
-        result = influence_pending(ws, get_run_logger().info)
-    except LmeraserError as error:
-        return Failed(message=str(error))
-    if result is not None:
-        run = {
-            "params": {"batch_id": f"record-{result['record']}", "method": "influence"},
-            "tags": {"lmeraser.record": str(result["record"])},
-        }
-        residual = max(r["cg_relative_residual"] for r in result["reports"])
-        metrics = {
-            "clusters_edited": len(result["clusters"]),
-            "influence_seconds": result["seconds"],
-            "cg_relative_residual_max": residual,
-        }
-        tracking.defer_run(ws, "unlearn", metrics, run)
-        result["tracking"] = track_waiting(ws, load_params(ws.params_file))
-    return result
+    with untagged_task_runs():  # no concurrency slot asked of the server per task run (flows/common.py)
+        ws = Workspace(Path(root), Path(root) / params_file)
+        try:
+            result = influence_pending(ws, get_run_logger().info)
+        except LmeraserError as error:
+            return Failed(message=str(error))
+        if result is not None:
+            run = {
+                "params": {"batch_id": f"record-{result['record']}", "method": "influence"},
+                "tags": {"lmeraser.record": str(result["record"])},
+            }
+            residual = max(r["cg_relative_residual"] for r in result["reports"])
+            metrics = {
+                "clusters_edited": len(result["clusters"]),
+                "influence_seconds": result["seconds"],
+                "cg_relative_residual_max": residual,
+            }
+            tracking.defer_run(ws, "unlearn", metrics, run)
+            result["tracking"] = track_waiting(ws, load_params(ws.params_file))
+        return result
 
 
 def batch_runner(ws: Workspace, git_commit: bool = True):
