@@ -325,3 +325,31 @@ def test_a_link_in_a_store_is_searched_through_to_a_file_and_any_other_link_is_n
     np.save(outside / "backup.npy", images[:2])  # the target rewritten: read again, the erased image gone
     again = scan(ws, {target}, set())
     assert again.read["artifact store"] == 1 and [h.location for h in again.hits] == ["data"]
+
+
+def test_keyed_subject_ids_are_the_hmac_of_their_salt_and_memoised_per_salt(tmp_path, monkeypatch):
+    """A scan keys every sample id each new file names (160,000 per forget at 30,000 private
+    samples): `Keyer.subject` keys an id once per process and salt, and what it returns is still
+    HMAC-SHA256 under that workspace's own salt, never another workspace's memo."""
+    import hashlib
+    import hmac
+
+    from lmeraser import salt as salt_module
+    from lmeraser.salt import Keyer
+
+    first, second = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    for ws in (first, second):
+        ws.root.mkdir()
+    keyers = Keyer(first), Keyer(second)
+    salts = [salt_module.salt(ws, False) for ws in (first, second)]
+    assert salts[0] != salts[1]
+    for keyer, salt in zip(keyers, salts):
+        for subject in ("sample:0123456789abcdef0123", "subject:alice", "sample:0123456789abcdef0123"):
+            assert keyer.subject(subject) == hmac.new(salt, subject.encode(), hashlib.sha256).hexdigest()
+    assert Keyer(first).subject("subject:alice") == keyers[0].subject("subject:alice")  # a new Keyer, same memo
+    monkeypatch.setattr(salt_module, "SUBJECT_MEMO_MAX", 3)
+    for i in range(10):  # bounded: started again when full, every answer still the HMAC
+        assert (
+            keyers[0].subject(f"sample:{i}") == hmac.new(salts[0], f"sample:{i}".encode(), hashlib.sha256).hexdigest()
+        )
+    assert len(keyers[0]._memo) <= 3
