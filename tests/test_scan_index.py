@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ def test_a_second_scan_reads_only_what_changed_and_finds_new_targets_in_old_file
     assert sorted(h.location for h in third.hits) == ["data", "dvc cache"]
     assert "notes.json" not in ws.scan_index_file.read_text()
     assert third.index["sha256"] == sha256_file(ws.scan_index_file)  # the report names the index it saved
+
+
+def test_the_index_serves_the_workspace_however_its_root_is_spelled(stores, monkeypatch):
+    """`lmeraser audit scan --full` runs with the workspace as "." and the service's batches with
+    its absolute path: each scan's index must serve the other (it answered nothing, and the first
+    batch after a scheduled full scan read every store again)."""
+    ws, _, _ = stores
+    monkeypatch.chdir(ws.root)
+    full = scan(Workspace(Path(".")), set(), set(), full=True)
+    assert sum(full.read.values()) == 3
+    after = scan(Workspace(ws.root.resolve()), set(), set())
+    assert after.index["mode"] == "incremental" and sum(after.read.values()) == 0
+    assert sum(scan(Workspace(Path(".")), set(), set()).read.values()) == 0
 
 
 def test_a_copy_planted_into_an_indexed_file_is_read_again_even_with_its_times_restored(stores):

@@ -118,7 +118,11 @@ class DirectoryStore(Store):
 
     @property
     def root(self) -> str:
-        return str(self.path)
+        # Absolute and resolved: `lmeraser audit scan --full` in the workspace named its stores
+        # relatively ("data"), a batch through the service absolutely, so each answered nothing
+        # from the other's index and read every file again (the first forget after a scheduled
+        # full scan: 753 files, verify 8.5 s instead of ~2 s at 30,000 samples).
+        return str(self.path.resolve())
 
     def listing(self) -> list[tuple[str, list | None]]:
         """As `Store.listing`. A symbolic link to a regular file is searched through (what it
