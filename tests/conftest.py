@@ -115,22 +115,31 @@ def pytest_configure(config):
             break
         except OSError:
             if server.poll() is not None or time.time() > deadline:
-                pytest_unconfigure(config)
+                _stop_server(keep_log=True)
                 raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}") from None
             time.sleep(0.5)
     os.environ["PREFECT_API_URL"] = url
 
 
 def pytest_unconfigure(config):
+    _stop_server()
+
+
+def _stop_server(keep_log: bool = False) -> None:
+    """Stop the run's Prefect server and remove its home (kept, with its log, when it failed to start)."""
     import shutil
 
     if not _SERVER:
         return
-    os.killpg(_SERVER["process"].pid, 15)
+    try:
+        os.killpg(_SERVER["process"].pid, 15)
+    except ProcessLookupError:  # it exited by itself (a failed start)
+        pass
     _SERVER["process"].wait(timeout=30)
     _SERVER["log"].close()
     os.environ.pop("PREFECT_API_URL", None)
-    shutil.rmtree(_SERVER["home"], ignore_errors=True)
+    if not keep_log:
+        shutil.rmtree(_SERVER["home"], ignore_errors=True)
     _SERVER.clear()
 
 

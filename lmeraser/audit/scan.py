@@ -157,8 +157,9 @@ def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int
     sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones_sha256 = targets  # the last: a set
     n = fresh = 0
     entries, hits = {}, []
+    root = store.root  # a directory's resolves its path: once per store, not per file
     for rel, ident in track(store.listing(), f"scanning {store.label}"):
-        entry = index.known(store.label, store.root, rel, ident) if index is not None else None
+        entry = index.known(store.label, root, rel, ident) if index is not None else None
         if entry is None:
             try:
                 with store.local(rel) as path:
