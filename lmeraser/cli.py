@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 
@@ -552,7 +553,8 @@ def _process(
     _prefect(ws)
     from lmeraser.flows.unlearn import run_unlearn
 
-    state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False)
+    wait = rebuild_params(ws).runtime.tracking == "wait"
+    state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False, track=wait)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
     result = state.result()
@@ -568,7 +570,43 @@ def _process(
         + f"; lineage record {result['record']} (sha256 {result['sha256'][:16]}…)"
         + (f"; committed {result['commit'][:12]}" if result.get("commit") else "")
     )
+    waiting = result["tracking"]["waiting"]
+    if waiting and not wait:
+        result["tracking"]["background"] = background = _track_in_background(ws)
+        say(
+            f"MLflow tracking of {len(waiting)} run(s) ({', '.join(waiting)}) goes on in the background "
+            f"(pid {background['pid']}, log {background['log']}); `lmeraser track` waits for it"
+        )
+    elif waiting:
+        say(f"MLflow tracking of {', '.join(waiting)} waits in the backlog: `lmeraser track` logs it")
     return result
+
+
+def _track_in_background(ws: Workspace) -> dict:
+    """`lmeraser track` as a process of its own session (it outlives this command; a kill of it
+    loses nothing: the backlog is rewritten only as runs are logged), without this process's
+    secrets, its output appended to the workspace's tracking log."""
+    import subprocess
+
+    from lmeraser import tracking
+    from lmeraser.versioning import child_env
+
+    log_path = tracking.background_log(ws)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists() and log_path.stat().st_size > tracking.BACKGROUND_LOG_MAX_BYTES:
+        os.replace(log_path, log_path.with_name(log_path.name + ".1"))  # one older log kept
+    root = ws.root.resolve()
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "lmeraser.cli", "track", "--root", str(root), "--params", _params_arg(ws)],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C at the terminal after the command returned does not reach it
+            env=child_env(LMERASER_TRACKER_OF=str(os.getpid())),
+        )
+    return {"pid": child.pid, "log": ws.relative(log_path)}
 
 
 def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
@@ -892,6 +930,39 @@ def requests_cmd(
     flagged = sum(s.flag in ("overdue", "due soon") for s in statuses)
     if flagged:
         err.print(f"{flagged} request(s) overdue or due soon", highlight=False)
+
+
+@app.command("track")
+def track_cmd(root: Path = ROOT, params_file: Path = PARAMS, as_json: bool = JSON) -> None:
+    """Log what waits in the tracking backlog to MLflow now: the runs of the stages that batches
+    rebuilt and the served model's registration (runtime.tracking; a background tracker at work
+    is waited for). Exits 1 if any run still waits."""
+    from lmeraser import tracking
+
+    ws = _workspace(root, params_file)
+    say = _say(as_json)
+    started = time.perf_counter()
+    if tracking.backlog_stages(ws):
+        _check_params(ws)
+        _quiet_env()
+        _prefect(ws)
+        from lmeraser.flows.unlearn import track_now
+
+        result = track_now(str(ws.root.resolve()), _params_arg(ws))
+    else:
+        result = {"tracked": [], "waiting": []}
+    say(
+        f"tracked {len(result['tracked'])} run(s) in {time.perf_counter() - started:.1f}s"
+        + (f" ({', '.join(result['tracked'])})" if result["tracked"] else "")
+        + ("" if result["waiting"] else "; nothing waits in the tracking backlog")
+    )
+    if as_json:
+        _emit(result)
+    if result["waiting"]:
+        _fail(
+            f"{len(result['waiting'])} run(s) still wait in {ws.relative(tracking.backlog_file(ws))} "
+            "(the warning above says why): run `lmeraser track` again once MLflow answers"
+        )
 
 
 @app.command("unlearn")
@@ -1370,7 +1441,7 @@ def _batch_worker(ws: Workspace, git_commit: bool, log):
         params.service,
         batch_runner(ws, git_commit),
         log,
-        run_tracking=backlog_tracker(ws, log),
+        run_tracking=backlog_tracker(ws),
         warm_up=warm_up(ws),
     )
 

@@ -238,6 +238,11 @@ class RuntimeParams(_Section):
     # portable: every library pinned to the kernels all x86-64 CPUs share, so every machine
     # computes the same bits; native: each CPU's fastest kernels (lmeraser/numerics.py).
     numerics: Literal["portable", "native"] = "portable"
+    # After an erasure's record is signed, what `lmeraser forget/rectify/unlearn` does with the
+    # MLflow runs of the rebuilt stages and the served model's registration (the tracking
+    # backlog): background hands them to a `lmeraser track` process of its own and returns; wait
+    # tracks them before returning. Neither touches the record; the backlog survives a kill.
+    tracking: Literal["background", "wait"] = "background"
 
     @model_validator(mode="after")
     def _dask(self) -> RuntimeParams:

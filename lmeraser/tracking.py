@@ -326,6 +326,15 @@ def backlog_file(ws: Workspace) -> Path:
     return ws.batches / "tracking-backlog.json"
 
 
+BACKGROUND_LOG_MAX_BYTES = 1 << 20  # then the log becomes tracking.log.1 and a new one starts
+
+
+def background_log(ws: Workspace) -> Path:
+    """The output of the `lmeraser track` processes a command left tracking in the background
+    (runtime.tracking: background); not under audit/batches/, whose files mean work is pending."""
+    return ws.root / ".lmeraser" / "tracking.log"
+
+
 def backlog_stages(ws: Workspace) -> list[str]:
     """The stages whose runs wait in the backlog (empty: none, or no backlog)."""
     from lmeraser.io import read_json

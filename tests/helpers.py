@@ -43,7 +43,10 @@ TINY = {
     "clustering": {"target_cluster_size": 40, "min_clusters": 2, "max_clusters": 8, "niter": 10},
     "prompt": {"kind": "pad", "pad": {"width": 1, "epochs": 2, "batch_size": 16, "lr": 0.02}},
     "evaluate": {"baselines": True, "batch_size": 128},
-    "runtime": {"threads": 1, "workers": 2},
+    # MLflow tracked before a forget returns: the tests read MLflow right after, and a background
+    # tracker per forget would cost the suite a process each (tests/test_background_tracking.py
+    # covers the default, background).
+    "runtime": {"threads": 1, "workers": 2, "tracking": "wait"},
 }
 
 

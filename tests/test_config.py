@@ -50,6 +50,7 @@ def test_presets_carry_what_the_benchmarks_used_to_hard_code():
         ({"backbone": {"img_size": 10, "patch_size": 4}}, "backbone.img_size"),
         ({"clustering": {"min_clusters": 9, "max_clusters": 3}}, "clustering.min_clusters"),
         ({"runtime": {"threads": 0}}, "runtime.threads"),
+        ({"runtime": {"tracking": "later"}}, "runtime.tracking"),
         (
             {"backbone": {"model": "vit_tiny_patch16_224", "embed_dim": 64}},
             "backbone.embed_dim describes the built-in ViT",

@@ -57,7 +57,7 @@ def build_rgb_repo(base: Path, **runtime) -> tuple[Path, Path]:
         "clustering": {"target_cluster_size": 25, "min_clusters": 2, "max_clusters": 3, "niter": 10},
         "prompt": {"kind": "pad", "pad": {"width": 2, "epochs": 3, "batch_size": 16, "lr": 0.05}},
         "evaluate": {"baselines": False, "batch_size": 64},
-        "runtime": {"threads": 1, "workers": 2, **runtime},
+        "runtime": {"threads": 1, "workers": 2, "tracking": "wait", **runtime},
     }
     root = copy_repo(base / "repo", params)
     warm_ok("data", "init", cwd=root)

@@ -124,10 +124,21 @@ def unlearn(
         return result
 
 
-def track_now(root: str, params_file: str, log=print) -> dict:
-    """Track the backlog outside a flow run (the service's worker, between batches)."""
-    ws = Workspace(Path(root), Path(root) / params_file)
-    return track_waiting(ws, load_params(ws.params_file), log=log)
+def track_now(root: str, params_file: str) -> dict:
+    """The `track` flow, its run tagged `lmeraser` and `track`: what the service's worker runs
+    between batches, and `lmeraser track` (a command's background tracker included)."""
+    from prefect import tags
+
+    with tags("lmeraser", "track"):
+        return track(root=root, params_file=params_file)
+
+
+@flow(name="track", log_prints=True, flow_run_name=timestamped_run_name)
+def track(root: str = ".", params_file: str = "params.yaml") -> dict:
+    """Log the tracking backlog to MLflow (each run retried): what batches left after their records."""
+    with untagged_task_runs():  # no concurrency slot asked of the server per task run (flows/common.py)
+        ws = Workspace(Path(root), Path(root) / params_file)
+        return track_waiting(ws, load_params(ws.params_file))
 
 
 def track_waiting(ws: Workspace, params, retry: bool = True, log=None) -> dict:
@@ -195,11 +206,11 @@ def batch_runner(ws: Workspace, git_commit: bool = True):
     return run
 
 
-def backlog_tracker(ws: Workspace, log=print):
-    """What the service's worker runs when idle (its `run_tracking`): the tracking backlog,
-    tracked as `lmeraser unlearn` tracks it (retried MLflow runs)."""
+def backlog_tracker(ws: Workspace):
+    """What the service's worker runs when idle (its `run_tracking`): the `track` flow, which
+    tracks the backlog as `lmeraser unlearn` does (retried MLflow runs)."""
 
     def run() -> dict:
-        return track_now(str(ws.root.resolve()), str(ws.params_file.resolve()), log)
+        return track_now(str(ws.root.resolve()), str(ws.params_file.resolve()))
 
     return run

@@ -1,0 +1,146 @@
+"""runtime.tracking: an erasure's MLflow runs (the rebuilt stages, the served model's registration,
+the batch's own run) are logged after its record is signed, by a background `lmeraser track`
+(the default: the command returns once the record is signed) or before the command returns
+(wait). Either way each run is logged once, and a kill or an unusable store loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import yaml
+
+from lmeraser import tracking
+from lmeraser.io import read_json
+from lmeraser.workspace import Workspace
+
+from helpers import commit_all, lmeraser_cli, lmeraser_warm
+
+
+def _set_tracking(root, mode: str) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["runtime"]["tracking"] = mode
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    commit_all(root, f"runtime.tracking: {mode}")
+
+
+def _client(root):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("lmeraser").experiment_id
+
+
+def _runs_of_batch(root, batch: dict) -> dict[str, int]:
+    """How many MLflow runs each stage has for `batch` (its backlog entries' tag, its record)."""
+    client, experiment = _client(root)
+    counts: dict[str, int] = {}
+    for run in client.search_runs([experiment], max_results=1000):
+        entry = run.data.tags.get(tracking.ENTRY_TAG, "")
+        if entry.startswith(f"{batch['batch_id']}/") or run.data.tags.get("lmeraser.record") == str(batch["record"]):
+            stage = run.data.tags["lmeraser.stage"]
+            counts[stage] = counts.get(stage, 0) + 1
+    return counts
+
+
+def _production(root) -> int:
+    """The registered version the `production` alias names."""
+    client, _ = _client(root)
+    return int(client.get_model_version_by_alias("lmeraser", tracking.ALIAS).version)
+
+
+def _tracked_counts(text: str) -> int:
+    return sum(int(n) for n in re.findall(r"tracked (\d+) run\(s\)", text))
+
+
+def _log_says_done(root, timeout: float = 180) -> str:
+    """The background tracker's log once it printed its last line (it ends after the lock's release)."""
+    log = tracking.background_log(Workspace(root))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if "tracked " in text or "still wait" in text:
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"the background tracker wrote no last line in {timeout} s: {text[-2000:]}")
+
+
+def test_a_forget_returns_at_its_record_and_its_runs_are_tracked_once_in_the_background(repo):
+    root, _ = repo
+    victims = Workspace(root).split("private").sample_ids[:2]
+    backlog = tracking.backlog_file(Workspace(root))
+
+    # wait: tracked before the command returns, nothing left for anyone.
+    _set_tracking(root, "wait")
+    done = lmeraser_warm("forget", "--sample-id", victims[0], "--json", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    waited = json.loads(done.stdout)["batch"]
+    assert {"train", "evaluate", "unlearn"} <= set(waited["tracking"]["tracked"])
+    assert waited["tracking"]["waiting"] == [] and "background" not in waited["tracking"]
+    assert not backlog.exists()
+    assert _runs_of_batch(root, waited)["train"] == 1
+
+    # background (the default): the command, a child as a user runs it, returns with the runs
+    # waiting and a tracker started; `lmeraser track` waits for it.
+    _set_tracking(root, "background")
+    served = _production(root)
+    done = lmeraser_cli("forget", "--sample-id", victims[1], "--json", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batch = json.loads(done.stdout)["batch"]
+    handed = batch["tracking"]
+    assert handed["tracked"] == [] and {"validate", "train", "evaluate", "unlearn"} <= set(handed["waiting"])
+    assert handed["background"]["log"] == ".lmeraser/tracking.log" and handed["background"]["pid"] > 0
+    assert "goes on in the background" in done.stderr
+    after = lmeraser_cli("track", cwd=root)
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert "nothing waits in the tracking backlog" in after.stdout
+    assert not backlog.exists()
+    log = _log_says_done(root)
+    # Whichever of the two got the backlog's lock first tracked it; together, every run once.
+    assert _tracked_counts(log) + _tracked_counts(after.stdout) == len(handed["waiting"])
+    counts = _runs_of_batch(root, batch)
+    assert all(counts.get(stage) == 1 for stage in handed["waiting"]), counts
+    assert _production(root) == served + 1  # the rebuilt served model registered, once
+
+    # Nothing waits: the command answers at once, without a flow.
+    idle = lmeraser_warm("track", "--json", cwd=root)
+    assert idle.returncode == 0 and json.loads(idle.stdout) == {"tracked": [], "waiting": []}
+
+
+def test_a_killed_tracker_loses_nothing_and_track_names_what_still_waits(repo):
+    root, _ = repo
+    ws = Workspace(root)
+    _set_tracking(root, "background")
+    victim = ws.split("private").sample_ids[2]
+    done = lmeraser_warm("forget", "--sample-id", victim, "--json", cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    batch = json.loads(done.stdout)["batch"]
+    pid = batch["tracking"]["background"]["pid"]
+    os.kill(pid, signal.SIGKILL)  # before it logged anything: it spends seconds importing first
+    try:
+        os.waitpid(pid, 0)  # started from this process (the warm command): reap it
+    except ChildProcessError:
+        pass
+    waiting = [entry["stage"] for entry in read_json(tracking.backlog_file(ws))["stages"]]
+    assert waiting == batch["tracking"]["waiting"]  # nothing lost
+
+    # An unusable store: `lmeraser track` logs nothing, keeps every run, and says so in one line.
+    saved = (root / "mlflow.db").read_bytes()
+    (root / "mlflow.db").write_bytes(b"not a database" * 100)
+    try:
+        failed = lmeraser_warm("track", cwd=root)
+    finally:
+        (root / "mlflow.db").write_bytes(saved)
+    assert failed.returncode == 1
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "audit/batches/tracking-backlog.json" in last, failed.stderr[-2000:]
+    assert [entry["stage"] for entry in read_json(tracking.backlog_file(ws))["stages"]] == waiting
+
+    tracked = lmeraser_warm("track", cwd=root)
+    assert tracked.returncode == 0, tracked.stderr[-3000:]
+    assert _tracked_counts(tracked.stdout) == len(waiting) and not tracking.backlog_file(ws).exists()
+    counts = _runs_of_batch(root, batch)
+    assert all(counts.get(stage) == 1 for stage in waiting), counts
