@@ -572,11 +572,19 @@ def _process(
     )
     waiting = result["tracking"]["waiting"]
     if waiting and not wait:
-        result["tracking"]["background"] = background = _track_in_background(ws)
-        say(
-            f"MLflow tracking of {len(waiting)} run(s) ({', '.join(waiting)}) goes on in the background "
-            f"(pid {background['pid']}, log {background['log']}); `lmeraser track` waits for it"
-        )
+        try:
+            result["tracking"]["background"] = background = _track_in_background(ws)
+        except OSError as error:  # the erasure is signed: a tracker that cannot start only leaves the runs waiting
+            say(
+                f"warning: the background tracker did not start ({shown(error, 200)}); "
+                f"MLflow tracking of {', '.join(waiting)} waits in the backlog: `lmeraser track` logs it"
+            )
+        else:
+            say(
+                f"MLflow tracking of {len(waiting)} run(s) ({', '.join(waiting)}) goes on in the background "
+                f"(pid {background['pid']}, log {background['log'] or 'none: ' + background['log_problem']}); "
+                "`lmeraser track` waits for it"
+            )
     elif waiting:
         say(f"MLflow tracking of {', '.join(waiting)} waits in the backlog: `lmeraser track` logs it")
     return result
@@ -585,28 +593,47 @@ def _process(
 def _track_in_background(ws: Workspace) -> dict:
     """`lmeraser track` as a process of its own session (it outlives this command; a kill of it
     loses nothing: the backlog is rewritten only as runs are logged), without this process's
-    secrets, its output appended to the workspace's tracking log."""
+    secrets, its output appended to the workspace's tracking log (a regular file: a symlink, FIFO
+    or directory in its place is left alone and the tracker's output discarded)."""
+    import stat
     import subprocess
 
     from lmeraser import tracking
     from lmeraser.versioning import child_env
 
-    log_path = tracking.background_log(ws)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if log_path.exists() and log_path.stat().st_size > tracking.BACKGROUND_LOG_MAX_BYTES:
-        os.replace(log_path, log_path.with_name(log_path.name + ".1"))  # one older log kept
+    log_path, log_fd, log_problem = tracking.background_log(ws), None, None
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if log_path.is_file() and not log_path.is_symlink():
+            if log_path.stat().st_size > tracking.BACKGROUND_LOG_MAX_BYTES:
+                os.replace(log_path, log_path.with_name(log_path.name + ".1"))  # one older log kept
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK  # never waits on a FIFO
+        log_fd = os.open(log_path, flags, 0o644)
+        if not stat.S_ISREG(os.fstat(log_fd).st_mode):
+            raise OSError(f"{ws.relative(log_path)} is not a regular file")
+    except OSError as error:
+        if log_fd is not None:
+            os.close(log_fd)
+        log_fd, log_problem = None, shown(error, 200)
     root = ws.root.resolve()
-    with open(log_path, "ab") as log:
+    try:
         child = subprocess.Popen(
             [sys.executable, "-m", "lmeraser.cli", "track", "--root", str(root), "--params", _params_arg(ws)],
             cwd=root,
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=subprocess.DEVNULL if log_fd is None else log_fd,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C at the terminal after the command returned does not reach it
-            env=child_env(LMERASER_TRACKER_OF=str(os.getpid())),
+            env=child_env(),
         )
-    return {"pid": child.pid, "log": ws.relative(log_path)}
+    finally:
+        if log_fd is not None:
+            os.close(log_fd)
+    return {
+        "pid": child.pid,
+        "log": None if log_fd is None else ws.relative(log_path),
+        **({"log_problem": log_problem} if log_problem else {}),
+    }
 
 
 def _influence(ws: Workspace, quiet: bool = False) -> dict | None:
@@ -942,8 +969,8 @@ def track_cmd(root: Path = ROOT, params_file: Path = PARAMS, as_json: bool = JSO
     ws = _workspace(root, params_file)
     say = _say(as_json)
     started = time.perf_counter()
+    _check_params(ws)  # a --root that is no workspace is said so, not "nothing waits"
     if tracking.backlog_stages(ws):
-        _check_params(ws)
         _quiet_env()
         _prefect(ws)
         from lmeraser.flows.unlearn import track_now

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import yaml
 
@@ -144,3 +145,51 @@ def test_a_killed_tracker_loses_nothing_and_track_names_what_still_waits(repo):
     assert _tracked_counts(tracked.stdout) == len(waiting) and not tracking.backlog_file(ws).exists()
     counts = _runs_of_batch(root, batch)
     assert all(counts.get(stage) == 1 for stage in waiting), counts
+
+
+def test_the_background_tracker_starts_without_secrets_and_never_waits_on_its_log(tmp_path, monkeypatch):
+    """What starts the tracker: its environment holds none of the command's secrets; a full log
+    becomes tracking.log.1; a FIFO, symlink or directory where the log goes is left alone (the
+    tracker's output discarded, the reason returned), and nothing waits on it."""
+    from lmeraser import cli
+    from lmeraser.config import parse_params
+
+    from helpers import TINY
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(TINY).model_dump(mode="json")))
+    ws = Workspace(tmp_path)
+    log = tracking.background_log(ws)
+    log.parent.mkdir()
+    log.write_bytes(b"x" * (tracking.BACKGROUND_LOG_MAX_BYTES + 1))
+    monkeypatch.setenv("LMERASER_SIGNING_KEY", "-----BEGIN PRIVATE KEY----- k3y-9f1c")
+    monkeypatch.setenv("LMERASER_API_TOKEN", "t0ken-77ae")
+
+    def started() -> tuple[dict, bytes]:
+        handed = cli._track_in_background(ws)
+        environ = (Path("/proc") / str(handed["pid"]) / "environ").read_bytes()  # read while it imports
+        _, status = os.waitpid(handed["pid"], 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        return handed, environ
+
+    handed, environ = started()
+    assert b"PATH=" in environ and b"k3y-9f1c" not in environ and b"t0ken-77ae" not in environ
+    assert handed["log"] == ".lmeraser/tracking.log" and "log_problem" not in handed
+    assert log.with_name("tracking.log.1").stat().st_size == tracking.BACKGROUND_LOG_MAX_BYTES + 1
+    assert "nothing waits in the tracking backlog" in log.read_text()
+
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("someone else's file\n")
+    for make in (os.mkfifo, lambda path: path.symlink_to(elsewhere), Path.mkdir):
+        if log.is_dir() and not log.is_symlink():
+            log.rmdir()
+        else:
+            log.unlink(missing_ok=True)
+        make(log)
+        handed, _ = started()  # a FIFO would block an open that waits for a reader
+        assert handed["log"] is None and handed["log_problem"], handed
+    assert elsewhere.read_text() == "someone else's file\n"
+
+
+def test_track_names_a_root_that_is_no_workspace(tmp_path):
+    done = lmeraser_warm("track", "--root", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().startswith("error:") and "params" in done.stderr
