@@ -154,6 +154,33 @@ def test_what_one_content_holds_is_kept_once_for_every_copy_and_ids_are_read_whe
     ]
 
 
+def test_the_copies_of_one_content_are_read_once_per_scan_and_each_copy_is_still_a_hit(stores, monkeypatch):
+    """A shard, its DVC cache object and the remote's copy are one content: a scan (a full one
+    too) reads it for what it holds once and only hashes the other copies, which are hits all
+    the same; a copy of content the index already knows is not read again either."""
+    from lmeraser.audit import scan as scan_module
+
+    ws, images, keyer = stores
+    shard = ws.root / "data" / "images.npy"
+    for copy in (ws.root / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef9999", ws.root / "artifacts" / "kept.npy"):
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(shard.read_bytes())
+    read = []
+    real = scan_module._sha256_and_id_tokens
+    monkeypatch.setattr(scan_module, "_sha256_and_id_tokens", lambda path: read.append(path) or real(path))
+    target = keyer.content(content_hash(images[4]))  # in the shard only, not in the cache object
+    full = scan(ws, {target}, set(), full=True)
+    listed = sum(full.counts.values())
+    assert sum(full.read.values()) == listed and len(read) == listed - 2  # three copies, read once
+    assert sorted(h.path.rsplit("/", 1)[-1] for h in full.hits) == ["cdef9999", "images.npy", "kept.npy"]
+    # A new copy of content the index holds: listed as read (its identity is new), only hashed.
+    (ws.root / "artifacts" / "again.npy").write_bytes(shard.read_bytes())
+    read.clear()
+    again = scan(ws, {target}, set())
+    assert again.read["artifact store"] == 1 and read == []
+    assert sorted(h.path.rsplit("/", 1)[-1] for h in again.hits) == ["again.npy", "cdef9999", "images.npy", "kept.npy"]
+
+
 def test_an_index_of_the_earlier_format_means_one_full_scan(stores):
     ws, _, keyer = stores
     keyer_seal = keyer.seal("scan-index", {"version": 1, "salt": keyer.fingerprint(), "locations": {}})

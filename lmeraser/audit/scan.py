@@ -23,6 +23,7 @@ import numpy as np
 
 from lmeraser.audit.stores import reason, storage_locations
 from lmeraser.data.splits import content_hash
+from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
 from lmeraser.progress import track
 from lmeraser.salt import Keyer
@@ -152,8 +153,11 @@ class ScanReport:
         return summary
 
 
-def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int, dict, list[Hit]]:
-    """One store: (files listed, files read, the index entries, the hits)."""
+def _search(
+    store, index, keyer: Keyer | None, targets: tuple, seen: dict[str, dict]
+) -> tuple[int, int, dict, list[Hit]]:
+    """One store: (files listed, files read, the index entries, the hits); `seen`: what each
+    content read so far holds, by sha256 (_holdings)."""
     sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstones_sha256 = targets  # the last: a set
     n = fresh = 0
     entries, hits = {}, []
@@ -163,7 +167,7 @@ def _search(store, index, keyer: Keyer | None, targets: tuple) -> tuple[int, int
         if entry is None:
             try:
                 with store.local(rel) as path:
-                    entry = {"id": ident, **_holdings(path, keyer)}
+                    entry = {"id": ident, **_holdings(path, keyer, seen)}
             except FileNotFoundError:
                 if store.elsewhere:
                     raise  # listed and not readable: the store is not searched, never silently passed
@@ -214,14 +218,23 @@ def tombstone_versions(ws: Workspace) -> set[str]:
     return versions
 
 
-def _holdings(path: Path, keyer: Keyer | None) -> dict:
-    """What the scan looks for in one file, read once: the keyed content hashes of the samples it
-    holds, its sha256, its tensor digest, and the keyed sample ids it names."""
+def _holdings(path: Path, keyer: Keyer | None, seen: dict[str, dict] | None = None) -> dict:
+    """What the scan looks for in one file: the keyed content hashes of the samples it holds, its
+    sha256, its tensor digest, and the keyed sample ids it names. `seen` (sha256 -> the rest):
+    contents already read, this scan or an earlier one the index keeps; a file of the same bytes
+    (a shard, its DVC cache object and the remote's copy) is only hashed, and what it holds is
+    taken from there: the same bytes hold the same samples and name the same ids."""
+    if seen is not None:
+        sha256 = sha256_file(path)
+        if (known := seen.get(sha256)) is not None:
+            return {"sha256": sha256, **known}
     sha256, tokens = _sha256_and_id_tokens(path)
     entry = {"sha256": sha256, "digest": _tensor_digest(path)}
     if keyer is not None:
         entry["keys"] = sorted(_content_keys(path, keyer))
         entry["ids"] = sorted(keyer.subject("sample:" + sid) for sid in tokens)
+    if seen is not None:
+        seen[sha256] = {k: v for k, v in entry.items() if k != "sha256"}
     return entry
 
 
@@ -274,9 +287,16 @@ def scan(
     # except data/tombstones.csv and its earlier versions (and their copies in the DVC cache and
     # remotes, by content): they name erased ids by design.
     targets = (sample_keys, artifact_hashes, reference_digests, keyed_ids, tombstone_versions(ws))
+    # What each content holds, by sha256: from the index (unless this scan reads everything) and
+    # from every file this scan reads, so that the copies of one content are read for it once.
+    seen = (
+        {sha: content for sha, content in index.contents.items() if "ids" in content}
+        if index is not None and index.reason is None
+        else {}
+    )
     for location, store in locations.stores.items():
         try:
-            n, fresh, entries, found_here = _search(store, index, keyer, targets)
+            n, fresh, entries, found_here = _search(store, index, keyer, targets, seen)
         except Exception as error:  # noqa: BLE001 - a store elsewhere that fails mid-scan is not searched; a local one raises
             if not store.elsewhere:
                 raise
