@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,14 +342,47 @@ def backlog_stages(ws: Workspace) -> list[str]:
 
     try:
         return [entry["stage"] for entry in read_json(backlog_file(ws))["stages"]] if backlog_file(ws).exists() else []
-    except (LmeraserError, KeyError, TypeError):
+    except (LmeraserError, KeyError, TypeError, ValueError):
         return ["unreadable backlog"]
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)  # stderr: a command's --json document stays alone on stdout
+
+
+def _entries_to_extend(ws: Workspace, log) -> list[dict]:
+    """The backlog's entries, to add one to. One that cannot be read (altered, damaged) is moved
+    to .lmeraser/ for a person to look at, with a warning, and a new backlog starts: bookkeeping
+    never stops an erasure."""
+    import time
+
+    from lmeraser.io import read_json
+
+    path = backlog_file(ws)
+    if not path.exists():
+        return []
+    try:
+        entries = read_json(path)["stages"]
+        if isinstance(entries, list) and all(isinstance(e, dict) and "stage" in e for e in entries):
+            return entries
+    except (LmeraserError, KeyError, TypeError, ValueError, OSError):
+        pass
+    aside = ws.root / ".lmeraser" / f"tracking-backlog.unreadable-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, aside)
+    log(
+        f"warning: {ws.relative(path)} was not a tracking backlog (altered?); moved to {ws.relative(aside)} "
+        "for a person to look at: the runs it named are not tracked from it"
+    )
+    return []
 
 
 ENTRY_TAG = "lmeraser.backlog_entry"  # on every run tracked from the backlog: the entry's id
 
 
-def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None, entry_id: str | None = None) -> None:
+def defer_run(
+    ws: Workspace, stage: str, metrics: dict, run: dict | None = None, entry_id: str | None = None, log=_warn
+) -> None:
     """Add a run to the backlog: a stage the batch ran (its metrics; the stage's small output files
     are read when it is tracked) or, with `run` ({"params", "tags"}), the batch's own run.
 
@@ -359,10 +393,11 @@ def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None,
         run: the params and tags of a batch's own run.
         entry_id: the entry's id (a batch's `<batch id>/<stage>`); an entry of that id already waiting is replaced, and
             one already tracked is not tracked again. Default: a new id.
+        log: where a warning goes (a backlog that cannot be read is moved aside).
     """
     import uuid
 
-    from lmeraser.io import atomic_write_json, read_json
+    from lmeraser.io import atomic_write_json
 
     path = backlog_file(ws)
     entry = {
@@ -374,7 +409,7 @@ def defer_run(ws: Workspace, stage: str, metrics: dict, run: dict | None = None,
         entry["run"] = json.loads(json.dumps(run, default=str))
     path.parent.mkdir(parents=True, exist_ok=True)
     with ws.lock("tracking"):  # an influence update and an exact batch may finish at once
-        entries = read_json(path)["stages"] if path.exists() else []
+        entries = _entries_to_extend(ws, log)
         atomic_write_json(path, {"stages": [e for e in entries if e.get("id") != entry["id"]] + [entry]})
 
 
@@ -384,16 +419,28 @@ def entry_tags(entry_id: str | None) -> dict:
 
 
 def tracked(ws: Workspace, stage: str, entry_id: str | None) -> bool:
-    """Whether MLflow already holds the run of backlog entry `entry_id` for `stage` (a process killed
-    after logging it, before the backlog was rewritten); False for an entry without an id."""
+    """Whether MLflow already holds a finished run of backlog entry `entry_id` for `stage` (a
+    process killed after logging it, before the backlog was rewritten); False for an entry
+    without an id. A run of the entry left unfinished does not count: MLflow creates a run, with
+    its tags, before anything is logged in it, so a tracker killed while logging leaves it
+    RUNNING (marked FAILED here: the caller holds the tracking lock, so no one else logs it) and
+    a store that failed mid-run leaves it FAILED; the entry is logged again. A retry may leave an
+    extra failed run, never a missing one."""
     if not entry_id:
         return False
+    from mlflow import MlflowClient
+
     found = _mlflow(ws).search_runs(  # in the workspace's experiment, which _mlflow sets
         filter_string=f"tags.`lmeraser.stage` = '{stage}' and tags.`{ENTRY_TAG}` = '{entry_id}'",
-        max_results=1,
+        max_results=100,
         output_format="list",
     )
-    return bool(found)
+    if any(run.info.status == "FINISHED" for run in found):
+        return True
+    for run in found:
+        if run.info.status == "RUNNING":
+            MlflowClient().set_terminated(run.info.run_id, status="FAILED")
+    return False
 
 
 def track_backlog(ws: Workspace, track, log=print) -> dict:
@@ -415,7 +462,7 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
     except (LmeraserError, KeyError, TypeError, ValueError):
         log(
             f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, "
-            "nothing tracked from it"
+            "nothing tracked from it (the next batch moves it to .lmeraser/ and starts a new one)"
         )
         return {"tracked": [], "waiting": ["unreadable backlog"]}
     done = []
@@ -428,7 +475,7 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
             log(
                 f"warning: MLflow tracking of stage {entry['stage']} failed "
                 f"({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
-                f"{len(left)} stage run(s) wait in {ws.relative(path)} for the next `lmeraser unlearn`"
+                f"{len(left)} run(s) wait in {ws.relative(path)} for `lmeraser track` (or the next batch)"
             )
             return {"tracked": done, "waiting": [e["stage"] for e in left]}
         done.append(entry["stage"])
@@ -501,6 +548,11 @@ def register_serving_model(ws: Workspace, run_id: str, example: np.ndarray, desc
         if current is not None and current.tags.get(SERVED_TAG) == fingerprint:
             log(f"served model unchanged: version {current.version} stays '{ALIAS}'")
             return int(current.version)
+        for version in client.search_model_versions(f"name='{REGISTERED_MODEL}'"):
+            if version.tags.get(SERVED_TAG) == fingerprint:  # registered before a kill, the alias not yet moved
+                client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
+                log(f"registered model '{REGISTERED_MODEL}' version {version.version} (registered before) as '{ALIAS}'")
+                return int(version.version)
         from lmeraser.inference import ServingModel
 
         predictions, _ = ServingModel.load(Workspace(Path(tmp) / "bundle")).predict(example)

@@ -36,14 +36,17 @@ def _client(root):
 
 
 def _runs_of_batch(root, batch: dict) -> dict[str, int]:
-    """How many MLflow runs each stage has for `batch` (its backlog entries' tag, its record)."""
+    """How many finished MLflow runs each stage has for `batch` (its backlog entries' tag, its
+    record); a run of it in any state but FINISHED or FAILED (one left RUNNING) fails the test."""
     client, experiment = _client(root)
     counts: dict[str, int] = {}
     for run in client.search_runs([experiment], max_results=1000):
         entry = run.data.tags.get(tracking.ENTRY_TAG, "")
         if entry.startswith(f"{batch['batch_id']}/") or run.data.tags.get("lmeraser.record") == str(batch["record"]):
-            stage = run.data.tags["lmeraser.stage"]
-            counts[stage] = counts.get(stage, 0) + 1
+            assert run.info.status in ("FINISHED", "FAILED"), (run.data.tags, run.info.status)
+            if run.info.status == "FINISHED":
+                stage = run.data.tags["lmeraser.stage"]
+                counts[stage] = counts.get(stage, 0) + 1
     return counts
 
 
@@ -140,11 +143,25 @@ def test_a_killed_tracker_loses_nothing_and_track_names_what_still_waits(repo):
     assert last.startswith("error:") and "audit/batches/tracking-backlog.json" in last, failed.stderr[-2000:]
     assert [entry["stage"] for entry in read_json(tracking.backlog_file(ws))["stages"]] == waiting
 
+    # A store that fails mid-run (its runs are created, their artifacts cannot be written): each
+    # try leaves a FAILED run, none counts as tracked, and the command says so in one sentence.
+    artifacts, saved_artifacts = root / "mlartifacts", root / "mlartifacts.saved"
+    artifacts.rename(saved_artifacts)
+    artifacts.write_text("not a directory")
+    try:
+        midway = lmeraser_cli("track", cwd=root)  # a child: what reaches the terminal is checked
+    finally:
+        artifacts.unlink()
+        saved_artifacts.rename(artifacts)
+    assert midway.returncode == 1 and "Traceback" not in midway.stdout + midway.stderr, midway.stderr[-3000:]
+    assert "MLflow tracking of stage validate failed" in midway.stdout + midway.stderr
+    assert [entry["stage"] for entry in read_json(tracking.backlog_file(ws))["stages"]] == waiting
+
     tracked = lmeraser_warm("track", cwd=root)
     assert tracked.returncode == 0, tracked.stderr[-3000:]
     assert _tracked_counts(tracked.stdout) == len(waiting) and not tracking.backlog_file(ws).exists()
     counts = _runs_of_batch(root, batch)
-    assert all(counts.get(stage) == 1 for stage in waiting), counts
+    assert all(counts.get(stage) == 1 for stage in waiting) and counts.get("register") == 1, counts
 
 
 def test_the_background_tracker_starts_without_secrets_and_never_waits_on_its_log(tmp_path, monkeypatch):

@@ -208,3 +208,61 @@ def test_the_tracking_backlog_keeps_what_failed_and_never_raises(tmp_path):
         and tracking.backlog_file(ws).exists()
         and "not a tracking backlog" in lines[-1]
     )
+
+
+def test_only_a_finished_run_counts_as_tracked_and_one_left_running_is_marked_failed(tmp_path):
+    """A tracker killed while it logged leaves its run RUNNING; a store that failed mid-run leaves
+    it FAILED: neither counts, so the entry is logged again (found by a stranger's attack: the
+    half-made run counted, and the served model's registration was lost for good)."""
+    ws = Workspace(tmp_path)
+    tags = {"lmeraser.stage": "train", tracking.ENTRY_TAG: "batch-1/train"}
+    client = MlflowClient(tracking_uri=tracking.default_tracking_uri(ws))
+    tracking.ensure_store(ws)
+    experiment = client.create_experiment(tracking.EXPERIMENT, artifact_location=ws.mlflow_artifacts.as_uri())
+    assert not tracking.tracked(ws, "train", "batch-1/train")  # no run at all
+    killed = client.create_run(experiment, tags=tags)  # what a SIGKILL mid-run leaves: RUNNING
+    failed = client.create_run(experiment, tags=tags)
+    client.set_terminated(failed.info.run_id, status="FAILED")
+    assert not tracking.tracked(ws, "train", "batch-1/train")
+    assert client.get_run(killed.info.run_id).info.status == "FAILED"  # no longer shown as running
+    other = client.create_run(experiment, tags={**tags, tracking.ENTRY_TAG: "batch-2/train"})
+    client.set_terminated(other.info.run_id, status="FINISHED")
+    assert not tracking.tracked(ws, "train", "batch-1/train")  # another entry's run
+    done = client.create_run(experiment, tags=tags)
+    client.set_terminated(done.info.run_id, status="FINISHED")
+    assert tracking.tracked(ws, "train", "batch-1/train")
+    mlflow.set_tracking_uri("")
+
+
+def test_an_unreadable_backlog_never_stops_a_batch_from_handing_on_its_runs(tmp_path):
+    """defer_run (inside an erasure's batch) moves an unreadable backlog to .lmeraser/ with a
+    warning and starts a new one; `backlog_stages` says it is unreadable instead of raising."""
+    ws = Workspace(tmp_path)
+    tracking.backlog_file(ws).parent.mkdir(parents=True)
+    for garbage in ("not json {{{", '{"stages": 3}', '{"stages": [1, 2]}'):
+        tracking.backlog_file(ws).write_text(garbage)
+        assert tracking.backlog_stages(ws) == ["unreadable backlog"]
+        lines = []
+        tracking.defer_run(ws, "train", {"accuracy": 0.5}, entry_id="batch-1/train", log=lines.append)
+        assert tracking.backlog_stages(ws) == ["train"]
+        aside = [p for p in (ws.root / ".lmeraser").iterdir() if p.read_text() == garbage]
+        assert len(aside) == 1 and aside[0].name.startswith("tracking-backlog.unreadable-")
+        assert len(lines) == 1 and aside[0].name in lines[0] and "not a tracking backlog" in lines[0]
+        tracking.backlog_file(ws).unlink()
+        aside[0].unlink()
+
+
+def test_a_version_registered_before_a_kill_is_reused_not_registered_twice(registered):
+    """Killed after the version was created, before the alias moved: the next registration of the
+    same served bundle points the alias at that version instead of adding one."""
+    ws, version, _ = registered
+    client = MlflowClient(tracking_uri=tracking.default_tracking_uri(ws))
+    client.delete_registered_model_alias(tracking.REGISTERED_MODEL, tracking.ALIAS)
+    before = len(client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'"))
+    example = ws.split("test").images[:8]
+    with tracking.stage_run(ws, "register", {"seed": 0}) as run:
+        again = tracking.register_serving_model(ws, run.info.run_id, example, "test", log=lambda m: None)
+    mlflow.set_tracking_uri("")
+    assert again == version
+    assert len(client.search_model_versions(f"name='{tracking.REGISTERED_MODEL}'")) == before
+    assert int(client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.ALIAS).version) == version

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lmeraser import tracking
 from lmeraser.config import Params, load_params
+from lmeraser.errors import LmeraserError, shown
 from lmeraser.progress import track
 from lmeraser.stages import stage
 from lmeraser.workspace import Workspace
@@ -46,14 +47,20 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id
     it reads, its metrics and small outputs; after evaluate, the served model's registration.
     `entry_id` (a tracking backlog entry's): tagged on each run, and a run already logged under it
     (a kill came before the backlog was rewritten) is not logged again."""
-    definition = stage(name)
-    tags = tracking.entry_tags(entry_id)
-    if not tracking.tracked(ws, name, entry_id):
-        with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json")), tags=tags):
-            tracking.log_metrics(result.get("metrics", {}))
-            tracking.log_artifacts([ws.root / path for path in definition.logged])
-    if name == "evaluate" and not tracking.tracked(ws, "register", entry_id):
-        result["model_version"] = _register(params, ws, result, tags)
+    try:
+        definition = stage(name)
+        tags = tracking.entry_tags(entry_id)
+        if not tracking.tracked(ws, name, entry_id):
+            with tracking.stage_run(ws, name, definition.param_values(params.model_dump(mode="json")), tags=tags):
+                tracking.log_metrics(result.get("metrics", {}))
+                tracking.log_artifacts([ws.root / path for path in definition.logged])
+        if name == "evaluate" and not tracking.tracked(ws, "register", entry_id):
+            result["model_version"] = _register(params, ws, result, tags)
+    except LmeraserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - MLflow raises many kinds: one sentence, the traceback under --debug
+        first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+        raise LmeraserError(f"MLflow tracking of stage {name} failed ({shown(first, 300)})") from error
 
 
 # MLflow calls go over the network when the tracking server is remote: retried (a retry may

@@ -99,7 +99,7 @@ def unlearn(
                 run_step=lambda batch, step: step_task(step)(batch, step),
                 git_commit=git_commit,
                 after_stage=lambda name, summary, entry_id: tracking.defer_run(
-                    ws, name, summary.get("metrics", {}), entry_id=entry_id
+                    ws, name, summary.get("metrics", {}), entry_id=entry_id, log=get_run_logger().warning
                 ),
                 max_requests=max_requests,
                 map_jobs=map_jobs_for(params, root, params_file) if params.runtime.executor == "dask" else None,
@@ -117,6 +117,7 @@ def unlearn(
                 {"clusters_rebuilt": len(result["rebuilt"]), "scan_hits": result["verification"]["scan"]["hits"]},
                 run,
                 entry_id=f"{result['batch_id']}/unlearn",
+                log=get_run_logger().warning,
             )
             result["tracking"] = (
                 track_waiting(ws, params) if track else {"tracked": [], "waiting": tracking.backlog_stages(ws)}
@@ -185,7 +186,7 @@ def influence_unlearn(root: str = ".", params_file: str = "params.yaml") -> dict
                 "influence_seconds": result["seconds"],
                 "cg_relative_residual_max": residual,
             }
-            tracking.defer_run(ws, "unlearn", metrics, run)
+            tracking.defer_run(ws, "unlearn", metrics, run, log=get_run_logger().warning)
             result["tracking"] = track_waiting(ws, load_params(ws.params_file))
         return result
 
