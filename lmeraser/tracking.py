@@ -338,12 +338,24 @@ def background_log(ws: Workspace) -> Path:
 
 def backlog_stages(ws: Workspace) -> list[str]:
     """The stages whose runs wait in the backlog (empty: none, or no backlog)."""
+
+    if not backlog_file(ws).exists():
+        return []
+    entries = _read_backlog(backlog_file(ws))
+    return ["unreadable backlog"] if entries is None else [entry["stage"] for entry in entries]
+
+
+def _read_backlog(path: Path) -> list[dict] | None:
+    """The backlog's entries; None when the file is not a backlog (damaged, altered)."""
     from lmeraser.io import read_json
 
     try:
-        return [entry["stage"] for entry in read_json(backlog_file(ws))["stages"]] if backlog_file(ws).exists() else []
-    except (LmeraserError, KeyError, TypeError, ValueError):
-        return ["unreadable backlog"]
+        entries = read_json(path)["stages"]
+    except (LmeraserError, KeyError, TypeError, ValueError, OSError):
+        return None
+    if isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("stage"), str) for e in entries):
+        return entries
+    return None
 
 
 def _warn(message: str) -> None:
@@ -356,17 +368,12 @@ def _entries_to_extend(ws: Workspace, log) -> list[dict]:
     never stops an erasure."""
     import time
 
-    from lmeraser.io import read_json
-
     path = backlog_file(ws)
     if not path.exists():
         return []
-    try:
-        entries = read_json(path)["stages"]
-        if isinstance(entries, list) and all(isinstance(e, dict) and "stage" in e for e in entries):
-            return entries
-    except (LmeraserError, KeyError, TypeError, ValueError, OSError):
-        pass
+    entries = _read_backlog(path)
+    if entries is not None:
+        return entries
     aside = ws.root / ".lmeraser" / f"tracking-backlog.unreadable-{time.strftime('%Y%m%dT%H%M%S')}.json"
     aside.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, aside)
@@ -452,14 +459,13 @@ def track_backlog(ws: Workspace, track, log=print) -> dict:
 
 
 def _track_backlog(ws: Workspace, track, log) -> dict:
-    from lmeraser.io import atomic_write_json, read_json
+    from lmeraser.io import atomic_write_json
 
     path = backlog_file(ws)
     if not path.exists():
         return {"tracked": [], "waiting": []}
-    try:
-        entries = read_json(path)["stages"]
-    except (LmeraserError, KeyError, TypeError, ValueError):
+    entries = _read_backlog(path)
+    if entries is None:
         log(
             f"warning: {ws.relative(path)} is not a tracking backlog (altered?); left for a person to look at, "
             "nothing tracked from it (the next batch moves it to .lmeraser/ and starts a new one)"

@@ -243,6 +243,10 @@ def test_an_unreadable_backlog_never_stops_a_batch_from_handing_on_its_runs(tmp_
         tracking.backlog_file(ws).write_text(garbage)
         assert tracking.backlog_stages(ws) == ["unreadable backlog"]
         lines = []
+        left = tracking.track_backlog(ws, lambda entry: None, lines.append)  # the tracker leaves it in place
+        assert left == {"tracked": [], "waiting": ["unreadable backlog"]} and "not a tracking backlog" in lines[0]
+        assert tracking.backlog_file(ws).read_text() == garbage
+        lines.clear()
         tracking.defer_run(ws, "train", {"accuracy": 0.5}, entry_id="batch-1/train", log=lines.append)
         assert tracking.backlog_stages(ws) == ["train"]
         aside = [p for p in (ws.root / ".lmeraser").iterdir() if p.read_text() == garbage]
