@@ -533,7 +533,7 @@ def _process(
 
     say = _say(quiet)
     try:
-        rebuild_params(ws)  # the params are checked even when there is nothing to do
+        params = rebuild_params(ws)  # the params are checked even when there is nothing to do
         idle = not Journal(ws).pending() and not (ws.batches.is_dir() and any(ws.batches.iterdir()))
     except LmeraserError as error:
         _fail(str(error))
@@ -553,7 +553,7 @@ def _process(
     _prefect(ws)
     from lmeraser.flows.unlearn import run_unlearn
 
-    wait = rebuild_params(ws).runtime.tracking == "wait"
+    wait = params.runtime.tracking == "wait"
     state = run_unlearn(str(ws.root.resolve()), _params_arg(ws), git_commit is not False, track=wait)
     if state.is_failed():
         _fail(state.message or "unlearn failed")
