@@ -24,7 +24,14 @@ from helpers import copy_repo, lmeraser_warm, repro_in_process, warm_ok
 # (A weaker backbone, 20 epochs on 240 samples, did not: the audit then rightly says
 # "not-memorised".) Built by the product's in-process rebuild (no stage processes): 148 s beside
 # one other heavy job on the 2-core Intel Xeon, where `dvc repro` took 271 s under the suite's load.
-PARAMS = {"data": {"subset": 600}, "backbone": {"epochs": 50}, "evaluate": {"baselines": False}}
+# MLflow tracked before each forget returns, as in TINY (a background tracker per forget would be
+# a process of its own beside the suite's other work).
+PARAMS = {
+    "data": {"subset": 600},
+    "backbone": {"epochs": 50},
+    "evaluate": {"baselines": False},
+    "runtime": {"tracking": "wait"},
+}
 
 
 @pytest.fixture(scope="module")
