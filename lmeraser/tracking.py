@@ -338,7 +338,6 @@ def background_log(ws: Workspace) -> Path:
 
 def backlog_stages(ws: Workspace) -> list[str]:
     """The stages whose runs wait in the backlog (empty: none, or no backlog)."""
-
     if not backlog_file(ws).exists():
         return []
     entries = _read_backlog(backlog_file(ws))
@@ -435,9 +434,8 @@ def tracked(ws: Workspace, stage: str, entry_id: str | None) -> bool:
     extra failed run, never a missing one."""
     if not entry_id:
         return False
-    from mlflow import MlflowClient
-
-    found = _mlflow(ws).search_runs(  # in the workspace's experiment, which _mlflow sets
+    mlflow = _mlflow(ws)
+    found = mlflow.search_runs(  # in the workspace's experiment, which _mlflow sets
         filter_string=f"tags.`lmeraser.stage` = '{stage}' and tags.`{ENTRY_TAG}` = '{entry_id}'",
         max_results=100,
         output_format="list",
@@ -446,7 +444,7 @@ def tracked(ws: Workspace, stage: str, entry_id: str | None) -> bool:
         return True
     for run in found:
         if run.info.status == "RUNNING":
-            MlflowClient().set_terminated(run.info.run_id, status="FAILED")
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status="FAILED")
     return False
 
 
@@ -459,6 +457,7 @@ def track_backlog(ws: Workspace, track, log=print) -> dict:
 
 
 def _track_backlog(ws: Workspace, track, log) -> dict:
+    from lmeraser.audit.stores import reason
     from lmeraser.io import atomic_write_json
 
     path = backlog_file(ws)
@@ -480,7 +479,7 @@ def _track_backlog(ws: Workspace, track, log) -> dict:
             atomic_write_json(path, {"stages": left})
             log(
                 f"warning: MLflow tracking of stage {entry['stage']} failed "
-                f"({shown(str(error).splitlines()[0] if str(error) else error.__class__.__name__)}); "
+                f"({shown(error if isinstance(error, LmeraserError) else reason(error), 300)}); "
                 f"{len(left)} run(s) wait in {ws.relative(path)} for `lmeraser track` (or the next batch)"
             )
             return {"tracked": done, "waiting": [e["stage"] for e in left]}

@@ -59,8 +59,9 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id
     except LmeraserError:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds: one sentence, the traceback under --debug
-        first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-        raise LmeraserError(f"MLflow tracking of stage {name} failed ({shown(first, 300)})") from error
+        from lmeraser.audit.stores import reason  # its first line, a tracking URI's credentials stripped
+
+        raise LmeraserError(f"MLflow tracking of stage {name} failed ({shown(reason(error), 300)})") from error
 
 
 # MLflow calls go over the network when the tracking server is remote: retried (a retry may
