@@ -457,7 +457,7 @@ def track_backlog(ws: Workspace, track, log=print) -> dict:
 
 
 def _track_backlog(ws: Workspace, track, log) -> dict:
-    from lmeraser.audit.stores import reason
+    from lmeraser.errors import reason
     from lmeraser.io import atomic_write_json
 
     path = backlog_file(ws)

@@ -318,7 +318,7 @@ def test_what_a_stranger_found_in_the_stores_is_covered(tmp_path, s3, aws, monke
 def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
     from mlflow import MlflowClient
 
-    from lmeraser.audit.stores import reason, without_credentials
+    from lmeraser.errors import reason, without_credentials
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     ws = _dvc_workspace(tmp_path / "ws", "http://huser:HTTPPW@127.0.0.1:1/store?token=QUERYTOKEN", None)

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lmeraser.audit.stores import reason, storage_locations
+from lmeraser.audit.stores import storage_locations
 from lmeraser.data.splits import content_hash
+from lmeraser.errors import reason
 from lmeraser.io import sha256_file
 from lmeraser.lineage.records import lineage_log
 from lmeraser.progress import track

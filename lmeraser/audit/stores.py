@@ -20,52 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from lmeraser.errors import reason, without_credentials
 from lmeraser.versioning import cache_dir, dvc_repo, local_path, remotes
 from lmeraser.workspace import Workspace
-
-
-def without_credentials(url: str) -> str:
-    """`url` without a user:password@ part, a query or a fragment (a token may ride in either):
-    records and logs name stores, never secrets.
-
-    Args:
-        url: a store's URL as configured (a DVC remote, an endpoint, an MLflow artifact or tracking URI); a path without
-            a scheme is returned as it is.
-    """
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return _URL_USERINFO.sub(r"\1", url.split("?")[0].split("#")[0])
-    if not parts.scheme:
-        return url
-    host = parts.hostname or ""
-    return urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path, "", ""))
-
-
-_URL_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
-_URL_QUERY = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#]*)[?#]\S*")
-
-
-def reason(error: BaseException) -> str:
-    """One line on why a store could not be listed or read: the error's class and the first line
-    of its message, with every URL in it stripped of credentials and queries (MLflow's messages
-    repeat the tracking URI as given, password included).
-
-    Args:
-        error: what listing or reading the store raised.
-    """
-    first = (str(error).strip().splitlines() or [""])[0][:300]
-    first = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", first))[:200]
-    return f"{error.__class__.__name__}: {first}" if first else error.__class__.__name__
 
 
 class Store:

@@ -59,7 +59,7 @@ def track_stage(name: str, params: Params, ws: Workspace, result: dict, entry_id
     except LmeraserError:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds: one sentence, the traceback under --debug
-        from lmeraser.audit.stores import reason  # its first line, a tracking URI's credentials stripped
+        from lmeraser.errors import reason  # its first line, a tracking URI's credentials stripped
 
         raise LmeraserError(f"MLflow tracking of stage {name} failed ({shown(reason(error), 300)})") from error
 

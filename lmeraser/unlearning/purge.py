@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from lmeraser.audit.stores import reason, storage_locations
-from lmeraser.errors import LmeraserError
+from lmeraser.audit.stores import storage_locations
+from lmeraser.errors import LmeraserError, reason
 from lmeraser.io import atomic_write_json, read_json, sha256_file
 from lmeraser.store import ArtifactStore
 from lmeraser.versioning import dvc_repo, dvc_step, remotes
