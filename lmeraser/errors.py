@@ -47,6 +47,8 @@ def without_credentials(url: str) -> str:
         return _URL_USERINFO.sub(r"\1", url.split("?")[0].split("#")[0])
     if not parts.scheme:
         return url
+    if parts.username is None and parts.password is None:  # as given (rebuilt, sqlite:////abs would lose a slash)
+        return url.split("?")[0].split("#")[0]
     host = parts.hostname or ""
     return urlunsplit((parts.scheme, host + (f":{port}" if port else ""), parts.path, "", ""))
 

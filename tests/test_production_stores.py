@@ -369,6 +369,7 @@ def _odd_cases(tmp_path, tracking: str, monkeypatch) -> None:
     error = RuntimeError("API request to http://reader:TRACKPW@127.0.0.1:1/api/2.0/x?token=T0K failed\nmore")
     assert reason(error) == "RuntimeError: API request to http://127.0.0.1:1/api/2.0/x failed"
     assert without_credentials("https://u:p@h:9/a?t=1#f") == "https://h:9/a"
+    assert without_credentials("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"  # a local store as it is
 
 
 def test_a_forget_on_production_stores_purges_and_proves_them_clean_and_a_planted_copy_fails_the_batch(

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from lmeraser.errors import LmeraserError
+from lmeraser.errors import LmeraserError, reason, without_credentials
 from lmeraser.workspace import Workspace
 
 
@@ -99,9 +99,9 @@ def check_tracking_store(ws: Workspace) -> None:
     except LmeraserError:
         raise
     except Exception as error:  # noqa: BLE001 - MLflow raises many kinds; the batch must not start on any
-        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
         raise LmeraserError(
-            f"the MLflow tracking store ({tracking.tracking_uri(ws)}) cannot be used ({first}); fix or restore it."
+            f"the MLflow tracking store ({without_credentials(tracking.tracking_uri(ws))}) cannot be used "
+            f"({reason(error)}); fix or restore it."
         ) from None
 
 
